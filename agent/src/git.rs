@@ -1,0 +1,422 @@
+//! Git sources: a bare-repository cache per source URL, fetched with git2 only when the wanted
+//! commit is missing (so a cached revision applies with the remote unreachable), and rendering
+//! of a revision's directory straight from the Git object database (no checkout, so a path
+//! cannot escape the repository through the file system).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_schemas::Reason;
+use sha2::{Digest, Sha256};
+use tracing::{debug, info};
+
+use crate::config::GitCredential;
+
+/// Errors of the git subsystem, each with a reason code.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// The remote could not be reached or refused.
+    #[error("fetching {url}: {message}")]
+    Fetch {
+        /// Source URL.
+        url: String,
+        /// What failed.
+        message: String,
+    },
+    /// The commit is not in the repository (after fetching).
+    #[error("revision {revision} not found in {url}")]
+    RevisionNotFound {
+        /// Source URL.
+        url: String,
+        /// Commit id.
+        revision: String,
+    },
+    /// The revision's content is not acceptable.
+    #[error("invalid manifest: {0}")]
+    InvalidManifest(String),
+    /// The revision exceeds a limit.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// Local storage failed.
+    #[error("git cache: {0}")]
+    Internal(String),
+}
+
+impl GitError {
+    /// The wire reason code.
+    pub fn reason(&self) -> Reason {
+        match self {
+            GitError::Fetch { .. } => Reason::FetchFailed,
+            GitError::RevisionNotFound { .. } => Reason::RevisionNotFound,
+            GitError::InvalidManifest(_) => Reason::InvalidManifest,
+            GitError::TooLarge(_) => Reason::TooLarge,
+            GitError::Internal(_) => Reason::Internal,
+        }
+    }
+}
+
+impl From<git2::Error> for GitError {
+    fn from(e: git2::Error) -> Self {
+        GitError::Internal(e.message().to_owned())
+    }
+}
+
+/// One file of a rendered revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestFile {
+    /// Path relative to the rollout's `path`.
+    pub path: String,
+    /// Content.
+    pub data: Vec<u8>,
+}
+
+/// A rendered revision: the files under `path`, sorted by path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// Commit.
+    pub revision: String,
+    /// Files, sorted by path.
+    pub files: Vec<ManifestFile>,
+}
+
+impl Rendered {
+    /// A digest over paths and contents: equal digests mean equal content.
+    pub fn digest(&self) -> String {
+        digest_files(
+            self.files
+                .iter()
+                .map(|f| (f.path.as_str(), f.data.as_slice())),
+        )
+    }
+
+    /// Total bytes.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.data.len() as u64).sum()
+    }
+}
+
+/// Digest over (path, content) pairs in the given order.
+pub fn digest_files<'a>(files: impl Iterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut h = Sha256::new();
+    for (p, d) in files {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+        h.update((d.len() as u64).to_be_bytes());
+        h.update(d);
+    }
+    hex::encode(h.finalize())
+}
+
+/// Render limits.
+#[derive(Debug, Clone, Copy)]
+pub struct RenderLimits {
+    /// Total bytes.
+    pub max_bytes: u64,
+    /// Files.
+    pub max_files: usize,
+}
+
+/// A cache of bare repositories, one per source URL.
+#[derive(Clone)]
+pub struct GitCache {
+    root: PathBuf,
+    credentials: Arc<Vec<GitCredential>>,
+    fetch_timeout: Duration,
+    locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl std::fmt::Debug for GitCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitCache")
+            .field("root", &self.root)
+            .finish()
+    }
+}
+
+impl GitCache {
+    /// A cache under `root`.
+    pub fn new(
+        root: PathBuf,
+        credentials: Vec<GitCredential>,
+        fetch_timeout: Duration,
+    ) -> GitCache {
+        GitCache {
+            root,
+            credentials: Arc::new(credentials),
+            fetch_timeout,
+            locks: Arc::default(),
+        }
+    }
+
+    fn repo_dir(&self, url: &str) -> PathBuf {
+        let h = Sha256::digest(url.as_bytes());
+        self.root.join(hex::encode(&h[..12]))
+    }
+
+    fn lock_for(&self, url: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = match self.locks.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.entry(url.to_owned()).or_default().clone()
+    }
+
+    /// Makes sure `revision` is in the cache, fetching only if it is missing. Returns whether
+    /// a fetch happened.
+    ///
+    /// libgit2 has no per-call network timeout (its global one needs `unsafe`), so the fetch
+    /// runs on a blocking thread under a deadline; a stalled fetch is abandoned, and the
+    /// per-source lock keeps at most one such thread per source.
+    pub async fn ensure(&self, url: &str, revision: &str) -> Result<bool, GitError> {
+        let lock = self.lock_for(url);
+        let _guard = tokio::time::timeout(self.fetch_timeout, lock.lock_owned())
+            .await
+            .map_err(|_| GitError::Fetch {
+                url: url.to_owned(),
+                message: "a previous fetch of this source is still stalled".into(),
+            })?;
+        let dir = self.repo_dir(url);
+        let (u, r) = (url.to_owned(), revision.to_owned());
+        let creds = self.credentials.clone();
+        let job = tokio::task::spawn_blocking(move || ensure_blocking(&dir, &u, &r, &creds));
+        match tokio::time::timeout(self.fetch_timeout, job).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(join)) => Err(GitError::Internal(join.to_string())),
+            Err(_) => Err(GitError::Fetch {
+                url: url.to_owned(),
+                message: format!("no answer within {} s", self.fetch_timeout.as_secs()),
+            }),
+        }
+    }
+
+    /// Renders the files under `path` at `revision` (which must be in the cache).
+    pub async fn render(
+        &self,
+        url: &str,
+        revision: &str,
+        path: &str,
+        limits: RenderLimits,
+    ) -> Result<Rendered, GitError> {
+        let dir = self.repo_dir(url);
+        let (r, p) = (revision.to_owned(), path.to_owned());
+        tokio::task::spawn_blocking(move || render_blocking(&dir, &r, &p, limits))
+            .await
+            .map_err(|e| GitError::Internal(e.to_string()))?
+    }
+}
+
+fn open_or_init(dir: &Path) -> Result<git2::Repository, GitError> {
+    match git2::Repository::open_bare(dir) {
+        Ok(r) => Ok(r),
+        Err(_) => {
+            std::fs::create_dir_all(dir).map_err(|e| GitError::Internal(e.to_string()))?;
+            Ok(git2::Repository::init_bare(dir)?)
+        }
+    }
+}
+
+fn has_commit(repo: &git2::Repository, revision: &str) -> bool {
+    git2::Oid::from_str(revision)
+        .ok()
+        .and_then(|oid| repo.find_commit(oid).ok())
+        .is_some()
+}
+
+fn ensure_blocking(
+    dir: &Path,
+    url: &str,
+    revision: &str,
+    creds: &[GitCredential],
+) -> Result<bool, GitError> {
+    let repo = open_or_init(dir)?;
+    if has_commit(&repo, revision) {
+        debug!(%url, %revision, "revision in cache");
+        return Ok(false);
+    }
+    let fetch_err = |e: git2::Error| GitError::Fetch {
+        url: url.to_owned(),
+        message: e.message().to_owned(),
+    };
+    let mut remote = repo.remote_anonymous(url).map_err(fetch_err)?;
+    let mut cb = git2::RemoteCallbacks::new();
+    let cred = creds
+        .iter()
+        .filter(|c| url.starts_with(&c.url_prefix))
+        .max_by_key(|c| c.url_prefix.len())
+        .cloned();
+    cb.credentials(move |_url, _user, _allowed| {
+        let Some(c) = &cred else {
+            return Err(git2::Error::from_str(
+                "no credentials configured for this source",
+            ));
+        };
+        let token = match (&c.token, &c.token_file) {
+            (Some(t), _) => t.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|e| git2::Error::from_str(&format!("token_file: {e}")))?
+                .trim()
+                .to_owned(),
+            (None, None) => String::new(),
+        };
+        git2::Cred::userpass_plaintext(c.username.as_deref().unwrap_or("x-access-token"), &token)
+    });
+    let mut fo = git2::FetchOptions::new();
+    fo.remote_callbacks(cb);
+    fo.download_tags(git2::AutotagOption::All);
+    info!(%url, %revision, "fetching");
+    remote
+        .fetch(
+            &[
+                "+refs/heads/*:refs/remotes/origin/*",
+                "+refs/tags/*:refs/tags/*",
+            ],
+            Some(&mut fo),
+            None,
+        )
+        .map_err(fetch_err)?;
+    if !has_commit(&repo, revision) {
+        // Servers that allow it can serve an unadvertised commit directly.
+        let _ = remote.fetch(&[revision], Some(&mut fo), None);
+    }
+    if has_commit(&repo, revision) {
+        Ok(true)
+    } else {
+        Err(GitError::RevisionNotFound {
+            url: url.to_owned(),
+            revision: revision.to_owned(),
+        })
+    }
+}
+
+fn render_blocking(
+    dir: &Path,
+    revision: &str,
+    path: &str,
+    limits: RenderLimits,
+) -> Result<Rendered, GitError> {
+    let repo = git2::Repository::open_bare(dir)?;
+    let oid = git2::Oid::from_str(revision)?;
+    let commit = repo.find_commit(oid)?;
+    let root = commit.tree()?;
+    let path = roost_schemas::rollout::normalize_path(path)
+        .map_err(|m| GitError::InvalidManifest(format!("path: {m}")))?;
+    let mut files = Vec::new();
+    let mut total = 0u64;
+    let mut push = |p: String, data: Vec<u8>| -> Result<(), GitError> {
+        total += data.len() as u64;
+        if total > limits.max_bytes {
+            return Err(GitError::TooLarge(format!(
+                "revision content exceeds {} bytes",
+                limits.max_bytes
+            )));
+        }
+        files.push(ManifestFile { path: p, data });
+        if files.len() > limits.max_files {
+            return Err(GitError::TooLarge(format!(
+                "more than {} files",
+                limits.max_files
+            )));
+        }
+        Ok(())
+    };
+    if path.is_empty() {
+        walk(&repo, &root, "", &mut push)?;
+    } else {
+        let entry = root.get_path(Path::new(&path)).map_err(|_| {
+            GitError::InvalidManifest(format!("path {path:?} does not exist in {revision}"))
+        })?;
+        match entry.kind() {
+            Some(git2::ObjectType::Tree) => {
+                let tree = repo.find_tree(entry.id())?;
+                walk(&repo, &tree, "", &mut push)?;
+            }
+            Some(git2::ObjectType::Blob) if entry.filemode() != 0o120000 => {
+                let blob = repo.find_blob(entry.id())?;
+                let name = entry.name().unwrap_or("manifest").to_owned();
+                push(name, blob.content().to_vec())?;
+            }
+            _ => {
+                return Err(GitError::InvalidManifest(format!(
+                    "path {path:?} is not a directory or file"
+                )))
+            }
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    for f in &files {
+        check_syntax(f)?;
+    }
+    Ok(Rendered {
+        revision: revision.to_owned(),
+        files,
+    })
+}
+
+fn walk(
+    repo: &git2::Repository,
+    tree: &git2::Tree<'_>,
+    prefix: &str,
+    push: &mut dyn FnMut(String, Vec<u8>) -> Result<(), GitError>,
+) -> Result<(), GitError> {
+    for entry in tree.iter() {
+        let name = entry
+            .name()
+            .map_err(|_| GitError::InvalidManifest("a file name is not UTF-8".into()))?;
+        let p = if prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{prefix}/{name}")
+        };
+        match (entry.kind(), entry.filemode()) {
+            (Some(git2::ObjectType::Tree), _) => {
+                let sub = repo.find_tree(entry.id())?;
+                walk(repo, &sub, &p, push)?;
+            }
+            (Some(git2::ObjectType::Blob), 0o120000) => {
+                return Err(GitError::InvalidManifest(format!(
+                    "{p}: symbolic links are not allowed"
+                )))
+            }
+            (Some(git2::ObjectType::Blob), _) => {
+                let blob = repo.find_blob(entry.id())?;
+                push(p, blob.content().to_vec())?;
+            }
+            _ => {
+                return Err(GitError::InvalidManifest(format!(
+                    "{p}: submodules are not supported"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// True for files that hold manifests (`*.yaml`, `*.yml`, `*.json`).
+pub fn is_manifest(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    lower.ends_with(".yaml") || lower.ends_with(".yml") || lower.ends_with(".json")
+}
+
+/// Parses one manifest file into its documents (multi-document YAML or JSON), skipping
+/// empty documents.
+pub fn parse_documents(f: &ManifestFile) -> Result<Vec<serde_json::Value>, GitError> {
+    let text = std::str::from_utf8(&f.data)
+        .map_err(|_| GitError::InvalidManifest(format!("{}: not UTF-8", f.path)))?;
+    let docs: Vec<serde_json::Value> = if f.path.to_ascii_lowercase().ends_with(".json") {
+        vec![serde_json::from_str(text)
+            .map_err(|e| GitError::InvalidManifest(format!("{}: {e}", f.path)))?]
+    } else {
+        serde_saphyr::from_multiple(text)
+            .map_err(|e| GitError::InvalidManifest(format!("{}: {e}", f.path)))?
+    };
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+fn check_syntax(f: &ManifestFile) -> Result<(), GitError> {
+    if is_manifest(&f.path) {
+        parse_documents(f)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,306 @@
+//! The roost store agent: verifies signed rollouts from the store's edge broker, fetches the
+//! wanted Git revision, applies it to a target, watches for drift and reports everything back
+//! through a durable outbox (events) and a retained status document.
+
+pub mod config;
+pub mod decide;
+pub mod git;
+pub mod reconcile;
+pub mod report;
+pub mod state;
+pub mod target;
+pub mod verify;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_runtime::outbox::OverflowTarget;
+use roost_runtime::{Incoming, Link, LinkConfig, Outbox, OutboxConfig};
+use roost_schemas::{EventType, Scope};
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument as _};
+
+pub use config::AgentConfig;
+use decide::{classify_sequence, resolve, Desired, SequenceVerdict};
+use reconcile::Ctx;
+use verify::{verify_message, VerifyPolicy};
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// State directory problems.
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        /// Path.
+        path: std::path::PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state database could not be opened.
+    #[error(transparent)]
+    State(#[from] state::StoreError),
+    /// The outbox could not be opened.
+    #[error(transparent)]
+    Outbox(#[from] roost_runtime::OutboxError),
+    /// The MQTT link could not start.
+    #[error(transparent)]
+    Link(#[from] roost_runtime::LinkError),
+    /// The target could not be set up.
+    #[error("target: {0}")]
+    Target(String),
+    /// A task ended unexpectedly.
+    #[error("agent task ended unexpectedly: {0}")]
+    TaskDied(String),
+}
+
+/// Builds the target named in the configuration.
+pub async fn build_target(cfg: &AgentConfig) -> Result<target::Target, AgentError> {
+    match &cfg.file.target {
+        config::TargetConfig::Files(f) => Ok(target::Target::Files(
+            target::files::FilesTarget::new(cfg.files_root(), f.hook.clone()),
+        )),
+        config::TargetConfig::Kubernetes(_) => Err(AgentError::Target(
+            "the kubernetes target is not available in this build".into(),
+        )),
+    }
+}
+
+/// Runs the agent until `cancel` fires. Returns an error if it cannot start or a task dies.
+pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), AgentError> {
+    let cfg = Arc::new(cfg);
+    let dir = cfg.file.state_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|source| AgentError::StateDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let store = cfg.file.store.clone();
+    let topics = cfg.topics();
+    let state = state::StateStore::open(&dir.join("agent.db"))?;
+    let mut ocfg = OutboxConfig::new(dir.join("outbox.db"));
+    ocfg.max_bytes = cfg.file.outbox_max_mib.unwrap_or(256) * 1024 * 1024;
+    ocfg.overflow = Some(OverflowTarget {
+        topic: topics.events(&store),
+        source: cfg.event_source(),
+    });
+    let outbox = Outbox::open(ocfg)?;
+    let target = Arc::new(build_target(&cfg).await?);
+    let git = git::GitCache::new(
+        dir.join("git"),
+        cfg.file.git.credentials.clone(),
+        Duration::from_secs(cfg.file.git.fetch_timeout_s.unwrap_or(120)),
+    );
+    let reporter = report::Reporter::new(outbox.clone(), topics.events(&store), cfg.event_source());
+    let board = report::StatusBoard::default();
+
+    let b = &cfg.file.broker;
+    let mut lc = LinkConfig::new(
+        "edge",
+        &b.host,
+        b.port,
+        b.client_id
+            .as_deref()
+            .unwrap_or(&format!("roost-agent-{store}")),
+    );
+    lc.keep_alive = Duration::from_secs(b.keep_alive_s.max(1));
+    lc.credentials = b.username.clone().zip(b.password.clone());
+    lc.max_packet_size = cfg.file.limits.max_message_bytes.max(64 * 1024) * 2;
+    lc.subscriptions = std::iter::once(Scope::Store(store.clone()))
+        .chain(cfg.file.groups.iter().map(|g| Scope::Group(g.clone())))
+        .chain(std::iter::once(Scope::Fleet))
+        .map(|s| topics.deployment_filter(&s))
+        .collect();
+    let tracker = TaskTracker::new();
+    let child = cancel.child_token();
+    let link = Link::start(lc, Some(outbox.clone()), child.clone())?;
+    let ctx = Ctx {
+        cfg: cfg.clone(),
+        state,
+        git,
+        target,
+        reporter,
+        board: board.clone(),
+    };
+    info!(%store, groups = ?cfg.file.groups, "agent starting");
+    tracker.spawn(
+        board
+            .clone()
+            .run_publisher(
+                outbox.clone(),
+                topics.status(&store),
+                store.clone(),
+                child.clone(),
+            )
+            .instrument(tracing::info_span!("status")),
+    );
+    let controller = tracker.spawn(
+        controller(ctx, link.incoming, tracker.clone(), child.clone())
+            .instrument(tracing::info_span!("controller", %store)),
+    );
+    let link_task = link.task;
+    tracker.close();
+    let result = tokio::select! {
+        _ = cancel.cancelled() => Ok(()),
+        r = controller => Err(AgentError::TaskDied(format!("controller: {r:?}"))),
+    };
+    child.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), link_task).await;
+    info!("agent stopped");
+    result
+}
+
+/// Receives deployment messages, verifies and records them, and feeds each deployment's worker.
+async fn controller(
+    ctx: Ctx,
+    mut incoming: mpsc::Receiver<Incoming>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let mut workers: HashMap<String, watch::Sender<Desired>> = HashMap::new();
+    // Resume every deployment known from before a restart.
+    match ctx.state.deployments() {
+        Ok(deps) => {
+            for d in deps {
+                refresh(&ctx, &d, &mut workers, &tracker, &cancel);
+            }
+        }
+        Err(error) => warn!(%error, "cannot list deployments from state"),
+    }
+    let topics = ctx.cfg.topics();
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = incoming.recv() => match m { Some(m) => m, None => return },
+        };
+        handle_message(&ctx, &topics, &msg, &mut workers, &tracker, &cancel).await;
+    }
+}
+
+async fn handle_message(
+    ctx: &Ctx,
+    topics: &roost_schemas::Topics,
+    msg: &Incoming,
+    workers: &mut HashMap<String, watch::Sender<Desired>>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    let policy = VerifyPolicy {
+        topics,
+        keyring: &ctx.cfg.keyring,
+        max_message_bytes: ctx.cfg.file.limits.max_message_bytes,
+        allowed_sources: &ctx.cfg.file.git.allowed_sources,
+    };
+    let reject = |r: verify::Rejection| async move {
+        warn!(topic = %msg.topic, reason = %r.reason, message = %r.message, "rollout rejected");
+        ctx.reporter
+            .emit(
+                EventType::RolloutRejected,
+                r.deployment.as_deref(),
+                json!({"deployment": r.deployment, "sequence": r.sequence, "topic": msg.topic, "reason": r.reason, "message": r.message}),
+            )
+            .await;
+    };
+    let verified = match verify_message(&policy, &msg.topic, &msg.payload) {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            info!(topic = %msg.topic, "retained message cleared on the broker; keeping state");
+            return;
+        }
+        Err(r) => return reject(r).await,
+    };
+    let r = &verified.rollout;
+    let last = match ctx.state.last_sequence(&r.scope, &r.deployment) {
+        Ok(l) => l,
+        Err(error) => {
+            warn!(%error, "cannot read replay guard; dropping message (it is retained and comes again)");
+            return;
+        }
+    };
+    match classify_sequence(
+        last.as_ref().map(|(s, d)| (*s, d.as_str())),
+        r.sequence,
+        &verified.digest,
+    ) {
+        SequenceVerdict::Duplicate => {
+            tracing::debug!(deployment = %r.deployment, sequence = r.sequence, "already accepted");
+            return;
+        }
+        SequenceVerdict::Replay => {
+            let last_seq = last.map(|l| l.0).unwrap_or(0);
+            return reject(verify::Rejection {
+                reason: roost_schemas::Reason::Replay,
+                message: format!(
+                    "sequence {} is not greater than the last accepted {last_seq}",
+                    r.sequence
+                ),
+                deployment: Some(r.deployment.clone()),
+                sequence: Some(r.sequence),
+            })
+            .await;
+        }
+        SequenceVerdict::Accept => {}
+    }
+    if let Err(error) = ctx.state.accept(r, &verified.digest, &msg.payload) {
+        warn!(%error, "cannot record accepted rollout; dropping (it is retained and comes again)");
+        return;
+    }
+    ctx.reporter
+        .emit(
+            EventType::RolloutReceived,
+            Some(&r.deployment),
+            json!({
+                "deployment": r.deployment,
+                "sequence": r.sequence,
+                "scope": r.scope.key(),
+                "revision": r.source.as_ref().map(|s| s.revision.clone()),
+                "remove": r.remove,
+                "not_before": r.not_before,
+            }),
+        )
+        .await;
+    refresh(ctx, &r.deployment, workers, tracker, cancel);
+}
+
+/// Recomputes a deployment's desired state from its slots and hands it to its worker.
+fn refresh(
+    ctx: &Ctx,
+    deployment: &str,
+    workers: &mut HashMap<String, watch::Sender<Desired>>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    let slots = match ctx.state.slots(deployment) {
+        Ok(s) => s.into_iter().map(|s| s.rollout).collect::<Vec<_>>(),
+        Err(error) => {
+            warn!(%error, %deployment, "cannot read accepted rollouts");
+            return;
+        }
+    };
+    let desired = resolve(&slots, &ctx.cfg.file.store, &ctx.cfg.file.groups);
+    match workers.get(deployment) {
+        Some(tx) => {
+            tx.send_if_modified(|cur| {
+                if *cur != desired {
+                    *cur = desired.clone();
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        None => {
+            let (tx, rx) = watch::channel(desired);
+            workers.insert(deployment.to_owned(), tx);
+            let span = tracing::info_span!("deployment", deployment = %deployment);
+            tracker.spawn(
+                reconcile::run_worker(ctx.clone(), deployment.to_owned(), rx, cancel.clone())
+                    .instrument(span),
+            );
+        }
+    }
+}

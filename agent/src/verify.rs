@@ -1,0 +1,225 @@
+//! Verification of a received rollout envelope, stage by stage, each failure with its reason
+//! code. Pure: no I/O, so every rejection path is unit-tested. The replay guard, which needs
+//! the stored sequence, is [`crate::decide::classify_sequence`].
+
+use roost_schemas::topics::DeploymentTopic;
+use roost_schemas::{Envelope, Keyring, Reason, Rollout, Topics, PAYLOAD_TYPE};
+use sha2::{Digest, Sha256};
+
+use crate::decide::source_allowed;
+
+/// A verified rollout.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// The topic it came on.
+    pub topic: DeploymentTopic,
+    /// The payload.
+    pub rollout: Rollout,
+    /// SHA-256 (hex) of the payload bytes.
+    pub digest: String,
+}
+
+/// A rejected message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Reason code.
+    pub reason: Reason,
+    /// Human-readable detail.
+    pub message: String,
+    /// Deployment, when known (from the topic).
+    pub deployment: Option<String>,
+    /// Sequence, when the payload could be read.
+    pub sequence: Option<u64>,
+}
+
+/// Inputs to verification that come from configuration.
+#[derive(Debug, Clone)]
+pub struct VerifyPolicy<'a> {
+    /// Topic names.
+    pub topics: &'a Topics,
+    /// Trusted keys.
+    pub keyring: &'a Keyring,
+    /// Largest message.
+    pub max_message_bytes: usize,
+    /// Allowed source URL prefixes.
+    pub allowed_sources: &'a [String],
+}
+
+/// Verifies a message from a deployment topic. `Ok(None)` for an empty payload (a retained
+/// message was cleared on the broker: not signed, so it changes nothing).
+pub fn verify_message(
+    policy: &VerifyPolicy<'_>,
+    topic: &str,
+    payload: &[u8],
+) -> Result<Option<Verified>, Rejection> {
+    let parsed_topic = policy.topics.parse_deployment(topic);
+    let deployment = parsed_topic.as_ref().map(|t| t.deployment.clone());
+    let reject = |reason: Reason, message: String, sequence: Option<u64>| Rejection {
+        reason,
+        message,
+        deployment: deployment.clone(),
+        sequence,
+    };
+    let Some(topic_info) = parsed_topic.clone() else {
+        return Err(reject(
+            Reason::Malformed,
+            format!("not a deployment topic: {topic}"),
+            None,
+        ));
+    };
+    if payload.is_empty() {
+        return Ok(None);
+    }
+    if payload.len() > policy.max_message_bytes {
+        return Err(reject(
+            Reason::TooLarge,
+            format!(
+                "message is {} bytes, limit {}",
+                payload.len(),
+                policy.max_message_bytes
+            ),
+            None,
+        ));
+    }
+    let env: Envelope = serde_json::from_slice(payload)
+        .map_err(|e| reject(Reason::Malformed, format!("not a DSSE envelope: {e}"), None))?;
+    let body = policy
+        .keyring
+        .verify(&env, PAYLOAD_TYPE)
+        .map_err(|e| reject(e.reason(), e.to_string(), None))?;
+    let rollout = Rollout::from_json(&body).map_err(|e| {
+        let seq = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()));
+        reject(Reason::Schema, e.to_string(), seq)
+    })?;
+    let seq = Some(rollout.sequence);
+    if rollout.scope != topic_info.scope {
+        return Err(reject(
+            Reason::ScopeMismatch,
+            format!(
+                "payload scope {} does not match topic scope {}",
+                rollout.scope, topic_info.scope
+            ),
+            seq,
+        ));
+    }
+    if rollout.deployment != topic_info.deployment {
+        return Err(reject(
+            Reason::ScopeMismatch,
+            format!(
+                "payload deployment {} does not match topic deployment {}",
+                rollout.deployment, topic_info.deployment
+            ),
+            seq,
+        ));
+    }
+    if let Some(src) = &rollout.source {
+        if !rollout.remove && !source_allowed(&src.url, policy.allowed_sources) {
+            return Err(reject(
+                Reason::SourceNotAllowed,
+                format!("source {} is not on the allow-list", src.url),
+                seq,
+            ));
+        }
+    }
+    Ok(Some(Verified {
+        topic: topic_info,
+        digest: hex::encode(Sha256::digest(&body)),
+        rollout,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roost_schemas::{Policy, Scope, SigningKey, Source};
+
+    fn rollout(scope: Scope) -> Rollout {
+        Rollout {
+            deployment: "web".into(),
+            scope,
+            sequence: 3,
+            issued_at: "2026-11-26T10:00:00Z".into(),
+            source: Some(Source {
+                url: "git://127.0.0.1/fleet.git".into(),
+                revision: "a".repeat(40),
+                path: "apps".into(),
+            }),
+            not_before: None,
+            policy: Policy::default(),
+            remove: false,
+        }
+    }
+
+    fn sign(key: &SigningKey, r: &Rollout) -> Vec<u8> {
+        let body = serde_json::to_vec(r).expect("ser");
+        serde_json::to_vec(&key.sign(PAYLOAD_TYPE, &body)).expect("ser")
+    }
+
+    #[test]
+    fn every_stage_has_its_reason() {
+        let key = SigningKey::from_seed(&[3; 32]).expect("key");
+        let stranger = SigningKey::from_seed(&[4; 32]).expect("key");
+        let mut ring = Keyring::new();
+        ring.add(key.public_key()).expect("add");
+        let topics = Topics::default();
+        let allowed = vec!["git://127.0.0.1".to_string()];
+        let pol = VerifyPolicy {
+            topics: &topics,
+            keyring: &ring,
+            max_message_bytes: 4096,
+            allowed_sources: &allowed,
+        };
+        let fleet_topic = "roost/v1/fleet/deployments/web";
+        let good = sign(&key, &rollout(Scope::Fleet));
+        let v = verify_message(&pol, fleet_topic, &good)
+            .expect("ok")
+            .expect("some");
+        assert_eq!(v.rollout.sequence, 3);
+
+        let reason = |topic: &str, payload: &[u8]| {
+            verify_message(&pol, topic, payload)
+                .expect_err("rejected")
+                .reason
+        };
+        assert_eq!(reason(fleet_topic, b"{not json"), Reason::Malformed);
+        assert_eq!(reason(fleet_topic, &vec![b' '; 5000]), Reason::TooLarge);
+        assert_eq!(
+            reason(fleet_topic, &sign(&stranger, &rollout(Scope::Fleet))),
+            Reason::UnknownKey
+        );
+        // A trusted key's signature over a different payload.
+        let mut env: Envelope = serde_json::from_slice(&good).expect("env");
+        let mut changed = rollout(Scope::Fleet);
+        changed.sequence = 4;
+        let other: Envelope = serde_json::from_slice(&sign(&key, &changed)).expect("env");
+        env.payload = other.payload;
+        assert_eq!(
+            reason(fleet_topic, &serde_json::to_vec(&env).expect("ser")),
+            Reason::BadSignature
+        );
+        // A store-scoped message replayed onto the fleet topic.
+        let store_msg = sign(&key, &rollout(Scope::Store("s1".into())));
+        assert_eq!(reason(fleet_topic, &store_msg), Reason::ScopeMismatch);
+        assert_eq!(
+            reason("roost/v1/fleet/deployments/other", &good),
+            Reason::ScopeMismatch
+        );
+        let mut evil = rollout(Scope::Fleet);
+        evil.source.as_mut().expect("src").url = "git://evil.example/x.git".into();
+        assert_eq!(
+            reason(fleet_topic, &sign(&key, &evil)),
+            Reason::SourceNotAllowed
+        );
+        let mut escape = rollout(Scope::Fleet);
+        escape.source.as_mut().expect("src").path = "../../etc".into();
+        assert_eq!(reason(fleet_topic, &sign(&key, &escape)), Reason::Schema);
+        let signed_garbage =
+            serde_json::to_vec(&key.sign(PAYLOAD_TYPE, b"{\"x\":1}")).expect("ser");
+        assert_eq!(reason(fleet_topic, &signed_garbage), Reason::Schema);
+        assert!(verify_message(&pol, fleet_topic, b"")
+            .expect("ok")
+            .is_none());
+    }
+}

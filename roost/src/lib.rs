@@ -1,0 +1,12 @@
+//! The `roost` command line as a library: embedded brokers, cloud-side commands (keys,
+//! rollouts, fleet status, events) and `roost up`, the whole fleet on one machine.
+
+pub mod broker;
+pub mod cloud;
+pub mod up;
+
+/// Installs the process-wide rustls crypto provider (ring) once. rumqttc and kube both use
+/// rustls; without an explicit provider, building a client can panic.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

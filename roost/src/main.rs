@@ -1,0 +1,328 @@
+//! `roost`: brokers, the store agent and bridge, cloud-side commands and the one-machine demo.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use roost::cloud::{self, RolloutSpec};
+use roost_schemas::{Policy, Scope, Topics};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "roost",
+    version,
+    about = "GitOps for fleets of edge clusters, over MQTT"
+)]
+struct Cli {
+    /// Log format: text or json.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// A whole fleet on this machine with embedded brokers.
+    Up {
+        /// Number of stores.
+        #[arg(long, default_value_t = 3)]
+        stores: usize,
+        /// Cloud broker listen address (default: a free loopback port).
+        #[arg(long)]
+        cloud_listen: Option<SocketAddr>,
+        /// State directory (default: a new temporary directory).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// files or kubernetes.
+        #[arg(long, default_value = "files")]
+        target: String,
+        /// Exit 0 once every store has converged.
+        #[arg(long)]
+        once: bool,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// An embedded MQTT broker (rumqttd) from a configuration file.
+    Broker {
+        /// rumqttd TOML configuration (see broker-config/).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override the first listener's address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// The store agent.
+    Agent {
+        /// Agent TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The store bridge.
+    Bridge {
+        /// Bridge TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Generate an Ed25519 signing key pair.
+    Keygen {
+        /// Directory for KEYID.key and KEYID.pub.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Sign and publish a rollout.
+    Rollout(RolloutArgs),
+    /// The fleet as a table (source vs target).
+    Status {
+        /// Cloud broker HOST:PORT.
+        #[arg(long, env = "ROOST_BROKER")]
+        broker: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to collect retained messages.
+        #[arg(long, default_value_t = 2)]
+        wait: u64,
+    },
+    /// Follow the event stream.
+    Events {
+        /// Cloud broker HOST:PORT.
+        #[arg(long, env = "ROOST_BROKER")]
+        broker: String,
+        /// Only this store.
+        #[arg(long)]
+        store: Option<String>,
+        /// Exit after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+#[derive(Args)]
+struct RolloutArgs {
+    /// Broker HOST:PORT.
+    #[arg(long, env = "ROOST_BROKER")]
+    broker: String,
+    /// Private key file (from `roost keygen`).
+    #[arg(long)]
+    key: PathBuf,
+    /// Deployment name.
+    #[arg(long)]
+    deployment: String,
+    /// For every store.
+    #[arg(long, conflicts_with_all = ["group", "store"])]
+    fleet: bool,
+    /// For a group.
+    #[arg(long)]
+    group: Option<String>,
+    /// For one store.
+    #[arg(long)]
+    store: Option<String>,
+    /// Repository URL.
+    #[arg(long, default_value = "")]
+    repo: String,
+    /// Commit, branch or tag (resolved to a commit).
+    #[arg(long, default_value = "")]
+    revision: String,
+    /// Directory in the repository.
+    #[arg(long, default_value = "")]
+    path: String,
+    /// Sequence (default: current retained + 1).
+    #[arg(long)]
+    sequence: Option<u64>,
+    /// Activate no earlier than this RFC 3339 time.
+    #[arg(long)]
+    not_before: Option<String>,
+    /// Do not prune.
+    #[arg(long)]
+    no_prune: bool,
+    /// Do not correct drift.
+    #[arg(long)]
+    no_self_heal: bool,
+    /// Health timeout in seconds.
+    #[arg(long, default_value_t = 300)]
+    health_timeout: u64,
+    /// Publish a tombstone.
+    #[arg(long)]
+    remove: bool,
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "warn,roost=info,roost_agent=info,roost_bridge=info,rumqttd=error",
+        )
+    });
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn shutdown_on_signal(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        cancel.cancel();
+    });
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    shutdown_on_signal(cancel.clone());
+    match cli.cmd {
+        Cmd::Up {
+            stores,
+            cloud_listen,
+            state_dir,
+            target,
+            once,
+            timeout,
+        } => {
+            let opts = roost::up::UpOptions {
+                stores,
+                state_dir,
+                cloud_listen,
+                target,
+                once,
+                timeout: Duration::from_secs(timeout),
+            };
+            roost::up::run(opts, cancel).await?;
+        }
+        Cmd::Broker { config, listen } => {
+            let cfg = roost::broker::load_config(&config, listen)?;
+            tokio::task::spawn_blocking(move || roost::broker::run_forever(cfg)).await??;
+        }
+        Cmd::Agent { config } => {
+            let cfg = roost_agent::AgentConfig::load(&config)?;
+            roost_agent::run(cfg, cancel).await?;
+        }
+        Cmd::Bridge { config } => {
+            let cfg = roost_bridge::BridgeConfig::load(&config)?;
+            roost_bridge::run(cfg, cancel).await?;
+        }
+        Cmd::Keygen { dir } => {
+            let (id, public) = cloud::keygen(&dir)?;
+            println!(
+                "key id {id}\nprivate key {}\n",
+                dir.join(format!("{id}.key")).display()
+            );
+            println!("# agent configuration:\n[[trusted_keys]]\nid = \"{id}\"\npublic_key = \"{public}\"");
+        }
+        Cmd::Rollout(a) => {
+            let scope = match (a.fleet, a.group, a.store) {
+                (true, None, None) => Scope::Fleet,
+                (false, Some(g), None) => Scope::Group(g),
+                (false, None, Some(s)) => Scope::Store(s),
+                _ => anyhow::bail!("give exactly one of --fleet, --group NAME, --store NAME"),
+            };
+            let key = cloud::load_key(&a.key)?;
+            let revision = if a.remove && a.revision.is_empty() {
+                String::new()
+            } else {
+                let repo = a.repo.clone();
+                let rev = a.revision.clone();
+                tokio::task::spawn_blocking(move || cloud::resolve_revision(&repo, &rev)).await??
+            };
+            let spec = RolloutSpec {
+                deployment: a.deployment,
+                scope,
+                url: a.repo,
+                revision,
+                path: a.path,
+                policy: Policy {
+                    prune: !a.no_prune,
+                    self_heal: !a.no_self_heal,
+                    health_timeout_s: a.health_timeout,
+                },
+                not_before: a.not_before,
+                remove: a.remove,
+                sequence: a.sequence,
+            };
+            let r = cloud::rollout(&a.broker, &Topics::default(), &key, &spec).await?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Cmd::Status { broker, json, wait } => {
+            let topics = Topics::default();
+            let filters = vec![
+                topics.all_stores(roost_schemas::topics::StoreTopicKind::Status),
+                topics.all_stores(roost_schemas::topics::StoreTopicKind::Presence),
+            ];
+            let msgs = cloud::read_retained(&broker, &filters, Duration::from_secs(wait)).await?;
+            let rows = cloud::fleet_rows(&topics, &msgs);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", cloud::render_table(&rows));
+            }
+        }
+        Cmd::Events {
+            broker,
+            store,
+            count,
+        } => {
+            use rumqttc::{Event, Packet, QoS};
+            let topics = Topics::default();
+            let filter = match &store {
+                Some(s) => topics.events(s),
+                None => topics.all_stores(roost_schemas::topics::StoreTopicKind::Events),
+            };
+            let (client, mut ev) = cloud::connect(&broker, "roost-events")?;
+            client.subscribe(filter, QoS::AtLeastOnce).await?;
+            let mut seen = 0usize;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    e = ev.poll() => match e {
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            println!("{}", String::from_utf8_lossy(&p.payload));
+                            seen += 1;
+                            if count.is_some_and(|c| seen >= c) { break; }
+                        }
+                        Ok(_) => {}
+                        Err(e) => { eprintln!("roost events: {e}; reconnecting"); tokio::time::sleep(Duration::from_secs(1)).await; }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    roost::install_crypto_provider();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("roost: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("roost: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

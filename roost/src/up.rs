@@ -1,0 +1,504 @@
+//! `roost up`: a whole fleet on one machine — a cloud broker, and per store an edge broker,
+//! a bridge and an agent — with a sample Git repository served by `git daemon` on loopback,
+//! a fresh signing key and a signed fleet rollout; then the fleet's convergence, live.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use roost_agent::config::{AgentFile, BrokerConfig, GitConfig, Limits, TargetConfig, TrustedKey};
+use roost_agent::AgentConfig;
+use roost_bridge::{BridgeConfig, Endpoint};
+use roost_schemas::{Phase, Policy, Scope, SigningKey, StatusDoc, Topics};
+use rumqttc::{Event, Packet, QoS};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::cloud::{self, RolloutSpec};
+
+/// Errors of `roost up`.
+#[derive(Debug, thiserror::Error)]
+pub enum UpError {
+    /// Setup failed.
+    #[error("{0}")]
+    Setup(String),
+    /// The fleet did not converge in time.
+    #[error("timed out after {0:?}: {1}")]
+    Timeout(Duration, String),
+    /// A component failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn setup<E: std::fmt::Display>(ctx: &str) -> impl Fn(E) -> UpError + '_ {
+    move |e| UpError::Setup(format!("{ctx}: {e}"))
+}
+
+/// Options of `roost up`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// Number of stores.
+    pub stores: usize,
+    /// State directory (default: a new temporary directory).
+    pub state_dir: Option<PathBuf>,
+    /// Cloud broker listen address (default: a free loopback port).
+    pub cloud_listen: Option<SocketAddr>,
+    /// `files` (default) or `kubernetes`.
+    pub target: String,
+    /// Exit after convergence.
+    pub once: bool,
+    /// Give up after this long.
+    pub timeout: Duration,
+}
+
+/// A sample repository with two revisions of the demo deployment.
+#[derive(Debug, Clone)]
+pub struct SampleRepo {
+    /// Working repository (non-bare) path.
+    pub path: PathBuf,
+    /// First commit.
+    pub first: String,
+}
+
+const MANIFESTS: &[(&str, &str)] = &[
+    (
+        "apps/kitchen-display/configmap.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kitchen-display\ndata:\n  menu: \"breakfast\"\n  refresh_seconds: \"30\"\n",
+    ),
+    (
+        "apps/kitchen-display/deployment.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: kitchen-display\n  labels:\n    app: kitchen-display\nspec:\n  replicas: 0\n  selector:\n    matchLabels:\n      app: kitchen-display\n  template:\n    metadata:\n      labels:\n        app: kitchen-display\n    spec:\n      containers:\n        - name: display\n          image: registry.example/kitchen-display:1.0.0\n          ports:\n            - containerPort: 8080\n",
+    ),
+    (
+        "apps/kitchen-display/service.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: kitchen-display\nspec:\n  selector:\n    app: kitchen-display\n  ports:\n    - port: 80\n      targetPort: 8080\n",
+    ),
+];
+
+/// Creates a Git repository with the demo manifests and returns its first commit.
+pub fn create_sample_repo(dir: &Path) -> Result<SampleRepo, UpError> {
+    let repo = git2::Repository::init(dir).map_err(setup("git init"))?;
+    let mut files = BTreeMap::new();
+    for (p, c) in MANIFESTS {
+        files.insert((*p).to_owned(), (*c).to_owned());
+    }
+    let first = commit_files(&repo, &files, "kitchen-display 1.0.0")?;
+    Ok(SampleRepo {
+        path: dir.to_owned(),
+        first,
+    })
+}
+
+/// Commits exactly `files` (path → content) as the new tree of HEAD; returns the commit id.
+pub fn commit_files(
+    repo: &git2::Repository,
+    files: &BTreeMap<String, String>,
+    message: &str,
+) -> Result<String, UpError> {
+    let workdir = repo
+        .workdir()
+        .ok_or_else(|| UpError::Setup("bare repository".into()))?
+        .to_owned();
+    let mut index = repo.index().map_err(setup("index"))?;
+    index.clear().map_err(setup("index"))?;
+    for (p, c) in files {
+        let full = workdir.join(p);
+        if let Some(parent) = full.parent() {
+            std::fs::create_dir_all(parent).map_err(setup("mkdir"))?;
+        }
+        std::fs::write(&full, c).map_err(setup("write"))?;
+        index.add_path(Path::new(p)).map_err(setup("git add"))?;
+    }
+    index.write().map_err(setup("index"))?;
+    let tree_id = index.write_tree().map_err(setup("tree"))?;
+    let tree = repo.find_tree(tree_id).map_err(setup("tree"))?;
+    let sig = git2::Signature::now("roost", "roost@localhost").map_err(setup("signature"))?;
+    let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+    let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+    let id = repo
+        .commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)
+        .map_err(setup("commit"))?;
+    Ok(id.to_string())
+}
+
+/// A `git daemon` serving a directory on a free loopback port; killed on drop.
+pub struct GitDaemon {
+    child: std::process::Child,
+    /// Port.
+    pub port: u16,
+}
+
+impl GitDaemon {
+    /// Serves every repository under `base` read-only at `git://127.0.0.1:PORT/NAME`.
+    pub fn start(base: &Path) -> Result<GitDaemon, UpError> {
+        let port = crate::broker::free_port().map_err(setup("port"))?;
+        let child = std::process::Command::new("git")
+            .arg("daemon")
+            .arg("--reuseaddr")
+            .arg("--export-all")
+            .arg(format!("--base-path={}", base.display()))
+            .arg("--listen=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg(base)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(setup("git daemon (is git installed?)"))?;
+        crate::broker::wait_listening(([127, 0, 0, 1], port).into(), Duration::from_secs(10))
+            .map_err(setup("git daemon"))?;
+        Ok(GitDaemon { child, port })
+    }
+
+    /// URL of a repository under the base directory.
+    pub fn url(&self, name: &str) -> String {
+        format!("git://127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What one in-process store is made of.
+#[derive(Debug, Clone)]
+pub struct StoreSpec {
+    /// Store name.
+    pub store: String,
+    /// Groups in precedence order.
+    pub groups: Vec<String>,
+    /// State directory of the store (agent/ and bridge/ below it).
+    pub dir: PathBuf,
+    /// Edge broker.
+    pub edge: SocketAddr,
+    /// Cloud broker.
+    pub cloud: SocketAddr,
+    /// Allowed source URL prefix.
+    pub allowed: String,
+    /// Target.
+    pub target: TargetConfig,
+}
+
+/// Agent and bridge configuration for an in-process store trusting `key`.
+pub fn store_configs(
+    spec: &StoreSpec,
+    key: &SigningKey,
+) -> Result<(AgentConfig, BridgeConfig), UpError> {
+    use base64::Engine as _;
+    let StoreSpec {
+        store,
+        groups,
+        dir,
+        edge,
+        cloud,
+        allowed,
+        target,
+    } = spec.clone();
+    let (store, groups, dir, edge, cloud) = (
+        store.as_str(),
+        groups.as_slice(),
+        dir.as_path(),
+        edge,
+        cloud,
+    );
+    let file = AgentFile {
+        store: store.to_owned(),
+        groups: groups.to_vec(),
+        topic_prefix: None,
+        state_dir: dir.join("agent"),
+        broker: BrokerConfig {
+            host: edge.ip().to_string(),
+            port: edge.port(),
+            username: None,
+            password: None,
+            client_id: None,
+            keep_alive_s: 5,
+        },
+        trusted_keys: vec![TrustedKey {
+            id: key.key_id(),
+            public_key: base64::engine::general_purpose::STANDARD.encode(key.public_key()),
+        }],
+        git: GitConfig {
+            allowed_sources: vec![allowed],
+            credentials: vec![],
+            fetch_timeout_s: Some(30),
+        },
+        target,
+        limits: Limits::default(),
+        drift_interval_s: None,
+        outbox_max_mib: None,
+        retry_ms: Some((500, 10_000)),
+    };
+    let agent = AgentConfig::from_file(file).map_err(setup("agent config"))?;
+    let endpoint = |a: SocketAddr| Endpoint {
+        host: a.ip().to_string(),
+        port: a.port(),
+        username: None,
+        password: None,
+        client_id: None,
+        keep_alive_s: Some(5),
+    };
+    let bridge = BridgeConfig {
+        store: store.to_owned(),
+        groups: groups.to_vec(),
+        topic_prefix: None,
+        state_dir: dir.join("bridge"),
+        edge: endpoint(edge),
+        cloud: endpoint(cloud),
+        outbox_max_mib: None,
+    };
+    bridge.validate().map_err(setup("bridge config"))?;
+    Ok((agent, bridge))
+}
+
+/// Store name of the i-th store (from 1).
+pub fn store_name(i: usize) -> String {
+    format!("store-{i:04}")
+}
+
+/// Groups of the i-th store: `store-0001` is the canary; all are in `all`.
+pub fn store_groups(i: usize) -> Vec<String> {
+    if i == 1 {
+        vec!["canary".into(), "all".into()]
+    } else {
+        vec!["all".into()]
+    }
+}
+
+/// Runs `roost up`.
+pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpError> {
+    if opts.stores == 0 {
+        return Err(UpError::Setup("--stores must be at least 1".into()));
+    }
+    let target = match opts.target.as_str() {
+        "files" => TargetConfig::Files(Default::default()),
+        "kubernetes" => {
+            return Err(UpError::Setup(
+                "--target kubernetes is not available in this build yet; use --target files".into(),
+            ))
+        }
+        other => {
+            return Err(UpError::Setup(format!(
+                "unknown --target {other:?} (files|kubernetes)"
+            )))
+        }
+    };
+    let started = Instant::now();
+    let (_tmp, state_dir) = match &opts.state_dir {
+        Some(d) => (None, d.clone()),
+        None => {
+            let t = tempfile_dir()?;
+            let p = t.clone();
+            (Some(t), p)
+        }
+    };
+    std::fs::create_dir_all(&state_dir).map_err(setup("state dir"))?;
+    let cloud_addr = match opts.cloud_listen {
+        Some(a) => crate::broker::spawn(
+            crate::broker::builtin_config("cloud", a).map_err(setup("cloud broker"))?,
+        )
+        .map_err(setup("cloud broker"))?,
+        None => crate::broker::spawn_free("cloud").map_err(setup("cloud broker"))?,
+    };
+    let cloud = cloud_addr.to_string();
+    let repos = state_dir.join("repos");
+    let repo = create_sample_repo(&repos.join("fleet.git"))?;
+    let daemon = GitDaemon::start(&repos)?;
+    let url = daemon.url("fleet.git");
+    let key_dir = state_dir.join("keys");
+    let (key_id, _) = cloud::keygen(&key_dir).map_err(setup("keygen"))?;
+    let key = cloud::load_key(&key_dir.join(format!("{key_id}.key"))).map_err(setup("key"))?;
+    println!(
+        "roost up: cloud broker mqtt://{cloud}  repository {url}  keys {}",
+        key_dir.display()
+    );
+    let allowed = format!("git://127.0.0.1:{}/", daemon.port);
+    let mut tasks = tokio::task::JoinSet::new();
+    let child = cancel.child_token();
+    for i in 1..=opts.stores {
+        let name = store_name(i);
+        let edge = crate::broker::spawn_free("edge").map_err(setup("edge broker"))?;
+        let spec = StoreSpec {
+            store: name.clone(),
+            groups: store_groups(i),
+            dir: state_dir.join(&name),
+            edge,
+            cloud: cloud_addr,
+            allowed: allowed.clone(),
+            target: target.clone(),
+        };
+        let (acfg, bcfg) = store_configs(&spec, &key)?;
+        let c = child.clone();
+        let n = name.clone();
+        tasks.spawn(async move {
+            roost_bridge::run(bcfg, c)
+                .await
+                .map_err(|e| format!("{n} bridge: {e}"))
+        });
+        let c = child.clone();
+        let n = name.clone();
+        tasks.spawn(async move {
+            roost_agent::run(acfg, c)
+                .await
+                .map_err(|e| format!("{n} agent: {e}"))
+        });
+    }
+    let topics = Topics::default();
+    let spec = RolloutSpec {
+        deployment: "kitchen-display".into(),
+        scope: Scope::Fleet,
+        url: url.clone(),
+        revision: repo.first.clone(),
+        path: "apps/kitchen-display".into(),
+        policy: Policy {
+            prune: true,
+            self_heal: true,
+            health_timeout_s: 120,
+        },
+        not_before: None,
+        remove: false,
+        sequence: None,
+    };
+    let rollout = cloud::rollout(&cloud, &topics, &key, &spec)
+        .await
+        .map_err(setup("rollout"))?;
+    println!(
+        "roost up: published rollout kitchen-display -> {} (sequence {}) to the fleet",
+        &repo.first[..12],
+        rollout.sequence
+    );
+    let published = Instant::now();
+    let watch = watch_convergence(
+        &cloud,
+        &topics,
+        opts.stores,
+        &repo.first,
+        opts.timeout,
+        published,
+    );
+    let outcome = tokio::select! {
+        r = watch => r,
+        Some(Ok(Err(e))) = tasks.join_next() => Err(UpError::Failed(e)),
+        _ = cancel.cancelled() => Ok(()),
+    };
+    match &outcome {
+        Ok(()) if opts.once => {}
+        Ok(()) => {
+            println!("roost up: fleet converged; staying up (Ctrl-C to stop). Try:");
+            println!("  roost status --broker {cloud}");
+            println!("  roost events --broker {cloud}");
+            println!("  roost rollout --broker {cloud} --key {}/{key_id}.key --deployment kitchen-display --fleet --repo {url} --revision master --path apps/kitchen-display", key_dir.display());
+            cancel.cancelled().await;
+        }
+        Err(_) => {}
+    }
+    child.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    drop(daemon);
+    let _ = started;
+    outcome
+}
+
+fn tempfile_dir() -> Result<PathBuf, UpError> {
+    let base = std::env::temp_dir().join(format!(
+        "roost-up-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&base).map_err(setup("temp dir"))?;
+    Ok(base)
+}
+
+/// Follows the retained status documents on the cloud broker, printing phase changes, until
+/// every store reports `Converged` on `revision`, or the timeout passes.
+async fn watch_convergence(
+    broker: &str,
+    topics: &Topics,
+    stores: usize,
+    revision: &str,
+    timeout: Duration,
+    since: Instant,
+) -> Result<(), UpError> {
+    let (client, mut ev) = cloud::connect(broker, "roost-up").map_err(setup("watch"))?;
+    client
+        .subscribe(
+            topics.all_stores(roost_schemas::topics::StoreTopicKind::Status),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .map_err(setup("subscribe"))?;
+    let mut phases: BTreeMap<String, (Phase, Option<String>)> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let e = match tokio::time::timeout_at(deadline, ev.poll()).await {
+            Err(_) => {
+                let pending: Vec<String> = phases
+                    .iter()
+                    .filter(|(_, (p, _))| *p != Phase::Converged)
+                    .map(|(s, (p, _))| format!("{s}={}", p.as_str()))
+                    .collect();
+                return Err(UpError::Timeout(
+                    timeout,
+                    format!(
+                        "{} of {stores} stores converged; others: {}",
+                        phases
+                            .values()
+                            .filter(|(p, _)| *p == Phase::Converged)
+                            .count(),
+                        pending.join(", ")
+                    ),
+                ));
+            }
+            Ok(e) => e,
+        };
+        let p = match e {
+            Ok(Event::Incoming(Packet::Publish(p))) => p,
+            Ok(_) => continue,
+            Err(error) => {
+                warn!(%error, "status watch connection");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let Ok(doc) = serde_json::from_slice::<StatusDoc>(&p.payload) else {
+            continue;
+        };
+        let Some(st) = doc.deployments.get("kitchen-display") else {
+            continue;
+        };
+        let now = (st.phase, st.applied_revision.clone());
+        if phases.get(&doc.store) != Some(&now) {
+            println!(
+                "  {:>8} ms  {}  {:<12} {}",
+                since.elapsed().as_millis(),
+                doc.store,
+                st.phase.as_str(),
+                if st.message.is_empty() {
+                    String::new()
+                } else {
+                    st.message.clone()
+                }
+            );
+            phases.insert(doc.store.clone(), now);
+        }
+        let done = phases
+            .values()
+            .filter(|(p, a)| *p == Phase::Converged && a.as_deref() == Some(revision))
+            .count();
+        if done == stores {
+            println!(
+                "converged {done}/{stores} in {} ms",
+                since.elapsed().as_millis()
+            );
+            let _ = client.disconnect().await;
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! The MQTT link: one task that owns a broker connection, (re)subscribes on every connect,
+//! drains an [`Outbox`] with QoS 1 and deletes a message only after its PUBACK.
+//!
+//! Each connection attempt gets a fresh rumqttc client and event loop. rumqttc silently drops
+//! unacknowledged publishes when a reconnect has no session, and requests queued on an old
+//! client could otherwise leak into the next session and confuse the PUBACK bookkeeping; a
+//! fresh pair per connection makes "what is in flight" exact: on every CONNACK the link
+//! re-subscribes and republishes the outbox from its oldest message (at least once).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, Publish, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument as _};
+
+use crate::backoff::Backoff;
+use crate::outbox::Outbox;
+
+/// Errors of the MQTT link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The configuration is not usable.
+    #[error("invalid link configuration: {0}")]
+    Config(String),
+    /// The link task is gone.
+    #[error("link stopped")]
+    Closed,
+}
+
+/// A last-will message.
+#[derive(Debug, Clone)]
+pub struct Will {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// Retain flag.
+    pub retain: bool,
+}
+
+/// A message published directly (not through the outbox), QoS 1, best effort per connection.
+#[derive(Debug, Clone)]
+pub struct DirectMessage {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// Retain flag.
+    pub retain: bool,
+}
+
+/// Called on every CONNACK: messages to publish right after (re)connecting.
+pub type OnConnect = Arc<dyn Fn(bool) -> Vec<DirectMessage> + Send + Sync>;
+
+/// How to connect.
+#[derive(Clone)]
+pub struct LinkConfig {
+    /// Name for logs (`edge`, `cloud`).
+    pub name: String,
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// MQTT client id.
+    pub client_id: String,
+    /// Keepalive: a silent (half-open) link is detected within about 1.5× this.
+    pub keep_alive: Duration,
+    /// Clean session (true) or persistent session (false).
+    pub clean_session: bool,
+    /// Username and password.
+    pub credentials: Option<(String, String)>,
+    /// Last will.
+    pub will: Option<Will>,
+    /// Topic filters to subscribe (QoS 1) on every connect.
+    pub subscriptions: Vec<String>,
+    /// Acknowledge incoming QoS 1 messages only when the consumer says so.
+    pub manual_acks: bool,
+    /// Outbox messages in flight at once.
+    pub window: usize,
+    /// Largest packet accepted/sent.
+    pub max_packet_size: usize,
+    /// Reconnect backoff.
+    pub backoff: (Duration, Duration),
+    /// Messages to publish on every connect (bool = session present).
+    pub on_connect: Option<OnConnect>,
+}
+
+impl std::fmt::Debug for LinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkConfig")
+            .field("name", &self.name)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkConfig {
+    /// Defaults: keepalive 10 s, clean session, window 64, 1 MiB packets, backoff 200 ms–10 s.
+    pub fn new(name: &str, host: &str, port: u16, client_id: &str) -> LinkConfig {
+        LinkConfig {
+            name: name.to_owned(),
+            host: host.to_owned(),
+            port,
+            client_id: client_id.to_owned(),
+            keep_alive: Duration::from_secs(10),
+            clean_session: true,
+            credentials: None,
+            will: None,
+            subscriptions: Vec::new(),
+            manual_acks: false,
+            window: 64,
+            max_packet_size: 1024 * 1024,
+            backoff: (Duration::from_millis(200), Duration::from_secs(10)),
+            on_connect: None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), LinkError> {
+        if self.host.is_empty() || self.port == 0 {
+            return Err(LinkError::Config(format!(
+                "{}: broker address is empty",
+                self.name
+            )));
+        }
+        if self.client_id.is_empty() {
+            return Err(LinkError::Config(format!(
+                "{}: client id is empty",
+                self.name
+            )));
+        }
+        if self.keep_alive < Duration::from_secs(1) {
+            return Err(LinkError::Config(format!(
+                "{}: keepalive must be at least 1 s",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A message received on a subscription.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// Retained flag as delivered.
+    pub retain: bool,
+    ack: Option<(u64, Publish)>,
+}
+
+enum Cmd {
+    Ack(u64, Publish),
+    Direct(DirectMessage),
+}
+
+/// Handle to a running link.
+#[derive(Clone)]
+pub struct LinkHandle {
+    cmd: mpsc::UnboundedSender<Cmd>,
+    connected: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for LinkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkHandle")
+            .field("connected", &*self.connected.borrow())
+            .finish()
+    }
+}
+
+impl LinkHandle {
+    /// Acknowledges an incoming message (with `manual_acks`). If the connection it came on is
+    /// gone, the ack is dropped: the broker redelivers to a persistent session.
+    pub fn ack(&self, msg: &Incoming) {
+        if let Some((generation, p)) = &msg.ack {
+            let _ = self.cmd.send(Cmd::Ack(*generation, p.clone()));
+        }
+    }
+
+    /// Publishes directly (QoS 1) if connected; dropped otherwise. For messages that are
+    /// re-derived on every connect (retained desired state), not for events.
+    pub fn publish(&self, msg: DirectMessage) -> Result<(), LinkError> {
+        self.cmd
+            .send(Cmd::Direct(msg))
+            .map_err(|_| LinkError::Closed)
+    }
+
+    /// Whether the link is connected now.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// A watch of the connection state.
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.clone()
+    }
+}
+
+/// A running link: the handle, the incoming messages, and the task.
+pub struct Link {
+    /// Control handle.
+    pub handle: LinkHandle,
+    /// Messages received on the subscriptions.
+    pub incoming: mpsc::Receiver<Incoming>,
+    /// The link task; ends when cancelled.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Link {
+    /// Starts the link task. `outbox`, if given, is drained to this broker.
+    pub fn start(
+        cfg: LinkConfig,
+        outbox: Option<Outbox>,
+        cancel: CancellationToken,
+    ) -> Result<Link, LinkError> {
+        cfg.validate()?;
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (in_tx, in_rx) = mpsc::channel(1024);
+        let (conn_tx, conn_rx) = watch::channel(false);
+        let span = tracing::info_span!("mqtt_link", link = %cfg.name, client_id = %cfg.client_id);
+        let task = tokio::spawn(run(cfg, outbox, cmd_rx, in_tx, conn_tx, cancel).instrument(span));
+        Ok(Link {
+            handle: LinkHandle {
+                cmd: cmd_tx,
+                connected: conn_rx,
+            },
+            incoming: in_rx,
+            task,
+        })
+    }
+}
+
+fn options(cfg: &LinkConfig) -> MqttOptions {
+    let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
+    o.set_keep_alive(cfg.keep_alive);
+    o.set_clean_session(cfg.clean_session);
+    o.set_manual_acks(cfg.manual_acks);
+    o.set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size);
+    o.set_inflight(u16::try_from(cfg.window.max(1) + 16).unwrap_or(u16::MAX));
+    if let Some((u, p)) = &cfg.credentials {
+        o.set_credentials(u.clone(), p.clone());
+    }
+    if let Some(w) = &cfg.will {
+        o.set_last_will(LastWill::new(
+            w.topic.clone(),
+            w.payload.clone(),
+            QoS::AtLeastOnce,
+            w.retain,
+        ));
+    }
+    o
+}
+
+/// Per-connection bookkeeping of outbox messages in flight.
+#[derive(Default)]
+struct Inflight {
+    /// Publishes handed to the client, in order, not yet given a packet id
+    /// (`Some(outbox id)` or `None` for direct messages).
+    unassigned: VecDeque<Option<i64>>,
+    /// Packet id → outbox id, awaiting PUBACK.
+    by_pkid: HashMap<u16, i64>,
+    /// Highest outbox id handed to this connection.
+    high_water: i64,
+    /// Outbox messages handed to this connection and not yet acknowledged.
+    outstanding: usize,
+}
+
+async fn run(
+    cfg: LinkConfig,
+    outbox: Option<Outbox>,
+    mut cmd_rx: mpsc::UnboundedReceiver<Cmd>,
+    in_tx: mpsc::Sender<Incoming>,
+    connected: watch::Sender<bool>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::new(cfg.backoff.0, cfg.backoff.1);
+    let mut newest = outbox.as_ref().map(|o| o.subscribe_newest());
+    let mut generation: u64 = 0;
+    while !cancel.is_cancelled() {
+        generation += 1;
+        let (client, mut eventloop) = AsyncClient::new(options(&cfg), cfg.window + 256);
+        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+        // The poll task owns the event loop for exactly one connection: it stops at the first
+        // error, so nothing from this session can leak into the next one.
+        let poller = tokio::spawn(async move {
+            loop {
+                let ev = eventloop.poll().await;
+                let failed = ev.is_err();
+                if ev_tx.send(ev).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let mut inflight = Inflight::default();
+        let mut is_up = false;
+        let outcome: Result<(), String> = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    let _ = client.try_disconnect();
+                    break Ok(());
+                }
+                ev = ev_rx.recv() => {
+                    let Some(ev) = ev else { break Err("event loop ended".into()) };
+                    match ev {
+                        Err(e) => break Err(e.to_string()),
+                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                            info!(session_present = ack.session_present, "connected");
+                            backoff.reset();
+                            is_up = true;
+                            connected.send_replace(true);
+                            if !cfg.subscriptions.is_empty() {
+                                let subs = cfg.subscriptions.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                                if let Err(e) = client.subscribe_many(subs).await {
+                                    break Err(e.to_string());
+                                }
+                            }
+                            if let Some(cb) = &cfg.on_connect {
+                                for m in cb(ack.session_present) {
+                                    if let Err(e) = send_direct(&client, &mut inflight, m).await {
+                                        warn!(error = %e, "direct publish on connect failed");
+                                    }
+                                }
+                            }
+                            if let Some(ob) = &outbox {
+                                if let Err(e) = refill(&client, ob, &mut inflight, cfg.window).await {
+                                    break Err(e);
+                                }
+                            }
+                        }
+                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                            if let Some(Some(id)) = inflight.unassigned.pop_front() {
+                                inflight.by_pkid.insert(pkid, id);
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                            if let Some(id) = inflight.by_pkid.remove(&ack.pkid) {
+                                inflight.outstanding = inflight.outstanding.saturating_sub(1);
+                                if let Some(ob) = &outbox {
+                                    ob.ack(vec![id]);
+                                    if let Err(e) = refill(&client, ob, &mut inflight, cfg.window).await {
+                                        break Err(e);
+                                    }
+                                }
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let msg = Incoming {
+                                topic: p.topic.clone(),
+                                payload: p.payload.to_vec(),
+                                retain: p.retain,
+                                ack: if cfg.manual_acks { Some((generation, p)) } else { None },
+                            };
+                            if in_tx.send(msg).await.is_err() {
+                                debug!("incoming consumer gone");
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(s))) => {
+                            if s.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                                warn!(?s.return_codes, "broker refused a subscription");
+                            }
+                        }
+                        Ok(_) => {}
+                    }
+                }
+                cmd = cmd_rx.recv() => {
+                    match cmd {
+                        None => { let _ = client.try_disconnect(); break Ok(()); }
+                        Some(Cmd::Ack(g, p)) => {
+                            if g == generation && is_up {
+                                if let Err(e) = client.ack(&p).await { break Err(e.to_string()); }
+                            }
+                        }
+                        Some(Cmd::Direct(m)) => {
+                            if is_up {
+                                if let Err(e) = send_direct(&client, &mut inflight, m).await { break Err(e); }
+                            }
+                        }
+                    }
+                }
+                changed = async {
+                    match newest.as_mut() {
+                        Some(w) => w.changed().await,
+                        None => std::future::pending().await,
+                    }
+                }, if is_up => {
+                    if changed.is_err() { newest = None; continue; }
+                    if let Some(ob) = &outbox {
+                        if let Err(e) = refill(&client, ob, &mut inflight, cfg.window).await {
+                            break Err(e);
+                        }
+                    }
+                }
+            }
+        };
+        connected.send_replace(false);
+        poller.abort();
+        match outcome {
+            Ok(()) => break,
+            Err(error) => {
+                let delay = backoff.next_delay();
+                warn!(%error, retry_in_ms = delay.as_millis() as u64, "connection lost");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    debug!("link stopped");
+}
+
+async fn send_direct(
+    client: &AsyncClient,
+    inflight: &mut Inflight,
+    m: DirectMessage,
+) -> Result<(), String> {
+    inflight.unassigned.push_back(None);
+    client
+        .publish(m.topic, QoS::AtLeastOnce, m.retain, m.payload)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Hands the next outbox messages to the client, keeping at most `window` outstanding.
+async fn refill(
+    client: &AsyncClient,
+    ob: &Outbox,
+    inflight: &mut Inflight,
+    window: usize,
+) -> Result<(), String> {
+    while inflight.outstanding < window {
+        let room = window - inflight.outstanding;
+        let batch = ob
+            .peek(inflight.high_water, room)
+            .await
+            .map_err(|e| e.to_string())?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for m in batch {
+            inflight.high_water = m.id;
+            inflight.outstanding += 1;
+            inflight.unassigned.push_back(Some(m.id));
+            client
+                .publish(m.topic, QoS::AtLeastOnce, m.retain, m.payload)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,351 @@
+//! DSSE ("Dead Simple Signing Envelope") with Ed25519 over the pre-authentication encoding:
+//! `"DSSEv1" SP len(type) SP type SP len(payload) SP payload`.
+
+use std::collections::HashMap;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use ring::signature::{self, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The payload type of a roost rollout.
+pub const PAYLOAD_TYPE: &str = "application/vnd.roost.rollout.v1+json";
+
+/// At most this many signatures are examined in one envelope.
+pub const MAX_SIGNATURES: usize = 8;
+
+/// A key id: the first 16 hex characters of SHA-256 over the raw 32-byte Ed25519 public key.
+pub type KeyId = String;
+
+/// A DSSE envelope as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Media type of the payload.
+    #[serde(rename = "payloadType")]
+    pub payload_type: String,
+    /// Base64 (standard, padded) of the payload bytes.
+    pub payload: String,
+    /// One or more signatures.
+    pub signatures: Vec<Signature>,
+}
+
+/// One signature of an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature {
+    /// Which key signed.
+    pub keyid: String,
+    /// Base64 of the 64-byte Ed25519 signature.
+    pub sig: String,
+}
+
+/// Why an envelope did not verify. Each maps to a wire reason code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// Not a usable DSSE envelope (bad base64, wrong payload type, no signatures).
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+    /// No signature is from a trusted key.
+    #[error("no signature from a trusted key (key ids: {0:?})")]
+    UnknownKey(Vec<String>),
+    /// A trusted key's signature did not verify.
+    #[error("signature by trusted key {0} does not verify")]
+    BadSignature(String),
+}
+
+impl VerifyError {
+    /// The wire reason code.
+    pub fn reason(&self) -> crate::Reason {
+        match self {
+            VerifyError::Malformed(_) => crate::Reason::Malformed,
+            VerifyError::UnknownKey(_) => crate::Reason::UnknownKey,
+            VerifyError::BadSignature(_) => crate::Reason::BadSignature,
+        }
+    }
+}
+
+/// DSSE's pre-authentication encoding.
+pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + payload_type.len() + 32);
+    out.extend_from_slice(b"DSSEv1 ");
+    out.extend_from_slice(payload_type.len().to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload_type.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload.len().to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Key id of a raw Ed25519 public key.
+pub fn key_id(public_key: &[u8]) -> KeyId {
+    let digest = Sha256::digest(public_key);
+    hex::encode(&digest[..8])
+}
+
+/// An Ed25519 signing key.
+pub struct SigningKey {
+    pair: Ed25519KeyPair,
+    pkcs8: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("keyid", &self.key_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a key could not be created or loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid Ed25519 key: {0}")]
+pub struct KeyError(String);
+
+impl SigningKey {
+    /// Generates a new random key.
+    pub fn generate() -> Result<SigningKey, KeyError> {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| KeyError(e.to_string()))?;
+        SigningKey::from_pkcs8(pkcs8.as_ref())
+    }
+
+    /// Loads a PKCS#8 v2 document (as written by [`SigningKey::pkcs8`]).
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<SigningKey, KeyError> {
+        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8)
+            .map_err(|e| KeyError(e.to_string()))?;
+        Ok(SigningKey {
+            pair,
+            pkcs8: Some(pkcs8.to_vec()),
+        })
+    }
+
+    /// A key from a 32-byte seed (test vectors, deterministic demos).
+    pub fn from_seed(seed: &[u8; 32]) -> Result<SigningKey, KeyError> {
+        let pair =
+            Ed25519KeyPair::from_seed_unchecked(seed).map_err(|e| KeyError(e.to_string()))?;
+        Ok(SigningKey { pair, pkcs8: None })
+    }
+
+    /// The PKCS#8 document, when the key was generated or loaded from one.
+    pub fn pkcs8(&self) -> Option<&[u8]> {
+        self.pkcs8.as_deref()
+    }
+
+    /// The raw 32-byte public key.
+    pub fn public_key(&self) -> Vec<u8> {
+        self.pair.public_key().as_ref().to_vec()
+    }
+
+    /// This key's id.
+    pub fn key_id(&self) -> KeyId {
+        key_id(self.pair.public_key().as_ref())
+    }
+
+    /// Signs `payload` into an envelope of `payload_type`.
+    pub fn sign(&self, payload_type: &str, payload: &[u8]) -> Envelope {
+        let sig = self.pair.sign(&pae(payload_type, payload));
+        Envelope {
+            payload_type: payload_type.to_owned(),
+            payload: B64.encode(payload),
+            signatures: vec![Signature {
+                keyid: self.key_id(),
+                sig: B64.encode(sig.as_ref()),
+            }],
+        }
+    }
+}
+
+/// The set of public keys an agent trusts, by key id.
+#[derive(Debug, Clone, Default)]
+pub struct Keyring {
+    keys: HashMap<KeyId, Vec<u8>>,
+}
+
+impl Keyring {
+    /// An empty keyring (trusts nothing).
+    pub fn new() -> Keyring {
+        Keyring::default()
+    }
+
+    /// Adds a raw 32-byte Ed25519 public key; returns its key id.
+    pub fn add(&mut self, public_key: Vec<u8>) -> Result<KeyId, KeyError> {
+        if public_key.len() != 32 {
+            return Err(KeyError(format!(
+                "public key must be 32 bytes, got {}",
+                public_key.len()
+            )));
+        }
+        let id = key_id(&public_key);
+        self.keys.insert(id.clone(), public_key);
+        Ok(id)
+    }
+
+    /// Adds a base64-encoded public key, checking it against an expected key id if given.
+    pub fn add_base64(&mut self, b64: &str, expected_id: Option<&str>) -> Result<KeyId, KeyError> {
+        let raw = B64
+            .decode(b64.trim())
+            .map_err(|e| KeyError(format!("public key is not base64: {e}")))?;
+        let id = key_id(&raw);
+        if let Some(want) = expected_id {
+            if want != id {
+                return Err(KeyError(format!(
+                    "key id {want} does not match the public key (its id is {id})"
+                )));
+            }
+        }
+        self.add(raw)
+    }
+
+    /// Number of trusted keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// True when no key is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Verifies an envelope of the expected payload type and returns its payload bytes.
+    /// One valid signature from a trusted key is enough.
+    pub fn verify(&self, env: &Envelope, payload_type: &str) -> Result<Vec<u8>, VerifyError> {
+        if env.payload_type != payload_type {
+            return Err(VerifyError::Malformed(format!(
+                "payloadType is {:?}, expected {payload_type:?}",
+                env.payload_type
+            )));
+        }
+        if env.signatures.is_empty() {
+            return Err(VerifyError::Malformed("no signatures".into()));
+        }
+        if env.signatures.len() > MAX_SIGNATURES {
+            return Err(VerifyError::Malformed(format!(
+                "more than {MAX_SIGNATURES} signatures"
+            )));
+        }
+        let payload = B64
+            .decode(env.payload.as_bytes())
+            .map_err(|e| VerifyError::Malformed(format!("payload is not base64: {e}")))?;
+        let message = pae(payload_type, &payload);
+        let mut bad = None;
+        for s in &env.signatures {
+            let Some(pk) = self.keys.get(&s.keyid) else {
+                continue;
+            };
+            let ok = B64
+                .decode(s.sig.as_bytes())
+                .ok()
+                .map(|sig| {
+                    UnparsedPublicKey::new(&signature::ED25519, pk)
+                        .verify(&message, &sig)
+                        .is_ok()
+                })
+                .unwrap_or(false);
+            if ok {
+                return Ok(payload);
+            }
+            bad = Some(s.keyid.clone());
+        }
+        match bad {
+            Some(id) => Err(VerifyError::BadSignature(id)),
+            None => Err(VerifyError::UnknownKey(
+                env.signatures.iter().map(|s| s.keyid.clone()).collect(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixed test vector also published in `schemas/examples/dsse-test-vector.json`.
+    #[test]
+    fn test_vector() {
+        let vector: serde_json::Value =
+            serde_json::from_str(include_str!("../examples/dsse-test-vector.json"))
+                .expect("vector json");
+        let seed_hex = vector["seed_hex"].as_str().expect("seed");
+        let seed: [u8; 32] = hex::decode(seed_hex)
+            .expect("hex")
+            .try_into()
+            .expect("32 bytes");
+        let key = SigningKey::from_seed(&seed).expect("key");
+        assert_eq!(
+            B64.encode(key.public_key()),
+            vector["public_key_base64"].as_str().expect("pk")
+        );
+        assert_eq!(key.key_id(), vector["keyid"].as_str().expect("keyid"));
+        let payload = vector["payload_utf8"].as_str().expect("payload").as_bytes();
+        assert_eq!(
+            String::from_utf8(pae(PAYLOAD_TYPE, payload)).expect("utf8"),
+            vector["pae_utf8"].as_str().expect("pae")
+        );
+        let env = key.sign(PAYLOAD_TYPE, payload);
+        let expected: Envelope =
+            serde_json::from_value(vector["envelope"].clone()).expect("envelope");
+        assert_eq!(env, expected);
+        let mut ring = Keyring::new();
+        ring.add(key.public_key()).expect("add");
+        assert_eq!(
+            ring.verify(&expected, PAYLOAD_TYPE).expect("verify"),
+            payload
+        );
+    }
+
+    #[test]
+    fn pae_matches_spec_example() {
+        // From the DSSE protocol document.
+        assert_eq!(
+            pae("http://example.com/HelloWorld", b"hello world"),
+            b"DSSEv1 29 http://example.com/HelloWorld 11 hello world".to_vec()
+        );
+    }
+
+    #[test]
+    fn verification_outcomes() {
+        let trusted = SigningKey::from_seed(&[7u8; 32]).expect("key");
+        let stranger = SigningKey::from_seed(&[9u8; 32]).expect("key");
+        let mut ring = Keyring::new();
+        ring.add(trusted.public_key()).expect("add");
+
+        let env = trusted.sign(PAYLOAD_TYPE, b"{}");
+        assert!(ring.verify(&env, PAYLOAD_TYPE).is_ok());
+
+        let foreign = stranger.sign(PAYLOAD_TYPE, b"{}");
+        assert_eq!(
+            ring.verify(&foreign, PAYLOAD_TYPE).map_err(|e| e.reason()),
+            Err(crate::Reason::UnknownKey)
+        );
+
+        let mut tampered = env.clone();
+        tampered.payload = B64.encode(b"{\"x\":1}");
+        assert_eq!(
+            ring.verify(&tampered, PAYLOAD_TYPE).map_err(|e| e.reason()),
+            Err(crate::Reason::BadSignature)
+        );
+
+        // A stranger's signature beside a valid trusted one is fine.
+        let mut both = env.clone();
+        both.signatures.insert(0, foreign.signatures[0].clone());
+        assert!(ring.verify(&both, PAYLOAD_TYPE).is_ok());
+
+        let mut wrong_type = env.clone();
+        wrong_type.payload_type = "text/plain".into();
+        assert_eq!(
+            ring.verify(&wrong_type, PAYLOAD_TYPE)
+                .map_err(|e| e.reason()),
+            Err(crate::Reason::Malformed)
+        );
+    }
+
+    #[test]
+    fn generated_keys_roundtrip_pkcs8() {
+        let k = SigningKey::generate().expect("gen");
+        let again = SigningKey::from_pkcs8(k.pkcs8().expect("pkcs8")).expect("load");
+        assert_eq!(k.key_id(), again.key_id());
+        assert_eq!(k.key_id().len(), 16);
+    }
+}

@@ -1,0 +1,59 @@
+//! roost's wire contract in Rust: names, topics, the rollout payload, the DSSE envelope,
+//! CloudEvents, the status and presence documents, reason codes and Ed25519 signing.
+//!
+//! This crate holds data and pure functions only (no I/O runtime), so that every component and
+//! every outside tool can share one definition of the contract. The JSON Schema files in
+//! `schemas/schema/` are the machine-readable form of the same types.
+
+pub mod dsse;
+pub mod event;
+pub mod names;
+pub mod reason;
+pub mod rollout;
+pub mod status;
+pub mod topics;
+
+pub use dsse::{Envelope, KeyId, Keyring, Signature, SigningKey, VerifyError, PAYLOAD_TYPE};
+pub use event::{CloudEvent, EventType};
+pub use names::{validate_name, NameError};
+pub use reason::Reason;
+pub use rollout::{Policy, Rollout, Scope, Source};
+pub use status::{DeploymentStatus, DesiredRef, Phase, Presence, PresenceState, StatusDoc};
+pub use topics::{DeploymentTopic, Topics};
+
+/// The current UTC time as an RFC 3339 string with second precision (`2026-11-26T10:00:00Z`).
+pub fn now_rfc3339() -> String {
+    format_rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// Formats a timestamp as RFC 3339 in UTC with millisecond precision.
+pub fn format_rfc3339(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt)
+        .unwrap_or_else(|_| String::from("1970-01-01T00:00:00Z"))
+}
+
+/// Parses an RFC 3339 timestamp.
+pub fn parse_rfc3339(s: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// JSON Schema documents shipped with the crate, by file name.
+pub mod json_schema {
+    /// The rollout payload schema.
+    pub const ROLLOUT: &str = include_str!("../schema/rollout.schema.json");
+    /// The DSSE envelope schema.
+    pub const ENVELOPE: &str = include_str!("../schema/envelope.schema.json");
+    /// The CloudEvent schema (with `roostseq`).
+    pub const EVENT: &str = include_str!("../schema/event.schema.json");
+    /// The retained store status document schema.
+    pub const STATUS: &str = include_str!("../schema/status.schema.json");
+    /// The presence document schema.
+    pub const PRESENCE: &str = include_str!("../schema/presence.schema.json");
+}
+
+#[cfg(test)]
+mod schema_tests;

@@ -1,0 +1,97 @@
+//! Stable reason codes carried in `data.reason` of events and in status messages.
+
+use serde::{Deserialize, Serialize};
+
+/// A stable, machine-readable reason code. Serialized in snake_case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The message is not valid JSON or not a DSSE envelope.
+    Malformed,
+    /// The payload does not match the rollout schema.
+    Schema,
+    /// A signature from a trusted key did not verify.
+    BadSignature,
+    /// No signature is from a trusted key.
+    UnknownKey,
+    /// The sequence is not greater than the last accepted one.
+    Replay,
+    /// The payload's scope or deployment does not match the topic.
+    ScopeMismatch,
+    /// The message or the rendered revision exceeds a size limit.
+    TooLarge,
+    /// The source URL is not on the agent's allow-list.
+    SourceNotAllowed,
+    /// The rendered objects violate the agent's policy.
+    PolicyDenied,
+    /// The revision does not exist in the source repository.
+    RevisionNotFound,
+    /// A manifest could not be parsed or lacks required fields.
+    InvalidManifest,
+    /// The source could not be fetched (network, auth).
+    FetchFailed,
+    /// The target refused or failed to apply.
+    ApplyFailed,
+    /// Pruning removed objects / failed.
+    PruneFailed,
+    /// Health checks did not pass within the timeout.
+    HealthTimeout,
+    /// The live state differs from what was applied.
+    Drift,
+    /// A hook command failed.
+    HookFailed,
+    /// The outbox dropped events because it reached its disk cap.
+    OutboxOverflow,
+    /// An internal error (storage, I/O).
+    Internal,
+}
+
+impl Reason {
+    /// The wire form, e.g. `bad_signature`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::Schema => "schema",
+            Reason::BadSignature => "bad_signature",
+            Reason::UnknownKey => "unknown_key",
+            Reason::Replay => "replay",
+            Reason::ScopeMismatch => "scope_mismatch",
+            Reason::TooLarge => "too_large",
+            Reason::SourceNotAllowed => "source_not_allowed",
+            Reason::PolicyDenied => "policy_denied",
+            Reason::RevisionNotFound => "revision_not_found",
+            Reason::InvalidManifest => "invalid_manifest",
+            Reason::FetchFailed => "fetch_failed",
+            Reason::ApplyFailed => "apply_failed",
+            Reason::PruneFailed => "prune_failed",
+            Reason::HealthTimeout => "health_timeout",
+            Reason::Drift => "drift",
+            Reason::HookFailed => "hook_failed",
+            Reason::OutboxOverflow => "outbox_overflow",
+            Reason::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_form_matches_serde() {
+        for r in [
+            Reason::BadSignature,
+            Reason::SourceNotAllowed,
+            Reason::Replay,
+        ] {
+            let json = serde_json::to_string(&r).expect("serialize");
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+        }
+    }
+}

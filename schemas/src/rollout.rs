@@ -1,0 +1,348 @@
+//! The rollout payload: "deployment D should be at Git revision R, path P, for this scope".
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::validate_name;
+
+/// Who a rollout is for. On the wire: `{"fleet": true}`, `{"group": "canary"}` or
+/// `{"store": "store-0042"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Every store.
+    Fleet,
+    /// Every store in the group.
+    Group(String),
+    /// One store.
+    Store(String),
+}
+
+impl Scope {
+    /// The compact text form used in status documents and logs: `fleet`, `group:NAME`, `store:NAME`.
+    pub fn key(&self) -> String {
+        match self {
+            Scope::Fleet => "fleet".to_owned(),
+            Scope::Group(g) => format!("group:{g}"),
+            Scope::Store(s) => format!("store:{s}"),
+        }
+    }
+
+    /// Parses the compact text form (`fleet`, `group:NAME`, `store:NAME`).
+    pub fn from_key(key: &str) -> Option<Scope> {
+        if key == "fleet" {
+            return Some(Scope::Fleet);
+        }
+        let (kind, name) = key.split_once(':')?;
+        validate_name(name).ok()?;
+        match kind {
+            "group" => Some(Scope::Group(name.to_owned())),
+            "store" => Some(Scope::Store(name.to_owned())),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.key())
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopeWire {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fleet: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    store: Option<String>,
+}
+
+impl Serialize for Scope {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let wire = match self {
+            Scope::Fleet => ScopeWire {
+                fleet: Some(true),
+                group: None,
+                store: None,
+            },
+            Scope::Group(g) => ScopeWire {
+                fleet: None,
+                group: Some(g.clone()),
+                store: None,
+            },
+            Scope::Store(st) => ScopeWire {
+                fleet: None,
+                group: None,
+                store: Some(st.clone()),
+            },
+        };
+        wire.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Scope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let w = ScopeWire::deserialize(d)?;
+        match (w.fleet, w.group, w.store) {
+            (Some(true), None, None) => Ok(Scope::Fleet),
+            (None, Some(g), None) => Ok(Scope::Group(g)),
+            (None, None, Some(s)) => Ok(Scope::Store(s)),
+            _ => Err(D::Error::custom(
+                "scope must be exactly one of {\"fleet\": true}, {\"group\": NAME}, {\"store\": NAME}",
+            )),
+        }
+    }
+}
+
+/// Where the desired state lives: a Git repository, a full commit id and a directory in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    /// Repository URL (`file://`, `git://`, `https://`).
+    pub url: String,
+    /// Full 40-hex commit id.
+    pub revision: String,
+    /// Directory inside the repository, relative, without `..` segments. Empty = root.
+    #[serde(default)]
+    pub path: String,
+}
+
+/// What the agent may do to converge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Delete objects that a previous revision applied and this one no longer has.
+    #[serde(default = "default_true")]
+    pub prune: bool,
+    /// Correct drift automatically.
+    #[serde(default = "default_true")]
+    pub self_heal: bool,
+    /// How long to wait for health before reporting `degraded`.
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout_s: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_health_timeout() -> u64 {
+    300
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            prune: true,
+            self_heal: true,
+            health_timeout_s: default_health_timeout(),
+        }
+    }
+}
+
+/// The signed rollout payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Deployment name.
+    pub deployment: String,
+    /// Who the rollout is for; must match the topic that carried it.
+    pub scope: Scope,
+    /// Strictly increasing per (scope, deployment).
+    pub sequence: u64,
+    /// When the rollout was signed (RFC 3339).
+    pub issued_at: String,
+    /// The desired revision. Required unless `remove` is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    /// Fetch now, activate no earlier than this time (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    /// Convergence policy.
+    #[serde(default)]
+    pub policy: Policy,
+    /// A tombstone: this scope no longer wants the deployment.
+    #[serde(default)]
+    pub remove: bool,
+}
+
+/// Why a rollout payload is not valid (beyond JSON shape).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RolloutError {
+    /// JSON did not parse into the type.
+    #[error("payload does not match the rollout schema: {0}")]
+    Shape(String),
+    /// A field has an invalid value.
+    #[error("{field}: {message}")]
+    Field {
+        /// JSON path of the field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Rollout {
+    /// Parses and validates a payload.
+    pub fn from_json(bytes: &[u8]) -> Result<Rollout, RolloutError> {
+        let r: Rollout =
+            serde_json::from_slice(bytes).map_err(|e| RolloutError::Shape(e.to_string()))?;
+        r.validate()?;
+        Ok(r)
+    }
+
+    /// Checks every field's rules (names, revision form, path safety, timestamps).
+    pub fn validate(&self) -> Result<(), RolloutError> {
+        let field = |field: &'static str, message: String| RolloutError::Field { field, message };
+        validate_name(&self.deployment).map_err(|e| field("deployment", e.to_string()))?;
+        match &self.scope {
+            Scope::Fleet => {}
+            Scope::Group(n) | Scope::Store(n) => {
+                validate_name(n).map_err(|e| field("scope", e.to_string()))?
+            }
+        }
+        if self.sequence == 0 {
+            return Err(field("sequence", "must be at least 1".into()));
+        }
+        if crate::parse_rfc3339(&self.issued_at).is_none() {
+            return Err(field("issued_at", "not an RFC 3339 timestamp".into()));
+        }
+        if let Some(nb) = &self.not_before {
+            if crate::parse_rfc3339(nb).is_none() {
+                return Err(field("not_before", "not an RFC 3339 timestamp".into()));
+            }
+        }
+        if self.policy.health_timeout_s == 0 || self.policy.health_timeout_s > 86_400 {
+            return Err(field(
+                "policy.health_timeout_s",
+                "must be between 1 and 86400".into(),
+            ));
+        }
+        match (&self.source, self.remove) {
+            (None, false) => {
+                return Err(field("source", "required unless remove is true".into()));
+            }
+            (Some(src), _) => {
+                if src.url.is_empty() || src.url.len() > 2048 {
+                    return Err(field("source.url", "must be 1..2048 characters".into()));
+                }
+                if !is_full_sha(&src.revision) {
+                    return Err(field(
+                        "source.revision",
+                        "must be a full 40-character lowercase hex commit id".into(),
+                    ));
+                }
+                normalize_path(&src.path).map_err(|m| field("source.path", m))?;
+            }
+            (None, true) => {}
+        }
+        Ok(())
+    }
+}
+
+/// True when `s` is a full, lowercase 40-hex commit id.
+pub fn is_full_sha(s: &str) -> bool {
+    s.len() == 40
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Normalizes a repository-relative path: strips `./` and trailing `/`; rejects absolute paths,
+/// `..` segments and backslashes, which could escape the repository.
+pub fn normalize_path(path: &str) -> Result<String, String> {
+    if path.starts_with('/') {
+        return Err("must be relative to the repository root".into());
+    }
+    if path.contains('\\') || path.contains('\0') {
+        return Err("must not contain backslashes or NUL".into());
+    }
+    let mut parts = Vec::new();
+    for seg in path.split('/') {
+        match seg {
+            "" | "." => continue,
+            ".." => return Err("escapes the repository (contains '..')".into()),
+            s => parts.push(s),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Rollout {
+        Rollout {
+            deployment: "kitchen-display".into(),
+            scope: Scope::Group("canary".into()),
+            sequence: 17,
+            issued_at: "2026-11-26T10:00:00Z".into(),
+            source: Some(Source {
+                url: "git://git.example/fleet.git".into(),
+                revision: "0123456789abcdef0123456789abcdef01234567".into(),
+                path: "apps/kitchen-display".into(),
+            }),
+            not_before: None,
+            policy: Policy::default(),
+            remove: false,
+        }
+    }
+
+    #[test]
+    fn scope_wire_forms() {
+        let cases = [
+            (Scope::Fleet, r#"{"fleet":true}"#),
+            (Scope::Group("canary".into()), r#"{"group":"canary"}"#),
+            (
+                Scope::Store("store-0042".into()),
+                r#"{"store":"store-0042"}"#,
+            ),
+        ];
+        for (scope, json) in cases {
+            assert_eq!(serde_json::to_string(&scope).expect("ser"), json);
+            assert_eq!(serde_json::from_str::<Scope>(json).expect("de"), scope);
+            assert_eq!(Scope::from_key(&scope.key()), Some(scope));
+        }
+        for bad in [
+            r#"{"fleet":false}"#,
+            r#"{}"#,
+            r#"{"group":"a","store":"b"}"#,
+            r#"{"region":"x"}"#,
+        ] {
+            assert!(serde_json::from_str::<Scope>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn validation() {
+        assert!(sample().validate().is_ok());
+        let mut r = sample();
+        r.source.as_mut().expect("source").path = "../etc".into();
+        assert!(matches!(
+            r.validate(),
+            Err(RolloutError::Field {
+                field: "source.path",
+                ..
+            })
+        ));
+        let mut r = sample();
+        r.source.as_mut().expect("source").revision = "main".into();
+        assert!(r.validate().is_err());
+        let mut r = sample();
+        r.source = None;
+        assert!(r.validate().is_err());
+        r.remove = true;
+        assert!(r.validate().is_ok());
+        let mut r = sample();
+        r.sequence = 0;
+        assert!(r.validate().is_err());
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(normalize_path("./apps//x/").as_deref(), Ok("apps/x"));
+        assert_eq!(normalize_path("").as_deref(), Ok(""));
+        assert!(normalize_path("/abs").is_err());
+        assert!(normalize_path("apps/../../x").is_err());
+        assert!(normalize_path("a\\b").is_err());
+    }
+}

@@ -1,0 +1,115 @@
+//! The retained store status document and the presence document.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a deployment is in its lifecycle on one store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Phase {
+    /// Accepted, not started (or waiting for `not_before`).
+    #[default]
+    Pending,
+    /// Fetching the revision.
+    Fetching,
+    /// Applying.
+    Applying,
+    /// Applied, waiting for health.
+    Progressing,
+    /// At the desired revision and healthy.
+    Converged,
+    /// Applied but not healthy within the timeout.
+    Degraded,
+    /// Fetch, render or apply failed.
+    Failed,
+    /// Removed by a tombstone.
+    Removed,
+}
+
+impl Phase {
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Fetching => "Fetching",
+            Phase::Applying => "Applying",
+            Phase::Progressing => "Progressing",
+            Phase::Converged => "Converged",
+            Phase::Degraded => "Degraded",
+            Phase::Failed => "Failed",
+            Phase::Removed => "Removed",
+        }
+    }
+}
+
+/// The rollout that currently wins for a deployment on this store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredRef {
+    /// Desired commit.
+    pub revision: String,
+    /// Sequence of the winning rollout.
+    pub sequence: u64,
+    /// Scope key of the winning rollout (`fleet`, `group:NAME`, `store:NAME`).
+    pub scope: String,
+}
+
+/// One deployment's state on a store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DeploymentStatus {
+    /// The winning desired state, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<DesiredRef>,
+    /// The last revision applied successfully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_revision: Option<String>,
+    /// The last revision an apply was attempted for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempted_revision: Option<String>,
+    /// Lifecycle phase.
+    pub phase: Phase,
+    /// True while live state differs from what was applied.
+    #[serde(default)]
+    pub drift: bool,
+    /// Human-readable detail.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// Reason code of the last problem, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The retained status document, `…/stores/{store}/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusDoc {
+    /// Store name.
+    pub store: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// When this document was produced (RFC 3339).
+    pub updated_at: String,
+    /// The last event `roostseq` assigned when this document was produced.
+    pub roostseq: u64,
+    /// Events waiting in the agent's outbox.
+    pub outbox_backlog: u64,
+    /// Per deployment.
+    pub deployments: BTreeMap<String, DeploymentStatus>,
+}
+
+/// `online` or `offline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceState {
+    /// Connected.
+    Online,
+    /// Disconnected (set by the bridge's last will, or on clean shutdown).
+    Offline,
+}
+
+/// The retained presence document, `…/stores/{store}/presence`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// Online or offline.
+    pub state: PresenceState,
+    /// Since when (RFC 3339).
+    pub since: String,
+}
