@@ -1,1 +1,4 @@
-//! placeholder
+//! roost's integration-test harness: real brokers, real Git repositories served by
+//! `git daemon`, real SQLite files, restartable stores, and a cloud-side observer.
+
+pub mod harness;

@@ -1,0 +1,572 @@
+//! Test harness: real brokers (embedded rumqttd, or `roost broker` child processes where a
+//! test restarts one), real Git repositories served by `git daemon`, real SQLite files, and
+//! builders that keep tests short.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use roost::up::{GitDaemon, StoreSpec};
+use roost_agent::config::TargetConfig;
+use roost_schemas::{
+    CloudEvent, Envelope, Policy, Rollout, Scope, SigningKey, Source, StatusDoc, Topics,
+    PAYLOAD_TYPE,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Installs tracing (once) according to `ROOST_LOG`, and the crypto provider.
+pub fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        roost::install_crypto_provider();
+        let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=error"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// The `roost` binary built by `cargo build -p roost` (next to the test executable's dir).
+pub fn roost_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ROOST_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
+    let bin = dir.join("roost");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p roost --bin roost` before the tests (README)",
+        bin.display()
+    );
+    bin
+}
+
+/// Waits until `f` returns Some, or panics with `what` after `timeout`.
+pub async fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A broker run as a `roost broker` child process, so that it can be killed and restarted.
+pub struct BrokerProcess {
+    child: Option<std::process::Child>,
+    /// Address.
+    pub addr: SocketAddr,
+    profile: &'static str,
+}
+
+impl BrokerProcess {
+    /// Starts a `cloud` or `edge` profile broker on a free port.
+    pub fn start(profile: &'static str) -> BrokerProcess {
+        let port = roost::broker::free_port().expect("port");
+        let mut b = BrokerProcess {
+            child: None,
+            addr: ([127, 0, 0, 1], port).into(),
+            profile,
+        };
+        b.restart();
+        b
+    }
+
+    /// Kills the broker with SIGKILL (everything it held in memory is gone).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let cfg = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../broker-config/{}.toml", self.profile));
+        let child = std::process::Command::new(roost_bin())
+            .args(["broker", "--config"])
+            .arg(cfg)
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn roost broker");
+        self.child = Some(child);
+        roost::broker::wait_listening(self.addr, Duration::from_secs(10))
+            .expect("broker listening");
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Git repository served by `git daemon` on loopback.
+pub struct GitServer {
+    _dir: tempfile::TempDir,
+    repo: git2::Repository,
+    daemon: GitDaemon,
+    files: BTreeMap<String, String>,
+}
+
+impl GitServer {
+    /// A repository `fleet.git` with the given files in its first commit.
+    pub fn start(files: &[(&str, &str)]) -> (GitServer, String) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("fleet.git");
+        let repo = git2::Repository::init(&path).expect("init");
+        let daemon = GitDaemon::start(dir.path()).expect("git daemon");
+        let mut s = GitServer {
+            _dir: dir,
+            repo,
+            daemon,
+            files: BTreeMap::new(),
+        };
+        let rev = s.commit(files, &[], "first");
+        (s, rev)
+    }
+
+    /// The repository URL.
+    pub fn url(&self) -> String {
+        self.daemon.url("fleet.git")
+    }
+
+    /// The allow-list prefix that matches this server.
+    pub fn allowed(&self) -> String {
+        format!("git://127.0.0.1:{}/", self.daemon.port)
+    }
+
+    /// Commits changes: `set` files (path, content) and `delete` paths.
+    pub fn commit(&mut self, set: &[(&str, &str)], delete: &[&str], msg: &str) -> String {
+        for (p, c) in set {
+            self.files.insert((*p).to_owned(), (*c).to_owned());
+        }
+        for p in delete {
+            self.files.remove(*p);
+            let _ = std::fs::remove_file(self.repo.workdir().expect("workdir").join(p));
+        }
+        roost::up::commit_files(&self.repo, &self.files, msg).expect("commit")
+    }
+
+    /// Current files of the last commit.
+    pub fn files(&self) -> &BTreeMap<String, String> {
+        &self.files
+    }
+}
+
+/// A signing key and helpers to sign rollouts.
+pub struct Signer {
+    /// The key.
+    pub key: SigningKey,
+}
+
+impl Signer {
+    /// A fixed test key.
+    pub fn new(seed: u8) -> Signer {
+        Signer {
+            key: SigningKey::from_seed(&[seed; 32]).expect("key"),
+        }
+    }
+
+    /// A rollout payload.
+    pub fn rollout(
+        &self,
+        deployment: &str,
+        scope: Scope,
+        sequence: u64,
+        url: &str,
+        revision: &str,
+        path: &str,
+    ) -> Rollout {
+        Rollout {
+            deployment: deployment.into(),
+            scope,
+            sequence,
+            issued_at: roost_schemas::now_rfc3339(),
+            source: Some(Source {
+                url: url.into(),
+                revision: revision.into(),
+                path: path.into(),
+            }),
+            not_before: None,
+            policy: Policy {
+                prune: true,
+                self_heal: true,
+                health_timeout_s: 30,
+            },
+            remove: false,
+        }
+    }
+
+    /// Signs arbitrary JSON as a rollout envelope.
+    pub fn sign_value(&self, v: &serde_json::Value) -> Vec<u8> {
+        let body = serde_json::to_vec(v).expect("json");
+        serde_json::to_vec(&self.key.sign(PAYLOAD_TYPE, &body)).expect("json")
+    }
+
+    /// Signs a rollout into envelope bytes.
+    pub fn sign(&self, r: &Rollout) -> Vec<u8> {
+        self.sign_value(&serde_json::to_value(r).expect("json"))
+    }
+
+    /// The envelope of bytes (for tampering).
+    pub fn envelope(bytes: &[u8]) -> Envelope {
+        serde_json::from_slice(bytes).expect("envelope")
+    }
+}
+
+/// Publishes retained QoS 1 messages to a broker and waits for the PUBACK.
+pub async fn publish(broker: SocketAddr, topic: &str, payload: Vec<u8>) {
+    roost::cloud::publish_retained(&broker.to_string(), topic, payload)
+        .await
+        .expect("publish");
+}
+
+/// What a cloud-side observer has seen: events and latest status per store.
+#[derive(Default, Clone)]
+pub struct Seen {
+    /// Events in arrival order, with duplicates (by id) dropped.
+    pub events: Vec<CloudEvent>,
+    /// Duplicate deliveries dropped.
+    pub duplicates: usize,
+    /// Latest status per store.
+    pub status: BTreeMap<String, StatusDoc>,
+}
+
+impl Seen {
+    /// Events of one store.
+    pub fn store_events(&self, store: &str) -> Vec<&CloudEvent> {
+        let src = format!("roost://stores/{store}/");
+        self.events
+            .iter()
+            .filter(|e| e.source.starts_with(&src))
+            .collect()
+    }
+
+    /// Events of one store and type.
+    pub fn of(&self, store: &str, ty: &str) -> Vec<&CloudEvent> {
+        self.store_events(store)
+            .into_iter()
+            .filter(|e| e.ty == ty)
+            .collect()
+    }
+}
+
+/// A cloud-side observer subscribed to every store's events and status; reconnects quickly
+/// when the broker restarts.
+pub struct Observer {
+    /// What it saw.
+    pub seen: Arc<Mutex<Seen>>,
+    connected: tokio::sync::watch::Receiver<u64>,
+    task: JoinHandle<()>,
+}
+
+impl Observer {
+    /// Starts observing `broker`.
+    pub async fn start(broker: SocketAddr) -> Observer {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let (tx, rx) = tokio::sync::watch::channel(0u64);
+        let s2 = seen.clone();
+        let task = tokio::spawn(async move {
+            let topics = Topics::default();
+            let mut ids = std::collections::HashSet::new();
+            let mut subacks = 0u64;
+            loop {
+                let mut o = MqttOptions::new(
+                    format!("observer-{}", rand::random::<u32>()),
+                    broker.ip().to_string(),
+                    broker.port(),
+                );
+                o.set_keep_alive(Duration::from_secs(5));
+                o.set_max_packet_size(4 << 20, 4 << 20);
+                let (client, mut ev) = AsyncClient::new(o, 100);
+                let _ = client
+                    .subscribe_many([
+                        rumqttc::SubscribeFilter::new(
+                            topics.all_stores(roost_schemas::topics::StoreTopicKind::Events),
+                            QoS::AtLeastOnce,
+                        ),
+                        rumqttc::SubscribeFilter::new(
+                            topics.all_stores(roost_schemas::topics::StoreTopicKind::Status),
+                            QoS::AtLeastOnce,
+                        ),
+                    ])
+                    .await;
+                loop {
+                    match ev.poll().await {
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            subacks += 1;
+                            tx.send_replace(subacks);
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let mut s = s2.lock().expect("lock");
+                            if p.topic.ends_with("/events") {
+                                if let Ok(e) = serde_json::from_slice::<CloudEvent>(&p.payload) {
+                                    if ids.insert(e.id.clone()) {
+                                        s.events.push(e);
+                                    } else {
+                                        s.duplicates += 1;
+                                    }
+                                }
+                            } else if let Ok(d) = serde_json::from_slice::<StatusDoc>(&p.payload) {
+                                s.status.insert(d.store.clone(), d);
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let mut o = Observer {
+            seen,
+            connected: rx,
+            task,
+        };
+        o.wait_subscribed(1).await;
+        o
+    }
+
+    /// Waits until the observer has had `n` SUBACKs in total (one per (re)connection).
+    pub async fn wait_subscribed(&mut self, n: u64) {
+        let rx = &mut self.connected;
+        tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|v| *v >= n))
+            .await
+            .expect("observer subscribed in time")
+            .expect("observer alive");
+    }
+
+    /// Subscriptions made so far.
+    pub fn subscriptions(&self) -> u64 {
+        *self.connected.borrow()
+    }
+
+    /// A copy of what was seen.
+    pub fn snapshot(&self) -> Seen {
+        self.seen.lock().expect("lock").clone()
+    }
+
+    /// Waits for an event of `ty` from `store` matching `pred`; returns it.
+    pub async fn wait_event(
+        &self,
+        store: &str,
+        ty: &str,
+        timeout: Duration,
+        pred: impl Fn(&CloudEvent) -> bool,
+    ) -> CloudEvent {
+        let seen = self.seen.clone();
+        eventually(timeout, &format!("{ty} from {store}"), || {
+            let s = seen.lock().expect("lock");
+            s.of(store, ty).into_iter().find(|e| pred(e)).cloned()
+        })
+        .await
+    }
+
+    /// Waits until the store's status says `deployment` is in `phase` at `revision`.
+    pub async fn wait_phase(
+        &self,
+        store: &str,
+        deployment: &str,
+        phase: &str,
+        revision: Option<&str>,
+        timeout: Duration,
+    ) -> StatusDoc {
+        let seen = self.seen.clone();
+        eventually(timeout, &format!("{store}/{deployment} {phase}"), || {
+            let s = seen.lock().expect("lock");
+            let doc = s.status.get(store)?;
+            let d = doc.deployments.get(deployment)?;
+            (d.phase.as_str() == phase
+                && (revision.is_none() || d.applied_revision.as_deref() == revision))
+                .then(|| doc.clone())
+        })
+        .await
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One store running in-process: edge broker, bridge and agent, each restartable.
+pub struct StoreRig {
+    /// Store name.
+    pub name: String,
+    /// Edge broker address.
+    pub edge: SocketAddr,
+    /// Agent configuration.
+    pub agent_cfg: roost_agent::AgentConfig,
+    /// Bridge configuration.
+    pub bridge_cfg: roost_bridge::BridgeConfig,
+    agent: Option<(CancellationToken, JoinHandle<()>)>,
+    bridge: Option<(CancellationToken, JoinHandle<()>)>,
+    /// State directory.
+    pub dir: PathBuf,
+}
+
+impl StoreRig {
+    /// Builds a store with an embedded edge broker (not started yet).
+    pub fn new(
+        name: &str,
+        groups: &[&str],
+        dir: &Path,
+        cloud: SocketAddr,
+        signer: &Signer,
+        allowed: &str,
+    ) -> StoreRig {
+        let edge = roost::broker::spawn_free("edge").expect("edge broker");
+        Self::with_edge(name, groups, dir, cloud, edge, signer, allowed)
+    }
+
+    /// Builds a store on a given edge broker.
+    pub fn with_edge(
+        name: &str,
+        groups: &[&str],
+        dir: &Path,
+        cloud: SocketAddr,
+        edge: SocketAddr,
+        signer: &Signer,
+        allowed: &str,
+    ) -> StoreRig {
+        let spec = StoreSpec {
+            store: name.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            dir: dir.join(name),
+            edge,
+            cloud,
+            allowed: allowed.into(),
+            target: TargetConfig::Files(Default::default()),
+        };
+        let (mut agent_cfg, bridge_cfg) =
+            roost::up::store_configs(&spec, &signer.key).expect("configs");
+        agent_cfg.retry = (Duration::from_millis(200), Duration::from_secs(2));
+        agent_cfg.drift_interval = Duration::from_secs(2);
+        StoreRig {
+            name: name.into(),
+            edge,
+            agent_cfg,
+            bridge_cfg,
+            agent: None,
+            bridge: None,
+            dir: spec.dir,
+        }
+    }
+
+    /// Starts (or restarts) the agent.
+    pub fn start_agent(&mut self) {
+        self.stop_agent_now();
+        let c = CancellationToken::new();
+        let cfg = self.agent_cfg.clone();
+        let c2 = c.clone();
+        let h = tokio::spawn(async move {
+            if let Err(e) = roost_agent::run(cfg, c2).await {
+                panic!("agent failed: {e}");
+            }
+        });
+        self.agent = Some((c, h));
+    }
+
+    fn stop_agent_now(&mut self) {
+        if let Some((c, h)) = self.agent.take() {
+            c.cancel();
+            h.abort();
+        }
+    }
+
+    /// Stops the agent gracefully and waits for it.
+    pub async fn stop_agent(&mut self) {
+        if let Some((c, h)) = self.agent.take() {
+            c.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
+        }
+    }
+
+    /// Starts (or restarts) the bridge.
+    pub fn start_bridge(&mut self) {
+        if let Some((c, h)) = self.bridge.take() {
+            c.cancel();
+            h.abort();
+        }
+        let c = CancellationToken::new();
+        let cfg = self.bridge_cfg.clone();
+        let c2 = c.clone();
+        let h = tokio::spawn(async move {
+            if let Err(e) = roost_bridge::run(cfg, c2).await {
+                panic!("bridge failed: {e}");
+            }
+        });
+        self.bridge = Some((c, h));
+    }
+
+    /// Starts agent and bridge.
+    pub fn start(&mut self) {
+        self.start_bridge();
+        self.start_agent();
+    }
+
+    /// The live directory of a deployment (files target).
+    pub fn current(&self, deployment: &str) -> PathBuf {
+        self.agent_cfg.files_root().join(deployment).join("current")
+    }
+
+    /// Files under the live directory (relative path → content), empty if absent.
+    pub fn live_files(&self, deployment: &str) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let base = self.current(deployment);
+        fn rec(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    rec(base, &p, out);
+                } else if let (Ok(rel), Ok(c)) = (p.strip_prefix(base), std::fs::read_to_string(&p))
+                {
+                    out.insert(rel.to_string_lossy().into_owned(), c);
+                }
+            }
+        }
+        rec(&base, &base, &mut out);
+        out
+    }
+}
+
+impl Drop for StoreRig {
+    fn drop(&mut self) {
+        self.stop_agent_now();
+        if let Some((c, h)) = self.bridge.take() {
+            c.cancel();
+            h.abort();
+        }
+    }
+}
+
+/// The files of `all` under `prefix/`, with the prefix stripped (what the files target writes).
+pub fn under(all: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, String> {
+    all.iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix(&format!("{prefix}/"))
+                .map(|r| (r.to_owned(), v.clone()))
+        })
+        .collect()
+}
