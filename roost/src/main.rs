@@ -78,15 +78,31 @@ enum Cmd {
     Rollout(RolloutArgs),
     /// The fleet as a table (source vs target).
     Status {
-        /// Cloud broker HOST:PORT.
-        #[arg(long, env = "ROOST_BROKER")]
-        broker: String,
+        /// Cloud broker HOST:PORT (reads the retained documents).
+        #[arg(long, env = "ROOST_BROKER", required_unless_present = "db")]
+        broker: Option<String>,
+        /// Read from a `roost fleet` database instead, and also report event gaps.
+        #[arg(long)]
+        db: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
         /// Seconds to collect retained messages.
         #[arg(long, default_value_t = 2)]
         wait: u64,
+    },
+    /// The cloud-side fleet record: status, events (deduplicated, gaps detected) and desired
+    /// state, kept in SQLite; restores retained desired state after a cloud broker restart.
+    Fleet {
+        /// Cloud broker HOST:PORT.
+        #[arg(long, env = "ROOST_BROKER")]
+        broker: String,
+        /// SQLite file.
+        #[arg(long, default_value = "fleet.db")]
+        db: PathBuf,
+        /// MQTT client id (a persistent session).
+        #[arg(long, default_value = "roost-fleet")]
+        client_id: String,
     },
     /// Follow the event stream.
     Events {
@@ -257,19 +273,63 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = cloud::rollout(&a.broker, &Topics::default(), &key, &spec).await?;
             println!("{}", serde_json::to_string(&r)?);
         }
-        Cmd::Status { broker, json, wait } => {
+        Cmd::Status {
+            broker,
+            db,
+            json,
+            wait,
+        } => {
             let topics = Topics::default();
-            let filters = vec![
-                topics.all_stores(roost_schemas::topics::StoreTopicKind::Status),
-                topics.all_stores(roost_schemas::topics::StoreTopicKind::Presence),
-            ];
-            let msgs = cloud::read_retained(&broker, &filters, Duration::from_secs(wait)).await?;
+            let (msgs, gaps) = match (db, broker) {
+                (Some(db), _) => {
+                    let db = roost::fleet::FleetDb::open(&db)?;
+                    (db.status_messages(&topics)?, Some(db.gaps()?))
+                }
+                (None, Some(broker)) => {
+                    let filters = vec![
+                        topics.all_stores(roost_schemas::topics::StoreTopicKind::Status),
+                        topics.all_stores(roost_schemas::topics::StoreTopicKind::Presence),
+                    ];
+                    (
+                        cloud::read_retained(&broker, &filters, Duration::from_secs(wait)).await?,
+                        None,
+                    )
+                }
+                (None, None) => anyhow::bail!("give --broker or --db"),
+            };
             let rows = cloud::fleet_rows(&topics, &msgs);
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"stores": rows, "gaps": gaps})
+                    )?
+                );
             } else {
                 print!("{}", cloud::render_table(&rows));
+                for g in gaps.unwrap_or_default() {
+                    println!("GAP  {}  roostseq {}..{} missing", g.store, g.from, g.to);
+                }
             }
+        }
+        Cmd::Fleet {
+            broker,
+            db,
+            client_id,
+        } => {
+            let (host, port) = cloud::parse_broker(&broker)?;
+            let fdb = roost::fleet::FleetDb::open(&db)?;
+            roost::fleet::run(
+                roost::fleet::FleetOptions {
+                    host,
+                    port,
+                    db,
+                    client_id,
+                },
+                fdb,
+                cancel,
+            )
+            .await?;
         }
         Cmd::Events {
             broker,

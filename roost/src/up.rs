@@ -319,6 +319,21 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     let allowed = format!("git://127.0.0.1:{}/", daemon.port);
     let mut tasks = tokio::task::JoinSet::new();
     let child = cancel.child_token();
+    // The cloud-side fleet record (events deduplicated, gaps detected, desired state kept).
+    let fleet_db_path = state_dir.join("fleet.db");
+    let fleet_db = crate::fleet::FleetDb::open(&fleet_db_path).map_err(setup("fleet db"))?;
+    let fleet_opts = crate::fleet::FleetOptions {
+        host: cloud_addr.ip().to_string(),
+        port: cloud_addr.port(),
+        db: fleet_db_path.clone(),
+        client_id: "roost-fleet".into(),
+    };
+    let c = child.clone();
+    tasks.spawn(async move {
+        crate::fleet::run(fleet_opts, fleet_db, c)
+            .await
+            .map_err(|e| format!("fleet: {e}"))
+    });
     for i in 1..=opts.stores {
         let name = store_name(i);
         let edge = crate::broker::spawn_free("edge").map_err(setup("edge broker"))?;
@@ -390,6 +405,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         Ok(()) => {
             println!("roost up: fleet converged; staying up (Ctrl-C to stop). Try:");
             println!("  roost status --broker {cloud}");
+            println!("  roost status --db {}", fleet_db_path.display());
             println!("  roost events --broker {cloud}");
             println!("  roost rollout --broker {cloud} --key {}/{key_id}.key --deployment kitchen-display --fleet --repo {url} --revision master --path apps/kitchen-display", key_dir.display());
             cancel.cancelled().await;

@@ -2,3 +2,4 @@
 //! `git daemon`, real SQLite files, restartable stores, and a cloud-side observer.
 
 pub mod harness;
+pub mod kube_api;

@@ -1,0 +1,494 @@
+//! `roost fleet`: the cloud-side record of the fleet. Subscribes to every store's status,
+//! events and presence and to all deployment topics; stores them in SQLite (events
+//! deduplicated by `id`, gaps in each store's `roostseq` detected); and keeps the latest
+//! desired-state envelope per topic, republishing them retained whenever the cloud broker
+//! comes back without a session (rumqttd keeps nothing across a restart).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use roost_runtime::{DirectMessage, Incoming, Link, LinkConfig};
+use roost_schemas::topics::StoreTopicKind;
+use roost_schemas::{CloudEvent, Envelope, Topics};
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument as _};
+
+/// Errors of the fleet service.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// SQLite failed.
+    #[error("fleet database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The MQTT link could not start.
+    #[error(transparent)]
+    Link(#[from] roost_runtime::LinkError),
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// A missing range of a store's `roostseq`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Gap {
+    /// Store.
+    pub store: String,
+    /// First missing.
+    pub from: u64,
+    /// Last missing.
+    pub to: u64,
+}
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Event id.
+    pub id: String,
+    /// roostseq.
+    pub roostseq: u64,
+    /// Type.
+    pub ty: String,
+    /// Arrival order (first arrival).
+    pub arrival: i64,
+    /// Raw JSON.
+    pub json: String,
+}
+
+/// The fleet database.
+#[derive(Clone)]
+pub struct FleetDb {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for FleetDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FleetDb")
+    }
+}
+
+/// Counters of what the service has recorded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FleetCounts {
+    /// Distinct events stored.
+    pub events: u64,
+    /// Duplicate deliveries dropped.
+    pub duplicates: u64,
+}
+
+impl FleetDb {
+    /// Opens or creates the database.
+    pub fn open(path: &Path) -> Result<FleetDb, FleetError> {
+        if let Some(d) = path.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS events (
+                arrival INTEGER PRIMARY KEY AUTOINCREMENT,
+                id TEXT NOT NULL UNIQUE,
+                store TEXT NOT NULL,
+                roostseq INTEGER NOT NULL,
+                type TEXT NOT NULL,
+                subject TEXT,
+                time TEXT NOT NULL,
+                json TEXT NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS events_store_seq ON events(store, roostseq);
+            CREATE TABLE IF NOT EXISTS status (store TEXT PRIMARY KEY, json TEXT NOT NULL, received_at TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS presence (store TEXT PRIMARY KEY, json TEXT NOT NULL, received_at TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS desired (topic TEXT PRIMARY KEY, sequence INTEGER NOT NULL, payload BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+        )?;
+        Ok(FleetDb {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a batch of events in one transaction; returns how many were new.
+    pub fn record_events(
+        &self,
+        events: &[(String, CloudEvent, String)],
+    ) -> Result<usize, FleetError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let mut new = 0usize;
+        for (store, e, json) in events {
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO events(id, store, roostseq, type, subject, time, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![e.id, store, e.roostseq as i64, e.ty, e.subject, e.time, json],
+            )?;
+            new += n;
+        }
+        let dups = (events.len() - new) as i64;
+        if dups > 0 {
+            tx.execute(
+                "INSERT INTO counters(key, value) VALUES ('duplicates', ?1) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                [dups],
+            )?;
+        }
+        tx.commit()?;
+        Ok(new)
+    }
+
+    /// Records a status or presence document.
+    pub fn record_doc(&self, table: &str, store: &str, json: &str) -> Result<(), FleetError> {
+        let sql = match table {
+            "status" => "INSERT INTO status(store, json, received_at) VALUES (?1, ?2, ?3) ON CONFLICT(store) DO UPDATE SET json = excluded.json, received_at = excluded.received_at",
+            _ => "INSERT INTO presence(store, json, received_at) VALUES (?1, ?2, ?3) ON CONFLICT(store) DO UPDATE SET json = excluded.json, received_at = excluded.received_at",
+        };
+        self.lock()
+            .execute(sql, params![store, json, roost_schemas::now_rfc3339()])?;
+        Ok(())
+    }
+
+    /// Keeps the envelope if its sequence is not older than the stored one. Returns whether
+    /// it was stored.
+    pub fn record_desired(&self, topic: &str, payload: &[u8]) -> Result<bool, FleetError> {
+        let seq = envelope_sequence(payload);
+        let c = self.lock();
+        let cur: Option<i64> = c
+            .query_row(
+                "SELECT sequence FROM desired WHERE topic = ?1",
+                [topic],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if payload.is_empty() {
+            c.execute("DELETE FROM desired WHERE topic = ?1", [topic])?;
+            return Ok(true);
+        }
+        let Some(seq) = seq else { return Ok(false) };
+        if cur.is_some_and(|c| c > seq as i64) {
+            return Ok(false);
+        }
+        c.execute(
+            "INSERT INTO desired(topic, sequence, payload) VALUES (?1, ?2, ?3) ON CONFLICT(topic) DO UPDATE SET sequence = excluded.sequence, payload = excluded.payload",
+            params![topic, seq as i64, payload],
+        )?;
+        Ok(true)
+    }
+
+    /// Every stored desired envelope.
+    pub fn desired(&self) -> Result<Vec<(String, Vec<u8>)>, FleetError> {
+        let c = self.lock();
+        let mut stmt = c.prepare("SELECT topic, payload FROM desired ORDER BY topic")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A store's events in first-arrival order.
+    pub fn events(&self, store: &str) -> Result<Vec<StoredEvent>, FleetError> {
+        let c = self.lock();
+        let mut stmt = c.prepare("SELECT id, roostseq, type, arrival, json FROM events WHERE store = ?1 ORDER BY arrival")?;
+        let rows = stmt.query_map([store], |r| {
+            Ok(StoredEvent {
+                id: r.get(0)?,
+                roostseq: r.get::<_, i64>(1)? as u64,
+                ty: r.get(2)?,
+                arrival: r.get(3)?,
+                json: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Stores with events or status.
+    pub fn stores(&self) -> Result<Vec<String>, FleetError> {
+        let c = self.lock();
+        let mut stmt = c.prepare("SELECT store FROM events UNION SELECT store FROM status UNION SELECT store FROM presence ORDER BY 1")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Missing `roostseq` ranges per store (between 1 and the highest seen).
+    pub fn gaps(&self) -> Result<Vec<Gap>, FleetError> {
+        let c = self.lock();
+        let mut stmt = c.prepare(
+            "SELECT store, roostseq FROM events GROUP BY store, roostseq ORDER BY store, roostseq",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        let mut gaps = Vec::new();
+        let mut prev: Option<(String, u64)> = None;
+        for row in rows {
+            let (store, seq) = row?;
+            let expected = match &prev {
+                Some((s, p)) if *s == store => p + 1,
+                _ => 1,
+            };
+            if seq > expected {
+                gaps.push(Gap {
+                    store: store.clone(),
+                    from: expected,
+                    to: seq - 1,
+                });
+            }
+            prev = Some((store, seq));
+        }
+        Ok(gaps)
+    }
+
+    /// Counts.
+    pub fn counts(&self) -> Result<FleetCounts, FleetError> {
+        let c = self.lock();
+        let events: i64 = c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?;
+        let duplicates: i64 = c
+            .query_row(
+                "SELECT value FROM counters WHERE key = 'duplicates'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        Ok(FleetCounts {
+            events: events as u64,
+            duplicates: duplicates as u64,
+        })
+    }
+
+    /// Retained-style messages (status + presence) for the fleet table.
+    pub fn status_messages(&self, topics: &Topics) -> Result<Vec<(String, Vec<u8>)>, FleetError> {
+        let c = self.lock();
+        let mut out = Vec::new();
+        for (table, kind) in [
+            ("status", StoreTopicKind::Status),
+            ("presence", StoreTopicKind::Presence),
+        ] {
+            let mut stmt = c.prepare(&format!("SELECT store, json FROM {table}"))?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            for row in rows {
+                let (store, json) = row?;
+                let topic = match kind {
+                    StoreTopicKind::Status => topics.status(&store),
+                    _ => topics.presence(&store),
+                };
+                out.push((topic, json.into_bytes()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The rollout sequence inside an envelope, without verifying it.
+pub fn envelope_sequence(payload: &[u8]) -> Option<u64> {
+    let env: Envelope = serde_json::from_slice(payload).ok()?;
+    let body = B64.decode(env.payload).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()?
+        .get("sequence")?
+        .as_u64()
+}
+
+/// Options of the fleet service.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// Cloud broker host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Database file.
+    pub db: PathBuf,
+    /// MQTT client id (persistent session).
+    pub client_id: String,
+}
+
+/// Runs the fleet service until cancelled.
+pub async fn run(
+    opts: FleetOptions,
+    db: FleetDb,
+    cancel: CancellationToken,
+) -> Result<(), FleetError> {
+    let topics = Topics::default();
+    let mut lc = LinkConfig::new("cloud", &opts.host, opts.port, &opts.client_id);
+    lc.clean_session = false;
+    lc.manual_acks = true;
+    lc.keep_alive = Duration::from_secs(5);
+    lc.backoff = (Duration::from_millis(100), Duration::from_secs(5));
+    lc.max_packet_size = 4 << 20;
+    lc.subscriptions = topics.all_deployment_filters();
+    for k in [
+        StoreTopicKind::Status,
+        StoreTopicKind::Events,
+        StoreTopicKind::Presence,
+    ] {
+        lc.subscriptions.push(topics.all_stores(k));
+    }
+    let db2 = db.clone();
+    // A broker that lost our session (restarted) has lost its retained messages too.
+    lc.on_connect = Some(Arc::new(move |session_present| {
+        if session_present {
+            return Vec::new();
+        }
+        let desired = db2.desired().unwrap_or_default();
+        if !desired.is_empty() {
+            info!(
+                count = desired.len(),
+                "republishing desired state to the cloud broker"
+            );
+        }
+        desired
+            .into_iter()
+            .map(|(topic, payload)| DirectMessage {
+                topic,
+                payload,
+                retain: true,
+            })
+            .collect()
+    }));
+    let mut link = Link::start(lc, None, cancel.child_token())?;
+    let handle = link.handle.clone();
+    let span = tracing::info_span!("fleet");
+    async move {
+        loop {
+            let first: Incoming = tokio::select! {
+                _ = cancel.cancelled() => break,
+                m = link.incoming.recv() => match m { Some(m) => m, None => break },
+            };
+            let mut batch = vec![first];
+            while batch.len() < 1000 {
+                match link.incoming.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            let mut events = Vec::new();
+            for m in &batch {
+                if topics.parse_deployment(&m.topic).is_some() {
+                    if let Err(error) = db.record_desired(&m.topic, &m.payload) {
+                        warn!(%error, "cannot record desired state");
+                    }
+                    continue;
+                }
+                match topics.parse_store_topic(&m.topic) {
+                    Some((store, StoreTopicKind::Events)) => {
+                        match serde_json::from_slice::<CloudEvent>(&m.payload) {
+                            Ok(e) => events.push((
+                                store,
+                                e,
+                                String::from_utf8_lossy(&m.payload).into_owned(),
+                            )),
+                            Err(error) => warn!(%error, %store, "event is not a CloudEvent"),
+                        }
+                    }
+                    Some((store, StoreTopicKind::Status)) => {
+                        if let Err(error) =
+                            db.record_doc("status", &store, &String::from_utf8_lossy(&m.payload))
+                        {
+                            warn!(%error, "cannot record status");
+                        }
+                    }
+                    Some((store, StoreTopicKind::Presence)) => {
+                        if let Err(error) =
+                            db.record_doc("presence", &store, &String::from_utf8_lossy(&m.payload))
+                        {
+                            warn!(%error, "cannot record presence");
+                        }
+                    }
+                    None => {}
+                }
+            }
+            if !events.is_empty() {
+                match db.record_events(&events) {
+                    Ok(_) => {}
+                    Err(error) => {
+                        // Not acknowledged: the broker redelivers to our persistent session.
+                        warn!(%error, "cannot record events");
+                        continue;
+                    }
+                }
+            }
+            for m in &batch {
+                handle.ack(m);
+            }
+        }
+        let _ = link.task.await;
+    }
+    .instrument(span)
+    .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: &str, seq: u64) -> (String, CloudEvent, String) {
+        let mut e = CloudEvent::new(
+            "roost://stores/s1/agent",
+            roost_schemas::EventType::ApplyStarted,
+            None,
+            serde_json::json!({}),
+        );
+        e.id = id.into();
+        e.roostseq = seq;
+        ("s1".into(), e, "{}".into())
+    }
+
+    #[test]
+    fn dedupes_and_finds_gaps() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = FleetDb::open(&dir.path().join("f.db")).expect("open");
+        assert_eq!(
+            db.record_events(&[ev("a", 1), ev("b", 2), ev("a", 1)])
+                .expect("rec"),
+            2
+        );
+        db.record_events(&[ev("e", 5), ev("f", 6), ev("b", 2)])
+            .expect("rec");
+        assert_eq!(
+            db.counts().expect("counts"),
+            FleetCounts {
+                events: 4,
+                duplicates: 2
+            }
+        );
+        assert_eq!(
+            db.gaps().expect("gaps"),
+            vec![Gap {
+                store: "s1".into(),
+                from: 3,
+                to: 4
+            }]
+        );
+        let seqs: Vec<u64> = db
+            .events("s1")
+            .expect("events")
+            .iter()
+            .map(|e| e.roostseq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 5, 6]);
+    }
+
+    #[test]
+    fn keeps_newest_desired_envelope() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = FleetDb::open(&dir.path().join("f.db")).expect("open");
+        let key = roost_schemas::SigningKey::from_seed(&[1; 32]).expect("key");
+        let env = |seq: u64| {
+            serde_json::to_vec(&key.sign(
+                roost_schemas::PAYLOAD_TYPE,
+                format!("{{\"sequence\":{seq}}}").as_bytes(),
+            ))
+            .expect("json")
+        };
+        assert!(db.record_desired("t", &env(2)).expect("rec"));
+        assert!(
+            !db.record_desired("t", &env(1)).expect("rec"),
+            "older is ignored"
+        );
+        assert!(db.record_desired("t", &env(3)).expect("rec"));
+        assert_eq!(envelope_sequence(&db.desired().expect("d")[0].1), Some(3));
+    }
+}
