@@ -143,6 +143,9 @@ pub struct KubernetesConfig {
     /// Prefix for namespaces (so several stores can share one cluster in demos).
     #[serde(default)]
     pub namespace_prefix: Option<String>,
+    /// A kubeconfig file; default: in-cluster credentials, else `KUBECONFIG` / `~/.kube/config`.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Which target to apply to.

@@ -64,9 +64,11 @@ pub async fn build_target(cfg: &AgentConfig) -> Result<target::Target, AgentErro
         config::TargetConfig::Files(f) => Ok(target::Target::Files(
             target::files::FilesTarget::new(cfg.files_root(), f.hook.clone()),
         )),
-        config::TargetConfig::Kubernetes(_) => Err(AgentError::Target(
-            "the kubernetes target is not available in this build".into(),
-        )),
+        config::TargetConfig::Kubernetes(k) => Ok(target::Target::Kube(Box::new(
+            target::kube::KubeTarget::from_env(k.clone())
+                .await
+                .map_err(|e| AgentError::Target(e.to_string()))?,
+        ))),
     }
 }
 

@@ -63,6 +63,10 @@ pub struct SampleRepo {
 
 const MANIFESTS: &[(&str, &str)] = &[
     (
+        "apps/kitchen-display/namespace.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: kitchen\n",
+    ),
+    (
         "apps/kitchen-display/configmap.yaml",
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kitchen-display\ndata:\n  menu: \"breakfast\"\n  refresh_seconds: \"30\"\n",
     ),
@@ -276,11 +280,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     }
     let target = match opts.target.as_str() {
         "files" => TargetConfig::Files(Default::default()),
-        "kubernetes" => {
-            return Err(UpError::Setup(
-                "--target kubernetes is not available in this build yet; use --target files".into(),
-            ))
-        }
+        "kubernetes" => TargetConfig::Kubernetes(Default::default()),
         other => {
             return Err(UpError::Setup(format!(
                 "unknown --target {other:?} (files|kubernetes)"
@@ -344,7 +344,17 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
             edge,
             cloud: cloud_addr,
             allowed: allowed.clone(),
-            target: target.clone(),
+            target: match &target {
+                // Each store applies into its own namespace prefix, so stores can share a cluster.
+                TargetConfig::Kubernetes(k) => {
+                    TargetConfig::Kubernetes(roost_agent::config::KubernetesConfig {
+                        default_namespace: Some("kitchen".into()),
+                        namespace_prefix: Some(format!("{name}-")),
+                        ..k.clone()
+                    })
+                }
+                other => other.clone(),
+            },
         };
         let (acfg, bcfg) = store_configs(&spec, &key)?;
         let c = child.clone();

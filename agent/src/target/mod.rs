@@ -3,6 +3,7 @@
 //! it drives. `files` writes a directory per deployment; `kubernetes` applies to a cluster.
 
 pub mod files;
+pub mod kube;
 
 use roost_schemas::{Policy, Reason};
 use tokio::sync::mpsc;
@@ -75,12 +76,15 @@ pub struct DriftReport {
 pub enum Target {
     /// Files in a directory.
     Files(files::FilesTarget),
+    /// A Kubernetes cluster.
+    Kube(Box<kube::KubeTarget>),
 }
 
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Target::Files(_) => f.write_str("Target::Files"),
+            Target::Kube(_) => f.write_str("Target::Kube"),
         }
     }
 }
@@ -90,6 +94,7 @@ impl Target {
     pub async fn validate(&self, deployment: &str, rendered: &Rendered) -> Result<(), TargetError> {
         match self {
             Target::Files(t) => t.validate(deployment, rendered),
+            Target::Kube(t) => t.validate(deployment, rendered).await,
         }
     }
 
@@ -102,6 +107,7 @@ impl Target {
     ) -> Result<ApplyReport, TargetError> {
         match self {
             Target::Files(t) => t.apply(deployment, rendered, policy).await,
+            Target::Kube(t) => t.apply(deployment, rendered).await,
         }
     }
 
@@ -114,6 +120,7 @@ impl Target {
     ) -> Result<Vec<String>, TargetError> {
         match self {
             Target::Files(t) => t.prune(deployment, rendered, previous).await,
+            Target::Kube(t) => t.prune(deployment, rendered, previous).await,
         }
     }
 
@@ -125,6 +132,7 @@ impl Target {
     ) -> Result<Health, TargetError> {
         match self {
             Target::Files(t) => t.health(deployment, rendered).await,
+            Target::Kube(t) => t.health(deployment, rendered).await,
         }
     }
 
@@ -136,6 +144,7 @@ impl Target {
     ) -> Result<Option<DriftReport>, TargetError> {
         match self {
             Target::Files(t) => t.drift(deployment, rendered).await,
+            Target::Kube(t) => t.drift(deployment, rendered).await,
         }
     }
 
@@ -147,6 +156,7 @@ impl Target {
     ) -> Result<Vec<String>, TargetError> {
         match self {
             Target::Files(t) => t.remove(deployment, previous).await,
+            Target::Kube(t) => t.remove(deployment, previous).await,
         }
     }
 
@@ -155,6 +165,7 @@ impl Target {
     pub fn watch(&self, deployment: &str) -> Option<mpsc::Receiver<()>> {
         match self {
             Target::Files(t) => t.watch(deployment),
+            Target::Kube(t) => t.watch(deployment),
         }
     }
 }
