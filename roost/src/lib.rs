@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod cloud;
 pub mod fleet;
+pub mod sim;
 pub mod up;
 
 /// Installs the process-wide rustls crypto provider (ring) once. rumqttc and kube both use

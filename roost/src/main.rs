@@ -47,6 +47,18 @@ enum Cmd {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// The fleet benchmark: N stores in this process, K rollouts, latency percentiles.
+    Sim {
+        /// Number of stores.
+        #[arg(long, default_value_t = 10)]
+        stores: usize,
+        /// Successive rollouts.
+        #[arg(long, default_value_t = 10)]
+        rollouts: usize,
+        /// Per-rollout timeout in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// An embedded MQTT broker (rumqttd) from a configuration file.
     Broker {
         /// rumqttd TOML configuration (see broker-config/).
@@ -167,12 +179,18 @@ struct RolloutArgs {
     remove: bool,
 }
 
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(
-            "warn,roost=info,roost_agent=info,roost_bridge=info,rumqttd=error",
-        )
-    });
+fn init_tracing(format: &str, cmd: &Cmd) {
+    // Long-running services log their work; interactive commands only problems. The embedded
+    // broker's own logs are wanted only when it is the command.
+    let default = match cmd {
+        Cmd::Agent { .. } | Cmd::Bridge { .. } | Cmd::Fleet { .. } => {
+            "warn,roost=info,roost_agent=info,roost_bridge=info,roost_runtime=info,rumqttd=error"
+        }
+        Cmd::Broker { .. } => "warn,rumqttd=warn",
+        _ => "warn,rumqttd=off",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -219,6 +237,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 timeout: Duration::from_secs(timeout),
             };
             roost::up::run(opts, cancel).await?;
+        }
+        Cmd::Sim {
+            stores,
+            rollouts,
+            timeout,
+        } => {
+            let opts = roost::sim::SimOptions {
+                stores,
+                rollouts,
+                timeout: Duration::from_secs(timeout),
+            };
+            let report = roost::sim::run(opts.clone()).await?;
+            roost::sim::print(&opts, &report);
         }
         Cmd::Broker { config, listen } => {
             let cfg = roost::broker::load_config(&config, listen)?;
@@ -366,7 +397,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_format);
+    init_tracing(&cli.log_format, &cli.cmd);
     roost::install_crypto_provider();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -453,13 +453,15 @@ async fn watch_convergence(
     since: Instant,
 ) -> Result<(), UpError> {
     let (client, mut ev) = cloud::connect(broker, "roost-up").map_err(setup("watch"))?;
-    client
-        .subscribe(
-            topics.all_stores(roost_schemas::topics::StoreTopicKind::Status),
-            QoS::AtLeastOnce,
-        )
-        .await
-        .map_err(setup("subscribe"))?;
+    for kind in [
+        roost_schemas::topics::StoreTopicKind::Status,
+        roost_schemas::topics::StoreTopicKind::Events,
+    ] {
+        client
+            .subscribe(topics.all_stores(kind), QoS::AtLeastOnce)
+            .await
+            .map_err(setup("subscribe"))?;
+    }
     let mut phases: BTreeMap<String, (Phase, Option<String>)> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -493,6 +495,29 @@ async fn watch_convergence(
                 continue;
             }
         };
+        if p.topic.ends_with("/events") {
+            // Progress as it happens: every event of the demo deployment, one line each.
+            if let Ok(e) = serde_json::from_slice::<roost_schemas::CloudEvent>(&p.payload) {
+                let store = e
+                    .source
+                    .trim_start_matches("roost://stores/")
+                    .split('/')
+                    .next()
+                    .unwrap_or("?")
+                    .to_owned();
+                let what = e.ty.trim_start_matches("dev.roost.");
+                let detail = e
+                    .data
+                    .get("message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or_default();
+                println!(
+                    "  {:>8} ms  {store}  {what:<18} {detail}",
+                    since.elapsed().as_millis()
+                );
+            }
+            continue;
+        }
         let Ok(doc) = serde_json::from_slice::<StatusDoc>(&p.payload) else {
             continue;
         };
@@ -502,15 +527,10 @@ async fn watch_convergence(
         let now = (st.phase, st.applied_revision.clone());
         if phases.get(&doc.store) != Some(&now) {
             println!(
-                "  {:>8} ms  {}  {:<12} {}",
+                "  {:>8} ms  {}  status: {}",
                 since.elapsed().as_millis(),
                 doc.store,
                 st.phase.as_str(),
-                if st.message.is_empty() {
-                    String::new()
-                } else {
-                    st.message.clone()
-                }
             );
             phases.insert(doc.store.clone(), now);
         }
