@@ -529,3 +529,159 @@ async fn roost_up_once_converges_three_stores() {
         assert!(cm.exists(), "{} applied", cm.display());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_on_disk_is_detected_and_corrected() {
+    let w = world().await;
+    let mut s = w.store("store-0001", &["all"]);
+    s.start();
+    let rev1 = w.rev1.clone();
+    w.roll(Scope::Fleet, 1, &rev1).await;
+    let obs = &w.observer;
+    obs.wait_phase("store-0001", "web", "Converged", Some(&rev1), T)
+        .await;
+    let want = s.live_files("web");
+
+    // Someone edits a deployed file by hand.
+    let t0 = Instant::now();
+    std::fs::write(s.current("web").join("configmap.yaml"), "tampered: true\n").expect("edit");
+    let d = obs
+        .wait_event("store-0001", "dev.roost.drift.detected", T, |_| true)
+        .await;
+    assert_eq!(d.reason(), Some("drift"));
+    assert!(
+        d.data["items"]
+            .to_string()
+            .contains("configmap.yaml: modified"),
+        "{}",
+        d.data
+    );
+    obs.wait_event("store-0001", "dev.roost.drift.corrected", T, |_| true)
+        .await;
+    eprintln!("files drift: edit -> corrected in {:?}", t0.elapsed());
+    assert_eq!(s.live_files("web"), want, "self-heal restored the revision");
+
+    // An extra file is drift too.
+    std::fs::write(s.current("web").join("extra.yaml"), "x: 1\n").expect("write");
+    obs.wait_event("store-0001", "dev.roost.drift.detected", T, |e| {
+        e.data["items"]
+            .to_string()
+            .contains("extra.yaml: unexpected")
+    })
+    .await;
+    harness::eventually(T, "extra file removed", || {
+        (!s.current("web").join("extra.yaml").exists()).then_some(())
+    })
+    .await;
+    s.stop_agent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_without_self_heal_is_reported_not_corrected() {
+    let w = world().await;
+    let mut s = w.store("store-0001", &["all"]);
+    s.start();
+    let rev1 = w.rev1.clone();
+    let mut r = w
+        .signer
+        .rollout("web", Scope::Fleet, 1, &w.git.url(), &rev1, APP);
+    r.policy.self_heal = false;
+    publish(
+        w.cloud,
+        &roost_schemas::Topics::default().deployment(&Scope::Fleet, "web"),
+        w.signer.sign(&r),
+    )
+    .await;
+    let obs = &w.observer;
+    obs.wait_phase("store-0001", "web", "Converged", Some(&rev1), T)
+        .await;
+    std::fs::remove_file(s.current("web").join("configmap.yaml")).expect("delete");
+    obs.wait_event("store-0001", "dev.roost.drift.detected", T, |e| {
+        e.data["items"]
+            .to_string()
+            .contains("configmap.yaml: missing")
+    })
+    .await;
+    let seen = harness::eventually(T, "status drift=true", || {
+        let snap = obs.snapshot();
+        snap.status
+            .get("store-0001")
+            .filter(|d| d.deployments["web"].drift)
+            .cloned()
+    })
+    .await;
+    assert_eq!(seen.deployments["web"].reason.as_deref(), Some("drift"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(obs
+        .snapshot()
+        .of("store-0001", "dev.roost.drift.corrected")
+        .is_empty());
+    assert!(
+        !s.current("web").join("configmap.yaml").exists(),
+        "not corrected without self_heal"
+    );
+    s.stop_agent().await;
+}
+
+/// Needs Debian's mosquitto (installed by .ci/run); skipped when it is absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interop_mosquitto_as_the_cloud_broker() {
+    harness::init();
+    let Some(mosquitto) = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        eprintln!("SKIPPED interop_mosquitto_as_the_cloud_broker: mosquitto is not installed (apt-get install -y mosquitto)");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = roost::broker::free_port().expect("port");
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n")).expect("conf");
+    let mut child = std::process::Command::new(mosquitto)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("mosquitto");
+    let cloud: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    roost::broker::wait_listening(cloud, Duration::from_secs(10)).expect("mosquitto listening");
+    let (git, rev1) = GitServer::start(&refs(&manifests("1")));
+    let signer = Signer::new(1);
+    let obs = Observer::start(cloud).await;
+    let mut s = StoreRig::new(
+        "store-0001",
+        &["all"],
+        dir.path(),
+        cloud,
+        &signer,
+        &git.allowed(),
+    );
+    s.start();
+    let r = signer.rollout("web", Scope::Fleet, 1, &git.url(), &rev1, APP);
+    publish(
+        cloud,
+        &roost_schemas::Topics::default().deployment(&Scope::Fleet, "web"),
+        signer.sign(&r),
+    )
+    .await;
+    obs.wait_event("store-0001", "dev.roost.converged", T, |e| {
+        rev_of(e) == Some(&rev1)
+    })
+    .await;
+    obs.wait_phase("store-0001", "web", "Converged", Some(&rev1), T)
+        .await;
+    // The bridge's presence is retained on mosquitto.
+    let retained = roost::cloud::read_retained(
+        &cloud.to_string(),
+        &[roost_schemas::Topics::default().presence("store-0001")],
+        Duration::from_secs(3),
+    )
+    .await
+    .expect("read presence");
+    assert!(String::from_utf8_lossy(&retained[0].1).contains("online"));
+    s.stop_agent().await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
