@@ -146,8 +146,14 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     let link_task = link.task;
     tracker.close();
     let result = tokio::select! {
+        biased;
         _ = cancel.cancelled() => Ok(()),
-        r = controller => Err(AgentError::TaskDied(format!("controller: {r:?}"))),
+        // The controller only returns on shutdown; anything else is a fault to surface.
+        r = controller => if cancel.is_cancelled() {
+            Ok(())
+        } else {
+            Err(AgentError::TaskDied(format!("controller: {r:?}")))
+        },
     };
     child.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;

@@ -65,6 +65,15 @@ impl StageError {
         }
     }
 
+    /// Problems of the revision itself (not of the network or the cluster): retrying the
+    /// same revision cannot help.
+    fn is_permanent(&self) -> bool {
+        matches!(
+            self.reason(),
+            Reason::InvalidManifest | Reason::PolicyDenied | Reason::TooLarge
+        )
+    }
+
     fn event(&self) -> EventType {
         match self {
             StageError::Fetch(_) => EventType::FetchFailed,
@@ -155,6 +164,13 @@ pub async fn run_worker(
             Ok(()) => retry.reset(),
             Err(StageError::Interrupted) => {
                 if cancel.is_cancelled() {
+                    return;
+                }
+            }
+            Err(e) if e.is_permanent() => {
+                // The same revision will fail the same way: wait for a new desired state.
+                warn!(%deployment, error = %e, reason = %e.reason(), "rollout cannot be applied; waiting for a new one");
+                if let Wake::Stop = wait(&mut rx, Duration::from_secs(24 * 3600), &cancel).await {
                     return;
                 }
             }

@@ -477,8 +477,18 @@ impl KubeTarget {
             let after = self.apply_one(&d, false).await.map_err(|e| {
                 TargetError::Apply(format!("{} ({}): {}", d.key(), d.origin, kube_msg(&e)))
             })?;
-            if before.as_ref().map(|b| b.metadata.resource_version.clone())
-                != Some(after.metadata.resource_version.clone())
+            // Changed = anything but the revision annotation differs (that one moves with
+            // every revision by design).
+            let content = |o: &DynamicObject| {
+                let mut v = comparable(o);
+                if let Some(a) = v["metadata"]["annotations"].as_object_mut() {
+                    a.remove(REVISION_ANNOTATION);
+                }
+                v
+            };
+            if before
+                .as_ref()
+                .is_none_or(|b| !diff_paths(&content(b), &content(&after)).is_empty())
             {
                 changed.push(d.key());
             }

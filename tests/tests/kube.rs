@@ -1,0 +1,663 @@
+//! Kubernetes target scenarios. Each runs by default against the project's test API server
+//! (`roost_tests::kube_api`, a documented test double) and, unchanged, against a real cluster
+//! from `KUBECONFIG` in the `*_real_cluster` copies (`cargo test -p roost-tests --test kube --
+//! --ignored`). Against a real API server without kubelets, Deployments that must converge use
+//! `replicas: 0`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use roost_agent::config::{KubernetesConfig, TargetConfig};
+use roost_schemas::{CloudEvent, Scope, Topics};
+use roost_tests::harness::{self, publish, GitServer, Observer, Signer, StoreRig};
+use roost_tests::kube_api::TestApiServer;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(45);
+const APP: &str = "apps/shop";
+
+enum ClusterKind {
+    Double(TestApiServer),
+    Real,
+}
+
+/// A cluster to run a scenario against, with a unique namespace prefix.
+struct Cluster {
+    kind: ClusterKind,
+    kubeconfig: Option<PathBuf>,
+    client: kube::Client,
+    prefix: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn double() -> Cluster {
+        harness::init();
+        let server = TestApiServer::start().await.expect("test API server");
+        let dir = tempfile::tempdir().expect("tmp");
+        let kc = dir.path().join("kubeconfig");
+        server.write_kubeconfig(&kc).expect("kubeconfig");
+        Cluster {
+            client: server.client(),
+            kind: ClusterKind::Double(server),
+            kubeconfig: Some(kc),
+            prefix: format!("t{:04x}-", rand::random::<u16>()),
+            _dir: dir,
+        }
+    }
+
+    async fn real() -> Cluster {
+        harness::init();
+        let client = kube::Client::try_default()
+            .await
+            .expect("KUBECONFIG must point at a cluster");
+        Cluster {
+            kind: ClusterKind::Real,
+            kubeconfig: std::env::var_os("KUBECONFIG").map(PathBuf::from),
+            client,
+            prefix: format!("roost-test-{:04x}-", rand::random::<u16>()),
+            _dir: tempfile::tempdir().expect("tmp"),
+        }
+    }
+
+    fn ns(&self, n: &str) -> String {
+        format!("{}{n}", self.prefix)
+    }
+
+    /// Makes a Deployment never available: a knob on the double; on a real cluster the
+    /// manifest's unpullable image does it.
+    fn never_available(&self, ns: &str, name: &str) {
+        if let ClusterKind::Double(s) = &self.kind {
+            s.never_available(ns, name);
+        }
+    }
+
+    fn api(&self, group: &str, version: &str, kind: &str, ns: Option<&str>) -> Api<DynamicObject> {
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
+        match ns {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
+            None => Api::all_with(self.client.clone(), &ar),
+        }
+    }
+
+    async fn get(
+        &self,
+        group: &str,
+        version: &str,
+        kind: &str,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Option<DynamicObject> {
+        self.api(group, version, kind, ns)
+            .get_opt(name)
+            .await
+            .expect("get")
+    }
+
+    async fn cleanup(&self) {
+        let nss = self.api("", "v1", "Namespace", None);
+        if let Ok(list) = nss.list(&Default::default()).await {
+            for n in list {
+                let name = n.metadata.name.unwrap_or_default();
+                if name.starts_with(&self.prefix) {
+                    let _ = nss.delete(&name, &Default::default()).await;
+                }
+            }
+        }
+    }
+}
+
+struct Scene {
+    cluster: Cluster,
+    _dir: tempfile::TempDir,
+    cloud: std::net::SocketAddr,
+    git: GitServer,
+    signer: Signer,
+    obs: Observer,
+    store: StoreRig,
+    seq: u64,
+}
+
+fn ns_yaml(name: &str) -> String {
+    format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n")
+}
+
+fn cm_yaml(name: &str, value: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: shop\ndata:\n  value: \"{value}\"\n")
+}
+
+fn svc_yaml() -> String {
+    "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  selector:\n    app: web\n  ports:\n    - port: 80\n      targetPort: 8080\n".into()
+}
+
+fn deploy_yaml(name: &str, replicas: u32, image: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\n  namespace: shop\nspec:\n  replicas: {replicas}\n  selector:\n    matchLabels:\n      app: {name}\n  template:\n    metadata:\n      labels:\n        app: {name}\n    spec:\n      containers:\n        - name: main\n          image: {image}\n"
+    )
+}
+
+fn base_files() -> Vec<(String, String)> {
+    vec![
+        (format!("{APP}/00-namespace.yaml"), ns_yaml("shop")),
+        (format!("{APP}/config.yaml"), cm_yaml("settings", "1")),
+        (format!("{APP}/service.yaml"), svc_yaml()),
+        (
+            format!("{APP}/deployment.yaml"),
+            deploy_yaml("web", 0, "registry.k8s.io/pause:3.9"),
+        ),
+    ]
+}
+
+fn refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
+    v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
+}
+
+impl Scene {
+    async fn new(cluster: Cluster, policy: impl FnOnce(&mut KubernetesConfig)) -> Scene {
+        let dir = tempfile::tempdir().expect("tmp");
+        let cloud = roost::broker::spawn_free("cloud").expect("cloud");
+        let (git, _) = GitServer::start(&[("README", "shop\n")]);
+        let signer = Signer::new(7);
+        let obs = Observer::start(cloud).await;
+        let mut store = StoreRig::new(
+            "store-0001",
+            &["all"],
+            dir.path(),
+            cloud,
+            &signer,
+            &git.allowed(),
+        );
+        let mut k = KubernetesConfig {
+            kubeconfig: cluster.kubeconfig.clone(),
+            namespace_prefix: Some(cluster.prefix.clone()),
+            default_namespace: Some("shop".into()),
+            ..Default::default()
+        };
+        policy(&mut k);
+        store.agent_cfg.file.target = TargetConfig::Kubernetes(k);
+        store.start();
+        Scene {
+            cluster,
+            _dir: dir,
+            cloud,
+            git,
+            signer,
+            obs,
+            store,
+            seq: 0,
+        }
+    }
+
+    /// Commits `files` (replacing the app directory) and rolls it out; returns the revision.
+    async fn roll_files(&mut self, files: &[(String, String)], health_timeout_s: u64) -> String {
+        let old: Vec<String> = self
+            .git
+            .files()
+            .keys()
+            .filter(|k| k.starts_with(APP))
+            .cloned()
+            .collect();
+        let delete: Vec<&str> = old
+            .iter()
+            .map(String::as_str)
+            .filter(|k| !files.iter().any(|(p, _)| p == k))
+            .collect();
+        let rev = self.git.commit(&refs(files), &delete, "change");
+        self.seq += 1;
+        let mut r = self
+            .signer
+            .rollout("shop", Scope::Fleet, self.seq, &self.git.url(), &rev, APP);
+        r.policy.health_timeout_s = health_timeout_s;
+        publish(
+            self.cloud,
+            &Topics::default().deployment(&Scope::Fleet, "shop"),
+            self.signer.sign(&r),
+        )
+        .await;
+        rev
+    }
+
+    async fn tombstone(&mut self) {
+        self.seq += 1;
+        let mut r = self.signer.rollout(
+            "shop",
+            Scope::Fleet,
+            self.seq,
+            &self.git.url(),
+            &"0".repeat(40),
+            APP,
+        );
+        r.remove = true;
+        publish(
+            self.cloud,
+            &Topics::default().deployment(&Scope::Fleet, "shop"),
+            self.signer.sign(&r),
+        )
+        .await;
+    }
+
+    async fn event(&self, ty: &str, pred: impl Fn(&CloudEvent) -> bool) -> CloudEvent {
+        self.obs.wait_event("store-0001", ty, T, pred).await
+    }
+
+    async fn converged(&self, rev: &str) -> CloudEvent {
+        self.event("dev.roost.converged", |e| e.data["revision"] == rev)
+            .await
+    }
+
+    async fn finish(mut self) {
+        self.store.stop_agent().await;
+        self.cluster.cleanup().await;
+    }
+}
+
+fn label(o: &DynamicObject, k: &str) -> Option<String> {
+    o.metadata.labels.as_ref()?.get(k).cloned()
+}
+
+async fn scenario_apply_update_prune_tombstone(c: Cluster) {
+    let mut s = Scene::new(c, |_| {}).await;
+    let ns = s.cluster.ns("shop");
+    let rev1 = s.roll_files(&base_files(), 60).await;
+    s.converged(&rev1).await;
+    let cm = s
+        .cluster
+        .get("", "v1", "ConfigMap", Some(&ns), "settings")
+        .await
+        .expect("configmap applied");
+    assert_eq!(
+        label(&cm, "app.kubernetes.io/managed-by").as_deref(),
+        Some("roost")
+    );
+    assert_eq!(label(&cm, "roost.dev/deployment").as_deref(), Some("shop"));
+    assert_eq!(
+        cm.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("roost.dev/revision"))
+            .map(String::as_str),
+        Some(rev1.as_str())
+    );
+    let svc = s
+        .cluster
+        .get("", "v1", "Service", Some(&ns), "web")
+        .await
+        .expect("service");
+    let dep = s
+        .cluster
+        .get("apps", "v1", "Deployment", Some(&ns), "web")
+        .await
+        .expect("deployment");
+    assert!(s
+        .cluster
+        .get("", "v1", "Namespace", None, &ns)
+        .await
+        .is_some());
+    let fm = cm.metadata.managed_fields.clone().unwrap_or_default();
+    assert!(
+        fm.iter()
+            .any(|f| f.manager.as_deref() == Some("roost")
+                && f.operation.as_deref() == Some("Apply")),
+        "server-side applied by roost"
+    );
+
+    // Update: only the changed object changes.
+    let mut files = base_files();
+    files[1].1 = cm_yaml("settings", "2");
+    let rev2 = s.roll_files(&files, 60).await;
+    let applied = s
+        .event("dev.roost.apply.succeeded", |e| {
+            e.data["revision"] == rev2.as_str()
+        })
+        .await;
+    let changed: Vec<String> =
+        serde_json::from_value(applied.data["changed"].clone()).expect("changed list");
+    assert!(
+        changed
+            .iter()
+            .any(|k| k.ends_with(&format!("/ConfigMap/{ns}/settings"))),
+        "{changed:?}"
+    );
+    s.converged(&rev2).await;
+    let cm2 = s
+        .cluster
+        .get("", "v1", "ConfigMap", Some(&ns), "settings")
+        .await
+        .expect("configmap");
+    assert_eq!(cm2.data["data"]["value"], "2");
+    let svc2 = s
+        .cluster
+        .get("", "v1", "Service", Some(&ns), "web")
+        .await
+        .expect("service");
+    let dep2 = s
+        .cluster
+        .get("apps", "v1", "Deployment", Some(&ns), "web")
+        .await
+        .expect("deployment");
+    assert_eq!(
+        svc2.data["spec"], svc.data["spec"],
+        "service spec untouched"
+    );
+    assert_eq!(
+        dep2.metadata.generation, dep.metadata.generation,
+        "deployment spec untouched (generation)"
+    );
+    assert_eq!(changed.len(), 1, "only the config map changed: {changed:?}");
+
+    // Remove a file: its object is pruned.
+    let files: Vec<(String, String)> = files
+        .into_iter()
+        .filter(|(p, _)| !p.ends_with("service.yaml"))
+        .collect();
+    let rev3 = s.roll_files(&files, 60).await;
+    let pruned = s
+        .event("dev.roost.pruned", |e| e.data["revision"] == rev3.as_str())
+        .await;
+    assert!(
+        pruned.data["pruned"].to_string().contains("/Service/"),
+        "{}",
+        pruned.data
+    );
+    s.converged(&rev3).await;
+    assert!(
+        s.cluster
+            .get("", "v1", "Service", Some(&ns), "web")
+            .await
+            .is_none(),
+        "pruned"
+    );
+    assert!(
+        s.cluster
+            .get("", "v1", "ConfigMap", Some(&ns), "settings")
+            .await
+            .is_some(),
+        "kept"
+    );
+
+    // Tombstone: everything pruned, the namespace last.
+    s.tombstone().await;
+    s.event("dev.roost.removed", |_| true).await;
+    assert!(s
+        .cluster
+        .get("", "v1", "ConfigMap", Some(&ns), "settings")
+        .await
+        .is_none());
+    assert!(s
+        .cluster
+        .get("apps", "v1", "Deployment", Some(&ns), "web")
+        .await
+        .is_none());
+    let deadline = Instant::now() + T;
+    while s
+        .cluster
+        .get("", "v1", "Namespace", None, &ns)
+        .await
+        .is_some_and(|n| n.metadata.deletion_timestamp.is_none())
+    {
+        assert!(Instant::now() < deadline, "namespace deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.finish().await;
+}
+
+async fn scenario_degraded(c: Cluster) {
+    let mut s = Scene::new(c, |_| {}).await;
+    let ns = s.cluster.ns("shop");
+    s.cluster.never_available(&ns, "stuck");
+    let mut files = base_files();
+    files.push((
+        format!("{APP}/stuck.yaml"),
+        deploy_yaml("stuck", 1, "registry.invalid/never-pulls:0"),
+    ));
+    let rev = s.roll_files(&files, 3).await;
+    let d = s
+        .event("dev.roost.degraded", |e| e.data["revision"] == rev.as_str())
+        .await;
+    assert_eq!(d.reason(), Some("health_timeout"));
+    assert!(
+        d.data["not_ready"]
+            .to_string()
+            .contains(&format!("Deployment/{ns}/stuck")),
+        "{}",
+        d.data
+    );
+    assert!(s
+        .obs
+        .snapshot()
+        .of("store-0001", "dev.roost.converged")
+        .is_empty());
+    s.obs
+        .wait_phase("store-0001", "shop", "Degraded", Some(&rev), T)
+        .await;
+    s.finish().await;
+}
+
+async fn scenario_drift(c: Cluster) {
+    let mut s = Scene::new(c, |_| {}).await;
+    let ns = s.cluster.ns("shop");
+    let rev = s.roll_files(&base_files(), 60).await;
+    s.converged(&rev).await;
+    let cms = s.cluster.api("", "v1", "ConfigMap", Some(&ns));
+
+    // A change to a field roost does not manage (another manager adds a key) is not drift.
+    let other = PatchParams {
+        field_manager: Some("kubectl-edit".into()),
+        ..Default::default()
+    };
+    cms.patch(
+        "settings",
+        &other,
+        &Patch::Merge(json!({"data": {"added-by-hand": "x"}})),
+    )
+    .await
+    .expect("patch");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        s.obs
+            .snapshot()
+            .of("store-0001", "dev.roost.drift.detected")
+            .is_empty(),
+        "unmanaged field is not drift"
+    );
+
+    // kubectl-style edits of a managed field: detected, named, corrected — ten times, timed.
+    let mut detect_ms = Vec::new();
+    for i in 0..10 {
+        let before = s
+            .obs
+            .snapshot()
+            .of("store-0001", "dev.roost.drift.corrected")
+            .len();
+        let t0 = Instant::now();
+        cms.patch(
+            "settings",
+            &other,
+            &Patch::Merge(json!({"data": {"value": format!("edited-{i}")}})),
+        )
+        .await
+        .expect("edit");
+        let found = harness::eventually(T, "drift detected", || {
+            let snap = s.obs.snapshot();
+            let all = snap.of("store-0001", "dev.roost.drift.detected");
+            (all.len() > i).then(|| all[i].clone())
+        })
+        .await;
+        assert!(
+            found.data["items"].to_string().contains("data.value"),
+            "names the field: {}",
+            found.data
+        );
+        detect_ms.push(t0.elapsed().as_millis() as u64);
+        harness::eventually(T, "drift corrected", || {
+            (s.obs
+                .snapshot()
+                .of("store-0001", "dev.roost.drift.corrected")
+                .len()
+                > before)
+                .then_some(())
+        })
+        .await;
+        let cm = cms.get("settings").await.expect("get");
+        assert_eq!(
+            cm.data["data"]["value"], "1",
+            "self-heal restored the managed field"
+        );
+        assert_eq!(
+            cm.data["data"]["added-by-hand"], "x",
+            "the other manager's field is kept"
+        );
+    }
+    detect_ms.sort_unstable();
+    eprintln!("kube drift: out-of-band edit -> drift.detected at the cloud, median of 10 = {} ms (min {} max {})", detect_ms[4], detect_ms[0], detect_ms[9]);
+
+    // An object deleted by hand is recreated.
+    s.cluster
+        .api("", "v1", "Service", Some(&ns))
+        .delete("web", &Default::default())
+        .await
+        .expect("delete");
+    s.event("dev.roost.drift.detected", |e| {
+        e.data["items"].to_string().contains("deleted")
+    })
+    .await;
+    let deadline = Instant::now() + T;
+    while s
+        .cluster
+        .get("", "v1", "Service", Some(&ns), "web")
+        .await
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "service recreated");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.finish().await;
+}
+
+async fn scenario_policy_denied(c: Cluster) {
+    let mut s = Scene::new(c, |k| {
+        k.denied_kinds = vec!["ClusterRole".into()];
+        k.allowed_namespaces = vec!["shop".into()];
+    })
+    .await;
+    let ns = s.cluster.ns("shop");
+    let mut files = base_files();
+    files.push((format!("{APP}/role.yaml"), "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: roost-test-denied\nrules: []\n".into()));
+    let rev = s.roll_files(&files, 60).await;
+    let r = s
+        .event("dev.roost.rollout.rejected", |e| {
+            e.data["revision"] == rev.as_str()
+        })
+        .await;
+    assert_eq!(r.reason(), Some("policy_denied"));
+    assert!(
+        s.cluster
+            .get("", "v1", "ConfigMap", Some(&ns), "settings")
+            .await
+            .is_none(),
+        "nothing applied"
+    );
+    // A namespace outside the allowed list is denied too.
+    let mut files = base_files();
+    files.push((
+        format!("{APP}/elsewhere.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  namespace: kube-system\n".into(),
+    ));
+    let rev2 = s.roll_files(&files, 60).await;
+    let r2 = s
+        .event("dev.roost.rollout.rejected", |e| {
+            e.data["revision"] == rev2.as_str()
+        })
+        .await;
+    assert_eq!(r2.reason(), Some("policy_denied"));
+    assert!(r2.data["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("kube-system"));
+    assert!(
+        s.cluster
+            .get("", "v1", "ConfigMap", Some(&ns), "settings")
+            .await
+            .is_none(),
+        "nothing applied"
+    );
+    // An object without a name is an invalid manifest.
+    let mut files = base_files();
+    files.push((
+        format!("{APP}/noname.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n".into(),
+    ));
+    let rev3 = s.roll_files(&files, 60).await;
+    let r3 = s
+        .event("dev.roost.rollout.rejected", |e| {
+            e.data["revision"] == rev3.as_str()
+        })
+        .await;
+    assert_eq!(r3.reason(), Some("invalid_manifest"));
+    assert!(r3.data["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("noname.yaml#1"));
+    s.finish().await;
+}
+
+async fn scenario_crd_and_custom_resource(c: Cluster) {
+    let mut s = Scene::new(c, |_| {}).await;
+    let ns = s.cluster.ns("shop");
+    let group = format!(
+        "{}widgets.roost.dev",
+        s.cluster.prefix.trim_end_matches('-').to_owned() + "."
+    );
+    let crd = format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names:\n    plural: widgets\n    singular: widget\n    kind: Widget\n  versions:\n    - name: v1\n      served: true\n      storage: true\n      schema:\n        openAPIV3Schema:\n          type: object\n          x-kubernetes-preserve-unknown-fields: true\n"
+    );
+    let mut files = base_files();
+    // Alphabetically the custom resource comes first: roost must order it after its CRD.
+    files.push((format!("{APP}/a-widget.yaml"), format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w1\n  namespace: shop\nspec:\n  size: 3\n")));
+    files.push((format!("{APP}/z-crd.yaml"), crd));
+    let rev = s.roll_files(&files, 60).await;
+    s.converged(&rev).await;
+    let w = s
+        .cluster
+        .get(&group, "v1", "Widget", Some(&ns), "w1")
+        .await
+        .expect("custom resource applied");
+    assert_eq!(w.data["spec"]["size"], 3);
+    s.tombstone().await;
+    s.event("dev.roost.removed", |_| true).await;
+    s.finish().await;
+}
+
+macro_rules! scenarios {
+    ($($name:ident => $f:ident),* $(,)?) => {
+        mod test_api_server {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $f(Cluster::double().await).await;
+                }
+            )*
+        }
+        mod real_cluster {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[ignore = "needs a Kubernetes cluster"]
+                async fn $name() {
+                    $f(Cluster::real().await).await;
+                }
+            )*
+        }
+    };
+}
+
+scenarios! {
+    apply_update_prune_tombstone => scenario_apply_update_prune_tombstone,
+    degraded_after_health_timeout => scenario_degraded,
+    drift_detected_and_corrected => scenario_drift,
+    policy_denied_applies_nothing => scenario_policy_denied,
+    crd_and_custom_resource_in_one_revision => scenario_crd_and_custom_resource,
+}
