@@ -65,7 +65,7 @@ pub async fn build_target(cfg: &AgentConfig) -> Result<target::Target, AgentErro
             target::files::FilesTarget::new(cfg.files_root(), f.hook.clone()),
         )),
         config::TargetConfig::Kubernetes(k) => Ok(target::Target::Kube(Box::new(
-            target::kube::KubeTarget::from_env(k.clone())
+            target::kube::KubeTarget::from_env(k.clone(), &cfg.file.store)
                 .await
                 .map_err(|e| AgentError::Target(e.to_string()))?,
         ))),

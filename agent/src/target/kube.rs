@@ -26,6 +26,8 @@ use crate::git::{is_manifest, parse_documents, Rendered};
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Label naming the deployment.
 pub const DEPLOYMENT_LABEL: &str = "roost.dev/deployment";
+/// Label naming the store, so that stores sharing a cluster never touch each other's objects.
+pub const STORE_LABEL: &str = "roost.dev/store";
 /// Annotation with the applied revision.
 pub const REVISION_ANNOTATION: &str = "roost.dev/revision";
 /// Field manager.
@@ -106,6 +108,7 @@ fn prune_rank(group: &str, kind: &str, namespaced: bool) -> u8 {
 pub struct KubeTarget {
     client: kube::Client,
     cfg: KubernetesConfig,
+    store: String,
     /// Discovery cache by `group/version/Kind`.
     cache: RwLock<HashMap<String, (ApiResource, ApiCapabilities)>>,
     /// Resources per deployment, for watches.
@@ -138,17 +141,18 @@ fn is_not_found(e: &kube::Error) -> bool {
 
 impl KubeTarget {
     /// A target using `client` with the given policy.
-    pub fn new(client: kube::Client, cfg: KubernetesConfig) -> KubeTarget {
+    pub fn new(client: kube::Client, cfg: KubernetesConfig, store: &str) -> KubeTarget {
         KubeTarget {
             client,
             cfg,
+            store: store.to_owned(),
             cache: RwLock::default(),
             kinds: Default::default(),
         }
     }
 
     /// A client from in-cluster credentials or `KUBECONFIG`.
-    pub async fn from_env(cfg: KubernetesConfig) -> Result<KubeTarget, TargetError> {
+    pub async fn from_env(cfg: KubernetesConfig, store: &str) -> Result<KubeTarget, TargetError> {
         let err = |e: String| TargetError::Internal(format!("kubernetes client: {e}"));
         let client = match &cfg.kubeconfig {
             Some(path) => {
@@ -166,7 +170,7 @@ impl KubeTarget {
                 .await
                 .map_err(|e| err(e.to_string()))?,
         };
-        Ok(KubeTarget::new(client, cfg))
+        Ok(KubeTarget::new(client, cfg, store))
     }
 
     fn default_namespace(&self) -> String {
@@ -331,6 +335,7 @@ impl KubeTarget {
             let mut labels = labels;
             labels.insert(MANAGED_BY.into(), json!("roost"));
             labels.insert(DEPLOYMENT_LABEL.into(), json!(deployment));
+            labels.insert(STORE_LABEL.into(), json!(self.store));
             d["metadata"]["labels"] = Value::Object(labels);
             let mut ann = d["metadata"]["annotations"]
                 .as_object()
@@ -511,7 +516,8 @@ impl KubeTarget {
             .await
             .map_err(|e| TargetError::Internal(format!("discovery: {}", kube_msg(&e))))?;
         let lp = ListParams::default().labels(&format!(
-            "{DEPLOYMENT_LABEL}={deployment},{MANAGED_BY}=roost"
+            "{DEPLOYMENT_LABEL}={deployment},{STORE_LABEL}={},{MANAGED_BY}=roost",
+            self.store
         ));
         let mut out = Vec::new();
         for group in disc.groups() {
@@ -569,7 +575,9 @@ impl KubeTarget {
             match api.get_opt(&name).await {
                 Ok(Some(o)) => {
                     let labels = o.metadata.labels.unwrap_or_default();
-                    if labels.get(DEPLOYMENT_LABEL).map(String::as_str) != Some(deployment) {
+                    if labels.get(DEPLOYMENT_LABEL).map(String::as_str) != Some(deployment)
+                        || labels.get(STORE_LABEL) != Some(&self.store)
+                    {
                         warn!(item = %key, "not pruning: no longer labelled for this deployment");
                         continue;
                     }
@@ -657,29 +665,33 @@ impl KubeTarget {
         let mut items = Vec::new();
         for d in &plan {
             let api = self.api(&d.ar, d.namespaced, d.namespace.as_deref());
-            let live = match api.get_opt(&d.name).await {
-                Ok(Some(o)) => o,
-                Ok(None) => {
-                    items.push(format!("{}: deleted", d.key()));
-                    continue;
-                }
-                Err(e) => {
-                    return Err(TargetError::Internal(format!(
-                        "{}: {}",
-                        d.key(),
-                        kube_msg(&e)
-                    )))
+            // The live read and the dry run are two requests: if something else (a
+            // controller) wrote the object in between, they describe different versions and
+            // would show a difference that is not drift. Compare only matching versions.
+            let mut attempt = 0;
+            let (live, dry) = loop {
+                attempt += 1;
+                let live = match api.get_opt(&d.name).await {
+                    Ok(Some(o)) => o,
+                    Ok(None) => break (None, None),
+                    Err(e) => {
+                        return Err(TargetError::Internal(format!(
+                            "{}: {}",
+                            d.key(),
+                            kube_msg(&e)
+                        )))
+                    }
+                };
+                let dry = self.apply_one(d, true).await.map_err(|e| {
+                    TargetError::Internal(format!("dry run {}: {}", d.key(), kube_msg(&e)))
+                })?;
+                if dry.metadata.resource_version == live.metadata.resource_version || attempt >= 3 {
+                    break (Some(live), Some(dry));
                 }
             };
-            let dry = match self.apply_one(d, true).await {
-                Ok(o) => o,
-                Err(e) => {
-                    return Err(TargetError::Internal(format!(
-                        "dry run {}: {}",
-                        d.key(),
-                        kube_msg(&e)
-                    )))
-                }
+            let (Some(live), Some(dry)) = (live, dry) else {
+                items.push(format!("{}: deleted", d.key()));
+                continue;
             };
             let paths = diff_paths(&comparable(&live), &comparable(&dry));
             if !paths.is_empty() {
@@ -693,7 +705,10 @@ impl KubeTarget {
     pub(crate) fn watch(&self, deployment: &str) -> Option<mpsc::Receiver<()>> {
         let kinds = self.kinds.lock().ok()?.get(deployment).cloned()?;
         let (tx, rx) = mpsc::channel(1);
-        let selector = format!("{DEPLOYMENT_LABEL}={deployment}");
+        let selector = format!(
+            "{DEPLOYMENT_LABEL}={deployment},{STORE_LABEL}={}",
+            self.store
+        );
         for (ar, _) in kinds {
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
             let tx = tx.clone();
