@@ -173,7 +173,8 @@ pub fn sign_rollout(
         scope: spec.scope.clone(),
         sequence,
         issued_at: roost_schemas::now_rfc3339(),
-        source: if spec.remove && spec.url.is_empty() {
+        // A tombstone needs no source; one given without a revision is dropped.
+        source: if spec.remove && (spec.url.is_empty() || spec.revision.is_empty()) {
             None
         } else {
             Some(Source {

@@ -137,8 +137,24 @@ impl GitDaemon {
     /// Serves every repository under `base` read-only at `git://127.0.0.1:PORT/NAME`.
     pub fn start(base: &Path) -> Result<GitDaemon, UpError> {
         let port = crate::broker::free_port().map_err(setup("port"))?;
-        let child = std::process::Command::new("git")
-            .arg("daemon")
+        // Run git-daemon itself, not the `git daemon` wrapper: killing the wrapper would
+        // leave the daemon running as an orphan.
+        let exec_path = std::process::Command::new("git")
+            .arg("--exec-path")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()).join("git-daemon"))
+            .filter(|p| p.exists());
+        let mut cmd = match &exec_path {
+            Some(p) => std::process::Command::new(p),
+            None => {
+                let mut c = std::process::Command::new("git");
+                c.arg("daemon");
+                c
+            }
+        };
+        let child = cmd
             .arg("--reuseaddr")
             .arg("--export-all")
             .arg(format!("--base-path={}", base.display()))

@@ -437,27 +437,22 @@ async fn cloud_outage_queues_events_and_delivers_all_in_order() {
     // The uplink's far end goes away.
     cloud.kill();
     // A rollout already delivered locally (as the bridge would have) still converges.
-    let rev2 = {
-        let mut g = git;
-        let r = g.commit(&refs(&manifests("offline")), &[], "v2");
-        let r2 = signer.rollout("web", Scope::Fleet, 2, &g.url(), &r, APP);
-        publish(
-            s.edge,
-            &roost_schemas::Topics::default().deployment(&Scope::Fleet, "web"),
-            signer.sign(&r2),
-        )
-        .await;
-        harness::eventually(T, "offline convergence on disk", || {
-            s.live_files("web")
-                .get("configmap.yaml")
-                .filter(|c| c.contains("offline"))
-                .map(|_| ())
-        })
-        .await;
-        // Keep the daemon alive until the end of the test.
-        std::mem::forget(g);
-        r
-    };
+    let mut git = git;
+    let rev2 = git.commit(&refs(&manifests("offline")), &[], "v2");
+    let r2 = signer.rollout("web", Scope::Fleet, 2, &git.url(), &rev2, APP);
+    publish(
+        s.edge,
+        &roost_schemas::Topics::default().deployment(&Scope::Fleet, "web"),
+        signer.sign(&r2),
+    )
+    .await;
+    harness::eventually(T, "offline convergence on disk", || {
+        s.live_files("web")
+            .get("configmap.yaml")
+            .filter(|c| c.contains("offline"))
+            .map(|_| ())
+    })
+    .await;
     // Let the agent's events reach the bridge's outbox.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let t0 = Instant::now();
@@ -684,4 +679,135 @@ async fn interop_mosquitto_as_the_cloud_broker() {
     s.stop_agent().await;
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The cloud-side command line, as an operator uses it: keygen, rollout (a branch resolved to
+/// a commit, the sequence taken from the retained message), status and events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_line_keygen_rollout_status_events() {
+    harness::init();
+    let dir = tempfile::tempdir().expect("tmp");
+    let cloud = roost::broker::spawn_free("cloud").expect("cloud");
+    let (git, rev1) = GitServer::start(&refs(&manifests("1")));
+    let roost = |args: &[&str]| {
+        let out = std::process::Command::new(harness::roost_bin())
+            .args(args)
+            .env("ROOST_LOG", "error")
+            .output()
+            .expect("roost");
+        assert!(
+            out.status.success(),
+            "roost {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let keys = dir.path().join("keys");
+    let out = roost(&["keygen", "--dir", keys.to_str().expect("utf8")]);
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("key id "))
+        .expect("key id line")
+        .to_owned();
+    assert!(
+        out.contains("[[trusted_keys]]"),
+        "prints the agent config block: {out}"
+    );
+    let key_file = keys.join(format!("{id}.key"));
+    let signer = Signer {
+        key: roost::cloud::load_key(&key_file).expect("load key"),
+    };
+    let obs = Observer::start(cloud).await;
+    let mut s = StoreRig::new(
+        "store-0001",
+        &["all"],
+        dir.path(),
+        cloud,
+        &signer,
+        &git.allowed(),
+    );
+    s.start();
+
+    let broker = cloud.to_string();
+    let url = git.url();
+    let rollout = |extra: &[&str]| {
+        let mut args = vec![
+            "rollout",
+            "--broker",
+            &broker,
+            "--key",
+            key_file.to_str().expect("utf8"),
+            "--deployment",
+            "web",
+            "--fleet",
+            "--repo",
+            &url,
+            "--path",
+            APP,
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str::<serde_json::Value>(roost(&args).trim()).expect("rollout JSON")
+    };
+    let r = rollout(&["--revision", "HEAD"]);
+    assert_eq!(r["sequence"], 1);
+    assert_eq!(
+        r["source"]["revision"],
+        rev1.as_str(),
+        "HEAD resolved to the commit"
+    );
+    obs.wait_phase("store-0001", "web", "Converged", Some(&rev1), T)
+        .await;
+    let r2 = rollout(&["--revision", &rev1]);
+    assert_eq!(r2["sequence"], 2, "sequence = retained + 1");
+
+    let status = roost(&["status", "--broker", &broker, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    let row = v["stores"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["store"] == "store-0001"))
+        .expect("store row");
+    assert_eq!(row["phase"], "Converged");
+    assert_eq!(row["applied"], &rev1[..12]);
+    assert!(row["presence"]
+        .as_str()
+        .unwrap_or_default()
+        .starts_with("online"));
+    let table = roost(&["status", "--broker", &broker]);
+    assert!(
+        table.starts_with("STORE") && table.contains("store-0001"),
+        "{table}"
+    );
+
+    // Follow events while a tombstone is rolled out.
+    let events = tokio::process::Command::new(harness::roost_bin())
+        .args([
+            "events",
+            "--broker",
+            &broker,
+            "--store",
+            "store-0001",
+            "--count",
+            "2",
+        ])
+        .env("ROOST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("roost events");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tomb = rollout(&["--remove"]);
+    assert_eq!(tomb["remove"], true);
+    let out = tokio::time::timeout(T, events.wait_with_output())
+        .await
+        .expect("events exits after --count")
+        .expect("output");
+    let lines: Vec<roost_schemas::CloudEvent> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event line"))
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0].ty, "dev.roost.rollout.received");
+    assert_eq!(lines[0].data["remove"], true);
+    s.stop_agent().await;
 }

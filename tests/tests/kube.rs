@@ -631,6 +631,45 @@ async fn scenario_crd_and_custom_resource(c: Cluster) {
     s.finish().await;
 }
 
+async fn scenario_state_loss(c: Cluster) {
+    let mut s = Scene::new(c, |_| {}).await;
+    let ns = s.cluster.ns("shop");
+    let rev1 = s.roll_files(&base_files(), 60).await;
+    s.converged(&rev1).await;
+    // The agent's SQLite state is lost (a new disk): inventory, applied record, replay guard.
+    s.store.stop_agent().await;
+    for f in ["agent.db", "agent.db-wal", "agent.db-shm"] {
+        let _ = std::fs::remove_file(s.store.agent_cfg.file.state_dir.join(f));
+    }
+    s.store.start_agent();
+    // The retained rollout is accepted again and re-applied (nothing changes in the cluster).
+    s.obs
+        .wait_phase("store-0001", "shop", "Converged", Some(&rev1), T)
+        .await;
+    // A revision without the Service: the inventory recovered from the labels finds it.
+    let files: Vec<(String, String)> = base_files()
+        .into_iter()
+        .filter(|(p, _)| !p.ends_with("service.yaml"))
+        .collect();
+    let rev2 = s.roll_files(&files, 60).await;
+    let pruned = s
+        .event("dev.roost.pruned", |e| e.data["revision"] == rev2.as_str())
+        .await;
+    assert!(
+        pruned.data["pruned"]
+            .to_string()
+            .contains(&format!("/Service/{ns}/web")),
+        "{}",
+        pruned.data
+    );
+    assert!(s
+        .cluster
+        .get("", "v1", "Service", Some(&ns), "web")
+        .await
+        .is_none());
+    s.finish().await;
+}
+
 macro_rules! scenarios {
     ($($name:ident => $f:ident),* $(,)?) => {
         mod test_api_server {
@@ -661,6 +700,7 @@ scenarios! {
     drift_detected_and_corrected => scenario_drift,
     policy_denied_applies_nothing => scenario_policy_denied,
     crd_and_custom_resource_in_one_revision => scenario_crd_and_custom_resource,
+    inventory_recovered_from_labels_after_state_loss => scenario_state_loss,
 }
 
 /// `deploy/roost.yaml`: every document is a valid object, the embedded configurations parse,
