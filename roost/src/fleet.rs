@@ -1,9 +1,13 @@
 //! `roost fleet`: the cloud-side record of the fleet. Subscribes to every store's status,
 //! events and presence and to all deployment topics; stores them in SQLite (events
 //! deduplicated by `id`, gaps in each store's `roostseq` detected); and keeps the latest
-//! desired-state envelope per topic, republishing them retained whenever the cloud broker
-//! comes back without a session (rumqttd keeps nothing across a restart).
+//! desired-state envelope per topic, restoring them retained whenever the cloud broker comes
+//! back without a session (rumqttd keeps nothing across a restart). A topic is restored only
+//! if the broker does not hold it, or holds an older sequence, once the new subscription's
+//! retained messages have arrived: an envelope published while the service was reconnecting
+//! is never replaced by an older one.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -325,36 +329,43 @@ pub async fn run(
     ] {
         lc.subscriptions.push(topics.all_stores(k));
     }
-    let db2 = db.clone();
-    // A broker that lost our session (restarted) has lost its retained messages too.
-    lc.on_connect = Some(Arc::new(move |session_present| {
-        if session_present {
-            return Vec::new();
-        }
-        let desired = db2.desired().unwrap_or_default();
-        if !desired.is_empty() {
-            info!(
-                count = desired.len(),
-                "republishing desired state to the cloud broker"
-            );
-        }
-        desired
-            .into_iter()
-            .map(|(topic, payload)| DirectMessage {
-                topic,
-                payload,
-                retain: true,
-            })
-            .collect()
-    }));
     let mut link = Link::start(lc, None, cancel.child_token())?;
     let handle = link.handle.clone();
+    // A broker that lost our session (restarted) has lost its retained messages too: restore
+    // them, after a quiet period in which the broker shows what it still (or already) holds.
+    let mut sessions = link.handle.sessions();
     let span = tracing::info_span!("fleet");
     async move {
+        let mut restore: Option<Restore> = None;
+        // Per deployment topic: the connection and sequence of the newest message seen.
+        let mut latest: HashMap<String, (u64, Option<u64>)> = HashMap::new();
         loop {
+            let deadline = restore.as_ref().map(|r| r.deadline);
             let first: Incoming = tokio::select! {
+                biased;
                 _ = cancel.cancelled() => break,
+                changed = sessions.changed() => {
+                    if changed.is_err() {
+                        break; // the link task is gone
+                    }
+                    let (connection, session_present) = *sessions.borrow_and_update();
+                    if !session_present {
+                        restore = Some(Restore::new(connection, &latest));
+                    }
+                    continue;
+                }
                 m = link.incoming.recv() => match m { Some(m) => m, None => break },
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(r) = restore.take() {
+                        r.finish(&db, &handle);
+                    }
+                    continue;
+                }
             };
             let mut batch = vec![first];
             while batch.len() < 1000 {
@@ -366,6 +377,11 @@ pub async fn run(
             let mut events = Vec::new();
             for m in &batch {
                 if topics.parse_deployment(&m.topic).is_some() {
+                    let seq = seen_sequence(&m.payload);
+                    latest.insert(m.topic.clone(), (m.connection, seq));
+                    if let Some(r) = restore.as_mut() {
+                        r.saw(m.connection, &m.topic, seq);
+                    }
                     if let Err(error) = db.record_desired(&m.topic, &m.payload) {
                         warn!(%error, "cannot record desired state");
                     }
@@ -418,6 +434,104 @@ pub async fn run(
     .instrument(span)
     .await;
     Ok(())
+}
+
+/// The sequence a broker's deployment message shows: None for a cleared topic (empty
+/// payload) or an unreadable envelope, which a restore leaves alone.
+fn seen_sequence(payload: &[u8]) -> Option<u64> {
+    if payload.is_empty() {
+        None
+    } else {
+        envelope_sequence(payload)
+    }
+}
+
+/// A pending restore of the desired state after the broker lost our session.
+struct Restore {
+    /// The connection that came up without a session.
+    connection: u64,
+    started: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+    /// What the broker delivered per deployment topic on that connection (or later).
+    seen: HashMap<String, Option<u64>>,
+}
+
+impl Restore {
+    /// Retained messages follow the SUBACK within milliseconds; wait at least this long, and
+    /// until deployment messages have been quiet for `QUIET`, but no longer than `MAX`.
+    const MIN: Duration = Duration::from_millis(1000);
+    const QUIET: Duration = Duration::from_millis(300);
+    const MAX: Duration = Duration::from_secs(5);
+
+    /// A restore for `connection`, counting what was already processed from it.
+    fn new(connection: u64, latest: &HashMap<String, (u64, Option<u64>)>) -> Restore {
+        let now = tokio::time::Instant::now();
+        Restore {
+            connection,
+            started: now,
+            deadline: now + Self::MIN,
+            seen: latest
+                .iter()
+                .filter(|(_, (c, _))| *c >= connection)
+                .map(|(t, (_, s))| (t.clone(), *s))
+                .collect(),
+        }
+    }
+
+    fn saw(&mut self, connection: u64, topic: &str, seq: Option<u64>) {
+        if connection < self.connection {
+            return;
+        }
+        let e = self.seen.entry(topic.to_owned()).or_insert(seq);
+        *e = (*e).max(seq);
+        let now = tokio::time::Instant::now();
+        self.deadline = self
+            .deadline
+            .max(now + Self::QUIET)
+            .min(self.started + Self::MAX);
+    }
+
+    /// The stored envelopes the broker does not hold in this or a newer version.
+    fn missing(&self, desired: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+        desired
+            .into_iter()
+            .filter(|(topic, payload)| {
+                let ours = envelope_sequence(payload);
+                match self.seen.get(topic) {
+                    None => true,
+                    // Cleared or unreadable on the broker: someone else's decision; leave it.
+                    Some(None) => false,
+                    Some(Some(theirs)) => ours.is_some_and(|o| o > *theirs),
+                }
+            })
+            .collect()
+    }
+
+    /// Republishes, retained, every stored envelope the broker does not hold in this or a
+    /// newer version.
+    fn finish(self, db: &FleetDb, handle: &roost_runtime::LinkHandle) {
+        let desired = match db.desired() {
+            Ok(d) => d,
+            Err(error) => {
+                warn!(%error, "cannot read desired state to restore");
+                return;
+            }
+        };
+        let missing = self.missing(desired);
+        if !missing.is_empty() {
+            info!(
+                count = missing.len(),
+                "restoring desired state on the cloud broker"
+            );
+        }
+        for (topic, payload) in missing {
+            let _ = handle.publish(DirectMessage {
+                topic,
+                payload,
+                retain: true,
+            });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -490,5 +604,35 @@ mod tests {
         );
         assert!(db.record_desired("t", &env(3)).expect("rec"));
         assert_eq!(envelope_sequence(&db.desired().expect("d")[0].1), Some(3));
+    }
+
+    #[test]
+    fn restore_only_what_the_broker_lacks_or_holds_older() {
+        let key = roost_schemas::SigningKey::from_seed(&[1; 32]).expect("key");
+        let env = |seq: u64| {
+            serde_json::to_vec(&key.sign(
+                roost_schemas::PAYLOAD_TYPE,
+                format!("{{\"sequence\":{seq}}}").as_bytes(),
+            ))
+            .expect("json")
+        };
+        // Seen before the session was lost (connection 1) does not count; connection 2 does.
+        let latest: HashMap<String, (u64, Option<u64>)> = [
+            ("old".to_string(), (1, Some(5))),
+            ("newer".to_string(), (2, Some(7))),
+        ]
+        .into_iter()
+        .collect();
+        let mut r = Restore::new(2, &latest);
+        r.saw(2, "older", Some(2));
+        r.saw(1, "gone", Some(9)); // from the connection before: ignored
+        let desired = vec![
+            ("old".to_string(), env(5)),
+            ("newer".to_string(), env(6)),
+            ("older".to_string(), env(3)),
+            ("gone".to_string(), env(4)),
+        ];
+        let topics: Vec<String> = r.missing(desired).into_iter().map(|(t, _)| t).collect();
+        assert_eq!(topics, vec!["old", "older", "gone"]);
     }
 }

@@ -152,6 +152,8 @@ pub struct Incoming {
     pub payload: Vec<u8>,
     /// Retained flag as delivered.
     pub retain: bool,
+    /// The connection it arrived on (1, 2, … per link; see [`LinkHandle::sessions`]).
+    pub connection: u64,
     ack: Option<(u64, Publish)>,
 }
 
@@ -165,6 +167,7 @@ enum Cmd {
 pub struct LinkHandle {
     cmd: mpsc::UnboundedSender<Cmd>,
     connected: watch::Receiver<bool>,
+    sessions: watch::Receiver<(u64, bool)>,
 }
 
 impl std::fmt::Debug for LinkHandle {
@@ -201,6 +204,13 @@ impl LinkHandle {
     pub fn connected(&self) -> watch::Receiver<bool> {
         self.connected.clone()
     }
+
+    /// A watch of the latest CONNACK: (connection number, session present). It changes
+    /// before anything of that connection is delivered, so a consumer can tell which
+    /// messages ([`Incoming::connection`]) came after a session was lost.
+    pub fn sessions(&self) -> watch::Receiver<(u64, bool)> {
+        self.sessions.clone()
+    }
 }
 
 /// A running link: the handle, the incoming messages, and the task.
@@ -224,12 +234,16 @@ impl Link {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (in_tx, in_rx) = mpsc::channel(1024);
         let (conn_tx, conn_rx) = watch::channel(false);
+        let (session_tx, session_rx) = watch::channel((0u64, false));
         let span = tracing::info_span!("mqtt_link", link = %cfg.name, client_id = %cfg.client_id);
-        let task = tokio::spawn(run(cfg, outbox, cmd_rx, in_tx, conn_tx, cancel).instrument(span));
+        let task = tokio::spawn(
+            run(cfg, outbox, cmd_rx, in_tx, conn_tx, session_tx, cancel).instrument(span),
+        );
         Ok(Link {
             handle: LinkHandle {
                 cmd: cmd_tx,
                 connected: conn_rx,
+                sessions: session_rx,
             },
             incoming: in_rx,
             task,
@@ -278,6 +292,7 @@ async fn run(
     mut cmd_rx: mpsc::UnboundedReceiver<Cmd>,
     in_tx: mpsc::Sender<Incoming>,
     connected: watch::Sender<bool>,
+    sessions: watch::Sender<(u64, bool)>,
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new(cfg.backoff.0, cfg.backoff.1);
@@ -315,6 +330,7 @@ async fn run(
                             backoff.reset();
                             is_up = true;
                             connected.send_replace(true);
+                            sessions.send_replace((generation, ack.session_present));
                             if !cfg.subscriptions.is_empty() {
                                 let subs = cfg.subscriptions.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
                                 if let Err(e) = client.subscribe_many(subs).await {
@@ -355,6 +371,7 @@ async fn run(
                                 topic: p.topic.clone(),
                                 payload: p.payload.to_vec(),
                                 retain: p.retain,
+                                connection: generation,
                                 ack: if cfg.manual_acks { Some((generation, p)) } else { None },
                             };
                             if in_tx.send(msg).await.is_err() {
@@ -438,7 +455,7 @@ async fn refill(
     while inflight.outstanding < window {
         let room = window - inflight.outstanding;
         let batch = ob
-            .peek(inflight.high_water, room)
+            .peek_for_send(inflight.high_water, room)
             .await
             .map_err(|e| e.to_string())?;
         if batch.is_empty() {

@@ -8,7 +8,18 @@
 //!
 //! Last-value topics (status, presence) are enqueued with `compact = true`: an older message
 //! on the same topic that has not left yet is replaced. Past the disk cap the oldest events
-//! are dropped and an overflow event states exactly which `roostseq` range was lost.
+//! are dropped and overflow events state exactly which `roostseq` ranges were lost.
+//!
+//! Exactness: a message handed to a connection ([`Outbox::peek_for_send`]) may already have
+//! reached the broker even if its PUBACK never comes, so overflow never drops it (the cap can
+//! be exceeded by at most the link's window of such messages). Only messages that never left
+//! are dropped, so a reported `roostseq` never arrives. The loss is reported by one open (not
+//! yet sent) overflow event, updated in place as more is dropped; if the open report is itself
+//! dropped, its ranges and its own `roostseq` carry over into the next one. Its data holds the
+//! exact `lost_ranges` (`[[from, to], …]`, disjoint, sorted), their total `lost_count`, and
+//! `lost_from_roostseq`/`lost_to_roostseq` = the first and last lost (exact when there is
+//! one range: always so while the link is down; a slow link can interleave losses with
+//! messages that did leave).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
@@ -177,6 +188,7 @@ enum Cmd {
     Peek(
         i64,
         usize,
+        bool,
         oneshot::Sender<Result<Vec<StoredMessage>, OutboxError>>,
     ),
     Delete(Vec<i64>, Option<oneshot::Sender<Result<(), OutboxError>>>),
@@ -235,6 +247,51 @@ struct Writer {
     bytes: u64,
     backlog: u64,
     newest: watch::Sender<i64>,
+    /// Highest row id ever handed to a connection: rows up to it may have reached the broker,
+    /// so overflow does not drop them (their loss could not be stated exactly).
+    sent_upto: i64,
+}
+
+/// The lost ranges an overflow event reports (`lost_ranges`, or from/to in older events).
+fn reported_ranges(ev: &CloudEvent) -> Vec<(u64, u64)> {
+    if let Some(list) = ev.data.get("lost_ranges").and_then(|v| v.as_array()) {
+        return list
+            .iter()
+            .filter_map(|r| Some((r.get(0)?.as_u64()?, r.get(1)?.as_u64()?)))
+            .map(|(a, b)| (a.min(b), a.max(b)))
+            .collect();
+    }
+    let get = |k: &str| ev.data.get(k).and_then(|v| v.as_u64());
+    match (get("lost_from_roostseq"), get("lost_to_roostseq")) {
+        (Some(a), Some(b)) => vec![(a.min(b), a.max(b))],
+        _ => Vec::new(),
+    }
+}
+
+/// The data of an overflow event reporting `ranges` (merged) and `dropped` messages.
+fn overflow_data(cap: u64, dropped: u64, ranges: &[(u64, u64)]) -> serde_json::Value {
+    serde_json::json!({
+        "reason": "outbox_overflow",
+        "message": format!("outbox reached its cap of {cap} bytes; dropped {dropped} of the oldest messages"),
+        "dropped_messages": dropped,
+        "lost_count": ranges.iter().map(|(a, b)| b - a + 1).sum::<u64>(),
+        "lost_from_roostseq": ranges.first().map(|r| r.0),
+        "lost_to_roostseq": ranges.last().map(|r| r.1),
+        "lost_ranges": ranges.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>(),
+    })
+}
+
+/// Merges ranges into sorted, disjoint, non-adjacent ranges.
+fn merge_ranges(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    r.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(r.len());
+    for (a, b) in r {
+        match out.last_mut() {
+            Some(last) if a <= last.1.saturating_add(1) => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
 }
 
 impl Writer {
@@ -265,6 +322,8 @@ impl Writer {
     ) -> Result<Vec<Vec<Option<u64>>>, OutboxError> {
         let mut seq = self.meta("roostseq")?;
         let mut dropped_total = self.meta("dropped")?;
+        // The overflow event that reports loss and has not left yet (0 = none).
+        let mut open_id = self.meta("overflow_open")? as i64;
         let mut bytes = self.bytes;
         let mut backlog = self.backlog;
         let tx = self.conn.transaction()?;
@@ -291,7 +350,7 @@ impl Writer {
                         })
                     };
                 let (mut data, mut rseq) = render(seq, backlog)?;
-                let size = data.len() as u64 + m.topic.len() as u64 + ROW_OVERHEAD;
+                let mut size = data.len() as u64 + m.topic.len() as u64 + ROW_OVERHEAD;
                 // Make room under the cap by dropping the oldest rows (never compacted
                 // last-value documents, which are replaced anyway).
                 if bytes + size > self.cfg.max_bytes {
@@ -304,15 +363,20 @@ impl Writer {
                         });
                     };
                     let need = bytes + size + 4096 - self.cfg.max_bytes.min(bytes + size + 4096);
+                    let cap = self.cfg.max_bytes;
                     let mut freed = 0u64;
-                    let mut lost: Vec<(i64, Option<u64>, u64)> = Vec::new();
-                    // Ranges reported by overflow events that are themselves dropped now.
-                    let mut inherited: Vec<u64> = Vec::new();
+                    let mut lost: Vec<(i64, Option<u64>)> = Vec::new();
+                    // Lost ranges: the dropped messages, and what dropped overflow events
+                    // reported (carried over), with their own messages counted.
+                    let mut ranges: Vec<(u64, u64)> = Vec::new();
+                    let mut dropped = 0u64;
                     {
+                        // Oldest first; never a compacted last-value document, never a row
+                        // that was handed to a connection (it may arrive).
                         let mut stmt = tx.prepare(
-                            "SELECT id, roostseq, size, payload FROM outbox WHERE compact_key IS NULL ORDER BY id",
+                            "SELECT id, roostseq, size, payload FROM outbox WHERE compact_key IS NULL AND id > ?1 ORDER BY id",
                         )?;
-                        let mut rows = stmt.query([])?;
+                        let mut rows = stmt.query([self.sent_upto])?;
                         while let Some(row) = rows.next()? {
                             if freed >= need {
                                 break;
@@ -321,55 +385,91 @@ impl Writer {
                             let rs: Option<i64> = row.get(1)?;
                             let sz: i64 = row.get(2)?;
                             let body: Vec<u8> = row.get(3)?;
+                            dropped += 1;
                             if let Ok(ev) = serde_json::from_slice::<CloudEvent>(&body) {
                                 if ev.event_type() == Some(EventType::OutboxOverflow) {
-                                    for k in ["lost_from_roostseq", "lost_to_roostseq"] {
-                                        if let Some(v) = ev.data.get(k).and_then(|v| v.as_u64()) {
-                                            inherited.push(v);
-                                        }
-                                    }
+                                    ranges.extend(reported_ranges(&ev));
+                                    dropped += ev
+                                        .data
+                                        .get("dropped_messages")
+                                        .and_then(|v| v.as_u64())
+                                        .unwrap_or(0);
                                 }
                             }
                             freed += sz as u64;
-                            lost.push((id, rs.map(|v| v as u64), sz as u64));
+                            lost.push((id, rs.map(|v| v as u64)));
                         }
                     }
-                    for (id, _, _) in &lost {
+                    for (id, _) in &lost {
                         tx.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
                     }
                     bytes = bytes.saturating_sub(freed);
                     backlog = backlog.saturating_sub(lost.len() as u64);
-                    let seqs: Vec<u64> = lost.iter().filter_map(|l| l.1).collect();
-                    let lost_from = seqs.iter().chain(inherited.iter()).min().copied();
-                    let lost_to = seqs.iter().chain(inherited.iter()).max().copied();
                     dropped_total += lost.len() as u64;
-                    seq += 1;
-                    let mut ev = CloudEvent::new(
-                        &target.source,
-                        EventType::OutboxOverflow,
-                        None,
-                        serde_json::json!({
-                            "reason": "outbox_overflow",
-                            "message": format!("outbox reached its cap of {} bytes; dropped the {} oldest messages", self.cfg.max_bytes, lost.len()),
-                            "dropped_messages": lost.len(),
-                            "lost_count": match (lost_from, lost_to) { (Some(a), Some(b)) => b - a + 1, _ => 0 },
-                            "lost_from_roostseq": lost_from,
-                            "lost_to_roostseq": lost_to,
-                        }),
-                    );
-                    ev.roostseq = seq;
-                    ev.id = uuid::Uuid::new_v4().to_string();
-                    let odata = serde_json::to_vec(&ev)?;
-                    let osize = odata.len() as u64 + target.topic.len() as u64 + ROW_OVERHEAD;
-                    tx.execute(
-                        "INSERT INTO outbox(topic, payload, retain, compact_key, roostseq, size) VALUES (?1, ?2, 0, NULL, ?3, ?4)",
-                        params![target.topic, odata, seq as i64, osize as i64],
-                    )?;
-                    bytes += osize;
-                    backlog += 1;
-                    tracing::warn!(dropped = lost.len(), from = ?lost_from, to = ?lost_to, "outbox overflow: dropped oldest messages");
-                    // The overflow event took the next roostseq: render again after it.
+                    ranges.extend(lost.iter().filter_map(|l| l.1).map(|s| (s, s)));
+                    // The open report absorbs the loss if it has not left (and was not just
+                    // dropped); otherwise a new report takes the next roostseq.
+                    let open: Option<(Vec<u8>, i64)> =
+                        if open_id > self.sent_upto && !lost.iter().any(|(id, _)| *id == open_id) {
+                            tx.query_row(
+                                "SELECT payload, size FROM outbox WHERE id = ?1",
+                                [open_id],
+                                |r| Ok((r.get(0)?, r.get(1)?)),
+                            )
+                            .optional()?
+                        } else {
+                            None
+                        };
+                    let open = open.and_then(|(p, sz)| {
+                        serde_json::from_slice::<CloudEvent>(&p)
+                            .ok()
+                            .map(|e| (e, sz))
+                    });
+                    if lost.is_empty() {
+                        // Everything waiting is in flight: over the cap until PUBACKs come.
+                    } else if let Some((mut ev, old_size)) = open {
+                        ranges.extend(reported_ranges(&ev));
+                        dropped += ev
+                            .data
+                            .get("dropped_messages")
+                            .and_then(|v| v.as_u64())
+                            .unwrap_or(0);
+                        let ranges = merge_ranges(ranges);
+                        ev.data = overflow_data(cap, dropped, &ranges);
+                        let odata = serde_json::to_vec(&ev)?;
+                        let osize = odata.len() as u64 + target.topic.len() as u64 + ROW_OVERHEAD;
+                        tx.execute(
+                            "UPDATE outbox SET payload = ?1, size = ?2 WHERE id = ?3",
+                            params![odata, osize as i64, open_id],
+                        )?;
+                        bytes = (bytes + osize).saturating_sub(old_size as u64);
+                        tracing::warn!(dropped = lost.len(), ranges = ?ranges, "outbox overflow: dropped oldest messages");
+                    } else {
+                        let ranges = merge_ranges(ranges);
+                        seq += 1;
+                        let mut ev = CloudEvent::new(
+                            &target.source,
+                            EventType::OutboxOverflow,
+                            None,
+                            overflow_data(cap, dropped, &ranges),
+                        );
+                        ev.roostseq = seq;
+                        ev.id = uuid::Uuid::new_v4().to_string();
+                        let odata = serde_json::to_vec(&ev)?;
+                        let osize = odata.len() as u64 + target.topic.len() as u64 + ROW_OVERHEAD;
+                        tx.execute(
+                            "INSERT INTO outbox(topic, payload, retain, compact_key, roostseq, size) VALUES (?1, ?2, 0, NULL, ?3, ?4)",
+                            params![target.topic, odata, seq as i64, osize as i64],
+                        )?;
+                        open_id = tx.last_insert_rowid();
+                        Self::set_meta(&tx, "overflow_open", open_id as u64)?;
+                        bytes += osize;
+                        backlog += 1;
+                        tracing::warn!(dropped = lost.len(), ranges = ?ranges, "outbox overflow: dropped oldest messages");
+                    }
+                    // A new overflow event took the next roostseq: render again after it.
                     (data, rseq) = render(seq, backlog)?;
+                    size = data.len() as u64 + m.topic.len() as u64 + ROW_OVERHEAD;
                 }
                 if matches!(m.payload, Payload::Event(_)) {
                     seq += 1;
@@ -518,8 +618,14 @@ impl Writer {
             }
             for c in others {
                 match c {
-                    Cmd::Peek(after, limit, reply) => {
-                        let _ = reply.send(self.peek(after, limit));
+                    Cmd::Peek(after, limit, for_send, reply) => {
+                        let res = self.peek(after, limit);
+                        if let (true, Ok(rows)) = (for_send, &res) {
+                            if let Some(last) = rows.last() {
+                                self.sent_upto = self.sent_upto.max(last.id);
+                            }
+                        }
+                        let _ = reply.send(res);
                     }
                     Cmd::Stats(reply) => {
                         let res = (|| {
@@ -555,6 +661,7 @@ impl Outbox {
             bytes: bytes as u64,
             backlog: backlog as u64,
             newest: newest_tx,
+            sent_upto: 0,
         };
         let (tx, rx) = std_mpsc::channel();
         std::thread::Builder::new()
@@ -596,7 +703,18 @@ impl Outbox {
 
     /// Up to `limit` messages with id greater than `after`, oldest first.
     pub async fn peek(&self, after: i64, limit: usize) -> Result<Vec<StoredMessage>, OutboxError> {
-        self.call(|r| Cmd::Peek(after, limit, r)).await
+        self.call(|r| Cmd::Peek(after, limit, false, r)).await
+    }
+
+    /// Like [`Outbox::peek`], for a link that is about to publish the messages: from now on
+    /// overflow never drops them, since they may reach the broker even if no PUBACK comes
+    /// back (reporting them lost would be wrong). They leave the outbox when acknowledged.
+    pub async fn peek_for_send(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, OutboxError> {
+        self.call(|r| Cmd::Peek(after, limit, true, r)).await
     }
 
     /// Deletes acknowledged messages (batched with other writes; fire and forget).
@@ -718,6 +836,81 @@ mod tests {
             assert!(
                 present.contains(&s) ^ lost.contains(&s),
                 "roostseq {s} unaccounted"
+            );
+        }
+    }
+
+    #[test]
+    fn ranges_merge_when_adjacent_or_overlapping() {
+        assert_eq!(
+            merge_ranges(vec![(5, 5), (1, 3), (4, 4), (7, 9), (8, 12), (20, 20)]),
+            vec![(1, 5), (7, 12), (20, 20)]
+        );
+        assert!(merge_ranges(vec![]).is_empty());
+    }
+
+    /// Messages handed to a link may arrive even without a PUBACK: overflow must not drop
+    /// them, and a carried-over range must not swallow messages that left in between.
+    #[tokio::test]
+    async fn overflow_never_reports_sent_messages_as_lost() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut cfg = OutboxConfig::new(dir.path().join("o.db"));
+        cfg.max_bytes = 8 * 1024;
+        cfg.overflow = Some(OverflowTarget {
+            topic: "roost/v1/stores/s/events".into(),
+            source: "roost://stores/s/agent".into(),
+        });
+        let ob = Outbox::open(cfg).expect("open");
+        // What left the outbox (may arrive), and overflow events among them.
+        let mut left = std::collections::BTreeSet::new();
+        let mut reports = Vec::new();
+        let mut note = |r: &StoredMessage| {
+            let e: CloudEvent = serde_json::from_slice(&r.payload).expect("event");
+            left.insert(e.roostseq);
+            if e.ty == EventType::OutboxOverflow.as_str() {
+                let ranges = reported_ranges(&e);
+                let count: u64 = ranges.iter().map(|(a, b)| b - a + 1).sum();
+                assert_eq!(e.data["lost_count"].as_u64(), Some(count));
+                assert_eq!(ranges, merge_ranges(ranges.clone()), "disjoint and sorted");
+                reports.extend(ranges);
+            }
+        };
+        let mut high = 0i64;
+        for round in 0..40 {
+            for i in 0..7 {
+                ob.enqueue(vec![event(round * 10 + i)]).await.expect("enq");
+            }
+            // A slow link: three more messages go out, only the oldest two are acknowledged.
+            let sent = ob.peek_for_send(high, 3).await.expect("peek");
+            for r in &sent {
+                note(r);
+                high = r.id;
+            }
+            let acked: Vec<i64> = ob
+                .peek(0, 2)
+                .await
+                .expect("peek")
+                .iter()
+                .map(|r| r.id)
+                .collect();
+            ob.ack_wait(acked).await.expect("ack");
+        }
+        // The rest leaves after the link recovers.
+        for r in &ob.peek(0, 100_000).await.expect("peek") {
+            note(r);
+        }
+        let stats = ob.stats().await.expect("stats");
+        assert!(stats.dropped > 0, "{stats:?}");
+        let mut lost = std::collections::BTreeSet::new();
+        for (a, b) in &reports {
+            lost.extend(*a..=*b);
+        }
+        for s in 1..=stats.last_roostseq {
+            assert!(
+                left.contains(&s) ^ lost.contains(&s),
+                "roostseq {s}: left={} reported lost={} (reports {reports:?})",
+                left.contains(&s),
+                lost.contains(&s)
             );
         }
     }

@@ -570,3 +570,323 @@ pub fn under(all: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, S
         })
         .collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for the chaos tests (tests/tests/chaos.rs): the fleet service in-process, `roost`
+// child processes that can be SIGKILLed, configuration files, and probes.
+
+/// The cloud-side fleet service (`roost::fleet::run`) running in-process on a SQLite file.
+pub struct FleetService {
+    /// The database it records into.
+    pub db: roost::fleet::FleetDb,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl FleetService {
+    /// Starts recording everything on the `cloud` broker into `path`.
+    pub fn start(cloud: SocketAddr, path: &Path) -> FleetService {
+        let db = roost::fleet::FleetDb::open(path).expect("fleet db");
+        let cancel = CancellationToken::new();
+        let opts = roost::fleet::FleetOptions {
+            host: cloud.ip().to_string(),
+            port: cloud.port(),
+            db: path.to_owned(),
+            client_id: format!("roost-fleet-{:08x}", rand::random::<u32>()),
+        };
+        let (db2, c2) = (db.clone(), cancel.clone());
+        let task = tokio::spawn(async move {
+            if let Err(error) = roost::fleet::run(opts, db2, c2).await {
+                tracing::error!(%error, "fleet service failed");
+            }
+        });
+        FleetService { db, cancel, task }
+    }
+
+    /// The latest status document recorded for `store`.
+    pub fn status(&self, store: &str) -> Option<StatusDoc> {
+        let topics = Topics::default();
+        let want = topics.status(store);
+        self.db
+            .status_messages(&topics)
+            .ok()?
+            .into_iter()
+            .find(|(t, _)| *t == want)
+            .and_then(|(_, p)| serde_json::from_slice(&p).ok())
+    }
+
+    /// The latest presence document recorded for `store`.
+    pub fn presence(&self, store: &str) -> Option<roost_schemas::Presence> {
+        let topics = Topics::default();
+        let want = topics.presence(store);
+        self.db
+            .status_messages(&topics)
+            .ok()?
+            .into_iter()
+            .find(|(t, _)| *t == want)
+            .and_then(|(_, p)| serde_json::from_slice(&p).ok())
+    }
+
+    /// The store's distinct events in first-arrival order, parsed.
+    pub fn events(&self, store: &str) -> Vec<CloudEvent> {
+        self.db
+            .events(store)
+            .expect("fleet events")
+            .iter()
+            .map(|e| serde_json::from_str(&e.json).expect("stored event"))
+            .collect()
+    }
+
+    /// The highest `roostseq` recorded for `store` (0 = none).
+    pub fn max_roostseq(&self, store: &str) -> u64 {
+        self.db
+            .events(store)
+            .expect("fleet events")
+            .iter()
+            .map(|e| e.roostseq)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for FleetService {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.task.abort();
+    }
+}
+
+/// Publishes one QoS 1 message (retained or not) and waits for the PUBACK.
+pub async fn publish_qos1(broker: SocketAddr, topic: &str, payload: Vec<u8>, retain: bool) {
+    let (client, mut ev) =
+        roost::cloud::connect(&broker.to_string(), "roost-test-pub").expect("client");
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, payload)
+        .await
+        .expect("publish");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("publish to {broker}: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("PUBACK in time");
+    let _ = client.disconnect().await;
+}
+
+/// Waits until the bridge of `store` carries the store's topics from `edge` to the fleet
+/// service: publishes a probe status document (not retained) on the edge broker until the
+/// fleet records it. Needed before anything publishes events: the edge broker keeps messages
+/// only for subscriptions that exist.
+pub async fn wait_bridge_ready(edge: SocketAddr, fleet: &FleetService, store: &str) {
+    let topic = Topics::default().status(store);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let marker = format!("probe-{:08x}", rand::random::<u32>());
+        let doc = StatusDoc {
+            store: store.to_owned(),
+            agent_version: marker.clone(),
+            updated_at: roost_schemas::now_rfc3339(),
+            roostseq: 0,
+            outbox_backlog: 0,
+            deployments: BTreeMap::new(),
+        };
+        publish_qos1(edge, &topic, serde_json::to_vec(&doc).expect("json"), false).await;
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            if fleet
+                .status(store)
+                .is_some_and(|d| d.agent_version == marker)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bridge of {store} did not carry a probe from the edge to the fleet in 30 s"
+        );
+    }
+}
+
+/// A `roost` child process (agent, bridge, …) that can be SIGKILLed and started again with
+/// the same arguments; stderr is appended to a log file.
+pub struct RoostProcess {
+    args: Vec<std::ffi::OsString>,
+    log: PathBuf,
+    child: Option<std::process::Child>,
+    /// How many times it was started.
+    pub starts: u32,
+}
+
+impl RoostProcess {
+    /// Starts `roost ARGS…`, logging to `log`.
+    pub fn start<I, S>(args: I, log: &Path) -> RoostProcess
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString>,
+    {
+        let mut p = RoostProcess {
+            args: args.into_iter().map(Into::into).collect(),
+            log: log.to_owned(),
+            child: None,
+            starts: 0,
+        };
+        p.restart();
+        p
+    }
+
+    /// Kills it with SIGKILL (no shutdown code runs) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again (killing a running one first).
+    pub fn restart(&mut self) {
+        self.kill();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = std::process::Command::new(roost_bin())
+            .args(&self.args)
+            .env(
+                "ROOST_LOG",
+                std::env::var("ROOST_CHILD_LOG").unwrap_or_else(|_| "info,rumqttd=error".into()),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn roost");
+        self.child = Some(child);
+        self.starts += 1;
+    }
+
+    /// Whether the process is running (it may have exited on its own).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for RoostProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An agent configuration file (TOML) for `roost agent --config`, trusting `signer`.
+pub fn agent_toml(
+    store: &str,
+    groups: &[&str],
+    state_dir: &Path,
+    edge: SocketAddr,
+    signer: &Signer,
+    allowed: &str,
+) -> String {
+    use base64::Engine as _;
+    let groups: Vec<String> = groups.iter().map(|g| format!("{g:?}")).collect();
+    format!(
+        r#"store = "{store}"
+groups = [{groups}]
+state_dir = {state_dir:?}
+drift_interval_s = 2
+retry_ms = [200, 2000]
+[broker]
+host = "{host}"
+port = {port}
+keep_alive_s = 5
+[[trusted_keys]]
+id = "{id}"
+public_key = "{public}"
+[git]
+allowed_sources = [{allowed:?}]
+fetch_timeout_s = 10
+[target]
+kind = "files"
+"#,
+        groups = groups.join(", "),
+        state_dir = state_dir.display().to_string(),
+        host = edge.ip(),
+        port = edge.port(),
+        id = signer.key.key_id(),
+        public = base64::engine::general_purpose::STANDARD.encode(signer.key.public_key()),
+    )
+}
+
+/// A bridge configuration file (TOML) for `roost bridge --config`.
+pub fn bridge_toml(
+    store: &str,
+    groups: &[&str],
+    state_dir: &Path,
+    edge: SocketAddr,
+    cloud: SocketAddr,
+    cloud_keep_alive_s: u64,
+) -> String {
+    let groups: Vec<String> = groups.iter().map(|g| format!("{g:?}")).collect();
+    format!(
+        r#"store = "{store}"
+groups = [{groups}]
+state_dir = {state_dir:?}
+[edge]
+host = "{eh}"
+port = {ep}
+keep_alive_s = 5
+[cloud]
+host = "{ch}"
+port = {cp}
+keep_alive_s = {cloud_keep_alive_s}
+"#,
+        groups = groups.join(", "),
+        state_dir = state_dir.display().to_string(),
+        eh = edge.ip(),
+        ep = edge.port(),
+        ch = cloud.ip(),
+        cp = cloud.port(),
+    )
+}
+
+/// Every regular file under `dir` (relative path → content); empty if `dir` is absent.
+pub fn files_under(dir: &Path) -> BTreeMap<String, String> {
+    fn rec(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                rec(base, &p, out);
+            } else if let (Ok(rel), Ok(c)) = (p.strip_prefix(base), std::fs::read_to_string(&p)) {
+                out.insert(rel.to_string_lossy().into_owned(), c);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    rec(dir, dir, &mut out);
+    out
+}
+
+impl StoreRig {
+    /// Stops the bridge (cancelled, then aborted) without starting it again.
+    pub async fn stop_bridge(&mut self) {
+        if let Some((c, h)) = self.bridge.take() {
+            c.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+        }
+    }
+}

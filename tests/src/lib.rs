@@ -3,3 +3,4 @@
 
 pub mod harness;
 pub mod kube_api;
+pub mod proxy;
