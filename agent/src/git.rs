@@ -150,6 +150,33 @@ impl GitCache {
         }
     }
 
+    /// Removes `*.lock` files that a fetch killed mid-way left behind (libgit2 would refuse
+    /// to update refs while they exist). Call at startup, before any fetch: the agent is the
+    /// cache's only user.
+    pub fn clear_stale_locks(&self) -> usize {
+        fn rec(dir: &Path, n: &mut usize) {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    rec(&p, n);
+                } else if p.extension().is_some_and(|x| x == "lock")
+                    && std::fs::remove_file(&p).is_ok()
+                {
+                    *n += 1;
+                }
+            }
+        }
+        let mut n = 0;
+        rec(&self.root, &mut n);
+        if n > 0 {
+            info!(removed = n, "removed stale git lock files");
+        }
+        n
+    }
+
     fn repo_dir(&self, url: &str) -> PathBuf {
         let h = Sha256::digest(url.as_bytes());
         self.root.join(hex::encode(&h[..12]))
@@ -419,4 +446,23 @@ fn check_syntax(f: &ManifestFile) -> Result<(), GitError> {
         parse_documents(f)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_locks_are_removed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let repo = dir.path().join("abc/refs/remotes/origin");
+        std::fs::create_dir_all(&repo).expect("mkdir");
+        std::fs::write(repo.join("main.lock"), "x").expect("write");
+        std::fs::write(dir.path().join("abc/index.lock"), "x").expect("write");
+        std::fs::write(dir.path().join("abc/HEAD"), "x").expect("write");
+        let cache = GitCache::new(dir.path().to_owned(), vec![], Duration::from_secs(1));
+        assert_eq!(cache.clear_stale_locks(), 2);
+        assert!(dir.path().join("abc/HEAD").exists());
+        assert!(!repo.join("main.lock").exists());
+    }
 }

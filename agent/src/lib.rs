@@ -96,6 +96,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         cfg.file.git.credentials.clone(),
         Duration::from_secs(cfg.file.git.fetch_timeout_s.unwrap_or(120)),
     );
+    git.clear_stale_locks();
     let reporter = report::Reporter::new(outbox.clone(), topics.events(&store), cfg.event_source());
     let board = report::StatusBoard::default();
 

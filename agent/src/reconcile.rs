@@ -338,9 +338,6 @@ async fn apply(
         url: src.url.clone(),
         removed: false,
     };
-    ctx.state
-        .set_applied(deployment, &record)
-        .map_err(|e| StageError::State(e.to_string()))?;
     // The new inventory keeps what was not pruned, so a later prune still finds it.
     let mut inventory = report.inventory.clone();
     if rollout.policy.prune {
@@ -373,6 +370,10 @@ async fn apply(
         s.drift = false;
         s.message = format!("applied {}; waiting for health", short(&src.revision));
     });
+    // Crash safety: apply.succeeded is stored before the apply is recorded as done, so a
+    // crash in between re-applies (idempotent) and reports again, instead of finding itself
+    // in sync with the outcome never reported. converged/degraded are recorded as reported
+    // (see `health`), and `in_sync` reports them if a crash came first.
     ctx.reporter
         .emit(
             EventType::ApplySucceeded,
@@ -380,6 +381,9 @@ async fn apply(
             with(base_data(rollout), json!({"changed": report.changed})),
         )
         .await;
+    ctx.state
+        .set_applied(deployment, &record)
+        .map_err(|e| StageError::State(e.to_string()))?;
     health(ctx, deployment, rollout, &rendered, rx, cancel).await
 }
 
@@ -416,6 +420,7 @@ async fn health(
                 ctx.reporter
                     .emit(EventType::Converged, Some(deployment), base_data(rollout))
                     .await;
+                mark_reported(ctx, deployment, &rendered.revision);
                 return Ok(());
             }
             Ok(h) if tokio::time::Instant::now() >= deadline => {
@@ -436,6 +441,7 @@ async fn health(
                         with(base_data(rollout), json!({"reason": Reason::HealthTimeout, "message": message, "not_ready": h.not_ready})),
                     )
                     .await;
+                mark_reported(ctx, deployment, &rendered.revision);
                 return Ok(());
             }
             Ok(_) => {}
@@ -456,6 +462,12 @@ async fn health(
     }
 }
 
+fn mark_reported(ctx: &Ctx, deployment: &str, revision: &str) {
+    if let Err(error) = ctx.state.set_reported(deployment, revision) {
+        warn!(%deployment, %error, "cannot record the reported outcome");
+    }
+}
+
 /// Applied and wanted: check drift on the timer and on target change signals.
 async fn in_sync(
     ctx: &Ctx,
@@ -471,6 +483,16 @@ async fn in_sync(
             return Err(e);
         }
     };
+    // Applied, but its outcome (converged/degraded) was never reported: the agent stopped
+    // in between. Report it now.
+    let reported = ctx
+        .state
+        .reported(deployment)
+        .map_err(|e| StageError::State(e.to_string()))?;
+    if reported.as_deref() != Some(rendered.revision.as_str()) {
+        info!(%deployment, revision = %rendered.revision, "reporting the outcome of an apply finished before a restart");
+        health(ctx, deployment, rollout, &rendered, rx, cancel).await?;
+    }
     let mut signals = ctx.target.watch(deployment);
     let mut first = true;
     loop {

@@ -71,6 +71,10 @@ impl StateStore {
                 removed INTEGER NOT NULL DEFAULT 0,
                 updated_at TEXT NOT NULL
             );
+            CREATE TABLE IF NOT EXISTS reported (
+                deployment TEXT PRIMARY KEY,
+                revision TEXT NOT NULL
+            );
             CREATE TABLE IF NOT EXISTS inventory (
                 deployment TEXT NOT NULL,
                 item TEXT NOT NULL,
@@ -195,6 +199,30 @@ impl StateStore {
                     rec.removed as i64,
                     roost_schemas::now_rfc3339()
                 ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The revision whose outcome (converged/degraded) was last reported.
+    pub fn reported(&self, deployment: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT revision FROM reported WHERE deployment = ?1",
+                [deployment],
+                |r| r.get(0),
+            )
+            .optional()?)
+        })
+    }
+
+    /// Records that the outcome for `revision` was reported (the event is in the outbox).
+    pub fn set_reported(&self, deployment: &str, revision: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO reported(deployment, revision) VALUES (?1, ?2)
+                 ON CONFLICT(deployment) DO UPDATE SET revision = excluded.revision",
+                params![deployment, revision],
             )?;
             Ok(())
         })

@@ -672,10 +672,8 @@ async fn agent_and_bridge_crashes_lose_nothing() {
     assert!(converged >= 1);
     // Outcomes that never came: an `apply.started` for R with no later `apply.succeeded` or
     // `apply.failed` for R, or an `apply.succeeded` for R with no later `converged` or
-    // `degraded` for R. A SIGKILL between recording the apply in the agent's state and
-    // storing the next event loses them: the restarted agent finds itself in sync and says
-    // nothing (an agent bug, reported; the status document is right). Not asserted until the
-    // agent re-reports outcomes after a restart.
+    // `degraded` for R. The agent stores apply.succeeded before it records the apply, and
+    // reports a missing converged/degraded after a restart, so a SIGKILL anywhere loses none.
     let after = |s: &CloudEvent, tys: &[EventType]| {
         evs.iter().any(|e| {
             e.roostseq > s.roostseq
@@ -692,6 +690,10 @@ async fn agent_and_bridge_crashes_lose_nothing() {
                     && !after(e, &[EventType::Converged, EventType::Degraded]))
         })
         .count();
+    assert_eq!(
+        lost_outcomes, 0,
+        "every apply outcome reported despite the kills"
+    );
     let counts = fleet.db.counts().expect("counts");
     let of = |ty: EventType| evs.iter().filter(|e| e.ty == ty.as_str()).count();
     println!(
