@@ -233,6 +233,10 @@ pub struct AgentFile {
     /// Outbox disk cap in MiB (default 256).
     #[serde(default)]
     pub outbox_max_mib: Option<u64>,
+    /// Keep events until the store's bridge confirms it stored them (default true). Turn off
+    /// only for an agent that publishes to a broker without a roost bridge.
+    #[serde(default)]
+    pub confirm_via_bridge: Option<bool>,
     /// Retry backoff for failed fetches/applies: initial and max milliseconds.
     #[serde(default)]
     pub retry_ms: Option<(u64, u64)>,

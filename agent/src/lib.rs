@@ -117,6 +117,13 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         .chain(std::iter::once(Scope::Fleet))
         .map(|s| topics.deployment_filter(&s))
         .collect();
+    let confirm = cfg.file.confirm_via_bridge.unwrap_or(true);
+    if confirm {
+        // Events stay in the outbox until the bridge confirms it has them durably: a PUBACK
+        // from the edge broker only means they are in its memory.
+        lc.confirm_events = true;
+        lc.subscriptions.push(topics.ack(&store));
+    }
     let tracker = TaskTracker::new();
     let child = cancel.child_token();
     let link = Link::start(lc, Some(outbox.clone()), child.clone())?;
@@ -140,9 +147,24 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
             )
             .instrument(tracing::info_span!("status")),
     );
+    let confirmer = Confirmer {
+        outbox: outbox.clone(),
+        link: link.handle.clone(),
+        topic: topics.ack(&store),
+        state: Default::default(),
+    };
+    if confirm {
+        tracker.spawn(confirmer.clone().resend_stalled(child.clone()));
+    }
     let controller = tracker.spawn(
-        controller(ctx, link.incoming, tracker.clone(), child.clone())
-            .instrument(tracing::info_span!("controller", %store)),
+        controller(
+            ctx,
+            link.incoming,
+            confirmer,
+            tracker.clone(),
+            child.clone(),
+        )
+        .instrument(tracing::info_span!("controller", %store)),
     );
     let link_task = link.task;
     tracker.close();
@@ -164,9 +186,71 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
 }
 
 /// Receives deployment messages, verifies and records them, and feeds each deployment's worker.
+/// End-to-end delivery: applies the bridge's confirmations to the outbox and resends what the
+/// bridge has not confirmed when it asks (after it reconnects) or when confirmation stalls.
+#[derive(Clone)]
+struct Confirmer {
+    outbox: Outbox,
+    link: roost_runtime::LinkHandle,
+    topic: String,
+    /// (confirmed roostseq, when it last advanced)
+    state: Arc<std::sync::Mutex<(u64, Option<tokio::time::Instant>)>>,
+}
+
+impl Confirmer {
+    fn handle(&self, payload: &[u8]) {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            warn!("unreadable delivery confirmation");
+            return;
+        };
+        let Some(upto) = v.get("roostseq").and_then(|n| n.as_u64()) else {
+            return;
+        };
+        if let Ok(mut st) = self.state.lock() {
+            if upto > st.0 || st.1.is_none() {
+                *st = (upto, Some(tokio::time::Instant::now()));
+            }
+        }
+        self.outbox.confirm(upto);
+        if v.get("resend").and_then(|b| b.as_bool()) == Some(true) {
+            tracing::debug!(upto, "bridge (re)connected; resending unconfirmed events");
+            let _ = self.link.rewind();
+        }
+    }
+
+    /// Resends unconfirmed events when confirmation has not advanced for a while although
+    /// events are waiting (the bridge lost them, e.g. with an edge broker restart).
+    async fn resend_stalled(self, cancel: CancellationToken) {
+        const STALL: Duration = Duration::from_secs(15);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(STALL) => {}
+            }
+            let Ok(stats) = self.outbox.stats().await else {
+                continue;
+            };
+            let (confirmed, since) = self.state.lock().map(|s| *s).unwrap_or((0, None));
+            let stalled = since.is_none_or(|t| t.elapsed() >= STALL);
+            if stats.last_roostseq > confirmed && stalled && self.link.is_connected() {
+                info!(
+                    confirmed,
+                    last = stats.last_roostseq,
+                    "confirmation stalled; resending unconfirmed events"
+                );
+                let _ = self.link.rewind();
+                if let Ok(mut st) = self.state.lock() {
+                    st.1 = Some(tokio::time::Instant::now());
+                }
+            }
+        }
+    }
+}
+
 async fn controller(
     ctx: Ctx,
     mut incoming: mpsc::Receiver<Incoming>,
+    confirmer: Confirmer,
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
@@ -186,6 +270,10 @@ async fn controller(
             _ = cancel.cancelled() => return,
             m = incoming.recv() => match m { Some(m) => m, None => return },
         };
+        if msg.topic == confirmer.topic {
+            confirmer.handle(&msg.payload);
+            continue;
+        }
         handle_message(&ctx, &topics, &msg, &mut workers, &tracker, &cancel).await;
     }
 }

@@ -144,7 +144,8 @@ impl DesiredStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS desired (topic TEXT PRIMARY KEY, payload BLOB NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS desired (topic TEXT PRIMARY KEY, payload BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS confirmed (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL);",
         )?;
         Ok(DesiredStore {
             conn: Arc::new(Mutex::new(conn)),
@@ -162,6 +163,24 @@ impl DesiredStore {
                 params![topic, payload],
             )?;
         }
+        Ok(())
+    }
+
+    fn confirmed(&self) -> u64 {
+        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        c.query_row("SELECT upto FROM confirmed WHERE id = 1", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map(|v| v as u64)
+        .unwrap_or(0)
+    }
+
+    fn set_confirmed(&self, upto: u64) -> Result<(), BridgeError> {
+        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        c.execute(
+            "INSERT INTO confirmed(id, upto) VALUES (1, ?1) ON CONFLICT(id) DO UPDATE SET upto = excluded.upto",
+            [upto as i64],
+        )?;
         Ok(())
     }
 
@@ -191,6 +210,80 @@ fn presence(state: PresenceState) -> Vec<u8> {
         since: roost_schemas::now_rfc3339(),
     })
     .unwrap_or_default()
+}
+
+/// The agent's events that are in the bridge's outbox: every roostseq up to `upto`, plus
+/// those above it that arrived out of order (after a gap that a resend will fill).
+#[derive(Debug, Default)]
+pub struct Watermark {
+    upto: u64,
+    above: std::collections::BTreeSet<u64>,
+}
+
+impl Watermark {
+    /// Starting from a persisted watermark.
+    pub fn new(upto: u64) -> Watermark {
+        Watermark {
+            upto,
+            above: Default::default(),
+        }
+    }
+
+    /// The confirmed roostseq.
+    pub fn upto(&self) -> u64 {
+        self.upto
+    }
+
+    /// Records stored roostseqs (an inclusive range); returns whether `upto` advanced.
+    pub fn add(&mut self, from: u64, to: u64) -> bool {
+        let before = self.upto;
+        for s in from.max(self.upto + 1)..=to {
+            self.above.insert(s);
+        }
+        while self.above.remove(&(self.upto + 1)) {
+            self.upto += 1;
+        }
+        self.upto > before
+    }
+
+    /// Records what one stored event accounts for: its own roostseq and, for an overflow
+    /// report, the roostseqs the agent dropped (they will never come).
+    pub fn add_event(&mut self, payload: &[u8]) -> bool {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return false;
+        };
+        let mut advanced = false;
+        if v.get("type").and_then(|t| t.as_str()) == Some(roostseq_overflow_type()) {
+            let data = &v["data"];
+            if let Some(ranges) = data.get("lost_ranges").and_then(|r| r.as_array()) {
+                for r in ranges {
+                    if let (Some(a), Some(b)) = (
+                        r.get(0).and_then(|x| x.as_u64()),
+                        r.get(1).and_then(|x| x.as_u64()),
+                    ) {
+                        advanced |= self.add(a.min(b), a.max(b));
+                    }
+                }
+            } else if let (Some(a), Some(b)) = (
+                data["lost_from_roostseq"].as_u64(),
+                data["lost_to_roostseq"].as_u64(),
+            ) {
+                advanced |= self.add(a.min(b), a.max(b));
+            }
+        }
+        if let Some(s) = v.get("roostseq").and_then(|s| s.as_u64()) {
+            advanced |= self.add(s, s);
+        }
+        advanced
+    }
+}
+
+fn roostseq_overflow_type() -> &'static str {
+    roost_schemas::EventType::OutboxOverflow.as_str()
+}
+
+fn confirmation(upto: u64, resend: bool) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"roostseq": upto, "resend": resend})).unwrap_or_default()
 }
 
 /// Maps an edge message to what goes up: status (retained, last value wins) or an event.
@@ -282,10 +375,26 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
     edge.manual_acks = true;
     edge.subscriptions = vec![topics.status(&store), topics.events(&store)];
     let d2 = desired.clone();
-    edge.on_connect = Some(Arc::new(move |_| d2.all()));
+    // End-to-end delivery: the agent keeps each event until this bridge confirms it is in the
+    // outbox here. On every edge connect the bridge states its watermark and asks for a
+    // resend of anything later (the edge broker may have lost it, e.g. in a restart).
+    let watermark = Arc::new(Mutex::new(Watermark::new(desired.confirmed())));
+    let ack_topic = topics.ack(&store);
+    let (w2, t2) = (watermark.clone(), ack_topic.clone());
+    edge.on_connect = Some(Arc::new(move |_| {
+        let upto = w2.lock().map(|w| w.upto()).unwrap_or(0);
+        let mut msgs = d2.all();
+        msgs.push(DirectMessage {
+            topic: t2.clone(),
+            payload: confirmation(upto, true),
+            retain: true,
+        });
+        msgs
+    }));
     let mut edge_link = Link::start(edge, None, child.clone())?;
     info!(%store, "bridge starting");
 
+    let desired_for_up = desired.clone();
     let edge_handle = edge_link.handle.clone();
     let down = {
         let topics = topics.clone();
@@ -346,7 +455,27 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
                     continue;
                 }
                 match outbox.enqueue(msgs).await {
-                    Ok(_) => taken.iter().for_each(|m| edge_handle.ack(m)),
+                    Ok(_) => {
+                        taken.iter().for_each(|m| edge_handle.ack(m));
+                        let advanced = {
+                            let mut w = watermark.lock().unwrap_or_else(|p| p.into_inner());
+                            let mut adv = false;
+                            for m in taken.iter().filter(|m| m.topic.ends_with("/events")) {
+                                adv |= w.add_event(&m.payload);
+                            }
+                            adv.then(|| w.upto())
+                        };
+                        if let Some(upto) = advanced {
+                            if let Err(error) = desired_for_up.set_confirmed(upto) {
+                                warn!(%error, "cannot persist the delivery watermark");
+                            }
+                            let _ = edge_handle.publish(DirectMessage {
+                                topic: ack_topic.clone(),
+                                payload: confirmation(upto, false),
+                                retain: true,
+                            });
+                        }
+                    }
                     Err(error) => warn!(%error, count = taken.len(), "cannot store upward messages; not acknowledging"),
                 }
             }
@@ -366,4 +495,29 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
     .await;
     info!("bridge stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Watermark;
+
+    #[test]
+    fn watermark_advances_only_over_contiguous_roostseqs() {
+        let mut w = Watermark::new(0);
+        assert!(w.add(1, 1));
+        assert!(w.add(2, 4));
+        assert!(!w.add(7, 7), "a gap: 5 and 6 are missing");
+        assert_eq!(w.upto(), 4);
+        assert!(w.add(5, 6));
+        assert_eq!(w.upto(), 7, "the gap filled; 7 was already there");
+        assert!(!w.add(3, 3), "old duplicates change nothing");
+        // An overflow report accounts for what the agent dropped.
+        let ev = serde_json::json!({"type": "dev.roost.outbox.overflow", "roostseq": 12,
+            "data": {"lost_ranges": [[8, 11]]}});
+        assert!(w.add_event(&serde_json::to_vec(&ev).expect("json")));
+        assert_eq!(w.upto(), 12);
+        let mut resumed = Watermark::new(12);
+        assert!(!resumed.add(12, 12));
+        assert!(resumed.add(13, 13));
+    }
 }

@@ -252,6 +252,7 @@ pub fn store_configs(
         drift_interval_s: None,
         outbox_max_mib: None,
         retry_ms: Some((500, 10_000)),
+        confirm_via_bridge: None,
     };
     let agent = AgentConfig::from_file(file).map_err(setup("agent config"))?;
     let endpoint = |a: SocketAddr| Endpoint {

@@ -86,6 +86,9 @@ pub struct LinkConfig {
     pub backoff: (Duration, Duration),
     /// Messages to publish on every connect (bool = session present).
     pub on_connect: Option<OnConnect>,
+    /// Keep event rows (those with a `roostseq`) after their PUBACK until
+    /// [`Outbox::confirm`] covers them: end-to-end delivery through the next hop.
+    pub confirm_events: bool,
 }
 
 impl std::fmt::Debug for LinkConfig {
@@ -117,6 +120,7 @@ impl LinkConfig {
             max_packet_size: 1024 * 1024,
             backoff: (Duration::from_millis(200), Duration::from_secs(10)),
             on_connect: None,
+            confirm_events: false,
         }
     }
 
@@ -158,6 +162,7 @@ pub struct Incoming {
 }
 
 enum Cmd {
+    Rewind,
     Ack(u64, Publish),
     Direct(DirectMessage),
 }
@@ -193,6 +198,12 @@ impl LinkHandle {
         self.cmd
             .send(Cmd::Direct(msg))
             .map_err(|_| LinkError::Closed)
+    }
+
+    /// Sends every message still in the outbox again (the next hop lost some: with
+    /// `confirm_events`, unconfirmed events stay in the outbox until confirmed).
+    pub fn rewind(&self) -> Result<(), LinkError> {
+        self.cmd.send(Cmd::Rewind).map_err(|_| LinkError::Closed)
     }
 
     /// Whether the link is connected now.
@@ -277,9 +288,9 @@ fn options(cfg: &LinkConfig) -> MqttOptions {
 struct Inflight {
     /// Publishes handed to the client, in order, not yet given a packet id
     /// (`Some(outbox id)` or `None` for direct messages).
-    unassigned: VecDeque<Option<i64>>,
+    unassigned: VecDeque<Option<(i64, Option<u64>)>>,
     /// Packet id → outbox id, awaiting PUBACK.
-    by_pkid: HashMap<u16, i64>,
+    by_pkid: HashMap<u16, (i64, Option<u64>)>,
     /// Highest outbox id handed to this connection.
     high_water: i64,
     /// Outbox messages handed to this connection and not yet acknowledged.
@@ -351,15 +362,20 @@ async fn run(
                             }
                         }
                         Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                            if let Some(Some(id)) = inflight.unassigned.pop_front() {
-                                inflight.by_pkid.insert(pkid, id);
+                            if let Some(Some(row)) = inflight.unassigned.pop_front() {
+                                inflight.by_pkid.insert(pkid, row);
                             }
                         }
                         Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                            if let Some(id) = inflight.by_pkid.remove(&ack.pkid) {
+                            if let Some((id, roostseq)) = inflight.by_pkid.remove(&ack.pkid) {
                                 inflight.outstanding = inflight.outstanding.saturating_sub(1);
                                 if let Some(ob) = &outbox {
-                                    ob.ack(vec![id]);
+                                    // With end-to-end confirmation an event stays until the
+                                    // next hop confirms it; a PUBACK only means the broker
+                                    // has it in memory.
+                                    if !(cfg.confirm_events && roostseq.is_some()) {
+                                        ob.ack(vec![id]);
+                                    }
                                     if let Err(e) = refill(&client, ob, &mut inflight, cfg.window).await {
                                         break Err(e);
                                     }
@@ -392,6 +408,15 @@ async fn run(
                         Some(Cmd::Ack(g, p)) => {
                             if g == generation && is_up {
                                 if let Err(e) = client.ack(&p).await { break Err(e.to_string()); }
+                            }
+                        }
+                        Some(Cmd::Rewind) => {
+                            // Send every message still in the outbox again, oldest first.
+                            inflight.high_water = 0;
+                            if let (true, Some(ob)) = (is_up, &outbox) {
+                                if let Err(e) = refill(&client, ob, &mut inflight, cfg.window).await {
+                                    break Err(e);
+                                }
                             }
                         }
                         Some(Cmd::Direct(m)) => {
@@ -464,7 +489,7 @@ async fn refill(
         for m in batch {
             inflight.high_water = m.id;
             inflight.outstanding += 1;
-            inflight.unassigned.push_back(Some(m.id));
+            inflight.unassigned.push_back(Some((m.id, m.roostseq)));
             client
                 .publish(m.topic, QoS::AtLeastOnce, m.retain, m.payload)
                 .await

@@ -165,6 +165,8 @@ pub struct StoredMessage {
     pub payload: Vec<u8>,
     /// Retain flag.
     pub retain: bool,
+    /// The event's `roostseq`, for event rows.
+    pub roostseq: Option<u64>,
 }
 
 /// Counters for status documents and benchmarks.
@@ -192,6 +194,7 @@ enum Cmd {
         oneshot::Sender<Result<Vec<StoredMessage>, OutboxError>>,
     ),
     Delete(Vec<i64>, Option<oneshot::Sender<Result<(), OutboxError>>>),
+    Confirm(u64),
     Stats(oneshot::Sender<Result<OutboxStats, OutboxError>>),
 }
 
@@ -517,10 +520,30 @@ impl Writer {
         Ok(out)
     }
 
-    fn delete(&mut self, ids: &[i64]) -> Result<(), OutboxError> {
+    /// Deletes acknowledged rows, and with `confirm_upto` every event row up to that roostseq
+    /// (end-to-end confirmation). Runs with `synchronous=NORMAL`: a delete lost to a power cut
+    /// only means the message is sent again (at least once), so it need not wait for fsync.
+    fn delete(&mut self, ids: &[i64], confirm_upto: Option<u64>) -> Result<(), OutboxError> {
+        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let res = self.delete_tx(ids, confirm_upto);
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        res
+    }
+
+    fn delete_tx(&mut self, ids: &[i64], confirm_upto: Option<u64>) -> Result<(), OutboxError> {
         let tx = self.conn.transaction()?;
         let mut freed = 0u64;
         let mut n = 0u64;
+        if let Some(upto) = confirm_upto {
+            let mut stmt = tx.prepare(
+                "DELETE FROM outbox WHERE roostseq IS NOT NULL AND compact_key IS NULL AND roostseq <= ?1 RETURNING size",
+            )?;
+            let sizes = stmt.query_map([upto as i64], |r| r.get::<_, i64>(0))?;
+            for size in sizes {
+                freed += size? as u64;
+                n += 1;
+            }
+        }
         for id in ids {
             let size: Option<i64> = tx
                 .query_row(
@@ -542,7 +565,7 @@ impl Writer {
 
     fn peek(&self, after: i64, limit: usize) -> Result<Vec<StoredMessage>, OutboxError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, topic, payload, retain FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
+            "SELECT id, topic, payload, retain, roostseq FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![after, limit as i64], |r| {
             Ok(StoredMessage {
@@ -550,6 +573,7 @@ impl Writer {
                 topic: r.get(1)?,
                 payload: r.get(2)?,
                 retain: r.get::<_, i64>(3)? != 0,
+                roostseq: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -568,10 +592,12 @@ impl Writer {
             let mut enqueues = Vec::new();
             let mut deletes = Vec::new();
             let mut delete_replies = Vec::new();
+            let mut confirm_upto: Option<u64> = None;
             let mut others = Vec::new();
             for c in cmds {
                 match c {
                     Cmd::Enqueue(m, reply) => enqueues.push((m, reply)),
+                    Cmd::Confirm(upto) => confirm_upto = confirm_upto.max(Some(upto)),
                     Cmd::Delete(ids, reply) => {
                         deletes.extend(ids);
                         if let Some(r) = reply {
@@ -581,8 +607,8 @@ impl Writer {
                     other => others.push(other),
                 }
             }
-            if !deletes.is_empty() {
-                let res = self.delete(&deletes);
+            if !deletes.is_empty() || confirm_upto.is_some() {
+                let res = self.delete(&deletes, confirm_upto);
                 if let Err(error) = &res {
                     tracing::error!(%error, "outbox delete failed");
                 }
@@ -638,7 +664,7 @@ impl Writer {
                         })();
                         let _ = reply.send(res);
                     }
-                    Cmd::Enqueue(..) | Cmd::Delete(..) => {}
+                    Cmd::Enqueue(..) | Cmd::Delete(..) | Cmd::Confirm(..) => {}
                 }
             }
         }
@@ -715,6 +741,12 @@ impl Outbox {
         limit: usize,
     ) -> Result<Vec<StoredMessage>, OutboxError> {
         self.call(|r| Cmd::Peek(after, limit, true, r)).await
+    }
+
+    /// End-to-end confirmation: every event up to `roostseq` has reached durable storage
+    /// further along (the bridge's outbox); their rows are deleted (fire and forget).
+    pub fn confirm(&self, roostseq: u64) {
+        let _ = self.tx.send(Cmd::Confirm(roostseq));
     }
 
     /// Deletes acknowledged messages (batched with other writes; fire and forget).

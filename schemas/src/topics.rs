@@ -89,6 +89,12 @@ impl Topics {
         format!("{}/stores/{store}/presence", self.prefix)
     }
 
+    /// A store's delivery confirmation topic, on the edge broker only (bridge → agent,
+    /// retained): `{"roostseq": N}` = every event up to N is in the bridge's outbox.
+    pub fn ack(&self, store: &str) -> String {
+        format!("{}/stores/{store}/ack", self.prefix)
+    }
+
     /// Filters for a store topic kind across all stores (`+` for the store).
     pub fn all_stores(&self, kind: StoreTopicKind) -> String {
         let leaf = match kind {

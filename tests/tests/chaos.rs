@@ -1097,14 +1097,11 @@ async fn overflow_reports_exactly_what_was_lost() {
 /// The store's edge broker restarts (a power blip of the broker, a crash) while the bridge is
 /// down: the events the agent published meanwhile must still reach the cloud.
 ///
-/// Ignored: this loses events today. The edge broker acknowledges the agent's events (the
-/// agent deletes them from its outbox) and keeps them for the bridge's persistent session in
-/// memory only; rumqttd keeps nothing across a restart. The same happens when the agent
-/// reconnects to a restarted edge broker and drains its outbox before the bridge has
-/// subscribed again. It needs an end-to-end acknowledgement from the bridge to the agent (see
-/// the report); run with `--ignored` once that exists.
+/// The edge broker acknowledges the agent's events but keeps them for the bridge's session in
+/// memory only, and rumqttd keeps nothing across a restart. End-to-end confirmation covers
+/// it: the agent keeps each event until the bridge confirms it has it in its outbox, and the
+/// bridge asks for a resend of everything later whenever it (re)connects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known loss: events acknowledged by the edge broker die with it (needs end-to-end acks)"]
 async fn edge_broker_restart_with_bridge_down_loses_nothing() {
     let _serial = SERIAL.lock().await;
     harness::init();
