@@ -32,36 +32,8 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// The edge broker connection.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BrokerConfig {
-    /// Host.
-    #[serde(default = "default_host")]
-    pub host: String,
-    /// Port.
-    pub port: u16,
-    /// Username.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Password.
-    #[serde(default)]
-    pub password: Option<String>,
-    /// Client id; default `roost-agent-{store}`.
-    #[serde(default)]
-    pub client_id: Option<String>,
-    /// Keepalive seconds.
-    #[serde(default = "default_keepalive")]
-    pub keep_alive_s: u64,
-}
-
-fn default_host() -> String {
-    "127.0.0.1".into()
-}
-
-fn default_keepalive() -> u64 {
-    10
-}
+/// The edge broker connection (`[broker]`).
+pub type BrokerConfig = roost_runtime::Endpoint;
 
 /// A trusted rollout signing key.
 #[derive(Debug, Clone, Deserialize)]

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use roost_runtime::outbox::OverflowTarget;
-use roost_runtime::{Incoming, Link, LinkConfig, Outbox, OutboxConfig};
-use roost_schemas::{EventType, Scope};
+use roost_runtime::{Incoming, Link, Outbox, OutboxConfig};
+use roost_schemas::EventType;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -100,23 +100,12 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     let reporter = report::Reporter::new(outbox.clone(), topics.events(&store), cfg.event_source());
     let board = report::StatusBoard::default();
 
-    let b = &cfg.file.broker;
-    let mut lc = LinkConfig::new(
-        "edge",
-        &b.host,
-        b.port,
-        b.client_id
-            .as_deref()
-            .unwrap_or(&format!("roost-agent-{store}")),
-    );
-    lc.keep_alive = Duration::from_secs(b.keep_alive_s.max(1));
-    lc.credentials = b.username.clone().zip(b.password.clone());
+    let mut lc = cfg
+        .file
+        .broker
+        .link_config("edge", &format!("roost-agent-{store}"));
     lc.max_packet_size = cfg.file.limits.max_message_bytes.max(64 * 1024) * 2;
-    lc.subscriptions = std::iter::once(Scope::Store(store.clone()))
-        .chain(cfg.file.groups.iter().map(|g| Scope::Group(g.clone())))
-        .chain(std::iter::once(Scope::Fleet))
-        .map(|s| topics.deployment_filter(&s))
-        .collect();
+    lc.subscriptions = topics.store_deployment_filters(&store, &cfg.file.groups);
     let confirm = cfg.file.confirm_via_bridge.unwrap_or(true);
     if confirm {
         // Events stay in the outbox until the bridge confirms it has them durably: a PUBACK
@@ -147,6 +136,22 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
             )
             .instrument(tracing::info_span!("status")),
     );
+    {
+        let board = board.clone();
+        let mut connected = link.handle.connected();
+        let c = child.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => return,
+                    r = connected.changed() => if r.is_err() { return },
+                }
+                if *connected.borrow_and_update() {
+                    board.touch();
+                }
+            }
+        });
+    }
     let confirmer = Confirmer {
         outbox: outbox.clone(),
         link: link.handle.clone(),

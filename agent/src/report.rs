@@ -83,6 +83,12 @@ impl StatusBoard {
         }
     }
 
+    /// Schedules a publish of the current document (after a reconnect: a restarted edge
+    /// broker has lost the retained copy).
+    pub fn touch(&self) {
+        self.changed.notify_one();
+    }
+
     /// A copy of the current entries.
     pub fn snapshot(&self) -> BTreeMap<String, DeploymentStatus> {
         match self.inner.lock() {

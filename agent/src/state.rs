@@ -49,10 +49,7 @@ impl std::fmt::Debug for StateStore {
 impl StateStore {
     /// Opens or creates the database.
     pub fn open(path: &Path) -> Result<StateStore, StoreError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let conn = roost_runtime::sqlite::open_durable(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS accepted (
                 scope TEXT NOT NULL,

@@ -9,11 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use roost_runtime::outbox::Payload;
-use roost_runtime::{
-    DirectMessage, Incoming, Link, LinkConfig, NewMessage, Outbox, OutboxConfig, Will,
-};
+use roost_runtime::{DirectMessage, Incoming, Link, NewMessage, Outbox, OutboxConfig, Will};
 use roost_schemas::topics::StoreTopicKind;
-use roost_schemas::{validate_name, Presence, PresenceState, Scope, Topics};
+use roost_schemas::{validate_name, Presence, PresenceState, Topics};
 use rusqlite::{params, Connection};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -45,32 +43,7 @@ pub enum BridgeError {
     },
 }
 
-/// One broker endpoint.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Endpoint {
-    /// Host.
-    #[serde(default = "default_host")]
-    pub host: String,
-    /// Port.
-    pub port: u16,
-    /// Username.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Password.
-    #[serde(default)]
-    pub password: Option<String>,
-    /// Client id.
-    #[serde(default)]
-    pub client_id: Option<String>,
-    /// Keepalive seconds (a blackholed link is noticed within ~1.5× this).
-    #[serde(default)]
-    pub keep_alive_s: Option<u64>,
-}
-
-fn default_host() -> String {
-    "127.0.0.1".into()
-}
+pub use roost_runtime::Endpoint;
 
 /// The bridge configuration file (TOML).
 #[derive(Debug, Clone, Deserialize)]
@@ -140,9 +113,7 @@ struct DesiredStore {
 
 impl DesiredStore {
     fn open(path: &Path) -> Result<DesiredStore, BridgeError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        let conn = roost_runtime::sqlite::open_durable(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS desired (topic TEXT PRIMARY KEY, payload BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS confirmed (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL);",
@@ -326,21 +297,8 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
 
     // Cloud side: desired state in, the store's outbox out; presence via birth and last will.
     let c = &cfg.cloud;
-    let mut cloud = LinkConfig::new(
-        "cloud",
-        &c.host,
-        c.port,
-        c.client_id
-            .as_deref()
-            .unwrap_or(&format!("roost-bridge-{store}")),
-    );
-    cloud.keep_alive = Duration::from_secs(c.keep_alive_s.unwrap_or(10).max(1));
-    cloud.credentials = c.username.clone().zip(c.password.clone());
-    cloud.subscriptions = std::iter::once(Scope::Store(store.clone()))
-        .chain(cfg.groups.iter().map(|g| Scope::Group(g.clone())))
-        .chain(std::iter::once(Scope::Fleet))
-        .map(|s| topics.deployment_filter(&s))
-        .collect();
+    let mut cloud = c.link_config("cloud", &format!("roost-bridge-{store}"));
+    cloud.subscriptions = topics.store_deployment_filters(&store, &cfg.groups);
     let presence_topic = topics.presence(&store);
     cloud.will = Some(Will {
         topic: presence_topic.clone(),
@@ -357,20 +315,12 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
     }));
     let child = cancel.child_token();
     let mut cloud_link = Link::start(cloud, Some(outbox.clone()), child.clone())?;
+    let cloud_handle = cloud_link.handle.clone();
 
     // Edge side: a persistent session, so the edge broker keeps the store's events for the
     // bridge while it restarts; acknowledged only once they are in the outbox.
     let e = &cfg.edge;
-    let mut edge = LinkConfig::new(
-        "edge",
-        &e.host,
-        e.port,
-        e.client_id
-            .as_deref()
-            .unwrap_or(&format!("roost-bridge-{store}")),
-    );
-    edge.keep_alive = Duration::from_secs(e.keep_alive_s.unwrap_or(10).max(1));
-    edge.credentials = e.username.clone().zip(e.password.clone());
+    let mut edge = e.link_config("edge", &format!("roost-bridge-{store}"));
     edge.clean_session = false;
     edge.manual_acks = true;
     edge.subscriptions = vec![topics.status(&store), topics.events(&store)];
@@ -485,6 +435,15 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
     let down = tokio::spawn(down);
     let up = tokio::spawn(up);
     cancel.cancelled().await;
+    // A clean stop says so; the last will covers a crash or a lost link.
+    if cloud_handle.is_connected() {
+        let _ = cloud_handle.publish(DirectMessage {
+            topic: presence_topic.clone(),
+            payload: presence(PresenceState::Offline),
+            retain: true,
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     child.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = down.await;

@@ -85,13 +85,9 @@ pub struct FleetCounts {
 impl FleetDb {
     /// Opens or creates the database.
     pub fn open(path: &Path) -> Result<FleetDb, FleetError> {
-        if let Some(d) = path.parent() {
-            let _ = std::fs::create_dir_all(d);
-        }
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(Duration::from_secs(10))?;
+        // Durable like the outboxes: events are acknowledged to the broker only after they
+        // are recorded here.
+        let conn = roost_runtime::sqlite::open_durable(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS events (
                 arrival INTEGER PRIMARY KEY AUTOINCREMENT,

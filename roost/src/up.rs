@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use roost_agent::config::{AgentFile, BrokerConfig, GitConfig, Limits, TargetConfig, TrustedKey};
+use roost_agent::config::{AgentFile, GitConfig, Limits, TargetConfig, TrustedKey};
 use roost_agent::AgentConfig;
-use roost_bridge::{BridgeConfig, Endpoint};
+use roost_bridge::BridgeConfig;
 use roost_schemas::{Phase, Policy, Scope, SigningKey, StatusDoc, Topics};
 use rumqttc::{Event, Packet, QoS};
 use tokio_util::sync::CancellationToken;
@@ -230,14 +230,7 @@ pub fn store_configs(
         groups: groups.to_vec(),
         topic_prefix: None,
         state_dir: dir.join("agent"),
-        broker: BrokerConfig {
-            host: edge.ip().to_string(),
-            port: edge.port(),
-            username: None,
-            password: None,
-            client_id: None,
-            keep_alive_s: 5,
-        },
+        broker: roost_runtime::Endpoint::local(edge, 5),
         trusted_keys: vec![TrustedKey {
             id: key.key_id(),
             public_key: base64::engine::general_purpose::STANDARD.encode(key.public_key()),
@@ -255,14 +248,7 @@ pub fn store_configs(
         confirm_via_bridge: None,
     };
     let agent = AgentConfig::from_file(file).map_err(setup("agent config"))?;
-    let endpoint = |a: SocketAddr| Endpoint {
-        host: a.ip().to_string(),
-        port: a.port(),
-        username: None,
-        password: None,
-        client_id: None,
-        keep_alive_s: Some(5),
-    };
+    let endpoint = |a: SocketAddr| roost_runtime::Endpoint::local(a, 5);
     let bridge = BridgeConfig {
         store: store.to_owned(),
         groups: groups.to_vec(),

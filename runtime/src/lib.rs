@@ -5,7 +5,8 @@
 pub mod backoff;
 pub mod link;
 pub mod outbox;
+pub mod sqlite;
 
 pub use backoff::Backoff;
-pub use link::{DirectMessage, Incoming, Link, LinkConfig, LinkError, LinkHandle, Will};
+pub use link::{DirectMessage, Endpoint, Incoming, Link, LinkConfig, LinkError, LinkHandle, Will};
 pub use outbox::{NewMessage, Outbox, OutboxConfig, OutboxError, OutboxStats, Payload};

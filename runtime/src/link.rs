@@ -30,6 +30,61 @@ pub enum LinkError {
     Closed,
 }
 
+/// A broker endpoint as configuration files give it (agent `[broker]`, bridge `[edge]` and
+/// `[cloud]`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// Host.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Username.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Client id (each component has its default).
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Keepalive seconds (default 10): a blackholed link is noticed within ~1.5× this.
+    #[serde(default)]
+    pub keep_alive_s: Option<u64>,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+
+impl Endpoint {
+    /// A loopback endpoint (demos, tests) with a keepalive.
+    pub fn local(addr: std::net::SocketAddr, keep_alive_s: u64) -> Endpoint {
+        Endpoint {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            username: None,
+            password: None,
+            client_id: None,
+            keep_alive_s: Some(keep_alive_s),
+        }
+    }
+
+    /// The link configuration for this endpoint.
+    pub fn link_config(&self, name: &str, default_client_id: &str) -> LinkConfig {
+        let mut lc = LinkConfig::new(
+            name,
+            &self.host,
+            self.port,
+            self.client_id.as_deref().unwrap_or(default_client_id),
+        );
+        lc.keep_alive = Duration::from_secs(self.keep_alive_s.unwrap_or(10).max(1));
+        lc.credentials = self.username.clone().zip(self.password.clone());
+        lc
+    }
+}
+
 /// A last-will message.
 #[derive(Debug, Clone)]
 pub struct Will {

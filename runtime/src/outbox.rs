@@ -214,20 +214,7 @@ impl std::fmt::Debug for Outbox {
 const ROW_OVERHEAD: u64 = 64;
 
 fn open_db(path: &Path) -> Result<Connection, OutboxError> {
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir).map_err(|source| OutboxError::Io {
-                path: dir.to_owned(),
-                source,
-            })?;
-        }
-    }
-    let conn = Connection::open(path)?;
-    // WAL + synchronous=FULL: a committed transaction has been fsynced to the WAL, so it
-    // survives power loss; readers never block the writer.
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let conn = crate::sqlite::open_durable(path)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS outbox (
             id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -65,6 +65,15 @@ impl Topics {
         self.deployment(scope, "+")
     }
 
+    /// The deployment filters one store subscribes to: its own, its groups', the fleet's.
+    pub fn store_deployment_filters(&self, store: &str, groups: &[String]) -> Vec<String> {
+        std::iter::once(Scope::Store(store.to_owned()))
+            .chain(groups.iter().map(|g| Scope::Group(g.clone())))
+            .chain(std::iter::once(Scope::Fleet))
+            .map(|s| self.deployment_filter(&s))
+            .collect()
+    }
+
     /// Filter matching every deployment topic of every scope (for cloud services).
     pub fn all_deployment_filters(&self) -> Vec<String> {
         vec![

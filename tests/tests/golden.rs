@@ -676,6 +676,20 @@ async fn interop_mosquitto_as_the_cloud_broker() {
     .await
     .expect("read presence");
     assert!(String::from_utf8_lossy(&retained[0].1).contains("online"));
+    // A clean stop of the bridge says offline (a crash is covered by its last will).
+    s.stop_bridge().await;
+    let retained = roost::cloud::read_retained(
+        &cloud.to_string(),
+        &[roost_schemas::Topics::default().presence("store-0001")],
+        Duration::from_secs(3),
+    )
+    .await
+    .expect("read presence");
+    assert!(
+        String::from_utf8_lossy(&retained[0].1).contains("offline"),
+        "{:?}",
+        String::from_utf8_lossy(&retained[0].1)
+    );
     s.stop_agent().await;
     let _ = child.kill();
     let _ = child.wait();
