@@ -204,20 +204,18 @@ struct Confirmer {
 
 impl Confirmer {
     fn handle(&self, payload: &[u8]) {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        let Ok(c) = serde_json::from_slice::<roost_schemas::Confirmation>(payload) else {
             warn!("unreadable delivery confirmation");
             return;
         };
-        let Some(upto) = v.get("roostseq").and_then(|n| n.as_u64()) else {
-            return;
-        };
+        let upto = c.roostseq;
         if let Ok(mut st) = self.state.lock() {
             if upto > st.0 || st.1.is_none() {
                 *st = (upto, Some(tokio::time::Instant::now()));
             }
         }
         self.outbox.confirm(upto);
-        if v.get("resend").and_then(|b| b.as_bool()) == Some(true) {
+        if c.resend {
             tracing::debug!(upto, "bridge (re)connected; resending unconfirmed events");
             let _ = self.link.rewind();
         }

@@ -254,7 +254,11 @@ fn roostseq_overflow_type() -> &'static str {
 }
 
 fn confirmation(upto: u64, resend: bool) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({"roostseq": upto, "resend": resend})).unwrap_or_default()
+    serde_json::to_vec(&roost_schemas::Confirmation {
+        roostseq: upto,
+        resend,
+    })
+    .unwrap_or_default()
 }
 
 /// Maps an edge message to what goes up: status (retained, last value wins) or an event.

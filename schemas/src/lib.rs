@@ -18,7 +18,9 @@ pub use event::{CloudEvent, EventType};
 pub use names::{validate_name, NameError};
 pub use reason::Reason;
 pub use rollout::{Policy, Rollout, Scope, Source};
-pub use status::{DeploymentStatus, DesiredRef, Phase, Presence, PresenceState, StatusDoc};
+pub use status::{
+    Confirmation, DeploymentStatus, DesiredRef, Phase, Presence, PresenceState, StatusDoc,
+};
 pub use topics::{DeploymentTopic, Topics};
 
 /// The current UTC time as an RFC 3339 string with second precision (`2026-11-26T10:00:00Z`).
@@ -53,6 +55,8 @@ pub mod json_schema {
     pub const STATUS: &str = include_str!("../schema/status.schema.json");
     /// The presence document schema.
     pub const PRESENCE: &str = include_str!("../schema/presence.schema.json");
+    /// The edge-only delivery confirmation schema.
+    pub const ACK: &str = include_str!("../schema/ack.schema.json");
 }
 
 #[cfg(test)]

@@ -23,12 +23,13 @@ use crate::{
 };
 
 /// Every schema by its file stem.
-const SCHEMAS: [(&str, &str); 5] = [
+const SCHEMAS: [(&str, &str); 6] = [
     ("rollout", json_schema::ROLLOUT),
     ("envelope", json_schema::ENVELOPE),
     ("event", json_schema::EVENT),
     ("status", json_schema::STATUS),
     ("presence", json_schema::PRESENCE),
+    ("ack", json_schema::ACK),
 ];
 
 const EXAMPLES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
@@ -327,6 +328,20 @@ fn valid_presence_documents_roundtrip() {
     for ex in valid_examples("presence") {
         let (p, json) = roundtrip::<Presence>(&ex.file, &ex.value);
         assert!(crate::parse_rfc3339(&p.since).is_some(), "{}", ex.file);
+        assert_eq!(
+            errors(&v, &json),
+            Vec::<String>::new(),
+            "{} re-serialized",
+            ex.file
+        );
+    }
+}
+
+#[test]
+fn valid_confirmations_roundtrip() {
+    let v = validator("ack");
+    for ex in valid_examples("ack") {
+        let (_, json) = roundtrip::<crate::Confirmation>(&ex.file, &ex.value);
         assert_eq!(
             errors(&v, &json),
             Vec::<String>::new(),

@@ -113,3 +113,14 @@ pub struct Presence {
     /// Since when (RFC 3339).
     pub since: String,
 }
+
+/// The bridge's delivery confirmation to the agent, retained on the edge-only topic
+/// `…/stores/{store}/ack`: every event up to `roostseq` is in the bridge's durable outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Confirmation {
+    /// Highest roostseq up to which every event is confirmed (0 = none yet).
+    pub roostseq: u64,
+    /// Send every unconfirmed event again (the bridge has just connected).
+    #[serde(default)]
+    pub resend: bool,
+}
