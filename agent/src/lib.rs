@@ -222,29 +222,38 @@ impl Confirmer {
     }
 
     /// Resends unconfirmed events when confirmation has not advanced for a while although
-    /// events are waiting (the bridge lost them, e.g. with an edge broker restart).
+    /// events are waiting (the bridge lost them, e.g. with an edge broker restart). The bridge
+    /// also asks for a resend whenever it connects, so this is the fallback: its interval
+    /// doubles (15 s up to 15 min) while nothing is confirmed, so a long bridge outage does
+    /// not pile copies of the backlog up in the edge broker.
     async fn resend_stalled(self, cancel: CancellationToken) {
-        const STALL: Duration = Duration::from_secs(15);
+        const FIRST: Duration = Duration::from_secs(15);
+        const MAX: Duration = Duration::from_secs(15 * 60);
+        let mut interval = FIRST;
+        let mut last_confirmed = 0;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(STALL) => {}
+                _ = tokio::time::sleep(interval) => {}
             }
             let Ok(stats) = self.outbox.stats().await else {
                 continue;
             };
             let (confirmed, since) = self.state.lock().map(|s| *s).unwrap_or((0, None));
-            let stalled = since.is_none_or(|t| t.elapsed() >= STALL);
+            if confirmed != last_confirmed {
+                last_confirmed = confirmed;
+                interval = FIRST;
+            }
+            let stalled = since.is_none_or(|t| t.elapsed() >= FIRST);
             if stats.last_roostseq > confirmed && stalled && self.link.is_connected() {
                 info!(
                     confirmed,
                     last = stats.last_roostseq,
+                    retry_in_s = (interval * 2).min(MAX).as_secs(),
                     "confirmation stalled; resending unconfirmed events"
                 );
                 let _ = self.link.rewind();
-                if let Ok(mut st) = self.state.lock() {
-                    st.1 = Some(tokio::time::Instant::now());
-                }
+                interval = (interval * 2).min(MAX);
             }
         }
     }
