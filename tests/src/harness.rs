@@ -64,56 +64,48 @@ pub async fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() ->
 
 /// A broker run as a `roost broker` child process, so that it can be killed and restarted.
 pub struct BrokerProcess {
-    child: Option<std::process::Child>,
+    process: RoostProcess,
     /// Address.
     pub addr: SocketAddr,
-    profile: &'static str,
+    _logs: tempfile::TempDir,
 }
 
 impl BrokerProcess {
     /// Starts a `cloud` or `edge` profile broker on a free port.
     pub fn start(profile: &'static str) -> BrokerProcess {
         let port = roost::broker::free_port().expect("port");
-        let mut b = BrokerProcess {
-            child: None,
-            addr: ([127, 0, 0, 1], port).into(),
-            profile,
-        };
-        b.restart();
-        b
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let cfg =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../broker-config/{profile}.toml"));
+        let logs = tempfile::tempdir().expect("tmp");
+        let process = RoostProcess::start(
+            [
+                std::ffi::OsString::from("broker"),
+                "--config".into(),
+                cfg.into_os_string(),
+                "--listen".into(),
+                addr.to_string().into(),
+            ],
+            &logs.path().join("broker.log"),
+        );
+        roost::broker::wait_listening(addr, Duration::from_secs(10)).expect("broker listening");
+        BrokerProcess {
+            process,
+            addr,
+            _logs: logs,
+        }
     }
 
     /// Kills the broker with SIGKILL (everything it held in memory is gone).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.kill();
     }
 
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
-        self.kill();
-        let cfg = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(format!("../broker-config/{}.toml", self.profile));
-        let child = std::process::Command::new(roost_bin())
-            .args(["broker", "--config"])
-            .arg(cfg)
-            .arg("--listen")
-            .arg(self.addr.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn roost broker");
-        self.child = Some(child);
+        self.process.restart();
         roost::broker::wait_listening(self.addr, Duration::from_secs(10))
             .expect("broker listening");
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
