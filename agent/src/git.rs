@@ -194,20 +194,40 @@ impl GitCache {
     /// a fetch happened.
     ///
     /// libgit2 has no per-call network timeout (its global one needs `unsafe`), so the fetch
-    /// runs on a blocking thread under a deadline; a stalled fetch is abandoned, and the
-    /// per-source lock keeps at most one such thread per source.
+    /// runs on a blocking thread under a deadline; a stalled fetch is abandoned and keeps its
+    /// source's lock until it ends, so there is at most one such thread per source.
     pub async fn ensure(&self, url: &str, revision: &str) -> Result<bool, GitError> {
+        let dir = self.repo_dir(url);
+        // Fast path without the lock: a cached commit applies even while a fetch of this
+        // source is stalled (offline, or a rollback to a known revision).
+        {
+            let (d, r) = (dir.clone(), revision.to_owned());
+            let cached = tokio::task::spawn_blocking(move || {
+                git2::Repository::open_bare(&d).is_ok_and(|repo| has_commit(&repo, &r))
+            })
+            .await
+            .unwrap_or(false);
+            if cached {
+                debug!(%url, %revision, "revision in cache");
+                return Ok(false);
+            }
+        }
         let lock = self.lock_for(url);
-        let _guard = tokio::time::timeout(self.fetch_timeout, lock.lock_owned())
+        let guard = tokio::time::timeout(self.fetch_timeout, lock.lock_owned())
             .await
             .map_err(|_| GitError::Fetch {
                 url: url.to_owned(),
                 message: "a previous fetch of this source is still stalled".into(),
             })?;
-        let dir = self.repo_dir(url);
         let (u, r) = (url.to_owned(), revision.to_owned());
         let creds = self.credentials.clone();
-        let job = tokio::task::spawn_blocking(move || ensure_blocking(&dir, &u, &r, &creds));
+        // The guard moves into the blocking job: an abandoned (stalled) fetch keeps the
+        // source locked until it really ends, so two fetches never race on one repository.
+        let job = tokio::task::spawn_blocking(move || {
+            let res = ensure_blocking(&dir, &u, &r, &creds);
+            drop(guard);
+            res
+        });
         match tokio::time::timeout(self.fetch_timeout, job).await {
             Ok(Ok(res)) => res,
             Ok(Err(join)) => Err(GitError::Internal(join.to_string())),

@@ -331,8 +331,10 @@ async fn forward(
     loop {
         tokio::select! {
             _ = shared.cancel.cancelled() => break,
-            // Either side closed or failed: close both (no half-close games).
-            _ = tasks.join_next() => break,
+            // A side that closes has its remaining bytes delivered and its close passed on
+            // (half-close, as a real network does: git's server closes right after the pack);
+            // the connection ends when both directions are done.
+            done = tasks.join_next() => if done.is_none() || tasks.is_empty() { break },
             changed = rx.changed() => {
                 let now = *rx.borrow_and_update();
                 if changed.is_err() || now.cut_epoch != born.cut_epoch {
@@ -412,6 +414,8 @@ async fn deliver(
             return;
         }
     }
+    // The reading side saw EOF: pass the close on.
+    let _ = w.shutdown().await;
 }
 
 #[cfg(test)]

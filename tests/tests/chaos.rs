@@ -1166,3 +1166,101 @@ async fn edge_broker_restart_with_bridge_down_loses_nothing() {
     assert!(has(&rev2), "converged for rev2 reached the cloud");
     rig.stop_agent().await;
 }
+
+/// Git offline: with the Git server unreachable (blackholed through the fault proxy), a
+/// revision already in the cache still applies; a missing one gives `fetch.failed` and is
+/// retried with backoff until the server answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_offline_uses_the_cache_and_retries_missing_commits() {
+    let _serial = SERIAL.lock().await;
+    harness::init();
+    let started = Instant::now();
+    let dir = Workdir::new("git-offline");
+    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let fleet = FleetService::start(cloud, &dir.path().join("fleet.db"));
+    let (mut git, rev1) = GitServer::start(&refs(&manifests("1")));
+    let daemon: SocketAddr = git
+        .url()
+        .trim_start_matches("git://")
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("daemon address");
+    let proxy = FaultProxy::start(daemon).await.expect("proxy");
+    let url = format!("git://{}/fleet.git", proxy.addr());
+    let allowed = format!("git://{}/", proxy.addr());
+    let signer = Signer::new(6);
+    let mut rig = StoreRig::new(STORE, &["all"], dir.path(), cloud, &signer, &allowed);
+    rig.agent_cfg.file.git.fetch_timeout_s = Some(2);
+    rig.start_bridge();
+    wait_bridge_ready(rig.edge, &fleet, STORE).await;
+    rig.start_agent();
+    let t = Duration::from_secs(30);
+    let converged = |rev: &str| {
+        fleet
+            .events(STORE)
+            .into_iter()
+            .filter(|e| e.ty == EventType::Converged.as_str() && rev_of(e) == Some(rev))
+            .count()
+    };
+    let roll = |seq: u64, rev: &str| {
+        signer.sign(&signer.rollout(DEPLOYMENT, Scope::Fleet, seq, &url, rev, APP))
+    };
+    publish(cloud, &fleet_topic(), roll(1, &rev1)).await;
+    eventually(t, "rev1 converged", || {
+        (converged(&rev1) == 1).then_some(())
+    })
+    .await;
+    let rev2 = git.commit(&refs(&manifests("2")), &[], "v2");
+    publish(cloud, &fleet_topic(), roll(2, &rev2)).await;
+    eventually(t, "rev2 converged", || {
+        (converged(&rev2) == 1).then_some(())
+    })
+    .await;
+
+    // The Git server stops answering (a half-open link).
+    proxy.blackhole();
+    // A rollback to a cached revision applies at once.
+    publish(cloud, &fleet_topic(), roll(3, &rev1)).await;
+    eventually(t, "rollback to the cached rev1 converged offline", || {
+        (converged(&rev1) == 2).then_some(())
+    })
+    .await;
+    // A new commit cannot be fetched: fetch.failed, retried.
+    let rev3 = git.commit(&refs(&manifests("3")), &[], "v3");
+    publish(cloud, &fleet_topic(), roll(4, &rev3)).await;
+    let failures = || {
+        fleet
+            .events(STORE)
+            .into_iter()
+            .filter(|e| e.ty == EventType::FetchFailed.as_str() && rev_of(e) == Some(rev3.as_str()))
+            .count()
+    };
+    eventually(t, "two fetch.failed for rev3 (a retry)", || {
+        (failures() >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(converged(&rev3), 0);
+    // The server answers again: the next retry converges.
+    let t_heal = Instant::now();
+    proxy.heal();
+    eventually(t, "rev3 converged after the Git server returned", || {
+        (converged(&rev3) == 1).then_some(())
+    })
+    .await;
+    assert_eq!(rig.live_files(DEPLOYMENT), under(git.files(), APP));
+    let reasons: BTreeSet<String> = fleet
+        .events(STORE)
+        .into_iter()
+        .filter(|e| e.ty == EventType::FetchFailed.as_str())
+        .filter_map(|e| e.reason().map(str::to_owned))
+        .collect();
+    assert_eq!(reasons, BTreeSet::from(["fetch_failed".to_string()]));
+    println!(
+        "chaos git: cached rollback applied offline; fetch.failed x{} while blackholed; converged {} ms after the Git server returned; in {:.1} s",
+        failures(),
+        t_heal.elapsed().as_millis(),
+        started.elapsed().as_secs_f64()
+    );
+    rig.stop_agent().await;
+}
