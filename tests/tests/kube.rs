@@ -670,6 +670,48 @@ async fn scenario_state_loss(c: Cluster) {
     s.finish().await;
 }
 
+async fn scenario_apply_failed(c: Cluster) {
+    let mut s = Scene::new(c, |_| {}).await;
+    let ns = s.cluster.ns("shop");
+    let rev1 = s.roll_files(&base_files(), 60).await;
+    s.converged(&rev1).await;
+    // A Deployment's selector is immutable: the API server refuses the change.
+    let mut files = base_files();
+    files[3].1 = files[3]
+        .1
+        .replace("app: web\n  template", "app: web-v2\n  template")
+        .replace("labels:\n        app: web", "labels:\n        app: web-v2");
+    assert!(files[3].1.contains("web-v2"), "{}", files[3].1);
+    let rev2 = s.roll_files(&files, 60).await;
+    let f = s
+        .event("dev.roost.apply.failed", |e| {
+            e.data["revision"] == rev2.as_str()
+        })
+        .await;
+    assert_eq!(f.reason(), Some("apply_failed"));
+    let message = f.data["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("apps/v1/Deployment/{ns}/web")),
+        "names the object: {message}"
+    );
+    assert!(
+        message.to_lowercase().contains("immutable"),
+        "carries the API server's message: {message}"
+    );
+    let doc = s
+        .obs
+        .wait_phase("store-0001", "shop", "Failed", None, T)
+        .await;
+    let st = &doc.deployments["shop"];
+    assert_eq!(
+        st.applied_revision.as_deref(),
+        Some(rev1.as_str()),
+        "still at the last good revision"
+    );
+    assert_eq!(st.last_attempted_revision.as_deref(), Some(rev2.as_str()));
+    s.finish().await;
+}
+
 macro_rules! scenarios {
     ($($name:ident => $f:ident),* $(,)?) => {
         mod test_api_server {
@@ -701,6 +743,7 @@ scenarios! {
     policy_denied_applies_nothing => scenario_policy_denied,
     crd_and_custom_resource_in_one_revision => scenario_crd_and_custom_resource,
     inventory_recovered_from_labels_after_state_loss => scenario_state_loss,
+    apply_failure_names_the_object_and_the_server_message => scenario_apply_failed,
 }
 
 /// `deploy/roost.yaml`: every document is a valid object, the embedded configurations parse,
