@@ -420,7 +420,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
             println!("  roost status --broker {cloud}");
             println!("  roost status --db {}", fleet_db_path.display());
             println!("  roost events --broker {cloud}");
-            println!("  roost rollout --broker {cloud} --key {}/{key_id}.key --deployment kitchen-display --fleet --repo {url} --revision master --path apps/kitchen-display", key_dir.display());
+            println!("  roost rollout --broker {cloud} --key {}/{key_id}.key --deployment kitchen-display --fleet --repo {url} --revision HEAD --path apps/kitchen-display", key_dir.display());
             cancel.cancelled().await;
         }
         Err(_) => {}
