@@ -472,6 +472,138 @@ fn check_syntax(f: &ManifestFile) -> Result<(), GitError> {
 mod tests {
     use super::*;
 
+    /// A repository with `files` committed; returns (file:// URL, commit id).
+    fn repo_with(
+        dir: &Path,
+        files: &[(&str, &[u8])],
+        symlink: Option<(&str, &str)>,
+    ) -> (String, String) {
+        let repo = git2::Repository::init(dir).expect("init");
+        let mut index = repo.index().expect("index");
+        for (p, c) in files {
+            let full = dir.join(p);
+            std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&full, c).expect("write");
+            index.add_path(Path::new(p)).expect("add");
+        }
+        if let Some((link, target)) = symlink {
+            std::os::unix::fs::symlink(target, dir.join(link)).expect("symlink");
+            index.add_path(Path::new(link)).expect("add link");
+        }
+        let tree = repo
+            .find_tree(index.write_tree().expect("tree"))
+            .expect("tree");
+        let sig = git2::Signature::now("t", "t@t").expect("sig");
+        let id = repo
+            .commit(Some("HEAD"), &sig, &sig, "c", &tree, &[])
+            .expect("commit");
+        (format!("file://{}", dir.display()), id.to_string())
+    }
+
+    const LIMITS: RenderLimits = RenderLimits {
+        max_bytes: 1 << 20,
+        max_files: 100,
+    };
+
+    #[tokio::test]
+    async fn file_urls_fetch_once_render_sorted_and_work_offline() {
+        let src = tempfile::tempdir().expect("tmp");
+        let (url, rev) = repo_with(
+            src.path(),
+            &[
+                ("apps/web/b.yaml", b"kind: B\n---\nkind: C\n"),
+                ("apps/web/a/x.json", b"{\"kind\": \"A\"}"),
+                ("apps/other.yaml", b"kind: O\n"),
+            ],
+            None,
+        );
+        let cache_dir = tempfile::tempdir().expect("tmp");
+        let cache = GitCache::new(cache_dir.path().to_owned(), vec![], Duration::from_secs(10));
+        assert!(
+            cache.ensure(&url, &rev).await.expect("fetch"),
+            "first time fetches"
+        );
+        assert!(
+            !cache.ensure(&url, &rev).await.expect("cached"),
+            "then the cache answers"
+        );
+        let r = cache
+            .render(&url, &rev, "./apps/web/", LIMITS)
+            .await
+            .expect("render");
+        let paths: Vec<&str> = r.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, vec!["a/x.json", "b.yaml"]);
+        assert_eq!(parse_documents(&r.files[1]).expect("docs").len(), 2);
+        // The source disappears: the cached revision still renders.
+        drop(src);
+        assert!(!cache.ensure(&url, &rev).await.expect("offline"));
+        assert_eq!(
+            cache
+                .render(&url, &rev, "apps/web", LIMITS)
+                .await
+                .expect("render"),
+            r
+        );
+        let missing = "0123456789abcdef0123456789abcdef01234567";
+        let err = cache.ensure(&url, missing).await.expect_err("gone");
+        assert_eq!(err.reason(), Reason::FetchFailed);
+    }
+
+    #[tokio::test]
+    async fn bad_revisions_are_refused_with_reasons() {
+        let src = tempfile::tempdir().expect("tmp");
+        let (url, rev) = repo_with(
+            src.path(),
+            &[
+                ("apps/ok.yaml", b"kind: A\n"),
+                ("apps/bad.yaml", b"key: [unclosed\n"),
+            ],
+            Some(("apps/link.yaml", "/etc/passwd")),
+        );
+        let cache_dir = tempfile::tempdir().expect("tmp");
+        let cache = GitCache::new(cache_dir.path().to_owned(), vec![], Duration::from_secs(10));
+        let missing = "0123456789abcdef0123456789abcdef01234567";
+        assert_eq!(
+            cache
+                .ensure(&url, missing)
+                .await
+                .expect_err("missing")
+                .reason(),
+            Reason::RevisionNotFound
+        );
+        cache.ensure(&url, &rev).await.expect("fetch");
+        let reason = |r: Result<Rendered, GitError>| r.expect_err("refused").reason();
+        assert_eq!(
+            reason(cache.render(&url, &rev, "apps", LIMITS).await),
+            Reason::InvalidManifest,
+            "symlink"
+        );
+        assert_eq!(
+            reason(cache.render(&url, &rev, "nowhere", LIMITS).await),
+            Reason::InvalidManifest
+        );
+        assert_eq!(
+            reason(cache.render(&url, &rev, "../x", LIMITS).await),
+            Reason::InvalidManifest
+        );
+        assert_eq!(
+            reason(cache.render(&url, &rev, "apps/bad.yaml", LIMITS).await),
+            Reason::InvalidManifest
+        );
+        let tiny = RenderLimits {
+            max_bytes: 4,
+            max_files: 100,
+        };
+        assert_eq!(
+            reason(cache.render(&url, &rev, "apps/ok.yaml", tiny).await),
+            Reason::TooLarge
+        );
+        assert!(cache
+            .render(&url, &rev, "apps/ok.yaml", LIMITS)
+            .await
+            .is_ok());
+    }
+
     #[test]
     fn stale_locks_are_removed() {
         let dir = tempfile::tempdir().expect("tmp");

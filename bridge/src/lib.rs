@@ -439,14 +439,16 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
     let down = tokio::spawn(down);
     let up = tokio::spawn(up);
     cancel.cancelled().await;
-    // A clean stop says so; the last will covers a crash or a lost link.
+    // A clean stop says so; the last will covers a crash or a lost link. Direct messages are
+    // not tracked to their PUBACK (and must not wait in the outbox, where a stale "offline"
+    // would follow the next start's "online"), so give it a moment to leave.
     if cloud_handle.is_connected() {
         let _ = cloud_handle.publish(DirectMessage {
             topic: presence_topic.clone(),
             payload: presence(PresenceState::Offline),
             retain: true,
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     child.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
