@@ -290,7 +290,6 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
             )))
         }
     };
-    let started = Instant::now();
     let (_tmp, state_dir) = match &opts.state_dir {
         Some(d) => (None, d.clone()),
         None => {
@@ -431,7 +430,6 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     })
     .await;
     drop(daemon);
-    let _ = started;
     outcome
 }
 

@@ -5,7 +5,6 @@
 //! comparison within seconds of a change.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -922,9 +921,6 @@ pub fn diff_paths(live: &Value, want: &Value) -> Vec<String> {
     rec("", live, want, &mut out);
     out
 }
-
-/// Shared handle type used by the target enum.
-pub type SharedKube = Arc<KubeTarget>;
 
 #[cfg(test)]
 mod tests {
