@@ -67,7 +67,8 @@ pub async fn build_target(cfg: &AgentConfig) -> Result<target::Target, AgentErro
         config::TargetConfig::Kubernetes(k) => Ok(target::Target::Kube(Box::new(
             target::kube::KubeTarget::from_env(k.clone(), &cfg.file.store)
                 .await
-                .map_err(|e| AgentError::Target(e.to_string()))?,
+                .map_err(|e| AgentError::Target(e.to_string()))?
+                .with_max_objects(cfg.file.limits.max_objects),
         ))),
     }
 }

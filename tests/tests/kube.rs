@@ -601,6 +601,36 @@ async fn scenario_policy_denied(c: Cluster) {
         .as_str()
         .unwrap_or_default()
         .contains("noname.yaml#1"));
+    // More objects than the agent's limit: too_large, nothing applied.
+    s.store.stop_agent().await;
+    s.store.agent_cfg.file.limits.max_objects = 3;
+    s.store.start_agent();
+    // One file (under the file limit) with four documents (over the object limit).
+    let all: Vec<String> = base_files().into_iter().map(|(_, c)| c).collect();
+    let rev4 = s
+        .roll_files(&[(format!("{APP}/all.yaml"), all.join("---\n"))], 60)
+        .await;
+    let r4 = s
+        .event("dev.roost.rollout.rejected", |e| {
+            e.data["revision"] == rev4.as_str()
+        })
+        .await;
+    assert_eq!(r4.reason(), Some("too_large"));
+    assert!(
+        r4.data["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("4 objects, limit 3"),
+        "{}",
+        r4.data
+    );
+    assert!(
+        s.cluster
+            .get("", "v1", "ConfigMap", Some(&ns), "settings")
+            .await
+            .is_none(),
+        "nothing applied"
+    );
     s.finish().await;
 }
 

@@ -108,6 +108,7 @@ pub struct KubeTarget {
     client: kube::Client,
     cfg: KubernetesConfig,
     store: String,
+    max_objects: usize,
     /// Discovery cache by `group/version/Kind`.
     cache: RwLock<HashMap<String, (ApiResource, ApiCapabilities)>>,
     /// Resources per deployment, for watches.
@@ -145,6 +146,7 @@ impl KubeTarget {
             client,
             cfg,
             store: store.to_owned(),
+            max_objects: crate::config::Limits::default().max_objects,
             cache: RwLock::default(),
             kinds: Default::default(),
         }
@@ -170,6 +172,12 @@ impl KubeTarget {
                 .map_err(|e| err(e.to_string()))?,
         };
         Ok(KubeTarget::new(client, cfg, store))
+    }
+
+    /// Limits the objects of one revision (default: the agent's `limits.max_objects` default).
+    pub fn with_max_objects(mut self, n: usize) -> KubeTarget {
+        self.max_objects = n;
+        self
     }
 
     fn default_namespace(&self) -> String {
@@ -228,6 +236,13 @@ impl KubeTarget {
             for (i, d) in parsed.into_iter().enumerate() {
                 docs.push((format!("{}#{}", f.path, i + 1), d));
             }
+        }
+        if docs.len() > self.max_objects {
+            return Err(TargetError::TooLarge(format!(
+                "{} objects, limit {}",
+                docs.len(),
+                self.max_objects
+            )));
         }
         let mut crd_kinds: HashMap<(String, String), bool> = HashMap::new();
         for (_, d) in &docs {

@@ -19,6 +19,9 @@ pub enum TargetError {
     /// A manifest is not acceptable for this target.
     #[error("invalid manifest: {0}")]
     InvalidManifest(String),
+    /// The revision exceeds a limit (objects).
+    #[error("too large: {0}")]
+    TooLarge(String),
     /// Applying failed.
     #[error("apply failed: {0}")]
     Apply(String),
@@ -39,6 +42,7 @@ impl TargetError {
         match self {
             TargetError::PolicyDenied(_) => Reason::PolicyDenied,
             TargetError::InvalidManifest(_) => Reason::InvalidManifest,
+            TargetError::TooLarge(_) => Reason::TooLarge,
             TargetError::Apply(_) => Reason::ApplyFailed,
             TargetError::Prune(_) => Reason::PruneFailed,
             TargetError::Hook(_) => Reason::HookFailed,
