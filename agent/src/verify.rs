@@ -87,6 +87,14 @@ pub fn verify_message(
         .keyring
         .verify(&env, PAYLOAD_TYPE)
         .map_err(|e| reject(e.reason(), e.to_string(), None))?;
+    // The contract's JSON Schema first (the same file other implementations use), then the
+    // typed rules; both must agree for a payload to be accepted.
+    if let Some(problem) = schema_problem(&body) {
+        let seq = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()));
+        return Err(reject(Reason::Schema, problem, seq));
+    }
     let rollout = Rollout::from_json(&body).map_err(|e| {
         let seq = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
@@ -128,6 +136,32 @@ pub fn verify_message(
         digest: hex::encode(Sha256::digest(&body)),
         rollout,
     }))
+}
+
+/// The first violation of `schemas/schema/rollout.schema.json`, if any.
+fn schema_problem(body: &[u8]) -> Option<String> {
+    static VALIDATOR: std::sync::OnceLock<Option<jsonschema::Validator>> =
+        std::sync::OnceLock::new();
+    let validator = VALIDATOR.get_or_init(|| {
+        let schema: serde_json::Value =
+            serde_json::from_str(roost_schemas::json_schema::ROLLOUT).ok()?;
+        jsonschema::draft202012::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .ok()
+    });
+    let value: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return Some(format!("payload is not JSON: {e}")),
+    };
+    let Some(v) = validator else {
+        return Some("the rollout schema could not be loaded".into());
+    };
+    let problem = v
+        .iter_errors(&value)
+        .next()
+        .map(|e| format!("{} (at {})", e, e.instance_path()));
+    problem
 }
 
 #[cfg(test)]
@@ -221,5 +255,11 @@ mod tests {
         assert!(verify_message(&pol, fleet_topic, b"")
             .expect("ok")
             .is_none());
+        // null where the schema wants a timestamp: the schema decides, not serde's leniency.
+        let mut nulls = serde_json::to_value(rollout(Scope::Fleet)).expect("json");
+        nulls["not_before"] = serde_json::Value::Null;
+        let body = serde_json::to_vec(&nulls).expect("ser");
+        let signed = serde_json::to_vec(&key.sign(PAYLOAD_TYPE, &body)).expect("ser");
+        assert_eq!(reason(fleet_topic, &signed), Reason::Schema);
     }
 }
