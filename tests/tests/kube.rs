@@ -544,63 +544,47 @@ async fn scenario_policy_denied(c: Cluster) {
     })
     .await;
     let ns = s.cluster.ns("shop");
-    let mut files = base_files();
-    files.push((format!("{APP}/role.yaml"), "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: roost-test-denied\nrules: []\n".into()));
-    let rev = s.roll_files(&files, 60).await;
-    let r = s
-        .event("dev.roost.rollout.rejected", |e| {
-            e.data["revision"] == rev.as_str()
-        })
-        .await;
-    assert_eq!(r.reason(), Some("policy_denied"));
-    assert!(
-        s.cluster
-            .get("", "v1", "ConfigMap", Some(&ns), "settings")
-            .await
-            .is_none(),
-        "nothing applied"
-    );
-    // A namespace outside the allowed list is denied too.
-    let mut files = base_files();
-    files.push((
-        format!("{APP}/elsewhere.yaml"),
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  namespace: kube-system\n".into(),
-    ));
-    let rev2 = s.roll_files(&files, 60).await;
-    let r2 = s
-        .event("dev.roost.rollout.rejected", |e| {
-            e.data["revision"] == rev2.as_str()
-        })
-        .await;
-    assert_eq!(r2.reason(), Some("policy_denied"));
-    assert!(r2.data["message"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("kube-system"));
-    assert!(
-        s.cluster
-            .get("", "v1", "ConfigMap", Some(&ns), "settings")
-            .await
-            .is_none(),
-        "nothing applied"
-    );
-    // An object without a name is an invalid manifest.
-    let mut files = base_files();
-    files.push((
-        format!("{APP}/noname.yaml"),
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n".into(),
-    ));
-    let rev3 = s.roll_files(&files, 60).await;
-    let r3 = s
-        .event("dev.roost.rollout.rejected", |e| {
-            e.data["revision"] == rev3.as_str()
-        })
-        .await;
-    assert_eq!(r3.reason(), Some("invalid_manifest"));
-    assert!(r3.data["message"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("noname.yaml#1"));
+    // (extra file, its content, expected reason, what the message must name)
+    let cases = [
+        (
+            "role.yaml",
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: roost-test-denied\nrules: []\n",
+            "policy_denied",
+            "ClusterRole",
+        ),
+        (
+            "elsewhere.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  namespace: kube-system\n",
+            "policy_denied",
+            "kube-system",
+        ),
+        (
+            "noname.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {}\n",
+            "invalid_manifest",
+            "noname.yaml#1",
+        ),
+    ];
+    for (file, content, reason, names) in cases {
+        let mut files = base_files();
+        files.push((format!("{APP}/{file}"), content.to_owned()));
+        let rev = s.roll_files(&files, 60).await;
+        let r = s
+            .event("dev.roost.rollout.rejected", |e| {
+                e.data["revision"] == rev.as_str()
+            })
+            .await;
+        assert_eq!(r.reason(), Some(reason), "{file}");
+        let message = r.data["message"].as_str().unwrap_or_default();
+        assert!(message.contains(names), "{file}: {message}");
+        assert!(
+            s.cluster
+                .get("", "v1", "ConfigMap", Some(&ns), "settings")
+                .await
+                .is_none(),
+            "{file}: nothing applied"
+        );
+    }
     // More objects than the agent's limit: too_large, nothing applied.
     s.store.stop_agent().await;
     s.store.agent_cfg.file.limits.max_objects = 3;
