@@ -409,8 +409,8 @@ pub struct StoreRig {
     pub agent_cfg: roost_agent::AgentConfig,
     /// Bridge configuration.
     pub bridge_cfg: roost_bridge::BridgeConfig,
-    agent: Option<(CancellationToken, JoinHandle<()>)>,
-    bridge: Option<(CancellationToken, JoinHandle<()>)>,
+    agent: Option<Component>,
+    bridge: Option<Component>,
     /// State directory.
     pub dir: PathBuf,
 }
@@ -465,23 +465,9 @@ impl StoreRig {
 
     /// Starts (or restarts) the agent.
     pub fn start_agent(&mut self) {
-        self.stop_agent_now();
-        let c = CancellationToken::new();
+        abort(&mut self.agent);
         let cfg = self.agent_cfg.clone();
-        let c2 = c.clone();
-        let h = tokio::spawn(async move {
-            if let Err(e) = roost_agent::run(cfg, c2).await {
-                panic!("agent failed: {e}");
-            }
-        });
-        self.agent = Some((c, h));
-    }
-
-    fn stop_agent_now(&mut self) {
-        if let Some((c, h)) = self.agent.take() {
-            c.cancel();
-            h.abort();
-        }
+        self.agent = Some(spawn_component("agent", move |c| roost_agent::run(cfg, c)));
     }
 
     /// Stops the agent gracefully and waits for it.
@@ -494,19 +480,11 @@ impl StoreRig {
 
     /// Starts (or restarts) the bridge.
     pub fn start_bridge(&mut self) {
-        if let Some((c, h)) = self.bridge.take() {
-            c.cancel();
-            h.abort();
-        }
-        let c = CancellationToken::new();
+        abort(&mut self.bridge);
         let cfg = self.bridge_cfg.clone();
-        let c2 = c.clone();
-        let h = tokio::spawn(async move {
-            if let Err(e) = roost_bridge::run(cfg, c2).await {
-                panic!("bridge failed: {e}");
-            }
-        });
-        self.bridge = Some((c, h));
+        self.bridge = Some(spawn_component("bridge", move |c| {
+            roost_bridge::run(cfg, c)
+        }));
     }
 
     /// Starts agent and bridge.
@@ -545,11 +523,35 @@ impl StoreRig {
 
 impl Drop for StoreRig {
     fn drop(&mut self) {
-        self.stop_agent_now();
-        if let Some((c, h)) = self.bridge.take() {
-            c.cancel();
-            h.abort();
+        abort(&mut self.agent);
+        abort(&mut self.bridge);
+    }
+}
+
+/// A running in-process component: its stop token and task.
+type Component = (CancellationToken, JoinHandle<()>);
+
+/// Spawns a component that runs until its token is cancelled; an error fails the test.
+fn spawn_component<F, E>(what: &'static str, run: impl FnOnce(CancellationToken) -> F) -> Component
+where
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let c = CancellationToken::new();
+    let fut = run(c.clone());
+    let h = tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            panic!("{what} failed: {e}");
         }
+    });
+    (c, h)
+}
+
+/// Stops a component at once (no graceful shutdown).
+fn abort(slot: &mut Option<Component>) {
+    if let Some((c, h)) = slot.take() {
+        c.cancel();
+        h.abort();
     }
 }
 
