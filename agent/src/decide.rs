@@ -1,5 +1,6 @@
 //! Pure decisions over data, tested without I/O: is a sequence new, which rollout wins for a
-//! deployment, and what the reconciler must do about it.
+//! deployment, and whether a source URL is allowed. (What the reconciler does next is
+//! `reconcile::machine::next_step`.)
 
 use roost_schemas::{Rollout, Scope};
 
@@ -74,63 +75,6 @@ pub fn resolve(slots: &[Rollout], store: &str, groups: &[String]) -> Desired {
             rollout: Box::new((*r).clone()),
         },
         None => Desired::Unknown,
-    }
-}
-
-/// What the agent last applied for a deployment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppliedRecord {
-    /// Commit.
-    pub revision: String,
-    /// Path inside the repository.
-    pub path: String,
-    /// Source URL.
-    pub url: String,
-    /// Whether the deployment was removed since.
-    pub removed: bool,
-}
-
-/// What the reconciler should do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Plan {
-    /// Nothing to do but watch for drift.
-    InSync,
-    /// Fetch and apply (possibly waiting for `not_before` after fetching).
-    Apply,
-    /// Remove what was applied.
-    Remove,
-    /// Nothing applied and nothing wanted.
-    Idle,
-}
-
-/// Decides what to do, given the desired state and the last applied record.
-pub fn plan(desired: &Desired, applied: Option<&AppliedRecord>) -> Plan {
-    match (desired, applied) {
-        (Desired::Unknown, None) => Plan::Idle,
-        (Desired::Unknown, Some(a)) | (Desired::Remove { .. }, Some(a)) => {
-            if a.removed {
-                Plan::Idle
-            } else {
-                Plan::Remove
-            }
-        }
-        (Desired::Remove { .. }, None) => Plan::Idle,
-        (Desired::Apply { rollout }, Some(a)) => {
-            let same = rollout.source.as_ref().is_some_and(|s| {
-                s.revision == a.revision
-                    && roost_schemas::rollout::normalize_path(&s.path)
-                        .ok()
-                        .as_deref()
-                        == Some(a.path.as_str())
-                    && s.url == a.url
-            });
-            if same && !a.removed {
-                Plan::InSync
-            } else {
-                Plan::Apply
-            }
-        }
-        (Desired::Apply { .. }, None) => Plan::Apply,
     }
 }
 
@@ -233,36 +177,6 @@ mod tests {
             Desired::Remove { .. }
         ));
         assert_eq!(resolve(&[], "s1", &groups), Desired::Unknown);
-    }
-
-    #[test]
-    fn plans() {
-        let want = Desired::Apply {
-            rollout: Box::new(r(Scope::Fleet, 1, 'a', false)),
-        };
-        let applied = AppliedRecord {
-            revision: "a".repeat(40),
-            path: "apps/web".into(),
-            url: "git://h/r.git".into(),
-            removed: false,
-        };
-        assert_eq!(plan(&want, None), Plan::Apply);
-        assert_eq!(plan(&want, Some(&applied)), Plan::InSync);
-        let other = AppliedRecord {
-            revision: "b".repeat(40),
-            ..applied.clone()
-        };
-        assert_eq!(plan(&want, Some(&other)), Plan::Apply);
-        let gone = Desired::Remove {
-            rollout: Box::new(r(Scope::Fleet, 2, 'a', true)),
-        };
-        assert_eq!(plan(&gone, Some(&applied)), Plan::Remove);
-        let removed = AppliedRecord {
-            removed: true,
-            ..applied
-        };
-        assert_eq!(plan(&gone, Some(&removed)), Plan::Idle);
-        assert_eq!(plan(&want, Some(&removed)), Plan::Apply);
     }
 
     #[test]

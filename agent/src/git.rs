@@ -39,9 +39,21 @@ pub enum GitError {
     /// The revision exceeds a limit.
     #[error("too large: {0}")]
     TooLarge(String),
-    /// Local storage failed.
-    #[error("git cache: {0}")]
-    Internal(String),
+    /// The local repository cache failed.
+    #[error("git cache")]
+    Cache(#[from] git2::Error),
+    /// The cache directory could not be created.
+    #[error("git cache directory {path}")]
+    CacheDir {
+        /// The directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A blocking git job panicked or was cancelled.
+    #[error("git job")]
+    Join(#[from] tokio::task::JoinError),
 }
 
 impl GitError {
@@ -52,14 +64,8 @@ impl GitError {
             GitError::RevisionNotFound { .. } => Reason::RevisionNotFound,
             GitError::InvalidManifest(_) => Reason::InvalidManifest,
             GitError::TooLarge(_) => Reason::TooLarge,
-            GitError::Internal(_) => Reason::Internal,
+            GitError::Cache(_) | GitError::CacheDir { .. } | GitError::Join(_) => Reason::Internal,
         }
-    }
-}
-
-impl From<git2::Error> for GitError {
-    fn from(e: git2::Error) -> Self {
-        GitError::Internal(e.message().to_owned())
     }
 }
 
@@ -230,7 +236,7 @@ impl GitCache {
         });
         match tokio::time::timeout(self.fetch_timeout, job).await {
             Ok(Ok(res)) => res,
-            Ok(Err(join)) => Err(GitError::Internal(join.to_string())),
+            Ok(Err(join)) => Err(GitError::Join(join)),
             Err(_) => Err(GitError::Fetch {
                 url: url.to_owned(),
                 message: format!("no answer within {} s", self.fetch_timeout.as_secs()),
@@ -250,7 +256,7 @@ impl GitCache {
         let (r, p) = (revision.to_owned(), path.to_owned());
         tokio::task::spawn_blocking(move || render_blocking(&dir, &r, &p, limits))
             .await
-            .map_err(|e| GitError::Internal(e.to_string()))?
+            .map_err(GitError::Join)?
     }
 }
 
@@ -258,7 +264,10 @@ fn open_or_init(dir: &Path) -> Result<git2::Repository, GitError> {
     match git2::Repository::open_bare(dir) {
         Ok(r) => Ok(r),
         Err(_) => {
-            std::fs::create_dir_all(dir).map_err(|e| GitError::Internal(e.to_string()))?;
+            std::fs::create_dir_all(dir).map_err(|source| GitError::CacheDir {
+                path: dir.to_owned(),
+                source,
+            })?;
             Ok(git2::Repository::init_bare(dir)?)
         }
     }

@@ -5,10 +5,9 @@
 pub mod config;
 pub mod decide;
 pub mod git;
+pub mod ledger;
 pub mod reconcile;
-pub mod report;
-pub mod state;
-pub mod target;
+pub mod targets;
 pub mod verify;
 
 use std::collections::HashMap;
@@ -17,8 +16,8 @@ use std::time::Duration;
 
 use roost_runtime::outbox::OverflowTarget;
 use roost_runtime::{Incoming, Link, Outbox, OutboxConfig};
-use roost_schemas::EventType;
-use serde_json::json;
+use roost_schemas::payload::{RolloutReceived, RolloutRejected};
+use roost_schemas::{EventData, RolloutRef};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,9 +40,9 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    /// The state database could not be opened.
+    /// The ledger could not be opened.
     #[error(transparent)]
-    State(#[from] state::StoreError),
+    Ledger(#[from] ledger::LedgerError),
     /// The outbox could not be opened.
     #[error(transparent)]
     Outbox(#[from] roost_runtime::OutboxError),
@@ -51,23 +50,26 @@ pub enum AgentError {
     #[error(transparent)]
     Link(#[from] roost_runtime::LinkError),
     /// The target could not be set up.
-    #[error("target: {0}")]
-    Target(String),
-    /// A task ended unexpectedly.
-    #[error("agent task ended unexpectedly: {0}")]
-    TaskDied(String),
+    #[error("target")]
+    Target(#[source] targets::TargetError),
+    /// The controller task ended unexpectedly.
+    #[error("agent controller task ended unexpectedly")]
+    TaskDied(#[source] tokio::task::JoinError),
+    /// The controller task returned although nobody asked it to stop.
+    #[error("agent controller stopped unexpectedly")]
+    ControllerStopped,
 }
 
 /// Builds the target named in the configuration.
-pub async fn build_target(cfg: &AgentConfig) -> Result<target::Target, AgentError> {
+pub async fn build_target(cfg: &AgentConfig) -> Result<targets::AnyTarget, AgentError> {
     match &cfg.file.target {
-        config::TargetConfig::Files(f) => Ok(target::Target::Files(
-            target::files::FilesTarget::new(cfg.files_root(), f.hook.clone()),
+        config::TargetConfig::Files(f) => Ok(targets::AnyTarget::Files(
+            targets::files::FilesTarget::new(cfg.files_root(), f.hook.clone()),
         )),
-        config::TargetConfig::Kubernetes(k) => Ok(target::Target::Kube(Box::new(
-            target::kube::KubeTarget::from_env(k.clone(), &cfg.file.store)
+        config::TargetConfig::Kubernetes(k) => Ok(targets::AnyTarget::Kube(Box::new(
+            targets::kube::KubeTarget::from_env(k.clone(), &cfg.file.store)
                 .await
-                .map_err(|e| AgentError::Target(e.to_string()))?
+                .map_err(AgentError::Target)?
                 .with_max_objects(cfg.file.limits.max_objects),
         ))),
     }
@@ -83,7 +85,6 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     })?;
     let store = cfg.file.store.clone();
     let topics = cfg.topics();
-    let state = state::StateStore::open(&dir.join("agent.db"))?;
     let mut ocfg = OutboxConfig::new(dir.join("outbox.db"));
     ocfg.max_bytes = cfg.file.outbox_max_mib.unwrap_or(256) * 1024 * 1024;
     ocfg.overflow = Some(OverflowTarget {
@@ -91,15 +92,20 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         source: cfg.event_source(),
     });
     let outbox = Outbox::open(ocfg)?;
+    let ledger =
+        ledger::Ledger::open(outbox.clone(), topics.events(&store), cfg.event_source()).await?;
     let target = Arc::new(build_target(&cfg).await?);
     let git = git::GitCache::new(
         dir.join("git"),
         cfg.file.git.credentials.clone(),
         Duration::from_secs(cfg.file.git.fetch_timeout_s.unwrap_or(120)),
     );
-    git.clear_stale_locks();
-    let reporter = report::Reporter::new(outbox.clone(), topics.events(&store), cfg.event_source());
-    let board = report::StatusBoard::default();
+    {
+        let git = git.clone();
+        tokio::task::spawn_blocking(move || git.clear_stale_locks())
+            .await
+            .map_err(AgentError::TaskDied)?;
+    }
 
     let mut lc = cfg
         .file
@@ -119,26 +125,19 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     let link = Link::start(lc, Some(outbox.clone()), child.clone())?;
     let ctx = Ctx {
         cfg: cfg.clone(),
-        state,
+        ledger: ledger.clone(),
         git,
         target,
-        reporter,
-        board: board.clone(),
     };
     info!(%store, groups = ?cfg.file.groups, "agent starting");
     tracker.spawn(
-        board
+        ledger
             .clone()
-            .run_publisher(
-                outbox.clone(),
-                topics.status(&store),
-                store.clone(),
-                child.clone(),
-            )
+            .run_status_publisher(topics.status(&store), store.clone(), child.clone())
             .instrument(tracing::info_span!("status")),
     );
     {
-        let board = board.clone();
+        let board = ledger.clone();
         let mut connected = link.handle.connected();
         let c = child.clone();
         tracker.spawn(async move {
@@ -178,10 +177,10 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         biased;
         _ = cancel.cancelled() => Ok(()),
         // The controller only returns on shutdown; anything else is a fault to surface.
-        r = controller => if cancel.is_cancelled() {
-            Ok(())
-        } else {
-            Err(AgentError::TaskDied(format!("controller: {r:?}")))
+        r = controller => match r {
+            _ if cancel.is_cancelled() => Ok(()),
+            Ok(()) => Err(AgentError::ControllerStopped),
+            Err(e) => Err(AgentError::TaskDied(e)),
         },
     };
     child.cancel();
@@ -261,7 +260,7 @@ impl Confirmer {
 }
 
 async fn controller(
-    ctx: Ctx,
+    ctx: Ctx<targets::AnyTarget>,
     mut incoming: mpsc::Receiver<Incoming>,
     confirmer: Confirmer,
     tracker: TaskTracker,
@@ -269,13 +268,8 @@ async fn controller(
 ) {
     let mut workers: HashMap<String, watch::Sender<Desired>> = HashMap::new();
     // Resume every deployment known from before a restart.
-    match ctx.state.deployments() {
-        Ok(deps) => {
-            for d in deps {
-                refresh(&ctx, &d, &mut workers, &tracker, &cancel);
-            }
-        }
-        Err(error) => warn!(%error, "cannot list deployments from state"),
+    for d in ctx.ledger.deployments() {
+        refresh(&ctx, &d, &mut workers, &tracker, &cancel);
     }
     let topics = ctx.cfg.topics();
     loop {
@@ -292,7 +286,7 @@ async fn controller(
 }
 
 async fn handle_message(
-    ctx: &Ctx,
+    ctx: &Ctx<targets::AnyTarget>,
     topics: &roost_schemas::Topics,
     msg: &Incoming,
     workers: &mut HashMap<String, watch::Sender<Desired>>,
@@ -307,12 +301,16 @@ async fn handle_message(
     };
     let reject = |r: verify::Rejection| async move {
         warn!(topic = %msg.topic, reason = %r.reason, message = %r.message, "rollout rejected");
-        ctx.reporter
-            .emit(
-                EventType::RolloutRejected,
-                r.deployment.as_deref(),
-                json!({"deployment": r.deployment, "sequence": r.sequence, "topic": msg.topic, "reason": r.reason, "message": r.message}),
-            )
+        ctx.ledger
+            .emit(vec![EventData::RolloutRejected(RolloutRejected {
+                deployment: r.deployment,
+                sequence: r.sequence,
+                topic: Some(msg.topic.clone()),
+                revision: None,
+                scope: None,
+                reason: r.reason,
+                message: r.message,
+            })])
             .await;
     };
     let verified = match verify_message(&policy, &msg.topic, &msg.payload) {
@@ -324,13 +322,7 @@ async fn handle_message(
         Err(r) => return reject(r).await,
     };
     let r = &verified.rollout;
-    let last = match ctx.state.last_sequence(&r.scope, &r.deployment) {
-        Ok(l) => l,
-        Err(error) => {
-            warn!(%error, "cannot read replay guard; dropping message (it is retained and comes again)");
-            return;
-        }
-    };
+    let last = ctx.ledger.last_sequence(&r.scope, &r.deployment);
     match classify_sequence(
         last.as_ref().map(|(s, d)| (*s, d.as_str())),
         r.sequence,
@@ -355,42 +347,31 @@ async fn handle_message(
         }
         SequenceVerdict::Accept => {}
     }
-    if let Err(error) = ctx.state.accept(r, &verified.digest, &msg.payload) {
-        warn!(%error, "cannot record accepted rollout; dropping (it is retained and comes again)");
+    let received = EventData::RolloutReceived(RolloutReceived {
+        rollout: RolloutRef::of(r),
+        remove: r.remove,
+        not_before: r.not_before.clone(),
+    });
+    if let Err(error) = ctx
+        .ledger
+        .accept(r, &verified.digest, &msg.payload, received)
+        .await
+    {
+        warn!(error = %roost_runtime::error_chain(&error), "cannot record accepted rollout; dropping (it is retained and comes again)");
         return;
     }
-    ctx.reporter
-        .emit(
-            EventType::RolloutReceived,
-            Some(&r.deployment),
-            json!({
-                "deployment": r.deployment,
-                "sequence": r.sequence,
-                "scope": r.scope.key(),
-                "revision": r.source.as_ref().map(|s| s.revision.clone()),
-                "remove": r.remove,
-                "not_before": r.not_before,
-            }),
-        )
-        .await;
     refresh(ctx, &r.deployment, workers, tracker, cancel);
 }
 
 /// Recomputes a deployment's desired state from its slots and hands it to its worker.
 fn refresh(
-    ctx: &Ctx,
+    ctx: &Ctx<targets::AnyTarget>,
     deployment: &str,
     workers: &mut HashMap<String, watch::Sender<Desired>>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
-    let slots = match ctx.state.slots(deployment) {
-        Ok(s) => s.into_iter().map(|s| s.rollout).collect::<Vec<_>>(),
-        Err(error) => {
-            warn!(%error, %deployment, "cannot read accepted rollouts");
-            return;
-        }
-    };
+    let slots = ctx.ledger.slots(deployment);
     let desired = resolve(&slots, &ctx.cfg.file.store, &ctx.cfg.file.groups);
     match workers.get(deployment) {
         Some(tx) => {

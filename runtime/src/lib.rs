@@ -9,4 +9,20 @@ pub mod sqlite;
 
 pub use backoff::Backoff;
 pub use link::{DirectMessage, Endpoint, Incoming, Link, LinkConfig, LinkError, LinkHandle, Will};
-pub use outbox::{NewMessage, Outbox, OutboxConfig, OutboxError, OutboxStats, Payload};
+pub use outbox::{NewMessage, Outbox, OutboxConfig, OutboxError, OutboxStats, Payload, StateWrite};
+
+/// An error with its chain of causes, `outer: cause: root`, for logs and messages (a cause
+/// whose text the outer message already contains is not repeated).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}

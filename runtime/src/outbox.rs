@@ -50,7 +50,36 @@ pub enum OutboxError {
     /// The writer thread is gone (shut down or crashed).
     #[error("outbox writer stopped")]
     Closed,
+    /// The outbox is at its cap and has no overflow target to report losses to.
+    #[error("outbox {path} is full and has no overflow target")]
+    Full {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// A state write committed with messages failed (the whole transaction was rolled back).
+    #[error("state write: {0}")]
+    State(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A group commit failed; every request in it gets the same cause.
+    #[error("outbox {path}: commit failed")]
+    Commit {
+        /// The database file.
+        path: PathBuf,
+        /// The cause, shared by every request of the group.
+        #[source]
+        source: Arc<OutboxError>,
+    },
 }
+
+/// A write of the caller's own tables that commits in the same transaction as the messages it
+/// is enqueued with (for example the agent's per-deployment record and the events that report
+/// it): both are on disk, or neither is.
+pub type StateWrite = Box<
+    dyn FnOnce(&rusqlite::Connection) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+        + Send,
+>;
+
+/// A read of the caller's own tables, run on the writer thread (never on an async runtime).
+type Read = Box<dyn FnOnce(&rusqlite::Connection) + Send>;
 
 /// How an outbox is opened.
 #[derive(Debug, Clone)]
@@ -185,8 +214,10 @@ pub struct OutboxStats {
 enum Cmd {
     Enqueue(
         Vec<NewMessage>,
+        Option<StateWrite>,
         oneshot::Sender<Result<Vec<Option<u64>>, OutboxError>>,
     ),
+    Read(Read),
     Peek(
         i64,
         usize,
@@ -309,6 +340,7 @@ impl Writer {
     fn enqueue_batch(
         &mut self,
         batches: &[Vec<NewMessage>],
+        writes: Vec<StateWrite>,
     ) -> Result<Vec<Vec<Option<u64>>>, OutboxError> {
         let mut seq = self.meta("roostseq")?;
         let mut dropped_total = self.meta("dropped")?;
@@ -345,11 +377,8 @@ impl Writer {
                 // last-value documents, which are replaced anyway).
                 if bytes + size > self.cfg.max_bytes {
                     let Some(target) = self.cfg.overflow.clone() else {
-                        return Err(OutboxError::Io {
+                        return Err(OutboxError::Full {
                             path: self.cfg.path.clone(),
-                            source: std::io::Error::other(
-                                "outbox is full and has no overflow target",
-                            ),
                         });
                     };
                     let need = bytes + size + 4096 - self.cfg.max_bytes.min(bytes + size + 4096);
@@ -496,6 +525,9 @@ impl Writer {
             }
             out.push(assigned);
         }
+        for w in writes {
+            w(&tx).map_err(OutboxError::State)?;
+        }
         Self::set_meta(&tx, "roostseq", seq)?;
         Self::set_meta(&tx, "dropped", dropped_total)?;
         tx.commit()?;
@@ -583,7 +615,7 @@ impl Writer {
             let mut others = Vec::new();
             for c in cmds {
                 match c {
-                    Cmd::Enqueue(m, reply) => enqueues.push((m, reply)),
+                    Cmd::Enqueue(m, w, reply) => enqueues.push((m, w, reply)),
                     Cmd::Confirm(upto) => confirm_upto = confirm_upto.max(Some(upto)),
                     Cmd::Delete(ids, reply) => {
                         deletes.extend(ids);
@@ -599,19 +631,27 @@ impl Writer {
                 if let Err(error) = &res {
                     tracing::error!(%error, "outbox delete failed");
                 }
+                let res = res.map_err(Arc::new);
                 for r in delete_replies {
                     let _ = r.send(match &res {
                         Ok(()) => Ok(()),
-                        Err(e) => Err(OutboxError::Io {
+                        Err(e) => Err(OutboxError::Commit {
                             path: self.cfg.path.clone(),
-                            source: std::io::Error::other(e.to_string()),
+                            source: e.clone(),
                         }),
                     });
                 }
             }
             if !enqueues.is_empty() {
-                let (msgs, replies): (Vec<_>, Vec<_>) = enqueues.into_iter().unzip();
-                match self.enqueue_batch(&msgs) {
+                let mut msgs = Vec::with_capacity(enqueues.len());
+                let mut writes = Vec::new();
+                let mut replies = Vec::with_capacity(enqueues.len());
+                for (m, w, r) in enqueues {
+                    msgs.push(m);
+                    writes.extend(w);
+                    replies.push(r);
+                }
+                match self.enqueue_batch(&msgs, writes) {
                     Ok(assigned) => {
                         for (r, a) in replies.into_iter().zip(assigned) {
                             let _ = r.send(Ok(a));
@@ -619,11 +659,11 @@ impl Writer {
                     }
                     Err(error) => {
                         tracing::error!(%error, "outbox enqueue failed");
-                        let text = error.to_string();
+                        let shared = Arc::new(error);
                         for r in replies {
-                            let _ = r.send(Err(OutboxError::Io {
+                            let _ = r.send(Err(OutboxError::Commit {
                                 path: self.cfg.path.clone(),
-                                source: std::io::Error::other(text.clone()),
+                                source: shared.clone(),
                             }));
                         }
                     }
@@ -651,6 +691,7 @@ impl Writer {
                         })();
                         let _ = reply.send(res);
                     }
+                    Cmd::Read(f) => f(&self.conn),
                     Cmd::Enqueue(..) | Cmd::Delete(..) | Cmd::Confirm(..) => {}
                 }
             }
@@ -702,14 +743,39 @@ impl Outbox {
     /// Stores messages durably (one fsync for everything waiting). Returns the `roostseq`
     /// assigned to each event message (None for others).
     pub async fn enqueue(&self, msgs: Vec<NewMessage>) -> Result<Vec<Option<u64>>, OutboxError> {
-        self.call(|r| Cmd::Enqueue(msgs, r)).await
+        self.call(|r| Cmd::Enqueue(msgs, None, r)).await
+    }
+
+    /// Stores messages and runs `write` on the caller's own tables in the same transaction
+    /// (group-committed with whatever else is waiting): both are durable, or neither is.
+    pub async fn commit(
+        &self,
+        msgs: Vec<NewMessage>,
+        write: StateWrite,
+    ) -> Result<Vec<Option<u64>>, OutboxError> {
+        self.call(|r| Cmd::Enqueue(msgs, Some(write), r)).await
+    }
+
+    /// Runs a read (or schema setup) on the writer's connection, on its thread.
+    pub async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> T + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Read = Box::new(move |c| {
+            let _ = tx.send(f(c));
+        });
+        self.tx
+            .send(Cmd::Read(job))
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)
     }
 
     /// Blocking variant of [`Outbox::enqueue`] for non-async callers.
     pub fn enqueue_blocking(&self, msgs: Vec<NewMessage>) -> Result<Vec<Option<u64>>, OutboxError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::Enqueue(msgs, tx))
+            .send(Cmd::Enqueue(msgs, None, tx))
             .map_err(|_| OutboxError::Closed)?;
         rx.blocking_recv().map_err(|_| OutboxError::Closed)?
     }

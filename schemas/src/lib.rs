@@ -8,6 +8,7 @@
 pub mod dsse;
 pub mod event;
 pub mod names;
+pub mod payload;
 pub mod reason;
 pub mod rollout;
 pub mod status;
@@ -16,6 +17,7 @@ pub mod topics;
 pub use dsse::{Envelope, KeyId, Keyring, Signature, SigningKey, VerifyError, PAYLOAD_TYPE};
 pub use event::{CloudEvent, EventType};
 pub use names::{validate_name, NameError};
+pub use payload::{EventData, EventPayload, Problem, RolloutRef};
 pub use reason::Reason;
 pub use rollout::{Policy, Rollout, Scope, Source};
 pub use status::{

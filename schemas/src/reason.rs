@@ -40,6 +40,9 @@ pub enum Reason {
     Drift,
     /// A hook command failed.
     HookFailed,
+    /// The target (API server, disk) could not be reached or answered with a server error;
+    /// retried by the agent. Never a rejection of the revision.
+    TargetUnavailable,
     /// The outbox dropped events because it reached its disk cap.
     OutboxOverflow,
     /// An internal error (storage, I/O).
@@ -67,6 +70,7 @@ impl Reason {
             Reason::HealthTimeout => "health_timeout",
             Reason::Drift => "drift",
             Reason::HookFailed => "hook_failed",
+            Reason::TargetUnavailable => "target_unavailable",
             Reason::OutboxOverflow => "outbox_overflow",
             Reason::Internal => "internal",
         }

@@ -43,7 +43,7 @@ impl Cluster {
             client: server.client(),
             kind: ClusterKind::Double(server),
             kubeconfig: Some(kc),
-            prefix: format!("t{:04x}-", rand::random::<u16>()),
+            prefix: format!("t{:08x}-", rand::random::<u32>()),
             _dir: dir,
         }
     }
@@ -57,7 +57,7 @@ impl Cluster {
             kind: ClusterKind::Real,
             kubeconfig: std::env::var_os("KUBECONFIG").map(PathBuf::from),
             client,
-            prefix: format!("roost-test-{:04x}-", rand::random::<u16>()),
+            prefix: format!("rt{:08x}-", rand::random::<u32>()),
             _dir: tempfile::tempdir().expect("tmp"),
         }
     }
@@ -110,6 +110,9 @@ impl Cluster {
 }
 
 struct Scene {
+    /// This scenario's store and deployment names (unique: scenarios share one cluster).
+    store_name: String,
+    dep: String,
     cluster: Cluster,
     _dir: tempfile::TempDir,
     cloud: std::net::SocketAddr,
@@ -161,8 +164,11 @@ impl Scene {
         let (git, _) = GitServer::start(&[("README", "shop\n")]);
         let signer = Signer::new(7);
         let obs = Observer::start(cloud).await;
+        let id = cluster.prefix.trim_end_matches('-').to_owned();
+        let store_name = format!("store-{id}");
+        let dep = format!("shop-{id}");
         let mut store = StoreRig::new(
-            "store-0001",
+            &store_name,
             &["all"],
             dir.path(),
             cloud,
@@ -179,6 +185,8 @@ impl Scene {
         store.agent_cfg.file.target = TargetConfig::Kubernetes(k);
         store.start();
         Scene {
+            store_name,
+            dep,
             cluster,
             _dir: dir,
             cloud,
@@ -206,13 +214,18 @@ impl Scene {
             .collect();
         let rev = self.git.commit(&refs(files), &delete, "change");
         self.seq += 1;
-        let mut r = self
-            .signer
-            .rollout("shop", Scope::Fleet, self.seq, &self.git.url(), &rev, APP);
+        let mut r = self.signer.rollout(
+            &self.dep,
+            Scope::Fleet,
+            self.seq,
+            &self.git.url(),
+            &rev,
+            APP,
+        );
         r.policy.health_timeout_s = health_timeout_s;
         publish(
             self.cloud,
-            &Topics::default().deployment(&Scope::Fleet, "shop"),
+            &Topics::default().deployment(&Scope::Fleet, &self.dep),
             self.signer.sign(&r),
         )
         .await;
@@ -222,7 +235,7 @@ impl Scene {
     async fn tombstone(&mut self) {
         self.seq += 1;
         let mut r = self.signer.rollout(
-            "shop",
+            &self.dep,
             Scope::Fleet,
             self.seq,
             &self.git.url(),
@@ -232,14 +245,14 @@ impl Scene {
         r.remove = true;
         publish(
             self.cloud,
-            &Topics::default().deployment(&Scope::Fleet, "shop"),
+            &Topics::default().deployment(&Scope::Fleet, &self.dep),
             self.signer.sign(&r),
         )
         .await;
     }
 
     async fn event(&self, ty: &str, pred: impl Fn(&CloudEvent) -> bool) -> CloudEvent {
-        self.obs.wait_event("store-0001", ty, T, pred).await
+        self.obs.wait_event(&self.store_name, ty, T, pred).await
     }
 
     async fn converged(&self, rev: &str) -> CloudEvent {
@@ -247,10 +260,49 @@ impl Scene {
             .await
     }
 
+    /// Events of this scenario's store of type `ty`.
+    fn seen(&self, ty: &str) -> Vec<CloudEvent> {
+        self.obs
+            .snapshot()
+            .of(&self.store_name, ty)
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
+    async fn phase(&self, phase: &str, rev: Option<&str>) -> roost_schemas::StatusDoc {
+        self.obs
+            .wait_phase(&self.store_name, &self.dep, phase, rev, T)
+            .await
+    }
+
     async fn finish(mut self) {
         self.store.stop_agent().await;
         self.cluster.cleanup().await;
     }
+}
+
+/// Uids of the objects of a kind in `ns` that have a controller owner (made by controllers).
+async fn owned_uids(c: &Cluster, group: &str, version: &str, kind: &str, ns: &str) -> Vec<String> {
+    let Ok(list) = c
+        .api(group, version, kind, Some(ns))
+        .list(&Default::default())
+        .await
+    else {
+        return Vec::new(); // the kind is not served (the test API server without it)
+    };
+    let mut uids: Vec<String> = list
+        .into_iter()
+        .filter(|o| {
+            o.metadata
+                .owner_references
+                .as_ref()
+                .is_some_and(|r| r.iter().any(|r| r.controller == Some(true)))
+        })
+        .filter_map(|o| o.metadata.uid)
+        .collect();
+    uids.sort();
+    uids
 }
 
 fn label(o: &DynamicObject, k: &str) -> Option<String> {
@@ -271,14 +323,21 @@ async fn scenario_apply_update_prune_tombstone(c: Cluster) {
         label(&cm, "app.kubernetes.io/managed-by").as_deref(),
         Some("roost")
     );
-    assert_eq!(label(&cm, "roost.dev/deployment").as_deref(), Some("shop"));
     assert_eq!(
+        label(&cm, "roost.dev/deployment").as_deref(),
+        Some(s.dep.as_str())
+    );
+    assert_eq!(
+        label(&cm, "roost.dev/store").as_deref(),
+        Some(s.store_name.as_str())
+    );
+    assert!(
         cm.metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get("roost.dev/revision"))
-            .map(String::as_str),
-        Some(rev1.as_str())
+            .is_none_or(|a| !a.keys().any(|k| k.starts_with("roost.dev/"))),
+        "no per-revision annotation on objects: {:?}",
+        cm.metadata.annotations
     );
     let svc = s
         .cluster
@@ -302,6 +361,16 @@ async fn scenario_apply_update_prune_tombstone(c: Cluster) {
                 && f.operation.as_deref() == Some("Apply")),
         "server-side applied by roost"
     );
+
+    // What the cluster's controllers made for roost's objects (a real cluster's endpoints
+    // and Deployment controllers; the test API server emulates them).
+    let endpoints = s
+        .cluster
+        .get("", "v1", "Endpoints", Some(&ns), "web")
+        .await
+        .map(|e| e.metadata.uid);
+    let replicasets = owned_uids(&s.cluster, "apps", "v1", "ReplicaSet", &ns).await;
+    let slices = owned_uids(&s.cluster, "discovery.k8s.io", "v1", "EndpointSlice", &ns).await;
 
     // Update: only the changed object changes.
     let mut files = base_files();
@@ -342,10 +411,50 @@ async fn scenario_apply_update_prune_tombstone(c: Cluster) {
         "service spec untouched"
     );
     assert_eq!(
+        svc2.metadata.uid, svc.metadata.uid,
+        "service not re-created"
+    );
+    assert_eq!(
+        svc2.data["spec"]["clusterIP"], svc.data["spec"]["clusterIP"],
+        "service keeps its clusterIP"
+    );
+    assert_eq!(
+        svc2.metadata.resource_version, svc.metadata.resource_version,
+        "service not written"
+    );
+    assert_eq!(
         dep2.metadata.generation, dep.metadata.generation,
-        "deployment spec untouched (generation)"
+        "deployment untouched (generation)"
     );
     assert_eq!(changed.len(), 1, "only the config map changed: {changed:?}");
+    assert_eq!(applied.data["unchanged"], 3, "{}", applied.data);
+    assert_eq!(
+        s.cluster
+            .get("", "v1", "Endpoints", Some(&ns), "web")
+            .await
+            .map(|e| e.metadata.uid),
+        endpoints,
+        "Endpoints never deleted by roost"
+    );
+    assert_eq!(
+        owned_uids(&s.cluster, "apps", "v1", "ReplicaSet", &ns).await,
+        replicasets,
+        "ReplicaSets never deleted by roost"
+    );
+    assert_eq!(
+        owned_uids(&s.cluster, "discovery.k8s.io", "v1", "EndpointSlice", &ns).await,
+        slices,
+        "EndpointSlices never deleted by roost"
+    );
+    let nsobj = s
+        .cluster
+        .get("", "v1", "Namespace", None, &ns)
+        .await
+        .expect("namespace");
+    assert_eq!(
+        nsobj.data["status"]["phase"], "Active",
+        "namespace stays Active"
+    );
 
     // Remove a file: its object is pruned.
     let files: Vec<(String, String)> = files
@@ -424,14 +533,8 @@ async fn scenario_degraded(c: Cluster) {
         "{}",
         d.data
     );
-    assert!(s
-        .obs
-        .snapshot()
-        .of("store-0001", "dev.roost.converged")
-        .is_empty());
-    s.obs
-        .wait_phase("store-0001", "shop", "Degraded", Some(&rev), T)
-        .await;
+    assert!(s.seen("dev.roost.converged").is_empty());
+    s.phase("Degraded", Some(&rev)).await;
     s.finish().await;
 }
 
@@ -454,24 +557,13 @@ async fn scenario_drift(c: Cluster) {
     )
     .await
     .expect("patch");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let drift: Vec<String> = s
-        .obs
-        .snapshot()
-        .of("store-0001", "dev.roost.drift.detected")
-        .iter()
-        .map(|e| e.data.to_string())
-        .collect();
-    assert!(drift.is_empty(), "unmanaged field is not drift: {drift:?}");
+    // The marker is the first managed-field edit below: its drift report must be the first
+    // one, and no report ever names the other manager's field.
 
     // kubectl-style edits of a managed field: detected, named, corrected — ten times, timed.
     let mut detect_ms = Vec::new();
     for i in 0..10 {
-        let before = s
-            .obs
-            .snapshot()
-            .of("store-0001", "dev.roost.drift.corrected")
-            .len();
+        let before = s.seen("dev.roost.drift.corrected").len();
         let t0 = Instant::now();
         cms.patch(
             "settings",
@@ -481,8 +573,7 @@ async fn scenario_drift(c: Cluster) {
         .await
         .expect("edit");
         let found = harness::eventually(T, "drift detected", || {
-            let snap = s.obs.snapshot();
-            let all = snap.of("store-0001", "dev.roost.drift.detected");
+            let all = s.seen("dev.roost.drift.detected");
             (all.len() > i).then(|| all[i].clone())
         })
         .await;
@@ -491,14 +582,14 @@ async fn scenario_drift(c: Cluster) {
             "names the field: {}",
             found.data
         );
+        assert!(
+            !found.data["items"].to_string().contains("added-by-hand"),
+            "unmanaged field is not drift: {}",
+            found.data
+        );
         detect_ms.push(t0.elapsed().as_millis() as u64);
         harness::eventually(T, "drift corrected", || {
-            (s.obs
-                .snapshot()
-                .of("store-0001", "dev.roost.drift.corrected")
-                .len()
-                > before)
-                .then_some(())
+            (s.seen("dev.roost.drift.corrected").len() > before).then_some(())
         })
         .await;
         let cm = cms.get("settings").await.expect("get");
@@ -650,16 +741,18 @@ async fn scenario_state_loss(c: Cluster) {
     let ns = s.cluster.ns("shop");
     let rev1 = s.roll_files(&base_files(), 60).await;
     s.converged(&rev1).await;
-    // The agent's SQLite state is lost (a new disk): inventory, applied record, replay guard.
+    // The agent's records are lost (a restored backup without them): inventory, applied
+    // record, replay guard. The event outbox (and its roostseq) survives.
     s.store.stop_agent().await;
-    for f in ["agent.db", "agent.db-wal", "agent.db-shm"] {
-        let _ = std::fs::remove_file(s.store.agent_cfg.file.state_dir.join(f));
+    {
+        let db = rusqlite::Connection::open(s.store.agent_cfg.file.state_dir.join("outbox.db"))
+            .expect("agent database");
+        db.execute_batch("DELETE FROM agent_deployments; DELETE FROM agent_accepted;")
+            .expect("forget the ledger");
     }
     s.store.start_agent();
     // The retained rollout is accepted again and re-applied (nothing changes in the cluster).
-    s.obs
-        .wait_phase("store-0001", "shop", "Converged", Some(&rev1), T)
-        .await;
+    s.phase("Converged", Some(&rev1)).await;
     // A revision without the Service: the inventory recovered from the labels finds it.
     let files: Vec<(String, String)> = base_files()
         .into_iter()
@@ -712,11 +805,8 @@ async fn scenario_apply_failed(c: Cluster) {
         message.to_lowercase().contains("immutable"),
         "carries the API server's message: {message}"
     );
-    let doc = s
-        .obs
-        .wait_phase("store-0001", "shop", "Failed", None, T)
-        .await;
-    let st = &doc.deployments["shop"];
+    let doc = s.phase("Failed", None).await;
+    let st = &doc.deployments[&s.dep];
     assert_eq!(
         st.applied_revision.as_deref(),
         Some(rev1.as_str()),
@@ -811,7 +901,7 @@ async fn deploy_manifests_parse_and_apply() {
         }
     }
     // Apply it the way roost applies anything: through the Kubernetes target.
-    let target = roost_agent::target::kube::KubeTarget::new(
+    let target = roost_agent::targets::kube::KubeTarget::new(
         c.client.clone(),
         KubernetesConfig::default(),
         "store-0042",
@@ -820,11 +910,15 @@ async fn deploy_manifests_parse_and_apply() {
         revision: "0".repeat(40),
         files: vec![file],
     };
-    let report = roost_agent::target::Target::Kube(Box::new(target))
-        .apply("roost-system", &rendered, &roost_schemas::Policy::default())
+    let plan = target
+        .build("roost-system", rendered, &roost_schemas::Policy::default())
+        .await
+        .expect("deploy/roost.yaml builds");
+    let report = target
+        .apply(&plan, &[])
         .await
         .expect("deploy/roost.yaml applies");
-    assert_eq!(report.inventory.len(), docs.len());
+    assert_eq!(report.changed.len(), docs.len(), "every object created");
     assert!(c
         .get("apps", "v1", "Deployment", Some("roost-system"), "roost")
         .await

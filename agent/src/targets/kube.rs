@@ -1,10 +1,11 @@
 //! The Kubernetes target: server-side apply (field manager `roost`) of a revision's objects,
-//! in dependency order; prune by inventory; health by kstatus rules; drift by comparing each
-//! live object with a server-side-apply dry run of the desired one, so fields roost does not
-//! manage (an autoscaler's replicas) are not drift, and a watch on roost's labels triggers the
-//! comparison within seconds of a change.
+//! in dependency order, writing only objects whose manifest changed; prune strictly from the
+//! agent's inventory, and only objects roost applied for this store and deployment (never one
+//! another controller owns); health by kstatus rules; drift by comparing each live object with
+//! a server-side-apply dry run of the desired one, so fields roost does not manage are not
+//! drift, with watches scoped to the plan's namespaces triggering the comparison.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -13,11 +14,14 @@ use kube::core::GroupVersionKind;
 use kube::discovery::{self, ApiCapabilities, Scope as KScope};
 use kube::runtime::watcher;
 use kube::runtime::WatchStreamExt as _;
+use roost_schemas::Policy;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, RwLock};
 use tracing::{debug, info, warn};
 
-use super::{ApplyReport, DriftReport, Health, TargetError};
+use super::{
+    digest_json, ApplyReport, DriftReport, Health, InventoryEntry, ObjectRef, TargetError,
+};
 use crate::config::KubernetesConfig;
 use crate::git::{is_manifest, parse_documents, Rendered};
 
@@ -27,15 +31,13 @@ pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const DEPLOYMENT_LABEL: &str = "roost.dev/deployment";
 /// Label naming the store, so that stores sharing a cluster never touch each other's objects.
 pub const STORE_LABEL: &str = "roost.dev/store";
-/// Annotation with the applied revision.
-pub const REVISION_ANNOTATION: &str = "roost.dev/revision";
 /// Field manager.
 pub const FIELD_MANAGER: &str = "roost";
 
-/// One desired object, resolved against discovery.
+/// One object of a plan, resolved against discovery.
 #[derive(Debug, Clone)]
-pub struct Desired {
-    /// The object as it will be applied (labels, namespace set).
+pub struct KubeObject {
+    /// The object as it is applied (labels and namespace set).
     pub obj: Value,
     /// API resource.
     pub ar: ApiResource,
@@ -47,44 +49,50 @@ pub struct Desired {
     pub name: String,
     /// Where it came from (`file#doc`).
     pub origin: String,
+    /// Digest of `obj`.
+    pub digest: String,
+    /// Its kind is defined by a CRD of the same revision (discovered after applying it).
+    pub from_revision_crd: bool,
 }
 
-impl Desired {
-    /// Inventory key `group/version/Kind/namespace/name`.
-    pub fn key(&self) -> String {
-        item_key(
-            &self.ar.group,
-            &self.ar.version,
-            &self.ar.kind,
-            self.namespace.as_deref(),
-            &self.name,
-        )
+impl KubeObject {
+    /// The object's reference.
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef::Kube {
+            group: self.ar.group.clone(),
+            version: self.ar.version.clone(),
+            kind: self.ar.kind.clone(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
     }
 }
 
-/// Inventory key of an object.
-pub fn item_key(group: &str, version: &str, kind: &str, ns: Option<&str>, name: &str) -> String {
-    format!("{group}/{version}/{kind}/{}/{name}", ns.unwrap_or(""))
+/// A revision resolved for the cluster: its objects in apply order.
+#[derive(Debug, Clone)]
+pub struct KubePlan {
+    /// Deployment.
+    pub deployment: String,
+    /// Commit.
+    pub revision: String,
+    /// Objects, Namespaces and CRDs first, then cluster-scoped, then namespaced.
+    pub objects: Vec<KubeObject>,
+    /// The rollout's policy.
+    pub policy: Policy,
 }
 
-/// Parses an inventory key.
-pub fn parse_key(k: &str) -> Option<(String, String, String, Option<String>, String)> {
-    let p: Vec<&str> = k.split('/').collect();
-    if p.len() != 5 {
-        return None;
+impl KubePlan {
+    /// Namespaces the plan's namespaced objects are in.
+    pub fn namespaces(&self) -> BTreeSet<String> {
+        self.objects
+            .iter()
+            .filter_map(|o| o.namespace.clone())
+            .collect()
     }
-    let ns = (!p[3].is_empty()).then(|| p[3].to_owned());
-    Some((
-        p[0].to_owned(),
-        p[1].to_owned(),
-        p[2].to_owned(),
-        ns,
-        p[4].to_owned(),
-    ))
 }
 
 /// Apply order: Namespaces and CRDs first, then other cluster-scoped, then namespaced.
-fn apply_rank(d: &Desired) -> u8 {
+fn apply_rank(d: &KubeObject) -> u8 {
     match (d.ar.group.as_str(), d.ar.kind.as_str()) {
         ("", "Namespace") => 0,
         ("apiextensions.k8s.io", "CustomResourceDefinition") => 1,
@@ -103,6 +111,32 @@ fn prune_rank(group: &str, kind: &str, namespaced: bool) -> u8 {
     }
 }
 
+/// Whether a live object is one roost applied for this store and deployment: labelled for
+/// them, written by roost's field manager with server-side apply, and not controlled by any
+/// other object (the endpoints controller copies a Service's labels onto its Endpoints and
+/// EndpointSlices; a Deployment's ReplicaSets carry its template labels).
+pub fn is_ours(o: &DynamicObject, deployment: &str, store: &str) -> bool {
+    let labels = o.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+    if label(DEPLOYMENT_LABEL) != Some(deployment)
+        || label(STORE_LABEL) != Some(store)
+        || label(MANAGED_BY) != Some("roost")
+    {
+        return false;
+    }
+    let controlled = o
+        .metadata
+        .owner_references
+        .as_ref()
+        .is_some_and(|refs| refs.iter().any(|r| r.controller == Some(true)));
+    let applied_by_roost = o.metadata.managed_fields.as_ref().is_some_and(|mf| {
+        mf.iter().any(|f| {
+            f.manager.as_deref() == Some(FIELD_MANAGER) && f.operation.as_deref() == Some("Apply")
+        })
+    });
+    !controlled && applied_by_roost
+}
+
 /// The Kubernetes target.
 pub struct KubeTarget {
     client: kube::Client,
@@ -111,13 +145,13 @@ pub struct KubeTarget {
     max_objects: usize,
     /// Discovery cache by `group/version/Kind`.
     cache: RwLock<HashMap<String, (ApiResource, ApiCapabilities)>>,
-    /// Resources per deployment, for watches.
-    kinds: std::sync::Mutex<HashMap<String, Vec<(ApiResource, bool)>>>,
 }
 
 impl std::fmt::Debug for KubeTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KubeTarget").finish_non_exhaustive()
+        f.debug_struct("KubeTarget")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -139,6 +173,22 @@ fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
+/// Sorts a kube-rs error: the server refusing an object is `Refused` (a problem of the
+/// object); anything else (connection, timeout, 5xx, 429) is the API server being unavailable.
+fn classify(object: String, e: kube::Error) -> TargetError {
+    match &e {
+        kube::Error::Api(s) if s.code < 500 && s.code != 429 => TargetError::Refused {
+            object,
+            message: kube_msg(&e),
+            source: Some(e),
+        },
+        _ => TargetError::Unavailable {
+            what: object,
+            source: e,
+        },
+    }
+}
+
 impl KubeTarget {
     /// A target using `client` with the given policy.
     pub fn new(client: kube::Client, cfg: KubernetesConfig, store: &str) -> KubeTarget {
@@ -148,28 +198,32 @@ impl KubeTarget {
             store: store.to_owned(),
             max_objects: crate::config::Limits::default().max_objects,
             cache: RwLock::default(),
-            kinds: Default::default(),
         }
     }
 
     /// A client from in-cluster credentials or `KUBECONFIG`.
     pub async fn from_env(cfg: KubernetesConfig, store: &str) -> Result<KubeTarget, TargetError> {
-        let err = |e: String| TargetError::Internal(format!("kubernetes client: {e}"));
+        let err = |what: String| {
+            move |e: Box<dyn std::error::Error + Send + Sync>| TargetError::Client {
+                what: what.clone(),
+                source: e,
+            }
+        };
         let client = match &cfg.kubeconfig {
             Some(path) => {
                 let kc = kube::config::Kubeconfig::read_from(path)
-                    .map_err(|e| err(format!("{}: {e}", path.display())))?;
+                    .map_err(|e| err(path.display().to_string())(Box::new(e)))?;
                 let conf = kube::Config::from_custom_kubeconfig(
                     kc,
                     &kube::config::KubeConfigOptions::default(),
                 )
                 .await
-                .map_err(|e| err(e.to_string()))?;
-                kube::Client::try_from(conf).map_err(|e| err(e.to_string()))?
+                .map_err(|e| err(path.display().to_string())(Box::new(e)))?;
+                kube::Client::try_from(conf).map_err(|e| err("client".into())(Box::new(e)))?
             }
             None => kube::Client::try_default()
                 .await
-                .map_err(|e| err(e.to_string()))?,
+                .map_err(|e| err("in-cluster or KUBECONFIG".into())(Box::new(e)))?,
         };
         Ok(KubeTarget::new(client, cfg, store))
     }
@@ -194,6 +248,19 @@ impl KubeTarget {
         }
     }
 
+    fn namespace_allowed(&self, ns: &str) -> bool {
+        self.cfg.allowed_namespaces.is_empty()
+            || self
+                .cfg
+                .allowed_namespaces
+                .iter()
+                .any(|a| a == ns || self.prefixed(a) == ns)
+    }
+
+    fn cluster_scoped_allowed(&self) -> bool {
+        self.cfg.allow_cluster_scoped.unwrap_or(true)
+    }
+
     async fn resolve(
         &self,
         group: &str,
@@ -215,20 +282,35 @@ impl KubeTarget {
             }
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
             Err(kube::Error::Discovery(_)) => Ok(None),
-            Err(e) => Err(TargetError::Internal(format!(
-                "discovery of {key}: {}",
-                kube_msg(&e)
-            ))),
+            // Discovery failing otherwise is the API server's problem, not the revision's.
+            Err(e) => Err(TargetError::Unavailable {
+                what: format!("discovery of {key}"),
+                source: e,
+            }),
         }
     }
 
-    /// Parses, checks and resolves every object of a revision; applies nothing.
-    pub async fn plan(
+    fn check_kind(&self, group: &str, kind: &str) -> Result<(), String> {
+        let names = [kind.to_owned(), format!("{group}/{kind}")];
+        if self.cfg.denied_kinds.iter().any(|k| names.contains(k)) {
+            return Err(format!("kind {kind} is denied"));
+        }
+        if !self.cfg.allowed_kinds.is_empty()
+            && !self.cfg.allowed_kinds.iter().any(|k| names.contains(k))
+        {
+            return Err(format!("kind {kind} is not in the allowed kinds"));
+        }
+        Ok(())
+    }
+
+    /// Parses, checks (policy, limits) and resolves every object of a revision; applies
+    /// nothing. Unknown kinds are invalid; a failing discovery is the cluster's problem.
+    pub async fn build(
         &self,
         deployment: &str,
-        rendered: &Rendered,
-    ) -> Result<Vec<Desired>, TargetError> {
-        // Kinds defined by CRDs in this same revision, with their scope.
+        rendered: Rendered,
+        policy: &Policy,
+    ) -> Result<KubePlan, TargetError> {
         let mut docs = Vec::new();
         for f in rendered.files.iter().filter(|f| is_manifest(&f.path)) {
             let parsed =
@@ -244,6 +326,7 @@ impl KubeTarget {
                 self.max_objects
             )));
         }
+        // Kinds defined by CRDs in this same revision, with their scope.
         let mut crd_kinds: HashMap<(String, String), bool> = HashMap::new();
         for (_, d) in &docs {
             if d["kind"] == "CustomResourceDefinition" {
@@ -259,6 +342,9 @@ impl KubeTarget {
         let mut seen = std::collections::HashSet::new();
         for (origin, mut d) in docs {
             let bad = |what: &str| TargetError::InvalidManifest(format!("{origin}: {what}"));
+            if !d.is_object() || !d["metadata"].is_object() {
+                return Err(bad("not an object with metadata"));
+            }
             let av = d["apiVersion"]
                 .as_str()
                 .filter(|s| !s.is_empty())
@@ -274,39 +360,32 @@ impl KubeTarget {
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| bad("missing metadata.name"))?
                 .to_owned();
-            if !d.is_object() || !d["metadata"].is_object() {
-                return Err(bad("not an object"));
-            }
             let (group, version) = split_api_version(&av);
             self.check_kind(&group, &kind)
                 .map_err(|m| TargetError::PolicyDenied(format!("{origin}: {m}")))?;
-            let (ar, namespaced) = match self.resolve(&group, &version, &kind, false).await? {
-                Some((ar, caps)) => (ar, caps.scope == KScope::Namespaced),
-                None => match crd_kinds.get(&(group.clone(), kind.clone())) {
-                    Some(ns) => (
-                        ApiResource::from_gvk(&GroupVersionKind::gvk(&group, &version, &kind)),
-                        *ns,
-                    ),
-                    None => {
-                        return Err(bad(&format!(
-                            "unknown kind {av}/{kind} (not served by the cluster)"
-                        )))
-                    }
-                },
-            };
+            let (ar, namespaced, from_revision_crd) =
+                match self.resolve(&group, &version, &kind, false).await? {
+                    Some((ar, caps)) => (ar, caps.scope == KScope::Namespaced, false),
+                    None => match crd_kinds.get(&(group.clone(), kind.clone())) {
+                        Some(ns) => (
+                            ApiResource::from_gvk(&GroupVersionKind::gvk(&group, &version, &kind)),
+                            *ns,
+                            true,
+                        ),
+                        None => {
+                            return Err(bad(&format!(
+                                "unknown kind {av}/{kind} (not served by the cluster)"
+                            )))
+                        }
+                    },
+                };
             let namespace = if namespaced {
                 let ns = d["metadata"]["namespace"]
                     .as_str()
                     .map(str::to_owned)
                     .unwrap_or_else(|| self.default_namespace());
                 let ns = self.prefixed(&ns);
-                if !self.cfg.allowed_namespaces.is_empty()
-                    && !self
-                        .cfg
-                        .allowed_namespaces
-                        .iter()
-                        .any(|a| *a == ns || self.prefixed(a) == ns)
-                {
+                if !self.namespace_allowed(&ns) {
                     return Err(TargetError::PolicyDenied(format!(
                         "{origin}: namespace {ns} is not allowed"
                     )));
@@ -314,7 +393,7 @@ impl KubeTarget {
                 d["metadata"]["namespace"] = json!(ns);
                 Some(ns)
             } else {
-                if !self.cfg.allow_cluster_scoped.unwrap_or(true) {
+                if !self.cluster_scoped_allowed() {
                     return Err(TargetError::PolicyDenied(format!(
                         "{origin}: cluster-scoped {kind} is not allowed"
                     )));
@@ -326,13 +405,7 @@ impl KubeTarget {
             };
             let name = if group.is_empty() && kind == "Namespace" {
                 let n = self.prefixed(&name);
-                if !self.cfg.allowed_namespaces.is_empty()
-                    && !self
-                        .cfg
-                        .allowed_namespaces
-                        .iter()
-                        .any(|a| *a == n || self.prefixed(a) == n)
-                {
+                if !self.namespace_allowed(&n) {
                     return Err(TargetError::PolicyDenied(format!(
                         "{origin}: namespace {n} is not allowed"
                     )));
@@ -342,69 +415,58 @@ impl KubeTarget {
             } else {
                 name
             };
-            let labels = d["metadata"]["labels"]
+            // Ownership labels only: constant per deployment, so they never cause a write.
+            // The revision lives in the agent's inventory, status and events, not on objects
+            // (an annotation change bumps a Deployment's generation and rolls its ReplicaSets).
+            let mut labels = d["metadata"]["labels"]
                 .as_object()
                 .cloned()
                 .unwrap_or_default();
-            let mut labels = labels;
             labels.insert(MANAGED_BY.into(), json!("roost"));
             labels.insert(DEPLOYMENT_LABEL.into(), json!(deployment));
             labels.insert(STORE_LABEL.into(), json!(self.store));
             d["metadata"]["labels"] = Value::Object(labels);
-            let mut ann = d["metadata"]["annotations"]
-                .as_object()
-                .cloned()
-                .unwrap_or_default();
-            ann.insert(REVISION_ANNOTATION.into(), json!(rendered.revision));
-            d["metadata"]["annotations"] = Value::Object(ann);
-            let desired = Desired {
+            let object = KubeObject {
+                digest: digest_json(&d),
                 obj: d,
                 ar,
                 namespaced,
                 namespace,
                 name,
                 origin,
+                from_revision_crd,
             };
-            if !seen.insert(desired.key()) {
+            let key = object.object_ref();
+            if !seen.insert(key.clone()) {
                 return Err(TargetError::InvalidManifest(format!(
-                    "{}: duplicate object {}",
-                    desired.origin,
-                    desired.key()
+                    "{}: duplicate object {key}",
+                    object.origin
                 )));
             }
-            out.push(desired);
+            out.push(object);
         }
         out.sort_by(|a, b| {
             apply_rank(a)
                 .cmp(&apply_rank(b))
-                .then_with(|| a.key().cmp(&b.key()))
+                .then_with(|| a.object_ref().cmp(&b.object_ref()))
         });
-        if let Ok(mut k) = self.kinds.lock() {
-            let mut kinds: Vec<(ApiResource, bool)> = Vec::new();
-            for d in &out {
-                if !kinds
-                    .iter()
-                    .any(|(a, _)| a.group == d.ar.group && a.kind == d.ar.kind)
-                {
-                    kinds.push((d.ar.clone(), d.namespaced));
-                }
-            }
-            k.insert(deployment.to_owned(), kinds);
-        }
-        Ok(out)
+        Ok(KubePlan {
+            deployment: deployment.to_owned(),
+            revision: rendered.revision,
+            objects: out,
+            policy: policy.clone(),
+        })
     }
 
-    fn check_kind(&self, group: &str, kind: &str) -> Result<(), String> {
-        let names = [kind.to_owned(), format!("{group}/{kind}")];
-        if self.cfg.denied_kinds.iter().any(|k| names.contains(k)) {
-            return Err(format!("kind {kind} is denied"));
-        }
-        if !self.cfg.allowed_kinds.is_empty()
-            && !self.cfg.allowed_kinds.iter().any(|k| names.contains(k))
-        {
-            return Err(format!("kind {kind} is not in the allowed kinds"));
-        }
-        Ok(())
+    /// One entry per object, with its manifest digest.
+    pub fn entries(&self, plan: &KubePlan) -> Vec<InventoryEntry> {
+        plan.objects
+            .iter()
+            .map(|o| InventoryEntry {
+                object: o.object_ref(),
+                digest: o.digest.clone(),
+            })
+            .collect()
     }
 
     fn api(&self, ar: &ApiResource, namespaced: bool, ns: Option<&str>) -> Api<DynamicObject> {
@@ -425,7 +487,7 @@ impl KubeTarget {
         p
     }
 
-    async fn apply_one(&self, d: &Desired, dry_run: bool) -> Result<DynamicObject, kube::Error> {
+    async fn apply_one(&self, d: &KubeObject, dry_run: bool) -> Result<DynamicObject, kube::Error> {
         self.api(&d.ar, d.namespaced, d.namespace.as_deref())
             .patch(&d.name, &self.params(dry_run), &Patch::Apply(&d.obj))
             .await
@@ -446,36 +508,30 @@ impl KubeTarget {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(TargetError::Apply(format!(
+        Err(TargetError::NotReady(format!(
             "CustomResourceDefinition {name} was not Established within 30 s"
         )))
     }
 
-    pub(crate) async fn validate(
+    /// Applies the plan in order. An object whose manifest digest equals the inventory's and
+    /// that exists is not written; otherwise it is applied, and counts as changed when the
+    /// server stored a new version (a no-op apply keeps the resourceVersion).
+    pub async fn apply(
         &self,
-        deployment: &str,
-        rendered: &Rendered,
-    ) -> Result<(), TargetError> {
-        self.plan(deployment, rendered).await.map(|_| ())
-    }
-
-    pub(crate) async fn apply(
-        &self,
-        deployment: &str,
-        rendered: &Rendered,
+        plan: &KubePlan,
+        inventory: &[InventoryEntry],
     ) -> Result<ApplyReport, TargetError> {
-        let plan = self.plan(deployment, rendered).await?;
+        let known: HashMap<&ObjectRef, &str> = inventory
+            .iter()
+            .map(|e| (&e.object, e.digest.as_str()))
+            .collect();
         let mut changed = Vec::new();
-        for d in &plan {
-            // A custom resource whose CRD came in this revision: discover it now.
+        let mut unchanged = 0;
+        for d in &plan.objects {
             let mut d = d.clone();
-            if self
-                .cache
-                .read()
-                .await
-                .get(&format!("{}/{}/{}", d.ar.group, d.ar.version, d.ar.kind))
-                .is_none()
-            {
+            let key = d.object_ref();
+            if d.from_revision_crd {
+                // A custom resource whose CRD came in this revision: discover it now.
                 for _ in 0..50 {
                     if let Some((ar, _)) = self
                         .resolve(&d.ar.group, &d.ar.version, &d.ar.kind, true)
@@ -487,169 +543,166 @@ impl KubeTarget {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
-            let before = self
-                .api(&d.ar, d.namespaced, d.namespace.as_deref())
+            let api = self.api(&d.ar, d.namespaced, d.namespace.as_deref());
+            let before = api
                 .get_opt(&d.name)
                 .await
-                .ok()
-                .flatten();
-            let after = self.apply_one(&d, false).await.map_err(|e| {
-                TargetError::Apply(format!("{} ({}): {}", d.key(), d.origin, kube_msg(&e)))
-            })?;
-            // Changed = anything but the revision annotation differs (that one moves with
-            // every revision by design).
-            let content = |o: &DynamicObject| {
-                let mut v = comparable(o);
-                if let Some(a) = v["metadata"]["annotations"].as_object_mut() {
-                    a.remove(REVISION_ANNOTATION);
+                .map_err(|e| classify(format!("{key} ({})", d.origin), e))?;
+            let same_manifest = known.get(&key).is_some_and(|dg| *dg == d.digest);
+            if same_manifest && before.is_some() {
+                unchanged += 1;
+            } else {
+                let after = self
+                    .apply_one(&d, false)
+                    .await
+                    .map_err(|e| classify(format!("{key} ({})", d.origin), e))?;
+                let rv = |o: &DynamicObject| o.metadata.resource_version.clone();
+                if before.as_ref().is_none_or(|b| rv(b) != rv(&after)) {
+                    changed.push(key);
+                } else {
+                    unchanged += 1;
                 }
-                v
-            };
-            if before
-                .as_ref()
-                .is_none_or(|b| !diff_paths(&content(b), &content(&after)).is_empty())
-            {
-                changed.push(d.key());
             }
             if d.ar.kind == "CustomResourceDefinition" {
                 self.wait_crd_established(&d.name).await?;
             }
         }
-        info!(%deployment, objects = plan.len(), changed = changed.len(), "applied");
-        Ok(ApplyReport {
-            changed,
-            inventory: plan.iter().map(Desired::key).collect(),
-        })
+        info!(deployment = %plan.deployment, objects = plan.objects.len(), changed = changed.len(), "applied");
+        Ok(ApplyReport { changed, unchanged })
     }
 
-    /// Objects carrying the deployment's label, across every listable resource the cluster
-    /// serves (inventory recovery when the agent's state was lost).
-    async fn labelled(&self, deployment: &str) -> Result<Vec<String>, TargetError> {
-        let disc = discovery::Discovery::new(self.client.clone())
-            .run()
-            .await
-            .map_err(|e| TargetError::Internal(format!("discovery: {}", kube_msg(&e))))?;
-        let lp = ListParams::default().labels(&format!(
-            "{DEPLOYMENT_LABEL}={deployment},{STORE_LABEL}={},{MANAGED_BY}=roost",
-            self.store
-        ));
-        let mut out = Vec::new();
-        for group in disc.groups() {
-            for (ar, caps) in group.recommended_resources() {
-                if !caps.supports_operation(discovery::verbs::LIST) {
-                    continue;
-                }
-                let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
-                if let Ok(list) = api.list(&lp).await {
-                    for o in list {
-                        out.push(item_key(
-                            &ar.group,
-                            &ar.version,
-                            &ar.kind,
-                            o.metadata.namespace.as_deref(),
-                            &o.metadata.name.unwrap_or_default(),
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    async fn delete_items(
+    /// Deletes inventory objects that are still roost's (namespaced first, Namespaces and
+    /// CRDs last). An object that is gone, re-labelled, or controlled by another object is
+    /// skipped: roost only deletes what it applied.
+    pub async fn prune(
         &self,
         deployment: &str,
-        items: &[String],
-    ) -> Result<Vec<String>, TargetError> {
-        let mut parsed = Vec::new();
-        for k in items {
-            let Some((g, v, kind, ns, name)) = parse_key(k) else {
+        stale: &[ObjectRef],
+    ) -> Result<Vec<ObjectRef>, TargetError> {
+        let mut items: Vec<&ObjectRef> = stale
+            .iter()
+            .filter(|r| matches!(r, ObjectRef::Kube { .. }))
+            .collect();
+        items.sort_by_key(|r| match r {
+            ObjectRef::Kube {
+                group,
+                kind,
+                namespace,
+                ..
+            } => (prune_rank(group, kind, namespace.is_some()), (*r).clone()),
+            ObjectRef::File { .. } => (0, (*r).clone()),
+        });
+        let mut deleted = Vec::new();
+        for r in items {
+            let ObjectRef::Kube {
+                group,
+                version,
+                kind,
+                namespace,
+                name,
+            } = r
+            else {
                 continue;
             };
-            let namespaced = ns.is_some();
-            parsed.push((
-                prune_rank(&g, &kind, namespaced),
-                k.clone(),
-                g,
-                v,
-                kind,
-                ns,
-                name,
-            ));
-        }
-        parsed.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
-        let mut deleted = Vec::new();
-        for (_, key, g, v, kind, ns, name) in parsed {
-            let ar = match self.resolve(&g, &v, &kind, false).await? {
-                Some((ar, _)) => ar,
-                None => continue, // the kind is gone (its CRD was removed): nothing to delete
+            let Some((ar, _)) = self.resolve(group, version, kind, false).await? else {
+                continue; // the kind is gone (its CRD was removed): nothing to delete
             };
-            let api = self.api(&ar, ns.is_some(), ns.as_deref());
-            // Only delete what is still ours.
-            match api.get_opt(&name).await {
-                Ok(Some(o)) => {
-                    let labels = o.metadata.labels.unwrap_or_default();
-                    if labels.get(DEPLOYMENT_LABEL).map(String::as_str) != Some(deployment)
-                        || labels.get(STORE_LABEL) != Some(&self.store)
-                    {
-                        warn!(item = %key, "not pruning: no longer labelled for this deployment");
-                        continue;
-                    }
+            let api = self.api(&ar, namespace.is_some(), namespace.as_deref());
+            match api.get_opt(name).await {
+                Ok(Some(o)) if is_ours(&o, deployment, &self.store) => {}
+                Ok(Some(_)) => {
+                    warn!(object = %r, "not pruning: no longer roost's for this store and deployment");
+                    continue;
                 }
                 Ok(None) => continue,
-                Err(e) => return Err(TargetError::Prune(format!("{key}: {}", kube_msg(&e)))),
+                Err(e) => return Err(classify(r.to_string(), e)),
             }
-            match api.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => deleted.push(key),
+            match api.delete(name, &DeleteParams::background()).await {
+                Ok(_) => deleted.push(r.clone()),
                 Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(TargetError::Prune(format!("{key}: {}", kube_msg(&e)))),
+                Err(e) => return Err(classify(r.to_string(), e)),
             }
         }
         Ok(deleted)
     }
 
-    pub(crate) async fn prune(
+    /// Recovers a lost inventory from the cluster: objects labelled for this store and
+    /// deployment that roost applied (see [`is_ours`]). Listed only where the policy lets
+    /// roost act: the allowed namespaces (or, without that limit, the cluster), and
+    /// cluster-scoped kinds only when they are allowed.
+    pub async fn recover(
         &self,
         deployment: &str,
-        rendered: &Rendered,
-        previous: &[String],
-    ) -> Result<Vec<String>, TargetError> {
-        let plan = self.plan(deployment, rendered).await?;
-        let keep: std::collections::HashSet<String> = plan.iter().map(Desired::key).collect();
-        let mut previous = previous.to_vec();
-        if previous.is_empty() {
-            // State lost (or first apply): recover the inventory from the labels.
-            previous = self.labelled(deployment).await?;
+        plan: Option<&KubePlan>,
+    ) -> Result<Vec<ObjectRef>, TargetError> {
+        let disc = discovery::Discovery::new(self.client.clone())
+            .run()
+            .await
+            .map_err(|e| TargetError::Unavailable {
+                what: "discovery".into(),
+                source: e,
+            })?;
+        let lp = ListParams::default().labels(&format!(
+            "{DEPLOYMENT_LABEL}={deployment},{STORE_LABEL}={},{MANAGED_BY}=roost",
+            self.store
+        ));
+        let mut namespaces: Option<BTreeSet<String>> = (!self.cfg.allowed_namespaces.is_empty())
+            .then(|| {
+                self.cfg
+                    .allowed_namespaces
+                    .iter()
+                    .map(|n| self.prefixed(n))
+                    .collect()
+            });
+        if let (Some(ns), Some(p)) = (namespaces.as_mut(), plan) {
+            ns.extend(p.namespaces());
         }
-        let stale: Vec<String> = previous.into_iter().filter(|k| !keep.contains(k)).collect();
-        if stale.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.delete_items(deployment, &stale).await
-    }
-
-    pub(crate) async fn remove(
-        &self,
-        deployment: &str,
-        previous: &[String],
-    ) -> Result<Vec<String>, TargetError> {
-        let mut items = previous.to_vec();
-        for k in self.labelled(deployment).await? {
-            if !items.contains(&k) {
-                items.push(k);
+        let mut out = BTreeSet::new();
+        for group in disc.groups() {
+            for (ar, caps) in group.recommended_resources() {
+                if !caps.supports_operation(discovery::verbs::LIST) {
+                    continue;
+                }
+                let namespaced = caps.scope == KScope::Namespaced;
+                if !namespaced && !self.cluster_scoped_allowed() {
+                    continue;
+                }
+                let apis: Vec<Api<DynamicObject>> = match (&namespaces, namespaced) {
+                    (Some(list), true) => list
+                        .iter()
+                        .map(|ns| Api::namespaced_with(self.client.clone(), ns, &ar))
+                        .collect(),
+                    _ => vec![Api::all_with(self.client.clone(), &ar)],
+                };
+                for api in apis {
+                    let list = match api.list(&lp).await {
+                        Ok(l) => l,
+                        Err(e) if matches!(&e, kube::Error::Api(s) if s.code < 500) => continue,
+                        Err(e) => return Err(classify(format!("list {}", ar.plural), e)),
+                    };
+                    for o in list {
+                        if !is_ours(&o, deployment, &self.store) {
+                            continue;
+                        }
+                        out.insert(ObjectRef::Kube {
+                            group: ar.group.clone(),
+                            version: ar.version.clone(),
+                            kind: ar.kind.clone(),
+                            namespace: o.metadata.namespace.clone(),
+                            name: o.metadata.name.clone().unwrap_or_default(),
+                        });
+                    }
+                }
             }
         }
-        self.delete_items(deployment, &items).await
+        Ok(out.into_iter().collect())
     }
 
-    pub(crate) async fn health(
-        &self,
-        deployment: &str,
-        rendered: &Rendered,
-    ) -> Result<Health, TargetError> {
-        let plan = self.plan(deployment, rendered).await?;
+    /// kstatus health of every object of the plan.
+    pub async fn health(&self, plan: &KubePlan) -> Result<Health, TargetError> {
         let mut not_ready = Vec::new();
-        for d in &plan {
+        for d in &plan.objects {
+            let key = d.object_ref();
             match self
                 .api(&d.ar, d.namespaced, d.namespace.as_deref())
                 .get_opt(&d.name)
@@ -657,27 +710,25 @@ impl KubeTarget {
             {
                 Ok(Some(o)) => {
                     if let Some(why) = kstatus(&d.ar.group, &d.ar.kind, &o) {
-                        not_ready.push(format!("{}: {why}", d.key()));
+                        not_ready.push(format!("{key}: {why}"));
                     }
                 }
-                Ok(None) => not_ready.push(format!("{}: not found", d.key())),
-                Err(e) => not_ready.push(format!("{}: {}", d.key(), kube_msg(&e))),
+                Ok(None) => not_ready.push(format!("{key}: not found")),
+                Err(e) => return Err(classify(key.to_string(), e)),
             }
         }
         Ok(Health {
             ready: not_ready.is_empty(),
             not_ready,
+            reason: None,
         })
     }
 
-    pub(crate) async fn drift(
-        &self,
-        deployment: &str,
-        rendered: &Rendered,
-    ) -> Result<Option<DriftReport>, TargetError> {
-        let plan = self.plan(deployment, rendered).await?;
+    /// Live objects against server-side-apply dry runs of the plan's objects.
+    pub async fn drift(&self, plan: &KubePlan) -> Result<Option<DriftReport>, TargetError> {
         let mut items = Vec::new();
-        for d in &plan {
+        for d in &plan.objects {
+            let key = d.object_ref();
             let api = self.api(&d.ar, d.namespaced, d.namespace.as_deref());
             // The live read and the dry run are two requests: if something else (a
             // controller) wrote the object in between, they describe different versions and
@@ -688,55 +739,67 @@ impl KubeTarget {
                 let live = match api.get_opt(&d.name).await {
                     Ok(Some(o)) => o,
                     Ok(None) => break (None, None),
-                    Err(e) => {
-                        return Err(TargetError::Internal(format!(
-                            "{}: {}",
-                            d.key(),
-                            kube_msg(&e)
-                        )))
-                    }
+                    Err(e) => return Err(classify(key.to_string(), e)),
                 };
-                let dry = self.apply_one(d, true).await.map_err(|e| {
-                    TargetError::Internal(format!("dry run {}: {}", d.key(), kube_msg(&e)))
-                })?;
+                let dry = self
+                    .apply_one(d, true)
+                    .await
+                    .map_err(|e| classify(format!("dry run {key}"), e))?;
                 if dry.metadata.resource_version == live.metadata.resource_version || attempt >= 3 {
                     break (Some(live), Some(dry));
                 }
             };
             let (Some(live), Some(dry)) = (live, dry) else {
-                items.push(format!("{}: deleted", d.key()));
+                items.push(format!("{key}: deleted"));
                 continue;
             };
             let paths = diff_paths(&comparable(&live), &comparable(&dry));
             if !paths.is_empty() {
-                items.push(format!("{}: {}", d.key(), paths.join(", ")));
+                items.push(format!("{key}: {}", paths.join(", ")));
             }
         }
-        debug!(%deployment, drift = !items.is_empty(), "drift check");
+        debug!(deployment = %plan.deployment, drift = !items.is_empty(), "drift check");
         Ok((!items.is_empty()).then_some(DriftReport { items }))
     }
 
-    pub(crate) fn watch(&self, deployment: &str) -> Option<mpsc::Receiver<()>> {
-        let kinds = self.kinds.lock().ok()?.get(deployment).cloned()?;
+    /// Watches on the deployment's labels, one per kind of the plan, scoped to the plan's
+    /// namespaces (cluster-scoped kinds: the cluster).
+    pub fn watch(&self, plan: &KubePlan) -> Option<mpsc::Receiver<()>> {
         let (tx, rx) = mpsc::channel(1);
         let selector = format!(
-            "{DEPLOYMENT_LABEL}={deployment},{STORE_LABEL}={}",
-            self.store
+            "{DEPLOYMENT_LABEL}={},{STORE_LABEL}={}",
+            plan.deployment, self.store
         );
-        for (ar, _) in kinds {
-            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+        let mut scopes: BTreeMap<(String, String, String, Option<String>), ApiResource> =
+            BTreeMap::new();
+        for o in &plan.objects {
+            scopes
+                .entry((
+                    o.ar.group.clone(),
+                    o.ar.version.clone(),
+                    o.ar.kind.clone(),
+                    o.namespace.clone(),
+                ))
+                .or_insert_with(|| o.ar.clone());
+        }
+        for ((_, _, _, ns), ar) in scopes {
+            let api: Api<DynamicObject> = match &ns {
+                Some(ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
+                None => Api::all_with(self.client.clone(), &ar),
+            };
             let tx = tx.clone();
             let cfg = watcher::Config::default().labels(&selector);
             tokio::spawn(async move {
                 let mut stream = watcher(api, cfg).default_backoff().boxed();
-                while let Some(ev) = stream.next().await {
+                loop {
+                    let ev = tokio::select! {
+                        _ = tx.closed() => break,
+                        ev = stream.next() => match ev { Some(ev) => ev, None => break },
+                    };
                     match ev {
                         Ok(watcher::Event::Apply(_))
                         | Ok(watcher::Event::Delete(_))
                         | Ok(watcher::Event::InitDone) => {
-                            if tx.is_closed() {
-                                break;
-                            }
                             let _ = tx.try_send(());
                         }
                         Ok(_) => {}
@@ -888,7 +951,10 @@ fn comparable(o: &DynamicObject) -> Value {
         if let Some(a) = &o.metadata.annotations {
             let a: BTreeMap<&String, &String> = a
                 .iter()
-                .filter(|(k, _)| k.as_str() != "kubectl.kubernetes.io/last-applied-configuration")
+                .filter(|(k, _)| {
+                    k.as_str() != "kubectl.kubernetes.io/last-applied-configuration"
+                        && k.as_str() != "deployment.kubernetes.io/revision"
+                })
                 .collect();
             meta.insert("annotations".into(), json!(a));
         }
@@ -992,24 +1058,56 @@ mod tests {
     }
 
     #[test]
-    fn keys_roundtrip_and_orders() {
-        let k = item_key("apps", "v1", "Deployment", Some("ns"), "web");
-        assert_eq!(k, "apps/v1/Deployment/ns/web");
-        assert_eq!(
-            parse_key(&k),
-            Some((
-                "apps".into(),
-                "v1".into(),
-                "Deployment".into(),
-                Some("ns".into()),
-                "web".into()
-            ))
-        );
-        assert_eq!(parse_key("/v1/Namespace//kitchen").map(|p| p.3), Some(None));
+    fn keys_and_orders() {
+        let k = ObjectRef::Kube {
+            group: "apps".into(),
+            version: "v1".into(),
+            kind: "Deployment".into(),
+            namespace: Some("ns".into()),
+            name: "web".into(),
+        };
+        assert_eq!(k.to_string(), "apps/v1/Deployment/ns/web");
         assert!(prune_rank("", "Namespace", false) > prune_rank("", "ConfigMap", true));
         assert!(
             prune_rank("apiextensions.k8s.io", "CustomResourceDefinition", false)
                 > prune_rank("rbac.authorization.k8s.io", "ClusterRole", false)
         );
+    }
+
+    #[test]
+    fn ownership_is_labels_plus_roost_apply_without_a_controller() {
+        let mk = |extra: Value| {
+            let mut v = json!({"apiVersion":"v1","kind":"Endpoints","metadata":{"name":"web","namespace":"ns",
+                "labels":{MANAGED_BY:"roost",DEPLOYMENT_LABEL:"shop",STORE_LABEL:"s1"},
+                "managedFields":[{"manager":"roost","operation":"Apply","apiVersion":"v1"}]}});
+            if let (Some(m), Some(e)) = (v["metadata"].as_object_mut(), extra.as_object()) {
+                for (k, x) in e {
+                    m.insert(k.clone(), x.clone());
+                }
+            }
+            obj(v)
+        };
+        assert!(is_ours(&mk(json!({})), "shop", "s1"));
+        assert!(!is_ours(&mk(json!({})), "shop", "s2"), "another store");
+        assert!(
+            !is_ours(&mk(json!({})), "other", "s1"),
+            "another deployment"
+        );
+        // The endpoints controller copies labels, but it writes with Update.
+        assert!(!is_ours(
+            &mk(
+                json!({"managedFields":[{"manager":"kube-controller-manager","operation":"Update","apiVersion":"v1"}]})
+            ),
+            "shop",
+            "s1"
+        ));
+        // An EndpointSlice or ReplicaSet has a controller owner.
+        assert!(!is_ours(
+            &mk(
+                json!({"ownerReferences":[{"apiVersion":"v1","kind":"Service","name":"web","uid":"u","controller":true}]})
+            ),
+            "shop",
+            "s1"
+        ));
     }
 }

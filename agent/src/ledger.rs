@@ -1,0 +1,345 @@
+//! The agent's durable ledger, in the outbox's SQLite database: the accepted rollout of every
+//! (scope, deployment) slot (the replay guard and the inputs to precedence) and every
+//! deployment's [`Record`]. A record is committed in the same transaction as the events that
+//! report it, and the retained status document is derived from the records alone. All SQLite
+//! work runs on the outbox's writer thread, never on the async runtime.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use roost_runtime::outbox::Payload;
+use roost_runtime::{NewMessage, Outbox, OutboxError};
+use roost_schemas::{EventData, Rollout, Scope, StatusDoc};
+use rusqlite::params;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::reconcile::machine::Record;
+
+/// Errors of the ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The outbox (its database or writer thread) failed.
+    #[error("agent ledger")]
+    Outbox(#[from] OutboxError),
+    /// SQLite failed.
+    #[error("agent ledger database")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored row is unreadable.
+    #[error("agent ledger holds an unreadable {what}")]
+    Json {
+        /// What.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The last accepted envelope of one scope slot.
+#[derive(Debug, Clone)]
+pub struct AcceptedSlot {
+    /// The rollout.
+    pub rollout: Rollout,
+    /// SHA-256 of the payload bytes.
+    pub digest: String,
+}
+
+#[derive(Default)]
+struct Mem {
+    records: BTreeMap<String, Record>,
+    accepted: HashMap<(String, String), AcceptedSlot>,
+}
+
+/// Handle to the ledger; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    outbox: Outbox,
+    events_topic: String,
+    source: String,
+    mem: Arc<Mutex<Mem>>,
+    changed: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS agent_accepted (
+        scope TEXT NOT NULL,
+        deployment TEXT NOT NULL,
+        sequence INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        rollout TEXT NOT NULL,
+        envelope BLOB NOT NULL,
+        PRIMARY KEY (scope, deployment)
+    );
+    CREATE TABLE IF NOT EXISTS agent_deployments (
+        deployment TEXT PRIMARY KEY,
+        record TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );";
+
+type Loaded = (Vec<(String, String, String, String)>, Vec<(String, String)>);
+
+impl Ledger {
+    /// Opens the ledger in `outbox`'s database (creating its tables) and loads it.
+    pub async fn open(
+        outbox: Outbox,
+        events_topic: String,
+        source: String,
+    ) -> Result<Ledger, LedgerError> {
+        let loaded: Result<Loaded, rusqlite::Error> = outbox
+            .read(|c| {
+                c.execute_batch(SCHEMA)?;
+                let mut stmt =
+                    c.prepare("SELECT scope, deployment, digest, rollout FROM agent_accepted")?;
+                let acc = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut stmt = c.prepare("SELECT deployment, record FROM agent_deployments")?;
+                let recs = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((acc, recs))
+            })
+            .await?;
+        let (acc, recs) = loaded?;
+        let mut mem = Mem::default();
+        for (scope, deployment, digest, json) in acc {
+            let rollout: Rollout =
+                serde_json::from_str(&json).map_err(|source| LedgerError::Json {
+                    what: "accepted rollout",
+                    source,
+                })?;
+            mem.accepted
+                .insert((scope, deployment), AcceptedSlot { rollout, digest });
+        }
+        for (deployment, json) in recs {
+            let rec: Record = serde_json::from_str(&json).map_err(|source| LedgerError::Json {
+                what: "deployment record",
+                source,
+            })?;
+            mem.records.insert(deployment, rec);
+        }
+        Ok(Ledger {
+            outbox,
+            events_topic,
+            source,
+            mem: Arc::new(Mutex::new(mem)),
+            changed: Arc::new(Notify::new()),
+        })
+    }
+
+    fn mem(&self) -> std::sync::MutexGuard<'_, Mem> {
+        match self.mem.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn messages(&self, events: Vec<EventData>) -> Vec<NewMessage> {
+        events
+            .into_iter()
+            .map(|e| {
+                let ty = e.event_type();
+                info!(
+                    event = ty.as_str(),
+                    deployment = e.deployment().unwrap_or(""),
+                    "event"
+                );
+                NewMessage::event(self.events_topic.clone(), e.into_event(&self.source))
+            })
+            .collect()
+    }
+
+    /// A deployment's record (a fresh one if none was ever stored).
+    pub fn record(&self, deployment: &str) -> Record {
+        self.mem()
+            .records
+            .get(deployment)
+            .cloned()
+            .unwrap_or_else(|| Record::new(deployment))
+    }
+
+    /// Every deployment with an accepted slot or a record.
+    pub fn deployments(&self) -> Vec<String> {
+        let m = self.mem();
+        let mut out: Vec<String> = m
+            .records
+            .keys()
+            .cloned()
+            .chain(m.accepted.keys().map(|(_, d)| d.clone()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Commits a deployment's new record with the events reporting it, in one transaction.
+    /// Only the deployment's worker calls this, so records never race.
+    pub async fn commit(&self, rec: Record, events: Vec<EventData>) -> Result<(), LedgerError> {
+        let unchanged = self.mem().records.get(&rec.deployment) == Some(&rec);
+        if unchanged && events.is_empty() {
+            return Ok(());
+        }
+        let json = serde_json::to_string(&rec).map_err(|source| LedgerError::Json {
+            what: "deployment record",
+            source,
+        })?;
+        let deployment = rec.deployment.clone();
+        let msgs = self.messages(events);
+        self.outbox
+            .commit(
+                msgs,
+                Box::new(move |c| {
+                    c.execute(
+                        "INSERT INTO agent_deployments(deployment, record, updated_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(deployment) DO UPDATE SET record = excluded.record, updated_at = excluded.updated_at",
+                        params![deployment, json, roost_schemas::now_rfc3339()],
+                    )?;
+                    Ok(())
+                }),
+            )
+            .await?;
+        let deployment = rec.deployment.clone();
+        self.mem().records.insert(deployment, rec);
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// Stores events that change no record (message rejections).
+    pub async fn emit(&self, events: Vec<EventData>) {
+        if let Err(error) = self.outbox.enqueue(self.messages(events)).await {
+            warn!(error = %roost_runtime::error_chain(&error), "could not store event");
+        }
+    }
+
+    /// The last accepted (sequence, digest) of a slot.
+    pub fn last_sequence(&self, scope: &Scope, deployment: &str) -> Option<(u64, String)> {
+        self.mem()
+            .accepted
+            .get(&(scope.key(), deployment.to_owned()))
+            .map(|s| (s.rollout.sequence, s.digest.clone()))
+    }
+
+    /// Records an accepted envelope (replacing the slot's previous one) together with its
+    /// `rollout.received` event.
+    pub async fn accept(
+        &self,
+        rollout: &Rollout,
+        digest: &str,
+        envelope: &[u8],
+        event: EventData,
+    ) -> Result<(), LedgerError> {
+        let json = serde_json::to_string(rollout).map_err(|source| LedgerError::Json {
+            what: "accepted rollout",
+            source,
+        })?;
+        let (scope, deployment, seq, dg, env) = (
+            rollout.scope.key(),
+            rollout.deployment.clone(),
+            rollout.sequence as i64,
+            digest.to_owned(),
+            envelope.to_vec(),
+        );
+        self.outbox
+            .commit(
+                self.messages(vec![event]),
+                Box::new(move |c| {
+                    c.execute(
+                        "INSERT INTO agent_accepted(scope, deployment, sequence, digest, rollout, envelope)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT(scope, deployment) DO UPDATE SET sequence = excluded.sequence,
+                           digest = excluded.digest, rollout = excluded.rollout, envelope = excluded.envelope",
+                        params![scope, deployment, seq, dg, json, env],
+                    )?;
+                    Ok(())
+                }),
+            )
+            .await?;
+        self.mem().accepted.insert(
+            (rollout.scope.key(), rollout.deployment.clone()),
+            AcceptedSlot {
+                rollout: rollout.clone(),
+                digest: digest.to_owned(),
+            },
+        );
+        Ok(())
+    }
+
+    /// The accepted rollouts of every slot of a deployment.
+    pub fn slots(&self, deployment: &str) -> Vec<Rollout> {
+        let m = self.mem();
+        let mut out: Vec<(String, Rollout)> = m
+            .accepted
+            .iter()
+            .filter(|((_, d), _)| d == deployment)
+            .map(|((s, _), slot)| (s.clone(), slot.rollout.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Schedules a publish of the status document (after a reconnect: a restarted edge
+    /// broker has lost the retained copy).
+    pub fn touch(&self) {
+        self.changed.notify_one();
+    }
+
+    /// The status document's deployments, derived from the records.
+    pub fn statuses(&self) -> BTreeMap<String, roost_schemas::DeploymentStatus> {
+        self.mem()
+            .records
+            .iter()
+            .map(|(d, r)| (d.clone(), r.status()))
+            .collect()
+    }
+
+    /// Publishes the status document after each change (debounced), until cancelled; and
+    /// once at start so a restarted agent refreshes the retained document.
+    pub async fn run_status_publisher(
+        self,
+        topic: String,
+        store: String,
+        cancel: CancellationToken,
+    ) {
+        self.changed.notify_one();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.changed.notified() => {}
+            }
+            // Coalesce bursts of changes into one document.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let deployments = self.statuses();
+            let store = store.clone();
+            let render = move |roostseq: u64, backlog: u64| {
+                let doc = StatusDoc {
+                    store: store.clone(),
+                    agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                    updated_at: roost_schemas::now_rfc3339(),
+                    roostseq,
+                    outbox_backlog: backlog,
+                    deployments: deployments.clone(),
+                };
+                serde_json::to_vec(&doc).unwrap_or_default()
+            };
+            let msg = NewMessage {
+                topic: topic.clone(),
+                payload: Payload::WithCounters(Arc::new(render)),
+                retain: true,
+                compact: true,
+            };
+            if let Err(error) = self.outbox.enqueue(vec![msg]).await {
+                warn!(error = %roost_runtime::error_chain(&error), "could not store status document");
+            }
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! Stage 2, build: renders the revision's files from the Git cache (within the agent's
+//! limits) and has the target turn them into its plan (parse, policy, discovery), once per
+//! revision. A problem of the revision is a rejection; a cluster that cannot answer
+//! discovery is a transient failure.
+
+use roost_schemas::Rollout;
+
+use super::{Ctx, StageError};
+use crate::git::RenderLimits;
+use crate::targets::Target;
+
+/// The rollout's revision as the target's plan.
+pub async fn run<T: Target>(ctx: &Ctx<T>, rollout: &Rollout) -> Result<T::Plan, StageError> {
+    let Some(src) = &rollout.source else {
+        return Err(StageError::Interrupted);
+    };
+    let limits = RenderLimits {
+        max_bytes: ctx.cfg.file.limits.max_render_bytes,
+        max_files: ctx.cfg.file.limits.max_objects,
+    };
+    let rendered = ctx
+        .git
+        .render(&src.url, &src.revision, &src.path, limits)
+        .await
+        .map_err(StageError::Render)?;
+    ctx.target
+        .build(&rollout.deployment, rendered, &rollout.policy)
+        .await
+        .map_err(StageError::Build)
+}

@@ -1,0 +1,329 @@
+//! The reconciler: one worker per deployment drives the stages fetch → build → apply →
+//! prune → health, one module per stage, each failing with its own [`StageError`] variant,
+//! event and reason code; then watches for drift until the desired state changes. Every stage
+//! result goes through the pure [`machine::transition`] and is committed with its events.
+
+pub mod apply;
+pub mod build;
+pub mod drift;
+pub mod fetch;
+pub mod health;
+pub mod machine;
+pub mod prune;
+pub mod remove;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_runtime::Backoff;
+use roost_schemas::{Problem, Reason, Rollout, RolloutRef};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::decide::Desired;
+use crate::git::{GitCache, GitError};
+use crate::ledger::{Ledger, LedgerError};
+use crate::targets::{Target, TargetError};
+use machine::{next_step, transition, Outcome, Step, Want};
+
+/// Everything a worker needs.
+pub struct Ctx<T: Target> {
+    /// Configuration.
+    pub cfg: Arc<AgentConfig>,
+    /// Durable records, accepted rollouts and events.
+    pub ledger: Ledger,
+    /// Git cache.
+    pub git: GitCache,
+    /// Target.
+    pub target: Arc<T>,
+}
+
+impl<T: Target> Clone for Ctx<T> {
+    fn clone(&self) -> Self {
+        Ctx {
+            cfg: self.cfg.clone(),
+            ledger: self.ledger.clone(),
+            git: self.git.clone(),
+            target: self.target.clone(),
+        }
+    }
+}
+
+impl<T: Target> Ctx<T> {
+    /// Feeds one outcome through the state machine and commits the result with its events.
+    pub async fn record(&self, deployment: &str, outcome: Outcome) -> Result<(), StageError> {
+        let rec = self.ledger.record(deployment);
+        let (next, events) = transition(&rec, outcome);
+        self.ledger
+            .commit(next, events)
+            .await
+            .map_err(StageError::Ledger)
+    }
+}
+
+/// A failed stage.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// Fetching the revision failed.
+    #[error("fetch")]
+    Fetch(#[source] GitError),
+    /// Rendering the revision's files failed.
+    #[error("render")]
+    Render(#[source] GitError),
+    /// Building the plan failed (policy, manifests, discovery).
+    #[error("build")]
+    Build(#[source] TargetError),
+    /// Applying failed.
+    #[error("apply")]
+    Apply(#[source] TargetError),
+    /// Pruning failed.
+    #[error("prune")]
+    Prune(#[source] TargetError),
+    /// Removing the deployment failed.
+    #[error("remove")]
+    Remove(#[source] TargetError),
+    /// The ledger could not record an outcome.
+    #[error("ledger")]
+    Ledger(#[source] LedgerError),
+    /// The desired state changed or the agent is stopping: not a failure.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl StageError {
+    /// The wire reason code.
+    pub fn reason(&self) -> Reason {
+        match self {
+            StageError::Fetch(e) | StageError::Render(e) => e.reason(),
+            StageError::Build(e) | StageError::Apply(e) => e.reason(),
+            StageError::Prune(e) | StageError::Remove(e) => {
+                if e.is_transient() {
+                    Reason::TargetUnavailable
+                } else {
+                    Reason::PruneFailed
+                }
+            }
+            StageError::Ledger(_) | StageError::Interrupted => Reason::Internal,
+        }
+    }
+
+    /// A problem of the revision itself: retrying the same revision cannot help.
+    pub fn is_rejection(&self) -> bool {
+        match self {
+            StageError::Render(e) => {
+                matches!(e, GitError::InvalidManifest(_) | GitError::TooLarge(_))
+            }
+            StageError::Build(e) => e.is_rejection(),
+            _ => false,
+        }
+    }
+
+    /// The message with its causes.
+    pub fn message(&self) -> String {
+        match self {
+            StageError::Fetch(e) | StageError::Render(e) => roost_runtime::error_chain(e),
+            StageError::Build(e)
+            | StageError::Apply(e)
+            | StageError::Prune(e)
+            | StageError::Remove(e) => e.chain(),
+            other => roost_runtime::error_chain(other),
+        }
+    }
+
+    /// The outcome that records this failure (None: nothing to record).
+    fn outcome(&self, retry_in: Option<Duration>) -> Option<Outcome> {
+        let problem = || Problem {
+            reason: self.reason(),
+            message: self.message(),
+            retryable: retry_in.is_some(),
+            retry_in_ms: retry_in.map(|d| d.as_millis() as u64),
+        };
+        match self {
+            StageError::Interrupted | StageError::Ledger(_) => None,
+            _ if self.is_rejection() => Some(Outcome::Rejected {
+                reason: self.reason(),
+                message: self.message(),
+            }),
+            StageError::Fetch(_) | StageError::Render(_) => Some(Outcome::FetchFailed(problem())),
+            _ => Some(Outcome::ApplyFailed(problem())),
+        }
+    }
+}
+
+/// What ended a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The desired state changed.
+    Changed,
+    /// The time passed.
+    Timer,
+    /// The agent is stopping.
+    Stop,
+}
+
+pub(crate) async fn wait(
+    rx: &mut watch::Receiver<Desired>,
+    d: Duration,
+    cancel: &CancellationToken,
+) -> Wake {
+    tokio::select! {
+        _ = cancel.cancelled() => Wake::Stop,
+        r = rx.changed() => if r.is_ok() { Wake::Changed } else { Wake::Stop },
+        _ = tokio::time::sleep(d) => Wake::Timer,
+    }
+}
+
+/// The reconciler's view of the winning rollout.
+pub fn want_of(desired: &Desired) -> Option<Want> {
+    let (rollout, remove) = match desired {
+        Desired::Unknown => return None,
+        Desired::Remove { rollout } => (rollout, true),
+        Desired::Apply { rollout } => (rollout, false),
+    };
+    Some(Want {
+        rollout: RolloutRef::of(rollout),
+        url: rollout
+            .source
+            .as_ref()
+            .map(|s| s.url.clone())
+            .unwrap_or_default(),
+        path: rollout
+            .source
+            .as_ref()
+            .and_then(|s| roost_schemas::rollout::normalize_path(&s.path).ok())
+            .unwrap_or_default(),
+        remove,
+    })
+}
+
+/// Runs the worker of one deployment until cancelled.
+pub async fn run_worker<T: Target>(
+    ctx: Ctx<T>,
+    deployment: String,
+    mut rx: watch::Receiver<Desired>,
+    cancel: CancellationToken,
+) {
+    let mut retry = Backoff::new(ctx.cfg.retry.0, ctx.cfg.retry.1);
+    loop {
+        let desired = rx.borrow_and_update().clone();
+        let res = match ctx
+            .record(&deployment, Outcome::Wanted(want_of(&desired)))
+            .await
+        {
+            Ok(()) => step(&ctx, &deployment, &desired, &mut rx, &cancel).await,
+            Err(e) => Err(e),
+        };
+        let wake = match res {
+            Ok(wake) => {
+                retry.reset();
+                wake
+            }
+            Err(StageError::Interrupted) => Wake::Changed,
+            Err(e) if e.is_rejection() => {
+                // The same revision fails the same way: wait for a new desired state.
+                warn!(%deployment, error = %e.message(), reason = %e.reason(), "rollout cannot be applied; waiting for a new one");
+                if let Some(o) = e.outcome(None) {
+                    if let Err(error) = ctx.record(&deployment, o).await {
+                        warn!(%deployment, error = %error.message(), "cannot record the rejection");
+                    }
+                }
+                wait(&mut rx, Duration::from_secs(24 * 3600), &cancel).await
+            }
+            Err(e) => {
+                let delay = retry.next_delay();
+                warn!(%deployment, stage = %e, error = %e.message(), reason = %e.reason(), retry_in_ms = delay.as_millis() as u64, "reconcile failed");
+                if let Some(o) = e.outcome(Some(delay)) {
+                    if let Err(error) = ctx.record(&deployment, o).await {
+                        warn!(%deployment, error = %error.message(), "cannot record the failure");
+                    }
+                }
+                wait(&mut rx, delay, &cancel).await
+            }
+        };
+        if matches!(wake, Wake::Stop) || cancel.is_cancelled() {
+            return;
+        }
+    }
+}
+
+/// One step for the current desired state; returns what ended it.
+async fn step<T: Target>(
+    ctx: &Ctx<T>,
+    deployment: &str,
+    desired: &Desired,
+    rx: &mut watch::Receiver<Desired>,
+    cancel: &CancellationToken,
+) -> Result<Wake, StageError> {
+    let rec = ctx.ledger.record(deployment);
+    match (next_step(&rec), desired) {
+        (Step::Idle, _) => Ok(wait(rx, Duration::from_secs(3600), cancel).await),
+        (Step::Remove, _) => {
+            remove::run(ctx, deployment).await?;
+            Ok(wait(rx, Duration::from_secs(3600), cancel).await)
+        }
+        (Step::Reconcile, Desired::Apply { rollout }) => {
+            let plan = prepare(ctx, rollout, rx, true).await?;
+            if let Wake::Changed | Wake::Stop = stage_until(ctx, rollout, rx, cancel).await? {
+                return Err(StageError::Interrupted);
+            }
+            apply::run(ctx, rollout, &plan).await?;
+            health::run(ctx, deployment, rollout, &plan, rx, cancel).await?;
+            drift::watch(ctx, rollout, &plan, rx, cancel).await
+        }
+        (Step::ReportHealth, Desired::Apply { rollout }) => {
+            let plan = prepare(ctx, rollout, rx, false).await?;
+            info!(%deployment, revision = ?rec.applied.as_ref().map(|a| &a.revision), "reporting the outcome of an apply finished before a restart");
+            health::run(ctx, deployment, rollout, &plan, rx, cancel).await?;
+            drift::watch(ctx, rollout, &plan, rx, cancel).await
+        }
+        (Step::InSync, Desired::Apply { rollout }) => {
+            let plan = prepare(ctx, rollout, rx, false).await?;
+            drift::watch(ctx, rollout, &plan, rx, cancel).await
+        }
+        // A step that needs a rollout while none is wanted cannot happen (next_step reads the
+        // same want); wait for the next change.
+        _ => Ok(wait(rx, Duration::from_secs(3600), cancel).await),
+    }
+}
+
+/// fetch → build: the revision as a plan.
+async fn prepare<T: Target>(
+    ctx: &Ctx<T>,
+    rollout: &Rollout,
+    rx: &mut watch::Receiver<Desired>,
+    announce: bool,
+) -> Result<T::Plan, StageError> {
+    fetch::run(ctx, rollout, rx, announce).await?;
+    build::run(ctx, rollout).await
+}
+
+/// Waits for `not_before` (staged rollouts): Timer when it is time to apply.
+async fn stage_until<T: Target>(
+    ctx: &Ctx<T>,
+    rollout: &Rollout,
+    rx: &mut watch::Receiver<Desired>,
+    cancel: &CancellationToken,
+) -> Result<Wake, StageError> {
+    let Some(nb) = rollout
+        .not_before
+        .as_deref()
+        .and_then(roost_schemas::parse_rfc3339)
+    else {
+        return Ok(Wake::Timer);
+    };
+    let now = time::OffsetDateTime::now_utc();
+    if nb <= now {
+        return Ok(Wake::Timer);
+    }
+    let until = roost_schemas::format_rfc3339(nb);
+    info!(deployment = %rollout.deployment, not_before = %until, "staged; waiting");
+    ctx.record(&rollout.deployment, Outcome::Staged { until })
+        .await?;
+    let d = Duration::try_from(nb - now).unwrap_or_default();
+    Ok(wait(rx, d, cancel).await)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,457 @@
+//! The files target: a deployment's revision is written to `ROOT/DEPLOYMENT/REVISION/` and
+//! switched in atomically by renaming a `current` symlink over the old one, so a reader of
+//! `ROOT/DEPLOYMENT/current` sees either the old or the new revision, never a mix. The hook's
+//! result is kept next to it (`.roost-hook.json`), so a failed hook is still reported after
+//! a restart. All file-system work runs on blocking threads.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use roost_schemas::{Policy, Reason};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::{ApplyReport, DriftReport, Health, InventoryEntry, ObjectRef, TargetError};
+use crate::git::{ManifestFile, Rendered};
+
+/// File name of the persisted hook result in a deployment's directory.
+const HOOK_STATE: &str = ".roost-hook.json";
+
+/// The files target.
+#[derive(Debug)]
+pub struct FilesTarget {
+    root: PathBuf,
+    hook: Option<Vec<String>>,
+}
+
+/// A revision ready to be written.
+#[derive(Debug, Clone)]
+pub struct FilesPlan {
+    /// Deployment.
+    pub deployment: String,
+    /// Commit.
+    pub revision: String,
+    /// Files, sorted by path.
+    pub files: Vec<ManifestFile>,
+    /// The rollout's policy.
+    pub policy: Policy,
+}
+
+/// The hook's last result, persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct HookState {
+    revision: String,
+    /// None while running (a crash mid-hook leaves it so).
+    ok: Option<bool>,
+    #[serde(default)]
+    message: String,
+}
+
+fn io<'a>(what: &'static str, p: &'a Path) -> impl FnOnce(std::io::Error) -> TargetError + 'a {
+    move |source| TargetError::Io {
+        what,
+        path: p.to_owned(),
+        source,
+    }
+}
+
+fn sync_dir(p: &Path) -> std::io::Result<()> {
+    std::fs::File::open(p)?.sync_all()
+}
+
+/// Reads every regular file under `dir`, sorted by relative path.
+fn read_tree(dir: &Path) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+    fn rec(base: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let ft = e.file_type()?;
+            let p = e.path();
+            if ft.is_dir() {
+                rec(base, &p, out)?;
+            } else {
+                let rel = p
+                    .strip_prefix(base)
+                    .map(|r| r.to_string_lossy().replace('\\', "/"))
+                    .unwrap_or_default();
+                let data = if ft.is_symlink() {
+                    format!("symlink:{}", std::fs::read_link(&p)?.display()).into_bytes()
+                } else {
+                    std::fs::read(&p)?
+                };
+                out.push((rel, data));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    rec(dir, dir, &mut out)?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn digest_bytes(d: &[u8]) -> String {
+    use sha2::{Digest as _, Sha256};
+    hex::encode(Sha256::digest(d))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TargetError> + Send + 'static,
+) -> Result<T, TargetError> {
+    tokio::task::spawn_blocking(f).await?
+}
+
+impl FilesTarget {
+    /// A target writing under `root`, running `hook` after each switch.
+    pub fn new(root: PathBuf, hook: Option<Vec<String>>) -> FilesTarget {
+        FilesTarget { root, hook }
+    }
+
+    fn dep_dir(&self, deployment: &str) -> PathBuf {
+        self.root.join(deployment)
+    }
+
+    /// The live directory of a deployment (`ROOT/DEPLOYMENT/current`).
+    pub fn current(&self, deployment: &str) -> PathBuf {
+        self.dep_dir(deployment).join("current")
+    }
+
+    /// Checks file names; the plan owns the files.
+    pub async fn build(
+        &self,
+        deployment: &str,
+        rendered: Rendered,
+        policy: &Policy,
+    ) -> Result<FilesPlan, TargetError> {
+        for f in &rendered.files {
+            if f.path
+                .split('/')
+                .any(|s| s == ".." || s.is_empty() || s.starts_with(".roost"))
+            {
+                return Err(TargetError::InvalidManifest(format!(
+                    "{}: unusable file name",
+                    f.path
+                )));
+            }
+        }
+        Ok(FilesPlan {
+            deployment: deployment.to_owned(),
+            revision: rendered.revision,
+            files: rendered.files,
+            policy: policy.clone(),
+        })
+    }
+
+    /// One entry per file, with its content digest.
+    pub fn entries(&self, plan: &FilesPlan) -> Vec<InventoryEntry> {
+        plan.files
+            .iter()
+            .map(|f| InventoryEntry {
+                object: ObjectRef::File {
+                    path: f.path.clone(),
+                },
+                digest: digest_bytes(&f.data),
+            })
+            .collect()
+    }
+
+    fn write_revision(dep: &Path, plan: &FilesPlan) -> Result<(), TargetError> {
+        std::fs::create_dir_all(dep).map_err(io("create", dep))?;
+        let final_dir = dep.join(&plan.revision);
+        let tmp = dep.join(format!(".tmp-{}-{}", plan.revision, std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        for f in &plan.files {
+            let p = tmp.join(&f.path);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+            }
+            let mut file = std::fs::File::create(&p).map_err(io("write", &p))?;
+            std::io::Write::write_all(&mut file, &f.data).map_err(io("write", &p))?;
+            file.sync_all().map_err(io("sync", &p))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
+        if final_dir.exists() {
+            std::fs::remove_dir_all(&final_dir).map_err(io("replace", &final_dir))?;
+        }
+        std::fs::rename(&tmp, &final_dir).map_err(io("rename", &tmp))?;
+        sync_dir(dep).map_err(io("sync", dep))?;
+        Ok(())
+    }
+
+    fn switch(dep: &Path, revision: &str) -> Result<(), TargetError> {
+        let link_tmp = dep.join(".current.tmp");
+        let _ = std::fs::remove_file(&link_tmp);
+        std::os::unix::fs::symlink(revision, &link_tmp).map_err(io("symlink", &link_tmp))?;
+        let cur = dep.join("current");
+        std::fs::rename(&link_tmp, &cur).map_err(io("switch", &cur))?;
+        sync_dir(dep).map_err(io("sync", dep))?;
+        Ok(())
+    }
+
+    fn write_hook_state(dep: &Path, st: &HookState) -> Result<(), TargetError> {
+        let p = dep.join(HOOK_STATE);
+        let tmp = dep.join(".roost-hook.json.tmp");
+        let body = serde_json::to_vec(st).unwrap_or_default();
+        let mut f = std::fs::File::create(&tmp).map_err(io("write", &tmp))?;
+        std::io::Write::write_all(&mut f, &body).map_err(io("write", &tmp))?;
+        f.sync_all().map_err(io("sync", &tmp))?;
+        std::fs::rename(&tmp, &p).map_err(io("rename", &tmp))?;
+        sync_dir(dep).map_err(io("sync", dep))
+    }
+
+    fn read_hook_state(dep: &Path) -> Option<HookState> {
+        let body = std::fs::read(dep.join(HOOK_STATE)).ok()?;
+        serde_json::from_slice(&body).ok()
+    }
+
+    async fn run_hook(&self, deployment: &str, revision: &str) -> Result<(), String> {
+        let Some((prog, args)) = self.hook.as_deref().and_then(|h| h.split_first()) else {
+            return Ok(());
+        };
+        let out = tokio::process::Command::new(prog)
+            .args(args)
+            .env("ROOST_DEPLOYMENT", deployment)
+            .env("ROOST_REVISION", revision)
+            .env("ROOST_DIR", self.current(deployment))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(300), out)
+            .await
+            .map_err(|_| "hook did not finish within 300 s".to_owned())?
+            .map_err(|e| format!("cannot run {prog}: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            Err(format!(
+                "{prog} exited with {}: {}",
+                out.status,
+                stderr.trim().chars().take(500).collect::<String>()
+            ))
+        }
+    }
+
+    /// Writes the revision, switches `current` to it and runs the hook (its result is
+    /// persisted and read by `health`).
+    pub async fn apply(
+        &self,
+        plan: &FilesPlan,
+        _inventory: &[InventoryEntry],
+    ) -> Result<ApplyReport, TargetError> {
+        let dep = self.dep_dir(&plan.deployment);
+        let cur = self.current(&plan.deployment);
+        let owned = plan.clone();
+        let hooked = self.hook.is_some();
+        let (changed, unchanged) = blocking(move || {
+            let before = read_tree(&cur).unwrap_or_default();
+            Self::write_revision(&dep, &owned)?;
+            if hooked {
+                // Persisted before the switch: a crash from here on reads "hook not finished".
+                Self::write_hook_state(
+                    &dep,
+                    &HookState {
+                        revision: owned.revision.clone(),
+                        ok: None,
+                        message: String::new(),
+                    },
+                )?;
+            }
+            Self::switch(&dep, &owned.revision)?;
+            let mut changed = Vec::new();
+            let mut unchanged = 0;
+            for f in &owned.files {
+                if before.iter().any(|(p, d)| p == &f.path && d == &f.data) {
+                    unchanged += 1;
+                } else {
+                    changed.push(ObjectRef::File {
+                        path: f.path.clone(),
+                    });
+                }
+            }
+            Ok((changed, unchanged))
+        })
+        .await?;
+        if self.hook.is_some() {
+            let res = self.run_hook(&plan.deployment, &plan.revision).await;
+            if let Err(error) = &res {
+                warn!(deployment = %plan.deployment, %error, "hook failed");
+            }
+            let st = HookState {
+                revision: plan.revision.clone(),
+                ok: Some(res.is_ok()),
+                message: res.err().unwrap_or_default(),
+            };
+            let dep = self.dep_dir(&plan.deployment);
+            blocking(move || Self::write_hook_state(&dep, &st)).await?;
+        }
+        Ok(ApplyReport { changed, unchanged })
+    }
+
+    /// Removes revision directories other than the current one; the stale files went with
+    /// the switch, so they are reported as pruned.
+    pub async fn prune(
+        &self,
+        deployment: &str,
+        stale: &[ObjectRef],
+    ) -> Result<Vec<ObjectRef>, TargetError> {
+        let dep = self.dep_dir(deployment);
+        let stale = stale.to_vec();
+        blocking(move || {
+            let current = std::fs::read_link(dep.join("current")).ok();
+            let Ok(entries) = std::fs::read_dir(&dep) else {
+                return Ok(stale);
+            };
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name == "current"
+                    || name == HOOK_STATE
+                    || current.as_deref() == Some(Path::new(&name))
+                {
+                    continue;
+                }
+                let p = e.path();
+                let res = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                res.map_err(io("prune", &p))?;
+            }
+            Ok(stale)
+        })
+        .await
+    }
+
+    /// Ready unless the hook failed (or never finished) for this revision.
+    pub async fn health(&self, plan: &FilesPlan) -> Result<Health, TargetError> {
+        if self.hook.is_none() {
+            return Ok(Health::ready());
+        }
+        let dep = self.dep_dir(&plan.deployment);
+        let st = blocking(move || Ok(Self::read_hook_state(&dep))).await?;
+        Ok(match st {
+            Some(HookState {
+                revision,
+                ok: Some(true),
+                ..
+            }) if revision == plan.revision => Health::ready(),
+            Some(HookState {
+                revision,
+                ok: Some(false),
+                message,
+            }) if revision == plan.revision => Health {
+                ready: false,
+                not_ready: vec![format!("hook failed: {message}")],
+                reason: Some(Reason::HookFailed),
+            },
+            _ => Health {
+                ready: false,
+                not_ready: vec!["hook has not finished for this revision".into()],
+                reason: None,
+            },
+        })
+    }
+
+    /// Differences between `current` and the plan's files.
+    pub async fn drift(&self, plan: &FilesPlan) -> Result<Option<DriftReport>, TargetError> {
+        let cur = self.current(&plan.deployment);
+        let files: Vec<(String, Vec<u8>)> = plan
+            .files
+            .iter()
+            .map(|f| (f.path.clone(), f.data.clone()))
+            .collect();
+        let revision = plan.revision.clone();
+        let items = blocking(move || {
+            let mut items = Vec::new();
+            match std::fs::read_link(&cur) {
+                Ok(t) if t == Path::new(&revision) => {}
+                Ok(t) => items.push(format!("current -> {} (want {revision})", t.display())),
+                Err(_) => items.push("current: missing".into()),
+            }
+            let live = read_tree(&cur).unwrap_or_default();
+            for (path, data) in &files {
+                match live.iter().find(|(p, _)| p == path) {
+                    None => items.push(format!("{path}: missing")),
+                    Some((_, d)) if d != data => items.push(format!("{path}: modified")),
+                    Some(_) => {}
+                }
+            }
+            for (p, _) in &live {
+                if !files.iter().any(|(f, _)| f == p) {
+                    items.push(format!("{p}: unexpected"));
+                }
+            }
+            items.dedup();
+            Ok(items)
+        })
+        .await?;
+        debug!(deployment = %plan.deployment, drift = !items.is_empty(), "drift check");
+        Ok((!items.is_empty()).then_some(DriftReport { items }))
+    }
+
+    /// The files under `current`.
+    pub async fn recover(
+        &self,
+        deployment: &str,
+        _plan: Option<&FilesPlan>,
+    ) -> Result<Vec<ObjectRef>, TargetError> {
+        let cur = self.current(deployment);
+        blocking(move || {
+            Ok(read_tree(&cur)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(path, _)| ObjectRef::File { path })
+                .collect())
+        })
+        .await
+    }
+
+    /// Removes the deployment's directory (every revision and `current`).
+    pub async fn remove(
+        &self,
+        deployment: &str,
+        inventory: &[ObjectRef],
+    ) -> Result<Vec<ObjectRef>, TargetError> {
+        let dep = self.dep_dir(deployment);
+        let inventory = inventory.to_vec();
+        blocking(move || {
+            if dep.exists() {
+                std::fs::remove_dir_all(&dep).map_err(io("remove", &dep))?;
+                if let Some(parent) = dep.parent() {
+                    let _ = sync_dir(parent);
+                }
+            }
+            Ok(inventory)
+        })
+        .await
+    }
+
+    /// File-system events under the deployment's directory.
+    pub fn watch(&self, plan: &FilesPlan) -> Option<mpsc::Receiver<()>> {
+        use notify::Watcher as _;
+        let dep = self.dep_dir(&plan.deployment);
+        std::fs::create_dir_all(&dep).ok()?;
+        let (tx, rx) = mpsc::channel(1);
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = tx.try_send(());
+            }
+        })
+        .ok()?;
+        watcher.watch(&dep, notify::RecursiveMode::Recursive).ok()?;
+        // The watcher lives as long as the receiver is polled: keep it alive in a task that
+        // ends when the receiver side is dropped (the sender fails then).
+        let (keep_tx, rx_out) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            let mut rx = rx;
+            while rx.recv().await.is_some() {
+                if keep_tx.send(()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Some(rx_out)
+    }
+}
