@@ -32,6 +32,9 @@ pub enum BridgeError {
     /// A link failed to start.
     #[error(transparent)]
     Link(#[from] roost_runtime::LinkError),
+    /// A blocking database job panicked.
+    #[error("bridge database job")]
+    Join(#[from] tokio::task::JoinError),
     /// I/O.
     #[error("{path}: {source}")]
     Io {
@@ -121,6 +124,16 @@ impl DesiredStore {
         Ok(DesiredStore {
             conn: Arc::new(Mutex::new(conn)),
         })
+    }
+
+    /// Runs a write on a blocking thread: a durable commit waits for an fsync, which must not
+    /// stall the async runtime.
+    async fn write(
+        &self,
+        f: impl FnOnce(&DesiredStore) -> Result<(), BridgeError> + Send + 'static,
+    ) -> Result<(), BridgeError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me)).await?
     }
 
     fn put(&self, topic: &str, payload: &[u8]) -> Result<(), BridgeError> {
@@ -220,37 +233,22 @@ impl Watermark {
     /// Records what one stored event accounts for: its own roostseq and, for an overflow
     /// report, the roostseqs the agent dropped (they will never come).
     pub fn add_event(&mut self, payload: &[u8]) -> bool {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        let Ok(v) = serde_json::from_slice::<roost_schemas::CloudEvent>(payload) else {
             return false;
         };
         let mut advanced = false;
-        if v.get("type").and_then(|t| t.as_str()) == Some(roostseq_overflow_type()) {
-            let data = &v["data"];
-            if let Some(ranges) = data.get("lost_ranges").and_then(|r| r.as_array()) {
-                for r in ranges {
-                    if let (Some(a), Some(b)) = (
-                        r.get(0).and_then(|x| x.as_u64()),
-                        r.get(1).and_then(|x| x.as_u64()),
-                    ) {
-                        advanced |= self.add(a.min(b), a.max(b));
-                    }
+        if let Some(o) = v.typed::<roost_schemas::payload::OutboxOverflow>() {
+            if !o.lost_ranges.is_empty() {
+                for [a, b] in o.lost_ranges {
+                    advanced |= self.add(a.min(b), a.max(b));
                 }
-            } else if let (Some(a), Some(b)) = (
-                data["lost_from_roostseq"].as_u64(),
-                data["lost_to_roostseq"].as_u64(),
-            ) {
+            } else if let (Some(a), Some(b)) = (o.lost_from_roostseq, o.lost_to_roostseq) {
                 advanced |= self.add(a.min(b), a.max(b));
             }
         }
-        if let Some(s) = v.get("roostseq").and_then(|s| s.as_u64()) {
-            advanced |= self.add(s, s);
-        }
+        advanced |= self.add(v.roostseq, v.roostseq);
         advanced
     }
-}
-
-fn roostseq_overflow_type() -> &'static str {
-    roost_schemas::EventType::OutboxOverflow.as_str()
 }
 
 fn confirmation(upto: u64, resend: bool) -> Vec<u8> {
@@ -362,7 +360,8 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
                 if topics.parse_deployment(&m.topic).is_none() {
                     continue;
                 }
-                if let Err(error) = desired.put(&m.topic, &m.payload) {
+                let (topic, payload) = (m.topic.clone(), m.payload.clone());
+                if let Err(error) = desired.write(move |d| d.put(&topic, &payload)).await {
                     warn!(%error, topic = %m.topic, "cannot store desired state");
                 }
                 debug!(topic = %m.topic, bytes = m.payload.len(), "down");
@@ -420,7 +419,9 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
                             adv.then(|| w.upto())
                         };
                         if let Some(upto) = advanced {
-                            if let Err(error) = desired_for_up.set_confirmed(upto) {
+                            if let Err(error) =
+                                desired_for_up.write(move |d| d.set_confirmed(upto)).await
+                            {
                                 warn!(%error, "cannot persist the delivery watermark");
                             }
                             let _ = edge_handle.publish(DirectMessage {
@@ -477,8 +478,18 @@ mod tests {
         assert_eq!(w.upto(), 7, "the gap filled; 7 was already there");
         assert!(!w.add(3, 3), "old duplicates change nothing");
         // An overflow report accounts for what the agent dropped.
-        let ev = serde_json::json!({"type": "dev.roost.outbox.overflow", "roostseq": 12,
-            "data": {"lost_ranges": [[8, 11]]}});
+        let mut ev =
+            roost_schemas::EventData::OutboxOverflow(roost_schemas::payload::OutboxOverflow {
+                reason: roost_schemas::Reason::OutboxOverflow,
+                message: "m".into(),
+                dropped_messages: 4,
+                lost_count: 4,
+                lost_from_roostseq: Some(8),
+                lost_to_roostseq: Some(11),
+                lost_ranges: vec![[8, 11]],
+            })
+            .into_event("roost://stores/s/agent");
+        ev.roostseq = 12;
         assert!(w.add_event(&serde_json::to_vec(&ev).expect("json")));
         assert_eq!(w.upto(), 12);
         let mut resumed = Watermark::new(12);

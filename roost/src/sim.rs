@@ -193,7 +193,9 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
                     ),
                 ));
             };
-            if e.ty == "dev.roost.converged" && e.data["revision"] == revision.as_str() {
+            if e.typed::<roost_schemas::payload::Converged>()
+                .is_some_and(|c| c.rollout.revision.as_deref() == Some(revision.as_str()))
+            {
                 done.entry(e.source.clone())
                     .or_insert_with(|| at.saturating_duration_since(t0).as_millis() as u64);
             }

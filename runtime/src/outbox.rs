@@ -291,15 +291,18 @@ fn reported_ranges(ev: &CloudEvent) -> Vec<(u64, u64)> {
 
 /// The data of an overflow event reporting `ranges` (merged) and `dropped` messages.
 fn overflow_data(cap: u64, dropped: u64, ranges: &[(u64, u64)]) -> serde_json::Value {
-    serde_json::json!({
-        "reason": "outbox_overflow",
-        "message": format!("outbox reached its cap of {cap} bytes; dropped {dropped} of the oldest messages"),
-        "dropped_messages": dropped,
-        "lost_count": ranges.iter().map(|(a, b)| b - a + 1).sum::<u64>(),
-        "lost_from_roostseq": ranges.first().map(|r| r.0),
-        "lost_to_roostseq": ranges.last().map(|r| r.1),
-        "lost_ranges": ranges.iter().map(|(a, b)| [a, b]).collect::<Vec<_>>(),
+    roost_schemas::EventData::OutboxOverflow(roost_schemas::payload::OutboxOverflow {
+        reason: roost_schemas::Reason::OutboxOverflow,
+        message: format!(
+            "outbox reached its cap of {cap} bytes; dropped {dropped} of the oldest messages"
+        ),
+        dropped_messages: dropped,
+        lost_count: ranges.iter().map(|(a, b)| b - a + 1).sum::<u64>(),
+        lost_from_roostseq: ranges.first().map(|r| r.0),
+        lost_to_roostseq: ranges.last().map(|r| r.1),
+        lost_ranges: ranges.iter().map(|(a, b)| [*a, *b]).collect(),
     })
+    .to_json()
 }
 
 /// Merges ranges into sorted, disjoint, non-adjacent ranges.

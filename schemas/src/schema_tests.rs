@@ -629,3 +629,105 @@ fn signed_envelopes_validate() {
         assert_eq!(errors(&v, &value), Vec::<String>::new(), "{payload:?}");
     }
 }
+
+/// Every typed payload, as the agent emits it, is a valid event under the published schema.
+#[test]
+fn typed_payloads_validate_against_the_event_schema() {
+    use crate::payload::*;
+    use crate::{EventData, Problem, Reason, RolloutRef};
+    let v = validator("event");
+    let r = RolloutRef {
+        deployment: "kitchen-display".into(),
+        revision: Some("0123456789abcdef0123456789abcdef01234567".into()),
+        sequence: 17,
+        scope: "group:canary".into(),
+    };
+    let p = Problem {
+        reason: Reason::TargetUnavailable,
+        message: "API server unavailable".into(),
+        retryable: true,
+        retry_in_ms: Some(2000),
+    };
+    let all = vec![
+        EventData::RolloutReceived(RolloutReceived {
+            rollout: r.clone(),
+            remove: false,
+            not_before: None,
+        }),
+        EventData::RolloutRejected(RolloutRejected {
+            deployment: Some("kitchen-display".into()),
+            sequence: Some(17),
+            topic: Some("roost/v1/fleet/deployments/kitchen-display".into()),
+            revision: None,
+            scope: None,
+            reason: Reason::Replay,
+            message: "m".into(),
+        }),
+        EventData::FetchFailed(FetchFailed {
+            rollout: r.clone(),
+            problem: p.clone(),
+        }),
+        EventData::ApplyStarted(ApplyStarted {
+            rollout: r.clone(),
+            objects: 3,
+        }),
+        EventData::ApplySucceeded(ApplySucceeded {
+            rollout: r.clone(),
+            changed: vec!["/v1/ConfigMap/kitchen/settings".into()],
+            unchanged: 2,
+        }),
+        EventData::ApplyFailed(ApplyFailed {
+            rollout: r.clone(),
+            problem: p,
+        }),
+        EventData::Converged(Converged { rollout: r.clone() }),
+        EventData::Degraded(Degraded {
+            rollout: r.clone(),
+            reason: Reason::HealthTimeout,
+            message: "m".into(),
+            not_ready: vec!["x".into()],
+        }),
+        EventData::DriftDetected(DriftDetected {
+            rollout: r.clone(),
+            reason: Reason::Drift,
+            message: "m".into(),
+            items: vec!["x: data.value".into()],
+        }),
+        EventData::DriftCorrected(DriftCorrected {
+            rollout: r.clone(),
+            items: vec!["x".into()],
+        }),
+        EventData::Pruned(Pruned {
+            rollout: r.clone(),
+            pruned: vec!["x".into()],
+        }),
+        EventData::Removed(Removed {
+            rollout: RolloutRef {
+                revision: None,
+                ..r
+            },
+        }),
+        EventData::OutboxOverflow(OutboxOverflow {
+            reason: Reason::OutboxOverflow,
+            message: "m".into(),
+            dropped_messages: 4,
+            lost_count: 4,
+            lost_from_roostseq: Some(8),
+            lost_to_roostseq: Some(11),
+            lost_ranges: vec![[8, 11]],
+        }),
+    ];
+    assert_eq!(
+        all.len(),
+        crate::EventType::ALL.len(),
+        "one payload per event type"
+    );
+    for d in all {
+        let ty = d.event_type();
+        let mut ev = d.into_event("roost://stores/store-0042/agent");
+        ev.id = "x".into();
+        ev.roostseq = 1;
+        let json = serde_json::to_value(&ev).expect("json");
+        assert_eq!(errors(&v, &json), Vec::<String>::new(), "{ty}");
+    }
+}

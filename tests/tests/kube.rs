@@ -282,6 +282,16 @@ impl Scene {
     }
 }
 
+/// The uid of the Endpoints of Service `web` (made by the endpoints controller).
+async fn endpoints_uid(c: &Cluster, ns: &str) -> Option<String> {
+    c.api("", "v1", "Endpoints", Some(ns))
+        .get_opt("web")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|e| e.metadata.uid)
+}
+
 /// Uids of the objects of a kind in `ns` that have a controller owner (made by controllers).
 async fn owned_uids(c: &Cluster, group: &str, version: &str, kind: &str, ns: &str) -> Vec<String> {
     let Ok(list) = c
@@ -364,11 +374,7 @@ async fn scenario_apply_update_prune_tombstone(c: Cluster) {
 
     // What the cluster's controllers made for roost's objects (a real cluster's endpoints
     // and Deployment controllers; the test API server emulates them).
-    let endpoints = s
-        .cluster
-        .get("", "v1", "Endpoints", Some(&ns), "web")
-        .await
-        .map(|e| e.metadata.uid);
+    let endpoints = endpoints_uid(&s.cluster, &ns).await;
     let replicasets = owned_uids(&s.cluster, "apps", "v1", "ReplicaSet", &ns).await;
     let slices = owned_uids(&s.cluster, "discovery.k8s.io", "v1", "EndpointSlice", &ns).await;
 
@@ -429,10 +435,7 @@ async fn scenario_apply_update_prune_tombstone(c: Cluster) {
     assert_eq!(changed.len(), 1, "only the config map changed: {changed:?}");
     assert_eq!(applied.data["unchanged"], 3, "{}", applied.data);
     assert_eq!(
-        s.cluster
-            .get("", "v1", "Endpoints", Some(&ns), "web")
-            .await
-            .map(|e| e.metadata.uid),
+        endpoints_uid(&s.cluster, &ns).await,
         endpoints,
         "Endpoints never deleted by roost"
     );
