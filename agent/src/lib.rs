@@ -190,7 +190,6 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     result
 }
 
-/// Receives deployment messages, verifies and records them, and feeds each deployment's worker.
 /// End-to-end delivery: applies the bridge's confirmations to the outbox and resends what the
 /// bridge has not confirmed when it asks (after it reconnects) or when confirmation stalls.
 #[derive(Clone)]
@@ -227,14 +226,12 @@ impl Confirmer {
     /// doubles (15 s up to 15 min) while nothing is confirmed, so a long bridge outage does
     /// not pile copies of the backlog up in the edge broker.
     async fn resend_stalled(self, cancel: CancellationToken) {
-        const FIRST: Duration = Duration::from_secs(15);
-        const MAX: Duration = Duration::from_secs(15 * 60);
-        let mut interval = FIRST;
+        let mut backoff = ResendBackoff::default();
         let mut last_confirmed = 0;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep(backoff.interval()) => {}
             }
             let Ok(stats) = self.outbox.stats().await else {
                 continue;
@@ -242,23 +239,62 @@ impl Confirmer {
             let (confirmed, since) = self.state.lock().map(|s| *s).unwrap_or((0, None));
             if confirmed != last_confirmed {
                 last_confirmed = confirmed;
-                interval = FIRST;
+                backoff.reset();
             }
-            let stalled = since.is_none_or(|t| t.elapsed() >= FIRST);
+            let stalled = since.is_none_or(|t| t.elapsed() >= ResendBackoff::FIRST);
             if stats.last_roostseq > confirmed && stalled && self.link.is_connected() {
+                backoff.resent();
                 info!(
                     confirmed,
                     last = stats.last_roostseq,
-                    retry_in_s = (interval * 2).min(MAX).as_secs(),
+                    retry_in_s = backoff.interval().as_secs(),
                     "confirmation stalled; resending unconfirmed events"
                 );
                 let _ = self.link.rewind();
-                interval = (interval * 2).min(MAX);
             }
         }
     }
 }
 
+/// When stalled-confirmation resends happen: checks every 15 s while confirmation advances;
+/// each resend doubles the wait, up to 15 min, so a long bridge outage does not pile copies
+/// of the backlog up in the edge broker; an advance resets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResendBackoff {
+    interval: Duration,
+}
+
+impl Default for ResendBackoff {
+    fn default() -> Self {
+        ResendBackoff {
+            interval: Self::FIRST,
+        }
+    }
+}
+
+impl ResendBackoff {
+    /// The first wait, and the quiet time after which confirmation counts as stalled.
+    pub const FIRST: Duration = Duration::from_secs(15);
+    /// The longest wait.
+    pub const MAX: Duration = Duration::from_secs(15 * 60);
+
+    /// The wait before the next check.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// A resend happened: wait twice as long next time (at most [`Self::MAX`]).
+    pub fn resent(&mut self) {
+        self.interval = (self.interval * 2).min(Self::MAX);
+    }
+
+    /// Confirmation advanced: back to [`Self::FIRST`].
+    pub fn reset(&mut self) {
+        self.interval = Self::FIRST;
+    }
+}
+
+/// Receives deployment messages, verifies and records them, and feeds each deployment's worker.
 async fn controller(
     ctx: Ctx<targets::AnyTarget>,
     mut incoming: mpsc::Receiver<Incoming>,
@@ -393,5 +429,30 @@ fn refresh(
                     .instrument(span),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ResendBackoff;
+    use std::time::Duration;
+
+    /// A bridge that never confirms for an hour: resends at 15 s, then waits 30 s, 60 s, …
+    /// up to 15 min; confirmation advancing resets the wait. Under paused time, so the test
+    /// checks the schedule itself, not the machine's speed.
+    #[tokio::test(start_paused = true)]
+    async fn stalled_resends_back_off_from_15_s_to_15_min() {
+        let t0 = tokio::time::Instant::now();
+        let mut b = ResendBackoff::default();
+        let mut at = Vec::new();
+        while t0.elapsed() < Duration::from_secs(3600) {
+            tokio::time::sleep(b.interval()).await;
+            at.push(t0.elapsed().as_secs());
+            b.resent();
+        }
+        assert_eq!(at, vec![15, 45, 105, 225, 465, 945, 1845, 2745, 3645]);
+        assert_eq!(b.interval(), ResendBackoff::MAX);
+        b.reset();
+        assert_eq!(b.interval(), ResendBackoff::FIRST);
     }
 }
