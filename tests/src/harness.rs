@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use roost::up::{GitDaemon, StoreSpec};
@@ -32,20 +32,72 @@ pub fn init() {
     });
 }
 
-/// The `roost` binary built by `cargo build -p roost` (next to the test executable's dir).
+/// The `roost` binary of this checkout, for tests that run it as a process.
+///
+/// `CARGO_BIN_EXE_roost` is set only for the `roost` package's own tests, and a binary found
+/// next to the test executable may be older than the sources. So the harness builds it, once
+/// per test process: `cargo build -p roost --bin roost` with the cargo that runs the tests
+/// (`$CARGO`) in the test executable's profile, and takes the path cargo reports. Cargo's own
+/// freshness check makes the binary match the sources; after the README's `cargo build -p
+/// roost --bin roost` it is a no-op. `ROOST_BIN` overrides it (a binary built elsewhere).
 pub fn roost_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("ROOST_BIN") {
-        return PathBuf::from(p);
-    }
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("ROOST_BIN") {
+            return PathBuf::from(p);
+        }
+        build_roost_bin()
+    })
+    .clone()
+}
+
+fn build_roost_bin() -> PathBuf {
+    let cargo = std::env::var_os("CARGO")
+        .or_else(|| option_env!("CARGO").map(Into::into))
+        .unwrap_or_else(|| "cargo".into());
+    // The test executable is …/PROFILE/deps/NAME-HASH: build the binary in the same profile.
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
-    let bin = dir.join("roost");
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug")
+        .to_owned();
+    let mut cmd = std::process::Command::new(&cargo);
+    cmd.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .args([
+            "build",
+            "-p",
+            "roost",
+            "--bin",
+            "roost",
+            "--message-format=json",
+        ]);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {cargo:?} build -p roost --bin roost: {e}"));
     assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p roost --bin roost` before the tests (README)",
-        bin.display()
+        out.status.success(),
+        "cargo build -p roost --bin roost failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    bin
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "roost")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported the roost executable")
 }
 
 /// Waits until `f` returns Some, or panics with `what` after `timeout`.

@@ -3,7 +3,8 @@
 //!
 //! Every test is seeded (`StdRng::seed_from_u64`), bounded in time, runs alone (they share two
 //! cores; timing faults such as keepalive detection must not be starved by another test) and
-//! prints one `chaos …:` summary line. `cargo build -p roost --bin roost` first.
+//! prints one `chaos …:` summary line. The `roost` child processes are the binary of this
+//! checkout, which the harness builds (`harness::roost_bin`).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
