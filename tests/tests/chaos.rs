@@ -19,7 +19,7 @@ use roost_runtime::{Link, LinkConfig, NewMessage, Outbox, OutboxConfig};
 use roost_schemas::{CloudEvent, EventType, Phase, Scope, StatusDoc, Topics};
 use roost_tests::harness::{
     self, agent_toml, bridge_toml, eventually, files_under, publish, under, wait_bridge_ready,
-    BrokerProcess, FleetService, GitServer, RoostProcess, Signer, StoreRig,
+    BrokerProcess, Component, FleetService, GitServer, RoostProcess, Signer, StoreRig,
 };
 use roost_tests::proxy::FaultProxy;
 use serde_json::json;
@@ -190,13 +190,10 @@ fn bridge_cfg(
     }
 }
 
-fn spawn_bridge(
-    cfg: roost_bridge::BridgeConfig,
-    cancel: &CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    let c = cancel.child_token();
-    tokio::spawn(async move {
-        roost_bridge::run(cfg, c).await.expect("bridge");
+/// An in-process bridge; its failure fails the test (see `Component`).
+fn spawn_bridge(cfg: roost_bridge::BridgeConfig, cancel: &CancellationToken) -> Component {
+    Component::spawn_with("bridge", cancel.child_token(), move |c| {
+        roost_bridge::run(cfg, c)
     })
 }
 
@@ -496,8 +493,8 @@ async fn uplink_cuts_lose_nothing() {
         rate(EVENTS - BURST, inside),
         all_delivered.as_secs_f64(),
     );
+    bridge.stop().await;
     cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), bridge).await;
 }
 
 /// `roost agent` and `roost bridge` as child processes, SIGKILLed 50 times at random points of
@@ -1091,8 +1088,8 @@ async fn overflow_reports_exactly_what_was_lost() {
         reports.iter().flat_map(|r| r.1.clone()).collect::<Vec<_>>(),
         started.elapsed().as_secs_f64(),
     );
+    bridge.stop().await;
     cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), bridge).await;
 }
 
 /// The store's edge broker restarts (a power blip of the broker, a crash) while the bridge is
