@@ -879,6 +879,85 @@ pub async fn wait_bridge_ready(edge: SocketAddr, fleet: &FleetService, store: &s
     }
 }
 
+/// The agent's retained status document and the bridge's delivery confirmation for `store`,
+/// as the edge broker holds them now.
+async fn edge_retained(
+    edge: SocketAddr,
+    store: &str,
+) -> (Option<StatusDoc>, Option<roost_schemas::Confirmation>) {
+    let topics = Topics::default();
+    let (status, ack) = (topics.status(store), topics.ack(store));
+    let got = roost::cloud::read_retained(
+        &edge.to_string(),
+        &[status.clone(), ack.clone()],
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap_or_default();
+    let find = |t: &str| got.iter().find(|(topic, _)| topic == t).map(|(_, p)| p);
+    (
+        find(&status).and_then(|p| serde_json::from_slice(p).ok()),
+        find(&ack).and_then(|p| serde_json::from_slice(p).ok()),
+    )
+}
+
+/// Waits until the agent's retained status document on the edge broker satisfies `pred`,
+/// and returns it. The agent's outbox publishes in order, so the edge broker has had every
+/// event the document counts (up to its `roostseq`).
+pub async fn wait_edge_status(
+    edge: SocketAddr,
+    store: &str,
+    timeout: Duration,
+    pred: impl Fn(&StatusDoc) -> bool,
+) -> StatusDoc {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_components();
+        if let (Some(doc), _) = edge_retained(edge, store).await {
+            if pred(&doc) {
+                return doc;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the status of {store} on its edge broker did not become as expected in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the agent's retained status document on the edge broker satisfies `pred` and
+/// the bridge has confirmed every event up to it: they are all in the bridge's durable outbox.
+pub async fn wait_in_bridge_outbox(
+    edge: SocketAddr,
+    store: &str,
+    timeout: Duration,
+    pred: impl Fn(&StatusDoc) -> bool,
+) -> StatusDoc {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_components();
+        if let (Some(doc), Some(ack)) = edge_retained(edge, store).await {
+            if pred(&doc) && ack.roostseq >= doc.roostseq {
+                return doc;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bridge of {store} did not confirm the agent's events in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether `doc` says `deployment` is converged on `revision`.
+pub fn converged_on(doc: &StatusDoc, deployment: &str, revision: &str) -> bool {
+    doc.deployments.get(deployment).is_some_and(|d| {
+        d.phase == roost_schemas::Phase::Converged
+            && d.applied_revision.as_deref() == Some(revision)
+    })
+}
+
 /// A `roost` child process (agent, bridge, …) that can be SIGKILLed and started again with
 /// the same arguments; stderr is appended to a log file.
 pub struct RoostProcess {
