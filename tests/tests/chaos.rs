@@ -913,8 +913,12 @@ async fn staged_rollout_activates_offline() {
         switched + Duration::from_millis(20) >= nb_sys,
         "switched at {switched:?}, before not_before {nb_sys:?}"
     );
-    // Converged offline; nothing of it reached the cloud yet.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Converged offline: its events got as far as the bridge's outbox, and none of them
+    // reached the cloud yet.
+    harness::wait_in_bridge_outbox(rig.edge, STORE, t, |d| {
+        harness::converged_on(d, DEPLOYMENT, &rev2)
+    })
+    .await;
     assert!(
         has(EventType::ApplyStarted, &rev2).is_none(),
         "events of the offline activation arrived while the uplink was cut"
@@ -1024,9 +1028,26 @@ async fn overflow_reports_exactly_what_was_lost() {
         assert!(Instant::now() < until, "the outbox drained");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A marker event after all of them: once it is in the fleet DB, everything before it that
+    // will ever arrive has (one outbox, one link, one bridge, each in order).
+    let marker = outbox
+        .enqueue(events(1, n, &pad))
+        .await
+        .expect("enqueue marker")
+        .first()
+        .copied()
+        .flatten()
+        .expect("marker roostseq");
+    eventually(Duration::from_secs(30), "the marker event", || {
+        (fleet.max_roostseq(STORE) >= marker).then_some(())
+    })
+    .await;
 
-    let evs = fleet.events(STORE);
+    let evs: Vec<CloudEvent> = fleet
+        .events(STORE)
+        .into_iter()
+        .filter(|e| e.roostseq <= stats.last_roostseq)
+        .collect();
     let arrived: BTreeSet<u64> = evs.iter().map(|e| e.roostseq).collect();
     let mut lost = BTreeSet::new();
     let mut reports = Vec::new();
@@ -1144,7 +1165,12 @@ async fn edge_broker_restart_with_bridge_down_loses_nothing() {
         (rig.live_files(DEPLOYMENT) == want).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Its events are on the edge broker (in memory only, for the bridge's session) before
+    // the broker restarts.
+    harness::wait_edge_status(edge.addr, STORE, t, |d| {
+        harness::converged_on(d, DEPLOYMENT, &rev2)
+    })
+    .await;
     edge.restart();
     rig.start_bridge();
     // A later rollout shows how far the store's events got.

@@ -227,19 +227,36 @@ async fn precedence_store_over_groups_over_fleet_with_fallback() {
         Some("store:store-0001")
     );
     assert!(version(&s).contains("store"));
-    // A fleet update does not override the store's own rollout.
+    // A fleet update does not override the store's own rollout: once the agent has it, and
+    // until the next change of the winner (the tombstone below, whose fallback apply comes
+    // through the same worker after anything the fleet update would have started), nothing
+    // is applied.
     w.roll(Scope::Fleet, 2, &rev_all).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        obs.snapshot().status["store-0001"].deployments["web"]
-            .applied_revision
-            .as_deref(),
-        Some(rev_store.as_str())
-    );
+    let received = obs
+        .wait_event("store-0001", "dev.roost.rollout.received", T, |e| {
+            e.data["scope"] == "fleet" && e.data["sequence"] == 2
+        })
+        .await;
     // Removing the winner falls back: store → canary → all.
     w.tombstone(Scope::Store("store-0001".into()), 2).await;
     obs.wait_phase("store-0001", "web", "Converged", Some(&rev_canary), T)
         .await;
+    let fallback = obs
+        .wait_event("store-0001", "dev.roost.apply.started", T, |e| {
+            rev_of(e) == Some(&rev_canary) && e.roostseq > received.roostseq
+        })
+        .await;
+    let between: Vec<_> = obs
+        .snapshot()
+        .of("store-0001", "dev.roost.apply.started")
+        .into_iter()
+        .filter(|e| e.roostseq > received.roostseq && e.roostseq < fallback.roostseq)
+        .map(|e| rev_of(e).map(str::to_owned))
+        .collect();
+    assert!(
+        between.is_empty(),
+        "the fleet update was applied over the store's rollout: {between:?}"
+    );
     w.tombstone(Scope::Group("canary".into()), 2).await;
     obs.wait_phase("store-0001", "web", "Converged", Some(&rev_all), T)
         .await;
@@ -358,7 +375,7 @@ async fn rejections_carry_reason_codes_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_does_not_reapply_and_roostseq_continues() {
-    let w = world().await;
+    let mut w = world().await;
     let mut s = w.store("store-0001", &["all"]);
     s.start();
     let rev1 = w.rev1.clone();
@@ -393,15 +410,25 @@ async fn restart_does_not_reapply_and_roostseq_continues() {
         last_before + 1,
         "roostseq continues without a gap"
     );
-    obs.wait_phase("store-0001", "web", "Converged", Some(&rev1), T)
-        .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A new revision afterwards goes through the same worker: any re-apply of rev1 would
+    // have started before it.
+    let rev2 = w.git.commit(&refs(&manifests("2")), &[], "v2");
+    w.roll(Scope::Fleet, 4, &rev2).await;
+    obs.wait_event("store-0001", "dev.roost.converged", T, |e| {
+        rev_of(e) == Some(&rev2)
+    })
+    .await;
+    let applies: Vec<Option<String>> = obs
+        .snapshot()
+        .of("store-0001", "dev.roost.apply.started")
+        .iter()
+        .skip(applies_before)
+        .map(|e| rev_of(e).map(str::to_owned))
+        .collect();
     assert_eq!(
-        obs.snapshot()
-            .of("store-0001", "dev.roost.apply.started")
-            .len(),
-        applies_before,
-        "no re-apply of an unchanged revision"
+        applies,
+        vec![Some(rev2.clone())],
+        "no re-apply of an unchanged revision after the restart"
     );
     let seqs: Vec<u64> = obs
         .snapshot()
@@ -460,8 +487,11 @@ async fn cloud_outage_queues_events_and_delivers_all_in_order() {
             .map(|_| ())
     })
     .await;
-    // Let the agent's events reach the bridge's outbox.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The agent's events are all in the bridge's outbox before the cloud returns.
+    harness::wait_in_bridge_outbox(s.edge, "store-0001", T, |d| {
+        harness::converged_on(d, "web", &rev2)
+    })
+    .await;
     let t0 = Instant::now();
     cloud.restart();
     obs.wait_subscribed(2).await;
@@ -613,11 +643,27 @@ async fn drift_without_self_heal_is_reported_not_corrected() {
     })
     .await;
     assert_eq!(seen.deployments["web"].reason.as_deref(), Some("drift"));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(obs
+    // A drift check reports and (with self_heal) corrects in one pass; the next pass reports
+    // again. So a second drift.detected shows the first pass ended, and none corrected.
+    let second = harness::eventually(T, "drift reported by a second check", || {
+        let snap = obs.snapshot();
+        let detected = snap.of("store-0001", "dev.roost.drift.detected");
+        let second = detected.get(1).map(|e| (*e).clone())?;
+        // Everything up to it has arrived (the observer sees them in roostseq order).
+        (snap.store_events("store-0001").len() as u64 >= second.roostseq).then_some(second)
+    })
+    .await;
+    let corrected: Vec<u64> = obs
         .snapshot()
         .of("store-0001", "dev.roost.drift.corrected")
-        .is_empty());
+        .iter()
+        .map(|e| e.roostseq)
+        .filter(|s| *s < second.roostseq)
+        .collect();
+    assert!(
+        corrected.is_empty(),
+        "corrected without self_heal: {corrected:?}"
+    );
     assert!(
         !s.current("web").join("configmap.yaml").exists(),
         "not corrected without self_heal"
@@ -810,13 +856,26 @@ async fn command_line_keygen_rollout_status_events() {
             "--count",
             "2",
         ])
-        .env("ROOST_LOG", "error")
+        .env("ROOST_LOG", "roost=info")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("roost events");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Subscribed (it says so on stderr) before anything is published.
+    let mut events = events;
+    let mut stderr = tokio::io::BufReader::new(events.stderr.take().expect("stderr")).lines();
+    tokio::time::timeout(T, async {
+        while let Some(l) = stderr.next_line().await.expect("stderr") {
+            if l.contains("following events") {
+                return;
+            }
+        }
+        panic!("roost events exited before subscribing");
+    })
+    .await
+    .expect("roost events subscribed in time");
+    tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
     let tomb = rollout(&["--remove"]);
     assert_eq!(tomb["remove"], true);
     let out = tokio::time::timeout(T, events.wait_with_output())
