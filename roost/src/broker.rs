@@ -2,8 +2,9 @@
 //! free loopback port for `roost up`, benchmarks and tests.
 //!
 //! rumqttd cannot report the port it bound and `Broker::start()` never returns, so an embedded
-//! broker runs on its own thread for the life of the process; a test that must restart a
-//! broker runs `roost broker` as a child process instead.
+//! broker runs on its own thread for the life of the process (`roost broker` too: on SIGTERM
+//! or SIGINT the process ends and the broker with it); a test that must restart a broker runs
+//! `roost broker` as a child process instead.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -132,7 +133,7 @@ pub fn spawn_free(profile: &str) -> Result<SocketAddr, BrokerError> {
     Err(last.unwrap_or_else(|| BrokerError::Run("no port".into())))
 }
 
-/// Runs a broker from a file in the foreground (never returns unless it fails).
+/// Runs a broker on the calling thread (never returns unless it fails).
 pub fn run_forever(cfg: rumqttd::Config) -> Result<(), BrokerError> {
     let mut broker = rumqttd::Broker::new(cfg);
     broker.start().map_err(|e| BrokerError::Run(e.to_string()))

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -186,7 +187,7 @@ fn init_tracing(format: &str, cmd: &Cmd) {
         Cmd::Agent { .. } | Cmd::Bridge { .. } | Cmd::Fleet { .. } => {
             "warn,roost=info,roost_agent=info,roost_bridge=info,roost_runtime=info,rumqttd=error"
         }
-        Cmd::Broker { .. } => "warn,rumqttd=warn",
+        Cmd::Broker { .. } => "warn,roost=info,rumqttd=warn",
         _ => "warn,rumqttd=off",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG")
@@ -201,24 +202,115 @@ fn init_tracing(format: &str, cmd: &Cmd) {
     }
 }
 
-fn shutdown_on_signal(cancel: CancellationToken) {
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(t) => t,
-                Err(_) => return,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+/// How long a signal-initiated shutdown may take before the process gives up on it. Longer
+/// than the agent's own bounded waits (10 s for its tasks, then 2 s for its MQTT link), so
+/// that those get their chance first.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
+
+/// A signal that asks `roost` to stop.
+#[derive(Clone, Copy, Debug)]
+enum StopSignal {
+    Term,
+    Int,
+}
+
+impl StopSignal {
+    fn name(self) -> &'static str {
+        match self {
+            StopSignal::Term => "SIGTERM",
+            StopSignal::Int => "SIGINT",
         }
+    }
+
+    /// The shell's convention for "ended by this signal": 128 + its number.
+    fn exit_code(self) -> u8 {
+        match self {
+            StopSignal::Term => 128 + 15,
+            StopSignal::Int => 128 + 2,
+        }
+    }
+}
+
+/// SIGTERM and SIGINT handlers. Installed before any command starts, so that a signal never
+/// meets the default disposition (which kills the process without flushing anything).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs both handlers; needs a runtime context.
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) -> StopSignal {
+        tokio::select! {
+            _ = self.term.recv() => StopSignal::Term,
+            _ = self.int.recv() => StopSignal::Int,
+        }
+    }
+}
+
+/// On the first signal: cancel `cancel` (every long-running command stops on it and returns
+/// normally, exit 0) and arm a hard deadline. A second signal, or the deadline, ends the
+/// process at once with a non-zero status.
+fn stop_on_signals(
+    mut signals: Signals,
+    cancel: CancellationToken,
+    first: Arc<OnceLock<StopSignal>>,
+) {
+    tokio::spawn(async move {
+        let sig = signals.recv().await;
+        let _ = first.set(sig);
+        tracing::info!(signal = sig.name(), "stopping");
         cancel.cancel();
+        // A plain thread, not a tokio timer: the deadline must hold even if the runtime is
+        // wedged (a blocked worker is exactly what it is for).
+        let _ = std::thread::Builder::new()
+            .name("shutdown-deadline".into())
+            .spawn(move || {
+                std::thread::sleep(SHUTDOWN_DEADLINE);
+                eprintln!(
+                    "roost: still not stopped {} s after {}; exiting without finishing",
+                    SHUTDOWN_DEADLINE.as_secs(),
+                    sig.name()
+                );
+                std::process::exit(1);
+            });
+        let again = signals.recv().await;
+        eprintln!(
+            "roost: {} during shutdown; exiting without finishing",
+            again.name()
+        );
+        std::process::exit(i32::from(again.exit_code()));
     });
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    let cancel = CancellationToken::new();
-    shutdown_on_signal(cancel.clone());
+/// A command that does not stop on the cancellation token itself was interrupted.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted;
+
+/// Runs a one-shot command until it finishes or a signal arrives (then `Interrupted`).
+async fn interruptible<T>(
+    cancel: &CancellationToken,
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::select! {
+        r = fut => r,
+        _ = cancel.cancelled() => Err(Interrupted.into()),
+    }
+}
+
+/// Runs a command. Long-running ones (`up`, `broker`, `agent`, `bridge`, `fleet`, `events`)
+/// stop cleanly when `cancel` fires and return Ok (`up --once` then says `Interrupted`); the
+/// one-shot commands are abandoned with `Interrupted`.
+async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Up {
             stores,
@@ -236,7 +328,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 once,
                 timeout: Duration::from_secs(timeout),
             };
-            roost::up::run(opts, cancel).await?;
+            roost::up::run(opts, cancel.clone()).await?;
+            // `--once` is a question ("does the fleet converge?"): a signal leaves it open.
+            if once && cancel.is_cancelled() {
+                return Err(Interrupted.into());
+            }
         }
         Cmd::Sim {
             stores,
@@ -248,12 +344,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 rollouts,
                 timeout: Duration::from_secs(timeout),
             };
-            let report = roost::sim::run(opts.clone()).await?;
+            let report =
+                interruptible(&cancel, async { Ok(roost::sim::run(opts.clone()).await?) }).await?;
             roost::sim::print(&opts, &report);
         }
         Cmd::Broker { config, listen } => {
             let cfg = roost::broker::load_config(&config, listen)?;
-            tokio::task::spawn_blocking(move || roost::broker::run_forever(cfg)).await??;
+            // rumqttd's `Broker::start()` never returns and has no shutdown API: run it on a
+            // thread of its own and, on a signal, leave it there. Returning from `main` ends
+            // the process and the broker with it; it holds nothing to flush (no persistence).
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name("rumqttd".into())
+                .spawn(move || {
+                    let _ = tx.send(roost::broker::run_forever(cfg));
+                })?;
+            tokio::select! {
+                r = rx => match r {
+                    Ok(Ok(())) => anyhow::bail!("the broker stopped by itself"),
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => anyhow::bail!("the broker thread died"),
+                },
+                _ = cancel.cancelled() => tracing::info!("broker stopped"),
+            }
         }
         Cmd::Agent { config } => {
             let cfg = roost_agent::AgentConfig::load(&config)?;
@@ -284,7 +397,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 let repo = a.repo.clone();
                 let rev = a.revision.clone();
-                tokio::task::spawn_blocking(move || cloud::resolve_revision(&repo, &rev)).await??
+                interruptible(&cancel, async {
+                    Ok(
+                        tokio::task::spawn_blocking(move || cloud::resolve_revision(&repo, &rev))
+                            .await??,
+                    )
+                })
+                .await?
             };
             let spec = RolloutSpec {
                 deployment: a.deployment,
@@ -301,7 +420,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 remove: a.remove,
                 sequence: a.sequence,
             };
-            let r = cloud::rollout(&a.broker, &Topics::default(), &key, &spec).await?;
+            let r = interruptible(&cancel, async {
+                Ok(cloud::rollout(&a.broker, &Topics::default(), &key, &spec).await?)
+            })
+            .await?;
             println!("{}", serde_json::to_string(&r)?);
         }
         Cmd::Status {
@@ -321,10 +443,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         topics.all_stores(roost_schemas::topics::StoreTopicKind::Status),
                         topics.all_stores(roost_schemas::topics::StoreTopicKind::Presence),
                     ];
-                    (
-                        cloud::read_retained(&broker, &filters, Duration::from_secs(wait)).await?,
-                        None,
-                    )
+                    let read = async {
+                        Ok(
+                            cloud::read_retained(&broker, &filters, Duration::from_secs(wait))
+                                .await?,
+                        )
+                    };
+                    (interruptible(&cancel, read).await?, None)
                 }
                 (None, None) => anyhow::bail!("give --broker or --db"),
             };
@@ -374,22 +499,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => topics.all_stores(roost_schemas::topics::StoreTopicKind::Events),
             };
             let (client, mut ev) = cloud::connect(&broker, "roost-events")?;
-            client.subscribe(filter, QoS::AtLeastOnce).await?;
             let mut seen = 0usize;
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     e = ev.poll() => match e {
+                        // A clean session: subscribe again on every connection.
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            client.subscribe(filter.clone(), QoS::AtLeastOnce).await?;
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            tracing::info!(%filter, "following events");
+                        }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
                             println!("{}", String::from_utf8_lossy(&p.payload));
                             seen += 1;
                             if count.is_some_and(|c| seen >= c) { break; }
                         }
                         Ok(_) => {}
-                        Err(e) => { eprintln!("roost events: {e}; reconnecting"); tokio::time::sleep(Duration::from_secs(1)).await; }
+                        Err(e) => {
+                            eprintln!("roost events: {e}; reconnecting");
+                            tokio::select! {
+                                _ = cancel.cancelled() => break,
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                        }
                     }
                 }
             }
+            let _ = client.try_disconnect();
         }
     }
     Ok(())
@@ -409,8 +547,32 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let signals = {
+        let _guard = rt.enter();
+        match Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("roost: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let cancel = CancellationToken::new();
+    let stopped_by = Arc::new(OnceLock::new());
+    let result = rt.block_on(async {
+        stop_on_signals(signals, cancel.clone(), stopped_by.clone());
+        run(cli, cancel).await
+    });
+    // Blocking tasks still running (a git fetch abandoned at shutdown) must not hold the
+    // process: everything that needed flushing was awaited by the command.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Interrupted>() => {
+            let sig = stopped_by.get().copied().unwrap_or(StopSignal::Int);
+            eprintln!("roost: interrupted by {}", sig.name());
+            ExitCode::from(sig.exit_code())
+        }
         Err(e) => {
             eprintln!("roost: {e:#}");
             ExitCode::FAILURE

@@ -4,10 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use roost::up::{GitDaemon, StoreSpec};
 use roost_agent::config::TargetConfig;
 use roost_schemas::{
@@ -32,26 +34,105 @@ pub fn init() {
     });
 }
 
-/// The `roost` binary built by `cargo build -p roost` (next to the test executable's dir).
+/// The `roost` binary of this checkout, for tests that run it as a process.
+///
+/// `CARGO_BIN_EXE_roost` is set only for the `roost` package's own tests, and a binary found
+/// next to the test executable may be older than the sources. So the harness builds it, once
+/// per test process: `cargo build -p roost --bin roost` with the cargo that runs the tests
+/// (`$CARGO`) in the test executable's profile, and takes the path cargo reports. Cargo's own
+/// freshness check makes the binary match the sources; after the README's `cargo build -p
+/// roost --bin roost` it is a no-op. `ROOST_BIN` overrides it (a binary built elsewhere).
 pub fn roost_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("ROOST_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|p| p.parent()).expect("target dir");
-    let bin = dir.join("roost");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p roost --bin roost` before the tests (README)",
-        bin.display()
-    );
-    bin
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("ROOST_BIN") {
+            return PathBuf::from(p);
+        }
+        build_roost_bin()
+    })
+    .clone()
 }
 
-/// Waits until `f` returns Some, or panics with `what` after `timeout`.
+fn build_roost_bin() -> PathBuf {
+    let cargo = std::env::var_os("CARGO")
+        .or_else(|| option_env!("CARGO").map(Into::into))
+        .unwrap_or_else(|| "cargo".into());
+    // The test executable is …/PROFILE/deps/NAME-HASH: build the binary in the same profile.
+    let exe = std::env::current_exe().expect("current exe");
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug")
+        .to_owned();
+    let mut cmd = std::process::Command::new(&cargo);
+    cmd.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .args([
+            "build",
+            "-p",
+            "roost",
+            "--bin",
+            "roost",
+            "--message-format=json",
+        ]);
+    match profile.as_str() {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {cargo:?} build -p roost --bin roost: {e}"));
+    assert!(
+        out.status.success(),
+        "cargo build -p roost --bin roost failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "roost")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo reported the roost executable")
+}
+
+/// Failures of in-process components, with the name of the test that started them: libtest
+/// runs each test on a thread named after it, and a test's body (where components are
+/// started and where `eventually` waits) runs on that thread.
+static FAILURES: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+fn current_test() -> String {
+    std::thread::current().name().unwrap_or_default().to_owned()
+}
+
+/// Panics if an in-process component (agent, bridge, fleet service) that the current test
+/// started has failed: a dead component fails the test at once instead of a wait timing out.
+pub fn check_components() {
+    let test = current_test();
+    let failed: Vec<String> = FAILURES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(t, _)| *t == test)
+        .map(|(_, f)| f.clone())
+        .collect();
+    if !failed.is_empty() && !std::thread::panicking() {
+        panic!("{}", failed.join("; "));
+    }
+}
+
+/// Waits until `f` returns Some, or panics with `what` after `timeout`, or at once when a
+/// component of the test has failed.
 pub async fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
+        check_components();
         if let Some(v) = f() {
             return v;
         }
@@ -338,11 +419,16 @@ impl Observer {
 
     /// Waits until the observer has had `n` SUBACKs in total (one per (re)connection).
     pub async fn wait_subscribed(&mut self, n: u64) {
-        let rx = &mut self.connected;
-        tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|v| *v >= n))
-            .await
-            .expect("observer subscribed in time")
-            .expect("observer alive");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while *self.connected.borrow() < n {
+            check_components();
+            assert!(
+                Instant::now() < deadline,
+                "observer subscribed {n} times in 20 s"
+            );
+            let _ =
+                tokio::time::timeout(Duration::from_millis(100), self.connected.changed()).await;
+        }
     }
 
     /// Subscriptions made so far.
@@ -463,28 +549,31 @@ impl StoreRig {
         }
     }
 
-    /// Starts (or restarts) the agent.
+    /// Starts the agent (a running one is aborted first, as in a crash).
     pub fn start_agent(&mut self) {
-        abort(&mut self.agent);
+        if let Some(a) = self.agent.take() {
+            a.abort();
+        }
         let cfg = self.agent_cfg.clone();
-        self.agent = Some(spawn_component("agent", move |c| roost_agent::run(cfg, c)));
+        let what = format!("agent of {}", self.name);
+        self.agent = Some(Component::spawn(what, move |c| roost_agent::run(cfg, c)));
     }
 
-    /// Stops the agent gracefully and waits for it.
+    /// Stops the agent gracefully and waits for it; panics if it failed or does not stop.
     pub async fn stop_agent(&mut self) {
-        if let Some((c, h)) = self.agent.take() {
-            c.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
+        if let Some(a) = self.agent.take() {
+            a.stop().await;
         }
     }
 
-    /// Starts (or restarts) the bridge.
+    /// Starts the bridge (a running one is aborted first, as in a crash).
     pub fn start_bridge(&mut self) {
-        abort(&mut self.bridge);
+        if let Some(b) = self.bridge.take() {
+            b.abort();
+        }
         let cfg = self.bridge_cfg.clone();
-        self.bridge = Some(spawn_component("bridge", move |c| {
-            roost_bridge::run(cfg, c)
-        }));
+        let what = format!("bridge of {}", self.name);
+        self.bridge = Some(Component::spawn(what, move |c| roost_bridge::run(cfg, c)));
     }
 
     /// Starts agent and bridge.
@@ -521,38 +610,123 @@ impl StoreRig {
     }
 }
 
-impl Drop for StoreRig {
-    fn drop(&mut self) {
-        abort(&mut self.agent);
-        abort(&mut self.bridge);
-    }
+/// A component running in-process until it is stopped (agent, bridge, fleet service). If it
+/// fails (an error, a panic, or returning before it was stopped), the test that started it
+/// fails: at its next `eventually`/`wait_*`, when the component is stopped, or when it is
+/// dropped. Tokio alone would keep a spawned task's panic to itself unless it is joined.
+pub struct Component {
+    what: String,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+    failure: Arc<Mutex<Option<String>>>,
 }
 
-/// A running in-process component: its stop token and task.
-type Component = (CancellationToken, JoinHandle<()>);
+impl Component {
+    /// How long a stopped component may take to return.
+    const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Spawns a component that runs until its token is cancelled; an error fails the test.
-fn spawn_component<F, E>(what: &'static str, run: impl FnOnce(CancellationToken) -> F) -> Component
-where
-    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Display,
-{
-    let c = CancellationToken::new();
-    let fut = run(c.clone());
-    let h = tokio::spawn(async move {
-        if let Err(e) = fut.await {
-            panic!("{what} failed: {e}");
+    /// Spawns `run` with a new token.
+    pub fn spawn<F, E>(
+        what: impl Into<String>,
+        run: impl FnOnce(CancellationToken) -> F,
+    ) -> Component
+    where
+        F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        Self::spawn_with(what, CancellationToken::new(), run)
+    }
+
+    /// Spawns `run` with `cancel` (e.g. a child of a test-wide token).
+    pub fn spawn_with<F, E>(
+        what: impl Into<String>,
+        cancel: CancellationToken,
+        run: impl FnOnce(CancellationToken) -> F,
+    ) -> Component
+    where
+        F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let what = what.into();
+        let failure = Arc::new(Mutex::new(None));
+        let fut = run(cancel.clone());
+        let (w, c, f, test) = (
+            what.clone(),
+            cancel.clone(),
+            failure.clone(),
+            current_test(),
+        );
+        let task = tokio::spawn(async move {
+            let message = match AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(Ok(())) if c.is_cancelled() => return,
+                Ok(Ok(())) => format!("{w} returned before it was stopped"),
+                Ok(Err(e)) => format!("{w} failed: {e}"),
+                Err(panic) => format!("{w} panicked: {}", panic_message(&*panic)),
+            };
+            tracing::error!(component = %w, %message, "component failed");
+            *f.lock().unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
+            FAILURES
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((test, message));
+        });
+        Component {
+            what,
+            cancel,
+            task,
+            failure,
         }
-    });
-    (c, h)
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stops it gracefully and joins it; panics if it failed or did not stop in time.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        let task = &mut self.task;
+        if tokio::time::timeout(Self::STOP_TIMEOUT, task)
+            .await
+            .is_err()
+        {
+            panic!(
+                "{} did not stop within {:?} of being cancelled",
+                self.what,
+                Self::STOP_TIMEOUT
+            );
+        }
+        if let Some(f) = self.failure() {
+            panic!("{f}");
+        }
+    }
+
+    /// Stops it at once (no graceful shutdown, as in a crash); panics if it had failed.
+    pub fn abort(self) {
+        // Drop does it.
+    }
 }
 
-/// Stops a component at once (no graceful shutdown).
-fn abort(slot: &mut Option<Component>) {
-    if let Some((c, h)) = slot.take() {
-        c.cancel();
-        h.abort();
+impl Drop for Component {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.task.abort();
+        if let Some(f) = self.failure() {
+            if !std::thread::panicking() {
+                panic!("{f}");
+            }
+        }
     }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// The files of `all` under `prefix/`, with the prefix stripped (what the files target writes).
@@ -573,28 +747,32 @@ pub fn under(all: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, S
 pub struct FleetService {
     /// The database it records into.
     pub db: roost::fleet::FleetDb,
-    cancel: CancellationToken,
-    task: JoinHandle<()>,
+    component: Option<Component>,
 }
 
 impl FleetService {
     /// Starts recording everything on the `cloud` broker into `path`.
     pub fn start(cloud: SocketAddr, path: &Path) -> FleetService {
         let db = roost::fleet::FleetDb::open(path).expect("fleet db");
-        let cancel = CancellationToken::new();
         let opts = roost::fleet::FleetOptions {
             host: cloud.ip().to_string(),
             port: cloud.port(),
             db: path.to_owned(),
             client_id: format!("roost-fleet-{:08x}", rand::random::<u32>()),
         };
-        let (db2, c2) = (db.clone(), cancel.clone());
-        let task = tokio::spawn(async move {
-            if let Err(error) = roost::fleet::run(opts, db2, c2).await {
-                tracing::error!(%error, "fleet service failed");
-            }
-        });
-        FleetService { db, cancel, task }
+        let db2 = db.clone();
+        let component = Component::spawn("fleet service", move |c| roost::fleet::run(opts, db2, c));
+        FleetService {
+            db,
+            component: Some(component),
+        }
+    }
+
+    /// Stops it gracefully; panics if it failed.
+    pub async fn stop(mut self) {
+        if let Some(c) = self.component.take() {
+            c.stop().await;
+        }
     }
 
     /// The latest status document recorded for `store`.
@@ -643,13 +821,6 @@ impl FleetService {
     }
 }
 
-impl Drop for FleetService {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-        self.task.abort();
-    }
-}
-
 /// Publishes one QoS 1 message (retained or not) and waits for the PUBACK.
 pub async fn publish_qos1(broker: SocketAddr, topic: &str, payload: Vec<u8>, retain: bool) {
     let (client, mut ev) =
@@ -680,6 +851,7 @@ pub async fn wait_bridge_ready(edge: SocketAddr, fleet: &FleetService, store: &s
     let topic = Topics::default().status(store);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        check_components();
         let marker = format!("probe-{:08x}", rand::random::<u32>());
         let doc = StatusDoc {
             store: store.to_owned(),
@@ -705,6 +877,85 @@ pub async fn wait_bridge_ready(edge: SocketAddr, fleet: &FleetService, store: &s
             "the bridge of {store} did not carry a probe from the edge to the fleet in 30 s"
         );
     }
+}
+
+/// The agent's retained status document and the bridge's delivery confirmation for `store`,
+/// as the edge broker holds them now.
+async fn edge_retained(
+    edge: SocketAddr,
+    store: &str,
+) -> (Option<StatusDoc>, Option<roost_schemas::Confirmation>) {
+    let topics = Topics::default();
+    let (status, ack) = (topics.status(store), topics.ack(store));
+    let got = roost::cloud::read_retained(
+        &edge.to_string(),
+        &[status.clone(), ack.clone()],
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap_or_default();
+    let find = |t: &str| got.iter().find(|(topic, _)| topic == t).map(|(_, p)| p);
+    (
+        find(&status).and_then(|p| serde_json::from_slice(p).ok()),
+        find(&ack).and_then(|p| serde_json::from_slice(p).ok()),
+    )
+}
+
+/// Waits until the agent's retained status document on the edge broker satisfies `pred`,
+/// and returns it. The agent's outbox publishes in order, so the edge broker has had every
+/// event the document counts (up to its `roostseq`).
+pub async fn wait_edge_status(
+    edge: SocketAddr,
+    store: &str,
+    timeout: Duration,
+    pred: impl Fn(&StatusDoc) -> bool,
+) -> StatusDoc {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_components();
+        if let (Some(doc), _) = edge_retained(edge, store).await {
+            if pred(&doc) {
+                return doc;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the status of {store} on its edge broker did not become as expected in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the agent's retained status document on the edge broker satisfies `pred` and
+/// the bridge has confirmed every event up to it: they are all in the bridge's durable outbox.
+pub async fn wait_in_bridge_outbox(
+    edge: SocketAddr,
+    store: &str,
+    timeout: Duration,
+    pred: impl Fn(&StatusDoc) -> bool,
+) -> StatusDoc {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check_components();
+        if let (Some(doc), Some(ack)) = edge_retained(edge, store).await {
+            if pred(&doc) && ack.roostseq >= doc.roostseq {
+                return doc;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bridge of {store} did not confirm the agent's events in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether `doc` says `deployment` is converged on `revision`.
+pub fn converged_on(doc: &StatusDoc, deployment: &str, revision: &str) -> bool {
+    doc.deployments.get(deployment).is_some_and(|d| {
+        d.phase == roost_schemas::Phase::Converged
+            && d.applied_revision.as_deref() == Some(revision)
+    })
 }
 
 /// A `roost` child process (agent, bridge, …) that can be SIGKILLed and started again with
@@ -876,11 +1127,63 @@ pub fn files_under(dir: &Path) -> BTreeMap<String, String> {
 }
 
 impl StoreRig {
-    /// Stops the bridge (cancelled, then aborted) without starting it again.
+    /// Stops the bridge gracefully and waits for it; panics if it failed or does not stop.
     pub async fn stop_bridge(&mut self) {
-        if let Some((c, h)) = self.bridge.take() {
-            c.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+        if let Some(b) = self.bridge.take() {
+            b.stop().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn until_cancelled(c: CancellationToken) -> Result<(), String> {
+        c.cancelled().await;
+        Ok(())
+    }
+
+    async fn panics_when_stopped(c: CancellationToken) -> Result<(), String> {
+        c.cancelled().await;
+        panic!("kaboom")
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "probe failed: boom")]
+    async fn a_failed_component_fails_the_next_wait_at_once() {
+        let _c = Component::spawn("probe", |_| async { Err::<(), _>("boom") });
+        // Without the check this would time out after a minute with another message.
+        eventually(
+            Duration::from_secs(60),
+            "something that never happens",
+            || None::<()>,
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "probe panicked: kaboom")]
+    async fn a_panic_inside_a_component_fails_its_stop() {
+        let c = Component::spawn("probe", panics_when_stopped);
+        c.stop().await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "probe returned before it was stopped")]
+    async fn a_component_that_ends_by_itself_fails_when_dropped() {
+        let c = Component::spawn("probe", |_| async { Ok::<(), String>(()) });
+        while !c.task.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        drop(c);
+    }
+
+    #[tokio::test]
+    async fn a_component_that_stops_when_told_passes() {
+        let c = Component::spawn("probe", until_cancelled);
+        eventually(Duration::from_millis(100), "a moment", || Some(())).await;
+        c.stop().await;
+        check_components();
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Every test is seeded (`StdRng::seed_from_u64`), bounded in time, runs alone (they share two
 //! cores; timing faults such as keepalive detection must not be starved by another test) and
-//! prints one `chaos …:` summary line. `cargo build -p roost --bin roost` first.
+//! prints one `chaos …:` summary line. The `roost` child processes are the binary of this
+//! checkout, which the harness builds (`harness::roost_bin`).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use roost_runtime::{Link, LinkConfig, NewMessage, Outbox, OutboxConfig};
 use roost_schemas::{CloudEvent, EventType, Phase, Scope, StatusDoc, Topics};
 use roost_tests::harness::{
     self, agent_toml, bridge_toml, eventually, files_under, publish, under, wait_bridge_ready,
-    BrokerProcess, FleetService, GitServer, RoostProcess, Signer, StoreRig,
+    BrokerProcess, Component, FleetService, GitServer, RoostProcess, Signer, StoreRig,
 };
 use roost_tests::proxy::FaultProxy;
 use serde_json::json;
@@ -189,13 +190,10 @@ fn bridge_cfg(
     }
 }
 
-fn spawn_bridge(
-    cfg: roost_bridge::BridgeConfig,
-    cancel: &CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    let c = cancel.child_token();
-    tokio::spawn(async move {
-        roost_bridge::run(cfg, c).await.expect("bridge");
+/// An in-process bridge; its failure fails the test (see `Component`).
+fn spawn_bridge(cfg: roost_bridge::BridgeConfig, cancel: &CancellationToken) -> Component {
+    Component::spawn_with("bridge", cancel.child_token(), move |c| {
+        roost_bridge::run(cfg, c)
     })
 }
 
@@ -495,8 +493,8 @@ async fn uplink_cuts_lose_nothing() {
         rate(EVENTS - BURST, inside),
         all_delivered.as_secs_f64(),
     );
+    bridge.stop().await;
     cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), bridge).await;
 }
 
 /// `roost agent` and `roost bridge` as child processes, SIGKILLed 50 times at random points of
@@ -915,8 +913,12 @@ async fn staged_rollout_activates_offline() {
         switched + Duration::from_millis(20) >= nb_sys,
         "switched at {switched:?}, before not_before {nb_sys:?}"
     );
-    // Converged offline; nothing of it reached the cloud yet.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Converged offline: its events got as far as the bridge's outbox, and none of them
+    // reached the cloud yet.
+    harness::wait_in_bridge_outbox(rig.edge, STORE, t, |d| {
+        harness::converged_on(d, DEPLOYMENT, &rev2)
+    })
+    .await;
     assert!(
         has(EventType::ApplyStarted, &rev2).is_none(),
         "events of the offline activation arrived while the uplink was cut"
@@ -1026,9 +1028,26 @@ async fn overflow_reports_exactly_what_was_lost() {
         assert!(Instant::now() < until, "the outbox drained");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A marker event after all of them: once it is in the fleet DB, everything before it that
+    // will ever arrive has (one outbox, one link, one bridge, each in order).
+    let marker = outbox
+        .enqueue(events(1, n, &pad))
+        .await
+        .expect("enqueue marker")
+        .first()
+        .copied()
+        .flatten()
+        .expect("marker roostseq");
+    eventually(Duration::from_secs(30), "the marker event", || {
+        (fleet.max_roostseq(STORE) >= marker).then_some(())
+    })
+    .await;
 
-    let evs = fleet.events(STORE);
+    let evs: Vec<CloudEvent> = fleet
+        .events(STORE)
+        .into_iter()
+        .filter(|e| e.roostseq <= stats.last_roostseq)
+        .collect();
     let arrived: BTreeSet<u64> = evs.iter().map(|e| e.roostseq).collect();
     let mut lost = BTreeSet::new();
     let mut reports = Vec::new();
@@ -1090,8 +1109,8 @@ async fn overflow_reports_exactly_what_was_lost() {
         reports.iter().flat_map(|r| r.1.clone()).collect::<Vec<_>>(),
         started.elapsed().as_secs_f64(),
     );
+    bridge.stop().await;
     cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), bridge).await;
 }
 
 /// The store's edge broker restarts (a power blip of the broker, a crash) while the bridge is
@@ -1146,7 +1165,12 @@ async fn edge_broker_restart_with_bridge_down_loses_nothing() {
         (rig.live_files(DEPLOYMENT) == want).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Its events are on the edge broker (in memory only, for the bridge's session) before
+    // the broker restarts.
+    harness::wait_edge_status(edge.addr, STORE, t, |d| {
+        harness::converged_on(d, DEPLOYMENT, &rev2)
+    })
+    .await;
     edge.restart();
     rig.start_bridge();
     // A later rollout shows how far the store's events got.
