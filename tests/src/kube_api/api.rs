@@ -11,7 +11,7 @@ use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use rand::Rng;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -755,6 +755,46 @@ fn strip_for_generation(rt: &ResourceType, v: &Value) -> Value {
     o
 }
 
+/// `metadata.<field>` as a map, where missing, `null` and `{}` are the same (Go's
+/// semantic equality treats nil and empty maps alike).
+fn meta_map<'a>(v: &'a Value, field: &str) -> Option<&'a Map<String, Value>> {
+    v.get("metadata")?
+        .get(field)?
+        .as_object()
+        .filter(|m| !m.is_empty())
+}
+
+/// Whether an update bumps `metadata.generation`, after the registry strategies'
+/// `PrepareForUpdate`:
+/// - Deployments: the spec or the annotations changed (annotations are copied to the
+///   ReplicaSets, so the controller has to see them; labels do not count);
+/// - EndpointSlices: anything but metadata, or the labels;
+/// - the other built-ins with a generation (StatefulSets, DaemonSets, ReplicaSets,
+///   Jobs, CRDs): the spec only;
+/// - custom resources: anything but metadata (and status with a status subresource).
+fn generation_changed(rt: &ResourceType, old: &Value, new: &Value) -> bool {
+    let body = strip_for_generation(rt, old) != strip_for_generation(rt, new);
+    if rt.custom {
+        return body;
+    }
+    match (rt.group.as_str(), rt.kind.as_str()) {
+        ("apps", "Deployment") => {
+            body || meta_map(old, "annotations") != meta_map(new, "annotations")
+        }
+        ("discovery.k8s.io", "EndpointSlice") => {
+            body || meta_map(old, "labels") != meta_map(new, "labels")
+        }
+        _ => body,
+    }
+}
+
+/// Whether a `/status` write may also change `metadata.annotations`: the Deployment
+/// status strategy resets only spec and labels, and the deployment controller writes
+/// its `deployment.kubernetes.io/revision` annotation that way (no generation bump).
+pub(crate) fn status_writes_annotations(rt: &ResourceType) -> bool {
+    !rt.custom && rt.group == "apps" && rt.kind == "Deployment"
+}
+
 const SYSTEM_META: &[&str] = &[
     "uid",
     "creationTimestamp",
@@ -786,6 +826,21 @@ pub(crate) fn prepare(
                 }
                 None => {
                     m.remove("status");
+                }
+            }
+        }
+        if status_writes_annotations(rt) {
+            if let Some(meta) = out.get_mut("metadata").and_then(Value::as_object_mut) {
+                match new
+                    .pointer("/metadata/annotations")
+                    .filter(|a| !a.is_null())
+                {
+                    Some(a) => {
+                        meta.insert("annotations".into(), a.clone());
+                    }
+                    None => {
+                        meta.remove("annotations");
+                    }
                 }
             }
         }
@@ -850,7 +905,7 @@ pub(crate) fn prepare(
     defaults::apply_defaults(rt, &mut new, store, live.is_none());
     defaults::validate(rt, live, &new)?;
     if let (Some(l), true) = (live, rt.generation) {
-        if strip_for_generation(rt, l) != strip_for_generation(rt, &new) {
+        if generation_changed(rt, l, &new) {
             let g = l
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)
@@ -1279,12 +1334,20 @@ fn apply(
             c
         }
         Scope::Main { .. } => cfg,
-        Scope::Status => json!({
-            "apiVersion": cfg["apiVersion"],
-            "kind": cfg["kind"],
-            "metadata": {"name": name},
-            "status": cfg.get("status").cloned().unwrap_or(json!({})),
-        }),
+        Scope::Status => {
+            let mut meta = json!({"name": name});
+            if status_writes_annotations(rt) {
+                if let Some(a) = cfg.pointer("/metadata/annotations") {
+                    meta["annotations"] = a.clone();
+                }
+            }
+            json!({
+                "apiVersion": cfg["apiVersion"],
+                "kind": cfg["kind"],
+                "metadata": meta,
+                "status": cfg.get("status").cloned().unwrap_or(json!({})),
+            })
+        }
     };
     let now = now();
     let schema = schema_of(rt);

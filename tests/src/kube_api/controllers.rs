@@ -117,25 +117,42 @@ fn write_status(store: &mut Store, rt: &ResourceType, key: &ObjKey, status: Valu
     if live.get("status") == Some(&status) {
         return;
     }
-    let mut new = live.clone();
+    let mut new = live;
     new["status"] = status;
-    let now = api::now();
-    api::record(rt, &live, &mut new, &live, Scope::Status, MANAGER, &now);
-    api::commit(store, key.clone(), Some(&live), new, false);
+    write(store, rt, key, new, Scope::Status);
 }
 
 /// Write a main-resource change (operation Update by the controller manager).
 fn write_main(store: &mut Store, rt: &ResourceType, key: &ObjKey, new: Value) {
-    let Some(live) = store.get(key).cloned() else {
-        return;
-    };
-    let mut new = new;
-    let now = api::now();
     let scope = Scope::Main {
         status_subresource: rt.status_subresource,
     };
-    api::record(rt, &live, &mut new, &live, scope, MANAGER, &now);
-    api::commit(store, key.clone(), Some(&live), new, false);
+    write(store, rt, key, new, scope);
+}
+
+/// An `Update` by the controller manager: through the same preparation as a client's
+/// write (so generation, defaults and validation apply), unless the object is gone.
+fn write(store: &mut Store, rt: &ResourceType, key: &ObjKey, new: Value, scope: Scope) {
+    let Some(live) = store.get(key).cloned() else {
+        return;
+    };
+    let now = api::now();
+    match api::prepare(
+        store,
+        rt,
+        Some(&live),
+        new,
+        scope,
+        &key.namespace,
+        &key.name,
+        &now,
+    ) {
+        Ok(mut prepared) => {
+            api::record(rt, &live, &mut prepared, &live, scope, MANAGER, &now);
+            api::commit(store, key.clone(), Some(&live), prepared, false);
+        }
+        Err(e) => tracing::warn!(message = %e.message, "controller update rejected"),
+    }
 }
 
 /// Create an object as the controller manager (ignored if it exists or is invalid).
@@ -544,10 +561,12 @@ impl State {
             if new_rollout {
                 let revision = revision + 1;
                 self.revisions.insert(id.clone(), (thash, revision));
+                // Through the status subresource, like the real controller: the
+                // annotation change then does not bump the generation.
                 let mut updated = d.clone();
                 updated["metadata"]["annotations"]["deployment.kubernetes.io/revision"] =
                     json!(revision.to_string());
-                write_main(store, &rt, &key, updated);
+                write(store, &rt, &key, updated, Scope::Status);
             }
             let Some(d) = store.get(&key).cloned() else {
                 continue;

@@ -1253,3 +1253,263 @@ async fn streaming_list_watch_and_bookmarks() {
         other => panic!("expected a bookmark, got {other:?}"),
     }
 }
+
+fn dynamic_api(
+    client: &kube::Client,
+    group: &str,
+    kind: &str,
+    ns: Option<&str>,
+) -> Api<DynamicObject> {
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, "v1", kind));
+    match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    }
+}
+
+/// Apply `obj` with `metadata` entries replaced by `meta` (labels/annotations), and
+/// return the stored generation.
+async fn apply_generation(api: &Api<DynamicObject>, obj: &Value, meta: Value) -> Option<i64> {
+    let mut o = obj.clone();
+    if let (Some(m), Some(extra)) = (o["metadata"].as_object_mut(), meta.as_object()) {
+        for (k, v) in extra {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    let name = o["metadata"]["name"].as_str().expect("name").to_string();
+    api.patch(
+        &name,
+        &PatchParams::apply("roost").force(),
+        &Patch::Apply(&o),
+    )
+    .await
+    .expect("apply")
+    .metadata
+    .generation
+}
+
+#[tokio::test]
+async fn deployment_generation_counts_annotations_but_not_labels() {
+    let (_server, client) = server().await;
+    let deploys = dynamic_api(&client, "apps", "Deployment", Some("default"));
+    let d = deployment("web", "nginx:1.27", json!({"replicas": 0}));
+    assert_eq!(apply_generation(&deploys, &d, json!({})).await, Some(1));
+    // Labels are not copied to ReplicaSets: no new generation.
+    let labels = json!({"labels": {"app": "web", "tier": "frontend"}});
+    assert_eq!(
+        apply_generation(&deploys, &d, labels.clone()).await,
+        Some(1)
+    );
+    // Annotations are: every change (added, changed, removed) is a new generation.
+    let annotated = |v: &str| json!({"labels": {"app": "web", "tier": "frontend"}, "annotations": {"roost.dev/revision": v}});
+    assert_eq!(
+        apply_generation(&deploys, &d, annotated("a")).await,
+        Some(2)
+    );
+    assert_eq!(
+        apply_generation(&deploys, &d, annotated("a")).await,
+        Some(2)
+    );
+    assert_eq!(
+        apply_generation(&deploys, &d, annotated("b")).await,
+        Some(3)
+    );
+    assert_eq!(apply_generation(&deploys, &d, labels).await, Some(4));
+    // Other writers count too (merge patch, operation Update).
+    let patched = deploys
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"note": "x"}}})),
+        )
+        .await
+        .expect("merge patch");
+    assert_eq!(patched.metadata.generation, Some(5));
+    let patched = deploys
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"more": "y"}}})),
+        )
+        .await
+        .expect("merge patch labels");
+    assert_eq!(patched.metadata.generation, Some(5));
+
+    // The controller's revision annotation goes through the status subresource: it is
+    // recorded there and does not bump the generation, so the rollout is observed.
+    let observed = eventually(3, "deployment observed", || {
+        let deploys = deploys.clone();
+        async move {
+            let d = deploys.get("web").await.ok()?;
+            let done = d.data["status"]["observedGeneration"] == json!(5)
+                && d.annotations()
+                    .contains_key("deployment.kubernetes.io/revision");
+            done.then_some(d)
+        }
+    })
+    .await;
+    assert_eq!(observed.metadata.generation, Some(5));
+    let kcm = observed
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|m| {
+            m.manager.as_deref() == Some("kube-controller-manager")
+                && m.subresource.as_deref() == Some("status")
+        })
+        .expect("controller status entry");
+    let fields = serde_json::to_value(kcm.fields_v1.as_ref().expect("fieldsV1")).expect("json");
+    assert!(
+        fields["f:metadata"]["f:annotations"]["f:deployment.kubernetes.io/revision"].is_object(),
+        "{fields}"
+    );
+    // A status write by a client may set annotations on a Deployment too, but not labels.
+    let status_patch = deploys
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"by-status": "1"}, "labels": {"by-status": "1"}}})),
+        )
+        .await
+        .expect("status patch");
+    assert_eq!(
+        status_patch
+            .annotations()
+            .get("by-status")
+            .map(String::as_str),
+        Some("1")
+    );
+    assert!(!status_patch.labels().contains_key("by-status"));
+    assert_eq!(status_patch.metadata.generation, Some(5));
+}
+
+#[tokio::test]
+async fn other_kinds_count_only_spec_changes() {
+    let (_server, client) = server().await;
+    let ann = |v: &str| json!({"annotations": {"roost.dev/revision": v}});
+    let template = |name: &str| {
+        json!({
+            "metadata": {"labels": {"app": name}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}
+        })
+    };
+    let mut sts_template = template("db");
+    sts_template["spec"]["restartPolicy"] = json!("Always");
+    let cases = vec![
+        (
+            "StatefulSet",
+            json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
+                "spec": {"replicas": 0, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}}, "template": sts_template}}),
+            "/spec/replicas",
+            json!(1),
+        ),
+        (
+            "DaemonSet",
+            json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent"},
+                "spec": {"selector": {"matchLabels": {"app": "agent"}}, "template": {
+                    "metadata": {"labels": {"app": "agent"}},
+                    "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}),
+            "/spec/minReadySeconds",
+            json!(5),
+        ),
+        (
+            "ReplicaSet",
+            json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "rs"},
+                "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "rs"}}, "template": {
+                    "metadata": {"labels": {"app": "rs"}},
+                    "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}),
+            "/spec/replicas",
+            json!(1),
+        ),
+        (
+            "Job",
+            json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "once"},
+                "spec": {"template": template("once")}}),
+            "/spec/backoffLimit",
+            json!(2),
+        ),
+    ];
+    for (kind, obj, field, value) in cases {
+        let group = obj["apiVersion"]
+            .as_str()
+            .expect("apiVersion")
+            .split('/')
+            .next()
+            .expect("group");
+        let api = dynamic_api(&client, group, kind, Some("default"));
+        assert_eq!(
+            apply_generation(&api, &obj, json!({})).await,
+            Some(1),
+            "{kind}"
+        );
+        assert_eq!(
+            apply_generation(&api, &obj, ann("a")).await,
+            Some(1),
+            "{kind} annotations"
+        );
+        let labels = json!({"labels": {"extra": "x"}});
+        assert_eq!(
+            apply_generation(&api, &obj, labels).await,
+            Some(1),
+            "{kind} labels"
+        );
+        let mut changed = obj.clone();
+        let (parent, leaf) = field.rsplit_once('/').expect("field");
+        changed.pointer_mut(parent).expect("parent")[leaf] = value;
+        assert_eq!(
+            apply_generation(&api, &changed, ann("a")).await,
+            Some(2),
+            "{kind} spec"
+        );
+    }
+
+    // CRDs: the spec only.
+    let crds = dynamic_api(
+        &client,
+        "apiextensions.k8s.io",
+        "CustomResourceDefinition",
+        None,
+    );
+    let crd = widget_crd();
+    assert_eq!(apply_generation(&crds, &crd, json!({})).await, Some(1));
+    assert_eq!(apply_generation(&crds, &crd, ann("a")).await, Some(1));
+    let mut more = crd.clone();
+    more["spec"]["names"]["shortNames"] = json!(["wd", "wdg"]);
+    assert_eq!(apply_generation(&crds, &more, ann("a")).await, Some(2));
+
+    // Custom resources: anything but metadata and (with a status subresource) status.
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("example.com", "v1", "Widget"),
+        "widgets",
+    );
+    let widgets: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ar);
+    let w = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 1}});
+    eventually(3, "widget served", || {
+        let widgets = widgets.clone();
+        let w = w.clone();
+        async move {
+            widgets
+                .patch("w", &PatchParams::apply("roost"), &Patch::Apply(&w))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    assert_eq!(apply_generation(&widgets, &w, ann("a")).await, Some(1));
+    let status = widgets
+        .patch_status(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"ready": true}})),
+        )
+        .await
+        .expect("status");
+    assert_eq!(status.metadata.generation, Some(1));
+    let mut bigger = w.clone();
+    bigger["spec"]["size"] = json!(2);
+    assert_eq!(apply_generation(&widgets, &bigger, ann("a")).await, Some(2));
+    let mut top = bigger.clone();
+    top["extra"] = json!({"k": "v"});
+    assert_eq!(apply_generation(&widgets, &top, ann("a")).await, Some(3));
+}
