@@ -85,6 +85,13 @@ pub(crate) fn new_uid() -> String {
     )
 }
 
+/// A name from a `generateName` prefix, like the apiserver's `SimpleNameGenerator`: the
+/// prefix cut to 58 characters, then 5 random ones.
+pub(crate) fn generate_name(prefix: &str) -> String {
+    let base: String = prefix.chars().take(58).collect();
+    format!("{base}{}", random_suffix(5))
+}
+
 /// Random suffix alphabet of `generateName` and ReplicaSet hashes.
 pub(crate) fn random_suffix(n: usize) -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
@@ -705,17 +712,26 @@ fn check_name(obj: &Value, name: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// Creating into `ns` requires it to exist and not be terminating.
-pub(crate) fn ensure_namespace(store: &Store, ns: &str) -> ApiResult<()> {
+/// Creating `name` (of type `rt`) into `ns` requires the namespace to exist and not be
+/// terminating, as the NamespaceLifecycle admission plugin checks. `name` is what
+/// admission sees: the `generateName` prefix when the name is still to be generated.
+pub(crate) fn ensure_namespace(
+    store: &Store,
+    rt: &ResourceType,
+    name: &str,
+    ns: &str,
+) -> ApiResult<()> {
     let Some(obj) = store.get(&ObjKey::new("", "namespaces", "", ns)) else {
         return Err(ApiError::namespace_not_found(ns));
     };
     if obj.pointer("/metadata/deletionTimestamp").is_some() {
+        let name = if name.is_empty() { "Unknown" } else { name };
         return Err(ApiError::forbidden(format!(
-            "unable to create new content in namespace {ns} because it is being terminated"
+            "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+            rt.qualified()
         ))
         .with_details(json!({
-            "name": ns, "kind": "namespaces",
+            "name": name, "group": rt.group, "kind": rt.plural,
             "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}],
         })));
     }
@@ -951,17 +967,24 @@ pub(crate) fn commit(
             if dry_run {
                 return obj;
             }
-            let deleting = obj.pointer("/metadata/deletionTimestamp").is_some();
-            let finalizers = obj
-                .pointer("/metadata/finalizers")
-                .and_then(Value::as_array)
-                .is_some_and(|f| !f.is_empty());
+            // An update that leaves an object being deleted without finalizers deletes it
+            // instead (the registry's ShouldDeleteDuringUpdate): the update itself is not
+            // stored, so watchers see one DELETED event carrying the last stored state.
+            // For a Namespace, `spec.finalizers` count too.
+            let deleting = l.pointer("/metadata/deletionTimestamp").is_some()
+                && obj.pointer("/metadata/deletionTimestamp").is_some();
             let is_namespace = key.group.is_empty() && key.plural == "namespaces";
-            let updated = store.update(key.clone(), obj);
-            if deleting && !finalizers && !is_namespace {
-                store.delete(&key);
+            let non_empty = |p: &str| {
+                obj.pointer(p)
+                    .and_then(Value::as_array)
+                    .is_some_and(|f| !f.is_empty())
+            };
+            let finalizers = non_empty("/metadata/finalizers")
+                || (is_namespace && non_empty("/spec/finalizers"));
+            if deleting && !finalizers {
+                return store.delete(&key).unwrap_or(obj);
             }
-            updated
+            store.update(key, obj)
         }
     }
 }
@@ -996,10 +1019,17 @@ fn create(store: &mut Store, req: &Req, t: &Target) -> ApiResult<Response> {
     let mut body = req.object_body()?;
     check_type(rt, &body)?;
     check_namespace(t, &body)?;
+    let generate = meta_str(&body, "generateName")
+        .unwrap_or_default()
+        .to_string();
+    let admitted_name = meta_str(&body, "name")
+        .filter(|n| !n.is_empty())
+        .unwrap_or(&generate)
+        .to_string();
     let name = match meta_str(&body, "name").filter(|n| !n.is_empty()) {
         Some(n) => n.to_string(),
-        None => match meta_str(&body, "generateName").filter(|n| !n.is_empty()) {
-            Some(prefix) => format!("{prefix}{}", random_suffix(5)),
+        None => match Some(generate.as_str()).filter(|n| !n.is_empty()) {
+            Some(prefix) => generate_name(prefix),
             None => {
                 return Err(ApiError::invalid(
                     rt,
@@ -1018,7 +1048,7 @@ fn create(store: &mut Store, req: &Req, t: &Target) -> ApiResult<Response> {
         ));
     }
     if rt.namespaced {
-        ensure_namespace(store, t.ns())?;
+        ensure_namespace(store, rt, &admitted_name, t.ns())?;
     }
     ensure_crd_active(store, rt)?;
     let key = t.key(&name);
@@ -1312,7 +1342,7 @@ fn apply(
             return Err(ApiError::not_found(rt, name));
         }
         if rt.namespaced {
-            ensure_namespace(store, t.ns())?;
+            ensure_namespace(store, rt, name, t.ns())?;
         }
         ensure_crd_active(store, rt)?;
     }
@@ -1504,9 +1534,28 @@ pub(crate) fn delete_object(
         if live.pointer("/metadata/deletionTimestamp").is_some() {
             return Ok(Deleted::Object(live));
         }
+        // The namespace registry's first DELETE: deletionTimestamp, phase Terminating, and
+        // the orphan/foregroundDeletion finalizers the propagation policy asks for. The
+        // namespace controller then deletes the content and finalizes it.
         let mut obj = live.clone();
         obj["metadata"]["deletionTimestamp"] = json!(now);
         obj["status"]["phase"] = json!("Terminating");
+        let extra = match opts.propagation.as_deref() {
+            Some("Foreground") => Some("foregroundDeletion"),
+            Some("Orphan") => Some("orphan"),
+            _ => None,
+        };
+        if let Some(f) = extra {
+            let mut finalizers: Vec<Value> = live
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if !finalizers.iter().any(|x| x == f) {
+                finalizers.push(json!(f));
+            }
+            obj["metadata"]["finalizers"] = json!(finalizers);
+        }
         let stored = commit(store, key.clone(), Some(&live), obj, opts.dry_run);
         return Ok(Deleted::Object(stored));
     }

@@ -162,6 +162,13 @@ fn create(store: &mut Store, rt: &ResourceType, ns: &str, obj: Value) {
     if store.get(&key).is_some() {
         return;
     }
+    if rt.namespaced {
+        // Admission applies to controllers too (no new content in a terminating namespace).
+        if let Err(e) = api::ensure_namespace(store, rt, &name, ns) {
+            tracing::debug!(message = %e.message, "controller create refused");
+            return;
+        }
+    }
     let now = api::now();
     let scope = Scope::Main {
         status_subresource: rt.status_subresource,
@@ -504,8 +511,23 @@ impl State {
             }
             let since = *self.emptied.entry(name.clone()).or_insert(now);
             if now.duration_since(since) >= NAMESPACE_FINALIZE {
-                store.delete(&key);
-                self.emptied.remove(&name);
+                // Empty: remove the `kubernetes` finalizer (PUT .../finalize). With no
+                // other finalizers left, that update deletes the namespace.
+                if let Some(live) = store.get(&key).cloned() {
+                    let mut finalized = live.clone();
+                    if let Some(spec) = finalized.get_mut("spec").and_then(Value::as_object_mut) {
+                        if let Some(Value::Array(fs)) = spec.get_mut("finalizers") {
+                            fs.retain(|f| f != "kubernetes");
+                            if fs.is_empty() {
+                                spec.remove("finalizers");
+                            }
+                        }
+                    }
+                    api::commit(store, key.clone(), Some(&live), finalized, false);
+                }
+                if store.get(&key).is_none() {
+                    self.emptied.remove(&name);
+                }
             }
         }
     }

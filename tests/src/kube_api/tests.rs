@@ -1192,6 +1192,14 @@ impl RawHttp {
             .expect("request");
         self.send(req).await
     }
+
+    async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        let req = axum::http::Request::put(path)
+            .header("content-type", "application/json")
+            .body(body.to_string().into_bytes())
+            .expect("request");
+        self.send(req).await
+    }
 }
 
 #[tokio::test]
@@ -1512,4 +1520,170 @@ async fn other_kinds_count_only_spec_changes() {
     let mut top = bigger.clone();
     top["extra"] = json!({"k": "v"});
     assert_eq!(apply_generation(&widgets, &top, ann("a")).await, Some(3));
+}
+
+#[tokio::test]
+async fn namespace_termination_like_a_real_server() {
+    let (server, client) = server().await;
+    ensure_namespace(&client, "doomed").await;
+    let pp = PatchParams::apply("roost");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "doomed");
+    cms.patch("c", &pp, &Patch::Apply(labelled_cm("c", "roost", "1")))
+        .await
+        .expect("cm");
+    let nss: Api<Namespace> = Api::all(client.clone());
+    let rv = nss
+        .get("doomed")
+        .await
+        .expect("ns")
+        .metadata
+        .resource_version
+        .expect("rv");
+    let mut events = nss
+        .watch(&WatchParams::default().fields("metadata.name=doomed"), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+
+    let deleted = nss
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .expect("delete ns")
+        .left()
+        .expect("the namespace, terminating");
+    assert!(deleted.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        deleted.status.and_then(|s| s.phase).as_deref(),
+        Some("Terminating")
+    );
+    assert_eq!(
+        deleted.spec.and_then(|s| s.finalizers),
+        Some(vec!["kubernetes".to_string()])
+    );
+
+    // Creates are refused by the NamespaceLifecycle admission plugin, naming what was created.
+    let err = api_error(
+        cms.create(
+            &PostParams::default(),
+            &serde_json::from_value(labelled_cm("late", "roost", "1")).expect("cm"),
+        )
+        .await
+        .expect_err("forbidden"),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        err.message,
+        "configmaps \"late\" is forbidden: unable to create new content in namespace doomed because it is being terminated"
+    );
+    let details = err.details.expect("details");
+    assert_eq!(
+        (details.name.as_str(), details.kind.as_str()),
+        ("late", "configmaps")
+    );
+    assert_eq!(details.causes[0].reason, "NamespaceTerminating");
+    assert_eq!(details.causes[0].field, "metadata.namespace");
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "doomed");
+    let err = api_error(
+        deploys
+            .patch(
+                "web",
+                &pp,
+                &Patch::Apply(deployment("web", "nginx", json!({}))),
+            )
+            .await
+            .expect_err("apply forbidden"),
+    );
+    assert_eq!(err.code, 403);
+    assert_eq!(
+        err.message,
+        "deployments.apps \"web\" is forbidden: unable to create new content in namespace doomed because it is being terminated"
+    );
+    assert_eq!(err.details.expect("details").group, "apps");
+    let mut generated = labelled_cm("", "roost", "1");
+    generated["metadata"] = json!({"generateName": "gen-"});
+    let err = api_error(
+        cms.create(
+            &PostParams::default(),
+            &serde_json::from_value(generated).expect("cm"),
+        )
+        .await
+        .expect_err("forbidden"),
+    );
+    assert!(
+        err.message.starts_with("configmaps \"gen-\" is forbidden"),
+        "{}",
+        err.message
+    );
+
+    // Updates are still allowed; the content goes, then the namespace.
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), events.try_next()).await {
+            Ok(Ok(Some(WatchEvent::Modified(n)))) => {
+                seen.push("MODIFIED");
+                assert!(n.metadata.deletion_timestamp.is_some());
+            }
+            Ok(Ok(Some(WatchEvent::Deleted(n)))) => {
+                seen.push("DELETED");
+                assert_eq!(n.name_any(), "doomed");
+                break;
+            }
+            Ok(Ok(Some(_))) => {}
+            other => panic!("namespace events: {other:?} after {seen:?}"),
+        }
+    }
+    assert_eq!(seen.first(), Some(&"MODIFIED"));
+    assert_eq!(
+        api_error(cms.get("c").await.expect_err("content gone")).code,
+        404
+    );
+
+    // Another finalizer holds the namespace after the content and `kubernetes` are gone,
+    // until a client finalizes it.
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "held"}, "spec": {"finalizers": ["kubernetes", "example.com/hold"]}}))
+            .expect("ns"),
+    )
+    .await
+    .expect("held");
+    // The propagation policy adds its finalizer, which the garbage collector handles.
+    let pending = nss
+        .delete("held", &DeleteParams::foreground())
+        .await
+        .expect("delete held")
+        .left()
+        .expect("terminating");
+    assert_eq!(
+        pending.metadata.finalizers,
+        Some(vec!["foregroundDeletion".to_string()])
+    );
+    let held = eventually(3, "kubernetes finalizer removed", || {
+        let nss = nss.clone();
+        async move {
+            let n = nss.get("held").await.ok()?;
+            let fs = n.spec.clone()?.finalizers?;
+            let done =
+                fs == vec!["example.com/hold".to_string()] && n.metadata.finalizers.is_none();
+            done.then_some(n)
+        }
+    })
+    .await;
+    assert_eq!(
+        held.status.and_then(|s| s.phase).as_deref(),
+        Some("Terminating")
+    );
+    let http = raw_http(&server);
+    let (code, body) = http
+        .put(
+            "/api/v1/namespaces/held/finalize",
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "held"}, "spec": {"finalizers": []}}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    eventually(3, "held namespace gone", || {
+        let nss = nss.clone();
+        async move { nss.get("held").await.err().map(|_| ()) }
+    })
+    .await;
 }
