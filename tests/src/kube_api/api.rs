@@ -918,7 +918,7 @@ pub(crate) fn prepare(
             }
         }
     }
-    defaults::apply_defaults(rt, &mut new, store, live.is_none());
+    defaults::apply_defaults(rt, &mut new, store, live);
     defaults::validate(rt, live, &new)?;
     if let (Some(l), true) = (live, rt.generation) {
         if generation_changed(rt, l, &new) {

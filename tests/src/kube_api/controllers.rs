@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use super::api::{self, meta_str, DeleteOptions, Inner};
+use super::endpoints::EndpointsControllers;
 use super::fields::Scope;
 use super::resources::{self, ResourceType, CRD_GROUP};
 use super::store::{ObjKey, Store};
@@ -53,20 +54,21 @@ struct State {
     seen: HashMap<String, Instant>,
     /// Deployment uid -> (generation, when its rollout started), for progress deadlines.
     started: HashMap<String, (i64, Instant)>,
+    endpoints: EndpointsControllers,
 }
 
-fn items(store: &Store, group: &str, plural: &str) -> Vec<(ObjKey, Value)> {
+pub(crate) fn items(store: &Store, group: &str, plural: &str) -> Vec<(ObjKey, Value)> {
     store
         .objects_of(group, plural)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
 
-fn uid(obj: &Value) -> String {
+pub(crate) fn uid(obj: &Value) -> String {
     meta_str(obj, "uid").unwrap_or_default().to_string()
 }
 
-fn deleting(obj: &Value) -> bool {
+pub(crate) fn deleting(obj: &Value) -> bool {
     obj.pointer("/metadata/deletionTimestamp").is_some()
 }
 
@@ -123,7 +125,7 @@ fn write_status(store: &mut Store, rt: &ResourceType, key: &ObjKey, status: Valu
 }
 
 /// Write a main-resource change (operation Update by the controller manager).
-fn write_main(store: &mut Store, rt: &ResourceType, key: &ObjKey, new: Value) {
+pub(crate) fn write_main(store: &mut Store, rt: &ResourceType, key: &ObjKey, new: Value) {
     let scope = Scope::Main {
         status_subresource: rt.status_subresource,
     };
@@ -156,7 +158,7 @@ fn write(store: &mut Store, rt: &ResourceType, key: &ObjKey, new: Value, scope: 
 }
 
 /// Create an object as the controller manager (ignored if it exists or is invalid).
-fn create(store: &mut Store, rt: &ResourceType, ns: &str, obj: Value) {
+pub(crate) fn create(store: &mut Store, rt: &ResourceType, ns: &str, obj: Value) {
     let name = meta_str(&obj, "name").unwrap_or_default().to_string();
     let key = ObjKey::new(&rt.group, &rt.plural, ns, &name);
     if store.get(&key).is_some() {
@@ -232,7 +234,7 @@ fn insert_nonzero(m: &mut Map<String, Value>, key: &str, n: i64) {
     }
 }
 
-fn delete_quietly(store: &mut Store, key: &ObjKey, propagation: Option<&str>) {
+pub(crate) fn delete_quietly(store: &mut Store, key: &ObjKey, propagation: Option<&str>) {
     let Some(rt) = type_of(store, &key.group, &key.plural) else {
         store.delete(key);
         return;
@@ -276,6 +278,7 @@ impl State {
         self.daemonsets(store, now);
         self.jobs(store, now);
         self.pvcs(store, now);
+        self.endpoints.step(store);
         self.garbage_collect(store);
     }
 

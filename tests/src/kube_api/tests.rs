@@ -244,7 +244,17 @@ async fn server_side_apply_tracks_generation_and_managers() {
     assert!(f["f:spec"].get("f:replicas").is_none());
     assert!(f["f:spec"]["f:selector"].is_object());
 
-    // Same manifest again: nothing changes, not even the resourceVersion.
+    // Same manifest again: nothing changes, not even the resourceVersion (once the
+    // controller, which also writes the object, is done with the rollout).
+    let settled = eventually(3, "rollout done", || {
+        let deploys = deploys.clone();
+        async move {
+            let d = deploys.get("web").await.ok()?;
+            let available = d.status.as_ref()?.available_replicas == Some(1);
+            available.then_some(d)
+        }
+    })
+    .await;
     let again = deploys
         .patch(
             "web",
@@ -253,7 +263,10 @@ async fn server_side_apply_tracks_generation_and_managers() {
         )
         .await
         .expect("re-apply");
-    assert_eq!(again.metadata.resource_version, d.metadata.resource_version);
+    assert_eq!(
+        again.metadata.resource_version,
+        settled.metadata.resource_version
+    );
 
     // A metadata-only change does not bump generation.
     let mut labelled = deployment("web", "nginx:1.27", json!({}));
@@ -1686,4 +1699,356 @@ async fn namespace_termination_like_a_real_server() {
         async move { nss.get("held").await.err().map(|_| ()) }
     })
     .await;
+}
+
+fn service(name: &str, labels: Value, spec: Value) -> Value {
+    let mut s = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]},
+    });
+    if let (Some(m), Some(extra)) = (s["spec"].as_object_mut(), spec.as_object()) {
+        for (k, v) in extra {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    s
+}
+
+fn manager_entries(obj: &DynamicObject) -> Vec<(String, String, String)> {
+    obj.metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(|m| {
+            (
+                m.manager.clone().unwrap_or_default(),
+                m.operation.clone().unwrap_or_default(),
+                m.subresource.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn services_get_endpoints_and_endpoint_slices() {
+    let (server, client) = server().await;
+    ensure_namespace(&client, "shop").await;
+    let pp = PatchParams::apply("roost").force();
+    let svcs = dynamic_api(&client, "", "Service", Some("shop"));
+    let eps = dynamic_api(&client, "", "Endpoints", Some("shop"));
+    let slices_ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+    ));
+    let slices: Api<DynamicObject> = Api::namespaced_with(client.clone(), "shop", &slices_ar);
+    let of_web = ListParams::default().labels("kubernetes.io/service-name=web");
+
+    // Both kinds are served like any other.
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    for gvk in [
+        GroupVersionKind::gvk("", "v1", "Endpoints"),
+        GroupVersionKind::gvk("discovery.k8s.io", "v1", "EndpointSlice"),
+    ] {
+        let (ar, caps) = discovery.resolve_gvk(&gvk).expect("discovered");
+        assert_eq!(caps.scope, KubeScope::Namespaced);
+        for verb in [
+            "list",
+            "watch",
+            "get",
+            "delete",
+            "deletecollection",
+            "patch",
+        ] {
+            assert!(caps.supports_operation(verb), "{} {verb}", ar.plural);
+        }
+    }
+
+    let labels = json!({"app": "web", "roost.dev/deployment": "shop"});
+    let svc = svcs
+        .patch(
+            "web",
+            &pp,
+            &Patch::Apply(service("web", labels.clone(), json!({}))),
+        )
+        .await
+        .expect("service");
+    let ip = svc.data["spec"]["clusterIP"]
+        .as_str()
+        .expect("cluster IP")
+        .to_string();
+    assert!(ip.starts_with("10.96."), "{ip}");
+    assert_eq!(svc.data["spec"]["clusterIPs"], json!([ip]));
+    let svc_uid = svc.metadata.uid.clone().expect("uid");
+    let created_at = json!(svc.metadata.creation_timestamp);
+
+    let ep = eventually(3, "endpoints", || {
+        let eps = eps.clone();
+        async move { eps.get("web").await.ok() }
+    })
+    .await;
+    assert_eq!(json!(ep.labels()), labels);
+    assert!(ep.metadata.owner_references.is_none());
+    assert_eq!(
+        json!(ep.annotations()),
+        json!({"endpoints.kubernetes.io/last-change-trigger-time": created_at})
+    );
+    assert!(ep.data.get("subsets").is_none(), "{:?}", ep.data);
+    assert_eq!(
+        manager_entries(&ep),
+        vec![(
+            "kube-controller-manager".into(),
+            "Update".into(),
+            String::new()
+        )]
+    );
+
+    let slice = eventually(3, "endpoint slice", || {
+        let slices = slices.clone();
+        let of_web = of_web.clone();
+        async move { slices.list(&of_web).await.ok()?.items.into_iter().next() }
+    })
+    .await;
+    let slice_name = slice.name_any();
+    assert!(
+        slice_name.starts_with("web-") && slice_name.len() == "web-".len() + 5,
+        "{slice_name}"
+    );
+    assert_eq!(slice.metadata.generate_name.as_deref(), Some("web-"));
+    assert_eq!(
+        json!(slice.labels()),
+        json!({
+            "app": "web", "roost.dev/deployment": "shop",
+            "kubernetes.io/service-name": "web",
+            "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+        })
+    );
+    assert_eq!(
+        serde_json::to_value(&slice.metadata.owner_references).expect("refs"),
+        json!([{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": svc_uid,
+            "controller": true, "blockOwnerDeletion": true}])
+    );
+    assert_eq!(slice.data["addressType"], "IPv4");
+    assert_eq!(slice.metadata.generation, Some(1));
+    assert_eq!(
+        manager_entries(&slice),
+        vec![(
+            "kube-controller-manager".into(),
+            "Update".into(),
+            String::new()
+        )]
+    );
+    // On the wire, as from a real server: the endpoint and port lists are null.
+    let http = raw_http(&server);
+    let (code, raw) = http
+        .get(&format!(
+            "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/{slice_name}"
+        ))
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        (raw.get("endpoints"), raw.get("ports")),
+        (Some(&Value::Null), Some(&Value::Null))
+    );
+
+    // Re-applying keeps the cluster IP; so does a PUT that leaves it out.
+    let again = svcs
+        .patch(
+            "web",
+            &pp,
+            &Patch::Apply(service("web", labels.clone(), json!({}))),
+        )
+        .await
+        .expect("re-apply");
+    assert_eq!(again.data["spec"]["clusterIP"], json!(ip));
+    let mut put = again.clone();
+    if let Some(spec) = put.data["spec"].as_object_mut() {
+        spec.remove("clusterIP");
+        spec.remove("clusterIPs");
+    }
+    let replaced = svcs
+        .replace("web", &PostParams::default(), &put)
+        .await
+        .expect("replace without cluster IP");
+    assert_eq!(replaced.data["spec"]["clusterIP"], json!(ip));
+    assert_eq!(replaced.data["spec"]["clusterIPs"], json!([ip]));
+
+    // The Service's labels change: its children follow (the slice is updated in place).
+    let relabelled = json!({"app": "web", "roost.dev/deployment": "shop", "tier": "frontend"});
+    svcs.patch(
+        "web",
+        &pp,
+        &Patch::Apply(service("web", relabelled.clone(), json!({}))),
+    )
+    .await
+    .expect("relabel");
+    let ep = eventually(3, "endpoints relabelled", || {
+        let eps = eps.clone();
+        async move {
+            let ep = eps.get("web").await.ok()?;
+            (ep.labels().get("tier").map(String::as_str) == Some("frontend")).then_some(ep)
+        }
+    })
+    .await;
+    assert_eq!(json!(ep.labels()), relabelled);
+    assert!(
+        ep.metadata.annotations.is_none(),
+        "{:?}",
+        ep.metadata.annotations
+    );
+    let slice = eventually(3, "slice relabelled", || {
+        let slices = slices.clone();
+        let name = slice_name.clone();
+        async move {
+            let s = slices.get(&name).await.ok()?;
+            (s.labels().get("tier").map(String::as_str) == Some("frontend")).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(slice.metadata.generation, Some(2));
+    assert_eq!(slices.list(&of_web).await.expect("list").items.len(), 1);
+
+    // What an inventory search by label finds, across namespaces.
+    let roost = ListParams::default().labels("roost.dev/deployment=shop");
+    let all_eps = dynamic_api(&client, "", "Endpoints", None);
+    let found: Vec<String> = all_eps
+        .list(&roost)
+        .await
+        .expect("list endpoints")
+        .items
+        .iter()
+        .map(|e| e.name_any())
+        .collect();
+    assert_eq!(found, vec!["web"]);
+
+    // Deleted children come back: the controllers keep them.
+    eps.delete("web", &DeleteParams::default())
+        .await
+        .expect("delete endpoints");
+    slices
+        .delete(&slice_name, &DeleteParams::default())
+        .await
+        .expect("delete slice");
+    eventually(3, "endpoints recreated", || {
+        let eps = eps.clone();
+        async move { eps.get("web").await.ok() }
+    })
+    .await;
+    let recreated = eventually(3, "slice recreated", || {
+        let slices = slices.clone();
+        let of_web = of_web.clone();
+        async move { slices.list(&of_web).await.ok()?.items.into_iter().next() }
+    })
+    .await;
+    assert_ne!(recreated.name_any(), slice_name);
+
+    // Headless Services are marked; Services without a selector, and ExternalName ones,
+    // get nothing.
+    svcs.patch(
+        "db",
+        &pp,
+        &Patch::Apply(service(
+            "db",
+            json!({"app": "db"}),
+            json!({"clusterIP": "None"}),
+        )),
+    )
+    .await
+    .expect("headless");
+    let mut manual = service("manual", json!({}), json!({}));
+    manual["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("selector");
+    svcs.patch("manual", &pp, &Patch::Apply(&manual))
+        .await
+        .expect("selectorless");
+    svcs.patch(
+        "ext",
+        &pp,
+        &Patch::Apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ext"},
+            "spec": {"type": "ExternalName", "externalName": "example.com", "selector": {"app": "ext"}}})),
+    )
+    .await
+    .expect("external name");
+    let db = eventually(3, "headless endpoints", || {
+        let eps = eps.clone();
+        async move { eps.get("db").await.ok() }
+    })
+    .await;
+    assert_eq!(
+        json!(db.labels()),
+        json!({"app": "db", "service.kubernetes.io/headless": ""})
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for name in ["manual", "ext"] {
+        assert!(eps.get(name).await.is_err(), "{name} has no endpoints");
+        let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={name}"));
+        assert!(
+            slices.list(&lp).await.expect("list").items.is_empty(),
+            "{name}"
+        );
+    }
+
+    // The Service goes: the endpoints controller deletes the Endpoints, the garbage
+    // collector the slice. Created again, it gets a new cluster IP and new children.
+    svcs.delete("web", &DeleteParams::default())
+        .await
+        .expect("delete service");
+    eventually(3, "children gone", || {
+        let eps = eps.clone();
+        let slices = slices.clone();
+        let of_web = of_web.clone();
+        async move {
+            let no_ep = eps.get("web").await.is_err();
+            let no_slice = slices.list(&of_web).await.ok()?.items.is_empty();
+            (no_ep && no_slice).then_some(())
+        }
+    })
+    .await;
+    let again = svcs
+        .patch(
+            "web",
+            &pp,
+            &Patch::Apply(service("web", labels.clone(), json!({}))),
+        )
+        .await
+        .expect("service again");
+    assert_ne!(again.data["spec"]["clusterIP"], json!(ip));
+    let new_uid = again.metadata.uid.clone().expect("uid");
+    eventually(3, "new children", || {
+        let slices = slices.clone();
+        let of_web = of_web.clone();
+        let new_uid = new_uid.clone();
+        async move {
+            let s = slices.list(&of_web).await.ok()?.items.into_iter().next()?;
+            let owner = s.metadata.owner_references.as_ref()?.first()?.uid.clone();
+            (owner == new_uid).then_some(())
+        }
+    })
+    .await;
+
+    // The apiserver's own Service has its endpoints from the start.
+    let default_eps = dynamic_api(&client, "", "Endpoints", Some("default"));
+    let k = default_eps
+        .get("kubernetes")
+        .await
+        .expect("kubernetes endpoints");
+    assert_eq!(k.data["subsets"][0]["ports"][0]["port"], 6443);
+    let default_slices: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &slices_ar);
+    let k = default_slices
+        .get("kubernetes")
+        .await
+        .expect("kubernetes endpoint slice");
+    assert_eq!(
+        k.labels()
+            .get("kubernetes.io/service-name")
+            .map(String::as_str),
+        Some("kubernetes")
+    );
 }
