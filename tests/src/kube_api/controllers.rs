@@ -4,13 +4,13 @@
 //! StatefulSets, DaemonSets, Jobs), PVC binding and ownerReference garbage collection.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
 use super::api::{self, meta_str, DeleteOptions, Inner};
+use super::deployments::DeploymentControllers;
 use super::endpoints::EndpointsControllers;
 use super::fields::Scope;
 use super::resources::{self, ResourceType, CRD_GROUP};
@@ -20,7 +20,7 @@ use super::store::{ObjKey, Store};
 const MANAGER: &str = "kube-controller-manager";
 const TICK: Duration = Duration::from_millis(20);
 /// How long a rollout takes before workloads report availability.
-const ROLLOUT: Duration = Duration::from_millis(150);
+pub(crate) const ROLLOUT: Duration = Duration::from_millis(150);
 /// Delay between NamesAccepted and Established for CRDs.
 const ESTABLISH: Duration = Duration::from_millis(200);
 /// Delay between a terminating namespace becoming empty and its removal.
@@ -44,16 +44,13 @@ pub(crate) async fn run(inner: Arc<Inner>) {
 struct State {
     /// Workload uid -> (generation, when the rollout completes).
     rollouts: HashMap<String, (i64, Instant)>,
-    /// Deployment uid -> (template hash, revision).
-    revisions: HashMap<String, (u64, u64)>,
     /// CRD uid -> when its names were accepted.
     accepted: HashMap<String, Instant>,
     /// Terminating namespace -> when it was found empty.
     emptied: HashMap<String, Instant>,
     /// Object uid -> when a controller first saw it.
     seen: HashMap<String, Instant>,
-    /// Deployment uid -> (generation, when its rollout started), for progress deadlines.
-    started: HashMap<String, (i64, Instant)>,
+    deployments: DeploymentControllers,
     endpoints: EndpointsControllers,
 }
 
@@ -84,22 +81,58 @@ fn observed(obj: &Value) -> i64 {
         .unwrap_or(-1)
 }
 
-fn hash_of(v: &Value) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    v.to_string().hash(&mut h);
-    h.finish()
+/// JSON with object keys in sorted order, so equal values hash alike.
+fn canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical(&m[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
 }
 
-/// A ReplicaSet-style pod-template hash (`5d4f8c7b9`).
-fn template_hash(v: &Value) -> String {
+/// A pod-template hash like the controllers' `ComputeHash`: FNV-32a over the template
+/// (and the collision count), its decimal value encoded with the alphabet of
+/// `rand.SafeEncodeString` (`5d78c9869d`).
+pub(crate) fn pod_template_hash(template: &Value, collisions: Option<u32>) -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let mut n = hash_of(v);
-    (0..10)
-        .map(|_| {
-            let c = ALPHABET[(n % ALPHABET.len() as u64) as usize] as char;
-            n /= ALPHABET.len() as u64;
-            c
-        })
+    let mut text = String::new();
+    canonical(template, &mut text);
+    let mut h: u32 = 0x811c_9dc5;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u32::from(*b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    };
+    feed(text.as_bytes());
+    if let Some(c) = collisions {
+        feed(&c.to_le_bytes());
+    }
+    h.to_string()
+        .bytes()
+        .map(|b| ALPHABET[usize::from(b) % ALPHABET.len()] as char)
         .collect()
 }
 
@@ -112,7 +145,7 @@ fn type_of(store: &Store, group: &str, plural: &str) -> Option<ResourceType> {
 }
 
 /// Write `status` through the status subresource, recording ownership like the real controller.
-fn write_status(store: &mut Store, rt: &ResourceType, key: &ObjKey, status: Value) {
+pub(crate) fn write_status(store: &mut Store, rt: &ResourceType, key: &ObjKey, status: Value) {
     let Some(live) = store.get(key).cloned() else {
         return;
     };
@@ -134,7 +167,7 @@ pub(crate) fn write_main(store: &mut Store, rt: &ResourceType, key: &ObjKey, new
 
 /// An `Update` by the controller manager: through the same preparation as a client's
 /// write (so generation, defaults and validation apply), unless the object is gone.
-fn write(store: &mut Store, rt: &ResourceType, key: &ObjKey, new: Value, scope: Scope) {
+pub(crate) fn write(store: &mut Store, rt: &ResourceType, key: &ObjKey, new: Value, scope: Scope) {
     let Some(live) = store.get(key).cloned() else {
         return;
     };
@@ -273,7 +306,7 @@ impl State {
     fn step(&mut self, store: &mut Store, now: Instant) {
         self.crds(store, now);
         self.namespaces(store, now);
-        self.deployments(store, now);
+        self.deployments.step(store, now);
         self.statefulsets(store, now);
         self.daemonsets(store, now);
         self.jobs(store, now);
@@ -568,189 +601,6 @@ impl State {
         }
     }
 
-    fn deployments(&mut self, store: &mut Store, now: Instant) {
-        let Some(rt) = resources::builtin("apps", "deployments") else {
-            return;
-        };
-        let ts = api::now();
-        for (key, d) in items(store, "apps", "deployments") {
-            if deleting(&d) {
-                continue;
-            }
-            let id = uid(&d);
-            let template = d.pointer("/spec/template").cloned().unwrap_or(json!({}));
-            let thash = hash_of(&template);
-            let rs_name = format!("{}-{}", key.name, template_hash(&template));
-            let (known, revision) = self.revisions.get(&id).copied().unwrap_or((0, 0));
-            let new_rollout = known != thash;
-            if new_rollout {
-                let revision = revision + 1;
-                self.revisions.insert(id.clone(), (thash, revision));
-                // Through the status subresource, like the real controller: the
-                // annotation change then does not bump the generation.
-                let mut updated = d.clone();
-                updated["metadata"]["annotations"]["deployment.kubernetes.io/revision"] =
-                    json!(revision.to_string());
-                write(store, &rt, &key, updated, Scope::Status);
-            }
-            let Some(d) = store.get(&key).cloned() else {
-                continue;
-            };
-            let gen = generation(&d);
-            let Some(phase) = self.workload_target(store, &key, &d, now) else {
-                self.stall_if_overdue(store, &rt, &key, &d, &rs_name, now);
-                continue;
-            };
-            if phase == Phase::Progressing {
-                self.started.insert(id.clone(), (gen, now));
-            } else {
-                self.started.remove(&id);
-            }
-            let status = d.get("status").cloned().unwrap_or(json!({}));
-            let replicas = d
-                .pointer("/spec/replicas")
-                .and_then(Value::as_i64)
-                .unwrap_or(1);
-            let was_available = status
-                .get("conditions")
-                .and_then(Value::as_array)
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c["type"] == "Available" && c["status"] == "True")
-                });
-            let prev_available = status
-                .get("availableReplicas")
-                .and_then(Value::as_i64)
-                .unwrap_or(0);
-            let mut s = Map::new();
-            s.insert("observedGeneration".into(), json!(gen));
-            let (available, avail_cond, progress) = match phase {
-                Phase::Progressing => {
-                    let available = prev_available.min(replicas);
-                    let ok = replicas == 0 || (was_available && available > 0);
-                    let avail = if ok {
-                        condition(
-                            &status,
-                            "Available",
-                            "True",
-                            "MinimumReplicasAvailable",
-                            "Deployment has minimum availability.",
-                            &ts,
-                            true,
-                        )
-                    } else {
-                        condition(
-                            &status,
-                            "Available",
-                            "False",
-                            "MinimumReplicasUnavailable",
-                            "Deployment does not have minimum availability.",
-                            &ts,
-                            true,
-                        )
-                    };
-                    let progress = if status.get("conditions").is_none() {
-                        condition(
-                            &status,
-                            "Progressing",
-                            "True",
-                            "NewReplicaSetCreated",
-                            &format!("Created new replica set \"{rs_name}\""),
-                            &ts,
-                            true,
-                        )
-                    } else {
-                        condition(
-                            &status,
-                            "Progressing",
-                            "True",
-                            "ReplicaSetUpdated",
-                            &format!("ReplicaSet \"{rs_name}\" is progressing."),
-                            &ts,
-                            true,
-                        )
-                    };
-                    (if replicas == 0 { 0 } else { available }, avail, progress)
-                }
-                Phase::Available => (
-                    replicas,
-                    condition(
-                        &status,
-                        "Available",
-                        "True",
-                        "MinimumReplicasAvailable",
-                        "Deployment has minimum availability.",
-                        &ts,
-                        true,
-                    ),
-                    condition(
-                        &status,
-                        "Progressing",
-                        "True",
-                        "NewReplicaSetAvailable",
-                        &format!("ReplicaSet \"{rs_name}\" has successfully progressed."),
-                        &ts,
-                        true,
-                    ),
-                ),
-            };
-            insert_nonzero(&mut s, "replicas", replicas);
-            insert_nonzero(&mut s, "updatedReplicas", replicas);
-            insert_nonzero(&mut s, "readyReplicas", available);
-            insert_nonzero(&mut s, "availableReplicas", available);
-            insert_nonzero(&mut s, "unavailableReplicas", replicas - available);
-            s.insert("conditions".into(), json!([avail_cond, progress]));
-            write_status(store, &rt, &key, Value::Object(s));
-        }
-    }
-
-    /// A rollout that never completes reports `ProgressDeadlineExceeded` after
-    /// `spec.progressDeadlineSeconds`, like the real deployment controller.
-    fn stall_if_overdue(
-        &mut self,
-        store: &mut Store,
-        rt: &ResourceType,
-        key: &ObjKey,
-        d: &Value,
-        rs_name: &str,
-        now: Instant,
-    ) {
-        let id = uid(d);
-        let Some((g, started)) = self.started.get(&id).copied() else {
-            return;
-        };
-        if g != generation(d) || observed(d) != g {
-            return;
-        }
-        let deadline = d
-            .pointer("/spec/progressDeadlineSeconds")
-            .and_then(Value::as_u64)
-            .unwrap_or(600);
-        if now.duration_since(started) < Duration::from_secs(deadline) {
-            return;
-        }
-        self.started.remove(&id);
-        let mut status = d.get("status").cloned().unwrap_or(json!({}));
-        let ts = api::now();
-        let stalled = condition(
-            &status,
-            "Progressing",
-            "False",
-            "ProgressDeadlineExceeded",
-            &format!("ReplicaSet \"{rs_name}\" has timed out progressing."),
-            &ts,
-            true,
-        );
-        if let Some(Value::Array(conds)) = status.get_mut("conditions") {
-            for c in conds.iter_mut() {
-                if c["type"] == "Progressing" {
-                    *c = stalled.clone();
-                }
-            }
-        }
-        write_status(store, rt, key, status);
-    }
-
     fn statefulsets(&mut self, store: &mut Store, now: Instant) {
         let Some(rt) = resources::builtin("apps", "statefulsets") else {
             return;
@@ -764,7 +614,7 @@ impl State {
                 .and_then(Value::as_i64)
                 .unwrap_or(1);
             let template = sts.pointer("/spec/template").cloned().unwrap_or(json!({}));
-            let revision = format!("{}-{}", key.name, template_hash(&template));
+            let revision = format!("{}-{}", key.name, pod_template_hash(&template, None));
             let ready = if phase == Phase::Available {
                 replicas
             } else {

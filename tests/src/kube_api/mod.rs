@@ -22,6 +22,7 @@
 mod api;
 mod controllers;
 mod defaults;
+mod deployments;
 mod endpoints;
 mod error;
 mod fields;

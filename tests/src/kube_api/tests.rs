@@ -2052,3 +2052,443 @@ async fn services_get_endpoints_and_endpoint_slices() {
         Some("kubernetes")
     );
 }
+
+fn replica_sets(client: &kube::Client, ns: &str) -> Api<k8s_openapi::api::apps::v1::ReplicaSet> {
+    Api::namespaced(client.clone(), ns)
+}
+
+fn with_annotations(mut d: Value, annotations: Value) -> Value {
+    d["metadata"]["annotations"] = annotations;
+    d
+}
+
+/// Wait until the Deployment is observed, complete and available (kstatus-style).
+async fn rolled_out(deploys: &Api<Deployment>, name: &str) -> Deployment {
+    eventually(5, &format!("{name} rolled out"), || {
+        let deploys = deploys.clone();
+        let name = name.to_string();
+        async move {
+            let d = deploys.get(&name).await.ok()?;
+            let want = d.spec.as_ref()?.replicas.unwrap_or(1);
+            let s = d.status.as_ref()?;
+            let progressing = s
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "Progressing")?;
+            let done = s.observed_generation == d.metadata.generation
+                && s.updated_replicas.unwrap_or(0) == want
+                && s.replicas.unwrap_or(0) == want
+                && s.available_replicas.unwrap_or(0) == want
+                && progressing.reason.as_deref() == Some("NewReplicaSetAvailable");
+            done.then_some(d)
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn deployments_roll_out_through_replica_sets() {
+    let (_server, client) = server().await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let rss = replica_sets(&client, "default");
+    let pp = PatchParams::apply("roost").force();
+    let manifest = |image: &str, revision: &str| {
+        with_annotations(
+            deployment("web", image, json!({"replicas": 2})),
+            json!({"roost.dev/revision": revision}),
+        )
+    };
+    deploys
+        .patch("web", &pp, &Patch::Apply(manifest("nginx:1.27", "r1")))
+        .await
+        .expect("apply");
+    let d = rolled_out(&deploys, "web").await;
+    let d_uid = d.metadata.uid.clone().expect("uid");
+    assert_eq!(
+        d.annotations()
+            .get("deployment.kubernetes.io/revision")
+            .map(String::as_str),
+        Some("1")
+    );
+    let all = rss.list(&ListParams::default()).await.expect("list").items;
+    assert_eq!(all.len(), 1);
+    let rs = &all[0];
+    let hash = rs
+        .labels()
+        .get("pod-template-hash")
+        .cloned()
+        .expect("hash label");
+    assert!(
+        !hash.is_empty() && hash.chars().all(|c| "bcdfg456789".contains(c)),
+        "{hash}"
+    );
+    assert_eq!(rs.name_any(), format!("web-{hash}"));
+    assert_eq!(
+        json!(rs.labels()),
+        json!({"app": "web", "pod-template-hash": hash})
+    );
+    let spec = rs.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(2));
+    assert_eq!(
+        json!(spec.selector.match_labels),
+        json!({"app": "web", "pod-template-hash": hash})
+    );
+    assert_eq!(
+        spec.template
+            .as_ref()
+            .and_then(|t| t.metadata.as_ref())
+            .map(|m| json!(m.labels)),
+        Some(json!({"app": "web", "pod-template-hash": hash}))
+    );
+    assert_eq!(
+        json!(rs.annotations()),
+        json!({
+            "roost.dev/revision": "r1",
+            "deployment.kubernetes.io/revision": "1",
+            "deployment.kubernetes.io/desired-replicas": "2",
+            "deployment.kubernetes.io/max-replicas": "3",
+        })
+    );
+    assert_eq!(
+        serde_json::to_value(&rs.metadata.owner_references).expect("refs"),
+        json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": d_uid,
+            "controller": true, "blockOwnerDeletion": true}])
+    );
+    let st = rs.status.as_ref().expect("rs status");
+    assert_eq!(
+        (
+            st.replicas,
+            st.ready_replicas,
+            st.available_replicas,
+            st.observed_generation
+        ),
+        (2, Some(2), Some(2), Some(1))
+    );
+    assert!(managers(rs).contains(&("kube-controller-manager".into(), "Update".into())));
+    let rs1 = rs.name_any();
+
+    // A new annotation: a new generation, copied to the same ReplicaSet.
+    let a = deploys
+        .patch("web", &pp, &Patch::Apply(manifest("nginx:1.27", "r2")))
+        .await
+        .expect("annotate");
+    assert_eq!(a.metadata.generation, Some(2));
+    eventually(3, "annotation copied", || {
+        let rss = rss.clone();
+        let rs1 = rs1.clone();
+        async move {
+            let rs = rss.get(&rs1).await.ok()?;
+            (rs.annotations()
+                .get("roost.dev/revision")
+                .map(String::as_str)
+                == Some("r2"))
+            .then_some(())
+        }
+    })
+    .await;
+    rolled_out(&deploys, "web").await;
+    assert_eq!(
+        rss.list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
+
+    // A new template: a new ReplicaSet, rolled out within maxSurge/maxUnavailable
+    // (2 replicas: at most 3 pods, at least 2 available), the old one scaled to zero.
+    deploys
+        .patch("web", &pp, &Patch::Apply(manifest("nginx:1.28", "r3")))
+        .await
+        .expect("new image");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let d = deploys.get("web").await.expect("get");
+        let items = rss.list(&ListParams::default()).await.expect("list").items;
+        let desired: i32 = items.iter().filter_map(|r| r.spec.as_ref()?.replicas).sum();
+        let available: i32 = items
+            .iter()
+            .filter_map(|r| r.status.as_ref()?.available_replicas)
+            .sum();
+        assert!(desired <= 3, "surge bound: {desired}");
+        assert!(available >= 2, "availability bound: {available}");
+        let s = d.status.clone().unwrap_or_default();
+        if items.len() == 2
+            && s.observed_generation == d.metadata.generation
+            && s.updated_replicas == Some(2)
+            && s.replicas == Some(2)
+            && s.available_replicas == Some(2)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "rollout: {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let d = rolled_out(&deploys, "web").await;
+    assert_eq!(
+        d.annotations()
+            .get("deployment.kubernetes.io/revision")
+            .map(String::as_str),
+        Some("2")
+    );
+    let old = rss.get(&rs1).await.expect("old rs kept");
+    assert_eq!(old.spec.as_ref().and_then(|s| s.replicas), Some(0));
+    assert_eq!(old.status.as_ref().map(|s| s.replicas), Some(0));
+    let rs2 = rss
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .map(|r| r.name_any())
+        .find(|n| *n != rs1)
+        .expect("new rs");
+    let progressing = d
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
+        .expect("progressing")
+        .clone();
+    assert_eq!(
+        progressing.message.as_deref(),
+        Some(format!("ReplicaSet \"{rs2}\" has successfully progressed.").as_str())
+    );
+
+    // Back to the first template: its ReplicaSet comes back with the next revision.
+    deploys
+        .patch("web", &pp, &Patch::Apply(manifest("nginx:1.27", "r4")))
+        .await
+        .expect("roll back");
+    let d = rolled_out(&deploys, "web").await;
+    assert_eq!(
+        d.annotations()
+            .get("deployment.kubernetes.io/revision")
+            .map(String::as_str),
+        Some("3")
+    );
+    let back = rss.get(&rs1).await.expect("first rs");
+    assert_eq!(back.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    let ann = back.annotations();
+    assert_eq!(
+        (
+            ann.get("deployment.kubernetes.io/revision")
+                .map(String::as_str),
+            ann.get("deployment.kubernetes.io/revision-history")
+                .map(String::as_str)
+        ),
+        (Some("3"), Some("1"))
+    );
+    assert_eq!(
+        rss.list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        2
+    );
+
+    // Old ReplicaSets beyond revisionHistoryLimit are deleted once the rollout is done.
+    let mut limited = manifest("nginx:1.29", "r5");
+    limited["spec"]["revisionHistoryLimit"] = json!(1);
+    deploys
+        .patch("web", &pp, &Patch::Apply(&limited))
+        .await
+        .expect("limit history");
+    rolled_out(&deploys, "web").await;
+    let names = eventually(3, "history cleaned up", || {
+        let rss = rss.clone();
+        async move {
+            let names: Vec<String> = rss
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .map(|r| r.name_any())
+                .collect();
+            (names.len() == 2).then_some(names)
+        }
+    })
+    .await;
+    assert!(names.contains(&rs1), "{names:?}");
+    assert!(!names.contains(&rs2), "{names:?}");
+
+    // Deleting the Deployment garbage-collects its ReplicaSets.
+    deploys
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually(3, "replica sets collected", || {
+        let rss = rss.clone();
+        async move {
+            rss.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn recreate_zero_replicas_orphans_and_stuck_rollouts() {
+    let (server, client) = server().await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let rss = replica_sets(&client, "default");
+    let pp = PatchParams::apply("roost").force();
+
+    // Recreate: the old ReplicaSet is scaled down before the new one scales up.
+    let recreate = |image: &str| {
+        deployment(
+            "batch",
+            image,
+            json!({"replicas": 1, "strategy": {"type": "Recreate"}}),
+        )
+    };
+    deploys
+        .patch("batch", &pp, &Patch::Apply(recreate("busybox:1")))
+        .await
+        .expect("recreate");
+    rolled_out(&deploys, "batch").await;
+    deploys
+        .patch("batch", &pp, &Patch::Apply(recreate("busybox:2")))
+        .await
+        .expect("recreate update");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let items = rss.list(&ListParams::default()).await.expect("list").items;
+        let running = items
+            .iter()
+            .filter(|r| r.status.as_ref().is_some_and(|s| s.replicas > 0))
+            .count();
+        assert!(running <= 1, "old and new pods at once");
+        let d = deploys.get("batch").await.expect("get");
+        let s = d.status.clone().unwrap_or_default();
+        if items.len() == 2
+            && s.observed_generation == d.metadata.generation
+            && s.available_replicas == Some(1)
+            && s.updated_replicas == Some(1)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "recreate: {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // replicas: 0 is available with no pods at all (and its ReplicaSet at zero).
+    deploys
+        .patch(
+            "idle",
+            &pp,
+            &Patch::Apply(deployment("idle", "nginx", json!({"replicas": 0}))),
+        )
+        .await
+        .expect("idle");
+    let idle = rolled_out(&deploys, "idle").await;
+    let s = idle.status.expect("status");
+    let available = s
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Available")
+        .expect("available");
+    assert_eq!(available.status, "True");
+    assert_eq!((s.replicas, s.available_replicas), (None, None));
+    let idle_rs = rss
+        .list(&ListParams::default().labels("app=idle"))
+        .await
+        .expect("list")
+        .items;
+    assert_eq!(idle_rs.len(), 1);
+    assert_eq!(idle_rs[0].spec.as_ref().and_then(|s| s.replicas), Some(0));
+
+    // Orphaned ReplicaSets stay; a new Deployment with the same selector adopts them.
+    deploys
+        .delete("idle", &DeleteParams::orphan())
+        .await
+        .expect("orphan delete");
+    let orphan = eventually(3, "orphaned", || {
+        let rss = rss.clone();
+        let deploys = deploys.clone();
+        async move {
+            let gone = deploys.get("idle").await.is_err();
+            let rs = rss
+                .list(&ListParams::default().labels("app=idle"))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .next()?;
+            (gone
+                && rs
+                    .metadata
+                    .owner_references
+                    .as_ref()
+                    .is_none_or(Vec::is_empty))
+            .then_some(rs)
+        }
+    })
+    .await;
+    let again = deploys
+        .patch(
+            "idle",
+            &pp,
+            &Patch::Apply(deployment("idle", "nginx", json!({"replicas": 0}))),
+        )
+        .await
+        .expect("idle again");
+    let new_uid = again.metadata.uid.clone().expect("uid");
+    eventually(3, "adopted", || {
+        let rss = rss.clone();
+        let name = orphan.name_any();
+        let new_uid = new_uid.clone();
+        async move {
+            let rs = rss.get(&name).await.ok()?;
+            let owner = rs.metadata.owner_references.as_ref()?.first()?.uid.clone();
+            (owner == new_uid).then_some(())
+        }
+    })
+    .await;
+    rolled_out(&deploys, "idle").await;
+    assert_eq!(
+        rss.list(&ListParams::default().labels("app=idle"))
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
+
+    // never_available: the ReplicaSet has its replicas, none of them ever available.
+    server.never_available("default", "stuck");
+    deploys
+        .patch(
+            "stuck",
+            &pp,
+            &Patch::Apply(deployment("stuck", "nginx", json!({"replicas": 2}))),
+        )
+        .await
+        .expect("stuck");
+    let rs = eventually(3, "stuck replica set", || {
+        let rss = rss.clone();
+        async move {
+            let rs = rss
+                .list(&ListParams::default().labels("app=stuck"))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .next()?;
+            (rs.status.as_ref()?.replicas == 2).then_some(rs)
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let rs = rss.get(&rs.name_any()).await.expect("rs");
+    assert_eq!(rs.status.and_then(|s| s.available_replicas), None);
+}
