@@ -1,7 +1,7 @@
-//! The endpoints and endpointslice controllers of kube-controller-manager, for a
-//! cluster without pods: every Service with a selector gets an `Endpoints` object
+//! The endpoints and endpointslice controllers of kube-controller-manager (1.24), for
+//! a cluster without pods: every Service with a selector gets an `Endpoints` object
 //! (same name, the Service's labels, no subsets) and a placeholder `EndpointSlice`
-//! per IP family (`<service>-<random>`, owned by the Service, no endpoints).
+//! per address type (`<service>-<random>`, owned by the Service, no endpoints).
 
 use std::collections::{HashMap, HashSet};
 
@@ -49,14 +49,40 @@ fn set_meta_map(obj: &mut Value, field: &str, m: Map<String, Value>) {
     }
 }
 
-/// Whether the controllers give the Service endpoints: it has a (non-empty) selector
-/// and is not of type ExternalName.
+/// Whether the controllers give the Service endpoints: it has a (non-empty) selector.
+/// In 1.24 that includes ExternalName Services (controllers from 1.27 skip them).
 fn has_endpoints(svc: &Value) -> bool {
-    let selector = svc
-        .pointer("/spec/selector")
+    svc.pointer("/spec/selector")
         .and_then(Value::as_object)
-        .is_some_and(|m| !m.is_empty());
-    selector && svc.pointer("/spec/type").and_then(Value::as_str) != Some("ExternalName")
+        .is_some_and(|m| !m.is_empty())
+}
+
+/// The slices' address types (`getAddressTypesForService`): the Service's IP
+/// families; without any, the family of its cluster IP; without one (ExternalName),
+/// both.
+fn address_types(svc: &Value) -> Vec<String> {
+    let families: Vec<String> = svc
+        .pointer("/spec/ipFamilies")
+        .and_then(Value::as_array)
+        .map(|fs| {
+            fs.iter()
+                .filter_map(Value::as_str)
+                .filter(|f| matches!(*f, "IPv4" | "IPv6"))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    if !families.is_empty() {
+        return families;
+    }
+    if headless(svc) {
+        return vec!["IPv4".to_string(), "IPv6".to_string()];
+    }
+    let ip = svc
+        .pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    vec![if ip.contains(':') { "IPv6" } else { "IPv4" }.to_string()]
 }
 
 /// `!IsServiceIPSet`: no cluster IP, or `None`.
@@ -179,16 +205,7 @@ impl EndpointsControllers {
             "apiVersion": "v1", "kind": "Service", "name": key.name, "uid": svc_uid,
             "controller": true, "blockOwnerDeletion": true,
         }]);
-        let families: Vec<String> = svc
-            .pointer("/spec/ipFamilies")
-            .and_then(Value::as_array)
-            .map(|fs| {
-                fs.iter()
-                    .filter_map(|f| f.as_str().map(str::to_string))
-                    .collect()
-            })
-            .filter(|fs: &Vec<String>| !fs.is_empty())
-            .unwrap_or_else(|| vec!["IPv4".to_string()]);
+        let families = address_types(svc);
         let owned_by_svc = |s: &Value| {
             s.pointer("/metadata/ownerReferences")
                 .and_then(Value::as_array)

@@ -1946,8 +1946,9 @@ async fn services_get_endpoints_and_endpoint_slices() {
     .await;
     assert_ne!(recreated.name_any(), slice_name);
 
-    // Headless Services are marked; Services without a selector, and ExternalName ones,
-    // get nothing.
+    // Headless Services are marked; Services without a selector get nothing. (As in
+    // 1.24, an ExternalName Service with a selector gets them too, as headless, with
+    // a slice per address type.)
     svcs.patch(
         "db",
         &pp,
@@ -1984,15 +1985,47 @@ async fn services_get_endpoints_and_endpoint_slices() {
         json!(db.labels()),
         json!({"app": "db", "service.kubernetes.io/headless": ""})
     );
+    let ext = eventually(3, "external name endpoints", || {
+        let eps = eps.clone();
+        async move { eps.get("ext").await.ok() }
+    })
+    .await;
+    assert_eq!(
+        ext.labels()
+            .get("service.kubernetes.io/headless")
+            .map(String::as_str),
+        Some("")
+    );
+    let ext_types = eventually(3, "external name slices", || {
+        let slices = slices.clone();
+        async move {
+            let lp = ListParams::default().labels("kubernetes.io/service-name=ext");
+            let mut types: Vec<String> = slices
+                .list(&lp)
+                .await
+                .ok()?
+                .items
+                .iter()
+                .map(|s| {
+                    s.data["addressType"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect();
+            types.sort();
+            (types.len() == 2).then_some(types)
+        }
+    })
+    .await;
+    assert_eq!(ext_types, vec!["IPv4", "IPv6"]);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    for name in ["manual", "ext"] {
-        assert!(eps.get(name).await.is_err(), "{name} has no endpoints");
-        let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={name}"));
-        assert!(
-            slices.list(&lp).await.expect("list").items.is_empty(),
-            "{name}"
-        );
-    }
+    assert!(
+        eps.get("manual").await.is_err(),
+        "no endpoints without a selector"
+    );
+    let lp = ListParams::default().labels("kubernetes.io/service-name=manual");
+    assert!(slices.list(&lp).await.expect("list").items.is_empty());
 
     // The Service goes: the endpoints controller deletes the Endpoints, the garbage
     // collector the slice. Created again, it gets a new cluster IP and new children.
