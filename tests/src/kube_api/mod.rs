@@ -13,8 +13,9 @@
 //!   `metadata.managedFields` ownership, conflicts, `force` and `dryRun`;
 //! * delete with finalizers and propagation policies, namespace termination,
 //!   ownerReference garbage collection;
-//! * small controllers: Deployment/StatefulSet/DaemonSet/Job status, PVC binding,
-//!   CRD `NamesAccepted`/`Established`, Endpoints and EndpointSlices for Services.
+//! * small controllers: ReplicaSets and status for Deployments, StatefulSet/DaemonSet/
+//!   Job status, PVC binding, CRD `NamesAccepted`/`Established`, Endpoints and
+//!   EndpointSlices for Services (these follow kube-controller-manager v1.24).
 //!
 //! What it emulates and what it does not is written down in `README.md` next to
 //! this file.
