@@ -56,8 +56,34 @@ pub(crate) fn apply_defaults(
         ("", "Namespace") => {
             let meta = obj_mut(obj, "metadata");
             obj_mut_in(meta, "labels").insert("kubernetes.io/metadata.name".into(), json!(name));
-            let spec = obj_mut(obj, "spec");
-            default_field(spec, "finalizers", json!(["kubernetes"]));
+            // The namespace strategy: a create always gets the `kubernetes` finalizer;
+            // an update cannot change `spec.finalizers` (only `/finalize` can).
+            match live {
+                None => {
+                    let spec = obj_mut(obj, "spec");
+                    let mut finalizers: Vec<Value> = spec
+                        .get("finalizers")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
+                    if !finalizers.iter().any(|f| f == "kubernetes") {
+                        finalizers.push(json!("kubernetes"));
+                    }
+                    spec.insert("finalizers".into(), json!(finalizers));
+                }
+                Some(l) => {
+                    let old = l.pointer("/spec/finalizers").cloned();
+                    let spec = obj_mut(obj, "spec");
+                    match old {
+                        Some(f) => {
+                            spec.insert("finalizers".into(), f);
+                        }
+                        None => {
+                            spec.remove("finalizers");
+                        }
+                    }
+                }
+            }
             let status = obj_mut(obj, "status");
             default_field(status, "phase", json!("Active"));
         }

@@ -1686,6 +1686,19 @@ async fn namespace_termination_like_a_real_server() {
         held.status.and_then(|s| s.phase).as_deref(),
         Some("Terminating")
     );
+    // Only the finalize subresource changes spec.finalizers.
+    let patched = nss
+        .patch(
+            "held",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"finalizers": []}})),
+        )
+        .await
+        .expect("patch");
+    assert_eq!(
+        patched.spec.and_then(|s| s.finalizers),
+        Some(vec!["example.com/hold".to_string()])
+    );
     let http = raw_http(&server);
     let (code, body) = http
         .put(
@@ -1697,6 +1710,31 @@ async fn namespace_termination_like_a_real_server() {
     eventually(3, "held namespace gone", || {
         let nss = nss.clone();
         async move { nss.get("held").await.err().map(|_| ()) }
+    })
+    .await;
+
+    // A create always gets the kubernetes finalizer; foreground deletion of an empty
+    // namespace ends with it gone.
+    let created = nss
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "plain"}, "spec": {"finalizers": []}}),
+            )
+            .expect("ns"),
+        )
+        .await
+        .expect("plain");
+    assert_eq!(
+        created.spec.and_then(|s| s.finalizers),
+        Some(vec!["kubernetes".to_string()])
+    );
+    nss.delete("plain", &DeleteParams::foreground())
+        .await
+        .expect("delete plain");
+    eventually(3, "plain namespace gone", || {
+        let nss = nss.clone();
+        async move { nss.get("plain").await.err().map(|_| ()) }
     })
     .await;
 }
