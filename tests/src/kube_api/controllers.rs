@@ -1,7 +1,8 @@
 //! Background controllers standing in for kube-controller-manager and the
 //! apiextensions/namespace machinery: CRD establishment and cleanup, namespace
-//! termination and per-namespace defaults, workload status (Deployments,
-//! StatefulSets, DaemonSets, Jobs), PVC binding and ownerReference garbage collection.
+//! termination and per-namespace defaults, workload status (StatefulSets, DaemonSets,
+//! Jobs), PVC binding and ownerReference garbage collection. Deployments and
+//! ReplicaSets are in `deployments.rs`, Endpoints and EndpointSlices in `endpoints.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
