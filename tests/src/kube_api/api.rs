@@ -11,7 +11,7 @@ use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use rand::Rng;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -83,6 +83,13 @@ pub(crate) fn new_uid() -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+/// A name from a `generateName` prefix, like the apiserver's `SimpleNameGenerator`: the
+/// prefix cut to 58 characters, then 5 random ones.
+pub(crate) fn generate_name(prefix: &str) -> String {
+    let base: String = prefix.chars().take(58).collect();
+    format!("{base}{}", random_suffix(5))
 }
 
 /// Random suffix alphabet of `generateName` and ReplicaSet hashes.
@@ -705,17 +712,26 @@ fn check_name(obj: &Value, name: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// Creating into `ns` requires it to exist and not be terminating.
-pub(crate) fn ensure_namespace(store: &Store, ns: &str) -> ApiResult<()> {
+/// Creating `name` (of type `rt`) into `ns` requires the namespace to exist and not be
+/// terminating, as the NamespaceLifecycle admission plugin checks. `name` is what
+/// admission sees: the `generateName` prefix when the name is still to be generated.
+pub(crate) fn ensure_namespace(
+    store: &Store,
+    rt: &ResourceType,
+    name: &str,
+    ns: &str,
+) -> ApiResult<()> {
     let Some(obj) = store.get(&ObjKey::new("", "namespaces", "", ns)) else {
         return Err(ApiError::namespace_not_found(ns));
     };
     if obj.pointer("/metadata/deletionTimestamp").is_some() {
+        let name = if name.is_empty() { "Unknown" } else { name };
         return Err(ApiError::forbidden(format!(
-            "unable to create new content in namespace {ns} because it is being terminated"
+            "{} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated",
+            rt.qualified()
         ))
         .with_details(json!({
-            "name": ns, "kind": "namespaces",
+            "name": name, "group": rt.group, "kind": rt.plural,
             "causes": [{"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}],
         })));
     }
@@ -755,6 +771,46 @@ fn strip_for_generation(rt: &ResourceType, v: &Value) -> Value {
     o
 }
 
+/// `metadata.<field>` as a map, where missing, `null` and `{}` are the same (Go's
+/// semantic equality treats nil and empty maps alike).
+fn meta_map<'a>(v: &'a Value, field: &str) -> Option<&'a Map<String, Value>> {
+    v.get("metadata")?
+        .get(field)?
+        .as_object()
+        .filter(|m| !m.is_empty())
+}
+
+/// Whether an update bumps `metadata.generation`, after the registry strategies'
+/// `PrepareForUpdate`:
+/// - Deployments: the spec or the annotations changed (annotations are copied to the
+///   ReplicaSets, so the controller has to see them; labels do not count);
+/// - EndpointSlices: anything but metadata, or the labels;
+/// - the other built-ins with a generation (StatefulSets, DaemonSets, ReplicaSets,
+///   Jobs, CRDs): the spec only;
+/// - custom resources: anything but metadata (and status with a status subresource).
+fn generation_changed(rt: &ResourceType, old: &Value, new: &Value) -> bool {
+    let body = strip_for_generation(rt, old) != strip_for_generation(rt, new);
+    if rt.custom {
+        return body;
+    }
+    match (rt.group.as_str(), rt.kind.as_str()) {
+        ("apps", "Deployment") => {
+            body || meta_map(old, "annotations") != meta_map(new, "annotations")
+        }
+        ("discovery.k8s.io", "EndpointSlice") => {
+            body || meta_map(old, "labels") != meta_map(new, "labels")
+        }
+        _ => body,
+    }
+}
+
+/// Whether a `/status` write may also change `metadata.annotations`: the Deployment
+/// status strategy resets only spec and labels, and the deployment controller writes
+/// its `deployment.kubernetes.io/revision` annotation that way (no generation bump).
+pub(crate) fn status_writes_annotations(rt: &ResourceType) -> bool {
+    !rt.custom && rt.group == "apps" && rt.kind == "Deployment"
+}
+
 const SYSTEM_META: &[&str] = &[
     "uid",
     "creationTimestamp",
@@ -786,6 +842,21 @@ pub(crate) fn prepare(
                 }
                 None => {
                     m.remove("status");
+                }
+            }
+        }
+        if status_writes_annotations(rt) {
+            if let Some(meta) = out.get_mut("metadata").and_then(Value::as_object_mut) {
+                match new
+                    .pointer("/metadata/annotations")
+                    .filter(|a| !a.is_null())
+                {
+                    Some(a) => {
+                        meta.insert("annotations".into(), a.clone());
+                    }
+                    None => {
+                        meta.remove("annotations");
+                    }
                 }
             }
         }
@@ -847,10 +918,10 @@ pub(crate) fn prepare(
             }
         }
     }
-    defaults::apply_defaults(rt, &mut new, store, live.is_none());
+    defaults::apply_defaults(rt, &mut new, store, live);
     defaults::validate(rt, live, &new)?;
     if let (Some(l), true) = (live, rt.generation) {
-        if strip_for_generation(rt, l) != strip_for_generation(rt, &new) {
+        if generation_changed(rt, l, &new) {
             let g = l
                 .pointer("/metadata/generation")
                 .and_then(Value::as_i64)
@@ -896,17 +967,24 @@ pub(crate) fn commit(
             if dry_run {
                 return obj;
             }
-            let deleting = obj.pointer("/metadata/deletionTimestamp").is_some();
-            let finalizers = obj
-                .pointer("/metadata/finalizers")
-                .and_then(Value::as_array)
-                .is_some_and(|f| !f.is_empty());
+            // An update that leaves an object being deleted without finalizers deletes it
+            // instead (the registry's ShouldDeleteDuringUpdate): the update itself is not
+            // stored, so watchers see one DELETED event carrying the last stored state.
+            // For a Namespace, `spec.finalizers` count too.
+            let deleting = l.pointer("/metadata/deletionTimestamp").is_some()
+                && obj.pointer("/metadata/deletionTimestamp").is_some();
             let is_namespace = key.group.is_empty() && key.plural == "namespaces";
-            let updated = store.update(key.clone(), obj);
-            if deleting && !finalizers && !is_namespace {
-                store.delete(&key);
+            let non_empty = |p: &str| {
+                obj.pointer(p)
+                    .and_then(Value::as_array)
+                    .is_some_and(|f| !f.is_empty())
+            };
+            let finalizers = non_empty("/metadata/finalizers")
+                || (is_namespace && non_empty("/spec/finalizers"));
+            if deleting && !finalizers {
+                return store.delete(&key).unwrap_or(obj);
             }
-            updated
+            store.update(key, obj)
         }
     }
 }
@@ -941,10 +1019,17 @@ fn create(store: &mut Store, req: &Req, t: &Target) -> ApiResult<Response> {
     let mut body = req.object_body()?;
     check_type(rt, &body)?;
     check_namespace(t, &body)?;
+    let generate = meta_str(&body, "generateName")
+        .unwrap_or_default()
+        .to_string();
+    let admitted_name = meta_str(&body, "name")
+        .filter(|n| !n.is_empty())
+        .unwrap_or(&generate)
+        .to_string();
     let name = match meta_str(&body, "name").filter(|n| !n.is_empty()) {
         Some(n) => n.to_string(),
-        None => match meta_str(&body, "generateName").filter(|n| !n.is_empty()) {
-            Some(prefix) => format!("{prefix}{}", random_suffix(5)),
+        None => match Some(generate.as_str()).filter(|n| !n.is_empty()) {
+            Some(prefix) => generate_name(prefix),
             None => {
                 return Err(ApiError::invalid(
                     rt,
@@ -963,7 +1048,7 @@ fn create(store: &mut Store, req: &Req, t: &Target) -> ApiResult<Response> {
         ));
     }
     if rt.namespaced {
-        ensure_namespace(store, t.ns())?;
+        ensure_namespace(store, rt, &admitted_name, t.ns())?;
     }
     ensure_crd_active(store, rt)?;
     let key = t.key(&name);
@@ -1257,7 +1342,7 @@ fn apply(
             return Err(ApiError::not_found(rt, name));
         }
         if rt.namespaced {
-            ensure_namespace(store, t.ns())?;
+            ensure_namespace(store, rt, name, t.ns())?;
         }
         ensure_crd_active(store, rt)?;
     }
@@ -1279,12 +1364,20 @@ fn apply(
             c
         }
         Scope::Main { .. } => cfg,
-        Scope::Status => json!({
-            "apiVersion": cfg["apiVersion"],
-            "kind": cfg["kind"],
-            "metadata": {"name": name},
-            "status": cfg.get("status").cloned().unwrap_or(json!({})),
-        }),
+        Scope::Status => {
+            let mut meta = json!({"name": name});
+            if status_writes_annotations(rt) {
+                if let Some(a) = cfg.pointer("/metadata/annotations") {
+                    meta["annotations"] = a.clone();
+                }
+            }
+            json!({
+                "apiVersion": cfg["apiVersion"],
+                "kind": cfg["kind"],
+                "metadata": meta,
+                "status": cfg.get("status").cloned().unwrap_or(json!({})),
+            })
+        }
     };
     let now = now();
     let schema = schema_of(rt);
@@ -1441,9 +1534,28 @@ pub(crate) fn delete_object(
         if live.pointer("/metadata/deletionTimestamp").is_some() {
             return Ok(Deleted::Object(live));
         }
+        // The namespace registry's first DELETE: deletionTimestamp, phase Terminating, and
+        // the orphan/foregroundDeletion finalizers the propagation policy asks for. The
+        // namespace controller then deletes the content and finalizes it.
         let mut obj = live.clone();
         obj["metadata"]["deletionTimestamp"] = json!(now);
         obj["status"]["phase"] = json!("Terminating");
+        let extra = match opts.propagation.as_deref() {
+            Some("Foreground") => Some("foregroundDeletion"),
+            Some("Orphan") => Some("orphan"),
+            _ => None,
+        };
+        if let Some(f) = extra {
+            let mut finalizers: Vec<Value> = live
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if !finalizers.iter().any(|x| x == f) {
+                finalizers.push(json!(f));
+            }
+            obj["metadata"]["finalizers"] = json!(finalizers);
+        }
         let stored = commit(store, key.clone(), Some(&live), obj, opts.dry_run);
         return Ok(Deleted::Object(stored));
     }

@@ -1,16 +1,18 @@
 //! Background controllers standing in for kube-controller-manager and the
 //! apiextensions/namespace machinery: CRD establishment and cleanup, namespace
-//! termination and per-namespace defaults, workload status (Deployments,
-//! StatefulSets, DaemonSets, Jobs), PVC binding and ownerReference garbage collection.
+//! termination and per-namespace defaults, workload status (StatefulSets, DaemonSets,
+//! Jobs), PVC binding and ownerReference garbage collection. Deployments and
+//! ReplicaSets are in `deployments.rs`, Endpoints and EndpointSlices in `endpoints.rs`.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
 use super::api::{self, meta_str, DeleteOptions, Inner};
+use super::deployments::DeploymentControllers;
+use super::endpoints::EndpointsControllers;
 use super::fields::Scope;
 use super::resources::{self, ResourceType, CRD_GROUP};
 use super::store::{ObjKey, Store};
@@ -19,7 +21,7 @@ use super::store::{ObjKey, Store};
 const MANAGER: &str = "kube-controller-manager";
 const TICK: Duration = Duration::from_millis(20);
 /// How long a rollout takes before workloads report availability.
-const ROLLOUT: Duration = Duration::from_millis(150);
+pub(crate) const ROLLOUT: Duration = Duration::from_millis(150);
 /// Delay between NamesAccepted and Established for CRDs.
 const ESTABLISH: Duration = Duration::from_millis(200);
 /// Delay between a terminating namespace becoming empty and its removal.
@@ -43,30 +45,28 @@ pub(crate) async fn run(inner: Arc<Inner>) {
 struct State {
     /// Workload uid -> (generation, when the rollout completes).
     rollouts: HashMap<String, (i64, Instant)>,
-    /// Deployment uid -> (template hash, revision).
-    revisions: HashMap<String, (u64, u64)>,
     /// CRD uid -> when its names were accepted.
     accepted: HashMap<String, Instant>,
     /// Terminating namespace -> when it was found empty.
     emptied: HashMap<String, Instant>,
     /// Object uid -> when a controller first saw it.
     seen: HashMap<String, Instant>,
-    /// Deployment uid -> (generation, when its rollout started), for progress deadlines.
-    started: HashMap<String, (i64, Instant)>,
+    deployments: DeploymentControllers,
+    endpoints: EndpointsControllers,
 }
 
-fn items(store: &Store, group: &str, plural: &str) -> Vec<(ObjKey, Value)> {
+pub(crate) fn items(store: &Store, group: &str, plural: &str) -> Vec<(ObjKey, Value)> {
     store
         .objects_of(group, plural)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
 
-fn uid(obj: &Value) -> String {
+pub(crate) fn uid(obj: &Value) -> String {
     meta_str(obj, "uid").unwrap_or_default().to_string()
 }
 
-fn deleting(obj: &Value) -> bool {
+pub(crate) fn deleting(obj: &Value) -> bool {
     obj.pointer("/metadata/deletionTimestamp").is_some()
 }
 
@@ -82,22 +82,58 @@ fn observed(obj: &Value) -> i64 {
         .unwrap_or(-1)
 }
 
-fn hash_of(v: &Value) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    v.to_string().hash(&mut h);
-    h.finish()
+/// JSON with object keys in sorted order, so equal values hash alike.
+fn canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical(&m[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
 }
 
-/// A ReplicaSet-style pod-template hash (`5d4f8c7b9`).
-fn template_hash(v: &Value) -> String {
+/// A pod-template hash like the controllers' `ComputeHash`: FNV-32a over the template
+/// (and the collision count), its decimal value encoded with the alphabet of
+/// `rand.SafeEncodeString` (`5d78c9869d`).
+pub(crate) fn pod_template_hash(template: &Value, collisions: Option<u32>) -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let mut n = hash_of(v);
-    (0..10)
-        .map(|_| {
-            let c = ALPHABET[(n % ALPHABET.len() as u64) as usize] as char;
-            n /= ALPHABET.len() as u64;
-            c
-        })
+    let mut text = String::new();
+    canonical(template, &mut text);
+    let mut h: u32 = 0x811c_9dc5;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u32::from(*b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+    };
+    feed(text.as_bytes());
+    if let Some(c) = collisions {
+        feed(&c.to_le_bytes());
+    }
+    h.to_string()
+        .bytes()
+        .map(|b| ALPHABET[usize::from(b) % ALPHABET.len()] as char)
         .collect()
 }
 
@@ -110,40 +146,64 @@ fn type_of(store: &Store, group: &str, plural: &str) -> Option<ResourceType> {
 }
 
 /// Write `status` through the status subresource, recording ownership like the real controller.
-fn write_status(store: &mut Store, rt: &ResourceType, key: &ObjKey, status: Value) {
+pub(crate) fn write_status(store: &mut Store, rt: &ResourceType, key: &ObjKey, status: Value) {
     let Some(live) = store.get(key).cloned() else {
         return;
     };
     if live.get("status") == Some(&status) {
         return;
     }
-    let mut new = live.clone();
+    let mut new = live;
     new["status"] = status;
-    let now = api::now();
-    api::record(rt, &live, &mut new, &live, Scope::Status, MANAGER, &now);
-    api::commit(store, key.clone(), Some(&live), new, false);
+    write(store, rt, key, new, Scope::Status);
 }
 
 /// Write a main-resource change (operation Update by the controller manager).
-fn write_main(store: &mut Store, rt: &ResourceType, key: &ObjKey, new: Value) {
-    let Some(live) = store.get(key).cloned() else {
-        return;
-    };
-    let mut new = new;
-    let now = api::now();
+pub(crate) fn write_main(store: &mut Store, rt: &ResourceType, key: &ObjKey, new: Value) {
     let scope = Scope::Main {
         status_subresource: rt.status_subresource,
     };
-    api::record(rt, &live, &mut new, &live, scope, MANAGER, &now);
-    api::commit(store, key.clone(), Some(&live), new, false);
+    write(store, rt, key, new, scope);
+}
+
+/// An `Update` by the controller manager: through the same preparation as a client's
+/// write (so generation, defaults and validation apply), unless the object is gone.
+pub(crate) fn write(store: &mut Store, rt: &ResourceType, key: &ObjKey, new: Value, scope: Scope) {
+    let Some(live) = store.get(key).cloned() else {
+        return;
+    };
+    let now = api::now();
+    match api::prepare(
+        store,
+        rt,
+        Some(&live),
+        new,
+        scope,
+        &key.namespace,
+        &key.name,
+        &now,
+    ) {
+        Ok(mut prepared) => {
+            api::record(rt, &live, &mut prepared, &live, scope, MANAGER, &now);
+            api::commit(store, key.clone(), Some(&live), prepared, false);
+        }
+        Err(e) => tracing::warn!(message = %e.message, "controller update rejected"),
+    }
 }
 
 /// Create an object as the controller manager (ignored if it exists or is invalid).
-fn create(store: &mut Store, rt: &ResourceType, ns: &str, obj: Value) {
+pub(crate) fn create(store: &mut Store, rt: &ResourceType, ns: &str, obj: Value) {
     let name = meta_str(&obj, "name").unwrap_or_default().to_string();
     let key = ObjKey::new(&rt.group, &rt.plural, ns, &name);
     if store.get(&key).is_some() {
         return;
+    }
+    if rt.namespaced {
+        // Admission applies to controllers too (no new content in a terminating namespace).
+        if let Err(e) = api::ensure_namespace(store, rt, &name, ns) {
+            tracing::debug!(message = %e.message, "controller create refused");
+            return;
+        }
     }
     let now = api::now();
     let scope = Scope::Main {
@@ -208,7 +268,7 @@ fn insert_nonzero(m: &mut Map<String, Value>, key: &str, n: i64) {
     }
 }
 
-fn delete_quietly(store: &mut Store, key: &ObjKey, propagation: Option<&str>) {
+pub(crate) fn delete_quietly(store: &mut Store, key: &ObjKey, propagation: Option<&str>) {
     let Some(rt) = type_of(store, &key.group, &key.plural) else {
         store.delete(key);
         return;
@@ -247,11 +307,12 @@ impl State {
     fn step(&mut self, store: &mut Store, now: Instant) {
         self.crds(store, now);
         self.namespaces(store, now);
-        self.deployments(store, now);
+        self.deployments.step(store, now);
         self.statefulsets(store, now);
         self.daemonsets(store, now);
         self.jobs(store, now);
         self.pvcs(store, now);
+        self.endpoints.step(store);
         self.garbage_collect(store);
     }
 
@@ -487,8 +548,23 @@ impl State {
             }
             let since = *self.emptied.entry(name.clone()).or_insert(now);
             if now.duration_since(since) >= NAMESPACE_FINALIZE {
-                store.delete(&key);
-                self.emptied.remove(&name);
+                // Empty: remove the `kubernetes` finalizer (PUT .../finalize). With no
+                // other finalizers left, that update deletes the namespace.
+                if let Some(live) = store.get(&key).cloned() {
+                    let mut finalized = live.clone();
+                    if let Some(spec) = finalized.get_mut("spec").and_then(Value::as_object_mut) {
+                        if let Some(Value::Array(fs)) = spec.get_mut("finalizers") {
+                            fs.retain(|f| f != "kubernetes");
+                            if fs.is_empty() {
+                                spec.remove("finalizers");
+                            }
+                        }
+                    }
+                    api::commit(store, key.clone(), Some(&live), finalized, false);
+                }
+                if store.get(&key).is_none() {
+                    self.emptied.remove(&name);
+                }
             }
         }
     }
@@ -526,187 +602,6 @@ impl State {
         }
     }
 
-    fn deployments(&mut self, store: &mut Store, now: Instant) {
-        let Some(rt) = resources::builtin("apps", "deployments") else {
-            return;
-        };
-        let ts = api::now();
-        for (key, d) in items(store, "apps", "deployments") {
-            if deleting(&d) {
-                continue;
-            }
-            let id = uid(&d);
-            let template = d.pointer("/spec/template").cloned().unwrap_or(json!({}));
-            let thash = hash_of(&template);
-            let rs_name = format!("{}-{}", key.name, template_hash(&template));
-            let (known, revision) = self.revisions.get(&id).copied().unwrap_or((0, 0));
-            let new_rollout = known != thash;
-            if new_rollout {
-                let revision = revision + 1;
-                self.revisions.insert(id.clone(), (thash, revision));
-                let mut updated = d.clone();
-                updated["metadata"]["annotations"]["deployment.kubernetes.io/revision"] =
-                    json!(revision.to_string());
-                write_main(store, &rt, &key, updated);
-            }
-            let Some(d) = store.get(&key).cloned() else {
-                continue;
-            };
-            let gen = generation(&d);
-            let Some(phase) = self.workload_target(store, &key, &d, now) else {
-                self.stall_if_overdue(store, &rt, &key, &d, &rs_name, now);
-                continue;
-            };
-            if phase == Phase::Progressing {
-                self.started.insert(id.clone(), (gen, now));
-            } else {
-                self.started.remove(&id);
-            }
-            let status = d.get("status").cloned().unwrap_or(json!({}));
-            let replicas = d
-                .pointer("/spec/replicas")
-                .and_then(Value::as_i64)
-                .unwrap_or(1);
-            let was_available = status
-                .get("conditions")
-                .and_then(Value::as_array)
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c["type"] == "Available" && c["status"] == "True")
-                });
-            let prev_available = status
-                .get("availableReplicas")
-                .and_then(Value::as_i64)
-                .unwrap_or(0);
-            let mut s = Map::new();
-            s.insert("observedGeneration".into(), json!(gen));
-            let (available, avail_cond, progress) = match phase {
-                Phase::Progressing => {
-                    let available = prev_available.min(replicas);
-                    let ok = replicas == 0 || (was_available && available > 0);
-                    let avail = if ok {
-                        condition(
-                            &status,
-                            "Available",
-                            "True",
-                            "MinimumReplicasAvailable",
-                            "Deployment has minimum availability.",
-                            &ts,
-                            true,
-                        )
-                    } else {
-                        condition(
-                            &status,
-                            "Available",
-                            "False",
-                            "MinimumReplicasUnavailable",
-                            "Deployment does not have minimum availability.",
-                            &ts,
-                            true,
-                        )
-                    };
-                    let progress = if status.get("conditions").is_none() {
-                        condition(
-                            &status,
-                            "Progressing",
-                            "True",
-                            "NewReplicaSetCreated",
-                            &format!("Created new replica set \"{rs_name}\""),
-                            &ts,
-                            true,
-                        )
-                    } else {
-                        condition(
-                            &status,
-                            "Progressing",
-                            "True",
-                            "ReplicaSetUpdated",
-                            &format!("ReplicaSet \"{rs_name}\" is progressing."),
-                            &ts,
-                            true,
-                        )
-                    };
-                    (if replicas == 0 { 0 } else { available }, avail, progress)
-                }
-                Phase::Available => (
-                    replicas,
-                    condition(
-                        &status,
-                        "Available",
-                        "True",
-                        "MinimumReplicasAvailable",
-                        "Deployment has minimum availability.",
-                        &ts,
-                        true,
-                    ),
-                    condition(
-                        &status,
-                        "Progressing",
-                        "True",
-                        "NewReplicaSetAvailable",
-                        &format!("ReplicaSet \"{rs_name}\" has successfully progressed."),
-                        &ts,
-                        true,
-                    ),
-                ),
-            };
-            insert_nonzero(&mut s, "replicas", replicas);
-            insert_nonzero(&mut s, "updatedReplicas", replicas);
-            insert_nonzero(&mut s, "readyReplicas", available);
-            insert_nonzero(&mut s, "availableReplicas", available);
-            insert_nonzero(&mut s, "unavailableReplicas", replicas - available);
-            s.insert("conditions".into(), json!([avail_cond, progress]));
-            write_status(store, &rt, &key, Value::Object(s));
-        }
-    }
-
-    /// A rollout that never completes reports `ProgressDeadlineExceeded` after
-    /// `spec.progressDeadlineSeconds`, like the real deployment controller.
-    fn stall_if_overdue(
-        &mut self,
-        store: &mut Store,
-        rt: &ResourceType,
-        key: &ObjKey,
-        d: &Value,
-        rs_name: &str,
-        now: Instant,
-    ) {
-        let id = uid(d);
-        let Some((g, started)) = self.started.get(&id).copied() else {
-            return;
-        };
-        if g != generation(d) || observed(d) != g {
-            return;
-        }
-        let deadline = d
-            .pointer("/spec/progressDeadlineSeconds")
-            .and_then(Value::as_u64)
-            .unwrap_or(600);
-        if now.duration_since(started) < Duration::from_secs(deadline) {
-            return;
-        }
-        self.started.remove(&id);
-        let mut status = d.get("status").cloned().unwrap_or(json!({}));
-        let ts = api::now();
-        let stalled = condition(
-            &status,
-            "Progressing",
-            "False",
-            "ProgressDeadlineExceeded",
-            &format!("ReplicaSet \"{rs_name}\" has timed out progressing."),
-            &ts,
-            true,
-        );
-        if let Some(Value::Array(conds)) = status.get_mut("conditions") {
-            for c in conds.iter_mut() {
-                if c["type"] == "Progressing" {
-                    *c = stalled.clone();
-                }
-            }
-        }
-        write_status(store, rt, key, status);
-    }
-
     fn statefulsets(&mut self, store: &mut Store, now: Instant) {
         let Some(rt) = resources::builtin("apps", "statefulsets") else {
             return;
@@ -720,7 +615,7 @@ impl State {
                 .and_then(Value::as_i64)
                 .unwrap_or(1);
             let template = sts.pointer("/spec/template").cloned().unwrap_or(json!({}));
-            let revision = format!("{}-{}", key.name, template_hash(&template));
+            let revision = format!("{}-{}", key.name, pod_template_hash(&template, None));
             let ready = if phase == Phase::Available {
                 replicas
             } else {

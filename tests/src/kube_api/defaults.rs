@@ -36,16 +36,17 @@ fn kind_key(rt: &ResourceType) -> (&str, &str) {
     (rt.group.as_str(), rt.kind.as_str())
 }
 
-/// Apply defaults to a (new or updated) object. `creating` is true for creates.
+/// Apply defaults to a (new or updated) object. `live` is the stored object on updates.
 pub(crate) fn apply_defaults(
     rt: &ResourceType,
     obj: &mut Value,
     store: &mut Store,
-    creating: bool,
+    live: Option<&Value>,
 ) {
     if rt.custom {
         return;
     }
+    let creating = live.is_none();
     let name = obj
         .pointer("/metadata/name")
         .and_then(Value::as_str)
@@ -55,8 +56,34 @@ pub(crate) fn apply_defaults(
         ("", "Namespace") => {
             let meta = obj_mut(obj, "metadata");
             obj_mut_in(meta, "labels").insert("kubernetes.io/metadata.name".into(), json!(name));
-            let spec = obj_mut(obj, "spec");
-            default_field(spec, "finalizers", json!(["kubernetes"]));
+            // The namespace strategy: a create always gets the `kubernetes` finalizer;
+            // an update cannot change `spec.finalizers` (only `/finalize` can).
+            match live {
+                None => {
+                    let spec = obj_mut(obj, "spec");
+                    let mut finalizers: Vec<Value> = spec
+                        .get("finalizers")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
+                    if !finalizers.iter().any(|f| f == "kubernetes") {
+                        finalizers.push(json!("kubernetes"));
+                    }
+                    spec.insert("finalizers".into(), json!(finalizers));
+                }
+                Some(l) => {
+                    let old = l.pointer("/spec/finalizers").cloned();
+                    let spec = obj_mut(obj, "spec");
+                    match old {
+                        Some(f) => {
+                            spec.insert("finalizers".into(), f);
+                        }
+                        None => {
+                            spec.remove("finalizers");
+                        }
+                    }
+                }
+            }
             let status = obj_mut(obj, "status");
             default_field(status, "phase", json!("Active"));
         }
@@ -73,7 +100,12 @@ pub(crate) fn apply_defaults(
                 }
             }
         }
-        ("", "Service") => default_service(obj, store, creating),
+        ("", "Service") => {
+            if let Some(live) = live {
+                keep_allocated(obj, live);
+            }
+            default_service(obj, store, creating)
+        }
         ("", "PersistentVolumeClaim") => {
             let spec = obj_mut(obj, "spec");
             default_field(spec, "volumeMode", json!("Filesystem"));
@@ -304,6 +336,67 @@ fn default_service(obj: &mut Value, store: &mut Store, creating: bool) {
     }
     let status = obj_mut(obj, "status");
     default_field(status, "loadBalancer", json!({}));
+}
+
+/// An update that leaves out allocated values keeps them (the Service registry's
+/// `patchAllocatedValues`): the cluster IPs, and the node port of each port (by port
+/// number and protocol) while the type still needs node ports.
+fn keep_allocated(obj: &mut Value, live: &Value) {
+    let ty = |v: &Value| {
+        v.pointer("/spec/type")
+            .and_then(Value::as_str)
+            .unwrap_or("ClusterIP")
+            .to_string()
+    };
+    let (old_type, new_type) = (ty(live), ty(obj));
+    if old_type == "ExternalName" || new_type == "ExternalName" {
+        return;
+    }
+    let spec = obj_mut(obj, "spec");
+    let unset = |v: Option<&Value>| v.is_none_or(|v| v.is_null() || v == "");
+    if unset(spec.get("clusterIP")) {
+        if let Some(ip) = live.pointer("/spec/clusterIP") {
+            spec.insert("clusterIP".into(), ip.clone());
+        }
+    }
+    let no_ips = spec
+        .get("clusterIPs")
+        .is_none_or(|v| v.is_null() || v.as_array().is_some_and(Vec::is_empty));
+    if no_ips && spec.get("clusterIP") == live.pointer("/spec/clusterIP") {
+        if let Some(ips) = live.pointer("/spec/clusterIPs") {
+            spec.insert("clusterIPs".into(), ips.clone());
+        }
+    }
+    let node_ports = |t: &str| t == "NodePort" || t == "LoadBalancer";
+    if !(node_ports(&old_type) && node_ports(&new_type)) {
+        return;
+    }
+    let old_ports = live
+        .pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if let Some(Value::Array(ports)) = spec.get_mut("ports") {
+        for p in ports.iter_mut() {
+            let Value::Object(p) = p else { continue };
+            if p.get("nodePort").is_some_and(|n| !n.is_null()) {
+                continue;
+            }
+            let protocol = |m: &Map<String, Value>| {
+                m.get("protocol")
+                    .and_then(Value::as_str)
+                    .unwrap_or("TCP")
+                    .to_string()
+            };
+            let found = old_ports
+                .iter()
+                .filter_map(Value::as_object)
+                .find(|o| o.get("port") == p.get("port") && protocol(o) == protocol(p));
+            if let Some(n) = found.and_then(|o| o.get("nodePort")) {
+                p.insert("nodePort".into(), n.clone());
+            }
+        }
+    }
 }
 
 fn default_job(obj: &mut Value, creating: bool) {
@@ -685,6 +778,25 @@ fn kind_causes(rt: &ResourceType, old: Option<&Value>, obj: &Value) -> Vec<Cause
         }
         ("apiextensions.k8s.io", "CustomResourceDefinition") => {
             causes.extend(crd_causes(old, obj));
+        }
+        ("discovery.k8s.io", "EndpointSlice") => {
+            let address_type = obj.get("addressType").unwrap_or(&Value::Null);
+            match address_type.as_str() {
+                None | Some("") => causes.push(Cause::required("addressType", "")),
+                Some("IPv4" | "IPv6" | "FQDN") => {}
+                Some(other) => causes.push(Cause {
+                    reason: "FieldValueNotSupported",
+                    field: "addressType".into(),
+                    message: format!(
+                        "Unsupported value: {other:?}: supported values: \"FQDN\", \"IPv4\", \"IPv6\""
+                    ),
+                }),
+            }
+            if let Some(old) = old {
+                if changed(old, obj, "/addressType") {
+                    causes.push(Cause::immutable("addressType", address_type));
+                }
+            }
         }
         _ => {}
     }

@@ -194,7 +194,14 @@ impl ApiError {
             "code": self.code,
         });
         if let Some(details) = &self.details {
-            status["details"] = details.clone();
+            let mut details = details.clone();
+            // StatusDetails' name, group, kind and uid are `omitempty`.
+            if let Some(d) = details.as_object_mut() {
+                d.retain(|k, v| {
+                    !(matches!(k.as_str(), "name" | "group" | "kind" | "uid") && v == "")
+                });
+            }
+            status["details"] = details;
         }
         status
     }

@@ -595,7 +595,13 @@ fn strip(set: &mut FieldSet, scope: Scope) {
                 status_subresource: true,
             } => first != Some("f:status"),
             Scope::Main { .. } => true,
-            Scope::Status => first == Some("f:status"),
+            // Annotations only ever differ here for kinds whose status strategy keeps
+            // them (Deployments); see `api::status_writes_annotations`.
+            Scope::Status => {
+                first == Some("f:status")
+                    || (first == Some("f:metadata")
+                        && p.get(1).map(String::as_str) == Some("f:annotations"))
+            }
         }
     });
 }

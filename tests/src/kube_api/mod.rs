@@ -13,8 +13,9 @@
 //!   `metadata.managedFields` ownership, conflicts, `force` and `dryRun`;
 //! * delete with finalizers and propagation policies, namespace termination,
 //!   ownerReference garbage collection;
-//! * small controllers: Deployment/StatefulSet/DaemonSet/Job status, PVC binding,
-//!   CRD `NamesAccepted`/`Established`.
+//! * small controllers: ReplicaSets and status for Deployments, StatefulSet/DaemonSet/
+//!   Job status, PVC binding, CRD `NamesAccepted`/`Established`, Endpoints and
+//!   EndpointSlices for Services (these follow kube-controller-manager v1.24).
 //!
 //! What it emulates and what it does not is written down in `README.md` next to
 //! this file.
@@ -22,6 +23,8 @@
 mod api;
 mod controllers;
 mod defaults;
+mod deployments;
+mod endpoints;
 mod error;
 mod fields;
 mod patch;
@@ -193,6 +196,29 @@ fn bootstrap(inner: &Inner) {
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
             "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]},
+        }),
+    );
+    // The apiserver keeps the endpoints of its own (selectorless) Service.
+    create(
+        "",
+        "endpoints",
+        "default",
+        json!({
+            "apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": "kubernetes", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+            "subsets": [{"addresses": [{"ip": "127.0.0.1"}], "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]}],
+        }),
+    );
+    create(
+        resources::DISCOVERY_GROUP,
+        "endpointslices",
+        "default",
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "kubernetes", "labels": {"kubernetes.io/service-name": "kubernetes"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}],
+            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
         }),
     );
 }

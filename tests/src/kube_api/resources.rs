@@ -9,6 +9,8 @@ use super::store::Store;
 
 /// The API group of CustomResourceDefinitions.
 pub(crate) const CRD_GROUP: &str = "apiextensions.k8s.io";
+/// The API group of EndpointSlices.
+pub(crate) const DISCOVERY_GROUP: &str = "discovery.k8s.io";
 
 /// One resource (like `apps/v1 deployments`) as served at one version.
 #[derive(Debug, Clone)]
@@ -146,6 +148,17 @@ const BUILTINS: &[Builtin] = &[
     },
     Builtin {
         group: "",
+        kind: "Endpoints",
+        plural: "endpoints",
+        namespaced: true,
+        short: &["ep"],
+        all: false,
+        status: false,
+        generation: false,
+        returns_deleted_object: false,
+    },
+    Builtin {
+        group: "",
         kind: "ServiceAccount",
         plural: "serviceaccounts",
         namespaced: true,
@@ -277,6 +290,17 @@ const BUILTINS: &[Builtin] = &[
         returns_deleted_object: false,
     },
     Builtin {
+        group: DISCOVERY_GROUP,
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        namespaced: true,
+        short: &[],
+        all: false,
+        status: false,
+        generation: true,
+        returns_deleted_object: false,
+    },
+    Builtin {
         group: CRD_GROUP,
         kind: "CustomResourceDefinition",
         plural: "customresourcedefinitions",
@@ -289,8 +313,14 @@ const BUILTINS: &[Builtin] = &[
     },
 ];
 
-/// Built-in groups in the order a real server lists them.
-const BUILTIN_GROUPS: &[&str] = &["apps", "batch", "rbac.authorization.k8s.io", CRD_GROUP];
+/// Built-in groups in the order a real server lists them (by group priority).
+const BUILTIN_GROUPS: &[&str] = &[
+    "apps",
+    "batch",
+    "rbac.authorization.k8s.io",
+    CRD_GROUP,
+    DISCOVERY_GROUP,
+];
 
 fn builtin_type(b: &Builtin) -> ResourceType {
     ResourceType {

@@ -244,7 +244,17 @@ async fn server_side_apply_tracks_generation_and_managers() {
     assert!(f["f:spec"].get("f:replicas").is_none());
     assert!(f["f:spec"]["f:selector"].is_object());
 
-    // Same manifest again: nothing changes, not even the resourceVersion.
+    // Same manifest again: nothing changes, not even the resourceVersion (once the
+    // controller, which also writes the object, is done with the rollout).
+    let settled = eventually(3, "rollout done", || {
+        let deploys = deploys.clone();
+        async move {
+            let d = deploys.get("web").await.ok()?;
+            let available = d.status.as_ref()?.available_replicas == Some(1);
+            available.then_some(d)
+        }
+    })
+    .await;
     let again = deploys
         .patch(
             "web",
@@ -253,7 +263,10 @@ async fn server_side_apply_tracks_generation_and_managers() {
         )
         .await
         .expect("re-apply");
-    assert_eq!(again.metadata.resource_version, d.metadata.resource_version);
+    assert_eq!(
+        again.metadata.resource_version,
+        settled.metadata.resource_version
+    );
 
     // A metadata-only change does not bump generation.
     let mut labelled = deployment("web", "nginx:1.27", json!({}));
@@ -1192,6 +1205,14 @@ impl RawHttp {
             .expect("request");
         self.send(req).await
     }
+
+    async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        let req = axum::http::Request::put(path)
+            .header("content-type", "application/json")
+            .body(body.to_string().into_bytes())
+            .expect("request");
+        self.send(req).await
+    }
 }
 
 #[tokio::test]
@@ -1252,4 +1273,1293 @@ async fn streaming_list_watch_and_bookmarks() {
         Ok(Ok(Some(WatchEvent::Bookmark(b)))) => assert_eq!(b.metadata.resource_version, rv),
         other => panic!("expected a bookmark, got {other:?}"),
     }
+}
+
+fn dynamic_api(
+    client: &kube::Client,
+    group: &str,
+    kind: &str,
+    ns: Option<&str>,
+) -> Api<DynamicObject> {
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, "v1", kind));
+    match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    }
+}
+
+/// Apply `obj` with `metadata` entries replaced by `meta` (labels/annotations), and
+/// return the stored generation.
+async fn apply_generation(api: &Api<DynamicObject>, obj: &Value, meta: Value) -> Option<i64> {
+    let mut o = obj.clone();
+    if let (Some(m), Some(extra)) = (o["metadata"].as_object_mut(), meta.as_object()) {
+        for (k, v) in extra {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    let name = o["metadata"]["name"].as_str().expect("name").to_string();
+    api.patch(
+        &name,
+        &PatchParams::apply("roost").force(),
+        &Patch::Apply(&o),
+    )
+    .await
+    .expect("apply")
+    .metadata
+    .generation
+}
+
+#[tokio::test]
+async fn deployment_generation_counts_annotations_but_not_labels() {
+    let (_server, client) = server().await;
+    let deploys = dynamic_api(&client, "apps", "Deployment", Some("default"));
+    let d = deployment("web", "nginx:1.27", json!({"replicas": 0}));
+    assert_eq!(apply_generation(&deploys, &d, json!({})).await, Some(1));
+    // Labels are not copied to ReplicaSets: no new generation.
+    let labels = json!({"labels": {"app": "web", "tier": "frontend"}});
+    assert_eq!(
+        apply_generation(&deploys, &d, labels.clone()).await,
+        Some(1)
+    );
+    // Annotations are: every change (added, changed, removed) is a new generation.
+    let annotated = |v: &str| json!({"labels": {"app": "web", "tier": "frontend"}, "annotations": {"roost.dev/revision": v}});
+    assert_eq!(
+        apply_generation(&deploys, &d, annotated("a")).await,
+        Some(2)
+    );
+    assert_eq!(
+        apply_generation(&deploys, &d, annotated("a")).await,
+        Some(2)
+    );
+    assert_eq!(
+        apply_generation(&deploys, &d, annotated("b")).await,
+        Some(3)
+    );
+    assert_eq!(apply_generation(&deploys, &d, labels).await, Some(4));
+    // Other writers count too (merge patch, operation Update).
+    let patched = deploys
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"note": "x"}}})),
+        )
+        .await
+        .expect("merge patch");
+    assert_eq!(patched.metadata.generation, Some(5));
+    let patched = deploys
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"more": "y"}}})),
+        )
+        .await
+        .expect("merge patch labels");
+    assert_eq!(patched.metadata.generation, Some(5));
+
+    // The controller's revision annotation goes through the status subresource: it is
+    // recorded there and does not bump the generation, so the rollout is observed.
+    let observed = eventually(3, "deployment observed", || {
+        let deploys = deploys.clone();
+        async move {
+            let d = deploys.get("web").await.ok()?;
+            let done = d.data["status"]["observedGeneration"] == json!(5)
+                && d.annotations()
+                    .contains_key("deployment.kubernetes.io/revision");
+            done.then_some(d)
+        }
+    })
+    .await;
+    assert_eq!(observed.metadata.generation, Some(5));
+    let kcm = observed
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|m| {
+            m.manager.as_deref() == Some("kube-controller-manager")
+                && m.subresource.as_deref() == Some("status")
+        })
+        .expect("controller status entry");
+    let fields = serde_json::to_value(kcm.fields_v1.as_ref().expect("fieldsV1")).expect("json");
+    assert!(
+        fields["f:metadata"]["f:annotations"]["f:deployment.kubernetes.io/revision"].is_object(),
+        "{fields}"
+    );
+    // A status write by a client may set annotations on a Deployment too, but not labels.
+    let status_patch = deploys
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"by-status": "1"}, "labels": {"by-status": "1"}}})),
+        )
+        .await
+        .expect("status patch");
+    assert_eq!(
+        status_patch
+            .annotations()
+            .get("by-status")
+            .map(String::as_str),
+        Some("1")
+    );
+    assert!(!status_patch.labels().contains_key("by-status"));
+    assert_eq!(status_patch.metadata.generation, Some(5));
+}
+
+#[tokio::test]
+async fn other_kinds_count_only_spec_changes() {
+    let (_server, client) = server().await;
+    let ann = |v: &str| json!({"annotations": {"roost.dev/revision": v}});
+    let template = |name: &str| {
+        json!({
+            "metadata": {"labels": {"app": name}},
+            "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}
+        })
+    };
+    let mut sts_template = template("db");
+    sts_template["spec"]["restartPolicy"] = json!("Always");
+    let cases = vec![
+        (
+            "StatefulSet",
+            json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
+                "spec": {"replicas": 0, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}}, "template": sts_template}}),
+            "/spec/replicas",
+            json!(1),
+        ),
+        (
+            "DaemonSet",
+            json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent"},
+                "spec": {"selector": {"matchLabels": {"app": "agent"}}, "template": {
+                    "metadata": {"labels": {"app": "agent"}},
+                    "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}),
+            "/spec/minReadySeconds",
+            json!(5),
+        ),
+        (
+            "ReplicaSet",
+            json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "rs"},
+                "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "rs"}}, "template": {
+                    "metadata": {"labels": {"app": "rs"}},
+                    "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}),
+            "/spec/replicas",
+            json!(1),
+        ),
+        (
+            "Job",
+            json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "once"},
+                "spec": {"template": template("once")}}),
+            "/spec/backoffLimit",
+            json!(2),
+        ),
+    ];
+    for (kind, obj, field, value) in cases {
+        let group = obj["apiVersion"]
+            .as_str()
+            .expect("apiVersion")
+            .split('/')
+            .next()
+            .expect("group");
+        let api = dynamic_api(&client, group, kind, Some("default"));
+        assert_eq!(
+            apply_generation(&api, &obj, json!({})).await,
+            Some(1),
+            "{kind}"
+        );
+        assert_eq!(
+            apply_generation(&api, &obj, ann("a")).await,
+            Some(1),
+            "{kind} annotations"
+        );
+        let labels = json!({"labels": {"extra": "x"}});
+        assert_eq!(
+            apply_generation(&api, &obj, labels).await,
+            Some(1),
+            "{kind} labels"
+        );
+        let mut changed = obj.clone();
+        let (parent, leaf) = field.rsplit_once('/').expect("field");
+        changed.pointer_mut(parent).expect("parent")[leaf] = value;
+        assert_eq!(
+            apply_generation(&api, &changed, ann("a")).await,
+            Some(2),
+            "{kind} spec"
+        );
+    }
+
+    // CRDs: the spec only.
+    let crds = dynamic_api(
+        &client,
+        "apiextensions.k8s.io",
+        "CustomResourceDefinition",
+        None,
+    );
+    let crd = widget_crd();
+    assert_eq!(apply_generation(&crds, &crd, json!({})).await, Some(1));
+    assert_eq!(apply_generation(&crds, &crd, ann("a")).await, Some(1));
+    let mut more = crd.clone();
+    more["spec"]["names"]["shortNames"] = json!(["wd", "wdg"]);
+    assert_eq!(apply_generation(&crds, &more, ann("a")).await, Some(2));
+
+    // Custom resources: anything but metadata and (with a status subresource) status.
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("example.com", "v1", "Widget"),
+        "widgets",
+    );
+    let widgets: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ar);
+    let w = json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 1}});
+    eventually(3, "widget served", || {
+        let widgets = widgets.clone();
+        let w = w.clone();
+        async move {
+            widgets
+                .patch("w", &PatchParams::apply("roost"), &Patch::Apply(&w))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    assert_eq!(apply_generation(&widgets, &w, ann("a")).await, Some(1));
+    let status = widgets
+        .patch_status(
+            "w",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"ready": true}})),
+        )
+        .await
+        .expect("status");
+    assert_eq!(status.metadata.generation, Some(1));
+    let mut bigger = w.clone();
+    bigger["spec"]["size"] = json!(2);
+    assert_eq!(apply_generation(&widgets, &bigger, ann("a")).await, Some(2));
+    let mut top = bigger.clone();
+    top["extra"] = json!({"k": "v"});
+    assert_eq!(apply_generation(&widgets, &top, ann("a")).await, Some(3));
+}
+
+#[tokio::test]
+async fn namespace_termination_like_a_real_server() {
+    let (server, client) = server().await;
+    ensure_namespace(&client, "doomed").await;
+    let pp = PatchParams::apply("roost");
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "doomed");
+    cms.patch("c", &pp, &Patch::Apply(labelled_cm("c", "roost", "1")))
+        .await
+        .expect("cm");
+    let nss: Api<Namespace> = Api::all(client.clone());
+    let rv = nss
+        .get("doomed")
+        .await
+        .expect("ns")
+        .metadata
+        .resource_version
+        .expect("rv");
+    let mut events = nss
+        .watch(&WatchParams::default().fields("metadata.name=doomed"), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+
+    let deleted = nss
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .expect("delete ns")
+        .left()
+        .expect("the namespace, terminating");
+    assert!(deleted.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        deleted.status.and_then(|s| s.phase).as_deref(),
+        Some("Terminating")
+    );
+    assert_eq!(
+        deleted.spec.and_then(|s| s.finalizers),
+        Some(vec!["kubernetes".to_string()])
+    );
+
+    // Creates are refused by the NamespaceLifecycle admission plugin, naming what was created.
+    let err = api_error(
+        cms.create(
+            &PostParams::default(),
+            &serde_json::from_value(labelled_cm("late", "roost", "1")).expect("cm"),
+        )
+        .await
+        .expect_err("forbidden"),
+    );
+    assert_eq!((err.code, err.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        err.message,
+        "configmaps \"late\" is forbidden: unable to create new content in namespace doomed because it is being terminated"
+    );
+    let details = err.details.expect("details");
+    assert_eq!(
+        (details.name.as_str(), details.kind.as_str()),
+        ("late", "configmaps")
+    );
+    assert_eq!(details.causes[0].reason, "NamespaceTerminating");
+    assert_eq!(details.causes[0].field, "metadata.namespace");
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "doomed");
+    let err = api_error(
+        deploys
+            .patch(
+                "web",
+                &pp,
+                &Patch::Apply(deployment("web", "nginx", json!({}))),
+            )
+            .await
+            .expect_err("apply forbidden"),
+    );
+    assert_eq!(err.code, 403);
+    assert_eq!(
+        err.message,
+        "deployments.apps \"web\" is forbidden: unable to create new content in namespace doomed because it is being terminated"
+    );
+    assert_eq!(err.details.expect("details").group, "apps");
+    let mut generated = labelled_cm("", "roost", "1");
+    generated["metadata"] = json!({"generateName": "gen-"});
+    let err = api_error(
+        cms.create(
+            &PostParams::default(),
+            &serde_json::from_value(generated).expect("cm"),
+        )
+        .await
+        .expect_err("forbidden"),
+    );
+    assert!(
+        err.message.starts_with("configmaps \"gen-\" is forbidden"),
+        "{}",
+        err.message
+    );
+
+    // Updates are still allowed; the content goes, then the namespace.
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), events.try_next()).await {
+            Ok(Ok(Some(WatchEvent::Modified(n)))) => {
+                seen.push("MODIFIED");
+                assert!(n.metadata.deletion_timestamp.is_some());
+            }
+            Ok(Ok(Some(WatchEvent::Deleted(n)))) => {
+                seen.push("DELETED");
+                assert_eq!(n.name_any(), "doomed");
+                break;
+            }
+            Ok(Ok(Some(_))) => {}
+            other => panic!("namespace events: {other:?} after {seen:?}"),
+        }
+    }
+    assert_eq!(seen.first(), Some(&"MODIFIED"));
+    assert_eq!(
+        api_error(cms.get("c").await.expect_err("content gone")).code,
+        404
+    );
+
+    // Another finalizer holds the namespace after the content and `kubernetes` are gone,
+    // until a client finalizes it.
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "held"}, "spec": {"finalizers": ["kubernetes", "example.com/hold"]}}))
+            .expect("ns"),
+    )
+    .await
+    .expect("held");
+    // The propagation policy adds its finalizer, which the garbage collector handles.
+    let pending = nss
+        .delete("held", &DeleteParams::foreground())
+        .await
+        .expect("delete held")
+        .left()
+        .expect("terminating");
+    assert_eq!(
+        pending.metadata.finalizers,
+        Some(vec!["foregroundDeletion".to_string()])
+    );
+    let held = eventually(3, "kubernetes finalizer removed", || {
+        let nss = nss.clone();
+        async move {
+            let n = nss.get("held").await.ok()?;
+            let fs = n.spec.clone()?.finalizers?;
+            let done =
+                fs == vec!["example.com/hold".to_string()] && n.metadata.finalizers.is_none();
+            done.then_some(n)
+        }
+    })
+    .await;
+    assert_eq!(
+        held.status.and_then(|s| s.phase).as_deref(),
+        Some("Terminating")
+    );
+    // Only the finalize subresource changes spec.finalizers.
+    let patched = nss
+        .patch(
+            "held",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"finalizers": []}})),
+        )
+        .await
+        .expect("patch");
+    assert_eq!(
+        patched.spec.and_then(|s| s.finalizers),
+        Some(vec!["example.com/hold".to_string()])
+    );
+    let http = raw_http(&server);
+    let (code, body) = http
+        .put(
+            "/api/v1/namespaces/held/finalize",
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "held"}, "spec": {"finalizers": []}}),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    eventually(3, "held namespace gone", || {
+        let nss = nss.clone();
+        async move { nss.get("held").await.err().map(|_| ()) }
+    })
+    .await;
+
+    // A create always gets the kubernetes finalizer; foreground deletion of an empty
+    // namespace ends with it gone.
+    let created = nss
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                json!({"metadata": {"name": "plain"}, "spec": {"finalizers": []}}),
+            )
+            .expect("ns"),
+        )
+        .await
+        .expect("plain");
+    assert_eq!(
+        created.spec.and_then(|s| s.finalizers),
+        Some(vec!["kubernetes".to_string()])
+    );
+    nss.delete("plain", &DeleteParams::foreground())
+        .await
+        .expect("delete plain");
+    eventually(3, "plain namespace gone", || {
+        let nss = nss.clone();
+        async move { nss.get("plain").await.err().map(|_| ()) }
+    })
+    .await;
+}
+
+fn service(name: &str, labels: Value, spec: Value) -> Value {
+    let mut s = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]},
+    });
+    if let (Some(m), Some(extra)) = (s["spec"].as_object_mut(), spec.as_object()) {
+        for (k, v) in extra {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    s
+}
+
+fn manager_entries(obj: &DynamicObject) -> Vec<(String, String, String)> {
+    obj.metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .map(|m| {
+            (
+                m.manager.clone().unwrap_or_default(),
+                m.operation.clone().unwrap_or_default(),
+                m.subresource.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn services_get_endpoints_and_endpoint_slices() {
+    let (server, client) = server().await;
+    ensure_namespace(&client, "shop").await;
+    let pp = PatchParams::apply("roost").force();
+    let svcs = dynamic_api(&client, "", "Service", Some("shop"));
+    let eps = dynamic_api(&client, "", "Endpoints", Some("shop"));
+    let slices_ar = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "discovery.k8s.io",
+        "v1",
+        "EndpointSlice",
+    ));
+    let slices: Api<DynamicObject> = Api::namespaced_with(client.clone(), "shop", &slices_ar);
+    let of_web = ListParams::default().labels("kubernetes.io/service-name=web");
+
+    // Both kinds are served like any other.
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    for gvk in [
+        GroupVersionKind::gvk("", "v1", "Endpoints"),
+        GroupVersionKind::gvk("discovery.k8s.io", "v1", "EndpointSlice"),
+    ] {
+        let (ar, caps) = discovery.resolve_gvk(&gvk).expect("discovered");
+        assert_eq!(caps.scope, KubeScope::Namespaced);
+        for verb in [
+            "list",
+            "watch",
+            "get",
+            "delete",
+            "deletecollection",
+            "patch",
+        ] {
+            assert!(caps.supports_operation(verb), "{} {verb}", ar.plural);
+        }
+    }
+
+    let labels = json!({"app": "web", "roost.dev/deployment": "shop"});
+    let svc = svcs
+        .patch(
+            "web",
+            &pp,
+            &Patch::Apply(service("web", labels.clone(), json!({}))),
+        )
+        .await
+        .expect("service");
+    let ip = svc.data["spec"]["clusterIP"]
+        .as_str()
+        .expect("cluster IP")
+        .to_string();
+    assert!(ip.starts_with("10.96."), "{ip}");
+    assert_eq!(svc.data["spec"]["clusterIPs"], json!([ip]));
+    let svc_uid = svc.metadata.uid.clone().expect("uid");
+    let created_at = json!(svc.metadata.creation_timestamp);
+
+    let ep = eventually(3, "endpoints", || {
+        let eps = eps.clone();
+        async move { eps.get("web").await.ok() }
+    })
+    .await;
+    assert_eq!(json!(ep.labels()), labels);
+    assert!(ep.metadata.owner_references.is_none());
+    assert_eq!(
+        json!(ep.annotations()),
+        json!({"endpoints.kubernetes.io/last-change-trigger-time": created_at})
+    );
+    assert!(ep.data.get("subsets").is_none(), "{:?}", ep.data);
+    assert_eq!(
+        manager_entries(&ep),
+        vec![(
+            "kube-controller-manager".into(),
+            "Update".into(),
+            String::new()
+        )]
+    );
+
+    let slice = eventually(3, "endpoint slice", || {
+        let slices = slices.clone();
+        let of_web = of_web.clone();
+        async move { slices.list(&of_web).await.ok()?.items.into_iter().next() }
+    })
+    .await;
+    let slice_name = slice.name_any();
+    assert!(
+        slice_name.starts_with("web-") && slice_name.len() == "web-".len() + 5,
+        "{slice_name}"
+    );
+    assert_eq!(slice.metadata.generate_name.as_deref(), Some("web-"));
+    assert_eq!(
+        json!(slice.labels()),
+        json!({
+            "app": "web", "roost.dev/deployment": "shop",
+            "kubernetes.io/service-name": "web",
+            "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+        })
+    );
+    assert_eq!(
+        serde_json::to_value(&slice.metadata.owner_references).expect("refs"),
+        json!([{"apiVersion": "v1", "kind": "Service", "name": "web", "uid": svc_uid,
+            "controller": true, "blockOwnerDeletion": true}])
+    );
+    assert_eq!(slice.data["addressType"], "IPv4");
+    assert_eq!(slice.metadata.generation, Some(1));
+    assert_eq!(
+        manager_entries(&slice),
+        vec![(
+            "kube-controller-manager".into(),
+            "Update".into(),
+            String::new()
+        )]
+    );
+    // On the wire, as from a real server: the endpoint and port lists are null.
+    let http = raw_http(&server);
+    let (code, raw) = http
+        .get(&format!(
+            "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/{slice_name}"
+        ))
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        (raw.get("endpoints"), raw.get("ports")),
+        (Some(&Value::Null), Some(&Value::Null))
+    );
+
+    // Re-applying keeps the cluster IP; so does a PUT that leaves it out.
+    let again = svcs
+        .patch(
+            "web",
+            &pp,
+            &Patch::Apply(service("web", labels.clone(), json!({}))),
+        )
+        .await
+        .expect("re-apply");
+    assert_eq!(again.data["spec"]["clusterIP"], json!(ip));
+    let mut put = again.clone();
+    if let Some(spec) = put.data["spec"].as_object_mut() {
+        spec.remove("clusterIP");
+        spec.remove("clusterIPs");
+    }
+    let replaced = svcs
+        .replace("web", &PostParams::default(), &put)
+        .await
+        .expect("replace without cluster IP");
+    assert_eq!(replaced.data["spec"]["clusterIP"], json!(ip));
+    assert_eq!(replaced.data["spec"]["clusterIPs"], json!([ip]));
+
+    // The Service's labels change: its children follow (the slice is updated in place).
+    let relabelled = json!({"app": "web", "roost.dev/deployment": "shop", "tier": "frontend"});
+    svcs.patch(
+        "web",
+        &pp,
+        &Patch::Apply(service("web", relabelled.clone(), json!({}))),
+    )
+    .await
+    .expect("relabel");
+    let ep = eventually(3, "endpoints relabelled", || {
+        let eps = eps.clone();
+        async move {
+            let ep = eps.get("web").await.ok()?;
+            (ep.labels().get("tier").map(String::as_str) == Some("frontend")).then_some(ep)
+        }
+    })
+    .await;
+    assert_eq!(json!(ep.labels()), relabelled);
+    assert!(
+        ep.metadata.annotations.is_none(),
+        "{:?}",
+        ep.metadata.annotations
+    );
+    let slice = eventually(3, "slice relabelled", || {
+        let slices = slices.clone();
+        let name = slice_name.clone();
+        async move {
+            let s = slices.get(&name).await.ok()?;
+            (s.labels().get("tier").map(String::as_str) == Some("frontend")).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(slice.metadata.generation, Some(2));
+    assert_eq!(slices.list(&of_web).await.expect("list").items.len(), 1);
+
+    // What an inventory search by label finds, across namespaces.
+    let roost = ListParams::default().labels("roost.dev/deployment=shop");
+    let all_eps = dynamic_api(&client, "", "Endpoints", None);
+    let found: Vec<String> = all_eps
+        .list(&roost)
+        .await
+        .expect("list endpoints")
+        .items
+        .iter()
+        .map(|e| e.name_any())
+        .collect();
+    assert_eq!(found, vec!["web"]);
+
+    // Deleted children come back: the controllers keep them.
+    eps.delete("web", &DeleteParams::default())
+        .await
+        .expect("delete endpoints");
+    slices
+        .delete(&slice_name, &DeleteParams::default())
+        .await
+        .expect("delete slice");
+    eventually(3, "endpoints recreated", || {
+        let eps = eps.clone();
+        async move { eps.get("web").await.ok() }
+    })
+    .await;
+    let recreated = eventually(3, "slice recreated", || {
+        let slices = slices.clone();
+        let of_web = of_web.clone();
+        async move { slices.list(&of_web).await.ok()?.items.into_iter().next() }
+    })
+    .await;
+    assert_ne!(recreated.name_any(), slice_name);
+
+    // Headless Services are marked; Services without a selector get nothing. (As in
+    // 1.24, an ExternalName Service with a selector gets them too, as headless, with
+    // a slice per address type.)
+    svcs.patch(
+        "db",
+        &pp,
+        &Patch::Apply(service(
+            "db",
+            json!({"app": "db"}),
+            json!({"clusterIP": "None"}),
+        )),
+    )
+    .await
+    .expect("headless");
+    let mut manual = service("manual", json!({}), json!({}));
+    manual["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("selector");
+    svcs.patch("manual", &pp, &Patch::Apply(&manual))
+        .await
+        .expect("selectorless");
+    svcs.patch(
+        "ext",
+        &pp,
+        &Patch::Apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ext"},
+            "spec": {"type": "ExternalName", "externalName": "example.com", "selector": {"app": "ext"}}})),
+    )
+    .await
+    .expect("external name");
+    let db = eventually(3, "headless endpoints", || {
+        let eps = eps.clone();
+        async move { eps.get("db").await.ok() }
+    })
+    .await;
+    assert_eq!(
+        json!(db.labels()),
+        json!({"app": "db", "service.kubernetes.io/headless": ""})
+    );
+    let ext = eventually(3, "external name endpoints", || {
+        let eps = eps.clone();
+        async move { eps.get("ext").await.ok() }
+    })
+    .await;
+    assert_eq!(
+        ext.labels()
+            .get("service.kubernetes.io/headless")
+            .map(String::as_str),
+        Some("")
+    );
+    let ext_types = eventually(3, "external name slices", || {
+        let slices = slices.clone();
+        async move {
+            let lp = ListParams::default().labels("kubernetes.io/service-name=ext");
+            let mut types: Vec<String> = slices
+                .list(&lp)
+                .await
+                .ok()?
+                .items
+                .iter()
+                .map(|s| {
+                    s.data["addressType"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string()
+                })
+                .collect();
+            types.sort();
+            (types.len() == 2).then_some(types)
+        }
+    })
+    .await;
+    assert_eq!(ext_types, vec!["IPv4", "IPv6"]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        eps.get("manual").await.is_err(),
+        "no endpoints without a selector"
+    );
+    let lp = ListParams::default().labels("kubernetes.io/service-name=manual");
+    assert!(slices.list(&lp).await.expect("list").items.is_empty());
+
+    // The Service goes: the endpoints controller deletes the Endpoints, the garbage
+    // collector the slice. Created again, it gets a new cluster IP and new children.
+    svcs.delete("web", &DeleteParams::default())
+        .await
+        .expect("delete service");
+    eventually(3, "children gone", || {
+        let eps = eps.clone();
+        let slices = slices.clone();
+        let of_web = of_web.clone();
+        async move {
+            let no_ep = eps.get("web").await.is_err();
+            let no_slice = slices.list(&of_web).await.ok()?.items.is_empty();
+            (no_ep && no_slice).then_some(())
+        }
+    })
+    .await;
+    let again = svcs
+        .patch(
+            "web",
+            &pp,
+            &Patch::Apply(service("web", labels.clone(), json!({}))),
+        )
+        .await
+        .expect("service again");
+    assert_ne!(again.data["spec"]["clusterIP"], json!(ip));
+    let new_uid = again.metadata.uid.clone().expect("uid");
+    eventually(3, "new children", || {
+        let slices = slices.clone();
+        let of_web = of_web.clone();
+        let new_uid = new_uid.clone();
+        async move {
+            let s = slices.list(&of_web).await.ok()?.items.into_iter().next()?;
+            let owner = s.metadata.owner_references.as_ref()?.first()?.uid.clone();
+            (owner == new_uid).then_some(())
+        }
+    })
+    .await;
+
+    // The apiserver's own Service has its endpoints from the start.
+    let default_eps = dynamic_api(&client, "", "Endpoints", Some("default"));
+    let k = default_eps
+        .get("kubernetes")
+        .await
+        .expect("kubernetes endpoints");
+    assert_eq!(k.data["subsets"][0]["ports"][0]["port"], 6443);
+    let default_slices: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), "default", &slices_ar);
+    let k = default_slices
+        .get("kubernetes")
+        .await
+        .expect("kubernetes endpoint slice");
+    assert_eq!(
+        k.labels()
+            .get("kubernetes.io/service-name")
+            .map(String::as_str),
+        Some("kubernetes")
+    );
+}
+
+fn replica_sets(client: &kube::Client, ns: &str) -> Api<k8s_openapi::api::apps::v1::ReplicaSet> {
+    Api::namespaced(client.clone(), ns)
+}
+
+fn with_annotations(mut d: Value, annotations: Value) -> Value {
+    d["metadata"]["annotations"] = annotations;
+    d
+}
+
+/// Wait until the Deployment is observed, complete and available (kstatus-style).
+async fn rolled_out(deploys: &Api<Deployment>, name: &str) -> Deployment {
+    eventually(5, &format!("{name} rolled out"), || {
+        let deploys = deploys.clone();
+        let name = name.to_string();
+        async move {
+            let d = deploys.get(&name).await.ok()?;
+            let want = d.spec.as_ref()?.replicas.unwrap_or(1);
+            let s = d.status.as_ref()?;
+            let progressing = s
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "Progressing")?;
+            let done = s.observed_generation == d.metadata.generation
+                && s.updated_replicas.unwrap_or(0) == want
+                && s.replicas.unwrap_or(0) == want
+                && s.available_replicas.unwrap_or(0) == want
+                && progressing.reason.as_deref() == Some("NewReplicaSetAvailable");
+            done.then_some(d)
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn deployments_roll_out_through_replica_sets() {
+    let (_server, client) = server().await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let rss = replica_sets(&client, "default");
+    let pp = PatchParams::apply("roost").force();
+    let manifest = |image: &str, revision: &str| {
+        with_annotations(
+            deployment("web", image, json!({"replicas": 2})),
+            json!({"roost.dev/revision": revision}),
+        )
+    };
+    deploys
+        .patch("web", &pp, &Patch::Apply(manifest("nginx:1.27", "r1")))
+        .await
+        .expect("apply");
+    let d = rolled_out(&deploys, "web").await;
+    let d_uid = d.metadata.uid.clone().expect("uid");
+    assert_eq!(
+        d.annotations()
+            .get("deployment.kubernetes.io/revision")
+            .map(String::as_str),
+        Some("1")
+    );
+    let all = rss.list(&ListParams::default()).await.expect("list").items;
+    assert_eq!(all.len(), 1);
+    let rs = &all[0];
+    let hash = rs
+        .labels()
+        .get("pod-template-hash")
+        .cloned()
+        .expect("hash label");
+    assert!(
+        !hash.is_empty() && hash.chars().all(|c| "bcdfg456789".contains(c)),
+        "{hash}"
+    );
+    assert_eq!(rs.name_any(), format!("web-{hash}"));
+    assert_eq!(
+        json!(rs.labels()),
+        json!({"app": "web", "pod-template-hash": hash})
+    );
+    let spec = rs.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(2));
+    assert_eq!(
+        json!(spec.selector.match_labels),
+        json!({"app": "web", "pod-template-hash": hash})
+    );
+    assert_eq!(
+        spec.template
+            .as_ref()
+            .and_then(|t| t.metadata.as_ref())
+            .map(|m| json!(m.labels)),
+        Some(json!({"app": "web", "pod-template-hash": hash}))
+    );
+    assert_eq!(
+        json!(rs.annotations()),
+        json!({
+            "roost.dev/revision": "r1",
+            "deployment.kubernetes.io/revision": "1",
+            "deployment.kubernetes.io/desired-replicas": "2",
+            "deployment.kubernetes.io/max-replicas": "3",
+        })
+    );
+    assert_eq!(
+        serde_json::to_value(&rs.metadata.owner_references).expect("refs"),
+        json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": "web", "uid": d_uid,
+            "controller": true, "blockOwnerDeletion": true}])
+    );
+    let st = rs.status.as_ref().expect("rs status");
+    assert_eq!(
+        (
+            st.replicas,
+            st.ready_replicas,
+            st.available_replicas,
+            st.observed_generation
+        ),
+        (2, Some(2), Some(2), Some(1))
+    );
+    assert!(managers(rs).contains(&("kube-controller-manager".into(), "Update".into())));
+    let rs1 = rs.name_any();
+
+    // A new annotation: a new generation, copied to the same ReplicaSet.
+    let a = deploys
+        .patch("web", &pp, &Patch::Apply(manifest("nginx:1.27", "r2")))
+        .await
+        .expect("annotate");
+    assert_eq!(a.metadata.generation, Some(2));
+    eventually(3, "annotation copied", || {
+        let rss = rss.clone();
+        let rs1 = rs1.clone();
+        async move {
+            let rs = rss.get(&rs1).await.ok()?;
+            (rs.annotations()
+                .get("roost.dev/revision")
+                .map(String::as_str)
+                == Some("r2"))
+            .then_some(())
+        }
+    })
+    .await;
+    rolled_out(&deploys, "web").await;
+    assert_eq!(
+        rss.list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
+
+    // A new template: a new ReplicaSet, rolled out within maxSurge/maxUnavailable
+    // (2 replicas: at most 3 pods, at least 2 available), the old one scaled to zero.
+    deploys
+        .patch("web", &pp, &Patch::Apply(manifest("nginx:1.28", "r3")))
+        .await
+        .expect("new image");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let d = deploys.get("web").await.expect("get");
+        let items = rss.list(&ListParams::default()).await.expect("list").items;
+        let desired: i32 = items.iter().filter_map(|r| r.spec.as_ref()?.replicas).sum();
+        let available: i32 = items
+            .iter()
+            .filter_map(|r| r.status.as_ref()?.available_replicas)
+            .sum();
+        assert!(desired <= 3, "surge bound: {desired}");
+        assert!(available >= 2, "availability bound: {available}");
+        let s = d.status.clone().unwrap_or_default();
+        if items.len() == 2
+            && s.observed_generation == d.metadata.generation
+            && s.updated_replicas == Some(2)
+            && s.replicas == Some(2)
+            && s.available_replicas == Some(2)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "rollout: {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let d = rolled_out(&deploys, "web").await;
+    assert_eq!(
+        d.annotations()
+            .get("deployment.kubernetes.io/revision")
+            .map(String::as_str),
+        Some("2")
+    );
+    let old = rss.get(&rs1).await.expect("old rs kept");
+    assert_eq!(old.spec.as_ref().and_then(|s| s.replicas), Some(0));
+    assert_eq!(old.status.as_ref().map(|s| s.replicas), Some(0));
+    let rs2 = rss
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .into_iter()
+        .map(|r| r.name_any())
+        .find(|n| *n != rs1)
+        .expect("new rs");
+    let progressing = d
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Progressing"))
+        .expect("progressing")
+        .clone();
+    assert_eq!(
+        progressing.message.as_deref(),
+        Some(format!("ReplicaSet \"{rs2}\" has successfully progressed.").as_str())
+    );
+
+    // Back to the first template: its ReplicaSet comes back with the next revision.
+    deploys
+        .patch("web", &pp, &Patch::Apply(manifest("nginx:1.27", "r4")))
+        .await
+        .expect("roll back");
+    let d = rolled_out(&deploys, "web").await;
+    assert_eq!(
+        d.annotations()
+            .get("deployment.kubernetes.io/revision")
+            .map(String::as_str),
+        Some("3")
+    );
+    let back = rss.get(&rs1).await.expect("first rs");
+    assert_eq!(back.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    let ann = back.annotations();
+    assert_eq!(
+        (
+            ann.get("deployment.kubernetes.io/revision")
+                .map(String::as_str),
+            ann.get("deployment.kubernetes.io/revision-history")
+                .map(String::as_str)
+        ),
+        (Some("3"), Some("1"))
+    );
+    assert_eq!(
+        rss.list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        2
+    );
+
+    // Old ReplicaSets beyond revisionHistoryLimit are deleted once the rollout is done.
+    let mut limited = manifest("nginx:1.29", "r5");
+    limited["spec"]["revisionHistoryLimit"] = json!(1);
+    deploys
+        .patch("web", &pp, &Patch::Apply(&limited))
+        .await
+        .expect("limit history");
+    rolled_out(&deploys, "web").await;
+    let names = eventually(3, "history cleaned up", || {
+        let rss = rss.clone();
+        async move {
+            let names: Vec<String> = rss
+                .list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .iter()
+                .map(|r| r.name_any())
+                .collect();
+            (names.len() == 2).then_some(names)
+        }
+    })
+    .await;
+    assert!(names.contains(&rs1), "{names:?}");
+    assert!(!names.contains(&rs2), "{names:?}");
+
+    // Deleting the Deployment garbage-collects its ReplicaSets.
+    deploys
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
+    eventually(3, "replica sets collected", || {
+        let rss = rss.clone();
+        async move {
+            rss.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn recreate_zero_replicas_orphans_and_stuck_rollouts() {
+    let (server, client) = server().await;
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let rss = replica_sets(&client, "default");
+    let pp = PatchParams::apply("roost").force();
+
+    // Recreate: the old ReplicaSet is scaled down before the new one scales up.
+    let recreate = |image: &str| {
+        deployment(
+            "batch",
+            image,
+            json!({"replicas": 1, "strategy": {"type": "Recreate"}}),
+        )
+    };
+    deploys
+        .patch("batch", &pp, &Patch::Apply(recreate("busybox:1")))
+        .await
+        .expect("recreate");
+    rolled_out(&deploys, "batch").await;
+    deploys
+        .patch("batch", &pp, &Patch::Apply(recreate("busybox:2")))
+        .await
+        .expect("recreate update");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let items = rss.list(&ListParams::default()).await.expect("list").items;
+        let running = items
+            .iter()
+            .filter(|r| r.status.as_ref().is_some_and(|s| s.replicas > 0))
+            .count();
+        assert!(running <= 1, "old and new pods at once");
+        let d = deploys.get("batch").await.expect("get");
+        let s = d.status.clone().unwrap_or_default();
+        if items.len() == 2
+            && s.observed_generation == d.metadata.generation
+            && s.available_replicas == Some(1)
+            && s.updated_replicas == Some(1)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "recreate: {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // replicas: 0 is available with no pods at all (and its ReplicaSet at zero).
+    deploys
+        .patch(
+            "idle",
+            &pp,
+            &Patch::Apply(deployment("idle", "nginx", json!({"replicas": 0}))),
+        )
+        .await
+        .expect("idle");
+    let idle = rolled_out(&deploys, "idle").await;
+    let s = idle.status.expect("status");
+    let available = s
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Available")
+        .expect("available");
+    assert_eq!(available.status, "True");
+    assert_eq!((s.replicas, s.available_replicas), (None, None));
+    let idle_rs = rss
+        .list(&ListParams::default().labels("app=idle"))
+        .await
+        .expect("list")
+        .items;
+    assert_eq!(idle_rs.len(), 1);
+    assert_eq!(idle_rs[0].spec.as_ref().and_then(|s| s.replicas), Some(0));
+
+    // Orphaned ReplicaSets stay; a new Deployment with the same selector adopts them.
+    deploys
+        .delete("idle", &DeleteParams::orphan())
+        .await
+        .expect("orphan delete");
+    let orphan = eventually(3, "orphaned", || {
+        let rss = rss.clone();
+        let deploys = deploys.clone();
+        async move {
+            let gone = deploys.get("idle").await.is_err();
+            let rs = rss
+                .list(&ListParams::default().labels("app=idle"))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .next()?;
+            (gone
+                && rs
+                    .metadata
+                    .owner_references
+                    .as_ref()
+                    .is_none_or(Vec::is_empty))
+            .then_some(rs)
+        }
+    })
+    .await;
+    let again = deploys
+        .patch(
+            "idle",
+            &pp,
+            &Patch::Apply(deployment("idle", "nginx", json!({"replicas": 0}))),
+        )
+        .await
+        .expect("idle again");
+    let new_uid = again.metadata.uid.clone().expect("uid");
+    eventually(3, "adopted", || {
+        let rss = rss.clone();
+        let name = orphan.name_any();
+        let new_uid = new_uid.clone();
+        async move {
+            let rs = rss.get(&name).await.ok()?;
+            let owner = rs.metadata.owner_references.as_ref()?.first()?.uid.clone();
+            (owner == new_uid).then_some(())
+        }
+    })
+    .await;
+    rolled_out(&deploys, "idle").await;
+    assert_eq!(
+        rss.list(&ListParams::default().labels("app=idle"))
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
+
+    // never_available: the ReplicaSet has its replicas, none of them ever available.
+    server.never_available("default", "stuck");
+    deploys
+        .patch(
+            "stuck",
+            &pp,
+            &Patch::Apply(deployment("stuck", "nginx", json!({"replicas": 2}))),
+        )
+        .await
+        .expect("stuck");
+    let rs = eventually(3, "stuck replica set", || {
+        let rss = rss.clone();
+        async move {
+            let rs = rss
+                .list(&ListParams::default().labels("app=stuck"))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .next()?;
+            (rs.status.as_ref()?.replicas == 2).then_some(rs)
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let rs = rss.get(&rs.name_any()).await.expect("rs");
+    assert_eq!(rs.status.and_then(|s| s.available_replicas), None);
 }
