@@ -315,7 +315,9 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
             retain: true,
         }]
     }));
-    let child = cancel.child_token();
+    // The links stop only after the clean-stop "offline" below went out: on their own token,
+    // not a child of `cancel` (which would close them the moment a signal arrives).
+    let child = CancellationToken::new();
     let mut cloud_link = Link::start(cloud, Some(outbox.clone()), child.clone())?;
     let cloud_handle = cloud_link.handle.clone();
 

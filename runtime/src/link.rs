@@ -385,6 +385,17 @@ async fn run(
             tokio::select! {
                 _ = cancel.cancelled() => {
                     let _ = client.try_disconnect();
+                    // Let the event loop write the DISCONNECT (after whatever was queued
+                    // before it): a clean disconnect discards the last will, so a component
+                    // that said "offline" itself is not overwritten by its stale will.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        while let Some(ev) = ev_rx.recv().await {
+                            if matches!(ev, Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)) {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
                     break Ok(());
                 }
                 ev = ev_rx.recv() => {

@@ -1113,14 +1113,20 @@ async fn bridge_stops_on_sigterm_and_sigint_and_says_offline() {
         {
             assert!(Instant::now() < deadline, "bridge online in {T:?}");
         }
+        let signalled = time::OffsetDateTime::now_utc();
         bridge.stop_with(sig).await;
-        // Retained offline after the stop. (Today that is its last will, written when it
-        // connected: the offline presence the bridge publishes on a clean stop loses the race
-        // with its links, which close on the same token.)
+        // Retained offline after the stop, published by the clean stop itself: its `since` is
+        // the stop, not the bridge's start (the last will, written when it connected, would
+        // carry that).
         let p = retained_presence(cloud, &store)
             .await
             .expect("presence retained");
         assert_eq!(p.state, PresenceState::Offline, "{p:?}");
+        let since = roost_schemas::parse_rfc3339(&p.since).expect("since");
+        assert!(
+            since >= signalled - time::Duration::milliseconds(5),
+            "offline since the stop ({signalled}), not since the start: {p:?}"
+        );
     }
 }
 

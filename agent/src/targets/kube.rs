@@ -858,6 +858,11 @@ pub fn kstatus(group: &str, kind: &str, o: &DynamicObject) -> Option<String> {
                     "{avail}/{want} available, {upd} updated, {ready} ready"
                 ));
             }
+            // Mid-rollout the old ReplicaSets' pods still count: not done until they are gone.
+            let total = num(&st["replicas"]);
+            if total > upd {
+                return Some(format!("{} old replicas pending termination", total - upd));
+            }
             if let Some(c) = condition(data, "Progressing") {
                 if c["reason"] == "ProgressDeadlineExceeded" {
                     return Some("progress deadline exceeded".into());
@@ -1032,6 +1037,8 @@ mod tests {
         assert!(kstatus("apps", "Deployment", &dep(2, json!({"observedGeneration":1,"replicas":2,"updatedReplicas":2,"readyReplicas":2,"availableReplicas":2}))).is_some());
         assert!(kstatus("apps", "Deployment", &dep(2, json!({"observedGeneration":2,"replicas":2,"updatedReplicas":2,"readyReplicas":2,"availableReplicas":1}))).is_some());
         assert!(kstatus("apps", "Deployment", &dep(2, json!({"observedGeneration":2,"replicas":2,"updatedReplicas":2,"readyReplicas":2,"availableReplicas":2}))).is_none());
+        // Mid-rollout: the new pods are all up, an old one is still running.
+        assert!(kstatus("apps", "Deployment", &dep(2, json!({"observedGeneration":2,"replicas":3,"updatedReplicas":2,"readyReplicas":3,"availableReplicas":3}))).is_some());
         // replicas: 0 — the server omits zero-valued fields.
         let zero = obj(
             json!({"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"d","generation":1},"spec":{"replicas":0},"status":{"observedGeneration":1}}),
