@@ -103,7 +103,8 @@ impl FleetDb {
             CREATE TABLE IF NOT EXISTS status (store TEXT PRIMARY KEY, json TEXT NOT NULL, received_at TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS presence (store TEXT PRIMARY KEY, json TEXT NOT NULL, received_at TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS desired (topic TEXT PRIMARY KEY, sequence INTEGER NOT NULL, payload BLOB NOT NULL);
-            CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
+            CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS sequences (topic TEXT PRIMARY KEY, last INTEGER NOT NULL);",
         )?;
         Ok(FleetDb {
             conn: Arc::new(Mutex::new(conn)),
@@ -176,6 +177,29 @@ impl FleetDb {
             params![topic, seq as i64, payload],
         )?;
         Ok(true)
+    }
+
+    /// Allocates the sequence for the next envelope on `topic` by the contract's rule,
+    /// `max(last + 1, milliseconds since the epoch)`, from this database's durable record
+    /// (never only from what a broker retains), and records it as used.
+    pub fn next_sequence(&self, topic: &str) -> Result<u64, FleetError> {
+        let c = self.lock();
+        let last: i64 = c
+            .query_row(
+                "SELECT MAX(COALESCE((SELECT last FROM sequences WHERE topic = ?1), 0),
+                            COALESCE((SELECT sequence FROM desired WHERE topic = ?1), 0))",
+                [topic],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let next = sequence_rule(last.max(0) as u64, now_ms());
+        c.execute(
+            "INSERT INTO sequences(topic, last) VALUES (?1, ?2)
+             ON CONFLICT(topic) DO UPDATE SET last = MAX(last, excluded.last)",
+            params![topic, next as i64],
+        )?;
+        Ok(next)
     }
 
     /// Every stored desired envelope.
@@ -432,6 +456,21 @@ pub async fn run(
     Ok(())
 }
 
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The contract's sequence rule: greater than the last known, and at least the clock in ms,
+/// so a publisher that lost its record (or a broker that lost its retained messages) still
+/// picks a sequence no agent has accepted.
+pub fn sequence_rule(last_known: u64, now_ms: u64) -> u64 {
+    (last_known + 1).max(now_ms)
+}
+
 /// The sequence a broker's deployment message shows: None for a cleared topic (empty
 /// payload) or an unreadable envelope, which a restore leaves alone.
 fn seen_sequence(payload: &[u8]) -> Option<u64> {
@@ -527,6 +566,38 @@ impl Restore {
                 retain: true,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod sequence_tests {
+    use super::*;
+
+    #[test]
+    fn sequences_follow_the_rule_and_never_repeat() {
+        assert_eq!(sequence_rule(0, 1_000), 1_000);
+        assert_eq!(
+            sequence_rule(5_000, 1_000),
+            5_001,
+            "a clock behind the record"
+        );
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = FleetDb::open(&dir.path().join("f.db")).expect("db");
+        let a = db.next_sequence("t").expect("seq");
+        let b = db.next_sequence("t").expect("seq");
+        assert!(b > a && a >= now_ms() - 60_000, "{a} {b}");
+        // A retained envelope with a sequence from the future (another publisher) raises it.
+        let far = now_ms() + 10_000_000;
+        db.lock()
+            .execute(
+                "INSERT INTO desired(topic, sequence, payload) VALUES ('t', ?1, x'00')",
+                [far as i64],
+            )
+            .expect("insert");
+        assert_eq!(db.next_sequence("t").expect("seq"), far + 1);
+        drop(db);
+        let db = FleetDb::open(&dir.path().join("f.db")).expect("reopen");
+        assert_eq!(db.next_sequence("t").expect("seq"), far + 2, "durable");
     }
 }
 
