@@ -244,6 +244,21 @@ impl GitCache {
         }
     }
 
+    /// One file at `revision` (which must be in the cache), at most `max_bytes`.
+    pub async fn read_file(
+        &self,
+        url: &str,
+        revision: &str,
+        path: &str,
+        max_bytes: u64,
+    ) -> Result<Option<Vec<u8>>, GitError> {
+        let dir = self.repo_dir(url);
+        let (r, p) = (revision.to_owned(), path.to_owned());
+        tokio::task::spawn_blocking(move || read_file_blocking(&dir, &r, &p, max_bytes))
+            .await
+            .map_err(GitError::Join)?
+    }
+
     /// Renders the files under `path` at `revision` (which must be in the cache).
     pub async fn render(
         &self,
@@ -258,6 +273,33 @@ impl GitCache {
             .await
             .map_err(GitError::Join)?
     }
+}
+
+/// One file of a commit (None when the commit has no such file).
+fn read_file_blocking(
+    dir: &Path,
+    revision: &str,
+    path: &str,
+    max_bytes: u64,
+) -> Result<Option<Vec<u8>>, GitError> {
+    let repo = git2::Repository::open_bare(dir)?;
+    let commit = repo.find_commit(git2::Oid::from_str(revision)?)?;
+    let entry = match commit.tree()?.get_path(Path::new(path)) {
+        Ok(e) => e,
+        Err(e) if e.code() == git2::ErrorCode::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let blob = entry
+        .to_object(&repo)?
+        .into_blob()
+        .map_err(|_| GitError::InvalidManifest(format!("{path}: not a file")))?;
+    if blob.size() as u64 > max_bytes {
+        return Err(GitError::TooLarge(format!(
+            "{path}: {} bytes, limit {max_bytes}",
+            blob.size()
+        )));
+    }
+    Ok(Some(blob.content().to_vec()))
 }
 
 fn open_or_init(dir: &Path) -> Result<git2::Repository, GitError> {

@@ -179,27 +179,31 @@ impl FleetDb {
         Ok(true)
     }
 
+    /// Runs `f` in one transaction (blocking: call it from a blocking thread).
+    pub fn transaction<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, FleetError>,
+    ) -> Result<T, FleetError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Runs `f` on the connection (blocking: call it from a blocking thread).
+    pub fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, FleetError>,
+    ) -> Result<T, FleetError> {
+        f(&self.lock())
+    }
+
     /// Allocates the sequence for the next envelope on `topic` by the contract's rule,
     /// `max(last + 1, milliseconds since the epoch)`, from this database's durable record
     /// (never only from what a broker retains), and records it as used.
     pub fn next_sequence(&self, topic: &str) -> Result<u64, FleetError> {
-        let c = self.lock();
-        let last: i64 = c
-            .query_row(
-                "SELECT MAX(COALESCE((SELECT last FROM sequences WHERE topic = ?1), 0),
-                            COALESCE((SELECT sequence FROM desired WHERE topic = ?1), 0))",
-                [topic],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(0);
-        let next = sequence_rule(last.max(0) as u64, now_ms());
-        c.execute(
-            "INSERT INTO sequences(topic, last) VALUES (?1, ?2)
-             ON CONFLICT(topic) DO UPDATE SET last = MAX(last, excluded.last)",
-            params![topic, next as i64],
-        )?;
-        Ok(next)
+        next_sequence_in(&self.lock(), topic)
     }
 
     /// Every stored desired envelope.
@@ -453,6 +457,35 @@ pub async fn run(
     }
     .instrument(span)
     .await;
+    Ok(())
+}
+
+/// [`FleetDb::next_sequence`] on a connection (inside a caller's transaction).
+pub fn next_sequence_in(c: &Connection, topic: &str) -> Result<u64, FleetError> {
+    let last: i64 = c
+        .query_row(
+            "SELECT MAX(COALESCE((SELECT last FROM sequences WHERE topic = ?1), 0),
+                        COALESCE((SELECT sequence FROM desired WHERE topic = ?1), 0))",
+            [topic],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    let next = sequence_rule(last.max(0) as u64, now_ms());
+    c.execute(
+        "INSERT INTO sequences(topic, last) VALUES (?1, ?2)
+         ON CONFLICT(topic) DO UPDATE SET last = MAX(last, excluded.last)",
+        params![topic, next as i64],
+    )?;
+    Ok(next)
+}
+
+/// Stores a desired envelope on a connection (see [`FleetDb::record_desired`]).
+pub fn put_desired_in(c: &Connection, topic: &str, sequence: u64, payload: &[u8]) -> Result<(), FleetError> {
+    c.execute(
+        "INSERT INTO desired(topic, sequence, payload) VALUES (?1, ?2, ?3) ON CONFLICT(topic) DO UPDATE SET sequence = excluded.sequence, payload = excluded.payload",
+        params![topic, sequence as i64, payload],
+    )?;
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod cloud;
 pub mod fleet;
+pub mod gitops;
 pub mod sim;
 pub mod up;
 

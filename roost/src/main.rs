@@ -26,6 +26,69 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum FleetAction {
+    /// Ask the running controller (same `--db`) to look at the fleet repository now.
+    Sync {
+        /// SQLite file of the running `roost fleet`.
+        #[arg(long, default_value = "fleet.db")]
+        db: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PlanAction {
+    /// Waves, stores per wave, converged/failed/deferred counts, what each plan waits for.
+    Status {
+        /// Only this deployment.
+        deployment: Option<String>,
+        /// SQLite file of `roost fleet`.
+        #[arg(long, default_value = "fleet.db")]
+        db: PathBuf,
+    },
+    /// Hold a plan where it is.
+    Pause {
+        /// Deployment.
+        deployment: String,
+        /// SQLite file of `roost fleet`.
+        #[arg(long, default_value = "fleet.db")]
+        db: PathBuf,
+    },
+    /// Continue a paused plan.
+    Resume {
+        /// Deployment.
+        deployment: String,
+        /// SQLite file of `roost fleet`.
+        #[arg(long, default_value = "fleet.db")]
+        db: PathBuf,
+    },
+    /// Stop a plan and restore the previous revision everywhere it went.
+    Abort {
+        /// Deployment.
+        deployment: String,
+        /// SQLite file of `roost fleet`.
+        #[arg(long, default_value = "fleet.db")]
+        db: PathBuf,
+    },
+}
+
+#[derive(serde::Deserialize, Default)]
+struct FleetConfigFile {
+    #[serde(default)]
+    gitops: GitopsSection,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GitopsSection {
+    repo: Option<String>,
+    branch: Option<String>,
+    file: Option<String>,
+    key: Option<PathBuf>,
+    poll_interval_s: Option<u64>,
+    http: Option<SocketAddr>,
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// A whole fleet on this machine with embedded brokers.
     Up {
@@ -106,16 +169,49 @@ enum Cmd {
     },
     /// The cloud-side fleet record: status, events (deduplicated, gaps detected) and desired
     /// state, kept in SQLite; restores retained desired state after a cloud broker restart.
+    ///
+    /// With `--repo` it is also the GitOps controller: it watches the fleet repository's
+    /// `roost.yaml` and rolls each change out as signed rollouts, wave by wave.
     Fleet {
+        /// `sync`: ask a running controller to look at the fleet repository now.
+        #[command(subcommand)]
+        action: Option<FleetAction>,
         /// Cloud broker HOST:PORT.
         #[arg(long, env = "ROOST_BROKER")]
-        broker: String,
+        broker: Option<String>,
         /// SQLite file.
         #[arg(long, default_value = "fleet.db")]
         db: PathBuf,
         /// MQTT client id (a persistent session).
         #[arg(long, default_value = "roost-fleet")]
         client_id: String,
+        /// The fleet repository (GitOps): its `--file` on `--branch` is the fleet's desired state.
+        #[arg(long)]
+        repo: Option<String>,
+        /// Branch of the fleet repository.
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// The fleet file in the repository.
+        #[arg(long, default_value = "roost.yaml")]
+        file: String,
+        /// Signing key for the controller's rollouts (`roost keygen`).
+        #[arg(long)]
+        key: Option<PathBuf>,
+        /// Seconds between polls of the fleet repository and the tracked refs.
+        #[arg(long, default_value_t = 30)]
+        poll_interval: u64,
+        /// Listen for `POST /hooks/git` (a Git server's webhook) and `GET /plans`.
+        #[arg(long)]
+        http: Option<SocketAddr>,
+        /// A TOML file with a `[gitops]` section (repo, branch, file, key, poll_interval_s,
+        /// http); flags win.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Rollout plans of the GitOps controller.
+    Plan {
+        #[command(subcommand)]
+        action: PlanAction,
     },
     /// Follow the event stream.
     Events {
@@ -468,13 +564,79 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Plan { action } => {
+            let (db, deployment, verb) = match action {
+                PlanAction::Status { deployment, db } => {
+                    let fdb = roost::fleet::FleetDb::open(&db)?;
+                    roost::gitops::store::migrate(&fdb)?;
+                    print!("{}", roost::gitops::plan_status_text(&fdb, deployment.as_deref())?);
+                    return Ok(());
+                }
+                PlanAction::Pause { deployment, db } => (db, deployment, "pause"),
+                PlanAction::Resume { deployment, db } => (db, deployment, "resume"),
+                PlanAction::Abort { deployment, db } => (db, deployment, "abort"),
+            };
+            let fdb = roost::fleet::FleetDb::open(&db)?;
+            roost::gitops::store::migrate(&fdb)?;
+            let known = fdb.with_conn(|c| Ok(roost::gitops::store::plans(c)?.contains_key(&deployment)))?;
+            if !known {
+                anyhow::bail!("no plan for deployment {deployment} in {}", db.display());
+            }
+            fdb.with_conn(|c| roost::gitops::store::request(c, Some(&deployment), verb))?;
+            println!("{verb} requested for {deployment}");
+        }
         Cmd::Fleet {
+            action: Some(FleetAction::Sync { db }),
+            ..
+        } => {
+            let fdb = roost::fleet::FleetDb::open(&db)?;
+            roost::gitops::store::migrate(&fdb)?;
+            fdb.with_conn(|c| roost::gitops::store::request(c, None, "sync"))?;
+            println!("sync requested");
+        }
+        Cmd::Fleet {
+            action: None,
             broker,
             db,
             client_id,
+            repo,
+            branch,
+            file,
+            key,
+            poll_interval,
+            http,
+            config,
         } => {
+            let cfg: FleetConfigFile = match &config {
+                Some(p) => toml::from_str(&std::fs::read_to_string(p)?)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+                None => FleetConfigFile::default(),
+            };
+            let g = cfg.gitops;
+            let broker = broker.ok_or_else(|| anyhow::anyhow!("--broker is required"))?;
             let (host, port) = cloud::parse_broker(&broker)?;
             let fdb = roost::fleet::FleetDb::open(&db)?;
+            let repo = repo.or(g.repo);
+            let controller = match repo {
+                Some(repo) => {
+                    let key = key
+                        .or(g.key)
+                        .ok_or_else(|| anyhow::anyhow!("--key is required with --repo (the controller signs rollouts)"))?;
+                    let key = cloud::load_key(&key)?;
+                    let opts = roost::gitops::GitopsOptions {
+                        repo,
+                        branch: if branch != "main" { branch } else { g.branch.unwrap_or(branch) },
+                        file: if file != "roost.yaml" { file } else { g.file.unwrap_or(file) },
+                        poll: Duration::from_secs(if poll_interval != 30 { poll_interval } else { g.poll_interval_s.unwrap_or(poll_interval) }.max(1)),
+                        host: host.clone(),
+                        port,
+                        cache_dir: db.with_extension("git"),
+                        http: http.or(g.http),
+                    };
+                    Some(tokio::spawn(roost::gitops::run(opts, fdb.clone(), key, cancel.clone())))
+                }
+                None => None,
+            };
             roost::fleet::run(
                 roost::fleet::FleetOptions {
                     host,
@@ -486,6 +648,9 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 cancel,
             )
             .await?;
+            if let Some(c) = controller {
+                c.await??;
+            }
         }
         Cmd::Events {
             broker,

@@ -7,6 +7,7 @@
 
 pub mod dsse;
 pub mod event;
+pub mod fleet;
 pub mod names;
 pub mod payload;
 pub mod reason;
@@ -59,6 +60,8 @@ pub mod json_schema {
     pub const PRESENCE: &str = include_str!("../schema/presence.schema.json");
     /// The edge-only delivery confirmation schema.
     pub const ACK: &str = include_str!("../schema/ack.schema.json");
+    /// The fleet repository file (`roost.yaml`).
+    pub const FLEET: &str = include_str!("../schema/fleet.schema.json");
 }
 
 #[cfg(test)]

@@ -23,13 +23,14 @@ use crate::{
 };
 
 /// Every schema by its file stem.
-const SCHEMAS: [(&str, &str); 6] = [
+const SCHEMAS: [(&str, &str); 7] = [
     ("rollout", json_schema::ROLLOUT),
     ("envelope", json_schema::ENVELOPE),
     ("event", json_schema::EVENT),
     ("status", json_schema::STATUS),
     ("presence", json_schema::PRESENCE),
     ("ack", json_schema::ACK),
+    ("fleet", json_schema::FLEET),
 ];
 
 const EXAMPLES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
@@ -729,5 +730,14 @@ fn typed_payloads_validate_against_the_event_schema() {
         ev.roostseq = 1;
         let json = serde_json::to_value(&ev).expect("json");
         assert_eq!(errors(&v, &json), Vec::<String>::new(), "{ty}");
+    }
+}
+
+#[test]
+fn valid_fleet_files_parse_and_pass_the_rust_rules() {
+    for ex in valid_examples("fleet") {
+        let f: crate::fleet::FleetFile =
+            serde_json::from_value(ex.value.clone()).expect("fleet file parses");
+        f.validate().unwrap_or_else(|e| panic!("{}: {e}", ex.file));
     }
 }

@@ -1,0 +1,602 @@
+//! The wave engine, pure: a deployment's [`Plan`] (the release it rolls out, its waves, where
+//! it is) and [`step`], which from the fleet's view (stores, their groups, presence and
+//! status) decides what to publish, tombstone or restore, when a wave's gate is met, and when
+//! the plan aborts. No I/O: the controller persists the plan and executes the actions.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use roost_schemas::fleet::{Abort, Wave, WaveTarget};
+use roost_schemas::{DeploymentStatus, Phase, Policy, Scope};
+use serde::{Deserialize, Serialize};
+
+/// What a plan rolls out: one deployment's source and policy at one commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// Repository URL.
+    pub url: String,
+    /// Commit.
+    pub revision: String,
+    /// Path in the repository.
+    pub path: String,
+    /// Policy.
+    pub policy: Policy,
+    /// Staged activation.
+    #[serde(default)]
+    pub not_before: Option<String>,
+}
+
+/// A plan's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PlanStatus {
+    /// Waves in progress.
+    Running,
+    /// An operator paused it.
+    Paused,
+    /// It stopped by itself (or was aborted), with why; the previous release was restored.
+    Aborted(String),
+    /// Every wave done.
+    Done,
+}
+
+/// One store's outcome in a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoreOutcome {
+    /// Not there yet.
+    Pending,
+    /// Converged on the release.
+    Converged,
+    /// Failed or degraded on the release.
+    Failed,
+    /// Offline when its wave was judged: it converges from the retained message later.
+    Deferred,
+}
+
+/// A deployment's rollout plan (persisted by the controller).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Deployment.
+    pub deployment: String,
+    /// What it rolls out.
+    pub release: Release,
+    /// What ran before (published again to every scope the plan changed on abort).
+    pub previous: Option<Release>,
+    /// The fleet-repository commit that caused it.
+    pub origin: String,
+    /// Waves.
+    pub waves: Vec<Wave>,
+    /// Abort rules.
+    pub abort: Abort,
+    /// Current wave (index).
+    pub wave: usize,
+    /// When the current wave was published (ms since the epoch; 0: not yet).
+    pub wave_started_ms: u64,
+    /// The current wave's messages are published.
+    pub wave_published: bool,
+    /// When the current wave's converged share was first met (soak start).
+    pub gate_met_ms: Option<u64>,
+    /// Stores targeted per wave, as chosen when each wave was published.
+    pub wave_stores: Vec<Vec<String>>,
+    /// Scopes the plan published to (for abort and finish).
+    pub scopes: Vec<Scope>,
+    /// Status.
+    pub status: PlanStatus,
+    /// Per-store outcome.
+    pub outcomes: BTreeMap<String, StoreOutcome>,
+    /// What it waits for, for humans.
+    pub waiting: String,
+    /// Created (ms).
+    pub created_ms: u64,
+}
+
+/// One store as the controller sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreView {
+    /// Store id.
+    pub store: String,
+    /// Its groups, in precedence order (from its status document).
+    pub groups: Vec<String>,
+    /// Online (presence).
+    pub online: bool,
+    /// Its status for the plan's deployment.
+    pub status: Option<DeploymentStatus>,
+}
+
+/// What the controller must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Publish `release` on `scope`.
+    Publish {
+        /// Scope.
+        scope: Scope,
+        /// Release.
+        release: Release,
+    },
+    /// Tombstone `scope`.
+    Tombstone {
+        /// Scope.
+        scope: Scope,
+    },
+}
+
+impl Plan {
+    /// A new plan for `release`, starting at the first wave.
+    pub fn new(
+        deployment: &str,
+        release: Release,
+        previous: Option<Release>,
+        origin: &str,
+        waves: Vec<Wave>,
+        abort: Abort,
+        now_ms: u64,
+    ) -> Plan {
+        Plan {
+            deployment: deployment.to_owned(),
+            release,
+            previous,
+            origin: origin.to_owned(),
+            waves,
+            abort,
+            wave: 0,
+            wave_started_ms: 0,
+            wave_published: false,
+            gate_met_ms: None,
+            wave_stores: Vec::new(),
+            scopes: Vec::new(),
+            status: PlanStatus::Running,
+            outcomes: BTreeMap::new(),
+            waiting: String::new(),
+            created_ms: now_ms,
+        }
+    }
+
+    /// Stores targeted by the waves published so far.
+    pub fn targeted(&self) -> BTreeSet<String> {
+        self.wave_stores.iter().flatten().cloned().collect()
+    }
+
+    /// Counts per outcome over the targeted stores.
+    pub fn counts(&self) -> BTreeMap<&'static str, usize> {
+        let mut c = BTreeMap::new();
+        for s in self.targeted() {
+            let k = match self.outcomes.get(&s).copied().unwrap_or(StoreOutcome::Pending) {
+                StoreOutcome::Pending => "pending",
+                StoreOutcome::Converged => "converged",
+                StoreOutcome::Failed => "failed",
+                StoreOutcome::Deferred => "deferred",
+            };
+            *c.entry(k).or_insert(0) += 1;
+        }
+        c
+    }
+}
+
+/// Stable rank of a store for percentage waves: the same subset every time, different per
+/// deployment (so one unlucky store is not first for everything).
+pub fn rank(deployment: &str, store: &str) -> u64 {
+    use sha2::{Digest as _, Sha256};
+    let h = Sha256::digest(format!("{deployment}/{store}").as_bytes());
+    u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
+}
+
+/// A store's outcome for `release` from its status.
+fn outcome_of(v: &StoreView, release: &Release) -> StoreOutcome {
+    let Some(st) = &v.status else {
+        return StoreOutcome::Pending;
+    };
+    let rev = Some(release.revision.as_str());
+    let applied = st.applied_revision.as_deref() == rev;
+    match st.phase {
+        Phase::Converged if applied && !st.drift => StoreOutcome::Converged,
+        Phase::Converged if applied => StoreOutcome::Converged,
+        Phase::Degraded if applied => StoreOutcome::Failed,
+        Phase::Failed if st.last_attempted_revision.as_deref() == rev => StoreOutcome::Failed,
+        // A rejection of the revision (invalid manifest, policy) names it as attempted too.
+        _ => StoreOutcome::Pending,
+    }
+}
+
+/// Which stores and scopes wave `i` targets.
+fn wave_targets(
+    plan: &Plan,
+    i: usize,
+    view: &[StoreView],
+    pinned: &BTreeSet<String>,
+) -> (Vec<String>, Vec<Scope>) {
+    let free: Vec<&StoreView> = view.iter().filter(|v| !pinned.contains(&v.store)).collect();
+    let Some(target) = plan.waves[i].target() else {
+        return (Vec::new(), Vec::new());
+    };
+    match target {
+        WaveTarget::Group(g) => (
+            free.iter()
+                .filter(|v| v.groups.contains(&g))
+                .map(|v| v.store.clone())
+                .collect(),
+            vec![Scope::Group(g)],
+        ),
+        WaveTarget::Fleet => (
+            free.iter().map(|v| v.store.clone()).collect(),
+            vec![Scope::Fleet],
+        ),
+        WaveTarget::Stores(list) => (
+            list.iter().filter(|s| !pinned.contains(*s)).cloned().collect(),
+            list.iter()
+                .filter(|s| !pinned.contains(*s))
+                .map(|s| Scope::Store(s.clone()))
+                .collect(),
+        ),
+        WaveTarget::Percent(p) => {
+            // Earlier waves' stores count towards the share.
+            let before: BTreeSet<String> = plan.wave_stores[..i].iter().flatten().cloned().collect();
+            let want = (free.len() * p as usize).div_ceil(100);
+            let mut ranked: Vec<&str> = free.iter().map(|v| v.store.as_str()).collect();
+            ranked.sort_by_key(|s| (rank(&plan.deployment, s), s.to_string()));
+            let mut chosen = before.len().min(want);
+            let mut new = Vec::new();
+            for s in ranked {
+                if chosen >= want {
+                    break;
+                }
+                if !before.contains(s) {
+                    new.push(s.to_owned());
+                    chosen += 1;
+                }
+            }
+            let scopes = new.iter().map(|s| Scope::Store(s.clone())).collect();
+            (new, scopes)
+        }
+    }
+}
+
+fn pct(n: usize, of: usize) -> u64 {
+    if of == 0 {
+        100
+    } else {
+        (n as u64 * 100) / of as u64
+    }
+}
+
+/// Advances a plan one step; returns what to publish. `pinned` are stores with a pin for the
+/// deployment (they are outside waves).
+pub fn step(
+    plan: &mut Plan,
+    view: &[StoreView],
+    pinned: &BTreeSet<String>,
+    now_ms: u64,
+) -> Vec<Action> {
+    if plan.status != PlanStatus::Running || plan.waves.is_empty() {
+        return Vec::new();
+    }
+    if plan.wave_stores.len() < plan.waves.len() {
+        plan.wave_stores.resize(plan.waves.len(), Vec::new());
+    }
+    let i = plan.wave.min(plan.waves.len() - 1);
+    if !plan.wave_published {
+        let (stores, scopes) = wave_targets(plan, i, view, pinned);
+        plan.wave_stores[i] = stores;
+        plan.wave_published = true;
+        plan.wave_started_ms = now_ms;
+        plan.gate_met_ms = None;
+        let mut actions = Vec::new();
+        for s in scopes {
+            if !plan.scopes.contains(&s) {
+                plan.scopes.push(s.clone());
+            }
+            actions.push(Action::Publish {
+                scope: s,
+                release: plan.release.clone(),
+            });
+        }
+        plan.waiting = format!("wave {} published", plan.waves[i].name);
+        return actions;
+    }
+    // Outcomes of every store targeted so far.
+    let by_store: BTreeMap<&str, &StoreView> = view.iter().map(|v| (v.store.as_str(), v)).collect();
+    for s in plan.targeted() {
+        let o = match by_store.get(s.as_str()) {
+            Some(v) => match outcome_of(v, &plan.release) {
+                StoreOutcome::Pending if !v.online => StoreOutcome::Deferred,
+                o => o,
+            },
+            None => StoreOutcome::Deferred,
+        };
+        plan.outcomes.insert(s, o);
+    }
+    // Abort on the failure share (once enough stores finished) or a wave timeout.
+    let failed: Vec<&String> = plan
+        .outcomes
+        .iter()
+        .filter(|(_, o)| **o == StoreOutcome::Failed)
+        .map(|(s, _)| s)
+        .collect();
+    let converged = plan
+        .outcomes
+        .values()
+        .filter(|o| **o == StoreOutcome::Converged)
+        .count();
+    let finished = failed.len() + converged;
+    let abort_reason = if finished >= plan.abort.min_finished as usize
+        && failed.len() as u64 * 100 > plan.abort.failed_pct as u64 * finished as u64
+    {
+        Some(format!(
+            "{} of {finished} finished stores failed (more than {}%): {}",
+            failed.len(),
+            plan.abort.failed_pct,
+            failed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ))
+    } else if now_ms.saturating_sub(plan.wave_started_ms) > plan.abort.wave_timeout_s * 1000 {
+        Some(format!(
+            "wave {} did not finish within {} s",
+            plan.waves[i].name, plan.abort.wave_timeout_s
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = abort_reason {
+        return abort(plan, reason);
+    }
+    // The gate: the converged share of the wave's online stores, then the soak time.
+    let wave = &plan.waves[i];
+    let online: Vec<&String> = plan.wave_stores[i]
+        .iter()
+        .filter(|s| by_store.get(s.as_str()).is_some_and(|v| v.online))
+        .collect();
+    let done = online
+        .iter()
+        .filter(|s| plan.outcomes.get(s.as_str()) == Some(&StoreOutcome::Converged))
+        .count();
+    if pct(done, online.len()) < wave.converged_pct() as u64 {
+        plan.gate_met_ms = None;
+        plan.waiting = format!(
+            "wave {}: {done}/{} online stores converged, needs {}%",
+            wave.name,
+            online.len(),
+            wave.converged_pct()
+        );
+        return Vec::new();
+    }
+    let met = *plan.gate_met_ms.get_or_insert(now_ms);
+    let soak_until = met + wave.soak_s() * 1000;
+    if now_ms < soak_until {
+        plan.waiting = format!(
+            "wave {}: soaking until {}",
+            wave.name,
+            roost_schemas::format_rfc3339(
+                time::OffsetDateTime::UNIX_EPOCH + time::Duration::milliseconds(soak_until as i64)
+            )
+        );
+        return Vec::new();
+    }
+    if i + 1 < plan.waves.len() {
+        plan.wave = i + 1;
+        plan.wave_published = false;
+        plan.gate_met_ms = None;
+        return step(plan, view, pinned, now_ms);
+    }
+    finish(plan)
+}
+
+/// Every wave done: the wave-scoped messages (group, percentage, named stores) are
+/// tombstoned when the last wave was the fleet's, so the fleet message stands alone.
+fn finish(plan: &mut Plan) -> Vec<Action> {
+    plan.status = PlanStatus::Done;
+    plan.waiting = String::new();
+    let last_is_fleet = plan
+        .waves
+        .last()
+        .is_some_and(|w| w.target() == Some(WaveTarget::Fleet));
+    if !last_is_fleet {
+        return Vec::new();
+    }
+    let actions = plan
+        .scopes
+        .iter()
+        .filter(|s| **s != Scope::Fleet)
+        .map(|s| Action::Tombstone { scope: s.clone() })
+        .collect();
+    plan.scopes.retain(|s| *s == Scope::Fleet);
+    actions
+}
+
+/// Stops the plan: the previous release goes back to every scope the plan changed (or, for a
+/// first release, those scopes are tombstoned).
+pub fn abort(plan: &mut Plan, reason: String) -> Vec<Action> {
+    plan.status = PlanStatus::Aborted(reason);
+    plan.waiting = String::new();
+    plan.scopes
+        .iter()
+        .map(|s| match &plan.previous {
+            Some(p) => Action::Publish {
+                scope: s.clone(),
+                release: p.clone(),
+            },
+            None => Action::Tombstone { scope: s.clone() },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(c: char) -> Release {
+        Release {
+            url: "git://h/a.git".into(),
+            revision: c.to_string().repeat(40),
+            path: "apps/web".into(),
+            policy: Policy::default(),
+            not_before: None,
+        }
+    }
+
+    fn wave(name: &str, f: impl FnOnce(&mut Wave)) -> Wave {
+        let mut w = Wave {
+            name: name.into(),
+            group: None,
+            percent: None,
+            stores: None,
+            fleet: None,
+            converged_pct: None,
+            soak_s: None,
+        };
+        f(&mut w);
+        w
+    }
+
+    fn waves() -> Vec<Wave> {
+        vec![
+            wave("canary", |w| w.group = Some("canary".into())),
+            wave("half", |w| w.percent = Some(50)),
+            wave("all", |w| w.fleet = Some(true)),
+        ]
+    }
+
+    fn fleet(n: usize) -> Vec<StoreView> {
+        (1..=n)
+            .map(|i| StoreView {
+                store: format!("s{i:02}"),
+                groups: if i == 1 { vec!["canary".into()] } else { vec![] },
+                online: true,
+                status: None,
+            })
+            .collect()
+    }
+
+    fn set(view: &mut [StoreView], stores: &[String], phase: Phase, rev: &Release) {
+        for v in view.iter_mut().filter(|v| stores.contains(&v.store)) {
+            v.status = Some(DeploymentStatus {
+                applied_revision: Some(rev.revision.clone()),
+                last_attempted_revision: Some(rev.revision.clone()),
+                phase,
+                ..Default::default()
+            });
+        }
+    }
+
+    fn scopes(a: &[Action]) -> Vec<String> {
+        a.iter()
+            .map(|a| match a {
+                Action::Publish { scope, release } => {
+                    format!("publish {} {}", scope.key(), &release.revision[..1])
+                }
+                Action::Tombstone { scope } => format!("tombstone {}", scope.key()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn waves_gate_in_order_and_finish_with_the_fleet_alone() {
+        let mut view = fleet(10);
+        let none = BTreeSet::new();
+        let mut p = Plan::new("web", rel('b'), Some(rel('a')), "o", waves(), Abort::default(), 0);
+        assert_eq!(scopes(&step(&mut p, &view, &none, 1)), vec!["publish group:canary b"]);
+        assert_eq!(p.wave_stores[0], vec!["s01"]);
+        // Nothing converged: the canary gate holds; nothing else is published.
+        assert!(step(&mut p, &view, &none, 2).is_empty());
+        assert!(p.waiting.contains("0/1"), "{}", p.waiting);
+        set(&mut view, &["s01".into()], Phase::Converged, &rel('b'));
+        let a = step(&mut p, &view, &none, 3);
+        // 50 %: 5 stores, the canary counts: 4 more, store-scoped, by a stable hash.
+        assert_eq!(a.len(), 4, "{:?}", scopes(&a));
+        assert!(scopes(&a).iter().all(|s| s.starts_with("publish store:")));
+        let half = p.wave_stores[1].clone();
+        assert!(!half.contains(&"s01".to_string()));
+        // The same subset every time.
+        let mut again = Plan::new("web", rel('b'), None, "o", waves(), Abort::default(), 0);
+        again.wave_stores = vec![vec!["s01".into()], vec![], vec![]];
+        again.wave = 1;
+        step(&mut again, &view, &none, 3);
+        assert_eq!(again.wave_stores[1], half);
+        set(&mut view, &half, Phase::Converged, &rel('b'));
+        let a = step(&mut p, &view, &none, 4);
+        assert_eq!(scopes(&a), vec!["publish fleet b"]);
+        let all: Vec<String> = view.iter().map(|v| v.store.clone()).collect();
+        set(&mut view, &all, Phase::Converged, &rel('b'));
+        let a = step(&mut p, &view, &none, 5);
+        assert_eq!(p.status, PlanStatus::Done);
+        let t = scopes(&a);
+        assert_eq!(t.len(), 5, "{t:?}");
+        assert!(t.iter().all(|s| s.starts_with("tombstone ")));
+        assert!(t.contains(&"tombstone group:canary".to_string()));
+        assert_eq!(p.scopes, vec![Scope::Fleet]);
+    }
+
+    #[test]
+    fn offline_stores_are_deferred_and_never_block() {
+        let mut view = fleet(4);
+        view[0].groups = vec!["canary".into()];
+        view[1].groups = vec!["canary".into()];
+        view[1].online = false;
+        let none = BTreeSet::new();
+        let mut p = Plan::new("web", rel('b'), None, "o", waves(), Abort::default(), 0);
+        step(&mut p, &view, &none, 1);
+        set(&mut view, &["s01".into()], Phase::Converged, &rel('b'));
+        step(&mut p, &view, &none, 2);
+        assert!(p.wave >= 1, "the offline canary store does not block: {}", p.waiting);
+        assert_eq!(p.outcomes["s02"], StoreOutcome::Deferred);
+    }
+
+    #[test]
+    fn soak_time_holds_the_next_wave() {
+        let mut view = fleet(3);
+        let mut w = waves();
+        w[0].soak_s = Some(60);
+        let none = BTreeSet::new();
+        let mut p = Plan::new("web", rel('b'), None, "o", w, Abort::default(), 0);
+        step(&mut p, &view, &none, 1_000);
+        set(&mut view, &["s01".into()], Phase::Converged, &rel('b'));
+        assert!(step(&mut p, &view, &none, 2_000).is_empty());
+        assert!(p.waiting.contains("soaking"), "{}", p.waiting);
+        assert!(step(&mut p, &view, &none, 61_000).is_empty());
+        assert!(!step(&mut p, &view, &none, 62_000).is_empty());
+    }
+
+    #[test]
+    fn failures_abort_and_restore_the_previous_release_everywhere_the_plan_went() {
+        let mut view = fleet(10);
+        let none = BTreeSet::new();
+        let abort = Abort {
+            failed_pct: 20,
+            min_finished: 2,
+            wave_timeout_s: 3600,
+        };
+        let mut p = Plan::new("web", rel('b'), Some(rel('a')), "o", waves(), abort, 0);
+        step(&mut p, &view, &none, 1);
+        set(&mut view, &["s01".into()], Phase::Converged, &rel('b'));
+        step(&mut p, &view, &none, 2);
+        let half = p.wave_stores[1].clone();
+        set(&mut view, &half[..1], Phase::Failed, &rel('b'));
+        // 1 failed of 2 finished: 50 % > 20 %.
+        let a = step(&mut p, &view, &none, 3);
+        assert!(matches!(&p.status, PlanStatus::Aborted(r) if r.contains(&half[0])), "{:?}", p.status);
+        let s = scopes(&a);
+        assert_eq!(s.len(), 5, "{s:?}");
+        assert!(s.iter().all(|x| x.starts_with("publish ") && x.ends_with(" a")), "{s:?}");
+        assert!(step(&mut p, &view, &none, 4).is_empty(), "nothing more after an abort");
+    }
+
+    #[test]
+    fn a_wave_that_takes_too_long_aborts() {
+        let view = fleet(3);
+        let none = BTreeSet::new();
+        let abort = Abort {
+            wave_timeout_s: 10,
+            ..Abort::default()
+        };
+        let mut p = Plan::new("web", rel('b'), None, "o", waves(), abort, 0);
+        step(&mut p, &view, &none, 1_000);
+        assert!(step(&mut p, &view, &none, 5_000).is_empty());
+        let a = step(&mut p, &view, &none, 12_000);
+        assert!(matches!(&p.status, PlanStatus::Aborted(r) if r.contains("within 10 s")));
+        assert_eq!(scopes(&a), vec!["tombstone group:canary"], "a first release is withdrawn");
+    }
+
+    #[test]
+    fn pinned_stores_are_outside_waves() {
+        let view = fleet(4);
+        let pinned: BTreeSet<String> = ["s01".to_string()].into();
+        let mut p = Plan::new("web", rel('b'), None, "o", waves(), Abort::default(), 0);
+        step(&mut p, &view, &pinned, 1);
+        assert!(p.wave_stores[0].is_empty(), "the canary store is pinned");
+    }
+}

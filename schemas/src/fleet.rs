@@ -1,0 +1,363 @@
+//! The fleet repository file (`roost.yaml`): the whole fleet's desired state, in Git. Parsed
+//! from YAML, validated against `schema/fleet.schema.json` by `roost fleet` and by the rules
+//! here (which a JSON Schema cannot say: unknown groups, duplicate wave names, paths).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{validate_name, Policy};
+
+/// `apiVersion` of the file.
+pub const API_VERSION: &str = "roost.dev/v1alpha1";
+
+/// The file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetFile {
+    /// `roost.dev/v1alpha1`.
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
+    /// `Fleet`.
+    pub kind: String,
+    /// The groups waves may name (optional; when given, others are an error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<String>>,
+    /// Deployments by name.
+    #[serde(default)]
+    pub deployments: BTreeMap<String, FleetDeployment>,
+}
+
+/// One deployment of the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetDeployment {
+    /// Where its manifests are (required unless `remove`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<FleetSource>,
+    /// Convergence policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+    /// Stage now, activate then (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    /// Waves; default one wave, the whole fleet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<Wave>,
+    /// When a plan stops by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<Abort>,
+    /// Per-store pins (store scope; outside waves).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stores: BTreeMap<String, StorePin>,
+    /// A tombstone on every scope roost published the deployment to.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub remove: bool,
+}
+
+/// A deployment's source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSource {
+    /// Repository URL.
+    pub url: String,
+    /// A tracked branch or tag.
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    /// A pinned commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Directory in the repository.
+    pub path: String,
+}
+
+/// One wave of a rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Wave {
+    /// Name.
+    pub name: String,
+    /// A group (its group topic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// A percentage of the fleet (store topics of a stable hash subset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    /// Named stores (store topics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stores: Option<Vec<String>>,
+    /// The whole fleet (fleet topic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<bool>,
+    /// Share of the wave's online stores that must converge (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converged_pct: Option<u32>,
+    /// Soak time after the share is reached (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soak_s: Option<u64>,
+}
+
+/// What a wave targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaveTarget {
+    /// A group.
+    Group(String),
+    /// A percentage of the fleet.
+    Percent(u32),
+    /// Named stores.
+    Stores(Vec<String>),
+    /// The fleet.
+    Fleet,
+}
+
+impl Wave {
+    /// The one target this wave names.
+    pub fn target(&self) -> Option<WaveTarget> {
+        let n = [
+            self.group.is_some(),
+            self.percent.is_some(),
+            self.stores.is_some(),
+            self.fleet == Some(true),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if n != 1 {
+            return None;
+        }
+        if let Some(g) = &self.group {
+            return Some(WaveTarget::Group(g.clone()));
+        }
+        if let Some(p) = self.percent {
+            return Some(WaveTarget::Percent(p));
+        }
+        if let Some(s) = &self.stores {
+            return Some(WaveTarget::Stores(s.clone()));
+        }
+        Some(WaveTarget::Fleet)
+    }
+
+    /// Share to converge (percent).
+    pub fn converged_pct(&self) -> u32 {
+        self.converged_pct.unwrap_or(100)
+    }
+
+    /// Soak seconds.
+    pub fn soak_s(&self) -> u64 {
+        self.soak_s.unwrap_or(0)
+    }
+}
+
+/// When a plan stops by itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Abort {
+    /// Abort when more than this share of the finished stores failed (default 5).
+    #[serde(default = "default_failed_pct")]
+    pub failed_pct: u32,
+    /// ... once at least this many stores finished (default 1).
+    #[serde(default = "default_min_finished")]
+    pub min_finished: u32,
+    /// Abort when a wave runs longer than this (default 3600).
+    #[serde(default = "default_wave_timeout")]
+    pub wave_timeout_s: u64,
+}
+
+fn default_failed_pct() -> u32 {
+    5
+}
+fn default_min_finished() -> u32 {
+    1
+}
+fn default_wave_timeout() -> u64 {
+    3600
+}
+
+impl Default for Abort {
+    fn default() -> Self {
+        Abort {
+            failed_pct: default_failed_pct(),
+            min_finished: default_min_finished(),
+            wave_timeout_s: default_wave_timeout(),
+        }
+    }
+}
+
+/// A store pin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorePin {
+    /// Pinned commit.
+    pub revision: String,
+}
+
+/// Why a fleet file is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct FleetFileError {
+    /// Where (`deployments.web.waves[1]`).
+    pub path: String,
+    /// What.
+    pub message: String,
+}
+
+fn err(path: impl Into<String>, message: impl Into<String>) -> FleetFileError {
+    FleetFileError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+impl FleetFile {
+    /// The rules beyond the JSON Schema.
+    pub fn validate(&self) -> Result<(), FleetFileError> {
+        if self.api_version != API_VERSION {
+            return Err(err("apiVersion", format!("must be {API_VERSION}")));
+        }
+        if self.kind != "Fleet" {
+            return Err(err("kind", "must be Fleet"));
+        }
+        if let Some(gs) = &self.groups {
+            for g in gs {
+                validate_name(g).map_err(|e| err("groups", e.to_string()))?;
+            }
+        }
+        for (name, d) in &self.deployments {
+            let at = format!("deployments.{name}");
+            validate_name(name).map_err(|e| err(&at, e.to_string()))?;
+            if d.remove {
+                continue;
+            }
+            let src = d
+                .source
+                .as_ref()
+                .ok_or_else(|| err(format!("{at}.source"), "required unless remove: true"))?;
+            match (&src.git_ref, &src.revision) {
+                (Some(_), Some(_)) => {
+                    return Err(err(
+                        format!("{at}.source"),
+                        "exactly one of ref and revision, not both",
+                    ))
+                }
+                (None, None) => {
+                    return Err(err(format!("{at}.source"), "ref or revision is required"))
+                }
+                (None, Some(r)) if !crate::rollout::is_full_sha(r) => {
+                    return Err(err(
+                        format!("{at}.source.revision"),
+                        "must be a full 40-hex commit id",
+                    ))
+                }
+                _ => {}
+            }
+            crate::rollout::normalize_path(&src.path)
+                .map_err(|e| err(format!("{at}.source.path"), e))?;
+            if let Some(nb) = &d.not_before {
+                crate::parse_rfc3339(nb)
+                    .ok_or_else(|| err(format!("{at}.not_before"), "not an RFC 3339 time"))?;
+            }
+            let mut names = std::collections::BTreeSet::new();
+            for (i, w) in d.waves.iter().enumerate() {
+                let wat = format!("{at}.waves[{i}]");
+                validate_name(&w.name).map_err(|e| err(&wat, e.to_string()))?;
+                if !names.insert(&w.name) {
+                    return Err(err(&wat, format!("duplicate wave name {}", w.name)));
+                }
+                match w.target() {
+                    None => {
+                        return Err(err(
+                            &wat,
+                            "exactly one of group, percent, stores, fleet: true",
+                        ))
+                    }
+                    Some(WaveTarget::Group(g)) => {
+                        validate_name(&g).map_err(|e| err(&wat, e.to_string()))?;
+                        if let Some(gs) = &self.groups {
+                            if !gs.contains(&g) {
+                                return Err(err(
+                                    &wat,
+                                    format!("unknown group {g} (not in groups: {gs:?})"),
+                                ));
+                            }
+                        }
+                    }
+                    Some(WaveTarget::Percent(p)) if p == 0 || p > 100 => {
+                        return Err(err(&wat, "percent must be 1..100"))
+                    }
+                    Some(WaveTarget::Stores(s)) => {
+                        for x in &s {
+                            validate_name(x).map_err(|e| err(&wat, e.to_string()))?;
+                        }
+                    }
+                    _ => {}
+                }
+                if w.converged_pct() > 100 {
+                    return Err(err(&wat, "converged_pct must be 0..100"));
+                }
+            }
+            for (store, pin) in &d.stores {
+                validate_name(store).map_err(|e| err(format!("{at}.stores"), e.to_string()))?;
+                if !crate::rollout::is_full_sha(&pin.revision) {
+                    return Err(err(
+                        format!("{at}.stores.{store}.revision"),
+                        "must be a full 40-hex commit id",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The waves of a deployment (default: one wave, the fleet).
+    pub fn waves_of(d: &FleetDeployment) -> Vec<Wave> {
+        if d.waves.is_empty() {
+            vec![Wave {
+                name: "fleet".into(),
+                group: None,
+                percent: None,
+                stores: None,
+                fleet: Some(true),
+                converged_pct: None,
+                soak_s: None,
+            }]
+        } else {
+            d.waves.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"apiVersion":"roost.dev/v1alpha1","kind":"Fleet","groups":["canary"],
+      "deployments":{"web":{"source":{"url":"git://h/a.git","ref":"main","path":"apps/web"},
+        "waves":[{"name":"canary","group":"canary"},{"name":"half","percent":50},{"name":"all","fleet":true}]},
+        "old":{"remove":true}}}"#;
+
+    fn file(patch: impl FnOnce(&mut serde_json::Value)) -> Result<(), FleetFileError> {
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).expect("json");
+        patch(&mut v);
+        let f: FleetFile = serde_json::from_value(v).map_err(|e| err("", e.to_string()))?;
+        f.validate()
+    }
+
+    #[test]
+    fn rules() {
+        assert_eq!(file(|_| {}), Ok(()));
+        let both = file(|v| v["deployments"]["web"]["source"]["revision"] = "a".repeat(40).into());
+        assert!(both.expect_err("both").message.contains("not both"));
+        let unknown = file(|v| v["deployments"]["web"]["waves"][0]["group"] = "cnary".into());
+        assert!(unknown.expect_err("group").message.contains("unknown group cnary"));
+        let two = file(|v| v["deployments"]["web"]["waves"][1]["fleet"] = true.into());
+        assert!(two.expect_err("two").message.contains("exactly one"));
+        let short = file(|v| {
+            v["deployments"]["web"]["stores"] = serde_json::json!({"s1": {"revision": "abc"}})
+        });
+        assert!(short.is_err());
+        let escape = file(|v| v["deployments"]["web"]["source"]["path"] = "../x".into());
+        assert!(escape.is_err());
+        let dup = file(|v| v["deployments"]["web"]["waves"][1]["name"] = "canary".into());
+        assert!(dup.expect_err("dup").message.contains("duplicate"));
+    }
+}
