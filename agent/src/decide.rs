@@ -110,6 +110,7 @@ mod tests {
             not_before: None,
             policy: Policy::default(),
             remove,
+            origin: None,
         }
     }
 

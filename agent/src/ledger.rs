@@ -308,6 +308,7 @@ impl Ledger {
         self,
         topic: String,
         store: String,
+        groups: Vec<String>,
         cancel: CancellationToken,
     ) {
         self.changed.notify_one();
@@ -320,9 +321,11 @@ impl Ledger {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let deployments = self.statuses();
             let store = store.clone();
+            let groups = groups.clone();
             let render = move |roostseq: u64, backlog: u64| {
                 let doc = StatusDoc {
                     store: store.clone(),
+                    groups: groups.clone(),
                     agent_version: env!("CARGO_PKG_VERSION").to_owned(),
                     updated_at: roost_schemas::now_rfc3339(),
                     roostseq,

@@ -133,7 +133,12 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     tracker.spawn(
         ledger
             .clone()
-            .run_status_publisher(topics.status(&store), store.clone(), child.clone())
+            .run_status_publisher(
+                topics.status(&store),
+                store.clone(),
+                cfg.file.groups.clone(),
+                child.clone(),
+            )
             .instrument(tracing::info_span!("status")),
     );
     {

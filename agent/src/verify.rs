@@ -183,6 +183,7 @@ mod tests {
             not_before: None,
             policy: Policy::default(),
             remove: false,
+            origin: None,
         }
     }
 

@@ -9,7 +9,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::{
-    Envelope, Policy, Presence, Rollout, Scope, SigningKey, Source, StatusDoc, Topics, PAYLOAD_TYPE,
+    Envelope, Origin, Policy, Presence, Rollout, Scope, SigningKey, Source, StatusDoc, Topics,
+    PAYLOAD_TYPE,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
@@ -160,6 +161,8 @@ pub struct RolloutSpec {
     pub remove: bool,
     /// Sequence (None = current retained + 1).
     pub sequence: Option<u64>,
+    /// The fleet-repository commit that caused this rollout (v1.1), if any.
+    pub origin: Option<Origin>,
 }
 
 /// Builds and signs a rollout.
@@ -186,6 +189,7 @@ pub fn sign_rollout(
         not_before: spec.not_before.clone(),
         policy: spec.policy.clone(),
         remove: spec.remove,
+        origin: spec.origin.clone(),
     };
     rollout
         .validate()

@@ -515,6 +515,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 not_before: a.not_before,
                 remove: a.remove,
                 sequence: a.sequence,
+                origin: None,
             };
             let r = interruptible(&cancel, async {
                 Ok(cloud::rollout(&a.broker, &Topics::default(), &key, &spec).await?)

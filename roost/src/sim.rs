@@ -175,6 +175,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
             not_before: None,
             remove: false,
             sequence: Some(round as u64),
+            origin: None,
         };
         let t0 = Instant::now();
         cloud::rollout(&broker, &topics, &key, &spec)

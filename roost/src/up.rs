@@ -389,6 +389,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         not_before: None,
         remove: false,
         sequence: None,
+        origin: None,
     };
     let rollout = cloud::rollout(&cloud, &topics, &key, &spec)
         .await

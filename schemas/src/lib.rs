@@ -20,7 +20,7 @@ pub use event::{CloudEvent, EventType};
 pub use names::{validate_name, NameError};
 pub use payload::{EventData, EventPayload, Problem, RolloutRef};
 pub use reason::Reason;
-pub use rollout::{Policy, Rollout, Scope, Source};
+pub use rollout::{Origin, Policy, Rollout, Scope, Source};
 pub use status::{
     Confirmation, DeploymentStatus, DesiredRef, Phase, Presence, PresenceState, StatusDoc,
 };

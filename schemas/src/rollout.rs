@@ -108,6 +108,40 @@ pub struct Source {
     pub path: String,
 }
 
+/// The fleet-repository commit that caused a rollout (v1.1): which file, at which commit, in
+/// which repository. Agents do not act on it; they echo it as `desired.origin` in their
+/// status document, so the cloud can tell which commit of the fleet file a store runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The fleet repository's URL.
+    pub repo: String,
+    /// Full 40-hex commit id of the fleet repository.
+    pub commit: String,
+    /// The fleet file inside the repository (`roost.yaml` by default).
+    pub path: String,
+}
+
+impl Origin {
+    /// Checks the fields' rules (URL length, commit form, a relative path that stays inside
+    /// the repository). `Err` carries the field name and what is wrong.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.repo.is_empty() || self.repo.len() > 2048 {
+            return Err(("origin.repo", "must be 1..2048 characters".into()));
+        }
+        if !is_full_sha(&self.commit) {
+            return Err((
+                "origin.commit",
+                "must be a full 40-character lowercase hex commit id".into(),
+            ));
+        }
+        match normalize_path(&self.path) {
+            Ok(p) if p.is_empty() => Err(("origin.path", "must name a file".into())),
+            Ok(_) => Ok(()),
+            Err(m) => Err(("origin.path", m)),
+        }
+    }
+}
+
 /// What the agent may do to converge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
@@ -163,6 +197,9 @@ pub struct Rollout {
     /// A tombstone: this scope no longer wants the deployment.
     #[serde(default)]
     pub remove: bool,
+    /// The fleet-repository commit that caused this rollout (v1.1, optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
 }
 
 /// Why a rollout payload is not valid (beyond JSON shape).
@@ -235,6 +272,9 @@ impl Rollout {
             }
             (None, true) => {}
         }
+        if let Some(origin) = &self.origin {
+            origin.validate().map_err(|(f, m)| field(f, m))?;
+        }
         Ok(())
     }
 }
@@ -284,6 +324,7 @@ mod tests {
             not_before: None,
             policy: Policy::default(),
             remove: false,
+            origin: None,
         }
     }
 
@@ -335,6 +376,39 @@ mod tests {
         let mut r = sample();
         r.sequence = 0;
         assert!(r.validate().is_err());
+        let mut r = sample();
+        r.origin = Some(Origin {
+            repo: "https://git.example/fleet-config.git".into(),
+            commit: "fedcba9876543210fedcba9876543210fedcba98".into(),
+            path: "roost.yaml".into(),
+        });
+        assert!(r.validate().is_ok());
+        for (commit, path, bad) in [
+            (
+                "FEDCBA9876543210FEDCBA9876543210FEDCBA98",
+                "roost.yaml",
+                "origin.commit",
+            ),
+            ("fedcba98", "roost.yaml", "origin.commit"),
+            (
+                "fedcba9876543210fedcba9876543210fedcba98",
+                "../roost.yaml",
+                "origin.path",
+            ),
+            (
+                "fedcba9876543210fedcba9876543210fedcba98",
+                "",
+                "origin.path",
+            ),
+        ] {
+            let o = r.origin.as_mut().expect("origin");
+            o.commit = commit.into();
+            o.path = path.into();
+            assert!(
+                matches!(r.validate(), Err(RolloutError::Field { field, .. }) if field == bad),
+                "{commit} {path}"
+            );
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::rollout::Origin;
+
 /// Where a deployment is in its lifecycle on one store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum Phase {
@@ -51,6 +53,9 @@ pub struct DesiredRef {
     pub sequence: u64,
     /// Scope key of the winning rollout (`fleet`, `group:NAME`, `store:NAME`).
     pub scope: String,
+    /// The winning rollout's `origin` (v1.1): the fleet-repository commit that caused it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
 }
 
 /// One deployment's state on a store.
@@ -83,6 +88,9 @@ pub struct DeploymentStatus {
 pub struct StatusDoc {
     /// Store name.
     pub store: String,
+    /// The store's configured groups, in precedence order (v1.1; empty in older documents).
+    #[serde(default)]
+    pub groups: Vec<String>,
     /// Agent version.
     pub agent_version: String,
     /// When this document was produced (RFC 3339).

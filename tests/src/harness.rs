@@ -284,6 +284,7 @@ impl Signer {
                 health_timeout_s: 30,
             },
             remove: false,
+            origin: None,
         }
     }
 
@@ -855,6 +856,7 @@ pub async fn wait_bridge_ready(edge: SocketAddr, fleet: &FleetService, store: &s
         let marker = format!("probe-{:08x}", rand::random::<u32>());
         let doc = StatusDoc {
             store: store.to_owned(),
+            groups: Vec::new(),
             agent_version: marker.clone(),
             updated_at: roost_schemas::now_rfc3339(),
             roostseq: 0,

@@ -246,6 +246,7 @@ fn status_message() -> NewMessage {
     let render = move |roostseq: u64, backlog: u64| {
         serde_json::to_vec(&StatusDoc {
             store: STORE.into(),
+            groups: Vec::new(),
             agent_version: "chaos".into(),
             updated_at: roost_schemas::now_rfc3339(),
             roostseq,

@@ -7,7 +7,9 @@ use roost_schemas::payload::{
     ApplyFailed, ApplyStarted, ApplySucceeded, Converged, Degraded, DriftCorrected, DriftDetected,
     FetchFailed, Pruned, Removed, RolloutRejected,
 };
-use roost_schemas::{DeploymentStatus, DesiredRef, EventData, Phase, Problem, Reason, RolloutRef};
+use roost_schemas::{
+    DeploymentStatus, DesiredRef, EventData, Origin, Phase, Problem, Reason, RolloutRef,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::targets::{InventoryEntry, ObjectRef};
@@ -26,6 +28,9 @@ pub struct Want {
     /// A tombstone: remove the deployment.
     #[serde(default)]
     pub remove: bool,
+    /// The rollout's origin (the fleet-repository commit), echoed in the status document.
+    #[serde(default)]
+    pub origin: Option<Origin>,
 }
 
 /// What was last applied completely (apply and prune done).
@@ -107,6 +112,7 @@ impl Record {
                     revision: w.rollout.revision.clone()?,
                     sequence: w.rollout.sequence,
                     scope: w.rollout.scope.clone(),
+                    origin: w.origin.clone(),
                 })
             }),
             applied_revision: self.applied.as_ref().map(|a| a.revision.clone()),
@@ -467,6 +473,7 @@ mod tests {
             url: "git://h/r.git".into(),
             path: "apps/web".into(),
             remove: false,
+            origin: None,
         }
     }
 
@@ -737,6 +744,48 @@ mod tests {
         r = transition(&r, Outcome::Removed { deleted: vec![] }).0;
         assert_eq!(next_step(&r), Step::Idle);
         assert_eq!(r.status().applied_revision, None);
+    }
+
+    #[test]
+    fn the_status_echoes_the_rollouts_origin() {
+        let origin = Origin {
+            repo: "https://git.example/fleet-config.git".into(),
+            commit: "f".repeat(40),
+            path: "roost.yaml".into(),
+        };
+        let rollout = roost_schemas::Rollout {
+            deployment: "web".into(),
+            scope: roost_schemas::Scope::Group("canary".into()),
+            sequence: 9,
+            issued_at: "2026-12-01T00:00:00Z".into(),
+            source: Some(roost_schemas::Source {
+                url: "git://h/r.git".into(),
+                revision: "a".repeat(40),
+                path: "./apps/web/".into(),
+            }),
+            not_before: None,
+            policy: roost_schemas::Policy::default(),
+            remove: false,
+            origin: Some(origin.clone()),
+        };
+        let w = crate::reconcile::want_of(&crate::decide::Desired::Apply {
+            rollout: Box::new(rollout),
+        })
+        .expect("want");
+        assert_eq!(w.origin.as_ref(), Some(&origin));
+        assert_eq!(w.path, "apps/web");
+        let r = transition(&Record::new("web"), Outcome::Wanted(Some(w))).0;
+        let desired = r.status().desired.expect("desired");
+        assert_eq!(desired.scope, "group:canary");
+        assert_eq!(desired.origin, Some(origin));
+        // A record stored by an older agent (no origin) still loads, and echoes none.
+        let mut old = serde_json::to_value(&r).expect("json");
+        old["want"]
+            .as_object_mut()
+            .expect("want object")
+            .remove("origin");
+        let old: Record = serde_json::from_value(old).expect("old record parses");
+        assert_eq!(old.status().desired.expect("desired").origin, None);
     }
 
     #[test]

@@ -195,6 +195,7 @@ pub fn want_of(desired: &Desired) -> Option<Want> {
             .and_then(|s| roost_schemas::rollout::normalize_path(&s.path).ok())
             .unwrap_or_default(),
         remove,
+        origin: rollout.origin.clone(),
     })
 }
 

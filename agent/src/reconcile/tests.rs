@@ -167,6 +167,7 @@ impl Rig {
             not_before: None,
             policy,
             remove: false,
+            origin: None,
         };
         self.tx.send_replace(Desired::Apply {
             rollout: Box::new(r),
@@ -184,6 +185,7 @@ impl Rig {
             not_before: None,
             policy: Policy::default(),
             remove: true,
+            origin: None,
         };
         self.tx.send_replace(Desired::Remove {
             rollout: Box::new(r),
