@@ -481,7 +481,12 @@ pub fn next_sequence_in(c: &Connection, topic: &str) -> Result<u64, FleetError> 
 }
 
 /// Stores a desired envelope on a connection (see [`FleetDb::record_desired`]).
-pub fn put_desired_in(c: &Connection, topic: &str, sequence: u64, payload: &[u8]) -> Result<(), FleetError> {
+pub fn put_desired_in(
+    c: &Connection,
+    topic: &str,
+    sequence: u64,
+    payload: &[u8],
+) -> Result<(), FleetError> {
     c.execute(
         "INSERT INTO desired(topic, sequence, payload) VALUES (?1, ?2, ?3) ON CONFLICT(topic) DO UPDATE SET sequence = excluded.sequence, payload = excluded.payload",
         params![topic, sequence as i64, payload],

@@ -570,7 +570,10 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 PlanAction::Status { deployment, db } => {
                     let fdb = roost::fleet::FleetDb::open(&db)?;
                     roost::gitops::store::migrate(&fdb)?;
-                    print!("{}", roost::gitops::plan_status_text(&fdb, deployment.as_deref())?);
+                    print!(
+                        "{}",
+                        roost::gitops::plan_status_text(&fdb, deployment.as_deref())?
+                    );
                     return Ok(());
                 }
                 PlanAction::Pause { deployment, db } => (db, deployment, "pause"),
@@ -579,7 +582,8 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             };
             let fdb = roost::fleet::FleetDb::open(&db)?;
             roost::gitops::store::migrate(&fdb)?;
-            let known = fdb.with_conn(|c| Ok(roost::gitops::store::plans(c)?.contains_key(&deployment)))?;
+            let known =
+                fdb.with_conn(|c| Ok(roost::gitops::store::plans(c)?.contains_key(&deployment)))?;
             if !known {
                 anyhow::bail!("no plan for deployment {deployment} in {}", db.display());
             }
@@ -620,21 +624,43 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             let repo = repo.or(g.repo);
             let controller = match repo {
                 Some(repo) => {
-                    let key = key
-                        .or(g.key)
-                        .ok_or_else(|| anyhow::anyhow!("--key is required with --repo (the controller signs rollouts)"))?;
+                    let key = key.or(g.key).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--key is required with --repo (the controller signs rollouts)"
+                        )
+                    })?;
                     let key = cloud::load_key(&key)?;
                     let opts = roost::gitops::GitopsOptions {
                         repo,
-                        branch: if branch != "main" { branch } else { g.branch.unwrap_or(branch) },
-                        file: if file != "roost.yaml" { file } else { g.file.unwrap_or(file) },
-                        poll: Duration::from_secs(if poll_interval != 30 { poll_interval } else { g.poll_interval_s.unwrap_or(poll_interval) }.max(1)),
+                        branch: if branch != "main" {
+                            branch
+                        } else {
+                            g.branch.unwrap_or(branch)
+                        },
+                        file: if file != "roost.yaml" {
+                            file
+                        } else {
+                            g.file.unwrap_or(file)
+                        },
+                        poll: Duration::from_secs(
+                            if poll_interval != 30 {
+                                poll_interval
+                            } else {
+                                g.poll_interval_s.unwrap_or(poll_interval)
+                            }
+                            .max(1),
+                        ),
                         host: host.clone(),
                         port,
                         cache_dir: db.with_extension("git"),
                         http: http.or(g.http),
                     };
-                    Some(tokio::spawn(roost::gitops::run(opts, fdb.clone(), key, cancel.clone())))
+                    Some(tokio::spawn(roost::gitops::run(
+                        opts,
+                        fdb.clone(),
+                        key,
+                        cancel.clone(),
+                    )))
                 }
                 None => None,
             };

@@ -348,7 +348,10 @@ mod tests {
         let both = file(|v| v["deployments"]["web"]["source"]["revision"] = "a".repeat(40).into());
         assert!(both.expect_err("both").message.contains("not both"));
         let unknown = file(|v| v["deployments"]["web"]["waves"][0]["group"] = "cnary".into());
-        assert!(unknown.expect_err("group").message.contains("unknown group cnary"));
+        assert!(unknown
+            .expect_err("group")
+            .message
+            .contains("unknown group cnary"));
         let two = file(|v| v["deployments"]["web"]["waves"][1]["fleet"] = true.into());
         assert!(two.expect_err("two").message.contains("exactly one"));
         let short = file(|v| {

@@ -117,12 +117,16 @@ impl Rig {
     }
 
     fn commit_fleet(&mut self, yaml: &str) -> String {
-        self.fleet_repo.commit(&[("roost.yaml", yaml)], &[], "fleet change")
+        self.fleet_repo
+            .commit(&[("roost.yaml", yaml)], &[], "fleet change")
     }
 
     fn commit_app(&mut self, v: &str) -> String {
-        self.app
-            .commit(&[(&format!("{APP}/menu.yaml"), &manifest(v))], &[], "app change")
+        self.app.commit(
+            &[(&format!("{APP}/menu.yaml"), &manifest(v))],
+            &[],
+            "app change",
+        )
     }
 
     fn names(&self) -> Vec<String> {
@@ -131,7 +135,9 @@ impl Rig {
 
     async fn converged(&self, store: &str, rev: &str) -> CloudEvent {
         self.obs
-            .wait_event(store, "dev.roost.converged", T, |e| e.data["revision"] == rev)
+            .wait_event(store, "dev.roost.converged", T, |e| {
+                e.data["revision"] == rev
+            })
             .await
     }
 
@@ -197,7 +203,11 @@ async fn a_commit_rolls_out_wave_by_wave_and_a_new_app_commit_follows() {
     .await;
     assert_eq!(plan.origin, origin);
     assert_eq!(plan.release.revision, rev1);
-    assert_eq!(plan.wave_stores[0].len(), 1, "canary wave: the canary store");
+    assert_eq!(
+        plan.wave_stores[0].len(),
+        1,
+        "canary wave: the canary store"
+    );
     // 50 % of 6 = 3 stores, the canary counts: 2 more.
     assert_eq!(plan.wave_stores[1].len(), 2, "{:?}", plan.wave_stores);
     // Gates: no store of a later wave received the revision before the earlier wave's
@@ -227,11 +237,21 @@ async fn a_commit_rolls_out_wave_by_wave_and_a_new_app_commit_follows() {
         .collect();
     let c_done = converged(canary).expect("canary converged");
     for s in half {
-        assert!(received(s).expect("received") > c_done, "{s} after the canary");
+        assert!(
+            received(s).expect("received") > c_done,
+            "{s} after the canary"
+        );
     }
-    let h_done = half.iter().filter_map(|s| converged(s)).max().expect("half converged");
+    let h_done = half
+        .iter()
+        .filter_map(|s| converged(s))
+        .max()
+        .expect("half converged");
     for s in &rest {
-        assert!(received(s).expect("received") > h_done, "{s} after the 50 % wave");
+        assert!(
+            received(s).expect("received") > h_done,
+            "{s} after the 50 % wave"
+        );
     }
     // The wave messages were tombstoned: only the fleet message stands.
     let live: Vec<String> = r
@@ -333,9 +353,12 @@ async fn an_invalid_fleet_file_publishes_nothing_and_the_last_good_one_stays() {
     r.commit_fleet(&good);
     r.start_controller();
     r.all_converged(&rev1).await;
+    harness::eventually(T, "plan done", || {
+        r.plan()
+            .filter(|p| p.status == roost::gitops::plan::PlanStatus::Done)
+    })
+    .await;
     let before = r.published();
-    let rev2 = r.commit_app("2"); // would roll out if any bad file were taken
-    let _ = rev2;
     let app_url = r.app.url();
     let dep = r.dep.clone();
     let bad = vec![
@@ -351,10 +374,7 @@ async fn an_invalid_fleet_file_publishes_nothing_and_the_last_good_one_stays() {
             "schema",
         ),
     ];
-    // Stop tracking refs from changing what is published: the controller only re-resolves
-    // refs of the file in force, which still names HEAD, so rev2 would go out — unless the
-    // plan for the good file is judged. That is fine; the assertion is about the bad files:
-    // each is recorded as invalid with its reason, and the good commit stays in force.
+    // Each bad file is recorded as invalid with its reason; the good commit stays in force.
     let good_commit = r
         .db()
         .with_conn(roost::gitops::store::sync_state)
@@ -375,13 +395,26 @@ async fn an_invalid_fleet_file_publishes_nothing_and_the_last_good_one_stays() {
         .await;
         assert!(!st.ok, "{what}: invalid");
         assert!(st.reason.contains(reason), "{what}: {}", st.reason);
-        assert_eq!(st.good_commit.as_deref(), Some(good_commit.as_str()), "{what}");
+        assert_eq!(
+            st.good_commit.as_deref(),
+            Some(good_commit.as_str()),
+            "{what}"
+        );
     }
-    // Nothing was published for a bad file: every publication since is for the good
-    // file's deployment and its tracked ref (rev2), never a removal.
-    let after = r.published();
-    assert!(after.iter().all(|p| !p.remove || before.iter().any(|b| b.topic == p.topic && b.remove)), "{after:?}");
-    assert!(after.iter().all(|p| p.deployment == r.dep));
+    // Nothing was published for a bad file (a removal of the deployment among them).
+    assert_eq!(r.published(), before);
+    let retained = roost::cloud::read_retained(
+        &r.cloud.to_string(),
+        &[format!("roost/v1/fleet/deployments/{}", r.dep)],
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("retained");
+    assert_eq!(
+        retained.len(),
+        1,
+        "the good file's rollout is still retained"
+    );
     r.finish().await;
 }
 
@@ -504,9 +537,17 @@ async fn a_killed_controller_resumes_without_duplicate_or_skipped_waves() {
                 .or_default() += 1;
         }
     }
-    assert_eq!(per.get(&(canary.clone(), "group:canary".into())), Some(&1), "{per:?}");
+    assert_eq!(
+        per.get(&(canary.clone(), "group:canary".into())),
+        Some(&1),
+        "{per:?}"
+    );
     for s in r.names() {
-        assert_eq!(per.get(&(s.clone(), "fleet".into())), Some(&1), "{s}: {per:?}");
+        assert_eq!(
+            per.get(&(s.clone(), "fleet".into())),
+            Some(&1),
+            "{s}: {per:?}"
+        );
     }
     p.kill();
     r.finish().await;

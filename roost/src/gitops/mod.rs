@@ -88,7 +88,11 @@ pub fn parse_fleet_file(bytes: &[u8]) -> Result<FleetFile, String> {
             let at = e.instance_path().to_string();
             return Err(format!(
                 "schema: {}{e}",
-                if at.is_empty() { String::new() } else { format!("{at}: ") }
+                if at.is_empty() {
+                    String::new()
+                } else {
+                    format!("{at}: ")
+                }
             ));
         }
     }
@@ -109,6 +113,7 @@ fn sign(
     scope: &Scope,
     sequence: u64,
     release: Option<&Release>,
+    origin: Option<roost_schemas::rollout::Origin>,
 ) -> Result<Vec<u8>, String> {
     let rollout = Rollout {
         deployment: deployment.to_owned(),
@@ -123,6 +128,7 @@ fn sign(
         not_before: release.and_then(|r| r.not_before.clone()),
         policy: release.map(|r| r.policy.clone()).unwrap_or_default(),
         remove: release.is_none(),
+        origin,
     };
     rollout.validate().map_err(|e| e.to_string())?;
     let body = serde_json::to_vec(&rollout).map_err(|e| e.to_string())?;
@@ -195,15 +201,19 @@ impl Controller {
                 Ok(file) => {
                     info!(commit = %commit, deployments = file.deployments.len(), "fleet file in force");
                     let f2 = file.clone();
-                    self.blocking(move |db| db.with_conn(|c| store::put_sync(c, &repo, &c2, Ok(&f2))))
-                        .await?;
+                    self.blocking(move |db| {
+                        db.with_conn(|c| store::put_sync(c, &repo, &c2, Ok(&f2)))
+                    })
+                    .await?;
                     self.file = Some((commit.clone(), file));
                 }
                 Err(reason) => {
                     warn!(commit = %commit, %reason, "fleet file invalid; the last good one stays in force");
                     let r2 = reason.clone();
-                    self.blocking(move |db| db.with_conn(|c| store::put_sync(c, &repo, &c2, Err(&r2))))
-                        .await?;
+                    self.blocking(move |db| {
+                        db.with_conn(|c| store::put_sync(c, &repo, &c2, Err(&r2)))
+                    })
+                    .await?;
                 }
             }
         }
@@ -218,11 +228,15 @@ impl Controller {
             .collect();
         for (url, r) in tracked {
             let (u, rr) = (url.clone(), r.clone());
-            match tokio::task::spawn_blocking(move || crate::cloud::resolve_revision(&u, &rr)).await? {
+            match tokio::task::spawn_blocking(move || crate::cloud::resolve_revision(&u, &rr))
+                .await?
+            {
                 Ok(c) => {
                     self.refs.insert((url, r), c);
                 }
-                Err(error) => warn!(%url, git_ref = %r, %error, "cannot resolve a tracked ref; keeping the last commit"),
+                Err(error) => {
+                    warn!(%url, git_ref = %r, %error, "cannot resolve a tracked ref; keeping the last commit")
+                }
             }
         }
         Ok(())
@@ -301,7 +315,12 @@ impl Controller {
                     // Scopes an unfinished plan reached stay this plan's to replace or
                     // tombstone.
                     if let Some(old) = current.filter(|o| o.status != PlanStatus::Done) {
-                        p.scopes = old.scopes.iter().filter(|s| **s != Scope::Fleet).cloned().collect();
+                        p.scopes = old
+                            .scopes
+                            .iter()
+                            .filter(|s| **s != Scope::Fleet)
+                            .cloned()
+                            .collect();
                     }
                     info!(deployment = %name, revision = %p.release.revision, origin = %origin, "new plan");
                     p
@@ -309,7 +328,9 @@ impl Controller {
             };
             let pinned: BTreeSet<String> = d.stores.keys().cloned().collect();
             let n = name.clone();
-            let view = self.blocking(move |db| db.with_conn(|c| store::view(c, &n))).await?;
+            let view = self
+                .blocking(move |db| db.with_conn(|c| store::view(c, &n)))
+                .await?;
             let before = p.clone();
             let actions = plan::step(&mut p, &view, &pinned, now);
             if p != before || !actions.is_empty() {
@@ -345,7 +366,9 @@ impl Controller {
             let scope = Scope::Store(store.clone());
             let t = topic(&self.topics, &scope, deployment);
             let have = published.iter().find(|p| p.topic == t);
-            if have.is_some_and(|p| p.revision.as_deref() == Some(pin.revision.as_str()) && !p.remove) {
+            if have
+                .is_some_and(|p| p.revision.as_deref() == Some(pin.revision.as_str()) && !p.remove)
+            {
                 continue;
             }
             let release = Release {
@@ -354,7 +377,10 @@ impl Controller {
             };
             out.push((scope, Some(release), "pin"));
         }
-        for p in published.iter().filter(|p| p.deployment == deployment && p.role == "pin" && !p.remove) {
+        for p in published
+            .iter()
+            .filter(|p| p.deployment == deployment && p.role == "pin" && !p.remove)
+        {
             let store = p.topic.split('/').nth(3).unwrap_or_default();
             if !d.stores.contains_key(store) {
                 out.push((Scope::Store(store.to_owned()), None, "pin"));
@@ -366,11 +392,19 @@ impl Controller {
         self.publish(deployment, None, out).await
     }
 
-    async fn remove(&mut self, deployment: &str, published: &[Published]) -> Result<(), GitopsError> {
+    async fn remove(
+        &mut self,
+        deployment: &str,
+        published: &[Published],
+    ) -> Result<(), GitopsError> {
         let out: Vec<(Scope, Option<Release>, &'static str)> = published
             .iter()
             .filter(|p| p.deployment == deployment && !p.remove)
-            .filter_map(|p| self.topics.parse_deployment(&p.topic).map(|t| (t.scope, None, "removed")))
+            .filter_map(|p| {
+                self.topics
+                    .parse_deployment(&p.topic)
+                    .map(|t| (t.scope, None, "removed"))
+            })
             .collect();
         let had_plan = {
             let d = deployment.to_owned();
@@ -383,7 +417,8 @@ impl Controller {
         info!(%deployment, topics = out.len(), "deployment removed from the fleet file; tombstoning");
         self.publish(deployment, None, out).await?;
         let d = deployment.to_owned();
-        self.blocking(move |db| db.with_conn(|c| store::delete_plan(c, &d))).await
+        self.blocking(move |db| db.with_conn(|c| store::delete_plan(c, &d)))
+            .await
     }
 
     async fn execute(
@@ -396,7 +431,11 @@ impl Controller {
             .into_iter()
             .map(|a| match a {
                 Action::Publish { scope, release } => {
-                    let role = if scope == Scope::Fleet { "fleet" } else { "wave" };
+                    let role = if scope == Scope::Fleet {
+                        "fleet"
+                    } else {
+                        "wave"
+                    };
                     (scope, Some(release), role)
                 }
                 Action::Tombstone { scope } => (scope, None, "wave"),
@@ -415,6 +454,17 @@ impl Controller {
         let key = self.key.clone();
         let topics = self.topics.clone();
         let dep = deployment.to_owned();
+        // The fleet-repository commit that caused it: the plan's, else the file in force.
+        let origin = plan
+            .as_ref()
+            .map(|p| p.origin.clone())
+            .or_else(|| self.file.as_ref().map(|(c, _)| c.clone()))
+            .filter(|c| roost_schemas::rollout::is_full_sha(c))
+            .map(|commit| roost_schemas::rollout::Origin {
+                repo: self.opts.repo.clone(),
+                commit,
+                path: self.opts.file.clone(),
+            });
         let msgs: Vec<Outgoing> = self
             .blocking(move |db| {
                 db.transaction(|tx| {
@@ -422,8 +472,9 @@ impl Controller {
                     for (scope, release, role) in &out {
                         let t = topic(&topics, scope, &dep);
                         let seq = crate::fleet::next_sequence_in(tx, &t)?;
-                        let payload = sign(&key, &dep, scope, seq, release.as_ref())
-                            .map_err(FleetError::Usage)?;
+                        let payload =
+                            sign(&key, &dep, scope, seq, release.as_ref(), origin.clone())
+                                .map_err(FleetError::Usage)?;
                         crate::fleet::put_desired_in(tx, &t, seq, &payload)?;
                         store::put_published(
                             tx,
@@ -489,7 +540,11 @@ pub async fn run(
             .and_then(|(s, f)| Some((s.good_commit?, f?)))
     };
     let mut c = Controller {
-        git: roost_agent::git::GitCache::new(opts.cache_dir.clone(), Vec::new(), Duration::from_secs(60)),
+        git: roost_agent::git::GitCache::new(
+            opts.cache_dir.clone(),
+            Vec::new(),
+            Duration::from_secs(60),
+        ),
         opts,
         db,
         key: Arc::new(key),

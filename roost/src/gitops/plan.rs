@@ -158,7 +158,12 @@ impl Plan {
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
         let mut c = BTreeMap::new();
         for s in self.targeted() {
-            let k = match self.outcomes.get(&s).copied().unwrap_or(StoreOutcome::Pending) {
+            let k = match self
+                .outcomes
+                .get(&s)
+                .copied()
+                .unwrap_or(StoreOutcome::Pending)
+            {
                 StoreOutcome::Pending => "pending",
                 StoreOutcome::Converged => "converged",
                 StoreOutcome::Failed => "failed",
@@ -219,7 +224,10 @@ fn wave_targets(
             vec![Scope::Fleet],
         ),
         WaveTarget::Stores(list) => (
-            list.iter().filter(|s| !pinned.contains(*s)).cloned().collect(),
+            list.iter()
+                .filter(|s| !pinned.contains(*s))
+                .cloned()
+                .collect(),
             list.iter()
                 .filter(|s| !pinned.contains(*s))
                 .map(|s| Scope::Store(s.clone()))
@@ -227,7 +235,8 @@ fn wave_targets(
         ),
         WaveTarget::Percent(p) => {
             // Earlier waves' stores count towards the share.
-            let before: BTreeSet<String> = plan.wave_stores[..i].iter().flatten().cloned().collect();
+            let before: BTreeSet<String> =
+                plan.wave_stores[..i].iter().flatten().cloned().collect();
             let want = (free.len() * p as usize).div_ceil(100);
             let mut ranked: Vec<&str> = free.iter().map(|v| v.store.as_str()).collect();
             ranked.sort_by_key(|s| (rank(&plan.deployment, s), s.to_string()));
@@ -322,7 +331,11 @@ pub fn step(
             "{} of {finished} finished stores failed (more than {}%): {}",
             failed.len(),
             plan.abort.failed_pct,
-            failed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            failed
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     } else if now_ms.saturating_sub(plan.wave_started_ms) > plan.abort.wave_timeout_s * 1000 {
         Some(format!(
@@ -455,7 +468,11 @@ mod tests {
         (1..=n)
             .map(|i| StoreView {
                 store: format!("s{i:02}"),
-                groups: if i == 1 { vec!["canary".into()] } else { vec![] },
+                groups: if i == 1 {
+                    vec!["canary".into()]
+                } else {
+                    vec![]
+                },
                 online: true,
                 status: None,
             })
@@ -488,8 +505,19 @@ mod tests {
     fn waves_gate_in_order_and_finish_with_the_fleet_alone() {
         let mut view = fleet(10);
         let none = BTreeSet::new();
-        let mut p = Plan::new("web", rel('b'), Some(rel('a')), "o", waves(), Abort::default(), 0);
-        assert_eq!(scopes(&step(&mut p, &view, &none, 1)), vec!["publish group:canary b"]);
+        let mut p = Plan::new(
+            "web",
+            rel('b'),
+            Some(rel('a')),
+            "o",
+            waves(),
+            Abort::default(),
+            0,
+        );
+        assert_eq!(
+            scopes(&step(&mut p, &view, &none, 1)),
+            vec!["publish group:canary b"]
+        );
         assert_eq!(p.wave_stores[0], vec!["s01"]);
         // Nothing converged: the canary gate holds; nothing else is published.
         assert!(step(&mut p, &view, &none, 2).is_empty());
@@ -532,7 +560,11 @@ mod tests {
         step(&mut p, &view, &none, 1);
         set(&mut view, &["s01".into()], Phase::Converged, &rel('b'));
         step(&mut p, &view, &none, 2);
-        assert!(p.wave >= 1, "the offline canary store does not block: {}", p.waiting);
+        assert!(
+            p.wave >= 1,
+            "the offline canary store does not block: {}",
+            p.waiting
+        );
         assert_eq!(p.outcomes["s02"], StoreOutcome::Deferred);
     }
 
@@ -568,11 +600,22 @@ mod tests {
         set(&mut view, &half[..1], Phase::Failed, &rel('b'));
         // 1 failed of 2 finished: 50 % > 20 %.
         let a = step(&mut p, &view, &none, 3);
-        assert!(matches!(&p.status, PlanStatus::Aborted(r) if r.contains(&half[0])), "{:?}", p.status);
+        assert!(
+            matches!(&p.status, PlanStatus::Aborted(r) if r.contains(&half[0])),
+            "{:?}",
+            p.status
+        );
         let s = scopes(&a);
         assert_eq!(s.len(), 5, "{s:?}");
-        assert!(s.iter().all(|x| x.starts_with("publish ") && x.ends_with(" a")), "{s:?}");
-        assert!(step(&mut p, &view, &none, 4).is_empty(), "nothing more after an abort");
+        assert!(
+            s.iter()
+                .all(|x| x.starts_with("publish ") && x.ends_with(" a")),
+            "{s:?}"
+        );
+        assert!(
+            step(&mut p, &view, &none, 4).is_empty(),
+            "nothing more after an abort"
+        );
     }
 
     #[test]
@@ -588,7 +631,11 @@ mod tests {
         assert!(step(&mut p, &view, &none, 5_000).is_empty());
         let a = step(&mut p, &view, &none, 12_000);
         assert!(matches!(&p.status, PlanStatus::Aborted(r) if r.contains("within 10 s")));
-        assert_eq!(scopes(&a), vec!["tombstone group:canary"], "a first release is withdrawn");
+        assert_eq!(
+            scopes(&a),
+            vec!["tombstone group:canary"],
+            "a first release is withdrawn"
+        );
     }
 
     #[test]

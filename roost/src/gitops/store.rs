@@ -142,7 +142,10 @@ pub fn put_plan(c: &Connection, plan: &Plan) -> Result<(), FleetError> {
 
 /// Deletes a plan (the deployment was removed).
 pub fn delete_plan(c: &Connection, deployment: &str) -> Result<(), FleetError> {
-    c.execute("DELETE FROM gitops_plans WHERE deployment = ?1", [deployment])?;
+    c.execute(
+        "DELETE FROM gitops_plans WHERE deployment = ?1",
+        [deployment],
+    )?;
     Ok(())
 }
 
