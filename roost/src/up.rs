@@ -1,6 +1,8 @@
 //! `roost up`: a whole fleet on one machine — a cloud broker, and per store an edge broker,
-//! a bridge and an agent — with a sample Git repository served by `git daemon` on loopback,
-//! a fresh signing key and a signed fleet rollout; then the fleet's convergence, live.
+//! a bridge and an agent — with an app repository and a fleet repository (`roost.yaml`:
+//! canary, 50 % and fleet waves) served by `git daemon` on loopback, a fresh signing key, and
+//! the GitOps controller rolling the fleet file out; then the fleet's convergence, live. Edit
+//! a manifest or `roost.yaml`, `git commit`, and the waves roll.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,12 +12,12 @@ use std::time::{Duration, Instant};
 use roost_agent::config::{AgentFile, GitConfig, Limits, TargetConfig, TrustedKey};
 use roost_agent::AgentConfig;
 use roost_bridge::BridgeConfig;
-use roost_schemas::{Phase, Policy, Scope, SigningKey, StatusDoc, Topics};
+use roost_schemas::{Phase, SigningKey, StatusDoc, Topics};
 use rumqttc::{Event, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::cloud::{self, RolloutSpec};
+use crate::cloud;
 
 /// Errors of `roost up`.
 #[derive(Debug, thiserror::Error)]
@@ -308,14 +310,24 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     };
     let cloud = cloud_addr.to_string();
     let repos = state_dir.join("repos");
-    let repo = create_sample_repo(&repos.join("fleet.git"))?;
+    let repo = create_sample_repo(&repos.join("apps"))?;
     let daemon = GitDaemon::start(&repos)?;
-    let url = daemon.url("fleet.git");
+    let url = daemon.url("apps");
+    let fleet_repo_dir = repos.join("fleet");
+    let fleet_repo = git2::Repository::init(&fleet_repo_dir).map_err(setup("git init"))?;
+    let mut fleet_files = BTreeMap::new();
+    fleet_files.insert("roost.yaml".to_owned(), sample_fleet_file(&url));
+    commit_files(
+        &fleet_repo,
+        &fleet_files,
+        "the fleet: kitchen-display in three waves",
+    )?;
+    let fleet_url = daemon.url("fleet");
     let key_dir = state_dir.join("keys");
     let (key_id, _) = cloud::keygen(&key_dir).map_err(setup("keygen"))?;
     let key = cloud::load_key(&key_dir.join(format!("{key_id}.key"))).map_err(setup("key"))?;
     println!(
-        "roost up: cloud broker mqtt://{cloud}  repository {url}  keys {}",
+        "roost up: cloud broker mqtt://{cloud}  fleet repository {fleet_url}  apps {url}  keys {}",
         key_dir.display()
     );
     let allowed = format!("git://127.0.0.1:{}/", daemon.port);
@@ -331,10 +343,29 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         client_id: "roost-fleet".into(),
     };
     let c = child.clone();
+    let db2 = fleet_db.clone();
     tasks.spawn(async move {
-        crate::fleet::run(fleet_opts, fleet_db, c)
+        crate::fleet::run(fleet_opts, db2, c)
             .await
             .map_err(|e| format!("fleet: {e}"))
+    });
+    // The GitOps controller: roost.yaml in the fleet repository is the desired state.
+    let gopts = crate::gitops::GitopsOptions {
+        repo: fleet_url.clone(),
+        branch: "HEAD".into(),
+        file: "roost.yaml".into(),
+        poll: Duration::from_secs(2),
+        host: cloud_addr.ip().to_string(),
+        port: cloud_addr.port(),
+        cache_dir: state_dir.join("controller-git"),
+        http: None,
+    };
+    let ckey = cloud::load_key(&key_dir.join(format!("{key_id}.key"))).map_err(setup("key"))?;
+    let c = child.clone();
+    tasks.spawn(async move {
+        crate::gitops::run(gopts, fleet_db, ckey, c)
+            .await
+            .map_err(|e| format!("controller: {}", roost_runtime::error_chain(&e)))
     });
     for i in 1..=opts.stores {
         let name = store_name(i);
@@ -375,29 +406,9 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         });
     }
     let topics = Topics::default();
-    let spec = RolloutSpec {
-        deployment: "kitchen-display".into(),
-        scope: Scope::Fleet,
-        url: url.clone(),
-        revision: repo.first.clone(),
-        path: "apps/kitchen-display".into(),
-        policy: Policy {
-            prune: true,
-            self_heal: true,
-            health_timeout_s: 120,
-        },
-        not_before: None,
-        remove: false,
-        sequence: None,
-        origin: None,
-    };
-    let rollout = cloud::rollout(&cloud, &topics, &key, &spec)
-        .await
-        .map_err(setup("rollout"))?;
     println!(
-        "roost up: published rollout kitchen-display -> {} (sequence {}) to the fleet",
-        &repo.first[..12],
-        rollout.sequence
+        "roost up: controller rolls out kitchen-display {} from roost.yaml (waves: canary, half, everyone)",
+        &repo.first[..12]
     );
     let published = Instant::now();
     let watch = watch_convergence(
@@ -416,12 +427,23 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     match &outcome {
         Ok(()) if opts.once => {}
         Ok(()) => {
-            println!("roost up: fleet converged; staying up (Ctrl-C to stop). Try:");
-            println!("  roost status --broker {cloud}");
+            println!("roost up: fleet converged; staying up (Ctrl-C to stop).");
+            println!("Change the fleet the GitOps way — edit, commit, watch the waves roll:");
+            println!(
+                "  $EDITOR {}/apps/kitchen-display/configmap.yaml && git -C {} commit -qam 'new menu'",
+                repos.join("apps").display(),
+                repos.join("apps").display()
+            );
+            println!(
+                "  $EDITOR {}/roost.yaml && git -C {} commit -qam 'change the waves'",
+                fleet_repo_dir.display(),
+                fleet_repo_dir.display()
+            );
+            println!("  roost plan status --db {}", fleet_db_path.display());
             println!("  roost status --db {}", fleet_db_path.display());
             println!("  roost events --broker {cloud}");
-            println!("  roost rollout --broker {cloud} --key {}/{key_id}.key --deployment kitchen-display --fleet --repo {url} --revision HEAD --path apps/kitchen-display", key_dir.display());
-            cancel.cancelled().await;
+            let _ = (&url, &key_id);
+            follow_events(&cloud, &topics, &cancel).await;
         }
         Err(_) => {}
     }
@@ -432,6 +454,70 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     .await;
     drop(daemon);
     outcome
+}
+
+/// The sample fleet file: kitchen-display from the apps repository's HEAD, in three waves.
+pub fn sample_fleet_file(apps_url: &str) -> String {
+    [
+        "# The fleet's desired state. Commit a change and roost rolls it out, wave by wave.",
+        "apiVersion: roost.dev/v1alpha1",
+        "kind: Fleet",
+        "groups: [canary, all]",
+        "deployments:",
+        "  kitchen-display:",
+        "    source:",
+        &format!("      url: {apps_url}"),
+        "      ref: HEAD",
+        "      path: apps/kitchen-display",
+        "    policy: {prune: true, self_heal: true, health_timeout_s: 120}",
+        "    waves:",
+        "      - {name: canary, group: canary}",
+        "      - {name: half, percent: 50}",
+        "      - {name: everyone, fleet: true}",
+        "    abort: {failed_pct: 20, min_finished: 1, wave_timeout_s: 600}",
+        "",
+    ]
+    .join("\n")
+}
+
+/// After the first convergence: keeps printing the fleet's events as they arrive (a later
+/// rollout's waves show up too), until cancelled.
+async fn follow_events(broker: &str, topics: &Topics, cancel: &CancellationToken) {
+    let Ok((client, mut ev)) = cloud::connect(broker, "roost-up-follow") else {
+        cancel.cancelled().await;
+        return;
+    };
+    let filter = topics.all_stores(roost_schemas::topics::StoreTopicKind::Events);
+    loop {
+        let e = tokio::select! {
+            _ = cancel.cancelled() => return,
+            e = ev.poll() => e,
+        };
+        match e {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if let Ok(e) = serde_json::from_slice::<roost_schemas::CloudEvent>(&p.payload) {
+                    let store = e.source.split('/').nth(3).unwrap_or("?").to_owned();
+                    let rev = e
+                        .rollout_ref()
+                        .and_then(|r| r.revision)
+                        .map(|r| r[..r.len().min(12)].to_owned())
+                        .unwrap_or_default();
+                    println!(
+                        "{}  {store:<12} {:<24} {} {rev} {}",
+                        &e.time[..e.time.len().min(23)],
+                        e.ty.trim_start_matches("dev.roost."),
+                        e.subject.as_deref().unwrap_or(""),
+                        e.reason().unwrap_or("")
+                    );
+                }
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
 
 fn tempfile_dir() -> Result<PathBuf, UpError> {
@@ -548,5 +634,15 @@ async fn watch_convergence(
             let _ = client.disconnect().await;
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod sample_tests {
+    #[test]
+    fn the_sample_fleet_file_is_valid() {
+        let f = super::sample_fleet_file("git://127.0.0.1:9418/apps");
+        let file = crate::gitops::parse_fleet_file(f.as_bytes()).expect("valid");
+        assert_eq!(file.deployments["kitchen-display"].waves.len(), 3);
     }
 }

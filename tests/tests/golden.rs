@@ -643,12 +643,25 @@ async fn drift_without_self_heal_is_reported_not_corrected() {
     })
     .await;
     assert_eq!(seen.deployments["web"].reason.as_deref(), Some("drift"));
-    // A drift check reports and (with self_heal) corrects in one pass; the next pass reports
-    // again. So a second drift.detected shows the first pass ended, and none corrected.
+    // A drift check reports and (with self_heal) corrects in one pass, and a finding is
+    // reported once. The marker: a second, different edit is reported by a later check; had
+    // the first pass corrected anything, its drift.corrected would come before that report.
+    std::fs::write(
+        s.current("web").join("deploy/deployment.yaml"),
+        "edited by hand\n",
+    )
+    .expect("edit");
     let second = harness::eventually(T, "drift reported by a second check", || {
         let snap = obs.snapshot();
         let detected = snap.of("store-0001", "dev.roost.drift.detected");
-        let second = detected.get(1).map(|e| (*e).clone())?;
+        let second = detected
+            .iter()
+            .find(|e| {
+                e.data["items"]
+                    .to_string()
+                    .contains("deployment.yaml: modified")
+            })
+            .map(|e| (*e).clone())?;
         // Everything up to it has arrived (the observer sees them in roostseq order).
         (snap.store_events("store-0001").len() as u64 >= second.roostseq).then_some(second)
     })

@@ -299,6 +299,27 @@ pub fn step(
         plan.waiting = format!("wave {} published", plan.waves[i].name);
         return actions;
     }
+    // Group and fleet waves reach every member, including stores that reported (or joined
+    // the group) after the wave was published: their membership follows the view.
+    if matches!(
+        plan.waves[i].target(),
+        Some(WaveTarget::Group(_)) | Some(WaveTarget::Fleet)
+    ) {
+        let (now_members, _) = wave_targets(plan, i, view, pinned);
+        for s in now_members {
+            if !plan.wave_stores[i].contains(&s) {
+                plan.wave_stores[i].push(s);
+            }
+        }
+    }
+    // Knowing no store at all (a fresh fleet database) is not "every store is done".
+    if view.is_empty() {
+        plan.waiting = format!(
+            "wave {}: no store has reported its status yet",
+            plan.waves[i].name
+        );
+        return Vec::new();
+    }
     // Outcomes of every store targeted so far.
     let by_store: BTreeMap<&str, &StoreView> = view.iter().map(|v| (v.store.as_str(), v)).collect();
     for s in plan.targeted() {
@@ -636,6 +657,26 @@ mod tests {
             vec!["tombstone group:canary"],
             "a first release is withdrawn"
         );
+    }
+
+    #[test]
+    fn an_unknown_fleet_holds_the_gate_and_late_members_count() {
+        let none = BTreeSet::new();
+        let mut p = Plan::new("web", rel('b'), None, "o", waves(), Abort::default(), 0);
+        assert_eq!(
+            scopes(&step(&mut p, &[], &none, 1)),
+            vec!["publish group:canary b"]
+        );
+        assert!(
+            step(&mut p, &[], &none, 2).is_empty(),
+            "no store known: wait"
+        );
+        assert!(p.waiting.contains("no store"), "{}", p.waiting);
+        // The canary store reports after the wave went out: it is the wave's member now.
+        let view = fleet(4);
+        assert!(step(&mut p, &view, &none, 3).is_empty());
+        assert_eq!(p.wave_stores[0], vec!["s01"]);
+        assert_eq!(p.wave, 0, "waits for the late canary");
     }
 
     #[test]
