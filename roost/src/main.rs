@@ -32,6 +32,13 @@ enum FleetAction {
         /// SQLite file of the running `roost fleet`.
         #[arg(long, default_value = "fleet.db")]
         db: PathBuf,
+        /// Wait until every plan is done or aborted; exit non-zero naming what was aborted
+        /// or why the file is invalid.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
     },
 }
 
@@ -207,6 +214,33 @@ enum Cmd {
         /// http); flags win.
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Promote all, the GitOps way: make `--to` run what `--from` runs, as a Git change to
+    /// the fleet file (a new branch for a pull request, or `--direct` onto the branch).
+    Promote {
+        /// Deployment.
+        deployment: String,
+        /// Whose running revision: `group:NAME` or `store:NAME`.
+        #[arg(long)]
+        from: String,
+        /// Who gets it: `fleet` or `store:NAME`.
+        #[arg(long, default_value = "fleet")]
+        to: String,
+        /// The fleet repository (a path or URL that accepts a push).
+        #[arg(long)]
+        repo: String,
+        /// Branch of the fleet repository.
+        #[arg(long, default_value = "main")]
+        branch: String,
+        /// The fleet file.
+        #[arg(long, default_value = "roost.yaml")]
+        file: String,
+        /// SQLite file of `roost fleet` (where the stores' status is).
+        #[arg(long, default_value = "fleet.db")]
+        db: PathBuf,
+        /// Commit onto `--branch` instead of a new branch.
+        #[arg(long)]
+        direct: bool,
     },
     /// Rollout plans of the GitOps controller.
     Plan {
@@ -565,6 +599,47 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 }
             }
         }
+        Cmd::Promote {
+            deployment,
+            from,
+            to,
+            repo,
+            branch,
+            file,
+            db,
+            direct,
+        } => {
+            let fdb = roost::fleet::FleetDb::open(&db)?;
+            roost::gitops::store::migrate(&fdb)?;
+            let work =
+                std::env::temp_dir().join(format!("roost-promote-{:08x}", rand::random::<u32>()));
+            let spec = roost::gitops::promote::PromoteSpec {
+                deployment,
+                from,
+                to,
+                repo,
+                branch,
+                file,
+                direct,
+            };
+            let res = roost::gitops::promote::promote(&fdb, &spec, &work);
+            let _ = std::fs::remove_dir_all(&work);
+            let p = res?;
+            println!(
+                "promoted {} {} from {} to {}: commit {} on branch {}{}",
+                spec.deployment,
+                &p.revision[..12],
+                spec.from,
+                spec.to,
+                &p.commit[..12],
+                p.branch,
+                if spec.direct {
+                    ""
+                } else {
+                    " (open a pull request from it)"
+                }
+            );
+        }
         Cmd::Plan { action } => {
             let (db, deployment, verb) = match action {
                 PlanAction::Status { deployment, db } => {
@@ -591,13 +666,29 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             println!("{verb} requested for {deployment}");
         }
         Cmd::Fleet {
-            action: Some(FleetAction::Sync { db }),
+            action: Some(FleetAction::Sync { db, wait, timeout }),
             ..
         } => {
             let fdb = roost::fleet::FleetDb::open(&db)?;
             roost::gitops::store::migrate(&fdb)?;
+            let since = roost::fleet::now_ms();
             fdb.with_conn(|c| roost::gitops::store::request(c, None, "sync"))?;
             println!("sync requested");
+            if wait {
+                let w = interruptible(&cancel, async {
+                    Ok(
+                        roost::gitops::wait_for_sync(&fdb, since, Duration::from_secs(timeout))
+                            .await?,
+                    )
+                })
+                .await?;
+                for l in &w.lines {
+                    println!("{l}");
+                }
+                if !w.ok {
+                    anyhow::bail!("the fleet did not roll out cleanly");
+                }
+            }
         }
         Cmd::Fleet {
             action: None,

@@ -220,6 +220,14 @@ impl GitServer {
         self.daemon.url("fleet.git")
     }
 
+    /// The repository's working directory (a path `git` can clone and push to).
+    pub fn path(&self) -> PathBuf {
+        self.repo
+            .workdir()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    }
+
     /// The allow-list prefix that matches this server.
     pub fn allowed(&self) -> String {
         format!("git://127.0.0.1:{}/", self.daemon.port)

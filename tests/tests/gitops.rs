@@ -552,3 +552,82 @@ async fn a_killed_controller_resumes_without_duplicate_or_skipped_waves() {
     p.kill();
     r.finish().await;
 }
+
+/// "Promote all" the GitOps way: the canary runs a revision the fleet does not; `roost
+/// promote` writes the fleet-file change on a branch for a pull request; merged, the
+/// controller rolls it out to everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_runs() {
+    let mut r = Rig::new(3, 1).await;
+    let rev1 = r.commit_app("1");
+    // Only a canary wave: the rest of the fleet does not get it.
+    let yaml = r.fleet_yaml("      - {name: canary, group: canary}\n", "");
+    r.commit_fleet(&yaml);
+    r.start_controller();
+    let canary = r.stores[0].name.clone();
+    r.obs
+        .wait_phase(&canary, &r.dep, "Converged", Some(&rev1), T)
+        .await;
+    // The app moves on; the canary still runs rev1, which is what gets promoted.
+    let work = r.dir.path().join("promote-work");
+    let spec = roost::gitops::promote::PromoteSpec {
+        deployment: r.dep.clone(),
+        from: "group:canary".into(),
+        to: "fleet".into(),
+        repo: r.fleet_repo.path().display().to_string(),
+        branch: "HEAD".into(),
+        file: "roost.yaml".into(),
+        direct: false,
+    };
+    let p = roost::gitops::promote::promote(&r.db(), &spec, &work).expect("promote");
+    assert_eq!(p.revision, rev1);
+    assert!(
+        p.branch.starts_with(&format!("promote/{}-", r.dep)),
+        "{}",
+        p.branch
+    );
+    // The branch holds the change: the fleet pinned to what the canary runs, every wave.
+    let repo = git2::Repository::open(r.fleet_repo.path()).expect("repo");
+    let commit = repo
+        .find_branch(&p.branch, git2::BranchType::Local)
+        .expect("branch pushed")
+        .get()
+        .peel_to_commit()
+        .expect("commit");
+    let blob = commit
+        .tree()
+        .expect("tree")
+        .get_path(std::path::Path::new("roost.yaml"))
+        .expect("roost.yaml")
+        .to_object(&repo)
+        .expect("blob")
+        .peel_to_blob()
+        .expect("blob");
+    let promoted = roost::gitops::parse_fleet_file(blob.content()).expect("valid fleet file");
+    let src = promoted.deployments[&r.dep].source.clone().expect("source");
+    assert_eq!(src.revision.as_deref(), Some(rev1.as_str()));
+    assert_eq!(src.git_ref, None);
+    // Merging the pull request (the same file on the tracked branch) rolls it out; with a
+    // fleet wave added, every store converges on the canary's revision.
+    let text = String::from_utf8_lossy(blob.content()).to_string();
+    let mut merged = promoted.clone();
+    merged
+        .deployments
+        .get_mut(&r.dep)
+        .expect("dep")
+        .waves
+        .push(roost_schemas::fleet::Wave {
+            name: "everyone".into(),
+            group: None,
+            percent: None,
+            stores: None,
+            fleet: Some(true),
+            converged_pct: None,
+            soak_s: None,
+        });
+    assert!(text.contains("Promoted"), "{text}");
+    let merged_yaml = serde_saphyr::to_string(&merged).expect("yaml");
+    r.commit_fleet(&merged_yaml);
+    r.all_converged(&rev1).await;
+    r.finish().await;
+}

@@ -6,6 +6,7 @@
 //! it was and publishes nothing twice.
 
 pub mod plan;
+pub mod promote;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -183,7 +184,9 @@ impl Controller {
             .blocking(|db| db.with_conn(store::sync_state))
             .await?
             .map(|(s, _)| s.commit);
-        if known.as_deref() != Some(commit.as_str()) && last.as_deref() != Some(commit.as_str()) {
+        if known.as_deref() == Some(commit.as_str()) || last.as_deref() == Some(commit.as_str()) {
+            self.blocking(|db| db.with_conn(store::touch_sync)).await?;
+        } else {
             let parsed = match self.git.ensure(&self.opts.repo, &commit).await {
                 Err(e) => Err(format!("fetch: {}", roost_runtime::error_chain(&e))),
                 Ok(_) => match self
@@ -293,11 +296,12 @@ impl Controller {
                 continue;
             };
             let current = plans.get(name);
-            let aborted_same = current.is_some_and(|p| {
-                matches!(p.status, PlanStatus::Aborted(_)) && p.release == release
-            });
+            let waves = FleetFile::waves_of(d);
+            // A plan is for one release with one set of waves: a new commit of the source, a
+            // changed policy or changed waves make a new plan (an aborted one stays aborted
+            // until then).
             let mut p = match current {
-                Some(p) if p.release == release || aborted_same => p.clone(),
+                Some(p) if p.release == release && p.waves == waves => p.clone(),
                 _ => {
                     let previous = current.and_then(|p| match p.status {
                         PlanStatus::Done => Some(p.release.clone()),
@@ -308,7 +312,7 @@ impl Controller {
                         release,
                         previous,
                         &origin,
-                        FleetFile::waves_of(d),
+                        waves,
                         d.abort.clone().unwrap_or_default(),
                         now,
                     );
@@ -696,4 +700,83 @@ pub fn plan_status_text(db: &FleetDb, deployment: Option<&str>) -> Result<String
         }
         Ok(out)
     })
+}
+
+/// What `roost fleet sync --wait` saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncWait {
+    /// One line per plan (and the file's validity).
+    pub lines: Vec<String>,
+    /// Everything done; nothing aborted or invalid.
+    pub ok: bool,
+}
+
+/// After a sync request at `since_ms`: waits until the controller ran a sync and every plan
+/// is finished (done or aborted), then reports; an invalid file or an aborted plan is a
+/// failure, naming why.
+pub async fn wait_for_sync(
+    db: &FleetDb,
+    since_ms: u64,
+    timeout: Duration,
+) -> Result<SyncWait, GitopsError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let db2 = db.clone();
+        let (sync, plans) = tokio::task::spawn_blocking(move || {
+            db2.with_conn(|c| Ok((store::sync_state(c)?, store::plans(c)?)))
+        })
+        .await??;
+        let synced = sync.as_ref().is_some_and(|(s, _)| {
+            roost_schemas::parse_rfc3339(&s.checked_at)
+                .is_some_and(|t| (t.unix_timestamp_nanos() / 1_000_000) as u64 + 1 >= since_ms)
+        });
+        let running = plans
+            .values()
+            .any(|p| matches!(p.status, PlanStatus::Running | PlanStatus::Paused));
+        if synced && !running {
+            let mut lines = Vec::new();
+            let mut ok = true;
+            if let Some((s, _)) = &sync {
+                if !s.ok {
+                    ok = false;
+                    lines.push(format!(
+                        "fleet file at {} is invalid: {}",
+                        &s.commit[..12],
+                        s.reason
+                    ));
+                }
+            }
+            for (d, p) in &plans {
+                match &p.status {
+                    PlanStatus::Done => {
+                        lines.push(format!("{d} {} done", &p.release.revision[..12]))
+                    }
+                    PlanStatus::Aborted(r) => {
+                        ok = false;
+                        lines.push(format!("{d} {} aborted: {r}", &p.release.revision[..12]));
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(SyncWait { lines, ok });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let mut lines: Vec<String> = plans
+                .iter()
+                .filter(|(_, p)| matches!(p.status, PlanStatus::Running | PlanStatus::Paused))
+                .map(|(d, p)| {
+                    format!(
+                        "{d} {} still running: {}",
+                        &p.release.revision[..12],
+                        p.waiting
+                    )
+                })
+                .collect();
+            if !synced {
+                lines.push("the controller has not synced (is roost fleet --repo running on this database?)".into());
+            }
+            return Ok(SyncWait { lines, ok: false });
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }

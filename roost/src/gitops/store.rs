@@ -115,6 +115,15 @@ pub fn put_sync(
     Ok(())
 }
 
+/// Marks a sync of an unchanged commit (so a waiting `roost fleet sync --wait` sees it ran).
+pub fn touch_sync(c: &Connection) -> Result<(), FleetError> {
+    c.execute(
+        "UPDATE gitops_sync SET checked_at = ?1 WHERE id = 1",
+        [roost_schemas::now_rfc3339()],
+    )?;
+    Ok(())
+}
+
 /// Every plan.
 pub fn plans(c: &Connection) -> Result<BTreeMap<String, Plan>, FleetError> {
     let mut stmt = c.prepare("SELECT deployment, plan FROM gitops_plans ORDER BY deployment")?;
