@@ -6,6 +6,7 @@ pub mod cloud;
 pub mod fleet;
 pub mod gitops;
 pub mod sim;
+pub mod sim_controller;
 pub mod up;
 
 /// Installs the process-wide rustls crypto provider (ring) once. rumqttc and kube both use

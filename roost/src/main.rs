@@ -129,6 +129,10 @@ enum Cmd {
         /// Per-rollout timeout in seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Benchmark the GitOps controller instead, with simulated stores (status
+        /// documents): ingest rate, commit → first wave, gate → next wave, plan-step cost.
+        #[arg(long)]
+        controller: bool,
     },
     /// An embedded MQTT broker (rumqttd) from a configuration file.
     Broker {
@@ -466,8 +470,21 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         }
         Cmd::Sim {
             stores,
+            timeout,
+            controller: true,
+            ..
+        } => {
+            let report = interruptible(&cancel, async {
+                Ok(roost::sim_controller::run(stores, Duration::from_secs(timeout)).await?)
+            })
+            .await?;
+            roost::sim_controller::print(&report);
+        }
+        Cmd::Sim {
+            stores,
             rollouts,
             timeout,
+            ..
         } => {
             let opts = roost::sim::SimOptions {
                 stores,
