@@ -631,3 +631,85 @@ async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_
     r.all_converged(&rev1).await;
     r.finish().await;
 }
+
+/// `roost up --stores 20` is GitOps: canary, then 50 %, then the fleet, each gate observed in
+/// the order its events reached the cloud (the lines `roost up` prints as they arrive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roost_up_rolls_out_in_waves_canary_half_everyone() {
+    harness::init();
+    let dir = tempfile::tempdir().expect("tmp");
+    let out = tokio::process::Command::new(harness::roost_bin())
+        .args([
+            "up",
+            "--once",
+            "--stores",
+            "20",
+            "--timeout",
+            "120",
+            "--state-dir",
+        ])
+        .arg(dir.path())
+        .env("ROOST_LOG", "error")
+        .output()
+        .await
+        .expect("roost up");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("converged 20/20 in ")),
+        "{stdout}"
+    );
+    // Line order = arrival order at the cloud.
+    let lines: Vec<&str> = stdout.lines().collect();
+    let at = |store: &str, what: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(&format!("  {store}  {what}")))
+    };
+    let stores: Vec<String> = (1..=20).map(|i| format!("store-{i:04}")).collect();
+    let canary_done = at("store-0001", "converged").expect("canary converged");
+    let mut first_received: Vec<(usize, String)> = stores
+        .iter()
+        .map(|s| (at(s, "rollout.received").expect("received"), s.clone()))
+        .collect();
+    first_received.sort();
+    assert_eq!(
+        first_received[0].1, "store-0001",
+        "the canary first: {stdout}"
+    );
+    // The 50 % wave: 10 stores with the canary; the next 9 after the canary converged.
+    let half: Vec<&String> = first_received[1..10].iter().map(|(_, s)| s).collect();
+    for (i, s) in &first_received[1..10] {
+        assert!(
+            *i > canary_done,
+            "{s} got it before the canary wave was done:\n{stdout}"
+        );
+    }
+    let half_done = half
+        .iter()
+        .map(|s| at(s, "converged").expect("converged"))
+        .max()
+        .expect("half");
+    for (i, s) in &first_received[10..] {
+        assert!(
+            *i > half_done,
+            "{s} got it before the 50 % wave was done:\n{stdout}"
+        );
+    }
+    // The plan says so too.
+    let plan = std::process::Command::new(harness::roost_bin())
+        .args(["plan", "status", "--db"])
+        .arg(dir.path().join("fleet.db"))
+        .output()
+        .expect("roost plan status");
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(text.contains("wave 1 canary"), "{text}");
+    assert!(
+        text.contains("wave 2 half       done     stores=9"),
+        "{text}"
+    );
+}
