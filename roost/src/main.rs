@@ -133,6 +133,13 @@ enum Cmd {
         /// documents): ingest rate, commit → first wave, gate → next wave, plan-step cost.
         #[arg(long)]
         controller: bool,
+        /// direct (agents on the cloud broker) or bridged (an edge broker and a bridge per
+        /// store); default: direct above 200 stores.
+        #[arg(long)]
+        topology: Option<String>,
+        /// Print one JSON line.
+        #[arg(long)]
+        json: bool,
     },
     /// An embedded MQTT broker (rumqttd) from a configuration file.
     Broker {
@@ -484,16 +491,30 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             stores,
             rollouts,
             timeout,
+            topology,
+            json,
             ..
         } => {
+            let topology = match topology.as_deref() {
+                Some("direct") => roost::sim::Topology::Direct,
+                Some("bridged") => roost::sim::Topology::Bridged,
+                None if stores > 200 => roost::sim::Topology::Direct,
+                None => roost::sim::Topology::Bridged,
+                Some(other) => anyhow::bail!("--topology {other}: direct or bridged"),
+            };
             let opts = roost::sim::SimOptions {
                 stores,
                 rollouts,
                 timeout: Duration::from_secs(timeout),
+                topology,
             };
             let report =
                 interruptible(&cancel, async { Ok(roost::sim::run(opts.clone()).await?) }).await?;
-            roost::sim::print(&opts, &report);
+            if json {
+                println!("{}", roost::sim::json(&opts, &report));
+            } else {
+                roost::sim::print(&opts, &report);
+            }
         }
         Cmd::Broker { config, listen } => {
             let cfg = roost::broker::load_config(&config, listen)?;

@@ -1,7 +1,9 @@
-//! `roost sim`: the fleet benchmark. Runs N stores in this process (edge broker, bridge and
-//! agent each, files target), publishes K successive fleet rollouts through the cloud broker
-//! and measures, per store and rollout, the time from publishing the signed rollout to the
-//! store's `converged` event arriving at the cloud. Prints percentiles, not pass/fail.
+//! `roost sim`: the fleet benchmark. Runs N stores in this process (files target; bridged:
+//! an edge broker, a bridge and an agent each; direct: agents on the cloud broker), publishes
+//! K successive fleet rollouts through the cloud broker and measures, per store and rollout,
+//! the time from publishing the signed rollout to the store's `converged` event arriving at
+//! the cloud, where that time went (from the events' own timestamps), and whether any event
+//! was lost (by `roostseq`) or duplicated. Prints percentiles, not pass/fail.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -14,6 +16,15 @@ use tokio_util::sync::CancellationToken;
 use crate::cloud::{self, RolloutSpec};
 use crate::up::{self, GitDaemon, StoreSpec, UpError};
 
+/// How stores reach the cloud broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// Agents connect to the cloud broker (no edge broker, no bridge).
+    Direct,
+    /// Per store an edge broker and a bridge.
+    Bridged,
+}
+
 /// Options of `roost sim`.
 #[derive(Debug, Clone)]
 pub struct SimOptions {
@@ -23,10 +34,12 @@ pub struct SimOptions {
     pub rollouts: usize,
     /// Per-rollout timeout.
     pub timeout: Duration,
+    /// Topology (default: direct above 200 stores).
+    pub topology: Topology,
 }
 
 /// Results of a run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct SimReport {
     /// Rollout → converged latencies (ms), all stores and rollouts.
     pub latencies_ms: Vec<u64>,
@@ -34,6 +47,48 @@ pub struct SimReport {
     pub fleet_ms: Vec<u64>,
     /// Resident memory at the end (KiB), for the whole process.
     pub rss_kib: Option<u64>,
+    /// Peak resident memory (KiB).
+    pub peak_rss_kib: Option<u64>,
+    /// CPU seconds (user + system) of the process.
+    pub cpu_s: f64,
+    /// Stores that converged in every round / that failed or degraded.
+    pub converged: usize,
+    /// Stores with a failed or degraded round.
+    pub failed: usize,
+    /// Events every store should have delivered (its highest roostseq seen, summed).
+    pub events_expected: u64,
+    /// Distinct events received.
+    pub events_received: u64,
+    /// Duplicate deliveries (by id).
+    pub duplicates: u64,
+    /// Where the time went, per store and round (ms): name → sorted values.
+    pub breakdown: BTreeMap<&'static str, Vec<u64>>,
+}
+
+fn cpu_s() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command (which may contain spaces) start after the last ')'.
+    let rest = s.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the ')'.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn ms_of(t: &str) -> Option<i128> {
+    roost_schemas::parse_rfc3339(t).map(|t| t.unix_timestamp_nanos() / 1_000_000)
 }
 
 /// The p-th percentile (nearest rank) of sorted values.
@@ -84,7 +139,10 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     let started = Instant::now();
     for i in 1..=opts.stores {
         let name = up::store_name(i);
-        let edge = crate::broker::spawn_free("edge").map_err(err("edge broker"))?;
+        let edge = match opts.topology {
+            Topology::Bridged => crate::broker::spawn_free("edge").map_err(err("edge broker"))?,
+            Topology::Direct => cloud_addr,
+        };
         let spec = StoreSpec {
             store: name.clone(),
             groups: up::store_groups(i),
@@ -94,11 +152,16 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
             allowed: format!("git://127.0.0.1:{}/", daemon.port),
             target: TargetConfig::Files(Default::default()),
         };
-        let (a, b) = up::store_configs(&spec, &key)?;
-        let c = cancel.clone();
-        tasks.spawn(async move {
-            let _ = roost_bridge::run(b, c).await;
-        });
+        let (mut a, b) = up::store_configs(&spec, &key)?;
+        if opts.topology == Topology::Bridged {
+            let c = cancel.clone();
+            tasks.spawn(async move {
+                let _ = roost_bridge::run(b, c).await;
+            });
+        } else {
+            // No bridge to confirm delivery: the cloud broker's PUBACK is the end.
+            a.file.confirm_via_bridge = Some(false);
+        }
         let c = cancel.clone();
         tasks.spawn(async move {
             let _ = roost_agent::run(a, c).await;
@@ -136,6 +199,11 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     });
     let mut latencies = Vec::new();
     let mut fleet_ms = Vec::new();
+    let mut report = SimReport::default();
+    // Every event seen: per store the roostseqs and ids, to count losses and duplicates.
+    let mut seqs: HashMap<String, std::collections::BTreeSet<u64>> = HashMap::new();
+    let mut ids: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut failed_stores: std::collections::BTreeSet<String> = Default::default();
     let mut files: BTreeMap<String, String> = BTreeMap::new();
     for round in 1..=opts.rollouts {
         // A new revision each round: the config map changes.
@@ -178,10 +246,14 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
             origin: None,
         };
         let t0 = Instant::now();
+        let t0_wall = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
         cloud::rollout(&broker, &topics, &key, &spec)
             .await
             .map_err(err("rollout"))?;
         let mut done: HashMap<String, u64> = HashMap::new();
+        // Per store this round: event type -> (event time ms, arrival ms since t0), fetch/build.
+        let mut marks: HashMap<String, HashMap<&'static str, (i128, u64)>> = HashMap::new();
+        let mut stage_ms: HashMap<String, (u64, u64)> = HashMap::new();
         let deadline = tokio::time::Instant::now() + opts.timeout;
         while done.len() < opts.stores {
             let Ok(Some((e, at))) = tokio::time::timeout_at(deadline, rx.recv()).await else {
@@ -194,11 +266,70 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
                     ),
                 ));
             };
-            if e.typed::<roost_schemas::payload::Converged>()
-                .is_some_and(|c| c.rollout.revision.as_deref() == Some(revision.as_str()))
-            {
-                done.entry(e.source.clone())
-                    .or_insert_with(|| at.saturating_duration_since(t0).as_millis() as u64);
+            let arrival = at.saturating_duration_since(t0).as_millis() as u64;
+            if !ids.insert(e.id.clone()) {
+                report.duplicates += 1;
+                continue;
+            }
+            seqs.entry(e.source.clone()).or_default().insert(e.roostseq);
+            let ours = e
+                .rollout_ref()
+                .is_some_and(|r| r.revision.as_deref() == Some(revision.as_str()));
+            if !ours {
+                continue;
+            }
+            let kind = match e.event_type() {
+                Some(roost_schemas::EventType::RolloutReceived) => "received",
+                Some(roost_schemas::EventType::ApplyStarted) => {
+                    if let Some(s) = e.typed::<roost_schemas::payload::ApplyStarted>() {
+                        stage_ms.insert(
+                            e.source.clone(),
+                            (s.fetch_ms.unwrap_or(0), s.build_ms.unwrap_or(0)),
+                        );
+                    }
+                    "started"
+                }
+                Some(roost_schemas::EventType::ApplySucceeded) => "applied",
+                Some(roost_schemas::EventType::Converged) => "converged",
+                Some(roost_schemas::EventType::ApplyFailed)
+                | Some(roost_schemas::EventType::Degraded)
+                | Some(roost_schemas::EventType::RolloutRejected) => {
+                    failed_stores.insert(e.source.clone());
+                    continue;
+                }
+                _ => continue,
+            };
+            if let Some(t) = ms_of(&e.time) {
+                marks
+                    .entry(e.source.clone())
+                    .or_default()
+                    .entry(kind)
+                    .or_insert((t, arrival));
+            }
+            if kind == "converged" {
+                done.entry(e.source.clone()).or_insert(arrival);
+            }
+        }
+        for (store, m) in &marks {
+            let get = |k: &str| m.get(k).copied();
+            let (fetch, build) = stage_ms.get(store).copied().unwrap_or((0, 0));
+            let mut put = |k: &'static str, v: i128| {
+                report.breakdown.entry(k).or_default().push(v.max(0) as u64);
+            };
+            if let Some((rt, _)) = get("received") {
+                put("mqtt_delivery", rt - t0_wall);
+                if let Some((st, _)) = get("started") {
+                    put("queue_before_fetch", (st - rt) - (fetch + build) as i128);
+                    put("git_fetch", fetch as i128);
+                    put("render", build as i128);
+                    if let Some((at, _)) = get("applied") {
+                        put("apply", at - st);
+                        if let Some((ct, arrival)) = get("converged") {
+                            put("health", ct - at);
+                            put("report", (t0_wall + arrival as i128) - ct);
+                        }
+                    }
+                }
             }
         }
         let mut round_lat: Vec<u64> = done.values().copied().collect();
@@ -215,10 +346,42 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
     latencies.sort_unstable();
-    Ok(SimReport {
-        latencies_ms: latencies,
-        fleet_ms,
-        rss_kib: rss_kib(),
+    for v in report.breakdown.values_mut() {
+        v.sort_unstable();
+    }
+    report.events_expected = seqs.values().map(|s| s.last().copied().unwrap_or(0)).sum();
+    report.events_received = seqs.values().map(|s| s.len() as u64).sum();
+    report.failed = failed_stores.len();
+    report.converged = opts.stores - report.failed;
+    report.latencies_ms = latencies;
+    report.fleet_ms = fleet_ms;
+    report.rss_kib = rss_kib();
+    report.peak_rss_kib = peak_rss_kib();
+    report.cpu_s = cpu_s();
+    Ok(report)
+}
+
+/// The report as one JSON line.
+pub fn json(opts: &SimOptions, r: &SimReport) -> serde_json::Value {
+    let l = &r.latencies_ms;
+    let pct = |v: &[u64]| serde_json::json!({"p50": percentile(v, 50.0), "p95": percentile(v, 95.0), "p99": percentile(v, 99.0), "max": v.last().copied().unwrap_or(0)});
+    serde_json::json!({
+        "stores": opts.stores,
+        "rollouts": opts.rollouts,
+        "topology": match opts.topology { Topology::Direct => "direct", Topology::Bridged => "bridged" },
+        "converged": r.converged,
+        "failed": r.failed,
+        "p50_ms": percentile(l, 50.0),
+        "p95_ms": percentile(l, 95.0),
+        "p99_ms": percentile(l, 99.0),
+        "max_ms": l.last().copied().unwrap_or(0),
+        "events_expected": r.events_expected,
+        "events_received": r.events_received,
+        "events_lost": r.events_expected.saturating_sub(r.events_received),
+        "duplicates": r.duplicates,
+        "cpu_s": (r.cpu_s * 100.0).round() / 100.0,
+        "peak_rss_bytes": r.peak_rss_kib.unwrap_or(0) * 1024,
+        "breakdown_ms": r.breakdown.iter().map(|(k, v)| (k.to_string(), pct(v))).collect::<serde_json::Map<_, _>>(),
     })
 }
 
@@ -242,6 +405,24 @@ pub fn print(opts: &SimOptions, r: &SimReport) {
         percentile(&f, 50.0),
         f.last().copied().unwrap_or(0)
     );
+    let lost = r.events_expected.saturating_sub(r.events_received);
+    println!(
+        "sim: events expected={} received={} lost={lost} duplicates={}; cpu {:.1} s; peak RSS {} MiB",
+        r.events_expected,
+        r.events_received,
+        r.duplicates,
+        r.cpu_s,
+        r.peak_rss_kib.unwrap_or(0) / 1024
+    );
+    for (k, v) in &r.breakdown {
+        println!(
+            "sim: {k:<20} p50={} p95={} p99={} max={} ms",
+            percentile(v, 50.0),
+            percentile(v, 95.0),
+            percentile(v, 99.0),
+            v.last().copied().unwrap_or(0)
+        );
+    }
     if let Some(kib) = r.rss_kib {
         println!(
             "sim: process RSS {} MiB for {} stores ({} KiB/store incl. an edge broker each)",

@@ -132,6 +132,12 @@ payload!(
         /// Objects in the revision.
         #[serde(default)]
         pub objects: u64,
+        /// How long fetching the revision took (ms; 0 when it was cached).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub fetch_ms: Option<u64>,
+        /// How long rendering and building the plan took (ms).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub build_ms: Option<u64>,
     }
 );
 

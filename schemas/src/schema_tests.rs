@@ -671,6 +671,8 @@ fn typed_payloads_validate_against_the_event_schema() {
         EventData::ApplyStarted(ApplyStarted {
             rollout: r.clone(),
             objects: 3,
+            fetch_ms: Some(12),
+            build_ms: Some(3),
         }),
         EventData::ApplySucceeded(ApplySucceeded {
             rollout: r.clone(),

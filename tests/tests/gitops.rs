@@ -713,3 +713,68 @@ async fn roost_up_rolls_out_in_waves_canary_half_everyone() {
         "{text}"
     );
 }
+
+/// The fleet benchmark cannot rot: `roost sim --json` in both topologies converges every
+/// store, loses no event, and reports where the time went (figures are printed, not asserted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roost_sim_json_smoke_in_both_topologies() {
+    harness::init();
+    for topology in ["direct", "bridged"] {
+        let out = tokio::process::Command::new(harness::roost_bin())
+            .args([
+                "sim",
+                "--stores",
+                "5",
+                "--rollouts",
+                "2",
+                "--json",
+                "--topology",
+                topology,
+            ])
+            .env("ROOST_LOG", "error")
+            .output()
+            .await
+            .expect("roost sim");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = stdout.lines().last().expect("a JSON line");
+        let v: serde_json::Value = serde_json::from_str(line).expect("JSON");
+        eprintln!("roost sim --json ({topology}): {v}");
+        assert_eq!(v["topology"], topology);
+        assert_eq!(v["stores"], 5);
+        assert_eq!(v["converged"], 5, "{v}");
+        assert_eq!(v["failed"], 0, "{v}");
+        assert_eq!(v["events_lost"], 0, "{v}");
+        assert!(
+            v["events_received"]
+                .as_u64()
+                .is_some_and(|n| n >= 5 * 2 * 4),
+            "{v}"
+        );
+        for k in [
+            "mqtt_delivery",
+            "queue_before_fetch",
+            "git_fetch",
+            "render",
+            "apply",
+            "report",
+        ] {
+            assert!(v["breakdown_ms"][k]["p50"].is_u64(), "{k}: {v}");
+        }
+        for k in [
+            "p50_ms",
+            "p95_ms",
+            "p99_ms",
+            "max_ms",
+            "cpu_s",
+            "peak_rss_bytes",
+            "duplicates",
+        ] {
+            assert!(!v[k].is_null(), "{k}: {v}");
+        }
+    }
+}

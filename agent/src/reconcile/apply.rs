@@ -13,6 +13,7 @@ pub async fn run<T: Target>(
     ctx: &Ctx<T>,
     rollout: &Rollout,
     plan: &T::Plan,
+    timing: super::Timing,
 ) -> Result<(), StageError> {
     let deployment = &rollout.deployment;
     let rec = ctx.ledger.record(deployment);
@@ -33,6 +34,8 @@ pub async fn run<T: Target>(
             objects: entries.len() as u64,
             planned: entries.iter().map(|e| e.object.clone()).collect(),
             recovered,
+            fetch_ms: timing.fetch_ms,
+            build_ms: timing.build_ms,
         },
     )
     .await?;

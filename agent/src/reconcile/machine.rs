@@ -161,6 +161,10 @@ pub enum Outcome {
         planned: Vec<ObjectRef>,
         /// Objects recovered from the target because the inventory was unknown.
         recovered: Vec<ObjectRef>,
+        /// How long the fetch and build stages took (ms).
+        fetch_ms: u64,
+        /// See `fetch_ms`.
+        build_ms: u64,
     },
     /// Apply, prune or removal failed.
     ApplyFailed(Problem),
@@ -270,6 +274,8 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
             objects,
             planned,
             recovered,
+            fetch_ms,
+            build_ms,
         } => {
             r.phase = Phase::Applying;
             r.reason = None;
@@ -290,7 +296,12 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
                 }
             }
             r.inventory_known = true;
-            events.push(EventData::ApplyStarted(ApplyStarted { rollout, objects }));
+            events.push(EventData::ApplyStarted(ApplyStarted {
+                rollout,
+                objects,
+                fetch_ms: Some(fetch_ms),
+                build_ms: Some(build_ms),
+            }));
         }
         Outcome::ApplyFailed(problem) => {
             r.phase = Phase::Failed;
@@ -571,6 +582,8 @@ mod tests {
                         objects: 1,
                         planned: vec![obj("a")],
                         recovered: vec![],
+                        fetch_ms: 0,
+                        build_ms: 0,
                     },
                     applied(&["a"], &["a"]),
                     Outcome::Healthy,
@@ -586,6 +599,8 @@ mod tests {
                         objects: 1,
                         planned: vec![obj("a")],
                         recovered: vec![],
+                        fetch_ms: 0,
+                        build_ms: 0,
                     },
                     Outcome::ApplyFailed(problem(Reason::PruneFailed)),
                 ],
@@ -600,6 +615,8 @@ mod tests {
                         objects: 1,
                         planned: vec![obj("a")],
                         recovered: vec![],
+                        fetch_ms: 0,
+                        build_ms: 0,
                     },
                     applied(&["a"], &["a"]),
                     Outcome::Unhealthy {
@@ -679,6 +696,8 @@ mod tests {
             objects: 2,
             planned: vec![obj("a"), obj("b")],
             recovered: vec![obj("old")],
+            fetch_ms: 0,
+            build_ms: 0,
         }]);
         assert_eq!(r.last_attempted_revision, Some("a".repeat(40)));
         assert!(

@@ -152,6 +152,15 @@ impl StageError {
     }
 }
 
+/// How long the stages before apply took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// Fetch (ms).
+    pub fetch_ms: u64,
+    /// Render and build (ms).
+    pub build_ms: u64,
+}
+
 /// What ended a wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
@@ -265,22 +274,22 @@ async fn step<T: Target>(
             Ok(wait(rx, Duration::from_secs(3600), cancel).await)
         }
         (Step::Reconcile, Desired::Apply { rollout }) => {
-            let plan = prepare(ctx, rollout, rx, true).await?;
+            let (plan, timing) = prepare(ctx, rollout, rx, true).await?;
             if let Wake::Changed | Wake::Stop = stage_until(ctx, rollout, rx, cancel).await? {
                 return Err(StageError::Interrupted);
             }
-            apply::run(ctx, rollout, &plan).await?;
+            apply::run(ctx, rollout, &plan, timing).await?;
             health::run(ctx, deployment, rollout, &plan, rx, cancel).await?;
             drift::watch(ctx, rollout, &plan, rx, cancel).await
         }
         (Step::ReportHealth, Desired::Apply { rollout }) => {
-            let plan = prepare(ctx, rollout, rx, false).await?;
+            let (plan, _) = prepare(ctx, rollout, rx, false).await?;
             info!(%deployment, revision = ?rec.applied.as_ref().map(|a| &a.revision), "reporting the outcome of an apply finished before a restart");
             health::run(ctx, deployment, rollout, &plan, rx, cancel).await?;
             drift::watch(ctx, rollout, &plan, rx, cancel).await
         }
         (Step::InSync, Desired::Apply { rollout }) => {
-            let plan = prepare(ctx, rollout, rx, false).await?;
+            let (plan, _) = prepare(ctx, rollout, rx, false).await?;
             drift::watch(ctx, rollout, &plan, rx, cancel).await
         }
         // A step that needs a rollout while none is wanted cannot happen (next_step reads the
@@ -295,9 +304,19 @@ async fn prepare<T: Target>(
     rollout: &Rollout,
     rx: &mut watch::Receiver<Desired>,
     announce: bool,
-) -> Result<T::Plan, StageError> {
+) -> Result<(T::Plan, Timing), StageError> {
+    let t = std::time::Instant::now();
     fetch::run(ctx, rollout, rx, announce).await?;
-    build::run(ctx, rollout).await
+    let fetch_ms = t.elapsed().as_millis() as u64;
+    let t = std::time::Instant::now();
+    let plan = build::run(ctx, rollout).await?;
+    Ok((
+        plan,
+        Timing {
+            fetch_ms,
+            build_ms: t.elapsed().as_millis() as u64,
+        },
+    ))
 }
 
 /// Waits for `not_before` (staged rollouts): Timer when it is time to apply.

@@ -18,7 +18,7 @@ use crate::git::GitCache;
 use crate::ledger::Ledger;
 use crate::targets::fake::{FakeFailure, FakeTarget};
 
-const T: Duration = Duration::from_secs(20);
+const T: Duration = Duration::from_secs(60);
 
 struct Repo {
     dir: tempfile::TempDir,
