@@ -160,7 +160,7 @@ struct RolloutArgs {
     /// Directory in the repository.
     #[arg(long, default_value = "")]
     path: String,
-    /// Sequence (default: current retained + 1).
+    /// Sequence (default: max(retained + 1, milliseconds since the epoch), the contract's rule).
     #[arg(long)]
     sequence: Option<u64>,
     /// Activate no earlier than this RFC 3339 time.

@@ -754,7 +754,8 @@ async fn interop_mosquitto_as_the_cloud_broker() {
 }
 
 /// The cloud-side command line, as an operator uses it: keygen, rollout (a branch resolved to
-/// a commit, the sequence taken from the retained message), status and events.
+/// a commit, the sequence by the contract's rule: max(retained + 1, now in ms)), status and
+/// events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_line_keygen_rollout_status_events() {
     harness::init();
@@ -820,8 +821,13 @@ async fn command_line_keygen_rollout_status_events() {
         args.extend_from_slice(extra);
         serde_json::from_str::<serde_json::Value>(roost(&args).trim()).expect("rollout JSON")
     };
+    let before = roost::fleet::now_ms();
     let r = rollout(&["--revision", "HEAD"]);
-    assert_eq!(r["sequence"], 1);
+    let seq1 = r["sequence"].as_u64().expect("sequence");
+    assert!(
+        seq1 >= before,
+        "the sequence is at least the clock in ms: {seq1} < {before}"
+    );
     assert_eq!(
         r["source"]["revision"],
         rev1.as_str(),
@@ -830,7 +836,22 @@ async fn command_line_keygen_rollout_status_events() {
     obs.wait_phase("store-0001", "web", "Converged", Some(&rev1), T)
         .await;
     let r2 = rollout(&["--revision", &rev1]);
-    assert_eq!(r2["sequence"], 2, "sequence = retained + 1");
+    let seq2 = r2["sequence"].as_u64().expect("sequence");
+    assert!(seq2 > seq1, "max(retained + 1, now in ms): {seq2} > {seq1}");
+    // A retained sequence ahead of the clock is a lower bound: the next one is above it.
+    let ahead = (roost::fleet::now_ms() + 3_600_000).to_string();
+    let r3 = rollout(&["--revision", &rev1, "--sequence", &ahead]);
+    assert_eq!(
+        r3["sequence"].to_string(),
+        ahead,
+        "an explicit --sequence is used"
+    );
+    let r4 = rollout(&["--revision", &rev1]);
+    assert_eq!(
+        r4["sequence"].as_u64(),
+        ahead.parse::<u64>().ok().map(|a| a + 1),
+        "retained + 1"
+    );
 
     let status = roost(&["status", "--broker", &broker, "--json"]);
     let v: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
