@@ -14,6 +14,10 @@ use roost_schemas::{
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
+pub use crate::rollout_wait::{
+    wait_for_rollout, RolloutWatch, StoreOutcome, StoreState, WaitReport, WaitTarget,
+};
+
 /// Errors of the cloud-side commands.
 #[derive(Debug, thiserror::Error)]
 pub enum CloudError {
