@@ -240,6 +240,9 @@ pub struct StoreView {
     /// The first decisive event about the rollout (rejected, failed for good, degraded,
     /// converged), as a state.
     pub event: Option<StoreState>,
+    /// The store has shown that it accepted the rollout (`rollout.received`, or its status
+    /// naming it): a newer sequence of the scope later means superseded, not a replay.
+    pub accepted: bool,
 }
 
 /// Reasons of a `Failed` phase that the agent retries by itself (the network, the API
@@ -263,7 +266,7 @@ pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
         .and_then(|doc| doc.deployments.get(&t.deployment));
     let desired = d.and_then(|d| d.desired.as_ref());
     if let (Some(d), Some(want)) = (d, desired) {
-        if want.scope == key && want.sequence > t.sequence {
+        if want.scope == key && want.sequence > t.sequence && v.accepted {
             return StoreState::Superseded {
                 sequence: want.sequence,
             };
@@ -311,9 +314,13 @@ pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
     if v.presence != Some(PresenceState::Online) {
         return StoreState::Deferred;
     }
-    let last = match d {
-        None => "has not reported the deployment yet".to_owned(),
-        Some(d) => {
+    let last = match (d, desired) {
+        (_, Some(w)) if w.scope == key && w.sequence > t.sequence && !v.accepted => format!(
+            "has accepted sequence {} of {key} already: sequence {} is a replay there",
+            w.sequence, t.sequence
+        ),
+        (None, _) => "has not reported the deployment yet".to_owned(),
+        (Some(d), _) => {
             let want = d
                 .desired
                 .as_ref()
@@ -339,21 +346,24 @@ pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
     StoreState::Waiting { last }
 }
 
-/// The decisive state an event carries for the rollout, if it is about it.
-pub fn event_state(t: &WaitTarget, e: &CloudEvent) -> Option<StoreState> {
+/// Whether an event is about the rollout (its deployment, sequence and scope or topic).
+fn is_about(t: &WaitTarget, e: &CloudEvent) -> bool {
     let data = &e.data;
     let s = |k: &str| data.get(k).and_then(|v| v.as_str());
-    if s("deployment") != Some(t.deployment.as_str())
-        || data.get("sequence").and_then(|v| v.as_u64()) != Some(t.sequence)
-    {
-        return None;
-    }
     let topic = Topics::default().deployment(&t.scope, &t.deployment);
-    let ours =
-        s("scope").is_none_or(|k| k == t.scope.key()) && s("topic").is_none_or(|x| x == topic);
-    if !ours {
+    s("deployment") == Some(t.deployment.as_str())
+        && data.get("sequence").and_then(|v| v.as_u64()) == Some(t.sequence)
+        && s("scope").is_none_or(|k| k == t.scope.key())
+        && s("topic").is_none_or(|x| x == topic)
+}
+
+/// The decisive state an event carries for the rollout, if it is about it.
+pub fn event_state(t: &WaitTarget, e: &CloudEvent) -> Option<StoreState> {
+    if !is_about(t, e) {
         return None;
     }
+    let data = &e.data;
+    let s = |k: &str| data.get(k).and_then(|v| v.as_str());
     let problem = |fallback: &str| {
         (
             s("reason").unwrap_or(fallback).to_owned(),
@@ -477,7 +487,16 @@ impl RolloutWatch {
         match kind {
             StoreTopicKind::Status => {
                 if let Ok(d) = serde_json::from_slice::<StatusDoc>(payload) {
-                    self.views.entry(store).or_default().status = Some(d);
+                    let v = self.views.entry(store).or_default();
+                    if let Some(t) = target {
+                        let names_ours = d
+                            .deployments
+                            .get(&t.deployment)
+                            .and_then(|x| x.desired.as_ref())
+                            .is_some_and(|w| w.scope == t.scope.key() && w.sequence == t.sequence);
+                        v.accepted |= names_ours;
+                    }
+                    v.status = Some(d);
                 }
             }
             StoreTopicKind::Presence => {
@@ -490,6 +509,9 @@ impl RolloutWatch {
                 let Ok(e) = serde_json::from_slice::<CloudEvent>(payload) else {
                     return;
                 };
+                if e.ty == roost_schemas::EventType::RolloutReceived.as_str() && is_about(t, &e) {
+                    self.views.entry(store.clone()).or_default().accepted = true;
+                }
                 if let Some(state) = event_state(t, &e) {
                     let v = self.views.entry(store).or_default();
                     // The first decisive event stands (a later converged does not undo a
@@ -634,6 +656,7 @@ mod tests {
             }),
             presence: Some(PresenceState::Online),
             event: None,
+            accepted: false,
         }
     }
 
@@ -692,8 +715,15 @@ mod tests {
         assert!(matches!(judge(&t, "s", &v), StoreState::Waiting { .. }));
         let v = view(&["canary"], "group:canary", 20, Phase::Degraded, 'b');
         assert!(matches!(judge(&t, "s", &v), StoreState::Failed { .. }));
-        // A newer rollout of the same scope replaced ours: not waited for.
-        let v = view(&["canary"], "group:canary", 21, Phase::Applying, 'a');
+        // A newer rollout of the same scope replaced ours: not waited for. Unless the store
+        // never accepted ours: then ours is a replay there, and its rejection is coming.
+        let mut v = view(&["canary"], "group:canary", 21, Phase::Applying, 'a');
+        assert!(
+            matches!(judge(&t, "s", &v), StoreState::Waiting { ref last } if last.contains("replay")),
+            "{:?}",
+            judge(&t, "s", &v)
+        );
+        v.accepted = true;
         assert_eq!(judge(&t, "s", &v), StoreState::Superseded { sequence: 21 });
         // Offline and not finished: deferred.
         let mut v = view(&["canary"], "group:canary", 19, Phase::Converged, 'a');
