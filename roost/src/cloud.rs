@@ -14,6 +14,10 @@ use roost_schemas::{
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
+pub use crate::rollout_wait::{
+    wait_for_rollout, RolloutWatch, StoreOutcome, StoreState, WaitReport, WaitTarget,
+};
+
 /// Errors of the cloud-side commands.
 #[derive(Debug, thiserror::Error)]
 pub enum CloudError {
@@ -159,7 +163,7 @@ pub struct RolloutSpec {
     pub not_before: Option<String>,
     /// Tombstone.
     pub remove: bool,
-    /// Sequence (None = current retained + 1).
+    /// Sequence (None: by the contract's rule, `max(retained + 1, now in ms)`).
     pub sequence: Option<u64>,
     /// The fleet-repository commit that caused this rollout (v1.1), if any.
     pub origin: Option<Origin>,
@@ -265,7 +269,27 @@ pub async fn publish_retained(
     res
 }
 
-/// Signs and publishes a rollout; the sequence defaults to the retained one + 1.
+/// The sequence for the next envelope on `topic` by the contract's rule,
+/// `max(retained + 1, milliseconds since the epoch)`: what the broker retains is only a lower
+/// bound (a broker that lost its retained messages must not make a new rollout a replay),
+/// the clock is what keeps sequences increasing without a record of our own.
+pub async fn next_sequence(broker: &str, topic: &str) -> Result<u64, CloudError> {
+    let cur = read_retained(broker, &[topic.to_owned()], Duration::from_secs(2)).await?;
+    let retained = cur
+        .iter()
+        .filter_map(|(_, p)| serde_json::from_slice::<Envelope>(p).ok())
+        .filter_map(|e| B64.decode(e.payload).ok())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter_map(|v| v.get("sequence").and_then(|s| s.as_u64()))
+        .max();
+    Ok(crate::fleet::sequence_rule(
+        retained.unwrap_or(0),
+        crate::fleet::now_ms(),
+    ))
+}
+
+/// Signs and publishes a rollout; the sequence, unless the spec gives one, follows the
+/// contract's rule ([`next_sequence`]).
 pub async fn rollout(
     broker: &str,
     topics: &Topics,
@@ -275,19 +299,7 @@ pub async fn rollout(
     let topic = topics.deployment(&spec.scope, &spec.deployment);
     let sequence = match spec.sequence {
         Some(s) => s,
-        None => {
-            let cur =
-                read_retained(broker, std::slice::from_ref(&topic), Duration::from_secs(2)).await?;
-            let last = cur
-                .iter()
-                .filter_map(|(_, p)| serde_json::from_slice::<Envelope>(p).ok())
-                .filter_map(|e| B64.decode(e.payload).ok())
-                .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .filter_map(|v| v.get("sequence").and_then(|s| s.as_u64()))
-                .max()
-                .unwrap_or(0);
-            last + 1
-        }
+        None => next_sequence(broker, &topic).await?,
     };
     let (rollout, env) = sign_rollout(key, spec, sequence)?;
     let bytes = serde_json::to_vec(&env).map_err(|e| CloudError::Usage(e.to_string()))?;

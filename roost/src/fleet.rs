@@ -1,11 +1,20 @@
 //! `roost fleet`: the cloud-side record of the fleet. Subscribes to every store's status,
 //! events and presence and to all deployment topics; stores them in SQLite (events
 //! deduplicated by `id`, gaps in each store's `roostseq` detected); and keeps the latest
-//! desired-state envelope per topic, restoring them retained whenever the cloud broker comes
-//! back without a session (rumqttd keeps nothing across a restart). A topic is restored only
-//! if the broker does not hold it, or holds an older sequence, once the new subscription's
-//! retained messages have arrived: an envelope published while the service was reconnecting
-//! is never replaced by an older one.
+//! desired-state envelope per topic, restoring them retained when the cloud broker lost them.
+//!
+//! "Session present" is no proof that retained state survived (mosquitto killed with -9
+//! comes back from its last autosave with our session but without newer retained messages;
+//! rumqttd keeps nothing). So on **every** connection of the service's link a fresh
+//! clean-session reader ([`check_broker`]) subscribes to the deployment topics, collects what
+//! the broker holds, and republishes every recorded envelope the broker lacks or holds in an
+//! older sequence. The reader stays subscribed until it has published, so an envelope
+//! published meanwhile (while the service was reconnecting) is seen and never replaced by an
+//! older one; and should the broker still show an older envelope than the record afterwards
+//! (a publish racing ours), the link republishes the record's newest.
+//!
+//! SQLite work (fsynced: `synchronous=FULL`) runs on the blocking pool, never on the async
+//! runtime; one batch of incoming messages is one transaction.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,9 +23,10 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use roost_runtime::{DirectMessage, Incoming, Link, LinkConfig};
+use roost_runtime::{Backoff, DirectMessage, Incoming, Link, LinkConfig};
 use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::{CloudEvent, Envelope, Topics};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument as _};
@@ -33,6 +43,48 @@ pub enum FleetError {
     /// Bad arguments.
     #[error("{0}")]
     Usage(String),
+    /// A blocking database task could not run to its end.
+    #[error("fleet database task: {0}")]
+    Task(String),
+    /// The broker check's MQTT connection failed.
+    #[error("cloud broker: {0}")]
+    Mqtt(String),
+}
+
+/// One incoming message as the fleet record stores it.
+#[derive(Debug, Clone)]
+pub enum FleetItem {
+    /// A store's event: (store, parsed event, raw JSON).
+    Event(String, Box<CloudEvent>, String),
+    /// A store's status document: (store, raw JSON).
+    Status(String, String),
+    /// A store's presence document: (store, raw JSON).
+    Presence(String, String),
+    /// A deployment topic's envelope (empty payload: the topic was cleared).
+    Desired(String, Vec<u8>),
+}
+
+/// What recording one batch found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Events that were new (not duplicates).
+    pub new_events: usize,
+    /// Deployment topics on which the broker showed an older envelope than the record:
+    /// (topic, the record's newest envelope), to publish again.
+    pub regressed: Vec<(String, Vec<u8>)>,
+}
+
+/// What storing one deployment envelope did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DesiredWrite {
+    /// Stored (new, same or newer sequence).
+    Stored,
+    /// The topic was cleared (empty payload): the record forgets it.
+    Cleared,
+    /// Older than the recorded one, which is kept (its payload).
+    Older(Vec<u8>),
+    /// No readable sequence: ignored.
+    Unreadable,
 }
 
 /// A missing range of a store's `roostseq`.
@@ -115,6 +167,19 @@ impl FleetDb {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f` on the blocking thread pool: every call of this database may fsync, which
+    /// must not stall the async runtime. For async callers (the GitOps controller too).
+    pub async fn call<T, F>(&self, f: F) -> Result<T, FleetError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&FleetDb) -> Result<T, FleetError> + Send + 'static,
+    {
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| FleetError::Task(e.to_string()))?
+    }
+
     /// Records a batch of events in one transaction; returns how many were new.
     pub fn record_events(
         &self,
@@ -122,61 +187,53 @@ impl FleetDb {
     ) -> Result<usize, FleetError> {
         let mut c = self.lock();
         let tx = c.transaction()?;
-        let mut new = 0usize;
-        for (store, e, json) in events {
-            let n = tx.execute(
-                "INSERT OR IGNORE INTO events(id, store, roostseq, type, subject, time, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![e.id, store, e.roostseq as i64, e.ty, e.subject, e.time, json],
-            )?;
-            new += n;
-        }
-        let dups = (events.len() - new) as i64;
-        if dups > 0 {
-            tx.execute(
-                "INSERT INTO counters(key, value) VALUES ('duplicates', ?1) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
-                [dups],
-            )?;
-        }
+        let new = insert_events(&tx, events.iter().map(|(s, e, j)| (s, e, j)))?;
         tx.commit()?;
         Ok(new)
     }
 
     /// Records a status or presence document.
     pub fn record_doc(&self, table: &str, store: &str, json: &str) -> Result<(), FleetError> {
-        let sql = match table {
-            "status" => "INSERT INTO status(store, json, received_at) VALUES (?1, ?2, ?3) ON CONFLICT(store) DO UPDATE SET json = excluded.json, received_at = excluded.received_at",
-            _ => "INSERT INTO presence(store, json, received_at) VALUES (?1, ?2, ?3) ON CONFLICT(store) DO UPDATE SET json = excluded.json, received_at = excluded.received_at",
-        };
-        self.lock()
-            .execute(sql, params![store, json, roost_schemas::now_rfc3339()])?;
-        Ok(())
+        upsert_doc(&self.lock(), table == "status", store, json)
     }
 
     /// Keeps the envelope if its sequence is not older than the stored one. Returns whether
-    /// it was stored.
+    /// it was stored (or, for an empty payload, the topic forgotten).
     pub fn record_desired(&self, topic: &str, payload: &[u8]) -> Result<bool, FleetError> {
-        let seq = envelope_sequence(payload);
-        let c = self.lock();
-        let cur: Option<i64> = c
-            .query_row(
-                "SELECT sequence FROM desired WHERE topic = ?1",
-                [topic],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if payload.is_empty() {
-            c.execute("DELETE FROM desired WHERE topic = ?1", [topic])?;
-            return Ok(true);
+        Ok(matches!(
+            upsert_desired(&self.lock(), topic, payload)?,
+            DesiredWrite::Stored | DesiredWrite::Cleared
+        ))
+    }
+
+    /// Records a batch of incoming messages in one transaction (one fsync for all of it).
+    /// Nothing of a failed batch is recorded: its messages must not be acknowledged.
+    pub fn record_batch(&self, items: &[FleetItem]) -> Result<BatchOutcome, FleetError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let mut out = BatchOutcome::default();
+        let events = items.iter().filter_map(|i| match i {
+            FleetItem::Event(s, e, j) => Some((s, e.as_ref(), j)),
+            _ => None,
+        });
+        out.new_events = insert_events(&tx, events)?;
+        for item in items {
+            match item {
+                FleetItem::Event(..) => {}
+                FleetItem::Status(store, json) => upsert_doc(&tx, true, store, json)?,
+                FleetItem::Presence(store, json) => upsert_doc(&tx, false, store, json)?,
+                FleetItem::Desired(topic, payload) => {
+                    // In broker order: what the broker shows last for a topic is what it holds.
+                    let write = upsert_desired(&tx, topic, payload)?;
+                    out.regressed.retain(|(t, _)| t != topic);
+                    if let DesiredWrite::Older(ours) = write {
+                        out.regressed.push((topic.clone(), ours));
+                    }
+                }
+            }
         }
-        let Some(seq) = seq else { return Ok(false) };
-        if cur.is_some_and(|c| c > seq as i64) {
-            return Ok(false);
-        }
-        c.execute(
-            "INSERT INTO desired(topic, sequence, payload) VALUES (?1, ?2, ?3) ON CONFLICT(topic) DO UPDATE SET sequence = excluded.sequence, payload = excluded.payload",
-            params![topic, seq as i64, payload],
-        )?;
-        Ok(true)
+        tx.commit()?;
+        Ok(out)
     }
 
     /// Runs `f` in one transaction (blocking: call it from a blocking thread).
@@ -309,6 +366,66 @@ impl FleetDb {
     }
 }
 
+fn insert_events<'a>(
+    c: &Connection,
+    events: impl Iterator<Item = (&'a String, &'a CloudEvent, &'a String)>,
+) -> Result<usize, FleetError> {
+    let mut new = 0usize;
+    let mut total = 0usize;
+    for (store, e, json) in events {
+        total += 1;
+        new += c.execute(
+            "INSERT OR IGNORE INTO events(id, store, roostseq, type, subject, time, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![e.id, store, e.roostseq as i64, e.ty, e.subject, e.time, json],
+        )?;
+    }
+    let dups = (total - new) as i64;
+    if dups > 0 {
+        c.execute(
+            "INSERT INTO counters(key, value) VALUES ('duplicates', ?1) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+            [dups],
+        )?;
+    }
+    Ok(new)
+}
+
+fn upsert_doc(c: &Connection, status: bool, store: &str, json: &str) -> Result<(), FleetError> {
+    let sql = if status {
+        "INSERT INTO status(store, json, received_at) VALUES (?1, ?2, ?3) ON CONFLICT(store) DO UPDATE SET json = excluded.json, received_at = excluded.received_at"
+    } else {
+        "INSERT INTO presence(store, json, received_at) VALUES (?1, ?2, ?3) ON CONFLICT(store) DO UPDATE SET json = excluded.json, received_at = excluded.received_at"
+    };
+    c.execute(sql, params![store, json, roost_schemas::now_rfc3339()])?;
+    Ok(())
+}
+
+fn upsert_desired(c: &Connection, topic: &str, payload: &[u8]) -> Result<DesiredWrite, FleetError> {
+    if payload.is_empty() {
+        c.execute("DELETE FROM desired WHERE topic = ?1", [topic])?;
+        return Ok(DesiredWrite::Cleared);
+    }
+    let Some(seq) = envelope_sequence(payload) else {
+        return Ok(DesiredWrite::Unreadable);
+    };
+    let cur: Option<(i64, Vec<u8>)> = c
+        .query_row(
+            "SELECT sequence, payload FROM desired WHERE topic = ?1",
+            [topic],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    if let Some((cur, ours)) = cur {
+        if cur > seq as i64 {
+            return Ok(DesiredWrite::Older(ours));
+        }
+    }
+    c.execute(
+        "INSERT INTO desired(topic, sequence, payload) VALUES (?1, ?2, ?3) ON CONFLICT(topic) DO UPDATE SET sequence = excluded.sequence, payload = excluded.payload",
+        params![topic, seq as i64, payload],
+    )?;
+    Ok(DesiredWrite::Stored)
+}
+
 /// The rollout sequence inside an envelope, without verifying it.
 pub fn envelope_sequence(payload: &[u8]) -> Option<u64> {
     let env: Envelope = serde_json::from_slice(payload).ok()?;
@@ -355,16 +472,12 @@ pub async fn run(
     }
     let mut link = Link::start(lc, None, cancel.child_token())?;
     let handle = link.handle.clone();
-    // A broker that lost our session (restarted) has lost its retained messages too: restore
-    // them, after a quiet period in which the broker shows what it still (or already) holds.
     let mut sessions = link.handle.sessions();
     let span = tracing::info_span!("fleet");
     async move {
-        let mut restore: Option<Restore> = None;
-        // Per deployment topic: the connection and sequence of the newest message seen.
-        let mut latest: HashMap<String, (u64, Option<u64>)> = HashMap::new();
+        // The broker check of the current connection (a newer connection cancels it).
+        let mut check: Option<(CancellationToken, tokio::task::JoinHandle<()>)> = None;
         loop {
-            let deadline = restore.as_ref().map(|r| r.deadline);
             let first: Incoming = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -372,24 +485,22 @@ pub async fn run(
                     if changed.is_err() {
                         break; // the link task is gone
                     }
+                    // Every connection, with or without a session: a broker that kept our
+                    // session may still have lost retained messages (mosquitto after kill -9).
                     let (connection, session_present) = *sessions.borrow_and_update();
-                    if !session_present {
-                        restore = Some(Restore::new(connection, &latest));
+                    if let Some((c, _)) = check.take() {
+                        c.cancel();
                     }
+                    let c = cancel.child_token();
+                    let task = tokio::spawn(
+                        check_broker(opts.clone(), db.clone(), c.clone()).instrument(
+                            tracing::info_span!("broker_check", connection, session_present),
+                        ),
+                    );
+                    check = Some((c, task));
                     continue;
                 }
                 m = link.incoming.recv() => match m { Some(m) => m, None => break },
-                _ = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    if let Some(r) = restore.take() {
-                        r.finish(&db, &handle);
-                    }
-                    continue;
-                }
             };
             let mut batch = vec![first];
             while batch.len() < 1000 {
@@ -398,60 +509,33 @@ pub async fn run(
                     Err(_) => break,
                 }
             }
-            let mut events = Vec::new();
-            for m in &batch {
-                if topics.parse_deployment(&m.topic).is_some() {
-                    let seq = seen_sequence(&m.payload);
-                    latest.insert(m.topic.clone(), (m.connection, seq));
-                    if let Some(r) = restore.as_mut() {
-                        r.saw(m.connection, &m.topic, seq);
-                    }
-                    if let Err(error) = db.record_desired(&m.topic, &m.payload) {
-                        warn!(%error, "cannot record desired state");
-                    }
+            let items: Vec<FleetItem> = batch.iter().filter_map(|m| item(&topics, m)).collect();
+            let recorded = db.call(move |db| db.record_batch(&items)).await;
+            let outcome = match recorded {
+                Ok(o) => o,
+                Err(error) => {
+                    // Not acknowledged: the broker redelivers to our persistent session.
+                    warn!(error = %roost_runtime::error_chain(&error), "cannot record a batch");
                     continue;
                 }
-                match topics.parse_store_topic(&m.topic) {
-                    Some((store, StoreTopicKind::Events)) => {
-                        match serde_json::from_slice::<CloudEvent>(&m.payload) {
-                            Ok(e) => events.push((
-                                store,
-                                e,
-                                String::from_utf8_lossy(&m.payload).into_owned(),
-                            )),
-                            Err(error) => warn!(%error, %store, "event is not a CloudEvent"),
-                        }
-                    }
-                    Some((store, StoreTopicKind::Status)) => {
-                        if let Err(error) =
-                            db.record_doc("status", &store, &String::from_utf8_lossy(&m.payload))
-                        {
-                            warn!(%error, "cannot record status");
-                        }
-                    }
-                    Some((store, StoreTopicKind::Presence)) => {
-                        if let Err(error) =
-                            db.record_doc("presence", &store, &String::from_utf8_lossy(&m.payload))
-                        {
-                            warn!(%error, "cannot record presence");
-                        }
-                    }
-                    None => {}
-                }
-            }
-            if !events.is_empty() {
-                match db.record_events(&events) {
-                    Ok(_) => {}
-                    Err(error) => {
-                        // Not acknowledged: the broker redelivers to our persistent session.
-                        warn!(%error, "cannot record events");
-                        continue;
-                    }
-                }
+            };
+            for (topic, payload) in outcome.regressed {
+                // The broker shows an older envelope than the record holds (a restore racing
+                // a publish, or a publisher with a stale sequence): the newest stands.
+                warn!(%topic, "the cloud broker holds an older envelope than the fleet record; publishing the record's again");
+                let _ = handle.publish(DirectMessage {
+                    topic,
+                    payload,
+                    retain: true,
+                });
             }
             for m in &batch {
                 handle.ack(m);
             }
+        }
+        if let Some((c, task)) = check.take() {
+            c.cancel();
+            let _ = task.await;
         }
         let _ = link.task.await;
     }
@@ -494,6 +578,200 @@ pub fn put_desired_in(
     Ok(())
 }
 
+/// What the fleet record keeps of one incoming message (None: not a fleet topic, or not
+/// readable).
+fn item(topics: &Topics, m: &Incoming) -> Option<FleetItem> {
+    if topics.parse_deployment(&m.topic).is_some() {
+        return Some(FleetItem::Desired(m.topic.clone(), m.payload.clone()));
+    }
+    let text = || String::from_utf8_lossy(&m.payload).into_owned();
+    match topics.parse_store_topic(&m.topic)? {
+        (store, StoreTopicKind::Events) => match serde_json::from_slice::<CloudEvent>(&m.payload) {
+            Ok(e) => Some(FleetItem::Event(store, Box::new(e), text())),
+            Err(error) => {
+                warn!(%error, %store, "event is not a CloudEvent");
+                None
+            }
+        },
+        (store, StoreTopicKind::Status) => Some(FleetItem::Status(store, text())),
+        (store, StoreTopicKind::Presence) => Some(FleetItem::Presence(store, text())),
+    }
+}
+
+/// What one broker check found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Deployment topics the broker holds (retained, or published during the check).
+    pub held: usize,
+    /// Topics republished from the record (missing on the broker, or older there).
+    pub restored: Vec<String>,
+}
+
+/// Compares what the cloud broker holds on the deployment topics with the fleet record and
+/// republishes (retained, QoS 1) what it lacks or holds older, retrying with backoff until
+/// it succeeds or `cancel` fires (the next connection of the link starts a new check).
+pub async fn check_broker(opts: FleetOptions, db: FleetDb, cancel: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = check_once(&opts, &db) => r,
+        };
+        match result {
+            Ok(report) => {
+                if report.restored.is_empty() {
+                    info!(
+                        held = report.held,
+                        "the cloud broker holds the recorded desired state"
+                    );
+                } else {
+                    info!(
+                        held = report.held,
+                        restored = report.restored.len(),
+                        topics = ?report.restored,
+                        "restored desired state on the cloud broker"
+                    );
+                }
+                return;
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot compare the cloud broker's desired state with the fleet record");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// How long a broker check waits: retained messages follow the SUBACK within milliseconds;
+/// it waits until deployment messages have been quiet for `CHECK_QUIET`, at most `CHECK_MAX`.
+const CHECK_QUIET: Duration = Duration::from_millis(500);
+const CHECK_MAX: Duration = Duration::from_secs(10);
+
+async fn check_once(opts: &FleetOptions, db: &FleetDb) -> Result<CheckReport, FleetError> {
+    let mqtt = |e: &dyn std::fmt::Display| FleetError::Mqtt(e.to_string());
+    let id = format!("{}-check-{:08x}", opts.client_id, rand::random::<u32>());
+    let mut o = MqttOptions::new(id, opts.host.clone(), opts.port);
+    // A clean session: what it receives after SUBACK is exactly what the broker holds now,
+    // plus whatever is published while it listens.
+    o.set_clean_session(true);
+    o.set_keep_alive(Duration::from_secs(5));
+    o.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut ev) = AsyncClient::new(o, 64);
+    let filters = Topics::default().all_deployment_filters();
+    client
+        .subscribe_many(
+            filters
+                .iter()
+                .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+        )
+        .await
+        .map_err(|e| mqtt(&e))?;
+    let mut seen: HashMap<String, Option<u64>> = HashMap::new();
+    let saw = |seen: &mut HashMap<String, Option<u64>>, p: &rumqttc::Publish| {
+        let seq = seen_sequence(&p.payload);
+        let e = seen.entry(p.topic.clone()).or_insert(seq);
+        *e = (*e).max(seq);
+    };
+    let result = async {
+        let deadline = tokio::time::Instant::now() + CHECK_MAX;
+        let mut quiet_from: Option<tokio::time::Instant> = None;
+        loop {
+            let until = match quiet_from {
+                Some(t) => (t + CHECK_QUIET).min(deadline),
+                None => deadline,
+            };
+            match tokio::time::timeout_at(until, ev.poll()).await {
+                Err(_) if quiet_from.is_some() => break,
+                Err(_) => return Err(FleetError::Mqtt("no SUBACK in time".into())),
+                Ok(Err(e)) => return Err(mqtt(&e)),
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                    quiet_from = Some(tokio::time::Instant::now());
+                }
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                    saw(&mut seen, &p);
+                    if quiet_from.is_some() {
+                        quiet_from = Some(tokio::time::Instant::now());
+                    }
+                }
+                Ok(Ok(_)) => {}
+            }
+        }
+        let desired = db.call(|db| db.desired()).await?;
+        // Anything published while the record was read counts too.
+        while let Ok(r) = tokio::time::timeout(Duration::from_millis(20), ev.poll()).await {
+            match r {
+                Ok(Event::Incoming(Packet::Publish(p))) => saw(&mut seen, &p),
+                Ok(_) => {}
+                Err(e) => return Err(mqtt(&e)),
+            }
+        }
+        let stale = stale_topics(&seen, desired);
+        let mut next = stale.iter();
+        let mut to_send = next.next();
+        let mut acked = 0usize;
+        let deadline = tokio::time::Instant::now() + CHECK_MAX;
+        while acked < stale.len() {
+            tokio::select! {
+                r = async {
+                    match to_send {
+                        Some((t, p)) => client.publish(t.clone(), QoS::AtLeastOnce, true, p.clone()).await,
+                        None => std::future::pending().await,
+                    }
+                }, if to_send.is_some() => {
+                    r.map_err(|e| mqtt(&e))?;
+                    to_send = next.next();
+                }
+                e = tokio::time::timeout_at(deadline, ev.poll()) => match e {
+                    Err(_) => return Err(FleetError::Mqtt("no PUBACK in time".into())),
+                    Ok(Err(e)) => return Err(mqtt(&e)),
+                    Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+                    Ok(Ok(_)) => {}
+                },
+            }
+        }
+        Ok(CheckReport {
+            held: seen.len(),
+            restored: stale.into_iter().map(|(t, _)| t).collect(),
+        })
+    }
+    .await;
+    let _ = client.try_disconnect();
+    // Let the DISCONNECT go out (bounded): a clean end instead of a dropped socket.
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        while let Ok(e) = ev.poll().await {
+            if matches!(e, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
+    result
+}
+
+/// The recorded envelopes the broker does not hold in this or a newer version. `seen` maps a
+/// deployment topic to the newest sequence the broker showed (None: cleared or unreadable
+/// there, someone else's decision, left alone).
+pub fn stale_topics(
+    seen: &HashMap<String, Option<u64>>,
+    desired: Vec<(String, Vec<u8>)>,
+) -> Vec<(String, Vec<u8>)> {
+    desired
+        .into_iter()
+        .filter(|(topic, payload)| {
+            let ours = envelope_sequence(payload);
+            match seen.get(topic) {
+                None => true,
+                Some(None) => false,
+                Some(Some(theirs)) => ours.is_some_and(|o| o > *theirs),
+            }
+        })
+        .collect()
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -516,94 +794,6 @@ fn seen_sequence(payload: &[u8]) -> Option<u64> {
         None
     } else {
         envelope_sequence(payload)
-    }
-}
-
-/// A pending restore of the desired state after the broker lost our session.
-struct Restore {
-    /// The connection that came up without a session.
-    connection: u64,
-    started: tokio::time::Instant,
-    deadline: tokio::time::Instant,
-    /// What the broker delivered per deployment topic on that connection (or later).
-    seen: HashMap<String, Option<u64>>,
-}
-
-impl Restore {
-    /// Retained messages follow the SUBACK within milliseconds; wait at least this long, and
-    /// until deployment messages have been quiet for `QUIET`, but no longer than `MAX`.
-    const MIN: Duration = Duration::from_millis(1000);
-    const QUIET: Duration = Duration::from_millis(300);
-    const MAX: Duration = Duration::from_secs(5);
-
-    /// A restore for `connection`, counting what was already processed from it.
-    fn new(connection: u64, latest: &HashMap<String, (u64, Option<u64>)>) -> Restore {
-        let now = tokio::time::Instant::now();
-        Restore {
-            connection,
-            started: now,
-            deadline: now + Self::MIN,
-            seen: latest
-                .iter()
-                .filter(|(_, (c, _))| *c >= connection)
-                .map(|(t, (_, s))| (t.clone(), *s))
-                .collect(),
-        }
-    }
-
-    fn saw(&mut self, connection: u64, topic: &str, seq: Option<u64>) {
-        if connection < self.connection {
-            return;
-        }
-        let e = self.seen.entry(topic.to_owned()).or_insert(seq);
-        *e = (*e).max(seq);
-        let now = tokio::time::Instant::now();
-        self.deadline = self
-            .deadline
-            .max(now + Self::QUIET)
-            .min(self.started + Self::MAX);
-    }
-
-    /// The stored envelopes the broker does not hold in this or a newer version.
-    fn missing(&self, desired: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
-        desired
-            .into_iter()
-            .filter(|(topic, payload)| {
-                let ours = envelope_sequence(payload);
-                match self.seen.get(topic) {
-                    None => true,
-                    // Cleared or unreadable on the broker: someone else's decision; leave it.
-                    Some(None) => false,
-                    Some(Some(theirs)) => ours.is_some_and(|o| o > *theirs),
-                }
-            })
-            .collect()
-    }
-
-    /// Republishes, retained, every stored envelope the broker does not hold in this or a
-    /// newer version.
-    fn finish(self, db: &FleetDb, handle: &roost_runtime::LinkHandle) {
-        let desired = match db.desired() {
-            Ok(d) => d,
-            Err(error) => {
-                warn!(%error, "cannot read desired state to restore");
-                return;
-            }
-        };
-        let missing = self.missing(desired);
-        if !missing.is_empty() {
-            info!(
-                count = missing.len(),
-                "restoring desired state on the cloud broker"
-            );
-        }
-        for (topic, payload) in missing {
-            let _ = handle.publish(DirectMessage {
-                topic,
-                payload,
-                retain: true,
-            });
-        }
     }
 }
 
@@ -721,23 +911,67 @@ mod tests {
             ))
             .expect("json")
         };
-        // Seen before the session was lost (connection 1) does not count; connection 2 does.
-        let latest: HashMap<String, (u64, Option<u64>)> = [
-            ("old".to_string(), (1, Some(5))),
-            ("newer".to_string(), (2, Some(7))),
+        // What the broker showed the check: "same" as recorded, "newer" than recorded,
+        // "older" than recorded, "cleared" (empty or unreadable there); "gone" not at all.
+        let seen: HashMap<String, Option<u64>> = [
+            ("same".to_string(), Some(5)),
+            ("newer".to_string(), Some(7)),
+            ("older".to_string(), Some(2)),
+            ("cleared".to_string(), None),
         ]
         .into_iter()
         .collect();
-        let mut r = Restore::new(2, &latest);
-        r.saw(2, "older", Some(2));
-        r.saw(1, "gone", Some(9)); // from the connection before: ignored
         let desired = vec![
-            ("old".to_string(), env(5)),
+            ("same".to_string(), env(5)),
             ("newer".to_string(), env(6)),
             ("older".to_string(), env(3)),
+            ("cleared".to_string(), env(8)),
             ("gone".to_string(), env(4)),
         ];
-        let topics: Vec<String> = r.missing(desired).into_iter().map(|(t, _)| t).collect();
-        assert_eq!(topics, vec!["old", "older", "gone"]);
+        let topics: Vec<String> = stale_topics(&seen, desired)
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        assert_eq!(topics, vec!["older", "gone"]);
+    }
+
+    #[test]
+    fn a_batch_is_one_transaction_and_reports_what_the_broker_shows_older() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = FleetDb::open(&dir.path().join("f.db")).expect("open");
+        let key = roost_schemas::SigningKey::from_seed(&[1; 32]).expect("key");
+        let env = |seq: u64| {
+            serde_json::to_vec(&key.sign(
+                roost_schemas::PAYLOAD_TYPE,
+                format!("{{\"sequence\":{seq}}}").as_bytes(),
+            ))
+            .expect("json")
+        };
+        let d = |t: &str, seq: u64| FleetItem::Desired(t.into(), env(seq));
+        let (_, e, j) = ev("a", 1);
+        let out = db
+            .record_batch(&[
+                FleetItem::Event("s1".into(), Box::new(e), j),
+                FleetItem::Status("s1".into(), "{}".into()),
+                d("t1", 5),
+                d("t2", 5),
+            ])
+            .expect("batch");
+        assert_eq!(out.new_events, 1);
+        assert!(out.regressed.is_empty());
+        // In broker order: t1 shows 3 after our 5 (the broker holds an older one: publish 5
+        // again); t2 shows 3 and then 6 (it holds the newest: nothing to do).
+        let out = db
+            .record_batch(&[d("t1", 3), d("t2", 3), d("t2", 6)])
+            .expect("batch");
+        assert_eq!(out.regressed, vec![("t1".to_string(), env(5))]);
+        let seqs: Vec<Option<u64>> = db
+            .desired()
+            .expect("desired")
+            .iter()
+            .map(|(_, p)| envelope_sequence(p))
+            .collect();
+        assert_eq!(seqs, vec![Some(5), Some(6)]);
+        assert_eq!(db.counts().expect("counts").events, 1);
     }
 }

@@ -5,6 +5,7 @@ pub mod broker;
 pub mod cloud;
 pub mod fleet;
 pub mod gitops;
+pub mod rollout_wait;
 pub mod sim;
 pub mod sim_controller;
 pub mod up;

@@ -186,7 +186,8 @@ enum Cmd {
         wait: u64,
     },
     /// The cloud-side fleet record: status, events (deduplicated, gaps detected) and desired
-    /// state, kept in SQLite; restores retained desired state after a cloud broker restart.
+    /// state, kept in SQLite; puts back retained desired state the cloud broker lost (checked on
+    /// every connection).
     ///
     /// With `--repo` it is also the GitOps controller: it watches the fleet repository's
     /// `roost.yaml` and rolls each change out as signed rollouts, wave by wave.
@@ -301,7 +302,7 @@ struct RolloutArgs {
     /// Directory in the repository.
     #[arg(long, default_value = "")]
     path: String,
-    /// Sequence (default: current retained + 1).
+    /// Sequence (default: max(retained + 1, milliseconds since the epoch), the contract's rule).
     #[arg(long)]
     sequence: Option<u64>,
     /// Activate no earlier than this RFC 3339 time.
@@ -319,6 +320,14 @@ struct RolloutArgs {
     /// Publish a tombstone.
     #[arg(long)]
     remove: bool,
+    /// Follow the targeted stores after publishing: exit 0 only when every targeted online
+    /// store converged on the revision, non-zero naming each store that rejected it, failed or
+    /// timed out (offline stores are deferred, stores where another scope wins overridden).
+    #[arg(long, conflicts_with = "remove")]
+    wait: bool,
+    /// With --wait: give up after this many seconds.
+    #[arg(long, default_value_t = 300, requires = "wait")]
+    timeout: u64,
 }
 
 fn init_tracing(format: &str, cmd: &Cmd) {
@@ -589,11 +598,36 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 sequence: a.sequence,
                 origin: None,
             };
+            // Subscribed before publishing: a rejection is an event, and an event from before
+            // the subscription is never seen.
+            let watch = if a.wait {
+                Some(
+                    interruptible(&cancel, async {
+                        Ok(cloud::RolloutWatch::start(&a.broker).await?)
+                    })
+                    .await?,
+                )
+            } else {
+                None
+            };
             let r = interruptible(&cancel, async {
                 Ok(cloud::rollout(&a.broker, &Topics::default(), &key, &spec).await?)
             })
             .await?;
             println!("{}", serde_json::to_string(&r)?);
+            if let Some(watch) = watch {
+                let target = cloud::WaitTarget::of(&r)?;
+                let timeout = Duration::from_secs(a.timeout);
+                let report =
+                    interruptible(&cancel, async { Ok(watch.wait(&target, timeout).await?) })
+                        .await?;
+                for line in report.lines() {
+                    println!("{line}");
+                }
+                if let Some(why) = report.failure() {
+                    anyhow::bail!(why);
+                }
+            }
         }
         Cmd::Status {
             broker,

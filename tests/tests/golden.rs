@@ -767,7 +767,8 @@ async fn interop_mosquitto_as_the_cloud_broker() {
 }
 
 /// The cloud-side command line, as an operator uses it: keygen, rollout (a branch resolved to
-/// a commit, the sequence taken from the retained message), status and events.
+/// a commit, the sequence by the contract's rule: max(retained + 1, now in ms)), status and
+/// events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_line_keygen_rollout_status_events() {
     harness::init();
@@ -833,8 +834,13 @@ async fn command_line_keygen_rollout_status_events() {
         args.extend_from_slice(extra);
         serde_json::from_str::<serde_json::Value>(roost(&args).trim()).expect("rollout JSON")
     };
+    let before = roost::fleet::now_ms();
     let r = rollout(&["--revision", "HEAD"]);
-    assert_eq!(r["sequence"], 1);
+    let seq1 = r["sequence"].as_u64().expect("sequence");
+    assert!(
+        seq1 >= before,
+        "the sequence is at least the clock in ms: {seq1} < {before}"
+    );
     assert_eq!(
         r["source"]["revision"],
         rev1.as_str(),
@@ -843,7 +849,22 @@ async fn command_line_keygen_rollout_status_events() {
     obs.wait_phase("store-0001", "web", "Converged", Some(&rev1), T)
         .await;
     let r2 = rollout(&["--revision", &rev1]);
-    assert_eq!(r2["sequence"], 2, "sequence = retained + 1");
+    let seq2 = r2["sequence"].as_u64().expect("sequence");
+    assert!(seq2 > seq1, "max(retained + 1, now in ms): {seq2} > {seq1}");
+    // A retained sequence ahead of the clock is a lower bound: the next one is above it.
+    let ahead = (roost::fleet::now_ms() + 3_600_000).to_string();
+    let r3 = rollout(&["--revision", &rev1, "--sequence", &ahead]);
+    assert_eq!(
+        r3["sequence"].to_string(),
+        ahead,
+        "an explicit --sequence is used"
+    );
+    let r4 = rollout(&["--revision", &rev1]);
+    assert_eq!(
+        r4["sequence"].as_u64(),
+        ahead.parse::<u64>().ok().map(|a| a + 1),
+        "retained + 1"
+    );
 
     let status = roost(&["status", "--broker", &broker, "--json"]);
     let v: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
@@ -1227,5 +1248,513 @@ async fn up_stops_on_sigterm_and_sigint() {
         // Ready: the fleet converged and it stays up.
         up.wait_stdout("staying up", Duration::from_secs(60)).await;
         up.stop_with(sig).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durable sequences and restoring desired state after a cloud broker crash; `roost rollout
+// --wait`.
+
+/// `text` without ANSI colour sequences (`ESC [ … m`), as a log reader sees it.
+fn without_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `roost ARGS…` run to its end: (exit status success, stdout, stderr).
+fn roost_cmd(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(harness::roost_bin())
+        .args(args)
+        .env("ROOST_LOG", "error")
+        .stdin(Stdio::null())
+        .output()
+        .expect("roost");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `roost keygen` into `dir`: (private key file, a signer with that key).
+fn keygen(dir: &Path) -> (PathBuf, Signer) {
+    let keys = dir.join("keys");
+    let (ok, out, err) = roost_cmd(&["keygen", "--dir", keys.to_str().expect("utf8")]);
+    assert!(ok, "roost keygen: {err}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("key id "))
+        .expect("key id line")
+        .to_owned();
+    let file = keys.join(format!("{id}.key"));
+    let signer = Signer {
+        key: roost::cloud::load_key(&file).expect("load key"),
+    };
+    (file, signer)
+}
+
+/// The rollout JSON `roost rollout` prints on its first line of stdout.
+fn rollout_json(stdout: &str) -> serde_json::Value {
+    let first = stdout.lines().next().unwrap_or_default();
+    serde_json::from_str(first).unwrap_or_else(|e| panic!("rollout JSON ({e}): {stdout}"))
+}
+
+/// A cloud broker the test can kill with SIGKILL and start again on the same port: Debian's
+/// mosquitto with persistence (that never autosaves), or `roost broker` (rumqttd, which keeps
+/// nothing).
+enum CrashableBroker {
+    Mosquitto {
+        bin: &'static str,
+        conf: PathBuf,
+        child: std::process::Child,
+        addr: SocketAddr,
+    },
+    Roost(BrokerProcess),
+}
+
+impl CrashableBroker {
+    fn mosquitto(bin: &'static str, dir: &Path) -> CrashableBroker {
+        use std::os::unix::fs::PermissionsExt as _;
+        // mosquitto drops privileges to its own user: its persistence directory (and every
+        // parent) must be reachable and writable by it.
+        let data = dir.join("mosquitto");
+        std::fs::create_dir_all(&data).expect("mosquitto dir");
+        for d in [dir, data.as_path()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        }
+        let port = roost::broker::free_port().expect("port");
+        let conf = data.join("mosquitto.conf");
+        // Nothing is autosaved: what the broker holds after a SIGKILL is exactly the last
+        // explicit save (SIGUSR1), as after a crash long after the last autosave.
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 86400\nmax_queued_messages 100000\nlog_dest file {}/mosquitto.log\n",
+                data.display(),
+                data.display()
+            ),
+        )
+        .expect("conf");
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let child = Self::spawn_mosquitto(bin, &conf, addr);
+        CrashableBroker::Mosquitto {
+            bin,
+            conf,
+            child,
+            addr,
+        }
+    }
+
+    fn spawn_mosquitto(bin: &str, conf: &Path, addr: SocketAddr) -> std::process::Child {
+        let child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto");
+        roost::broker::wait_listening(addr, Duration::from_secs(10)).expect("mosquitto listening");
+        child
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            CrashableBroker::Mosquitto { addr, .. } => *addr,
+            CrashableBroker::Roost(b) => b.addr,
+        }
+    }
+
+    /// Makes the broker save what it holds now (sessions included): mosquitto on SIGUSR1.
+    async fn save(&self) {
+        if let CrashableBroker::Mosquitto { child, conf, .. } = self {
+            let db = conf.with_file_name("mosquitto.db");
+            let before = std::fs::metadata(&db).and_then(|m| m.modified()).ok();
+            let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+            nix::sys::signal::kill(pid, Signal::SIGUSR1).expect("SIGUSR1");
+            harness::eventually(T, "mosquitto saved its database", || {
+                let now = std::fs::metadata(&db).and_then(|m| m.modified()).ok();
+                (now.is_some() && now != before).then_some(())
+            })
+            .await;
+        }
+    }
+
+    /// SIGKILL, then start again on the same port (with the same persistence file).
+    fn crash_and_restart(&mut self) {
+        match self {
+            CrashableBroker::Mosquitto {
+                bin,
+                conf,
+                child,
+                addr,
+            } => {
+                let _ = child.kill();
+                let _ = child.wait();
+                *child = Self::spawn_mosquitto(bin, conf, *addr);
+            }
+            CrashableBroker::Roost(b) => {
+                b.kill();
+                b.restart();
+            }
+        }
+    }
+}
+
+impl Drop for CrashableBroker {
+    fn drop(&mut self) {
+        if let CrashableBroker::Mosquitto { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Debian's mosquitto, or None when the test may be skipped (absent, and not under CI).
+fn mosquitto_bin(test: &str) -> Option<&'static str> {
+    let found = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "mosquitto is not installed, and CI must run {test} (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED {test}: mosquitto is not installed (apt-get install -y mosquitto)");
+    }
+    found
+}
+
+/// The cloud broker crashes (SIGKILL) after a rollout and comes back: `roost fleet` puts the
+/// rollout back, retained, on every connection (with mosquitto its persistent session comes
+/// back *present*, yet the retained rollout is gone), and the next `roost rollout` picks a
+/// greater sequence that the store accepts.
+async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: CrashableBroker) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cloud = broker.addr();
+    let topics = roost_schemas::Topics::default();
+    let topic = topics.deployment(&Scope::Fleet, "web");
+    let (key_file, signer) = keygen(dir.path());
+    let (mut git, rev1) = GitServer::start(&refs(&manifests("1")));
+    let obs = Observer::start(cloud).await;
+    let store = "store-0001";
+    let mut s = StoreRig::new(
+        store,
+        &["canary"],
+        dir.path(),
+        cloud,
+        &signer,
+        &git.allowed(),
+    );
+    s.start();
+    let db = dir.path().join("fleet.db");
+    let client_id = format!("roost-fleet-{:08x}", rand::random::<u32>());
+    let mut fleet = Running::start(
+        dir.path(),
+        "roost fleet",
+        &[
+            "fleet",
+            "--broker",
+            &cloud.to_string(),
+            "--db",
+            db.to_str().expect("utf8"),
+            "--client-id",
+            &client_id,
+        ],
+    );
+    // Its first broker check is done (nothing to restore yet), so whatever restores the
+    // rollout below is a check of a later connection.
+    fleet
+        .wait_log("the cloud broker holds the recorded desired state", T)
+        .await;
+    // Subscribed: the store's retained presence is in its database.
+    harness::eventually(T, "roost fleet records the store's presence", || {
+        let db = roost::fleet::FleetDb::open(&db).ok()?;
+        db.status_messages(&topics)
+            .ok()?
+            .into_iter()
+            .any(|(t, _)| t == topics.presence(store))
+            .then_some(())
+    })
+    .await;
+    // The broker saves its sessions (ours included) now, and never again before the crash.
+    broker.save().await;
+
+    let broker_arg = cloud.to_string();
+    let url = git.url();
+    let rollout = |rev: &str, extra: &[&str]| {
+        let mut args = vec![
+            "rollout",
+            "--broker",
+            &broker_arg,
+            "--key",
+            key_file.to_str().expect("utf8"),
+            "--deployment",
+            "web",
+            "--fleet",
+            "--repo",
+            &url,
+            "--path",
+            APP,
+            "--revision",
+            rev,
+        ];
+        args.extend_from_slice(extra);
+        roost_cmd(&args)
+    };
+    let before = roost::fleet::now_ms();
+    let (ok, out, err) = rollout(&rev1, &[]);
+    assert!(ok, "roost rollout: {err}");
+    let seq1 = rollout_json(&out)["sequence"].as_u64().expect("sequence");
+    assert!(
+        seq1 >= before,
+        "the sequence follows the clock: {seq1} < {before}"
+    );
+    obs.wait_phase(store, "web", "Converged", Some(&rev1), T)
+        .await;
+    let env1 = harness::eventually(T, "roost fleet records the rollout", || {
+        let db = roost::fleet::FleetDb::open(&db).ok()?;
+        db.desired()
+            .ok()?
+            .into_iter()
+            .find(|(t, p)| *t == topic && roost::fleet::envelope_sequence(p) == Some(seq1))
+            .map(|(_, p)| p)
+    })
+    .await;
+    let restored_before = fleet.log().matches("restored desired state").count();
+
+    broker.crash_and_restart();
+    // A fresh client reads the rollout back, retained.
+    let deadline = Instant::now() + T;
+    loop {
+        let got = roost::cloud::read_retained(
+            &broker_arg,
+            std::slice::from_ref(&topic),
+            Duration::from_secs(2),
+        )
+        .await
+        .expect("read retained");
+        if got.iter().any(|(_, p)| *p == env1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout is not retained on the restarted broker: {got:?}\n{}",
+            fleet.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Put back by roost fleet (the broker itself lost it).
+    fleet
+        .wait_log("restored desired state on the cloud broker", T)
+        .await;
+    let log = without_ansi(&fleet.log());
+    assert_eq!(
+        log.matches("restored desired state").count(),
+        restored_before + 1,
+        "{log}"
+    );
+    if matches!(broker, CrashableBroker::Mosquitto { .. }) {
+        // The case session-present logic misses: the session came back, the rollout did not.
+        assert!(
+            log.contains("session_present=true"),
+            "mosquitto kept the persistent session:\n{log}"
+        );
+    }
+
+    // The next rollout gets a greater sequence, is accepted and converges.
+    let rev2 = git.commit(&refs(&manifests("2")), &[], "v2");
+    let (ok, out, err) = rollout(&rev2, &["--wait", "--timeout", "60"]);
+    assert!(ok, "roost rollout --wait: {err}\n{out}");
+    let seq2 = rollout_json(&out)["sequence"].as_u64().expect("sequence");
+    assert!(seq2 > seq1, "{seq2} > {seq1}");
+    assert!(out.contains(&format!("{store} converged")), "{out}");
+    let doc = obs
+        .wait_phase(store, "web", "Converged", Some(&rev2), T)
+        .await;
+    let d = &doc.deployments["web"];
+    assert_eq!(d.desired.as_ref().map(|w| w.sequence), Some(seq2));
+    assert_eq!(
+        doc.groups,
+        vec!["canary".to_string()],
+        "v1.1: the store's groups"
+    );
+    let replays: Vec<String> = obs
+        .snapshot()
+        .of(store, "dev.roost.rollout.rejected")
+        .iter()
+        .map(|e| e.data.to_string())
+        .collect();
+    assert!(replays.is_empty(), "no rejection: {replays:?}");
+    assert_eq!(s.live_files("web"), under(git.files(), APP));
+    fleet.stop_with(Signal::SIGTERM).await;
+    s.stop_agent().await;
+}
+
+/// Needs Debian's mosquitto (see `mosquitto_bin`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_restores_what_mosquitto_lost_to_kill_9_with_the_session_present() {
+    harness::init();
+    let Some(bin) =
+        mosquitto_bin("fleet_restores_what_mosquitto_lost_to_kill_9_with_the_session_present")
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let broker = CrashableBroker::mosquitto(bin, dir.path());
+    fleet_restores_desired_state_after_a_cloud_broker_crash(broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_restores_what_a_restarted_roost_broker_lost() {
+    harness::init();
+    let broker = CrashableBroker::Roost(BrokerProcess::start("cloud"));
+    fleet_restores_desired_state_after_a_cloud_broker_crash(broker).await;
+}
+
+/// `roost rollout --wait`: exits 0 only when every targeted online store converged; names each
+/// store that rejected it and why; defers offline stores; never succeeds without anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_wait_follows_the_targeted_stores() {
+    let w = world().await;
+    let (key_file, signer) = keygen(w._dir.path());
+    let mut good = StoreRig::new(
+        "store-0001",
+        &["canary"],
+        w._dir.path(),
+        w.cloud,
+        &signer,
+        &w.git.allowed(),
+    );
+    // Its allow-list does not have the repository.
+    let mut strict = StoreRig::new(
+        "store-0002",
+        &["canary"],
+        w._dir.path(),
+        w.cloud,
+        &signer,
+        "git://git.example.invalid/",
+    );
+    // In another group only.
+    let mut other = StoreRig::new(
+        "store-0003",
+        &["other"],
+        w._dir.path(),
+        w.cloud,
+        &signer,
+        &w.git.allowed(),
+    );
+    for s in [&mut good, &mut strict, &mut other] {
+        s.start();
+    }
+    for name in ["store-0001", "store-0002", "store-0003"] {
+        harness::eventually(T, &format!("{name} online with its groups"), || {
+            let s = w.observer.snapshot();
+            s.status
+                .get(name)
+                .filter(|d| !d.groups.is_empty())
+                .map(|_| ())
+        })
+        .await;
+        let deadline = Instant::now() + T;
+        while !retained_presence(w.cloud, name)
+            .await
+            .is_some_and(|p| p.state == PresenceState::Online)
+        {
+            assert!(Instant::now() < deadline, "{name} online in {T:?}");
+        }
+    }
+    let broker = w.cloud.to_string();
+    let url = w.git.url();
+    let key = key_file.to_str().expect("utf8").to_owned();
+    let rollout = |scope: &[&str], extra: &[&str]| {
+        let mut args = vec![
+            "rollout",
+            "--broker",
+            &broker,
+            "--key",
+            &key,
+            "--deployment",
+            "web",
+            "--repo",
+            &url,
+            "--path",
+            APP,
+            "--wait",
+            "--timeout",
+            "60",
+        ];
+        args.extend_from_slice(scope);
+        args.extend_from_slice(extra);
+        roost_cmd(&args)
+    };
+    let canary = ["--group", "canary"];
+
+    // One store converges, the other rejects it: non-zero, each store named with its reason;
+    // the store in another group is not targeted.
+    let (ok, out, err) = rollout(&canary, &["--revision", &w.rev1]);
+    assert!(!ok, "a rejected rollout is not a success:\n{out}\n{err}");
+    assert!(out.contains("store-0001 converged"), "{out}");
+    assert!(
+        out.contains("store-0002 rejected: source_not_allowed"),
+        "{out}"
+    );
+    assert!(!out.contains("store-0003"), "not targeted:\n{out}");
+    assert!(
+        err.contains("store-0002 rejected: source_not_allowed"),
+        "{err}"
+    );
+    let seq1 = rollout_json(&out)["sequence"].as_u64().expect("sequence");
+
+    // With the strict store offline, it is deferred; the online one converges: exit 0.
+    strict.stop_bridge().await;
+    let deadline = Instant::now() + T;
+    while !retained_presence(w.cloud, "store-0002")
+        .await
+        .is_some_and(|p| p.state == PresenceState::Offline)
+    {
+        assert!(Instant::now() < deadline, "store-0002 offline in {T:?}");
+    }
+    let (ok, out, err) = rollout(&canary, &["--revision", &w.rev1]);
+    assert!(ok, "roost rollout --wait: {err}\n{out}");
+    assert!(out.contains("store-0001 converged"), "{out}");
+    assert!(out.contains("store-0002 deferred: offline"), "{out}");
+
+    // A sequence forced below the accepted one: a replay, named as such.
+    let low = (seq1 - 1).to_string();
+    let (ok, out, err) = rollout(&canary, &["--revision", &w.rev1, "--sequence", &low]);
+    assert!(!ok, "a replay is not a success:\n{out}\n{err}");
+    assert!(out.contains("store-0001 rejected: replay"), "{out}");
+
+    // A store pin wins over the group on store-0001: overridden, and nobody else is online
+    // in the group, so nothing accepted the rollout.
+    let (ok, out, err) = rollout(&["--store", "store-0001"], &["--revision", &w.rev1]);
+    assert!(ok, "store-scoped: {err}\n{out}");
+    let (ok, out, err) = rollout(&canary, &["--revision", &w.rev1]);
+    assert!(!ok, "nobody accepted it:\n{out}\n{err}");
+    assert!(
+        out.contains("store-0001 overridden: store:store-0001 wins"),
+        "{out}"
+    );
+    assert!(err.contains("no targeted store is online"), "{err}");
+
+    // A group no store belongs to: nobody to accept it.
+    let (ok, out, err) = rollout(&["--group", "nobody"], &["--revision", &w.rev1]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("no targeted store is online"), "{err}");
+
+    for s in [&mut good, &mut strict, &mut other] {
+        s.stop_agent().await;
     }
 }
