@@ -277,14 +277,17 @@ impl Security {
                     other => format!("the broker refused the connection: {other:?}"),
                 })
             }
-            ConnectionError::Tls(rumqttc::TlsError::Io(io)) | ConnectionError::Io(io) => io,
             ConnectionError::Tls(rumqttc::TlsError::DNSName(_)) => {
                 return Some(
                     "the broker's host is not a valid name for TLS server verification".into(),
                 )
             }
+            ConnectionError::Tls(rumqttc::TlsError::Io(_)) => innermost_io(e)?,
             ConnectionError::Tls(other) => return Some(format!("TLS setup failed: {other}")),
-            _ => return None,
+            // The broker's TLS alert can arrive only when the CONNACK is read (TLS 1.3
+            // finishes the client's side of the handshake first): it then comes wrapped in
+            // the MQTT state error.
+            _ => innermost_io(e)?,
         };
         let Some(tls) = io.get_ref().and_then(|r| r.downcast_ref::<rustls::Error>()) else {
             if !self.is_tls() {
@@ -338,6 +341,19 @@ impl Security {
             other => format!("TLS failed: {other}"),
         })
     }
+}
+
+/// The I/O error somewhere in `e`'s chain of causes (an io::Error hides its own inner error
+/// from `source()`, so the chain ends there and the caller looks inside with `get_ref`).
+fn innermost_io<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        cur = c.source();
+    }
+    None
 }
 
 #[cfg(test)]
