@@ -278,9 +278,10 @@ impl AgentConfig {
                 )));
             }
         }
-        if file.broker.port == 0 {
-            return Err(invalid("broker.port: must not be 0".into()));
-        }
+        // The port, credentials and TLS files (readable, PEM), naming the field.
+        file.broker
+            .validate("broker")
+            .map_err(|e| invalid(e.to_string()))?;
         if file.limits.max_message_bytes < 1024 {
             return Err(invalid("limits.max_message_bytes: at least 1024".into()));
         }

@@ -111,6 +111,8 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         .file
         .broker
         .link_config("edge", &format!("roost-agent-{store}"));
+    // Errors about TLS files and credentials name the agent's own section, `[broker]`.
+    lc.security = cfg.file.broker.security("broker");
     lc.max_packet_size = cfg.file.limits.max_message_bytes.max(64 * 1024) * 2;
     lc.subscriptions = topics.store_deployment_filters(&store, &cfg.file.groups);
     let confirm = cfg.file.confirm_via_bridge.unwrap_or(true);

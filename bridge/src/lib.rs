@@ -85,17 +85,19 @@ impl BridgeConfig {
         Ok(cfg)
     }
 
-    /// Checks names and ports.
+    /// Checks names, ports, credentials and the TLS files.
     pub fn validate(&self) -> Result<(), BridgeError> {
         validate_name(&self.store).map_err(|e| BridgeError::Config(format!("store: {e}")))?;
         for g in &self.groups {
             validate_name(g).map_err(|e| BridgeError::Config(format!("groups: {e}")))?;
         }
-        if self.edge.port == 0 || self.cloud.port == 0 {
-            return Err(BridgeError::Config(
-                "edge.port and cloud.port must be set".into(),
-            ));
-        }
+        // Ports, credentials and TLS files (readable, PEM), naming the field.
+        self.edge
+            .validate("edge")
+            .map_err(|e| BridgeError::Config(e.to_string()))?;
+        self.cloud
+            .validate("cloud")
+            .map_err(|e| BridgeError::Config(e.to_string()))?;
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use roost_runtime::Security;
 use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::{
     Envelope, Origin, Policy, Presence, Rollout, Scope, SigningKey, Source, StatusDoc, Topics,
@@ -43,9 +44,12 @@ pub enum CloudError {
     Timeout(String),
 }
 
-/// A broker address `host:port`.
+/// A broker address `HOST:PORT`, `mqtt://HOST:PORT` or `mqtts://HOST:PORT` (host and port).
 pub fn parse_broker(s: &str) -> Result<(String, u16), CloudError> {
-    let s = s.strip_prefix("mqtt://").unwrap_or(s);
+    let s = s
+        .strip_prefix("mqtts://")
+        .or_else(|| s.strip_prefix("mqtt://"))
+        .unwrap_or(s);
     let (h, p) = s
         .rsplit_once(':')
         .ok_or_else(|| CloudError::Usage(format!("broker address {s:?} must be HOST:PORT")))?;
@@ -55,13 +59,91 @@ pub fn parse_broker(s: &str) -> Result<(String, u16), CloudError> {
     Ok((h.to_owned(), port))
 }
 
+/// A broker to connect to: its address and the connection's transport security.
+#[derive(Debug, Clone)]
+pub struct BrokerTarget {
+    /// Host (for TLS: the name or address in the broker's certificate).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// TLS and credentials.
+    pub security: Security,
+}
+
+impl BrokerTarget {
+    /// Parses `HOST:PORT`, `mqtt://HOST:PORT` or `mqtts://HOST:PORT` with the security of
+    /// the command line (`--tls-ca`, …), and checks its files. `mqtts://` without a CA file
+    /// trusts the system's store; TLS flags with a bare `HOST:PORT` mean TLS too.
+    pub fn parse(addr: &str, mut security: Security) -> Result<BrokerTarget, CloudError> {
+        let (host, port) = parse_broker(addr)?;
+        if addr.starts_with("mqtts://") && security.tls.is_none() {
+            security.tls = Some(roost_runtime::TlsFiles::default());
+        }
+        if addr.starts_with("mqtt://") && security.tls.is_some() {
+            return Err(CloudError::Usage(format!(
+                "{addr} is plain MQTT, but TLS files were given: use mqtts://{host}:{port}"
+            )));
+        }
+        security
+            .validate()
+            .map_err(|e| CloudError::Usage(e.to_string()))?;
+        Ok(BrokerTarget {
+            host,
+            port,
+            security,
+        })
+    }
+
+    /// The error of a failed connection, explained where it is a TLS or auth problem.
+    pub fn error(&self, e: &rumqttc::ConnectionError) -> CloudError {
+        match self.security.diagnose(e) {
+            Some(problem) => {
+                CloudError::Mqtt(format!("{}:{}: {e}: {problem}", self.host, self.port))
+            }
+            None => CloudError::Mqtt(format!("{}:{}: {e}", self.host, self.port)),
+        }
+    }
+}
+
+/// Something that names a broker: an address (plain MQTT unless `mqtts://`) or a
+/// [`BrokerTarget`] with its TLS and credentials.
+pub trait ToBroker {
+    /// The broker to connect to.
+    fn to_broker(&self) -> Result<BrokerTarget, CloudError>;
+}
+
+impl ToBroker for str {
+    fn to_broker(&self) -> Result<BrokerTarget, CloudError> {
+        BrokerTarget::parse(self, Security::default())
+    }
+}
+
+impl ToBroker for String {
+    fn to_broker(&self) -> Result<BrokerTarget, CloudError> {
+        self.as_str().to_broker()
+    }
+}
+
+impl ToBroker for BrokerTarget {
+    fn to_broker(&self) -> Result<BrokerTarget, CloudError> {
+        Ok(self.clone())
+    }
+}
+
 /// Connects a short-lived client; the caller polls the event loop.
-pub fn connect(broker: &str, client_prefix: &str) -> Result<(AsyncClient, EventLoop), CloudError> {
-    let (host, port) = parse_broker(broker)?;
+pub fn connect(
+    broker: &(impl ToBroker + ?Sized),
+    client_prefix: &str,
+) -> Result<(AsyncClient, EventLoop), CloudError> {
+    let target = broker.to_broker()?;
     let id = format!("{client_prefix}-{}", uuid_like());
-    let mut o = MqttOptions::new(id, host, port);
+    let mut o = MqttOptions::new(id, target.host.clone(), target.port);
     o.set_keep_alive(Duration::from_secs(10));
     o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+    target
+        .security
+        .apply(&mut o)
+        .map_err(|e| CloudError::Usage(e.to_string()))?;
     Ok(AsyncClient::new(o, 1024))
 }
 
@@ -205,11 +287,12 @@ pub fn sign_rollout(
 /// Reads the retained messages matching `filters` for up to `wait` (stops early after a
 /// quiet period once something arrived, or right after SUBACK + quiet when nothing is retained).
 pub async fn read_retained(
-    broker: &str,
+    broker: &(impl ToBroker + ?Sized),
     filters: &[String],
     wait: Duration,
 ) -> Result<Vec<(String, Vec<u8>)>, CloudError> {
-    let (client, mut ev) = connect(broker, "roost-read")?;
+    let target = broker.to_broker()?;
+    let (client, mut ev) = connect(&target, "roost-read")?;
     for f in filters {
         client
             .subscribe(f.clone(), QoS::AtLeastOnce)
@@ -229,7 +312,7 @@ pub async fn read_retained(
         let until = (tokio::time::Instant::now() + next).min(deadline);
         match tokio::time::timeout_at(until, ev.poll()).await {
             Err(_) => break,
-            Ok(Err(e)) => return Err(CloudError::Mqtt(e.to_string())),
+            Ok(Err(e)) => return Err(target.error(&e)),
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subacks += 1,
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 if p.retain {
@@ -245,11 +328,12 @@ pub async fn read_retained(
 
 /// Publishes one retained QoS 1 message and waits for the PUBACK.
 pub async fn publish_retained(
-    broker: &str,
+    broker: &(impl ToBroker + ?Sized),
     topic: &str,
     payload: Vec<u8>,
 ) -> Result<(), CloudError> {
-    let (client, mut ev) = connect(broker, "roost-pub")?;
+    let target = broker.to_broker()?;
+    let (client, mut ev) = connect(&target, "roost-pub")?;
     client
         .publish(topic, QoS::AtLeastOnce, true, payload)
         .await
@@ -259,7 +343,7 @@ pub async fn publish_retained(
             match ev.poll().await {
                 Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
                 Ok(_) => {}
-                Err(e) => return Err(CloudError::Mqtt(e.to_string())),
+                Err(e) => return Err(target.error(&e)),
             }
         }
     })
@@ -273,7 +357,10 @@ pub async fn publish_retained(
 /// `max(retained + 1, milliseconds since the epoch)`: what the broker retains is only a lower
 /// bound (a broker that lost its retained messages must not make a new rollout a replay),
 /// the clock is what keeps sequences increasing without a record of our own.
-pub async fn next_sequence(broker: &str, topic: &str) -> Result<u64, CloudError> {
+pub async fn next_sequence(
+    broker: &(impl ToBroker + ?Sized),
+    topic: &str,
+) -> Result<u64, CloudError> {
     let cur = read_retained(broker, &[topic.to_owned()], Duration::from_secs(2)).await?;
     let retained = cur
         .iter()
@@ -291,11 +378,13 @@ pub async fn next_sequence(broker: &str, topic: &str) -> Result<u64, CloudError>
 /// Signs and publishes a rollout; the sequence, unless the spec gives one, follows the
 /// contract's rule ([`next_sequence`]).
 pub async fn rollout(
-    broker: &str,
+    broker: &(impl ToBroker + ?Sized),
     topics: &Topics,
     key: &SigningKey,
     spec: &RolloutSpec,
 ) -> Result<Rollout, CloudError> {
+    let broker = broker.to_broker()?;
+    let broker = &broker;
     let topic = topics.deployment(&spec.scope, &spec.deployment);
     let sequence = match spec.sequence {
         Some(s) => s,
@@ -469,7 +558,29 @@ mod tests {
             ("127.0.0.1".into(), 1883)
         );
         assert_eq!(parse_broker("mqtt://h:1").expect("ok"), ("h".into(), 1));
+        assert_eq!(
+            parse_broker("mqtts://h:8883").expect("ok"),
+            ("h".into(), 8883)
+        );
         assert!(parse_broker("h").is_err());
+        let tls = BrokerTarget::parse("mqtts://h:8883", Security::default()).expect("mqtts");
+        assert!(tls.security.is_tls(), "mqtts:// means TLS");
+        assert!(!"h:1883".to_broker().expect("plain").security.is_tls());
+        let missing = Security {
+            tls: Some(roost_runtime::TlsFiles {
+                ca_file: Some("/nonexistent/ca.pem".into()),
+                ..Default::default()
+            }),
+            field_prefix: "--".into(),
+            ..Security::default()
+        };
+        let e = BrokerTarget::parse("h:8883", missing.clone()).expect_err("missing CA");
+        assert!(
+            e.to_string().starts_with("--tls-ca: /nonexistent/ca.pem"),
+            "{e}"
+        );
+        let e = BrokerTarget::parse("mqtt://h:1883", missing).expect_err("plain with TLS");
+        assert!(e.to_string().contains("use mqtts://h:1883"), "{e}");
     }
 
     #[test]

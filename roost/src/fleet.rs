@@ -447,6 +447,8 @@ pub struct FleetOptions {
     pub db: PathBuf,
     /// MQTT client id (persistent session).
     pub client_id: String,
+    /// TLS and credentials for the cloud broker.
+    pub security: roost_runtime::Security,
 }
 
 /// Runs the fleet service until cancelled.
@@ -457,6 +459,7 @@ pub async fn run(
 ) -> Result<(), FleetError> {
     let topics = Topics::default();
     let mut lc = LinkConfig::new("cloud", &opts.host, opts.port, &opts.client_id);
+    lc.security = opts.security.clone();
     lc.clean_session = false;
     lc.manual_acks = true;
     lc.keep_alive = Duration::from_secs(5);

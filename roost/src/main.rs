@@ -25,6 +25,73 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// TLS and credentials for the cloud broker (`roost fleet`, `rollout`, `status`, `events`).
+#[derive(Args, Clone, Default)]
+struct BrokerSecurity {
+    /// CA certificate(s) (PEM) that sign the broker's certificate; implies TLS. Without it,
+    /// an `mqtts://` broker is checked against the system's trust store.
+    #[arg(long, env = "ROOST_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS; its Common Name is the identity that
+    /// mosquitto-acl.conf authorizes (`roost-controller`).
+    #[arg(long, env = "ROOST_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "ROOST_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// MQTT username.
+    #[arg(long, env = "ROOST_USERNAME")]
+    username: Option<String>,
+    /// A file holding the MQTT password (read on every connection attempt).
+    #[arg(
+        long,
+        env = "ROOST_PASSWORD_FILE",
+        value_name = "FILE",
+        requires = "username"
+    )]
+    password_file: Option<PathBuf>,
+}
+
+impl BrokerSecurity {
+    fn security(&self) -> roost_runtime::Security {
+        let tls =
+            (self.tls_ca.is_some() || self.tls_cert.is_some()).then(|| roost_runtime::TlsFiles {
+                ca_file: self.tls_ca.clone(),
+                cert_file: self.tls_cert.clone(),
+                key_file: self.tls_key.clone(),
+            });
+        roost_runtime::Security {
+            tls,
+            username: self.username.clone(),
+            password: self
+                .password_file
+                .clone()
+                .map(roost_runtime::Password::File),
+            field_prefix: "--".into(),
+        }
+    }
+
+    /// The broker address with this security, its files checked.
+    fn target(&self, broker: &str) -> Result<cloud::BrokerTarget, cloud::CloudError> {
+        cloud::BrokerTarget::parse(broker, self.security())
+    }
+}
+
+const BROKER_ABOUT: &str = "An embedded MQTT broker (rumqttd) from a configuration file";
+
+const BROKER_LONG_ABOUT: &str = "An embedded MQTT broker (rumqttd) from a configuration file \
+(broker-config/: edge.toml, cloud.toml on loopback; edge-tls.toml, cloud-tls.toml with TLS and \
+client certificates).
+
+It refuses a listener on a non-loopback address that lacks TLS or authentication (client \
+certificates via tls.capath, or connections.auth), unless --insecure is given, and checks the \
+TLS files before it starts.
+
+rumqttd has NO topic ACLs (rumqtt issue 495): every authenticated client may publish and \
+subscribe to every topic, so one store could publish another store's status or a rollout. \
+For per-store authorization run mosquitto (or another broker with ACLs) as the cloud broker: \
+broker-config/mosquitto-cloud-tls.conf with broker-config/mosquitto-acl.conf.";
+
 #[derive(Subcommand)]
 enum FleetAction {
     /// Ask the running controller (same `--db`) to look at the fleet repository now.
@@ -141,14 +208,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// An embedded MQTT broker (rumqttd) from a configuration file.
+    #[command(about = BROKER_ABOUT, long_about = BROKER_LONG_ABOUT)]
     Broker {
         /// rumqttd TOML configuration (see broker-config/).
         #[arg(long)]
         config: PathBuf,
-        /// Override the first listener's address.
+        /// Override the address of the first [v4.*] listener (in name order).
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Run even if a listener on a non-loopback address has no TLS or no authentication.
+        #[arg(long)]
+        insecure: bool,
     },
     /// The store agent.
     Agent {
@@ -172,9 +242,11 @@ enum Cmd {
     Rollout(RolloutArgs),
     /// The fleet as a table (source vs target).
     Status {
-        /// Cloud broker HOST:PORT (reads the retained documents).
+        /// Cloud broker HOST:PORT or mqtts://HOST:PORT (reads the retained documents).
         #[arg(long, env = "ROOST_BROKER", required_unless_present = "db")]
         broker: Option<String>,
+        #[command(flatten)]
+        security: BrokerSecurity,
         /// Read from a `roost fleet` database instead, and also report event gaps.
         #[arg(long)]
         db: Option<PathBuf>,
@@ -195,9 +267,11 @@ enum Cmd {
         /// `sync`: ask a running controller to look at the fleet repository now.
         #[command(subcommand)]
         action: Option<FleetAction>,
-        /// Cloud broker HOST:PORT.
+        /// Cloud broker HOST:PORT or mqtts://HOST:PORT.
         #[arg(long, env = "ROOST_BROKER")]
         broker: Option<String>,
+        #[command(flatten)]
+        security: BrokerSecurity,
         /// SQLite file.
         #[arg(long, default_value = "fleet.db")]
         db: PathBuf,
@@ -261,9 +335,11 @@ enum Cmd {
     },
     /// Follow the event stream.
     Events {
-        /// Cloud broker HOST:PORT.
+        /// Cloud broker HOST:PORT or mqtts://HOST:PORT.
         #[arg(long, env = "ROOST_BROKER")]
         broker: String,
+        #[command(flatten)]
+        security: BrokerSecurity,
         /// Only this store.
         #[arg(long)]
         store: Option<String>,
@@ -275,9 +351,11 @@ enum Cmd {
 
 #[derive(Args)]
 struct RolloutArgs {
-    /// Broker HOST:PORT.
+    /// Broker HOST:PORT or mqtts://HOST:PORT.
     #[arg(long, env = "ROOST_BROKER")]
     broker: String,
+    #[command(flatten)]
+    security: BrokerSecurity,
     /// Private key file (from `roost keygen`).
     #[arg(long)]
     key: PathBuf,
@@ -525,8 +603,13 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 roost::sim::print(&opts, &report);
             }
         }
-        Cmd::Broker { config, listen } => {
+        Cmd::Broker {
+            config,
+            listen,
+            insecure,
+        } => {
             let cfg = roost::broker::load_config(&config, listen)?;
+            roost::broker::check_config(&cfg, &config.display().to_string(), insecure)?;
             // rumqttd's `Broker::start()` never returns and has no shutdown API: run it on a
             // thread of its own and, on a signal, leave it there. Returning from `main` ends
             // the process and the broker with it; it holds nothing to flush (no persistence).
@@ -569,6 +652,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 _ => anyhow::bail!("give exactly one of --fleet, --group NAME, --store NAME"),
             };
             let key = cloud::load_key(&a.key)?;
+            let broker = a.security.target(&a.broker)?;
             let revision = if a.remove && a.revision.is_empty() {
                 String::new()
             } else {
@@ -611,7 +695,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 None
             };
             let r = interruptible(&cancel, async {
-                Ok(cloud::rollout(&a.broker, &Topics::default(), &key, &spec).await?)
+                Ok(cloud::rollout(&broker, &Topics::default(), &key, &spec).await?)
             })
             .await?;
             println!("{}", serde_json::to_string(&r)?);
@@ -631,6 +715,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         }
         Cmd::Status {
             broker,
+            security,
             db,
             json,
             wait,
@@ -642,6 +727,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                     (db.status_messages(&topics)?, Some(db.gaps()?))
                 }
                 (None, Some(broker)) => {
+                    let broker = security.target(&broker)?;
                     let filters = vec![
                         topics.all_stores(roost_schemas::topics::StoreTopicKind::Status),
                         topics.all_stores(roost_schemas::topics::StoreTopicKind::Presence),
@@ -765,6 +851,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         Cmd::Fleet {
             action: None,
             broker,
+            security,
             db,
             client_id,
             repo,
@@ -782,7 +869,8 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             };
             let g = cfg.gitops;
             let broker = broker.ok_or_else(|| anyhow::anyhow!("--broker is required"))?;
-            let (host, port) = cloud::parse_broker(&broker)?;
+            let target = security.target(&broker)?;
+            let (host, port) = (target.host.clone(), target.port);
             let fdb = roost::fleet::FleetDb::open(&db)?;
             let repo = repo.or(g.repo);
             let controller = match repo {
@@ -815,6 +903,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                         ),
                         host: host.clone(),
                         port,
+                        security: target.security.clone(),
                         cache_dir: db.with_extension("git"),
                         http: http.or(g.http),
                     };
@@ -833,6 +922,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                     port,
                     db,
                     client_id,
+                    security: target.security.clone(),
                 },
                 fdb,
                 cancel,
@@ -844,6 +934,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
         }
         Cmd::Events {
             broker,
+            security,
             store,
             count,
         } => {
@@ -853,6 +944,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 Some(s) => topics.events(s),
                 None => topics.all_stores(roost_schemas::topics::StoreTopicKind::Events),
             };
+            let broker = security.target(&broker)?;
             let (client, mut ev) = cloud::connect(&broker, "roost-events")?;
             let mut seen = 0usize;
             loop {
@@ -873,7 +965,8 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            eprintln!("roost events: {e}; reconnecting");
+                            // A TLS or auth problem says what is wrong; retried all the same.
+                            eprintln!("roost events: {}; reconnecting", broker.error(&e));
                             tokio::select! {
                                 _ = cancel.cancelled() => break,
                                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -83,6 +83,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         port: cloud.port(),
         db: db_path.clone(),
         client_id: "roost-fleet-sim".into(),
+        security: Default::default(),
     };
     let fleet = tokio::spawn(crate::fleet::run(fopts, db.clone(), cancel.child_token()));
     let topics = Topics::default();
@@ -173,6 +174,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         port: cloud.port(),
         cache_dir: dir.join("controller-git"),
         http: None,
+        security: Default::default(),
     };
     let t0 = Instant::now();
     let controller = tokio::spawn(crate::gitops::run(

@@ -341,6 +341,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         port: cloud_addr.port(),
         db: fleet_db_path.clone(),
         client_id: "roost-fleet".into(),
+        security: Default::default(),
     };
     let c = child.clone();
     let db2 = fleet_db.clone();
@@ -357,6 +358,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         poll: Duration::from_secs(2),
         host: cloud_addr.ip().to_string(),
         port: cloud_addr.port(),
+        security: Default::default(),
         cache_dir: state_dir.join("controller-git"),
         http: None,
     };

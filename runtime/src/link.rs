@@ -18,6 +18,7 @@ use tracing::{debug, info, warn, Instrument as _};
 
 use crate::backoff::Backoff;
 use crate::outbox::Outbox;
+use crate::security::{Password, Security, SecurityError, TlsFiles};
 
 /// Errors of the MQTT link.
 #[derive(Debug, thiserror::Error)]
@@ -32,10 +33,10 @@ pub enum LinkError {
 
 /// A broker endpoint as configuration files give it (agent `[broker]`, bridge `[edge]` and
 /// `[cloud]`).
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
-    /// Host.
+    /// Host (for TLS: the name or IP address the broker's certificate is valid for).
     #[serde(default = "default_host")]
     pub host: String,
     /// Port.
@@ -43,9 +44,15 @@ pub struct Endpoint {
     /// Username.
     #[serde(default)]
     pub username: Option<String>,
-    /// Password.
+    /// Password (or `password_file`).
     #[serde(default)]
     pub password: Option<String>,
+    /// A file holding the password, read on every connection attempt.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    /// TLS: `{ ca_file, cert_file, key_file }` (client certificate and key for mutual TLS).
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
     /// Client id (each component has its default).
     #[serde(default)]
     pub client_id: Option<String>,
@@ -64,14 +71,45 @@ impl Endpoint {
         Endpoint {
             host: addr.ip().to_string(),
             port: addr.port(),
-            username: None,
-            password: None,
-            client_id: None,
             keep_alive_s: Some(keep_alive_s),
+            ..Endpoint::default()
         }
     }
 
-    /// The link configuration for this endpoint.
+    /// The transport security of this endpoint; errors name fields under `section`
+    /// (`cloud`, `edge`, `broker`).
+    pub fn security(&self, section: &str) -> Security {
+        Security {
+            tls: self.tls.clone(),
+            username: self.username.clone(),
+            password: match (&self.password, &self.password_file) {
+                (_, Some(f)) => Some(Password::File(f.clone())),
+                (Some(p), None) => Some(Password::Inline(p.clone())),
+                (None, None) => None,
+            },
+            field_prefix: format!("{section}."),
+        }
+    }
+
+    /// Checks the endpoint and every file it names; errors name the field under `section`.
+    pub fn validate(&self, section: &str) -> Result<(), SecurityError> {
+        if self.port == 0 {
+            return Err(SecurityError {
+                field: format!("{section}.port"),
+                message: "must not be 0".into(),
+            });
+        }
+        if self.password.is_some() && self.password_file.is_some() {
+            return Err(SecurityError {
+                field: format!("{section}.password_file"),
+                message: "give password or password_file, not both".into(),
+            });
+        }
+        self.security(section).validate()
+    }
+
+    /// The link configuration for this endpoint (named `name`, which is also the section
+    /// that errors name).
     pub fn link_config(&self, name: &str, default_client_id: &str) -> LinkConfig {
         let mut lc = LinkConfig::new(
             name,
@@ -80,7 +118,7 @@ impl Endpoint {
             self.client_id.as_deref().unwrap_or(default_client_id),
         );
         lc.keep_alive = Duration::from_secs(self.keep_alive_s.unwrap_or(10).max(1));
-        lc.credentials = self.username.clone().zip(self.password.clone());
+        lc.security = self.security(name);
         lc
     }
 }
@@ -125,8 +163,8 @@ pub struct LinkConfig {
     pub keep_alive: Duration,
     /// Clean session (true) or persistent session (false).
     pub clean_session: bool,
-    /// Username and password.
-    pub credentials: Option<(String, String)>,
+    /// TLS and username/password.
+    pub security: Security,
     /// Last will.
     pub will: Option<Will>,
     /// Topic filters to subscribe (QoS 1) on every connect.
@@ -167,7 +205,7 @@ impl LinkConfig {
             client_id: client_id.to_owned(),
             keep_alive: Duration::from_secs(10),
             clean_session: true,
-            credentials: None,
+            security: Security::default(),
             will: None,
             subscriptions: Vec::new(),
             manual_acks: false,
@@ -198,7 +236,9 @@ impl LinkConfig {
                 self.name
             )));
         }
-        Ok(())
+        self.security
+            .validate()
+            .map_err(|e| LinkError::Config(e.to_string()))
     }
 }
 
@@ -317,16 +357,16 @@ impl Link {
     }
 }
 
-fn options(cfg: &LinkConfig) -> MqttOptions {
+/// The client options for one connection attempt; reads the TLS and password files now, so
+/// renewed files count from the next attempt on.
+fn options(cfg: &LinkConfig) -> Result<MqttOptions, SecurityError> {
     let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     o.set_keep_alive(cfg.keep_alive);
     o.set_clean_session(cfg.clean_session);
     o.set_manual_acks(cfg.manual_acks);
     o.set_max_packet_size(cfg.max_packet_size, cfg.max_packet_size);
     o.set_inflight(u16::try_from(cfg.window.max(1) + 16).unwrap_or(u16::MAX));
-    if let Some((u, p)) = &cfg.credentials {
-        o.set_credentials(u.clone(), p.clone());
-    }
+    cfg.security.apply(&mut o)?;
     if let Some(w) = &cfg.will {
         o.set_last_will(LastWill::new(
             w.topic.clone(),
@@ -335,7 +375,7 @@ fn options(cfg: &LinkConfig) -> MqttOptions {
             w.retain,
         ));
     }
-    o
+    Ok(o)
 }
 
 /// Per-connection bookkeeping of outbox messages in flight.
@@ -365,8 +405,22 @@ async fn run(
     let mut newest = outbox.as_ref().map(|o| o.subscribe_newest());
     let mut generation: u64 = 0;
     while !cancel.is_cancelled() {
+        let opts = match options(&cfg) {
+            Ok(o) => o,
+            Err(error) => {
+                // A TLS or password file became unreadable or invalid since the start:
+                // report it and try again (it may be in the middle of being renewed).
+                let delay = backoff.next_delay();
+                warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot connect: security settings");
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+        };
         generation += 1;
-        let (client, mut eventloop) = AsyncClient::new(options(&cfg), cfg.window + 256);
+        let (client, mut eventloop) = AsyncClient::new(opts, cfg.window + 256);
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         // The poll task owns the event loop for exactly one connection: it stops at the first
         // error, so nothing from this session can leak into the next one.
@@ -401,7 +455,14 @@ async fn run(
                 ev = ev_rx.recv() => {
                     let Some(ev) = ev else { break Err("event loop ended".into()) };
                     match ev {
-                        Err(e) => break Err(e.to_string()),
+                        Err(e) => {
+                            // A TLS or authentication failure says what is wrong in words
+                            // (wrong CA, expired or refused certificate, bad password).
+                            if let Some(problem) = cfg.security.diagnose(&e) {
+                                break Err(format!("{e}: {problem}"));
+                            }
+                            break Err(e.to_string());
+                        }
                         Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                             info!(session_present = ack.session_present, "connected");
                             backoff.reset();
@@ -513,7 +574,11 @@ async fn run(
             Ok(()) => break,
             Err(error) => {
                 let delay = backoff.next_delay();
-                warn!(%error, retry_in_ms = delay.as_millis() as u64, "connection lost");
+                if is_up {
+                    warn!(%error, retry_in_ms = delay.as_millis() as u64, "connection lost");
+                } else {
+                    warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot connect");
+                }
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(delay) => {}

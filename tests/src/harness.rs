@@ -768,6 +768,7 @@ impl FleetService {
             port: cloud.port(),
             db: path.to_owned(),
             client_id: format!("roost-fleet-{:08x}", rand::random::<u32>()),
+            security: Default::default(),
         };
         let db2 = db.clone();
         let component = Component::spawn("fleet service", move |c| roost::fleet::run(opts, db2, c));

@@ -171,14 +171,7 @@ fn bridge_cfg(
     cloud: SocketAddr,
     cloud_keep_alive_s: u64,
 ) -> roost_bridge::BridgeConfig {
-    let endpoint = |a: SocketAddr, k: u64| roost_bridge::Endpoint {
-        host: a.ip().to_string(),
-        port: a.port(),
-        username: None,
-        password: None,
-        client_id: None,
-        keep_alive_s: Some(k),
-    };
+    let endpoint = roost_bridge::Endpoint::local;
     roost_bridge::BridgeConfig {
         store: STORE.into(),
         groups: vec![],

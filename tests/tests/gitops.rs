@@ -97,6 +97,7 @@ impl Rig {
             poll: Duration::from_millis(500),
             host: self.cloud.ip().to_string(),
             port: self.cloud.port(),
+            security: Default::default(),
             cache_dir: self.dir.path().join("controller-git"),
             http: None,
         };

@@ -64,6 +64,8 @@ pub struct GitopsOptions {
     pub host: String,
     /// Cloud broker port.
     pub port: u16,
+    /// TLS and credentials for the cloud broker.
+    pub security: roost_runtime::Security,
     /// Where fetched repositories are cached.
     pub cache_dir: PathBuf,
     /// `POST /hooks/git` (and `GET /plans`) listener.
@@ -529,6 +531,7 @@ pub async fn run(
         opts.port,
         &format!("roost-controller-{:08x}", rand::random::<u32>()),
     );
+    lc.security = opts.security.clone();
     lc.keep_alive = Duration::from_secs(5);
     lc.backoff = (Duration::from_millis(100), Duration::from_secs(5));
     lc.max_packet_size = 4 << 20;
