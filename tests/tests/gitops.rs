@@ -58,7 +58,8 @@ impl Rig {
                 &signer,
                 &allowed,
             );
-            // A hook that fails while the store's marker file exists (for the abort test).
+            // A hook that, while the store's marker file exists, passes only for the revisions
+            // it lists (for the abort test: the previous revision passes, a new one fails).
             let marker = s.dir.join("fail-marker");
             s.agent_cfg.file.target =
                 roost_agent::config::TargetConfig::Files(roost_agent::config::FilesConfig {
@@ -66,7 +67,10 @@ impl Rig {
                     hook: Some(vec![
                         "sh".into(),
                         "-c".into(),
-                        format!("test ! -e {}", marker.display()),
+                        format!(
+                            "test ! -e {m} || grep -qx \"$ROOST_REVISION\" {m}",
+                            m = marker.display()
+                        ),
                     ]),
                 });
             s.start();
@@ -302,9 +306,9 @@ async fn failing_stores_abort_the_plan_and_get_the_previous_revision_back() {
             .filter(|p| p.status == roost::gitops::plan::PlanStatus::Done)
     })
     .await;
-    // The canary store's hook fails from now on; a new revision goes out.
+    // From now on the canary store's hook passes only for rev1; a new revision goes out.
     let canary = r.stores[0].name.clone();
-    std::fs::write(r.stores[0].dir.join("fail-marker"), "x").expect("marker");
+    std::fs::write(r.stores[0].dir.join("fail-marker"), format!("{rev1}\n")).expect("marker");
     let rev2 = r.commit_app("2");
     let degraded = r
         .obs
@@ -324,8 +328,7 @@ async fn failing_stores_abort_the_plan_and_get_the_previous_revision_back() {
         unreachable!()
     };
     assert!(reason.contains(&canary), "{reason}");
-    // The canary store gets the previous revision back (and its hook is fine again).
-    std::fs::remove_file(r.stores[0].dir.join("fail-marker")).expect("marker");
+    // The canary store gets the previous revision back (its hook passes for it).
     r.obs
         .wait_phase(&canary, &r.dep, "Converged", Some(&rev1), T)
         .await;

@@ -357,7 +357,8 @@ async fn a_rejected_revision_is_not_retried_until_a_new_one_comes() {
     rig.want(&repo.url(), &bad, Policy::default());
     let r = rig.wait("dev.roost.rollout.rejected", Some(&bad)).await;
     assert_eq!(r.reason(), Some("policy_denied"));
-    rig.wait_status("failed", |s| s.phase == Phase::Failed).await;
+    rig.wait_status("failed", |s| s.phase == Phase::Failed)
+        .await;
     // The positive marker: a later revision converges; the rejected one was built once.
     let good = repo.commit(&[("a.yaml", "a: 2\n")]);
     rig.want(&repo.url(), &good, Policy::default());
