@@ -331,6 +331,10 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         key_dir.display()
     );
     let allowed = format!("git://127.0.0.1:{}/", daemon.port);
+    let topics = Topics::default();
+    // The watcher subscribes (SUBACK received) before anything publishes: events are not
+    // retained, so a watcher that subscribed later would miss the canary's first ones.
+    let watcher = Watcher::subscribe(&cloud, &topics).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let child = cancel.child_token();
     // The cloud-side fleet record (events deduplicated, gaps detected, desired state kept).
@@ -407,20 +411,12 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
                 .map_err(|e| format!("{n} agent: {e}"))
         });
     }
-    let topics = Topics::default();
     println!(
         "roost up: controller rolls out kitchen-display {} from roost.yaml (waves: canary, half, everyone)",
         &repo.first[..12]
     );
     let published = Instant::now();
-    let watch = watch_convergence(
-        &cloud,
-        &topics,
-        opts.stores,
-        &repo.first,
-        opts.timeout,
-        published,
-    );
+    let watch = watcher.watch_convergence(opts.stores, &repo.first, opts.timeout, published);
     let outcome = tokio::select! {
         r = watch => r,
         Some(Ok(Err(e))) = tasks.join_next() => Err(UpError::Failed(e)),
@@ -532,109 +528,136 @@ fn tempfile_dir() -> Result<PathBuf, UpError> {
     Ok(base)
 }
 
-/// Follows the retained status documents on the cloud broker, printing phase changes, until
-/// every store reports `Converged` on `revision`, or the timeout passes.
-async fn watch_convergence(
-    broker: &str,
-    topics: &Topics,
-    stores: usize,
-    revision: &str,
-    timeout: Duration,
-    since: Instant,
-) -> Result<(), UpError> {
-    let (client, mut ev) = cloud::connect(broker, "roost-up").map_err(setup("watch"))?;
-    for kind in [
-        roost_schemas::topics::StoreTopicKind::Status,
-        roost_schemas::topics::StoreTopicKind::Events,
-    ] {
-        client
-            .subscribe(topics.all_stores(kind), QoS::AtLeastOnce)
-            .await
-            .map_err(setup("subscribe"))?;
-    }
-    let mut phases: BTreeMap<String, (Phase, Option<String>)> = BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let e = match tokio::time::timeout_at(deadline, ev.poll()).await {
-            Err(_) => {
-                let pending: Vec<String> = phases
-                    .iter()
-                    .filter(|(_, (p, _))| *p != Phase::Converged)
-                    .map(|(s, (p, _))| format!("{s}={}", p.as_str()))
-                    .collect();
-                return Err(UpError::Timeout(
-                    timeout,
-                    format!(
-                        "{} of {stores} stores converged; others: {}",
-                        phases
-                            .values()
-                            .filter(|(p, _)| *p == Phase::Converged)
-                            .count(),
-                        pending.join(", ")
-                    ),
-                ));
+/// A cloud-broker connection subscribed to every store's status and events.
+struct Watcher {
+    client: rumqttc::AsyncClient,
+    ev: rumqttc::EventLoop,
+}
+
+impl Watcher {
+    /// Connects and returns once the broker acknowledged both subscriptions.
+    async fn subscribe(broker: &str, topics: &Topics) -> Result<Watcher, UpError> {
+        let (client, mut ev) = cloud::connect(broker, "roost-up").map_err(setup("watch"))?;
+        for kind in [
+            roost_schemas::topics::StoreTopicKind::Status,
+            roost_schemas::topics::StoreTopicKind::Events,
+        ] {
+            client
+                .subscribe(topics.all_stores(kind), QoS::AtLeastOnce)
+                .await
+                .map_err(setup("subscribe"))?;
+        }
+        let mut acked = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while acked < 2 {
+            match tokio::time::timeout_at(deadline, ev.poll()).await {
+                Err(_) => {
+                    return Err(UpError::Setup(
+                        "watch: no SUBACK from the cloud broker".into(),
+                    ))
+                }
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => acked += 1,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(setup("watch")(e)),
             }
-            Ok(e) => e,
-        };
-        let p = match e {
-            Ok(Event::Incoming(Packet::Publish(p))) => p,
-            Ok(_) => continue,
-            Err(error) => {
-                warn!(%error, "status watch connection");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(Watcher { client, ev })
+    }
+
+    /// Follows the retained status documents on the cloud broker, printing phase changes,
+    /// until every store reports `Converged` on `revision`, or the timeout passes.
+    async fn watch_convergence(
+        self,
+        stores: usize,
+        revision: &str,
+        timeout: Duration,
+        since: Instant,
+    ) -> Result<(), UpError> {
+        let Watcher { client, mut ev } = self;
+        let mut phases: BTreeMap<String, (Phase, Option<String>)> = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let e = match tokio::time::timeout_at(deadline, ev.poll()).await {
+                Err(_) => {
+                    let pending: Vec<String> = phases
+                        .iter()
+                        .filter(|(_, (p, _))| *p != Phase::Converged)
+                        .map(|(s, (p, _))| format!("{s}={}", p.as_str()))
+                        .collect();
+                    return Err(UpError::Timeout(
+                        timeout,
+                        format!(
+                            "{} of {stores} stores converged; others: {}",
+                            phases
+                                .values()
+                                .filter(|(p, _)| *p == Phase::Converged)
+                                .count(),
+                            pending.join(", ")
+                        ),
+                    ));
+                }
+                Ok(e) => e,
+            };
+            let p = match e {
+                Ok(Event::Incoming(Packet::Publish(p))) => p,
+                Ok(_) => continue,
+                Err(error) => {
+                    warn!(%error, "status watch connection");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            if p.topic.ends_with("/events") {
+                // Progress as it happens: every event of the demo deployment, one line each.
+                if let Ok(e) = serde_json::from_slice::<roost_schemas::CloudEvent>(&p.payload) {
+                    let store = e
+                        .source
+                        .trim_start_matches("roost://stores/")
+                        .split('/')
+                        .next()
+                        .unwrap_or("?")
+                        .to_owned();
+                    let what = e.ty.trim_start_matches("dev.roost.");
+                    let detail = e
+                        .data
+                        .get("message")
+                        .and_then(|m| m.as_str())
+                        .unwrap_or_default();
+                    println!(
+                        "  {:>8} ms  {store}  {what:<18} {detail}",
+                        since.elapsed().as_millis()
+                    );
+                }
                 continue;
             }
-        };
-        if p.topic.ends_with("/events") {
-            // Progress as it happens: every event of the demo deployment, one line each.
-            if let Ok(e) = serde_json::from_slice::<roost_schemas::CloudEvent>(&p.payload) {
-                let store = e
-                    .source
-                    .trim_start_matches("roost://stores/")
-                    .split('/')
-                    .next()
-                    .unwrap_or("?")
-                    .to_owned();
-                let what = e.ty.trim_start_matches("dev.roost.");
-                let detail = e
-                    .data
-                    .get("message")
-                    .and_then(|m| m.as_str())
-                    .unwrap_or_default();
+            let Ok(doc) = serde_json::from_slice::<StatusDoc>(&p.payload) else {
+                continue;
+            };
+            let Some(st) = doc.deployments.get("kitchen-display") else {
+                continue;
+            };
+            let now = (st.phase, st.applied_revision.clone());
+            if phases.get(&doc.store) != Some(&now) {
                 println!(
-                    "  {:>8} ms  {store}  {what:<18} {detail}",
+                    "  {:>8} ms  {}  status: {}",
+                    since.elapsed().as_millis(),
+                    doc.store,
+                    st.phase.as_str(),
+                );
+                phases.insert(doc.store.clone(), now);
+            }
+            let done = phases
+                .values()
+                .filter(|(p, a)| *p == Phase::Converged && a.as_deref() == Some(revision))
+                .count();
+            if done == stores {
+                println!(
+                    "converged {done}/{stores} in {} ms",
                     since.elapsed().as_millis()
                 );
+                let _ = client.disconnect().await;
+                return Ok(());
             }
-            continue;
-        }
-        let Ok(doc) = serde_json::from_slice::<StatusDoc>(&p.payload) else {
-            continue;
-        };
-        let Some(st) = doc.deployments.get("kitchen-display") else {
-            continue;
-        };
-        let now = (st.phase, st.applied_revision.clone());
-        if phases.get(&doc.store) != Some(&now) {
-            println!(
-                "  {:>8} ms  {}  status: {}",
-                since.elapsed().as_millis(),
-                doc.store,
-                st.phase.as_str(),
-            );
-            phases.insert(doc.store.clone(), now);
-        }
-        let done = phases
-            .values()
-            .filter(|(p, a)| *p == Phase::Converged && a.as_deref() == Some(revision))
-            .count();
-        if done == stores {
-            println!(
-                "converged {done}/{stores} in {} ms",
-                since.elapsed().as_millis()
-            );
-            let _ = client.disconnect().await;
-            return Ok(());
         }
     }
 }
