@@ -165,9 +165,10 @@ pub struct RolloutSpec {
     pub origin: Option<Origin>,
 }
 
-/// Builds and signs a rollout.
+/// Builds a rollout and signs it with every key (one signature each, so an agent's
+/// `[thresholds]` can be met).
 pub fn sign_rollout(
-    key: &SigningKey,
+    keys: &[SigningKey],
     spec: &RolloutSpec,
     sequence: u64,
 ) -> Result<(Rollout, Envelope), CloudError> {
@@ -195,7 +196,9 @@ pub fn sign_rollout(
         .validate()
         .map_err(|e| CloudError::Usage(e.to_string()))?;
     let body = serde_json::to_vec(&rollout).map_err(|e| CloudError::Usage(e.to_string()))?;
-    Ok((rollout.clone(), key.sign(PAYLOAD_TYPE, &body)))
+    let env = roost_schemas::sign_all(keys, PAYLOAD_TYPE, &body)
+        .ok_or_else(|| CloudError::Usage("at least one signing key is required".into()))?;
+    Ok((rollout.clone(), env))
 }
 
 /// Reads the retained messages matching `filters` for up to `wait` (stops early after a
@@ -265,11 +268,12 @@ pub async fn publish_retained(
     res
 }
 
-/// Signs and publishes a rollout; the sequence defaults to the retained one + 1.
+/// Signs (with every key) and publishes a rollout; the sequence defaults to the retained
+/// one + 1.
 pub async fn rollout(
     broker: &str,
     topics: &Topics,
-    key: &SigningKey,
+    keys: &[SigningKey],
     spec: &RolloutSpec,
 ) -> Result<Rollout, CloudError> {
     let topic = topics.deployment(&spec.scope, &spec.deployment);
@@ -289,7 +293,7 @@ pub async fn rollout(
             last + 1
         }
     };
-    let (rollout, env) = sign_rollout(key, spec, sequence)?;
+    let (rollout, env) = sign_rollout(keys, spec, sequence)?;
     let bytes = serde_json::to_vec(&env).map_err(|e| CloudError::Usage(e.to_string()))?;
     publish_retained(broker, &topic, bytes).await?;
     Ok(rollout)

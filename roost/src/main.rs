@@ -232,9 +232,10 @@ struct RolloutArgs {
     /// Broker HOST:PORT.
     #[arg(long, env = "ROOST_BROKER")]
     broker: String,
-    /// Private key file (from `roost keygen`).
-    #[arg(long)]
-    key: PathBuf,
+    /// Private key file (from `roost keygen`); repeat to sign with several keys (one
+    /// signature each), as an agent's `[thresholds]` may require.
+    #[arg(long, required = true)]
+    key: Vec<PathBuf>,
     /// Deployment name.
     #[arg(long)]
     deployment: String,
@@ -487,7 +488,11 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 (false, None, Some(s)) => Scope::Store(s),
                 _ => anyhow::bail!("give exactly one of --fleet, --group NAME, --store NAME"),
             };
-            let key = cloud::load_key(&a.key)?;
+            let keys = a
+                .key
+                .iter()
+                .map(|k| cloud::load_key(k))
+                .collect::<Result<Vec<_>, _>>()?;
             let revision = if a.remove && a.revision.is_empty() {
                 String::new()
             } else {
@@ -518,7 +523,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 origin: None,
             };
             let r = interruptible(&cancel, async {
-                Ok(cloud::rollout(&a.broker, &Topics::default(), &key, &spec).await?)
+                Ok(cloud::rollout(&a.broker, &Topics::default(), &keys, &spec).await?)
             })
             .await?;
             println!("{}", serde_json::to_string(&r)?);

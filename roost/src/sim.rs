@@ -178,7 +178,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
             origin: None,
         };
         let t0 = Instant::now();
-        cloud::rollout(&broker, &topics, &key, &spec)
+        cloud::rollout(&broker, &topics, std::slice::from_ref(&key), &spec)
             .await
             .map_err(err("rollout"))?;
         let mut done: HashMap<String, u64> = HashMap::new();
