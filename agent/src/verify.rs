@@ -6,7 +6,8 @@ use roost_schemas::topics::DeploymentTopic;
 use roost_schemas::{Envelope, Keyring, Reason, Rollout, Topics, PAYLOAD_TYPE};
 use sha2::{Digest, Sha256};
 
-use crate::decide::source_allowed;
+use crate::config::Thresholds;
+use crate::decide::{source_allowed, SourceUrl};
 
 /// A verified rollout.
 #[derive(Debug, Clone)]
@@ -17,6 +18,8 @@ pub struct Verified {
     pub rollout: Rollout,
     /// SHA-256 (hex) of the payload bytes.
     pub digest: String,
+    /// The distinct trusted keys whose signatures counted.
+    pub keyids: Vec<String>,
 }
 
 /// A rejected message.
@@ -37,12 +40,16 @@ pub struct Rejection {
 pub struct VerifyPolicy<'a> {
     /// Topic names.
     pub topics: &'a Topics,
-    /// Trusted keys.
+    /// Trusted keys, with expiry times and revocations.
     pub keyring: &'a Keyring,
+    /// Signatures needed per scope kind (of the topic that carried the message).
+    pub thresholds: Thresholds,
+    /// The time key expiry is judged at.
+    pub now: time::OffsetDateTime,
     /// Largest message.
     pub max_message_bytes: usize,
-    /// Allowed source URL prefixes.
-    pub allowed_sources: &'a [String],
+    /// The parsed source allow-list.
+    pub allowed_sources: &'a [SourceUrl],
 }
 
 /// Verifies a message from a deployment topic. `Ok(None)` for an empty payload (a retained
@@ -83,10 +90,12 @@ pub fn verify_message(
     }
     let env: Envelope = serde_json::from_slice(payload)
         .map_err(|e| reject(Reason::Malformed, format!("not a DSSE envelope: {e}"), None))?;
-    let body = policy
+    let threshold = policy.thresholds.for_scope(&topic_info.scope);
+    let signed = policy
         .keyring
-        .verify(&env, PAYLOAD_TYPE)
+        .verify_with(&env, PAYLOAD_TYPE, policy.now, threshold)
         .map_err(|e| reject(e.reason(), e.to_string(), None))?;
+    let body = signed.payload;
     // The contract's JSON Schema first (the same file other implementations use), then the
     // typed rules; both must agree for a payload to be accepted.
     if let Some(problem) = schema_problem(&body) {
@@ -123,18 +132,17 @@ pub fn verify_message(
         ));
     }
     if let Some(src) = &rollout.source {
-        if !rollout.remove && !source_allowed(&src.url, policy.allowed_sources) {
-            return Err(reject(
-                Reason::SourceNotAllowed,
-                format!("source {} is not on the allow-list", src.url),
-                seq,
-            ));
+        if !rollout.remove {
+            if let Err(e) = source_allowed(&src.url, policy.allowed_sources) {
+                return Err(reject(Reason::SourceNotAllowed, e.to_string(), seq));
+            }
         }
     }
     Ok(Some(Verified {
         topic: topic_info,
         digest: hex::encode(Sha256::digest(&body)),
         rollout,
+        keyids: signed.keyids,
     }))
 }
 
@@ -199,10 +207,12 @@ mod tests {
         let mut ring = Keyring::new();
         ring.add(key.public_key()).expect("add");
         let topics = Topics::default();
-        let allowed = vec!["git://127.0.0.1".to_string()];
+        let allowed = vec![SourceUrl::parse("git://127.0.0.1").expect("url")];
         let pol = VerifyPolicy {
             topics: &topics,
             keyring: &ring,
+            thresholds: Thresholds::default(),
+            now: time::OffsetDateTime::now_utc(),
             max_message_bytes: 4096,
             allowed_sources: &allowed,
         };
