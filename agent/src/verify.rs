@@ -101,13 +101,19 @@ pub fn verify_message(
     if let Some(problem) = schema_problem(&body) {
         let seq = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
-            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()));
+            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()))
+            // Reported only when it is a valid sequence: the event schema wants >= 1, and
+            // a schema-invalid event would be dropped by the bridge.
+            .filter(|s| *s >= 1);
         return Err(reject(Reason::Schema, problem, seq));
     }
     let rollout = Rollout::from_json(&body).map_err(|e| {
         let seq = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
-            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()));
+            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()))
+            // Reported only when it is a valid sequence: the event schema wants >= 1, and
+            // a schema-invalid event would be dropped by the bridge.
+            .filter(|s| *s >= 1);
         reject(Reason::Schema, e.to_string(), seq)
     })?;
     let seq = Some(rollout.sequence);
@@ -263,6 +269,15 @@ mod tests {
         let signed_garbage =
             serde_json::to_vec(&key.sign(PAYLOAD_TYPE, b"{\"x\":1}")).expect("ser");
         assert_eq!(reason(fleet_topic, &signed_garbage), Reason::Schema);
+        // A schema rejection reports the payload's sequence only when it is a valid one (the
+        // event schema wants >= 1; the bridge drops events that break it).
+        let mut zero = serde_json::to_value(rollout(Scope::Fleet)).expect("json");
+        zero["sequence"] = serde_json::json!(0);
+        let signed =
+            serde_json::to_vec(&key.sign(PAYLOAD_TYPE, &serde_json::to_vec(&zero).expect("ser")))
+                .expect("ser");
+        let r = verify_message(&pol, fleet_topic, &signed).expect_err("rejected");
+        assert_eq!((r.reason, r.sequence), (Reason::Schema, None));
         assert!(verify_message(&pol, fleet_topic, b"")
             .expect("ok")
             .is_none());
