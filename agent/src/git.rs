@@ -994,3 +994,62 @@ mod tests {
         assert!(!repo.join("main.lock").exists());
     }
 }
+
+#[cfg(test)]
+mod props {
+    //! Property tests of manifest parsing: never a panic on any bytes, bounded documents,
+    //! and JSON-shaped values within the depth limit parse back to themselves as YAML.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i32>().prop_map(serde_json::Value::from),
+            "[a-z]{0,8}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(6, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-z]{1,6}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_parse_or_fail_cleanly(data in proptest::collection::vec(any::<u8>(), 0..2000), json in any::<bool>()) {
+            let f = ManifestFile { path: if json { "x.json".into() } else { "x.yaml".into() }, data };
+            if let Ok(docs) = parse_documents(&f) {
+                prop_assert!(docs.len() <= YAML_MAX_DOCUMENTS);
+                prop_assert!(docs.iter().all(|d| depth(d) <= YAML_MAX_DEPTH && !d.is_null()));
+            }
+        }
+
+        #[test]
+        fn yaml_like_text_never_panics(text in "([a-z&*:\\[\\]{}, \\n-]|---\\n|&a |\\*a){0,400}") {
+            let f = ManifestFile { path: "x.yaml".into(), data: text.into_bytes() };
+            let _ = parse_documents(&f);
+        }
+
+        #[test]
+        fn documents_round_trip(docs in proptest::collection::vec(value(), 1..4)) {
+            let text: Vec<String> = docs.iter().map(|d| serde_json::to_string(d).expect("json")).collect();
+            let f = ManifestFile { path: "x.yaml".into(), data: text.join("\n---\n").into_bytes() };
+            let parsed = parse_documents(&f).expect("parses");
+            let want: Vec<&serde_json::Value> = docs.iter().filter(|d| !d.is_null()).collect();
+            prop_assert_eq!(parsed.iter().collect::<Vec<_>>(), want);
+        }
+
+        #[test]
+        fn source_urls_never_panic_and_covering_is_segmentwise(url in "[a-z+:/@.%#?\\\\0-9\\[\\]-]{0,80}") {
+            if let Ok(u) = SourceUrl::parse(&url) {
+                prop_assert!(u.covers(&u));
+                prop_assert!(u.segments.iter().all(|s| !s.is_empty() && s != "." && s != ".."));
+                prop_assert!(crate::decide::TRANSPORTS.contains(&u.scheme.as_str()));
+            }
+        }
+    }
+}

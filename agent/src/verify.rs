@@ -289,3 +289,84 @@ mod tests {
         assert_eq!(reason(fleet_topic, &signed), Reason::Schema);
     }
 }
+
+#[cfg(test)]
+mod props {
+    //! Property tests of envelope parsing and verification as the agent runs it: never a
+    //! panic, and acceptance only for an untouched envelope with enough trusted signatures.
+    use super::*;
+    use proptest::prelude::*;
+    use roost_schemas::{Policy, Scope, SigningKey, Source};
+
+    fn setup() -> (Keyring, SigningKey, SigningKey, Vec<SourceUrl>) {
+        let a = SigningKey::from_seed(&[31; 32]).expect("key");
+        let b = SigningKey::from_seed(&[32; 32]).expect("key");
+        let mut ring = Keyring::new();
+        ring.add(a.public_key()).expect("add");
+        ring.add(b.public_key()).expect("add");
+        let allowed = vec![SourceUrl::parse("git://127.0.0.1/").expect("url")];
+        (ring, a, b, allowed)
+    }
+
+    fn body(seq: u64) -> Vec<u8> {
+        serde_json::to_vec(&Rollout {
+            deployment: "web".into(),
+            scope: Scope::Fleet,
+            sequence: seq,
+            issued_at: "2026-11-26T10:00:00Z".into(),
+            source: Some(Source {
+                url: "git://127.0.0.1/fleet.git".into(),
+                revision: "a".repeat(40),
+                path: "apps".into(),
+            }),
+            not_before: None,
+            policy: Policy::default(),
+            remove: false,
+            origin: None,
+        })
+        .expect("json")
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_messages_never_panic_nor_verify(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let (ring, _, _, allowed) = setup();
+            let topics = Topics::default();
+            let pol = VerifyPolicy {
+                topics: &topics, keyring: &ring, thresholds: Thresholds::default(),
+                now: time::OffsetDateTime::now_utc(), max_message_bytes: 2048, allowed_sources: &allowed,
+            };
+            let r = verify_message(&pol, "roost/v1/fleet/deployments/web", &bytes);
+            prop_assert!(matches!(r, Err(_) | Ok(None)));
+        }
+
+        #[test]
+        fn a_mutated_envelope_is_never_accepted_as_something_else(
+            seq in 1u64..1_000_000,
+            pos in any::<proptest::sample::Index>(),
+            byte in any::<u8>(),
+            threshold in 1usize..3,
+        ) {
+            let (ring, a, b, allowed) = setup();
+            let topics = Topics::default();
+            let pol = VerifyPolicy {
+                topics: &topics, keyring: &ring,
+                thresholds: Thresholds { fleet: Some(threshold), ..Default::default() },
+                now: time::OffsetDateTime::now_utc(), max_message_bytes: 64 * 1024, allowed_sources: &allowed,
+            };
+            let original = body(seq);
+            let env = roost_schemas::sign_all(&[a, b], PAYLOAD_TYPE, &original).expect("env");
+            let mut bytes = serde_json::to_vec(&env).expect("json");
+            let topic = "roost/v1/fleet/deployments/web";
+            prop_assert!(verify_message(&pol, topic, &bytes).is_ok());
+            let i = pos.index(bytes.len());
+            bytes[i] = byte;
+            if let Ok(Some(v)) = verify_message(&pol, topic, &bytes) {
+                // Only a change outside what is signed (JSON whitespace, a key id of a
+                // signature beyond the threshold, …) may still verify: the payload is the
+                // one that was signed.
+                prop_assert_eq!(serde_json::to_vec(&v.rollout).expect("json"), original);
+            }
+        }
+    }
+}

@@ -11,8 +11,9 @@ use std::sync::OnceLock;
 use roost_schemas::payload::OutboxOverflow;
 use roost_schemas::{CloudEvent, EventType, Topics};
 
-/// Largest upward payload (status documents of stores with many deployments included).
-pub const MAX_UPWARD_BYTES: usize = 1024 * 1024;
+/// Largest upward payload: half the brokers' `max_payload_size`, still room for the status
+/// document of a store with over a thousand deployments (events are far smaller).
+pub const MAX_UPWARD_BYTES: usize = 512 * 1024;
 /// Most `lost_ranges` one overflow report may list (the agent merges them; it needs few).
 pub const MAX_LOST_RANGES: usize = 4096;
 /// Most intervals the watermark remembers above its contiguous prefix. Forgetting the highest
@@ -667,5 +668,93 @@ mod tests {
         assert_eq!(s.dropped(DropReason::Schema), 0);
         assert_eq!(s.dropped_total(), 2);
         assert_eq!(s.forwarded(), 1);
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Property tests: the watermark matches a plain set model, never confirms what it was
+    //! not given, and upward checks never panic nor let an overflow report reach its own
+    //! roostseq.
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    proptest! {
+        #[test]
+        fn watermark_matches_a_set_model(ops in proptest::collection::vec((1u64..200, 0u64..8), 0..80)) {
+            let mut w = Watermark::new(0);
+            let mut model = BTreeSet::new();
+            for (from, len) in ops {
+                let to = from + len;
+                w.add(from, to);
+                model.extend(from..=to);
+                let mut upto = 0;
+                while model.contains(&(upto + 1)) {
+                    upto += 1;
+                }
+                prop_assert_eq!(w.upto(), upto);
+                prop_assert!(w.above().iter().all(|(s, e)| s > upto + 1 && s <= e));
+            }
+        }
+
+        #[test]
+        fn never_confirms_past_what_it_has(
+            events in proptest::collection::vec((1u64..1000, proptest::collection::vec((0u64..1200, 0u64..1200), 0..4)), 0..40),
+        ) {
+            let topics = Topics::default();
+            let mut w = Watermark::new(0);
+            let mut seen_max = 0;
+            for (roostseq, ranges) in events {
+                let ranges: Vec<[u64; 2]> = ranges.into_iter().map(|(a, b)| [a, b]).collect();
+                let count = ranges.iter().map(|[a, b]| b.saturating_sub(*a) + 1).sum();
+                let mut ev = roost_schemas::EventData::OutboxOverflow(OutboxOverflow {
+                    reason: roost_schemas::Reason::OutboxOverflow,
+                    message: "p".into(),
+                    dropped_messages: count,
+                    lost_count: count,
+                    lost_from_roostseq: ranges.first().map(|r| r[0]),
+                    lost_to_roostseq: ranges.last().map(|r| r[1]),
+                    lost_ranges: ranges,
+                })
+                .into_event("roost://stores/s1/agent");
+                ev.roostseq = roostseq;
+                ev.id = "x".into();
+                let payload = serde_json::to_vec(&ev).expect("json");
+                if let Ok(Upward::Event { roostseq, lost }) = check_upward(&topics, "s1", &topics.events("s1"), &payload) {
+                    prop_assert!(lost.iter().all(|(a, b)| a <= b && *b < roostseq));
+                    seen_max = seen_max.max(roostseq);
+                    w.add_event(roostseq, &lost);
+                }
+                prop_assert!(w.upto() <= seen_max, "confirmed {} with nothing above {}", w.upto(), seen_max);
+            }
+        }
+
+        #[test]
+        fn arbitrary_payloads_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2000), which in 0usize..4) {
+            let t = Topics::default();
+            let topic = [t.events("s1"), t.status("s1"), t.presence("s1"), t.ack("s1")][which].clone();
+            let _ = check_upward(&t, "s1", &topic, &bytes);
+        }
+
+        #[test]
+        fn json_shaped_events_never_panic(
+            roostseq in any::<i64>(),
+            ranges in proptest::collection::vec((any::<i64>(), any::<u64>()), 0..5),
+            lost_count in any::<u64>(),
+        ) {
+            let t = Topics::default();
+            let v = serde_json::json!({
+                "specversion": "1.0", "id": "x", "source": "roost://stores/s1/agent",
+                "type": "dev.roost.outbox.overflow", "time": "2026-11-26T10:00:00Z",
+                "datacontenttype": "application/json", "roostseq": roostseq,
+                "data": {"reason": "outbox_overflow", "message": "m", "lost_count": lost_count,
+                         "lost_ranges": ranges.iter().map(|(a, b)| [serde_json::json!(a), serde_json::json!(b)]).collect::<Vec<_>>()}
+            });
+            let payload = serde_json::to_vec(&v).expect("json");
+            if let Ok(Upward::Event { roostseq, lost }) = check_upward(&t, "s1", &t.events("s1"), &payload) {
+                prop_assert!(lost.iter().all(|(a, b)| *a >= 1 && a <= b && *b < roostseq));
+            }
+        }
     }
 }

@@ -564,3 +564,78 @@ mod tests {
         assert_eq!(k.key_id().len(), 16);
     }
 }
+
+#[cfg(test)]
+mod props {
+    //! Property tests: verification never panics, and only an untouched envelope signed by
+    //! enough trusted keys is accepted.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ring() -> (Keyring, SigningKey, SigningKey) {
+        let a = SigningKey::from_seed(&[21; 32]).expect("key");
+        let b = SigningKey::from_seed(&[22; 32]).expect("key");
+        let mut r = Keyring::new();
+        r.add(a.public_key()).expect("add");
+        r.add(b.public_key()).expect("add");
+        (r, a, b)
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_json_never_panics_and_never_verifies(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let (r, _, _) = ring();
+            if let Ok(env) = serde_json::from_slice::<Envelope>(&bytes) {
+                let now = time::OffsetDateTime::now_utc();
+                prop_assert!(r.verify_with(&env, PAYLOAD_TYPE, now, 1).is_err());
+            }
+        }
+
+        #[test]
+        fn arbitrary_envelopes_never_verify(
+            payload in "[A-Za-z0-9+/=]{0,64}",
+            sigs in proptest::collection::vec(("[0-9a-f]{0,20}", "[A-Za-z0-9+/=]{0,100}"), 0..10),
+            threshold in 0usize..4,
+        ) {
+            let (r, a, _) = ring();
+            let mut signatures: Vec<Signature> = sigs.into_iter().map(|(keyid, sig)| Signature { keyid, sig }).collect();
+            if let Some(s) = signatures.first_mut() {
+                s.keyid = a.key_id(); // a trusted id on a forged signature
+            }
+            let env = Envelope { payload_type: PAYLOAD_TYPE.into(), payload, signatures };
+            prop_assert!(r.verify_with(&env, PAYLOAD_TYPE, time::OffsetDateTime::now_utc(), threshold).is_err());
+        }
+
+        #[test]
+        fn only_untouched_signed_payloads_verify(
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            flip in any::<proptest::sample::Index>(),
+            bit in 0u8..8,
+            both in any::<bool>(),
+        ) {
+            let (r, a, b) = ring();
+            let keys = if both { vec![a, b] } else { vec![a] };
+            let need = keys.len();
+            let env = sign_all(&keys, PAYLOAD_TYPE, &payload).expect("env");
+            let now = time::OffsetDateTime::now_utc();
+            let ok = r.verify_with(&env, PAYLOAD_TYPE, now, need).expect("valid");
+            prop_assert_eq!(&ok.payload, &payload);
+            prop_assert_eq!(ok.keyids.len(), need);
+            prop_assert!(r.verify_with(&env, PAYLOAD_TYPE, now, need + 1).is_err(), "threshold above the signers");
+            if !payload.is_empty() {
+                let mut changed = payload.clone();
+                let i = flip.index(changed.len());
+                changed[i] ^= 1 << bit;
+                let mut tampered = env.clone();
+                tampered.payload = B64.encode(&changed);
+                prop_assert_eq!(r.verify_with(&tampered, PAYLOAD_TYPE, now, 1).map_err(|e| e.reason()).err(), Some(crate::Reason::BadSignature));
+            }
+            let mut sig = B64.decode(&env.signatures[0].sig).expect("b64");
+            let i = flip.index(sig.len());
+            sig[i] ^= 1 << bit;
+            let mut bad = env.clone();
+            bad.signatures[0].sig = B64.encode(&sig);
+            prop_assert!(r.verify_with(&bad, PAYLOAD_TYPE, now, need).is_err());
+        }
+    }
+}
