@@ -19,7 +19,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(s) = std::str::from_utf8(data) {
         if let Ok(p) = roost_schemas::rollout::normalize_path(s) {
             assert!(!p.starts_with('/'));
-            assert!(p.split('/').all(|seg| seg != ".." && !seg.is_empty()));
+            // "" is the repository root; otherwise whole, non-empty segments.
+            assert!(p.is_empty() || p.split('/').all(|seg| seg != ".." && !seg.is_empty()));
         }
         let _ = safe_entry_name(s);
     }
