@@ -7,6 +7,22 @@ use std::time::Duration;
 use roost_schemas::{validate_name, Keyring};
 use serde::Deserialize;
 
+use crate::decide::SourceUrl;
+
+/// A TOML error as `line L, column C: message`, without the snippet of the offending line
+/// that `toml` prints (it could show a token from `[[git.credentials]]`).
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!("line {line}, column {col}: {}", e.message())
+        }
+        None => e.message().to_owned(),
+    }
+}
+
 /// Why a configuration is not usable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -43,13 +59,46 @@ pub struct TrustedKey {
     pub id: String,
     /// Base64 of the raw 32-byte Ed25519 public key.
     pub public_key: String,
+    /// Signatures by this key count up to this time (RFC 3339), not after it: the gentle way
+    /// to retire a key during a rotation. Default: no end.
+    #[serde(default)]
+    pub not_after: Option<String>,
 }
 
-/// Credentials for HTTPS sources.
-#[derive(Debug, Clone, Deserialize)]
+/// How many distinct trusted keys must sign a rollout, per scope kind (`[thresholds]`).
+/// Unset kinds need one signature.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    /// Fleet-scope rollouts.
+    #[serde(default)]
+    pub fleet: Option<usize>,
+    /// Group-scope rollouts.
+    #[serde(default)]
+    pub group: Option<usize>,
+    /// Store-scope rollouts.
+    #[serde(default)]
+    pub store: Option<usize>,
+}
+
+impl Thresholds {
+    /// Signatures needed for a rollout of `scope`.
+    pub fn for_scope(&self, scope: &roost_schemas::Scope) -> usize {
+        let t = match scope {
+            roost_schemas::Scope::Fleet => self.fleet,
+            roost_schemas::Scope::Group(_) => self.group,
+            roost_schemas::Scope::Store(_) => self.store,
+        };
+        t.unwrap_or(1).max(1)
+    }
+}
+
+/// Credentials for HTTPS sources. `Debug` never shows the token.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GitCredential {
-    /// URL prefix the credential applies to.
+    /// The https URL (scheme, host, port and leading path segments, matched like
+    /// `git.allowed_sources`) the credential is sent to.
     pub url_prefix: String,
     /// Username (default `x-access-token`).
     #[serde(default)]
@@ -62,11 +111,24 @@ pub struct GitCredential {
     pub token_file: Option<PathBuf>,
 }
 
+impl std::fmt::Debug for GitCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitCredential")
+            .field("url_prefix", &self.url_prefix)
+            .field("username", &self.username)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_file", &self.token_file)
+            .finish()
+    }
+}
+
 /// Git settings.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct GitConfig {
-    /// Source URLs the agent may fetch from: a rollout's URL must start with one of them.
+    /// Source URLs the agent may fetch from, each `scheme://host[:port]/path`: a rollout's
+    /// URL must have the same scheme (https, ssh, git or file), ssh user, host and port, and
+    /// start with the entry's whole path segments.
     #[serde(default)]
     pub allowed_sources: Vec<String>,
     /// HTTPS credentials.
@@ -149,6 +211,14 @@ pub struct Limits {
     /// Most files / objects in one revision.
     #[serde(default = "default_max_objects")]
     pub max_objects: usize,
+    /// Largest single file of a revision (bytes; default 4 MiB). Checked before the file is
+    /// read from the Git object database.
+    #[serde(default = "default_max_file")]
+    pub max_file_bytes: u64,
+}
+
+fn default_max_file() -> u64 {
+    4 * 1024 * 1024
 }
 
 fn default_max_message() -> usize {
@@ -167,6 +237,7 @@ impl Default for Limits {
             max_message_bytes: default_max_message(),
             max_render_bytes: default_max_render(),
             max_objects: default_max_objects(),
+            max_file_bytes: default_max_file(),
         }
     }
 }
@@ -190,6 +261,13 @@ pub struct AgentFile {
     /// Trusted signing keys.
     #[serde(default)]
     pub trusted_keys: Vec<TrustedKey>,
+    /// Key ids whose signatures never count again (a compromised or retired key), whether
+    /// or not they are still listed in `trusted_keys`.
+    #[serde(default)]
+    pub revoked_keys: Vec<String>,
+    /// Signatures from distinct trusted keys needed per scope kind (default 1 each).
+    #[serde(default)]
+    pub thresholds: Thresholds,
     /// Git.
     #[serde(default)]
     pub git: GitConfig,
@@ -219,8 +297,10 @@ pub struct AgentFile {
 pub struct AgentConfig {
     /// The parsed file.
     pub file: AgentFile,
-    /// Trusted keys.
+    /// Trusted keys (with their expiry times and the revocation list).
     pub keyring: Keyring,
+    /// `git.allowed_sources`, parsed.
+    pub allowed_sources: Vec<SourceUrl>,
     /// Drift check interval.
     pub drift_interval: Duration,
     /// Retry backoff bounds.
@@ -236,7 +316,7 @@ impl AgentConfig {
         })?;
         let file: AgentFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: parse_message(&text, &e),
         })?;
         AgentConfig::from_file(file)
     }
@@ -250,32 +330,81 @@ impl AgentConfig {
         }
         let mut keyring = Keyring::new();
         for k in &file.trusted_keys {
+            if file.trusted_keys.iter().filter(|o| o.id == k.id).count() > 1 {
+                return Err(invalid(format!(
+                    "trusted_keys: key {} is listed twice",
+                    k.id
+                )));
+            }
             keyring
                 .add_base64(&k.public_key, Some(&k.id))
                 .map_err(|e| invalid(format!("trusted_keys: {e}")))?;
+            if let Some(na) = &k.not_after {
+                let t = roost_schemas::parse_rfc3339(na).ok_or_else(|| {
+                    invalid(format!(
+                        "trusted_keys: not_after of {} is not an RFC 3339 time: {na:?}",
+                        k.id
+                    ))
+                })?;
+                keyring.set_not_after(&k.id, t);
+            }
         }
-        if keyring.is_empty() {
+        for id in &file.revoked_keys {
+            if id.len() != 16 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err(invalid(format!(
+                    "revoked_keys: {id:?} is not a key id (16 lowercase hex characters)"
+                )));
+            }
+            keyring.revoke(id);
+        }
+        if keyring.unrevoked() == 0 {
             return Err(invalid(
-                "trusted_keys: at least one key is required (the agent would accept nothing)"
+                "trusted_keys: at least one key that is not revoked is required (the agent would accept nothing)"
                     .into(),
             ));
         }
-        if file.git.allowed_sources.iter().any(|s| s.trim().is_empty()) {
-            return Err(invalid(
-                "git.allowed_sources: an empty prefix would allow every URL".into(),
-            ));
+        for (kind, t) in [
+            ("fleet", file.thresholds.fleet),
+            ("group", file.thresholds.group),
+            ("store", file.thresholds.store),
+        ] {
+            if let Some(t) = t {
+                if t == 0 || t > keyring.unrevoked() {
+                    return Err(invalid(format!(
+                        "thresholds.{kind}: must be between 1 and the number of trusted keys that are not revoked ({})",
+                        keyring.unrevoked()
+                    )));
+                }
+            }
         }
         if file.git.allowed_sources.is_empty() {
             return Err(invalid(
-                "git.allowed_sources: at least one URL prefix is required".into(),
+                "git.allowed_sources: at least one source URL is required".into(),
             ));
+        }
+        let mut allowed_sources = Vec::new();
+        for a in &file.git.allowed_sources {
+            allowed_sources.push(
+                SourceUrl::parse(a.trim())
+                    .map_err(|e| invalid(format!("git.allowed_sources: {e}")))?,
+            );
         }
         for c in &file.git.credentials {
             if c.token.is_none() && c.token_file.is_none() {
                 return Err(invalid(format!(
                     "git.credentials for {}: token or token_file is required",
-                    c.url_prefix
+                    crate::decide::redact_url(&c.url_prefix)
                 )));
+            }
+            match SourceUrl::parse(&c.url_prefix) {
+                Ok(u) if u.scheme == "https" => {}
+                Ok(_) => {
+                    return Err(invalid(format!(
+                        "git.credentials: url_prefix {} must be an https:// URL (tokens are only sent over TLS)",
+                        crate::decide::redact_url(&c.url_prefix)
+                    )))
+                }
+                Err(e) => return Err(invalid(format!("git.credentials: url_prefix: {e}"))),
             }
         }
         // The port, credentials and TLS files (readable, PEM), naming the field.
@@ -304,8 +433,12 @@ impl AgentConfig {
         if ri == 0 || rm < ri {
             return Err(invalid("retry_ms: (initial > 0, max >= initial)".into()));
         }
+        if file.limits.max_file_bytes == 0 {
+            return Err(invalid("limits.max_file_bytes: at least 1".into()));
+        }
         Ok(AgentConfig {
             keyring,
+            allowed_sources,
             drift_interval: Duration::from_secs(drift),
             retry: (Duration::from_millis(ri), Duration::from_millis(rm)),
             file,
@@ -386,6 +519,73 @@ kind = "files"
             };
             assert!(err.contains(field), "{field}: {err}");
         }
+        // Keys: expiry, revocation, thresholds.
+        let rotation = |extra: &str| {
+            let text = with_key(GOOD).replace(
+                "state_dir = \"/tmp/x\"",
+                &format!("state_dir = \"/tmp/x\"\n{extra}"),
+            );
+            toml::from_str::<AgentFile>(&text)
+                .map_err(|e| e.to_string())
+                .and_then(|f| AgentConfig::from_file(f).map_err(|e| e.to_string()))
+        };
+        let kid = roost_schemas::SigningKey::from_seed(&[1; 32])
+            .expect("key")
+            .key_id();
+        assert!(rotation(&format!("revoked_keys = [\"{}\"]", "ab".repeat(8))).is_ok());
+        let err = rotation(&format!("revoked_keys = [\"{kid}\"]")).expect_err("none left");
+        assert!(err.contains("not revoked"), "{err}");
+        let err = rotation("revoked_keys = [\"KEY\"]").expect_err("bad id");
+        assert!(err.contains("revoked_keys"), "{err}");
+        let err = rotation("thresholds = { fleet = 2 }").expect_err("one key only");
+        assert!(err.contains("thresholds.fleet"), "{err}");
+        let err = rotation("thresholds = { fleet = 0 }").expect_err("zero");
+        assert!(err.contains("thresholds.fleet"), "{err}");
+        let c = rotation("thresholds = { fleet = 1 }").expect("ok");
+        assert_eq!(c.file.thresholds.for_scope(&roost_schemas::Scope::Fleet), 1);
+        let expiring = with_key(GOOD).replace(
+            "public_key = \"",
+            "not_after = \"2026-11-27T03:00:00Z\"\npublic_key = \"",
+        );
+        let f: AgentFile = toml::from_str(&expiring).expect("parse");
+        assert!(AgentConfig::from_file(f).is_ok());
+        let bad_time = expiring.replace("2026-11-27T03:00:00Z", "tomorrow");
+        let f: AgentFile = toml::from_str(&bad_time).expect("parse");
+        let err = AgentConfig::from_file(f).expect_err("bad time").to_string();
+        assert!(err.contains("not_after"), "{err}");
+        // Allow-list entries and credentials are parsed URLs.
+        for (bad, field) in [
+            ("\"ext::sh\"", "git.allowed_sources"),
+            ("\"http://git.example/\"", "git.allowed_sources"),
+            ("\"https://u:p@git.example/\"", "git.allowed_sources"),
+        ] {
+            let text = with_key(GOOD).replace("[\"git://127.0.0.1\"]", &format!("[{bad}]"));
+            let f: AgentFile = toml::from_str(&text).expect("parse");
+            let err = AgentConfig::from_file(f).expect_err(bad).to_string();
+            assert!(err.contains(field), "{err}");
+            assert!(!err.contains(":p@"), "no password in messages: {err}");
+        }
+        let creds = with_key(GOOD).replace(
+            "[target]",
+            "[[git.credentials]]\nurl_prefix = \"git://127.0.0.1/\"\ntoken = \"s3cret\"\n[target]",
+        );
+        let f: AgentFile = toml::from_str(&creds).expect("parse");
+        let err = AgentConfig::from_file(f)
+            .expect_err("not https")
+            .to_string();
+        assert!(err.contains("https"), "{err}");
+        let ok = creds.replace("git://127.0.0.1/", "https://git.example/");
+        let f: AgentFile = toml::from_str(&ok).expect("parse");
+        let c = AgentConfig::from_file(f).expect("https credential");
+        assert!(!format!("{c:?}").contains("s3cret"), "Debug hides tokens");
+        // A TOML error names line and column but never shows the line itself.
+        let broken = ok.replace("token = \"s3cret\"", "token = s3cret");
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, broken).expect("write");
+        let err = AgentConfig::load(&p).expect_err("broken").to_string();
+        assert!(err.contains("line "), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
         // A wrong key id is caught.
         let text = with_key(GOOD).replace("id = \"", "id = \"00");
         let f: AgentFile = toml::from_str(&text).expect("parse");

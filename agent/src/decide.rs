@@ -78,17 +78,218 @@ pub fn resolve(slots: &[Rollout], store: &str, groups: &[String]) -> Desired {
     }
 }
 
-/// True when `url` is allowed by one of the configured prefixes. A prefix matches whole URL
-/// components only: `git://h/a` allows `git://h/a/x.git` and `git://h/a.git`? No: only
-/// `git://h/a` itself or what continues with `/`, unless the prefix ends with `/`.
-pub fn source_allowed(url: &str, allowed: &[String]) -> bool {
-    if url.contains("..") || url.contains('@') && !url.starts_with("https://") {
-        return false;
+/// The transports the agent fetches over. Anything else (`http` without TLS, `ext::`, `fd::`,
+/// scp-like `user@host:path`, `git+ssh`, …) is refused before git2 ever sees the URL.
+pub const TRANSPORTS: [&str; 4] = ["https", "ssh", "git", "file"];
+
+/// Why a source URL (or an allow-list entry) is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// Not a `scheme://…` URL of an allowed transport.
+    #[error("transport not allowed (only https://, ssh://, git://, file://): {0}")]
+    Transport(String),
+    /// User-info (`user@`, `user:password@`) where it is not allowed.
+    #[error(
+        "user-info is not allowed in source URLs (credentials belong in [[git.credentials]]): {0}"
+    )]
+    UserInfo(String),
+    /// Not a URL this parser accepts (percent-encoding, `..`, empty segments, odd hosts, …).
+    #[error("not a plain source URL ({why}): {url}")]
+    Syntax {
+        /// What is wrong.
+        why: &'static str,
+        /// The URL with any user-info removed.
+        url: String,
+    },
+    /// A well-formed URL that no allow-list entry covers.
+    #[error("source {0} is not on the allow-list")]
+    NotAllowed(String),
+}
+
+/// A source URL split into the parts the allow-list compares: no normalisation beyond
+/// lower-casing the host and filling in the scheme's default port, because everything
+/// ambiguous (percent-encoding, `.`/`..` segments, backslashes, queries, fragments,
+/// non-ASCII, user-info outside ssh, passwords) is refused instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceUrl {
+    /// `https`, `ssh`, `git` or `file`.
+    pub scheme: String,
+    /// The ssh login (`git` in `ssh://git@host/…`); always `None` for other schemes.
+    pub user: Option<String>,
+    /// Host, lower case (`""` for `file://`; IPv6 without brackets).
+    pub host: String,
+    /// The port, with the scheme's default filled in (`None` for `file://`).
+    pub port: Option<u16>,
+    /// Path segments (no empty, `.` or `..` segment; a trailing `/` is dropped).
+    pub segments: Vec<String>,
+}
+
+/// Removes user-info from a URL for messages and logs (`https://***@host/…`).
+pub fn redact_url(url: &str) -> String {
+    let shown: String = url.chars().take(300).collect();
+    let Some((scheme, rest)) = shown.split_once("://") else {
+        return shown;
+    };
+    let auth_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..auth_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => shown,
     }
-    allowed.iter().any(|p| {
-        let p = p.as_str();
-        url == p || (url.starts_with(p) && (p.ends_with('/') || url[p.len()..].starts_with('/')))
-    })
+}
+
+impl SourceUrl {
+    /// Parses a URL strictly (see the type's doc).
+    pub fn parse(url: &str) -> Result<SourceUrl, SourceError> {
+        let syntax = |why: &'static str| SourceError::Syntax {
+            why,
+            url: redact_url(url),
+        };
+        if url.is_empty() || url.len() > 2048 {
+            return Err(syntax("must be 1..2048 characters"));
+        }
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(SourceError::Transport(redact_url(url)));
+        };
+        if !TRANSPORTS.contains(&scheme) {
+            return Err(SourceError::Transport(redact_url(url)));
+        }
+        if !url.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+            return Err(syntax("only printable ASCII without spaces"));
+        }
+        if url.contains(['?', '#']) {
+            return Err(syntax("no query or fragment"));
+        }
+        if url.contains(['%', '\\']) {
+            return Err(syntax("no percent-encoding or backslashes"));
+        }
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let (user, hostport) = match authority.split_once('@') {
+            None => (None, authority),
+            Some((u, hp)) => {
+                if scheme != "ssh" || hp.contains('@') || u.contains(':') || u.is_empty() {
+                    return Err(SourceError::UserInfo(redact_url(url)));
+                }
+                if !u
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                {
+                    return Err(SourceError::UserInfo(redact_url(url)));
+                }
+                (Some(u.to_owned()), hp)
+            }
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| syntax("unclosed IPv6 host"))?;
+            if h.is_empty()
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            {
+                return Err(syntax("bad IPv6 host"));
+            }
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(|| syntax("bad port"))?),
+            };
+            (h.to_ascii_lowercase(), port)
+        } else {
+            match hostport.split_once(':') {
+                Some((h, p)) => (h.to_ascii_lowercase(), Some(p)),
+                None => (hostport.to_ascii_lowercase(), None),
+            }
+        };
+        let port = match port {
+            None => None,
+            Some(p) => {
+                if p.is_empty() || p.len() > 5 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(syntax("bad port"));
+                }
+                Some(
+                    p.parse::<u16>()
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| syntax("bad port"))?,
+                )
+            }
+        };
+        let host = if scheme == "file" {
+            if port.is_some() || user.is_some() || !(host.is_empty() || host == "localhost") {
+                return Err(syntax("file:// URLs name no host (or localhost)"));
+            }
+            String::new()
+        } else {
+            if host.is_empty() {
+                return Err(syntax("a host is required"));
+            }
+            if !host.contains(':') {
+                let label_ok = |l: &str| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && !l.starts_with('-')
+                        && !l.ends_with('-')
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                };
+                if host.len() > 253 || !host.split('.').all(label_ok) {
+                    return Err(syntax("bad host name"));
+                }
+            }
+            host
+        };
+        let port = port.or(match scheme {
+            "https" => Some(443),
+            "ssh" => Some(22),
+            "git" => Some(9418),
+            _ => None,
+        });
+        let mut segments = Vec::new();
+        if !path.is_empty() {
+            let inner = path.strip_prefix('/').unwrap_or(path);
+            let inner = inner.strip_suffix('/').unwrap_or(inner);
+            if !inner.is_empty() {
+                for seg in inner.split('/') {
+                    match seg {
+                        "" => return Err(syntax("empty path segment")),
+                        "." | ".." => return Err(syntax("'.' or '..' path segment")),
+                        s => segments.push(s.to_owned()),
+                    }
+                }
+            }
+        }
+        Ok(SourceUrl {
+            scheme: scheme.to_owned(),
+            user,
+            host,
+            port,
+            segments,
+        })
+    }
+
+    /// Whether `self`, as an allow-list entry, covers `url`: same scheme, ssh user, host and
+    /// port, and `self`'s path segments are the first segments of `url`'s (whole segments:
+    /// `…/fleet` covers `…/fleet` and `…/fleet/x.git`, not `…/fleet-evil` or `…/fleet.git`).
+    pub fn covers(&self, url: &SourceUrl) -> bool {
+        self.scheme == url.scheme
+            && self.user == url.user
+            && self.host == url.host
+            && self.port == url.port
+            && url.segments.len() >= self.segments.len()
+            && self.segments.iter().zip(&url.segments).all(|(a, b)| a == b)
+    }
+}
+
+/// Checks a source URL against the parsed allow-list.
+pub fn source_allowed(url: &str, allowed: &[SourceUrl]) -> Result<SourceUrl, SourceError> {
+    let parsed = SourceUrl::parse(url)?;
+    if allowed.iter().any(|a| a.covers(&parsed)) {
+        Ok(parsed)
+    } else {
+        Err(SourceError::NotAllowed(redact_url(url)))
+    }
 }
 
 #[cfg(test)]
@@ -180,23 +381,141 @@ mod tests {
         assert_eq!(resolve(&[], "s1", &groups), Desired::Unknown);
     }
 
+    fn list(entries: &[&str]) -> Vec<SourceUrl> {
+        entries
+            .iter()
+            .map(|e| SourceUrl::parse(e).expect("allow-list entry"))
+            .collect()
+    }
+
     #[test]
     fn source_allow_list() {
-        let allowed = vec![
-            "git://127.0.0.1:9418/fleet".to_string(),
-            "file:///srv/".to_string(),
+        let allowed = list(&[
+            "git://127.0.0.1:9418/fleet",
+            "file:///srv/",
+            "https://git.example/org/",
+            "ssh://git@git.example/org",
+            "https://[::1]:8443/repos",
+        ]);
+        let ok = |u: &str| source_allowed(u, &allowed).is_ok();
+        let why = |u: &str| source_allowed(u, &allowed).expect_err(u);
+        // Allowed: whole path components, default ports, host case.
+        for u in [
+            "git://127.0.0.1:9418/fleet",
+            "git://127.0.0.1/fleet/apps.git",
+            "git://127.0.0.1:9418/fleet/",
+            "file:///srv/repo.git",
+            "file://localhost/srv/repo.git",
+            "https://git.example/org/fleet.git",
+            "https://GIT.example:443/org/fleet.git",
+            "ssh://git@git.example/org/fleet.git",
+            "ssh://git@git.example:22/org/fleet.git",
+            "https://[::1]:8443/repos/x.git",
+        ] {
+            assert!(ok(u), "{u}");
+        }
+        // Refused, and why.
+        type Check = fn(&SourceError) -> bool;
+        let cases: &[(&str, Check)] = &[
+            ("git://127.0.0.1:9418/fleet-evil.git", |e| {
+                matches!(e, SourceError::NotAllowed(_))
+            }),
+            ("git://127.0.0.1:9418/fleet/../x", |e| {
+                matches!(e, SourceError::Syntax { .. })
+            }),
+            ("git://127.0.0.1:9418/fleet/%2e%2e/x", |e| {
+                matches!(e, SourceError::Syntax { .. })
+            }),
+            ("git://127.0.0.1:9418/fleet//x", |e| {
+                matches!(e, SourceError::Syntax { .. })
+            }),
+            ("git://127.0.0.1:9419/fleet", |e| {
+                matches!(e, SourceError::NotAllowed(_))
+            }),
+            ("git://evil.example/fleet", |e| {
+                matches!(e, SourceError::NotAllowed(_))
+            }),
+            ("https://git.example.evil.com/org/x.git", |e| {
+                matches!(e, SourceError::NotAllowed(_))
+            }),
+            ("https://git.example./org/x.git", |e| {
+                matches!(e, SourceError::Syntax { .. })
+            }),
+            ("https://git.example@evil.com/org/x.git", |e| {
+                matches!(e, SourceError::UserInfo(_))
+            }),
+            ("https://user@git.example/org/x.git", |e| {
+                matches!(e, SourceError::UserInfo(_))
+            }),
+            ("https://u:token@git.example/org/x.git", |e| {
+                matches!(e, SourceError::UserInfo(_))
+            }),
+            ("git://evil@127.0.0.1:9418/fleet", |e| {
+                matches!(e, SourceError::UserInfo(_))
+            }),
+            ("ssh://evil@git.example/org/x.git", |e| {
+                matches!(e, SourceError::NotAllowed(_))
+            }),
+            ("ssh://git:pw@git.example/org/x.git", |e| {
+                matches!(e, SourceError::UserInfo(_))
+            }),
+            ("ssh://git.example/org/x.git", |e| {
+                matches!(e, SourceError::NotAllowed(_))
+            }),
+            ("https://evil.com#@git.example/org/x.git", |e| {
+                matches!(e, SourceError::Syntax { .. })
+            }),
+            ("https://evil.com?@git.example/org/x.git", |e| {
+                matches!(e, SourceError::Syntax { .. })
+            }),
+            ("https://git.example\\@evil.com/org/x", |e| {
+                matches!(e, SourceError::Syntax { .. })
+            }),
+            ("http://git.example/org/x.git", |e| {
+                matches!(e, SourceError::Transport(_))
+            }),
+            ("ext::sh -c touch% /tmp/pwned", |e| {
+                matches!(e, SourceError::Transport(_))
+            }),
+            ("fd::17/fleet", |e| matches!(e, SourceError::Transport(_))),
+            ("git@git.example:org/x.git", |e| {
+                matches!(e, SourceError::Transport(_))
+            }),
+            ("git+ssh://git@git.example/org/x.git", |e| {
+                matches!(e, SourceError::Transport(_))
+            }),
+            ("HTTPS://git.example/org/x.git", |e| {
+                matches!(e, SourceError::Transport(_))
+            }),
+            ("file://evil.example/srv/x", |e| {
+                matches!(e, SourceError::Syntax { .. })
+            }),
+            ("file:///srv2/x", |e| {
+                matches!(e, SourceError::NotAllowed(_))
+            }),
+            ("https://git.exam\u{0440}le/org/x.git", |e| {
+                matches!(e, SourceError::Syntax { .. })
+            }),
+            ("https://git.example:0/org/x.git", |e| {
+                matches!(e, SourceError::Syntax { .. })
+            }),
+            ("https://git.example:99999/org/x.git", |e| {
+                matches!(e, SourceError::Syntax { .. })
+            }),
+            ("https://git example/org", |e| {
+                matches!(e, SourceError::Syntax { .. })
+            }),
         ];
-        assert!(source_allowed("git://127.0.0.1:9418/fleet", &allowed));
-        assert!(source_allowed(
-            "git://127.0.0.1:9418/fleet/apps.git",
-            &allowed
-        ));
-        assert!(!source_allowed(
-            "git://127.0.0.1:9418/fleet-evil.git",
-            &allowed
-        ));
-        assert!(!source_allowed("git://127.0.0.1:9418/fleet/../x", &allowed));
-        assert!(source_allowed("file:///srv/repo.git", &allowed));
-        assert!(!source_allowed("git://evil.example/fleet", &allowed));
+        for (u, want) in cases {
+            let e = why(u);
+            assert!(want(&e), "{u}: {e:?}");
+        }
+        // Messages never carry user-info.
+        let e = why("https://u:s3cret@git.example/org/x.git").to_string();
+        assert!(!e.contains("s3cret"), "{e}");
+        assert_eq!(
+            redact_url("https://u:s3cret@h/x"),
+            "https://***@h/x".to_string()
+        );
     }
 }

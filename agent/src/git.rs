@@ -13,6 +13,17 @@ use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
 use crate::config::GitCredential;
+use crate::decide::{SourceError, SourceUrl};
+
+/// Deepest directory nesting walked under a rollout's path.
+pub const MAX_TREE_DEPTH: usize = 32;
+/// Deepest YAML/JSON nesting (mappings and sequences) in a manifest document.
+pub const YAML_MAX_DEPTH: usize = 64;
+/// Most events a manifest file's YAML aliases may replay (`*ref` expansions): bounds a
+/// "billion laughs" file to a few thousand nodes instead of a billion.
+pub const YAML_MAX_ALIAS_EVENTS: usize = 10_000;
+/// Most YAML documents in one manifest file.
+pub const YAML_MAX_DOCUMENTS: usize = 4096;
 
 /// Errors of the git subsystem, each with a reason code.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +50,9 @@ pub enum GitError {
     /// The revision exceeds a limit.
     #[error("too large: {0}")]
     TooLarge(String),
+    /// The source URL is not one the agent fetches from (checked again right before a fetch).
+    #[error(transparent)]
+    Source(#[from] SourceError),
     /// The local repository cache failed.
     #[error("git cache")]
     Cache(#[from] git2::Error),
@@ -64,6 +78,7 @@ impl GitError {
             GitError::RevisionNotFound { .. } => Reason::RevisionNotFound,
             GitError::InvalidManifest(_) => Reason::InvalidManifest,
             GitError::TooLarge(_) => Reason::TooLarge,
+            GitError::Source(_) => Reason::SourceNotAllowed,
             GitError::Cache(_) | GitError::CacheDir { .. } | GitError::Join(_) => Reason::Internal,
         }
     }
@@ -122,13 +137,16 @@ pub struct RenderLimits {
     pub max_bytes: u64,
     /// Files.
     pub max_files: usize,
+    /// Bytes of one file.
+    pub max_file_bytes: u64,
 }
 
 /// A cache of bare repositories, one per source URL.
 #[derive(Clone)]
 pub struct GitCache {
     root: PathBuf,
-    credentials: Arc<Vec<GitCredential>>,
+    /// Credentials with their parsed `url_prefix` (one that does not parse is never sent).
+    credentials: Arc<Vec<(SourceUrl, GitCredential)>>,
     fetch_timeout: Duration,
     locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
@@ -148,6 +166,10 @@ impl GitCache {
         credentials: Vec<GitCredential>,
         fetch_timeout: Duration,
     ) -> GitCache {
+        let credentials = credentials
+            .into_iter()
+            .filter_map(|c| SourceUrl::parse(&c.url_prefix).ok().map(|u| (u, c)))
+            .collect();
         GitCache {
             root,
             credentials: Arc::new(credentials),
@@ -203,6 +225,9 @@ impl GitCache {
     /// runs on a blocking thread under a deadline; a stalled fetch is abandoned and keeps its
     /// source's lock until it ends, so there is at most one such thread per source.
     pub async fn ensure(&self, url: &str, revision: &str) -> Result<bool, GitError> {
+        // Verification checked the allow-list; this repeats the transport rules right where
+        // git2 would take the URL, so no code path hands it `ext::` or `http://`.
+        SourceUrl::parse(url)?;
         let dir = self.repo_dir(url);
         // Fast path without the lock: a cached commit applies even while a fetch of this
         // source is stalled (offline, or a rollback to a known revision).
@@ -322,11 +347,24 @@ fn has_commit(repo: &git2::Repository, revision: &str) -> bool {
         .is_some()
 }
 
+/// The credential for `url`: the one whose `url_prefix` covers it with the most path
+/// segments (https only, compared like the allow-list, so a look-alike host gets nothing).
+fn credential_for<'a>(
+    creds: &'a [(SourceUrl, GitCredential)],
+    url: &str,
+) -> Option<&'a (SourceUrl, GitCredential)> {
+    let u = SourceUrl::parse(url).ok()?;
+    creds
+        .iter()
+        .filter(|(p, _)| p.scheme == "https" && p.covers(&u))
+        .max_by_key(|(p, _)| p.segments.len())
+}
+
 fn ensure_blocking(
     dir: &Path,
     url: &str,
     revision: &str,
-    creds: &[GitCredential],
+    creds: &[(SourceUrl, GitCredential)],
 ) -> Result<bool, GitError> {
     let repo = open_or_init(dir)?;
     if has_commit(&repo, revision) {
@@ -334,26 +372,30 @@ fn ensure_blocking(
         return Ok(false);
     }
     let fetch_err = |e: git2::Error| GitError::Fetch {
-        url: url.to_owned(),
+        url: crate::decide::redact_url(url),
         message: e.message().to_owned(),
     };
     let mut remote = repo.remote_anonymous(url).map_err(fetch_err)?;
     let mut cb = git2::RemoteCallbacks::new();
-    let cred = creds
-        .iter()
-        .filter(|c| url.starts_with(&c.url_prefix))
-        .max_by_key(|c| c.url_prefix.len())
-        .cloned();
-    cb.credentials(move |_url, _user, _allowed| {
-        let Some(c) = &cred else {
+    let cred = credential_for(creds, url).cloned();
+    cb.credentials(move |asked_for, _user, _allowed| {
+        let Some((prefix, c)) = &cred else {
             return Err(git2::Error::from_str(
                 "no credentials configured for this source",
             ));
         };
+        // libgit2 says which URL wants them: never hand a token to anything but what its
+        // url_prefix covers (redirects are off as well).
+        let covered = SourceUrl::parse(asked_for).is_ok_and(|u| prefix.covers(&u));
+        if !covered {
+            return Err(git2::Error::from_str(
+                "credentials are only sent to the URL they are configured for",
+            ));
+        }
         let token = match (&c.token, &c.token_file) {
             (Some(t), _) => t.clone(),
             (None, Some(f)) => std::fs::read_to_string(f)
-                .map_err(|e| git2::Error::from_str(&format!("token_file: {e}")))?
+                .map_err(|e| git2::Error::from_str(&format!("token_file: {}", e.kind())))?
                 .trim()
                 .to_owned(),
             (None, None) => String::new(),
@@ -363,6 +405,8 @@ fn ensure_blocking(
     let mut fo = git2::FetchOptions::new();
     fo.remote_callbacks(cb);
     fo.download_tags(git2::AutotagOption::All);
+    // An off-site redirect could lead the fetch (and a token) anywhere.
+    fo.follow_redirects(git2::RemoteRedirect::None);
     info!(%url, %revision, "fetching");
     remote
         .fetch(
@@ -382,10 +426,39 @@ fn ensure_blocking(
         Ok(true)
     } else {
         Err(GitError::RevisionNotFound {
-            url: url.to_owned(),
+            url: crate::decide::redact_url(url),
             revision: revision.to_owned(),
         })
     }
+}
+
+/// Whether a tree entry name can be written as one path component anywhere: not empty,
+/// `.` or `..`, no separators or NUL, and not `.git` in any case (a crafted tree object can
+/// hold names that `git` itself never writes).
+pub fn safe_entry_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name.eq_ignore_ascii_case(".git")
+        && !name.contains(['/', '\\', '\0'])
+}
+
+/// Reads a blob after checking its size in the object header, so an oversize blob is never
+/// inflated into memory.
+fn read_blob(
+    repo: &git2::Repository,
+    id: git2::Oid,
+    path: &str,
+    limits: &RenderLimits,
+) -> Result<Vec<u8>, GitError> {
+    let (size, _) = repo.odb()?.read_header(id)?;
+    if size as u64 > limits.max_file_bytes {
+        return Err(GitError::TooLarge(format!(
+            "{path}: {size} bytes, limit {} per file",
+            limits.max_file_bytes
+        )));
+    }
+    Ok(repo.find_blob(id)?.content().to_vec())
 }
 
 fn render_blocking(
@@ -420,20 +493,30 @@ fn render_blocking(
         Ok(())
     };
     if path.is_empty() {
-        walk(&repo, &root, "", &mut push)?;
+        walk(&repo, &root, "", 0, &limits, &mut push)?;
     } else {
         let entry = root.get_path(Path::new(&path)).map_err(|_| {
             GitError::InvalidManifest(format!("path {path:?} does not exist in {revision}"))
         })?;
-        match entry.kind() {
-            Some(git2::ObjectType::Tree) => {
+        match (entry.kind(), entry.filemode()) {
+            (Some(git2::ObjectType::Tree), _) => {
                 let tree = repo.find_tree(entry.id())?;
-                walk(&repo, &tree, "", &mut push)?;
+                walk(&repo, &tree, "", 0, &limits, &mut push)?;
             }
-            Some(git2::ObjectType::Blob) if entry.filemode() != 0o120000 => {
-                let blob = repo.find_blob(entry.id())?;
+            (Some(git2::ObjectType::Blob), 0o120000) => {
+                return Err(GitError::InvalidManifest(format!(
+                    "path {path:?} is a symbolic link"
+                )))
+            }
+            (Some(git2::ObjectType::Blob), _) => {
                 let name = entry.name().unwrap_or("manifest").to_owned();
-                push(name, blob.content().to_vec())?;
+                if !safe_entry_name(&name) {
+                    return Err(GitError::InvalidManifest(format!(
+                        "path {path:?}: unusable file name"
+                    )));
+                }
+                let data = read_blob(&repo, entry.id(), &path, &limits)?;
+                push(name, data)?;
             }
             _ => {
                 return Err(GitError::InvalidManifest(format!(
@@ -456,12 +539,30 @@ fn walk(
     repo: &git2::Repository,
     tree: &git2::Tree<'_>,
     prefix: &str,
+    depth: usize,
+    limits: &RenderLimits,
     push: &mut dyn FnMut(String, Vec<u8>) -> Result<(), GitError>,
 ) -> Result<(), GitError> {
+    if depth > MAX_TREE_DEPTH {
+        return Err(GitError::InvalidManifest(format!(
+            "{prefix}: directories nested deeper than {MAX_TREE_DEPTH}"
+        )));
+    }
+    if tree.len() > limits.max_files {
+        return Err(GitError::TooLarge(format!(
+            "{prefix}: more than {} entries in one directory",
+            limits.max_files
+        )));
+    }
     for entry in tree.iter() {
         let name = entry
             .name()
             .map_err(|_| GitError::InvalidManifest("a file name is not UTF-8".into()))?;
+        if !safe_entry_name(name) {
+            return Err(GitError::InvalidManifest(format!(
+                "{prefix}/{name:?}: unusable file name"
+            )));
+        }
         let p = if prefix.is_empty() {
             name.to_owned()
         } else {
@@ -470,7 +571,7 @@ fn walk(
         match (entry.kind(), entry.filemode()) {
             (Some(git2::ObjectType::Tree), _) => {
                 let sub = repo.find_tree(entry.id())?;
-                walk(repo, &sub, &p, push)?;
+                walk(repo, &sub, &p, depth + 1, limits, push)?;
             }
             (Some(git2::ObjectType::Blob), 0o120000) => {
                 return Err(GitError::InvalidManifest(format!(
@@ -478,8 +579,8 @@ fn walk(
                 )))
             }
             (Some(git2::ObjectType::Blob), _) => {
-                let blob = repo.find_blob(entry.id())?;
-                push(p, blob.content().to_vec())?;
+                let data = read_blob(repo, entry.id(), &p, limits)?;
+                push(p, data)?;
             }
             _ => {
                 return Err(GitError::InvalidManifest(format!(
@@ -497,18 +598,67 @@ pub fn is_manifest(path: &str) -> bool {
     lower.ends_with(".yaml") || lower.ends_with(".yml") || lower.ends_with(".json")
 }
 
+/// The YAML parser's limits for one manifest file: nesting depth, alias replay (billion
+/// laughs), documents; no input snippets in error messages (they would carry the file's
+/// content, a Secret's for instance, into events).
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_depth: YAML_MAX_DEPTH,
+            flow_nesting_limit: YAML_MAX_DEPTH,
+            max_documents: YAML_MAX_DOCUMENTS,
+            max_aliases: YAML_MAX_ALIAS_EVENTS,
+            max_recorded_anchor_events: YAML_MAX_ALIAS_EVENTS,
+        },
+        alias_limits: serde_saphyr::alias_limits! {
+            max_total_replayed_events: YAML_MAX_ALIAS_EVENTS,
+            max_replay_stack_depth: 16,
+        },
+        with_snippet: false,
+    }
+}
+
+/// Depth of a JSON value (a scalar is 0).
+fn depth(v: &serde_json::Value) -> usize {
+    // Iterative: the parsers bound the depth, but this must not overflow the stack either.
+    let mut max = 0;
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, d)) = stack.pop() {
+        max = max.max(d);
+        match v {
+            serde_json::Value::Array(a) => stack.extend(a.iter().map(|x| (x, d + 1))),
+            serde_json::Value::Object(o) => stack.extend(o.values().map(|x| (x, d + 1))),
+            _ => {}
+        }
+    }
+    max
+}
+
 /// Parses one manifest file into its documents (multi-document YAML or JSON), skipping
-/// empty documents.
+/// empty documents. UTF-8 without NUL only; nesting, aliases and documents are bounded
+/// ([`YAML_MAX_DEPTH`], [`YAML_MAX_ALIAS_EVENTS`], [`YAML_MAX_DOCUMENTS`]).
 pub fn parse_documents(f: &ManifestFile) -> Result<Vec<serde_json::Value>, GitError> {
     let text = std::str::from_utf8(&f.data)
         .map_err(|_| GitError::InvalidManifest(format!("{}: not UTF-8", f.path)))?;
+    if text.contains('\0') {
+        return Err(GitError::InvalidManifest(format!(
+            "{}: contains a NUL byte",
+            f.path
+        )));
+    }
     let docs: Vec<serde_json::Value> = if f.path.to_ascii_lowercase().ends_with(".json") {
         vec![serde_json::from_str(text)
             .map_err(|e| GitError::InvalidManifest(format!("{}: {e}", f.path)))?]
     } else {
-        serde_saphyr::from_multiple(text)
+        serde_saphyr::from_multiple_with_options(text, yaml_options())
             .map_err(|e| GitError::InvalidManifest(format!("{}: {e}", f.path)))?
     };
+    if docs.iter().any(|d| depth(d) > YAML_MAX_DEPTH) {
+        return Err(GitError::InvalidManifest(format!(
+            "{}: nested deeper than {YAML_MAX_DEPTH}",
+            f.path
+        )));
+    }
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 
@@ -554,6 +704,7 @@ mod tests {
     const LIMITS: RenderLimits = RenderLimits {
         max_bytes: 1 << 20,
         max_files: 100,
+        max_file_bytes: 1 << 20,
     };
 
     #[tokio::test]
@@ -644,6 +795,7 @@ mod tests {
         let tiny = RenderLimits {
             max_bytes: 4,
             max_files: 100,
+            max_file_bytes: 1 << 20,
         };
         assert_eq!(
             reason(cache.render(&url, &rev, "apps/ok.yaml", tiny).await),
@@ -653,6 +805,179 @@ mod tests {
             .render(&url, &rev, "apps/ok.yaml", LIMITS)
             .await
             .is_ok());
+    }
+
+    fn doc(path: &str, text: &str) -> ManifestFile {
+        ManifestFile {
+            path: path.into(),
+            data: text.as_bytes().to_vec(),
+        }
+    }
+
+    /// The classic "billion laughs": nine levels of ten aliases each.
+    pub(crate) fn billion_laughs() -> String {
+        let mut y = String::from(
+            "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
+        let names = ["b", "c", "d", "e", "f", "g", "h", "i"];
+        let mut prev = "a";
+        for n in names {
+            let refs = vec![format!("*{prev}"); 9].join(",");
+            y.push_str(&format!("{n}: &{n} [{refs}]\n"));
+            prev = n;
+        }
+        y
+    }
+
+    #[test]
+    fn hostile_manifests_are_bounded() {
+        let started = std::time::Instant::now();
+        let reason = |f: ManifestFile| parse_documents(&f).expect_err("refused").reason();
+        assert_eq!(
+            reason(doc("bomb.yaml", &billion_laughs())),
+            Reason::InvalidManifest
+        );
+        let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(reason(doc("deep.yaml", &deep)), Reason::InvalidManifest);
+        let mut block = String::new();
+        for i in 0..100 {
+            block.push_str(&format!("{}k{i}:\n", "  ".repeat(i)));
+        }
+        assert_eq!(
+            reason(doc("deep-block.yaml", &block)),
+            Reason::InvalidManifest
+        );
+        assert_eq!(reason(doc("deep.json", &deep)), Reason::InvalidManifest);
+        let deep_json = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+        assert_eq!(
+            reason(doc("deep100.json", &deep_json)),
+            Reason::InvalidManifest
+        );
+        assert_eq!(
+            reason(doc("nul.yaml", "kind: A\0\n")),
+            Reason::InvalidManifest
+        );
+        assert_eq!(
+            reason(ManifestFile {
+                path: "latin1.yaml".into(),
+                data: b"kind: \xe9t\xe9\n".to_vec()
+            }),
+            Reason::InvalidManifest
+        );
+        let storm = "---\nkind: A\n".repeat(YAML_MAX_DOCUMENTS + 1);
+        assert_eq!(reason(doc("storm.yaml", &storm)), Reason::InvalidManifest);
+        // Ordinary anchors and moderate nesting still work.
+        let ok = "base: &b {app: web}\nlabels: *b\nx: [[[[1]]]]\n";
+        assert_eq!(parse_documents(&doc("ok.yaml", ok)).expect("ok").len(), 1);
+        assert!(started.elapsed() < Duration::from_secs(20), "bounded work");
+    }
+
+    /// A commit whose tree holds `entries` written as raw objects (names git would refuse).
+    fn raw_tree_commit(dir: &Path, entries: &[(&str, u32, &[u8])]) -> (String, String) {
+        let repo = git2::Repository::init_bare(dir).expect("init");
+        let odb = repo.odb().expect("odb");
+        let mut raw = Vec::new();
+        for (name, mode, content) in entries {
+            let blob = odb.write(git2::ObjectType::Blob, content).expect("blob");
+            raw.extend_from_slice(format!("{mode:o} {name}\0").as_bytes());
+            raw.extend_from_slice(blob.as_bytes());
+        }
+        let tree = odb.write(git2::ObjectType::Tree, &raw).expect("tree");
+        let tree = repo.find_tree(tree).expect("find tree");
+        let sig = git2::Signature::now("t", "t@t").expect("sig");
+        let id = repo
+            .commit(Some("HEAD"), &sig, &sig, "c", &tree, &[])
+            .expect("commit");
+        (format!("file://{}", dir.display()), id.to_string())
+    }
+
+    #[tokio::test]
+    async fn crafted_trees_and_big_files_are_refused() {
+        let cache_dir = tempfile::tempdir().expect("tmp");
+        let cache = GitCache::new(cache_dir.path().to_owned(), vec![], Duration::from_secs(10));
+        for name in ["..", ".git", ".GIT", "a\\b"] {
+            let src = tempfile::tempdir().expect("tmp");
+            let (url, rev) = raw_tree_commit(src.path(), &[(name, 0o100644, b"kind: A\n")]);
+            cache.ensure(&url, &rev).await.expect("fetch");
+            let err = cache.render(&url, &rev, "", LIMITS).await.expect_err(name);
+            assert_eq!(err.reason(), Reason::InvalidManifest, "{name}: {err}");
+        }
+        // A file over the per-file limit is refused before it is read.
+        let src = tempfile::tempdir().expect("tmp");
+        let big = vec![b'x'; 4096];
+        let (url, rev) = repo_with(src.path(), &[("apps/big.txt", &big)], None);
+        cache.ensure(&url, &rev).await.expect("fetch");
+        let small = RenderLimits {
+            max_file_bytes: 1024,
+            ..LIMITS
+        };
+        let err = cache
+            .render(&url, &rev, "apps", small)
+            .await
+            .expect_err("big");
+        assert_eq!(err.reason(), Reason::TooLarge, "{err}");
+        // Directories nested deeper than the walk allows.
+        let src = tempfile::tempdir().expect("tmp");
+        let deep = format!("{}/x.yaml", vec!["d"; MAX_TREE_DEPTH + 2].join("/"));
+        let (url, rev) = repo_with(src.path(), &[(&deep, b"kind: A\n")], None);
+        cache.ensure(&url, &rev).await.expect("fetch");
+        let err = cache
+            .render(&url, &rev, "", LIMITS)
+            .await
+            .expect_err("deep");
+        assert_eq!(err.reason(), Reason::InvalidManifest, "{err}");
+        // A path through a symbolic link (to a directory outside) does not resolve.
+        let src = tempfile::tempdir().expect("tmp");
+        let (url, rev) = repo_with(
+            src.path(),
+            &[("apps/ok.yaml", b"kind: A\n")],
+            Some(("apps/up", "../..")),
+        );
+        cache.ensure(&url, &rev).await.expect("fetch");
+        for path in ["apps/up", "apps/up/etc"] {
+            let err = cache
+                .render(&url, &rev, path, LIMITS)
+                .await
+                .expect_err(path);
+            assert_eq!(err.reason(), Reason::InvalidManifest, "{path}: {err}");
+        }
+        // The transport rules hold right at the fetch, too.
+        let err = cache
+            .ensure("ext::sh -c true", &rev)
+            .await
+            .expect_err("ext");
+        assert_eq!(err.reason(), Reason::SourceNotAllowed);
+    }
+
+    #[test]
+    fn credentials_match_whole_components_over_https_only() {
+        let cred = |p: &str| {
+            let c = GitCredential {
+                url_prefix: p.into(),
+                username: None,
+                token: Some("t".into()),
+                token_file: None,
+            };
+            (SourceUrl::parse(p).expect("prefix"), c)
+        };
+        let creds = vec![
+            cred("https://git.example/org"),
+            cred("https://git.example/org/team"),
+        ];
+        let pick = |u: &str| credential_for(&creds, u).map(|(_, c)| c.url_prefix.clone());
+        assert_eq!(
+            pick("https://git.example/org/team/x.git").as_deref(),
+            Some("https://git.example/org/team"),
+            "the most specific"
+        );
+        assert_eq!(
+            pick("https://git.example/org/x.git").as_deref(),
+            Some("https://git.example/org")
+        );
+        assert_eq!(pick("https://git.example.evil.com/org/x.git"), None);
+        assert_eq!(pick("https://git.example/org-evil/x.git"), None);
+        assert_eq!(pick("git://git.example/org/x.git"), None);
+        assert_eq!(pick("https://git.example:8443/org/x.git"), None);
     }
 
     #[test]
@@ -667,5 +992,64 @@ mod tests {
         assert_eq!(cache.clear_stale_locks(), 2);
         assert!(dir.path().join("abc/HEAD").exists());
         assert!(!repo.join("main.lock").exists());
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Property tests of manifest parsing: never a panic on any bytes, bounded documents,
+    //! and JSON-shaped values within the depth limit parse back to themselves as YAML.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i32>().prop_map(serde_json::Value::from),
+            "[a-z]{0,8}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(6, 64, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-z]{1,6}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_parse_or_fail_cleanly(data in proptest::collection::vec(any::<u8>(), 0..2000), json in any::<bool>()) {
+            let f = ManifestFile { path: if json { "x.json".into() } else { "x.yaml".into() }, data };
+            if let Ok(docs) = parse_documents(&f) {
+                prop_assert!(docs.len() <= YAML_MAX_DOCUMENTS);
+                prop_assert!(docs.iter().all(|d| depth(d) <= YAML_MAX_DEPTH && !d.is_null()));
+            }
+        }
+
+        #[test]
+        fn yaml_like_text_never_panics(text in "([a-z&*:\\[\\]{}, \\n-]|---\\n|&a |\\*a){0,400}") {
+            let f = ManifestFile { path: "x.yaml".into(), data: text.into_bytes() };
+            let _ = parse_documents(&f);
+        }
+
+        #[test]
+        fn documents_round_trip(docs in proptest::collection::vec(value(), 1..4)) {
+            let text: Vec<String> = docs.iter().map(|d| serde_json::to_string(d).expect("json")).collect();
+            let f = ManifestFile { path: "x.yaml".into(), data: text.join("\n---\n").into_bytes() };
+            let parsed = parse_documents(&f).expect("parses");
+            let want: Vec<&serde_json::Value> = docs.iter().filter(|d| !d.is_null()).collect();
+            prop_assert_eq!(parsed.iter().collect::<Vec<_>>(), want);
+        }
+
+        #[test]
+        fn source_urls_never_panic_and_covering_is_segmentwise(url in "[a-z+:/@.%#?\\\\0-9\\[\\]-]{0,80}") {
+            if let Ok(u) = SourceUrl::parse(&url) {
+                prop_assert!(u.covers(&u));
+                prop_assert!(u.segments.iter().all(|s| !s.is_empty() && s != "." && s != ".."));
+                prop_assert!(crate::decide::TRANSPORTS.contains(&u.scheme.as_str()));
+            }
+        }
     }
 }

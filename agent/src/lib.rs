@@ -209,18 +209,44 @@ struct Confirmer {
 }
 
 impl Confirmer {
-    fn handle(&self, payload: &[u8]) {
+    async fn handle(&self, payload: &[u8]) {
         let Ok(c) = serde_json::from_slice::<roost_schemas::Confirmation>(payload) else {
-            warn!("unreadable delivery confirmation");
+            warn!(
+                reason = "malformed",
+                "unreadable delivery confirmation; ignored"
+            );
             return;
         };
         let upto = c.roostseq;
-        if let Ok(mut st) = self.state.lock() {
-            if upto > st.0 || st.1.is_none() {
-                *st = (upto, Some(tokio::time::Instant::now()));
+        // A confirmation of roostseqs this agent never produced is forged (anyone on the edge
+        // broker can publish here) or comes from a bridge whose watermark outlived this
+        // agent's outbox: deleting on it could drop events the bridge never got, so it is
+        // ignored as a whole. (A forgery within range cannot be told apart; the edge broker's
+        // ACLs must keep others off the ack topic.)
+        let plausible = match self.outbox.stats().await {
+            Ok(stats) if upto > stats.last_roostseq => {
+                warn!(
+                    reason = "beyond_last_roostseq",
+                    confirmed = upto,
+                    last = stats.last_roostseq,
+                    "delivery confirmation beyond the last event this agent produced; ignored"
+                );
+                false
             }
+            Ok(_) => true,
+            Err(error) => {
+                warn!(%error, "cannot read the outbox; delivery confirmation ignored");
+                false
+            }
+        };
+        if plausible {
+            if let Ok(mut st) = self.state.lock() {
+                if upto > st.0 || st.1.is_none() {
+                    *st = (upto, Some(tokio::time::Instant::now()));
+                }
+            }
+            self.outbox.confirm(upto);
         }
-        self.outbox.confirm(upto);
         if c.resend {
             tracing::debug!(upto, "bridge (re)connected; resending unconfirmed events");
             let _ = self.link.rewind();
@@ -321,7 +347,7 @@ async fn controller(
             m = incoming.recv() => match m { Some(m) => m, None => return },
         };
         if msg.topic == confirmer.topic {
-            confirmer.handle(&msg.payload);
+            confirmer.handle(&msg.payload).await;
             continue;
         }
         handle_message(&ctx, &topics, &msg, &mut workers, &tracker, &cancel).await;
@@ -339,8 +365,10 @@ async fn handle_message(
     let policy = VerifyPolicy {
         topics,
         keyring: &ctx.cfg.keyring,
+        thresholds: ctx.cfg.file.thresholds,
+        now: time::OffsetDateTime::now_utc(),
         max_message_bytes: ctx.cfg.file.limits.max_message_bytes,
-        allowed_sources: &ctx.cfg.file.git.allowed_sources,
+        allowed_sources: &ctx.cfg.allowed_sources,
     };
     let reject = |r: verify::Rejection| async move {
         warn!(topic = %msg.topic, reason = %r.reason, message = %r.message, "rollout rejected");

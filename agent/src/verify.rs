@@ -6,7 +6,8 @@ use roost_schemas::topics::DeploymentTopic;
 use roost_schemas::{Envelope, Keyring, Reason, Rollout, Topics, PAYLOAD_TYPE};
 use sha2::{Digest, Sha256};
 
-use crate::decide::source_allowed;
+use crate::config::Thresholds;
+use crate::decide::{source_allowed, SourceUrl};
 
 /// A verified rollout.
 #[derive(Debug, Clone)]
@@ -17,6 +18,8 @@ pub struct Verified {
     pub rollout: Rollout,
     /// SHA-256 (hex) of the payload bytes.
     pub digest: String,
+    /// The distinct trusted keys whose signatures counted.
+    pub keyids: Vec<String>,
 }
 
 /// A rejected message.
@@ -37,12 +40,16 @@ pub struct Rejection {
 pub struct VerifyPolicy<'a> {
     /// Topic names.
     pub topics: &'a Topics,
-    /// Trusted keys.
+    /// Trusted keys, with expiry times and revocations.
     pub keyring: &'a Keyring,
+    /// Signatures needed per scope kind (of the topic that carried the message).
+    pub thresholds: Thresholds,
+    /// The time key expiry is judged at.
+    pub now: time::OffsetDateTime,
     /// Largest message.
     pub max_message_bytes: usize,
-    /// Allowed source URL prefixes.
-    pub allowed_sources: &'a [String],
+    /// The parsed source allow-list.
+    pub allowed_sources: &'a [SourceUrl],
 }
 
 /// Verifies a message from a deployment topic. `Ok(None)` for an empty payload (a retained
@@ -83,22 +90,30 @@ pub fn verify_message(
     }
     let env: Envelope = serde_json::from_slice(payload)
         .map_err(|e| reject(Reason::Malformed, format!("not a DSSE envelope: {e}"), None))?;
-    let body = policy
+    let threshold = policy.thresholds.for_scope(&topic_info.scope);
+    let signed = policy
         .keyring
-        .verify(&env, PAYLOAD_TYPE)
+        .verify_with(&env, PAYLOAD_TYPE, policy.now, threshold)
         .map_err(|e| reject(e.reason(), e.to_string(), None))?;
+    let body = signed.payload;
     // The contract's JSON Schema first (the same file other implementations use), then the
     // typed rules; both must agree for a payload to be accepted.
     if let Some(problem) = schema_problem(&body) {
         let seq = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
-            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()));
+            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()))
+            // Reported only when it is a valid sequence: the event schema wants >= 1, and
+            // a schema-invalid event would be dropped by the bridge.
+            .filter(|s| *s >= 1);
         return Err(reject(Reason::Schema, problem, seq));
     }
     let rollout = Rollout::from_json(&body).map_err(|e| {
         let seq = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
-            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()));
+            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()))
+            // Reported only when it is a valid sequence: the event schema wants >= 1, and
+            // a schema-invalid event would be dropped by the bridge.
+            .filter(|s| *s >= 1);
         reject(Reason::Schema, e.to_string(), seq)
     })?;
     let seq = Some(rollout.sequence);
@@ -123,18 +138,17 @@ pub fn verify_message(
         ));
     }
     if let Some(src) = &rollout.source {
-        if !rollout.remove && !source_allowed(&src.url, policy.allowed_sources) {
-            return Err(reject(
-                Reason::SourceNotAllowed,
-                format!("source {} is not on the allow-list", src.url),
-                seq,
-            ));
+        if !rollout.remove {
+            if let Err(e) = source_allowed(&src.url, policy.allowed_sources) {
+                return Err(reject(Reason::SourceNotAllowed, e.to_string(), seq));
+            }
         }
     }
     Ok(Some(Verified {
         topic: topic_info,
         digest: hex::encode(Sha256::digest(&body)),
         rollout,
+        keyids: signed.keyids,
     }))
 }
 
@@ -199,10 +213,12 @@ mod tests {
         let mut ring = Keyring::new();
         ring.add(key.public_key()).expect("add");
         let topics = Topics::default();
-        let allowed = vec!["git://127.0.0.1".to_string()];
+        let allowed = vec![SourceUrl::parse("git://127.0.0.1").expect("url")];
         let pol = VerifyPolicy {
             topics: &topics,
             keyring: &ring,
+            thresholds: Thresholds::default(),
+            now: time::OffsetDateTime::now_utc(),
             max_message_bytes: 4096,
             allowed_sources: &allowed,
         };
@@ -253,6 +269,15 @@ mod tests {
         let signed_garbage =
             serde_json::to_vec(&key.sign(PAYLOAD_TYPE, b"{\"x\":1}")).expect("ser");
         assert_eq!(reason(fleet_topic, &signed_garbage), Reason::Schema);
+        // A schema rejection reports the payload's sequence only when it is a valid one (the
+        // event schema wants >= 1; the bridge drops events that break it).
+        let mut zero = serde_json::to_value(rollout(Scope::Fleet)).expect("json");
+        zero["sequence"] = serde_json::json!(0);
+        let signed =
+            serde_json::to_vec(&key.sign(PAYLOAD_TYPE, &serde_json::to_vec(&zero).expect("ser")))
+                .expect("ser");
+        let r = verify_message(&pol, fleet_topic, &signed).expect_err("rejected");
+        assert_eq!((r.reason, r.sequence), (Reason::Schema, None));
         assert!(verify_message(&pol, fleet_topic, b"")
             .expect("ok")
             .is_none());
@@ -262,5 +287,86 @@ mod tests {
         let body = serde_json::to_vec(&nulls).expect("ser");
         let signed = serde_json::to_vec(&key.sign(PAYLOAD_TYPE, &body)).expect("ser");
         assert_eq!(reason(fleet_topic, &signed), Reason::Schema);
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Property tests of envelope parsing and verification as the agent runs it: never a
+    //! panic, and acceptance only for an untouched envelope with enough trusted signatures.
+    use super::*;
+    use proptest::prelude::*;
+    use roost_schemas::{Policy, Scope, SigningKey, Source};
+
+    fn setup() -> (Keyring, SigningKey, SigningKey, Vec<SourceUrl>) {
+        let a = SigningKey::from_seed(&[31; 32]).expect("key");
+        let b = SigningKey::from_seed(&[32; 32]).expect("key");
+        let mut ring = Keyring::new();
+        ring.add(a.public_key()).expect("add");
+        ring.add(b.public_key()).expect("add");
+        let allowed = vec![SourceUrl::parse("git://127.0.0.1/").expect("url")];
+        (ring, a, b, allowed)
+    }
+
+    fn body(seq: u64) -> Vec<u8> {
+        serde_json::to_vec(&Rollout {
+            deployment: "web".into(),
+            scope: Scope::Fleet,
+            sequence: seq,
+            issued_at: "2026-11-26T10:00:00Z".into(),
+            source: Some(Source {
+                url: "git://127.0.0.1/fleet.git".into(),
+                revision: "a".repeat(40),
+                path: "apps".into(),
+            }),
+            not_before: None,
+            policy: Policy::default(),
+            remove: false,
+            origin: None,
+        })
+        .expect("json")
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_messages_never_panic_nor_verify(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let (ring, _, _, allowed) = setup();
+            let topics = Topics::default();
+            let pol = VerifyPolicy {
+                topics: &topics, keyring: &ring, thresholds: Thresholds::default(),
+                now: time::OffsetDateTime::now_utc(), max_message_bytes: 2048, allowed_sources: &allowed,
+            };
+            let r = verify_message(&pol, "roost/v1/fleet/deployments/web", &bytes);
+            prop_assert!(matches!(r, Err(_) | Ok(None)));
+        }
+
+        #[test]
+        fn a_mutated_envelope_is_never_accepted_as_something_else(
+            seq in 1u64..1_000_000,
+            pos in any::<proptest::sample::Index>(),
+            byte in any::<u8>(),
+            threshold in 1usize..3,
+        ) {
+            let (ring, a, b, allowed) = setup();
+            let topics = Topics::default();
+            let pol = VerifyPolicy {
+                topics: &topics, keyring: &ring,
+                thresholds: Thresholds { fleet: Some(threshold), ..Default::default() },
+                now: time::OffsetDateTime::now_utc(), max_message_bytes: 64 * 1024, allowed_sources: &allowed,
+            };
+            let original = body(seq);
+            let env = roost_schemas::sign_all(&[a, b], PAYLOAD_TYPE, &original).expect("env");
+            let mut bytes = serde_json::to_vec(&env).expect("json");
+            let topic = "roost/v1/fleet/deployments/web";
+            prop_assert!(verify_message(&pol, topic, &bytes).is_ok());
+            let i = pos.index(bytes.len());
+            bytes[i] = byte;
+            if let Ok(Some(v)) = verify_message(&pol, topic, &bytes) {
+                // Only a change outside what is signed (JSON whitespace, a key id of a
+                // signature beyond the threshold, …) may still verify: the payload is the
+                // one that was signed.
+                prop_assert_eq!(serde_json::to_vec(&v.rollout).expect("json"), original);
+            }
+        }
     }
 }

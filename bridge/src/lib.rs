@@ -8,14 +8,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub mod upward;
+
 use roost_runtime::outbox::Payload;
 use roost_runtime::{DirectMessage, Incoming, Link, NewMessage, Outbox, OutboxConfig, Will};
-use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::{validate_name, Presence, PresenceState, Topics};
 use rusqlite::{params, Connection};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
+
+pub use upward::{check_upward, DropReason, IntervalSet, Upward, UpwardStats, Watermark};
 
 /// Errors of the bridge.
 #[derive(Debug, thiserror::Error)]
@@ -198,61 +201,6 @@ fn presence(state: PresenceState) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// The agent's events that are in the bridge's outbox: every roostseq up to `upto`, plus
-/// those above it that arrived out of order (after a gap that a resend will fill).
-#[derive(Debug, Default)]
-pub struct Watermark {
-    upto: u64,
-    above: std::collections::BTreeSet<u64>,
-}
-
-impl Watermark {
-    /// Starting from a persisted watermark.
-    pub fn new(upto: u64) -> Watermark {
-        Watermark {
-            upto,
-            above: Default::default(),
-        }
-    }
-
-    /// The confirmed roostseq.
-    pub fn upto(&self) -> u64 {
-        self.upto
-    }
-
-    /// Records stored roostseqs (an inclusive range); returns whether `upto` advanced.
-    pub fn add(&mut self, from: u64, to: u64) -> bool {
-        let before = self.upto;
-        for s in from.max(self.upto + 1)..=to {
-            self.above.insert(s);
-        }
-        while self.above.remove(&(self.upto + 1)) {
-            self.upto += 1;
-        }
-        self.upto > before
-    }
-
-    /// Records what one stored event accounts for: its own roostseq and, for an overflow
-    /// report, the roostseqs the agent dropped (they will never come).
-    pub fn add_event(&mut self, payload: &[u8]) -> bool {
-        let Ok(v) = serde_json::from_slice::<roost_schemas::CloudEvent>(payload) else {
-            return false;
-        };
-        let mut advanced = false;
-        if let Some(o) = v.typed::<roost_schemas::payload::OutboxOverflow>() {
-            if !o.lost_ranges.is_empty() {
-                for [a, b] in o.lost_ranges {
-                    advanced |= self.add(a.min(b), a.max(b));
-                }
-            } else if let (Some(a), Some(b)) = (o.lost_from_roostseq, o.lost_to_roostseq) {
-                advanced |= self.add(a.min(b), a.max(b));
-            }
-        }
-        advanced |= self.add(v.roostseq, v.roostseq);
-        advanced
-    }
-}
-
 fn confirmation(upto: u64, resend: bool) -> Vec<u8> {
     serde_json::to_vec(&roost_schemas::Confirmation {
         roostseq: upto,
@@ -261,32 +209,37 @@ fn confirmation(upto: u64, resend: bool) -> Vec<u8> {
     .unwrap_or_default()
 }
 
-/// Maps an edge message to what goes up: status (retained, last value wins) or an event.
-fn upward(topics: &Topics, m: &Incoming) -> Option<NewMessage> {
-    match topics.parse_store_topic(&m.topic) {
-        Some((_, StoreTopicKind::Status)) => {
-            Some(NewMessage::retained(m.topic.clone(), m.payload.clone()))
-        }
-        Some((_, StoreTopicKind::Events)) => {
-            let roostseq = serde_json::from_slice::<serde_json::Value>(&m.payload)
-                .ok()
-                .and_then(|v| v.get("roostseq").and_then(|s| s.as_u64()));
-            Some(NewMessage {
-                topic: m.topic.clone(),
-                payload: Payload::Bytes {
-                    data: m.payload.clone(),
-                    roostseq,
-                },
-                retain: false,
-                compact: false,
-            })
-        }
-        _ => None,
+/// What goes up for a checked message: status (retained, last value wins) or an event.
+fn upward(m: &Incoming, kind: &Upward) -> Option<NewMessage> {
+    match kind {
+        Upward::Status => Some(NewMessage::retained(m.topic.clone(), m.payload.clone())),
+        Upward::Event { roostseq, .. } => Some(NewMessage {
+            topic: m.topic.clone(),
+            payload: Payload::Bytes {
+                data: m.payload.clone(),
+                roostseq: Some(*roostseq),
+            },
+            retain: false,
+            compact: false,
+        }),
+        // The bridge states presence itself (birth and last will); it does not subscribe
+        // to the edge's presence topic, and would not forward one from there.
+        Upward::Presence => None,
     }
 }
 
 /// Runs the bridge until `cancel` fires.
 pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), BridgeError> {
+    run_with(cfg, cancel, Arc::default()).await
+}
+
+/// Runs the bridge until `cancel` fires, counting forwarded and dropped upward messages in
+/// `stats`.
+pub async fn run_with(
+    cfg: BridgeConfig,
+    cancel: CancellationToken,
+    stats: Arc<UpwardStats>,
+) -> Result<(), BridgeError> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.state_dir).map_err(|source| BridgeError::Io {
         path: cfg.state_dir.clone(),
@@ -379,6 +332,7 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
         .instrument(tracing::info_span!("down", %store))
     };
     let edge_handle = edge_link.handle.clone();
+    let store_up = store.clone();
     let up = {
         let topics = topics.clone();
         let child = child.clone();
@@ -400,12 +354,21 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
                 let mut msgs = Vec::with_capacity(batch.len());
                 let mut taken = Vec::with_capacity(batch.len());
                 for m in batch {
-                    match upward(&topics, &m) {
-                        Some(msg) => {
+                    let checked = check_upward(&topics, &store_up, &m.topic, &m.payload);
+                    match checked.as_ref().ok().and_then(|k| upward(&m, k).map(|n| (n, k))) {
+                        Some((msg, kind)) => {
                             msgs.push(msg);
-                            taken.push(m);
+                            taken.push((m, kind.clone()));
                         }
-                        None => edge_handle.ack(&m),
+                        None => {
+                            // Acknowledged so the edge broker does not redeliver it; never
+                            // forwarded and never counted towards a confirmation.
+                            if let Err(d) = &checked {
+                                stats.dropped_one(d.reason);
+                                warn!(reason = %d.reason, topic = ?m.topic, bytes = m.payload.len(), detail = %d.detail, "upward message dropped");
+                            }
+                            edge_handle.ack(&m);
+                        }
                     }
                 }
                 if msgs.is_empty() {
@@ -413,12 +376,17 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
                 }
                 match outbox.enqueue(msgs).await {
                     Ok(_) => {
-                        taken.iter().for_each(|m| edge_handle.ack(m));
+                        taken.iter().for_each(|(m, _)| {
+                            stats.forwarded_one();
+                            edge_handle.ack(m);
+                        });
                         let advanced = {
                             let mut w = watermark.lock().unwrap_or_else(|p| p.into_inner());
                             let mut adv = false;
-                            for m in taken.iter().filter(|m| m.topic.ends_with("/events")) {
-                                adv |= w.add_event(&m.payload);
+                            for (_, kind) in &taken {
+                                if let Upward::Event { roostseq, lost } = kind {
+                                    adv |= w.add_event(*roostseq, lost);
+                                }
                             }
                             adv.then(|| w.upto())
                         };
@@ -465,39 +433,4 @@ pub async fn run(cfg: BridgeConfig, cancel: CancellationToken) -> Result<(), Bri
     .await;
     info!("bridge stopped");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Watermark;
-
-    #[test]
-    fn watermark_advances_only_over_contiguous_roostseqs() {
-        let mut w = Watermark::new(0);
-        assert!(w.add(1, 1));
-        assert!(w.add(2, 4));
-        assert!(!w.add(7, 7), "a gap: 5 and 6 are missing");
-        assert_eq!(w.upto(), 4);
-        assert!(w.add(5, 6));
-        assert_eq!(w.upto(), 7, "the gap filled; 7 was already there");
-        assert!(!w.add(3, 3), "old duplicates change nothing");
-        // An overflow report accounts for what the agent dropped.
-        let mut ev =
-            roost_schemas::EventData::OutboxOverflow(roost_schemas::payload::OutboxOverflow {
-                reason: roost_schemas::Reason::OutboxOverflow,
-                message: "m".into(),
-                dropped_messages: 4,
-                lost_count: 4,
-                lost_from_roostseq: Some(8),
-                lost_to_roostseq: Some(11),
-                lost_ranges: vec![[8, 11]],
-            })
-            .into_event("roost://stores/s/agent");
-        ev.roostseq = 12;
-        assert!(w.add_event(&serde_json::to_vec(&ev).expect("json")));
-        assert_eq!(w.upto(), 12);
-        let mut resumed = Watermark::new(12);
-        assert!(!resumed.add(12, 12));
-        assert!(resumed.add(13, 13));
-    }
 }

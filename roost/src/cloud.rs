@@ -251,9 +251,10 @@ pub struct RolloutSpec {
     pub origin: Option<Origin>,
 }
 
-/// Builds and signs a rollout.
+/// Builds a rollout and signs it with every key (one signature each, so an agent's
+/// `[thresholds]` can be met).
 pub fn sign_rollout(
-    key: &SigningKey,
+    keys: &[SigningKey],
     spec: &RolloutSpec,
     sequence: u64,
 ) -> Result<(Rollout, Envelope), CloudError> {
@@ -281,7 +282,9 @@ pub fn sign_rollout(
         .validate()
         .map_err(|e| CloudError::Usage(e.to_string()))?;
     let body = serde_json::to_vec(&rollout).map_err(|e| CloudError::Usage(e.to_string()))?;
-    Ok((rollout.clone(), key.sign(PAYLOAD_TYPE, &body)))
+    let env = roost_schemas::sign_all(keys, PAYLOAD_TYPE, &body)
+        .ok_or_else(|| CloudError::Usage("at least one signing key is required".into()))?;
+    Ok((rollout.clone(), env))
 }
 
 /// Reads the retained messages matching `filters` for up to `wait` (stops early after a
@@ -375,12 +378,12 @@ pub async fn next_sequence(
     ))
 }
 
-/// Signs and publishes a rollout; the sequence, unless the spec gives one, follows the
+/// Signs (with every key) and publishes a rollout; the sequence, unless the spec gives one, follows the
 /// contract's rule ([`next_sequence`]).
 pub async fn rollout(
     broker: &(impl ToBroker + ?Sized),
     topics: &Topics,
-    key: &SigningKey,
+    keys: &[SigningKey],
     spec: &RolloutSpec,
 ) -> Result<Rollout, CloudError> {
     let broker = broker.to_broker()?;
@@ -390,7 +393,7 @@ pub async fn rollout(
         Some(s) => s,
         None => next_sequence(broker, &topic).await?,
     };
-    let (rollout, env) = sign_rollout(key, spec, sequence)?;
+    let (rollout, env) = sign_rollout(keys, spec, sequence)?;
     let bytes = serde_json::to_vec(&env).map_err(|e| CloudError::Usage(e.to_string()))?;
     publish_retained(broker, &topic, bytes).await?;
     Ok(rollout)

@@ -356,9 +356,10 @@ struct RolloutArgs {
     broker: String,
     #[command(flatten)]
     security: BrokerSecurity,
-    /// Private key file (from `roost keygen`).
-    #[arg(long)]
-    key: PathBuf,
+    /// Private key file (from `roost keygen`); repeat to sign with several keys (one
+    /// signature each), as an agent's `[thresholds]` may require.
+    #[arg(long, required = true)]
+    key: Vec<PathBuf>,
     /// Deployment name.
     #[arg(long)]
     deployment: String,
@@ -651,7 +652,11 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 (false, None, Some(s)) => Scope::Store(s),
                 _ => anyhow::bail!("give exactly one of --fleet, --group NAME, --store NAME"),
             };
-            let key = cloud::load_key(&a.key)?;
+            let keys = a
+                .key
+                .iter()
+                .map(|k| cloud::load_key(k))
+                .collect::<Result<Vec<_>, _>>()?;
             let broker = a.security.target(&a.broker)?;
             let revision = if a.remove && a.revision.is_empty() {
                 String::new()
@@ -695,7 +700,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 None
             };
             let r = interruptible(&cancel, async {
-                Ok(cloud::rollout(&broker, &Topics::default(), &key, &spec).await?)
+                Ok(cloud::rollout(&broker, &Topics::default(), &keys, &spec).await?)
             })
             .await?;
             println!("{}", serde_json::to_string(&r)?);

@@ -247,7 +247,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
         };
         let t0 = Instant::now();
         let t0_wall = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-        cloud::rollout(&broker, &topics, &key, &spec)
+        cloud::rollout(&broker, &topics, std::slice::from_ref(&key), &spec)
             .await
             .map_err(err("rollout"))?;
         let mut done: HashMap<String, u64> = HashMap::new();

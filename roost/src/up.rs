@@ -236,7 +236,10 @@ pub fn store_configs(
         trusted_keys: vec![TrustedKey {
             id: key.key_id(),
             public_key: base64::engine::general_purpose::STANDARD.encode(key.public_key()),
+            not_after: None,
         }],
+        revoked_keys: vec![],
+        thresholds: Default::default(),
         git: GitConfig {
             allowed_sources: vec![allowed],
             credentials: vec![],

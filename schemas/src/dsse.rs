@@ -1,7 +1,7 @@
 //! DSSE ("Dead Simple Signing Envelope") with Ed25519 over the pre-authentication encoding:
 //! `"DSSEv1" SP len(type) SP type SP len(payload) SP payload`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -51,6 +51,20 @@ pub enum VerifyError {
     /// A trusted key's signature did not verify.
     #[error("signature by trusted key {0} does not verify")]
     BadSignature(String),
+    /// The only trusted signatures are by keys past their `not_after`.
+    #[error("key {0} expired at {1}")]
+    ExpiredKey(String, String),
+    /// The only trusted signatures are by revoked keys.
+    #[error("key {0} is revoked")]
+    RevokedKey(String),
+    /// Fewer distinct trusted, valid keys signed than required.
+    #[error("{need} signatures from distinct trusted keys required, valid ones from {have:?}")]
+    ThresholdNotMet {
+        /// Distinct keys required.
+        need: usize,
+        /// The distinct trusted keys whose signatures verified.
+        have: Vec<String>,
+    },
 }
 
 impl VerifyError {
@@ -60,6 +74,9 @@ impl VerifyError {
             VerifyError::Malformed(_) => crate::Reason::Malformed,
             VerifyError::UnknownKey(_) => crate::Reason::UnknownKey,
             VerifyError::BadSignature(_) => crate::Reason::BadSignature,
+            VerifyError::ExpiredKey(..) => crate::Reason::ExpiredKey,
+            VerifyError::RevokedKey(_) => crate::Reason::RevokedKey,
+            VerifyError::ThresholdNotMet { .. } => crate::Reason::ThresholdNotMet,
         }
     }
 }
@@ -145,22 +162,66 @@ impl SigningKey {
 
     /// Signs `payload` into an envelope of `payload_type`.
     pub fn sign(&self, payload_type: &str, payload: &[u8]) -> Envelope {
-        let sig = self.pair.sign(&pae(payload_type, payload));
         Envelope {
             payload_type: payload_type.to_owned(),
             payload: B64.encode(payload),
-            signatures: vec![Signature {
-                keyid: self.key_id(),
-                sig: B64.encode(sig.as_ref()),
-            }],
+            signatures: vec![self.signature(payload_type, payload)],
+        }
+    }
+
+    /// This key's signature over `payload` of `payload_type` (to add to an envelope).
+    pub fn signature(&self, payload_type: &str, payload: &[u8]) -> Signature {
+        let sig = self.pair.sign(&pae(payload_type, payload));
+        Signature {
+            keyid: self.key_id(),
+            sig: B64.encode(sig.as_ref()),
         }
     }
 }
 
-/// The set of public keys an agent trusts, by key id.
+/// Signs `payload` with every key (in order) into one envelope, so that an agent's signature
+/// threshold can be met. `None` when `keys` is empty. A key given twice signs once.
+pub fn sign_all(keys: &[SigningKey], payload_type: &str, payload: &[u8]) -> Option<Envelope> {
+    let mut signatures: Vec<Signature> = Vec::with_capacity(keys.len());
+    for k in keys {
+        let s = k.signature(payload_type, payload);
+        if !signatures.iter().any(|o| o.keyid == s.keyid) {
+            signatures.push(s);
+        }
+    }
+    if signatures.is_empty() {
+        return None;
+    }
+    Some(Envelope {
+        payload_type: payload_type.to_owned(),
+        payload: B64.encode(payload),
+        signatures,
+    })
+}
+
+/// One trusted key: its raw public key and when it stops being valid.
+#[derive(Debug, Clone)]
+struct TrustedKey {
+    public_key: Vec<u8>,
+    not_after: Option<time::OffsetDateTime>,
+}
+
+/// The set of public keys an agent trusts, by key id, with optional expiry times and a
+/// revocation list. A signature counts only if its key is trusted, not revoked, not past its
+/// `not_after`, and the signature verifies; a threshold asks for that many distinct keys.
 #[derive(Debug, Clone, Default)]
 pub struct Keyring {
-    keys: HashMap<KeyId, Vec<u8>>,
+    keys: HashMap<KeyId, TrustedKey>,
+    revoked: HashSet<KeyId>,
+}
+
+/// A verified payload and the distinct keys whose signatures counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedPayload {
+    /// The payload bytes (decoded from base64).
+    pub payload: Vec<u8>,
+    /// Key ids of the valid signatures, in envelope order, each once.
+    pub keyids: Vec<KeyId>,
 }
 
 impl Keyring {
@@ -178,7 +239,13 @@ impl Keyring {
             )));
         }
         let id = key_id(&public_key);
-        self.keys.insert(id.clone(), public_key);
+        self.keys.insert(
+            id.clone(),
+            TrustedKey {
+                public_key,
+                not_after: None,
+            },
+        );
         Ok(id)
     }
 
@@ -198,7 +265,28 @@ impl Keyring {
         self.add(raw)
     }
 
-    /// Number of trusted keys.
+    /// Signatures by key `id` stop counting after `not_after` (key rotation).
+    pub fn set_not_after(&mut self, id: &str, not_after: time::OffsetDateTime) -> bool {
+        match self.keys.get_mut(id) {
+            Some(k) => {
+                k.not_after = Some(not_after);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Signatures by key `id` never count again (it need not be trusted).
+    pub fn revoke(&mut self, id: &str) {
+        self.revoked.insert(id.to_owned());
+    }
+
+    /// Whether `id` is revoked.
+    pub fn is_revoked(&self, id: &str) -> bool {
+        self.revoked.contains(id)
+    }
+
+    /// Number of trusted keys (revoked ones included).
     pub fn len(&self) -> usize {
         self.keys.len()
     }
@@ -208,9 +296,36 @@ impl Keyring {
         self.keys.is_empty()
     }
 
+    /// Trusted keys that are not revoked (expired ones included: they were valid once).
+    pub fn unrevoked(&self) -> usize {
+        self.keys
+            .keys()
+            .filter(|id| !self.revoked.contains(*id))
+            .count()
+    }
+
     /// Verifies an envelope of the expected payload type and returns its payload bytes.
     /// One valid signature from a trusted key is enough.
     pub fn verify(&self, env: &Envelope, payload_type: &str) -> Result<Vec<u8>, VerifyError> {
+        self.verify_with(env, payload_type, time::OffsetDateTime::now_utc(), 1)
+            .map(|v| v.payload)
+    }
+
+    /// Verifies an envelope at time `now`, requiring valid signatures from `threshold`
+    /// distinct trusted keys (at least one). A key that signed twice counts once.
+    ///
+    /// When too few signatures count, the error names the most telling cause: some valid
+    /// but too few (`threshold_not_met`), else a trusted key's signature that does not verify
+    /// (`bad_signature`), else a revoked key (`revoked_key`), else an expired one
+    /// (`expired_key`), else no known key at all (`unknown_key`).
+    pub fn verify_with(
+        &self,
+        env: &Envelope,
+        payload_type: &str,
+        now: time::OffsetDateTime,
+        threshold: usize,
+    ) -> Result<VerifiedPayload, VerifyError> {
+        let threshold = threshold.max(1);
         if env.payload_type != payload_type {
             return Err(VerifyError::Malformed(format!(
                 "payloadType is {:?}, expected {payload_type:?}",
@@ -229,31 +344,62 @@ impl Keyring {
             .decode(env.payload.as_bytes())
             .map_err(|e| VerifyError::Malformed(format!("payload is not base64: {e}")))?;
         let message = pae(payload_type, &payload);
-        let mut bad = None;
+        let mut valid: Vec<KeyId> = Vec::new();
+        let (mut bad, mut revoked, mut expired) = (None, None, None);
         for s in &env.signatures {
-            let Some(pk) = self.keys.get(&s.keyid) else {
+            if valid.contains(&s.keyid) {
+                continue;
+            }
+            if self.revoked.contains(&s.keyid) {
+                revoked.get_or_insert_with(|| s.keyid.clone());
+                continue;
+            }
+            let Some(k) = self.keys.get(&s.keyid) else {
                 continue;
             };
+            if let Some(na) = k.not_after.filter(|na| now > *na) {
+                expired.get_or_insert_with(|| (s.keyid.clone(), crate::format_rfc3339(na)));
+                continue;
+            }
             let ok = B64
                 .decode(s.sig.as_bytes())
                 .ok()
-                .map(|sig| {
-                    UnparsedPublicKey::new(&signature::ED25519, pk)
+                .filter(|sig| sig.len() == 64)
+                .is_some_and(|sig| {
+                    UnparsedPublicKey::new(&signature::ED25519, &k.public_key)
                         .verify(&message, &sig)
                         .is_ok()
-                })
-                .unwrap_or(false);
+                });
             if ok {
-                return Ok(payload);
+                valid.push(s.keyid.clone());
+                if valid.len() >= threshold {
+                    return Ok(VerifiedPayload {
+                        payload,
+                        keyids: valid,
+                    });
+                }
+            } else {
+                bad.get_or_insert_with(|| s.keyid.clone());
             }
-            bad = Some(s.keyid.clone());
         }
-        match bad {
-            Some(id) => Err(VerifyError::BadSignature(id)),
-            None => Err(VerifyError::UnknownKey(
-                env.signatures.iter().map(|s| s.keyid.clone()).collect(),
-            )),
+        if !valid.is_empty() {
+            return Err(VerifyError::ThresholdNotMet {
+                need: threshold,
+                have: valid,
+            });
         }
+        if let Some(id) = bad {
+            return Err(VerifyError::BadSignature(id));
+        }
+        if let Some(id) = revoked {
+            return Err(VerifyError::RevokedKey(id));
+        }
+        if let Some((id, at)) = expired {
+            return Err(VerifyError::ExpiredKey(id, at));
+        }
+        Err(VerifyError::UnknownKey(
+            env.signatures.iter().map(|s| s.keyid.clone()).collect(),
+        ))
     }
 }
 
@@ -342,10 +488,154 @@ mod tests {
     }
 
     #[test]
+    fn expiry_revocation_and_thresholds() {
+        let a = SigningKey::from_seed(&[1u8; 32]).expect("key");
+        let b = SigningKey::from_seed(&[2u8; 32]).expect("key");
+        let c = SigningKey::from_seed(&[3u8; 32]).expect("key");
+        let mut ring = Keyring::new();
+        for k in [&a, &b, &c] {
+            ring.add(k.public_key()).expect("add");
+        }
+        let t = |s: &str| crate::parse_rfc3339(s).expect("time");
+        let now = t("2026-11-26T10:00:00Z");
+        let reason = |ring: &Keyring, env: &Envelope, threshold: usize| {
+            ring.verify_with(env, PAYLOAD_TYPE, now, threshold)
+                .map(|v| v.keyids)
+                .map_err(|e| e.reason())
+        };
+        let one = a.sign(PAYLOAD_TYPE, b"{}");
+        let two = sign_all(&[a, b], PAYLOAD_TYPE, b"{}").expect("env");
+        assert_eq!(reason(&ring, &one, 1).map(|k| k.len()), Ok(1));
+        assert_eq!(reason(&ring, &two, 2).map(|k| k.len()), Ok(2));
+        assert_eq!(
+            reason(&ring, &one, 2),
+            Err(crate::Reason::ThresholdNotMet),
+            "one signature where two are wanted"
+        );
+        let mut twice = one.clone();
+        twice.signatures.push(one.signatures[0].clone());
+        assert_eq!(
+            reason(&ring, &twice, 2),
+            Err(crate::Reason::ThresholdNotMet),
+            "the same key twice counts once"
+        );
+        // Expiry: valid up to and including not_after.
+        let mut exp = ring.clone();
+        assert!(exp.set_not_after(&one.signatures[0].keyid, t("2026-11-26T10:00:00Z")));
+        assert!(reason(&exp, &one, 1).is_ok());
+        assert!(exp.set_not_after(&one.signatures[0].keyid, t("2026-11-26T09:59:59Z")));
+        assert_eq!(reason(&exp, &one, 1), Err(crate::Reason::ExpiredKey));
+        assert_eq!(
+            reason(&exp, &two, 2),
+            Err(crate::Reason::ThresholdNotMet),
+            "an expired key does not count towards a threshold"
+        );
+        assert!(reason(&exp, &two, 1).is_ok(), "the other key still counts");
+        // Revocation, also of a key that is not (or no longer) trusted.
+        let mut rev = ring.clone();
+        rev.revoke(&one.signatures[0].keyid);
+        assert_eq!(reason(&rev, &one, 1), Err(crate::Reason::RevokedKey));
+        assert_eq!(rev.unrevoked(), 2);
+        let mut untrusted = Keyring::new();
+        untrusted.add(c.public_key()).expect("add");
+        untrusted.revoke(&one.signatures[0].keyid);
+        assert_eq!(reason(&untrusted, &one, 1), Err(crate::Reason::RevokedKey));
+        // A truncated signature by a trusted key is a bad signature.
+        let mut short = one.clone();
+        let sig = B64.decode(&short.signatures[0].sig).expect("b64");
+        short.signatures[0].sig = B64.encode(&sig[..63]);
+        assert_eq!(reason(&ring, &short, 1), Err(crate::Reason::BadSignature));
+        // Bad beats revoked beats expired beats unknown, when nothing counts.
+        let mut mixed = short.clone();
+        mixed
+            .signatures
+            .push(c.sign(PAYLOAD_TYPE, b"{}").signatures[0].clone());
+        let mut rc = ring.clone();
+        rc.revoke(&c.key_id());
+        assert_eq!(reason(&rc, &mixed, 1), Err(crate::Reason::BadSignature));
+        assert!(sign_all(&[], PAYLOAD_TYPE, b"{}").is_none());
+    }
+
+    #[test]
     fn generated_keys_roundtrip_pkcs8() {
         let k = SigningKey::generate().expect("gen");
         let again = SigningKey::from_pkcs8(k.pkcs8().expect("pkcs8")).expect("load");
         assert_eq!(k.key_id(), again.key_id());
         assert_eq!(k.key_id().len(), 16);
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Property tests: verification never panics, and only an untouched envelope signed by
+    //! enough trusted keys is accepted.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ring() -> (Keyring, SigningKey, SigningKey) {
+        let a = SigningKey::from_seed(&[21; 32]).expect("key");
+        let b = SigningKey::from_seed(&[22; 32]).expect("key");
+        let mut r = Keyring::new();
+        r.add(a.public_key()).expect("add");
+        r.add(b.public_key()).expect("add");
+        (r, a, b)
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_json_never_panics_and_never_verifies(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let (r, _, _) = ring();
+            if let Ok(env) = serde_json::from_slice::<Envelope>(&bytes) {
+                let now = time::OffsetDateTime::now_utc();
+                prop_assert!(r.verify_with(&env, PAYLOAD_TYPE, now, 1).is_err());
+            }
+        }
+
+        #[test]
+        fn arbitrary_envelopes_never_verify(
+            payload in "[A-Za-z0-9+/=]{0,64}",
+            sigs in proptest::collection::vec(("[0-9a-f]{0,20}", "[A-Za-z0-9+/=]{0,100}"), 0..10),
+            threshold in 0usize..4,
+        ) {
+            let (r, a, _) = ring();
+            let mut signatures: Vec<Signature> = sigs.into_iter().map(|(keyid, sig)| Signature { keyid, sig }).collect();
+            if let Some(s) = signatures.first_mut() {
+                s.keyid = a.key_id(); // a trusted id on a forged signature
+            }
+            let env = Envelope { payload_type: PAYLOAD_TYPE.into(), payload, signatures };
+            prop_assert!(r.verify_with(&env, PAYLOAD_TYPE, time::OffsetDateTime::now_utc(), threshold).is_err());
+        }
+
+        #[test]
+        fn only_untouched_signed_payloads_verify(
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            flip in any::<proptest::sample::Index>(),
+            bit in 0u8..8,
+            both in any::<bool>(),
+        ) {
+            let (r, a, b) = ring();
+            let keys = if both { vec![a, b] } else { vec![a] };
+            let need = keys.len();
+            let env = sign_all(&keys, PAYLOAD_TYPE, &payload).expect("env");
+            let now = time::OffsetDateTime::now_utc();
+            let ok = r.verify_with(&env, PAYLOAD_TYPE, now, need).expect("valid");
+            prop_assert_eq!(&ok.payload, &payload);
+            prop_assert_eq!(ok.keyids.len(), need);
+            prop_assert!(r.verify_with(&env, PAYLOAD_TYPE, now, need + 1).is_err(), "threshold above the signers");
+            if !payload.is_empty() {
+                let mut changed = payload.clone();
+                let i = flip.index(changed.len());
+                changed[i] ^= 1 << bit;
+                let mut tampered = env.clone();
+                tampered.payload = B64.encode(&changed);
+                prop_assert_eq!(r.verify_with(&tampered, PAYLOAD_TYPE, now, 1).map_err(|e| e.reason()).err(), Some(crate::Reason::BadSignature));
+            }
+            let mut sig = B64.decode(&env.signatures[0].sig).expect("b64");
+            let i = flip.index(sig.len());
+            sig[i] ^= 1 << bit;
+            let mut bad = env.clone();
+            bad.signatures[0].sig = B64.encode(&sig);
+            prop_assert!(r.verify_with(&bad, PAYLOAD_TYPE, now, need).is_err());
+        }
     }
 }

@@ -15,7 +15,10 @@ pub mod rollout;
 pub mod status;
 pub mod topics;
 
-pub use dsse::{Envelope, KeyId, Keyring, Signature, SigningKey, VerifyError, PAYLOAD_TYPE};
+pub use dsse::{
+    sign_all, Envelope, KeyId, Keyring, Signature, SigningKey, VerifiedPayload, VerifyError,
+    PAYLOAD_TYPE,
+};
 pub use event::{CloudEvent, EventType};
 pub use names::{validate_name, NameError};
 pub use payload::{EventData, EventPayload, Problem, RolloutRef};

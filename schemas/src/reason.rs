@@ -14,6 +14,12 @@ pub enum Reason {
     BadSignature,
     /// No signature is from a trusted key.
     UnknownKey,
+    /// The only trusted signatures are by keys past their `not_after`.
+    ExpiredKey,
+    /// The only trusted signatures are by revoked keys (`revoked_keys`).
+    RevokedKey,
+    /// Fewer distinct trusted, valid keys signed than the scope's threshold asks for.
+    ThresholdNotMet,
     /// The sequence is not greater than the last accepted one.
     Replay,
     /// The payload's scope or deployment does not match the topic.
@@ -57,6 +63,9 @@ impl Reason {
             Reason::Schema => "schema",
             Reason::BadSignature => "bad_signature",
             Reason::UnknownKey => "unknown_key",
+            Reason::ExpiredKey => "expired_key",
+            Reason::RevokedKey => "revoked_key",
+            Reason::ThresholdNotMet => "threshold_not_met",
             Reason::Replay => "replay",
             Reason::ScopeMismatch => "scope_mismatch",
             Reason::TooLarge => "too_large",
@@ -93,6 +102,9 @@ mod tests {
             Reason::BadSignature,
             Reason::SourceNotAllowed,
             Reason::Replay,
+            Reason::ExpiredKey,
+            Reason::RevokedKey,
+            Reason::ThresholdNotMet,
         ] {
             let json = serde_json::to_string(&r).expect("serialize");
             assert_eq!(json, format!("\"{}\"", r.as_str()));

@@ -249,6 +249,11 @@ impl GitServer {
     pub fn files(&self) -> &BTreeMap<String, String> {
         &self.files
     }
+
+    /// The served repository, for tests that write commits `git` itself would refuse.
+    pub fn repo(&self) -> &git2::Repository {
+        &self.repo
+    }
 }
 
 /// A signing key and helpers to sign rollouts.

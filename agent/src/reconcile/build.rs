@@ -17,6 +17,7 @@ pub async fn run<T: Target>(ctx: &Ctx<T>, rollout: &Rollout) -> Result<T::Plan, 
     let limits = RenderLimits {
         max_bytes: ctx.cfg.file.limits.max_render_bytes,
         max_files: ctx.cfg.file.limits.max_objects,
+        max_file_bytes: ctx.cfg.file.limits.max_file_bytes,
     };
     let rendered = ctx
         .git

@@ -137,6 +137,30 @@ pub fn is_ours(o: &DynamicObject, deployment: &str, store: &str) -> bool {
     !controlled && applied_by_roost
 }
 
+/// Why a live object must not be taken over by this store's `deployment`: it carries roost's
+/// labels for another deployment or store, or another object controls it. An object without
+/// roost's labels and without a controller is adopted (as `kubectl apply` would).
+pub fn owned_elsewhere(o: &DynamicObject, deployment: &str, store: &str) -> Option<String> {
+    let labels = o.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+    if label(MANAGED_BY) == Some("roost") {
+        let (d, s) = (label(DEPLOYMENT_LABEL), label(STORE_LABEL));
+        if d.is_some_and(|d| d != deployment) || s.is_some_and(|s| s != store) {
+            return Some(format!(
+                "belongs to roost deployment {} of store {}",
+                d.unwrap_or("?"),
+                s.unwrap_or("?")
+            ));
+        }
+    }
+    let controller = o
+        .metadata
+        .owner_references
+        .as_ref()
+        .and_then(|refs| refs.iter().find(|r| r.controller == Some(true)));
+    controller.map(|r| format!("is controlled by {} {}", r.kind, r.name))
+}
+
 /// The Kubernetes target.
 pub struct KubeTarget {
     client: kube::Client,
@@ -450,6 +474,25 @@ impl KubeTarget {
                 .cmp(&apply_rank(b))
                 .then_with(|| a.object_ref().cmp(&b.object_ref()))
         });
+        // Ownership, for the whole revision before anything is written: a revision must not
+        // take over another deployment's (or store's, or a controller's) objects.
+        for o in out.iter().filter(|o| !o.from_revision_crd) {
+            let key = o.object_ref();
+            let live = self
+                .api(&o.ar, o.namespaced, o.namespace.as_deref())
+                .get_opt(&o.name)
+                .await
+                .map_err(|e| classify(format!("{key} ({})", o.origin), e))?;
+            if let Some(why) = live
+                .as_ref()
+                .and_then(|l| owned_elsewhere(l, deployment, &self.store))
+            {
+                return Err(TargetError::PolicyDenied(format!(
+                    "{}: {key} {why}",
+                    o.origin
+                )));
+            }
+        }
         Ok(KubePlan {
             deployment: deployment.to_owned(),
             revision: rendered.revision,

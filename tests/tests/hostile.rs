@@ -1,0 +1,1786 @@
+//! Hostile input, end to end on loopback: a table of malformed, forged, replayed, oversize and
+//! malicious messages, sources and repository contents, each asserting its exact reason code,
+//! that nothing was applied or changed, and that the agent (and bridge) still answer: a good
+//! rollout converges after every case. Plus key rotation, `roost rollout` with several keys,
+//! credentials that never leak, forged confirmations, and the Kubernetes-only cases against
+//! the project's test API server.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use roost_agent::config::{AgentFile, KubernetesConfig, TargetConfig, TrustedKey};
+use roost_agent::AgentConfig;
+use roost_bridge::{DropReason, UpwardStats};
+use roost_schemas::payload::OutboxOverflow;
+use roost_schemas::{
+    CloudEvent, EventData, EventType, Reason, Scope, SigningKey, StatusDoc, Topics, PAYLOAD_TYPE,
+};
+use roost_tests::harness::{self, publish, publish_qos1, Component, GitServer, Observer, StoreRig};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(30);
+const APP: &str = "apps/web";
+const STORE: &str = "store-0001";
+const DEP: &str = "web";
+/// Seeds of the keys: two trusted, one trusted but expired, one trusted but revoked, one
+/// nobody trusts.
+const KEY_A: u8 = 1;
+const KEY_B: u8 = 2;
+const KEY_EXPIRED: u8 = 3;
+const KEY_REVOKED: u8 = 4;
+const STRANGER: u8 = 99;
+
+fn key(seed: u8) -> SigningKey {
+    SigningKey::from_seed(&[seed; 32]).expect("key")
+}
+
+fn trusted(seed: u8, not_after: Option<&str>) -> TrustedKey {
+    let k = key(seed);
+    TrustedKey {
+        id: k.key_id(),
+        public_key: base64::engine::general_purpose::STANDARD.encode(k.public_key()),
+        not_after: not_after.map(str::to_owned),
+    }
+}
+
+/// Envelope bytes of `body` signed by each of `seeds`.
+fn sign_bytes(seeds: &[u8], body: &[u8]) -> Vec<u8> {
+    let keys: Vec<SigningKey> = seeds.iter().map(|s| key(*s)).collect();
+    let env = roost_schemas::sign_all(&keys, PAYLOAD_TYPE, body).expect("keys");
+    serde_json::to_vec(&env).expect("json")
+}
+
+fn sign(seeds: &[u8], v: &Value) -> Vec<u8> {
+    sign_bytes(seeds, &serde_json::to_vec(v).expect("json"))
+}
+
+fn env_of(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).expect("envelope")
+}
+
+fn manifests(version: &str) -> Vec<(String, String)> {
+    vec![(
+        format!("{APP}/configmap.yaml"),
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\ndata:\n  version: \"{version}\"\n"),
+    )]
+}
+
+fn refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
+    v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
+}
+
+/// Writes a commit whose `apps/web` directory holds `entries` (name, mode, content) as raw
+/// tree objects, so that names and modes `git` would refuse can be served.
+fn raw_commit(repo: &git2::Repository, entries: &[(&str, u32, &[u8])]) -> String {
+    let odb = repo.odb().expect("odb");
+    let tree = |items: Vec<(String, u32, git2::Oid)>| {
+        let mut raw = Vec::new();
+        for (name, mode, id) in items {
+            raw.extend_from_slice(format!("{mode:o} {name}\0").as_bytes());
+            raw.extend_from_slice(id.as_bytes());
+        }
+        odb.write(git2::ObjectType::Tree, &raw).expect("tree")
+    };
+    let mut items: Vec<(String, u32, git2::Oid)> = entries
+        .iter()
+        .map(|(n, m, c)| {
+            let id = odb.write(git2::ObjectType::Blob, c).expect("blob");
+            ((*n).to_owned(), *m, id)
+        })
+        .collect();
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let web = tree(items);
+    let apps = tree(vec![("web".into(), 0o40000, web)]);
+    let root = tree(vec![("apps".into(), 0o40000, apps)]);
+    let root = repo.find_tree(root).expect("root tree");
+    let sig = git2::Signature::now("t", "t@t").expect("sig");
+    let parent = repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+    let parents: Vec<&git2::Commit<'_>> = parent.iter().collect();
+    repo.commit(Some("HEAD"), &sig, &sig, "hostile", &root, &parents)
+        .expect("commit")
+        .to_string()
+}
+
+/// What a case sends and where.
+enum Send {
+    /// A message on a deployment topic (through the cloud broker and the bridge): rejected
+    /// by verification with `rollout.rejected`.
+    Topic { topic: String, payload: Vec<u8> },
+    /// A message straight onto the edge broker's deployment topic (one the bridge would not
+    /// carry): rejected by the agent's verification.
+    EdgeTopic { topic: String, payload: Vec<u8> },
+    /// A well-signed fleet rollout of a hostile revision: rejected when rendered.
+    Revision { rev: String },
+    /// A forged message on the edge broker that the bridge must drop.
+    Edge {
+        topic: String,
+        payload: Vec<u8>,
+        drop: DropReason,
+    },
+}
+
+struct Case {
+    name: String,
+    reason: &'static str,
+    send: Send,
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    cloud: SocketAddr,
+    git: GitServer,
+    obs: Observer,
+    store: StoreRig,
+    bridge: Option<Component>,
+    stats: Arc<UpwardStats>,
+    /// The fleet slot's last sequence handed out.
+    seq: u64,
+    /// The last accepted fleet sequence (a marker).
+    accepted: u64,
+    good: [String; 2],
+    markers: usize,
+}
+
+impl World {
+    async fn new() -> World {
+        harness::init();
+        let dir = tempfile::tempdir().expect("tmp");
+        let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+        let (mut git, rev_a) = GitServer::start(&refs(&manifests("a")));
+        let rev_b = git.commit(&refs(&manifests("b")), &[], "b");
+        let obs = Observer::start(cloud).await;
+        let signer = harness::Signer::new(KEY_A);
+        let mut store = StoreRig::new(STORE, &["canary"], dir.path(), cloud, &signer, &git.url());
+        let mut file: AgentFile = store.agent_cfg.file.clone();
+        file.trusted_keys = vec![
+            trusted(KEY_A, None),
+            trusted(KEY_B, None),
+            trusted(KEY_EXPIRED, Some("2020-01-01T00:00:00Z")),
+            trusted(KEY_REVOKED, None),
+        ];
+        file.revoked_keys = vec![key(KEY_REVOKED).key_id()];
+        file.thresholds.fleet = Some(2);
+        // Exactly the one repository, not the whole host.
+        file.git.allowed_sources = vec![git.url()];
+        file.limits.max_objects = 50;
+        file.limits.max_file_bytes = 64 * 1024;
+        let (retry, drift) = (store.agent_cfg.retry, store.agent_cfg.drift_interval);
+        store.agent_cfg = AgentConfig::from_file(file).expect("agent config");
+        store.agent_cfg.retry = retry;
+        store.agent_cfg.drift_interval = drift;
+        let stats = Arc::new(UpwardStats::default());
+        let mut w = World {
+            _dir: dir,
+            cloud,
+            git,
+            obs,
+            store,
+            bridge: None,
+            stats,
+            seq: 0,
+            accepted: 0,
+            good: [rev_a, rev_b],
+            markers: 0,
+        };
+        w.start_bridge();
+        w.store.start_agent();
+        w
+    }
+
+    fn start_bridge(&mut self) {
+        let cfg = self.store.bridge_cfg.clone();
+        let stats = self.stats.clone();
+        self.bridge = Some(Component::spawn("bridge", move |c| {
+            roost_bridge::run_with(cfg, c, stats)
+        }));
+    }
+
+    async fn stop_bridge(&mut self) {
+        if let Some(b) = self.bridge.take() {
+            b.stop().await;
+        }
+    }
+
+    fn fleet_topic(&self) -> String {
+        Topics::default().deployment(&Scope::Fleet, DEP)
+    }
+
+    /// A valid rollout payload for `rev` on `scope` with `seq`.
+    fn rollout(&self, scope: Scope, seq: u64, rev: &str) -> Value {
+        let r = harness::Signer::new(KEY_A).rollout(DEP, scope, seq, &self.git.url(), rev, APP);
+        serde_json::to_value(r).expect("json")
+    }
+
+    fn next(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    fn status(&self) -> Option<StatusDoc> {
+        self.obs.snapshot().status.get(STORE).cloned()
+    }
+
+    fn max_roostseq(&self) -> u64 {
+        self.obs
+            .snapshot()
+            .store_events(STORE)
+            .iter()
+            .map(|e| e.roostseq)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// A good fleet rollout (alternating two revisions) that must converge: the agent is
+    /// alive, verifies, fetches, applies and reports; the bridge still carries it all.
+    async fn marker(&mut self) {
+        let rev = self.good[self.markers % 2].clone();
+        self.markers += 1;
+        let seq = self.next();
+        let body = self.rollout(Scope::Fleet, seq, &rev);
+        publish(
+            self.cloud,
+            &self.fleet_topic(),
+            sign(&[KEY_A, KEY_B], &body),
+        )
+        .await;
+        let seen = self.obs.seen.clone();
+        harness::eventually(T, &format!("marker {seq} converged on {rev}"), || {
+            let s = seen.lock().expect("lock");
+            let d = s.status.get(STORE)?.deployments.get(DEP)?;
+            (d.phase == roost_schemas::Phase::Converged
+                && d.applied_revision.as_deref() == Some(rev.as_str())
+                && d.desired.as_ref().is_some_and(|x| x.sequence == seq))
+            .then_some(())
+        })
+        .await;
+        self.accepted = seq;
+    }
+
+    async fn run(&mut self, case: &Case) {
+        let before_files = self.store.live_files(DEP);
+        let before = self.status().and_then(|d| d.deployments.get(DEP).cloned());
+        let from = self.max_roostseq();
+        match &case.send {
+            Send::Topic { topic, payload } => {
+                publish(self.cloud, topic, payload.clone()).await;
+                let e = self.rejection_after(from, &case.name).await;
+                assert_eq!(e.reason(), Some(case.reason), "{}: {}", case.name, e.data);
+                if *topic != self.fleet_topic() {
+                    // Clear the retained message again, so it is not delivered later.
+                    publish(self.cloud, topic, Vec::new()).await;
+                }
+                let after = self.status().and_then(|d| d.deployments.get(DEP).cloned());
+                assert_eq!(
+                    after.as_ref().and_then(|d| d.desired.clone()),
+                    before.as_ref().and_then(|d| d.desired.clone()),
+                    "{}: the desired state did not change",
+                    case.name
+                );
+            }
+            Send::EdgeTopic { topic, payload } => {
+                publish_qos1(self.store.edge, topic, payload.clone(), true).await;
+                let e = self.rejection_after(from, &case.name).await;
+                assert_eq!(e.reason(), Some(case.reason), "{}: {}", case.name, e.data);
+                publish_qos1(self.store.edge, topic, Vec::new(), true).await;
+            }
+            Send::Revision { rev } => {
+                let seq = self.next();
+                let body = self.rollout(Scope::Fleet, seq, rev);
+                publish(
+                    self.cloud,
+                    &self.fleet_topic(),
+                    sign(&[KEY_A, KEY_B], &body),
+                )
+                .await;
+                let e = self.rejection_after(from, &case.name).await;
+                assert_eq!(e.reason(), Some(case.reason), "{}: {}", case.name, e.data);
+                assert_eq!(e.data["revision"], rev.as_str(), "{}", case.name);
+            }
+            Send::Edge {
+                topic,
+                payload,
+                drop,
+            } => {
+                let dropped = self.stats.dropped(*drop);
+                let total = self.stats.dropped_total();
+                publish_qos1(self.store.edge, topic, payload.clone(), false).await;
+                let stats = self.stats.clone();
+                harness::eventually(T, &format!("{}: dropped by the bridge", case.name), || {
+                    (stats.dropped_total() > total).then_some(())
+                })
+                .await;
+                assert_eq!(
+                    self.stats.dropped(*drop),
+                    dropped + 1,
+                    "{}: dropped as {drop}",
+                    case.name
+                );
+                self.check_confirmation().await;
+            }
+        }
+        assert_eq!(
+            self.store.live_files(DEP),
+            before_files,
+            "{}: nothing applied",
+            case.name
+        );
+        let after = self.status().and_then(|d| d.deployments.get(DEP).cloned());
+        assert_eq!(
+            after.as_ref().and_then(|d| d.applied_revision.clone()),
+            before.as_ref().and_then(|d| d.applied_revision.clone()),
+            "{}: the applied revision did not change",
+            case.name
+        );
+        let snap = self.obs.snapshot();
+        assert!(
+            snap.of(STORE, "dev.roost.apply.started")
+                .iter()
+                .all(|e| e.roostseq <= from),
+            "{}: no apply started",
+            case.name
+        );
+        self.marker().await;
+        // Forged edge messages never reached the cloud (the marker's events came after them).
+        let snap = self.obs.snapshot();
+        assert!(
+            snap.events.iter().all(|e| !e.id.starts_with("forged-")),
+            "{}: a forged event reached the cloud",
+            case.name
+        );
+        assert!(
+            !snap.status.contains_key("store-0002"),
+            "{}: a forged status reached the cloud",
+            case.name
+        );
+    }
+
+    async fn rejection_after(&self, from: u64, name: &str) -> CloudEvent {
+        self.obs
+            .wait_event(STORE, "dev.roost.rollout.rejected", T, |e| {
+                e.roostseq > from
+            })
+            .await
+            .tap(|e| {
+                assert!(
+                    e.data["message"].as_str().is_some_and(|m| !m.is_empty()),
+                    "{name}: a message"
+                )
+            })
+    }
+
+    /// The bridge's confirmation on the edge never claims more than the agent produced.
+    async fn check_confirmation(&self) {
+        let topics = Topics::default();
+        let got = roost::cloud::read_retained(
+            &self.store.edge.to_string(),
+            &[topics.status(STORE), topics.ack(STORE)],
+            Duration::from_secs(2),
+        )
+        .await
+        .expect("read retained");
+        let find = |t: &str| {
+            got.iter()
+                .find(|(topic, _)| topic == t)
+                .map(|(_, p)| p.clone())
+        };
+        let status: Option<StatusDoc> =
+            find(&topics.status(STORE)).and_then(|p| serde_json::from_slice(&p).ok());
+        let ack: Option<roost_schemas::Confirmation> =
+            find(&topics.ack(STORE)).and_then(|p| serde_json::from_slice(&p).ok());
+        if let (Some(s), Some(a)) = (status, ack) {
+            assert!(
+                a.roostseq <= s.roostseq.max(self.max_roostseq()),
+                "confirmation {} beyond the agent's {}",
+                a.roostseq,
+                s.roostseq
+            );
+        }
+    }
+}
+
+trait Tap: Sized {
+    fn tap(self, f: impl FnOnce(&Self)) -> Self {
+        f(&self);
+        self
+    }
+}
+impl<T> Tap for T {}
+
+/// An event as the agent would publish it, but forged (its id says so).
+fn forged_event(roostseq: u64, ty: EventType, data: Value) -> CloudEvent {
+    let mut ev = CloudEvent::new(
+        &format!("roost://stores/{STORE}/agent"),
+        ty,
+        Some(DEP),
+        data,
+    );
+    ev.roostseq = roostseq;
+    ev.id = format!("forged-{roostseq}-{:08x}", rand::random::<u32>());
+    ev
+}
+
+fn forged_overflow(roostseq: u64, ranges: &[[u64; 2]], lost_count: u64) -> Vec<u8> {
+    let data = EventData::OutboxOverflow(OutboxOverflow {
+        reason: Reason::OutboxOverflow,
+        message: "forged".into(),
+        dropped_messages: lost_count,
+        lost_count,
+        lost_from_roostseq: ranges.first().map(|r| r[0]),
+        lost_to_roostseq: ranges.last().map(|r| r[1]),
+        lost_ranges: ranges.to_vec(),
+    })
+    .to_json();
+    serde_json::to_vec(&forged_event(roostseq, EventType::OutboxOverflow, data)).expect("json")
+}
+
+fn cases(w: &mut World) -> Vec<Case> {
+    let topics = Topics::default();
+    let fleet = w.fleet_topic();
+    let group = topics.deployment(&Scope::Group("canary".into()), DEP);
+    let store = topics.deployment(&Scope::Store(STORE.into()), DEP);
+    let rev = w.good[0].clone();
+    let url = w.git.url();
+    let mut out: Vec<Case> = Vec::new();
+    let topic_case =
+        |out: &mut Vec<Case>, name: &str, reason: &'static str, topic: &str, payload: Vec<u8>| {
+            out.push(Case {
+                name: name.into(),
+                reason,
+                send: Send::Topic {
+                    topic: topic.into(),
+                    payload,
+                },
+            })
+        };
+    // Each fleet case gets a fresh sequence, so it could only fail for its own reason.
+    let good = |w: &mut World| {
+        let seq = w.next() + 1000;
+        w.rollout(Scope::Fleet, seq, &rev)
+    };
+    let both = [KEY_A, KEY_B];
+
+    // --- Not an envelope at all.
+    topic_case(
+        &mut out,
+        "malformed JSON",
+        "malformed",
+        &fleet,
+        b"{this is not json".to_vec(),
+    );
+    topic_case(
+        &mut out,
+        "JSON array",
+        "malformed",
+        &fleet,
+        b"[1,2,3]".to_vec(),
+    );
+    topic_case(
+        &mut out,
+        "empty object",
+        "malformed",
+        &fleet,
+        b"{}".to_vec(),
+    );
+    let valid = sign(&both, &good(w));
+    let mut v = env_of(&valid);
+    v["payload"] = json!(5);
+    topic_case(
+        &mut out,
+        "payload of the wrong type",
+        "malformed",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    let mut v = env_of(&valid);
+    v["signatures"] = json!({"keyid": "x"});
+    topic_case(
+        &mut out,
+        "signatures not a list",
+        "malformed",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    let mut v = env_of(&valid);
+    v.as_object_mut().expect("obj").remove("payload");
+    topic_case(
+        &mut out,
+        "missing payload",
+        "malformed",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    let mut v = env_of(&valid);
+    v.as_object_mut().expect("obj").remove("signatures");
+    topic_case(
+        &mut out,
+        "missing signatures",
+        "malformed",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    let mut v = env_of(&valid);
+    v["signatures"] = json!([]);
+    topic_case(
+        &mut out,
+        "no signatures",
+        "malformed",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    let mut v = env_of(&valid);
+    let one = v["signatures"][0].clone();
+    v["signatures"] = json!(vec![one; 9]);
+    topic_case(
+        &mut out,
+        "nine signatures",
+        "malformed",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    let mut v = env_of(&valid);
+    v["payloadType"] = json!("application/vnd.in-toto+json");
+    topic_case(
+        &mut out,
+        "unknown payloadType",
+        "malformed",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    let mut v = env_of(&valid);
+    v["payload"] = json!("!!!not base64!!!");
+    topic_case(
+        &mut out,
+        "bad base64 payload",
+        "malformed",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    topic_case(
+        &mut out,
+        "non-UTF-8 bytes",
+        "malformed",
+        &fleet,
+        vec![0xff, 0xfe, 0x00, 0x80, b'{'],
+    );
+    let mut nul = valid.clone();
+    nul.insert(1, 0);
+    topic_case(
+        &mut out,
+        "NUL byte in the envelope",
+        "malformed",
+        &fleet,
+        nul,
+    );
+    topic_case(
+        &mut out,
+        "oversize message",
+        "too_large",
+        &fleet,
+        vec![b' '; 300 * 1024],
+    );
+    // The bridge only carries valid deployment topics; straight onto the edge broker.
+    out.push(Case {
+        name: "invalid deployment name in the topic (edge)".into(),
+        reason: "malformed",
+        send: Send::EdgeTopic {
+            topic: topics.deployment(&Scope::Fleet, "Bad_Name"),
+            payload: valid.clone(),
+        },
+    });
+
+    // --- Keys and signatures.
+    topic_case(
+        &mut out,
+        "unknown key",
+        "unknown_key",
+        &fleet,
+        sign(&[STRANGER], &good(w)),
+    );
+    topic_case(
+        &mut out,
+        "unknown keys, two of them",
+        "unknown_key",
+        &fleet,
+        sign(&[STRANGER, 98], &good(w)),
+    );
+    topic_case(
+        &mut out,
+        "revoked key",
+        "revoked_key",
+        &fleet,
+        sign(&[KEY_REVOKED], &good(w)),
+    );
+    topic_case(
+        &mut out,
+        "expired key",
+        "expired_key",
+        &fleet,
+        sign(&[KEY_EXPIRED], &good(w)),
+    );
+    topic_case(
+        &mut out,
+        "revoked key on the store topic (threshold 1)",
+        "revoked_key",
+        &store,
+        {
+            let seq = w.next() + 1000;
+            sign(
+                &[KEY_REVOKED],
+                &w.rollout(Scope::Store(STORE.into()), seq, &rev),
+            )
+        },
+    );
+    let a = sign(&both, &good(w));
+    let b = sign(&both, &good(w));
+    let mut v = env_of(&a);
+    v["payload"] = env_of(&b)["payload"].clone();
+    topic_case(
+        &mut out,
+        "signatures over other bytes",
+        "bad_signature",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    let mut v = env_of(&a);
+    for s in v["signatures"].as_array_mut().expect("sigs") {
+        let full = s["sig"].as_str().expect("sig").to_owned();
+        s["sig"] = json!(&full[..40]);
+    }
+    topic_case(
+        &mut out,
+        "truncated signatures",
+        "bad_signature",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    let mut v = env_of(&a);
+    for s in v["signatures"].as_array_mut().expect("sigs") {
+        s["sig"] = json!("%%%%");
+    }
+    topic_case(
+        &mut out,
+        "signatures not base64",
+        "bad_signature",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    let g = good(w);
+    let mut v = env_of(&sign(&[STRANGER, 98], &g));
+    v["signatures"][0]["keyid"] = json!(key(KEY_A).key_id());
+    v["signatures"][1]["keyid"] = json!(key(KEY_B).key_id());
+    topic_case(
+        &mut out,
+        "trusted key ids on a stranger's signatures",
+        "bad_signature",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    topic_case(
+        &mut out,
+        "one signature where the fleet threshold wants two",
+        "threshold_not_met",
+        &fleet,
+        sign(&[KEY_A], &good(w)),
+    );
+    let mut v = env_of(&sign(&[KEY_A], &good(w)));
+    let s0 = v["signatures"][0].clone();
+    v["signatures"] = json!([s0.clone(), s0]);
+    topic_case(
+        &mut out,
+        "the same key twice towards the threshold",
+        "threshold_not_met",
+        &fleet,
+        serde_json::to_vec(&v).expect("json"),
+    );
+    topic_case(
+        &mut out,
+        "a trusted and an expired key towards the threshold",
+        "threshold_not_met",
+        &fleet,
+        sign(&[KEY_A, KEY_EXPIRED], &good(w)),
+    );
+    topic_case(
+        &mut out,
+        "a trusted and a revoked key towards the threshold",
+        "threshold_not_met",
+        &fleet,
+        sign(&[KEY_B, KEY_REVOKED], &good(w)),
+    );
+    topic_case(
+        &mut out,
+        "a trusted and an unknown key towards the threshold",
+        "threshold_not_met",
+        &fleet,
+        sign(&[KEY_A, STRANGER], &good(w)),
+    );
+
+    // --- Signed, but not a valid rollout.
+    topic_case(
+        &mut out,
+        "signed bytes that are not JSON",
+        "schema",
+        &fleet,
+        sign_bytes(&both, b"\xff\xfe not json"),
+    );
+    topic_case(
+        &mut out,
+        "signed JSON that is not a rollout",
+        "schema",
+        &fleet,
+        sign(&both, &json!({"x": 1})),
+    );
+    let field = |w: &mut World, name: &str, f: &dyn Fn(&mut Value)| {
+        let mut v = good(w);
+        f(&mut v);
+        Case {
+            name: name.into(),
+            reason: "schema",
+            send: Send::Topic {
+                topic: fleet.clone(),
+                payload: sign(&both, &v),
+            },
+        }
+    };
+    out.push(field(w, "sequence as a string", &|v| {
+        v["sequence"] = json!(v["sequence"].to_string())
+    }));
+    out.push(field(w, "sequence 0", &|v| v["sequence"] = json!(0)));
+    out.push(field(w, "sequence negative", &|v| {
+        v["sequence"] = json!(-5)
+    }));
+    out.push(field(w, "missing deployment", &|v| {
+        v.as_object_mut().expect("obj").remove("deployment");
+    }));
+    out.push(field(w, "missing source", &|v| {
+        v.as_object_mut().expect("obj").remove("source");
+    }));
+    out.push(field(w, "invalid deployment name", &|v| {
+        v["deployment"] = json!("Web_App")
+    }));
+    out.push(field(w, "invalid group name in the scope", &|v| {
+        v["scope"] = json!({"group": "-bad-"})
+    }));
+    out.push(field(w, "two scopes at once", &|v| {
+        v["scope"] = json!({"fleet": true, "store": STORE})
+    }));
+    out.push(field(w, "revision not hex", &|v| {
+        v["source"]["revision"] = json!("z".repeat(40))
+    }));
+    out.push(field(w, "revision a branch name", &|v| {
+        v["source"]["revision"] = json!("main")
+    }));
+    out.push(field(w, "short revision", &|v| {
+        v["source"]["revision"] = json!("0123abc")
+    }));
+    out.push(field(w, "upper-case revision", &|v| {
+        let r = v["source"]["revision"]
+            .as_str()
+            .expect("rev")
+            .to_uppercase();
+        v["source"]["revision"] = json!(r)
+    }));
+    out.push(field(w, "path with ..", &|v| {
+        v["source"]["path"] = json!("apps/../../etc")
+    }));
+    out.push(field(w, "absolute path", &|v| {
+        v["source"]["path"] = json!("/etc")
+    }));
+    out.push(field(w, "path with a NUL", &|v| {
+        v["source"]["path"] = json!("apps/web\u{0}x")
+    }));
+    out.push(field(w, "path with a backslash", &|v| {
+        v["source"]["path"] = json!("apps\\..\\..\\etc")
+    }));
+    out.push(field(w, "health timeout 0", &|v| {
+        v["policy"]["health_timeout_s"] = json!(0)
+    }));
+    out.push(field(w, "not_before not a time", &|v| {
+        v["not_before"] = json!("tomorrow")
+    }));
+    out.push(field(w, "null where a time belongs", &|v| {
+        v["issued_at"] = Value::Null
+    }));
+
+    // --- Addressed to the wrong place.
+    let seq = w.next() + 1000;
+    topic_case(
+        &mut out,
+        "store-scope payload on the fleet topic",
+        "scope_mismatch",
+        &fleet,
+        sign(&both, &w.rollout(Scope::Store(STORE.into()), seq, &rev)),
+    );
+    let seq = w.next() + 1000;
+    topic_case(
+        &mut out,
+        "group-scope payload on the store topic",
+        "scope_mismatch",
+        &store,
+        sign(
+            &[KEY_A],
+            &w.rollout(Scope::Group("canary".into()), seq, &rev),
+        ),
+    );
+    let seq = w.next() + 1000;
+    topic_case(
+        &mut out,
+        "another store's payload on this store's topic",
+        "scope_mismatch",
+        &store,
+        sign(
+            &[KEY_A],
+            &w.rollout(Scope::Store("store-0002".into()), seq, &rev),
+        ),
+    );
+    let mut v = good(w);
+    v["deployment"] = json!("api");
+    topic_case(
+        &mut out,
+        "deployment does not match the topic",
+        "scope_mismatch",
+        &fleet,
+        sign(&both, &v),
+    );
+    let seq = w.next() + 1000;
+    topic_case(
+        &mut out,
+        "fleet payload on the group topic",
+        "scope_mismatch",
+        &group,
+        sign(&[KEY_A], &w.rollout(Scope::Fleet, seq, &rev)),
+    );
+
+    // --- Where it may fetch from.
+    let port = url
+        .trim_start_matches("git://127.0.0.1:")
+        .split('/')
+        .next()
+        .expect("port")
+        .to_owned();
+    let sources = [
+        (
+            "look-alike host",
+            format!("git://127.0.0.1.evil.example:{port}/fleet.git"),
+        ),
+        (
+            "other port",
+            format!(
+                "git://127.0.0.1:{}/fleet.git",
+                port.parse::<u16>().expect("port") + 1
+            ),
+        ),
+        (
+            "other repository on the host",
+            format!("git://127.0.0.1:{port}/other.git"),
+        ),
+        (
+            "string-prefix trick",
+            format!("git://127.0.0.1:{port}/fleet.git-evil"),
+        ),
+        (
+            "user-info",
+            format!("git://evil@127.0.0.1:{port}/fleet.git"),
+        ),
+        (
+            "user-info hiding the real host",
+            format!("git://127.0.0.1:{port}@evil.example/fleet.git"),
+        ),
+        (
+            "password in the URL",
+            "https://x-access-token:hunter2@127.0.0.1/fleet.git".into(),
+        ),
+        (
+            "fragment hiding the real host",
+            format!("git://evil.example#@127.0.0.1:{port}/fleet.git"),
+        ),
+        (
+            "ext:: transport",
+            "ext::sh -c touch% /tmp/roost-pwned".into(),
+        ),
+        ("fd:: transport", "fd::7".into()),
+        (
+            "http without TLS",
+            format!("http://127.0.0.1:{port}/fleet.git"),
+        ),
+        ("scp-like syntax", "git@127.0.0.1:fleet.git".into()),
+        (
+            "dot segment",
+            format!("git://127.0.0.1:{port}/fleet.git/../other.git"),
+        ),
+        (
+            "percent-encoded dots",
+            format!("git://127.0.0.1:{port}/fleet.git/%2e%2e/other.git"),
+        ),
+        ("file:// elsewhere", "file:///etc/".into()),
+        (
+            "backslash",
+            format!("git://127.0.0.1:{port}\\@evil.example/fleet.git"),
+        ),
+    ];
+    for (name, src) in sources {
+        let mut v = good(w);
+        v["source"]["url"] = json!(src);
+        topic_case(
+            &mut out,
+            &format!("source: {name}"),
+            "source_not_allowed",
+            &fleet,
+            sign(&both, &v),
+        );
+    }
+
+    // --- Hostile repository contents (signed and allowed; refused when rendered).
+    let repo = w.git.repo();
+    let mut laughs = String::from(
+        "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+    );
+    let mut prev = 'a';
+    for n in 'b'..='i' {
+        laughs.push_str(&format!(
+            "{n}: &{n} [{}]\n",
+            vec![format!("*{prev}"); 9].join(",")
+        ));
+        prev = n;
+    }
+    let deep = format!("{}1{}", "[".repeat(500), "]".repeat(500));
+    let big = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: big\ndata:\n  x: \"{}\"\n",
+        "x".repeat(100 * 1024)
+    );
+    type Entries = Vec<(String, u32, Vec<u8>)>;
+    let contents: Vec<(&str, &'static str, Entries)> = vec![
+        (
+            "billion-laughs YAML",
+            "invalid_manifest",
+            vec![("bomb.yaml".to_string(), 0o100644, laughs.into_bytes())],
+        ),
+        (
+            "deeply nested YAML",
+            "invalid_manifest",
+            vec![("deep.yaml".to_string(), 0o100644, deep.clone().into_bytes())],
+        ),
+        (
+            "deeply nested JSON",
+            "invalid_manifest",
+            vec![("deep.json".to_string(), 0o100644, deep.into_bytes())],
+        ),
+        (
+            "oversize manifest",
+            "too_large",
+            vec![("big.yaml".to_string(), 0o100644, big.into_bytes())],
+        ),
+        (
+            "too many objects",
+            "too_large",
+            (0..60)
+                .map(|i| {
+                    (
+                        format!("cm-{i:02}.yaml"),
+                        0o100644,
+                        format!("kind: ConfigMap\nmetadata: {{name: c{i}}}\n").into_bytes(),
+                    )
+                })
+                .collect(),
+        ),
+        (
+            "non-UTF-8 manifest",
+            "invalid_manifest",
+            vec![(
+                "latin1.yaml".to_string(),
+                0o100644,
+                b"kind: ConfigMap\ndata: {k: \xe9t\xe9}\n".to_vec(),
+            )],
+        ),
+        (
+            "NUL bytes in a manifest",
+            "invalid_manifest",
+            vec![(
+                "nul.yaml".to_string(),
+                0o100644,
+                b"kind: ConfigMap\0\n".to_vec(),
+            )],
+        ),
+        (
+            "unparsable YAML",
+            "invalid_manifest",
+            vec![(
+                "broken.yaml".to_string(),
+                0o100644,
+                b"key: [unclosed\n".to_vec(),
+            )],
+        ),
+        (
+            "duplicate keys",
+            "invalid_manifest",
+            vec![(
+                "dup.yaml".to_string(),
+                0o100644,
+                b"kind: A\nkind: B\n".to_vec(),
+            )],
+        ),
+        (
+            "a symlink leaving the repository",
+            "invalid_manifest",
+            vec![("passwd.yaml".to_string(), 0o120000, b"/etc/passwd".to_vec())],
+        ),
+        (
+            "a symlink to a parent directory",
+            "invalid_manifest",
+            vec![("up".to_string(), 0o120000, b"../../..".to_vec())],
+        ),
+        (
+            "a tree entry named ..",
+            "invalid_manifest",
+            vec![("..".to_string(), 0o100644, b"kind: A\n".to_vec())],
+        ),
+        (
+            "a tree entry named .git",
+            "invalid_manifest",
+            vec![(".git".to_string(), 0o100644, b"kind: A\n".to_vec())],
+        ),
+        (
+            "a submodule",
+            "invalid_manifest",
+            vec![("sub".to_string(), 0o160000, Vec::new())],
+        ),
+    ];
+    for (name, reason, entries) in contents {
+        let entries: Vec<(&str, u32, &[u8])> = entries
+            .iter()
+            .map(|(n, m, c)| (n.as_str(), *m, &c[..]))
+            .collect();
+        let rev = raw_commit(repo, &entries);
+        out.push(Case {
+            name: format!("content: {name}"),
+            reason,
+            send: Send::Revision { rev },
+        });
+    }
+
+    // --- Forged messages on the edge broker: the bridge drops them.
+    let events = topics.events(STORE);
+    let near = w.max_roostseq() + 5;
+    let edge = |name: &str, topic: &str, payload: Vec<u8>, drop: DropReason| Case {
+        name: format!("edge: {name}"),
+        reason: drop.as_str(),
+        send: Send::Edge {
+            topic: topic.into(),
+            payload,
+            drop,
+        },
+    };
+    out.push(edge(
+        "forged lost_ranges [[1, 18446744073709551615]]",
+        &events,
+        forged_overflow(near, &[[1, u64::MAX]], u64::MAX),
+        DropReason::LostRanges,
+    ));
+    out.push(edge(
+        "forged lost range beyond its own roostseq",
+        &events,
+        forged_overflow(near, &[[near - 2, near + 50]], 53),
+        DropReason::LostRanges,
+    ));
+    out.push(edge(
+        "forged lost ranges out of order",
+        &events,
+        forged_overflow(near + 10, &[[near + 5, near + 6], [near, near + 1]], 4),
+        DropReason::LostRanges,
+    ));
+    out.push(edge(
+        "forged lost_count",
+        &events,
+        forged_overflow(near + 10, &[[near, near + 1]], 1000),
+        DropReason::LostRanges,
+    ));
+    let mut foreign = forged_event(near, EventType::Converged, json!({"deployment": DEP}));
+    foreign.source = "roost://stores/store-0002/agent".into();
+    out.push(edge(
+        "forged event from another store's agent",
+        &events,
+        serde_json::to_vec(&foreign).expect("json"),
+        DropReason::ForeignSource,
+    ));
+    let mut bridge_src = forged_event(near, EventType::Converged, json!({"deployment": DEP}));
+    bridge_src.source = format!("roost://stores/{STORE}/bridge");
+    out.push(edge(
+        "forged event claiming the bridge as source",
+        &events,
+        serde_json::to_vec(&bridge_src).expect("json"),
+        DropReason::ForeignSource,
+    ));
+    out.push(edge(
+        "malformed event",
+        &events,
+        b"{\"roostseq\": 1".to_vec(),
+        DropReason::Malformed,
+    ));
+    let mut no_seq =
+        serde_json::to_value(forged_event(near, EventType::Converged, json!({}))).expect("json");
+    no_seq.as_object_mut().expect("obj").remove("roostseq");
+    out.push(edge(
+        "event without roostseq",
+        &events,
+        serde_json::to_vec(&no_seq).expect("json"),
+        DropReason::Schema,
+    ));
+    let mut neg =
+        serde_json::to_value(forged_event(near, EventType::Converged, json!({}))).expect("json");
+    neg["roostseq"] = json!(-1);
+    out.push(edge(
+        "event with a negative roostseq",
+        &events,
+        serde_json::to_vec(&neg).expect("json"),
+        DropReason::Schema,
+    ));
+    let other_status = StatusDoc {
+        store: "store-0002".into(),
+        groups: vec![],
+        agent_version: "forged".into(),
+        updated_at: roost_schemas::now_rfc3339(),
+        roostseq: 1,
+        outbox_backlog: 0,
+        deployments: BTreeMap::new(),
+    };
+    out.push(edge(
+        "another store's status document",
+        &topics.status(STORE),
+        serde_json::to_vec(&other_status).expect("json"),
+        DropReason::ForeignStore,
+    ));
+    out.push(edge(
+        "empty status (would clear it in the cloud)",
+        &topics.status(STORE),
+        Vec::new(),
+        DropReason::Empty,
+    ));
+    out.push(edge(
+        "status that is not a status document",
+        &topics.status(STORE),
+        b"{\"store\": \"store-0001\"}".to_vec(),
+        DropReason::Schema,
+    ));
+    out.push(edge(
+        "oversize event",
+        &events,
+        vec![b' '; 600 * 1024],
+        DropReason::TooLarge,
+    ));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_inputs_are_rejected_with_their_reason_and_change_nothing() {
+    let mut w = World::new().await;
+    w.marker().await;
+    let cases = cases(&mut w);
+    assert!(cases.len() >= 60, "{} cases", cases.len());
+    let started = Instant::now();
+    eprintln!("hostile cases ({}):", cases.len() + 1);
+    for (i, c) in cases.iter().enumerate() {
+        eprintln!("  {:>3}. {:<62} -> {}", i + 1, c.name, c.reason);
+    }
+    eprintln!(
+        "  {:>3}. {:<62} -> ignored (agent keeps its events)",
+        cases.len() + 1,
+        "edge: forged ack beyond the agent's last roostseq",
+    );
+    for (i, c) in cases.iter().enumerate() {
+        eprintln!("hostile: running case {} ({})", i + 1, c.name);
+        w.run(c).await;
+    }
+    // Replays, against the last accepted fleet sequence.
+    for (name, seq) in [
+        ("equal sequence", w.accepted),
+        ("lower sequence", w.accepted - 1),
+    ] {
+        let other = w.good[w.markers % 2].clone();
+        let body = w.rollout(Scope::Fleet, seq, &other);
+        let case = Case {
+            name: name.into(),
+            reason: "replay",
+            send: Send::Topic {
+                topic: w.fleet_topic(),
+                payload: sign(&[KEY_A, KEY_B], &body),
+            },
+        };
+        eprintln!("  +    {name:<62} -> replay");
+        w.run(&case).await;
+    }
+    forged_ack_keeps_events(&mut w).await;
+    eprintln!(
+        "hostile: {} cases passed in {} ms",
+        cases.len() + 3,
+        started.elapsed().as_millis()
+    );
+    w.stop_bridge().await;
+    w.store.stop_agent().await;
+}
+
+/// A forged confirmation on the edge broker while the bridge is away: the agent must not
+/// delete what the bridge never got; when the bridge returns, every event arrives.
+async fn forged_ack_keeps_events(w: &mut World) {
+    w.stop_bridge().await;
+    // A rollout straight onto the edge broker: its events wait, unconfirmed, in the agent.
+    let seq = w.next();
+    let rev = w.good[w.markers % 2].clone();
+    w.markers += 1;
+    let body = w.rollout(Scope::Fleet, seq, &rev);
+    publish_qos1(
+        w.store.edge,
+        &w.fleet_topic(),
+        sign(&[KEY_A, KEY_B], &body),
+        true,
+    )
+    .await;
+    let doc = harness::wait_edge_status(w.store.edge, STORE, T, |d| {
+        harness::converged_on(d, DEP, &rev)
+    })
+    .await;
+    assert!(
+        doc.outbox_backlog > 0,
+        "events are waiting for confirmation"
+    );
+    let forged = serde_json::to_vec(&roost_schemas::Confirmation {
+        roostseq: 1_000_000_000,
+        resend: false,
+    })
+    .expect("json");
+    publish_qos1(w.store.edge, &Topics::default().ack(STORE), forged, true).await;
+    // Another rollout, so we know the agent has read the forged confirmation (same
+    // subscription, later message).
+    let seq = w.next();
+    let rev2 = w.good[w.markers % 2].clone();
+    w.markers += 1;
+    let body = w.rollout(Scope::Fleet, seq, &rev2);
+    publish_qos1(
+        w.store.edge,
+        &w.fleet_topic(),
+        sign(&[KEY_A, KEY_B], &body),
+        true,
+    )
+    .await;
+    let doc = harness::wait_edge_status(w.store.edge, STORE, T, |d| {
+        harness::converged_on(d, DEP, &rev2)
+    })
+    .await;
+    w.start_bridge();
+    let obs = w.obs.seen.clone();
+    harness::eventually(T, "every event after the bridge returned", || {
+        let s = obs.lock().expect("lock");
+        let mut seqs: Vec<u64> = s.store_events(STORE).iter().map(|e| e.roostseq).collect();
+        seqs.sort_unstable();
+        (seqs.len() as u64 >= doc.roostseq).then_some(seqs)
+    })
+    .await
+    .tap(|seqs| {
+        let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, &want, "no event lost to the forged confirmation");
+    });
+    w.accepted = seq;
+}
+
+/// Key rotation: add the new key, sign with it, retire the old one (first by `not_after`,
+/// then by revocation); the old key's rollouts are accepted before and rejected after, the
+/// new key's throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_old_key_accepted_before_and_rejected_after() {
+    harness::init();
+    let dir = tempfile::tempdir().expect("tmp");
+    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let (mut git, _) = GitServer::start(&refs(&manifests("0")));
+    let obs = Observer::start(cloud).await;
+    const OLD: u8 = 11;
+    const NEW: u8 = 12;
+    let mut store = StoreRig::new(
+        STORE,
+        &[],
+        dir.path(),
+        cloud,
+        &harness::Signer::new(OLD),
+        &git.allowed(),
+    );
+    let (retry, drift) = (store.agent_cfg.retry, store.agent_cfg.drift_interval);
+    let reconfigure = |store: &mut StoreRig, keys: Vec<TrustedKey>, revoked: Vec<String>| {
+        let mut f = store.agent_cfg.file.clone();
+        f.trusted_keys = keys;
+        f.revoked_keys = revoked;
+        store.agent_cfg = AgentConfig::from_file(f).expect("config");
+        store.agent_cfg.retry = retry;
+        store.agent_cfg.drift_interval = drift;
+    };
+    store.start();
+    let topic = Topics::default().deployment(&Scope::Fleet, DEP);
+    let mut seq = 0u64;
+    let mut roll = async |git: &mut GitServer, seed: u8, label: &str| -> (u64, String) {
+        seq += 1;
+        let rev = git.commit(&refs(&manifests(label)), &[], label);
+        let r = harness::Signer::new(seed).rollout(DEP, Scope::Fleet, seq, &git.url(), &rev, APP);
+        publish(
+            cloud,
+            &topic,
+            sign(&[seed], &serde_json::to_value(r).expect("json")),
+        )
+        .await;
+        (seq, rev)
+    };
+    let converged = |rev: String| {
+        let obs = &obs;
+        async move {
+            obs.wait_phase(STORE, DEP, "Converged", Some(&rev), T).await;
+        }
+    };
+    // The reason of the first rejection after roostseq `from` (a verification failure knows
+    // no sequence: the payload was not trusted).
+    let last = || {
+        obs.snapshot()
+            .store_events(STORE)
+            .iter()
+            .map(|e| e.roostseq)
+            .max()
+            .unwrap_or(0)
+    };
+    let rejected = |from: u64| {
+        let obs = &obs;
+        async move {
+            obs.wait_event(STORE, "dev.roost.rollout.rejected", T, |e| {
+                e.roostseq > from
+            })
+            .await
+            .reason()
+            .map(str::to_owned)
+        }
+    };
+    // 1. Only the old key.
+    let (_, rev) = roll(&mut git, OLD, "old-1").await;
+    converged(rev).await;
+    let s = last();
+    roll(&mut git, NEW, "new-0").await;
+    assert_eq!(
+        rejected(s).await.as_deref(),
+        Some("unknown_key"),
+        "not trusted yet"
+    );
+    // 2. Add the new key; the old one retires a few seconds from now.
+    store.stop_agent().await;
+    let until =
+        roost_schemas::format_rfc3339(time::OffsetDateTime::now_utc() + time::Duration::seconds(4));
+    reconfigure(
+        &mut store,
+        vec![trusted(OLD, Some(&until)), trusted(NEW, None)],
+        vec![],
+    );
+    store.start_agent();
+    let (_, rev) = roll(&mut git, NEW, "new-1").await;
+    converged(rev).await;
+    let (_, rev) = roll(&mut git, OLD, "old-2").await;
+    converged(rev).await;
+    let until_t = roost_schemas::parse_rfc3339(&until).expect("time");
+    while time::OffsetDateTime::now_utc() <= until_t + time::Duration::milliseconds(200) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = last();
+    roll(&mut git, OLD, "old-3").await;
+    assert_eq!(
+        rejected(s).await.as_deref(),
+        Some("expired_key"),
+        "past not_after"
+    );
+    let (_, rev) = roll(&mut git, NEW, "new-2").await;
+    converged(rev).await;
+    // 3. Revoke the old key outright.
+    store.stop_agent().await;
+    reconfigure(
+        &mut store,
+        vec![trusted(OLD, None), trusted(NEW, None)],
+        vec![key(OLD).key_id()],
+    );
+    store.start_agent();
+    let s = last();
+    roll(&mut git, OLD, "old-4").await;
+    assert_eq!(rejected(s).await.as_deref(), Some("revoked_key"));
+    let (_, rev) = roll(&mut git, NEW, "new-3").await;
+    converged(rev).await;
+    store.stop_agent().await;
+}
+
+/// `roost rollout --key A --key B` meets a fleet threshold of two; one key does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roost_rollout_signs_with_every_key_to_meet_a_threshold() {
+    harness::init();
+    let dir = tempfile::tempdir().expect("tmp");
+    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let (git, rev) = GitServer::start(&refs(&manifests("1")));
+    let obs = Observer::start(cloud).await;
+    let keys = dir.path().join("keys");
+    let (id_a, _) = roost::cloud::keygen(&keys).expect("keygen");
+    let (id_b, _) = roost::cloud::keygen(&keys).expect("keygen");
+    let load = |id: &str| roost::cloud::load_key(&keys.join(format!("{id}.key"))).expect("key");
+    let (ka, kb) = (load(&id_a), load(&id_b));
+    let mut store = StoreRig::new(
+        STORE,
+        &[],
+        dir.path(),
+        cloud,
+        &harness::Signer::new(1),
+        &git.allowed(),
+    );
+    let mut f = store.agent_cfg.file.clone();
+    let tk = |k: &SigningKey| TrustedKey {
+        id: k.key_id(),
+        public_key: base64::engine::general_purpose::STANDARD.encode(k.public_key()),
+        not_after: None,
+    };
+    f.trusted_keys = vec![tk(&ka), tk(&kb)];
+    f.thresholds.fleet = Some(2);
+    let (retry, drift) = (store.agent_cfg.retry, store.agent_cfg.drift_interval);
+    store.agent_cfg = AgentConfig::from_file(f).expect("config");
+    store.agent_cfg.retry = retry;
+    store.agent_cfg.drift_interval = drift;
+    store.start();
+    let rollout = |keys_args: Vec<String>, seq: u64| {
+        let mut cmd = std::process::Command::new(harness::roost_bin());
+        cmd.args(["rollout", "--broker", &cloud.to_string()]);
+        for k in keys_args {
+            cmd.args(["--key", &k]);
+        }
+        cmd.args([
+            "--deployment",
+            DEP,
+            "--fleet",
+            "--repo",
+            &git.url(),
+            "--revision",
+            &rev,
+            "--path",
+            APP,
+            "--sequence",
+            &seq.to_string(),
+        ]);
+        let out = cmd.output().expect("roost rollout");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let key_path = |id: &str| keys.join(format!("{id}.key")).display().to_string();
+    rollout(vec![key_path(&id_a)], 1);
+    let e = obs
+        .wait_event(STORE, "dev.roost.rollout.rejected", T, |_| true)
+        .await;
+    assert_eq!(e.reason(), Some("threshold_not_met"));
+    rollout(vec![key_path(&id_a), key_path(&id_b)], 2);
+    obs.wait_phase(STORE, DEP, "Converged", Some(&rev), T).await;
+    store.stop_agent().await;
+}
+
+/// A token configured in `[[git.credentials]]` never appears in anything a run writes: the
+/// agent's log (debug level), its state directory (outbox with every event, ledger, git
+/// cache), the bridge's outbox, and the events and status documents the cloud receives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_appear_in_logs_events_or_status() {
+    harness::init();
+    let dir = tempfile::tempdir().expect("tmp");
+    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let edge = roost::broker::spawn_free("edge").expect("edge broker");
+    let (mut git, rev) = GitServer::start(&refs(&manifests("1")));
+    let obs = Observer::start(cloud).await;
+    let token = format!("roost-secret-token-{:016x}", rand::random::<u64>());
+    let signer = harness::Signer::new(1);
+    // An https source that does not answer TLS, with a credential for it: fetches fail and
+    // are reported, with the token configured for exactly that URL.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let https = format!(
+        "https://127.0.0.1:{}/fleet.git",
+        dead.local_addr().expect("addr").port()
+    );
+    let state = dir.path().join("agent");
+    let mut toml = harness::agent_toml(STORE, &[], &state, edge, &signer, &git.allowed());
+    toml = toml.replace(
+        "allowed_sources = [",
+        &format!("allowed_sources = [{https:?}, "),
+    );
+    toml = toml.replace(
+        "[target]",
+        &format!("[[git.credentials]]\nurl_prefix = {https:?}\ntoken = {token:?}\n[target]"),
+    );
+    toml = toml.replace("fetch_timeout_s = 10", "fetch_timeout_s = 3");
+    let cfg_path = dir.path().join("agent.toml");
+    std::fs::write(&cfg_path, &toml).expect("config");
+    assert!(std::fs::read_to_string(&cfg_path)
+        .expect("read")
+        .contains(&token));
+    let log = dir.path().join("agent.log");
+    std::env::set_var("ROOST_CHILD_LOG", "debug,rumqttd=error");
+    let mut agent = harness::RoostProcess::start(
+        [
+            "agent".to_string(),
+            "--config".into(),
+            cfg_path.display().to_string(),
+        ],
+        &log,
+    );
+    let spec = roost::up::StoreSpec {
+        store: STORE.into(),
+        groups: vec![],
+        dir: dir.path().join("rig"),
+        edge,
+        cloud,
+        allowed: git.allowed(),
+        target: TargetConfig::Files(Default::default()),
+    };
+    let (_, bridge_cfg) = roost::up::store_configs(&spec, &signer.key).expect("configs");
+    let bridge_dir = bridge_cfg.state_dir.clone();
+    let bridge = Component::spawn("bridge", move |c| roost_bridge::run(bridge_cfg, c));
+    let topic = Topics::default().deployment(&Scope::Fleet, DEP);
+    let r = signer.rollout(DEP, Scope::Fleet, 1, &git.url(), &rev, APP);
+    publish(cloud, &topic, signer.sign(&r)).await;
+    obs.wait_phase(STORE, DEP, "Converged", Some(&rev), T).await;
+    // The https source: fetch fails (no TLS there), retried, reported.
+    let rev2 = git.commit(&refs(&manifests("2")), &[], "2");
+    let r = signer.rollout(DEP, Scope::Fleet, 2, &https, &rev2, APP);
+    publish(cloud, &topic, signer.sign(&r)).await;
+    obs.wait_event(STORE, "dev.roost.fetch.failed", T, |e| {
+        e.data["revision"] == rev2.as_str()
+    })
+    .await;
+    // A rejected source that carries a password of its own: not echoed either.
+    let r = signer.rollout(
+        DEP,
+        Scope::Fleet,
+        3,
+        &format!("https://u:{token}-url@127.0.0.1/x.git"),
+        &rev2,
+        APP,
+    );
+    publish(cloud, &topic, signer.sign(&r)).await;
+    let rej = obs
+        .wait_event(STORE, "dev.roost.rollout.rejected", T, |e| {
+            e.data["sequence"] == 3
+        })
+        .await;
+    assert_eq!(rej.reason(), Some("source_not_allowed"));
+    // Back to a good one, so everything is flushed through the bridge.
+    let r = signer.rollout(DEP, Scope::Fleet, 4, &git.url(), &rev2, APP);
+    publish(cloud, &topic, signer.sign(&r)).await;
+    let doc = obs
+        .wait_phase(STORE, DEP, "Converged", Some(&rev2), T)
+        .await;
+    harness::wait_in_bridge_outbox(edge, STORE, T, |d| d.roostseq >= doc.roostseq).await;
+    agent.kill();
+    bridge.stop().await;
+    std::env::remove_var("ROOST_CHILD_LOG");
+    let mut haystack: Vec<(String, Vec<u8>)> = Vec::new();
+    fn files(dir: &std::path::Path, out: &mut Vec<(String, Vec<u8>)>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                files(&p, out);
+            } else if let Ok(b) = std::fs::read(&p) {
+                out.push((p.display().to_string(), b));
+            }
+        }
+    }
+    files(&state, &mut haystack);
+    files(&bridge_dir, &mut haystack);
+    let log_text = std::fs::read(&log).expect("log");
+    assert!(log_text.len() > 1000, "the agent logged at debug level");
+    haystack.push(("agent log".into(), log_text));
+    let snap = obs.snapshot();
+    for e in &snap.events {
+        haystack.push((
+            format!("event {}", e.roostseq),
+            serde_json::to_vec(e).expect("json"),
+        ));
+    }
+    for d in snap.status.values() {
+        haystack.push(("status".into(), serde_json::to_vec(d).expect("json")));
+    }
+    let needle = token.as_bytes();
+    let mut checked = 0usize;
+    for (what, bytes) in &haystack {
+        checked += bytes.len();
+        assert!(
+            !bytes.windows(needle.len()).any(|w| w == needle),
+            "the token appears in {what}"
+        );
+    }
+    eprintln!(
+        "credentials: {} files/documents ({} bytes) searched, token not found",
+        haystack.len(),
+        checked
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes-only cases, against the project's test API server.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_policy_and_ownership_cases() {
+    use kube::api::{Api, DynamicObject, PostParams};
+    use kube::core::{ApiResource, GroupVersionKind};
+    harness::init();
+    let server = roost_tests::kube_api::TestApiServer::start()
+        .await
+        .expect("test API server");
+    let dir = tempfile::tempdir().expect("tmp");
+    let kc = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kc).expect("kubeconfig");
+    let cloud = roost::broker::spawn_free("cloud").expect("cloud");
+    let (mut git, _) = GitServer::start(&[("README", "shop\n")]);
+    let obs = Observer::start(cloud).await;
+    let signer = harness::Signer::new(7);
+    let prefix = format!("h{:06x}-", rand::random::<u32>() & 0xffffff);
+    let mut store = StoreRig::new(STORE, &[], dir.path(), cloud, &signer, &git.allowed());
+    store.agent_cfg.file.target = TargetConfig::Kubernetes(KubernetesConfig {
+        kubeconfig: Some(kc),
+        namespace_prefix: Some(prefix.clone()),
+        default_namespace: Some("shop".into()),
+        allowed_namespaces: vec![format!("{prefix}shop")],
+        denied_kinds: vec!["ClusterRole".into()],
+        allow_cluster_scoped: Some(false),
+        ..Default::default()
+    });
+    store.start();
+    let ns = format!("{prefix}shop");
+    let cm = |name: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: shop\ndata:\n  k: v\n")
+    };
+    let topic = |d: &str| Topics::default().deployment(&Scope::Fleet, d);
+    let mut seq = 0u64;
+    let mut roll = async |git: &mut GitServer, d: &str, files: Vec<(String, String)>| -> String {
+        seq += 1;
+        let old: Vec<String> = git
+            .files()
+            .keys()
+            .filter(|k| k.starts_with("apps/"))
+            .cloned()
+            .collect();
+        let del: Vec<&str> = old
+            .iter()
+            .map(String::as_str)
+            .filter(|k| !files.iter().any(|(p, _)| p == k))
+            .collect();
+        let rev = git.commit(&refs(&files), &del, "k");
+        let r = signer.rollout(d, Scope::Fleet, seq, &git.url(), &rev, &format!("apps/{d}"));
+        publish(cloud, &topic(d), signer.sign(&r)).await;
+        rev
+    };
+    // Deployment A owns ConfigMap "shared" (the namespace exists beforehand, as the policy
+    // denies cluster-scoped objects such as Namespaces).
+    let cm_ar = ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "ConfigMap"));
+    let ns_ar = ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", "Namespace"));
+    let nss: Api<DynamicObject> = Api::all_with(server.client(), &ns_ar);
+    let nsobj: DynamicObject = serde_json::from_value(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+    )
+    .expect("ns");
+    nss.create(&PostParams::default(), &nsobj)
+        .await
+        .expect("namespace");
+    let cms: Api<DynamicObject> = Api::namespaced_with(server.client(), &ns, &cm_ar);
+    // The owner must exist, or the garbage collector removes the dependent.
+    let parent: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "parent", "namespace": ns}, "data": {"k": "v"}
+    }))
+    .expect("cm");
+    let parent = cms
+        .create(&PostParams::default(), &parent)
+        .await
+        .expect("parent");
+    let parent_uid = parent.metadata.uid.clone().expect("uid");
+    let owned: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "owned", "namespace": ns, "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "parent", "uid": parent_uid, "controller": true}]},
+        "data": {"k": "v"}
+    }))
+    .expect("cm");
+    cms.create(&PostParams::default(), &owned)
+        .await
+        .expect("owned configmap");
+    let rev_a = roll(
+        &mut git,
+        "shop-a",
+        vec![("apps/shop-a/shared.yaml".into(), cm("shared"))],
+    )
+    .await;
+    obs.wait_phase(STORE, "shop-a", "Converged", Some(&rev_a), T)
+        .await;
+    let shared_before = cms
+        .get("shared")
+        .await
+        .expect("shared")
+        .metadata
+        .resource_version;
+    let cases: Vec<(&str, &str, String, &str)> = vec![
+        ("denied kind", "role.yaml", "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: x\nrules: []\n".into(), "ClusterRole"),
+        ("namespace not allowed", "elsewhere.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  namespace: kube-system\n".into(), "kube-system"),
+        ("cluster-scoped object when denied", "ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n".into(), "cluster-scoped"),
+        ("adopting another deployment's object", "shared.yaml", cm("shared"), "shop-a"),
+        ("adopting an object a controller owns", "owned.yaml", cm("owned"), "controlled by ConfigMap parent"),
+    ];
+    eprintln!("kubernetes hostile cases ({}):", cases.len());
+    for (name, _, _, _) in &cases {
+        eprintln!("  - {name:<62} -> policy_denied");
+    }
+    for (ok_n, (name, file, content, names)) in cases.into_iter().enumerate() {
+        let files = vec![
+            (
+                "apps/shop-b/mine.yaml".to_string(),
+                cm(&format!("mine-{ok_n}")),
+            ),
+            (format!("apps/shop-b/{file}"), content),
+        ];
+        let rev = roll(&mut git, "shop-b", files).await;
+        let e = obs
+            .wait_event(STORE, "dev.roost.rollout.rejected", T, |e| {
+                e.data["revision"] == rev.as_str()
+            })
+            .await;
+        assert_eq!(e.reason(), Some("policy_denied"), "{name}: {}", e.data);
+        let msg = e.data["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(names), "{name}: {msg}");
+        assert!(
+            cms.get_opt(&format!("mine-{ok_n}"))
+                .await
+                .expect("get")
+                .is_none(),
+            "{name}: nothing applied"
+        );
+        assert_eq!(
+            cms.get("shared")
+                .await
+                .expect("shared")
+                .metadata
+                .resource_version,
+            shared_before,
+            "{name}: A's object untouched"
+        );
+        let owned_now = cms.get("owned").await.expect("owned");
+        assert!(
+            owned_now
+                .metadata
+                .labels
+                .is_none_or(|l| !l.contains_key("roost.dev/deployment")),
+            "{name}: owned object untouched"
+        );
+        // The positive marker: a good revision of B converges.
+        let good = roll(
+            &mut git,
+            "shop-b",
+            vec![("apps/shop-b/mine.yaml".into(), cm(&format!("ok-{ok_n}")))],
+        )
+        .await;
+        obs.wait_phase(STORE, "shop-b", "Converged", Some(&good), T)
+            .await;
+    }
+    store.stop_agent().await;
+}
