@@ -642,6 +642,16 @@ kind = "files"
         let err = AgentConfig::load(&p).expect_err("broken").to_string();
         assert!(err.contains("line "), "{err}");
         assert!(!err.contains("s3cret"), "{err}");
+        // git.ca_file must be a readable PEM file.
+        let mut f: AgentFile = toml::from_str(&with_key(GOOD)).expect("parse");
+        f.git.ca_file = Some("/nonexistent/git-ca.pem".into());
+        let err = AgentConfig::from_file(f)
+            .expect_err("no CA file")
+            .to_string();
+        assert!(
+            err.contains("git.ca_file: /nonexistent/git-ca.pem"),
+            "{err}"
+        );
         // A wrong key id is caught.
         let text = with_key(GOOD).replace("id = \"", "id = \"00");
         let f: AgentFile = toml::from_str(&text).expect("parse");
