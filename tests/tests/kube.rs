@@ -1234,7 +1234,9 @@ async fn scenario_least_privilege(cluster_scoped: bool) {
         }
     }
     // And nothing more.
-    let denied: Vec<(&str, &str, &str, Option<&str>, Option<&str>)> = vec![
+    // (verb, group, resource, namespace, name)
+    type Check<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
+    let denied: Vec<Check> = vec![
         ("get", "", "secrets", Some("kube-system"), None),
         ("list", "", "secrets", Some("kube-system"), None),
         ("list", "", "secrets", Some(&shop), None),
