@@ -137,6 +137,11 @@ pub struct GitConfig {
     /// Fetch timeout in seconds (network stalls abort the fetch).
     #[serde(default)]
     pub fetch_timeout_s: Option<u64>,
+    /// PEM file with the CA certificate(s) that sign the https Git servers' certificates (a
+    /// private CA). When set it is the only trust for https sources (the system store is not
+    /// consulted); read again on every fetch.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Files target settings.
@@ -180,6 +185,46 @@ pub struct KubernetesConfig {
     /// A kubeconfig file; default: in-cluster credentials, else `KUBECONFIG` / `~/.kube/config`.
     #[serde(default)]
     pub kubeconfig: Option<PathBuf>,
+}
+
+impl KubernetesConfig {
+    /// A namespace name as the agent writes it: with `namespace_prefix` in front unless it
+    /// already starts with it.
+    pub fn prefixed(&self, ns: &str) -> String {
+        match &self.namespace_prefix {
+            Some(p) if !ns.starts_with(p.as_str()) => format!("{p}{ns}"),
+            _ => ns.to_owned(),
+        }
+    }
+
+    /// The namespaces objects may be in, as the agent names them (prefixed); `None` when the
+    /// policy does not limit them (`allowed_namespaces` empty).
+    pub fn effective_namespaces(&self) -> Option<std::collections::BTreeSet<String>> {
+        (!self.allowed_namespaces.is_empty()).then(|| {
+            self.allowed_namespaces
+                .iter()
+                .map(|n| self.prefixed(n))
+                .collect()
+        })
+    }
+
+    /// Whether cluster-scoped objects may be applied (default true).
+    pub fn cluster_scoped_allowed(&self) -> bool {
+        self.allow_cluster_scoped.unwrap_or(true)
+    }
+
+    /// Why `group`/`kind` is not allowed by `allowed_kinds`/`denied_kinds` (each entry
+    /// `Kind` or `group/Kind`), or `None` when it is.
+    pub fn kind_denied(&self, group: &str, kind: &str) -> Option<String> {
+        let names = [kind.to_owned(), format!("{group}/{kind}")];
+        if self.denied_kinds.iter().any(|k| names.contains(k)) {
+            return Some(format!("kind {kind} is denied"));
+        }
+        if !self.allowed_kinds.is_empty() && !self.allowed_kinds.iter().any(|k| names.contains(k)) {
+            return Some(format!("kind {kind} is not in the allowed kinds"));
+        }
+        None
+    }
 }
 
 /// Which target to apply to.
@@ -303,6 +348,21 @@ impl AgentFile {
     }
 }
 
+impl AgentFile {
+    /// Reads and parses a TOML file without validating it (`roost agent rbac` needs only the
+    /// `[target]` policy of a file whose keys may still be placeholders).
+    pub fn read(path: &Path) -> Result<AgentFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: parse_message(&text, &e),
+        })
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -321,15 +381,7 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let file: AgentFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: parse_message(&text, &e),
-        })?;
-        AgentConfig::from_file(file)
+        AgentConfig::from_file(AgentFile::read(path)?)
     }
 
     /// Validates a parsed file.
@@ -417,6 +469,10 @@ impl AgentConfig {
                 }
                 Err(e) => return Err(invalid(format!("git.credentials: url_prefix: {e}"))),
             }
+        }
+        if let Some(p) = &file.git.ca_file {
+            roost_runtime::security::read_certs("git.ca_file", p)
+                .map_err(|e| invalid(e.to_string()))?;
         }
         // The port, credentials and TLS files (readable, PEM), naming the field.
         file.broker
@@ -597,6 +653,16 @@ kind = "files"
         let err = AgentConfig::load(&p).expect_err("broken").to_string();
         assert!(err.contains("line "), "{err}");
         assert!(!err.contains("s3cret"), "{err}");
+        // git.ca_file must be a readable PEM file.
+        let mut f: AgentFile = toml::from_str(&with_key(GOOD)).expect("parse");
+        f.git.ca_file = Some("/nonexistent/git-ca.pem".into());
+        let err = AgentConfig::from_file(f)
+            .expect_err("no CA file")
+            .to_string();
+        assert!(
+            err.contains("git.ca_file: /nonexistent/git-ca.pem"),
+            "{err}"
+        );
         // A wrong key id is caught.
         let text = with_key(GOOD).replace("id = \"", "id = \"00");
         let f: AgentFile = toml::from_str(&text).expect("parse");

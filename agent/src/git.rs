@@ -148,6 +148,8 @@ pub struct GitCache {
     /// Credentials with their parsed `url_prefix` (one that does not parse is never sent).
     credentials: Arc<Vec<(SourceUrl, GitCredential)>>,
     fetch_timeout: Duration,
+    /// `git.ca_file`: the only trust for https servers when set.
+    ca_file: Option<PathBuf>,
     locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
@@ -174,8 +176,16 @@ impl GitCache {
             root,
             credentials: Arc::new(credentials),
             fetch_timeout,
+            ca_file: None,
             locks: Arc::default(),
         }
+    }
+
+    /// Verifies https servers against the CA certificates in `ca_file` (read on every fetch)
+    /// instead of the system's trust store.
+    pub fn with_ca_file(mut self, ca_file: Option<PathBuf>) -> GitCache {
+        self.ca_file = ca_file;
+        self
     }
 
     /// Removes `*.lock` files that a fetch killed mid-way left behind (libgit2 would refuse
@@ -252,10 +262,11 @@ impl GitCache {
             })?;
         let (u, r) = (url.to_owned(), revision.to_owned());
         let creds = self.credentials.clone();
+        let ca = self.ca_file.clone();
         // The guard moves into the blocking job: an abandoned (stalled) fetch keeps the
         // source locked until it really ends, so two fetches never race on one repository.
         let job = tokio::task::spawn_blocking(move || {
-            let res = ensure_blocking(&dir, &u, &r, &creds);
+            let res = ensure_blocking(&dir, &u, &r, &creds, ca.as_deref());
             drop(guard);
             res
         });
@@ -382,18 +393,48 @@ fn ensure_blocking(
     url: &str,
     revision: &str,
     creds: &[(SourceUrl, GitCredential)],
+    ca_file: Option<&Path>,
 ) -> Result<bool, GitError> {
     let repo = open_or_init(dir)?;
     if has_commit(&repo, revision) {
         debug!(%url, %revision, "revision in cache");
         return Ok(false);
     }
+    // Why the certificate check refused the server, in our words (libgit2 may replace the
+    // callback's message with its own).
+    let refused: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let fetch_err = |e: git2::Error| GitError::Fetch {
         url: crate::decide::redact_url(url),
-        message: e.message().to_owned(),
+        message: refused
+            .lock()
+            .ok()
+            .and_then(|m| m.clone())
+            .unwrap_or_else(|| e.message().to_owned()),
     };
     let mut remote = repo.remote_anonymous(url).map_err(fetch_err)?;
     let mut cb = git2::RemoteCallbacks::new();
+    if let Some(ca) = ca_file {
+        // libgit2 verifies with OpenSSL against the system store, then asks this callback,
+        // which decides alone: the server's certificate must chain to `git.ca_file` and name
+        // the host. (libgit2's per-process `set_ssl_cert_file` would be one CA for every
+        // agent and fetch in the process.)
+        let (ca, refused) = (ca.to_owned(), refused.clone());
+        cb.certificate_check(move |cert, host| {
+            let Some(x509) = cert.as_x509() else {
+                return Ok(git2::CertificateCheckStatus::CertificatePassthrough);
+                // ssh host key
+            };
+            match verify_with_ca(&ca, x509.data(), host) {
+                Ok(()) => Ok(git2::CertificateCheckStatus::CertificateOk),
+                Err(why) => {
+                    if let Ok(mut m) = refused.lock() {
+                        *m = Some(why.clone());
+                    }
+                    Err(git2::Error::from_str(&why))
+                }
+            }
+        });
+    }
     let cred = credential_for(creds, url).cloned();
     cb.credentials(move |asked_for, _user, _allowed| {
         let Some((prefix, c)) = &cred else {
@@ -446,6 +487,48 @@ fn ensure_blocking(
             url: crate::decide::redact_url(url),
             revision: revision.to_owned(),
         })
+    }
+}
+
+/// Checks a server's certificate (DER; libgit2 hands over the leaf only, so the CA file may
+/// also hold intermediates: every certificate in it is a trust anchor) against the CA
+/// certificates in `ca_file`, for `host`, with rustls' WebPKI verifier. The error says why
+/// in plain words.
+pub fn verify_with_ca(ca_file: &Path, leaf: &[u8], host: &str) -> Result<(), String> {
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let where_ = format!("git.ca_file ({})", ca_file.display());
+    let certs = roost_runtime::security::read_certs("git.ca_file", ca_file)
+        .map_err(|e| format!("cannot verify the server's certificate: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!("no usable CA certificate in {where_}"));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| format!("{where_}: {e}"))?;
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|_| format!("{host:?} is not a host name or IP address"))?;
+    let leaf = CertificateDer::from(leaf.to_vec());
+    match verifier.verify_server_cert(&leaf, &[], &name, &[], UnixTime::now()) {
+        Ok(_) => Ok(()),
+        Err(rustls::Error::InvalidCertificate(e)) => Err(match e {
+            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature => {
+                format!("the server's certificate is not signed by a CA in {where_}")
+            }
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. } => {
+                "the server's certificate has expired".to_owned()
+            }
+            rustls::CertificateError::NotValidForName
+            | rustls::CertificateError::NotValidForNameContext { .. } => {
+                format!("the server's certificate is not valid for {host}")
+            }
+            other => format!("the server's certificate is refused: {other:?}"),
+        }),
+        Err(e) => Err(format!("the server's certificate is refused: {e}")),
     }
 }
 

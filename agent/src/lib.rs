@@ -99,7 +99,8 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         dir.join("git"),
         cfg.file.git.credentials.clone(),
         Duration::from_secs(cfg.file.git.fetch_timeout_s.unwrap_or(120)),
-    );
+    )
+    .with_ca_file(cfg.file.git.ca_file.clone());
     {
         let git = git.clone();
         tokio::task::spawn_blocking(move || git.clear_stale_locks())

@@ -221,11 +221,14 @@ enum Cmd {
         #[arg(long)]
         insecure: bool,
     },
-    /// The store agent.
+    /// The store agent (`roost agent --config FILE`), or `roost agent rbac`.
+    #[command(args_conflicts_with_subcommands = true)]
     Agent {
         /// Agent TOML configuration.
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        sub: Option<AgentCmd>,
     },
     /// The store bridge.
     Bridge {
@@ -428,6 +431,34 @@ struct RolloutArgs {
     /// With --wait: give up after this many seconds.
     #[arg(long, default_value_t = 300, requires = "wait")]
     timeout: u64,
+}
+
+/// `roost agent` subcommands.
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Print (YAML for `kubectl apply -f -`) exactly the RBAC the agent's Kubernetes policy
+    /// needs: per allowed namespace a Role and RoleBinding for the allowed kinds, a
+    /// ClusterRole for discovery and (only with allow_cluster_scoped) cluster-scoped kinds.
+    Rbac {
+        /// Agent TOML configuration (only its [target] is read).
+        #[arg(long)]
+        config: PathBuf,
+        /// The agent's ServiceAccount (with --namespace).
+        #[arg(long, requires = "namespace", conflicts_with = "user")]
+        service_account: Option<String>,
+        /// The ServiceAccount's namespace.
+        #[arg(long, requires = "service_account")]
+        namespace: Option<String>,
+        /// The agent's user name (kubeconfig credentials) instead of a ServiceAccount.
+        #[arg(long)]
+        user: Option<String>,
+        /// Name of the Roles, ClusterRole and bindings.
+        #[arg(long, default_value = "roost-agent")]
+        name: String,
+        /// With no allowed_namespaces in the policy: grant the kinds in every namespace.
+        #[arg(long)]
+        cluster_wide: bool,
+    },
 }
 
 fn init_tracing(format: &str, cmd: &Cmd) {
@@ -650,7 +681,44 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 _ = cancel.cancelled() => tracing::info!("broker stopped"),
             }
         }
-        Cmd::Agent { config } => {
+        Cmd::Agent {
+            sub:
+                Some(AgentCmd::Rbac {
+                    config,
+                    service_account,
+                    namespace,
+                    user,
+                    name,
+                    cluster_wide,
+                }),
+            ..
+        } => {
+            use roost_agent::targets::rbac;
+            let file = roost_agent::config::AgentFile::read(&config)?;
+            let roost_agent::config::TargetConfig::Kubernetes(policy) = &file.target else {
+                anyhow::bail!("{}: [target] kind is not \"kubernetes\"", config.display());
+            };
+            let subject = match (service_account, namespace, user) {
+                (_, _, Some(name)) => rbac::Subject::User { name },
+                (Some(name), Some(namespace), None) => {
+                    rbac::Subject::ServiceAccount { name, namespace }
+                }
+                _ => rbac::Subject::ServiceAccount {
+                    name: "roost-agent".into(),
+                    namespace: "roost-system".into(),
+                },
+            };
+            let opts = rbac::RbacOptions { name, cluster_wide };
+            let objects = rbac::rbac_for(policy, &subject, &opts)?;
+            print!(
+                "{}",
+                rbac::to_yaml(&rbac::header(policy, &subject), &objects)?
+            );
+        }
+        Cmd::Agent { config, sub: None } => {
+            let Some(config) = config else {
+                anyhow::bail!("roost agent needs --config FILE (or a subcommand: rbac)");
+            };
             let cfg = roost_agent::AgentConfig::load(&config)?;
             roost_agent::run(cfg, cancel).await?;
         }

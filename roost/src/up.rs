@@ -246,6 +246,7 @@ pub fn store_configs(
             allowed_sources: vec![allowed],
             credentials: vec![],
             fetch_timeout_s: Some(30),
+            ca_file: None,
         },
         target,
         limits: Limits::default(),

@@ -116,7 +116,8 @@ fn read(field: &str, path: &Path) -> Result<Vec<u8>, SecurityError> {
     std::fs::read(path).map_err(|e| SecurityError::new(field, format!("{}: {e}", path.display())))
 }
 
-fn read_certs(field: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, SecurityError> {
+/// The PEM certificates of `path` (at least one), errors naming `field`.
+pub fn read_certs(field: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, SecurityError> {
     let pem = read(field, path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()

@@ -2,5 +2,6 @@
 //! `git daemon`, real SQLite files, restartable stores, and a cloud-side observer.
 
 pub mod harness;
+pub mod https_git;
 pub mod kube_api;
 pub mod proxy;

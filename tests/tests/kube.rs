@@ -860,7 +860,10 @@ async fn deploy_manifests_parse_and_apply() {
     let c = Cluster::double().await;
     let text =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/roost.yaml"))
-            .expect("deploy/roost.yaml");
+            .expect("deploy/roost.yaml")
+            + "---\n"
+            + &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml"))
+                .expect("deploy/rbac.yaml");
     let file = roost_agent::git::ManifestFile {
         path: "roost.yaml".into(),
         data: text.into_bytes(),
@@ -872,6 +875,8 @@ async fn deploy_manifests_parse_and_apply() {
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
         "PersistentVolumeClaim",
         "ConfigMap",
         "Deployment",
@@ -977,4 +982,400 @@ async fn roost_up_target_kubernetes() {
             "{ns} has the deployment"
         );
     }
+}
+
+/// `deploy/rbac.yaml` is exactly what `roost agent rbac` prints for the agent configuration in
+/// `deploy/roost.yaml` (so the RBAC cannot drift from the policy), and grants no Secret outside
+/// the allowed namespace.
+#[test]
+fn deploy_rbac_is_the_commands_output_for_deploys_agent_config() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/roost.yaml"))
+            .expect("deploy/roost.yaml");
+    let file = roost_agent::git::ManifestFile {
+        path: "roost.yaml".into(),
+        data: text.into_bytes(),
+    };
+    let docs = roost_agent::git::parse_documents(&file).expect("YAML");
+    let agent_toml = docs
+        .iter()
+        .find_map(|d| d["data"]["agent.toml"].as_str())
+        .expect("the agent ConfigMap");
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, agent_toml).expect("write");
+    let out = std::process::Command::new(harness::roost_bin())
+        .args(["agent", "rbac", "--config"])
+        .arg(&cfg)
+        .args([
+            "--service-account",
+            "roost-agent",
+            "--namespace",
+            "roost-system",
+        ])
+        .output()
+        .expect("roost agent rbac");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml"))
+            .expect("deploy/rbac.yaml");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        shipped,
+        "regenerate: roost agent rbac --config agent.toml --service-account roost-agent --namespace roost-system > deploy/rbac.yaml"
+    );
+    let rbac = roost_agent::git::parse_documents(&roost_agent::git::ManifestFile {
+        path: "rbac.yaml".into(),
+        data: shipped.into_bytes(),
+    })
+    .expect("YAML");
+    for d in &rbac {
+        let secrets = d["rules"].to_string().contains("secrets");
+        if secrets {
+            assert_eq!(d["kind"], "Role", "Secrets only in a namespace's Role: {d}");
+            assert_eq!(d["metadata"]["namespace"], "apps");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Least privilege against a real API server with RBAC.
+
+/// Whether the client's identity may do `verb` (SelfSubjectAccessReview).
+async fn can(
+    client: &kube::Client,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    ns: Option<&str>,
+    name: Option<&str>,
+) -> bool {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    };
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                namespace: ns.map(str::to_owned),
+                name: name.map(str::to_owned),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let r = Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&Default::default(), &review)
+        .await
+        .expect("SelfSubjectAccessReview");
+    r.status.is_some_and(|s| s.allowed)
+}
+
+/// The generated RBAC applied as admin for a fresh ServiceAccount; returns the agent's
+/// kubeconfig (a token of that ServiceAccount) and its client.
+async fn agent_identity(
+    c: &Cluster,
+    policy: &KubernetesConfig,
+    sa_ns: &str,
+    name: &str,
+) -> (PathBuf, kube::Client) {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use roost_agent::targets::rbac;
+    let admin = PatchParams::apply("roost-test").force();
+    c.api("", "v1", "Namespace", None)
+        .patch(
+            sa_ns,
+            &admin,
+            &Patch::Apply(
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": sa_ns}}),
+            ),
+        )
+        .await
+        .expect("agent namespace");
+    c.api("", "v1", "ServiceAccount", Some(sa_ns))
+        .patch("roost-agent", &admin, &Patch::Apply(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "roost-agent", "namespace": sa_ns}})))
+        .await
+        .expect("service account");
+    let subject = rbac::Subject::ServiceAccount {
+        name: "roost-agent".into(),
+        namespace: sa_ns.into(),
+    };
+    let opts = rbac::RbacOptions {
+        name: name.into(),
+        cluster_wide: false,
+    };
+    for o in rbac::rbac_for(policy, &subject, &opts).expect("rbac") {
+        let v = o.to_value();
+        let (group, version) = match v["apiVersion"].as_str().unwrap_or_default().split_once('/') {
+            Some((g, v)) => (g.to_owned(), v.to_owned()),
+            None => (String::new(), "v1".to_owned()),
+        };
+        let kind = v["kind"].as_str().unwrap_or_default().to_owned();
+        let ns = v["metadata"]["namespace"].as_str().map(str::to_owned);
+        let oname = v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        c.api(&group, &version, &kind, ns.as_deref())
+            .patch(&oname, &admin, &Patch::Apply(&v))
+            .await
+            .unwrap_or_else(|e| panic!("apply {kind} {oname}: {e}"));
+    }
+    let token = Api::<ServiceAccount>::namespaced(c.client.clone(), sa_ns)
+        .create_token_request(
+            "roost-agent",
+            &Default::default(),
+            &TokenRequest {
+                spec: TokenRequestSpec {
+                    expiration_seconds: Some(3600),
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("token request")
+        .status
+        .expect("token")
+        .token;
+    let admin_kc = kube::config::Kubeconfig::read_from(c.kubeconfig.as_ref().expect("KUBECONFIG"))
+        .expect("kubeconfig");
+    let cluster = admin_kc.clusters[0].cluster.clone().expect("cluster");
+    let kc = c._dir.path().join("agent-kubeconfig");
+    std::fs::write(
+        &kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: agent\n  user:\n    token: {token}\ncontexts:\n- name: agent\n  context: {{cluster: c, user: agent}}\ncurrent-context: agent\n",
+            cluster.server.expect("server"),
+            cluster.certificate_authority_data.expect("CA data"),
+        ),
+    )
+    .expect("agent kubeconfig");
+    let conf = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&kc).expect("read"),
+        &Default::default(),
+    )
+    .await
+    .expect("config");
+    (kc, kube::Client::try_from(conf).expect("client"))
+}
+
+/// Requests by `user` in the API server's audit log (`ROOST_AUDIT_LOG`): (all, the 403s).
+fn audit(user: &str) -> Option<(usize, Vec<String>)> {
+    let path = std::env::var_os("ROOST_AUDIT_LOG")?;
+    let text = std::fs::read_to_string(path).expect("audit log");
+    let mut n = 0;
+    let mut denied = Vec::new();
+    for line in text.lines() {
+        let Ok(e) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if e["user"]["username"] != user {
+            continue;
+        }
+        n += 1;
+        if e["responseStatus"]["code"] == 403 {
+            denied.push(format!(
+                "{} {}",
+                e["verb"].as_str().unwrap_or_default(),
+                e["requestURI"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    Some((n, denied))
+}
+
+/// The agent with exactly the RBAC `roost agent rbac` prints for its policy: it may do what
+/// the policy allows and nothing else (checked with SelfSubjectAccessReview), and converges,
+/// prunes and removes the sample app with that identity alone, without one 403.
+async fn scenario_least_privilege(cluster_scoped: bool) {
+    let c = Cluster::real().await;
+    let id = c.prefix.trim_end_matches('-').to_owned();
+    let (shop, other, sa_ns) = (c.ns("shop"), c.ns("other"), c.ns("roost-system"));
+    let group = format!("{id}.widgets.roost.dev");
+    let widget = format!("{group}/Widget");
+    let mut kinds = vec!["ConfigMap", "Service", "Deployment"];
+    if cluster_scoped {
+        kinds.extend(["Namespace", "CustomResourceDefinition", widget.as_str()]);
+    }
+    let kinds: Vec<String> = kinds.into_iter().map(str::to_owned).collect();
+    let prefix = c.prefix.clone();
+    let set_policy = |k: &mut KubernetesConfig| {
+        k.namespace_prefix = Some(prefix.clone());
+        k.default_namespace = Some("shop".into());
+        k.allowed_namespaces = vec!["shop".into()];
+        k.allowed_kinds = kinds.clone();
+        k.allow_cluster_scoped = Some(cluster_scoped);
+    };
+    let mut policy = KubernetesConfig::default();
+    set_policy(&mut policy);
+    let role = format!("roost-agent-{id}");
+    let (kc, agent) = agent_identity(&c, &policy, &sa_ns, &role).await;
+
+    // What the policy allows.
+    for verb in ["get", "list", "watch", "create", "patch", "delete"] {
+        for (g, r) in [
+            ("", "configmaps"),
+            ("", "services"),
+            ("apps", "deployments"),
+        ] {
+            assert!(
+                can(&agent, verb, g, r, Some(&shop), None).await,
+                "{verb} {r} in {shop}"
+            );
+        }
+    }
+    // And nothing more.
+    // (verb, group, resource, namespace, name)
+    type Check<'a> = (&'a str, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
+    let denied: Vec<Check> = vec![
+        ("get", "", "secrets", Some("kube-system"), None),
+        ("list", "", "secrets", Some("kube-system"), None),
+        ("list", "", "secrets", Some(&shop), None),
+        ("get", "", "secrets", Some(&sa_ns), None),
+        ("watch", "", "secrets", None, None),
+        ("create", "", "configmaps", Some(&other), None),
+        ("patch", "", "configmaps", Some("default"), None),
+        ("delete", "apps", "deployments", Some("kube-system"), None),
+        ("list", "", "configmaps", None, None),
+        ("create", "", "pods", Some(&shop), None),
+        ("create", "", "pods/exec", Some(&shop), None),
+        (
+            "create",
+            "rbac.authorization.k8s.io",
+            "clusterroles",
+            None,
+            None,
+        ),
+        (
+            "patch",
+            "rbac.authorization.k8s.io",
+            "roles",
+            Some(&shop),
+            None,
+        ),
+        ("list", "", "namespaces", None, None),
+        ("delete", "", "namespaces", None, Some("kube-system")),
+        ("create", "", "nodes", None, None),
+    ];
+    for (verb, g, r, ns, name) in &denied {
+        assert!(
+            !can(&agent, verb, g, r, *ns, *name).await,
+            "must not {verb} {r} in {ns:?} {name:?}"
+        );
+    }
+    let crds = "apiextensions.k8s.io";
+    if cluster_scoped {
+        assert!(
+            can(
+                &agent,
+                "create",
+                crds,
+                "customresourcedefinitions",
+                None,
+                None
+            )
+            .await
+        );
+        assert!(can(&agent, "patch", "", "namespaces", None, Some(&shop)).await);
+        assert!(can(&agent, "watch", "", "namespaces", None, Some(&shop)).await);
+        assert!(!can(&agent, "patch", "", "namespaces", None, Some(&other)).await);
+        assert!(can(&agent, "patch", &group, "widgets", Some(&shop), None).await);
+        assert!(!can(&agent, "patch", &group, "widgets", Some(&other), None).await);
+    } else {
+        assert!(
+            !can(
+                &agent,
+                "create",
+                crds,
+                "customresourcedefinitions",
+                None,
+                None
+            )
+            .await
+        );
+        assert!(!can(&agent, "patch", "", "namespaces", None, Some(&shop)).await);
+    }
+
+    // The agent with exactly that identity converges, prunes and removes the app.
+    let agent_kc = kc.clone();
+    let mut s = Scene::new(c, |k| {
+        set_policy(k);
+        k.kubeconfig = Some(agent_kc);
+    })
+    .await;
+    let mut files = base_files();
+    if cluster_scoped {
+        files.push((format!("{APP}/a-widget.yaml"), format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w1\n  namespace: shop\nspec:\n  size: 3\n")));
+        files.push((format!("{APP}/z-crd.yaml"), format!("apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names:\n    plural: widgets\n    singular: widget\n    kind: Widget\n  versions:\n    - name: v1\n      served: true\n      storage: true\n      schema:\n        openAPIV3Schema:\n          type: object\n          x-kubernetes-preserve-unknown-fields: true\n")));
+    } else {
+        files.retain(|(p, _)| !p.ends_with("00-namespace.yaml"));
+    }
+    let rev1 = s.roll_files(&files, 60).await;
+    s.converged(&rev1).await;
+    if cluster_scoped {
+        assert!(s
+            .cluster
+            .get(&group, "v1", "Widget", Some(&shop), "w1")
+            .await
+            .is_some());
+    }
+    files.retain(|(p, _)| !p.ends_with("service.yaml"));
+    let rev2 = s.roll_files(&files, 60).await;
+    let pruned = s
+        .event("dev.roost.pruned", |e| e.data["revision"] == rev2.as_str())
+        .await;
+    assert!(
+        pruned.data["pruned"].to_string().contains("/Service/"),
+        "{}",
+        pruned.data
+    );
+    s.converged(&rev2).await;
+    s.tombstone().await;
+    s.event("dev.roost.removed", |_| true).await;
+    assert!(s
+        .cluster
+        .get("", "v1", "ConfigMap", Some(&shop), "settings")
+        .await
+        .is_none());
+    let user = format!("system:serviceaccount:{sa_ns}:roost-agent");
+    match audit(&user) {
+        Some((n, forbidden)) => {
+            eprintln!("kube least privilege (cluster_scoped={cluster_scoped}): {n} requests by {user}, {} forbidden: {forbidden:?}", forbidden.len());
+            assert!(n > 0, "the audit log has the agent's requests");
+            assert!(
+                forbidden.is_empty(),
+                "the agent needed no right it lacks: {forbidden:?}"
+            );
+        }
+        None => eprintln!("kube least privilege: ROOST_AUDIT_LOG not set, audit log not checked"),
+    }
+    for kind in ["ClusterRoleBinding", "ClusterRole"] {
+        let _ = s
+            .cluster
+            .api("rbac.authorization.k8s.io", "v1", kind, None)
+            .delete(&role, &Default::default())
+            .await;
+    }
+    s.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kubernetes cluster"]
+async fn least_privilege_rbac_from_policy_namespaced_only() {
+    scenario_least_privilege(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kubernetes cluster"]
+async fn least_privilege_rbac_from_policy_with_cluster_scoped_and_a_crd() {
+    scenario_least_privilege(true).await;
 }

@@ -1099,3 +1099,94 @@ async fn roost_broker_refuses_an_exposed_listener() {
     assert!(!out.status.success());
     assert!(err.contains("v4.1.tls.keypath"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Git over https with a private CA
+
+/// An agent fetches from a real https Git server (`git http-backend` behind TLS, basic auth)
+/// whose certificate a private CA signed, with `git.ca_file`: a wrong CA is refused with
+/// `fetch_failed` saying why (verification is never switched off), and once the file holds the
+/// right CA (it is read on every fetch) the retried fetch converges. The token never shows in
+/// events or status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_over_https_with_a_private_ca() {
+    harness::init();
+    let dir = tempfile::tempdir().expect("tmp");
+    let pki = Pki::new(dir.path(), "git");
+    let wrong = Pki::new(dir.path(), "wrong");
+    let server = pki.issue("git-server", true, false);
+    let files = app("https-1");
+    let (mut git, _) = GitServer::start(&[("README", "apps\n")]);
+    let rev = git.commit(&refs(&files), &[], "app over https");
+    const TOKEN: &str = "https-token-b2f7c9";
+    let root = git.path().parent().expect("root").to_owned();
+    let https = roost_tests::https_git::HttpsGitServer::start(
+        &root,
+        &server.cert,
+        &server.key,
+        Some(("roost", TOKEN)),
+    )
+    .await;
+    let cloud = roost::broker::spawn_free("cloud").expect("cloud");
+    let signer = Signer::new(11);
+    let obs = Observer::start(cloud).await;
+    let name = "store-https";
+    let allowed = https.url("");
+    let mut store = StoreRig::new(name, &["all"], dir.path(), cloud, &signer, &allowed);
+    let ca = dir.path().join("agent-git-ca.pem");
+    std::fs::copy(wrong.ca_file(), &ca).expect("ca");
+    store.agent_cfg.file.git.ca_file = Some(ca.clone());
+    store.agent_cfg.file.git.credentials = vec![roost_agent::config::GitCredential {
+        url_prefix: allowed.clone(),
+        username: Some("roost".into()),
+        token: Some(TOKEN.into()),
+        token_file: None,
+    }];
+    store.start();
+    let url = https.url("fleet.git");
+    let r = signer.rollout("web", Scope::Fleet, 1, &url, &rev, APP);
+    harness::publish(
+        cloud,
+        &Topics::default().deployment(&Scope::Fleet, "web"),
+        signer.sign(&r),
+    )
+    .await;
+
+    // The wrong CA: refused, with the reason, and retried.
+    let failed = obs
+        .wait_event(name, "dev.roost.fetch.failed", T, |_| true)
+        .await;
+    assert_eq!(failed.reason(), Some("fetch_failed"));
+    let message = failed.data["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains(&format!(
+            "the server's certificate is not signed by a CA in git.ca_file ({})",
+            ca.display()
+        )),
+        "{message}"
+    );
+    assert!(obs.snapshot().of(name, "dev.roost.converged").is_empty());
+    println!("git https: wrong CA refused: {message}");
+
+    // The right CA, in the same file: the next retry fetches over https and converges.
+    std::fs::copy(pki.ca_file(), &ca).expect("ca");
+    obs.wait_event(name, "dev.roost.converged", T, |e| {
+        e.data["revision"] == rev.as_str()
+    })
+    .await;
+    let live = std::fs::read_to_string(store.current("web").join("configmap.yaml"))
+        .expect("applied from https");
+    assert!(live.contains("https-1"), "{live}");
+    let seen = obs.snapshot();
+    let everything = serde_json::to_string(&seen.store_events(name)).expect("json")
+        + &serde_json::to_string(&seen.status.get(name)).expect("json");
+    assert!(
+        !everything.contains(TOKEN),
+        "the token stays out of events and status"
+    );
+    println!("git https: converged from {url} with git.ca_file and a token");
+    store.stop_agent().await;
+}

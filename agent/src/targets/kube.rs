@@ -266,10 +266,7 @@ impl KubeTarget {
     }
 
     fn prefixed(&self, ns: &str) -> String {
-        match &self.cfg.namespace_prefix {
-            Some(p) if !ns.starts_with(p.as_str()) => format!("{p}{ns}"),
-            _ => ns.to_owned(),
-        }
+        self.cfg.prefixed(ns)
     }
 
     fn namespace_allowed(&self, ns: &str) -> bool {
@@ -282,7 +279,7 @@ impl KubeTarget {
     }
 
     fn cluster_scoped_allowed(&self) -> bool {
-        self.cfg.allow_cluster_scoped.unwrap_or(true)
+        self.cfg.cluster_scoped_allowed()
     }
 
     async fn resolve(
@@ -315,16 +312,10 @@ impl KubeTarget {
     }
 
     fn check_kind(&self, group: &str, kind: &str) -> Result<(), String> {
-        let names = [kind.to_owned(), format!("{group}/{kind}")];
-        if self.cfg.denied_kinds.iter().any(|k| names.contains(k)) {
-            return Err(format!("kind {kind} is denied"));
+        match self.cfg.kind_denied(group, kind) {
+            Some(why) => Err(why),
+            None => Ok(()),
         }
-        if !self.cfg.allowed_kinds.is_empty()
-            && !self.cfg.allowed_kinds.iter().any(|k| names.contains(k))
-        {
-            return Err(format!("kind {kind} is not in the allowed kinds"));
-        }
-        Ok(())
     }
 
     /// Parses, checks (policy, limits) and resolves every object of a revision; applies
@@ -710,14 +701,36 @@ impl KubeTarget {
                 if !namespaced && !self.cluster_scoped_allowed() {
                     continue;
                 }
-                let apis: Vec<Api<DynamicObject>> = match (&namespaces, namespaced) {
+                // Only kinds the policy lets roost apply: it never made others, and listing
+                // them would need rights its RBAC (`roost agent rbac`) does not grant.
+                if self.check_kind(&ar.group, &ar.kind).is_err() {
+                    continue;
+                }
+                let is_namespace_kind = ar.group.is_empty() && ar.kind == "Namespace";
+                let apis: Vec<(Api<DynamicObject>, ListParams)> = match (&namespaces, namespaced) {
                     (Some(list), true) => list
                         .iter()
-                        .map(|ns| Api::namespaced_with(self.client.clone(), ns, &ar))
+                        .map(|ns| {
+                            (
+                                Api::namespaced_with(self.client.clone(), ns, &ar),
+                                lp.clone(),
+                            )
+                        })
                         .collect(),
-                    _ => vec![Api::all_with(self.client.clone(), &ar)],
+                    // Namespaces by name: RBAC can limit a list to `resourceNames` only
+                    // with a `metadata.name` field selector.
+                    (Some(list), false) if is_namespace_kind => list
+                        .iter()
+                        .map(|ns| {
+                            (
+                                Api::all_with(self.client.clone(), &ar),
+                                lp.clone().fields(&format!("metadata.name={ns}")),
+                            )
+                        })
+                        .collect(),
+                    _ => vec![(Api::all_with(self.client.clone(), &ar), lp.clone())],
                 };
-                for api in apis {
+                for (api, lp) in apis {
                     let list = match api.list(&lp).await {
                         Ok(l) => l,
                         Err(e) if matches!(&e, kube::Error::Api(s) if s.code < 500) => continue,
@@ -813,25 +826,33 @@ impl KubeTarget {
             "{DEPLOYMENT_LABEL}={},{STORE_LABEL}={}",
             plan.deployment, self.store
         );
-        let mut scopes: BTreeMap<(String, String, String, Option<String>), ApiResource> =
-            BTreeMap::new();
+        // (group, version, kind, namespace, name): the name only for Namespaces, watched one
+        // by one with a `metadata.name` field selector so that RBAC can limit the agent to
+        // its own namespaces (`resourceNames` apply to list and watch only that way).
+        type Scope = (String, String, String, Option<String>, Option<String>);
+        let mut scopes: BTreeMap<Scope, ApiResource> = BTreeMap::new();
         for o in &plan.objects {
+            let by_name = o.ar.group.is_empty() && o.ar.kind == "Namespace";
             scopes
                 .entry((
                     o.ar.group.clone(),
                     o.ar.version.clone(),
                     o.ar.kind.clone(),
                     o.namespace.clone(),
+                    by_name.then(|| o.name.clone()),
                 ))
                 .or_insert_with(|| o.ar.clone());
         }
-        for ((_, _, _, ns), ar) in scopes {
+        for ((_, _, _, ns, name), ar) in scopes {
             let api: Api<DynamicObject> = match &ns {
                 Some(ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
                 None => Api::all_with(self.client.clone(), &ar),
             };
             let tx = tx.clone();
-            let cfg = watcher::Config::default().labels(&selector);
+            let mut cfg = watcher::Config::default().labels(&selector);
+            if let Some(name) = &name {
+                cfg = cfg.fields(&format!("metadata.name={name}"));
+            }
             tokio::spawn(async move {
                 let mut stream = watcher(api, cfg).default_backoff().boxed();
                 loop {

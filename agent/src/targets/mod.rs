@@ -7,6 +7,7 @@
 pub mod fake;
 pub mod files;
 pub mod kube;
+pub mod rbac;
 
 use std::future::Future;
 
