@@ -252,6 +252,7 @@ pub fn store_configs(
         drift_interval_s: None,
         outbox_max_mib: None,
         retry_ms: Some((500, 10_000)),
+        status_heartbeat_s: None,
         confirm_via_bridge: None,
     };
     let agent = AgentConfig::from_file(file).map_err(setup("agent config"))?;
@@ -359,18 +360,6 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
             .await
             .map_err(|e| format!("fleet: {e}"))
     });
-    // The GitOps controller: roost.yaml in the fleet repository is the desired state.
-    let gopts = crate::gitops::GitopsOptions {
-        repo: fleet_url.clone(),
-        branch: "HEAD".into(),
-        file: "roost.yaml".into(),
-        poll: Duration::from_secs(2),
-        host: cloud_addr.ip().to_string(),
-        port: cloud_addr.port(),
-        security: Default::default(),
-        cache_dir: state_dir.join("controller-git"),
-        http: None,
-    };
     // The dashboard and API, with a fresh token for the plan actions (in the state dir).
     let token = format!("{:032x}", rand::random::<u128>());
     let token_file = state_dir.join("api-token");
@@ -395,13 +384,6 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         "roost up: dashboard http://{http}/  (API http://{http}/api/v1/, token for plan actions in {})",
         token_file.display()
     );
-    let ckey = cloud::load_key(&key_dir.join(format!("{key_id}.key"))).map_err(setup("key"))?;
-    let c = child.clone();
-    tasks.spawn(async move {
-        crate::gitops::run(gopts, fleet_db, ckey, c)
-            .await
-            .map_err(|e| format!("controller: {}", roost_runtime::error_chain(&e)))
-    });
     for i in 1..=opts.stores {
         let name = store_name(i);
         let edge = crate::broker::spawn_free("edge").map_err(setup("edge broker"))?;
@@ -440,6 +422,38 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
                 .map_err(|e| format!("{n} agent: {e}"))
         });
     }
+    // The waves are the demo: start the controller once every store is connected, so none
+    // is deferred as offline merely because it started late on a busy machine.
+    let mut watcher = watcher;
+    let t0 = Instant::now();
+    let online = tokio::select! {
+        r = watcher.wait_online(opts.stores, opts.timeout) => r?,
+        Some(Ok(Err(e))) = tasks.join_next() => return Err(UpError::Failed(e)),
+    };
+    println!(
+        "roost up: {online}/{} stores online in {} ms",
+        opts.stores,
+        t0.elapsed().as_millis()
+    );
+    // The GitOps controller: roost.yaml in the fleet repository is the desired state.
+    let gopts = crate::gitops::GitopsOptions {
+        repo: fleet_url.clone(),
+        branch: "HEAD".into(),
+        file: "roost.yaml".into(),
+        poll: Duration::from_secs(2),
+        host: cloud_addr.ip().to_string(),
+        port: cloud_addr.port(),
+        security: Default::default(),
+        cache_dir: state_dir.join("controller-git"),
+        http: None,
+    };
+    let ckey = cloud::load_key(&key_dir.join(format!("{key_id}.key"))).map_err(setup("key"))?;
+    let c = child.clone();
+    tasks.spawn(async move {
+        crate::gitops::run(gopts, fleet_db, ckey, c)
+            .await
+            .map_err(|e| format!("controller: {}", roost_runtime::error_chain(&e)))
+    });
     println!(
         "roost up: controller rolls out kitchen-display {} from roost.yaml (waves: canary, half, everyone)",
         &repo.first[..12]
@@ -571,6 +585,7 @@ impl Watcher {
         for kind in [
             roost_schemas::topics::StoreTopicKind::Status,
             roost_schemas::topics::StoreTopicKind::Events,
+            roost_schemas::topics::StoreTopicKind::Presence,
         ] {
             client
                 .subscribe(topics.all_stores(kind), QoS::AtLeastOnce)
@@ -579,7 +594,7 @@ impl Watcher {
         }
         let mut acked = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while acked < 2 {
+        while acked < 3 {
             match tokio::time::timeout_at(deadline, ev.poll()).await {
                 Err(_) => {
                     return Err(UpError::Setup(
@@ -592,6 +607,40 @@ impl Watcher {
             }
         }
         Ok(Watcher { client, ev })
+    }
+
+    /// Waits until `stores` stores report presence online (or the timeout passes: then
+    /// the rollout starts anyway and the wave engine defers the missing ones). Returns how
+    /// many are online.
+    async fn wait_online(&mut self, stores: usize, timeout: Duration) -> Result<usize, UpError> {
+        let topics = Topics::default();
+        let mut online = std::collections::BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while online.len() < stores {
+            let p = match tokio::time::timeout_at(deadline, self.ev.poll()).await {
+                Err(_) => break,
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => p,
+                Ok(Ok(_)) => continue,
+                Ok(Err(error)) => {
+                    warn!(%error, "status watch connection");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            if let Some((store, roost_schemas::topics::StoreTopicKind::Presence)) =
+                topics.parse_store_topic(&p.topic)
+            {
+                match serde_json::from_slice::<roost_schemas::Presence>(&p.payload) {
+                    Ok(pr) if pr.state == roost_schemas::PresenceState::Online => {
+                        online.insert(store);
+                    }
+                    _ => {
+                        online.remove(&store);
+                    }
+                }
+            }
+        }
+        Ok(online.len())
     }
 
     /// Follows the retained status documents on the cloud broker, printing phase changes,
