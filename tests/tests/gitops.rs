@@ -944,7 +944,11 @@ impl OpenApi {
         assert!(spec.openapi.starts_with("3.1."), "{}", spec.openapi);
         let mut all = Vec::new();
         refs(&doc, &mut all);
-        assert!(all.len() > 50, "the document uses its components: {}", all.len());
+        assert!(
+            all.len() > 50,
+            "the document uses its components: {}",
+            all.len()
+        );
         for r in &all {
             let ptr = r
                 .strip_prefix('#')
@@ -954,7 +958,9 @@ impl OpenApi {
         let mut ids = std::collections::BTreeSet::new();
         for (path, item) in doc["paths"].as_object().expect("paths") {
             for (method, op) in item.as_object().expect("path item") {
-                let id = op["operationId"].as_str().unwrap_or_else(|| panic!("{method} {path}: operationId"));
+                let id = op["operationId"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{method} {path}: operationId"));
                 assert!(ids.insert(id.to_owned()), "duplicate operationId {id}");
                 assert!(
                     op["responses"].as_object().is_some_and(|r| !r.is_empty()),
@@ -1009,9 +1015,17 @@ impl OpenApi {
         let op = &self.doc["paths"][template][method.to_lowercase()];
         assert!(op.is_object(), "{what}: not documented");
         let resp = self.resolve(&op["responses"][a.status.to_string()]);
-        assert!(resp.is_object(), "{what}: status not documented ({})", a.body);
+        assert!(
+            resp.is_object(),
+            "{what}: status not documented ({})",
+            a.body
+        );
         let schema = &resp["content"][&a.content_type]["schema"];
-        assert!(schema.is_object(), "{what}: content type {:?} not documented", a.content_type);
+        assert!(
+            schema.is_object(),
+            "{what}: content type {:?} not documented",
+            a.content_type
+        );
         self.seen
             .lock()
             .expect("seen")
@@ -1121,7 +1135,10 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
         (v["by_phase"]["Converged"] == 2).then_some(v)
     })
     .await;
-    assert_eq!((sum["stores"].clone(), sum["online"].clone()), (2.into(), 2.into()));
+    assert_eq!(
+        (sum["stores"].clone(), sum["online"].clone()),
+        (2.into(), 2.into())
+    );
     assert_eq!(sum["plans"]["done"], 1);
 
     // Rows: filters and paging on the server.
@@ -1143,31 +1160,53 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
             assert_eq!(v["total"], *t, "rows{q}");
         }
     }
-    let page2 = spec.check("GET", "/api/v1/rows", &get(u("/api/v1/rows?per_page=1&page=2")).await);
+    let page2 = spec.check(
+        "GET",
+        "/api/v1/rows",
+        &get(u("/api/v1/rows?per_page=1&page=2")).await,
+    );
     assert_eq!(page2["rows"].as_array().map(Vec::len), Some(1));
     assert_eq!(page2["pages"], 2);
-    let row = &spec.check("GET", "/api/v1/rows", &get(u(&format!("/api/v1/rows?q={store}"))).await)["rows"][0];
+    let row = &spec.check(
+        "GET",
+        "/api/v1/rows",
+        &get(u(&format!("/api/v1/rows?q={store}"))).await,
+    )["rows"][0];
     assert_eq!(row["desired"]["revision"], rev1.as_str());
     assert_eq!(row["applied"]["revision"], rev1.as_str(), "full revisions");
     assert_eq!(row["marker"], "=");
-    assert_eq!(row["desired"]["origin"]["repo"], r.fleet_repo.url().as_str());
+    assert_eq!(
+        row["desired"]["origin"]["repo"],
+        r.fleet_repo.url().as_str()
+    );
 
     let v = spec.check("GET", "/api/v1/stores", &get(u("/api/v1/stores")).await);
     assert_eq!(v["stores"].as_array().map(Vec::len), Some(2));
-    let v = spec.check("GET", "/api/v1/stores/{store}", &get(u(&format!("/api/v1/stores/{store}"))).await);
+    let v = spec.check(
+        "GET",
+        "/api/v1/stores/{store}",
+        &get(u(&format!("/api/v1/stores/{store}"))).await,
+    );
     assert_eq!(v["rows"][0]["deployment"], dep.as_str());
     let a = get(u("/api/v1/stores/no-such-store")).await;
     assert_eq!(a.status, 404);
     spec.check("GET", "/api/v1/stores/{store}", &a);
 
-    let v = spec.check("GET", "/api/v1/deployments", &get(u("/api/v1/deployments")).await);
+    let v = spec.check(
+        "GET",
+        "/api/v1/deployments",
+        &get(u("/api/v1/deployments")).await,
+    );
     assert_eq!(v["deployments"][0]["in_sync"], 2);
     let v = spec.check(
         "GET",
         "/api/v1/deployments/{deployment}",
         &get(u(&format!("/api/v1/deployments/{dep}?per_page=1"))).await,
     );
-    assert_eq!((v["total"].clone(), v["plan"].clone()), (2.into(), "done".into()));
+    assert_eq!(
+        (v["total"].clone(), v["plan"].clone()),
+        (2.into(), "done".into())
+    );
     for (p, status) in [
         ("/api/v1/deployments/no-such-deployment".to_owned(), 404),
         (format!("/api/v1/deployments/{dep}?page=-1"), 400),
@@ -1179,7 +1218,11 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
 
     let v = spec.check("GET", "/api/v1/plans", &get(u("/api/v1/plans")).await);
     assert_eq!(v["plans"][0]["waves"].as_array().map(Vec::len), Some(3));
-    let v = spec.check("GET", "/api/v1/plans/{deployment}", &get(u(&format!("/api/v1/plans/{dep}"))).await);
+    let v = spec.check(
+        "GET",
+        "/api/v1/plans/{deployment}",
+        &get(u(&format!("/api/v1/plans/{dep}"))).await,
+    );
     assert_eq!(v["status"], "done");
     assert_eq!(v["waves"][0]["target"], "group canary");
     assert_eq!(v["waves"][0]["converged"], 1);
@@ -1190,12 +1233,42 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
     // Plan actions: a token, the right one, on a plan they apply to.
     let action = "/api/v1/plans/{deployment}/{action}";
     let cases: Vec<(String, Option<&str>, u16, &str)> = vec![
-        (u(&format!("/api/v1/plans/{dep}/pause")), None, 401, "unauthorized"),
-        (u(&format!("/api/v1/plans/{dep}/pause")), Some("wrong-token"), 403, "forbidden"),
-        (format!("http://{read_only}/api/v1/plans/{dep}/pause"), Some(TOKEN), 403, "read_only"),
-        (u(&format!("/api/v1/plans/{dep}/pause")), Some(TOKEN), 409, "conflict"),
-        (u(&format!("/api/v1/plans/{dep}/explode")), Some(TOKEN), 404, "not_found"),
-        (u("/api/v1/plans/no-such-deployment/pause"), Some(TOKEN), 404, "not_found"),
+        (
+            u(&format!("/api/v1/plans/{dep}/pause")),
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            u(&format!("/api/v1/plans/{dep}/pause")),
+            Some("wrong-token"),
+            403,
+            "forbidden",
+        ),
+        (
+            format!("http://{read_only}/api/v1/plans/{dep}/pause"),
+            Some(TOKEN),
+            403,
+            "read_only",
+        ),
+        (
+            u(&format!("/api/v1/plans/{dep}/pause")),
+            Some(TOKEN),
+            409,
+            "conflict",
+        ),
+        (
+            u(&format!("/api/v1/plans/{dep}/explode")),
+            Some(TOKEN),
+            404,
+            "not_found",
+        ),
+        (
+            u("/api/v1/plans/no-such-deployment/pause"),
+            Some(TOKEN),
+            404,
+            "not_found",
+        ),
     ];
     for (url, token, status, code) in cases {
         let a = call("POST", url.clone(), token).await;
@@ -1205,9 +1278,8 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
     }
 
     // Events: a time range, paged by cursor, either way round.
-    let since = roost_schemas::format_rfc3339(
-        time::OffsetDateTime::now_utc() - time::Duration::hours(1),
-    );
+    let since =
+        roost_schemas::format_rfc3339(time::OffsetDateTime::now_utc() - time::Duration::hours(1));
     let until = roost_schemas::now_rfc3339();
     let q = |extra: &str| {
         u(&format!(
@@ -1218,19 +1290,31 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
     let p1e = p1["events"].as_array().expect("events").clone();
     assert_eq!(p1e.len(), 2);
     let after = p1["next_after"].as_i64().expect("more pages");
-    let p2 = spec.check("GET", "/api/v1/events", &get(q(&format!("&limit=2&after={after}"))).await);
+    let p2 = spec.check(
+        "GET",
+        "/api/v1/events",
+        &get(q(&format!("&limit=2&after={after}"))).await,
+    );
     let first2 = p2["events"][0]["arrival"].as_i64().expect("arrival");
     assert!(first2 > after);
     let all = spec.check("GET", "/api/v1/events", &get(q("&limit=1000")).await);
     let all = all["events"].as_array().expect("events").clone();
     assert!(all.iter().all(|e| e["store"] == store.as_str()));
-    assert!(all.iter().any(|e| e["event"]["type"] == "dev.roost.converged"));
-    let desc = spec.check("GET", "/api/v1/events", &get(q("&order=desc&limit=1")).await);
-    assert_eq!(desc["events"][0]["arrival"], all.last().expect("last")["arrival"]);
-    assert!(desc["next_before"].is_i64());
-    let future = roost_schemas::format_rfc3339(
-        time::OffsetDateTime::now_utc() + time::Duration::hours(1),
+    assert!(all
+        .iter()
+        .any(|e| e["event"]["type"] == "dev.roost.converged"));
+    let desc = spec.check(
+        "GET",
+        "/api/v1/events",
+        &get(q("&order=desc&limit=1")).await,
     );
+    assert_eq!(
+        desc["events"][0]["arrival"],
+        all.last().expect("last")["arrival"]
+    );
+    assert!(desc["next_before"].is_i64());
+    let future =
+        roost_schemas::format_rfc3339(time::OffsetDateTime::now_utc() + time::Duration::hours(1));
     let none = spec.check(
         "GET",
         "/api/v1/events",
@@ -1267,11 +1351,18 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
     let x = &spec.doc["paths"]["/api/v1/stream"]["get"]["responses"]["200"]["content"]
         ["text/event-stream"]["x-events"];
     for kind in ["summary", "plans", "rows", "events"] {
-        assert!(got.iter().any(|(k, _)| k == kind), "a {kind} message: {got:?}");
+        assert!(
+            got.iter().any(|(k, _)| k == kind),
+            "a {kind} message: {got:?}"
+        );
     }
     for (kind, data) in &got {
         let v: serde_json::Value = serde_json::from_str(data).expect("JSON data");
-        spec.validate(&format!("stream {kind}"), spec.resolve(&x[kind.as_str()]), &v);
+        spec.validate(
+            &format!("stream {kind}"),
+            spec.resolve(&x[kind.as_str()]),
+            &v,
+        );
     }
     spec.seen
         .lock()
@@ -1285,13 +1376,17 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
     r.commit_fleet(&yaml);
     harness::eventually(T, "a plan soaking after its canary", || {
         r.plan().filter(|p| {
-            p.status == roost::gitops::plan::PlanStatus::Running
-                && p.waves[0].soak_s == Some(3600)
+            p.status == roost::gitops::plan::PlanStatus::Running && p.waves[0].soak_s == Some(3600)
         })
     })
     .await;
     for (verb, then) in [("pause", "paused"), ("resume", "running")] {
-        let a = call("POST", u(&format!("/api/v1/plans/{dep}/{verb}")), Some(TOKEN)).await;
+        let a = call(
+            "POST",
+            u(&format!("/api/v1/plans/{dep}/{verb}")),
+            Some(TOKEN),
+        )
+        .await;
         assert_eq!(a.status, 202, "{verb}: {}", a.body);
         let v = spec.check("POST", action, &a);
         assert_eq!(v["status"], "requested");
@@ -1315,7 +1410,9 @@ fn browser_tools() -> Option<PathBuf> {
         .output()
         .is_ok_and(|o| o.status.success());
     let chromium = std::path::Path::new("/usr/bin/chromium").exists();
-    let playwright = dir.join("node_modules/playwright-core/package.json").exists();
+    let playwright = dir
+        .join("node_modules/playwright-core/package.json")
+        .exists();
     if node && chromium && playwright {
         return Some(dir);
     }
@@ -1372,7 +1469,9 @@ async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
         println!("{line}");
         let reply = match line.as_str() {
             "DONE" => break,
-            l if l.starts_with("FAILED") => panic!("browser: {l} (screenshots in {})", out.display()),
+            l if l.starts_with("FAILED") => {
+                panic!("browser: {l} (screenshots in {})", out.display())
+            }
             l if l.starts_with("SCREENSHOT ") => {
                 screenshot = Some(PathBuf::from(&l["SCREENSHOT ".len()..]));
                 continue;

@@ -299,7 +299,7 @@ fn summary_doc(s: &Snapshot) -> SummaryDoc {
         }
     }
     SummaryDoc {
-        summary: s.summary(),
+        summary: s.summary.clone(),
         plans,
         taken_at: s.taken_at.clone(),
     }

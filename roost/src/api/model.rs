@@ -21,6 +21,9 @@ pub struct Revision {
     /// The commit's time (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub committed_at: Option<String>,
+    /// Seconds since the commit (at the snapshot).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub age_s: Option<u64>,
 }
 
 /// The fleet-repository commit a desired state came from.
@@ -106,6 +109,12 @@ impl Row {
     pub fn changed_from(&self, other: &Row) -> bool {
         let mut a = self.clone();
         a.last_heard_age_s = other.last_heard_age_s;
+        if let (Some(d), Some(o)) = (&mut a.desired, &other.desired) {
+            d.revision.age_s = o.revision.age_s;
+        }
+        if let (Some(x), Some(o)) = (&mut a.applied, &other.applied) {
+            x.age_s = o.age_s;
+        }
         a != *other
     }
 }
@@ -148,12 +157,16 @@ pub struct StoreInfo {
     /// Agent version.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
-    /// The last `roostseq` it reported.
-    pub roostseq: u64,
+    /// Events waiting in the agent's outbox.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbox_backlog: Option<u64>,
     /// Missing `roostseq` ranges.
     pub gaps: Vec<GapRange>,
     /// Stale.
     pub stale: bool,
+    /// Why it is stale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale_reason: Option<String>,
 }
 
 /// A missing `roostseq` range.
@@ -174,43 +187,10 @@ pub struct Snapshot {
     pub stores: BTreeMap<String, StoreInfo>,
     /// Plans by deployment.
     pub plans: BTreeMap<String, PlanDoc>,
+    /// The fleet's counts (the view's, by its stale rule).
+    pub summary: Summary,
     /// When it was taken (RFC 3339).
     pub taken_at: String,
-}
-
-impl Snapshot {
-    /// The summary.
-    pub fn summary(&self) -> Summary {
-        let mut s = Summary {
-            stores: self.stores.len(),
-            rows: self.rows.len(),
-            ..Summary::default()
-        };
-        let mut deployments = std::collections::BTreeSet::new();
-        let mut drifted = std::collections::BTreeSet::new();
-        for r in &self.rows {
-            deployments.insert(r.deployment.as_str());
-            *s.by_phase.entry(r.shown.clone()).or_insert(0) += 1;
-            if r.drift {
-                drifted.insert(r.store.as_str());
-            }
-        }
-        s.deployments = deployments.len();
-        s.drifted = drifted.len();
-        for st in self.stores.values() {
-            match st.presence.as_str() {
-                "offline" => s.offline += 1,
-                _ => s.online += 1,
-            }
-            if st.stale {
-                s.stale += 1;
-            }
-            if !st.gaps.is_empty() {
-                s.with_gaps += 1;
-            }
-        }
-        s
-    }
 }
 
 /// Filters of the rows (all optional; all given must hold).
@@ -363,6 +343,7 @@ pub fn revision(full: &str) -> Revision {
         short: full[..full.len().min(12)].to_owned(),
         subject: None,
         committed_at: None,
+        age_s: None,
     }
 }
 
@@ -546,35 +527,5 @@ mod tests {
         c[0].stale = true;
         c[0].shown = "Stale".into();
         assert_eq!(diff_rows(&b, &c).0.len(), 1, "a store that went stale");
-    }
-
-    #[test]
-    fn the_summary_never_counts_a_stale_row_as_converged() {
-        let mut s = Snapshot {
-            rows: vec![
-                row("s1", "d", "Converged", false),
-                row("s2", "d", "Stale", true),
-            ],
-            ..Snapshot::default()
-        };
-        for (n, p) in [("s1", "online"), ("s2", "offline")] {
-            s.stores.insert(
-                n.into(),
-                StoreInfo {
-                    store: n.into(),
-                    groups: vec![],
-                    presence: p.into(),
-                    last_heard: None,
-                    agent_version: None,
-                    roostseq: 0,
-                    gaps: vec![],
-                    stale: p == "offline",
-                },
-            );
-        }
-        let sum = s.summary();
-        assert_eq!(sum.by_phase.get("Converged"), Some(&1));
-        assert_eq!(sum.by_phase.get("Stale"), Some(&1));
-        assert_eq!((sum.online, sum.offline, sum.stale), (1, 1, 1));
     }
 }
