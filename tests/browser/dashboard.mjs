@@ -30,18 +30,19 @@ function step(name) {
 }
 const log = (m) => console.log("dashboard: " + m);
 
-const browser = await chromium.launch({
+// A fresh profile (playwright passes it as --user-data-dir).
+const browser = await chromium.launchPersistentContext(mkdtempSync(join(tmpdir(), "roost-chromium-")), {
   executablePath: "/usr/bin/chromium",
   headless: true,
+  viewport: { width: 1400, height: 1000 },
   args: [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--user-data-dir=" + mkdtempSync(join(tmpdir(), "roost-chromium-")),
   ],
 });
 let page;
 try {
-  page = await (await browser.newContext({ viewport: { width: 1400, height: 1000 } })).newPage();
+  page = await browser.newPage();
   page.on("pageerror", (e) => log("page error: " + e.message));
   let navigations = 0;
   page.on("framenavigated", (f) => { if (f === page.mainFrame()) navigations++; });
