@@ -1515,3 +1515,102 @@ async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
     assert!(shot.starts_with(b"\x89PNG"), "a PNG");
     r.finish().await;
 }
+
+/// A status document of a simulated store.
+fn sim_status(store: &str, dep: &str, rev: &str, applied: &str, phase: &str) -> String {
+    serde_json::json!({
+        "store": store, "groups": if store.ends_with("0001") { vec!["canary"] } else { vec![] },
+        "agent_version": "sim", "updated_at": roost_schemas::now_rfc3339(), "roostseq": 1,
+        "outbox_backlog": 0,
+        "deployments": {dep: {
+            "desired": {"revision": rev, "sequence": 1, "scope": "fleet"},
+            "applied_revision": applied, "last_attempted_revision": rev, "phase": phase}}
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints the dashboard's load time and live-update bytes for 2,000 stores"]
+async fn bench_the_dashboard_with_2000_stores() {
+    use roost::fleet::FleetItem;
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let Some(dir) = browser_tools() else { return };
+    harness::init();
+    let n: usize = std::env::var("DASH_STORES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let db = roost::fleet::FleetDb::open(&tmp.path().join("fleet.db")).expect("db");
+    let (rev1, rev2, dep) = ("1".repeat(40), "2".repeat(40), "kitchen-display");
+    let name = |i: usize| format!("store-{i:04}");
+    let presence = format!(
+        "{{\"state\":\"online\",\"since\":\"{}\"}}",
+        roost_schemas::now_rfc3339()
+    );
+    let mut items = Vec::new();
+    for i in 1..=n {
+        items.push(FleetItem::Status(
+            name(i),
+            sim_status(&name(i), dep, &rev1, &rev1, "Converged"),
+        ));
+        items.push(FleetItem::Presence(name(i), presence.clone()));
+    }
+    db.record_batch(&items).expect("fill");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let api = roost::api::Api::new(db.clone(), Default::default(), cancel.clone()).expect("api");
+    let t = std::time::Instant::now();
+    let snap = api.snapshot().await.expect("snapshot");
+    println!(
+        "snapshot of {} rows: {} ms",
+        snap.rows.len(),
+        t.elapsed().as_millis()
+    );
+    let addr = roost::api::serve(([127, 0, 0, 1], 0).into(), api.router(), cancel.clone())
+        .await
+        .expect("serve");
+    let mut child = tokio::process::Command::new("node")
+        .arg(dir.join("measure.mjs"))
+        .current_dir(&dir)
+        .env("DASH_URL", format!("http://{addr}/"))
+        .env("DASH_STORES", n.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    while let Some(line) = lines.next_line().await.expect("read") {
+        println!("{line}");
+        if line == "STEP rollout" {
+            // A rollout of rev2: 100 stores start applying every 250 ms, and the 100 before
+            // them converge (about 20 s for 2,000 stores, 800 status documents a second).
+            let batch = 100;
+            let mut i = 0;
+            while i <= n + batch {
+                let mut items = Vec::new();
+                for j in i + 1..=(i + batch).min(n) {
+                    items.push(FleetItem::Status(
+                        name(j),
+                        sim_status(&name(j), dep, &rev2, &rev1, "Applying"),
+                    ));
+                }
+                for j in (i + 1).saturating_sub(batch).max(1)..=i.min(n) {
+                    items.push(FleetItem::Status(
+                        name(j),
+                        sim_status(&name(j), dep, &rev2, &rev2, "Converged"),
+                    ));
+                }
+                db.call(move |db| db.record_batch(&items))
+                    .await
+                    .expect("batch");
+                i += batch;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            stdin.write_all(b"go\n").await.expect("stdin");
+        }
+    }
+    assert!(child.wait().await.expect("node").success());
+}

@@ -104,6 +104,8 @@ struct Inner {
     db: FleetDb,
     opts: ApiOptions,
     cache: Mutex<Option<(Instant, Arc<Snapshot>)>>,
+    /// One snapshot is taken at a time: concurrent requests wait for it and share it.
+    taking: tokio::sync::Mutex<()>,
     hub: stream::Hub,
 }
 
@@ -168,6 +170,7 @@ impl Api {
                 db,
                 opts,
                 cache: Mutex::new(None),
+                taking: tokio::sync::Mutex::new(()),
                 hub,
             }),
         };
@@ -179,21 +182,37 @@ impl Api {
         &self.inner.db
     }
 
-    /// The fleet now (at most one tick old: every request within a tick shares one).
-    pub async fn snapshot(&self) -> Result<Arc<Snapshot>, FleetError> {
-        {
-            let c = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, s)) = c.as_ref() {
-                if at.elapsed() < self.inner.opts.tick {
-                    return Ok(s.clone());
-                }
-            }
-        }
-        self.refresh().await
+    fn cached(&self, max_age: Duration) -> Option<Arc<Snapshot>> {
+        let c = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.as_ref()
+            .filter(|(at, _)| at.elapsed() < max_age)
+            .map(|(_, s)| s.clone())
     }
 
-    /// Takes a new snapshot and caches it.
+    /// The fleet now (at most one tick old: every request within a tick shares one).
+    pub async fn snapshot(&self) -> Result<Arc<Snapshot>, FleetError> {
+        if let Some(s) = self.cached(self.inner.opts.tick) {
+            return Ok(s);
+        }
+        let _one = self.inner.taking.lock().await;
+        // Taken by another request while this one waited?
+        if let Some(s) = self.cached(self.inner.opts.tick) {
+            return Ok(s);
+        }
+        self.take().await
+    }
+
+    /// A snapshot taken after this call began (for reads right after an action).
     async fn refresh(&self) -> Result<Arc<Snapshot>, FleetError> {
+        let start = Instant::now();
+        let _one = self.inner.taking.lock().await;
+        if let Some(s) = self.cached(start.elapsed()) {
+            return Ok(s);
+        }
+        self.take().await
+    }
+
+    async fn take(&self) -> Result<Arc<Snapshot>, FleetError> {
         let s = Arc::new(self.db().call(source::snapshot).await?);
         *self.inner.cache.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((Instant::now(), s.clone()));

@@ -19,8 +19,12 @@ use tracing::warn;
 use super::model::{self, Row};
 use super::Api;
 
-/// Changed rows per message at most; more, and the message says `truncated`.
-pub const MAX_ROWS_PER_UPDATE: usize = 200;
+/// Changed rows sent whole per message at most; beyond that only their keys go (a client
+/// fetches its page again if one is on it), so a rollout across thousands of stores costs
+/// a listener a few kilobytes a tick, not every changed row.
+pub const MAX_ROWS_PER_UPDATE: usize = 20;
+/// Changed keys per message at most; more, and the message says `truncated`.
+pub const MAX_KEYS_PER_UPDATE: usize = 1000;
 /// New events per message at most.
 pub const MAX_EVENTS_PER_UPDATE: usize = 50;
 
@@ -57,8 +61,11 @@ impl Default for Hub {
 /// `rows` message.
 #[derive(Debug, Serialize)]
 pub struct RowsUpdate {
-    /// Rows new or changed since the last tick (at most [`MAX_ROWS_PER_UPDATE`]).
+    /// Rows new or changed since the last tick, whole (only when at most
+    /// [`MAX_ROWS_PER_UPDATE`] changed).
     pub changed: Vec<Row>,
+    /// (store, deployment) of every row new or changed (at most [`MAX_KEYS_PER_UPDATE`]).
+    pub keys: Vec<(String, String)>,
     /// (store, deployment) of rows gone.
     pub removed: Vec<(String, String)>,
     /// More changed than sent: fetch the page again.
@@ -119,12 +126,20 @@ fn updates(
     if let Some(before) = &last.rows {
         let (mut changed, removed) = model::diff_rows(before, &snap.rows);
         if !changed.is_empty() || !removed.is_empty() {
-            let truncated = changed.len() > MAX_ROWS_PER_UPDATE;
-            changed.truncate(MAX_ROWS_PER_UPDATE);
+            let truncated = changed.len() > MAX_KEYS_PER_UPDATE;
+            let keys = changed
+                .iter()
+                .take(MAX_KEYS_PER_UPDATE)
+                .map(Row::key)
+                .collect();
+            if changed.len() > MAX_ROWS_PER_UPDATE {
+                changed.clear();
+            }
             out.push(Update {
                 kind: "rows",
                 data: json(&RowsUpdate {
                     changed,
+                    keys,
                     removed,
                     truncated,
                     total: snap.rows.len(),

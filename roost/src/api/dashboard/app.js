@@ -210,8 +210,14 @@ function scheduleRefetch() {
 }
 
 function applyRowChanges(u) {
-  const onPage = new Map(state.rows.map((r, i) => [r.store + "\u0000" + r.deployment, i]));
+  const key = (s, d) => s + "\u0000" + d;
+  const onPage = new Map(state.rows.map((r, i) => [key(r.store, r.deployment), i]));
   let missing = u.truncated || u.removed.length > 0 || u.total !== state.total;
+  // Many changed: only their keys came; fetch the page if one of them is on it.
+  const whole = new Set(u.changed.map((r) => key(r.store, r.deployment)));
+  for (const [s, d] of u.keys) {
+    if (!whole.has(key(s, d)) && (onPage.has(key(s, d)) || filtered())) missing = true;
+  }
   for (const r of u.changed) {
     addDeployment(r.deployment);
     const i = onPage.get(r.store + "\u0000" + r.deployment);
