@@ -493,7 +493,7 @@ mod tests {
             (r#"{"phase": "stale"}"#, 12, 12, 1),
             (r#"{"phase": "Converged", "deployment": "b"}"#, 60, 50, 2),
             (r#"{"group": "canary"}"#, 12, 12, 1),
-            (r#"{"q": "s11", "per_page": 5}"#, 11, 5, 3),
+            (r#"{"q": "s11", "per_page": 5}"#, 10, 5, 2),
             (r#"{"per_page": 100000}"#, 120, 120, 1),
             (r#"{"per_page": 0, "page": 0}"#, 120, 1, 120),
         ];
