@@ -288,6 +288,29 @@ impl FleetDb {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The last `limit` events to arrive, newest last, with their stores.
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<(String, StoredEvent)>, FleetError> {
+        let c = self.lock();
+        let mut stmt = c.prepare(
+            "SELECT store, id, roostseq, type, arrival, json FROM events ORDER BY arrival DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok((
+                r.get(0)?,
+                StoredEvent {
+                    id: r.get(1)?,
+                    roostseq: r.get::<_, i64>(2)? as u64,
+                    ty: r.get(3)?,
+                    arrival: r.get(4)?,
+                    json: r.get(5)?,
+                },
+            ))
+        })?;
+        let mut out: Vec<(String, StoredEvent)> = rows.collect::<Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
     /// Remembers a commit's subject line and time (RFC 3339), for the fleet's views.
     pub fn put_revision(
         &self,

@@ -5,6 +5,7 @@
 //! a manifest or `roost.yaml`, `git commit`, and the waves roll.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -65,7 +66,8 @@ pub struct SampleRepo {
     pub first: String,
 }
 
-const MANIFESTS: &[(&str, &str)] = &[
+/// The demo app's files (path → content).
+pub const MANIFESTS: &[(&str, &str)] = &[
     (
         "apps/kitchen-display/namespace.yaml",
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: kitchen\n",
@@ -459,7 +461,24 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         &repo.first[..12]
     );
     let published = Instant::now();
-    let watch = watcher.watch_convergence(opts.stores, &repo.first, opts.timeout, published);
+    // In a terminal (and not --once): one frame redrawn in place, for 3 stores or 2,000.
+    let live = !opts.once && std::io::stdout().is_terminal();
+    if live {
+        let header = format!(
+            "roost up: {} stores  cloud mqtt://{cloud}  (Ctrl-C to stop)\n\
+             roll out: commit to {} (the app) or {} (roost.yaml, the waves)",
+            opts.stores,
+            repos.join("apps").display(),
+            fleet_repo_dir.display(),
+        );
+        let db = crate::fleet::FleetDb::open(&fleet_db_path).map_err(setup("fleet db"))?;
+        let c = child.clone();
+        tasks.spawn(async move {
+            crate::up_view::run(db, header, Duration::from_millis(500), c).await;
+            Ok(())
+        });
+    }
+    let watch = watcher.watch_convergence(opts.stores, &repo.first, opts.timeout, published, live);
     let outcome = tokio::select! {
         r = watch => r,
         Some(Ok(Err(e))) = tasks.join_next() => Err(UpError::Failed(e)),
@@ -467,6 +486,15 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     };
     match &outcome {
         Ok(()) if opts.once => {}
+        Ok(()) if live => {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                Some(Ok(Err(e))) = tasks.join_next() => {
+                    child.cancel();
+                    return Err(UpError::Failed(e));
+                }
+            }
+        }
         Ok(()) => {
             println!("roost up: fleet converged; staying up (Ctrl-C to stop).");
             println!("Change the fleet the GitOps way — edit, commit, watch the waves roll:");
@@ -651,8 +679,13 @@ impl Watcher {
         revision: &str,
         timeout: Duration,
         since: Instant,
+        quiet: bool,
     ) -> Result<(), UpError> {
         let Watcher { client, mut ev } = self;
+        // In a terminal the live frame shows all this; plain lines otherwise.
+        macro_rules! say {
+            ($($t:tt)*) => { if !quiet { println!($($t)*); } };
+        }
         let mut phases: BTreeMap<String, (Phase, Option<String>)> = BTreeMap::new();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -702,7 +735,7 @@ impl Watcher {
                         .get("message")
                         .and_then(|m| m.as_str())
                         .unwrap_or_default();
-                    println!(
+                    say!(
                         "  {:>8} ms  {store}  {what:<18} {detail}",
                         since.elapsed().as_millis()
                     );
@@ -717,7 +750,7 @@ impl Watcher {
             };
             let now = (st.phase, st.applied_revision.clone());
             if phases.get(&doc.store) != Some(&now) {
-                println!(
+                say!(
                     "  {:>8} ms  {}  status: {}",
                     since.elapsed().as_millis(),
                     doc.store,
@@ -730,7 +763,7 @@ impl Watcher {
                 .filter(|(p, a)| *p == Phase::Converged && a.as_deref() == Some(revision))
                 .count();
             if done == stores {
-                println!(
+                say!(
                     "converged {done}/{stores} in {} ms",
                     since.elapsed().as_millis()
                 );

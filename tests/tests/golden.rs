@@ -1892,3 +1892,114 @@ async fn status_stale_lists_exactly_the_stores_that_went_quiet() {
     rigs[2].stop_bridge().await;
     fleet.stop().await;
 }
+
+/// `roost up` in a terminal keeps a compact frame redrawn in place (stores per phase, the
+/// plan's waves with progress bars, the last events) and keeps it living: a second rollout
+/// after the first convergence shows up with its plan and its waves, then the fleet on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roost_up_in_a_terminal_shows_a_second_rollout() {
+    use std::io::Read as _;
+    harness::init();
+    let dir = tempfile::tempdir().expect("tmp");
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let mut child = std::process::Command::new(harness::roost_bin())
+        .args(["up", "--stores", "3", "--timeout", "120", "--state-dir"])
+        .arg(dir.path())
+        .env("ROOST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(pty.slave.try_clone().expect("slave")))
+        .stderr(std::fs::File::create(dir.path().join("up.log")).expect("log"))
+        .spawn()
+        .expect("roost up");
+    drop(pty.slave);
+    let screen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let s2 = screen.clone();
+    let mut master = std::fs::File::from(pty.master);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        // EIO once the child closed the terminal.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s2.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(&buf[..n]);
+        }
+    });
+    let text = |from: usize| {
+        let s = screen.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&s[from.min(s.len())..]).into_owned()
+    };
+    let len = || screen.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let apps = dir.path().join("repos").join("apps");
+    let rev1 = harness::eventually(T, "the apps repository", || {
+        git2::Repository::open(&apps)
+            .ok()
+            .and_then(|r| r.head().ok()?.target().map(|o| o.to_string()))
+    })
+    .await;
+    harness::eventually(
+        Duration::from_secs(120),
+        "the fleet on the first revision",
+        || {
+            text(0)
+                .contains(&format!("kitchen-display: 3 on {}", &rev1[..12]))
+                .then_some(())
+        },
+    )
+    .await;
+    let first = text(0);
+    assert!(
+        first.matches("\x1b[H").count() >= 2,
+        "redrawn in place: {first:?}"
+    );
+    assert!(first.contains("wave 1 canary"), "{first}");
+    assert!(first.contains("last events:"), "{first}");
+    assert!(
+        !first.lines().any(|l| l.starts_with("converged 3/3")),
+        "no plain lines in a terminal: {first}"
+    );
+
+    // A second rollout, after the first convergence: a new commit of the app.
+    let mark = len();
+    let repo = git2::Repository::open(&apps).expect("repo");
+    let mut files: std::collections::BTreeMap<String, String> = roost::up::MANIFESTS
+        .iter()
+        .map(|(p, c)| ((*p).to_owned(), (*c).to_owned()))
+        .collect();
+    for (p, c) in files.iter_mut() {
+        if p.ends_with("configmap.yaml") {
+            c.push_str("  # menu 2\n");
+        }
+    }
+    let rev2 = roost::up::commit_files(&repo, &files, "menu 2").expect("commit");
+    harness::eventually(Duration::from_secs(120), "the second plan's waves", || {
+        let t = text(mark);
+        (t.contains(&format!("plan kitchen-display {}", &rev2[..12]))
+            && t.contains("wave 3 everyone"))
+        .then_some(())
+    })
+    .await;
+    harness::eventually(
+        Duration::from_secs(120),
+        "the fleet on the second revision",
+        || {
+            text(mark)
+                .contains(&format!("kitchen-display: 3 on {}", &rev2[..12]))
+                .then_some(())
+        },
+    )
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = child.wait().expect("wait");
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default()
+    );
+}
