@@ -465,7 +465,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     let live = !opts.once && std::io::stdout().is_terminal();
     if live {
         let header = format!(
-            "roost up: {} stores  cloud mqtt://{cloud}  (Ctrl-C to stop)\n\
+            "roost up: {} stores  cloud mqtt://{cloud}  dashboard http://{http}/  (Ctrl-C to stop)\n\
              roll out: commit to {} (the app) or {} (roost.yaml, the waves)",
             opts.stores,
             repos.join("apps").display(),
