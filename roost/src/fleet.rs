@@ -344,31 +344,7 @@ impl FleetDb {
 
     /// Missing `roostseq` ranges per store (between 1 and the highest seen).
     pub fn gaps(&self) -> Result<Vec<Gap>, FleetError> {
-        let c = self.lock();
-        let mut stmt = c.prepare(
-            "SELECT store, roostseq FROM events GROUP BY store, roostseq ORDER BY store, roostseq",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-        })?;
-        let mut gaps = Vec::new();
-        let mut prev: Option<(String, u64)> = None;
-        for row in rows {
-            let (store, seq) = row?;
-            let expected = match &prev {
-                Some((s, p)) if *s == store => p + 1,
-                _ => 1,
-            };
-            if seq > expected {
-                gaps.push(Gap {
-                    store: store.clone(),
-                    from: expected,
-                    to: seq - 1,
-                });
-            }
-            prev = Some((store, seq));
-        }
-        Ok(gaps)
+        gaps_in(&self.lock())
     }
 
     /// Counts.
@@ -411,6 +387,34 @@ impl FleetDb {
         }
         Ok(out)
     }
+}
+
+/// Missing `roostseq` ranges per store (between 1 and the highest seen), on a connection.
+pub fn gaps_in(c: &Connection) -> Result<Vec<Gap>, FleetError> {
+    let mut stmt = c.prepare(
+        "SELECT store, roostseq FROM events GROUP BY store, roostseq ORDER BY store, roostseq",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+    })?;
+    let mut gaps = Vec::new();
+    let mut prev: Option<(String, u64)> = None;
+    for row in rows {
+        let (store, seq) = row?;
+        let expected = match &prev {
+            Some((s, p)) if *s == store => p + 1,
+            _ => 1,
+        };
+        if seq > expected {
+            gaps.push(Gap {
+                store: store.clone(),
+                from: expected,
+                to: seq - 1,
+            });
+        }
+        prev = Some((store, seq));
+    }
+    Ok(gaps)
 }
 
 fn insert_events<'a>(

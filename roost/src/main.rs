@@ -150,6 +150,15 @@ enum PlanAction {
 struct FleetConfigFile {
     #[serde(default)]
     gitops: GitopsSection,
+    #[serde(default)]
+    api: ApiSection,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ApiSection {
+    /// The bearer token for plan actions over HTTP.
+    token_file: Option<PathBuf>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -185,6 +194,9 @@ enum Cmd {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Serve the dashboard and API here (default: a free loopback port).
+        #[arg(long)]
+        http: Option<SocketAddr>,
     },
     /// The fleet benchmark: N stores in this process, K rollouts, latency percentiles.
     Sim {
@@ -317,11 +329,16 @@ enum Cmd {
         /// Seconds between polls of the fleet repository and the tracked refs.
         #[arg(long, default_value_t = 30)]
         poll_interval: u64,
-        /// Listen for `POST /hooks/git` (a Git server's webhook) and `GET /plans`.
+        /// Serve the dashboard (`/`), the API (`/api/v1/`, `schemas/openapi.yaml`), `POST
+        /// /hooks/git` (a Git server's webhook) and `GET /plans` here.
         #[arg(long)]
         http: Option<SocketAddr>,
+        /// The bearer token (a file holding it) that allows plan actions (pause, resume,
+        /// abort) over HTTP; without it the API is read-only.
+        #[arg(long)]
+        api_token_file: Option<PathBuf>,
         /// A TOML file with a `[gitops]` section (repo, branch, file, key, poll_interval_s,
-        /// http); flags win.
+        /// http) and an `[api]` section (token_file); flags win.
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -600,6 +617,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             target,
             once,
             timeout,
+            http,
         } => {
             let opts = roost::up::UpOptions {
                 stores,
@@ -608,6 +626,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 target,
                 once,
                 timeout: Duration::from_secs(timeout),
+                http,
             };
             roost::up::run(opts, cancel.clone()).await?;
             // `--once` is a question ("does the fleet converge?"): a signal leaves it open.
@@ -993,6 +1012,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             key,
             poll_interval,
             http,
+            api_token_file,
             config,
         } => {
             let cfg: FleetConfigFile = match &config {
@@ -1005,6 +1025,23 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             let target = security.target(&broker)?;
             let (host, port) = (target.host.clone(), target.port);
             let fdb = roost::fleet::FleetDb::open(&db)?;
+            // Checked before anything starts: a bad token file is a bad configuration.
+            let token = api_token_file
+                .or(cfg.api.token_file)
+                .map(|p| roost::api::ApiOptions::token_from_file(&p))
+                .transpose()?;
+            if let Some(addr) = http.or(g.http) {
+                let api = roost::api::Api::new(
+                    fdb.clone(),
+                    roost::api::ApiOptions {
+                        token,
+                        ..Default::default()
+                    },
+                    cancel.clone(),
+                )?;
+                let bound = roost::api::serve(addr, api.router(), cancel.clone()).await?;
+                println!("roost fleet: dashboard http://{bound}/  API http://{bound}/api/v1/");
+            }
             let repo = repo.or(g.repo);
             let controller = match repo {
                 Some(repo) => {
@@ -1038,7 +1075,8 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                         port,
                         security: target.security.clone(),
                         cache_dir: db.with_extension("git"),
-                        http: http.or(g.http),
+                        // Served above, with the token.
+                        http: None,
                     };
                     Some(tokio::spawn(roost::gitops::run(
                         opts,

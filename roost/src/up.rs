@@ -53,6 +53,8 @@ pub struct UpOptions {
     pub once: bool,
     /// Give up after this long.
     pub timeout: Duration,
+    /// Dashboard and API listen address (default: a free loopback port).
+    pub http: Option<SocketAddr>,
 }
 
 /// A sample repository with two revisions of the demo deployment.
@@ -361,6 +363,30 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
             .await
             .map_err(|e| format!("fleet: {e}"))
     });
+    // The dashboard and API, with a fresh token for the plan actions (in the state dir).
+    let token = format!("{:032x}", rand::random::<u128>());
+    let token_file = state_dir.join("api-token");
+    std::fs::write(&token_file, format!("{token}\n")).map_err(setup("api token"))?;
+    let api = crate::api::Api::new(
+        fleet_db.clone(),
+        crate::api::ApiOptions {
+            token: Some(token),
+            ..Default::default()
+        },
+        child.clone(),
+    )
+    .map_err(setup("api"))?;
+    let http = crate::api::serve(
+        opts.http.unwrap_or(([127, 0, 0, 1], 0).into()),
+        api.router(),
+        child.clone(),
+    )
+    .await
+    .map_err(setup("http"))?;
+    println!(
+        "roost up: dashboard http://{http}/  (API http://{http}/api/v1/, token for plan actions in {})",
+        token_file.display()
+    );
     for i in 1..=opts.stores {
         let name = store_name(i);
         let edge = crate::broker::spawn_free("edge").map_err(setup("edge broker"))?;
@@ -440,7 +466,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     let live = !opts.once && std::io::stdout().is_terminal();
     if live {
         let header = format!(
-            "roost up: {} stores  cloud mqtt://{cloud}  (Ctrl-C to stop)\n\
+            "roost up: {} stores  cloud mqtt://{cloud}  dashboard http://{http}/  (Ctrl-C to stop)\n\
              roll out: commit to {} (the app) or {} (roost.yaml, the waves)",
             opts.stores,
             repos.join("apps").display(),
@@ -483,6 +509,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
                 fleet_repo_dir.display(),
                 fleet_repo_dir.display()
             );
+            println!("  open http://{http}/ (the dashboard)");
             println!("  roost plan status --db {}", fleet_db_path.display());
             println!("  roost status --db {}", fleet_db_path.display());
             println!("  roost events --broker {cloud}");

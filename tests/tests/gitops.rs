@@ -26,6 +26,8 @@ struct Rig {
     stores: Vec<StoreRig>,
     db: PathBuf,
     dep: String,
+    /// The HTTP API's servers, stopped with the rig.
+    api: Vec<tokio_util::sync::DropGuard>,
 }
 
 fn manifest(v: &str) -> String {
@@ -90,7 +92,27 @@ impl Rig {
             controller: None,
             stores,
             db,
+            api: Vec::new(),
         }
+    }
+
+    /// Serves the dashboard and API on a free loopback port with `token` for plan actions.
+    async fn serve_api(&mut self, token: Option<&str>) -> SocketAddr {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let api = roost::api::Api::new(
+            self.db(),
+            roost::api::ApiOptions {
+                token: token.map(str::to_owned),
+                ..Default::default()
+            },
+            cancel.clone(),
+        )
+        .expect("api");
+        let addr = roost::api::serve(([127, 0, 0, 1], 0).into(), api.router(), cancel.clone())
+            .await
+            .expect("serve");
+        self.api.push(cancel.drop_guard());
+        addr
     }
 
     fn start_controller(&mut self) {
@@ -823,4 +845,772 @@ async fn roost_sim_json_smoke_in_both_topologies() {
             assert!(!v[k].is_null(), "{k}: {v}");
         }
     }
+}
+
+// ---- The HTTP API and the dashboard (issue 11) ----
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+/// One HTTP answer.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    content_type: String,
+    body: String,
+}
+
+fn http_agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into()
+}
+
+/// `GET` or `POST` (empty body), with a bearer token if given.
+async fn call(method: &'static str, url: String, token: Option<&str>) -> Answer {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    tokio::task::spawn_blocking(move || {
+        let agent = http_agent(Duration::from_secs(30));
+        let resp = match method {
+            "GET" => {
+                let mut r = agent.get(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
+            _ => {
+                let mut r = agent.post(&url);
+                if let Some(a) = &auth {
+                    r = r.header("Authorization", a);
+                }
+                r.send_empty()
+            }
+        }
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let body = resp.into_body().read_to_string().expect("body");
+        Answer {
+            status,
+            content_type,
+            body,
+        }
+    })
+    .await
+    .expect("http task")
+}
+
+/// schemas/openapi.yaml, checked as a document, and the responses checked against it.
+struct OpenApi {
+    doc: serde_json::Value,
+    /// (method, path template) of every operation a test exercised.
+    seen: std::sync::Mutex<std::collections::BTreeSet<(String, String)>>,
+}
+
+fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("$ref", serde_json::Value::String(r)) => out.push(r.clone()),
+                    _ => refs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+        _ => {}
+    }
+}
+
+impl OpenApi {
+    /// Loads the document: it must parse as OpenAPI 3.1 (oas3), every `$ref` must resolve
+    /// inside it, every operation must have a unique `operationId` and responses, and every
+    /// component schema must be valid JSON Schema 2020-12 (the 3.1 dialect).
+    fn load() -> OpenApi {
+        let doc: serde_json::Value =
+            serde_saphyr::from_str(roost::api::OPENAPI_YAML).expect("openapi.yaml is YAML");
+        let spec = oas3::from_json(serde_json::to_string(&doc).expect("json"))
+            .unwrap_or_else(|e| panic!("schemas/openapi.yaml is not OpenAPI 3.1: {e}"));
+        assert!(spec.openapi.starts_with("3.1."), "{}", spec.openapi);
+        let mut all = Vec::new();
+        refs(&doc, &mut all);
+        assert!(
+            all.len() > 50,
+            "the document uses its components: {}",
+            all.len()
+        );
+        for r in &all {
+            let ptr = r
+                .strip_prefix('#')
+                .unwrap_or_else(|| panic!("{r}: only local references"));
+            assert!(doc.pointer(ptr).is_some(), "{r} does not resolve");
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for (method, op) in item.as_object().expect("path item") {
+                let id = op["operationId"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{method} {path}: operationId"));
+                assert!(ids.insert(id.to_owned()), "duplicate operationId {id}");
+                assert!(
+                    op["responses"].as_object().is_some_and(|r| !r.is_empty()),
+                    "{method} {path}: responses"
+                );
+            }
+        }
+        for (name, schema) in doc["components"]["schemas"].as_object().expect("schemas") {
+            let mut root = schema.clone();
+            root["components"] = doc["components"].clone();
+            jsonschema::draft202012::meta::validate(schema)
+                .unwrap_or_else(|e| panic!("components/schemas/{name}: {e}"));
+            jsonschema::draft202012::new(&root)
+                .unwrap_or_else(|e| panic!("components/schemas/{name}: {e}"));
+        }
+        OpenApi {
+            doc,
+            seen: Default::default(),
+        }
+    }
+
+    fn resolve<'a>(&'a self, v: &'a serde_json::Value) -> &'a serde_json::Value {
+        match v["$ref"].as_str() {
+            Some(r) => self.doc.pointer(&r[1..]).expect("resolves"),
+            None => v,
+        }
+    }
+
+    fn validate(&self, what: &str, schema: &serde_json::Value, value: &serde_json::Value) {
+        let mut root = schema.clone();
+        root["components"] = self.doc["components"].clone();
+        let v = jsonschema::draft202012::options()
+            .should_validate_formats(true)
+            .build(&root)
+            .expect("schema");
+        let errors: Vec<String> = v
+            .iter_errors(value)
+            .map(|e| format!("{}: {e}", e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{what} does not match schemas/openapi.yaml:\n  {}\n{}",
+            errors.join("\n  "),
+            &value.to_string()[..value.to_string().len().min(2000)]
+        );
+    }
+
+    /// Checks an answer of `method template` against the documented response of its status
+    /// and content type; returns the JSON body (Null for other content).
+    fn check(&self, method: &str, template: &str, a: &Answer) -> serde_json::Value {
+        let what = format!("{method} {template} -> {}", a.status);
+        let op = &self.doc["paths"][template][method.to_lowercase()];
+        assert!(op.is_object(), "{what}: not documented");
+        let resp = self.resolve(&op["responses"][a.status.to_string()]);
+        assert!(
+            resp.is_object(),
+            "{what}: status not documented ({})",
+            a.body
+        );
+        let schema = &resp["content"][&a.content_type]["schema"];
+        assert!(
+            schema.is_object(),
+            "{what}: content type {:?} not documented",
+            a.content_type
+        );
+        self.seen
+            .lock()
+            .expect("seen")
+            .insert((method.to_owned(), template.to_owned()));
+        if a.content_type != "application/json" {
+            return serde_json::Value::Null;
+        }
+        let body: serde_json::Value =
+            serde_json::from_str(&a.body).unwrap_or_else(|e| panic!("{what}: not JSON: {e}"));
+        self.validate(&what, schema, &body);
+        body
+    }
+
+    /// Every documented operation was exercised.
+    fn assert_all_seen(&self) {
+        let seen = self.seen.lock().expect("seen");
+        for (path, item) in self.doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("item").keys() {
+                assert!(
+                    seen.contains(&(method.to_uppercase(), path.clone())),
+                    "{} {path} is documented but no test called it",
+                    method.to_uppercase()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_openapi_document_is_valid_openapi_3_1() {
+    let api = OpenApi::load();
+    // The stream's messages are described too.
+    let events = &api.doc["paths"]["/api/v1/stream"]["get"]["responses"]["200"]["content"]
+        ["text/event-stream"]["x-events"];
+    for kind in ["summary", "plans", "rows", "events"] {
+        assert!(events[kind]["$ref"].is_string(), "{kind}");
+    }
+}
+
+/// Reads the SSE stream at `url` until every kind in `want` arrived (or `timeout`); returns
+/// (kind, data) in order.
+fn read_sse(url: &str, want: &[&str], timeout: Duration) -> Vec<(String, String)> {
+    use std::io::BufRead as _;
+    let resp = http_agent(timeout).get(url).call().expect("stream");
+    assert_eq!(resp.status().as_u16(), 200);
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let reader = std::io::BufReader::new(resp.into_body().into_reader());
+    let mut out = Vec::new();
+    let (mut kind, mut data) = (String::new(), String::new());
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        if let Some(k) = line.strip_prefix("event: ") {
+            kind = k.to_owned();
+        } else if let Some(d) = line.strip_prefix("data: ") {
+            data.push_str(d);
+        } else if line.is_empty() && !kind.is_empty() {
+            out.push((std::mem::take(&mut kind), std::mem::take(&mut data)));
+            if want.iter().all(|w| out.iter().any(|(k, _)| k == w)) {
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_api_endpoint_answers_as_its_openapi_document_says() {
+    let spec = OpenApi::load();
+    let mut r = Rig::new(2, 1).await;
+    let rev1 = r.commit_app("1");
+    let yaml = r.fleet_yaml(WAVES, "");
+    r.commit_fleet(&yaml);
+    r.start_controller();
+    let addr = r.serve_api(Some(TOKEN)).await;
+    let read_only = r.serve_api(None).await;
+    let u = |p: &str| format!("http://{addr}{p}");
+    r.all_converged(&rev1).await;
+    harness::eventually(T, "plan done", || {
+        r.plan()
+            .filter(|p| p.status == roost::gitops::plan::PlanStatus::Done)
+    })
+    .await;
+    let dep = r.dep.clone();
+    let store = r.names()[0].clone();
+    let get = |p: String| call("GET", p, None);
+
+    let a = get(u("/")).await;
+    spec.check("GET", "/", &a);
+    assert!(a.body.contains("/assets/app.js"), "the page");
+    for asset in ["/assets/app.js", "/assets/app.css"] {
+        assert_eq!(get(u(asset)).await.status, 200, "{asset}");
+    }
+    let a = get(u("/api/v1/openapi.yaml")).await;
+    spec.check("GET", "/api/v1/openapi.yaml", &a);
+    assert_eq!(a.body, roost::api::OPENAPI_YAML);
+
+    // The summary counts what the stores report (the snapshot is at most a tick old).
+    let sum = harness::eventually_async(T, "summary with both stores converged", || async {
+        let a = get(u("/api/v1/summary")).await;
+        let v = spec.check("GET", "/api/v1/summary", &a);
+        (v["by_phase"]["Converged"] == 2).then_some(v)
+    })
+    .await;
+    assert_eq!(
+        (sum["stores"].clone(), sum["online"].clone()),
+        (2.into(), 2.into())
+    );
+    assert_eq!(sum["plans"]["done"], 1);
+
+    // Rows: filters and paging on the server.
+    let cases: &[(&str, u16, Option<u64>)] = &[
+        ("", 200, Some(2)),
+        ("?phase=converged", 200, Some(2)),
+        ("?phase=Failed", 200, Some(0)),
+        ("?stale=true", 200, Some(0)),
+        ("?group=canary", 200, Some(1)),
+        ("?per_page=1&page=2", 200, Some(2)),
+        ("?page=abc", 400, None),
+        ("?stale=maybe", 400, None),
+    ];
+    for (q, status, total) in cases {
+        let a = get(u(&format!("/api/v1/rows{q}"))).await;
+        assert_eq!(a.status, *status, "rows{q}: {}", a.body);
+        let v = spec.check("GET", "/api/v1/rows", &a);
+        if let Some(t) = total {
+            assert_eq!(v["total"], *t, "rows{q}");
+        }
+    }
+    let page2 = spec.check(
+        "GET",
+        "/api/v1/rows",
+        &get(u("/api/v1/rows?per_page=1&page=2")).await,
+    );
+    assert_eq!(page2["rows"].as_array().map(Vec::len), Some(1));
+    assert_eq!(page2["pages"], 2);
+    let row = &spec.check(
+        "GET",
+        "/api/v1/rows",
+        &get(u(&format!("/api/v1/rows?q={store}"))).await,
+    )["rows"][0];
+    assert_eq!(row["desired"]["revision"], rev1.as_str());
+    assert_eq!(row["applied"]["revision"], rev1.as_str(), "full revisions");
+    assert_eq!(row["marker"], "=");
+    assert_eq!(
+        row["desired"]["origin"]["repo"],
+        r.fleet_repo.url().as_str()
+    );
+
+    let v = spec.check("GET", "/api/v1/stores", &get(u("/api/v1/stores")).await);
+    assert_eq!(v["stores"].as_array().map(Vec::len), Some(2));
+    let v = spec.check(
+        "GET",
+        "/api/v1/stores/{store}",
+        &get(u(&format!("/api/v1/stores/{store}"))).await,
+    );
+    assert_eq!(v["rows"][0]["deployment"], dep.as_str());
+    let a = get(u("/api/v1/stores/no-such-store")).await;
+    assert_eq!(a.status, 404);
+    spec.check("GET", "/api/v1/stores/{store}", &a);
+
+    let v = spec.check(
+        "GET",
+        "/api/v1/deployments",
+        &get(u("/api/v1/deployments")).await,
+    );
+    assert_eq!(v["deployments"][0]["in_sync"], 2);
+    let v = spec.check(
+        "GET",
+        "/api/v1/deployments/{deployment}",
+        &get(u(&format!("/api/v1/deployments/{dep}?per_page=1"))).await,
+    );
+    assert_eq!(
+        (v["total"].clone(), v["plan"].clone()),
+        (2.into(), "done".into())
+    );
+    for (p, status) in [
+        ("/api/v1/deployments/no-such-deployment".to_owned(), 404),
+        (format!("/api/v1/deployments/{dep}?page=-1"), 400),
+    ] {
+        let a = get(u(&p)).await;
+        assert_eq!(a.status, status, "{p}");
+        spec.check("GET", "/api/v1/deployments/{deployment}", &a);
+    }
+
+    let v = spec.check("GET", "/api/v1/plans", &get(u("/api/v1/plans")).await);
+    assert_eq!(v["plans"][0]["waves"].as_array().map(Vec::len), Some(3));
+    let v = spec.check(
+        "GET",
+        "/api/v1/plans/{deployment}",
+        &get(u(&format!("/api/v1/plans/{dep}"))).await,
+    );
+    assert_eq!(v["status"], "done");
+    assert_eq!(v["waves"][0]["target"], "group canary");
+    assert_eq!(v["waves"][0]["converged"], 1);
+    let a = get(u("/api/v1/plans/no-such-deployment")).await;
+    assert_eq!(a.status, 404);
+    spec.check("GET", "/api/v1/plans/{deployment}", &a);
+
+    // Plan actions: a token, the right one, on a plan they apply to.
+    let action = "/api/v1/plans/{deployment}/{action}";
+    let cases: Vec<(String, Option<&str>, u16, &str)> = vec![
+        (
+            u(&format!("/api/v1/plans/{dep}/pause")),
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            u(&format!("/api/v1/plans/{dep}/pause")),
+            Some("wrong-token"),
+            403,
+            "forbidden",
+        ),
+        (
+            format!("http://{read_only}/api/v1/plans/{dep}/pause"),
+            Some(TOKEN),
+            403,
+            "read_only",
+        ),
+        (
+            u(&format!("/api/v1/plans/{dep}/pause")),
+            Some(TOKEN),
+            409,
+            "conflict",
+        ),
+        (
+            u(&format!("/api/v1/plans/{dep}/explode")),
+            Some(TOKEN),
+            404,
+            "not_found",
+        ),
+        (
+            u("/api/v1/plans/no-such-deployment/pause"),
+            Some(TOKEN),
+            404,
+            "not_found",
+        ),
+    ];
+    for (url, token, status, code) in cases {
+        let a = call("POST", url.clone(), token).await;
+        assert_eq!(a.status, status, "{url} {token:?}: {}", a.body);
+        let v = spec.check("POST", action, &a);
+        assert_eq!(v["error"]["code"], code, "{url}");
+    }
+
+    // Events: a time range, paged by cursor, either way round.
+    let since =
+        roost_schemas::format_rfc3339(time::OffsetDateTime::now_utc() - time::Duration::hours(1));
+    let until = roost_schemas::now_rfc3339();
+    let q = |extra: &str| {
+        u(&format!(
+            "/api/v1/events?since={since}&until={until}&store={store}{extra}"
+        ))
+    };
+    let p1 = spec.check("GET", "/api/v1/events", &get(q("&limit=2")).await);
+    let p1e = p1["events"].as_array().expect("events").clone();
+    assert_eq!(p1e.len(), 2);
+    let after = p1["next_after"].as_i64().expect("more pages");
+    let p2 = spec.check(
+        "GET",
+        "/api/v1/events",
+        &get(q(&format!("&limit=2&after={after}"))).await,
+    );
+    let first2 = p2["events"][0]["arrival"].as_i64().expect("arrival");
+    assert!(first2 > after);
+    let all = spec.check("GET", "/api/v1/events", &get(q("&limit=1000")).await);
+    let all = all["events"].as_array().expect("events").clone();
+    assert!(all.iter().all(|e| e["store"] == store.as_str()));
+    assert!(all
+        .iter()
+        .any(|e| e["event"]["type"] == "dev.roost.converged"));
+    let desc = spec.check(
+        "GET",
+        "/api/v1/events",
+        &get(q("&order=desc&limit=1")).await,
+    );
+    assert_eq!(
+        desc["events"][0]["arrival"],
+        all.last().expect("last")["arrival"]
+    );
+    assert!(desc["next_before"].is_i64());
+    let future =
+        roost_schemas::format_rfc3339(time::OffsetDateTime::now_utc() + time::Duration::hours(1));
+    let none = spec.check(
+        "GET",
+        "/api/v1/events",
+        &get(u(&format!("/api/v1/events?since={future}"))).await,
+    );
+    assert_eq!(none["events"].as_array().map(Vec::len), Some(0));
+    for bad in ["?since=yesterday", "?order=sideways", "?limit=x"] {
+        let a = get(u(&format!("/api/v1/events{bad}"))).await;
+        assert_eq!(a.status, 400, "{bad}");
+        spec.check("GET", "/api/v1/events", &a);
+    }
+
+    // The controller's routes are still there.
+    let a = call("POST", u("/hooks/git"), None).await;
+    assert_eq!(a.status, 202);
+    spec.check("POST", "/hooks/git", &a);
+    let v = spec.check("GET", "/plans", &get(u("/plans")).await);
+    assert!(v[&dep].is_object(), "{v}");
+
+    // The live stream: a new revision shows as summary, plans, rows and events messages,
+    // each as documented.
+    let stream_url = u("/api/v1/stream");
+    let reader = tokio::task::spawn_blocking(move || {
+        read_sse(
+            &stream_url,
+            &["summary", "plans", "rows", "events"],
+            Duration::from_secs(120),
+        )
+    });
+    // The listener is subscribed once it got its first messages; committing a little later
+    // is not needed for correctness (any later change is a message).
+    let rev2 = r.commit_app("2");
+    let got = reader.await.expect("stream reader");
+    let x = &spec.doc["paths"]["/api/v1/stream"]["get"]["responses"]["200"]["content"]
+        ["text/event-stream"]["x-events"];
+    for kind in ["summary", "plans", "rows", "events"] {
+        assert!(
+            got.iter().any(|(k, _)| k == kind),
+            "a {kind} message: {got:?}"
+        );
+    }
+    for (kind, data) in &got {
+        let v: serde_json::Value = serde_json::from_str(data).expect("JSON data");
+        spec.validate(
+            &format!("stream {kind}"),
+            spec.resolve(&x[kind.as_str()]),
+            &v,
+        );
+    }
+    spec.seen
+        .lock()
+        .expect("seen")
+        .insert(("GET".into(), "/api/v1/stream".into()));
+    r.all_converged(&rev2).await;
+
+    // A running plan: pause and resume it over HTTP; the controller takes the request.
+    let soak = "      - {name: canary, group: canary, soak_s: 3600}\n      - {name: everyone, fleet: true}\n";
+    let yaml = r.fleet_yaml(soak, "");
+    r.commit_fleet(&yaml);
+    harness::eventually(T, "a plan soaking after its canary", || {
+        r.plan().filter(|p| {
+            p.status == roost::gitops::plan::PlanStatus::Running && p.waves[0].soak_s == Some(3600)
+        })
+    })
+    .await;
+    for (verb, then) in [("pause", "paused"), ("resume", "running")] {
+        let a = call(
+            "POST",
+            u(&format!("/api/v1/plans/{dep}/{verb}")),
+            Some(TOKEN),
+        )
+        .await;
+        assert_eq!(a.status, 202, "{verb}: {}", a.body);
+        let v = spec.check("POST", action, &a);
+        assert_eq!(v["status"], "requested");
+        harness::eventually_async(T, then, || async {
+            let a = get(u(&format!("/api/v1/plans/{dep}"))).await;
+            let v = spec.check("GET", "/api/v1/plans/{deployment}", &a);
+            (v["status"] == then).then_some(())
+        })
+        .await;
+    }
+    spec.assert_all_seen();
+    r.finish().await;
+}
+
+/// The browser test's tools: node, Debian's chromium and `npm ci` in tests/browser. None
+/// (skip) when one is missing on a developer's machine; under CI (`CI=true`) that fails.
+fn browser_tools() -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("browser");
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let chromium = std::path::Path::new("/usr/bin/chromium").exists();
+    let playwright = dir
+        .join("node_modules/playwright-core/package.json")
+        .exists();
+    if node && chromium && playwright {
+        return Some(dir);
+    }
+    let missing = format!(
+        "node {node}, /usr/bin/chromium {chromium}, tests/browser/node_modules (npm ci) {playwright}"
+    );
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "the browser test needs {missing}, and CI must run it (.ci/run installs them)"
+    );
+    eprintln!("skipping the browser test: {missing}");
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let Some(dir) = browser_tools() else { return };
+    const STORES: usize = 20;
+    let mut r = Rig::new(STORES, 1).await;
+    let rev1 = r.commit_app("1");
+    let waves = "      - {name: canary, group: canary}\n      - {name: everyone, fleet: true}\n";
+    let yaml = r.fleet_yaml(waves, "");
+    r.commit_fleet(&yaml);
+    r.start_controller();
+    let addr = r.serve_api(Some(TOKEN)).await;
+    let out = r.dir.path().join("browser");
+    std::fs::create_dir_all(&out).expect("out dir");
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(dir.join("dashboard.mjs"))
+        .current_dir(&dir)
+        .env("DASH_URL", format!("http://{addr}/"))
+        .env("DASH_TOKEN", TOKEN)
+        .env("DASH_STORES", STORES.to_string())
+        .env("DASH_DEPLOYMENT", &r.dep)
+        .env("DASH_REV1", &rev1[..12])
+        .env("DASH_OUT", &out)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(p) = std::env::var_os("ROOST_DASHBOARD_SCREENSHOT") {
+        cmd.env("DASH_SCREENSHOT", p);
+    }
+    let mut child = cmd.spawn().expect("node");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut screenshot = None;
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(300), lines.next_line())
+            .await
+            .expect("the browser script said nothing for 5 minutes")
+            .expect("read")
+            .expect("the browser script ended before DONE");
+        println!("{line}");
+        let reply = match line.as_str() {
+            "DONE" => break,
+            l if l.starts_with("FAILED") => {
+                panic!("browser: {l} (screenshots in {})", out.display())
+            }
+            l if l.starts_with("SCREENSHOT ") => {
+                screenshot = Some(PathBuf::from(&l["SCREENSHOT ".len()..]));
+                continue;
+            }
+            "STEP commit" => r.commit_app("2")[..12].to_owned(),
+            "STEP stop-bridge" => {
+                let s = r.stores.last_mut().expect("store");
+                s.stop_bridge().await;
+                s.name.clone()
+            }
+            "STEP running-plan" => {
+                // A changed wave (a long soak after the canary) makes a new plan that runs.
+                let soak = "      - {name: canary, group: canary, soak_s: 3600}\n      - {name: everyone, fleet: true}\n";
+                let yaml = r.fleet_yaml(soak, "");
+                r.commit_fleet(&yaml);
+                harness::eventually(T, "a plan soaking after its canary", || {
+                    r.plan().filter(|p| {
+                        p.status == roost::gitops::plan::PlanStatus::Running
+                            && p.waves[0].soak_s == Some(3600)
+                    })
+                })
+                .await;
+                "go".to_owned()
+            }
+            _ => continue,
+        };
+        stdin
+            .write_all(format!("{reply}\n").as_bytes())
+            .await
+            .expect("to the browser script");
+    }
+    let status = child.wait().await.expect("node");
+    assert!(status.success(), "browser script: {status}");
+    // The pause clicked in the page reached the controller.
+    let plan = r.plan().expect("plan");
+    assert_eq!(plan.status, roost::gitops::plan::PlanStatus::Paused);
+    let a = call("GET", format!("http://{addr}/api/v1/plans/{}", r.dep), None).await;
+    let v: serde_json::Value = serde_json::from_str(&a.body).expect("json");
+    assert_eq!(v["status"], "paused");
+    let shot = std::fs::read(screenshot.expect("a screenshot")).expect("screenshot");
+    assert!(shot.starts_with(b"\x89PNG"), "a PNG");
+    r.finish().await;
+}
+
+/// A status document of a simulated store.
+fn sim_status(store: &str, dep: &str, rev: &str, applied: &str, phase: &str) -> String {
+    serde_json::json!({
+        "store": store, "groups": if store.ends_with("0001") { vec!["canary"] } else { vec![] },
+        "agent_version": "sim", "updated_at": roost_schemas::now_rfc3339(), "roostseq": 1,
+        "outbox_backlog": 0,
+        "deployments": {dep: {
+            "desired": {"revision": rev, "sequence": 1, "scope": "fleet"},
+            "applied_revision": applied, "last_attempted_revision": rev, "phase": phase}}
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: prints the dashboard's load time and live-update bytes for 2,000 stores"]
+async fn bench_the_dashboard_with_2000_stores() {
+    use roost::fleet::FleetItem;
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let Some(dir) = browser_tools() else { return };
+    harness::init();
+    let n: usize = std::env::var("DASH_STORES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let db = roost::fleet::FleetDb::open(&tmp.path().join("fleet.db")).expect("db");
+    let (rev1, rev2, dep) = ("1".repeat(40), "2".repeat(40), "kitchen-display");
+    let name = |i: usize| format!("store-{i:04}");
+    let presence = format!(
+        "{{\"state\":\"online\",\"since\":\"{}\"}}",
+        roost_schemas::now_rfc3339()
+    );
+    let mut items = Vec::new();
+    for i in 1..=n {
+        items.push(FleetItem::Status(
+            name(i),
+            sim_status(&name(i), dep, &rev1, &rev1, "Converged"),
+        ));
+        items.push(FleetItem::Presence(name(i), presence.clone()));
+    }
+    db.record_batch(&items).expect("fill");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let _guard = cancel.clone().drop_guard();
+    let api = roost::api::Api::new(db.clone(), Default::default(), cancel.clone()).expect("api");
+    let t = std::time::Instant::now();
+    let snap = api.snapshot().await.expect("snapshot");
+    println!(
+        "snapshot of {} rows: {} ms",
+        snap.rows.len(),
+        t.elapsed().as_millis()
+    );
+    let addr = roost::api::serve(([127, 0, 0, 1], 0).into(), api.router(), cancel.clone())
+        .await
+        .expect("serve");
+    let mut child = tokio::process::Command::new("node")
+        .arg(dir.join("measure.mjs"))
+        .current_dir(&dir)
+        .env("DASH_URL", format!("http://{addr}/"))
+        .env("DASH_STORES", n.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    while let Some(line) = lines.next_line().await.expect("read") {
+        println!("{line}");
+        if line == "STEP rollout" {
+            // A rollout of rev2: 100 stores start applying every 250 ms, and the 100 before
+            // them converge (about 20 s for 2,000 stores, 800 status documents a second).
+            let batch = 100;
+            let mut i = 0;
+            while i <= n + batch {
+                let mut items = Vec::new();
+                for j in i + 1..=(i + batch).min(n) {
+                    items.push(FleetItem::Status(
+                        name(j),
+                        sim_status(&name(j), dep, &rev2, &rev1, "Applying"),
+                    ));
+                }
+                for j in (i + 1).saturating_sub(batch).max(1)..=i.min(n) {
+                    items.push(FleetItem::Status(
+                        name(j),
+                        sim_status(&name(j), dep, &rev2, &rev2, "Converged"),
+                    ));
+                }
+                db.call(move |db| db.record_batch(&items))
+                    .await
+                    .expect("batch");
+                i += batch;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            stdin.write_all(b"go\n").await.expect("stdin");
+        }
+    }
+    assert!(child.wait().await.expect("node").success());
 }

@@ -18,7 +18,6 @@ use std::time::Duration;
 use roost_runtime::{DirectMessage, Link, LinkConfig};
 use roost_schemas::fleet::{FleetDeployment, FleetFile};
 use roost_schemas::{Rollout, Scope, SigningKey, Source, Topics, PAYLOAD_TYPE};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument as _};
 
@@ -38,15 +37,9 @@ pub enum GitopsError {
     /// A blocking job failed.
     #[error("controller job")]
     Join(#[from] tokio::task::JoinError),
-    /// The webhook listener.
-    #[error("webhook listener {addr}")]
-    Http {
-        /// Address.
-        addr: SocketAddr,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The HTTP listener (webhook, API, dashboard).
+    #[error("http")]
+    Http(#[from] crate::api::ApiError),
 }
 
 /// How the controller runs.
@@ -68,7 +61,8 @@ pub struct GitopsOptions {
     pub security: roost_runtime::Security,
     /// Where fetched repositories are cached.
     pub cache_dir: PathBuf,
-    /// `POST /hooks/git` (and `GET /plans`) listener.
+    /// HTTP listener: `POST /hooks/git`, `GET /plans`, the read-only API and dashboard
+    /// ([`crate::api`]; `roost fleet` serves them itself, with its token).
     pub http: Option<SocketAddr>,
 }
 
@@ -576,9 +570,15 @@ pub async fn run(
     lc.backoff = (Duration::from_millis(100), Duration::from_secs(5));
     lc.max_packet_size = 4 << 20;
     let link = Link::start(lc, None, cancel.child_token())?;
-    let trigger = Arc::new(Notify::new());
     if let Some(addr) = opts.http {
-        serve_hooks(addr, trigger.clone(), db.clone(), cancel.child_token()).await?;
+        // The API and dashboard, read-only; `POST /hooks/git` queues a sync request, which
+        // the loop below takes within its 500 ms.
+        let api = crate::api::Api::new(
+            db.clone(),
+            crate::api::ApiOptions::default(),
+            cancel.child_token(),
+        )?;
+        crate::api::serve(addr, api.router(), cancel.child_token()).await?;
     }
     let file = {
         let db = db.clone();
@@ -625,7 +625,6 @@ pub async fn run(
             }
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = trigger.notified() => next_poll = tokio::time::Instant::now(),
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
@@ -633,53 +632,6 @@ pub async fn run(
     }
     .instrument(span)
     .await;
-    Ok(())
-}
-
-/// `POST /hooks/git` (a Git server's webhook: sync now) and `GET /plans` (JSON).
-async fn serve_hooks(
-    addr: SocketAddr,
-    trigger: Arc<Notify>,
-    db: FleetDb,
-    cancel: CancellationToken,
-) -> Result<(), GitopsError> {
-    use axum::routing::{get, post};
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| GitopsError::Http { addr, source })?;
-    let bound = listener.local_addr().unwrap_or(addr);
-    info!(addr = %bound, "controller webhook listening (POST /hooks/git)");
-    let t = trigger.clone();
-    let app = axum::Router::new()
-        .route(
-            "/hooks/git",
-            post(move || {
-                let t = t.clone();
-                async move {
-                    t.notify_one();
-                    (axum::http::StatusCode::ACCEPTED, "sync scheduled\n")
-                }
-            }),
-        )
-        .route(
-            "/plans",
-            get(move || {
-                let db = db.clone();
-                async move {
-                    let plans = tokio::task::spawn_blocking(move || db.with_conn(store::plans))
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .unwrap_or_default();
-                    axum::Json(serde_json::to_value(plans).unwrap_or_default())
-                }
-            }),
-        );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await;
-    });
     Ok(())
 }
 
