@@ -568,6 +568,7 @@ mod tests {
             roostseq: 3,
             outbox_backlog: 0,
             deployments: Default::default(),
+            freshness: Default::default(),
         };
         assert_eq!(check(&t.status(STORE), &bytes(&doc)), Ok(Upward::Status));
         let presence = br#"{"state":"online","since":"2026-11-26T10:00:00Z"}"#;

@@ -653,6 +653,7 @@ mod tests {
                 roostseq: 1,
                 outbox_backlog: 0,
                 deployments,
+                freshness: Default::default(),
             }),
             presence: Some(PresenceState::Online),
             event: None,

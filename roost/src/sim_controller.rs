@@ -61,6 +61,7 @@ fn status_doc(store: &str, groups: &[String], deployment: &str, rev: Option<&str
         roostseq: 1,
         outbox_backlog: 0,
         deployments,
+        freshness: Default::default(),
         groups: groups.to_vec(),
     };
     serde_json::to_vec(&doc).unwrap_or_default()
@@ -174,6 +175,8 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         port: cloud.port(),
         cache_dir: dir.join("controller-git"),
         http: None,
+        snapshot_interval: crate::gitops::snapshot::DEFAULT_INTERVAL,
+        snapshot_expiry: crate::gitops::snapshot::DEFAULT_EXPIRY,
         security: Default::default(),
     };
     let t0 = Instant::now();

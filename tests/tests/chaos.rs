@@ -245,6 +245,7 @@ fn status_message() -> NewMessage {
             roostseq,
             outbox_backlog: backlog,
             deployments: Default::default(),
+            freshness: Default::default(),
         })
         .unwrap_or_default()
     };
