@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use roost_schemas::payload::{DesiredStale, RolloutRejected, StaleTopic};
 use roost_schemas::{
-    Envelope, EventData, Freshness, FreshnessState, Reason, Scope, Snapshot, Topics,
-    SNAPSHOT_PAYLOAD_TYPE,
+    EventData, Freshness, FreshnessState, Reason, Scope, Snapshot, Topics, SNAPSHOT_PAYLOAD_TYPE,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
@@ -20,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::decide::{classify_sequence, scope_rank, SequenceVerdict};
 use crate::ledger::Ledger;
-use crate::verify::{payload_sequence, schema_problem_in, Rejection, VerifyPolicy};
+use crate::verify::{payload_sequence, read_envelope, schema_problem_in, Rejection, VerifyPolicy};
 
 /// How long after the last desired-state message the comparison waits, so that the retained
 /// messages a (re)subscription delivers in any order have all arrived before anything is
@@ -53,22 +52,11 @@ pub fn verify_snapshot(
         deployment: None,
         sequence,
     };
-    if payload.is_empty() {
+    let Some(env) =
+        read_envelope(policy, payload, "snapshot").map_err(|(r, m)| reject(r, m, None))?
+    else {
         return Ok(None);
-    }
-    if payload.len() > policy.max_message_bytes {
-        return Err(reject(
-            Reason::TooLarge,
-            format!(
-                "snapshot is {} bytes, limit {}",
-                payload.len(),
-                policy.max_message_bytes
-            ),
-            None,
-        ));
-    }
-    let env: Envelope = serde_json::from_slice(payload)
-        .map_err(|e| reject(Reason::Malformed, format!("not a DSSE envelope: {e}"), None))?;
+    };
     let signed = policy
         .keyring
         .verify_with(

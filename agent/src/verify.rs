@@ -92,22 +92,11 @@ pub fn verify_message(
             None,
         ));
     };
-    if payload.is_empty() {
+    let Some(env) =
+        read_envelope(policy, payload, "message").map_err(|(r, m)| reject(r, m, None))?
+    else {
         return Ok(None);
-    }
-    if payload.len() > policy.max_message_bytes {
-        return Err(reject(
-            Reason::TooLarge,
-            format!(
-                "message is {} bytes, limit {}",
-                payload.len(),
-                policy.max_message_bytes
-            ),
-            None,
-        ));
-    }
-    let env: Envelope = serde_json::from_slice(payload)
-        .map_err(|e| reject(Reason::Malformed, format!("not a DSSE envelope: {e}"), None))?;
+    };
     let threshold = policy.thresholds.for_scope(&topic_info.scope);
     let signed = policy
         .keyring
@@ -155,6 +144,31 @@ pub fn verify_message(
         rollout,
         keyids: signed.keyids,
     }))
+}
+
+/// The DSSE envelope of a message: `Ok(None)` for an empty payload (a retained message was
+/// cleared), `too_large` past the size limit, `malformed` when it is not an envelope.
+pub(crate) fn read_envelope(
+    policy: &VerifyPolicy<'_>,
+    payload: &[u8],
+    what: &str,
+) -> Result<Option<Envelope>, (Reason, String)> {
+    if payload.is_empty() {
+        return Ok(None);
+    }
+    if payload.len() > policy.max_message_bytes {
+        return Err((
+            Reason::TooLarge,
+            format!(
+                "{what} is {} bytes, limit {}",
+                payload.len(),
+                policy.max_message_bytes
+            ),
+        ));
+    }
+    serde_json::from_slice(payload)
+        .map(Some)
+        .map_err(|e| (Reason::Malformed, format!("not a DSSE envelope: {e}")))
 }
 
 /// A payload's `sequence`, for a rejection event: only when it is a valid one (the event
