@@ -79,6 +79,12 @@ pub struct Thresholds {
     /// Store-scope rollouts.
     #[serde(default)]
     pub store: Option<usize>,
+    /// Signed fleet snapshots (`roost/v1/fleet/snapshot`). Its own kind, default 1: the
+    /// controller signs snapshots unattended every few minutes, and a snapshot can only make
+    /// the agent report staleness, never apply or remove anything, so it needs no
+    /// two-person rule even where fleet rollouts have one.
+    #[serde(default)]
+    pub snapshot: Option<usize>,
 }
 
 impl Thresholds {
@@ -90,6 +96,11 @@ impl Thresholds {
             roost_schemas::Scope::Store(_) => self.store,
         };
         t.unwrap_or(1).max(1)
+    }
+
+    /// Signatures needed for a fleet snapshot.
+    pub fn for_snapshot(&self) -> usize {
+        self.snapshot.unwrap_or(1).max(1)
     }
 }
 
@@ -430,6 +441,7 @@ impl AgentConfig {
             ("fleet", file.thresholds.fleet),
             ("group", file.thresholds.group),
             ("store", file.thresholds.store),
+            ("snapshot", file.thresholds.snapshot),
         ] {
             if let Some(t) = t {
                 if t == 0 || t > keyring.unrevoked() {

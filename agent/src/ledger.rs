@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use roost_runtime::outbox::Payload;
 use roost_runtime::{NewMessage, Outbox, OutboxError};
-use roost_schemas::{EventData, Rollout, Scope, StatusDoc};
+use roost_schemas::{EventData, Freshness, Rollout, Scope, Snapshot, StatusDoc};
 use rusqlite::params;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -47,10 +47,24 @@ pub struct AcceptedSlot {
     pub digest: String,
 }
 
+/// The last accepted fleet snapshot (the snapshot replay guard) and when the desired state
+/// was last confirmed fresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSnapshot {
+    /// The snapshot.
+    pub snapshot: Snapshot,
+    /// SHA-256 of its payload bytes.
+    pub digest: String,
+    /// When the agent last found everything it lists for this store held (RFC 3339).
+    pub confirmed_at: Option<String>,
+}
+
 #[derive(Default)]
 struct Mem {
     records: BTreeMap<String, Record>,
     accepted: HashMap<(String, String), AcceptedSlot>,
+    snapshot: Option<StoredSnapshot>,
+    freshness: Freshness,
 }
 
 /// Handle to the ledger; cheap to clone.
@@ -84,9 +98,20 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS agent_accepted (
         deployment TEXT PRIMARY KEY,
         record TEXT NOT NULL,
         updated_at TEXT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS agent_snapshot (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        sequence INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        snapshot TEXT NOT NULL,
+        confirmed_at TEXT
     );";
 
-type Loaded = (Vec<(String, String, String, String)>, Vec<(String, String)>);
+type Loaded = (
+    Vec<(String, String, String, String)>,
+    Vec<(String, String)>,
+    Option<(String, String, Option<String>)>,
+);
 
 impl Ledger {
     /// Opens the ledger in `outbox`'s database (creating its tables) and loads it.
@@ -107,11 +132,34 @@ impl Ledger {
                 let recs = stmt
                     .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok((acc, recs))
+                let snap = c
+                    .query_row(
+                        "SELECT digest, snapshot, confirmed_at FROM agent_snapshot WHERE id = 1",
+                        [],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .map(Some)
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                        e => Err(e),
+                    })?;
+                Ok((acc, recs, snap))
             })
             .await?;
-        let (acc, recs) = loaded?;
+        let (acc, recs, snap) = loaded?;
         let mut mem = Mem::default();
+        if let Some((digest, json, confirmed_at)) = snap {
+            let snapshot: Snapshot =
+                serde_json::from_str(&json).map_err(|source| LedgerError::Json {
+                    what: "accepted snapshot",
+                    source,
+                })?;
+            mem.snapshot = Some(StoredSnapshot {
+                snapshot,
+                digest,
+                confirmed_at,
+            });
+        }
         for (scope, deployment, digest, json) in acc {
             let rollout: Rollout =
                 serde_json::from_str(&json).map_err(|source| LedgerError::Json {
@@ -274,6 +322,88 @@ impl Ledger {
         Ok(())
     }
 
+    /// The last accepted fleet snapshot.
+    pub fn snapshot(&self) -> Option<StoredSnapshot> {
+        self.mem().snapshot.clone()
+    }
+
+    /// Records an accepted fleet snapshot (replacing the previous one, keeping when the
+    /// desired state was last confirmed) with `events`, in one transaction.
+    pub async fn accept_snapshot(
+        &self,
+        snapshot: &Snapshot,
+        digest: &str,
+        events: Vec<EventData>,
+    ) -> Result<(), LedgerError> {
+        let json = serde_json::to_string(snapshot).map_err(|source| LedgerError::Json {
+            what: "accepted snapshot",
+            source,
+        })?;
+        let (seq, dg) = (snapshot.sequence as i64, digest.to_owned());
+        self.outbox
+            .commit(
+                self.messages(events),
+                Box::new(move |c| {
+                    c.execute(
+                        "INSERT INTO agent_snapshot(id, sequence, digest, snapshot) VALUES (1, ?1, ?2, ?3)
+                         ON CONFLICT(id) DO UPDATE SET sequence = excluded.sequence,
+                           digest = excluded.digest, snapshot = excluded.snapshot",
+                        params![seq, dg, json],
+                    )?;
+                    Ok(())
+                }),
+            )
+            .await?;
+        let mut m = self.mem();
+        let confirmed_at = m.snapshot.as_ref().and_then(|s| s.confirmed_at.clone());
+        m.snapshot = Some(StoredSnapshot {
+            snapshot: snapshot.clone(),
+            digest: digest.to_owned(),
+            confirmed_at,
+        });
+        Ok(())
+    }
+
+    /// Sets the status document's freshness fields and stores `events` (a `desired.stale`
+    /// report), persisting when the desired state was last confirmed, in one transaction.
+    pub async fn set_freshness(
+        &self,
+        freshness: Freshness,
+        events: Vec<EventData>,
+    ) -> Result<(), LedgerError> {
+        let confirmed = freshness.desired_confirmed_at.clone();
+        let changed_confirmation = self
+            .mem()
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.confirmed_at != confirmed);
+        if changed_confirmation || !events.is_empty() {
+            let c2 = confirmed.clone();
+            self.outbox
+                .commit(
+                    self.messages(events),
+                    Box::new(move |c| {
+                        c.execute(
+                            "UPDATE agent_snapshot SET confirmed_at = ?1 WHERE id = 1",
+                            params![c2],
+                        )?;
+                        Ok(())
+                    }),
+                )
+                .await?;
+        }
+        let mut m = self.mem();
+        if let Some(s) = m.snapshot.as_mut() {
+            s.confirmed_at = confirmed;
+        }
+        if m.freshness != freshness {
+            m.freshness = freshness;
+            drop(m);
+            self.changed.notify_one();
+        }
+        Ok(())
+    }
+
     /// The accepted rollouts of every slot of a deployment.
     pub fn slots(&self, deployment: &str) -> Vec<Rollout> {
         let m = self.mem();
@@ -323,6 +453,7 @@ impl Ledger {
             // Coalesce bursts of changes into one document.
             tokio::time::sleep(Duration::from_millis(100)).await;
             let deployments = self.statuses();
+            let freshness = self.mem().freshness.clone();
             let store = store.clone();
             let groups = groups.clone();
             let render = move |roostseq: u64, backlog: u64| {
@@ -335,6 +466,7 @@ impl Ledger {
                     outbox_backlog: backlog,
                     deployments: deployments.clone(),
                     heartbeat_s: Some(heartbeat.as_secs()),
+                    freshness: freshness.clone(),
                 };
                 serde_json::to_vec(&doc).unwrap_or_default()
             };

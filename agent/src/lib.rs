@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod decide;
+pub mod freshness;
 pub mod git;
 pub mod ledger;
 pub mod reconcile;
@@ -116,6 +117,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     lc.security = cfg.file.broker.security("broker");
     lc.max_packet_size = cfg.file.limits.max_message_bytes.max(64 * 1024) * 2;
     lc.subscriptions = topics.store_deployment_filters(&store, &cfg.file.groups);
+    lc.subscriptions.push(topics.snapshot());
     let confirm = cfg.file.confirm_via_bridge.unwrap_or(true);
     if confirm {
         // Events stay in the outbox until the bridge confirms it has them durably: a PUBACK
@@ -161,6 +163,19 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
             }
         });
     }
+    // Freshness against the signed fleet snapshot: compared after desired-state messages.
+    let kick = Arc::new(tokio::sync::Notify::new());
+    tracker.spawn(
+        freshness::run(
+            ledger.clone(),
+            topics.clone(),
+            store.clone(),
+            cfg.file.groups.clone(),
+            kick.clone(),
+            child.clone(),
+        )
+        .instrument(tracing::info_span!("freshness")),
+    );
     let confirmer = Confirmer {
         outbox: outbox.clone(),
         link: link.handle.clone(),
@@ -175,6 +190,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
             ctx,
             link.incoming,
             confirmer,
+            kick,
             tracker.clone(),
             child.clone(),
         )
@@ -334,6 +350,7 @@ async fn controller(
     ctx: Ctx<targets::AnyTarget>,
     mut incoming: mpsc::Receiver<Incoming>,
     confirmer: Confirmer,
+    kick: Arc<tokio::sync::Notify>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
@@ -352,7 +369,14 @@ async fn controller(
             confirmer.handle(&msg.payload).await;
             continue;
         }
-        handle_message(&ctx, &topics, &msg, &mut workers, &tracker, &cancel).await;
+        if msg.topic == topics.snapshot() {
+            freshness::handle_snapshot(&ctx.cfg, &ctx.ledger, &topics, &msg.topic, &msg.payload)
+                .await;
+        } else {
+            handle_message(&ctx, &topics, &msg, &mut workers, &tracker, &cancel).await;
+        }
+        // Desired state or the snapshot may have changed: compare again once things settle.
+        kick.notify_one();
     }
 }
 
@@ -364,14 +388,7 @@ async fn handle_message(
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
-    let policy = VerifyPolicy {
-        topics,
-        keyring: &ctx.cfg.keyring,
-        thresholds: ctx.cfg.file.thresholds,
-        now: time::OffsetDateTime::now_utc(),
-        max_message_bytes: ctx.cfg.file.limits.max_message_bytes,
-        allowed_sources: &ctx.cfg.allowed_sources,
-    };
+    let policy = VerifyPolicy::of(&ctx.cfg, topics, time::OffsetDateTime::now_utc());
     let reject = |r: verify::Rejection| async move {
         warn!(topic = %msg.topic, reason = %r.reason, message = %r.message, "rollout rejected");
         ctx.ledger

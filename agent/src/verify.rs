@@ -52,6 +52,24 @@ pub struct VerifyPolicy<'a> {
     pub allowed_sources: &'a [SourceUrl],
 }
 
+impl<'a> VerifyPolicy<'a> {
+    /// The policy of an agent configuration, judging key expiry at `now`.
+    pub fn of(
+        cfg: &'a crate::AgentConfig,
+        topics: &'a Topics,
+        now: time::OffsetDateTime,
+    ) -> VerifyPolicy<'a> {
+        VerifyPolicy {
+            topics,
+            keyring: &cfg.keyring,
+            thresholds: cfg.file.thresholds,
+            now,
+            max_message_bytes: cfg.file.limits.max_message_bytes,
+            allowed_sources: &cfg.allowed_sources,
+        }
+    }
+}
+
 /// Verifies a message from a deployment topic. `Ok(None)` for an empty payload (a retained
 /// message was cleared on the broker: not signed, so it changes nothing).
 pub fn verify_message(
@@ -74,22 +92,11 @@ pub fn verify_message(
             None,
         ));
     };
-    if payload.is_empty() {
+    let Some(env) =
+        read_envelope(policy, payload, "message").map_err(|(r, m)| reject(r, m, None))?
+    else {
         return Ok(None);
-    }
-    if payload.len() > policy.max_message_bytes {
-        return Err(reject(
-            Reason::TooLarge,
-            format!(
-                "message is {} bytes, limit {}",
-                payload.len(),
-                policy.max_message_bytes
-            ),
-            None,
-        ));
-    }
-    let env: Envelope = serde_json::from_slice(payload)
-        .map_err(|e| reject(Reason::Malformed, format!("not a DSSE envelope: {e}"), None))?;
+    };
     let threshold = policy.thresholds.for_scope(&topic_info.scope);
     let signed = policy
         .keyring
@@ -99,23 +106,10 @@ pub fn verify_message(
     // The contract's JSON Schema first (the same file other implementations use), then the
     // typed rules; both must agree for a payload to be accepted.
     if let Some(problem) = schema_problem(&body) {
-        let seq = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()))
-            // Reported only when it is a valid sequence: the event schema wants >= 1, and
-            // a schema-invalid event would be dropped by the bridge.
-            .filter(|s| *s >= 1);
-        return Err(reject(Reason::Schema, problem, seq));
+        return Err(reject(Reason::Schema, problem, payload_sequence(&body)));
     }
-    let rollout = Rollout::from_json(&body).map_err(|e| {
-        let seq = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()))
-            // Reported only when it is a valid sequence: the event schema wants >= 1, and
-            // a schema-invalid event would be dropped by the bridge.
-            .filter(|s| *s >= 1);
-        reject(Reason::Schema, e.to_string(), seq)
-    })?;
+    let rollout = Rollout::from_json(&body)
+        .map_err(|e| reject(Reason::Schema, e.to_string(), payload_sequence(&body)))?;
     let seq = Some(rollout.sequence);
     if rollout.scope != topic_info.scope {
         return Err(reject(
@@ -152,13 +146,55 @@ pub fn verify_message(
     }))
 }
 
+/// The DSSE envelope of a message: `Ok(None)` for an empty payload (a retained message was
+/// cleared), `too_large` past the size limit, `malformed` when it is not an envelope.
+pub(crate) fn read_envelope(
+    policy: &VerifyPolicy<'_>,
+    payload: &[u8],
+    what: &str,
+) -> Result<Option<Envelope>, (Reason, String)> {
+    if payload.is_empty() {
+        return Ok(None);
+    }
+    if payload.len() > policy.max_message_bytes {
+        return Err((
+            Reason::TooLarge,
+            format!(
+                "{what} is {} bytes, limit {}",
+                payload.len(),
+                policy.max_message_bytes
+            ),
+        ));
+    }
+    serde_json::from_slice(payload)
+        .map(Some)
+        .map_err(|e| (Reason::Malformed, format!("not a DSSE envelope: {e}")))
+}
+
+/// A payload's `sequence`, for a rejection event: only when it is a valid one (the event
+/// schema wants >= 1, and a schema-invalid event would be dropped by the bridge).
+pub(crate) fn payload_sequence(body: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()))
+        .filter(|s| *s >= 1)
+}
+
 /// The first violation of `schemas/schema/rollout.schema.json`, if any.
 fn schema_problem(body: &[u8]) -> Option<String> {
     static VALIDATOR: std::sync::OnceLock<Option<jsonschema::Validator>> =
         std::sync::OnceLock::new();
-    let validator = VALIDATOR.get_or_init(|| {
-        let schema: serde_json::Value =
-            serde_json::from_str(roost_schemas::json_schema::ROLLOUT).ok()?;
+    schema_problem_in(&VALIDATOR, roost_schemas::json_schema::ROLLOUT, body)
+}
+
+/// The first violation of `schema` (compiled once into `cell`) by `body`, if any.
+pub(crate) fn schema_problem_in(
+    cell: &'static std::sync::OnceLock<Option<jsonschema::Validator>>,
+    schema: &'static str,
+    body: &[u8],
+) -> Option<String> {
+    let validator = cell.get_or_init(|| {
+        let schema: serde_json::Value = serde_json::from_str(schema).ok()?;
         jsonschema::draft202012::options()
             .should_validate_formats(true)
             .build(&schema)
@@ -169,7 +205,7 @@ fn schema_problem(body: &[u8]) -> Option<String> {
         Err(e) => return Some(format!("payload is not JSON: {e}")),
     };
     let Some(v) = validator else {
-        return Some("the rollout schema could not be loaded".into());
+        return Some("the schema could not be loaded".into());
     };
     let problem = v
         .iter_errors(&value)

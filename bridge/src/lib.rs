@@ -1,6 +1,7 @@
 //! The roost store bridge: carries one store's topics between its edge broker and the cloud
-//! broker. Downward, desired-state envelopes (fleet, the store's groups, the store) are kept in
-//! SQLite and republished retained on the edge, also after the edge broker restarts. Upward,
+//! broker. Downward, desired-state envelopes (fleet, the store's groups, the store) and the
+//! signed fleet snapshot are kept in SQLite and republished retained on the edge, also after
+//! the edge broker restarts. Upward,
 //! the store's status and events are committed to a SQLite outbox before the edge broker gets
 //! its PUBACK and leave for the cloud in order, deleted only after the cloud's PUBACK.
 
@@ -209,6 +210,11 @@ fn confirmation(upto: u64, resend: bool) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+/// Whether a topic from the cloud is carried down: deployment topics and the fleet snapshot.
+fn is_downward(topics: &Topics, topic: &str) -> bool {
+    topics.parse_deployment(topic).is_some() || topic == topics.snapshot()
+}
+
 /// What goes up for a checked message: status (retained, last value wins) or an event.
 fn upward(m: &Incoming, kind: &Upward) -> Option<NewMessage> {
     match kind {
@@ -256,6 +262,8 @@ pub async fn run_with(
     let c = &cfg.cloud;
     let mut cloud = c.link_config("cloud", &format!("roost-bridge-{store}"));
     cloud.subscriptions = topics.store_deployment_filters(&store, &cfg.groups);
+    // The signed fleet snapshot travels down like desired state (kept, retained at the edge).
+    cloud.subscriptions.push(topics.snapshot());
     let presence_topic = topics.presence(&store);
     cloud.will = Some(Will {
         topic: presence_topic.clone(),
@@ -314,7 +322,7 @@ pub async fn run_with(
                     _ = child.cancelled() => break,
                     m = cloud_link.incoming.recv() => match m { Some(m) => m, None => break },
                 };
-                if topics.parse_deployment(&m.topic).is_none() {
+                if !is_downward(&topics, &m.topic) {
                     continue;
                 }
                 let (topic, payload) = (m.topic.clone(), m.payload.clone());
@@ -433,4 +441,19 @@ pub async fn run_with(
     .await;
     info!("bridge stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carries_deployments_and_the_snapshot_down() {
+        let t = Topics::default();
+        assert!(is_downward(&t, "roost/v1/fleet/deployments/web"));
+        assert!(is_downward(&t, "roost/v1/groups/canary/deployments/web"));
+        assert!(is_downward(&t, "roost/v1/fleet/snapshot"));
+        assert!(!is_downward(&t, "roost/v1/fleet/snapshot/x"));
+        assert!(!is_downward(&t, "roost/v1/stores/s1/status"));
+    }
 }

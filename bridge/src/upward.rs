@@ -569,6 +569,7 @@ mod tests {
             outbox_backlog: 0,
             heartbeat_s: None,
             deployments: Default::default(),
+            freshness: Default::default(),
         };
         assert_eq!(check(&t.status(STORE), &bytes(&doc)), Ok(Upward::Status));
         let presence = br#"{"state":"online","since":"2026-11-26T10:00:00Z"}"#;

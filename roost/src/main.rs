@@ -170,6 +170,8 @@ struct GitopsSection {
     key: Option<PathBuf>,
     poll_interval_s: Option<u64>,
     http: Option<SocketAddr>,
+    snapshot_interval_s: Option<u64>,
+    snapshot_expires_s: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -337,8 +339,16 @@ enum Cmd {
         /// abort) over HTTP; without it the API is read-only.
         #[arg(long)]
         api_token_file: Option<PathBuf>,
+        /// Seconds between signed fleet snapshots (`roost/v1/fleet/snapshot`; one also goes
+        /// out right after desired state is published).
+        #[arg(long, default_value_t = 300)]
+        snapshot_interval: u64,
+        /// Seconds a fleet snapshot stays valid (default: 3 × --snapshot-interval).
+        #[arg(long)]
+        snapshot_expires: Option<u64>,
         /// A TOML file with a `[gitops]` section (repo, branch, file, key, poll_interval_s,
-        /// http) and an `[api]` section (token_file); flags win.
+        /// http, snapshot_interval_s, snapshot_expires_s) and an `[api]` section (token_file);
+        /// flags win.
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -1013,6 +1023,8 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             poll_interval,
             http,
             api_token_file,
+            snapshot_interval,
+            snapshot_expires,
             config,
         } => {
             let cfg: FleetConfigFile = match &config {
@@ -1051,6 +1063,22 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                         )
                     })?;
                     let key = cloud::load_key(&key)?;
+                    let snapshot_interval_s = if snapshot_interval != 300 {
+                        snapshot_interval
+                    } else {
+                        g.snapshot_interval_s.unwrap_or(snapshot_interval)
+                    };
+                    if snapshot_interval_s == 0 {
+                        anyhow::bail!("--snapshot-interval: at least 1 second");
+                    }
+                    let snapshot_expires_s = snapshot_expires
+                        .or(g.snapshot_expires_s)
+                        .unwrap_or(snapshot_interval_s.saturating_mul(3));
+                    if snapshot_expires_s < snapshot_interval_s {
+                        anyhow::bail!(
+                            "--snapshot-expires: at least --snapshot-interval ({snapshot_interval_s} s), or every store's snapshot expires between two"
+                        );
+                    }
                     let opts = roost::gitops::GitopsOptions {
                         repo,
                         branch: if branch != "main" {
@@ -1077,6 +1105,8 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                         cache_dir: db.with_extension("git"),
                         // Served above, with the token.
                         http: None,
+                        snapshot_interval: Duration::from_secs(snapshot_interval_s),
+                        snapshot_expiry: Duration::from_secs(snapshot_expires_s),
                     };
                     Some(tokio::spawn(roost::gitops::run(
                         opts,

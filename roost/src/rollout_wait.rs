@@ -654,6 +654,7 @@ mod tests {
                 outbox_backlog: 0,
                 heartbeat_s: None,
                 deployments,
+                freshness: Default::default(),
             }),
             presence: Some(PresenceState::Online),
             event: None,

@@ -62,6 +62,7 @@ fn status_doc(store: &str, groups: &[String], deployment: &str, rev: Option<&str
         outbox_backlog: 0,
         heartbeat_s: None,
         deployments,
+        freshness: Default::default(),
         groups: groups.to_vec(),
     };
     serde_json::to_vec(&doc).unwrap_or_default()
@@ -175,6 +176,8 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         port: cloud.port(),
         cache_dir: dir.join("controller-git"),
         http: None,
+        snapshot_interval: crate::gitops::snapshot::DEFAULT_INTERVAL,
+        snapshot_expiry: crate::gitops::snapshot::DEFAULT_EXPIRY,
         security: Default::default(),
     };
     let t0 = Instant::now();

@@ -449,6 +449,8 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         security: Default::default(),
         cache_dir: state_dir.join("controller-git"),
         http: None,
+        snapshot_interval: crate::gitops::snapshot::DEFAULT_INTERVAL,
+        snapshot_expiry: crate::gitops::snapshot::DEFAULT_EXPIRY,
     };
     let ckey = cloud::load_key(&key_dir.join(format!("{key_id}.key"))).map_err(setup("key"))?;
     let c = child.clone();

@@ -32,11 +32,14 @@ pub enum EventType {
     Removed,
     /// The outbox dropped events past its disk cap.
     OutboxOverflow,
+    /// The signed fleet snapshot lists newer desired state than the agent holds (or the
+    /// last snapshot expired): the store's view may be stale.
+    DesiredStale,
 }
 
 impl EventType {
     /// Every event type.
-    pub const ALL: [EventType; 13] = [
+    pub const ALL: [EventType; 14] = [
         EventType::RolloutReceived,
         EventType::RolloutRejected,
         EventType::FetchFailed,
@@ -50,6 +53,7 @@ impl EventType {
         EventType::Pruned,
         EventType::Removed,
         EventType::OutboxOverflow,
+        EventType::DesiredStale,
     ];
 
     /// The CloudEvents `type` attribute.
@@ -68,6 +72,7 @@ impl EventType {
             EventType::Pruned => "dev.roost.pruned",
             EventType::Removed => "dev.roost.removed",
             EventType::OutboxOverflow => "dev.roost.outbox.overflow",
+            EventType::DesiredStale => "dev.roost.desired.stale",
         }
     }
 

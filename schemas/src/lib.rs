@@ -12,6 +12,7 @@ pub mod names;
 pub mod payload;
 pub mod reason;
 pub mod rollout;
+pub mod snapshot;
 pub mod status;
 pub mod topics;
 
@@ -24,8 +25,10 @@ pub use names::{validate_name, NameError};
 pub use payload::{EventData, EventPayload, Problem, RolloutRef};
 pub use reason::Reason;
 pub use rollout::{Origin, Policy, Rollout, Scope, Source};
+pub use snapshot::{Snapshot, SNAPSHOT_PAYLOAD_TYPE};
 pub use status::{
-    Confirmation, DeploymentStatus, DesiredRef, Phase, Presence, PresenceState, StatusDoc,
+    Confirmation, DeploymentStatus, DesiredRef, Freshness, FreshnessState, Phase, Presence,
+    PresenceState, StatusDoc,
 };
 pub use topics::{DeploymentTopic, Topics};
 
@@ -65,6 +68,8 @@ pub mod json_schema {
     pub const ACK: &str = include_str!("../schema/ack.schema.json");
     /// The fleet repository file (`roost.yaml`).
     pub const FLEET: &str = include_str!("../schema/fleet.schema.json");
+    /// The signed fleet snapshot's payload.
+    pub const SNAPSHOT: &str = include_str!("../schema/snapshot.schema.json");
 }
 
 #[cfg(test)]

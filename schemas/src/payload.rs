@@ -261,6 +261,40 @@ payload!(
     }
 );
 
+/// One desired-state topic the fleet snapshot lists newer than the agent holds.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StaleTopic {
+    /// The deployment topic.
+    pub topic: String,
+    /// The sequence the snapshot lists.
+    pub listed: u64,
+    /// The sequence the agent holds (accepted); absent: it holds nothing there (withheld).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<u64>,
+}
+
+payload!(
+    /// `dev.roost.desired.stale`: the signed fleet snapshot lists newer desired state than
+    /// the agent holds (`desired_stale`, with the topics), or the last snapshot expired
+    /// (`snapshot_expired`, no topics). Reported once per change; nothing is applied
+    /// because of it.
+    DesiredStale => DesiredStale {
+        /// `desired_stale` or `snapshot_expired`.
+        pub reason: Reason,
+        /// What.
+        pub message: String,
+        /// The snapshot's sequence.
+        pub snapshot_sequence: u64,
+        /// When the snapshot was issued.
+        pub snapshot_issued_at: String,
+        /// When it expires.
+        pub snapshot_expires: String,
+        /// The topics listed newer than held (sorted by topic).
+        #[serde(default)]
+        pub topics: Vec<StaleTopic>,
+    }
+);
+
 /// Any event's data, typed; what an emitter hands to the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventData {
@@ -290,6 +324,8 @@ pub enum EventData {
     Removed(Removed),
     /// See [`OutboxOverflow`].
     OutboxOverflow(OutboxOverflow),
+    /// See [`DesiredStale`].
+    DesiredStale(DesiredStale),
 }
 
 impl EventData {
@@ -309,6 +345,7 @@ impl EventData {
             EventData::Pruned(_) => EventType::Pruned,
             EventData::Removed(_) => EventType::Removed,
             EventData::OutboxOverflow(_) => EventType::OutboxOverflow,
+            EventData::DesiredStale(_) => EventType::DesiredStale,
         }
     }
 
@@ -327,7 +364,7 @@ impl EventData {
             EventData::DriftCorrected(p) => Some(&p.rollout.deployment),
             EventData::Pruned(p) => Some(&p.rollout.deployment),
             EventData::Removed(p) => Some(&p.rollout.deployment),
-            EventData::OutboxOverflow(_) => None,
+            EventData::OutboxOverflow(_) | EventData::DesiredStale(_) => None,
         }
     }
 
@@ -347,6 +384,7 @@ impl EventData {
             EventData::Pruned(p) => serde_json::to_value(p),
             EventData::Removed(p) => serde_json::to_value(p),
             EventData::OutboxOverflow(p) => serde_json::to_value(p),
+            EventData::DesiredStale(p) => serde_json::to_value(p),
         };
         // Plain structs of strings and numbers always serialize.
         v.unwrap_or(serde_json::Value::Null)

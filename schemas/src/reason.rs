@@ -51,6 +51,14 @@ pub enum Reason {
     TargetUnavailable,
     /// The outbox dropped events because it reached its disk cap.
     OutboxOverflow,
+    /// A fleet snapshot whose sequence is not greater than the last accepted one.
+    SnapshotReplay,
+    /// The last accepted fleet snapshot is past its `expires`: the store's desired state
+    /// cannot be confirmed fresh (not an error while offline).
+    SnapshotExpired,
+    /// The fleet snapshot lists a newer sequence for a desired-state topic than the agent
+    /// holds (or one it does not hold at all): a broker withholding or rolling back.
+    DesiredStale,
     /// An internal error (storage, I/O).
     Internal,
 }
@@ -81,6 +89,9 @@ impl Reason {
             Reason::HookFailed => "hook_failed",
             Reason::TargetUnavailable => "target_unavailable",
             Reason::OutboxOverflow => "outbox_overflow",
+            Reason::SnapshotReplay => "snapshot_replay",
+            Reason::SnapshotExpired => "snapshot_expired",
+            Reason::DesiredStale => "desired_stale",
             Reason::Internal => "internal",
         }
     }
@@ -105,6 +116,9 @@ mod tests {
             Reason::ExpiredKey,
             Reason::RevokedKey,
             Reason::ThresholdNotMet,
+            Reason::SnapshotReplay,
+            Reason::SnapshotExpired,
+            Reason::DesiredStale,
         ] {
             let json = serde_json::to_string(&r).expect("serialize");
             assert_eq!(json, format!("\"{}\"", r.as_str()));

@@ -19,11 +19,11 @@ use crate::dsse::pae;
 use crate::rollout::normalize_path;
 use crate::{
     json_schema, validate_name, CloudEvent, Envelope, EventType, Keyring, Phase, Presence, Rollout,
-    SigningKey, StatusDoc, PAYLOAD_TYPE,
+    SigningKey, Snapshot, StatusDoc, PAYLOAD_TYPE,
 };
 
 /// Every schema by its file stem.
-const SCHEMAS: [(&str, &str); 7] = [
+const SCHEMAS: [(&str, &str); 8] = [
     ("rollout", json_schema::ROLLOUT),
     ("envelope", json_schema::ENVELOPE),
     ("event", json_schema::EVENT),
@@ -31,6 +31,7 @@ const SCHEMAS: [(&str, &str); 7] = [
     ("presence", json_schema::PRESENCE),
     ("ack", json_schema::ACK),
     ("fleet", json_schema::FLEET),
+    ("snapshot", json_schema::SNAPSHOT),
 ];
 
 const EXAMPLES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
@@ -250,6 +251,40 @@ fn invalid_rollouts_are_rejected_by_rust_too() {
             ex.file
         );
     }
+}
+
+#[test]
+fn snapshots_agree_with_rust_validation() {
+    let v = validator("snapshot");
+    for ex in valid_examples("snapshot") {
+        let (s, json) = roundtrip::<Snapshot>(&ex.file, &ex.value);
+        s.validate()
+            .unwrap_or_else(|e| panic!("{}: Snapshot::validate: {e}", ex.file));
+        assert_eq!(errors(&v, &json), Vec::<String>::new(), "{}", ex.file);
+    }
+    let list = examples().remove("snapshot").unwrap_or_default();
+    for ex in list.into_iter().filter(|e| !e.valid) {
+        let bytes = serde_json::to_vec(&ex.value).expect("serialize");
+        assert!(
+            Snapshot::from_json(&bytes).is_err(),
+            "{}: the schema rejects it but Snapshot::from_json accepts it",
+            ex.file
+        );
+    }
+    // What the agent reports about a snapshot validates, and a signed snapshot verifies.
+    let key = SigningKey::from_seed(&core::array::from_fn(|i| i as u8)).expect("key");
+    let body = serde_json::to_vec(&valid_examples("snapshot")[0].value).expect("json");
+    let env = key.sign(crate::SNAPSHOT_PAYLOAD_TYPE, &body);
+    let ring = vector_keyring();
+    assert_eq!(
+        ring.verify(&env, crate::SNAPSHOT_PAYLOAD_TYPE)
+            .expect("verify"),
+        body
+    );
+    assert!(
+        ring.verify(&env, PAYLOAD_TYPE).is_err(),
+        "a snapshot is never a rollout"
+    );
 }
 
 #[test]
@@ -563,6 +598,7 @@ fn reason_rules() {
         EventType::Degraded,
         EventType::DriftDetected,
         EventType::OutboxOverflow,
+        EventType::DesiredStale,
     ];
     for t in EventType::ALL {
         let mut ev = CloudEvent::new(
@@ -604,6 +640,9 @@ fn reason_rules() {
         Drift,
         HookFailed,
         OutboxOverflow,
+        SnapshotReplay,
+        SnapshotExpired,
+        DesiredStale,
         Internal,
     ] {
         let mut ev = CloudEvent::new(
@@ -718,6 +757,25 @@ fn typed_payloads_validate_against_the_event_schema() {
             lost_from_roostseq: Some(8),
             lost_to_roostseq: Some(11),
             lost_ranges: vec![[8, 11]],
+        }),
+        EventData::DesiredStale(DesiredStale {
+            reason: Reason::DesiredStale,
+            message: "m".into(),
+            snapshot_sequence: 1_795_000_000_200,
+            snapshot_issued_at: "2026-11-26T10:03:10Z".into(),
+            snapshot_expires: "2026-11-26T10:18:10Z".into(),
+            topics: vec![
+                StaleTopic {
+                    topic: "roost/v1/fleet/deployments/kitchen-display".into(),
+                    listed: 18,
+                    held: Some(17),
+                },
+                StaleTopic {
+                    topic: "roost/v1/groups/canary/deployments/kitchen-display".into(),
+                    listed: 3,
+                    held: None,
+                },
+            ],
         }),
     ];
     assert_eq!(

@@ -83,6 +83,55 @@ pub struct DeploymentStatus {
     pub reason: Option<String>,
 }
 
+/// How fresh the store's view of its desired state is, judged against the signed fleet
+/// snapshot (`roost/v1/fleet/snapshot`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FreshnessState {
+    /// Everything the last snapshot lists for this store is held, and it has not expired.
+    Fresh,
+    /// The snapshot lists a newer sequence for a topic of this store than the agent holds.
+    Stale,
+    /// The last snapshot is past its `expires` (offline, or snapshots withheld).
+    Expired,
+    /// No snapshot accepted yet.
+    #[default]
+    Unknown,
+}
+
+impl FreshnessState {
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FreshnessState::Fresh => "fresh",
+            FreshnessState::Stale => "stale",
+            FreshnessState::Expired => "expired",
+            FreshnessState::Unknown => "unknown",
+        }
+    }
+}
+
+/// The status document's freshness fields (contract extension; all optional, absent in
+/// documents from older agents).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Freshness {
+    /// Fresh, stale, expired or unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_freshness: Option<FreshnessState>,
+    /// When the agent last found everything an unexpired snapshot lists for this store held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_confirmed_at: Option<String>,
+    /// Sequence of the last accepted snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_sequence: Option<u64>,
+    /// When the last accepted snapshot expires (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_expires: Option<String>,
+    /// The topics the snapshot lists newer than held (while stale).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stale_topics: Vec<String>,
+}
+
 /// The retained status document, `…/stores/{store}/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusDoc {
@@ -106,6 +155,9 @@ pub struct StatusDoc {
     /// is stale, whatever it says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_s: Option<u64>,
+    /// Freshness against the signed fleet snapshot (contract extension).
+    #[serde(flatten)]
+    pub freshness: Freshness,
 }
 
 /// `online` or `offline`.

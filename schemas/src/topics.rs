@@ -104,6 +104,12 @@ impl Topics {
         format!("{}/stores/{store}/ack", self.prefix)
     }
 
+    /// The signed fleet snapshot (cloud → every store, retained): the current sequence of
+    /// every desired-state topic, so an agent notices withheld or rolled-back desired state.
+    pub fn snapshot(&self) -> String {
+        format!("{}/fleet/snapshot", self.prefix)
+    }
+
     /// Filters for a store topic kind across all stores (`+` for the store).
     pub fn all_stores(&self, kind: StoreTopicKind) -> String {
         let leaf = match kind {
@@ -189,6 +195,8 @@ mod tests {
             t.parse_store_topic("roost/v1/stores/store-0001/events"),
             Some(("store-0001".into(), StoreTopicKind::Events))
         );
+        assert_eq!(t.snapshot(), "roost/v1/fleet/snapshot");
+        assert!(t.parse_deployment(&t.snapshot()).is_none());
         assert_eq!(
             t.parse_store_topic("roost/v1/stores/store-0001/other"),
             None

@@ -896,6 +896,7 @@ pub async fn wait_bridge_ready(edge: SocketAddr, fleet: &FleetService, store: &s
             outbox_backlog: 0,
             heartbeat_s: None,
             deployments: BTreeMap::new(),
+            freshness: Default::default(),
         };
         publish_qos1(edge, &topic, serde_json::to_vec(&doc).expect("json"), false).await;
         let until = Instant::now() + Duration::from_millis(1500);

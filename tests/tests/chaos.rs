@@ -246,6 +246,7 @@ fn status_message() -> NewMessage {
             outbox_backlog: backlog,
             heartbeat_s: None,
             deployments: Default::default(),
+            freshness: Default::default(),
         })
         .unwrap_or_default()
     };

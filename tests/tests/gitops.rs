@@ -126,6 +126,8 @@ impl Rig {
             security: Default::default(),
             cache_dir: self.dir.path().join("controller-git"),
             http: None,
+            snapshot_interval: roost::gitops::snapshot::DEFAULT_INTERVAL,
+            snapshot_expiry: roost::gitops::snapshot::DEFAULT_EXPIRY,
         };
         let db = roost::fleet::FleetDb::open(&self.db).expect("db");
         let key = roost_schemas::SigningKey::from_pkcs8(self.signer.key.pkcs8().expect("pkcs8"))
@@ -1613,4 +1615,151 @@ async fn bench_the_dashboard_with_2000_stores() {
         }
     }
     assert!(child.wait().await.expect("node").success());
+}
+/// The signed fleet snapshot: `roost fleet` with the controller publishes it (retained) right
+/// after desired state, the stores' status documents say `fresh` with `desired_confirmed_at`;
+/// then a hostile broker rolls the retained rollout back to an older signed envelope (the
+/// controller and fleet record, which would restore it, are gone), and a store started fresh
+/// reports `desired.stale` naming the topic, what it holds and what the snapshot lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_snapshots_confirm_freshness_and_a_rolled_back_broker_is_reported_stale() {
+    use roost_schemas::{FreshnessState, Keyring, Scope, Snapshot, Topics, SNAPSHOT_PAYLOAD_TYPE};
+    let mut r = Rig::new(2, 0).await;
+    let rev1 = r.commit_app("1");
+    let yaml = r.fleet_yaml("      - {name: everyone, fleet: true}\n", "");
+    r.commit_fleet(&yaml);
+    r.start_controller();
+    r.all_converged(&rev1).await;
+    let topics = Topics::default();
+    let fleet_topic = topics.deployment(&Scope::Fleet, &r.dep);
+    let desired_seq = |r: &Rig| {
+        r.db()
+            .desired()
+            .expect("desired")
+            .into_iter()
+            .find(|(t, _)| *t == fleet_topic)
+            .map(|(_, p)| (roost::fleet::envelope_sequence(&p).expect("sequence"), p))
+            .expect("the fleet topic is recorded")
+    };
+    let (seq1, env1) = desired_seq(&r);
+    let fresh_at = |r: &Rig, seq: u64| {
+        let names = r.names();
+        let seen = r.obs.seen.clone();
+        async move {
+            for s in names {
+                let seen = seen.clone();
+                harness::eventually(T, &format!("{s} fresh with sequence {seq}"), || {
+                    let st = seen.lock().expect("lock");
+                    let d = st.status.get(&s)?;
+                    let at = d.freshness.desired_confirmed_at.as_deref()?;
+                    (d.freshness.desired_freshness == Some(FreshnessState::Fresh)
+                        && d.deployments
+                            .values()
+                            .any(|x| x.desired.as_ref().is_some_and(|x| x.sequence == seq))
+                        && roost_schemas::parse_rfc3339(at).is_some())
+                    .then(|| d.freshness.snapshot_sequence.expect("snapshot sequence"))
+                })
+                .await;
+            }
+        }
+    };
+    fresh_at(&r, seq1).await;
+    // The retained snapshot is signed by the controller's key and lists the rollout.
+    let read_snapshot = |cloud: SocketAddr| {
+        let snap_topic = topics.snapshot();
+        async move {
+            let got = roost::cloud::read_retained(
+                &cloud.to_string(),
+                &[snap_topic],
+                Duration::from_secs(2),
+            )
+            .await
+            .expect("read retained");
+            let (_, payload) = got.into_iter().next().expect("a retained snapshot");
+            payload
+        }
+    };
+    let mut ring = Keyring::new();
+    ring.add(r.signer.key.public_key()).expect("key");
+    let verify = |payload: &[u8]| {
+        let env: roost_schemas::Envelope = serde_json::from_slice(payload).expect("envelope");
+        Snapshot::from_json(
+            &ring
+                .verify(&env, SNAPSHOT_PAYLOAD_TYPE)
+                .expect("signed by the controller"),
+        )
+        .expect("a valid snapshot")
+    };
+    let s1 = verify(&read_snapshot(r.cloud).await);
+    assert_eq!(s1.topics.get(&fleet_topic), Some(&seq1), "{s1:?}");
+    let expires = roost_schemas::parse_rfc3339(&s1.expires).expect("expires");
+    let issued = roost_schemas::parse_rfc3339(&s1.issued_at).expect("issued_at");
+    assert_eq!(
+        expires - issued,
+        time::Duration::seconds(900),
+        "3 × the default 300 s"
+    );
+
+    // A new app commit: the new rollout is covered by a snapshot at once (the interval is
+    // the default 300 s, so only the publication can have triggered it).
+    let rev2 = r.commit_app("2");
+    r.all_converged(&rev2).await;
+    let (seq2, _) = desired_seq(&r);
+    assert!(seq2 > seq1);
+    fresh_at(&r, seq2).await;
+    let s2 = verify(&read_snapshot(r.cloud).await);
+    assert_eq!(s2.topics.get(&fleet_topic), Some(&seq2));
+    assert!(s2.sequence > s1.sequence, "snapshot sequences increase");
+
+    // The hostile broker: the controller and the fleet record are gone (they would restore
+    // the newest envelope), and the broker serves the older signed rollout again.
+    if let Some(c) = r.controller.take() {
+        c.stop().await;
+    }
+    if let Some(f) = r.fleet.take() {
+        f.stop().await;
+    }
+    harness::publish(r.cloud, &fleet_topic, env1).await;
+    let name = format!("{}-new", r.stores[0].name);
+    let mut fresh = StoreRig::new(
+        &name,
+        &[],
+        r.dir.path(),
+        r.cloud,
+        &r.signer,
+        &r.app.allowed(),
+    );
+    fresh.start();
+    let e = r
+        .obs
+        .wait_event(&name, "dev.roost.desired.stale", T, |_| true)
+        .await;
+    let stale: roost_schemas::payload::DesiredStale = e.typed().expect("typed desired.stale");
+    assert_eq!(stale.reason, roost_schemas::Reason::DesiredStale);
+    assert_eq!(stale.snapshot_sequence, s2.sequence);
+    assert_eq!(
+        stale.topics,
+        vec![roost_schemas::payload::StaleTopic {
+            topic: fleet_topic.clone(),
+            listed: seq2,
+            held: Some(seq1)
+        }]
+    );
+    let seen = r.obs.seen.clone();
+    let doc = harness::eventually(T, "the fresh store's status says stale", || {
+        let st = seen.lock().expect("lock");
+        st.status
+            .get(&name)
+            .filter(|d| d.freshness.desired_freshness == Some(FreshnessState::Stale))
+            .cloned()
+    })
+    .await;
+    assert_eq!(doc.freshness.stale_topics, vec![fleet_topic.clone()]);
+    eprintln!(
+        "gitops snapshot: stores fresh at snapshot {} (rollout {seq2}); rolled back to {seq1}: {} reported desired.stale",
+        s2.sequence, name
+    );
+    fresh.stop_agent().await;
+    fresh.stop_bridge().await;
+    r.finish().await;
 }

@@ -1145,6 +1145,7 @@ fn cases(w: &mut World) -> Vec<Case> {
         outbox_backlog: 0,
         heartbeat_s: None,
         deployments: BTreeMap::new(),
+        freshness: Default::default(),
     };
     out.push(edge(
         "another store's status document",
@@ -1618,6 +1619,463 @@ async fn credentials_never_appear_in_logs_events_or_status() {
         haystack.len(),
         checked
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The signed fleet snapshot: stale (withheld, rolled back), replayed, expired, untrusted and
+// malformed snapshots.
+
+/// A signed fleet snapshot envelope (`seeds` sign) of `seq` listing `topics`, issued at
+/// `issued` and valid until `expires`.
+fn snapshot_env(
+    seeds: &[u8],
+    seq: u64,
+    topics: &[(&str, u64)],
+    issued: time::OffsetDateTime,
+    expires: time::OffsetDateTime,
+) -> Vec<u8> {
+    let body = json!({
+        "issued_at": roost_schemas::format_rfc3339(issued),
+        "expires": roost_schemas::format_rfc3339(expires),
+        "sequence": seq,
+        "topics": topics.iter().map(|(t, s)| ((*t).to_owned(), json!(s))).collect::<serde_json::Map<_, _>>(),
+    });
+    snapshot_raw(seeds, &serde_json::to_vec(&body).expect("json"))
+}
+
+/// `body` signed as a snapshot payload.
+fn snapshot_raw(seeds: &[u8], body: &[u8]) -> Vec<u8> {
+    let keys: Vec<SigningKey> = seeds.iter().map(|s| key(*s)).collect();
+    let env =
+        roost_schemas::sign_all(&keys, roost_schemas::SNAPSHOT_PAYLOAD_TYPE, body).expect("keys");
+    serde_json::to_vec(&env).expect("json")
+}
+
+/// Waits until the store's status document (at the cloud) satisfies `pred`.
+async fn wait_status(
+    obs: &Observer,
+    store: &str,
+    what: &str,
+    pred: impl Fn(&StatusDoc) -> bool,
+) -> StatusDoc {
+    let seen = obs.seen.clone();
+    harness::eventually(T, &format!("{store}: {what}"), || {
+        let s = seen.lock().expect("lock");
+        s.status.get(store).filter(|d| pred(d)).cloned()
+    })
+    .await
+}
+
+fn freshness_of(d: &StatusDoc) -> Option<roost_schemas::FreshnessState> {
+    d.freshness.desired_freshness
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
+    use roost_schemas::FreshnessState::{Expired, Fresh, Stale};
+    harness::init();
+    let dir = tempfile::tempdir().expect("tmp");
+    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let (mut git, rev_a) = GitServer::start(&refs(&manifests("a")));
+    let rev_b = git.commit(&refs(&manifests("b")), &[], "b");
+    let obs = Observer::start(cloud).await;
+    let signer = harness::Signer::new(KEY_A);
+    let configure = |store: &mut StoreRig| {
+        let mut file: AgentFile = store.agent_cfg.file.clone();
+        file.trusted_keys = vec![
+            trusted(KEY_A, None),
+            trusted(KEY_B, None),
+            trusted(KEY_EXPIRED, Some("2020-01-01T00:00:00Z")),
+            trusted(KEY_REVOKED, None),
+        ];
+        file.revoked_keys = vec![key(KEY_REVOKED).key_id()];
+        let (retry, drift) = (store.agent_cfg.retry, store.agent_cfg.drift_interval);
+        store.agent_cfg = AgentConfig::from_file(file).expect("agent config");
+        store.agent_cfg.retry = retry;
+        store.agent_cfg.drift_interval = drift;
+    };
+    let (s1, s2) = ("store-snap-1", "store-snap-2");
+    let mut one = StoreRig::new(s1, &["canary"], dir.path(), cloud, &signer, &git.url());
+    configure(&mut one);
+    one.start();
+    let topics = Topics::default();
+    let fleet = topics.deployment(&Scope::Fleet, DEP);
+    let snap_topic = topics.snapshot();
+    let rollout = |seq: u64, rev: &str| {
+        let r = signer.rollout(DEP, Scope::Fleet, seq, &git.url(), rev, APP);
+        sign(&[KEY_A], &serde_json::to_value(r).expect("json"))
+    };
+    let now = time::OffsetDateTime::now_utc;
+    let later = || now() + time::Duration::minutes(10);
+    let converged = |store: &'static str, rev: String, seq: u64| {
+        let seen = obs.seen.clone();
+        async move {
+            harness::eventually(T, &format!("{store} converged on {rev} ({seq})"), || {
+                let s = seen.lock().expect("lock");
+                let d = s.status.get(store)?.deployments.get(DEP)?;
+                (d.phase == roost_schemas::Phase::Converged
+                    && d.applied_revision.as_deref() == Some(rev.as_str())
+                    && d.desired.as_ref().is_some_and(|x| x.sequence == seq))
+                .then_some(())
+            })
+            .await
+        }
+    };
+    let mut cases_run: Vec<(String, &'static str)> = Vec::new();
+
+    // A rollout and a snapshot that lists it: fresh, with the time it was confirmed.
+    let old_env = rollout(10, &rev_a);
+    publish(cloud, &fleet, old_env.clone()).await;
+    converged(s1, rev_a.clone(), 10).await;
+    publish(
+        cloud,
+        &snap_topic,
+        snapshot_env(&[KEY_A], 100, &[(&fleet, 10)], now(), later()),
+    )
+    .await;
+    let doc = wait_status(&obs, s1, "fresh at snapshot 100", |d| {
+        freshness_of(d) == Some(Fresh) && d.freshness.snapshot_sequence == Some(100)
+    })
+    .await;
+    let confirmed = doc
+        .freshness
+        .desired_confirmed_at
+        .clone()
+        .expect("desired_confirmed_at");
+    assert!(
+        roost_schemas::parse_rfc3339(&confirmed).is_some(),
+        "{confirmed}"
+    );
+    assert!(doc.freshness.snapshot_expires.is_some());
+
+    // Rejected snapshots: each with its exact reason, nothing applied, the snapshot in force
+    // unchanged, and a marker rollout converging after it.
+    let good_body = serde_json::to_vec(&json!({
+        "issued_at": roost_schemas::format_rfc3339(now()),
+        "expires": roost_schemas::format_rfc3339(later()),
+        "sequence": 150, "topics": {fleet.clone(): 10},
+    }))
+    .expect("json");
+    let mut tampered = env_of(&snapshot_raw(&[KEY_A], &good_body));
+    let other = env_of(&snapshot_env(
+        &[KEY_A],
+        151,
+        &[(&fleet, 10)],
+        now(),
+        later(),
+    ));
+    tampered["payload"] = other["payload"].clone();
+    let mut truncated = env_of(&snapshot_raw(&[KEY_A], &good_body));
+    let sig = truncated["signatures"][0]["sig"]
+        .as_str()
+        .expect("sig")
+        .to_owned();
+    truncated["signatures"][0]["sig"] = json!(&sig[..40]);
+    let too_big = vec![b' '; 300 * 1024];
+    let bad: Vec<(&str, &'static str, Vec<u8>)> = vec![
+        ("snapshot: lower sequence (replay)", "snapshot_replay", snapshot_env(&[KEY_A], 50, &[(&fleet, 10)], now(), later())),
+        ("snapshot: equal sequence, other content (replay)", "snapshot_replay", snapshot_env(&[KEY_A], 100, &[(&fleet, 9)], now(), later())),
+        ("snapshot: signed by an unknown key", "unknown_key", snapshot_raw(&[STRANGER], &good_body)),
+        ("snapshot: signed by a revoked key", "revoked_key", snapshot_raw(&[KEY_REVOKED], &good_body)),
+        ("snapshot: signed by an expired key", "expired_key", snapshot_raw(&[KEY_EXPIRED], &good_body)),
+        ("snapshot: signature over other bytes", "bad_signature", serde_json::to_vec(&tampered).expect("json")),
+        ("snapshot: truncated signature", "bad_signature", serde_json::to_vec(&truncated).expect("json")),
+        ("snapshot: not JSON", "malformed", b"{snapshot".to_vec()),
+        ("snapshot: not an envelope", "malformed", b"{\"sequence\": 900}".to_vec()),
+        ("snapshot: a rollout envelope on the snapshot topic", "malformed", rollout(901, &rev_b)),
+        ("snapshot: signed non-JSON payload", "schema", snapshot_raw(&[KEY_A], b"\xff\xfe not json")),
+        ("snapshot: sequence 0", "schema", snapshot_env(&[KEY_A], 0, &[(&fleet, 10)], now(), later())),
+        ("snapshot: expires before issued_at", "schema", snapshot_env(&[KEY_A], 170, &[], now(), now() - time::Duration::minutes(1))),
+        ("snapshot: a status topic listed", "schema", snapshot_env(&[KEY_A], 171, &[("roost/v1/stores/x/status", 1)], now(), later())),
+        ("snapshot: topics missing", "schema", snapshot_raw(&[KEY_A], &serde_json::to_vec(&json!({"issued_at": roost_schemas::format_rfc3339(now()), "expires": roost_schemas::format_rfc3339(later()), "sequence": 172})).expect("json"))),
+        ("snapshot: a sequence as a string", "schema", snapshot_raw(&[KEY_A], &serde_json::to_vec(&json!({"issued_at": roost_schemas::format_rfc3339(now()), "expires": roost_schemas::format_rfc3339(later()), "sequence": "173", "topics": {}})).expect("json"))),
+        ("snapshot: oversize", "too_large", too_big),
+    ];
+    let mut marker_seq = 10;
+    for (name, reason, payload) in bad {
+        let before = one.live_files(DEP);
+        let from = obs
+            .snapshot()
+            .store_events(s1)
+            .iter()
+            .map(|e| e.roostseq)
+            .max()
+            .unwrap_or(0);
+        publish(cloud, &snap_topic, payload).await;
+        let e = obs
+            .wait_event(s1, "dev.roost.rollout.rejected", T, |e| e.roostseq > from)
+            .await;
+        assert_eq!(e.reason(), Some(reason), "{name}: {}", e.data);
+        assert_eq!(e.data["topic"], snap_topic.as_str(), "{name}");
+        assert!(e.data.get("deployment").is_none(), "{name}");
+        assert_eq!(one.live_files(DEP), before, "{name}: nothing applied");
+        // The agent still answers: a new rollout converges; the snapshot in force is 100.
+        marker_seq += 1;
+        let rev = if marker_seq % 2 == 0 { &rev_a } else { &rev_b };
+        publish(cloud, &fleet, rollout(marker_seq, rev)).await;
+        converged(s1, rev.clone(), marker_seq).await;
+        let d = obs.snapshot().status.get(s1).cloned().expect("status");
+        assert_eq!(
+            d.freshness.snapshot_sequence,
+            Some(100),
+            "{name}: the snapshot in force"
+        );
+        cases_run.push((name.to_owned(), reason));
+    }
+    let held = marker_seq;
+    let held_rev = if held % 2 == 0 {
+        rev_a.clone()
+    } else {
+        rev_b.clone()
+    };
+
+    // Stale, withheld: a broker that does not deliver the current rollout to a new store
+    // (the retained rollout cleared), while the snapshot lists it. A fresh agent reports the
+    // topic as not held, and applies nothing.
+    publish(
+        cloud,
+        &snap_topic,
+        snapshot_env(&[KEY_A], 200, &[(&fleet, held)], now(), later()),
+    )
+    .await;
+    wait_status(&obs, s1, "fresh at snapshot 200", |d| {
+        freshness_of(d) == Some(Fresh) && d.freshness.snapshot_sequence == Some(200)
+    })
+    .await;
+    publish(cloud, &fleet, Vec::new()).await;
+    let mut two = StoreRig::new(s2, &["canary"], dir.path(), cloud, &signer, &git.url());
+    configure(&mut two);
+    two.start();
+    let e = obs
+        .wait_event(s2, "dev.roost.desired.stale", T, |_| true)
+        .await;
+    let stale: roost_schemas::payload::DesiredStale = e.typed().expect("typed desired.stale");
+    assert_eq!(stale.reason, Reason::DesiredStale);
+    assert_eq!(stale.snapshot_sequence, 200);
+    assert_eq!(
+        stale.topics,
+        vec![roost_schemas::payload::StaleTopic {
+            topic: fleet.clone(),
+            listed: held,
+            held: None
+        }],
+        "withheld"
+    );
+    let doc = wait_status(&obs, s2, "stale", |d| freshness_of(d) == Some(Stale)).await;
+    assert_eq!(doc.freshness.stale_topics, vec![fleet.clone()]);
+    assert!(
+        doc.freshness.desired_confirmed_at.is_none(),
+        "never confirmed"
+    );
+    assert!(two.live_files(DEP).is_empty(), "withheld: nothing applied");
+    assert!(
+        obs.snapshot().of(s2, "dev.roost.apply.started").is_empty(),
+        "withheld: no apply"
+    );
+    cases_run.push((
+        "stale snapshot: desired state withheld from a fresh agent".into(),
+        "desired_stale",
+    ));
+
+    // Stale, rolled back: the broker now serves an older signed rollout. The fresh agent
+    // takes it (it is validly signed) and reports the topic as held older than listed; the
+    // snapshot makes it apply nothing beyond that rollout.
+    let from = obs
+        .snapshot()
+        .store_events(s2)
+        .iter()
+        .map(|e| e.roostseq)
+        .max()
+        .unwrap_or(0);
+    publish(cloud, &fleet, old_env.clone()).await;
+    let e = obs
+        .wait_event(s2, "dev.roost.desired.stale", T, |e| e.roostseq > from)
+        .await;
+    let stale: roost_schemas::payload::DesiredStale = e.typed().expect("typed");
+    assert_eq!(
+        stale.topics,
+        vec![roost_schemas::payload::StaleTopic {
+            topic: fleet.clone(),
+            listed: held,
+            held: Some(10)
+        }],
+        "rolled back"
+    );
+    converged(s2, rev_a.clone(), 10).await;
+    assert!(
+        obs.snapshot()
+            .of(s2, "dev.roost.apply.started")
+            .iter()
+            .all(|e| e.data["sequence"] == 10),
+        "only the held rollout was applied"
+    );
+    cases_run.push((
+        "stale snapshot: an older retained rollout than listed".into(),
+        "desired_stale",
+    ));
+    // Once per change: a newer snapshot listing the same is compared (its sequence shows in
+    // the status) but not reported again.
+    let reports = obs.snapshot().of(s2, "dev.roost.desired.stale").len();
+    publish(
+        cloud,
+        &snap_topic,
+        snapshot_env(&[KEY_A], 210, &[(&fleet, held)], now(), later()),
+    )
+    .await;
+    wait_status(&obs, s2, "stale at snapshot 210", |d| {
+        freshness_of(d) == Some(Stale) && d.freshness.snapshot_sequence == Some(210)
+    })
+    .await;
+    assert_eq!(
+        obs.snapshot().of(s2, "dev.roost.desired.stale").len(),
+        reports,
+        "reported once per change"
+    );
+    // The replay of the current rollout goes on: the first store rejects it, keeps its own.
+    let r = obs
+        .wait_event(s1, "dev.roost.rollout.rejected", T, |e| {
+            e.data["sequence"] == 10
+        })
+        .await;
+    assert_eq!(r.reason(), Some("replay"));
+    converged(s1, held_rev.clone(), held).await;
+
+    // Resolved: the current rollout reaches both; the next snapshot confirms them fresh.
+    let current = held + 1;
+    publish(cloud, &fleet, rollout(current, &rev_b)).await;
+    converged(s1, rev_b.clone(), current).await;
+    converged(s2, rev_b.clone(), current).await;
+    publish(
+        cloud,
+        &snap_topic,
+        snapshot_env(&[KEY_A], 300, &[(&fleet, current)], now(), later()),
+    )
+    .await;
+    for s in [s1, s2] {
+        let d = wait_status(&obs, s, "fresh at snapshot 300", |d| {
+            freshness_of(d) == Some(Fresh) && d.freshness.snapshot_sequence == Some(300)
+        })
+        .await;
+        assert!(d.freshness.desired_confirmed_at.is_some(), "{s}: confirmed");
+        assert!(d.freshness.stale_topics.is_empty(), "{s}");
+    }
+
+    // Expired on arrival (an old snapshot that was never seen, e.g. while offline): accepted,
+    // not an error: the status says expired, nothing applied, reported once.
+    let before = one.live_files(DEP);
+    let from = obs
+        .snapshot()
+        .store_events(s1)
+        .iter()
+        .map(|e| e.roostseq)
+        .max()
+        .unwrap_or(0);
+    publish(
+        cloud,
+        &snap_topic,
+        snapshot_env(
+            &[KEY_A],
+            400,
+            &[(&fleet, current)],
+            now() - time::Duration::hours(2),
+            now() - time::Duration::hours(1),
+        ),
+    )
+    .await;
+    let doc = wait_status(&obs, s1, "expired at snapshot 400", |d| {
+        freshness_of(d) == Some(Expired) && d.freshness.snapshot_sequence == Some(400)
+    })
+    .await;
+    assert!(
+        doc.freshness.desired_confirmed_at.is_some(),
+        "keeps the last confirmation"
+    );
+    let e = obs
+        .wait_event(s1, "dev.roost.desired.stale", T, |e| e.roostseq > from)
+        .await;
+    assert_eq!(e.reason(), Some("snapshot_expired"), "{}", e.data);
+    assert!(
+        obs.snapshot()
+            .of(s1, "dev.roost.rollout.rejected")
+            .iter()
+            .all(|e| e.roostseq <= from),
+        "not a rejection"
+    );
+    assert_eq!(
+        one.live_files(DEP),
+        before,
+        "expired: nothing applied or removed"
+    );
+    cases_run.push(("expired snapshot on arrival".into(), "snapshot_expired"));
+
+    // Expiring while held: fresh, then expired when its time passes, without a new message.
+    publish(
+        cloud,
+        &snap_topic,
+        snapshot_env(
+            &[KEY_A],
+            500,
+            &[(&fleet, current)],
+            now(),
+            now() + time::Duration::seconds(15),
+        ),
+    )
+    .await;
+    wait_status(&obs, s1, "fresh at snapshot 500", |d| {
+        freshness_of(d) == Some(Fresh) && d.freshness.snapshot_sequence == Some(500)
+    })
+    .await;
+    wait_status(&obs, s1, "snapshot 500 expired by itself", |d| {
+        freshness_of(d) == Some(Expired) && d.freshness.snapshot_sequence == Some(500)
+    })
+    .await;
+    assert_eq!(
+        one.live_files(DEP),
+        before,
+        "expired: nothing applied or removed"
+    );
+    cases_run.push((
+        "snapshot expiring while the store holds it".into(),
+        "snapshot_expired",
+    ));
+
+    // The replay guard survives a restart of the agent.
+    one.stop_agent().await;
+    one.start_agent();
+    let from = obs
+        .snapshot()
+        .store_events(s1)
+        .iter()
+        .map(|e| e.roostseq)
+        .max()
+        .unwrap_or(0);
+    publish(
+        cloud,
+        &snap_topic,
+        snapshot_env(&[KEY_A], 450, &[(&fleet, current)], now(), later()),
+    )
+    .await;
+    let e = obs
+        .wait_event(s1, "dev.roost.rollout.rejected", T, |e| e.roostseq > from)
+        .await;
+    assert_eq!(e.reason(), Some("snapshot_replay"), "{}", e.data);
+    cases_run.push((
+        "snapshot: lower sequence after an agent restart (replay)".into(),
+        "snapshot_replay",
+    ));
+    // Still answering.
+    publish(cloud, &fleet, rollout(current + 1, &rev_a)).await;
+    converged(s1, rev_a.clone(), current + 1).await;
+
+    eprintln!("hostile snapshot cases ({}):", cases_run.len());
+    for (i, (name, reason)) in cases_run.iter().enumerate() {
+        eprintln!("  {:>3}. {:<62} -> {reason}", i + 1, name);
+    }
+    assert!(cases_run.len() >= 20);
+    one.stop_agent().await;
+    one.stop_bridge().await;
+    two.stop_agent().await;
+    two.stop_bridge().await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 //! [`FleetFile::validate`]), and rolls each change out with signed, retained rollouts, wave
 //! by wave ([`plan`]), stopping by itself when stores fail. Everything it decides is in the
 //! fleet database first (plans, sequences, what it published), so a `kill -9` resumes where
-//! it was and publishes nothing twice.
+//! it was and publishes nothing twice. Every `snapshot_interval` and right after it publishes
+//! desired state it signs and publishes the fleet snapshot ([`snapshot`]).
 
 pub mod plan;
 pub mod promote;
+pub mod snapshot;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -17,7 +19,9 @@ use std::time::Duration;
 
 use roost_runtime::{DirectMessage, Link, LinkConfig};
 use roost_schemas::fleet::{FleetDeployment, FleetFile};
-use roost_schemas::{Rollout, Scope, SigningKey, Source, Topics, PAYLOAD_TYPE};
+use roost_schemas::{
+    Keyring, Rollout, Scope, SigningKey, Source, Topics, PAYLOAD_TYPE, SNAPSHOT_PAYLOAD_TYPE,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument as _};
 
@@ -64,6 +68,10 @@ pub struct GitopsOptions {
     /// HTTP listener: `POST /hooks/git`, `GET /plans`, the read-only API and dashboard
     /// ([`crate::api`]; `roost fleet` serves them itself, with its token).
     pub http: Option<SocketAddr>,
+    /// How often the signed fleet snapshot is published (also right after desired state).
+    pub snapshot_interval: Duration,
+    /// How long a snapshot stays valid (`expires` - `issued_at`); default 3 × the interval.
+    pub snapshot_expiry: Duration,
 }
 
 /// Loads and validates a fleet file's bytes.
@@ -144,6 +152,10 @@ struct Controller {
     refs: HashMap<(String, String), String>,
     /// The file in force and the commit it came from.
     file: Option<(String, FleetFile)>,
+    /// Desired state was published since the last snapshot.
+    snapshot_dirty: bool,
+    /// When the last snapshot went out.
+    last_snapshot: Option<tokio::time::Instant>,
 }
 
 /// One message to publish, decided and recorded before it goes out.
@@ -543,7 +555,68 @@ impl Controller {
                 payload: m.payload,
                 retain: true,
             });
+            // A new rollout is covered by a snapshot at once (after this step).
+            self.snapshot_dirty = true;
         }
+        Ok(())
+    }
+
+    /// Publishes the signed fleet snapshot (retained) when one is due: the current sequence
+    /// of every desired-state topic in the fleet database that carries the controller's
+    /// signature, with a sequence by the contract's rule on the snapshot topic.
+    async fn snapshot(&mut self) -> Result<(), GitopsError> {
+        let now = tokio::time::Instant::now();
+        if !snapshot::due(
+            self.last_snapshot,
+            now,
+            self.opts.snapshot_interval,
+            self.snapshot_dirty,
+        ) {
+            return Ok(());
+        }
+        let key = self.key.clone();
+        let topic = self.topics.snapshot();
+        let expiry = self.opts.snapshot_expiry;
+        let t2 = topic.clone();
+        let (payload, built) = self
+            .blocking(move |db| {
+                let desired = db.desired()?;
+                let mut ring = Keyring::new();
+                ring.add(key.public_key())
+                    .map_err(|e| FleetError::Usage(e.to_string()))?;
+                db.transaction(|tx| {
+                    let seq = crate::fleet::next_sequence_in(tx, &t2)?;
+                    let built = snapshot::build(
+                        &desired,
+                        &ring,
+                        seq,
+                        time::OffsetDateTime::now_utc(),
+                        expiry,
+                    );
+                    let body = serde_json::to_vec(&built.snapshot)
+                        .map_err(|e| FleetError::Usage(e.to_string()))?;
+                    let env = serde_json::to_vec(&key.sign(SNAPSHOT_PAYLOAD_TYPE, &body))
+                        .map_err(|e| FleetError::Usage(e.to_string()))?;
+                    Ok((env, built))
+                })
+            })
+            .await?;
+        if !built.skipped.is_empty() {
+            warn!(topics = ?built.skipped, "desired state not signed by this controller's key is left out of the fleet snapshot");
+        }
+        info!(
+            sequence = built.snapshot.sequence,
+            topics = built.snapshot.topics.len(),
+            expires = %built.snapshot.expires,
+            "publishing the fleet snapshot"
+        );
+        let _ = self.link.publish(DirectMessage {
+            topic,
+            payload,
+            retain: true,
+        });
+        self.snapshot_dirty = false;
+        self.last_snapshot = Some(now);
         Ok(())
     }
 }
@@ -599,6 +672,8 @@ pub async fn run(
         link: link.handle.clone(),
         refs: HashMap::new(),
         file,
+        snapshot_dirty: false,
+        last_snapshot: None,
     };
     let span = tracing::info_span!("controller", repo = %c.opts.repo);
     async move {
@@ -621,6 +696,9 @@ pub async fn run(
             if c.link.is_connected() {
                 if let Err(error) = c.tick(requests).await {
                     warn!(error = %roost_runtime::error_chain(&error), "controller step failed");
+                }
+                if let Err(error) = c.snapshot().await {
+                    warn!(error = %roost_runtime::error_chain(&error), "cannot publish the fleet snapshot");
                 }
             }
             tokio::select! {
