@@ -290,6 +290,9 @@ pub struct AgentFile {
     /// Retry backoff for failed fetches/applies: initial and max milliseconds.
     #[serde(default)]
     pub retry_ms: Option<(u64, u64)>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (`roost agent --metrics-listen`).
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The validated configuration.

@@ -149,6 +149,7 @@ pub struct GitCache {
     credentials: Arc<Vec<(SourceUrl, GitCredential)>>,
     fetch_timeout: Duration,
     locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    metrics: Option<crate::metrics::AgentMetrics>,
 }
 
 impl std::fmt::Debug for GitCache {
@@ -175,7 +176,14 @@ impl GitCache {
             credentials: Arc::new(credentials),
             fetch_timeout,
             locks: Arc::default(),
+            metrics: None,
         }
+    }
+
+    /// Counts fetches (duration, bytes) in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::AgentMetrics) -> GitCache {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Removes `*.lock` files that a fetch killed mid-way left behind (libgit2 would refuse
@@ -259,14 +267,22 @@ impl GitCache {
             drop(guard);
             res
         });
-        match tokio::time::timeout(self.fetch_timeout, job).await {
+        let started = std::time::Instant::now();
+        let res = match tokio::time::timeout(self.fetch_timeout, job).await {
             Ok(Ok(res)) => res,
             Ok(Err(join)) => Err(GitError::Join(join)),
             Err(_) => Err(GitError::Fetch {
                 url: url.to_owned(),
                 message: format!("no answer within {} s", self.fetch_timeout.as_secs()),
             }),
+        };
+        match (&res, &self.metrics) {
+            // A fetch happened (or failed): the cached case is not a fetch.
+            (Ok(Some(bytes)), Some(m)) => m.fetched(true, *bytes, started.elapsed()),
+            (Err(_), Some(m)) => m.fetched(false, 0, started.elapsed()),
+            _ => {}
         }
+        res.map(|fetched| fetched.is_some())
     }
 
     /// One file at `revision` (which must be in the cache), at most `max_bytes`.
@@ -365,11 +381,11 @@ fn ensure_blocking(
     url: &str,
     revision: &str,
     creds: &[(SourceUrl, GitCredential)],
-) -> Result<bool, GitError> {
+) -> Result<Option<u64>, GitError> {
     let repo = open_or_init(dir)?;
     if has_commit(&repo, revision) {
         debug!(%url, %revision, "revision in cache");
-        return Ok(false);
+        return Ok(None);
     }
     let fetch_err = |e: git2::Error| GitError::Fetch {
         url: crate::decide::redact_url(url),
@@ -402,6 +418,14 @@ fn ensure_blocking(
         };
         git2::Cred::userpass_plaintext(c.username.as_deref().unwrap_or("x-access-token"), &token)
     });
+    // Bytes received, as the transfer reports them (the remote's own stats are not kept for
+    // every transport).
+    let received = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let r2 = received.clone();
+    cb.transfer_progress(move |p| {
+        r2.set(r2.get().max(p.received_bytes() as u64));
+        true
+    });
     let mut fo = git2::FetchOptions::new();
     fo.remote_callbacks(cb);
     fo.download_tags(git2::AutotagOption::All);
@@ -418,12 +442,15 @@ fn ensure_blocking(
             None,
         )
         .map_err(fetch_err)?;
+    let mut bytes = received.replace(0);
     if !has_commit(&repo, revision) {
         // Servers that allow it can serve an unadvertised commit directly.
         let _ = remote.fetch(&[revision], Some(&mut fo), None);
+        bytes += received.get();
     }
     if has_commit(&repo, revision) {
-        Ok(true)
+        info!(%url, %revision, bytes, "fetched");
+        Ok(Some(bytes))
     } else {
         Err(GitError::RevisionNotFound {
             url: crate::decide::redact_url(url),

@@ -174,6 +174,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         port: cloud.port(),
         cache_dir: dir.join("controller-git"),
         http: None,
+        metrics: None,
         security: Default::default(),
     };
     let t0 = Instant::now();

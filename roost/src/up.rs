@@ -251,6 +251,7 @@ pub fn store_configs(
         outbox_max_mib: None,
         retry_ms: Some((500, 10_000)),
         confirm_via_bridge: None,
+        metrics_listen: None,
     };
     let agent = AgentConfig::from_file(file).map_err(setup("agent config"))?;
     let endpoint = |a: SocketAddr| roost_runtime::Endpoint::local(a, 5);
@@ -262,6 +263,7 @@ pub fn store_configs(
         edge: endpoint(edge),
         cloud: endpoint(cloud),
         outbox_max_mib: None,
+        metrics_listen: None,
     };
     bridge.validate().map_err(setup("bridge config"))?;
     Ok((agent, bridge))
@@ -368,6 +370,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         security: Default::default(),
         cache_dir: state_dir.join("controller-git"),
         http: None,
+        metrics: None,
     };
     let ckey = cloud::load_key(&key_dir.join(format!("{key_id}.key"))).map_err(setup("key"))?;
     let c = child.clone();

@@ -104,6 +104,7 @@ impl Rig {
             security: Default::default(),
             cache_dir: self.dir.path().join("controller-git"),
             http: None,
+            metrics: None,
         };
         let db = roost::fleet::FleetDb::open(&self.db).expect("db");
         let key = roost_schemas::SigningKey::from_pkcs8(self.signer.key.pkcs8().expect("pkcs8"))

@@ -70,6 +70,8 @@ pub struct GitopsOptions {
     pub cache_dir: PathBuf,
     /// `POST /hooks/git` (and `GET /plans`) listener.
     pub http: Option<SocketAddr>,
+    /// Also serve `GET /metrics` on `http`.
+    pub metrics: Option<roost_runtime::Exporter>,
 }
 
 /// Loads and validates a fleet file's bytes.
@@ -538,7 +540,14 @@ pub async fn run(
     let link = Link::start(lc, None, cancel.child_token())?;
     let trigger = Arc::new(Notify::new());
     if let Some(addr) = opts.http {
-        serve_hooks(addr, trigger.clone(), db.clone(), cancel.child_token()).await?;
+        serve_hooks(
+            addr,
+            trigger.clone(),
+            db.clone(),
+            opts.metrics.clone(),
+            cancel.child_token(),
+        )
+        .await?;
     }
     let file = {
         let db = db.clone();
@@ -601,6 +610,7 @@ async fn serve_hooks(
     addr: SocketAddr,
     trigger: Arc<Notify>,
     db: FleetDb,
+    metrics: Option<roost_runtime::Exporter>,
     cancel: CancellationToken,
 ) -> Result<(), GitopsError> {
     use axum::routing::{get, post};
@@ -635,6 +645,10 @@ async fn serve_hooks(
                 }
             }),
         );
+    let app = match metrics {
+        Some(m) => app.merge(m.router()),
+        None => app,
+    };
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { cancel.cancelled().await })
