@@ -290,9 +290,20 @@ pub struct AgentFile {
     /// Retry backoff for failed fetches/applies: initial and max milliseconds.
     #[serde(default)]
     pub retry_ms: Option<(u64, u64)>,
+    /// The status document is republished at least this often, changes or not (default
+    /// 60 s): the fleet's readers show a store silent for much longer as stale.
+    #[serde(default)]
+    pub status_heartbeat_s: Option<u64>,
     /// Serve Prometheus metrics at `http://ADDR/metrics` (`roost agent --metrics-listen`).
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl AgentFile {
+    /// The status heartbeat interval.
+    pub fn status_heartbeat(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.status_heartbeat_s.unwrap_or(60).max(1))
+    }
 }
 
 /// The validated configuration.

@@ -300,6 +300,23 @@ impl GitCache {
             .map_err(GitError::Join)?
     }
 
+    /// The subject line and commit time (Unix seconds) of `revision` (which must be in the
+    /// cache), for people reading the fleet's status.
+    pub async fn commit_info(&self, url: &str, revision: &str) -> Result<(String, i64), GitError> {
+        let dir = self.repo_dir(url);
+        let r = revision.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let repo = git2::Repository::open_bare(&dir)?;
+            let commit = repo.find_commit(git2::Oid::from_str(&r)?)?;
+            let summary =
+                String::from_utf8_lossy(commit.summary_bytes().unwrap_or_default()).into_owned();
+            let subject: String = summary.chars().take(200).collect();
+            Ok((subject, commit.time().seconds()))
+        })
+        .await
+        .map_err(GitError::Join)?
+    }
+
     /// Renders the files under `path` at `revision` (which must be in the cache).
     pub async fn render(
         &self,

@@ -309,6 +309,7 @@ impl Ledger {
         topic: String,
         store: String,
         groups: Vec<String>,
+        heartbeat: Duration,
         cancel: CancellationToken,
     ) {
         self.changed.notify_one();
@@ -316,6 +317,8 @@ impl Ledger {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = self.changed.notified() => {}
+                // Nothing changed for a while: say so anyway, so silence means trouble.
+                _ = tokio::time::sleep(heartbeat) => {}
             }
             // Coalesce bursts of changes into one document.
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -331,6 +334,7 @@ impl Ledger {
                     roostseq,
                     outbox_backlog: backlog,
                     deployments: deployments.clone(),
+                    heartbeat_s: Some(heartbeat.as_secs()),
                 };
                 serde_json::to_vec(&doc).unwrap_or_default()
             };

@@ -161,6 +161,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
                 topics.status(&store),
                 store.clone(),
                 cfg.file.groups.clone(),
+                cfg.file.status_heartbeat(),
                 child.clone(),
             )
             .instrument(tracing::info_span!("status")),

@@ -235,7 +235,6 @@ mod tests {
             "roost_agent_git_fetch_bytes_total 1234",
             "roost_agent_git_fetch_duration_seconds_count{result=\"ok\"} 1",
             "# TYPE roost_outbox_messages gauge",
-            "# TYPE roost_mqtt_connects_total counter",
         ] {
             assert!(text.contains(want), "{want} missing:\n{text}");
         }

@@ -567,6 +567,7 @@ mod tests {
             updated_at: roost_schemas::now_rfc3339(),
             roostseq: 3,
             outbox_backlog: 0,
+            heartbeat_s: None,
             deployments: Default::default(),
         };
         assert_eq!(check(&t.status(STORE), &bytes(&doc)), Ok(Upward::Status));

@@ -1,17 +1,14 @@
 //! Cloud-side commands: key generation, signing and publishing rollouts, reading the fleet's
 //! retained status, and following the event stream.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use roost_runtime::Security;
-use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::{
-    Envelope, Origin, Policy, Presence, Rollout, Scope, SigningKey, Source, StatusDoc, Topics,
-    PAYLOAD_TYPE,
+    Envelope, Origin, Policy, Rollout, Scope, SigningKey, Source, Topics, PAYLOAD_TYPE,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
@@ -399,157 +396,6 @@ pub async fn rollout(
     Ok(rollout)
 }
 
-/// One row of the fleet table.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct FleetRow {
-    /// Store.
-    pub store: String,
-    /// Deployment ("-" when none).
-    pub deployment: String,
-    /// Desired revision (short).
-    pub desired: String,
-    /// Applied revision (short).
-    pub applied: String,
-    /// Phase.
-    pub phase: String,
-    /// Drift.
-    pub drift: bool,
-    /// Presence and since when.
-    pub presence: String,
-    /// Last status update.
-    pub last_seen: String,
-    /// Message.
-    pub message: String,
-}
-
-/// Builds the fleet table from retained status and presence messages.
-pub fn fleet_rows(topics: &Topics, msgs: &[(String, Vec<u8>)]) -> Vec<FleetRow> {
-    let mut status: BTreeMap<String, StatusDoc> = BTreeMap::new();
-    let mut presence: BTreeMap<String, Presence> = BTreeMap::new();
-    for (t, p) in msgs {
-        match topics.parse_store_topic(t) {
-            Some((s, StoreTopicKind::Status)) => {
-                if let Ok(d) = serde_json::from_slice(p) {
-                    status.insert(s, d);
-                }
-            }
-            Some((s, StoreTopicKind::Presence)) => {
-                if let Ok(d) = serde_json::from_slice(p) {
-                    presence.insert(s, d);
-                }
-            }
-            _ => {}
-        }
-    }
-    let short = |s: Option<&String>| {
-        s.map(|r| r.chars().take(12).collect())
-            .unwrap_or_else(|| "-".to_string())
-    };
-    let mut stores: Vec<String> = status.keys().chain(presence.keys()).cloned().collect();
-    stores.sort();
-    stores.dedup();
-    let mut rows = Vec::new();
-    for s in stores {
-        let pres = presence
-            .get(&s)
-            .map(|p| {
-                format!(
-                    "{} since {}",
-                    serde_json::to_value(p.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
-                    p.since
-                )
-            })
-            .unwrap_or_else(|| "unknown".into());
-        match status.get(&s) {
-            Some(doc) if !doc.deployments.is_empty() => {
-                for (d, st) in &doc.deployments {
-                    rows.push(FleetRow {
-                        store: s.clone(),
-                        deployment: d.clone(),
-                        desired: short(st.desired.as_ref().map(|x| &x.revision)),
-                        applied: short(st.applied_revision.as_ref()),
-                        phase: st.phase.as_str().into(),
-                        drift: st.drift,
-                        presence: pres.clone(),
-                        last_seen: doc.updated_at.clone(),
-                        message: st.message.clone(),
-                    });
-                }
-            }
-            other => rows.push(FleetRow {
-                store: s.clone(),
-                deployment: "-".into(),
-                desired: "-".into(),
-                applied: "-".into(),
-                phase: "-".into(),
-                drift: false,
-                presence: pres,
-                last_seen: other
-                    .map(|d| d.updated_at.clone())
-                    .unwrap_or_else(|| "-".into()),
-                message: String::new(),
-            }),
-        }
-    }
-    rows
-}
-
-/// Renders the fleet table as text.
-pub fn render_table(rows: &[FleetRow]) -> String {
-    let header = [
-        "STORE",
-        "DEPLOYMENT",
-        "DESIRED",
-        "APPLIED",
-        "PHASE",
-        "DRIFT",
-        "PRESENCE",
-        "LAST SEEN",
-        "MESSAGE",
-    ];
-    let cells: Vec<[String; 9]> = rows
-        .iter()
-        .map(|r| {
-            [
-                r.store.clone(),
-                r.deployment.clone(),
-                r.desired.clone(),
-                r.applied.clone(),
-                r.phase.clone(),
-                if r.drift { "yes".into() } else { "no".into() },
-                r.presence.clone(),
-                r.last_seen.clone(),
-                r.message.clone(),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for c in &cells {
-        for (i, v) in c.iter().enumerate() {
-            widths[i] = widths[i].max(v.len());
-        }
-    }
-    let line = |vals: Vec<&str>| {
-        vals.iter()
-            .enumerate()
-            .map(|(i, v)| format!("{v:<w$}", w = widths[i]))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_owned()
-    };
-    let mut out = line(header.to_vec());
-    out.push('\n');
-    for c in &cells {
-        out.push_str(&line(c.iter().map(String::as_str).collect()));
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -587,22 +433,10 @@ mod tests {
     }
 
     #[test]
-    fn keygen_roundtrip_and_table() {
+    fn keygen_roundtrip() {
         let dir = tempfile::tempdir().expect("tmp");
         let (id, _pub) = keygen(dir.path()).expect("keygen");
         let key = load_key(&dir.path().join(format!("{id}.key"))).expect("load");
         assert_eq!(key.key_id(), id);
-        let topics = Topics::default();
-        let doc = serde_json::json!({"store":"s1","agent_version":"0","updated_at":"t","roostseq":3,"outbox_backlog":0,
-            "deployments":{"web":{"desired":{"revision":"a".repeat(40),"sequence":1,"scope":"fleet"},"applied_revision":"a".repeat(40),"phase":"Converged","drift":false}}});
-        let rows = fleet_rows(
-            &topics,
-            &[(topics.status("s1"), serde_json::to_vec(&doc).expect("json"))],
-        );
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].phase, "Converged");
-        let table = render_table(&rows);
-        assert!(table.starts_with("STORE"));
-        assert!(table.contains("aaaaaaaaaaaa"));
     }
 }

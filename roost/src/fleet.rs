@@ -156,7 +156,8 @@ impl FleetDb {
             CREATE TABLE IF NOT EXISTS presence (store TEXT PRIMARY KEY, json TEXT NOT NULL, received_at TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS desired (topic TEXT PRIMARY KEY, sequence INTEGER NOT NULL, payload BLOB NOT NULL);
             CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-            CREATE TABLE IF NOT EXISTS sequences (topic TEXT PRIMARY KEY, last INTEGER NOT NULL);",
+            CREATE TABLE IF NOT EXISTS sequences (topic TEXT PRIMARY KEY, last INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS revisions (revision TEXT PRIMARY KEY, url TEXT NOT NULL, subject TEXT NOT NULL, committed_at TEXT NOT NULL);",
         )?;
         Ok(FleetDb {
             conn: Arc::new(Mutex::new(conn)),
@@ -287,6 +288,52 @@ impl FleetDb {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The last `limit` events to arrive, newest last, with their stores.
+    pub fn recent_events(&self, limit: usize) -> Result<Vec<(String, StoredEvent)>, FleetError> {
+        let c = self.lock();
+        let mut stmt = c.prepare(
+            "SELECT store, id, roostseq, type, arrival, json FROM events ORDER BY arrival DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok((
+                r.get(0)?,
+                StoredEvent {
+                    id: r.get(1)?,
+                    roostseq: r.get::<_, i64>(2)? as u64,
+                    ty: r.get(3)?,
+                    arrival: r.get(4)?,
+                    json: r.get(5)?,
+                },
+            ))
+        })?;
+        let mut out: Vec<(String, StoredEvent)> = rows.collect::<Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Remembers a commit's subject line and time (RFC 3339), for the fleet's views.
+    pub fn put_revision(
+        &self,
+        revision: &str,
+        url: &str,
+        subject: &str,
+        committed_at: &str,
+    ) -> Result<(), FleetError> {
+        self.lock().execute(
+            "INSERT OR REPLACE INTO revisions(revision, url, subject, committed_at) VALUES (?1, ?2, ?3, ?4)",
+            params![revision, url, subject, committed_at],
+        )?;
+        Ok(())
+    }
+
+    /// Every known commit: revision -> (subject, committed_at).
+    pub fn revisions(&self) -> Result<HashMap<String, (String, String)>, FleetError> {
+        let c = self.lock();
+        let mut stmt = c.prepare("SELECT revision, subject, committed_at FROM revisions")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Stores with events or status.
     pub fn stores(&self) -> Result<Vec<String>, FleetError> {
         let c = self.lock();
@@ -390,10 +437,12 @@ fn insert_events<'a>(
 }
 
 fn upsert_doc(c: &Connection, status: bool, store: &str, json: &str) -> Result<(), FleetError> {
+    // `received_at` is when the store last said something: the same document delivered again
+    // (a retained message replayed to a new subscription) is no sign of life.
     let sql = if status {
-        "INSERT INTO status(store, json, received_at) VALUES (?1, ?2, ?3) ON CONFLICT(store) DO UPDATE SET json = excluded.json, received_at = excluded.received_at"
+        "INSERT INTO status(store, json, received_at) VALUES (?1, ?2, ?3) ON CONFLICT(store) DO UPDATE SET json = excluded.json, received_at = excluded.received_at WHERE status.json IS NOT excluded.json"
     } else {
-        "INSERT INTO presence(store, json, received_at) VALUES (?1, ?2, ?3) ON CONFLICT(store) DO UPDATE SET json = excluded.json, received_at = excluded.received_at"
+        "INSERT INTO presence(store, json, received_at) VALUES (?1, ?2, ?3) ON CONFLICT(store) DO UPDATE SET json = excluded.json, received_at = excluded.received_at WHERE presence.json IS NOT excluded.json"
     };
     c.execute(sql, params![store, json, roost_schemas::now_rfc3339()])?;
     Ok(())

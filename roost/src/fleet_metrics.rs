@@ -13,11 +13,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use roost_runtime::metrics::Refresh;
-use roost_schemas::{Presence, PresenceState, StatusDoc, Topics};
 use tracing::warn;
 
 use crate::fleet::{FleetDb, FleetError};
 use crate::gitops::plan::{PlanStatus, StoreOutcome};
+use crate::view::{self, FleetView, Summary};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
@@ -63,77 +63,35 @@ pub struct PlanProgress {
 /// What the gauges show, computed from the database in one go.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// (deployment, phase) → stores.
-    pub by_phase: BTreeMap<(String, String), usize>,
-    /// Deployment → stores reporting drift.
+    /// The fleet view's summary (the same counts `roost status` and the dashboard show).
+    pub summary: Summary,
+    /// Deployment → stores reporting drift on it.
     pub drifted: BTreeMap<String, usize>,
-    /// Stores per presence: online, offline, unknown (no presence document).
-    pub presence: BTreeMap<&'static str, usize>,
-    /// Stores whose last report cannot be trusted as current (offline: their status is
-    /// their last word, not the present).
-    pub stale: usize,
     /// Distinct events recorded.
     pub events: u64,
     /// Duplicate deliveries dropped.
     pub duplicates: u64,
-    /// Missing roostseq ranges, and the events in them.
+    /// Missing roostseq ranges.
     pub gaps: usize,
-    /// Events missing in the gaps.
+    /// Events missing in those ranges.
     pub missing: u64,
     /// Deployment → its plan's progress.
     pub plans: BTreeMap<String, PlanProgress>,
 }
 
-/// Counts stores by phase, presence and drift from their retained documents (topic, JSON).
-pub fn summarize(topics: &Topics, msgs: &[(String, Vec<u8>)]) -> Snapshot {
-    let mut presence: BTreeMap<String, PresenceState> = BTreeMap::new();
-    let mut docs: BTreeMap<String, StatusDoc> = BTreeMap::new();
-    for (topic, payload) in msgs {
-        let Some((store, kind)) = topics.parse_store_topic(topic) else {
-            continue;
-        };
-        match kind {
-            roost_schemas::topics::StoreTopicKind::Presence => {
-                if let Ok(p) = serde_json::from_slice::<Presence>(payload) {
-                    presence.insert(store, p.state);
-                }
-            }
-            roost_schemas::topics::StoreTopicKind::Status => {
-                if let Ok(d) = serde_json::from_slice::<StatusDoc>(payload) {
-                    docs.insert(store, d);
-                }
-            }
-            _ => {}
+/// The view's figures: its summary, and drift per deployment from its rows.
+pub fn from_view(view: &FleetView) -> Snapshot {
+    let mut drifted: BTreeMap<String, usize> = BTreeMap::new();
+    for row in &view.stores {
+        for c in row.deployments.iter().filter(|c| c.drift) {
+            *drifted.entry(c.deployment.clone()).or_default() += 1;
         }
     }
-    let mut s = Snapshot::default();
-    let mut stores: std::collections::BTreeSet<&String> = docs.keys().collect();
-    stores.extend(presence.keys());
-    for store in stores {
-        let state = match presence.get(store) {
-            Some(PresenceState::Online) => "online",
-            Some(PresenceState::Offline) => "offline",
-            None => "unknown",
-        };
-        *s.presence.entry(state).or_default() += 1;
-        if state == "offline" {
-            s.stale += 1;
-        }
-        for (d, st) in docs
-            .get(store)
-            .map(|d| &d.deployments)
-            .into_iter()
-            .flatten()
-        {
-            *s.by_phase
-                .entry((d.clone(), st.phase.as_str().to_owned()))
-                .or_default() += 1;
-            if st.drift {
-                *s.drifted.entry(d.clone()).or_default() += 1;
-            }
-        }
+    Snapshot {
+        summary: view.summary.clone(),
+        drifted,
+        ..Snapshot::default()
     }
-    s
 }
 
 fn plan_progress(p: &crate::gitops::plan::Plan) -> PlanProgress {
@@ -167,12 +125,12 @@ fn plan_progress(p: &crate::gitops::plan::Plan) -> PlanProgress {
 
 /// Reads everything the gauges show.
 pub fn snapshot(db: &FleetDb) -> Result<Snapshot, FleetError> {
-    let topics = Topics::default();
-    let mut s = summarize(&topics, &db.status_messages(&topics)?);
+    let inputs = view::load(db)?;
+    let gaps = inputs.gaps.clone();
+    let mut s = from_view(&view::build(&inputs, crate::fleet::now_ms()));
     let counts = db.counts()?;
     s.events = counts.events;
     s.duplicates = counts.duplicates;
-    let gaps = db.gaps()?;
     s.gaps = gaps.len();
     s.missing = gaps.iter().map(|g| g.to - g.from + 1).sum();
     s.plans = db
@@ -190,10 +148,13 @@ fn gauge(n: usize) -> i64 {
 /// The fleet service's metrics.
 #[derive(Clone, Debug, Default)]
 pub struct FleetMetrics {
+    total: Gauge,
     stores: Family<PhaseLabels, Gauge>,
     drifted: Family<DeploymentLabels, Gauge>,
     presence: Family<StateLabels, Gauge>,
     stale: Gauge,
+    drifted_stores: Gauge,
+    with_gaps: Gauge,
     events: Counter,
     events_seen: Arc<AtomicU64>,
     duplicates: Counter,
@@ -219,7 +180,12 @@ impl FleetMetrics {
     pub fn register(&self, r: &mut Registry) {
         r.register(
             "roost_fleet_stores",
-            "Stores per deployment and reported phase",
+            "Stores known (a status or presence document)",
+            self.total.clone(),
+        );
+        r.register(
+            "roost_fleet_stores_by_phase",
+            "Stores per deployment and shown phase (Stale for a stale store, never Converged)",
             self.stores.clone(),
         );
         r.register(
@@ -229,13 +195,23 @@ impl FleetMetrics {
         );
         r.register(
             "roost_fleet_stores_presence",
-            "Stores by presence: online, offline, unknown (no presence document)",
+            "Stores by presence: online (or no presence and not silent), offline",
             self.presence.clone(),
         );
         r.register(
             "roost_fleet_stores_stale",
-            "Stores whose last report is not current (offline): their phase is their last word",
+            "Stale stores: offline, silent past their heartbeat, or desired state not confirmed fresh",
             self.stale.clone(),
+        );
+        r.register(
+            "roost_fleet_stores_drifted_any",
+            "Stores with at least one drifted deployment",
+            self.drifted_stores.clone(),
+        );
+        r.register(
+            "roost_fleet_stores_with_gaps",
+            "Stores with gaps in their event sequence",
+            self.with_gaps.clone(),
         );
         r.register(
             "roost_fleet_events_recorded",
@@ -281,15 +257,19 @@ impl FleetMetrics {
 
     /// Shows `s`.
     pub fn set(&self, s: &Snapshot) {
+        let sum = &s.summary;
+        self.total.set(gauge(sum.stores));
         // Series of stores, deployments or plans that are gone must not linger.
         self.stores.clear();
-        for ((deployment, phase), n) in &s.by_phase {
-            self.stores
-                .get_or_create(&PhaseLabels {
-                    deployment: deployment.clone(),
-                    phase: phase.clone(),
-                })
-                .set(gauge(*n));
+        for (deployment, d) in &sum.deployments {
+            for (phase, n) in &d.by_phase {
+                self.stores
+                    .get_or_create(&PhaseLabels {
+                        deployment: deployment.clone(),
+                        phase: phase.clone(),
+                    })
+                    .set(gauge(*n));
+            }
         }
         self.drifted.clear();
         for (deployment, n) in &s.drifted {
@@ -299,12 +279,14 @@ impl FleetMetrics {
                 })
                 .set(gauge(*n));
         }
-        for state in ["online", "offline", "unknown"] {
+        for (state, n) in [("online", sum.online), ("offline", sum.offline)] {
             self.presence
                 .get_or_create(&StateLabels { state })
-                .set(gauge(s.presence.get(state).copied().unwrap_or(0)));
+                .set(gauge(n));
         }
-        self.stale.set(gauge(s.stale));
+        self.stale.set(gauge(sum.stale));
+        self.drifted_stores.set(gauge(sum.drifted));
+        self.with_gaps.set(gauge(sum.with_gaps));
         follow(&self.events, &self.events_seen, s.events);
         follow(&self.duplicates, &self.duplicates_seen, s.duplicates);
         self.gaps.set(gauge(s.gaps));
@@ -369,38 +351,61 @@ impl FleetMetrics {
 mod tests {
     use super::*;
 
-    fn status(store: &str, phase: &str, drift: bool) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({
-            "store": store, "agent_version": "0", "updated_at": "2026-12-01T00:00:00Z",
-            "roostseq": 1, "outbox_backlog": 0,
-            "deployments": {"web": {"phase": phase, "drift": drift, "message": ""}}
-        }))
-        .expect("json")
+    fn status(store: &str, phase: &str, drift: bool) -> view::Doc {
+        view::Doc {
+            store: store.into(),
+            json: serde_json::json!({
+                "store": store, "agent_version": "0", "updated_at": roost_schemas::now_rfc3339(),
+                "roostseq": 1, "outbox_backlog": 0,
+                "deployments": {"web": {"phase": phase, "drift": drift, "message": ""}}
+            })
+            .to_string(),
+            received_at: Some(roost_schemas::now_rfc3339()),
+        }
     }
 
-    fn presence(state: &str) -> Vec<u8> {
-        serde_json::to_vec(&serde_json::json!({"state": state, "since": "2026-12-01T00:00:00Z"}))
-            .expect("json")
+    fn presence(store: &str, state: &str) -> view::Doc {
+        view::Doc {
+            store: store.into(),
+            json: serde_json::json!({"state": state, "since": roost_schemas::now_rfc3339()})
+                .to_string(),
+            received_at: Some(roost_schemas::now_rfc3339()),
+        }
     }
 
-    #[test]
-    fn summary_counts_phases_presence_drift_and_offline_as_stale() {
-        let t = Topics::default();
-        let msgs = vec![
-            (t.status("s1"), status("s1", "Converged", false)),
-            (t.presence("s1"), presence("online")),
-            (t.status("s2"), status("s2", "Converged", true)),
-            (t.presence("s2"), presence("offline")),
-            (t.status("s3"), status("s3", "Failed", false)),
-            (t.presence("s4"), presence("online")),
-        ];
-        let s = summarize(&t, &msgs);
-        assert_eq!(s.by_phase[&("web".into(), "Converged".into())], 2);
-        assert_eq!(s.by_phase[&("web".into(), "Failed".into())], 1);
-        assert_eq!(s.drifted["web"], 1);
-        assert_eq!(s.presence["online"], 2);
-        assert_eq!(s.presence["offline"], 1);
-        assert_eq!(s.presence["unknown"], 1);
-        assert_eq!(s.stale, 1);
+    /// The gauges show the view's summary: an offline store is stale and not Converged.
+    #[tokio::test]
+    async fn gauges_show_the_fleet_view() {
+        let inputs = view::Inputs {
+            status: vec![
+                status("s1", "Converged", false),
+                status("s2", "Converged", true),
+                status("s3", "Failed", false),
+            ],
+            presence: vec![
+                presence("s1", "online"),
+                presence("s2", "offline"),
+                presence("s3", "online"),
+            ],
+            ..Default::default()
+        };
+        let snap = from_view(&view::build(&inputs, crate::fleet::now_ms()));
+        let m = FleetMetrics::default();
+        let mut r = Registry::default();
+        m.register(&mut r);
+        m.set(&snap);
+        let text = roost_runtime::Exporter::new(r).render().await;
+        for want in [
+            "roost_fleet_stores 3",
+            "roost_fleet_stores_by_phase{deployment=\"web\",phase=\"Converged\"} 1",
+            "roost_fleet_stores_by_phase{deployment=\"web\",phase=\"Failed\"} 1",
+            "roost_fleet_stores_by_phase{deployment=\"web\",phase=\"Stale\"} 1",
+            "roost_fleet_stores_presence{state=\"offline\"} 1",
+            "roost_fleet_stores_presence{state=\"online\"} 2",
+            "roost_fleet_stores_stale 1",
+            "roost_fleet_stores_drifted{deployment=\"web\"} 1",
+        ] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
     }
 }

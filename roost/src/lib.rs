@@ -10,6 +10,8 @@ pub mod rollout_wait;
 pub mod sim;
 pub mod sim_controller;
 pub mod up;
+pub mod up_view;
+pub mod view;
 
 /// Installs the process-wide rustls crypto provider (ring) once. rumqttc and kube both use
 /// rustls; without an explicit provider, building a client can panic.

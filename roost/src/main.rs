@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use roost::cloud::{self, RolloutSpec};
+use roost::view;
 use roost_schemas::{Policy, Scope, Topics};
 use tokio_util::sync::CancellationToken;
 
@@ -271,12 +272,32 @@ enum Cmd {
         /// Read from a `roost fleet` database instead, and also report event gaps.
         #[arg(long)]
         db: Option<PathBuf>,
-        /// Print JSON.
+        /// Print JSON (full revisions, the stale verdict and its reason, the summary).
         #[arg(long)]
         json: bool,
         /// Seconds to collect retained messages.
         #[arg(long, default_value_t = 2)]
         wait: u64,
+        /// Only stores in this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only cells in this phase as shown (`Stale` included).
+        #[arg(long)]
+        phase: Option<String>,
+        /// Only stale stores (offline, silent past their heartbeat, or desired state not
+        /// confirmed fresh).
+        #[arg(long)]
+        stale: bool,
+        /// Only this deployment.
+        #[arg(long)]
+        deployment: Option<String>,
+        /// Compare what two sets of stores run, per deployment (`group:canary fleet`):
+        /// which deployments are "Updatable" from the first to the second.
+        #[arg(long, num_args = 2, value_names = ["SOURCE", "TARGET"])]
+        compare: Option<Vec<String>>,
+        /// Redraw every N seconds (default 2) until interrupted.
+        #[arg(long, num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
     },
     /// The cloud-side fleet record: status, events (deduplicated, gaps detected) and desired
     /// state, kept in SQLite; puts back retained desired state the cloud broker lost (checked on
@@ -766,41 +787,80 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             db,
             json,
             wait,
+            group,
+            phase,
+            stale,
+            deployment,
+            compare,
+            watch,
         } => {
             let topics = Topics::default();
-            let (msgs, gaps) = match (db, broker) {
-                (Some(db), _) => {
-                    let db = roost::fleet::FleetDb::open(&db)?;
-                    (db.status_messages(&topics)?, Some(db.gaps()?))
-                }
-                (None, Some(broker)) => {
-                    let broker = security.target(&broker)?;
-                    let filters = vec![
-                        topics.all_stores(roost_schemas::topics::StoreTopicKind::Status),
-                        topics.all_stores(roost_schemas::topics::StoreTopicKind::Presence),
-                    ];
-                    let read = async {
-                        Ok(
-                            cloud::read_retained(&broker, &filters, Duration::from_secs(wait))
-                                .await?,
-                        )
-                    };
-                    (interruptible(&cancel, read).await?, None)
-                }
+            let compare = compare
+                .map(|c| -> anyhow::Result<(view::Selector, view::Selector)> {
+                    let parse = |s: &str| s.parse::<view::Selector>().map_err(anyhow::Error::msg);
+                    Ok((parse(&c[0])?, parse(&c[1])?))
+                })
+                .transpose()?;
+            let filter = view::Filter {
+                group,
+                phase,
+                stale,
+                deployment,
+                store: None,
+            };
+            let db = db.map(|d| roost::fleet::FleetDb::open(&d)).transpose()?;
+            let broker = match (&db, broker) {
+                (Some(_), _) => None,
+                (None, Some(b)) => Some(security.target(&b)?),
                 (None, None) => anyhow::bail!("give --broker or --db"),
             };
-            let rows = cloud::fleet_rows(&topics, &msgs);
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"stores": rows, "gaps": gaps})
-                    )?
-                );
-            } else {
-                print!("{}", cloud::render_table(&rows));
-                for g in gaps.unwrap_or_default() {
-                    println!("GAP  {}  roostseq {}..{} missing", g.store, g.from, g.to);
+            loop {
+                let inputs = match (&db, &broker) {
+                    (Some(db), _) => view::load(db)?,
+                    (None, Some(broker)) => {
+                        let filters = vec![
+                            topics.all_stores(roost_schemas::topics::StoreTopicKind::Status),
+                            topics.all_stores(roost_schemas::topics::StoreTopicKind::Presence),
+                        ];
+                        let read = async {
+                            Ok(
+                                cloud::read_retained(broker, &filters, Duration::from_secs(wait))
+                                    .await?,
+                            )
+                        };
+                        view::from_retained(&topics, &interruptible(&cancel, read).await?)
+                    }
+                    (None, None) => anyhow::bail!("give --broker or --db"),
+                };
+                let v = view::build(&inputs, roost::fleet::now_ms());
+                let text = match (&compare, json) {
+                    (Some((a, b)), true) => {
+                        serde_json::to_string_pretty(&view::compare(&v, a, b))? + "\n"
+                    }
+                    (Some((a, b)), false) => view::render_compare(a, b, &view::compare(&v, a, b)),
+                    (None, true) => {
+                        let rows = view::filter(&v, &filter);
+                        serde_json::to_string_pretty(&serde_json::json!({
+                            "generated_at": v.generated_at,
+                            "summary": v.summary,
+                            "stores": rows,
+                        }))? + "\n"
+                    }
+                    (None, false) => {
+                        view::render_summary(&v.summary) + &view::render(&view::filter(&v, &filter))
+                    }
+                };
+                let Some(every) = watch else {
+                    print!("{text}");
+                    break;
+                };
+                // Redraw in place: home, the new text, clear what is left of the old one.
+                print!("\x1b[H{}\x1b[J", text.replace('\n', "\x1b[K\n"));
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(every.max(1))) => {}
                 }
             }
         }

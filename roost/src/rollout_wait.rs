@@ -652,6 +652,7 @@ mod tests {
                 updated_at: "2026-12-01T00:00:00Z".into(),
                 roostseq: 1,
                 outbox_backlog: 0,
+                heartbeat_s: None,
                 deployments,
             }),
             presence: Some(PresenceState::Online),

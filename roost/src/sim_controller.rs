@@ -60,6 +60,7 @@ fn status_doc(store: &str, groups: &[String], deployment: &str, rev: Option<&str
         updated_at: roost_schemas::now_rfc3339(),
         roostseq: 1,
         outbox_backlog: 0,
+        heartbeat_s: None,
         deployments,
         groups: groups.to_vec(),
     };

@@ -5,6 +5,7 @@
 //! a manifest or `roost.yaml`, `git commit`, and the waves roll.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -63,7 +64,8 @@ pub struct SampleRepo {
     pub first: String,
 }
 
-const MANIFESTS: &[(&str, &str)] = &[
+/// The demo app's files (path → content).
+pub const MANIFESTS: &[(&str, &str)] = &[
     (
         "apps/kitchen-display/namespace.yaml",
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: kitchen\n",
@@ -250,6 +252,7 @@ pub fn store_configs(
         drift_interval_s: None,
         outbox_max_mib: None,
         retry_ms: Some((500, 10_000)),
+        status_heartbeat_s: None,
         confirm_via_bridge: None,
         metrics_listen: None,
     };
@@ -359,26 +362,6 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
             .await
             .map_err(|e| format!("fleet: {e}"))
     });
-    // The GitOps controller: roost.yaml in the fleet repository is the desired state.
-    let gopts = crate::gitops::GitopsOptions {
-        repo: fleet_url.clone(),
-        branch: "HEAD".into(),
-        file: "roost.yaml".into(),
-        poll: Duration::from_secs(2),
-        host: cloud_addr.ip().to_string(),
-        port: cloud_addr.port(),
-        security: Default::default(),
-        cache_dir: state_dir.join("controller-git"),
-        http: None,
-        metrics: None,
-    };
-    let ckey = cloud::load_key(&key_dir.join(format!("{key_id}.key"))).map_err(setup("key"))?;
-    let c = child.clone();
-    tasks.spawn(async move {
-        crate::gitops::run(gopts, fleet_db, ckey, c)
-            .await
-            .map_err(|e| format!("controller: {}", roost_runtime::error_chain(&e)))
-    });
     for i in 1..=opts.stores {
         let name = store_name(i);
         let edge = crate::broker::spawn_free("edge").map_err(setup("edge broker"))?;
@@ -417,12 +400,62 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
                 .map_err(|e| format!("{n} agent: {e}"))
         });
     }
+    // The waves are the demo: start the controller once every store is connected, so none
+    // is deferred as offline merely because it started late on a busy machine.
+    let mut watcher = watcher;
+    let t0 = Instant::now();
+    let online = tokio::select! {
+        r = watcher.wait_online(opts.stores, opts.timeout) => r?,
+        Some(Ok(Err(e))) = tasks.join_next() => return Err(UpError::Failed(e)),
+    };
+    println!(
+        "roost up: {online}/{} stores online in {} ms",
+        opts.stores,
+        t0.elapsed().as_millis()
+    );
+    // The GitOps controller: roost.yaml in the fleet repository is the desired state.
+    let gopts = crate::gitops::GitopsOptions {
+        repo: fleet_url.clone(),
+        branch: "HEAD".into(),
+        file: "roost.yaml".into(),
+        poll: Duration::from_secs(2),
+        host: cloud_addr.ip().to_string(),
+        port: cloud_addr.port(),
+        security: Default::default(),
+        cache_dir: state_dir.join("controller-git"),
+        http: None,
+        metrics: None,
+    };
+    let ckey = cloud::load_key(&key_dir.join(format!("{key_id}.key"))).map_err(setup("key"))?;
+    let c = child.clone();
+    tasks.spawn(async move {
+        crate::gitops::run(gopts, fleet_db, ckey, c)
+            .await
+            .map_err(|e| format!("controller: {}", roost_runtime::error_chain(&e)))
+    });
     println!(
         "roost up: controller rolls out kitchen-display {} from roost.yaml (waves: canary, half, everyone)",
         &repo.first[..12]
     );
     let published = Instant::now();
-    let watch = watcher.watch_convergence(opts.stores, &repo.first, opts.timeout, published);
+    // In a terminal (and not --once): one frame redrawn in place, for 3 stores or 2,000.
+    let live = !opts.once && std::io::stdout().is_terminal();
+    if live {
+        let header = format!(
+            "roost up: {} stores  cloud mqtt://{cloud}  (Ctrl-C to stop)\n\
+             roll out: commit to {} (the app) or {} (roost.yaml, the waves)",
+            opts.stores,
+            repos.join("apps").display(),
+            fleet_repo_dir.display(),
+        );
+        let db = crate::fleet::FleetDb::open(&fleet_db_path).map_err(setup("fleet db"))?;
+        let c = child.clone();
+        tasks.spawn(async move {
+            crate::up_view::run(db, header, Duration::from_millis(500), c).await;
+            Ok(())
+        });
+    }
+    let watch = watcher.watch_convergence(opts.stores, &repo.first, opts.timeout, published, live);
     let outcome = tokio::select! {
         r = watch => r,
         Some(Ok(Err(e))) = tasks.join_next() => Err(UpError::Failed(e)),
@@ -430,6 +463,15 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     };
     match &outcome {
         Ok(()) if opts.once => {}
+        Ok(()) if live => {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                Some(Ok(Err(e))) = tasks.join_next() => {
+                    child.cancel();
+                    return Err(UpError::Failed(e));
+                }
+            }
+        }
         Ok(()) => {
             println!("roost up: fleet converged; staying up (Ctrl-C to stop).");
             println!("Change the fleet the GitOps way — edit, commit, watch the waves roll:");
@@ -547,6 +589,7 @@ impl Watcher {
         for kind in [
             roost_schemas::topics::StoreTopicKind::Status,
             roost_schemas::topics::StoreTopicKind::Events,
+            roost_schemas::topics::StoreTopicKind::Presence,
         ] {
             client
                 .subscribe(topics.all_stores(kind), QoS::AtLeastOnce)
@@ -555,7 +598,7 @@ impl Watcher {
         }
         let mut acked = 0;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while acked < 2 {
+        while acked < 3 {
             match tokio::time::timeout_at(deadline, ev.poll()).await {
                 Err(_) => {
                     return Err(UpError::Setup(
@@ -570,6 +613,40 @@ impl Watcher {
         Ok(Watcher { client, ev })
     }
 
+    /// Waits until `stores` stores report presence online (or the timeout passes: then
+    /// the rollout starts anyway and the wave engine defers the missing ones). Returns how
+    /// many are online.
+    async fn wait_online(&mut self, stores: usize, timeout: Duration) -> Result<usize, UpError> {
+        let topics = Topics::default();
+        let mut online = std::collections::BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while online.len() < stores {
+            let p = match tokio::time::timeout_at(deadline, self.ev.poll()).await {
+                Err(_) => break,
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) => p,
+                Ok(Ok(_)) => continue,
+                Ok(Err(error)) => {
+                    warn!(%error, "status watch connection");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            if let Some((store, roost_schemas::topics::StoreTopicKind::Presence)) =
+                topics.parse_store_topic(&p.topic)
+            {
+                match serde_json::from_slice::<roost_schemas::Presence>(&p.payload) {
+                    Ok(pr) if pr.state == roost_schemas::PresenceState::Online => {
+                        online.insert(store);
+                    }
+                    _ => {
+                        online.remove(&store);
+                    }
+                }
+            }
+        }
+        Ok(online.len())
+    }
+
     /// Follows the retained status documents on the cloud broker, printing phase changes,
     /// until every store reports `Converged` on `revision`, or the timeout passes.
     async fn watch_convergence(
@@ -578,8 +655,13 @@ impl Watcher {
         revision: &str,
         timeout: Duration,
         since: Instant,
+        quiet: bool,
     ) -> Result<(), UpError> {
         let Watcher { client, mut ev } = self;
+        // In a terminal the live frame shows all this; plain lines otherwise.
+        macro_rules! say {
+            ($($t:tt)*) => { if !quiet { println!($($t)*); } };
+        }
         let mut phases: BTreeMap<String, (Phase, Option<String>)> = BTreeMap::new();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -629,7 +711,7 @@ impl Watcher {
                         .get("message")
                         .and_then(|m| m.as_str())
                         .unwrap_or_default();
-                    println!(
+                    say!(
                         "  {:>8} ms  {store}  {what:<18} {detail}",
                         since.elapsed().as_millis()
                     );
@@ -644,7 +726,7 @@ impl Watcher {
             };
             let now = (st.phase, st.applied_revision.clone());
             if phases.get(&doc.store) != Some(&now) {
-                println!(
+                say!(
                     "  {:>8} ms  {}  status: {}",
                     since.elapsed().as_millis(),
                     doc.store,
@@ -657,7 +739,7 @@ impl Watcher {
                 .filter(|(p, a)| *p == Phase::Converged && a.as_deref() == Some(revision))
                 .count();
             if done == stores {
-                println!(
+                say!(
                     "converged {done}/{stores} in {} ms",
                     since.elapsed().as_millis()
                 );

@@ -331,7 +331,7 @@ mod tests {
         let text = ex.render().await;
         assert!(text.contains("roost_outbox_messages 0"), "{text}");
         assert!(
-            text.contains("roost_outbox_oldest_age_seconds 0\n"),
+            text.contains("roost_outbox_oldest_age_seconds 0.0\n"),
             "{text}"
         );
     }

@@ -101,6 +101,11 @@ pub struct StatusDoc {
     pub outbox_backlog: u64,
     /// Per deployment.
     pub deployments: BTreeMap<String, DeploymentStatus>,
+    /// The agent republishes this document at least every `heartbeat_s` seconds (v1.1), so
+    /// a reader can tell a silent store from an idle one: a document much older than this
+    /// is stale, whatever it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_s: Option<u64>,
 }
 
 /// `online` or `offline`.

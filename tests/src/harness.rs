@@ -875,6 +875,7 @@ pub async fn wait_bridge_ready(edge: SocketAddr, fleet: &FleetService, store: &s
             updated_at: roost_schemas::now_rfc3339(),
             roostseq: 0,
             outbox_backlog: 0,
+            heartbeat_s: None,
             deployments: BTreeMap::new(),
         };
         publish_qos1(edge, &topic, serde_json::to_vec(&doc).expect("json"), false).await;

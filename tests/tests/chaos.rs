@@ -245,6 +245,7 @@ fn status_message() -> NewMessage {
             updated_at: roost_schemas::now_rfc3339(),
             roostseq,
             outbox_backlog: backlog,
+            heartbeat_s: None,
             deployments: Default::default(),
         })
         .unwrap_or_default()

@@ -276,6 +276,49 @@ async fn a_commit_rolls_out_wave_by_wave_and_a_new_app_commit_follows() {
     let status = roost::gitops::plan_status_text(&r.db(), Some(&r.dep)).expect("status");
     assert!(status.contains(&origin[..12]), "{status}");
     assert!(status.contains("done"), "{status}");
+    // The fleet view: every store's desired revision with its commit subject (described by
+    // the controller) and the fleet commit it came from; canary and fleet run the same.
+    let v = harness::eventually(T, "release commit described", || {
+        let v = roost::view::build(
+            &roost::view::load(&r.db()).expect("view"),
+            roost::fleet::now_ms(),
+        );
+        v.stores
+            .iter()
+            .flat_map(|s| &s.deployments)
+            .all(|c| {
+                c.desired
+                    .as_ref()
+                    .is_some_and(|d| d.commit.subject.as_deref() == Some("app change"))
+            })
+            .then_some(v)
+    })
+    .await;
+    for s in &v.stores {
+        let c = &s.deployments[0];
+        let d = c.desired.as_ref().expect("desired");
+        assert_eq!(d.commit.revision, rev1);
+        assert_eq!(
+            d.origin.as_ref().map(|o| o.commit.as_str()),
+            Some(origin.as_str())
+        );
+        assert_eq!(
+            (c.marker, c.shown.as_str()),
+            (roost::view::Marker::Same, "Converged")
+        );
+        assert!(s.stale.is_none(), "{s:?}");
+    }
+    let cmp = roost::view::compare(
+        &v,
+        &roost::view::Selector::Group("canary".into()),
+        &roost::view::Selector::Fleet,
+    );
+    assert_eq!(cmp.len(), 1);
+    assert_eq!(cmp[0].marker, "=");
+    assert!(
+        !cmp[0].updatable,
+        "the fleet already runs what the canary runs"
+    );
 
     // A new commit on the tracked ref: a new plan, a higher sequence, everyone on it.
     let rev2 = r.commit_app("2");

@@ -872,15 +872,21 @@ async fn command_line_keygen_rollout_status_events() {
         .as_array()
         .and_then(|rows| rows.iter().find(|r| r["store"] == "store-0001"))
         .expect("store row");
-    assert_eq!(row["phase"], "Converged");
-    assert_eq!(row["applied"], &rev1[..12]);
-    assert!(row["presence"]
-        .as_str()
-        .unwrap_or_default()
-        .starts_with("online"));
+    assert_eq!(row["presence"]["state"], "online");
+    assert!(row["stale"].is_null(), "a fresh store: {row}");
+    let web = row["deployments"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["deployment"] == "web"))
+        .expect("web cell");
+    assert_eq!(web["shown"], "Converged");
+    assert_eq!(web["marker"], "=");
+    assert_eq!(web["applied"]["revision"], rev1.as_str(), "full revisions");
+    assert_eq!(web["desired"]["revision"], rev1.as_str());
+    assert_eq!(v["summary"]["stale"], 0);
     let table = roost(&["status", "--broker", &broker]);
     assert!(
-        table.starts_with("STORE") && table.contains("store-0001"),
+        table.lines().nth(1).is_some_and(|l| l.starts_with("STORE"))
+            && table.contains("store-0001"),
         "{table}"
     );
 
@@ -2029,7 +2035,7 @@ async fn metrics_and_json_logs_of_agent_bridge_and_fleet() {
     let f = scrape_until(fleet_m, "the fleet's record of the store", |s| {
         metric(
             s,
-            "roost_fleet_stores",
+            "roost_fleet_stores_by_phase",
             &[("deployment", "web"), ("phase", "Converged")],
         ) == Some(1.0)
             && metric(s, "roost_fleet_stores_drifted", &[("deployment", "web")]).is_none()
@@ -2040,6 +2046,7 @@ async fn metrics_and_json_logs_of_agent_bridge_and_fleet() {
         Some(1.0)
     );
     assert_eq!(metric(&f, "roost_fleet_stores_stale", &[]), Some(0.0));
+    assert_eq!(metric(&f, "roost_fleet_stores", &[]), Some(1.0));
     assert_eq!(metric(&f, "roost_fleet_event_gaps", &[]), Some(0.0));
     at_least(&f, "roost_fleet_events_recorded_total", &[], 5.0);
 
@@ -2082,4 +2089,243 @@ async fn metrics_and_json_logs_of_agent_bridge_and_fleet() {
     for p in [agent, bridge, fleet] {
         p.stop_with(Signal::SIGTERM).await;
     }
+}
+
+/// `roost status --stale` lists exactly the stores that went quiet — one whose bridge
+/// crashed (its last will), one whose bridge stopped cleanly, one whose agent died behind a
+/// living bridge (its status heartbeat stopped) — and never shows them as Converged; the
+/// store that stayed up is fresh and Converged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_stale_lists_exactly_the_stores_that_went_quiet() {
+    let w = world().await;
+    let tag = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let db_path = w._dir.path().join("fleet.db");
+    let fleet = harness::FleetService::start(w.cloud, &db_path);
+    let names: Vec<String> = ["crashed", "stopped", "agentless", "fine"]
+        .iter()
+        .map(|n| format!("stale-{tag}-{n}"))
+        .collect();
+    let mut rigs: Vec<StoreRig> = names
+        .iter()
+        .map(|n| {
+            let mut r = w.store(n, &["all"]);
+            r.agent_cfg.file.status_heartbeat_s = Some(1);
+            r
+        })
+        .collect();
+    // The first store's bridge is a real process, to be SIGKILLed.
+    let bridge_dir = rigs[0].dir.join("bridge");
+    std::fs::create_dir_all(&bridge_dir).expect("dir");
+    let conf = rigs[0].dir.join("bridge.toml");
+    std::fs::write(
+        &conf,
+        harness::bridge_toml(&names[0], &["all"], &bridge_dir, rigs[0].edge, w.cloud, 2),
+    )
+    .expect("bridge.toml");
+    let mut crashing = harness::RoostProcess::start(
+        ["bridge", "--config", conf.to_str().expect("utf8")],
+        &rigs[0].dir.join("bridge.log"),
+    );
+    rigs[0].start_agent();
+    for r in &mut rigs[1..] {
+        r.start();
+    }
+    w.roll(Scope::Fleet, 1, &w.rev1).await;
+    for n in &names {
+        harness::eventually(T, "every store converged", || {
+            fleet
+                .status(n)
+                .filter(|d| harness::converged_on(d, "web", &w.rev1))
+        })
+        .await;
+    }
+    let status = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["status", "--db", db_path.to_str().expect("utf8"), "--json"];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = roost_cmd(&args);
+        assert!(ok, "roost status: {err}");
+        serde_json::from_str(&out).expect("status JSON")
+    };
+    let stale_names = |v: &serde_json::Value| -> Vec<String> {
+        let mut s: Vec<String> = v["stores"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["store"].as_str().map(str::to_owned))
+            .collect();
+        s.sort();
+        s
+    };
+    assert!(
+        stale_names(&status(&["--stale"])).is_empty(),
+        "all fresh at first"
+    );
+
+    crashing.kill();
+    rigs[1].stop_bridge().await;
+    rigs[2].stop_agent().await;
+    let mut want = names[..3].to_vec();
+    want.sort();
+    let v = harness::eventually(Duration::from_secs(60), "three stale stores", || {
+        let v = status(&["--stale"]);
+        (stale_names(&v).len() >= 3).then_some(v)
+    })
+    .await;
+    assert_eq!(stale_names(&v), want, "exactly the stores that went quiet");
+    let kinds: Vec<&str> = v["stores"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r["stale"]["kind"].as_str().unwrap_or("?"))
+        .collect();
+    // By name: agentless, crashed, stopped.
+    assert_eq!(kinds, ["silent", "offline", "offline"], "{v}");
+    for r in v["stores"].as_array().into_iter().flatten() {
+        assert_eq!(r["deployments"][0]["shown"], "Stale", "{r}");
+        assert_eq!(
+            r["deployments"][0]["phase"], "Converged",
+            "the last report stays visible"
+        );
+    }
+    let all = status(&[]);
+    assert_eq!(all["summary"]["stale"], 3, "{all}");
+    let fine = all["stores"]
+        .as_array()
+        .and_then(|s| s.iter().find(|r| r["store"] == names[3].as_str()))
+        .expect("the fine store");
+    assert!(fine["stale"].is_null(), "{fine}");
+    assert_eq!(fine["deployments"][0]["shown"], "Converged");
+    // The table says the same: no stale store's line reads Converged.
+    let (ok, table, err) = roost_cmd(&["status", "--db", db_path.to_str().expect("utf8")]);
+    assert!(ok, "{err}");
+    for line in table
+        .lines()
+        .filter(|l| l.contains(&format!("stale-{tag}-")))
+    {
+        // STORE DEPLOYMENT DESIRED = APPLIED PHASE …
+        let phase = line.split_whitespace().nth(5).unwrap_or_default();
+        let want = if line.contains(&names[3]) {
+            "Converged"
+        } else {
+            "Stale"
+        };
+        assert_eq!(phase, want, "{line}\n{table}");
+    }
+    rigs[3].stop_agent().await;
+    rigs[3].stop_bridge().await;
+    rigs[0].stop_agent().await;
+    rigs[1].stop_agent().await;
+    rigs[2].stop_bridge().await;
+    fleet.stop().await;
+}
+
+/// `roost up` in a terminal keeps a compact frame redrawn in place (stores per phase, the
+/// plan's waves with progress bars, the last events) and keeps it living: a second rollout
+/// after the first convergence shows up with its plan and its waves, then the fleet on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roost_up_in_a_terminal_shows_a_second_rollout() {
+    use std::io::Read as _;
+    harness::init();
+    let dir = tempfile::tempdir().expect("tmp");
+    let pty = nix::pty::openpty(None, None).expect("openpty");
+    let mut child = std::process::Command::new(harness::roost_bin())
+        .args(["up", "--stores", "3", "--timeout", "120", "--state-dir"])
+        .arg(dir.path())
+        .env("ROOST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(pty.slave.try_clone().expect("slave")))
+        .stderr(std::fs::File::create(dir.path().join("up.log")).expect("log"))
+        .spawn()
+        .expect("roost up");
+    drop(pty.slave);
+    let screen = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let s2 = screen.clone();
+    let mut master = std::fs::File::from(pty.master);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        // EIO once the child closed the terminal.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s2.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend_from_slice(&buf[..n]);
+        }
+    });
+    let text = |from: usize| {
+        let s = screen.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&s[from.min(s.len())..]).into_owned()
+    };
+    let len = || screen.lock().unwrap_or_else(|p| p.into_inner()).len();
+    let apps = dir.path().join("repos").join("apps");
+    let rev1 = harness::eventually(T, "the apps repository", || {
+        git2::Repository::open(&apps)
+            .ok()
+            .and_then(|r| r.head().ok()?.target().map(|o| o.to_string()))
+    })
+    .await;
+    harness::eventually(
+        Duration::from_secs(120),
+        "the fleet on the first revision",
+        || {
+            text(0)
+                .contains(&format!("kitchen-display: 3 on {}", &rev1[..12]))
+                .then_some(())
+        },
+    )
+    .await;
+    let first = text(0);
+    assert!(
+        first.matches("\x1b[H").count() >= 2,
+        "redrawn in place: {first:?}"
+    );
+    assert!(first.contains("wave 1 canary"), "{first}");
+    assert!(first.contains("last events:"), "{first}");
+    assert!(
+        !first.lines().any(|l| l.starts_with("converged 3/3")),
+        "no plain lines in a terminal: {first}"
+    );
+
+    // A second rollout, after the first convergence: a new commit of the app.
+    let mark = len();
+    let repo = git2::Repository::open(&apps).expect("repo");
+    let mut files: std::collections::BTreeMap<String, String> = roost::up::MANIFESTS
+        .iter()
+        .map(|(p, c)| ((*p).to_owned(), (*c).to_owned()))
+        .collect();
+    for (p, c) in files.iter_mut() {
+        if p.ends_with("configmap.yaml") {
+            c.push_str("  # menu 2\n");
+        }
+    }
+    let rev2 = roost::up::commit_files(&repo, &files, "menu 2").expect("commit");
+    harness::eventually(Duration::from_secs(120), "the second plan's waves", || {
+        let t = text(mark);
+        (t.contains(&format!("plan kitchen-display {}", &rev2[..12]))
+            && t.contains("wave 3 everyone"))
+        .then_some(())
+    })
+    .await;
+    harness::eventually(
+        Duration::from_secs(120),
+        "the fleet on the second revision",
+        || {
+            text(mark)
+                .contains(&format!("kitchen-display: 3 on {}", &rev2[..12]))
+                .then_some(())
+        },
+    )
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = child.wait().expect("wait");
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default()
+    );
 }

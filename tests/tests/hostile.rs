@@ -1143,6 +1143,7 @@ fn cases(w: &mut World) -> Vec<Case> {
         updated_at: roost_schemas::now_rfc3339(),
         roostseq: 1,
         outbox_backlog: 0,
+        heartbeat_s: None,
         deployments: BTreeMap::new(),
     };
     out.push(edge(

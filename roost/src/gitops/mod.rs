@@ -246,6 +246,46 @@ impl Controller {
                 }
             }
         }
+        self.describe_releases().await?;
+        Ok(())
+    }
+
+    /// Records the subject and time of every release's commit not yet known, for the fleet
+    /// views (best effort: a source that cannot be fetched now is tried at the next sync).
+    async fn describe_releases(&mut self) -> Result<(), GitopsError> {
+        let releases: BTreeSet<(String, String)> = self
+            .file
+            .iter()
+            .flat_map(|(_, f)| f.deployments.values())
+            .filter_map(|d| self.release_of(d))
+            .map(|r| (r.url, r.revision))
+            .collect();
+        let known = self.blocking(|db| db.revisions()).await?;
+        for (url, revision) in releases {
+            if known.contains_key(&revision) {
+                continue;
+            }
+            let info = match self.git.ensure(&url, &revision).await {
+                Ok(_) => self.git.commit_info(&url, &revision).await,
+                Err(e) => Err(e),
+            };
+            match info {
+                Ok((subject, secs)) => {
+                    let at = time::OffsetDateTime::from_unix_timestamp(secs)
+                        .ok()
+                        .and_then(|t| {
+                            t.format(&time::format_description::well_known::Rfc3339)
+                                .ok()
+                        })
+                        .unwrap_or_default();
+                    self.blocking(move |db| db.put_revision(&revision, &url, &subject, &at))
+                        .await?;
+                }
+                Err(error) => {
+                    warn!(%url, %revision, error = %roost_runtime::error_chain(&error), "cannot describe a release's commit")
+                }
+            }
+        }
         Ok(())
     }
 

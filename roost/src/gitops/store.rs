@@ -275,14 +275,10 @@ pub fn view(c: &Connection, deployment: &str) -> Result<Vec<StoreView>, FleetErr
         let Ok(doc) = serde_json::from_str::<StatusDoc>(&json) else {
             continue;
         };
-        let groups = serde_json::from_str::<serde_json::Value>(&json)
-            .ok()
-            .and_then(|v| serde_json::from_value::<Vec<String>>(v["groups"].clone()).ok())
-            .unwrap_or_default();
         out.push(StoreView {
             online: presence.get(&store).copied().unwrap_or(true),
             status: doc.deployments.get(deployment).cloned(),
-            groups,
+            groups: doc.groups,
             store,
         });
     }
