@@ -350,6 +350,9 @@ pub struct AgentFile {
     /// 60 s): the fleet's readers show a store silent for much longer as stale.
     #[serde(default)]
     pub status_heartbeat_s: Option<u64>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (`roost agent --metrics-listen`).
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl AgentFile {

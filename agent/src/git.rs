@@ -151,6 +151,7 @@ pub struct GitCache {
     /// `git.ca_file`: the only trust for https servers when set.
     ca_file: Option<PathBuf>,
     locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    metrics: Option<crate::metrics::AgentMetrics>,
 }
 
 impl std::fmt::Debug for GitCache {
@@ -178,6 +179,7 @@ impl GitCache {
             fetch_timeout,
             ca_file: None,
             locks: Arc::default(),
+            metrics: None,
         }
     }
 
@@ -185,6 +187,12 @@ impl GitCache {
     /// instead of the system's trust store.
     pub fn with_ca_file(mut self, ca_file: Option<PathBuf>) -> GitCache {
         self.ca_file = ca_file;
+        self
+    }
+
+    /// Counts fetches (duration, bytes) in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::AgentMetrics) -> GitCache {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -270,14 +278,22 @@ impl GitCache {
             drop(guard);
             res
         });
-        match tokio::time::timeout(self.fetch_timeout, job).await {
+        let started = std::time::Instant::now();
+        let res = match tokio::time::timeout(self.fetch_timeout, job).await {
             Ok(Ok(res)) => res,
             Ok(Err(join)) => Err(GitError::Join(join)),
             Err(_) => Err(GitError::Fetch {
                 url: url.to_owned(),
                 message: format!("no answer within {} s", self.fetch_timeout.as_secs()),
             }),
+        };
+        match (&res, &self.metrics) {
+            // A fetch happened (or failed): the cached case is not a fetch.
+            (Ok(Some(bytes)), Some(m)) => m.fetched(true, *bytes, started.elapsed()),
+            (Err(_), Some(m)) => m.fetched(false, 0, started.elapsed()),
+            _ => {}
         }
+        res.map(|fetched| fetched.is_some())
     }
 
     /// One file at `revision` (which must be in the cache), at most `max_bytes`.
@@ -394,11 +410,11 @@ fn ensure_blocking(
     revision: &str,
     creds: &[(SourceUrl, GitCredential)],
     ca_file: Option<&Path>,
-) -> Result<bool, GitError> {
+) -> Result<Option<u64>, GitError> {
     let repo = open_or_init(dir)?;
     if has_commit(&repo, revision) {
         debug!(%url, %revision, "revision in cache");
-        return Ok(false);
+        return Ok(None);
     }
     // Why the certificate check refused the server, in our words (libgit2 may replace the
     // callback's message with its own).
@@ -460,6 +476,14 @@ fn ensure_blocking(
         };
         git2::Cred::userpass_plaintext(c.username.as_deref().unwrap_or("x-access-token"), &token)
     });
+    // Bytes received, as the transfer reports them (the remote's own stats are not kept for
+    // every transport).
+    let received = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    let r2 = received.clone();
+    cb.transfer_progress(move |p| {
+        r2.set(r2.get().max(p.received_bytes() as u64));
+        true
+    });
     let mut fo = git2::FetchOptions::new();
     fo.remote_callbacks(cb);
     fo.download_tags(git2::AutotagOption::All);
@@ -476,12 +500,15 @@ fn ensure_blocking(
             None,
         )
         .map_err(fetch_err)?;
+    let mut bytes = received.replace(0);
     if !has_commit(&repo, revision) {
         // Servers that allow it can serve an unadvertised commit directly.
         let _ = remote.fetch(&[revision], Some(&mut fo), None);
+        bytes += received.get();
     }
     if has_commit(&repo, revision) {
-        Ok(true)
+        info!(%url, %revision, bytes, "fetched");
+        Ok(Some(bytes))
     } else {
         Err(GitError::RevisionNotFound {
             url: crate::decide::redact_url(url),

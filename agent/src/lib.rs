@@ -7,6 +7,7 @@ pub mod decide;
 pub mod freshness;
 pub mod git;
 pub mod ledger;
+pub mod metrics;
 pub mod reconcile;
 pub mod targets;
 pub mod verify;
@@ -59,6 +60,9 @@ pub enum AgentError {
     /// The controller task returned although nobody asked it to stop.
     #[error("agent controller stopped unexpectedly")]
     ControllerStopped,
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] roost_runtime::MetricsError),
 }
 
 /// Builds the target named in the configuration.
@@ -93,6 +97,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         source: cfg.event_source(),
     });
     let outbox = Outbox::open(ocfg)?;
+    let metrics = metrics::AgentMetrics::default();
     let ledger =
         ledger::Ledger::open(outbox.clone(), topics.events(&store), cfg.event_source()).await?;
     let target = Arc::new(build_target(&cfg).await?);
@@ -101,7 +106,8 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         cfg.file.git.credentials.clone(),
         Duration::from_secs(cfg.file.git.fetch_timeout_s.unwrap_or(120)),
     )
-    .with_ca_file(cfg.file.git.ca_file.clone());
+    .with_ca_file(cfg.file.git.ca_file.clone())
+    .with_metrics(metrics.clone());
     {
         let git = git.clone();
         tokio::task::spawn_blocking(move || git.clear_stale_locks())
@@ -125,14 +131,30 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         lc.confirm_events = true;
         lc.subscriptions.push(topics.ack(&store));
     }
+    lc.metrics = Some(metrics.link.clone());
     let tracker = TaskTracker::new();
     let child = cancel.child_token();
+    let metrics_server = match cfg.file.metrics_listen {
+        Some(addr) => {
+            let mut registry = prometheus_client::registry::Registry::default();
+            metrics.register(&mut registry);
+            let exporter = roost_runtime::Exporter::new(registry)
+                .with_refresh(metrics.outbox.refresh_hook(outbox.clone()));
+            Some(
+                roost_runtime::metrics::serve(addr, exporter, child.clone())
+                    .await?
+                    .1,
+            )
+        }
+        None => None,
+    };
     let link = Link::start(lc, Some(outbox.clone()), child.clone())?;
     let ctx = Ctx {
         cfg: cfg.clone(),
         ledger: ledger.clone(),
         git,
         target,
+        metrics,
     };
     info!(%store, groups = ?cfg.file.groups, "agent starting");
     tracker.spawn(
@@ -211,6 +233,9 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     child.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), link_task).await;
+    if let Some(server) = metrics_server {
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    }
     info!("agent stopped");
     result
 }
@@ -390,18 +415,18 @@ async fn handle_message(
 ) {
     let policy = VerifyPolicy::of(&ctx.cfg, topics, time::OffsetDateTime::now_utc());
     let reject = |r: verify::Rejection| async move {
-        warn!(topic = %msg.topic, reason = %r.reason, message = %r.message, "rollout rejected");
-        ctx.ledger
-            .emit(vec![EventData::RolloutRejected(RolloutRejected {
-                deployment: r.deployment,
-                sequence: r.sequence,
-                topic: Some(msg.topic.clone()),
-                revision: None,
-                scope: None,
-                reason: r.reason,
-                message: r.message,
-            })])
-            .await;
+        warn!(topic = %msg.topic, deployment = r.deployment.as_deref(), sequence = r.sequence, reason = %r.reason, detail = %r.message, "rollout rejected");
+        let events = vec![EventData::RolloutRejected(RolloutRejected {
+            deployment: r.deployment,
+            sequence: r.sequence,
+            topic: Some(msg.topic.clone()),
+            revision: None,
+            scope: None,
+            reason: r.reason,
+            message: r.message,
+        })];
+        ctx.metrics.events(&events);
+        ctx.ledger.emit(events).await;
     };
     let verified = match verify_message(&policy, &msg.topic, &msg.payload) {
         Ok(Some(v)) => v,
@@ -477,7 +502,14 @@ fn refresh(
         None => {
             let (tx, rx) = watch::channel(desired);
             workers.insert(deployment.to_owned(), tx);
-            let span = tracing::info_span!("deployment", deployment = %deployment);
+            // The worker records the wanted revision and sequence on it as they change, so
+            // every line it logs carries them as fields.
+            let span = tracing::info_span!(
+                "deployment",
+                deployment = %deployment,
+                revision = tracing::field::Empty,
+                sequence = tracing::field::Empty
+            );
             tracker.spawn(
                 reconcile::run_worker(ctx.clone(), deployment.to_owned(), rx, cancel.clone())
                     .instrument(span),

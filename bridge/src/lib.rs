@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub mod metrics;
 pub mod upward;
 
 use roost_runtime::outbox::Payload;
@@ -19,6 +20,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
 
+pub use metrics::BridgeMetrics;
 pub use upward::{check_upward, DropReason, IntervalSet, Upward, UpwardStats, Watermark};
 
 /// Errors of the bridge.
@@ -36,6 +38,9 @@ pub enum BridgeError {
     /// A link failed to start.
     #[error(transparent)]
     Link(#[from] roost_runtime::LinkError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] roost_runtime::MetricsError),
     /// A blocking database job panicked.
     #[error("bridge database job")]
     Join(#[from] tokio::task::JoinError),
@@ -74,6 +79,9 @@ pub struct BridgeConfig {
     /// edge broker (back-pressure) rather than dropping events; the agent's outbox reports loss.
     #[serde(default)]
     pub outbox_max_mib: Option<u64>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (`roost bridge --metrics-listen`).
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl BridgeConfig {
@@ -257,6 +265,7 @@ pub async fn run_with(
     let mut ocfg = OutboxConfig::new(cfg.state_dir.join("bridge-outbox.db"));
     ocfg.max_bytes = cfg.outbox_max_mib.unwrap_or(256) * 1024 * 1024;
     let outbox = Outbox::open(ocfg)?;
+    let metrics = BridgeMetrics::with_upward(stats.clone());
 
     // Cloud side: desired state in, the store's outbox out; presence via birth and last will.
     let c = &cfg.cloud;
@@ -281,6 +290,21 @@ pub async fn run_with(
     // The links stop only after the clean-stop "offline" below went out: on their own token,
     // not a child of `cancel` (which would close them the moment a signal arrives).
     let child = CancellationToken::new();
+    let metrics_server = match cfg.metrics_listen {
+        Some(addr) => {
+            let mut registry = prometheus_client::registry::Registry::default();
+            metrics.register(&mut registry);
+            let exporter = roost_runtime::Exporter::new(registry)
+                .with_refresh(metrics.outbox.refresh_hook(outbox.clone()));
+            Some(
+                roost_runtime::metrics::serve(addr, exporter, child.clone())
+                    .await?
+                    .1,
+            )
+        }
+        None => None,
+    };
+    cloud.metrics = Some(metrics.link.clone());
     let mut cloud_link = Link::start(cloud, Some(outbox.clone()), child.clone())?;
     let cloud_handle = cloud_link.handle.clone();
 
@@ -291,6 +315,7 @@ pub async fn run_with(
     edge.clean_session = false;
     edge.manual_acks = true;
     edge.subscriptions = vec![topics.status(&store), topics.events(&store)];
+    edge.metrics = Some(metrics.link.clone());
     let d2 = desired.clone();
     // End-to-end delivery: the agent keeps each event until this bridge confirms it is in the
     // outbox here. On every edge connect the bridge states its watermark and asks for a
@@ -313,6 +338,7 @@ pub async fn run_with(
 
     let desired_for_up = desired.clone();
     let edge_handle = edge_link.handle.clone();
+    let down_count = metrics.down.clone();
     let down = {
         let topics = topics.clone();
         let child = child.clone();
@@ -330,6 +356,7 @@ pub async fn run_with(
                     warn!(%error, topic = %m.topic, "cannot store desired state");
                 }
                 debug!(topic = %m.topic, bytes = m.payload.len(), "down");
+                down_count.inc();
                 let _ = edge_handle.publish(DirectMessage {
                     topic: m.topic.clone(),
                     payload: m.payload.clone(),
@@ -437,6 +464,9 @@ pub async fn run_with(
         let _ = up.await;
         let _ = cloud_link.task.await;
         let _ = edge_link.task.await;
+        if let Some(server) = metrics_server {
+            let _ = server.await;
+        }
     })
     .await;
     info!("bridge stopped");

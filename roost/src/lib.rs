@@ -5,6 +5,7 @@ pub mod api;
 pub mod broker;
 pub mod cloud;
 pub mod fleet;
+pub mod fleet_metrics;
 pub mod gitops;
 pub mod rollout_wait;
 pub mod sim;

@@ -19,11 +19,22 @@ use tokio_util::sync::CancellationToken;
     about = "GitOps for fleets of edge clusters, over MQTT"
 )]
 struct Cli {
-    /// Log format: text or json.
-    #[arg(long, global = true, default_value = "text")]
-    log_format: String,
+    /// Log format on stderr: text, or json (one object per line, with the span fields
+    /// such as store, deployment, revision and sequence).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How log lines look.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: timestamp, level, target, fields, and the current span's
+    /// fields as well as every enclosing span's.
+    Json,
 }
 
 /// TLS and credentials for the cloud broker (`roost fleet`, `rollout`, `status`, `events`).
@@ -147,9 +158,13 @@ enum PlanAction {
 }
 
 #[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct FleetConfigFile {
     #[serde(default)]
     gitops: GitopsSection,
+    /// Serve Prometheus metrics there.
+    #[serde(default)]
+    metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     api: ApiSection,
 }
@@ -243,12 +258,18 @@ enum Cmd {
         config: Option<PathBuf>,
         #[command(subcommand)]
         sub: Option<AgentCmd>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (overrides `metrics_listen`).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// The store bridge.
     Bridge {
         /// Bridge TOML configuration.
         #[arg(long)]
         config: PathBuf,
+        /// Serve Prometheus metrics at http://ADDR/metrics (overrides `metrics_listen`).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Generate an Ed25519 signing key pair.
     Keygen {
@@ -347,10 +368,13 @@ enum Cmd {
         #[arg(long)]
         snapshot_expires: Option<u64>,
         /// A TOML file with a `[gitops]` section (repo, branch, file, key, poll_interval_s,
-        /// http, snapshot_interval_s, snapshot_expires_s) and an `[api]` section (token_file);
-        /// flags win.
+        /// http, snapshot_interval_s, snapshot_expires_s), an `[api]` section (token_file)
+        /// and `metrics_listen`; flags win.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (also served on `--http`).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Promote all, the GitOps way: make `--to` run what `--from` runs, as a Git change to
     /// the fleet file (a new branch for a pull request, or `--direct` onto the branch).
@@ -488,7 +512,7 @@ enum AgentCmd {
     },
 }
 
-fn init_tracing(format: &str, cmd: &Cmd) {
+fn init_tracing(format: LogFormat, cmd: &Cmd) {
     // Long-running services log their work; interactive commands only problems. The embedded
     // broker's own logs are wanted only when it is the command.
     let default = match cmd {
@@ -503,10 +527,16 @@ fn init_tracing(format: &str, cmd: &Cmd) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if format == "json" {
-        b.json().init();
-    } else {
-        b.init();
+    match format {
+        // Span fields (store, deployment, revision, sequence) go with every line, so a log
+        // pipeline can filter on them without parsing messages.
+        LogFormat::Json => b
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .flatten_event(true)
+            .init(),
+        LogFormat::Text => b.init(),
     }
 }
 
@@ -744,15 +774,28 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 rbac::to_yaml(&rbac::header(policy, &subject), &objects)?
             );
         }
-        Cmd::Agent { config, sub: None } => {
+        Cmd::Agent {
+            config,
+            sub: None,
+            metrics_listen,
+        } => {
             let Some(config) = config else {
                 anyhow::bail!("roost agent needs --config FILE (or a subcommand: rbac)");
             };
-            let cfg = roost_agent::AgentConfig::load(&config)?;
+            let mut cfg = roost_agent::AgentConfig::load(&config)?;
+            if metrics_listen.is_some() {
+                cfg.file.metrics_listen = metrics_listen;
+            }
             roost_agent::run(cfg, cancel).await?;
         }
-        Cmd::Bridge { config } => {
-            let cfg = roost_bridge::BridgeConfig::load(&config)?;
+        Cmd::Bridge {
+            config,
+            metrics_listen,
+        } => {
+            let mut cfg = roost_bridge::BridgeConfig::load(&config)?;
+            if metrics_listen.is_some() {
+                cfg.metrics_listen = metrics_listen;
+            }
             roost_bridge::run(cfg, cancel).await?;
         }
         Cmd::Keygen { dir } => {
@@ -1026,6 +1069,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             snapshot_interval,
             snapshot_expires,
             config,
+            metrics_listen,
         } => {
             let cfg: FleetConfigFile = match &config {
                 Some(p) => toml::from_str(&std::fs::read_to_string(p)?)
@@ -1037,6 +1081,19 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             let target = security.target(&broker)?;
             let (host, port) = (target.host.clone(), target.port);
             let fdb = roost::fleet::FleetDb::open(&db)?;
+            let metrics_listen = metrics_listen.or(cfg.metrics_listen);
+            let exporter = match (metrics_listen, http.or(g.http)) {
+                (None, None) => None,
+                _ => Some(roost::fleet_metrics::FleetMetrics::exporter(fdb.clone())?),
+            };
+            let metrics_server = match (metrics_listen, &exporter) {
+                (Some(addr), Some(e)) => Some(
+                    roost_runtime::metrics::serve(addr, e.clone(), cancel.child_token())
+                        .await?
+                        .1,
+                ),
+                _ => None,
+            };
             // Checked before anything starts: a bad token file is a bad configuration.
             let token = api_token_file
                 .or(cfg.api.token_file)
@@ -1051,7 +1108,11 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                     },
                     cancel.clone(),
                 )?;
-                let bound = roost::api::serve(addr, api.router(), cancel.clone()).await?;
+                let router = match &exporter {
+                    Some(e) => api.router().merge(e.router()),
+                    None => api.router(),
+                };
+                let bound = roost::api::serve(addr, router, cancel.clone()).await?;
                 println!("roost fleet: dashboard http://{bound}/  API http://{bound}/api/v1/");
             }
             let repo = repo.or(g.repo);
@@ -1107,6 +1168,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                         http: None,
                         snapshot_interval: Duration::from_secs(snapshot_interval_s),
                         snapshot_expiry: Duration::from_secs(snapshot_expires_s),
+                        metrics: None,
                     };
                     Some(tokio::spawn(roost::gitops::run(
                         opts,
@@ -1131,6 +1193,9 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             .await?;
             if let Some(c) = controller {
                 c.await??;
+            }
+            if let Some(server) = metrics_server {
+                let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
             }
         }
         Cmd::Events {
@@ -1184,7 +1249,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_format, &cli.cmd);
+    init_tracing(cli.log_format, &cli.cmd);
     roost::install_crypto_provider();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -178,6 +178,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         http: None,
         snapshot_interval: crate::gitops::snapshot::DEFAULT_INTERVAL,
         snapshot_expiry: crate::gitops::snapshot::DEFAULT_EXPIRY,
+        metrics: None,
         security: Default::default(),
     };
     let t0 = Instant::now();

@@ -257,6 +257,7 @@ pub fn store_configs(
         retry_ms: Some((500, 10_000)),
         status_heartbeat_s: None,
         confirm_via_bridge: None,
+        metrics_listen: None,
     };
     let agent = AgentConfig::from_file(file).map_err(setup("agent config"))?;
     let endpoint = |a: SocketAddr| roost_runtime::Endpoint::local(a, 5);
@@ -268,6 +269,7 @@ pub fn store_configs(
         edge: endpoint(edge),
         cloud: endpoint(cloud),
         outbox_max_mib: None,
+        metrics_listen: None,
     };
     bridge.validate().map_err(setup("bridge config"))?;
     Ok((agent, bridge))
@@ -451,6 +453,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         http: None,
         snapshot_interval: crate::gitops::snapshot::DEFAULT_INTERVAL,
         snapshot_expiry: crate::gitops::snapshot::DEFAULT_EXPIRY,
+        metrics: None,
     };
     let ckey = cloud::load_key(&key_dir.join(format!("{key_id}.key"))).map_err(setup("key"))?;
     let c = child.clone();

@@ -4,12 +4,14 @@
 
 pub mod backoff;
 pub mod link;
+pub mod metrics;
 pub mod outbox;
 pub mod security;
 pub mod sqlite;
 
 pub use backoff::Backoff;
 pub use link::{DirectMessage, Endpoint, Incoming, Link, LinkConfig, LinkError, LinkHandle, Will};
+pub use metrics::{Exporter, LinkMetrics, MetricsError, OutboxMetrics};
 pub use outbox::{NewMessage, Outbox, OutboxConfig, OutboxError, OutboxStats, Payload, StateWrite};
 pub use security::{Password, Security, SecurityError, TlsFiles};
 

@@ -182,6 +182,8 @@ pub struct LinkConfig {
     /// Keep event rows (those with a `roostseq`) after their PUBACK until
     /// [`Outbox::confirm`] covers them: end-to-end delivery through the next hop.
     pub confirm_events: bool,
+    /// Connection counters (`roost_mqtt_*{link = name}`), if the component exports metrics.
+    pub metrics: Option<crate::metrics::LinkMetrics>,
 }
 
 impl std::fmt::Debug for LinkConfig {
@@ -214,6 +216,7 @@ impl LinkConfig {
             backoff: (Duration::from_millis(200), Duration::from_secs(10)),
             on_connect: None,
             confirm_events: false,
+            metrics: None,
         }
     }
 
@@ -465,6 +468,9 @@ async fn run(
                         }
                         Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                             info!(session_present = ack.session_present, "connected");
+                            if let Some(m) = &cfg.metrics {
+                                m.connected(&cfg.name);
+                            }
                             backoff.reset();
                             is_up = true;
                             connected.send_replace(true);
@@ -570,6 +576,13 @@ async fn run(
         };
         connected.send_replace(false);
         poller.abort();
+        if let Some(m) = &cfg.metrics {
+            match (is_up, outcome.is_err()) {
+                (true, lost) => m.disconnected(&cfg.name, lost),
+                (false, true) => m.connect_failed(&cfg.name),
+                (false, false) => {}
+            }
+        }
         match outcome {
             Ok(()) => break,
             Err(error) => {

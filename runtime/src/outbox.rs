@@ -209,6 +209,16 @@ pub struct OutboxStats {
     pub last_roostseq: u64,
     /// Events dropped by overflow since the outbox was created.
     pub dropped: u64,
+    /// When the oldest waiting message was stored (ms since the epoch; None: empty).
+    pub oldest_created_ms: Option<i64>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 enum Cmd {
@@ -259,6 +269,14 @@ fn open_db(path: &Path) -> Result<Connection, OutboxError> {
         CREATE INDEX IF NOT EXISTS outbox_compact ON outbox(compact_key) WHERE compact_key IS NOT NULL;
         CREATE TABLE IF NOT EXISTS outbox_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
     )?;
+    // When each row was stored (for the oldest-message age); rows of an older outbox have
+    // none and are skipped by that figure.
+    let has_created: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('outbox') WHERE name = 'created_ms'")?
+        .exists([])?;
+    if !has_created {
+        conn.execute_batch("ALTER TABLE outbox ADD COLUMN created_ms INTEGER")?;
+    }
     Ok(conn)
 }
 
@@ -480,8 +498,8 @@ impl Writer {
                         let odata = serde_json::to_vec(&ev)?;
                         let osize = odata.len() as u64 + target.topic.len() as u64 + ROW_OVERHEAD;
                         tx.execute(
-                            "INSERT INTO outbox(topic, payload, retain, compact_key, roostseq, size) VALUES (?1, ?2, 0, NULL, ?3, ?4)",
-                            params![target.topic, odata, seq as i64, osize as i64],
+                            "INSERT INTO outbox(topic, payload, retain, compact_key, roostseq, size, created_ms) VALUES (?1, ?2, 0, NULL, ?3, ?4, ?5)",
+                            params![target.topic, odata, seq as i64, osize as i64, now_ms()],
                         )?;
                         open_id = tx.last_insert_rowid();
                         Self::set_meta(&tx, "overflow_open", open_id as u64)?;
@@ -508,14 +526,15 @@ impl Writer {
                     backlog = backlog.saturating_sub(removed.len() as u64);
                 }
                 tx.execute(
-                    "INSERT INTO outbox(topic, payload, retain, compact_key, roostseq, size) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO outbox(topic, payload, retain, compact_key, roostseq, size, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                     params![
                         m.topic,
                         data,
                         m.retain as i64,
                         if m.compact { Some(m.topic.as_str()) } else { None },
                         rseq.map(|v| v as i64),
-                        size as i64
+                        size as i64,
+                        now_ms()
                     ],
                 )?;
                 last_id = tx.last_insert_rowid();
@@ -690,6 +709,14 @@ impl Writer {
                                 bytes: self.bytes,
                                 last_roostseq: self.meta("roostseq")?,
                                 dropped: self.meta("dropped")?,
+                                oldest_created_ms: self
+                                    .conn
+                                    .query_row(
+                                        "SELECT created_ms FROM outbox WHERE created_ms IS NOT NULL ORDER BY id LIMIT 1",
+                                        [],
+                                        |r| r.get::<_, i64>(0),
+                                    )
+                                    .optional()?,
                             })
                         })();
                         let _ = reply.send(res);

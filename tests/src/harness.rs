@@ -1172,6 +1172,56 @@ impl StoreRig {
     }
 }
 
+/// `GET path` from a local HTTP server (HTTP/1.1, one request per connection): status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send request");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read response");
+    let text = String::from_utf8(buf).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, body.to_owned())
+}
+
+/// Scrapes `http://addr/metrics` and parses it with a Prometheus text-format parser.
+pub async fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200, "GET /metrics from {addr}:\n{body}");
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("/metrics of {addr} does not parse: {e}\n{body}"))
+}
+
+/// The value of the sample `name` with (at least) `labels`; None if there is none. A
+/// histogram gives its count.
+pub fn metric(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    use prometheus_parse::Value;
+    s.samples
+        .iter()
+        .find(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(b) => b.iter().map(|c| c.count).fold(0.0, f64::max),
+            Value::Summary(_) => f64::NAN,
+        })
+}
+
+/// The address a `roost` process with `--log-format json` logged as `metrics listening`.
+pub fn metrics_addr_in_json_log(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "metrics listening")
+        .and_then(|v| v["addr"].as_str()?.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -180,6 +180,7 @@ fn bridge_cfg(
         edge: endpoint(edge, 5),
         cloud: endpoint(cloud, cloud_keep_alive_s),
         outbox_max_mib: None,
+        metrics_listen: None,
     }
 }
 

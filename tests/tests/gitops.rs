@@ -128,6 +128,7 @@ impl Rig {
             http: None,
             snapshot_interval: roost::gitops::snapshot::DEFAULT_INTERVAL,
             snapshot_expiry: roost::gitops::snapshot::DEFAULT_EXPIRY,
+            metrics: None,
         };
         let db = roost::fleet::FleetDb::open(&self.db).expect("db");
         let key = roost_schemas::SigningKey::from_pkcs8(self.signer.key.pkcs8().expect("pkcs8"))

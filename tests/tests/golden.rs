@@ -1765,6 +1765,332 @@ async fn rollout_wait_follows_the_targeted_stores() {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Metrics and logs: `roost agent`, `roost bridge` and `roost fleet` as real processes with
+// `--metrics-listen` and `--log-format json`, after a rollout converged, a replay was
+// rejected and drift was corrected.
+
+/// Scrapes `addr` until `ok` holds for the scrape (the values a user checks settle after the
+/// events that cause them); returns that scrape.
+async fn scrape_until(
+    addr: SocketAddr,
+    what: &str,
+    ok: impl Fn(&prometheus_parse::Scrape) -> bool,
+) -> prometheus_parse::Scrape {
+    let deadline = Instant::now() + T;
+    loop {
+        let s = harness::scrape(addr).await;
+        if ok(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not seen in {T:?} at {addr}:\n{:#?}",
+            s.samples
+                .iter()
+                .map(|x| format!("{} {:?} {:?}", x.metric, x.labels, x.value))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// A field of the line itself or of one of its spans.
+fn field<'a>(line: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    line.get(name).or_else(|| {
+        line["spans"]
+            .as_array()?
+            .iter()
+            .rev()
+            .find_map(|s| s.get(name))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_json_logs_of_agent_bridge_and_fleet() {
+    use harness::metric;
+    let w = world().await;
+    let dir = w._dir.path();
+    let store = "store-metrics";
+    let edge = roost::broker::spawn_free("edge").expect("edge broker");
+    let agent_file = dir.join("agent.toml");
+    std::fs::write(
+        &agent_file,
+        harness::agent_toml(
+            store,
+            &[],
+            &dir.join(store).join("agent"),
+            edge,
+            &w.signer,
+            &w.git.allowed(),
+        ),
+    )
+    .expect("agent.toml");
+    let bridge_file = dir.join("bridge.toml");
+    std::fs::write(
+        &bridge_file,
+        harness::bridge_toml(
+            store,
+            &[],
+            &dir.join(store).join("bridge"),
+            edge,
+            w.cloud,
+            5,
+        ),
+    )
+    .expect("bridge.toml");
+    let db = dir.join("fleet.db");
+    let listen = "127.0.0.1:0";
+    let mut fleet = Running::start(
+        dir,
+        "roost fleet",
+        &[
+            "--log-format",
+            "json",
+            "fleet",
+            "--broker",
+            &w.cloud.to_string(),
+            "--db",
+            db.to_str().expect("utf8"),
+            "--client-id",
+            "roost-fleet-metrics",
+            "--metrics-listen",
+            listen,
+        ],
+    );
+    let mut bridge = Running::start(
+        dir,
+        "roost bridge",
+        &[
+            "--log-format",
+            "json",
+            "bridge",
+            "--config",
+            bridge_file.to_str().expect("utf8"),
+            "--metrics-listen",
+            listen,
+        ],
+    );
+    // The agent takes its address from its configuration file's `metrics_listen`.
+    std::fs::write(
+        &agent_file,
+        format!(
+            "metrics_listen = \"{listen}\"\n{}",
+            std::fs::read_to_string(&agent_file).expect("read")
+        ),
+    )
+    .expect("agent.toml");
+    let mut agent = Running::start(
+        dir,
+        "roost agent",
+        &[
+            "--log-format",
+            "json",
+            "agent",
+            "--config",
+            agent_file.to_str().expect("utf8"),
+        ],
+    );
+    for p in [&mut fleet, &mut bridge, &mut agent] {
+        p.wait_log("metrics listening", T).await;
+    }
+    let addr = |p: &Running| harness::metrics_addr_in_json_log(&p.log()).expect("metrics address");
+    let (fleet_m, bridge_m, agent_m) = (addr(&fleet), addr(&bridge), addr(&agent));
+
+    // A rollout converges, then the same scope's older sequence comes again (a replay).
+    let obs = &w.observer;
+    let scope = Scope::Store(store.into());
+    w.roll(scope.clone(), 2, &w.rev1).await;
+    obs.wait_phase(store, "web", "Converged", Some(&w.rev1), T)
+        .await;
+    w.roll(scope, 1, &w.rev1).await;
+    obs.wait_event(store, "dev.roost.rollout.rejected", T, |e| {
+        e.reason() == Some("replay")
+    })
+    .await;
+    // Someone edits a deployed file: drift, corrected by self-heal.
+    let files_root = roost_agent::AgentConfig::load(&agent_file)
+        .expect("config")
+        .files_root();
+    std::fs::write(
+        files_root
+            .join("web")
+            .join("current")
+            .join("configmap.yaml"),
+        "tampered: true\n",
+    )
+    .expect("edit");
+    obs.wait_event(store, "dev.roost.drift.corrected", T, |_| true)
+        .await;
+
+    // The agent: stages by result, the replay, drift, the git fetch, its link; its outbox
+    // drains once the bridge confirmed everything.
+    let a = scrape_until(agent_m, "agent outbox drained after drift.corrected", |s| {
+        metric(s, "roost_outbox_messages", &[]) == Some(0.0)
+            && metric(
+                s,
+                "roost_agent_drift_corrected_total",
+                &[("deployment", "web")],
+            ) == Some(1.0)
+    })
+    .await;
+    let at_least = |s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)], min: f64| {
+        let v = metric(s, name, labels);
+        assert!(
+            v.is_some_and(|v| v >= min),
+            "{name}{labels:?} = {v:?}, want >= {min}"
+        );
+    };
+    for stage in ["fetch", "build", "apply", "health", "drift"] {
+        at_least(
+            &a,
+            "roost_agent_reconciles_total",
+            &[("stage", stage), ("result", "ok")],
+            1.0,
+        );
+        at_least(
+            &a,
+            "roost_agent_reconcile_duration_seconds",
+            &[("stage", stage), ("result", "ok")],
+            1.0,
+        );
+    }
+    assert_eq!(
+        metric(
+            &a,
+            "roost_agent_rollouts_rejected_total",
+            &[("reason", "replay")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &a,
+            "roost_agent_drift_detected_total",
+            &[("deployment", "web")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &a,
+            "roost_agent_git_fetch_duration_seconds",
+            &[("result", "ok")]
+        ),
+        Some(1.0),
+        "one fetch: the revision stays cached"
+    );
+    at_least(&a, "roost_agent_git_fetch_bytes_total", &[], 1.0);
+    at_least(&a, "roost_mqtt_connects_total", &[("link", "edge")], 1.0);
+    assert_eq!(
+        metric(&a, "roost_mqtt_connected", &[("link", "edge")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&a, "roost_outbox_oldest_age_seconds", &[]),
+        Some(0.0)
+    );
+    assert_eq!(metric(&a, "roost_outbox_bytes", &[]), Some(0.0));
+
+    // The bridge: up (the store's status and events) and down (both envelopes), nothing
+    // dropped, both links up, its outbox drained to the cloud.
+    let b = scrape_until(bridge_m, "bridge outbox drained", |s| {
+        metric(s, "roost_outbox_messages", &[]) == Some(0.0)
+    })
+    .await;
+    at_least(
+        &b,
+        "roost_bridge_forwarded_total",
+        &[("direction", "up")],
+        5.0,
+    );
+    at_least(
+        &b,
+        "roost_bridge_forwarded_total",
+        &[("direction", "down")],
+        2.0,
+    );
+    for reason in ["schema", "foreign_topic", "malformed"] {
+        assert_eq!(
+            metric(&b, "roost_bridge_dropped_total", &[("reason", reason)]),
+            Some(0.0)
+        );
+    }
+    for link in ["edge", "cloud"] {
+        at_least(&b, "roost_mqtt_connects_total", &[("link", link)], 1.0);
+        assert_eq!(
+            metric(&b, "roost_mqtt_connected", &[("link", link)]),
+            Some(1.0)
+        );
+    }
+
+    // The fleet service: the store converged and online, nothing stale, every event there.
+    let f = scrape_until(fleet_m, "the fleet's record of the store", |s| {
+        metric(
+            s,
+            "roost_fleet_stores_by_phase",
+            &[("deployment", "web"), ("phase", "Converged")],
+        ) == Some(1.0)
+            && metric(s, "roost_fleet_stores_drifted", &[("deployment", "web")]).is_none()
+    })
+    .await;
+    assert_eq!(
+        metric(&f, "roost_fleet_stores_presence", &[("state", "online")]),
+        Some(1.0)
+    );
+    assert_eq!(metric(&f, "roost_fleet_stores_stale", &[]), Some(0.0));
+    assert_eq!(metric(&f, "roost_fleet_stores", &[]), Some(1.0));
+    assert_eq!(metric(&f, "roost_fleet_event_gaps", &[]), Some(0.0));
+    at_least(&f, "roost_fleet_events_recorded_total", &[], 5.0);
+
+    // JSON logs: every line parses, and the agent's reconcile lines carry the store,
+    // deployment, revision and sequence as fields; the rejection its reason.
+    let lines = json_lines(&agent.log());
+    let applied = lines
+        .iter()
+        .find(|l| field(l, "deployment") == Some(&json!("web")) && field(l, "revision").is_some())
+        .unwrap_or_else(|| {
+            panic!(
+                "no line with deployment and revision fields:\n{}",
+                agent.log()
+            )
+        });
+    assert_eq!(field(applied, "store"), Some(&json!(store)), "{applied}");
+    assert_eq!(
+        field(applied, "revision"),
+        Some(&json!(w.rev1)),
+        "{applied}"
+    );
+    assert!(field(applied, "sequence").is_some(), "{applied}");
+    assert!(
+        lines.iter().any(|l| l["message"] == "rollout rejected"
+            && l["reason"] == "replay"
+            && l["deployment"] == "web"
+            && l["sequence"] == 1),
+        "the rejection with its fields:\n{}",
+        agent.log()
+    );
+    let bridge_lines = json_lines(&bridge.log());
+    assert!(
+        bridge_lines
+            .iter()
+            .any(|l| field(l, "store") == Some(&json!(store))),
+        "{}",
+        bridge.log()
+    );
+    json_lines(&fleet.log());
+    for p in [agent, bridge, fleet] {
+        p.stop_with(Signal::SIGTERM).await;
+    }
+}
+
 /// `roost status --stale` lists exactly the stores that went quiet — one whose bridge
 /// crashed (its last will), one whose bridge stopped cleanly, one whose agent died behind a
 /// living bridge (its status heartbeat stopped) — and never shows them as Converged; the

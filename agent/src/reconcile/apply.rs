@@ -45,7 +45,12 @@ pub async fn run<T: Target>(
         .apply(plan, &inventory)
         .await
         .map_err(StageError::Apply)?;
-    let pruned = prune::run(ctx, rollout, &inventory, &entries).await?;
+    let pruned = ctx
+        .timed(
+            crate::metrics::Stage::Prune,
+            prune::run(ctx, rollout, &inventory, &entries),
+        )
+        .await?;
     let mut next = entries;
     next.extend(pruned.kept);
     ctx.record(

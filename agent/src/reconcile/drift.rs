@@ -11,6 +11,7 @@ use tracing::warn;
 
 use super::{Ctx, Outcome, StageError, Wake};
 use crate::decide::Desired;
+use crate::metrics::{Stage, StageResult};
 use crate::targets::Target;
 
 /// Watches until the desired state changes (`Changed`) or the agent stops (`Stop`).
@@ -24,7 +25,14 @@ pub async fn watch<T: Target>(
     let deployment = &rollout.deployment;
     let mut signals = ctx.target.watch(plan);
     loop {
-        match ctx.target.drift(plan).await {
+        let t = std::time::Instant::now();
+        let found = ctx.target.drift(plan).await;
+        let result = match found {
+            Ok(_) => StageResult::Ok,
+            Err(_) => StageResult::Error,
+        };
+        ctx.metrics.stage(Stage::Drift, result, t.elapsed());
+        match found {
             Ok(None) => {
                 let healthy = ctx.target.health(plan).await.is_ok_and(|h| h.ready);
                 ctx.record(deployment, Outcome::InSync { healthy }).await?;

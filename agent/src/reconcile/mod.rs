@@ -25,6 +25,7 @@ use crate::config::AgentConfig;
 use crate::decide::Desired;
 use crate::git::{GitCache, GitError};
 use crate::ledger::{Ledger, LedgerError};
+use crate::metrics::{AgentMetrics, Stage, StageResult};
 use crate::targets::{Target, TargetError};
 use machine::{next_step, transition, Outcome, Step, Want};
 
@@ -38,6 +39,8 @@ pub struct Ctx<T: Target> {
     pub git: GitCache,
     /// Target.
     pub target: Arc<T>,
+    /// Where stages, drift and rejections are counted.
+    pub metrics: AgentMetrics,
 }
 
 impl<T: Target> Clone for Ctx<T> {
@@ -47,6 +50,7 @@ impl<T: Target> Clone for Ctx<T> {
             ledger: self.ledger.clone(),
             git: self.git.clone(),
             target: self.target.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -56,10 +60,33 @@ impl<T: Target> Ctx<T> {
     pub async fn record(&self, deployment: &str, outcome: Outcome) -> Result<(), StageError> {
         let rec = self.ledger.record(deployment);
         let (next, events) = transition(&rec, outcome);
+        self.metrics.events(&events);
         self.ledger
             .commit(next, events)
             .await
             .map_err(StageError::Ledger)
+    }
+
+    /// Runs one stage, counting it and its duration by result.
+    pub async fn timed<R>(
+        &self,
+        stage: Stage,
+        fut: impl std::future::Future<Output = Result<R, StageError>>,
+    ) -> Result<R, StageError> {
+        let t = std::time::Instant::now();
+        let r = fut.await;
+        self.metrics.stage(stage, stage_result(&r), t.elapsed());
+        r
+    }
+}
+
+/// The `result` label of a stage that ended with `r`.
+pub fn stage_result<R>(r: &Result<R, StageError>) -> StageResult {
+    match r {
+        Ok(_) => StageResult::Ok,
+        Err(StageError::Interrupted) => StageResult::Interrupted,
+        Err(e) if e.is_rejection() => StageResult::Rejected,
+        Err(_) => StageResult::Error,
     }
 }
 
@@ -218,6 +245,13 @@ pub async fn run_worker<T: Target>(
     let mut retry = Backoff::new(ctx.cfg.retry.0, ctx.cfg.retry.1);
     loop {
         let desired = rx.borrow_and_update().clone();
+        if let Desired::Apply { rollout } | Desired::Remove { rollout } = &desired {
+            let span = tracing::Span::current();
+            if let Some(src) = &rollout.source {
+                span.record("revision", src.revision.as_str());
+            }
+            span.record("sequence", rollout.sequence);
+        }
         let res = match ctx
             .record(&deployment, Outcome::Wanted(want_of(&desired)))
             .await
@@ -270,7 +304,8 @@ async fn step<T: Target>(
     match (next_step(&rec), desired) {
         (Step::Idle, _) => Ok(wait(rx, Duration::from_secs(3600), cancel).await),
         (Step::Remove, _) => {
-            remove::run(ctx, deployment).await?;
+            ctx.timed(Stage::Remove, remove::run(ctx, deployment))
+                .await?;
             Ok(wait(rx, Duration::from_secs(3600), cancel).await)
         }
         (Step::Reconcile, Desired::Apply { rollout }) => {
@@ -278,14 +313,15 @@ async fn step<T: Target>(
             if let Wake::Changed | Wake::Stop = stage_until(ctx, rollout, rx, cancel).await? {
                 return Err(StageError::Interrupted);
             }
-            apply::run(ctx, rollout, &plan, timing).await?;
-            health::run(ctx, deployment, rollout, &plan, rx, cancel).await?;
+            ctx.timed(Stage::Apply, apply::run(ctx, rollout, &plan, timing))
+                .await?;
+            health_stage(ctx, deployment, rollout, &plan, rx, cancel).await?;
             drift::watch(ctx, rollout, &plan, rx, cancel).await
         }
         (Step::ReportHealth, Desired::Apply { rollout }) => {
             let (plan, _) = prepare(ctx, rollout, rx, false).await?;
             info!(%deployment, revision = ?rec.applied.as_ref().map(|a| &a.revision), "reporting the outcome of an apply finished before a restart");
-            health::run(ctx, deployment, rollout, &plan, rx, cancel).await?;
+            health_stage(ctx, deployment, rollout, &plan, rx, cancel).await?;
             drift::watch(ctx, rollout, &plan, rx, cancel).await
         }
         (Step::InSync, Desired::Apply { rollout }) => {
@@ -306,10 +342,11 @@ async fn prepare<T: Target>(
     announce: bool,
 ) -> Result<(T::Plan, Timing), StageError> {
     let t = std::time::Instant::now();
-    fetch::run(ctx, rollout, rx, announce).await?;
+    ctx.timed(Stage::Fetch, fetch::run(ctx, rollout, rx, announce))
+        .await?;
     let fetch_ms = t.elapsed().as_millis() as u64;
     let t = std::time::Instant::now();
-    let plan = build::run(ctx, rollout).await?;
+    let plan = ctx.timed(Stage::Build, build::run(ctx, rollout)).await?;
     Ok((
         plan,
         Timing {
@@ -317,6 +354,27 @@ async fn prepare<T: Target>(
             build_ms: t.elapsed().as_millis() as u64,
         },
     ))
+}
+
+/// The health stage, counted: `degraded` when it recorded the deployment as degraded.
+async fn health_stage<T: Target>(
+    ctx: &Ctx<T>,
+    deployment: &str,
+    rollout: &Rollout,
+    plan: &T::Plan,
+    rx: &mut watch::Receiver<Desired>,
+    cancel: &CancellationToken,
+) -> Result<(), StageError> {
+    let t = std::time::Instant::now();
+    let r = health::run(ctx, deployment, rollout, plan, rx, cancel).await;
+    let result = match &r {
+        Ok(()) if ctx.ledger.record(deployment).phase == roost_schemas::Phase::Degraded => {
+            StageResult::Degraded
+        }
+        _ => stage_result(&r),
+    };
+    ctx.metrics.stage(Stage::Health, result, t.elapsed());
+    r
 }
 
 /// Waits for `not_before` (staged rollouts): Timer when it is time to apply.

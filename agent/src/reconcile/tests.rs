@@ -117,6 +117,7 @@ impl Rig {
             ledger,
             git: GitCache::new(state.path().join("git"), vec![], Duration::from_secs(10)),
             target: Arc::new(fake.clone()),
+            metrics: Default::default(),
         };
         let (tx, _) = watch::channel(Desired::Unknown);
         Rig {

@@ -72,6 +72,8 @@ pub struct GitopsOptions {
     pub snapshot_interval: Duration,
     /// How long a snapshot stays valid (`expires` - `issued_at`); default 3 × the interval.
     pub snapshot_expiry: Duration,
+    /// Also serve `GET /metrics` on `http`.
+    pub metrics: Option<roost_runtime::Exporter>,
 }
 
 /// Loads and validates a fleet file's bytes.
@@ -651,7 +653,11 @@ pub async fn run(
             crate::api::ApiOptions::default(),
             cancel.child_token(),
         )?;
-        crate::api::serve(addr, api.router(), cancel.child_token()).await?;
+        let router = match &opts.metrics {
+            Some(m) => api.router().merge(m.router()),
+            None => api.router(),
+        };
+        crate::api::serve(addr, router, cancel.child_token()).await?;
     }
     let file = {
         let db = db.clone();
