@@ -640,6 +640,23 @@ async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_
     r.obs
         .wait_phase(&canary, &r.dep, "Converged", Some(&rev1), T)
         .await;
+    // `roost promote` reads the fleet record, which may record the status a moment after the
+    // observer saw it.
+    harness::eventually(T, "the canary converged in the fleet record", || {
+        let v = roost::view::build(&roost::view::load(&r.db()).ok()?, roost::fleet::now_ms());
+        v.stores
+            .iter()
+            .find(|s| s.store == canary)?
+            .deployments
+            .iter()
+            .any(|c| {
+                c.deployment == r.dep
+                    && c.phase == "Converged"
+                    && c.applied.as_ref().is_some_and(|a| a.revision == rev1)
+            })
+            .then_some(())
+    })
+    .await;
     // The app moves on; the canary still runs rev1, which is what gets promoted.
     let work = r.dir.path().join("promote-work");
     let spec = roost::gitops::promote::PromoteSpec {
