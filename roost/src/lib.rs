@@ -1,6 +1,7 @@
 //! The `roost` command line as a library: embedded brokers, cloud-side commands (keys,
 //! rollouts, fleet status, events) and `roost up`, the whole fleet on one machine.
 
+pub mod bench;
 pub mod broker;
 pub mod cloud;
 pub mod fleet;
