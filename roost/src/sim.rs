@@ -165,6 +165,12 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
     for i in 1..=opts.stores {
+        // Paced: the cloud broker accepts about one connection per ms, and 2,000 clients
+        // connecting at once on a loaded machine time out (5 s), reconnect with the same
+        // client id and kick each other off: a herd that never settles.
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
         let name = up::store_name(i);
         let edge = match opts.topology {
             Topology::Bridged => crate::broker::spawn_free("edge").map_err(err("edge broker"))?,
