@@ -134,20 +134,13 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     lc.metrics = Some(metrics.link.clone());
     let tracker = TaskTracker::new();
     let child = cancel.child_token();
-    let metrics_server = match cfg.file.metrics_listen {
-        Some(addr) => {
-            let mut registry = prometheus_client::registry::Registry::default();
-            metrics.register(&mut registry);
-            let exporter = roost_runtime::Exporter::new(registry)
-                .with_refresh(metrics.outbox.refresh_hook(outbox.clone()));
-            Some(
-                roost_runtime::metrics::serve(addr, exporter, child.clone())
-                    .await?
-                    .1,
-            )
-        }
-        None => None,
-    };
+    let metrics_server = roost_runtime::metrics::serve_if(
+        cfg.file.metrics_listen,
+        |r| metrics.register(r),
+        metrics.outbox.refresh_hook(outbox.clone()),
+        child.clone(),
+    )
+    .await?;
     let link = Link::start(lc, Some(outbox.clone()), child.clone())?;
     let ctx = Ctx {
         cfg: cfg.clone(),

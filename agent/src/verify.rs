@@ -219,7 +219,7 @@ mod tests {
     use super::*;
     use roost_schemas::{Policy, Scope, SigningKey, Source};
 
-    fn rollout(scope: Scope) -> Rollout {
+    pub(super) fn rollout(scope: Scope) -> Rollout {
         Rollout {
             deployment: "web".into(),
             scope,
@@ -332,7 +332,7 @@ mod props {
     //! panic, and acceptance only for an untouched envelope with enough trusted signatures.
     use super::*;
     use proptest::prelude::*;
-    use roost_schemas::{Policy, Scope, SigningKey, Source};
+    use roost_schemas::{Scope, SigningKey};
 
     fn setup() -> (Keyring, SigningKey, SigningKey, Vec<SourceUrl>) {
         let a = SigningKey::from_seed(&[31; 32]).expect("key");
@@ -345,22 +345,9 @@ mod props {
     }
 
     fn body(seq: u64) -> Vec<u8> {
-        serde_json::to_vec(&Rollout {
-            deployment: "web".into(),
-            scope: Scope::Fleet,
-            sequence: seq,
-            issued_at: "2026-11-26T10:00:00Z".into(),
-            source: Some(Source {
-                url: "git://127.0.0.1/fleet.git".into(),
-                revision: "a".repeat(40),
-                path: "apps".into(),
-            }),
-            not_before: None,
-            policy: Policy::default(),
-            remove: false,
-            origin: None,
-        })
-        .expect("json")
+        let mut r = super::tests::rollout(Scope::Fleet);
+        r.sequence = seq;
+        serde_json::to_vec(&r).expect("json")
     }
 
     proptest! {

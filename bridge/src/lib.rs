@@ -122,6 +122,10 @@ impl BridgeConfig {
     }
 }
 
+/// The delivery watermark's table in the outbox database.
+const WATERMARK_SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS bridge_confirmed (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL);";
+
 /// Last desired-state envelope per topic, so the edge can be restored after a restart.
 #[derive(Clone)]
 struct DesiredStore {
@@ -171,15 +175,6 @@ impl DesiredStore {
         })
         .map(|v| v as u64)
         .unwrap_or(0)
-    }
-
-    fn set_confirmed(&self, upto: u64) -> Result<(), BridgeError> {
-        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        c.execute(
-            "INSERT INTO confirmed(id, upto) VALUES (1, ?1) ON CONFLICT(id) DO UPDATE SET upto = excluded.upto",
-            [upto as i64],
-        )?;
-        Ok(())
     }
 
     fn all(&self) -> Vec<DirectMessage> {
@@ -266,6 +261,21 @@ pub async fn run_with(
     ocfg.max_bytes = cfg.outbox_max_mib.unwrap_or(256) * 1024 * 1024;
     let outbox = Outbox::open(ocfg)?;
     let metrics = BridgeMetrics::with_upward(stats.clone());
+    // The delivery watermark lives in the outbox's database and commits in the same
+    // transaction as the events it covers: one fsync per burst, and it can never claim events
+    // that are not stored. (Older versions kept it in bridge.db: the higher of both counts.)
+    let stored_upto = outbox
+        .read(|c| -> Result<u64, rusqlite::Error> {
+            c.execute_batch(WATERMARK_SCHEMA)?;
+            Ok(
+                c.query_row("SELECT upto FROM bridge_confirmed WHERE id = 1", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map(|v| v as u64)
+                .unwrap_or(0),
+            )
+        })
+        .await??;
 
     // Cloud side: desired state in, the store's outbox out; presence via birth and last will.
     let c = &cfg.cloud;
@@ -290,20 +300,13 @@ pub async fn run_with(
     // The links stop only after the clean-stop "offline" below went out: on their own token,
     // not a child of `cancel` (which would close them the moment a signal arrives).
     let child = CancellationToken::new();
-    let metrics_server = match cfg.metrics_listen {
-        Some(addr) => {
-            let mut registry = prometheus_client::registry::Registry::default();
-            metrics.register(&mut registry);
-            let exporter = roost_runtime::Exporter::new(registry)
-                .with_refresh(metrics.outbox.refresh_hook(outbox.clone()));
-            Some(
-                roost_runtime::metrics::serve(addr, exporter, child.clone())
-                    .await?
-                    .1,
-            )
-        }
-        None => None,
-    };
+    let metrics_server = roost_runtime::metrics::serve_if(
+        cfg.metrics_listen,
+        |r| metrics.register(r),
+        metrics.outbox.refresh_hook(outbox.clone()),
+        child.clone(),
+    )
+    .await?;
     cloud.metrics = Some(metrics.link.clone());
     let mut cloud_link = Link::start(cloud, Some(outbox.clone()), child.clone())?;
     let cloud_handle = cloud_link.handle.clone();
@@ -320,7 +323,9 @@ pub async fn run_with(
     // End-to-end delivery: the agent keeps each event until this bridge confirms it is in the
     // outbox here. On every edge connect the bridge states its watermark and asks for a
     // resend of anything later (the edge broker may have lost it, e.g. in a restart).
-    let watermark = Arc::new(Mutex::new(Watermark::new(desired.confirmed())));
+    let watermark = Arc::new(Mutex::new(Watermark::new(
+        desired.confirmed().max(stored_upto),
+    )));
     let ack_topic = topics.ack(&store);
     let (w2, t2) = (watermark.clone(), ack_topic.clone());
     edge.on_connect = Some(Arc::new(move |_| {
@@ -336,7 +341,6 @@ pub async fn run_with(
     let mut edge_link = Link::start(edge, None, child.clone())?;
     info!(%store, "bridge starting");
 
-    let desired_for_up = desired.clone();
     let edge_handle = edge_link.handle.clone();
     let down_count = metrics.down.clone();
     let down = {
@@ -409,28 +413,45 @@ pub async fn run_with(
                 if msgs.is_empty() {
                     continue;
                 }
-                match outbox.enqueue(msgs).await {
+                // The watermark after this batch, committed with it (applied in memory only
+                // once the commit succeeded).
+                let (next, advanced) = {
+                    let mut w = watermark.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let mut adv = false;
+                    for (_, kind) in &taken {
+                        if let Upward::Event { roostseq, lost } = kind {
+                            adv |= w.add_event(*roostseq, lost);
+                        }
+                    }
+                    let upto = w.upto();
+                    (w, adv.then_some(upto))
+                };
+                let stored = match advanced {
+                    Some(upto) => {
+                        outbox
+                            .commit(
+                                msgs,
+                                Box::new(move |c| {
+                                    c.execute(
+                                        "INSERT INTO bridge_confirmed(id, upto) VALUES (1, ?1)
+                                         ON CONFLICT(id) DO UPDATE SET upto = excluded.upto",
+                                        [upto as i64],
+                                    )?;
+                                    Ok(())
+                                }),
+                            )
+                            .await
+                    }
+                    None => outbox.enqueue(msgs).await,
+                };
+                match stored {
                     Ok(_) => {
                         taken.iter().for_each(|(m, _)| {
                             stats.forwarded_one();
                             edge_handle.ack(m);
                         });
-                        let advanced = {
-                            let mut w = watermark.lock().unwrap_or_else(|p| p.into_inner());
-                            let mut adv = false;
-                            for (_, kind) in &taken {
-                                if let Upward::Event { roostseq, lost } = kind {
-                                    adv |= w.add_event(*roostseq, lost);
-                                }
-                            }
-                            adv.then(|| w.upto())
-                        };
+                        *watermark.lock().unwrap_or_else(|p| p.into_inner()) = next;
                         if let Some(upto) = advanced {
-                            if let Err(error) =
-                                desired_for_up.write(move |d| d.set_confirmed(upto)).await
-                            {
-                                warn!(%error, "cannot persist the delivery watermark");
-                            }
                             let _ = edge_handle.publish(DirectMessage {
                                 topic: ack_topic.clone(),
                                 payload: confirmation(upto, false),

@@ -404,7 +404,7 @@ impl IntervalSet {
 
 /// The agent's events that are in the bridge's outbox: every roostseq up to `upto`, plus
 /// intervals above it that arrived out of order (after a gap that a resend will fill).
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Watermark {
     upto: u64,
     above: IntervalSet,

@@ -889,6 +889,16 @@ mod sequence_tests {
 mod tests {
     use super::*;
 
+    /// A signed envelope whose payload carries only `sequence`.
+    fn envelope(seq: u64) -> Vec<u8> {
+        let key = roost_schemas::SigningKey::from_seed(&[1; 32]).expect("key");
+        serde_json::to_vec(&key.sign(
+            roost_schemas::PAYLOAD_TYPE,
+            format!("{{\"sequence\":{seq}}}").as_bytes(),
+        ))
+        .expect("json")
+    }
+
     fn ev(id: &str, seq: u64) -> (String, CloudEvent, String) {
         let mut e = CloudEvent::new(
             "roost://stores/s1/agent",
@@ -940,33 +950,17 @@ mod tests {
     fn keeps_newest_desired_envelope() {
         let dir = tempfile::tempdir().expect("tmp");
         let db = FleetDb::open(&dir.path().join("f.db")).expect("open");
-        let key = roost_schemas::SigningKey::from_seed(&[1; 32]).expect("key");
-        let env = |seq: u64| {
-            serde_json::to_vec(&key.sign(
-                roost_schemas::PAYLOAD_TYPE,
-                format!("{{\"sequence\":{seq}}}").as_bytes(),
-            ))
-            .expect("json")
-        };
-        assert!(db.record_desired("t", &env(2)).expect("rec"));
+        assert!(db.record_desired("t", &envelope(2)).expect("rec"));
         assert!(
-            !db.record_desired("t", &env(1)).expect("rec"),
+            !db.record_desired("t", &envelope(1)).expect("rec"),
             "older is ignored"
         );
-        assert!(db.record_desired("t", &env(3)).expect("rec"));
+        assert!(db.record_desired("t", &envelope(3)).expect("rec"));
         assert_eq!(envelope_sequence(&db.desired().expect("d")[0].1), Some(3));
     }
 
     #[test]
     fn restore_only_what_the_broker_lacks_or_holds_older() {
-        let key = roost_schemas::SigningKey::from_seed(&[1; 32]).expect("key");
-        let env = |seq: u64| {
-            serde_json::to_vec(&key.sign(
-                roost_schemas::PAYLOAD_TYPE,
-                format!("{{\"sequence\":{seq}}}").as_bytes(),
-            ))
-            .expect("json")
-        };
         // What the broker showed the check: "same" as recorded, "newer" than recorded,
         // "older" than recorded, "cleared" (empty or unreadable there); "gone" not at all.
         let seen: HashMap<String, Option<u64>> = [
@@ -978,11 +972,11 @@ mod tests {
         .into_iter()
         .collect();
         let desired = vec![
-            ("same".to_string(), env(5)),
-            ("newer".to_string(), env(6)),
-            ("older".to_string(), env(3)),
-            ("cleared".to_string(), env(8)),
-            ("gone".to_string(), env(4)),
+            ("same".to_string(), envelope(5)),
+            ("newer".to_string(), envelope(6)),
+            ("older".to_string(), envelope(3)),
+            ("cleared".to_string(), envelope(8)),
+            ("gone".to_string(), envelope(4)),
         ];
         let topics: Vec<String> = stale_topics(&seen, desired)
             .into_iter()
@@ -995,15 +989,7 @@ mod tests {
     fn a_batch_is_one_transaction_and_reports_what_the_broker_shows_older() {
         let dir = tempfile::tempdir().expect("tmp");
         let db = FleetDb::open(&dir.path().join("f.db")).expect("open");
-        let key = roost_schemas::SigningKey::from_seed(&[1; 32]).expect("key");
-        let env = |seq: u64| {
-            serde_json::to_vec(&key.sign(
-                roost_schemas::PAYLOAD_TYPE,
-                format!("{{\"sequence\":{seq}}}").as_bytes(),
-            ))
-            .expect("json")
-        };
-        let d = |t: &str, seq: u64| FleetItem::Desired(t.into(), env(seq));
+        let d = |t: &str, seq: u64| FleetItem::Desired(t.into(), envelope(seq));
         let (_, e, j) = ev("a", 1);
         let out = db
             .record_batch(&[
@@ -1020,7 +1006,7 @@ mod tests {
         let out = db
             .record_batch(&[d("t1", 3), d("t2", 3), d("t2", 6)])
             .expect("batch");
-        assert_eq!(out.regressed, vec![("t1".to_string(), env(5))]);
+        assert_eq!(out.regressed, vec![("t1".to_string(), envelope(5))]);
         let seqs: Vec<Option<u64>> = db
             .desired()
             .expect("desired")

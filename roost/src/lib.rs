@@ -2,6 +2,7 @@
 //! rollouts, fleet status, events) and `roost up`, the whole fleet on one machine.
 
 pub mod api;
+pub mod bench;
 pub mod broker;
 pub mod cloud;
 pub mod fleet;

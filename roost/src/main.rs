@@ -215,6 +215,12 @@ enum Cmd {
         #[arg(long)]
         http: Option<SocketAddr>,
     },
+    /// Benchmarks with real processes or backlogs (footprint, latency, bridge-load, outbox);
+    /// see BENCHMARKS.md. They print figures and one JSON line.
+    Bench {
+        #[command(subcommand)]
+        kind: BenchCmd,
+    },
     /// The fleet benchmark: N stores in this process, K rollouts, latency percentiles.
     Sim {
         /// Number of stores.
@@ -421,6 +427,50 @@ enum Cmd {
         /// Exit after this many events.
         #[arg(long)]
         count: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// A real agent with its edge broker, bridge and a cloud broker converges N objects and
+    /// idles: the agent's RSS, idle CPU, fds, threads, and this binary's size.
+    Footprint {
+        /// Objects (files) in the revision.
+        #[arg(long, default_value_t = 50)]
+        objects: usize,
+        /// Idle window in seconds.
+        #[arg(long, default_value_t = 30)]
+        idle: u64,
+    },
+    /// One bridged store of real processes: rollout -> converged and drift edit ->
+    /// drift.detected at the cloud, percentiles over the trials.
+    Latency {
+        /// Trials.
+        #[arg(long, default_value_t = 100)]
+        trials: usize,
+    },
+    /// roost bridge vs mosquitto's bridge between two mosquitto brokers, alternating runs;
+    /// then with the cloud broker restarted mid-run.
+    BridgeLoad {
+        /// QoS 1 messages per run.
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+        /// Runs per bridge.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Skip the runs with a cloud broker restart.
+        #[arg(long)]
+        no_restart: bool,
+        /// The mosquitto binary.
+        #[arg(long, default_value = "/usr/sbin/mosquitto")]
+        mosquitto: PathBuf,
+    },
+    /// An outbox backlog of N events: enqueue rate, drain rate to the edge broker, time until
+    /// the cloud has all of them through a bridge.
+    Outbox {
+        /// Events in the backlog.
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
     },
 }
 
@@ -673,6 +723,42 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             if once && cancel.is_cancelled() {
                 return Err(Interrupted.into());
             }
+        }
+        Cmd::Bench { kind } => {
+            use roost::bench;
+            let report = interruptible(&cancel, async {
+                Ok(match kind {
+                    BenchCmd::Footprint { objects, idle } => {
+                        bench::footprint::run(&bench::footprint::FootprintOptions {
+                            objects,
+                            idle: Duration::from_secs(idle),
+                        })
+                        .await?
+                    }
+                    BenchCmd::Latency { trials } => {
+                        bench::latency::run(&bench::latency::LatencyOptions { trials }).await?
+                    }
+                    BenchCmd::BridgeLoad {
+                        messages,
+                        runs,
+                        no_restart,
+                        mosquitto,
+                    } => {
+                        bench::bridge_load::run(&bench::bridge_load::BridgeLoadOptions {
+                            messages,
+                            runs,
+                            restart: !no_restart,
+                            mosquitto,
+                        })
+                        .await?
+                    }
+                    BenchCmd::Outbox { events } => {
+                        bench::outbox::run(&bench::outbox::OutboxOptions { events }).await?
+                    }
+                })
+            })
+            .await?;
+            println!("{report}");
         }
         Cmd::Sim {
             stores,
@@ -1251,8 +1337,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format, &cli.cmd);
     roost::install_crypto_provider();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // A store's agent is a tiny service on a node shared with the workloads: one runtime
+    // thread (its SQLite and git work runs on blocking threads that end when idle), which
+    // keeps its idle footprint small. Everything else (brokers, the bridge, which carries the
+    // store's traffic, the fleet, benchmarks) gets a worker per core.
+    let tiny = matches!(cli.cmd, Cmd::Agent { .. });
+    let mut builder = if tiny {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let rt = match builder
         .enable_all()
+        .thread_keep_alive(Duration::from_secs(5))
         .build()
     {
         Ok(rt) => rt,

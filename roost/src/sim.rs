@@ -114,12 +114,39 @@ fn err<E: std::fmt::Display>(ctx: &'static str) -> impl Fn(E) -> UpError {
     move |e| UpError::Setup(format!("{ctx}: {e}"))
 }
 
+/// The soft limit of open files in force (from /proc/self/limits; 0 if unknown). Every
+/// store holds sockets, SQLite files and a file watcher (about 8 descriptors direct, 24
+/// bridged); `bench/sim.sh` raises the soft limit to the hard one before it starts.
+pub fn fd_limit() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Runs the benchmark.
 pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     if opts.stores == 0 || opts.rollouts == 0 {
         return Err(UpError::Setup(
             "--stores and --rollouts must be at least 1".into(),
         ));
+    }
+    let fd_limit = fd_limit();
+    let per_store = match opts.topology {
+        Topology::Direct => 8,
+        Topology::Bridged => 24,
+    };
+    if fd_limit > 0 && (opts.stores as u64) * per_store + 256 > fd_limit {
+        return Err(UpError::Setup(format!(
+            "{} stores need about {} open files; the limit here is {fd_limit} (raise it: ulimit -n $(ulimit -Hn), as bench/sim.sh does)",
+            opts.stores,
+            opts.stores as u64 * per_store + 256
+        )));
     }
     let dir = std::env::temp_dir().join(format!(
         "roost-sim-{}-{:08x}",
@@ -138,6 +165,12 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
     for i in 1..=opts.stores {
+        // Paced: the cloud broker accepts about one connection per ms, and 2,000 clients
+        // connecting at once on a loaded machine time out (5 s), reconnect with the same
+        // client id and kick each other off: a herd that never settles.
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
         let name = up::store_name(i);
         let edge = match opts.topology {
             Topology::Bridged => crate::broker::spawn_free("edge").map_err(err("edge broker"))?,
@@ -181,12 +214,26 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
         )
         .await
         .map_err(err("subscribe"))?;
+    client
+        .subscribe(
+            topics.all_stores(roost_schemas::topics::StoreTopicKind::Status),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .map_err(err("subscribe"))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(CloudEvent, Instant)>();
+    let (status_tx, mut status_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let observer = tokio::spawn(async move {
         loop {
             match ev.poll().await {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if let Ok(e) = serde_json::from_slice::<CloudEvent>(&p.payload) {
+                    if p.topic.ends_with("/status") {
+                        if let Ok(doc) =
+                            serde_json::from_slice::<roost_schemas::StatusDoc>(&p.payload)
+                        {
+                            let _ = status_tx.send(doc.store);
+                        }
+                    } else if let Ok(e) = serde_json::from_slice::<CloudEvent>(&p.payload) {
                         if tx.send((e, Instant::now())).is_err() {
                             break;
                         }
@@ -197,6 +244,31 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
             }
         }
     });
+    // Every store is connected (and subscribed, which it does before it publishes) once its
+    // status document reached the cloud: only then does the first rollout go out, so round 1
+    // measures convergence, not connection setup (the broker accepts one connection per ms).
+    {
+        let mut online = std::collections::HashSet::new();
+        let deadline = tokio::time::Instant::now() + opts.timeout;
+        while online.len() < opts.stores {
+            match tokio::time::timeout_at(deadline, status_rx.recv()).await {
+                Ok(Some(store)) => {
+                    online.insert(store);
+                }
+                _ => {
+                    return Err(UpError::Timeout(
+                        opts.timeout,
+                        format!("{}/{} stores connected", online.len(), opts.stores),
+                    ))
+                }
+            }
+        }
+    }
+    println!(
+        "sim: {} stores connected in {} ms",
+        opts.stores,
+        started.elapsed().as_millis()
+    );
     let mut latencies = Vec::new();
     let mut fleet_ms = Vec::new();
     let mut report = SimReport::default();

@@ -509,8 +509,13 @@ async fn run(
                                     if !(cfg.confirm_events && roostseq.is_some()) {
                                         ob.ack(vec![id]);
                                     }
-                                    if let Err(e) = refill(&client, ob, &mut inflight, cfg.window).await {
-                                        break Err(e);
+                                    // Refill in batches: one outbox read per half window,
+                                    // not one per PUBACK (a backlog drains at the broker's
+                                    // pace, not at one SQLite round trip per message).
+                                    if inflight.outstanding <= cfg.window / 2 {
+                                        if let Err(e) = refill(&client, ob, &mut inflight, cfg.window).await {
+                                            break Err(e);
+                                        }
                                     }
                                 }
                             }

@@ -130,6 +130,23 @@ pub async fn serve(
     Ok((bound, task))
 }
 
+/// A component's `/metrics` on `addr`, when one is configured: the series `register` adds,
+/// brought up to date by `refresh` before every scrape. Returns the server task.
+pub async fn serve_if(
+    addr: Option<SocketAddr>,
+    register: impl FnOnce(&mut Registry),
+    refresh: Refresh,
+    cancel: CancellationToken,
+) -> Result<Option<tokio::task::JoinHandle<()>>, MetricsError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let mut registry = Registry::default();
+    register(&mut registry);
+    let exporter = Exporter::new(registry).with_refresh(refresh);
+    Ok(Some(serve(addr, exporter, cancel).await?.1))
+}
+
 /// The `link` label: which broker connection (`edge`, `cloud`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LinkLabels {

@@ -160,14 +160,25 @@ impl FilesTarget {
         let final_dir = dep.join(&plan.revision);
         let tmp = dep.join(format!(".tmp-{}-{}", plan.revision, std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        for f in &plan.files {
-            let p = tmp.join(&f.path);
-            if let Some(parent) = p.parent() {
-                std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+        // Write a chunk of files first, then fsync each: the first fsync commits the file
+        // system's journal with all of them (ext4 and xfs flush the data of every file in that
+        // commit), so the others cost little, where write+fsync per file paid one commit per
+        // file. Chunks bound the descriptors held open. Every file is still on disk before
+        // the directory is renamed into place.
+        for chunk in plan.files.chunks(64) {
+            let mut written = Vec::with_capacity(chunk.len());
+            for f in chunk {
+                let p = tmp.join(&f.path);
+                if let Some(parent) = p.parent() {
+                    std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+                }
+                let mut file = std::fs::File::create(&p).map_err(io("write", &p))?;
+                std::io::Write::write_all(&mut file, &f.data).map_err(io("write", &p))?;
+                written.push((p, file));
             }
-            let mut file = std::fs::File::create(&p).map_err(io("write", &p))?;
-            std::io::Write::write_all(&mut file, &f.data).map_err(io("write", &p))?;
-            file.sync_all().map_err(io("sync", &p))?;
+            for (p, file) in &written {
+                file.sync_all().map_err(io("sync", p))?;
+            }
         }
         std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
         if final_dir.exists() {

@@ -1,0 +1,70 @@
+//! `roost bench footprint`: a real `roost agent` (files target) with its edge broker, bridge
+//! and a cloud broker converges a revision of N objects, then sits idle; reports the agent's
+//! resident memory, its CPU over the idle window, open file descriptors, threads, and the size
+//! of this binary.
+
+use std::time::{Duration, Instant};
+
+use super::rig::{ProcStat, Rig, RigOptions};
+use super::BenchError;
+
+/// Options.
+#[derive(Debug, Clone)]
+pub struct FootprintOptions {
+    /// Objects in the revision.
+    pub objects: usize,
+    /// Idle window.
+    pub idle: Duration,
+}
+
+/// Runs the benchmark; returns the JSON report.
+pub async fn run(opts: &FootprintOptions) -> Result<serde_json::Value, BenchError> {
+    let mut rig = Rig::start(&RigOptions {
+        objects: opts.objects,
+    })
+    .await?;
+    let revision = rig.commit(1)?;
+    let converge = rig.converge(&revision, Duration::from_secs(60)).await?;
+    let files = std::fs::read_dir(rig.current())
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if files < opts.objects {
+        return Err(BenchError::Setup(format!(
+            "converged, but {} holds {files} files, not {}",
+            rig.current().display(),
+            opts.objects
+        )));
+    }
+    // Let the status document and the debounced work after convergence settle first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = rig.agent_pid();
+    let before = ProcStat::read(pid);
+    let t = Instant::now();
+    tokio::time::sleep(opts.idle).await;
+    let window = t.elapsed().as_secs_f64();
+    let after = ProcStat::read(pid);
+    let bridge = ProcStat::read(rig.bridge_pid());
+    let binary = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .map(|m| m.len())
+        .unwrap_or(0);
+    rig.stop();
+    let idle_cpu = (after.cpu_s - before.cpu_s).max(0.0);
+    Ok(serde_json::json!({
+        "bench": "footprint",
+        "objects": opts.objects,
+        "converge_ms": converge.as_millis() as u64,
+        "idle_s": (window * 10.0).round() / 10.0,
+        "agent_rss_bytes": after.rss_bytes,
+        "agent_rss_mib": ((after.rss_bytes as f64 / 1048576.0) * 10.0).round() / 10.0,
+        "agent_idle_cpu_s": (idle_cpu * 100.0).round() / 100.0,
+        "agent_idle_cpu_pct": ((idle_cpu / window * 100.0) * 100.0).round() / 100.0,
+        "agent_cpu_total_s": (after.cpu_s * 100.0).round() / 100.0,
+        "agent_fds": after.fds,
+        "agent_threads": after.threads,
+        "bridge_rss_mib": ((bridge.rss_bytes as f64 / 1048576.0) * 10.0).round() / 10.0,
+        "bridge_threads": bridge.threads,
+        "binary_bytes": binary,
+        "binary_mib": ((binary as f64 / 1048576.0) * 10.0).round() / 10.0,
+    }))
+}
