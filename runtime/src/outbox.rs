@@ -22,6 +22,7 @@
 //! messages that did leave).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 
@@ -244,6 +245,24 @@ enum Cmd {
 pub struct Outbox {
     tx: std_mpsc::Sender<Cmd>,
     newest: watch::Receiver<i64>,
+    failed: Arc<AtomicU64>,
+}
+
+/// Taken while a caller's in-memory state matches what is committed. A state write built on
+/// that state checks it inside its transaction, on the writer thread, and refuses to commit
+/// if any group commit failed since: the state it builds on may include what that commit
+/// lost. (The writer counts a failed commit before it runs anything submitted after it.)
+#[derive(Debug, Clone)]
+pub struct CommitGuard {
+    failed: Arc<AtomicU64>,
+    seen: u64,
+}
+
+impl CommitGuard {
+    /// No group commit failed since the guard was taken.
+    pub fn intact(&self) -> bool {
+        self.failed.load(Ordering::SeqCst) == self.seen
+    }
 }
 
 impl std::fmt::Debug for Outbox {
@@ -289,6 +308,8 @@ struct Writer {
     /// Highest row id ever handed to a connection: rows up to it may have reached the broker,
     /// so overflow does not drop them (their loss could not be stated exactly).
     sent_upto: i64,
+    /// Failed group commits (see [`CommitGuard`]).
+    failed: Arc<AtomicU64>,
 }
 
 /// The lost ranges an overflow event reports (`lost_ranges`, or from/to in older events).
@@ -525,8 +546,11 @@ impl Writer {
                     bytes = bytes.saturating_sub(removed.iter().map(|s| *s as u64).sum());
                     backlog = backlog.saturating_sub(removed.len() as u64);
                 }
-                tx.execute(
+                // Prepared once per connection, not once per row.
+                tx.prepare_cached(
                     "INSERT INTO outbox(topic, payload, retain, compact_key, roostseq, size, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?
+                .execute(
                     params![
                         m.topic,
                         data,
@@ -585,17 +609,14 @@ impl Writer {
                 n += 1;
             }
         }
-        for id in ids {
-            let size: Option<i64> = tx
-                .query_row(
-                    "DELETE FROM outbox WHERE id = ?1 RETURNING size",
-                    [id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(s) = size {
-                freed += s as u64;
-                n += 1;
+        {
+            let mut by_id = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING size")?;
+            for id in ids {
+                let size: Option<i64> = by_id.query_row([id], |r| r.get(0)).optional()?;
+                if let Some(s) = size {
+                    freed += s as u64;
+                    n += 1;
+                }
             }
         }
         tx.commit()?;
@@ -680,6 +701,8 @@ impl Writer {
                         }
                     }
                     Err(error) => {
+                        // Counted before anything submitted later runs.
+                        self.failed.fetch_add(1, Ordering::SeqCst);
                         tracing::error!(%error, "outbox enqueue failed");
                         let shared = Arc::new(error);
                         for r in replies {
@@ -739,7 +762,9 @@ impl Outbox {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
         let (newest_tx, newest_rx) = watch::channel(newest);
+        let failed = Arc::new(AtomicU64::new(0));
         let writer = Writer {
+            failed: failed.clone(),
             conn,
             cfg,
             bytes: bytes as u64,
@@ -758,6 +783,7 @@ impl Outbox {
         Ok(Outbox {
             tx,
             newest: newest_rx,
+            failed,
         })
     }
 
@@ -784,6 +810,32 @@ impl Outbox {
         write: StateWrite,
     ) -> Result<Vec<Option<u64>>, OutboxError> {
         self.call(|r| Cmd::Enqueue(msgs, Some(write), r)).await
+    }
+
+    /// Like [`Outbox::commit`], but returns as soon as the request is queued: the caller can
+    /// go on (and submit more, which may join the same group commit) while it is written.
+    /// Requests commit in submission order; the future resolves once this one is durable.
+    pub fn submit(
+        &self,
+        msgs: Vec<NewMessage>,
+        write: Option<StateWrite>,
+    ) -> Result<
+        impl std::future::Future<Output = Result<Vec<Option<u64>>, OutboxError>> + Send + 'static,
+        OutboxError,
+    > {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Enqueue(msgs, write, tx))
+            .map_err(|_| OutboxError::Closed)?;
+        Ok(async move { rx.await.map_err(|_| OutboxError::Closed)? })
+    }
+
+    /// A guard over the commits from now on (see [`CommitGuard`]).
+    pub fn commit_guard(&self) -> CommitGuard {
+        CommitGuard {
+            failed: self.failed.clone(),
+            seen: self.failed.load(Ordering::SeqCst),
+        }
     }
 
     /// Runs a read (or schema setup) on the writer's connection, on its thread.
@@ -895,6 +947,49 @@ mod tests {
         let rows = ob.peek(0, 10).await.expect("peek");
         assert_eq!(rows.len(), 2);
         assert_eq!(ob.stats().await.expect("stats").backlog, 2);
+    }
+
+    #[tokio::test]
+    async fn submitted_commits_keep_their_order_and_a_failure_breaks_the_guard() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ob = Outbox::open(OutboxConfig::new(dir.path().join("o.db"))).expect("open");
+        let guard = ob.commit_guard();
+        // Submitted back to back (likely one group commit), resolved in order.
+        let first = ob.submit(vec![event(1)], None).expect("submit");
+        let second = ob.submit(vec![event(2)], None).expect("submit");
+        assert_eq!(first.await.expect("first"), vec![Some(1)]);
+        assert_eq!(second.await.expect("second"), vec![Some(2)]);
+        assert!(guard.intact(), "nothing failed");
+        // A state write that fails rolls its commit back and breaks every older guard …
+        let bad: StateWrite = Box::new(|_| Err("refused".into()));
+        let failed = ob.submit(vec![event(3)], Some(bad)).expect("submit");
+        // … before anything submitted after it runs (in the same group commit, which fails
+        // as a whole, or in a later one, whose write sees the broken guard).
+        let g = guard.clone();
+        let built_on_it: StateWrite = Box::new(move |_| {
+            if g.intact() {
+                Ok(())
+            } else {
+                Err("built on a failed commit".into())
+            }
+        });
+        let later = ob
+            .submit(vec![event(4)], Some(built_on_it))
+            .expect("submit");
+        assert!(failed.await.is_err());
+        assert!(
+            later.await.is_err(),
+            "a write built on a failed commit must not commit"
+        );
+        assert!(!guard.intact());
+        // A fresh guard is intact again; only the first two events are stored.
+        assert!(ob.commit_guard().intact());
+        let rows = ob.peek(0, 10).await.expect("peek");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            ob.enqueue(vec![event(5)]).await.expect("enq"),
+            vec![Some(3)]
+        );
     }
 
     #[tokio::test]
