@@ -184,6 +184,10 @@ pub struct LinkConfig {
     pub confirm_events: bool,
     /// Connection counters (`roost_mqtt_*{link = name}`), if the component exports metrics.
     pub metrics: Option<crate::metrics::LinkMetrics>,
+    /// Send each packet at once (`TCP_NODELAY`) instead of letting Nagle's algorithm hold a
+    /// small packet back until the previous one is acknowledged: for a link that streams
+    /// acknowledgements and publishes both ways (the bridge).
+    pub tcp_nodelay: bool,
 }
 
 impl std::fmt::Debug for LinkConfig {
@@ -217,6 +221,7 @@ impl LinkConfig {
             on_connect: None,
             confirm_events: false,
             metrics: None,
+            tcp_nodelay: false,
         }
     }
 
@@ -424,6 +429,11 @@ async fn run(
         };
         generation += 1;
         let (client, mut eventloop) = AsyncClient::new(opts, cfg.window + 256);
+        if cfg.tcp_nodelay {
+            let mut no = rumqttc::NetworkOptions::new();
+            no.set_tcp_nodelay(true);
+            eventloop.set_network_options(no);
+        }
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         // The poll task owns the event loop for exactly one connection: it stops at the first
         // error, so nothing from this session can leak into the next one.
@@ -431,6 +441,11 @@ async fn run(
             loop {
                 let ev = eventloop.poll().await;
                 let failed = ev.is_err();
+                // Events the link ignores stay here: one channel hop (and wake-up) less per
+                // acknowledged message.
+                if !failed && !forwarded(&ev) {
+                    continue;
+                }
                 if ev_tx.send(ev).is_err() || failed {
                     break;
                 }
@@ -456,88 +471,111 @@ async fn run(
                     break Ok(());
                 }
                 ev = ev_rx.recv() => {
-                    let Some(ev) = ev else { break Err("event loop ended".into()) };
-                    match ev {
-                        Err(e) => {
-                            // A TLS or authentication failure says what is wrong in words
-                            // (wrong CA, expired or refused certificate, bad password).
-                            if let Some(problem) = cfg.security.diagnose(&e) {
-                                break Err(format!("{e}: {problem}"));
-                            }
-                            break Err(e.to_string());
-                        }
-                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                            info!(session_present = ack.session_present, "connected");
-                            if let Some(m) = &cfg.metrics {
-                                m.connected(&cfg.name);
-                            }
-                            backoff.reset();
-                            is_up = true;
-                            connected.send_replace(true);
-                            sessions.send_replace((generation, ack.session_present));
-                            if !cfg.subscriptions.is_empty() {
-                                let subs = cfg.subscriptions.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                                if let Err(e) = client.subscribe_many(subs).await {
-                                    break Err(e.to_string());
+                    let Some(mut ev) = ev else { break Err("event loop ended".into()) };
+                    // Handle everything the event loop has already produced before touching
+                    // the outbox: the PUBACKs of a burst become one delete and one refill,
+                    // not one writer-thread round trip each.
+                    let mut acked: Vec<i64> = Vec::new();
+                    let mut row_acks = 0usize;
+                    let mut budget = EVENT_BURST;
+                    let burst: Result<(), String> = 'burst: loop {
+                        match ev {
+                            Err(e) => {
+                                // A TLS or authentication failure says what is wrong in words
+                                // (wrong CA, expired or refused certificate, bad password).
+                                if let Some(problem) = cfg.security.diagnose(&e) {
+                                    break 'burst Err(format!("{e}: {problem}"));
                                 }
+                                break 'burst Err(e.to_string());
                             }
-                            if let Some(cb) = &cfg.on_connect {
-                                for m in cb(ack.session_present) {
-                                    if let Err(e) = send_direct(&client, &mut inflight, m).await {
-                                        warn!(error = %e, "direct publish on connect failed");
+                            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                                info!(session_present = ack.session_present, "connected");
+                                if let Some(m) = &cfg.metrics {
+                                    m.connected(&cfg.name);
+                                }
+                                backoff.reset();
+                                is_up = true;
+                                connected.send_replace(true);
+                                sessions.send_replace((generation, ack.session_present));
+                                if !cfg.subscriptions.is_empty() {
+                                    let subs = cfg.subscriptions.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                                    if let Err(e) = client.subscribe_many(subs).await {
+                                        break 'burst Err(e.to_string());
                                     }
                                 }
-                            }
-                            if let Some(ob) = &outbox {
-                                if let Err(e) = refill(&client, ob, &mut inflight, cfg.window).await {
-                                    break Err(e);
-                                }
-                            }
-                        }
-                        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                            if let Some(Some(row)) = inflight.unassigned.pop_front() {
-                                inflight.by_pkid.insert(pkid, row);
-                            }
-                        }
-                        Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                            if let Some((id, roostseq)) = inflight.by_pkid.remove(&ack.pkid) {
-                                inflight.outstanding = inflight.outstanding.saturating_sub(1);
-                                if let Some(ob) = &outbox {
-                                    // With end-to-end confirmation an event stays until the
-                                    // next hop confirms it; a PUBACK only means the broker
-                                    // has it in memory.
-                                    if !(cfg.confirm_events && roostseq.is_some()) {
-                                        ob.ack(vec![id]);
-                                    }
-                                    // Refill in batches: one outbox read per half window,
-                                    // not one per PUBACK (a backlog drains at the broker's
-                                    // pace, not at one SQLite round trip per message).
-                                    if inflight.outstanding <= cfg.window / 2 {
-                                        if let Err(e) = refill(&client, ob, &mut inflight, cfg.window).await {
-                                            break Err(e);
+                                if let Some(cb) = &cfg.on_connect {
+                                    for m in cb(ack.session_present) {
+                                        if let Err(e) = send_direct(&client, &mut inflight, m).await {
+                                            warn!(error = %e, "direct publish on connect failed");
                                         }
                                     }
                                 }
+                                if let Some(ob) = &outbox {
+                                    if let Err(e) = refill(&client, ob, &mut inflight, cfg.window).await {
+                                        break 'burst Err(e);
+                                    }
+                                }
+                            }
+                            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                                if let Some(Some(row)) = inflight.unassigned.pop_front() {
+                                    inflight.by_pkid.insert(pkid, row);
+                                }
+                            }
+                            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                                if let Some((id, roostseq)) = inflight.by_pkid.remove(&ack.pkid) {
+                                    inflight.outstanding = inflight.outstanding.saturating_sub(1);
+                                    row_acks += 1;
+                                    // With end-to-end confirmation an event stays until the next
+                                    // hop confirms it; a PUBACK only means the broker has it in
+                                    // memory.
+                                    if !(cfg.confirm_events && roostseq.is_some()) {
+                                        acked.push(id);
+                                    }
+                                }
+                            }
+                            Ok(Event::Incoming(Packet::Publish(p))) => {
+                                let msg = Incoming {
+                                    topic: p.topic.clone(),
+                                    payload: p.payload.to_vec(),
+                                    retain: p.retain,
+                                    connection: generation,
+                                    ack: if cfg.manual_acks { Some((generation, p)) } else { None },
+                                };
+                                if in_tx.send(msg).await.is_err() {
+                                    debug!("incoming consumer gone");
+                                }
+                            }
+                            Ok(Event::Incoming(Packet::SubAck(s))) => {
+                                if s.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                                    warn!(?s.return_codes, "broker refused a subscription");
+                                }
+                            }
+                            Ok(_) => {}
+                        }
+                        budget -= 1;
+                        if budget == 0 {
+                            break 'burst Ok(());
+                        }
+                        match ev_rx.try_recv() {
+                            Ok(next) => ev = next,
+                            Err(_) => break 'burst Ok(()),
+                        }
+                    };
+                    if let Some(ob) = &outbox {
+                        if !acked.is_empty() {
+                            ob.ack(acked);
+                        }
+                        // Refill in batches: one outbox read per half window, not one per
+                        // PUBACK (a backlog drains at the broker's pace, not at one SQLite
+                        // round trip per message).
+                        if burst.is_ok() && refill_due(inflight.outstanding, cfg.window, row_acks) {
+                            if let Err(e) = refill(&client, ob, &mut inflight, cfg.window).await {
+                                break Err(e);
                             }
                         }
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            let msg = Incoming {
-                                topic: p.topic.clone(),
-                                payload: p.payload.to_vec(),
-                                retain: p.retain,
-                                connection: generation,
-                                ack: if cfg.manual_acks { Some((generation, p)) } else { None },
-                            };
-                            if in_tx.send(msg).await.is_err() {
-                                debug!("incoming consumer gone");
-                            }
-                        }
-                        Ok(Event::Incoming(Packet::SubAck(s))) => {
-                            if s.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                                warn!(?s.return_codes, "broker refused a subscription");
-                            }
-                        }
-                        Ok(_) => {}
+                    }
+                    if let Err(e) = burst {
+                        break Err(e);
                     }
                 }
                 cmd = cmd_rx.recv() => {
@@ -619,6 +657,27 @@ async fn send_direct(
         .map_err(|e| e.to_string())
 }
 
+/// Whether the link task needs this event of the event loop: not the acknowledgements it
+/// sent itself nor keepalive traffic (errors always go through).
+fn forwarded(ev: &Result<Event, rumqttc::ConnectionError>) -> bool {
+    !matches!(
+        ev,
+        Ok(Event::Outgoing(
+            Outgoing::PubAck(_) | Outgoing::PingReq | Outgoing::PingResp | Outgoing::Subscribe(_)
+        )) | Ok(Event::Incoming(Packet::PingResp))
+    )
+}
+
+/// Most events handled in one go before the link flushes PUBACKed rows and refills.
+const EVENT_BURST: usize = 512;
+
+/// Whether a burst of events calls for an outbox read: some outbox rows were acknowledged
+/// and at most half the window is still outstanding (so a backlog is read in chunks of at
+/// least half a window, and an idle link never reads).
+fn refill_due(outstanding: usize, window: usize, row_acks: usize) -> bool {
+    row_acks > 0 && outstanding <= window / 2
+}
+
 /// Hands the next outbox messages to the client, keeping at most `window` outstanding.
 async fn refill(
     client: &AsyncClient,
@@ -646,4 +705,55 @@ async fn refill(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_events_the_link_handles_are_forwarded() {
+        use rumqttc::{ConnAck, ConnectReturnCode, PubAck};
+        let cases = [
+            (Ok(Event::Outgoing(Outgoing::PubAck(7))), false),
+            (Ok(Event::Outgoing(Outgoing::PingReq)), false),
+            (Ok(Event::Outgoing(Outgoing::Subscribe(3))), false),
+            (Ok(Event::Incoming(Packet::PingResp)), false),
+            (Ok(Event::Outgoing(Outgoing::Publish(7))), true),
+            (Ok(Event::Outgoing(Outgoing::Disconnect)), true),
+            (Ok(Event::Incoming(Packet::PubAck(PubAck::new(7)))), true),
+            (
+                Ok(Event::Incoming(Packet::ConnAck(ConnAck::new(
+                    ConnectReturnCode::Success,
+                    false,
+                )))),
+                true,
+            ),
+            (Err(rumqttc::ConnectionError::RequestsDone), true),
+        ];
+        for (ev, want) in cases {
+            assert_eq!(forwarded(&ev), want, "{ev:?}");
+        }
+    }
+
+    #[test]
+    fn refills_only_after_row_acks_and_from_half_a_window() {
+        // (outstanding, window, row PUBACKs in the burst, refill?)
+        let cases = [
+            (0, 64, 0, false),  // idle link, nothing acknowledged: no outbox read
+            (10, 64, 0, false), // only direct messages were acknowledged
+            (33, 64, 5, false), // more than half the window still out
+            (32, 64, 1, true),  // half the window: read the next half
+            (0, 64, 64, true),  // drained
+            (0, 1, 1, true),    // a window of one refills after each PUBACK
+            (1, 1, 1, false),
+        ];
+        for (outstanding, window, acks, want) in cases {
+            assert_eq!(
+                refill_due(outstanding, window, acks),
+                want,
+                "outstanding {outstanding}, window {window}, acks {acks}"
+            );
+        }
+    }
 }
