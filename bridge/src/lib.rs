@@ -12,7 +12,8 @@ use std::time::Duration;
 pub mod metrics;
 pub mod upward;
 
-use roost_runtime::outbox::Payload;
+use futures::stream::{FuturesOrdered, StreamExt as _};
+use roost_runtime::outbox::{Payload, StateWrite};
 use roost_runtime::{DirectMessage, Incoming, Link, NewMessage, Outbox, OutboxConfig, Will};
 use roost_schemas::{validate_name, Presence, PresenceState, Topics};
 use rusqlite::{params, Connection};
@@ -219,13 +220,17 @@ fn is_downward(topics: &Topics, topic: &str) -> bool {
 }
 
 /// What goes up for a checked message: status (retained, last value wins) or an event.
-fn upward(m: &Incoming, kind: &Upward) -> Option<NewMessage> {
+/// Takes the payload out of `m` (only its acknowledgement is needed afterwards).
+fn upward(m: &mut Incoming, kind: &Upward) -> Option<NewMessage> {
     match kind {
-        Upward::Status => Some(NewMessage::retained(m.topic.clone(), m.payload.clone())),
+        Upward::Status => Some(NewMessage::retained(
+            m.topic.clone(),
+            std::mem::take(&mut m.payload),
+        )),
         Upward::Event { roostseq, .. } => Some(NewMessage {
             topic: m.topic.clone(),
             payload: Payload::Bytes {
-                data: m.payload.clone(),
+                data: std::mem::take(&mut m.payload),
                 roostseq: Some(*roostseq),
             },
             retain: false,
@@ -235,6 +240,21 @@ fn upward(m: &Incoming, kind: &Upward) -> Option<NewMessage> {
         // to the edge's presence topic, and would not forward one from there.
         Upward::Presence => None,
     }
+}
+
+/// Most messages checked and submitted as one burst.
+const BURST_MAX: usize = 512;
+/// Outbox messages in flight to the cloud broker (unacknowledged publishes), at most.
+const CLOUD_WINDOW: usize = 256;
+/// Bursts submitted to the outbox and not yet durable, at most.
+const COMMITS_IN_FLIGHT: usize = 8;
+
+/// A burst submitted to the outbox: the edge messages to acknowledge once it is durable, and
+/// the watermark it commits.
+struct Burst {
+    taken: Vec<Incoming>,
+    next: Watermark,
+    advanced: Option<u64>,
 }
 
 /// Runs the bridge until `cancel` fires.
@@ -308,6 +328,10 @@ pub async fn run_with(
     )
     .await?;
     cloud.metrics = Some(metrics.link.clone());
+    // A window of 64 unacknowledged publishes (the default) kept the cloud side waiting
+    // for PUBACKs and refills under load; the cloud broker acknowledges from memory.
+    cloud.window = CLOUD_WINDOW;
+    cloud.tcp_nodelay = true;
     let mut cloud_link = Link::start(cloud, Some(outbox.clone()), child.clone())?;
     let cloud_handle = cloud_link.handle.clone();
 
@@ -319,6 +343,8 @@ pub async fn run_with(
     edge.manual_acks = true;
     edge.subscriptions = vec![topics.status(&store), topics.events(&store)];
     edge.metrics = Some(metrics.link.clone());
+    // Every stored burst is a run of PUBACKs: send them as they are written.
+    edge.tcp_nodelay = true;
     let d2 = desired.clone();
     // End-to-end delivery: the agent keeps each event until this bridge confirms it is in the
     // outbox here. On every edge connect the bridge states its watermark and asks for a
@@ -377,89 +403,120 @@ pub async fn run_with(
         let child = child.clone();
         let outbox = outbox.clone();
         async move {
+            // Group commit, pipelined: a burst goes to the outbox writer and the next burst is
+            // read and checked while it is written (the writer puts everything waiting into
+            // one transaction and one fsync). Each burst is acknowledged to the edge, in
+            // order, only once its own commit is durable.
+            let mut commits = FuturesOrdered::new();
+            // The watermark over everything submitted (committed or not); the shared one
+            // (stated on every edge connect) only ever holds committed events.
+            let mut pending = watermark.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut guard = outbox.commit_guard();
+            // A commit failed: submit nothing until every commit in flight is done, then
+            // start again from the committed watermark.
+            let mut resync = false;
             loop {
-                let first: Incoming = tokio::select! {
+                tokio::select! {
+                    biased;
                     _ = child.cancelled() => break,
-                    m = edge_link.incoming.recv() => match m { Some(m) => m, None => break },
-                };
-                // Take whatever else is already waiting: one commit (one fsync) per burst.
-                let mut batch = vec![first];
-                while batch.len() < 512 {
-                    match edge_link.incoming.try_recv() {
-                        Ok(m) => batch.push(m),
-                        Err(_) => break,
-                    }
-                }
-                let mut msgs = Vec::with_capacity(batch.len());
-                let mut taken = Vec::with_capacity(batch.len());
-                for m in batch {
-                    let checked = check_upward(&topics, &store_up, &m.topic, &m.payload);
-                    match checked.as_ref().ok().and_then(|k| upward(&m, k).map(|n| (n, k))) {
-                        Some((msg, kind)) => {
-                            msgs.push(msg);
-                            taken.push((m, kind.clone()));
-                        }
-                        None => {
-                            // Acknowledged so the edge broker does not redeliver it; never
-                            // forwarded and never counted towards a confirmation.
-                            if let Err(d) = &checked {
-                                stats.dropped_one(d.reason);
-                                warn!(reason = %d.reason, topic = ?m.topic, bytes = m.payload.len(), detail = %d.detail, "upward message dropped");
+                    Some((stored, done)) = commits.next(), if !commits.is_empty() => {
+                        let done: Burst = done;
+                        match stored {
+                            Ok(_) => {
+                                done.taken.iter().for_each(|m| {
+                                    stats.forwarded_one();
+                                    edge_handle.ack(m);
+                                });
+                                *watermark.lock().unwrap_or_else(|p| p.into_inner()) = done.next;
+                                if let Some(upto) = done.advanced {
+                                    let _ = edge_handle.publish(DirectMessage {
+                                        topic: ack_topic.clone(),
+                                        payload: confirmation(upto, false),
+                                        retain: true,
+                                    });
+                                }
                             }
-                            edge_handle.ack(&m);
+                            Err(error) => {
+                                // Not acknowledged: the edge broker delivers them again.
+                                warn!(%error, count = done.taken.len(), "cannot store upward messages; not acknowledging");
+                                resync = true;
+                            }
+                        }
+                        if resync && commits.is_empty() {
+                            pending = watermark.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                            guard = outbox.commit_guard();
+                            resync = false;
                         }
                     }
-                }
-                if msgs.is_empty() {
-                    continue;
-                }
-                // The watermark after this batch, committed with it (applied in memory only
-                // once the commit succeeded).
-                let (next, advanced) = {
-                    let mut w = watermark.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    let mut adv = false;
-                    for (_, kind) in &taken {
-                        if let Upward::Event { roostseq, lost } = kind {
-                            adv |= w.add_event(*roostseq, lost);
+                    m = edge_link.incoming.recv(), if !resync && commits.len() < COMMITS_IN_FLIGHT => {
+                        let Some(first) = m else { break };
+                        // Take whatever else is already waiting.
+                        let mut batch = vec![first];
+                        while batch.len() < BURST_MAX {
+                            match edge_link.incoming.try_recv() {
+                                Ok(m) => batch.push(m),
+                                Err(_) => break,
+                            }
                         }
-                    }
-                    let upto = w.upto();
-                    (w, adv.then_some(upto))
-                };
-                let stored = match advanced {
-                    Some(upto) => {
-                        outbox
-                            .commit(
-                                msgs,
-                                Box::new(move |c| {
-                                    c.execute(
-                                        "INSERT INTO bridge_confirmed(id, upto) VALUES (1, ?1)
-                                         ON CONFLICT(id) DO UPDATE SET upto = excluded.upto",
-                                        [upto as i64],
-                                    )?;
-                                    Ok(())
-                                }),
-                            )
-                            .await
-                    }
-                    None => outbox.enqueue(msgs).await,
-                };
-                match stored {
-                    Ok(_) => {
-                        taken.iter().for_each(|(m, _)| {
-                            stats.forwarded_one();
-                            edge_handle.ack(m);
+                        let mut msgs = Vec::with_capacity(batch.len());
+                        let mut taken = Vec::with_capacity(batch.len());
+                        let mut next = pending.clone();
+                        let mut advanced = false;
+                        for mut m in batch {
+                            let checked = check_upward(&topics, &store_up, &m.topic, &m.payload);
+                            match checked.as_ref().ok().and_then(|k| upward(&mut m, k).map(|n| (n, k))) {
+                                Some((msg, kind)) => {
+                                    if let Upward::Event { roostseq, lost } = kind {
+                                        advanced |= next.add_event(*roostseq, lost);
+                                    }
+                                    msgs.push(msg);
+                                    taken.push(m);
+                                }
+                                None => {
+                                    // Acknowledged so the edge broker does not redeliver it;
+                                    // never forwarded and never counted towards a
+                                    // confirmation.
+                                    if let Err(d) = &checked {
+                                        stats.dropped_one(d.reason);
+                                        warn!(reason = %d.reason, topic = ?m.topic, bytes = m.payload.len(), detail = %d.detail, "upward message dropped");
+                                    }
+                                    edge_handle.ack(&m);
+                                }
+                            }
+                        }
+                        if msgs.is_empty() {
+                            continue;
+                        }
+                        // The watermark after this burst commits with it. It builds on the
+                        // bursts before it, so it must not commit if one of them failed: the
+                        // write checks that no commit failed since `pending` was in sync.
+                        let upto = next.upto();
+                        let advanced = advanced.then_some(upto);
+                        let guard = guard.clone();
+                        let write: StateWrite = Box::new(move |c| {
+                            if !guard.intact() {
+                                return Err("an earlier upward commit failed".into());
+                            }
+                            if advanced.is_some() {
+                                c.execute(
+                                    "INSERT INTO bridge_confirmed(id, upto) VALUES (1, ?1)
+                                     ON CONFLICT(id) DO UPDATE SET upto = excluded.upto",
+                                    [upto as i64],
+                                )?;
+                            }
+                            Ok(())
                         });
-                        *watermark.lock().unwrap_or_else(|p| p.into_inner()) = next;
-                        if let Some(upto) = advanced {
-                            let _ = edge_handle.publish(DirectMessage {
-                                topic: ack_topic.clone(),
-                                payload: confirmation(upto, false),
-                                retain: true,
-                            });
-                        }
+                        let stored = match outbox.submit(msgs, Some(write)) {
+                            Ok(s) => s,
+                            Err(error) => {
+                                warn!(%error, count = taken.len(), "cannot store upward messages; not acknowledging");
+                                continue;
+                            }
+                        };
+                        pending = next.clone();
+                        let done = Burst { taken, next, advanced };
+                        commits.push_back(async move { (stored.await, done) });
                     }
-                    Err(error) => warn!(%error, count = taken.len(), "cannot store upward messages; not acknowledging"),
                 }
             }
         }
