@@ -240,6 +240,10 @@ enum Cmd {
         /// store); default: direct above 200 stores.
         #[arg(long)]
         topology: Option<String>,
+        /// The fleet Git server's (git-daemon) limit on concurrent fetches; 0: unlimited.
+        /// git-daemon's own default, 32, kills running fetches beyond it.
+        #[arg(long, default_value_t = 0)]
+        git_max_connections: u32,
         /// Print one JSON line.
         #[arg(long)]
         json: bool,
@@ -777,6 +781,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             rollouts,
             timeout,
             topology,
+            git_max_connections,
             json,
             ..
         } => {
@@ -792,6 +797,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 rollouts,
                 timeout: Duration::from_secs(timeout),
                 topology,
+                git_max_connections,
             };
             let report =
                 interruptible(&cancel, async { Ok(roost::sim::run(opts.clone()).await?) }).await?;

@@ -36,6 +36,8 @@ pub struct SimOptions {
     pub timeout: Duration,
     /// Topology (default: direct above 200 stores).
     pub topology: Topology,
+    /// The Git server's `--max-connections` (0: unlimited; git-daemon's default is 32).
+    pub git_max_connections: u32,
 }
 
 /// Results of a run.
@@ -159,7 +161,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     let repos = dir.join("repos");
     let sample = up::create_sample_repo(&repos.join("fleet.git"))?;
     let repo = git2::Repository::open(&sample.path).map_err(err("repo"))?;
-    let daemon = GitDaemon::start(&repos)?;
+    let daemon = GitDaemon::start_limited(&repos, opts.git_max_connections)?;
     let key = roost_schemas::SigningKey::generate().map_err(err("key"))?;
     let cancel = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();

@@ -140,8 +140,20 @@ pub struct GitDaemon {
 }
 
 impl GitDaemon {
-    /// Serves every repository under `base` read-only at `git://127.0.0.1:PORT/NAME`.
+    /// Serves every repository under `base` read-only at `git://127.0.0.1:PORT/NAME`, with
+    /// no limit on concurrent fetches.
     pub fn start(base: &Path) -> Result<GitDaemon, UpError> {
+        Self::start_limited(base, 0)
+    }
+
+    /// Like [`GitDaemon::start`], with git-daemon's `--max-connections` (0: unlimited).
+    ///
+    /// git-daemon's own default is 32, and what it does beyond the limit is costly for a
+    /// fleet: it SIGTERMs a running fetch from an address that has two, sleeps a second in
+    /// its accept loop, and drops the new connection if still over. Every store here comes
+    /// from 127.0.0.1, so a fleet-wide rollout turned into killed fetches and retries (the
+    /// `git_fetch` share of `roost sim`'s breakdown).
+    pub fn start_limited(base: &Path, max_connections: u32) -> Result<GitDaemon, UpError> {
         let port = crate::broker::free_port().map_err(setup("port"))?;
         // Run git-daemon itself, not the `git daemon` wrapper: killing the wrapper would
         // leave the daemon running as an orphan.
@@ -163,6 +175,7 @@ impl GitDaemon {
         let child = cmd
             .arg("--reuseaddr")
             .arg("--export-all")
+            .arg(format!("--max-connections={max_connections}"))
             .arg(format!("--base-path={}", base.display()))
             .arg("--listen=127.0.0.1")
             .arg(format!("--port={port}"))

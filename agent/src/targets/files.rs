@@ -438,14 +438,17 @@ impl FilesTarget {
         .await
     }
 
-    /// File-system events under the deployment's directory.
+    /// File-system changes under the deployment's directory.
     pub fn watch(&self, plan: &FilesPlan) -> Option<mpsc::Receiver<()>> {
         use notify::Watcher as _;
         let dep = self.dep_dir(&plan.deployment);
         std::fs::create_dir_all(&dep).ok()?;
         let (tx, rx) = mpsc::channel(1);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            // An error may mean lost events: check. Opens and reads are not changes, and the
+            // drift check itself opens every file: counting them made an idle agent re-check
+            // its files four times a second, woken by its own reads.
+            if res.as_ref().map_or(true, |e| is_change(&e.kind)) {
                 let _ = tx.try_send(());
             }
         })
@@ -464,5 +467,40 @@ impl FilesTarget {
             }
         });
         Some(rx_out)
+    }
+}
+
+/// Whether a file-system event can mean drift: a create, modify or remove (or one the
+/// platform does not classify), never an access (open, read, close).
+fn is_change(kind: &notify::EventKind) -> bool {
+    !matches!(kind, notify::EventKind::Access(_))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_changes_wake_the_drift_check() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, MetadataKind, ModifyKind, RemoveKind,
+        };
+        use notify::EventKind as K;
+        let table = [
+            (K::Access(AccessKind::Open(AccessMode::Any)), false),
+            (K::Access(AccessKind::Read), false),
+            (K::Access(AccessKind::Close(AccessMode::Read)), false),
+            (K::Access(AccessKind::Close(AccessMode::Write)), false),
+            (K::Create(CreateKind::File), true),
+            (K::Modify(ModifyKind::Data(DataChange::Content)), true),
+            (
+                K::Modify(ModifyKind::Metadata(MetadataKind::Permissions)),
+                true,
+            ),
+            (K::Remove(RemoveKind::File), true),
+            (K::Any, true),
+            (K::Other, true),
+        ];
+        for (kind, want) in table {
+            assert_eq!(super::is_change(&kind), want, "{kind:?}");
+        }
     }
 }
