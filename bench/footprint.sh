@@ -1,6 +1,16 @@
 #!/usr/bin/env bash
-# A real `roost agent` (files target) with its edge broker, bridge and a cloud broker
+# A real store agent (files target) with its edge broker, bridge and a cloud broker
 # converges a revision of 50 objects, idles, and reports its RSS, idle CPU, fds, threads and
-# the binary's size. Usage: bench/footprint.sh [--idle SECONDS] [--objects N]
+# the binaries' sizes. The agent runs as the lean `roost-agent` binary next to roost
+# (AGENT_BIN=path overrides; AGENT_BIN=none runs `roost agent`).
+# Usage: bench/footprint.sh [--idle SECONDS] [--objects N]
 source "$(dirname "$0")/common.sh"
-exec "$ROOST" bench footprint "$@"
+AGENT_BIN=${AGENT_BIN:-$(dirname "$ROOST")/roost-agent}
+if [ "$AGENT_BIN" = none ]; then
+  exec "$ROOST" bench footprint "$@"
+fi
+if [ ! -x "$AGENT_BIN" ]; then
+  echo "footprint: no $AGENT_BIN (cargo build --release -p roost --bins builds it)" >&2
+  exit 1
+fi
+exec "$ROOST" bench footprint --agent-bin "$AGENT_BIN" "$@"

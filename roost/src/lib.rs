@@ -8,6 +8,8 @@ pub mod cloud;
 pub mod fleet;
 pub mod fleet_metrics;
 pub mod gitops;
+pub mod gitserve;
+pub mod process;
 pub mod rollout_wait;
 pub mod sim;
 pub mod sim_controller;

@@ -3,11 +3,11 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use roost::cloud::{self, RolloutSpec};
+use roost::process::{interruptible, Interrupted, LogFormat};
 use roost::view;
 use roost_schemas::{Policy, Scope, Topics};
 use tokio_util::sync::CancellationToken;
@@ -25,16 +25,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-/// How log lines look.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line: timestamp, level, target, fields, and the current span's
-    /// fields as well as every enclosing span's.
-    Json,
 }
 
 /// TLS and credentials for the cloud broker (`roost fleet`, `rollout`, `status`, `events`).
@@ -244,9 +234,36 @@ enum Cmd {
         /// git-daemon's own default, 32, kills running fetches beyond it.
         #[arg(long, default_value_t = 0)]
         git_max_connections: u32,
+        /// The fleet's Git server: roost (`roost git-serve` in this process, one cached pack
+        /// per revision) or daemon (`git daemon`, two processes per fetch).
+        #[arg(long, default_value = "roost")]
+        git_server: String,
+        /// The cloud broker: embedded (rumqttd in this process) or the path of a mosquitto
+        /// binary to run as it.
+        #[arg(long, default_value = "embedded")]
+        cloud_broker: String,
         /// Print one JSON line.
         #[arg(long)]
         json: bool,
+    },
+    /// A read-only Git server for the fleet (git://, fetch only): every bare repository
+    /// directly under --base as /NAME. One pack per revision is built and cached for every
+    /// store that fetches it, instead of two processes per fetch as with `git daemon`.
+    GitServe {
+        /// Directory of bare repositories.
+        #[arg(long)]
+        base: PathBuf,
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:9418")]
+        listen: SocketAddr,
+        /// MiB of packs kept in memory.
+        #[arg(long, default_value_t = 256)]
+        cache_mib: usize,
+        /// Listen on a non-loopback address: git:// has no TLS and no authentication, so
+        /// anyone who reaches it can read every repository under --base (stores verify the
+        /// signed commit id, not the server).
+        #[arg(long)]
+        insecure: bool,
     },
     #[command(about = BROKER_ABOUT, long_about = BROKER_LONG_ABOUT)]
     Broker {
@@ -445,6 +462,9 @@ enum BenchCmd {
         /// Idle window in seconds.
         #[arg(long, default_value_t = 30)]
         idle: u64,
+        /// Run the agent as this lean `roost-agent` binary instead of `roost agent`.
+        #[arg(long)]
+        agent_bin: Option<PathBuf>,
     },
     /// One bridged store of real processes: rollout -> converged and drift edit ->
     /// drift.detected at the cloud, percentiles over the trials.
@@ -570,133 +590,12 @@ fn init_tracing(format: LogFormat, cmd: &Cmd) {
     // Long-running services log their work; interactive commands only problems. The embedded
     // broker's own logs are wanted only when it is the command.
     let default = match cmd {
-        Cmd::Agent { .. } | Cmd::Bridge { .. } | Cmd::Fleet { .. } => {
-            "warn,roost=info,roost_agent=info,roost_bridge=info,roost_runtime=info,rumqttd=error"
-        }
+        Cmd::Agent { .. } | Cmd::Bridge { .. } | Cmd::Fleet { .. } => roost::process::SERVICE_LOG,
         Cmd::Broker { .. } => "warn,roost=info,rumqttd=warn",
+        Cmd::GitServe { .. } => "warn,roost=info",
         _ => "warn,rumqttd=off",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        // Span fields (store, deployment, revision, sequence) go with every line, so a log
-        // pipeline can filter on them without parsing messages.
-        LogFormat::Json => b
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .flatten_event(true)
-            .init(),
-        LogFormat::Text => b.init(),
-    }
-}
-
-/// How long a signal-initiated shutdown may take before the process gives up on it. Longer
-/// than the agent's own bounded waits (10 s for its tasks, then 2 s for its MQTT link), so
-/// that those get their chance first.
-const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
-
-/// A signal that asks `roost` to stop.
-#[derive(Clone, Copy, Debug)]
-enum StopSignal {
-    Term,
-    Int,
-}
-
-impl StopSignal {
-    fn name(self) -> &'static str {
-        match self {
-            StopSignal::Term => "SIGTERM",
-            StopSignal::Int => "SIGINT",
-        }
-    }
-
-    /// The shell's convention for "ended by this signal": 128 + its number.
-    fn exit_code(self) -> u8 {
-        match self {
-            StopSignal::Term => 128 + 15,
-            StopSignal::Int => 128 + 2,
-        }
-    }
-}
-
-/// SIGTERM and SIGINT handlers. Installed before any command starts, so that a signal never
-/// meets the default disposition (which kills the process without flushing anything).
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    /// Installs both handlers; needs a runtime context.
-    fn install() -> std::io::Result<Signals> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    async fn recv(&mut self) -> StopSignal {
-        tokio::select! {
-            _ = self.term.recv() => StopSignal::Term,
-            _ = self.int.recv() => StopSignal::Int,
-        }
-    }
-}
-
-/// On the first signal: cancel `cancel` (every long-running command stops on it and returns
-/// normally, exit 0) and arm a hard deadline. A second signal, or the deadline, ends the
-/// process at once with a non-zero status.
-fn stop_on_signals(
-    mut signals: Signals,
-    cancel: CancellationToken,
-    first: Arc<OnceLock<StopSignal>>,
-) {
-    tokio::spawn(async move {
-        let sig = signals.recv().await;
-        let _ = first.set(sig);
-        tracing::info!(signal = sig.name(), "stopping");
-        cancel.cancel();
-        // A plain thread, not a tokio timer: the deadline must hold even if the runtime is
-        // wedged (a blocked worker is exactly what it is for).
-        let _ = std::thread::Builder::new()
-            .name("shutdown-deadline".into())
-            .spawn(move || {
-                std::thread::sleep(SHUTDOWN_DEADLINE);
-                eprintln!(
-                    "roost: still not stopped {} s after {}; exiting without finishing",
-                    SHUTDOWN_DEADLINE.as_secs(),
-                    sig.name()
-                );
-                std::process::exit(1);
-            });
-        let again = signals.recv().await;
-        eprintln!(
-            "roost: {} during shutdown; exiting without finishing",
-            again.name()
-        );
-        std::process::exit(i32::from(again.exit_code()));
-    });
-}
-
-/// A command that does not stop on the cancellation token itself was interrupted.
-#[derive(Debug, thiserror::Error)]
-#[error("interrupted")]
-struct Interrupted;
-
-/// Runs a one-shot command until it finishes or a signal arrives (then `Interrupted`).
-async fn interruptible<T>(
-    cancel: &CancellationToken,
-    fut: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<T> {
-    tokio::select! {
-        r = fut => r,
-        _ = cancel.cancelled() => Err(Interrupted.into()),
-    }
+    roost::process::init_tracing(format, default);
 }
 
 /// Runs a command. Long-running ones (`up`, `broker`, `agent`, `bridge`, `fleet`, `events`)
@@ -732,10 +631,15 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             use roost::bench;
             let report = interruptible(&cancel, async {
                 Ok(match kind {
-                    BenchCmd::Footprint { objects, idle } => {
+                    BenchCmd::Footprint {
+                        objects,
+                        idle,
+                        agent_bin,
+                    } => {
                         bench::footprint::run(&bench::footprint::FootprintOptions {
                             objects,
                             idle: Duration::from_secs(idle),
+                            agent_bin,
                         })
                         .await?
                     }
@@ -782,9 +686,20 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             timeout,
             topology,
             git_max_connections,
+            git_server,
+            cloud_broker,
             json,
             ..
         } => {
+            let cloud_mosquitto = match cloud_broker.as_str() {
+                "embedded" => None,
+                path => Some(PathBuf::from(path)),
+            };
+            let git_server = match git_server.as_str() {
+                "roost" => roost::sim::GitServerKind::Roost,
+                "daemon" => roost::sim::GitServerKind::Daemon,
+                other => anyhow::bail!("--git-server {other}: roost or daemon"),
+            };
             let topology = match topology.as_deref() {
                 Some("direct") => roost::sim::Topology::Direct,
                 Some("bridged") => roost::sim::Topology::Bridged,
@@ -798,6 +713,8 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 timeout: Duration::from_secs(timeout),
                 topology,
                 git_max_connections,
+                git_server,
+                cloud_mosquitto,
             };
             let report =
                 interruptible(&cancel, async { Ok(roost::sim::run(opts.clone()).await?) }).await?;
@@ -806,6 +723,27 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             } else {
                 roost::sim::print(&opts, &report);
             }
+        }
+        Cmd::GitServe {
+            base,
+            listen,
+            cache_mib,
+            insecure,
+        } => {
+            if !listen.ip().is_loopback() && !insecure {
+                anyhow::bail!("--listen {listen} is not loopback: git:// has no TLS or authentication (pass --insecure to serve anyway)");
+            }
+            if !base.is_dir() {
+                anyhow::bail!("--base {}: not a directory", base.display());
+            }
+            let server = roost::gitserve::GitServer::start(roost::gitserve::GitServeConfig {
+                base,
+                listen,
+                cache_bytes: cache_mib << 20,
+            })?;
+            println!("git-serve: listening on git://{}/", server.addr);
+            cancel.cancelled().await;
+            server.stop();
         }
         Cmd::Broker {
             config,
@@ -874,11 +812,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             let Some(config) = config else {
                 anyhow::bail!("roost agent needs --config FILE (or a subcommand: rbac)");
             };
-            let mut cfg = roost_agent::AgentConfig::load(&config)?;
-            if metrics_listen.is_some() {
-                cfg.file.metrics_listen = metrics_listen;
-            }
-            roost_agent::run(cfg, cancel).await?;
+            roost::process::run_agent(config, metrics_listen, cancel).await?;
         }
         Cmd::Bridge {
             config,
@@ -1342,57 +1276,9 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format, &cli.cmd);
-    roost::install_crypto_provider();
     // A store's agent is a tiny service on a node shared with the workloads: one runtime
-    // thread (its SQLite and git work runs on blocking threads that end when idle), which
-    // keeps its idle footprint small. Everything else (brokers, the bridge, which carries the
-    // store's traffic, the fleet, benchmarks) gets a worker per core.
+    // thread. Everything else (brokers, the bridge, which carries the store's traffic, the
+    // fleet, benchmarks) gets a worker per core.
     let tiny = matches!(cli.cmd, Cmd::Agent { .. });
-    let mut builder = if tiny {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    let rt = match builder
-        .enable_all()
-        .thread_keep_alive(Duration::from_secs(5))
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("roost: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let signals = {
-        let _guard = rt.enter();
-        match Signals::install() {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("roost: cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    };
-    let cancel = CancellationToken::new();
-    let stopped_by = Arc::new(OnceLock::new());
-    let result = rt.block_on(async {
-        stop_on_signals(signals, cancel.clone(), stopped_by.clone());
-        run(cli, cancel).await
-    });
-    // Blocking tasks still running (a git fetch abandoned at shutdown) must not hold the
-    // process: everything that needed flushing was awaited by the command.
-    rt.shutdown_timeout(Duration::from_secs(1));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is::<Interrupted>() => {
-            let sig = stopped_by.get().copied().unwrap_or(StopSignal::Int);
-            eprintln!("roost: interrupted by {}", sig.name());
-            ExitCode::from(sig.exit_code())
-        }
-        Err(e) => {
-            eprintln!("roost: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    roost::process::main(tiny, |cancel| run(cli, cancel))
 }

@@ -38,6 +38,104 @@ pub struct SimOptions {
     pub topology: Topology,
     /// The Git server's `--max-connections` (0: unlimited; git-daemon's default is 32).
     pub git_max_connections: u32,
+    /// Which Git server serves the fleet.
+    pub git_server: GitServerKind,
+    /// The cloud broker: `None` for the embedded one, or a mosquitto binary to run.
+    pub cloud_mosquitto: Option<std::path::PathBuf>,
+}
+
+/// A mosquitto cloud broker for the run, killed when dropped.
+struct Mosquitto(std::process::Child);
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_mosquitto(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<(std::net::SocketAddr, Mosquitto), UpError> {
+    let port = crate::broker::free_port().map_err(err("port"))?;
+    let conf = dir.join("mosquitto.conf");
+    // No persistence: the embedded broker has none either, and retained rollouts are
+    // published once per round. No queue limit: a store must never miss its rollout.
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\nmax_queued_messages 0\nmax_inflight_messages 200\nuser root\n"),
+    )
+    .map_err(err("mosquitto.conf"))?;
+    let log = std::fs::File::create(dir.join("mosquitto.log")).map_err(err("mosquitto.log"))?;
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(err("mosquitto (is it installed?)"))?;
+    let guard = Mosquitto(child);
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    crate::broker::wait_listening(addr, Duration::from_secs(10)).map_err(err("mosquitto"))?;
+    Ok((addr, guard))
+}
+
+/// The fleet's one Git server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GitServerKind {
+    /// `git daemon`: a `git-upload-pack` and `git pack-objects` process per fetch.
+    Daemon,
+    /// `roost git-serve` in this process: one pack per (wants, haves), cached.
+    Roost,
+}
+
+impl GitServerKind {
+    /// The name on the command line and in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GitServerKind::Daemon => "daemon",
+            GitServerKind::Roost => "roost",
+        }
+    }
+}
+
+/// The running Git server.
+enum FleetGit {
+    Daemon(GitDaemon),
+    Roost(crate::gitserve::GitServer),
+}
+
+impl FleetGit {
+    async fn start(
+        kind: GitServerKind,
+        base: &std::path::Path,
+        limit: u32,
+    ) -> Result<Self, UpError> {
+        Ok(match kind {
+            GitServerKind::Daemon => FleetGit::Daemon(GitDaemon::start_limited(base, limit)?),
+            GitServerKind::Roost => FleetGit::Roost(
+                crate::gitserve::GitServer::start(crate::gitserve::GitServeConfig {
+                    base: base.to_owned(),
+                    listen: ([127, 0, 0, 1], 0).into(),
+                    cache_bytes: 256 << 20,
+                })
+                .map_err(err("git server"))?,
+            ),
+        })
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            FleetGit::Daemon(d) => d.port,
+            FleetGit::Roost(s) => s.addr.port(),
+        }
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("git://127.0.0.1:{}/{name}", self.port())
+    }
 }
 
 /// Results of a run.
@@ -65,6 +163,10 @@ pub struct SimReport {
     pub duplicates: u64,
     /// Where the time went, per store and round (ms): name → sorted values.
     pub breakdown: BTreeMap<&'static str, Vec<u64>>,
+    /// Fetches the roost Git server answered (0 for git daemon, which does not say).
+    pub git_fetches: u64,
+    /// Packs it built for them (the rest came from its cache).
+    pub git_packs_built: u64,
 }
 
 fn cpu_s() -> f64 {
@@ -156,12 +258,21 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
         rand::random::<u32>()
     ));
     std::fs::create_dir_all(&dir).map_err(err("temp dir"))?;
-    let cloud_addr = crate::broker::spawn_free("cloud").map_err(err("cloud broker"))?;
+    let (cloud_addr, _mosquitto) = match &opts.cloud_mosquitto {
+        Some(bin) => {
+            let (a, g) = start_mosquitto(bin, &dir)?;
+            (a, Some(g))
+        }
+        None => (
+            crate::broker::spawn_free("cloud").map_err(err("cloud broker"))?,
+            None,
+        ),
+    };
     let broker = cloud_addr.to_string();
     let repos = dir.join("repos");
     let sample = up::create_sample_repo(&repos.join("fleet.git"))?;
     let repo = git2::Repository::open(&sample.path).map_err(err("repo"))?;
-    let daemon = GitDaemon::start_limited(&repos, opts.git_max_connections)?;
+    let daemon = FleetGit::start(opts.git_server, &repos, opts.git_max_connections).await?;
     let key = roost_schemas::SigningKey::generate().map_err(err("key"))?;
     let cancel = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -184,7 +295,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
             dir: dir.join(&name),
             edge,
             cloud: cloud_addr,
-            allowed: format!("git://127.0.0.1:{}/", daemon.port),
+            allowed: format!("git://127.0.0.1:{}/", daemon.port()),
             target: TargetConfig::Files(Default::default()),
         };
         let (mut a, b) = up::store_configs(&spec, &key)?;
@@ -417,6 +528,11 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
         while tasks.join_next().await.is_some() {}
     })
     .await;
+    if let FleetGit::Roost(s) = &daemon {
+        let st = s.stats();
+        report.git_fetches = st.fetches;
+        report.git_packs_built = st.packs_built;
+    }
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
     latencies.sort_unstable();
@@ -443,6 +559,10 @@ pub fn json(opts: &SimOptions, r: &SimReport) -> serde_json::Value {
         "stores": opts.stores,
         "rollouts": opts.rollouts,
         "topology": match opts.topology { Topology::Direct => "direct", Topology::Bridged => "bridged" },
+        "git_server": opts.git_server.as_str(),
+        "cloud_broker": if opts.cloud_mosquitto.is_some() { "mosquitto" } else { "embedded" },
+        "git_fetches": r.git_fetches,
+        "git_packs_built": r.git_packs_built,
         "converged": r.converged,
         "failed": r.failed,
         "p50_ms": percentile(l, 50.0),

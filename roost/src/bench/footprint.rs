@@ -15,12 +15,15 @@ pub struct FootprintOptions {
     pub objects: usize,
     /// Idle window.
     pub idle: Duration,
+    /// The agent binary: the lean `roost-agent`, or `None` for `roost agent`.
+    pub agent_bin: Option<std::path::PathBuf>,
 }
 
 /// Runs the benchmark; returns the JSON report.
 pub async fn run(opts: &FootprintOptions) -> Result<serde_json::Value, BenchError> {
     let mut rig = Rig::start(&RigOptions {
         objects: opts.objects,
+        agent_bin: opts.agent_bin.clone(),
     })
     .await?;
     let revision = rig.commit(1)?;
@@ -44,10 +47,14 @@ pub async fn run(opts: &FootprintOptions) -> Result<serde_json::Value, BenchErro
     let window = t.elapsed().as_secs_f64();
     let after = ProcStat::read(pid);
     let bridge = ProcStat::read(rig.bridge_pid());
-    let binary = std::env::current_exe()
-        .and_then(std::fs::metadata)
-        .map(|m| m.len())
-        .unwrap_or(0);
+    let size = |p: std::io::Result<std::path::PathBuf>| {
+        p.and_then(std::fs::metadata).map(|m| m.len()).unwrap_or(0)
+    };
+    let binary = size(std::env::current_exe());
+    let agent_binary = match &opts.agent_bin {
+        Some(b) => size(Ok(b.clone())),
+        None => binary,
+    };
     rig.stop();
     let idle_cpu = (after.cpu_s - before.cpu_s).max(0.0);
     Ok(serde_json::json!({
@@ -64,6 +71,9 @@ pub async fn run(opts: &FootprintOptions) -> Result<serde_json::Value, BenchErro
         "agent_threads": after.threads,
         "bridge_rss_mib": ((bridge.rss_bytes as f64 / 1048576.0) * 10.0).round() / 10.0,
         "bridge_threads": bridge.threads,
+        "agent_binary": if opts.agent_bin.is_some() { "roost-agent" } else { "roost agent" },
+        "agent_binary_bytes": agent_binary,
+        "agent_binary_mib": ((agent_binary as f64 / 1048576.0) * 10.0).round() / 10.0,
         "binary_bytes": binary,
         "binary_mib": ((binary as f64 / 1048576.0) * 10.0).round() / 10.0,
     }))

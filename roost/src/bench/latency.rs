@@ -19,7 +19,11 @@ pub struct LatencyOptions {
 
 /// Runs the benchmark; returns the JSON report.
 pub async fn run(opts: &LatencyOptions) -> Result<serde_json::Value, BenchError> {
-    let mut rig = Rig::start(&RigOptions { objects: 4 }).await?;
+    let mut rig = Rig::start(&RigOptions {
+        objects: 4,
+        agent_bin: None,
+    })
+    .await?;
     // The first rollout also connects everything (bridge, agent sessions): not a trial.
     let first = rig.commit(0)?;
     let warmup = rig.converge(&first, Duration::from_secs(60)).await?;

@@ -28,6 +28,8 @@ pub const DEPLOYMENT: &str = "bench";
 pub struct RigOptions {
     /// Manifest files (one ConfigMap each) in the deployment's directory.
     pub objects: usize,
+    /// The lean `roost-agent` binary to run the agent with, instead of `roost agent`.
+    pub agent_bin: Option<PathBuf>,
 }
 
 /// Figures of a process from /proc.
@@ -143,6 +145,16 @@ fn spawn(
     env: &[(&str, &str)],
 ) -> Result<Proc, BenchError> {
     let exe = std::env::current_exe().map_err(setup("current exe"))?;
+    spawn_exe(&exe, name, args, log, env)
+}
+
+fn spawn_exe(
+    exe: &Path,
+    name: &'static str,
+    args: &[&str],
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Result<Proc, BenchError> {
     let log = std::fs::File::create(log).map_err(setup("log file"))?;
     let mut cmd = Command::new(exe);
     cmd.args(args)
@@ -297,12 +309,22 @@ port = {cp}
             &d.join("bridge.log"),
             &[],
         )?;
-        let agent = spawn(
-            "agent",
-            &["agent", "--config", &agent_cfg.display().to_string()],
-            &d.join("agent.log"),
-            &[],
-        )?;
+        let agent_cfg = agent_cfg.display().to_string();
+        let agent = match &opts.agent_bin {
+            Some(bin) => spawn_exe(
+                bin,
+                "agent",
+                &["--config", &agent_cfg],
+                &d.join("agent.log"),
+                &[],
+            )?,
+            None => spawn(
+                "agent",
+                &["agent", "--config", &agent_cfg],
+                &d.join("agent.log"),
+                &[],
+            )?,
+        };
         Ok(Rig {
             cloud,
             edge,
