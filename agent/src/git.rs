@@ -487,6 +487,8 @@ fn ensure_blocking(
     let mut fo = git2::FetchOptions::new();
     fo.remote_callbacks(cb);
     fo.download_tags(git2::AutotagOption::All);
+    // Nothing reads FETCH_HEAD; writing it is a file created and one deleted per fetch.
+    fo.update_fetchhead(false);
     // An off-site redirect could lead the fetch (and a token) anywhere.
     fo.follow_redirects(git2::RemoteRedirect::None);
     info!(%url, %revision, "fetching");

@@ -242,6 +242,10 @@ enum Cmd {
         /// binary to run as it.
         #[arg(long, default_value = "embedded")]
         cloud_broker: String,
+        /// Directory for the stores' state (default: the system's temporary directory).
+        /// All stores share its file system, where a real store has its own disk.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Print one JSON line.
         #[arg(long)]
         json: bool,
@@ -688,6 +692,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
             git_max_connections,
             git_server,
             cloud_broker,
+            state_dir,
             json,
             ..
         } => {
@@ -715,6 +720,7 @@ async fn run(cli: Cli, cancel: CancellationToken) -> anyhow::Result<()> {
                 git_max_connections,
                 git_server,
                 cloud_mosquitto,
+                state_dir,
             };
             let report =
                 interruptible(&cancel, async { Ok(roost::sim::run(opts.clone()).await?) }).await?;

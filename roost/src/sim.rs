@@ -42,6 +42,8 @@ pub struct SimOptions {
     pub git_server: GitServerKind,
     /// The cloud broker: `None` for the embedded one, or a mosquitto binary to run.
     pub cloud_mosquitto: Option<std::path::PathBuf>,
+    /// Where the stores' state directories go (default: the system's temporary directory).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// A mosquitto cloud broker for the run, killed when dropped.
@@ -252,11 +254,15 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
             opts.stores as u64 * per_store + 256
         )));
     }
-    let dir = std::env::temp_dir().join(format!(
-        "roost-sim-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
+    let dir = opts
+        .state_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!(
+            "roost-sim-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
     std::fs::create_dir_all(&dir).map_err(err("temp dir"))?;
     let (cloud_addr, _mosquitto) = match &opts.cloud_mosquitto {
         Some(bin) => {
