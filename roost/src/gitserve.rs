@@ -74,6 +74,8 @@ const MAX_PKT: usize = 65520;
 const MAX_LINES: usize = 100_000;
 /// How long a client may take between two lines.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one fetch may take in all (a client trickling lines cannot hold a connection).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -204,7 +206,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, cancel: Cancell
         let _ = sock.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve(sock, &shared).await {
+            let res = tokio::time::timeout(FETCH_TIMEOUT, serve(sock, &shared))
+                .await
+                .unwrap_or(Err(GitServeError::Timeout));
+            if let Err(e) = res {
                 debug!(%peer, reason = e.reason(), error = %e, "git fetch ended");
             }
         });

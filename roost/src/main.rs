@@ -242,6 +242,10 @@ enum Cmd {
         /// binary to run as it.
         #[arg(long, default_value = "embedded")]
         cloud_broker: String,
+        /// The most blocking threads of the process, which every store's git and file work
+        /// shares (default: tokio's 512). A real store has its own process and cores.
+        #[arg(long)]
+        blocking_threads: Option<usize>,
         /// Directory for the stores' state (default: the system's temporary directory).
         /// All stores share its file system, where a real store has its own disk.
         #[arg(long)]
@@ -1286,5 +1290,11 @@ fn main() -> ExitCode {
     // thread. Everything else (brokers, the bridge, which carries the store's traffic, the
     // fleet, benchmarks) gets a worker per core.
     let tiny = matches!(cli.cmd, Cmd::Agent { .. });
-    roost::process::main(tiny, |cancel| run(cli, cancel))
+    let max_blocking = match &cli.cmd {
+        Cmd::Sim {
+            blocking_threads, ..
+        } => *blocking_threads,
+        _ => None,
+    };
+    roost::process::main(tiny, max_blocking, |cancel| run(cli, cancel))
 }

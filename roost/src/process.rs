@@ -152,8 +152,9 @@ pub async fn interruptible<T>(
 /// Runs `command` on a tokio runtime with the signal handling above and turns its result
 /// into the exit status. `tiny`: one runtime thread (a store's agent, a small service on a
 /// node shared with the workloads; its SQLite and git work runs on blocking threads that
-/// end when idle); otherwise a worker per core.
-pub fn main<F, Fut>(tiny: bool, command: F) -> ExitCode
+/// end when idle); otherwise a worker per core. `max_blocking`: the most blocking threads
+/// (tokio's default, 512, when `None`).
+pub fn main<F, Fut>(tiny: bool, max_blocking: Option<usize>, command: F) -> ExitCode
 where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
@@ -164,6 +165,9 @@ where
     } else {
         tokio::runtime::Builder::new_multi_thread()
     };
+    if let Some(n) = max_blocking {
+        builder.max_blocking_threads(n.max(1));
+    }
     let rt = match builder
         .enable_all()
         .thread_keep_alive(Duration::from_secs(5))

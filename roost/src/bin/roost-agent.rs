@@ -31,7 +31,7 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     roost::process::init_tracing(cli.log_format, roost::process::SERVICE_LOG);
-    roost::process::main(true, |cancel| {
+    roost::process::main(true, None, |cancel| {
         roost::process::run_agent(cli.config, cli.metrics_listen, cancel)
     })
 }
