@@ -422,6 +422,7 @@ async fn serve(sock: TcpStream, shared: &Shared) -> Result<(), GitServeError> {
         .await
         .map_err(|e| GitServeError::Repository(e.to_string()))??;
     let mut common: Vec<git2::Oid> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut lines = 0usize;
     loop {
         let line = read_pkt(&mut rd).await?;
@@ -441,7 +442,7 @@ async fn serve(sock: TcpStream, shared: &Shared) -> Result<(), GitServeError> {
                         .and_then(|o| o.peel_to_commit().ok())
                         .map(|c| c.id());
                     if let Some(c) = is_commit {
-                        if !common.contains(&c) {
+                        if seen.insert(c) {
                             common.push(c);
                         }
                         pkt(&mut out, &format!("ACK {oid} common\n"));
