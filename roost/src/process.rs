@@ -212,6 +212,17 @@ where
     }
 }
 
+/// A child process (a broker, a bridge, a Git server) that is killed and reaped when this
+/// is dropped, so a benchmark or demo that fails half-way leaves nothing running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The store agent until `cancel`: `roost agent --config FILE` and `roost-agent`.
 pub async fn run_agent(
     config: PathBuf,

@@ -14,6 +14,7 @@ use rumqttc::{Event, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use crate::cloud::{self, RolloutSpec};
+use crate::process::KillOnDrop;
 use crate::up::{self, GitDaemon, StoreSpec, UpError};
 
 /// How stores reach the cloud broker.
@@ -46,20 +47,10 @@ pub struct SimOptions {
     pub state_dir: Option<std::path::PathBuf>,
 }
 
-/// A mosquitto cloud broker for the run, killed when dropped.
-struct Mosquitto(std::process::Child);
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start_mosquitto(
     bin: &std::path::Path,
     dir: &std::path::Path,
-) -> Result<(std::net::SocketAddr, Mosquitto), UpError> {
+) -> Result<(std::net::SocketAddr, KillOnDrop), UpError> {
     let port = crate::broker::free_port().map_err(err("port"))?;
     let conf = dir.join("mosquitto.conf");
     // No persistence: the embedded broker has none either, and retained rollouts are
@@ -78,7 +69,7 @@ fn start_mosquitto(
         .stderr(log)
         .spawn()
         .map_err(err("mosquitto (is it installed?)"))?;
-    let guard = Mosquitto(child);
+    let guard = KillOnDrop(child);
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     crate::broker::wait_listening(addr, Duration::from_secs(10)).map_err(err("mosquitto"))?;
     Ok((addr, guard))

@@ -8,13 +8,14 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use roost_schemas::Topics;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 use super::{setup, BenchError, TempDir};
+use crate::process::KillOnDrop;
 
 const STORE: &str = "bench-bridge";
 const PROBE: &str = "bench/probe";
@@ -48,16 +49,7 @@ impl Kind {
     }
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn mosquitto(bin: &Path, conf: &Path, log: &Path) -> Result<Killed, BenchError> {
+fn mosquitto(bin: &Path, conf: &Path, log: &Path) -> Result<KillOnDrop, BenchError> {
     let log = std::fs::File::create(log).map_err(setup("log"))?;
     let child = Command::new(bin)
         .arg("-c")
@@ -67,7 +59,7 @@ fn mosquitto(bin: &Path, conf: &Path, log: &Path) -> Result<Killed, BenchError> 
         .stderr(log)
         .spawn()
         .map_err(setup("mosquitto (is it installed?)"))?;
-    Ok(Killed(child))
+    Ok(KillOnDrop(child))
 }
 
 fn payload(n: u64) -> Vec<u8> {
@@ -233,7 +225,7 @@ async fn one(
             .stderr(log)
             .spawn()
             .map_err(setup("roost bridge"))?;
-        _bridge = Some(Killed(child));
+        _bridge = Some(KillOnDrop(child));
     }
     // Ready when the bridge carries: roost's states its watermark on the edge right after
     // subscribing; mosquitto's forwards a probe.
