@@ -272,8 +272,7 @@ fn resolve(base: &Path, path: &str) -> Result<PathBuf, GitServeError> {
 }
 
 /// The ref advertisement (HEAD first, annotated tags with their peeled line).
-fn advertise(dir: &Path) -> Result<Vec<u8>, GitServeError> {
-    let repo = git2::Repository::open(dir)?;
+fn advertise(repo: &git2::Repository) -> Result<Vec<u8>, GitServeError> {
     let mut refs: Vec<(String, git2::Oid)> = Vec::new();
     let mut head_target = None;
     if let Ok(head) = repo.find_reference("HEAD") {
@@ -364,10 +363,16 @@ async fn serve(sock: TcpStream, shared: &Shared) -> Result<(), GitServeError> {
             return Err(e);
         }
     };
+    // One open of the repository serves the advertisement, the want check and the haves
+    // (object lookups in its index: cheap, so they run on this server's own thread).
     let d = dir.clone();
-    let adv = tokio::task::spawn_blocking(move || advertise(&d))
-        .await
-        .map_err(|e| GitServeError::Repository(e.to_string()))??;
+    let (repo, adv) = tokio::task::spawn_blocking(move || {
+        let repo = git2::Repository::open(&d)?;
+        let adv = advertise(&repo)?;
+        Ok::<_, GitServeError>((repo, adv))
+    })
+    .await
+    .map_err(|e| GitServeError::Repository(e.to_string()))??;
     wr.write_all(&adv).await?;
 
     // Wants, up to a flush. A client that is up to date sends only the flush.
@@ -399,15 +404,10 @@ async fn serve(sock: TcpStream, shared: &Shared) -> Result<(), GitServeError> {
         return Ok(());
     }
     // Every want must be an object of this repository.
-    let (d, w) = (dir.clone(), wants.clone());
-    let missing =
-        tokio::task::spawn_blocking(move || -> Result<Option<git2::Oid>, GitServeError> {
-            let repo = git2::Repository::open(&d)?;
-            let odb = repo.odb()?;
-            Ok(w.into_iter().find(|o| !odb.exists(*o)))
-        })
-        .await
-        .map_err(|e| GitServeError::Repository(e.to_string()))??;
+    let missing = {
+        let odb = repo.odb()?;
+        wants.iter().copied().find(|o| !odb.exists(*o))
+    };
     if let Some(oid) = missing {
         let mut out = Vec::new();
         pkt(&mut out, &format!("ERR upload-pack: not our ref {oid}\n"));
@@ -417,10 +417,6 @@ async fn serve(sock: TcpStream, shared: &Shared) -> Result<(), GitServeError> {
 
     // Haves, in batches ended by a flush, until "done" (multi_ack_detailed: each common
     // have is acknowledged at once, each flush answered with NAK).
-    let odb_dir = dir.clone();
-    let repo = tokio::task::spawn_blocking(move || git2::Repository::open(&odb_dir))
-        .await
-        .map_err(|e| GitServeError::Repository(e.to_string()))??;
     let mut common: Vec<git2::Oid> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut lines = 0usize;
