@@ -61,15 +61,8 @@ fn start_mosquitto(
     )
     .map_err(err("mosquitto.conf"))?;
     let log = std::fs::File::create(dir.join("mosquitto.log")).map_err(err("mosquitto.log"))?;
-    let child = std::process::Command::new(bin)
-        .arg("-c")
-        .arg(&conf)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
+    let guard = KillOnDrop::spawn(std::process::Command::new(bin).arg("-c").arg(&conf), log)
         .map_err(err("mosquitto (is it installed?)"))?;
-    let guard = KillOnDrop(child);
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     crate::broker::wait_listening(addr, Duration::from_secs(10)).map_err(err("mosquitto"))?;
     Ok((addr, guard))
@@ -101,11 +94,7 @@ enum FleetGit {
 }
 
 impl FleetGit {
-    async fn start(
-        kind: GitServerKind,
-        base: &std::path::Path,
-        limit: u32,
-    ) -> Result<Self, UpError> {
+    fn start(kind: GitServerKind, base: &std::path::Path, limit: u32) -> Result<Self, UpError> {
         Ok(match kind {
             GitServerKind::Daemon => FleetGit::Daemon(GitDaemon::start_limited(base, limit)?),
             GitServerKind::Roost => FleetGit::Roost(
@@ -269,7 +258,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     let repos = dir.join("repos");
     let sample = up::create_sample_repo(&repos.join("fleet.git"))?;
     let repo = git2::Repository::open(&sample.path).map_err(err("repo"))?;
-    let daemon = FleetGit::start(opts.git_server, &repos, opts.git_max_connections).await?;
+    let daemon = FleetGit::start(opts.git_server, &repos, opts.git_max_connections)?;
     let key = roost_schemas::SigningKey::generate().map_err(err("key"))?;
     let cancel = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use roost_schemas::Topics;
@@ -51,15 +51,8 @@ impl Kind {
 
 fn mosquitto(bin: &Path, conf: &Path, log: &Path) -> Result<KillOnDrop, BenchError> {
     let log = std::fs::File::create(log).map_err(setup("log"))?;
-    let child = Command::new(bin)
-        .arg("-c")
-        .arg(conf)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(setup("mosquitto (is it installed?)"))?;
-    Ok(KillOnDrop(child))
+    KillOnDrop::spawn(Command::new(bin).arg("-c").arg(conf), log)
+        .map_err(setup("mosquitto (is it installed?)"))
 }
 
 fn payload(n: u64) -> Vec<u8> {
@@ -216,16 +209,11 @@ async fn one(
         )?;
         let exe = std::env::current_exe().map_err(setup("exe"))?;
         let log = std::fs::File::create(run.join("bridge.log")).map_err(setup("log"))?;
-        let child = Command::new(exe)
-            .args(["bridge", "--config"])
+        let mut cmd = Command::new(exe);
+        cmd.args(["bridge", "--config"])
             .arg(&cfg)
-            .env("ROOST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(setup("roost bridge"))?;
-        _bridge = Some(KillOnDrop(child));
+            .env("ROOST_LOG", "warn");
+        _bridge = Some(KillOnDrop::spawn(&mut cmd, log).map_err(setup("roost bridge"))?);
     }
     // Ready when the bridge carries: roost's states its watermark on the edge right after
     // subscribing; mosquitto's forwards a probe.
