@@ -138,7 +138,7 @@ impl std::fmt::Debug for GitCredential {
 #[serde(deny_unknown_fields)]
 pub struct GitConfig {
     /// Source URLs the agent may fetch from, each `scheme://host[:port]/path`: a rollout's
-    /// URL must have the same scheme (https, ssh, git or file), ssh user, host and port, and
+    /// URL must have the same scheme (https, git or file), host and port, and
     /// start with the entry's whole path segments.
     #[serde(default)]
     pub allowed_sources: Vec<String>,

@@ -79,16 +79,18 @@ pub fn resolve(slots: &[Rollout], store: &str, groups: &[String]) -> Desired {
 }
 
 /// The transports the agent fetches over. Anything else (`http` without TLS, `ext::`, `fd::`,
-/// scp-like `user@host:path`, `git+ssh`, …) is refused before git2 ever sees the URL.
-pub const TRANSPORTS: [&str; 4] = ["https", "ssh", "git", "file"];
+/// `ssh`, scp-like `user@host:path`, `git+ssh`, …) is refused before git2 ever sees the URL.
+/// (ssh is not among them: the agent has no ssh key configuration, and the agent links no
+/// libssh2; private repositories are fetched over https with a token.)
+pub const TRANSPORTS: [&str; 3] = ["https", "git", "file"];
 
 /// Why a source URL (or an allow-list entry) is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SourceError {
     /// Not a `scheme://…` URL of an allowed transport.
-    #[error("transport not allowed (only https://, ssh://, git://, file://): {0}")]
+    #[error("transport not allowed (only https://, git://, file://): {0}")]
     Transport(String),
-    /// User-info (`user@`, `user:password@`) where it is not allowed.
+    /// User-info (`user@`, `user:password@`): never allowed.
     #[error(
         "user-info is not allowed in source URLs (credentials belong in [[git.credentials]]): {0}"
     )]
@@ -109,13 +111,11 @@ pub enum SourceError {
 /// A source URL split into the parts the allow-list compares: no normalisation beyond
 /// lower-casing the host and filling in the scheme's default port, because everything
 /// ambiguous (percent-encoding, `.`/`..` segments, backslashes, queries, fragments,
-/// non-ASCII, user-info outside ssh, passwords) is refused instead.
+/// non-ASCII, user-info) is refused instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceUrl {
-    /// `https`, `ssh`, `git` or `file`.
+    /// `https`, `git` or `file`.
     pub scheme: String,
-    /// The ssh login (`git` in `ssh://git@host/…`); always `None` for other schemes.
-    pub user: Option<String>,
     /// Host, lower case (`""` for `file://`; IPv6 without brackets).
     pub host: String,
     /// The port, with the scheme's default filled in (`None` for `file://`).
@@ -166,21 +166,10 @@ impl SourceUrl {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
-        let (user, hostport) = match authority.split_once('@') {
-            None => (None, authority),
-            Some((u, hp)) => {
-                if scheme != "ssh" || hp.contains('@') || u.contains(':') || u.is_empty() {
-                    return Err(SourceError::UserInfo(redact_url(url)));
-                }
-                if !u
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-                {
-                    return Err(SourceError::UserInfo(redact_url(url)));
-                }
-                (Some(u.to_owned()), hp)
-            }
-        };
+        if authority.contains('@') {
+            return Err(SourceError::UserInfo(redact_url(url)));
+        }
+        let hostport = authority;
         let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
             let (h, after) = v6
                 .split_once(']')
@@ -218,7 +207,7 @@ impl SourceUrl {
             }
         };
         let host = if scheme == "file" {
-            if port.is_some() || user.is_some() || !(host.is_empty() || host == "localhost") {
+            if port.is_some() || !(host.is_empty() || host == "localhost") {
                 return Err(syntax("file:// URLs name no host (or localhost)"));
             }
             String::new()
@@ -242,7 +231,6 @@ impl SourceUrl {
         };
         let port = port.or(match scheme {
             "https" => Some(443),
-            "ssh" => Some(22),
             "git" => Some(9418),
             _ => None,
         });
@@ -262,19 +250,17 @@ impl SourceUrl {
         }
         Ok(SourceUrl {
             scheme: scheme.to_owned(),
-            user,
             host,
             port,
             segments,
         })
     }
 
-    /// Whether `self`, as an allow-list entry, covers `url`: same scheme, ssh user, host and
+    /// Whether `self`, as an allow-list entry, covers `url`: same scheme, host and
     /// port, and `self`'s path segments are the first segments of `url`'s (whole segments:
     /// `…/fleet` covers `…/fleet` and `…/fleet/x.git`, not `…/fleet-evil` or `…/fleet.git`).
     pub fn covers(&self, url: &SourceUrl) -> bool {
         self.scheme == url.scheme
-            && self.user == url.user
             && self.host == url.host
             && self.port == url.port
             && url.segments.len() >= self.segments.len()
@@ -394,7 +380,6 @@ mod tests {
             "git://127.0.0.1:9418/fleet",
             "file:///srv/",
             "https://git.example/org/",
-            "ssh://git@git.example/org",
             "https://[::1]:8443/repos",
         ]);
         let ok = |u: &str| source_allowed(u, &allowed).is_ok();
@@ -408,8 +393,6 @@ mod tests {
             "file://localhost/srv/repo.git",
             "https://git.example/org/fleet.git",
             "https://GIT.example:443/org/fleet.git",
-            "ssh://git@git.example/org/fleet.git",
-            "ssh://git@git.example:22/org/fleet.git",
             "https://[::1]:8443/repos/x.git",
         ] {
             assert!(ok(u), "{u}");
@@ -453,14 +436,11 @@ mod tests {
             ("git://evil@127.0.0.1:9418/fleet", |e| {
                 matches!(e, SourceError::UserInfo(_))
             }),
-            ("ssh://evil@git.example/org/x.git", |e| {
-                matches!(e, SourceError::NotAllowed(_))
-            }),
-            ("ssh://git:pw@git.example/org/x.git", |e| {
-                matches!(e, SourceError::UserInfo(_))
+            ("ssh://git@git.example/org/x.git", |e| {
+                matches!(e, SourceError::Transport(_))
             }),
             ("ssh://git.example/org/x.git", |e| {
-                matches!(e, SourceError::NotAllowed(_))
+                matches!(e, SourceError::Transport(_))
             }),
             ("https://evil.com#@git.example/org/x.git", |e| {
                 matches!(e, SourceError::Syntax { .. })

@@ -271,10 +271,11 @@ impl GitCache {
         let (u, r) = (url.to_owned(), revision.to_owned());
         let creds = self.credentials.clone();
         let ca = self.ca_file.clone();
+        let timeout = self.fetch_timeout;
         // The guard moves into the blocking job: an abandoned (stalled) fetch keeps the
         // source locked until it really ends, so two fetches never race on one repository.
         let job = tokio::task::spawn_blocking(move || {
-            let res = ensure_blocking(&dir, &u, &r, &creds, ca.as_deref());
+            let res = ensure_blocking(&dir, &u, &r, &creds, ca.as_deref(), timeout);
             drop(guard);
             res
         });
@@ -410,72 +411,32 @@ fn ensure_blocking(
     revision: &str,
     creds: &[(SourceUrl, GitCredential)],
     ca_file: Option<&Path>,
+    timeout: Duration,
 ) -> Result<Option<u64>, GitError> {
     let repo = open_or_init(dir)?;
     if has_commit(&repo, revision) {
         debug!(%url, %revision, "revision in cache");
         return Ok(None);
     }
-    // Why the certificate check refused the server, in our words (libgit2 may replace the
-    // callback's message with its own).
-    let refused: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    // Why an https request failed, in our words (libgit2 may replace the transport's
+    // message with its own).
+    let failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let fetch_err = |e: git2::Error| GitError::Fetch {
         url: crate::decide::redact_url(url),
-        message: refused
+        message: failure
             .lock()
             .ok()
             .and_then(|m| m.clone())
             .unwrap_or_else(|| e.message().to_owned()),
     };
+    let https = crate::git_https::FetchSettings {
+        ca_file: ca_file.map(Path::to_owned),
+        credential: credential_for(creds, url).cloned(),
+        timeout,
+        failure: failure.clone(),
+    };
     let mut remote = repo.remote_anonymous(url).map_err(fetch_err)?;
     let mut cb = git2::RemoteCallbacks::new();
-    if let Some(ca) = ca_file {
-        // libgit2 verifies with OpenSSL against the system store, then asks this callback,
-        // which decides alone: the server's certificate must chain to `git.ca_file` and name
-        // the host. (libgit2's per-process `set_ssl_cert_file` would be one CA for every
-        // agent and fetch in the process.)
-        let (ca, refused) = (ca.to_owned(), refused.clone());
-        cb.certificate_check(move |cert, host| {
-            let Some(x509) = cert.as_x509() else {
-                return Ok(git2::CertificateCheckStatus::CertificatePassthrough);
-                // ssh host key
-            };
-            match verify_with_ca(&ca, x509.data(), host) {
-                Ok(()) => Ok(git2::CertificateCheckStatus::CertificateOk),
-                Err(why) => {
-                    if let Ok(mut m) = refused.lock() {
-                        *m = Some(why.clone());
-                    }
-                    Err(git2::Error::from_str(&why))
-                }
-            }
-        });
-    }
-    let cred = credential_for(creds, url).cloned();
-    cb.credentials(move |asked_for, _user, _allowed| {
-        let Some((prefix, c)) = &cred else {
-            return Err(git2::Error::from_str(
-                "no credentials configured for this source",
-            ));
-        };
-        // libgit2 says which URL wants them: never hand a token to anything but what its
-        // url_prefix covers (redirects are off as well).
-        let covered = SourceUrl::parse(asked_for).is_ok_and(|u| prefix.covers(&u));
-        if !covered {
-            return Err(git2::Error::from_str(
-                "credentials are only sent to the URL they are configured for",
-            ));
-        }
-        let token = match (&c.token, &c.token_file) {
-            (Some(t), _) => t.clone(),
-            (None, Some(f)) => std::fs::read_to_string(f)
-                .map_err(|e| git2::Error::from_str(&format!("token_file: {}", e.kind())))?
-                .trim()
-                .to_owned(),
-            (None, None) => String::new(),
-        };
-        git2::Cred::userpass_plaintext(c.username.as_deref().unwrap_or("x-access-token"), &token)
-    });
     // Bytes received, as the transfer reports them (the remote's own stats are not kept for
     // every transport).
     let received = std::rc::Rc::new(std::cell::Cell::new(0u64));
@@ -492,22 +453,24 @@ fn ensure_blocking(
     // An off-site redirect could lead the fetch (and a token) anywhere.
     fo.follow_redirects(git2::RemoteRedirect::None);
     info!(%url, %revision, "fetching");
-    remote
-        .fetch(
+    let bytes = crate::git_https::with_fetch(https, || {
+        remote.fetch(
             &[
                 "+refs/heads/*:refs/remotes/origin/*",
                 "+refs/tags/*:refs/tags/*",
             ],
             Some(&mut fo),
             None,
-        )
-        .map_err(fetch_err)?;
-    let mut bytes = received.replace(0);
-    if !has_commit(&repo, revision) {
-        // Servers that allow it can serve an unadvertised commit directly.
-        let _ = remote.fetch(&[revision], Some(&mut fo), None);
-        bytes += received.get();
-    }
+        )?;
+        let mut bytes = received.replace(0);
+        if !has_commit(&repo, revision) {
+            // Servers that allow it can serve an unadvertised commit directly.
+            let _ = remote.fetch(&[revision], Some(&mut fo), None);
+            bytes += received.get();
+        }
+        Ok(bytes)
+    })
+    .map_err(fetch_err)?;
     if has_commit(&repo, revision) {
         info!(%url, %revision, bytes, "fetched");
         Ok(Some(bytes))
@@ -516,48 +479,6 @@ fn ensure_blocking(
             url: crate::decide::redact_url(url),
             revision: revision.to_owned(),
         })
-    }
-}
-
-/// Checks a server's certificate (DER; libgit2 hands over the leaf only, so the CA file may
-/// also hold intermediates: every certificate in it is a trust anchor) against the CA
-/// certificates in `ca_file`, for `host`, with rustls' WebPKI verifier. The error says why
-/// in plain words.
-pub fn verify_with_ca(ca_file: &Path, leaf: &[u8], host: &str) -> Result<(), String> {
-    use rustls::client::danger::ServerCertVerifier as _;
-    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-    let where_ = format!("git.ca_file ({})", ca_file.display());
-    let certs = roost_runtime::security::read_certs("git.ca_file", ca_file)
-        .map_err(|e| format!("cannot verify the server's certificate: {e}"))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(format!("no usable CA certificate in {where_}"));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .map_err(|e| format!("{where_}: {e}"))?;
-    let name = ServerName::try_from(host.to_owned())
-        .map_err(|_| format!("{host:?} is not a host name or IP address"))?;
-    let leaf = CertificateDer::from(leaf.to_vec());
-    match verifier.verify_server_cert(&leaf, &[], &name, &[], UnixTime::now()) {
-        Ok(_) => Ok(()),
-        Err(rustls::Error::InvalidCertificate(e)) => Err(match e {
-            rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature => {
-                format!("the server's certificate is not signed by a CA in {where_}")
-            }
-            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. } => {
-                "the server's certificate has expired".to_owned()
-            }
-            rustls::CertificateError::NotValidForName
-            | rustls::CertificateError::NotValidForNameContext { .. } => {
-                format!("the server's certificate is not valid for {host}")
-            }
-            other => format!("the server's certificate is refused: {other:?}"),
-        }),
-        Err(e) => Err(format!("the server's certificate is refused: {e}")),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod config;
 pub mod decide;
 pub mod freshness;
 pub mod git;
+pub mod git_https;
 pub mod ledger;
 pub mod metrics;
 pub mod reconcile;

@@ -160,6 +160,8 @@ where
     Fut: Future<Output = anyhow::Result<()>>,
 {
     crate::install_crypto_provider();
+    // Before any thread exists: libgit2's transport list is not locked.
+    roost_agent::git_https::register();
     let mut builder = if tiny {
         tokio::runtime::Builder::new_current_thread()
     } else {

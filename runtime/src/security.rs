@@ -33,6 +33,48 @@ impl SecurityError {
     }
 }
 
+/// The CA certificates a TLS client trusts: those in `ca_file` when it is given (then the
+/// only trust), else the system trust store's. `field` names the setting in errors.
+pub fn trust_anchors(
+    field: &str,
+    ca_file: Option<&Path>,
+) -> Result<Vec<CertificateDer<'static>>, SecurityError> {
+    match ca_file {
+        Some(p) => read_certs(field, p),
+        None => {
+            let found = rustls_native_certs::load_native_certs().certs;
+            if found.is_empty() {
+                return Err(SecurityError::new(
+                    field,
+                    "not given, and the system trust store has no certificates",
+                ));
+            }
+            Ok(found)
+        }
+    }
+}
+
+/// Why a peer's certificate was refused, in plain words: `peer` is what we connected to
+/// (`broker`, `server`), `trust` names where the CA certificates came from (`cloud.tls.ca_file
+/// (…)`, `the system trust store`).
+pub fn certificate_refused(c: &rustls::CertificateError, peer: &str, trust: &str) -> String {
+    use rustls::CertificateError as C;
+    match c {
+        C::UnknownIssuer | C::BadSignature => format!(
+            "the {peer}'s certificate is not signed by a CA in {trust}: wrong CA file, or the wrong {peer}"
+        ),
+        C::Expired | C::ExpiredContext { .. } => format!("the {peer}'s certificate has expired"),
+        C::NotValidYet | C::NotValidYetContext { .. } => {
+            format!("the {peer}'s certificate is not valid yet (check the clock)")
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => format!(
+            "the {peer}'s certificate is not valid for the host name or address we connect to"
+        ),
+        C::Revoked => format!("the {peer}'s certificate is revoked"),
+        other => format!("the {peer}'s certificate was not accepted: {other:?}"),
+    }
+}
+
 /// TLS files of a connection, as configuration files give them:
 /// `tls = { ca_file = "…", cert_file = "…", key_file = "…" }`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -193,26 +235,13 @@ impl Security {
         let Some(t) = &self.tls else { return Ok(None) };
         let [ca, cert, key, _, _] = names(&self.field_prefix);
         let mut roots = rustls::RootCertStore::empty();
-        match &t.ca_file {
-            Some(p) => {
-                for c in read_certs(&ca, p)? {
-                    roots.add(c).map_err(|e| {
-                        SecurityError::new(
-                            &ca,
-                            format!("{}: not a CA certificate: {e}", p.display()),
-                        )
-                    })?;
-                }
-            }
-            None => {
-                let found = rustls_native_certs::load_native_certs();
-                let (added, _) = roots.add_parsable_certificates(found.certs);
-                if added == 0 {
-                    return Err(SecurityError::new(
-                        ca,
-                        "not given, and the system trust store has no certificates",
-                    ));
-                }
+        for c in trust_anchors(&ca, t.ca_file.as_deref())? {
+            // The system store may hold certificates rustls cannot use: those are skipped.
+            if let (Some(p), Err(e)) = (&t.ca_file, roots.add(c)) {
+                return Err(SecurityError::new(
+                    &ca,
+                    format!("{}: not a CA certificate: {e}", p.display()),
+                ));
             }
         }
         let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
@@ -306,24 +335,9 @@ impl Security {
                 _ => None,
             };
         };
-        use rustls::{AlertDescription as A, CertificateError as C};
+        use rustls::AlertDescription as A;
         Some(match tls {
-            rustls::Error::InvalidCertificate(c) => match c {
-                C::UnknownIssuer | C::BadSignature => format!(
-                    "the broker's certificate is not signed by a CA in {ca_name}: wrong CA file, or the wrong broker"
-                ),
-                C::Expired | C::ExpiredContext { .. } => {
-                    "the broker's certificate has expired".to_owned()
-                }
-                C::NotValidYet | C::NotValidYetContext { .. } => {
-                    "the broker's certificate is not valid yet (check the clock)".to_owned()
-                }
-                C::NotValidForName | C::NotValidForNameContext { .. } => {
-                    "the broker's certificate is not valid for the host name or address we connect to".to_owned()
-                }
-                C::Revoked => "the broker's certificate is revoked".to_owned(),
-                other => format!("the broker's certificate was not accepted: {other:?}"),
-            },
+            rustls::Error::InvalidCertificate(c) => certificate_refused(c, "broker", &ca_name),
             rustls::Error::AlertReceived(a) => match a {
                 A::CertificateExpired => format!("the broker rejected {cert_name}: it has expired"),
                 A::UnknownCA | A::BadCertificate | A::CertificateUnknown | A::DecryptError => {

@@ -1105,9 +1105,11 @@ async fn roost_broker_refuses_an_exposed_listener() {
 
 /// An agent fetches from a real https Git server (`git http-backend` behind TLS, basic auth)
 /// whose certificate a private CA signed, with `git.ca_file`: a wrong CA is refused with
-/// `fetch_failed` saying why (verification is never switched off), and once the file holds the
-/// right CA (it is read on every fetch) the retried fetch converges. The token never shows in
-/// events or status.
+/// `fetch_failed` saying why (verification is never switched off); once the file holds the
+/// right CA (it is read on every fetch), a wrong token in `token_file` is refused with the
+/// server's 401 explained, and once the file holds the right token (also read on every fetch)
+/// the retried fetch converges. The token never shows in events or status. (https is roost's
+/// rustls transport for libgit2, not OpenSSL.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn git_over_https_with_a_private_ca() {
     harness::init();
@@ -1136,11 +1138,13 @@ async fn git_over_https_with_a_private_ca() {
     let ca = dir.path().join("agent-git-ca.pem");
     std::fs::copy(wrong.ca_file(), &ca).expect("ca");
     store.agent_cfg.file.git.ca_file = Some(ca.clone());
+    let token_file = dir.path().join("git-token");
+    std::fs::write(&token_file, "not-the-token\n").expect("token file");
     store.agent_cfg.file.git.credentials = vec![roost_agent::config::GitCredential {
         url_prefix: allowed.clone(),
         username: Some("roost".into()),
-        token: Some(TOKEN.into()),
-        token_file: None,
+        token: None,
+        token_file: Some(token_file.clone()),
     }];
     store.start();
     let url = https.url("fleet.git");
@@ -1171,8 +1175,25 @@ async fn git_over_https_with_a_private_ca() {
     assert!(obs.snapshot().of(name, "dev.roost.converged").is_empty());
     println!("git https: wrong CA refused: {message}");
 
-    // The right CA, in the same file: the next retry fetches over https and converges.
+    // The right CA, in the same file: the server is trusted and refuses the wrong token.
     std::fs::copy(pki.ca_file(), &ca).expect("ca");
+    let refused = obs
+        .wait_event(name, "dev.roost.fetch.failed", T, |e| {
+            e.data["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("HTTP 401"))
+        })
+        .await;
+    let message = refused.data["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("the server refused the credential in git.credentials"),
+        "{message}"
+    );
+    assert!(obs.snapshot().of(name, "dev.roost.converged").is_empty());
+    println!("git https: wrong token refused: {message}");
+
+    // The right token, in the same file: the next retry fetches over https and converges.
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
     obs.wait_event(name, "dev.roost.converged", T, |e| {
         e.data["revision"] == rev.as_str()
     })
