@@ -247,11 +247,11 @@ impl Ledger {
             .commit(
                 msgs,
                 Box::new(move |c| {
-                    c.execute(
+                    c.prepare_cached(
                         "INSERT INTO agent_deployments(deployment, record, updated_at) VALUES (?1, ?2, ?3)
                          ON CONFLICT(deployment) DO UPDATE SET record = excluded.record, updated_at = excluded.updated_at",
-                        params![deployment, json, roost_schemas::now_rfc3339()],
-                    )?;
+                    )?
+                    .execute(params![deployment, json, roost_schemas::now_rfc3339()])?;
                     Ok(())
                 }),
             )
@@ -301,13 +301,13 @@ impl Ledger {
             .commit(
                 self.messages(vec![event]),
                 Box::new(move |c| {
-                    c.execute(
+                    c.prepare_cached(
                         "INSERT INTO agent_accepted(scope, deployment, sequence, digest, rollout, envelope)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                          ON CONFLICT(scope, deployment) DO UPDATE SET sequence = excluded.sequence,
                            digest = excluded.digest, rollout = excluded.rollout, envelope = excluded.envelope",
-                        params![scope, deployment, seq, dg, json, env],
-                    )?;
+                    )?
+                    .execute(params![scope, deployment, seq, dg, json, env])?;
                     Ok(())
                 }),
             )
@@ -344,12 +344,12 @@ impl Ledger {
             .commit(
                 self.messages(events),
                 Box::new(move |c| {
-                    c.execute(
+                    c.prepare_cached(
                         "INSERT INTO agent_snapshot(id, sequence, digest, snapshot) VALUES (1, ?1, ?2, ?3)
                          ON CONFLICT(id) DO UPDATE SET sequence = excluded.sequence,
                            digest = excluded.digest, snapshot = excluded.snapshot",
-                        params![seq, dg, json],
-                    )?;
+                    )?
+                    .execute(params![seq, dg, json])?;
                     Ok(())
                 }),
             )
@@ -383,10 +383,10 @@ impl Ledger {
                 .commit(
                     self.messages(events),
                     Box::new(move |c| {
-                        c.execute(
+                        c.prepare_cached(
                             "UPDATE agent_snapshot SET confirmed_at = ?1 WHERE id = 1",
-                            params![c2],
-                        )?;
+                        )?
+                        .execute(params![c2])?;
                         Ok(())
                     }),
                 )
