@@ -372,7 +372,7 @@ impl Writer {
             .unwrap_or(0) as u64)
     }
 
-    fn set_meta(tx: &rusqlite::Transaction<'_>, key: &str, v: u64) -> Result<(), rusqlite::Error> {
+    fn set_meta(tx: &Connection, key: &str, v: u64) -> Result<(), rusqlite::Error> {
         tx.prepare_cached(
             "INSERT INTO outbox_meta(key, value) VALUES (?1, ?2)
              ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -394,7 +394,7 @@ impl Writer {
         let mut open_id = self.meta("overflow_open")? as i64;
         let mut bytes = self.bytes;
         let mut backlog = self.backlog;
-        let tx = self.conn.transaction()?;
+        let tx = crate::sqlite::CachedTx::begin(&self.conn)?;
         let mut out = Vec::with_capacity(batches.len());
         let mut last_id = 0i64;
         for batch in batches {
@@ -598,7 +598,7 @@ impl Writer {
     }
 
     fn delete_tx(&mut self, ids: &[i64], confirm_upto: Option<u64>) -> Result<(), OutboxError> {
-        let tx = self.conn.transaction()?;
+        let tx = crate::sqlite::CachedTx::begin(&self.conn)?;
         let mut freed = 0u64;
         let mut n = 0u64;
         if let Some(upto) = confirm_upto {
