@@ -85,7 +85,14 @@ pub fn register() {
                         failure: Arc::default(),
                     }
                 });
-                Transport::smart(remote, true, Https { settings })
+                Transport::smart(
+                    remote,
+                    true,
+                    Https {
+                        settings,
+                        client: Arc::default(),
+                    },
+                )
             })
         };
         if let Err(e) = registered {
@@ -96,7 +103,12 @@ pub fn register() {
 
 struct Https {
     settings: FetchSettings,
+    /// One HTTP client per fetch, built on its first request: the trust anchors are read
+    /// once per fetch, and the fetch's requests share a kept-alive TLS connection.
+    client: Client,
 }
+
+type Client = Arc<Mutex<Option<ureq::Agent>>>;
 
 impl SmartSubtransport for Https {
     fn action(
@@ -119,6 +131,7 @@ impl SmartSubtransport for Https {
         })?;
         Ok(Box::new(Request {
             settings: self.settings.clone(),
+            client: self.client.clone(),
             url: format!("{base}{path}"),
             host: host_of(base),
             service,
@@ -175,6 +188,7 @@ fn host_of(url: &str) -> String {
 /// reads the response; the request goes out on the first read.
 struct Request {
     settings: FetchSettings,
+    client: Client,
     url: String,
     host: String,
     service: &'static str,
@@ -185,12 +199,13 @@ struct Request {
 }
 
 impl Request {
-    fn send(&mut self) -> std::io::Result<Box<dyn Read + Send>> {
+    /// The fetch's HTTP client (built on the first request).
+    fn client(&self) -> std::io::Result<ureq::Agent> {
+        let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(a) = &*slot {
+            return Ok(a.clone());
+        }
         let s = &self.settings;
-        let trust = match &s.ca_file {
-            Some(p) => format!("git.ca_file ({})", p.display()),
-            None => "the system trust store".to_owned(),
-        };
         let anchors =
             roost_runtime::security::trust_anchors("git.ca_file", s.ca_file.as_deref())
                 .map_err(|e| s.fail(format!("cannot verify the server's certificate: {e}")))?;
@@ -216,6 +231,17 @@ impl Request {
             .http_status_as_error(false)
             .build()
             .into();
+        *slot = Some(agent.clone());
+        Ok(agent)
+    }
+
+    fn send(&mut self) -> std::io::Result<Box<dyn Read + Send>> {
+        let s = &self.settings;
+        let trust = match &s.ca_file {
+            Some(p) => format!("git.ca_file ({})", p.display()),
+            None => "the system trust store".to_owned(),
+        };
+        let agent = self.client()?;
         let result = if self.post {
             let mut r = agent
                 .post(&self.url)
