@@ -173,15 +173,10 @@ fn authorization(settings: &FetchSettings, base: &str) -> Result<Option<String>,
     )))
 }
 
+/// The host of `url` for messages (IPv6 without brackets, no port), as the allow-list
+/// parses it.
 fn host_of(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or_default();
-    // `[::1]:443` keeps its brackets off; `host:port` loses the port.
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => authority.split(':').next().unwrap_or_default(),
-    };
-    host.to_owned()
+    SourceUrl::parse(url).map_or_else(|_| url.to_owned(), |u| u.host)
 }
 
 /// One HTTP request of the smart protocol: libgit2 writes the request body (POST), then
@@ -237,10 +232,6 @@ impl Request {
 
     fn send(&mut self) -> std::io::Result<Box<dyn Read + Send>> {
         let s = &self.settings;
-        let trust = match &s.ca_file {
-            Some(p) => format!("git.ca_file ({})", p.display()),
-            None => "the system trust store".to_owned(),
-        };
         let agent = self.client()?;
         let result = if self.post {
             let mut r = agent
@@ -264,7 +255,10 @@ impl Request {
             }
             r.call()
         };
-        let response = result.map_err(|e| s.fail(explain(&e, &trust, &self.host)))?;
+        let response = result.map_err(|e| {
+            let trust = roost_runtime::security::trust_name("git.ca_file", s.ca_file.as_deref());
+            s.fail(explain(&e, &trust, &self.host))
+        })?;
         let status = response.status().as_u16();
         if status != 200 {
             return Err(s.fail(match status {

@@ -54,6 +54,15 @@ pub fn trust_anchors(
     }
 }
 
+/// Where a client's trust comes from, for messages: `FIELD (PATH)` for a CA file, else
+/// `the system trust store` (what [`trust_anchors`] reads).
+pub fn trust_name(field: &str, ca_file: Option<&Path>) -> String {
+    match ca_file {
+        Some(p) => format!("{field} ({})", p.display()),
+        None => "the system trust store".to_owned(),
+    }
+}
+
 /// Why a peer's certificate was refused, in plain words: `peer` is what we connected to
 /// (`broker`, `server`), `trust` names where the CA certificates came from (`cloud.tls.ca_file
 /// (…)`, `the system trust store`).
@@ -285,10 +294,7 @@ impl Security {
     /// security problem (the broker is down, the network dropped).
     pub fn diagnose(&self, e: &ConnectionError) -> Option<String> {
         let [ca, cert, _, _, _] = names(&self.field_prefix);
-        let ca_name = match self.tls.as_ref().and_then(|t| t.ca_file.as_ref()) {
-            Some(p) => format!("{ca} ({})", p.display()),
-            None => "the system trust store".to_owned(),
-        };
+        let ca_name = trust_name(&ca, self.tls.as_ref().and_then(|t| t.ca_file.as_deref()));
         let cert_name = match self.tls.as_ref().and_then(|t| t.cert_file.as_ref()) {
             Some(p) => format!("our client certificate {cert} ({})", p.display()),
             None => "our client certificate".to_owned(),
