@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use roost_runtime::outbox::Payload;
-use roost_runtime::{NewMessage, Outbox, OutboxError};
+use roost_runtime::{Durability, NewMessage, Outbox, OutboxError};
 use roost_schemas::{EventData, Freshness, Rollout, Scope, Snapshot, StatusDoc};
 use rusqlite::params;
 use tokio::sync::Notify;
@@ -230,7 +230,8 @@ impl Ledger {
         out
     }
 
-    /// Commits a deployment's new record with the events reporting it, in one transaction.
+    /// Commits a deployment's new record with the events reporting it, in one transaction
+    /// (fsynced when there are events: see [`durability`]).
     /// Only the deployment's worker calls this, so records never race.
     pub async fn commit(&self, rec: Record, events: Vec<EventData>) -> Result<(), LedgerError> {
         let unchanged = self.mem().records.get(&rec.deployment) == Some(&rec);
@@ -242,6 +243,7 @@ impl Ledger {
             source,
         })?;
         let deployment = rec.deployment.clone();
+        let sync = durability(&events);
         let msgs = self.messages(events);
         self.outbox
             .commit(
@@ -254,6 +256,7 @@ impl Ledger {
                     .execute(params![deployment, json, roost_schemas::now_rfc3339()])?;
                     Ok(())
                 }),
+                sync,
             )
             .await?;
         let deployment = rec.deployment.clone();
@@ -310,6 +313,8 @@ impl Ledger {
                     .execute(params![scope, deployment, seq, dg, json, env])?;
                     Ok(())
                 }),
+                // The replay guard: a rollout's sequence must never be forgotten once accepted.
+                Durability::Full,
             )
             .await?;
         self.mem().accepted.insert(
@@ -352,6 +357,7 @@ impl Ledger {
                     .execute(params![seq, dg, json])?;
                     Ok(())
                 }),
+                Durability::Full,
             )
             .await?;
         let mut m = self.mem();
@@ -379,6 +385,8 @@ impl Ledger {
             .is_some_and(|s| s.confirmed_at != confirmed);
         if changed_confirmation || !events.is_empty() {
             let c2 = confirmed.clone();
+            // A confirmation lost to a power cut only makes the desired state look older.
+            let sync = durability(&events);
             self.outbox
                 .commit(
                     self.messages(events),
@@ -389,6 +397,7 @@ impl Ledger {
                         .execute(params![c2])?;
                         Ok(())
                     }),
+                    sync,
                 )
                 .await?;
         }
@@ -476,9 +485,27 @@ impl Ledger {
                 retain: true,
                 compact: true,
             };
-            if let Err(error) = self.outbox.enqueue(vec![msg]).await {
+            // Rebuilt from the records whenever it is lost (and at every start): no fsync.
+            if let Err(error) = self
+                .outbox
+                .enqueue_with(vec![msg], Durability::Ordered)
+                .await
+            {
                 warn!(error = %roost_runtime::error_chain(&error), "could not store status document");
             }
         }
+    }
+}
+
+/// How a commit of `events` (with a record or other state) must reach the disk: fsynced when
+/// it stores events, which must never be lost once made; otherwise ordered only. A record or
+/// confirmation without events is rebuilt after a power cut that loses it: the accepted
+/// rollouts are fsynced, so the worker derives the same wanted state and redoes the step, and
+/// the next fsynced commit makes everything before it durable.
+pub fn durability(events: &[EventData]) -> Durability {
+    if events.is_empty() {
+        Durability::Ordered
+    } else {
+        Durability::Full
     }
 }

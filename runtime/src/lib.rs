@@ -12,7 +12,9 @@ pub mod sqlite;
 pub use backoff::Backoff;
 pub use link::{DirectMessage, Endpoint, Incoming, Link, LinkConfig, LinkError, LinkHandle, Will};
 pub use metrics::{Exporter, LinkMetrics, MetricsError, OutboxMetrics};
-pub use outbox::{NewMessage, Outbox, OutboxConfig, OutboxError, OutboxStats, Payload, StateWrite};
+pub use outbox::{
+    Durability, NewMessage, Outbox, OutboxConfig, OutboxError, OutboxStats, Payload, StateWrite,
+};
 pub use security::{Password, Security, SecurityError, TlsFiles};
 
 /// An error with its chain of causes, `outer: cause: root`, for logs and messages (a cause

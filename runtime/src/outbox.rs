@@ -4,7 +4,10 @@
 //! Durability: WAL journal with `synchronous=FULL`, so a commit is on disk (fsync of the WAL)
 //! before `enqueue` returns; that survives a process crash and a power loss. One writer thread
 //! owns the connection and commits every request that is waiting in one transaction (group
-//! commit), so a burst costs one fsync, not one per message.
+//! commit), so a burst costs one fsync, not one per message. A caller may ask for
+//! [`Durability::Ordered`] instead (a last-value document, state it can rebuild): that commit
+//! survives a process crash, and since the WAL is appended in order, the next fsynced commit
+//! makes it durable too; only a power cut before that can lose it. Deletes are ordered.
 //!
 //! Last-value topics (status, presence) are enqueued with `compact = true`: an older message
 //! on the same topic that has not left yet is replaced. Past the disk cap the oldest events
@@ -78,6 +81,26 @@ pub type StateWrite = Box<
     dyn FnOnce(&rusqlite::Connection) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
         + Send,
 >;
+
+/// How a commit reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Durability {
+    /// Written to the WAL, not fsynced: survives a process crash; a power cut can lose it, and
+    /// then everything committed after it, until the next [`Durability::Full`] commit syncs the WAL
+    /// with every frame before it (SQLite's `synchronous=NORMAL`).
+    Ordered,
+    /// Fsynced before the caller hears of it: survives a power cut (`synchronous=FULL`).
+    Full,
+}
+
+impl Durability {
+    fn pragma(self) -> &'static str {
+        match self {
+            Durability::Ordered => "PRAGMA synchronous = NORMAL",
+            Durability::Full => "PRAGMA synchronous = FULL",
+        }
+    }
+}
 
 /// A read of the caller's own tables, run on the writer thread (never on an async runtime).
 type Read = Box<dyn FnOnce(&rusqlite::Connection) + Send>;
@@ -226,6 +249,7 @@ enum Cmd {
     Enqueue(
         Vec<NewMessage>,
         Option<StateWrite>,
+        Durability,
         oneshot::Sender<Result<Vec<Option<u64>>, OutboxError>>,
     ),
     Read(Read),
@@ -274,6 +298,7 @@ impl std::fmt::Debug for Outbox {
 const ROW_OVERHEAD: u64 = 64;
 
 fn open_db(path: &Path) -> Result<Connection, OutboxError> {
+    // Only the writer thread uses the file.
     let conn = crate::sqlite::open_durable(path)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS outbox (
@@ -310,6 +335,8 @@ struct Writer {
     sent_upto: i64,
     /// Failed group commits (see [`CommitGuard`]).
     failed: Arc<AtomicU64>,
+    /// The connection's `synchronous` setting now.
+    sync: Durability,
 }
 
 /// The lost ranges an overflow event reports (`lost_ranges`, or from/to in older events).
@@ -387,7 +414,9 @@ impl Writer {
         &mut self,
         batches: &[Vec<NewMessage>],
         writes: Vec<StateWrite>,
+        sync: Durability,
     ) -> Result<Vec<Vec<Option<u64>>>, OutboxError> {
+        self.set_sync(sync)?;
         let mut seq = self.meta("roostseq")?;
         let mut dropped_total = self.meta("dropped")?;
         // The overflow event that reports loss and has not left yet (0 = none).
@@ -587,17 +616,21 @@ impl Writer {
         Ok(out)
     }
 
-    /// Deletes acknowledged rows, and with `confirm_upto` every event row up to that roostseq
-    /// (end-to-end confirmation). Runs with `synchronous=NORMAL`: a delete lost to a power cut
-    /// only means the message is sent again (at least once), so it need not wait for fsync.
-    fn delete(&mut self, ids: &[i64], confirm_upto: Option<u64>) -> Result<(), OutboxError> {
-        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let res = self.delete_tx(ids, confirm_upto);
-        self.conn.pragma_update(None, "synchronous", "FULL")?;
-        res
+    /// Sets the connection's `synchronous` for the next commit (a cached statement, run only
+    /// when it changes).
+    fn set_sync(&mut self, sync: Durability) -> Result<(), rusqlite::Error> {
+        if self.sync != sync {
+            self.conn.prepare_cached(sync.pragma())?.execute([])?;
+            self.sync = sync;
+        }
+        Ok(())
     }
 
-    fn delete_tx(&mut self, ids: &[i64], confirm_upto: Option<u64>) -> Result<(), OutboxError> {
+    /// Deletes acknowledged rows, and with `confirm_upto` every event row up to that roostseq
+    /// (end-to-end confirmation). [`Durability::Ordered`]: a delete lost to a power cut only means
+    /// the message is sent again (at least once), so it need not wait for fsync.
+    fn delete(&mut self, ids: &[i64], confirm_upto: Option<u64>) -> Result<(), OutboxError> {
+        self.set_sync(Durability::Ordered)?;
         let tx = crate::sqlite::CachedTx::begin(&self.conn)?;
         let mut freed = 0u64;
         let mut n = 0u64;
@@ -660,7 +693,7 @@ impl Writer {
             let mut others = Vec::new();
             for c in cmds {
                 match c {
-                    Cmd::Enqueue(m, w, reply) => enqueues.push((m, w, reply)),
+                    Cmd::Enqueue(m, w, sync, reply) => enqueues.push((m, w, sync, reply)),
                     Cmd::Confirm(upto) => confirm_upto = confirm_upto.max(Some(upto)),
                     Cmd::Delete(ids, reply) => {
                         deletes.extend(ids);
@@ -691,12 +724,15 @@ impl Writer {
                 let mut msgs = Vec::with_capacity(enqueues.len());
                 let mut writes = Vec::new();
                 let mut replies = Vec::with_capacity(enqueues.len());
-                for (m, w, r) in enqueues {
+                // One fsync for the group if anyone in it needs one.
+                let mut sync = Durability::Ordered;
+                for (m, w, s, r) in enqueues {
                     msgs.push(m);
                     writes.extend(w);
+                    sync = sync.max(s);
                     replies.push(r);
                 }
-                match self.enqueue_batch(&msgs, writes) {
+                match self.enqueue_batch(&msgs, writes, sync) {
                     Ok(assigned) => {
                         for (r, a) in replies.into_iter().zip(assigned) {
                             let _ = r.send(Ok(a));
@@ -773,6 +809,7 @@ impl Outbox {
             backlog: backlog as u64,
             newest: newest_tx,
             sent_upto: 0,
+            sync: Durability::Full,
         };
         let (tx, rx) = std_mpsc::channel();
         std::thread::Builder::new()
@@ -801,7 +838,16 @@ impl Outbox {
     /// Stores messages durably (one fsync for everything waiting). Returns the `roostseq`
     /// assigned to each event message (None for others).
     pub async fn enqueue(&self, msgs: Vec<NewMessage>) -> Result<Vec<Option<u64>>, OutboxError> {
-        self.call(|r| Cmd::Enqueue(msgs, None, r)).await
+        self.enqueue_with(msgs, Durability::Full).await
+    }
+
+    /// [`Outbox::enqueue`] with the given [`Durability`].
+    pub async fn enqueue_with(
+        &self,
+        msgs: Vec<NewMessage>,
+        sync: Durability,
+    ) -> Result<Vec<Option<u64>>, OutboxError> {
+        self.call(|r| Cmd::Enqueue(msgs, None, sync, r)).await
     }
 
     /// Stores messages and runs `write` on the caller's own tables in the same transaction
@@ -810,8 +856,10 @@ impl Outbox {
         &self,
         msgs: Vec<NewMessage>,
         write: StateWrite,
+        sync: Durability,
     ) -> Result<Vec<Option<u64>>, OutboxError> {
-        self.call(|r| Cmd::Enqueue(msgs, Some(write), r)).await
+        self.call(|r| Cmd::Enqueue(msgs, Some(write), sync, r))
+            .await
     }
 
     /// Like [`Outbox::commit`], but returns as soon as the request is queued: the caller can
@@ -827,7 +875,7 @@ impl Outbox {
     > {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::Enqueue(msgs, write, tx))
+            .send(Cmd::Enqueue(msgs, write, Durability::Full, tx))
             .map_err(|_| OutboxError::Closed)?;
         Ok(async move { rx.await.map_err(|_| OutboxError::Closed)? })
     }
@@ -859,7 +907,7 @@ impl Outbox {
     pub fn enqueue_blocking(&self, msgs: Vec<NewMessage>) -> Result<Vec<Option<u64>>, OutboxError> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::Enqueue(msgs, None, tx))
+            .send(Cmd::Enqueue(msgs, None, Durability::Full, tx))
             .map_err(|_| OutboxError::Closed)?;
         rx.blocking_recv().map_err(|_| OutboxError::Closed)?
     }
@@ -949,6 +997,49 @@ mod tests {
         let rows = ob.peek(0, 10).await.expect("peek");
         assert_eq!(rows.len(), 2);
         assert_eq!(ob.stats().await.expect("stats").backlog, 2);
+    }
+
+    /// A state write that reports the connection's `synchronous` inside its transaction.
+    fn sync_probe(out: std::sync::mpsc::Sender<i64>) -> StateWrite {
+        Box::new(move |c| {
+            let v: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
+            out.send(v).map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    }
+
+    #[tokio::test]
+    async fn ordered_commits_skip_the_fsync_and_events_never_do() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("o.db");
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let ob = Outbox::open(OutboxConfig::new(&path)).expect("open");
+            ob.commit(vec![], sync_probe(tx.clone()), Durability::Ordered)
+                .await
+                .expect("ordered");
+            assert_eq!(rx.recv().expect("probe"), 1, "NORMAL: no fsync");
+            ob.commit(vec![event(1)], sync_probe(tx.clone()), Durability::Full)
+                .await
+                .expect("full");
+            assert_eq!(rx.recv().expect("probe"), 2, "FULL: fsynced");
+            // A delete runs ordered; the next fsynced commit is FULL again.
+            let rows = ob.peek(0, 10).await.expect("peek");
+            ob.ack_wait(vec![rows[0].id]).await.expect("ack");
+            ob.commit(vec![event(2)], sync_probe(tx.clone()), Durability::Full)
+                .await
+                .expect("full");
+            assert_eq!(rx.recv().expect("probe"), 2, "FULL after a delete");
+            let doc = NewMessage::retained("s/status", b"{}".to_vec());
+            ob.enqueue_with(vec![doc], Durability::Ordered)
+                .await
+                .expect("ordered doc");
+        }
+        // An ordered commit survives the process: it is in the WAL.
+        let ob = Outbox::open(OutboxConfig::new(&path)).expect("reopen");
+        let rows = ob.peek(0, 10).await.expect("peek");
+        let topics: Vec<&str> = rows.iter().map(|r| r.topic.as_str()).collect();
+        assert_eq!(topics, vec!["roost/v1/stores/s/events", "s/status"]);
     }
 
     #[tokio::test]
