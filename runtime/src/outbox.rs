@@ -299,7 +299,7 @@ const ROW_OVERHEAD: u64 = 64;
 
 fn open_db(path: &Path) -> Result<Connection, OutboxError> {
     // Only the writer thread uses the file.
-    let conn = crate::sqlite::open_durable(path)?;
+    let conn = crate::sqlite::open_exclusive(path)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS outbox (
             id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -9,6 +9,20 @@ use rusqlite::Connection;
 
 /// Opens (creating parent directories and the file if needed) a durable database.
 pub fn open_durable(path: &Path) -> Result<Connection, rusqlite::Error> {
+    open(path, false)
+}
+
+/// [`open_durable`] for a database that only this connection uses (the outbox's writer):
+/// `locking_mode=EXCLUSIVE`, set before the first access, so SQLite keeps the WAL index in
+/// the connection's memory instead of a shared `-shm` file and takes its file locks once,
+/// not twice per transaction. Another process that opens the file while it is held gets
+/// `database is locked` (after the busy timeout): two agents on one state directory fail
+/// instead of sharing it. The lock ends with the connection (or the process).
+pub fn open_exclusive(path: &Path) -> Result<Connection, rusqlite::Error> {
+    open(path, true)
+}
+
+fn open(path: &Path, exclusive: bool) -> Result<Connection, rusqlite::Error> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir).map_err(|e| {
@@ -20,6 +34,9 @@ pub fn open_durable(path: &Path) -> Result<Connection, rusqlite::Error> {
         }
     }
     let conn = Connection::open(path)?;
+    if exclusive {
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.busy_timeout(Duration::from_secs(10))?;
@@ -134,6 +151,32 @@ mod tests {
             run(&plain) > 0,
             "the cause: SQLite's default prepares again"
         );
+    }
+
+    #[test]
+    fn an_exclusive_database_is_refused_to_others_until_closed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("x.db");
+        let c = super::open_exclusive(&path).expect("open");
+        c.execute_batch("CREATE TABLE t(v); INSERT INTO t VALUES (1);")
+            .expect("write");
+        assert!(
+            !dir.path().join("x.db-shm").exists(),
+            "the WAL index lives in the connection's memory"
+        );
+        let other = rusqlite::Connection::open(&path).expect("open");
+        other
+            .busy_timeout(std::time::Duration::from_millis(10))
+            .expect("timeout");
+        let err = other
+            .query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))
+            .expect_err("held");
+        assert!(err.to_string().contains("locked"), "{err}");
+        drop(c);
+        let n: i64 = other
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .expect("free again");
+        assert_eq!(n, 1);
     }
 
     #[test]
