@@ -155,7 +155,18 @@ impl FilesTarget {
             .collect()
     }
 
-    fn write_revision(dep: &Path, plan: &FilesPlan) -> Result<(), TargetError> {
+    /// Writes the revision's directory. A file whose bytes are those of the same path in the
+    /// live revision (`before`, read from `cur`) is hard-linked from it instead of written:
+    /// no new inode, no data to write or fsync (it was fsynced when first written), so a
+    /// rollout that changes one file of many costs one file. Only regular files are linked
+    /// (`before` never descends through a symlinked directory, and the live entry is checked
+    /// again right before); anything else, or a failed link, is written as usual.
+    fn write_revision(
+        dep: &Path,
+        plan: &FilesPlan,
+        cur: &Path,
+        before: &[(String, Vec<u8>)],
+    ) -> Result<(), TargetError> {
         std::fs::create_dir_all(dep).map_err(io("create", dep))?;
         let final_dir = dep.join(&plan.revision);
         let tmp = dep.join(format!(".tmp-{}-{}", plan.revision, std::process::id()));
@@ -171,6 +182,16 @@ impl FilesTarget {
                 let p = tmp.join(&f.path);
                 if let Some(parent) = p.parent() {
                     std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+                }
+                let same = before
+                    .binary_search_by(|(path, _)| path.as_str().cmp(&f.path))
+                    .is_ok_and(|i| before[i].1 == f.data);
+                if same {
+                    let live = cur.join(&f.path);
+                    let regular = std::fs::symlink_metadata(&live).is_ok_and(|m| m.is_file());
+                    if regular && std::fs::hard_link(&live, &p).is_ok() {
+                        continue;
+                    }
                 }
                 let mut file = std::fs::File::create(&p).map_err(io("write", &p))?;
                 std::io::Write::write_all(&mut file, &f.data).map_err(io("write", &p))?;
@@ -256,7 +277,7 @@ impl FilesTarget {
         let hooked = self.hook.is_some();
         let (changed, unchanged) = blocking(move || {
             let before = read_tree(&cur).unwrap_or_default();
-            Self::write_revision(&dep, &owned)?;
+            Self::write_revision(&dep, &owned, &cur, &before)?;
             if hooked {
                 // Persisted before the switch: a crash from here on reads "hook not finished".
                 Self::write_hook_state(
@@ -478,6 +499,72 @@ fn is_change(kind: &notify::EventKind) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    fn plan(revision: &str, files: &[(&str, &str)]) -> FilesPlan {
+        FilesPlan {
+            deployment: "web".into(),
+            revision: revision.into(),
+            files: files
+                .iter()
+                .map(|(p, d)| ManifestFile {
+                    path: (*p).into(),
+                    data: d.as_bytes().to_vec(),
+                })
+                .collect(),
+            policy: Policy::default(),
+        }
+    }
+
+    fn inode(p: &Path) -> u64 {
+        std::fs::symlink_metadata(p).expect("stat").ino()
+    }
+
+    #[tokio::test]
+    async fn unchanged_files_are_linked_from_the_live_revision_and_drifted_ones_rewritten() {
+        let root = tempfile::tempdir().expect("tmp");
+        let t = FilesTarget::new(root.path().to_owned(), None);
+        let cur = t.current("web");
+        let r1 = plan("r1", &[("a.yaml", "a: 1\n"), ("sub/b.yaml", "b: 1\n")]);
+        t.apply(&r1, &[]).await.expect("r1");
+        let (a1, b1) = (inode(&cur.join("a.yaml")), inode(&cur.join("sub/b.yaml")));
+        // r2 changes b only: a is the same file (no new inode, nothing written), b is new.
+        let r2 = plan("r2", &[("a.yaml", "a: 1\n"), ("sub/b.yaml", "b: 2\n")]);
+        let report = t.apply(&r2, &[]).await.expect("r2");
+        assert_eq!(report.unchanged, 1);
+        t.prune("web", &[]).await.expect("prune");
+        assert_eq!(inode(&cur.join("a.yaml")), a1, "linked");
+        assert_ne!(inode(&cur.join("sub/b.yaml")), b1, "written");
+        assert_eq!(std::fs::read(cur.join("sub/b.yaml")).expect("b"), b"b: 2\n");
+        // Someone edits a in place (drift): the next apply writes the desired bytes to a new
+        // file instead of linking the edited one.
+        std::fs::write(cur.join("a.yaml"), "a: edited\n").expect("edit");
+        let r3 = plan("r3", &[("a.yaml", "a: 1\n"), ("sub/b.yaml", "b: 2\n")]);
+        t.apply(&r3, &[]).await.expect("r3");
+        assert_ne!(inode(&cur.join("a.yaml")), a1);
+        assert_eq!(std::fs::read(cur.join("a.yaml")).expect("a"), b"a: 1\n");
+        // A live symlink is never linked, even when its rendering matches the file's bytes.
+        let outside = root.path().join("outside.txt");
+        std::fs::write(&outside, "secret").expect("outside");
+        let live = std::fs::read_link(&cur).expect("current");
+        let link = t.dep_dir("web").join(live).join("c.txt");
+        std::os::unix::fs::symlink(&outside, &link).expect("symlink");
+        let text = format!("symlink:{}", outside.display());
+        let r4 = plan("r4", &[("a.yaml", "a: 1\n"), ("c.txt", &text)]);
+        t.apply(&r4, &[]).await.expect("r4");
+        let c = std::fs::symlink_metadata(cur.join("c.txt")).expect("c");
+        assert!(
+            c.is_file(),
+            "a regular file, not a link to {}",
+            outside.display()
+        );
+        assert_eq!(
+            std::fs::read(cur.join("c.txt")).expect("c"),
+            text.as_bytes()
+        );
+    }
+
     #[test]
     fn only_changes_wake_the_drift_check() {
         use notify::event::{
