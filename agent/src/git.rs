@@ -919,7 +919,7 @@ mod tests {
         }
     }
 
-    /// The classic "billion laughs": nine levels of ten aliases each.
+    /// Every path under `dir`, recursively.
     fn walkdir(dir: &Path) -> Vec<PathBuf> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
@@ -932,6 +932,7 @@ mod tests {
         out
     }
 
+    /// The classic "billion laughs": nine levels of ten aliases each.
     pub(crate) fn billion_laughs() -> String {
         let mut y = String::from(
             "a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",

@@ -231,7 +231,7 @@ impl Ledger {
     }
 
     /// Commits a deployment's new record with the events reporting it, in one transaction
-    /// (fsynced when there are events: see [`durability`]).
+    /// (fsynced when there are events; a record alone is ordered).
     /// Only the deployment's worker calls this, so records never race.
     pub async fn commit(&self, rec: Record, events: Vec<EventData>) -> Result<(), LedgerError> {
         let unchanged = self.mem().records.get(&rec.deployment) == Some(&rec);
@@ -502,7 +502,7 @@ impl Ledger {
 /// confirmation without events is rebuilt after a power cut that loses it: the accepted
 /// rollouts are fsynced, so the worker derives the same wanted state and redoes the step, and
 /// the next fsynced commit makes everything before it durable.
-pub fn durability(events: &[EventData]) -> Durability {
+fn durability(events: &[EventData]) -> Durability {
     if events.is_empty() {
         Durability::Ordered
     } else {

@@ -90,6 +90,13 @@ fn read_tree(dir: &Path) -> std::io::Result<Vec<(String, Vec<u8>)>> {
     Ok(out)
 }
 
+/// Whether `f` has the same bytes at the same path in `tree` (from [`read_tree`]: sorted by
+/// path).
+fn unchanged_in(tree: &[(String, Vec<u8>)], f: &ManifestFile) -> bool {
+    tree.binary_search_by(|(path, _)| path.as_str().cmp(&f.path))
+        .is_ok_and(|i| tree[i].1 == f.data)
+}
+
 fn digest_bytes(d: &[u8]) -> String {
     use sha2::{Digest as _, Sha256};
     hex::encode(Sha256::digest(d))
@@ -183,10 +190,7 @@ impl FilesTarget {
                 if let Some(parent) = p.parent() {
                     std::fs::create_dir_all(parent).map_err(io("create", parent))?;
                 }
-                let same = before
-                    .binary_search_by(|(path, _)| path.as_str().cmp(&f.path))
-                    .is_ok_and(|i| before[i].1 == f.data);
-                if same {
+                if unchanged_in(before, f) {
                     let live = cur.join(&f.path);
                     let regular = std::fs::symlink_metadata(&live).is_ok_and(|m| m.is_file());
                     if regular && std::fs::hard_link(&live, &p).is_ok() {
@@ -293,7 +297,7 @@ impl FilesTarget {
             let mut changed = Vec::new();
             let mut unchanged = 0;
             for f in &owned.files {
-                if before.iter().any(|(p, d)| p == &f.path && d == &f.data) {
+                if unchanged_in(&before, f) {
                     unchanged += 1;
                 } else {
                     changed.push(ObjectRef::File {
