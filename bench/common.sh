@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -z "${ROOST:-}" ]; then
   ROOST=target/release/roost
-  [ -x "$ROOST" ] || cargo build --release -p roost --bins >&2
+  [ -x "$ROOST" ] || cargo build --release --workspace --bins >&2
 fi
 # The fleet benchmark holds thousands of sockets and SQLite files open.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true

@@ -5,7 +5,7 @@
 # overrides; AGENT_BIN=none runs `roost agent`).
 # Usage: bench/footprint.sh [--idle SECONDS] [--objects N]
 source "$(dirname "$0")/common.sh"
-# The size-optimized build (cargo build --profile agent -p roost --bin roost-agent) when there
+# The size-optimized build (cargo build --profile agent -p roost-agent --bin roost-agent) when there
 # is one, else the release build's.
 if [ -z "${AGENT_BIN:-}" ]; then
   AGENT_BIN=$(dirname "$ROOST")/roost-agent
@@ -15,7 +15,7 @@ if [ "$AGENT_BIN" = none ]; then
   exec "$ROOST" bench footprint "$@"
 fi
 if [ ! -x "$AGENT_BIN" ]; then
-  echo "footprint: no $AGENT_BIN (cargo build --release -p roost --bins builds it)" >&2
+  echo "footprint: no $AGENT_BIN (cargo build --release --workspace --bins builds it)" >&2
   exit 1
 fi
 exec "$ROOST" bench footprint --agent-bin "$AGENT_BIN" "$@"

@@ -64,6 +64,9 @@ pub enum AgentError {
     /// The metrics endpoint could not start.
     #[error(transparent)]
     Metrics(#[from] roost_runtime::MetricsError),
+    /// The configuration file is invalid.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
 }
 
 /// Builds the target named in the configuration.
@@ -79,6 +82,20 @@ pub async fn build_target(cfg: &AgentConfig) -> Result<targets::AnyTarget, Agent
                 .with_max_objects(cfg.file.limits.max_objects),
         ))),
     }
+}
+
+/// The agent of the configuration file `path` until `cancel` (`roost agent --config FILE`
+/// and `roost-agent`); `metrics_listen` overrides the file's.
+pub async fn run_file(
+    path: &std::path::Path,
+    metrics_listen: Option<std::net::SocketAddr>,
+    cancel: CancellationToken,
+) -> Result<(), AgentError> {
+    let mut cfg = AgentConfig::load(path)?;
+    if metrics_listen.is_some() {
+        cfg.file.metrics_listen = metrics_listen;
+    }
+    run(cfg, cancel).await
 }
 
 /// Runs the agent until `cancel` fires. Returns an error if it cannot start or a task dies.

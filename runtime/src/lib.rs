@@ -1,11 +1,14 @@
-//! Shared runtime for roost's store-side components: the durable SQLite outbox and the MQTT
-//! link task that drains it, its transport security (TLS, credentials), plus reconnect backoff. The agent and the bridge both use these,
-//! so that delivery guarantees are implemented (and tested) once.
+//! Shared runtime for roost's components: the durable SQLite outbox and the MQTT link task
+//! that drains it, its transport security (TLS, credentials), reconnect backoff, the metrics
+//! server, and the process glue every binary runs in (logging, signals, shutdown). The agent
+//! and the bridge both use these, so that delivery guarantees are implemented (and tested)
+//! once.
 
 pub mod backoff;
 pub mod link;
 pub mod metrics;
 pub mod outbox;
+pub mod process;
 pub mod security;
 pub mod sqlite;
 
@@ -31,4 +34,10 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Installs the process-wide rustls crypto provider (ring) once. rumqttc and kube both use
+/// rustls; without an explicit provider, building a client can panic.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -10,12 +10,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
-use roost::up::{GitDaemon, StoreSpec};
 use roost_agent::config::TargetConfig;
 use roost_schemas::{
     CloudEvent, Envelope, Policy, Rollout, Scope, SigningKey, Source, StatusDoc, Topics,
     PAYLOAD_TYPE,
 };
+use roost_sim::up::{GitDaemon, StoreSpec};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 pub fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        roost::install_crypto_provider();
+        roost_runtime::install_crypto_provider();
         let filter = tracing_subscriber::EnvFilter::try_from_env("ROOST_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=error"));
         let _ = tracing_subscriber::fmt()
@@ -173,7 +173,7 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// Starts a `cloud` or `edge` profile broker on a free port.
     pub fn start(profile: &'static str) -> BrokerProcess {
-        let port = roost::broker::free_port().expect("port");
+        let port = roost_broker::free_port().expect("port");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let cfg =
             Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../broker-config/{profile}.toml"));
@@ -188,7 +188,7 @@ impl BrokerProcess {
             ],
             &logs.path().join("broker.log"),
         );
-        roost::broker::wait_listening(addr, Duration::from_secs(10)).expect("broker listening");
+        roost_broker::wait_listening(addr, Duration::from_secs(10)).expect("broker listening");
         BrokerProcess {
             process,
             addr,
@@ -204,8 +204,7 @@ impl BrokerProcess {
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.process.restart();
-        roost::broker::wait_listening(self.addr, Duration::from_secs(10))
-            .expect("broker listening");
+        roost_broker::wait_listening(self.addr, Duration::from_secs(10)).expect("broker listening");
     }
 }
 
@@ -261,7 +260,7 @@ impl GitServer {
             self.files.remove(*p);
             let _ = std::fs::remove_file(self.repo.workdir().expect("workdir").join(p));
         }
-        roost::up::commit_files(&self.repo, &self.files, msg).expect("commit")
+        roost_sim::up::commit_files(&self.repo, &self.files, msg).expect("commit")
     }
 
     /// Current files of the last commit.
@@ -339,7 +338,7 @@ impl Signer {
 
 /// Publishes retained QoS 1 messages to a broker and waits for the PUBACK.
 pub async fn publish(broker: SocketAddr, topic: &str, payload: Vec<u8>) {
-    roost::cloud::publish_retained(&broker.to_string(), topic, payload)
+    roost_fleet::cloud::publish_retained(&broker.to_string(), topic, payload)
         .await
         .expect("publish");
 }
@@ -544,7 +543,7 @@ impl StoreRig {
         signer: &Signer,
         allowed: &str,
     ) -> StoreRig {
-        let edge = roost::broker::spawn_free("edge").expect("edge broker");
+        let edge = roost_broker::spawn_free("edge").expect("edge broker");
         Self::with_edge(name, groups, dir, cloud, edge, signer, allowed)
     }
 
@@ -568,7 +567,7 @@ impl StoreRig {
             target: TargetConfig::Files(Default::default()),
         };
         let (mut agent_cfg, bridge_cfg) =
-            roost::up::store_configs(&spec, &signer.key).expect("configs");
+            roost_sim::up::store_configs(&spec, &signer.key).expect("configs");
         agent_cfg.retry = (Duration::from_millis(200), Duration::from_secs(2));
         agent_cfg.drift_interval = Duration::from_secs(2);
         StoreRig {
@@ -776,18 +775,18 @@ pub fn under(all: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, S
 // Helpers for the chaos tests (tests/tests/chaos.rs): the fleet service in-process, `roost`
 // child processes that can be SIGKILLed, configuration files, and probes.
 
-/// The cloud-side fleet service (`roost::fleet::run`) running in-process on a SQLite file.
+/// The cloud-side fleet service (`roost_fleet::record::run`) running in-process on a SQLite file.
 pub struct FleetService {
     /// The database it records into.
-    pub db: roost::fleet::FleetDb,
+    pub db: roost_fleet::record::FleetDb,
     component: Option<Component>,
 }
 
 impl FleetService {
     /// Starts recording everything on the `cloud` broker into `path`.
     pub fn start(cloud: SocketAddr, path: &Path) -> FleetService {
-        let db = roost::fleet::FleetDb::open(path).expect("fleet db");
-        let opts = roost::fleet::FleetOptions {
+        let db = roost_fleet::record::FleetDb::open(path).expect("fleet db");
+        let opts = roost_fleet::record::FleetOptions {
             host: cloud.ip().to_string(),
             port: cloud.port(),
             db: path.to_owned(),
@@ -795,7 +794,9 @@ impl FleetService {
             security: Default::default(),
         };
         let db2 = db.clone();
-        let component = Component::spawn("fleet service", move |c| roost::fleet::run(opts, db2, c));
+        let component = Component::spawn("fleet service", move |c| {
+            roost_fleet::record::run(opts, db2, c)
+        });
         FleetService {
             db,
             component: Some(component),
@@ -858,7 +859,7 @@ impl FleetService {
 /// Publishes one QoS 1 message (retained or not) and waits for the PUBACK.
 pub async fn publish_qos1(broker: SocketAddr, topic: &str, payload: Vec<u8>, retain: bool) {
     let (client, mut ev) =
-        roost::cloud::connect(&broker.to_string(), "roost-test-pub").expect("client");
+        roost_fleet::cloud::connect(&broker.to_string(), "roost-test-pub").expect("client");
     client
         .publish(topic, QoS::AtLeastOnce, retain, payload)
         .await
@@ -924,7 +925,7 @@ async fn edge_retained(
 ) -> (Option<StatusDoc>, Option<roost_schemas::Confirmation>) {
     let topics = Topics::default();
     let (status, ack) = (topics.status(store), topics.ack(store));
-    let got = roost::cloud::read_retained(
+    let got = roost_fleet::cloud::read_retained(
         &edge.to_string(),
         &[status.clone(), ack.clone()],
         Duration::from_secs(2),

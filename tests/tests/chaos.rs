@@ -128,7 +128,7 @@ async fn wait_retained(broker: SocketAddr, name: &str, want: &[u8], sequence: u6
     let until = Instant::now() + Duration::from_secs(20);
     let mut stable = 0;
     loop {
-        let got = roost::cloud::read_retained(
+        let got = roost_fleet::cloud::read_retained(
             &broker.to_string(),
             &[fleet_topic()],
             Duration::from_secs(2),
@@ -148,7 +148,7 @@ async fn wait_retained(broker: SocketAddr, name: &str, want: &[u8], sequence: u6
             Instant::now() < until,
             "{name}: the retained envelope is not the latest (sequence {sequence}) but {:?}",
             got.iter()
-                .map(|(_, p)| roost::fleet::envelope_sequence(p))
+                .map(|(_, p)| roost_fleet::record::envelope_sequence(p))
                 .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -302,8 +302,8 @@ async fn uplink_cuts_lose_nothing() {
     let mut rng = StdRng::seed_from_u64(SEED);
     let started = Instant::now();
     let dir = Workdir::new("uplink");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
-    let edge = roost::broker::spawn_free("edge").expect("edge broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
+    let edge = roost_broker::spawn_free("edge").expect("edge broker");
     let proxy = Arc::new(FaultProxy::start(cloud).await.expect("proxy"));
     let fleet = FleetService::start(cloud, &dir.path().join("fleet.db"));
     let cancel = CancellationToken::new();
@@ -506,8 +506,8 @@ async fn agent_and_bridge_crashes_lose_nothing() {
     let mut rng = StdRng::seed_from_u64(SEED);
     let started = Instant::now();
     let dir = Workdir::new("crashes");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
-    let edge = roost::broker::spawn_free("edge").expect("edge broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
+    let edge = roost_broker::spawn_free("edge").expect("edge broker");
     let fleet = FleetService::start(cloud, &dir.path().join("fleet.db"));
     let (mut git, _) = GitServer::start(&refs(&manifests("0")));
     let signer = Signer::new(7);
@@ -830,7 +830,7 @@ async fn staged_rollout_activates_offline() {
     let mut rng = StdRng::seed_from_u64(SEED);
     let started = Instant::now();
     let dir = Workdir::new("offline");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let proxy = FaultProxy::start(cloud).await.expect("proxy");
     let fleet = FleetService::start(cloud, &dir.path().join("fleet.db"));
     let (mut git, rev1) = GitServer::start(&refs(&manifests("1")));
@@ -967,8 +967,8 @@ async fn overflow_reports_exactly_what_was_lost() {
     let mut rng = StdRng::seed_from_u64(SEED);
     let started = Instant::now();
     let dir = Workdir::new("overflow");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
-    let edge = roost::broker::spawn_free("edge").expect("edge broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
+    let edge = roost_broker::spawn_free("edge").expect("edge broker");
     let proxy = FaultProxy::start(edge).await.expect("proxy");
     let fleet = FleetService::start(cloud, &dir.path().join("fleet.db"));
     let cancel = CancellationToken::new();
@@ -1122,7 +1122,7 @@ async fn edge_broker_restart_with_bridge_down_loses_nothing() {
     let _serial = SERIAL.lock().await;
     harness::init();
     let dir = Workdir::new("power");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let mut edge = BrokerProcess::start("edge");
     let fleet = FleetService::start(cloud, &dir.path().join("fleet.db"));
     let (mut git, rev1) = GitServer::start(&refs(&manifests("1")));
@@ -1197,7 +1197,7 @@ async fn git_offline_uses_the_cache_and_retries_missing_commits() {
     harness::init();
     let started = Instant::now();
     let dir = Workdir::new("git-offline");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let fleet = FleetService::start(cloud, &dir.path().join("fleet.db"));
     let (mut git, rev1) = GitServer::start(&refs(&manifests("1")));
     let daemon: SocketAddr = git

@@ -39,7 +39,7 @@ impl Rig {
     async fn new(n: usize, canary: usize) -> Rig {
         harness::init();
         let dir = tempfile::tempdir().expect("tmp");
-        let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+        let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
         let (app, _) = GitServer::start(&[(&format!("{APP}/menu.yaml"), &manifest("1"))]);
         let (fleet_repo, _) = GitServer::start(&[("README", "fleet\n")]);
         // A generated key (it has a PKCS#8 form, so it can be written for a controller process).
@@ -99,24 +99,25 @@ impl Rig {
     /// Serves the dashboard and API on a free loopback port with `token` for plan actions.
     async fn serve_api(&mut self, token: Option<&str>) -> SocketAddr {
         let cancel = tokio_util::sync::CancellationToken::new();
-        let api = roost::api::Api::new(
+        let api = roost_fleet::api::Api::new(
             self.db(),
-            roost::api::ApiOptions {
+            roost_fleet::api::ApiOptions {
                 token: token.map(str::to_owned),
                 ..Default::default()
             },
             cancel.clone(),
         )
         .expect("api");
-        let addr = roost::api::serve(([127, 0, 0, 1], 0).into(), api.router(), cancel.clone())
-            .await
-            .expect("serve");
+        let addr =
+            roost_fleet::api::serve(([127, 0, 0, 1], 0).into(), api.router(), cancel.clone())
+                .await
+                .expect("serve");
         self.api.push(cancel.drop_guard());
         addr
     }
 
     fn start_controller(&mut self) {
-        let opts = roost::gitops::GitopsOptions {
+        let opts = roost_fleet::gitops::GitopsOptions {
             repo: self.fleet_repo.url(),
             branch: "HEAD".into(),
             file: "roost.yaml".into(),
@@ -126,15 +127,15 @@ impl Rig {
             security: Default::default(),
             cache_dir: self.dir.path().join("controller-git"),
             http: None,
-            snapshot_interval: roost::gitops::snapshot::DEFAULT_INTERVAL,
-            snapshot_expiry: roost::gitops::snapshot::DEFAULT_EXPIRY,
+            snapshot_interval: roost_fleet::gitops::snapshot::DEFAULT_INTERVAL,
+            snapshot_expiry: roost_fleet::gitops::snapshot::DEFAULT_EXPIRY,
             metrics: None,
         };
-        let db = roost::fleet::FleetDb::open(&self.db).expect("db");
+        let db = roost_fleet::record::FleetDb::open(&self.db).expect("db");
         let key = roost_schemas::SigningKey::from_pkcs8(self.signer.key.pkcs8().expect("pkcs8"))
             .expect("key");
         self.controller = Some(Component::spawn("controller", move |c| {
-            roost::gitops::run(opts, db, key, c)
+            roost_fleet::gitops::run(opts, db, key, c)
         }));
     }
 
@@ -179,20 +180,20 @@ impl Rig {
         }
     }
 
-    fn db(&self) -> roost::fleet::FleetDb {
-        roost::fleet::FleetDb::open(&self.db).expect("db")
+    fn db(&self) -> roost_fleet::record::FleetDb {
+        roost_fleet::record::FleetDb::open(&self.db).expect("db")
     }
 
-    fn plan(&self) -> Option<roost::gitops::plan::Plan> {
+    fn plan(&self) -> Option<roost_fleet::gitops::plan::Plan> {
         self.db()
-            .with_conn(roost::gitops::store::plans)
+            .with_conn(roost_fleet::gitops::store::plans)
             .expect("plans")
             .remove(&self.dep)
     }
 
-    fn published(&self) -> Vec<roost::gitops::store::Published> {
+    fn published(&self) -> Vec<roost_fleet::gitops::store::Published> {
         self.db()
-            .with_conn(roost::gitops::store::published)
+            .with_conn(roost_fleet::gitops::store::published)
             .expect("published")
     }
 
@@ -228,7 +229,7 @@ async fn a_commit_rolls_out_wave_by_wave_and_a_new_app_commit_follows() {
     // The plan: done, from the fleet-repo commit, every wave through.
     let plan = harness::eventually(T, "plan done", || {
         r.plan()
-            .filter(|p| p.status == roost::gitops::plan::PlanStatus::Done)
+            .filter(|p| p.status == roost_fleet::gitops::plan::PlanStatus::Done)
     })
     .await;
     assert_eq!(plan.origin, origin);
@@ -297,15 +298,15 @@ async fn a_commit_rolls_out_wave_by_wave_and_a_new_app_commit_follows() {
         .find(|p| p.topic.contains("/fleet/"))
         .expect("fleet")
         .sequence;
-    let status = roost::gitops::plan_status_text(&r.db(), Some(&r.dep)).expect("status");
+    let status = roost_fleet::gitops::plan_status_text(&r.db(), Some(&r.dep)).expect("status");
     assert!(status.contains(&origin[..12]), "{status}");
     assert!(status.contains("done"), "{status}");
     // The fleet view: every store's desired revision with its commit subject (described by
     // the controller) and the fleet commit it came from; canary and fleet run the same.
     let v = harness::eventually(T, "release commit described", || {
-        let v = roost::view::build(
-            &roost::view::load(&r.db()).expect("view"),
-            roost::fleet::now_ms(),
+        let v = roost_fleet::view::build(
+            &roost_fleet::view::load(&r.db()).expect("view"),
+            roost_fleet::record::now_ms(),
         );
         v.stores
             .iter()
@@ -328,14 +329,14 @@ async fn a_commit_rolls_out_wave_by_wave_and_a_new_app_commit_follows() {
         );
         assert_eq!(
             (c.marker, c.shown.as_str()),
-            (roost::view::Marker::Same, "Converged")
+            (roost_fleet::view::Marker::Same, "Converged")
         );
         assert!(s.stale.is_none(), "{s:?}");
     }
-    let cmp = roost::view::compare(
+    let cmp = roost_fleet::view::compare(
         &v,
-        &roost::view::Selector::Group("canary".into()),
-        &roost::view::Selector::Fleet,
+        &roost_fleet::view::Selector::Group("canary".into()),
+        &roost_fleet::view::Selector::Fleet,
     );
     assert_eq!(cmp.len(), 1);
     assert_eq!(cmp[0].marker, "=");
@@ -371,7 +372,7 @@ async fn failing_stores_abort_the_plan_and_get_the_previous_revision_back() {
     r.all_converged(&rev1).await;
     harness::eventually(T, "first plan done", || {
         r.plan()
-            .filter(|p| p.status == roost::gitops::plan::PlanStatus::Done)
+            .filter(|p| p.status == roost_fleet::gitops::plan::PlanStatus::Done)
     })
     .await;
     // From now on the canary store's hook passes only for rev1; a new revision goes out.
@@ -388,11 +389,11 @@ async fn failing_stores_abort_the_plan_and_get_the_previous_revision_back() {
     let plan = harness::eventually(T, "plan aborted", || {
         r.plan().filter(|p| {
             p.release.revision == rev2
-                && matches!(p.status, roost::gitops::plan::PlanStatus::Aborted(_))
+                && matches!(p.status, roost_fleet::gitops::plan::PlanStatus::Aborted(_))
         })
     })
     .await;
-    let roost::gitops::plan::PlanStatus::Aborted(reason) = &plan.status else {
+    let roost_fleet::gitops::plan::PlanStatus::Aborted(reason) = &plan.status else {
         unreachable!()
     };
     assert!(reason.contains(&canary), "{reason}");
@@ -411,7 +412,7 @@ async fn failing_stores_abort_the_plan_and_get_the_previous_revision_back() {
             "{s} never got the aborted revision"
         );
     }
-    let status = roost::gitops::plan_status_text(&r.db(), Some(&r.dep)).expect("status");
+    let status = roost_fleet::gitops::plan_status_text(&r.db(), Some(&r.dep)).expect("status");
     assert!(status.contains("aborted"), "{status}");
     assert!(status.contains(&canary), "the status says why: {status}");
     r.finish().await;
@@ -427,7 +428,7 @@ async fn an_invalid_fleet_file_publishes_nothing_and_the_last_good_one_stays() {
     r.all_converged(&rev1).await;
     harness::eventually(T, "plan done", || {
         r.plan()
-            .filter(|p| p.status == roost::gitops::plan::PlanStatus::Done)
+            .filter(|p| p.status == roost_fleet::gitops::plan::PlanStatus::Done)
     })
     .await;
     let before = r.published();
@@ -449,7 +450,7 @@ async fn an_invalid_fleet_file_publishes_nothing_and_the_last_good_one_stays() {
     // Each bad file is recorded as invalid with its reason; the good commit stays in force.
     let good_commit = r
         .db()
-        .with_conn(roost::gitops::store::sync_state)
+        .with_conn(roost_fleet::gitops::store::sync_state)
         .expect("sync")
         .expect("synced")
         .0
@@ -458,7 +459,7 @@ async fn an_invalid_fleet_file_publishes_nothing_and_the_last_good_one_stays() {
         let c = r.commit_fleet(&yaml);
         let st = harness::eventually(T, "bad file recorded", || {
             r.db()
-                .with_conn(roost::gitops::store::sync_state)
+                .with_conn(roost_fleet::gitops::store::sync_state)
                 .ok()
                 .flatten()
                 .map(|(s, _)| s)
@@ -475,7 +476,7 @@ async fn an_invalid_fleet_file_publishes_nothing_and_the_last_good_one_stays() {
     }
     // Nothing was published for a bad file (a removal of the deployment among them).
     assert_eq!(r.published(), before);
-    let retained = roost::cloud::read_retained(
+    let retained = roost_fleet::cloud::read_retained(
         &r.cloud.to_string(),
         &[format!("roost/v1/fleet/deployments/{}", r.dep)],
         Duration::from_secs(5),
@@ -500,7 +501,7 @@ async fn offline_stores_are_deferred_and_converge_when_they_return() {
     r.all_converged(&rev1).await;
     harness::eventually(T, "first plan done", || {
         r.plan()
-            .filter(|p| p.status == roost::gitops::plan::PlanStatus::Done)
+            .filter(|p| p.status == roost_fleet::gitops::plan::PlanStatus::Done)
     })
     .await;
     // Two stores go offline (their bridges stop: presence offline).
@@ -520,14 +521,14 @@ async fn offline_stores_are_deferred_and_converge_when_they_return() {
     let rev2 = r.commit_app("2");
     let plan = harness::eventually(T, "plan done without the offline stores", || {
         r.plan().filter(|p| {
-            p.release.revision == rev2 && p.status == roost::gitops::plan::PlanStatus::Done
+            p.release.revision == rev2 && p.status == roost_fleet::gitops::plan::PlanStatus::Done
         })
     })
     .await;
     for s in &offline {
         assert_eq!(
             plan.outcomes.get(s),
-            Some(&roost::gitops::plan::StoreOutcome::Deferred),
+            Some(&roost_fleet::gitops::plan::StoreOutcome::Deferred),
             "{s}: {:?}",
             plan.outcomes
         );
@@ -592,7 +593,7 @@ async fn a_killed_controller_resumes_without_duplicate_or_skipped_waves() {
     r.all_converged(&rev1).await;
     harness::eventually(T, "plan done", || {
         r.plan()
-            .filter(|p| p.status == roost::gitops::plan::PlanStatus::Done)
+            .filter(|p| p.status == roost_fleet::gitops::plan::PlanStatus::Done)
     })
     .await;
     // Each store received rev1 exactly once per scope: no wave published twice, none
@@ -643,7 +644,10 @@ async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_
     // `roost promote` reads the fleet record, which may record the status a moment after the
     // observer saw it.
     harness::eventually(T, "the canary converged in the fleet record", || {
-        let v = roost::view::build(&roost::view::load(&r.db()).ok()?, roost::fleet::now_ms());
+        let v = roost_fleet::view::build(
+            &roost_fleet::view::load(&r.db()).ok()?,
+            roost_fleet::record::now_ms(),
+        );
         v.stores
             .iter()
             .find(|s| s.store == canary)?
@@ -659,7 +663,7 @@ async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_
     .await;
     // The app moves on; the canary still runs rev1, which is what gets promoted.
     let work = r.dir.path().join("promote-work");
-    let spec = roost::gitops::promote::PromoteSpec {
+    let spec = roost_fleet::gitops::promote::PromoteSpec {
         deployment: r.dep.clone(),
         from: "group:canary".into(),
         to: "fleet".into(),
@@ -668,7 +672,7 @@ async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_
         file: "roost.yaml".into(),
         direct: false,
     };
-    let p = roost::gitops::promote::promote(&r.db(), &spec, &work).expect("promote");
+    let p = roost_fleet::gitops::promote::promote(&r.db(), &spec, &work).expect("promote");
     assert_eq!(p.revision, rev1);
     assert!(
         p.branch.starts_with(&format!("promote/{}-", r.dep)),
@@ -692,7 +696,7 @@ async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_
         .expect("blob")
         .peel_to_blob()
         .expect("blob");
-    let promoted = roost::gitops::parse_fleet_file(blob.content()).expect("valid fleet file");
+    let promoted = roost_fleet::gitops::parse_fleet_file(blob.content()).expect("valid fleet file");
     let src = promoted.deployments[&r.dep].source.clone().expect("source");
     assert_eq!(src.revision.as_deref(), Some(rev1.as_str()));
     assert_eq!(src.git_ref, None);
@@ -958,7 +962,7 @@ impl OpenApi {
     /// component schema must be valid JSON Schema 2020-12 (the 3.1 dialect).
     fn load() -> OpenApi {
         let doc: serde_json::Value =
-            serde_saphyr::from_str(roost::api::OPENAPI_YAML).expect("openapi.yaml is YAML");
+            serde_saphyr::from_str(roost_fleet::api::OPENAPI_YAML).expect("openapi.yaml is YAML");
         let spec = oas3::from_json(serde_json::to_string(&doc).expect("json"))
             .unwrap_or_else(|e| panic!("schemas/openapi.yaml is not OpenAPI 3.1: {e}"));
         assert!(spec.openapi.starts_with("3.1."), "{}", spec.openapi);
@@ -1131,7 +1135,7 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
     r.all_converged(&rev1).await;
     harness::eventually(T, "plan done", || {
         r.plan()
-            .filter(|p| p.status == roost::gitops::plan::PlanStatus::Done)
+            .filter(|p| p.status == roost_fleet::gitops::plan::PlanStatus::Done)
     })
     .await;
     let dep = r.dep.clone();
@@ -1146,7 +1150,7 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
     }
     let a = get(u("/api/v1/openapi.yaml")).await;
     spec.check("GET", "/api/v1/openapi.yaml", &a);
-    assert_eq!(a.body, roost::api::OPENAPI_YAML);
+    assert_eq!(a.body, roost_fleet::api::OPENAPI_YAML);
 
     // The summary counts what the stores report (the snapshot is at most a tick old).
     let sum = harness::eventually_async(T, "summary with both stores converged", || async {
@@ -1396,7 +1400,8 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
     r.commit_fleet(&yaml);
     harness::eventually(T, "a plan soaking after its canary", || {
         r.plan().filter(|p| {
-            p.status == roost::gitops::plan::PlanStatus::Running && p.waves[0].soak_s == Some(3600)
+            p.status == roost_fleet::gitops::plan::PlanStatus::Running
+                && p.waves[0].soak_s == Some(3600)
         })
     })
     .await;
@@ -1509,7 +1514,7 @@ async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
                 r.commit_fleet(&yaml);
                 harness::eventually(T, "a plan soaking after its canary", || {
                     r.plan().filter(|p| {
-                        p.status == roost::gitops::plan::PlanStatus::Running
+                        p.status == roost_fleet::gitops::plan::PlanStatus::Running
                             && p.waves[0].soak_s == Some(3600)
                     })
                 })
@@ -1527,7 +1532,7 @@ async fn the_dashboard_shows_the_fleet_live_in_a_real_browser() {
     assert!(status.success(), "browser script: {status}");
     // The pause clicked in the page reached the controller.
     let plan = r.plan().expect("plan");
-    assert_eq!(plan.status, roost::gitops::plan::PlanStatus::Paused);
+    assert_eq!(plan.status, roost_fleet::gitops::plan::PlanStatus::Paused);
     let a = call("GET", format!("http://{addr}/api/v1/plans/{}", r.dep), None).await;
     let v: serde_json::Value = serde_json::from_str(&a.body).expect("json");
     assert_eq!(v["status"], "paused");
@@ -1552,7 +1557,7 @@ fn sim_status(store: &str, dep: &str, rev: &str, applied: &str, phase: &str) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: prints the dashboard's load time and live-update bytes for 2,000 stores"]
 async fn bench_the_dashboard_with_2000_stores() {
-    use roost::fleet::FleetItem;
+    use roost_fleet::record::FleetItem;
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
     let Some(dir) = browser_tools() else { return };
     harness::init();
@@ -1561,7 +1566,7 @@ async fn bench_the_dashboard_with_2000_stores() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
     let tmp = tempfile::tempdir().expect("tmp");
-    let db = roost::fleet::FleetDb::open(&tmp.path().join("fleet.db")).expect("db");
+    let db = roost_fleet::record::FleetDb::open(&tmp.path().join("fleet.db")).expect("db");
     let (rev1, rev2, dep) = ("1".repeat(40), "2".repeat(40), "kitchen-display");
     let name = |i: usize| format!("store-{i:04}");
     let presence = format!(
@@ -1579,7 +1584,8 @@ async fn bench_the_dashboard_with_2000_stores() {
     db.record_batch(&items).expect("fill");
     let cancel = tokio_util::sync::CancellationToken::new();
     let _guard = cancel.clone().drop_guard();
-    let api = roost::api::Api::new(db.clone(), Default::default(), cancel.clone()).expect("api");
+    let api =
+        roost_fleet::api::Api::new(db.clone(), Default::default(), cancel.clone()).expect("api");
     let t = std::time::Instant::now();
     let snap = api.snapshot().await.expect("snapshot");
     println!(
@@ -1587,7 +1593,7 @@ async fn bench_the_dashboard_with_2000_stores() {
         snap.rows.len(),
         t.elapsed().as_millis()
     );
-    let addr = roost::api::serve(([127, 0, 0, 1], 0).into(), api.router(), cancel.clone())
+    let addr = roost_fleet::api::serve(([127, 0, 0, 1], 0).into(), api.router(), cancel.clone())
         .await
         .expect("serve");
     let mut child = tokio::process::Command::new("node")
@@ -1656,7 +1662,12 @@ async fn controller_snapshots_confirm_freshness_and_a_rolled_back_broker_is_repo
             .expect("desired")
             .into_iter()
             .find(|(t, _)| *t == fleet_topic)
-            .map(|(_, p)| (roost::fleet::envelope_sequence(&p).expect("sequence"), p))
+            .map(|(_, p)| {
+                (
+                    roost_fleet::record::envelope_sequence(&p).expect("sequence"),
+                    p,
+                )
+            })
             .expect("the fleet topic is recorded")
     };
     let (seq1, env1) = desired_seq(&r);
@@ -1686,7 +1697,7 @@ async fn controller_snapshots_confirm_freshness_and_a_rolled_back_broker_is_repo
     let read_snapshot = |cloud: SocketAddr| {
         let snap_topic = topics.snapshot();
         async move {
-            let got = roost::cloud::read_retained(
+            let got = roost_fleet::cloud::read_retained(
                 &cloud.to_string(),
                 &[snap_topic],
                 Duration::from_secs(2),

@@ -45,7 +45,7 @@ struct World {
 async fn world() -> World {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let (git, rev1) = GitServer::start(&refs(&manifests("1")));
     let observer = Observer::start(cloud).await;
     World {
@@ -701,7 +701,7 @@ async fn interop_mosquitto_as_the_cloud_broker() {
         return;
     };
     let dir = tempfile::tempdir().expect("tmp");
-    let port = roost::broker::free_port().expect("port");
+    let port = roost_broker::free_port().expect("port");
     let conf = dir.path().join("mosquitto.conf");
     std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n")).expect("conf");
     let mut child = std::process::Command::new(mosquitto)
@@ -712,7 +712,7 @@ async fn interop_mosquitto_as_the_cloud_broker() {
         .spawn()
         .expect("mosquitto");
     let cloud: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    roost::broker::wait_listening(cloud, Duration::from_secs(10)).expect("mosquitto listening");
+    roost_broker::wait_listening(cloud, Duration::from_secs(10)).expect("mosquitto listening");
     let (git, rev1) = GitServer::start(&refs(&manifests("1")));
     let signer = Signer::new(1);
     let obs = Observer::start(cloud).await;
@@ -739,7 +739,7 @@ async fn interop_mosquitto_as_the_cloud_broker() {
     obs.wait_phase("store-0001", "web", "Converged", Some(&rev1), T)
         .await;
     // The bridge's presence is retained on mosquitto.
-    let retained = roost::cloud::read_retained(
+    let retained = roost_fleet::cloud::read_retained(
         &cloud.to_string(),
         &[roost_schemas::Topics::default().presence("store-0001")],
         Duration::from_secs(3),
@@ -749,7 +749,7 @@ async fn interop_mosquitto_as_the_cloud_broker() {
     assert!(String::from_utf8_lossy(&retained[0].1).contains("online"));
     // A clean stop of the bridge says offline (a crash is covered by its last will).
     s.stop_bridge().await;
-    let retained = roost::cloud::read_retained(
+    let retained = roost_fleet::cloud::read_retained(
         &cloud.to_string(),
         &[roost_schemas::Topics::default().presence("store-0001")],
         Duration::from_secs(3),
@@ -773,7 +773,7 @@ async fn interop_mosquitto_as_the_cloud_broker() {
 async fn command_line_keygen_rollout_status_events() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud");
     let (git, rev1) = GitServer::start(&refs(&manifests("1")));
     let roost = |args: &[&str]| {
         let out = std::process::Command::new(harness::roost_bin())
@@ -801,7 +801,7 @@ async fn command_line_keygen_rollout_status_events() {
     );
     let key_file = keys.join(format!("{id}.key"));
     let signer = Signer {
-        key: roost::cloud::load_key(&key_file).expect("load key"),
+        key: roost_fleet::cloud::load_key(&key_file).expect("load key"),
     };
     let obs = Observer::start(cloud).await;
     let mut s = StoreRig::new(
@@ -834,7 +834,7 @@ async fn command_line_keygen_rollout_status_events() {
         args.extend_from_slice(extra);
         serde_json::from_str::<serde_json::Value>(roost(&args).trim()).expect("rollout JSON")
     };
-    let before = roost::fleet::now_ms();
+    let before = roost_fleet::record::now_ms();
     let r = rollout(&["--revision", "HEAD"]);
     let seq1 = r["sequence"].as_u64().expect("sequence");
     assert!(
@@ -852,7 +852,7 @@ async fn command_line_keygen_rollout_status_events() {
     let seq2 = r2["sequence"].as_u64().expect("sequence");
     assert!(seq2 > seq1, "max(retained + 1, now in ms): {seq2} > {seq1}");
     // A retained sequence ahead of the clock is a lower bound: the next one is above it.
-    let ahead = (roost::fleet::now_ms() + 3_600_000).to_string();
+    let ahead = (roost_fleet::record::now_ms() + 3_600_000).to_string();
     let r3 = rollout(&["--revision", &rev1, "--sequence", &ahead]);
     assert_eq!(
         r3["sequence"].to_string(),
@@ -1066,7 +1066,7 @@ async fn broker_stops_on_sigterm_and_sigint() {
     let dir = tempfile::tempdir().expect("tmp");
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../broker-config/edge.toml");
     for sig in STOP_SIGNALS {
-        let addr: SocketAddr = ([127, 0, 0, 1], roost::broker::free_port().expect("port")).into();
+        let addr: SocketAddr = ([127, 0, 0, 1], roost_broker::free_port().expect("port")).into();
         let broker = Running::start(
             dir.path(),
             "roost broker",
@@ -1079,7 +1079,7 @@ async fn broker_stops_on_sigterm_and_sigint() {
             ],
         );
         // Ready: it accepts an MQTT publish and acknowledges it.
-        roost::broker::wait_listening(addr, T).expect("broker listening");
+        roost_broker::wait_listening(addr, T).expect("broker listening");
         harness::publish_qos1(addr, "probe", b"x".to_vec(), false).await;
         broker.stop_with(sig).await;
         assert!(
@@ -1093,7 +1093,7 @@ async fn broker_stops_on_sigterm_and_sigint() {
 async fn agent_stops_on_sigterm_and_sigint() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let edge = roost::broker::spawn_free("edge").expect("edge broker");
+    let edge = roost_broker::spawn_free("edge").expect("edge broker");
     let signer = Signer::new(1);
     for sig in STOP_SIGNALS {
         let store = format!("store-{}", sig.as_str().to_lowercase());
@@ -1122,9 +1122,10 @@ async fn agent_stops_on_sigterm_and_sigint() {
 /// The presence document of `store` retained on `broker`.
 async fn retained_presence(broker: SocketAddr, store: &str) -> Option<roost_schemas::Presence> {
     let topic = roost_schemas::Topics::default().presence(store);
-    let got = roost::cloud::read_retained(&broker.to_string(), &[topic], Duration::from_secs(2))
-        .await
-        .expect("read presence");
+    let got =
+        roost_fleet::cloud::read_retained(&broker.to_string(), &[topic], Duration::from_secs(2))
+            .await
+            .expect("read presence");
     got.first()
         .and_then(|(_, p)| serde_json::from_slice(p).ok())
 }
@@ -1133,8 +1134,8 @@ async fn retained_presence(broker: SocketAddr, store: &str) -> Option<roost_sche
 async fn bridge_stops_on_sigterm_and_sigint_and_says_offline() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
-    let edge = roost::broker::spawn_free("edge").expect("edge broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
+    let edge = roost_broker::spawn_free("edge").expect("edge broker");
     for sig in STOP_SIGNALS {
         let store = format!("store-{}", sig.as_str().to_lowercase());
         let file = dir.path().join(format!("{store}.toml"));
@@ -1174,7 +1175,7 @@ async fn bridge_stops_on_sigterm_and_sigint_and_says_offline() {
 async fn fleet_stops_on_sigterm_and_sigint() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let topics = roost_schemas::Topics::default();
     for sig in STOP_SIGNALS {
         let db = dir.path().join(format!("fleet-{sig}.db"));
@@ -1200,7 +1201,7 @@ async fn fleet_stops_on_sigterm_and_sigint() {
         .expect("json");
         publish(cloud, &topics.presence(&store), doc.clone()).await;
         harness::eventually(T, "presence recorded by roost fleet", || {
-            let db = roost::fleet::FleetDb::open(&db).ok()?;
+            let db = roost_fleet::record::FleetDb::open(&db).ok()?;
             db.status_messages(&topics)
                 .ok()?
                 .into_iter()
@@ -1216,7 +1217,7 @@ async fn fleet_stops_on_sigterm_and_sigint() {
 async fn events_follow_stops_on_sigterm_and_sigint() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let topic = roost_schemas::Topics::default().events("store-0001");
     for sig in STOP_SIGNALS {
         let mut events = Running::start(
@@ -1306,7 +1307,7 @@ fn keygen(dir: &Path) -> (PathBuf, Signer) {
         .to_owned();
     let file = keys.join(format!("{id}.key"));
     let signer = Signer {
-        key: roost::cloud::load_key(&file).expect("load key"),
+        key: roost_fleet::cloud::load_key(&file).expect("load key"),
     };
     (file, signer)
 }
@@ -1340,7 +1341,7 @@ impl CrashableBroker {
         for d in [dir, data.as_path()] {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).expect("chmod");
         }
-        let port = roost::broker::free_port().expect("port");
+        let port = roost_broker::free_port().expect("port");
         let conf = data.join("mosquitto.conf");
         // Nothing is autosaved: what the broker holds after a SIGKILL is exactly the last
         // explicit save (SIGUSR1), as after a crash long after the last autosave.
@@ -1371,7 +1372,7 @@ impl CrashableBroker {
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto");
-        roost::broker::wait_listening(addr, Duration::from_secs(10)).expect("mosquitto listening");
+        roost_broker::wait_listening(addr, Duration::from_secs(10)).expect("mosquitto listening");
         child
     }
 
@@ -1486,7 +1487,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
         .await;
     // Subscribed: the store's retained presence is in its database.
     harness::eventually(T, "roost fleet records the store's presence", || {
-        let db = roost::fleet::FleetDb::open(&db).ok()?;
+        let db = roost_fleet::record::FleetDb::open(&db).ok()?;
         db.status_messages(&topics)
             .ok()?
             .into_iter()
@@ -1519,7 +1520,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
         args.extend_from_slice(extra);
         roost_cmd(&args)
     };
-    let before = roost::fleet::now_ms();
+    let before = roost_fleet::record::now_ms();
     let (ok, out, err) = rollout(&rev1, &[]);
     assert!(ok, "roost rollout: {err}");
     let seq1 = rollout_json(&out)["sequence"].as_u64().expect("sequence");
@@ -1530,11 +1531,11 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
     obs.wait_phase(store, "web", "Converged", Some(&rev1), T)
         .await;
     let env1 = harness::eventually(T, "roost fleet records the rollout", || {
-        let db = roost::fleet::FleetDb::open(&db).ok()?;
+        let db = roost_fleet::record::FleetDb::open(&db).ok()?;
         db.desired()
             .ok()?
             .into_iter()
-            .find(|(t, p)| *t == topic && roost::fleet::envelope_sequence(p) == Some(seq1))
+            .find(|(t, p)| *t == topic && roost_fleet::record::envelope_sequence(p) == Some(seq1))
             .map(|(_, p)| p)
     })
     .await;
@@ -1544,7 +1545,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
     // A fresh client reads the rollout back, retained.
     let deadline = Instant::now() + T;
     loop {
-        let got = roost::cloud::read_retained(
+        let got = roost_fleet::cloud::read_retained(
             &broker_arg,
             std::slice::from_ref(&topic),
             Duration::from_secs(2),
@@ -1819,7 +1820,7 @@ async fn metrics_and_json_logs_of_agent_bridge_and_fleet() {
     let w = world().await;
     let dir = w._dir.path();
     let store = "store-metrics";
-    let edge = roost::broker::spawn_free("edge").expect("edge broker");
+    let edge = roost_broker::spawn_free("edge").expect("edge broker");
     let agent_file = dir.join("agent.toml");
     std::fs::write(
         &agent_file,
@@ -2290,7 +2291,7 @@ async fn roost_up_in_a_terminal_shows_a_second_rollout() {
     // A second rollout, after the first convergence: a new commit of the app.
     let mark = len();
     let repo = git2::Repository::open(&apps).expect("repo");
-    let mut files: std::collections::BTreeMap<String, String> = roost::up::MANIFESTS
+    let mut files: std::collections::BTreeMap<String, String> = roost_sim::up::MANIFESTS
         .iter()
         .map(|(p, c)| ((*p).to_owned(), (*c).to_owned()))
         .collect();
@@ -2299,7 +2300,7 @@ async fn roost_up_in_a_terminal_shows_a_second_rollout() {
             c.push_str("  # menu 2\n");
         }
     }
-    let rev2 = roost::up::commit_files(&repo, &files, "menu 2").expect("commit");
+    let rev2 = roost_sim::up::commit_files(&repo, &files, "menu 2").expect("commit");
     harness::eventually(Duration::from_secs(120), "the second plan's waves", || {
         let t = text(mark);
         (t.contains(&format!("plan kitchen-display {}", &rev2[..12]))

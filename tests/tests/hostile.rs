@@ -148,7 +148,7 @@ impl World {
     async fn new() -> World {
         harness::init();
         let dir = tempfile::tempdir().expect("tmp");
-        let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+        let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
         let (mut git, rev_a) = GitServer::start(&refs(&manifests("a")));
         let rev_b = git.commit(&refs(&manifests("b")), &[], "b");
         let obs = Observer::start(cloud).await;
@@ -374,7 +374,7 @@ impl World {
     /// The bridge's confirmation on the edge never claims more than the agent produced.
     async fn check_confirmation(&self) {
         let topics = Topics::default();
-        let got = roost::cloud::read_retained(
+        let got = roost_fleet::cloud::read_retained(
             &self.store.edge.to_string(),
             &[topics.status(STORE), topics.ack(STORE)],
             Duration::from_secs(2),
@@ -1292,7 +1292,7 @@ async fn forged_ack_keeps_events(w: &mut World) {
 async fn key_rotation_old_key_accepted_before_and_rejected_after() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let (mut git, _) = GitServer::start(&refs(&manifests("0")));
     let obs = Observer::start(cloud).await;
     const OLD: u8 = 11;
@@ -1414,13 +1414,14 @@ async fn key_rotation_old_key_accepted_before_and_rejected_after() {
 async fn roost_rollout_signs_with_every_key_to_meet_a_threshold() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let (git, rev) = GitServer::start(&refs(&manifests("1")));
     let obs = Observer::start(cloud).await;
     let keys = dir.path().join("keys");
-    let (id_a, _) = roost::cloud::keygen(&keys).expect("keygen");
-    let (id_b, _) = roost::cloud::keygen(&keys).expect("keygen");
-    let load = |id: &str| roost::cloud::load_key(&keys.join(format!("{id}.key"))).expect("key");
+    let (id_a, _) = roost_fleet::cloud::keygen(&keys).expect("keygen");
+    let (id_b, _) = roost_fleet::cloud::keygen(&keys).expect("keygen");
+    let load =
+        |id: &str| roost_fleet::cloud::load_key(&keys.join(format!("{id}.key"))).expect("key");
     let (ka, kb) = (load(&id_a), load(&id_b));
     let mut store = StoreRig::new(
         STORE,
@@ -1487,8 +1488,8 @@ async fn roost_rollout_signs_with_every_key_to_meet_a_threshold() {
 async fn credentials_never_appear_in_logs_events_or_status() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
-    let edge = roost::broker::spawn_free("edge").expect("edge broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
+    let edge = roost_broker::spawn_free("edge").expect("edge broker");
     let (mut git, rev) = GitServer::start(&refs(&manifests("1")));
     let obs = Observer::start(cloud).await;
     let token = format!("roost-secret-token-{:016x}", rand::random::<u64>());
@@ -1526,7 +1527,7 @@ async fn credentials_never_appear_in_logs_events_or_status() {
         ],
         &log,
     );
-    let spec = roost::up::StoreSpec {
+    let spec = roost_sim::up::StoreSpec {
         store: STORE.into(),
         groups: vec![],
         dir: dir.path().join("rig"),
@@ -1535,7 +1536,7 @@ async fn credentials_never_appear_in_logs_events_or_status() {
         allowed: git.allowed(),
         target: TargetConfig::Files(Default::default()),
     };
-    let (_, bridge_cfg) = roost::up::store_configs(&spec, &signer.key).expect("configs");
+    let (_, bridge_cfg) = roost_sim::up::store_configs(&spec, &signer.key).expect("configs");
     let bridge_dir = bridge_cfg.state_dir.clone();
     let bridge = Component::spawn("bridge", move |c| roost_bridge::run(bridge_cfg, c));
     let topic = Topics::default().deployment(&Scope::Fleet, DEP);
@@ -1675,7 +1676,7 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
     use roost_schemas::FreshnessState::{Expired, Fresh, Stale};
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud broker");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let (mut git, rev_a) = GitServer::start(&refs(&manifests("a")));
     let rev_b = git.commit(&refs(&manifests("b")), &[], "b");
     let obs = Observer::start(cloud).await;
@@ -2092,7 +2093,7 @@ async fn kubernetes_policy_and_ownership_cases() {
     let dir = tempfile::tempdir().expect("tmp");
     let kc = dir.path().join("kubeconfig");
     server.write_kubeconfig(&kc).expect("kubeconfig");
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud");
     let (mut git, _) = GitServer::start(&[("README", "shop\n")]);
     let obs = Observer::start(cloud).await;
     let signer = harness::Signer::new(7);

@@ -160,7 +160,7 @@ fn refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
 impl Scene {
     async fn new(cluster: Cluster, policy: impl FnOnce(&mut KubernetesConfig)) -> Scene {
         let dir = tempfile::tempdir().expect("tmp");
-        let cloud = roost::broker::spawn_free("cloud").expect("cloud");
+        let cloud = roost_broker::spawn_free("cloud").expect("cloud");
         let (git, _) = GitServer::start(&[("README", "shop\n")]);
         let signer = Signer::new(7);
         let obs = Observer::start(cloud).await;
@@ -902,7 +902,7 @@ async fn deploy_manifests_parse_and_apply() {
                     b.validate().expect("bridge.toml valid");
                 }
                 "edge.toml" => {
-                    roost::broker::parse_config(body, "edge.toml").expect("edge.toml parses");
+                    roost_broker::parse_config(body, "edge.toml").expect("edge.toml parses");
                 }
                 other => panic!("unexpected config {other}"),
             }

@@ -17,7 +17,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
-use roost::cloud::BrokerTarget;
+use roost_fleet::cloud::BrokerTarget;
 use roost_runtime::{Security, TlsFiles};
 use roost_schemas::{Scope, Topics};
 use roost_tests::harness::{self, eventually, GitServer, Observer, RoostProcess, Signer, StoreRig};
@@ -208,7 +208,7 @@ impl Mosquitto {
             log,
         };
         for a in [tls, plain] {
-            if roost::broker::wait_listening(a, Duration::from_secs(10)).is_err() {
+            if roost_broker::wait_listening(a, Duration::from_secs(10)).is_err() {
                 panic!(
                     "mosquitto {name} is not listening on {a}:\n{}",
                     m.log_text()
@@ -231,7 +231,7 @@ impl Drop for Mosquitto {
 }
 
 fn free_addr() -> SocketAddr {
-    ([127, 0, 0, 1], roost::broker::free_port().expect("port")).into()
+    ([127, 0, 0, 1], roost_broker::free_port().expect("port")).into()
 }
 
 /// mosquitto TLS listener settings: mutual TLS (client certificates required, the CN is the
@@ -258,9 +258,9 @@ fn rumqttd_tls_edge(pki: &Pki, server: &Pair) -> SocketAddr {
         server.cert.display(),
         server.key.display(),
     );
-    let cfg = roost::broker::parse_config(&text, "edge-tls").expect("config");
-    roost::broker::check_config(&cfg, "edge-tls", false).expect("TLS files check out");
-    roost::broker::spawn(cfg).expect("rumqttd with TLS")
+    let cfg = roost_broker::parse_config(&text, "edge-tls").expect("config");
+    roost_broker::check_config(&cfg, "edge-tls", false).expect("TLS files check out");
+    roost_broker::spawn(cfg).expect("rumqttd with TLS")
 }
 
 fn target(addr: SocketAddr, tls: Option<TlsFiles>) -> BrokerTarget {
@@ -488,7 +488,7 @@ async fn stores_converge_over_mutual_tls_links() {
     );
     let scope = Scope::Group("canary".into());
     let r = signer.rollout("web", scope.clone(), 1, &git.url(), &rev, APP);
-    roost::cloud::publish_retained(
+    roost_fleet::cloud::publish_retained(
         &controller,
         &Topics::default().deployment(&scope, "web"),
         signer.sign(&r),
@@ -514,7 +514,7 @@ async fn stores_converge_over_mutual_tls_links() {
             s.name
         );
     }
-    let presence = roost::cloud::read_retained(
+    let presence = roost_fleet::cloud::read_retained(
         &cloud.plain.to_string(),
         &[Topics::default().presence("store-0002")],
         Duration::from_secs(3),
@@ -553,7 +553,7 @@ async fn a_wrong_ca_and_an_expired_certificate_are_explained_and_retried() {
         "cloud",
         &mtls_settings(&pki, &server, &shipped("mosquitto-acl.conf")),
     );
-    let edge = roost::broker::spawn_free("edge").expect("edge broker");
+    let edge = roost_broker::spawn_free("edge").expect("edge broker");
     let store = "store-0007";
     let good = pki.issue(store, false, false);
     let expired = pki.issue(store, false, true);
@@ -629,7 +629,7 @@ async fn a_wrong_ca_and_an_expired_certificate_are_explained_and_retried() {
     let presence = Topics::default().presence(store);
     let deadline = Instant::now() + T;
     loop {
-        let got = roost::cloud::read_retained(
+        let got = roost_fleet::cloud::read_retained(
             &cloud.plain.to_string(),
             std::slice::from_ref(&presence),
             Duration::from_secs(1),
@@ -721,7 +721,7 @@ async fn the_command_line_speaks_tls_with_passwords() {
     println!("wrong CA: {}", err.trim());
 
     let keys = dir.path().join("keys");
-    let (id, _) = roost::cloud::keygen(&keys).expect("keygen");
+    let (id, _) = roost_fleet::cloud::keygen(&keys).expect("keygen");
     let key = keys.join(format!("{id}.key"));
     let rev = "a".repeat(40);
     let (ok, out, err) = roost(
@@ -746,7 +746,7 @@ async fn the_command_line_speaks_tls_with_passwords() {
     assert!(ok, "roost rollout over TLS with a password: {err}");
     assert!(out.contains(&rev), "{out}");
     let topic = Topics::default().deployment(&Scope::Group("canary".into()), "web");
-    let got = roost::cloud::read_retained(
+    let got = roost_fleet::cloud::read_retained(
         &cloud.plain.to_string(),
         std::slice::from_ref(&topic),
         Duration::from_secs(3),
@@ -987,7 +987,7 @@ async fn roost_broker_refuses_an_exposed_listener() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
     let edge = shipped("edge.toml");
-    let port = roost::broker::free_port().expect("port");
+    let port = roost_broker::free_port().expect("port");
     let out = std::process::Command::new(harness::roost_bin())
         .args(["broker", "--config"])
         .arg(&edge)
@@ -1020,7 +1020,7 @@ async fn roost_broker_refuses_an_exposed_listener() {
         ],
         &dir.path().join("insecure.log"),
     );
-    roost::broker::wait_listening(([127, 0, 0, 1], port).into(), Duration::from_secs(10))
+    roost_broker::wait_listening(([127, 0, 0, 1], port).into(), Duration::from_secs(10))
         .expect("--insecure runs it");
     assert!(insecure.is_running());
     insecure.kill();
@@ -1049,7 +1049,7 @@ async fn roost_broker_refuses_an_exposed_listener() {
             ),
     )
     .expect("config");
-    let port = roost::broker::free_port().expect("port");
+    let port = roost_broker::free_port().expect("port");
     let mut tls = RoostProcess::start(
         [
             std::ffi::OsString::from("broker"),
@@ -1061,12 +1061,12 @@ async fn roost_broker_refuses_an_exposed_listener() {
         &dir.path().join("tls.log"),
     );
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    roost::broker::wait_listening(addr, Duration::from_secs(10)).expect("TLS broker");
+    roost_broker::wait_listening(addr, Duration::from_secs(10)).expect("TLS broker");
     let with_cert = target(
         addr,
         Some(pki.client_tls(&pki.issue("store-0001", false, false))),
     );
-    roost::cloud::publish_retained(
+    roost_fleet::cloud::publish_retained(
         &with_cert,
         "roost/v1/stores/store-0001/status",
         b"{}".to_vec(),
@@ -1080,7 +1080,7 @@ async fn roost_broker_refuses_an_exposed_listener() {
             ..TlsFiles::default()
         }),
     );
-    let e = roost::cloud::read_retained(&without, &["#".to_owned()], Duration::from_secs(2))
+    let e = roost_fleet::cloud::read_retained(&without, &["#".to_owned()], Duration::from_secs(2))
         .await
         .expect_err("no client certificate");
     println!("rumqttd TLS listener, client without a certificate: {e}");
@@ -1129,7 +1129,7 @@ async fn git_over_https_with_a_private_ca() {
         Some(("roost", TOKEN)),
     )
     .await;
-    let cloud = roost::broker::spawn_free("cloud").expect("cloud");
+    let cloud = roost_broker::spawn_free("cloud").expect("cloud");
     let signer = Signer::new(11);
     let obs = Observer::start(cloud).await;
     let name = "store-https";

@@ -1,0 +1,442 @@
+//! Cloud-side commands: key generation, signing and publishing rollouts, reading the fleet's
+//! retained status, and following the event stream.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use roost_runtime::Security;
+use roost_schemas::{
+    Envelope, Origin, Policy, Rollout, Scope, SigningKey, Source, Topics, PAYLOAD_TYPE,
+};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+
+pub use crate::rollout_wait::{
+    wait_for_rollout, RolloutWatch, StoreOutcome, StoreState, WaitReport, WaitTarget,
+};
+
+/// Errors of the cloud-side commands.
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// Key files.
+    #[error("key {path}: {message}")]
+    Key {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// MQTT.
+    #[error("mqtt: {0}")]
+    Mqtt(String),
+    /// Git (resolving a branch).
+    #[error("git: {0}")]
+    Git(String),
+    /// Timed out.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+/// A broker address `HOST:PORT`, `mqtt://HOST:PORT` or `mqtts://HOST:PORT` (host and port).
+pub fn parse_broker(s: &str) -> Result<(String, u16), CloudError> {
+    let s = s
+        .strip_prefix("mqtts://")
+        .or_else(|| s.strip_prefix("mqtt://"))
+        .unwrap_or(s);
+    let (h, p) = s
+        .rsplit_once(':')
+        .ok_or_else(|| CloudError::Usage(format!("broker address {s:?} must be HOST:PORT")))?;
+    let port = p
+        .parse()
+        .map_err(|_| CloudError::Usage(format!("broker port {p:?} is not a number")))?;
+    Ok((h.to_owned(), port))
+}
+
+/// A broker to connect to: its address and the connection's transport security.
+#[derive(Debug, Clone)]
+pub struct BrokerTarget {
+    /// Host (for TLS: the name or address in the broker's certificate).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// TLS and credentials.
+    pub security: Security,
+}
+
+impl BrokerTarget {
+    /// Parses `HOST:PORT`, `mqtt://HOST:PORT` or `mqtts://HOST:PORT` with the security of
+    /// the command line (`--tls-ca`, …), and checks its files. `mqtts://` without a CA file
+    /// trusts the system's store; TLS flags with a bare `HOST:PORT` mean TLS too.
+    pub fn parse(addr: &str, mut security: Security) -> Result<BrokerTarget, CloudError> {
+        let (host, port) = parse_broker(addr)?;
+        if addr.starts_with("mqtts://") && security.tls.is_none() {
+            security.tls = Some(roost_runtime::TlsFiles::default());
+        }
+        if addr.starts_with("mqtt://") && security.tls.is_some() {
+            return Err(CloudError::Usage(format!(
+                "{addr} is plain MQTT, but TLS files were given: use mqtts://{host}:{port}"
+            )));
+        }
+        security
+            .validate()
+            .map_err(|e| CloudError::Usage(e.to_string()))?;
+        Ok(BrokerTarget {
+            host,
+            port,
+            security,
+        })
+    }
+
+    /// The error of a failed connection, explained where it is a TLS or auth problem.
+    pub fn error(&self, e: &rumqttc::ConnectionError) -> CloudError {
+        match self.security.diagnose(e) {
+            Some(problem) => {
+                CloudError::Mqtt(format!("{}:{}: {e}: {problem}", self.host, self.port))
+            }
+            None => CloudError::Mqtt(format!("{}:{}: {e}", self.host, self.port)),
+        }
+    }
+}
+
+/// Something that names a broker: an address (plain MQTT unless `mqtts://`) or a
+/// [`BrokerTarget`] with its TLS and credentials.
+pub trait ToBroker {
+    /// The broker to connect to.
+    fn to_broker(&self) -> Result<BrokerTarget, CloudError>;
+}
+
+impl ToBroker for str {
+    fn to_broker(&self) -> Result<BrokerTarget, CloudError> {
+        BrokerTarget::parse(self, Security::default())
+    }
+}
+
+impl ToBroker for String {
+    fn to_broker(&self) -> Result<BrokerTarget, CloudError> {
+        self.as_str().to_broker()
+    }
+}
+
+impl ToBroker for BrokerTarget {
+    fn to_broker(&self) -> Result<BrokerTarget, CloudError> {
+        Ok(self.clone())
+    }
+}
+
+/// Connects a short-lived client; the caller polls the event loop.
+pub fn connect(
+    broker: &(impl ToBroker + ?Sized),
+    client_prefix: &str,
+) -> Result<(AsyncClient, EventLoop), CloudError> {
+    let target = broker.to_broker()?;
+    let id = format!("{client_prefix}-{}", uuid_like());
+    let mut o = MqttOptions::new(id, target.host.clone(), target.port);
+    o.set_keep_alive(Duration::from_secs(10));
+    o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+    target
+        .security
+        .apply(&mut o)
+        .map_err(|e| CloudError::Usage(e.to_string()))?;
+    Ok(AsyncClient::new(o, 1024))
+}
+
+fn uuid_like() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Writes a new key pair to `dir`: `KEYID.key` (base64 PKCS#8, mode 0600) and `KEYID.pub`
+/// (base64 raw public key). Returns (key id, public key base64).
+pub fn keygen(dir: &Path) -> Result<(String, String), CloudError> {
+    let key = SigningKey::generate().map_err(|e| CloudError::Key {
+        path: dir.to_owned(),
+        message: e.to_string(),
+    })?;
+    let id = key.key_id();
+    std::fs::create_dir_all(dir).map_err(|e| CloudError::Key {
+        path: dir.to_owned(),
+        message: e.to_string(),
+    })?;
+    let priv_path = dir.join(format!("{id}.key"));
+    let pkcs8 = key.pkcs8().ok_or_else(|| CloudError::Key {
+        path: priv_path.clone(),
+        message: "generated key has no PKCS#8 form".into(),
+    })?;
+    let write = |p: &Path, data: String| {
+        std::fs::write(p, data).map_err(|e| CloudError::Key {
+            path: p.to_owned(),
+            message: e.to_string(),
+        })
+    };
+    write(&priv_path, B64.encode(pkcs8))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(&priv_path, std::fs::Permissions::from_mode(0o600));
+    }
+    let pub_b64 = B64.encode(key.public_key());
+    write(&dir.join(format!("{id}.pub")), pub_b64.clone())?;
+    Ok((id, pub_b64))
+}
+
+/// Loads a private key file written by [`keygen`].
+pub fn load_key(path: &Path) -> Result<SigningKey, CloudError> {
+    let err = |m: String| CloudError::Key {
+        path: path.to_owned(),
+        message: m,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let der = B64
+        .decode(text.trim())
+        .map_err(|e| err(format!("not base64: {e}")))?;
+    SigningKey::from_pkcs8(&der).map_err(|e| err(e.to_string()))
+}
+
+/// Resolves a branch, tag or full sha to a commit id via the remote (git2 ls-remote).
+pub fn resolve_revision(url: &str, rev: &str) -> Result<String, CloudError> {
+    if roost_schemas::rollout::is_full_sha(rev) {
+        return Ok(rev.to_owned());
+    }
+    let mut remote =
+        git2::Remote::create_detached(url).map_err(|e| CloudError::Git(e.message().to_owned()))?;
+    remote
+        .connect(git2::Direction::Fetch)
+        .map_err(|e| CloudError::Git(format!("{url}: {}", e.message())))?;
+    let heads = remote
+        .list()
+        .map_err(|e| CloudError::Git(e.message().to_owned()))?;
+    let wanted = [
+        rev.to_owned(),
+        format!("refs/heads/{rev}"),
+        format!("refs/tags/{rev}^{{}}"),
+        format!("refs/tags/{rev}"),
+    ];
+    for w in &wanted {
+        if let Some(h) = heads.iter().find(|h| h.name() == w) {
+            return Ok(h.oid().to_string());
+        }
+    }
+    Err(CloudError::Git(format!(
+        "{rev} is not a branch, tag or full commit id in {url}"
+    )))
+}
+
+/// Everything needed to build a rollout.
+#[derive(Debug, Clone)]
+pub struct RolloutSpec {
+    /// Deployment.
+    pub deployment: String,
+    /// Scope.
+    pub scope: Scope,
+    /// Repository URL.
+    pub url: String,
+    /// Commit id.
+    pub revision: String,
+    /// Path.
+    pub path: String,
+    /// Policy.
+    pub policy: Policy,
+    /// Activation time.
+    pub not_before: Option<String>,
+    /// Tombstone.
+    pub remove: bool,
+    /// Sequence (None: by the contract's rule, `max(retained + 1, now in ms)`).
+    pub sequence: Option<u64>,
+    /// The fleet-repository commit that caused this rollout (v1.1), if any.
+    pub origin: Option<Origin>,
+}
+
+/// Builds a rollout and signs it with every key (one signature each, so an agent's
+/// `[thresholds]` can be met).
+pub fn sign_rollout(
+    keys: &[SigningKey],
+    spec: &RolloutSpec,
+    sequence: u64,
+) -> Result<(Rollout, Envelope), CloudError> {
+    let rollout = Rollout {
+        deployment: spec.deployment.clone(),
+        scope: spec.scope.clone(),
+        sequence,
+        issued_at: roost_schemas::now_rfc3339(),
+        // A tombstone needs no source; one given without a revision is dropped.
+        source: if spec.remove && (spec.url.is_empty() || spec.revision.is_empty()) {
+            None
+        } else {
+            Some(Source {
+                url: spec.url.clone(),
+                revision: spec.revision.clone(),
+                path: spec.path.clone(),
+            })
+        },
+        not_before: spec.not_before.clone(),
+        policy: spec.policy.clone(),
+        remove: spec.remove,
+        origin: spec.origin.clone(),
+    };
+    rollout
+        .validate()
+        .map_err(|e| CloudError::Usage(e.to_string()))?;
+    let body = serde_json::to_vec(&rollout).map_err(|e| CloudError::Usage(e.to_string()))?;
+    let env = roost_schemas::sign_all(keys, PAYLOAD_TYPE, &body)
+        .ok_or_else(|| CloudError::Usage("at least one signing key is required".into()))?;
+    Ok((rollout.clone(), env))
+}
+
+/// Reads the retained messages matching `filters` for up to `wait` (stops early after a
+/// quiet period once something arrived, or right after SUBACK + quiet when nothing is retained).
+pub async fn read_retained(
+    broker: &(impl ToBroker + ?Sized),
+    filters: &[String],
+    wait: Duration,
+) -> Result<Vec<(String, Vec<u8>)>, CloudError> {
+    let target = broker.to_broker()?;
+    let (client, mut ev) = connect(&target, "roost-read")?;
+    for f in filters {
+        client
+            .subscribe(f.clone(), QoS::AtLeastOnce)
+            .await
+            .map_err(|e| CloudError::Mqtt(e.to_string()))?;
+    }
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut subacks = 0usize;
+    let quiet = Duration::from_millis(300);
+    loop {
+        let next = if subacks >= filters.len() {
+            quiet
+        } else {
+            wait
+        };
+        let until = (tokio::time::Instant::now() + next).min(deadline);
+        match tokio::time::timeout_at(until, ev.poll()).await {
+            Err(_) => break,
+            Ok(Err(e)) => return Err(target.error(&e)),
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subacks += 1,
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                if p.retain {
+                    out.push((p.topic.clone(), p.payload.to_vec()));
+                }
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    let _ = client.disconnect().await;
+    Ok(out)
+}
+
+/// Publishes one retained QoS 1 message and waits for the PUBACK.
+pub async fn publish_retained(
+    broker: &(impl ToBroker + ?Sized),
+    topic: &str,
+    payload: Vec<u8>,
+) -> Result<(), CloudError> {
+    let target = broker.to_broker()?;
+    let (client, mut ev) = connect(&target, "roost-pub")?;
+    client
+        .publish(topic, QoS::AtLeastOnce, true, payload)
+        .await
+        .map_err(|e| CloudError::Mqtt(e.to_string()))?;
+    let res = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(target.error(&e)),
+            }
+        }
+    })
+    .await
+    .map_err(|_| CloudError::Timeout("no PUBACK from the broker".into()))?;
+    let _ = client.disconnect().await;
+    res
+}
+
+/// The sequence for the next envelope on `topic` by the contract's rule,
+/// `max(retained + 1, milliseconds since the epoch)`: what the broker retains is only a lower
+/// bound (a broker that lost its retained messages must not make a new rollout a replay),
+/// the clock is what keeps sequences increasing without a record of our own.
+pub async fn next_sequence(
+    broker: &(impl ToBroker + ?Sized),
+    topic: &str,
+) -> Result<u64, CloudError> {
+    let cur = read_retained(broker, &[topic.to_owned()], Duration::from_secs(2)).await?;
+    let retained = cur
+        .iter()
+        .filter_map(|(_, p)| serde_json::from_slice::<Envelope>(p).ok())
+        .filter_map(|e| B64.decode(e.payload).ok())
+        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter_map(|v| v.get("sequence").and_then(|s| s.as_u64()))
+        .max();
+    Ok(crate::record::sequence_rule(
+        retained.unwrap_or(0),
+        crate::record::now_ms(),
+    ))
+}
+
+/// Signs (with every key) and publishes a rollout; the sequence, unless the spec gives one, follows the
+/// contract's rule ([`next_sequence`]).
+pub async fn rollout(
+    broker: &(impl ToBroker + ?Sized),
+    topics: &Topics,
+    keys: &[SigningKey],
+    spec: &RolloutSpec,
+) -> Result<Rollout, CloudError> {
+    let broker = broker.to_broker()?;
+    let broker = &broker;
+    let topic = topics.deployment(&spec.scope, &spec.deployment);
+    let sequence = match spec.sequence {
+        Some(s) => s,
+        None => next_sequence(broker, &topic).await?,
+    };
+    let (rollout, env) = sign_rollout(keys, spec, sequence)?;
+    let bytes = serde_json::to_vec(&env).map_err(|e| CloudError::Usage(e.to_string()))?;
+    publish_retained(broker, &topic, bytes).await?;
+    Ok(rollout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses() {
+        assert_eq!(
+            parse_broker("127.0.0.1:1883").expect("ok"),
+            ("127.0.0.1".into(), 1883)
+        );
+        assert_eq!(parse_broker("mqtt://h:1").expect("ok"), ("h".into(), 1));
+        assert_eq!(
+            parse_broker("mqtts://h:8883").expect("ok"),
+            ("h".into(), 8883)
+        );
+        assert!(parse_broker("h").is_err());
+        let tls = BrokerTarget::parse("mqtts://h:8883", Security::default()).expect("mqtts");
+        assert!(tls.security.is_tls(), "mqtts:// means TLS");
+        assert!(!"h:1883".to_broker().expect("plain").security.is_tls());
+        let missing = Security {
+            tls: Some(roost_runtime::TlsFiles {
+                ca_file: Some("/nonexistent/ca.pem".into()),
+                ..Default::default()
+            }),
+            field_prefix: "--".into(),
+            ..Security::default()
+        };
+        let e = BrokerTarget::parse("h:8883", missing.clone()).expect_err("missing CA");
+        assert!(
+            e.to_string().starts_with("--tls-ca: /nonexistent/ca.pem"),
+            "{e}"
+        );
+        let e = BrokerTarget::parse("mqtt://h:1883", missing).expect_err("plain with TLS");
+        assert!(e.to_string().contains("use mqtts://h:1883"), "{e}");
+    }
+
+    #[test]
+    fn keygen_roundtrip() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (id, _pub) = keygen(dir.path()).expect("keygen");
+        let key = load_key(&dir.path().join(format!("{id}.key"))).expect("load");
+        assert_eq!(key.key_id(), id);
+    }
+}

@@ -1,0 +1,861 @@
+//! GitOps for the fleet: `roost fleet --repo` polls the fleet repository's `roost.yaml` and
+//! every tracked source ref, validates the file (JSON Schema plus the rules of
+//! [`FleetFile::validate`]), and rolls each change out with signed, retained rollouts, wave
+//! by wave ([`plan`]), stopping by itself when stores fail. Everything it decides is in the
+//! fleet database first (plans, sequences, what it published), so a `kill -9` resumes where
+//! it was and publishes nothing twice. Every `snapshot_interval` and right after it publishes
+//! desired state it signs and publishes the fleet snapshot ([`snapshot`]).
+
+pub mod plan;
+pub mod promote;
+pub mod snapshot;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_runtime::{DirectMessage, Link, LinkConfig};
+use roost_schemas::fleet::{FleetDeployment, FleetFile};
+use roost_schemas::{
+    Keyring, Rollout, Scope, SigningKey, Source, Topics, PAYLOAD_TYPE, SNAPSHOT_PAYLOAD_TYPE,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument as _};
+
+use crate::record::{FleetDb, FleetError};
+use plan::{Action, Plan, PlanStatus, Release};
+use store::Published;
+
+/// Errors of the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum GitopsError {
+    /// The fleet database.
+    #[error("fleet database")]
+    Db(#[from] FleetError),
+    /// The MQTT link.
+    #[error("mqtt link")]
+    Link(#[from] roost_runtime::LinkError),
+    /// A blocking job failed.
+    #[error("controller job")]
+    Join(#[from] tokio::task::JoinError),
+    /// The HTTP listener (webhook, API, dashboard).
+    #[error("http")]
+    Http(#[from] crate::api::ApiError),
+}
+
+/// How the controller runs.
+#[derive(Debug, Clone)]
+pub struct GitopsOptions {
+    /// Fleet repository URL.
+    pub repo: String,
+    /// Branch.
+    pub branch: String,
+    /// File in the repository.
+    pub file: String,
+    /// Poll interval.
+    pub poll: Duration,
+    /// Cloud broker.
+    pub host: String,
+    /// Cloud broker port.
+    pub port: u16,
+    /// TLS and credentials for the cloud broker.
+    pub security: roost_runtime::Security,
+    /// Where fetched repositories are cached.
+    pub cache_dir: PathBuf,
+    /// HTTP listener: `POST /hooks/git`, `GET /plans`, the read-only API and dashboard
+    /// ([`crate::api`]; `roost fleet` serves them itself, with its token).
+    pub http: Option<SocketAddr>,
+    /// How often the signed fleet snapshot is published (also right after desired state).
+    pub snapshot_interval: Duration,
+    /// How long a snapshot stays valid (`expires` - `issued_at`); default 3 × the interval.
+    pub snapshot_expiry: Duration,
+    /// Also serve `GET /metrics` on `http`.
+    pub metrics: Option<roost_runtime::Exporter>,
+}
+
+/// Loads and validates a fleet file's bytes.
+pub fn parse_fleet_file(bytes: &[u8]) -> Result<FleetFile, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_owned())?;
+    let value: serde_json::Value =
+        serde_saphyr::from_str(text).map_err(|e| format!("YAML: {e}"))?;
+    static SCHEMA: std::sync::OnceLock<Option<jsonschema::Validator>> = std::sync::OnceLock::new();
+    let validator = SCHEMA.get_or_init(|| {
+        let schema: serde_json::Value =
+            serde_json::from_str(roost_schemas::json_schema::FLEET).ok()?;
+        jsonschema::draft202012::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .ok()
+    });
+    if let Some(v) = validator {
+        if let Some(e) = v.iter_errors(&value).next() {
+            let at = e.instance_path().to_string();
+            return Err(format!(
+                "schema: {}{e}",
+                if at.is_empty() {
+                    String::new()
+                } else {
+                    format!("{at}: ")
+                }
+            ));
+        }
+    }
+    let file: FleetFile = serde_json::from_value(value).map_err(|e| format!("schema: {e}"))?;
+    file.validate().map_err(|e| e.to_string())?;
+    Ok(file)
+}
+
+/// The topic of a scope.
+fn topic(topics: &Topics, scope: &Scope, deployment: &str) -> String {
+    topics.deployment(scope, deployment)
+}
+
+/// Signs a rollout of `release` (or a tombstone) for `scope`.
+fn sign(
+    key: &SigningKey,
+    deployment: &str,
+    scope: &Scope,
+    sequence: u64,
+    release: Option<&Release>,
+    origin: Option<roost_schemas::rollout::Origin>,
+) -> Result<Vec<u8>, String> {
+    let rollout = Rollout {
+        deployment: deployment.to_owned(),
+        scope: scope.clone(),
+        sequence,
+        issued_at: roost_schemas::now_rfc3339(),
+        source: release.map(|r| Source {
+            url: r.url.clone(),
+            revision: r.revision.clone(),
+            path: r.path.clone(),
+        }),
+        not_before: release.and_then(|r| r.not_before.clone()),
+        policy: release.map(|r| r.policy.clone()).unwrap_or_default(),
+        remove: release.is_none(),
+        origin,
+    };
+    rollout.validate().map_err(|e| e.to_string())?;
+    let body = serde_json::to_vec(&rollout).map_err(|e| e.to_string())?;
+    serde_json::to_vec(&key.sign(PAYLOAD_TYPE, &body)).map_err(|e| e.to_string())
+}
+
+/// The controller.
+struct Controller {
+    opts: GitopsOptions,
+    db: FleetDb,
+    key: Arc<SigningKey>,
+    topics: Topics,
+    git: roost_agent::git::GitCache,
+    link: roost_runtime::LinkHandle,
+    /// Resolved refs: (url, ref) -> commit, refreshed every poll.
+    refs: HashMap<(String, String), String>,
+    /// The file in force and the commit it came from.
+    file: Option<(String, FleetFile)>,
+    /// Desired state was published since the last snapshot.
+    snapshot_dirty: bool,
+    /// When the last snapshot went out.
+    last_snapshot: Option<tokio::time::Instant>,
+}
+
+/// One message to publish, decided and recorded before it goes out.
+struct Outgoing {
+    topic: String,
+    payload: Vec<u8>,
+}
+
+impl Controller {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&FleetDb) -> Result<T, FleetError> + Send + 'static,
+    ) -> Result<T, GitopsError> {
+        let db = self.db.clone();
+        Ok(tokio::task::spawn_blocking(move || f(&db)).await??)
+    }
+
+    /// Looks at the fleet repository and every tracked ref; records the file's validity.
+    async fn sync(&mut self) -> Result<(), GitopsError> {
+        let (repo, branch) = (self.opts.repo.clone(), self.opts.branch.clone());
+        let commit = match tokio::task::spawn_blocking(move || {
+            crate::cloud::resolve_revision(&repo, &branch)
+        })
+        .await?
+        {
+            Ok(c) => c,
+            Err(error) => {
+                warn!(repo = %self.opts.repo, error = %error, "cannot resolve the fleet repository's branch");
+                return Ok(());
+            }
+        };
+        let known = self.file.as_ref().map(|(c, _)| c.clone());
+        let last = self
+            .blocking(|db| db.with_conn(store::sync_state))
+            .await?
+            .map(|(s, _)| s.commit);
+        if known.as_deref() == Some(commit.as_str()) || last.as_deref() == Some(commit.as_str()) {
+            self.blocking(|db| db.with_conn(store::touch_sync)).await?;
+        } else {
+            let parsed = match self.git.ensure(&self.opts.repo, &commit).await {
+                Err(e) => Err(format!("fetch: {}", roost_runtime::error_chain(&e))),
+                Ok(_) => match self
+                    .git
+                    .read_file(&self.opts.repo, &commit, &self.opts.file, 1 << 20)
+                    .await
+                {
+                    Ok(Some(bytes)) => parse_fleet_file(&bytes),
+                    Ok(None) => Err(format!("{} is missing", self.opts.file)),
+                    Err(e) => Err(roost_runtime::error_chain(&e)),
+                },
+            };
+            let (repo, c2) = (self.opts.repo.clone(), commit.clone());
+            match parsed {
+                Ok(file) => {
+                    info!(commit = %commit, deployments = file.deployments.len(), "fleet file in force");
+                    let f2 = file.clone();
+                    self.blocking(move |db| {
+                        db.with_conn(|c| store::put_sync(c, &repo, &c2, Ok(&f2)))
+                    })
+                    .await?;
+                    self.file = Some((commit.clone(), file));
+                }
+                Err(reason) => {
+                    warn!(commit = %commit, %reason, "fleet file invalid; the last good one stays in force");
+                    let r2 = reason.clone();
+                    self.blocking(move |db| {
+                        db.with_conn(|c| store::put_sync(c, &repo, &c2, Err(&r2)))
+                    })
+                    .await?;
+                }
+            }
+        }
+        // Every tracked ref of the file in force.
+        let tracked: BTreeSet<(String, String)> = self
+            .file
+            .iter()
+            .flat_map(|(_, f)| f.deployments.values())
+            .filter(|d| !d.remove)
+            .filter_map(|d| d.source.as_ref())
+            .filter_map(|s| s.git_ref.clone().map(|r| (s.url.clone(), r)))
+            .collect();
+        for (url, r) in tracked {
+            let (u, rr) = (url.clone(), r.clone());
+            match tokio::task::spawn_blocking(move || crate::cloud::resolve_revision(&u, &rr))
+                .await?
+            {
+                Ok(c) => {
+                    self.refs.insert((url, r), c);
+                }
+                Err(error) => {
+                    warn!(%url, git_ref = %r, %error, "cannot resolve a tracked ref; keeping the last commit")
+                }
+            }
+        }
+        self.describe_releases().await?;
+        Ok(())
+    }
+
+    /// Records the subject and time of every release's commit not yet known, for the fleet
+    /// views (best effort: a source that cannot be fetched now is tried at the next sync).
+    async fn describe_releases(&mut self) -> Result<(), GitopsError> {
+        let releases: BTreeSet<(String, String)> = self
+            .file
+            .iter()
+            .flat_map(|(_, f)| f.deployments.values())
+            .filter_map(|d| self.release_of(d))
+            .map(|r| (r.url, r.revision))
+            .collect();
+        let known = self.blocking(|db| db.revisions()).await?;
+        for (url, revision) in releases {
+            if known.contains_key(&revision) {
+                continue;
+            }
+            let info = match self.git.ensure(&url, &revision).await {
+                Ok(_) => self.git.commit_info(&url, &revision).await,
+                Err(e) => Err(e),
+            };
+            match info {
+                Ok((subject, secs)) => {
+                    let at = time::OffsetDateTime::from_unix_timestamp(secs)
+                        .ok()
+                        .and_then(|t| {
+                            t.format(&time::format_description::well_known::Rfc3339)
+                                .ok()
+                        })
+                        .unwrap_or_default();
+                    self.blocking(move |db| db.put_revision(&revision, &url, &subject, &at))
+                        .await?;
+                }
+                Err(error) => {
+                    warn!(%url, %revision, error = %roost_runtime::error_chain(&error), "cannot describe a release's commit")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn release_of(&self, d: &FleetDeployment) -> Option<Release> {
+        let src = d.source.as_ref()?;
+        let revision = match (&src.revision, &src.git_ref) {
+            (Some(r), _) => r.clone(),
+            (None, Some(r)) => self.refs.get(&(src.url.clone(), r.clone()))?.clone(),
+            (None, None) => return None,
+        };
+        Some(Release {
+            url: src.url.clone(),
+            revision,
+            path: roost_schemas::rollout::normalize_path(&src.path).ok()?,
+            policy: d.policy.clone().unwrap_or_default(),
+            not_before: d.not_before.clone(),
+        })
+    }
+
+    /// One evaluation of every deployment: new plans, wave steps, pins, removals.
+    async fn tick(&mut self, requests: Vec<store::Request>) -> Result<(), GitopsError> {
+        let Some((origin, file)) = self.file.clone() else {
+            return Ok(());
+        };
+        let now = crate::record::now_ms();
+        let mut plans = self.blocking(|db| db.with_conn(store::plans)).await?;
+        let published = self.blocking(|db| db.with_conn(store::published)).await?;
+        for r in &requests {
+            let Some(d) = &r.deployment else { continue };
+            let Some(p) = plans.get_mut(d) else { continue };
+            match (r.action.as_str(), &p.status) {
+                ("pause", PlanStatus::Running) => p.status = PlanStatus::Paused,
+                ("resume", PlanStatus::Paused) => p.status = PlanStatus::Running,
+                ("abort", PlanStatus::Running | PlanStatus::Paused) => {
+                    let actions = plan::abort(p, "aborted by an operator".into());
+                    let p = p.clone();
+                    self.execute(&p, actions, &published).await?;
+                    continue;
+                }
+                _ => continue,
+            }
+            info!(deployment = %d, action = %r.action, "plan request");
+            let p = p.clone();
+            self.execute(&p, Vec::new(), &published).await?;
+        }
+        for (name, d) in &file.deployments {
+            if d.remove {
+                self.remove(name, &published).await?;
+                continue;
+            }
+            let Some(release) = self.release_of(d) else {
+                continue;
+            };
+            let current = plans.get(name);
+            let waves = FleetFile::waves_of(d);
+            // A plan is for one release with one set of waves: a new commit of the source, a
+            // changed policy or changed waves make a new plan (an aborted one stays aborted
+            // until then).
+            let mut p = match current {
+                Some(p) if p.release == release && p.waves == waves => p.clone(),
+                _ => {
+                    let previous = current.and_then(|p| match p.status {
+                        PlanStatus::Done => Some(p.release.clone()),
+                        _ => p.previous.clone(),
+                    });
+                    let mut p = Plan::new(
+                        name,
+                        release,
+                        previous,
+                        &origin,
+                        waves,
+                        d.abort.clone().unwrap_or_default(),
+                        now,
+                    );
+                    // Scopes an unfinished plan reached stay this plan's to replace or
+                    // tombstone.
+                    if let Some(old) = current.filter(|o| o.status != PlanStatus::Done) {
+                        p.scopes = old
+                            .scopes
+                            .iter()
+                            .filter(|s| **s != Scope::Fleet)
+                            .cloned()
+                            .collect();
+                    }
+                    info!(deployment = %name, revision = %p.release.revision, origin = %origin, "new plan");
+                    p
+                }
+            };
+            let pinned: BTreeSet<String> = d.stores.keys().cloned().collect();
+            let n = name.clone();
+            let view = self
+                .blocking(move |db| db.with_conn(|c| store::view(c, &n)))
+                .await?;
+            let before = p.clone();
+            let actions = plan::step(&mut p, &view, &pinned, now);
+            if p != before || !actions.is_empty() {
+                self.execute(&p, actions, &published).await?;
+            }
+            self.pins(name, d, &published).await?;
+        }
+        // Deployments no longer in the file: tombstone everything published for them.
+        let gone: BTreeSet<String> = published
+            .iter()
+            .map(|p| p.deployment.clone())
+            .filter(|d| !file.deployments.contains_key(d))
+            .collect();
+        for d in gone {
+            self.remove(&d, &published).await?;
+        }
+        Ok(())
+    }
+
+    /// Pins: a store-scoped message per pinned store; a pin removed from the file is
+    /// tombstoned.
+    async fn pins(
+        &mut self,
+        deployment: &str,
+        d: &FleetDeployment,
+        published: &[Published],
+    ) -> Result<(), GitopsError> {
+        let Some(base) = self.release_of(d) else {
+            return Ok(());
+        };
+        let mut out = Vec::new();
+        for (store, pin) in &d.stores {
+            let scope = Scope::Store(store.clone());
+            let t = topic(&self.topics, &scope, deployment);
+            let have = published.iter().find(|p| p.topic == t);
+            if have
+                .is_some_and(|p| p.revision.as_deref() == Some(pin.revision.as_str()) && !p.remove)
+            {
+                continue;
+            }
+            let release = Release {
+                revision: pin.revision.clone(),
+                ..base.clone()
+            };
+            out.push((scope, Some(release), "pin"));
+        }
+        for p in published
+            .iter()
+            .filter(|p| p.deployment == deployment && p.role == "pin" && !p.remove)
+        {
+            let store = p.topic.split('/').nth(3).unwrap_or_default();
+            if !d.stores.contains_key(store) {
+                out.push((Scope::Store(store.to_owned()), None, "pin"));
+            }
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.publish(deployment, None, out).await
+    }
+
+    async fn remove(
+        &mut self,
+        deployment: &str,
+        published: &[Published],
+    ) -> Result<(), GitopsError> {
+        let out: Vec<(Scope, Option<Release>, &'static str)> = published
+            .iter()
+            .filter(|p| p.deployment == deployment && !p.remove)
+            .filter_map(|p| {
+                self.topics
+                    .parse_deployment(&p.topic)
+                    .map(|t| (t.scope, None, "removed"))
+            })
+            .collect();
+        let had_plan = {
+            let d = deployment.to_owned();
+            self.blocking(move |db| db.with_conn(|c| Ok(store::plans(c)?.contains_key(&d))))
+                .await?
+        };
+        if out.is_empty() && !had_plan {
+            return Ok(());
+        }
+        info!(%deployment, topics = out.len(), "deployment removed from the fleet file; tombstoning");
+        self.publish(deployment, None, out).await?;
+        let d = deployment.to_owned();
+        self.blocking(move |db| db.with_conn(|c| store::delete_plan(c, &d)))
+            .await
+    }
+
+    async fn execute(
+        &mut self,
+        p: &Plan,
+        actions: Vec<Action>,
+        _published: &[Published],
+    ) -> Result<(), GitopsError> {
+        let out = actions
+            .into_iter()
+            .map(|a| match a {
+                Action::Publish { scope, release } => {
+                    let role = if scope == Scope::Fleet {
+                        "fleet"
+                    } else {
+                        "wave"
+                    };
+                    (scope, Some(release), role)
+                }
+                Action::Tombstone { scope } => (scope, None, "wave"),
+            })
+            .collect();
+        self.publish(&p.deployment, Some(p.clone()), out).await
+    }
+
+    /// Allocates sequences, signs, records (with the plan) in one transaction, then publishes.
+    async fn publish(
+        &mut self,
+        deployment: &str,
+        plan: Option<Plan>,
+        out: Vec<(Scope, Option<Release>, &'static str)>,
+    ) -> Result<(), GitopsError> {
+        let key = self.key.clone();
+        let topics = self.topics.clone();
+        let dep = deployment.to_owned();
+        // The fleet-repository commit that caused it: the plan's, else the file in force.
+        let origin = plan
+            .as_ref()
+            .map(|p| p.origin.clone())
+            .or_else(|| self.file.as_ref().map(|(c, _)| c.clone()))
+            .filter(|c| roost_schemas::rollout::is_full_sha(c))
+            .map(|commit| roost_schemas::rollout::Origin {
+                repo: self.opts.repo.clone(),
+                commit,
+                path: self.opts.file.clone(),
+            });
+        let msgs: Vec<Outgoing> = self
+            .blocking(move |db| {
+                db.transaction(|tx| {
+                    let mut msgs = Vec::new();
+                    for (scope, release, role) in &out {
+                        let t = topic(&topics, scope, &dep);
+                        let seq = crate::record::next_sequence_in(tx, &t)?;
+                        let payload =
+                            sign(&key, &dep, scope, seq, release.as_ref(), origin.clone())
+                                .map_err(FleetError::Usage)?;
+                        crate::record::put_desired_in(tx, &t, seq, &payload)?;
+                        store::put_published(
+                            tx,
+                            &Published {
+                                topic: t.clone(),
+                                deployment: dep.clone(),
+                                role: (*role).to_owned(),
+                                revision: release.as_ref().map(|r| r.revision.clone()),
+                                remove: release.is_none(),
+                                sequence: seq,
+                            },
+                        )?;
+                        msgs.push(Outgoing { topic: t, payload });
+                    }
+                    if let Some(p) = &plan {
+                        store::put_plan(tx, p)?;
+                    }
+                    Ok(msgs)
+                })
+            })
+            .await?;
+        for m in msgs {
+            info!(topic = %m.topic, "publishing");
+            let _ = self.link.publish(DirectMessage {
+                topic: m.topic,
+                payload: m.payload,
+                retain: true,
+            });
+            // A new rollout is covered by a snapshot at once (after this step).
+            self.snapshot_dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Publishes the signed fleet snapshot (retained) when one is due: the current sequence
+    /// of every desired-state topic in the fleet database that carries the controller's
+    /// signature, with a sequence by the contract's rule on the snapshot topic.
+    async fn snapshot(&mut self) -> Result<(), GitopsError> {
+        let now = tokio::time::Instant::now();
+        if !snapshot::due(
+            self.last_snapshot,
+            now,
+            self.opts.snapshot_interval,
+            self.snapshot_dirty,
+        ) {
+            return Ok(());
+        }
+        let key = self.key.clone();
+        let topic = self.topics.snapshot();
+        let expiry = self.opts.snapshot_expiry;
+        let t2 = topic.clone();
+        let (payload, built) = self
+            .blocking(move |db| {
+                let desired = db.desired()?;
+                let mut ring = Keyring::new();
+                ring.add(key.public_key())
+                    .map_err(|e| FleetError::Usage(e.to_string()))?;
+                db.transaction(|tx| {
+                    let seq = crate::record::next_sequence_in(tx, &t2)?;
+                    let built = snapshot::build(
+                        &desired,
+                        &ring,
+                        seq,
+                        time::OffsetDateTime::now_utc(),
+                        expiry,
+                    );
+                    let body = serde_json::to_vec(&built.snapshot)
+                        .map_err(|e| FleetError::Usage(e.to_string()))?;
+                    let env = serde_json::to_vec(&key.sign(SNAPSHOT_PAYLOAD_TYPE, &body))
+                        .map_err(|e| FleetError::Usage(e.to_string()))?;
+                    Ok((env, built))
+                })
+            })
+            .await?;
+        if !built.skipped.is_empty() {
+            warn!(topics = ?built.skipped, "desired state not signed by this controller's key is left out of the fleet snapshot");
+        }
+        info!(
+            sequence = built.snapshot.sequence,
+            topics = built.snapshot.topics.len(),
+            expires = %built.snapshot.expires,
+            "publishing the fleet snapshot"
+        );
+        let _ = self.link.publish(DirectMessage {
+            topic,
+            payload,
+            retain: true,
+        });
+        self.snapshot_dirty = false;
+        self.last_snapshot = Some(now);
+        Ok(())
+    }
+}
+
+/// Runs the controller until cancelled.
+pub async fn run(
+    opts: GitopsOptions,
+    db: FleetDb,
+    key: SigningKey,
+    cancel: CancellationToken,
+) -> Result<(), GitopsError> {
+    {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || store::migrate(&db)).await??;
+    }
+    let mut lc = LinkConfig::new(
+        "cloud",
+        &opts.host,
+        opts.port,
+        &format!("roost-controller-{:08x}", rand::random::<u32>()),
+    );
+    lc.security = opts.security.clone();
+    lc.keep_alive = Duration::from_secs(5);
+    lc.backoff = (Duration::from_millis(100), Duration::from_secs(5));
+    lc.max_packet_size = 4 << 20;
+    let link = Link::start(lc, None, cancel.child_token())?;
+    if let Some(addr) = opts.http {
+        // The API and dashboard, read-only; `POST /hooks/git` queues a sync request, which
+        // the loop below takes within its 500 ms.
+        let api = crate::api::Api::new(
+            db.clone(),
+            crate::api::ApiOptions::default(),
+            cancel.child_token(),
+        )?;
+        let router = match &opts.metrics {
+            Some(m) => api.router().merge(m.router()),
+            None => api.router(),
+        };
+        crate::api::serve(addr, router, cancel.child_token()).await?;
+    }
+    let file = {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || db.with_conn(store::sync_state))
+            .await??
+            .and_then(|(s, f)| Some((s.good_commit?, f?)))
+    };
+    let mut c = Controller {
+        git: roost_agent::git::GitCache::new(
+            opts.cache_dir.clone(),
+            Vec::new(),
+            Duration::from_secs(60),
+        ),
+        opts,
+        db,
+        key: Arc::new(key),
+        topics: Topics::default(),
+        link: link.handle.clone(),
+        refs: HashMap::new(),
+        file,
+        snapshot_dirty: false,
+        last_snapshot: None,
+    };
+    let span = tracing::info_span!("controller", repo = %c.opts.repo);
+    async move {
+        let mut next_poll = tokio::time::Instant::now();
+        loop {
+            let requests = match c.blocking(|db| db.with_conn(store::take_requests)).await {
+                Ok(r) => r,
+                Err(error) => {
+                    warn!(error = %roost_runtime::error_chain(&error), "cannot read requests");
+                    Vec::new()
+                }
+            };
+            let sync_now = requests.iter().any(|r| r.action == "sync");
+            if sync_now || tokio::time::Instant::now() >= next_poll {
+                if let Err(error) = c.sync().await {
+                    warn!(error = %roost_runtime::error_chain(&error), "sync failed");
+                }
+                next_poll = tokio::time::Instant::now() + c.opts.poll;
+            }
+            if c.link.is_connected() {
+                if let Err(error) = c.tick(requests).await {
+                    warn!(error = %roost_runtime::error_chain(&error), "controller step failed");
+                }
+                if let Err(error) = c.snapshot().await {
+                    warn!(error = %roost_runtime::error_chain(&error), "cannot publish the fleet snapshot");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), link.task).await;
+    }
+    .instrument(span)
+    .await;
+    Ok(())
+}
+
+/// `roost plan status`: the plans as text.
+pub fn plan_status_text(db: &FleetDb, deployment: Option<&str>) -> Result<String, FleetError> {
+    db.with_conn(|c| {
+        let mut out = String::new();
+        if let Some((s, _)) = store::sync_state(c)? {
+            out.push_str(&format!(
+                "fleet file {} at {}: {}{}\n",
+                s.repo,
+                &s.commit[..s.commit.len().min(12)],
+                if s.ok { "valid" } else { "INVALID" },
+                if s.ok {
+                    String::new()
+                } else {
+                    format!(" ({}); in force: {}", s.reason, s.good_commit.as_deref().map(|g| &g[..g.len().min(12)]).unwrap_or("none"))
+                }
+            ));
+        }
+        let plans: BTreeMap<String, Plan> = store::plans(c)?;
+        for (d, p) in plans.iter().filter(|(d, _)| deployment.is_none_or(|x| x == d.as_str())) {
+            let status = match &p.status {
+                PlanStatus::Running => "running".to_owned(),
+                PlanStatus::Paused => "paused".to_owned(),
+                PlanStatus::Aborted(r) => format!("aborted: {r}"),
+                PlanStatus::Done => "done".to_owned(),
+            };
+            out.push_str(&format!(
+                "{d}  revision {}  origin {}  {status}\n",
+                &p.release.revision[..12],
+                &p.origin[..p.origin.len().min(12)]
+            ));
+            for (i, w) in p.waves.iter().enumerate() {
+                let stores = p.wave_stores.get(i).map(Vec::len).unwrap_or(0);
+                let mark = if i < p.wave || p.status == PlanStatus::Done {
+                    "done"
+                } else if i == p.wave && p.wave_published {
+                    "current"
+                } else {
+                    "waiting"
+                };
+                let counts = |o: plan::StoreOutcome| {
+                    p.wave_stores
+                        .get(i)
+                        .map(|ss| ss.iter().filter(|s| p.outcomes.get(*s) == Some(&o)).count())
+                        .unwrap_or(0)
+                };
+                out.push_str(&format!(
+                    "  wave {} {:<10} {mark:<8} stores={stores} converged={} failed={} deferred={}\n",
+                    i + 1,
+                    w.name,
+                    counts(plan::StoreOutcome::Converged),
+                    counts(plan::StoreOutcome::Failed),
+                    counts(plan::StoreOutcome::Deferred),
+                ));
+            }
+            if !p.waiting.is_empty() {
+                out.push_str(&format!("  waiting: {}\n", p.waiting));
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// What `roost fleet sync --wait` saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncWait {
+    /// One line per plan (and the file's validity).
+    pub lines: Vec<String>,
+    /// Everything done; nothing aborted or invalid.
+    pub ok: bool,
+}
+
+/// After a sync request at `since_ms`: waits until the controller ran a sync and every plan
+/// is finished (done or aborted), then reports; an invalid file or an aborted plan is a
+/// failure, naming why.
+pub async fn wait_for_sync(
+    db: &FleetDb,
+    since_ms: u64,
+    timeout: Duration,
+) -> Result<SyncWait, GitopsError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let db2 = db.clone();
+        let (sync, plans) = tokio::task::spawn_blocking(move || {
+            db2.with_conn(|c| Ok((store::sync_state(c)?, store::plans(c)?)))
+        })
+        .await??;
+        let synced = sync.as_ref().is_some_and(|(s, _)| {
+            roost_schemas::parse_rfc3339(&s.checked_at)
+                .is_some_and(|t| (t.unix_timestamp_nanos() / 1_000_000) as u64 + 1 >= since_ms)
+        });
+        let running = plans
+            .values()
+            .any(|p| matches!(p.status, PlanStatus::Running | PlanStatus::Paused));
+        if synced && !running {
+            let mut lines = Vec::new();
+            let mut ok = true;
+            if let Some((s, _)) = &sync {
+                if !s.ok {
+                    ok = false;
+                    lines.push(format!(
+                        "fleet file at {} is invalid: {}",
+                        &s.commit[..12],
+                        s.reason
+                    ));
+                }
+            }
+            for (d, p) in &plans {
+                match &p.status {
+                    PlanStatus::Done => {
+                        lines.push(format!("{d} {} done", &p.release.revision[..12]))
+                    }
+                    PlanStatus::Aborted(r) => {
+                        ok = false;
+                        lines.push(format!("{d} {} aborted: {r}", &p.release.revision[..12]));
+                    }
+                    _ => {}
+                }
+            }
+            return Ok(SyncWait { lines, ok });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let mut lines: Vec<String> = plans
+                .iter()
+                .filter(|(_, p)| matches!(p.status, PlanStatus::Running | PlanStatus::Paused))
+                .map(|(d, p)| {
+                    format!(
+                        "{d} {} still running: {}",
+                        &p.release.revision[..12],
+                        p.waiting
+                    )
+                })
+                .collect();
+            if !synced {
+                lines.push("the controller has not synced (is roost fleet --repo running on this database?)".into());
+            }
+            return Ok(SyncWait { lines, ok: false });
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -1,0 +1,99 @@
+//! `roost sim`: the fleet benchmark, N stores in this process.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use roost_runtime::process::interruptible;
+use roost_sim::sim::{self, GitServerKind, SimOptions, Topology};
+use tokio_util::sync::CancellationToken;
+
+/// Arguments of `roost sim`.
+#[derive(clap::Args)]
+pub struct SimArgs {
+    /// Number of stores.
+    #[arg(long, default_value_t = 10)]
+    stores: usize,
+    /// Successive rollouts.
+    #[arg(long, default_value_t = 10)]
+    rollouts: usize,
+    /// Per-rollout timeout in seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Benchmark the GitOps controller instead, with simulated stores (status
+    /// documents): ingest rate, commit → first wave, gate → next wave, plan-step cost.
+    #[arg(long)]
+    controller: bool,
+    /// direct (agents on the cloud broker) or bridged (an edge broker and a bridge per
+    /// store); default: direct above 200 stores.
+    #[arg(long)]
+    topology: Option<String>,
+    /// The fleet Git server's (git-daemon) limit on concurrent fetches; 0: unlimited.
+    /// git-daemon's own default, 32, kills running fetches beyond it.
+    #[arg(long, default_value_t = 0)]
+    git_max_connections: u32,
+    /// The fleet's Git server: roost (`roost git-serve` in this process, one cached pack
+    /// per revision) or daemon (`git daemon`, two processes per fetch).
+    #[arg(long, default_value = "roost")]
+    git_server: String,
+    /// The cloud broker: embedded (rumqttd in this process) or the path of a mosquitto
+    /// binary to run as it.
+    #[arg(long, default_value = "embedded")]
+    cloud_broker: String,
+    /// The most blocking threads of the process, which every store's git and file work
+    /// shares (default: tokio's 512). A real store has its own process and cores.
+    #[arg(long)]
+    pub blocking_threads: Option<usize>,
+    /// Directory for the stores' state (default: the system's temporary directory).
+    /// All stores share its file system, where a real store has its own disk.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Print one JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(a: SimArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+    if a.controller {
+        let stores = a.stores;
+        let timeout = Duration::from_secs(a.timeout);
+        let report = interruptible(&cancel, async {
+            Ok(roost_sim::controller::run(stores, timeout).await?)
+        })
+        .await?;
+        roost_sim::controller::print(&report);
+        return Ok(());
+    }
+    let cloud_mosquitto = match a.cloud_broker.as_str() {
+        "embedded" => None,
+        path => Some(PathBuf::from(path)),
+    };
+    let git_server = match a.git_server.as_str() {
+        "roost" => GitServerKind::Roost,
+        "daemon" => GitServerKind::Daemon,
+        other => anyhow::bail!("--git-server {other}: roost or daemon"),
+    };
+    let topology = match a.topology.as_deref() {
+        Some("direct") => Topology::Direct,
+        Some("bridged") => Topology::Bridged,
+        None if a.stores > 200 => Topology::Direct,
+        None => Topology::Bridged,
+        Some(other) => anyhow::bail!("--topology {other}: direct or bridged"),
+    };
+    let opts = SimOptions {
+        stores: a.stores,
+        rollouts: a.rollouts,
+        timeout: Duration::from_secs(a.timeout),
+        topology,
+        git_max_connections: a.git_max_connections,
+        git_server,
+        cloud_mosquitto,
+        state_dir: a.state_dir,
+    };
+    let report = interruptible(&cancel, async { Ok(sim::run(opts.clone()).await?) }).await?;
+    if a.json {
+        println!("{}", sim::json(&opts, &report));
+    } else {
+        sim::print(&opts, &report);
+    }
+    Ok(())
+}
