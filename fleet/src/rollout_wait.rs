@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use roost_schemas::topics::StoreTopicKind;
+use roost_schemas::ShortRev;
 use roost_schemas::{
     CloudEvent, Phase, Presence, PresenceState, Rollout, Scope, StatusDoc, Topics,
 };
@@ -187,7 +188,7 @@ impl WaitReport {
         let what = format!(
             "rollout of {} at {} (sequence {}, {})",
             self.deployment,
-            short(&self.revision),
+            ShortRev::of(&self.revision),
             self.sequence,
             self.scope
         );
@@ -208,10 +209,6 @@ impl WaitReport {
             .collect();
         Some(format!("{what} did not converge: {}", bad.join("; ")))
     }
-}
-
-fn short(rev: &str) -> &str {
-    rev.get(..12).unwrap_or(rev)
 }
 
 /// Precedence of `scope` on a store with these groups: 0 = the store's own (strongest),
@@ -327,7 +324,7 @@ pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
                 .map(|w| {
                     format!(
                         "wants {} (sequence {}, {})",
-                        short(&w.revision),
+                        ShortRev::of(&w.revision),
                         w.sequence,
                         w.scope
                     )

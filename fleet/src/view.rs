@@ -13,6 +13,7 @@
 //! [`build`] is pure (inputs and "now" in, view out); [`load`] reads the inputs from the
 //! fleet database, [`from_retained`] from retained messages read off a broker.
 
+use roost_schemas::ShortRev;
 use std::collections::{BTreeMap, HashMap};
 
 use roost_schemas::topics::StoreTopicKind;
@@ -325,7 +326,7 @@ pub fn build(inputs: &Inputs, now_ms: u64) -> FleetView {
         let committed_at = known.map(|(_, at)| at.clone()).filter(|a| !a.is_empty());
         Revision {
             revision: rev.to_owned(),
-            short: rev.chars().take(12).collect(),
+            short: ShortRev::of(rev).to_string(),
             subject: known.map(|(s, _)| s.clone()),
             age_s: committed_at
                 .as_deref()

@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod names;
 pub mod payload;
 pub mod reason;
+pub mod revision;
 pub mod rollout;
 pub mod snapshot;
 pub mod status;
@@ -24,6 +25,7 @@ pub use event::{CloudEvent, EventType};
 pub use names::{validate_name, NameError};
 pub use payload::{EventData, EventPayload, Problem, RolloutRef};
 pub use reason::Reason;
+pub use revision::ShortRev;
 pub use rollout::{Origin, Policy, Rollout, Scope, Source};
 pub use snapshot::{Snapshot, SNAPSHOT_PAYLOAD_TYPE};
 pub use status::{

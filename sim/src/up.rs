@@ -4,6 +4,7 @@
 //! the GitOps controller rolling the fleet file out; then the fleet's convergence, live. Edit
 //! a manifest or `roost.yaml`, `git commit`, and the waves roll.
 
+use roost_schemas::ShortRev;
 use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
 use std::net::SocketAddr;
@@ -454,7 +455,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     });
     println!(
         "roost up: controller rolls out kitchen-display {} from roost.yaml (waves: canary, half, everyone)",
-        &repo.first[..12]
+        ShortRev::of(&repo.first)
     );
     let published = Instant::now();
     // In a terminal (and not --once): one frame redrawn in place, for 3 stores or 2,000.

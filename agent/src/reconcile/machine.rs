@@ -7,6 +7,7 @@ use roost_schemas::payload::{
     ApplyFailed, ApplyStarted, ApplySucceeded, Converged, Degraded, DriftCorrected, DriftDetected,
     FetchFailed, Pruned, Removed, RolloutRejected,
 };
+use roost_schemas::ShortRev;
 use roost_schemas::{
     DeploymentStatus, DesiredRef, EventData, Origin, Phase, Problem, Reason, RolloutRef,
 };
@@ -212,10 +213,6 @@ pub enum Outcome {
     },
 }
 
-fn short(rev: &str) -> &str {
-    &rev[..rev.len().min(12)]
-}
-
 /// The pure transition: the new record and the events reporting the change.
 pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
     let mut r = rec.clone();
@@ -241,7 +238,7 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
             r.phase = Phase::Fetching;
             r.message = format!(
                 "fetching {}",
-                short(&r.wanted_revision().unwrap_or_default())
+                ShortRev::of(&r.wanted_revision().unwrap_or_default())
             );
         }
         Outcome::FetchFailed(problem) => {
@@ -282,7 +279,7 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
             r.last_attempted_revision = r.wanted_revision();
             r.message = format!(
                 "applying {}",
-                short(&r.wanted_revision().unwrap_or_default())
+                ShortRev::of(&r.wanted_revision().unwrap_or_default())
             );
             // Before anything is written, the inventory holds everything this apply may
             // create, so a crash mid-apply never leaves an object roost forgets to prune.
@@ -327,7 +324,7 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
             r.drift.clear();
             r.message = format!(
                 "applied {}; waiting for health",
-                short(&r.wanted_revision().unwrap_or_default())
+                ShortRev::of(&r.wanted_revision().unwrap_or_default())
             );
             r.inventory = inventory;
             r.inventory_known = true;

@@ -11,6 +11,7 @@ pub mod promote;
 pub mod snapshot;
 pub mod store;
 
+use roost_schemas::ShortRev;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -746,7 +747,7 @@ pub fn plan_status_text(db: &FleetDb, deployment: Option<&str>) -> Result<String
             };
             out.push_str(&format!(
                 "{d}  revision {}  origin {}  {status}\n",
-                &p.release.revision[..12],
+                ShortRev::of(&p.release.revision),
                 &p.origin[..p.origin.len().min(12)]
             ));
             for (i, w) in p.waves.iter().enumerate() {
@@ -820,7 +821,7 @@ pub async fn wait_for_sync(
                     ok = false;
                     lines.push(format!(
                         "fleet file at {} is invalid: {}",
-                        &s.commit[..12],
+                        ShortRev::of(&s.commit),
                         s.reason
                     ));
                 }
@@ -828,11 +829,14 @@ pub async fn wait_for_sync(
             for (d, p) in &plans {
                 match &p.status {
                     PlanStatus::Done => {
-                        lines.push(format!("{d} {} done", &p.release.revision[..12]))
+                        lines.push(format!("{d} {} done", ShortRev::of(&p.release.revision)))
                     }
                     PlanStatus::Aborted(r) => {
                         ok = false;
-                        lines.push(format!("{d} {} aborted: {r}", &p.release.revision[..12]));
+                        lines.push(format!(
+                            "{d} {} aborted: {r}",
+                            ShortRev::of(&p.release.revision)
+                        ));
                     }
                     _ => {}
                 }
@@ -846,7 +850,7 @@ pub async fn wait_for_sync(
                 .map(|(d, p)| {
                     format!(
                         "{d} {} still running: {}",
-                        &p.release.revision[..12],
+                        ShortRev::of(&p.release.revision),
                         p.waiting
                     )
                 })

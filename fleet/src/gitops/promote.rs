@@ -3,6 +3,7 @@
 //! the target scope run it: a commit on a new branch for a pull request, or `--direct` onto
 //! the fleet repository's branch. The controller then rolls it out like any other commit.
 
+use roost_schemas::ShortRev;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -100,7 +101,7 @@ pub fn running_revision(
         _ => Err(PromoteError::Usage(format!(
             "the stores of {from} run different revisions of {deployment}: {}",
             revs.iter()
-                .map(|(r, s)| format!("{} on {}", &r[..12], s.join(",")))
+                .map(|(r, s)| format!("{} on {}", ShortRev::of(r), s.join(",")))
                 .collect::<Vec<_>>()
                 .join("; ")
         ))),
@@ -206,7 +207,7 @@ pub fn promote(db: &FleetDb, spec: &PromoteSpec, work: &Path) -> Result<Promoted
     let message = format!(
         "Promote {} {} from {} to {}",
         spec.deployment,
-        &revision[..12],
+        ShortRev::of(&revision),
         spec.from,
         spec.to
     );
@@ -217,7 +218,7 @@ pub fn promote(db: &FleetDb, spec: &PromoteSpec, work: &Path) -> Result<Promoted
             _ => spec.branch.clone(),
         }
     } else {
-        format!("promote/{}-{}", spec.deployment, &revision[..12])
+        format!("promote/{}-{}", spec.deployment, ShortRev::of(&revision))
     };
     repo.reference(
         &format!("refs/heads/{branch}"),

@@ -1,5 +1,6 @@
 //! `roost promote`: make `--to` run what `--from` runs, as a Git change to the fleet file.
 
+use roost_schemas::ShortRev;
 use std::path::PathBuf;
 
 use roost_fleet::gitops::{self, promote};
@@ -52,10 +53,10 @@ pub fn run(a: PromoteArgs) -> anyhow::Result<()> {
     println!(
         "promoted {} {} from {} to {}: commit {} on branch {}{}",
         spec.deployment,
-        &p.revision[..12],
+        ShortRev::of(&p.revision),
         spec.from,
         spec.to,
-        &p.commit[..12],
+        ShortRev::of(&p.commit),
         p.branch,
         if spec.direct {
             ""
