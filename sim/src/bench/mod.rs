@@ -1,4 +1,4 @@
-//! `roost bench`: the benchmarks behind BENCHMARKS.md that need real processes or a backlog
+//! `roost bench`: the benchmarks behind bench/README.md that need real processes or a backlog
 //! (`footprint`, `latency`, `bridge-load`, `outbox`). Each prints figures (and one JSON line
 //! with `--json`); none asserts a time. `roost sim` is the fleet benchmark.
 
