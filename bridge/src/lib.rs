@@ -5,6 +5,7 @@
 //! the store's status and events are committed to a SQLite outbox before the edge broker gets
 //! its PUBACK and leave for the cloud in order, deleted only after the cloud's PUBACK.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -128,73 +129,86 @@ const WATERMARK_SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS bridge_confirmed (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL);";
 
 /// Last desired-state envelope per topic, so the edge can be restored after a restart.
+///
+/// Two copies with one writer: the SQLite table (durable; written only on blocking threads,
+/// where a commit may wait for an fsync) and an in-memory copy of it, updated after each
+/// commit. The link task's connect callback reads the memory copy only: it must never wait
+/// for a lock that a writer holds across an fsync, or for SQLite at all.
 #[derive(Clone)]
 struct DesiredStore {
     conn: Arc<Mutex<Connection>>,
+    latest: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
+    /// The legacy `confirmed` watermark as it was at open (read once, at start).
+    confirmed_at_open: u64,
 }
 
 impl DesiredStore {
+    /// Opens (creating) the store and reads what it holds, before any task starts.
     fn open(path: &Path) -> Result<DesiredStore, BridgeError> {
         let conn = roost_runtime::sqlite::open_durable(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS desired (topic TEXT PRIMARY KEY, payload BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS confirmed (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL);",
         )?;
+        let latest = {
+            let mut stmt = conn.prepare("SELECT topic, payload FROM desired")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<BTreeMap<String, Vec<u8>>, _>>()?
+        };
+        let confirmed_at_open = conn
+            .query_row("SELECT upto FROM confirmed WHERE id = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|v| v as u64)
+            .unwrap_or(0);
         Ok(DesiredStore {
             conn: Arc::new(Mutex::new(conn)),
+            latest: Arc::new(Mutex::new(latest)),
+            confirmed_at_open,
         })
     }
 
-    /// Runs a write on a blocking thread: a durable commit waits for an fsync, which must not
-    /// stall the async runtime.
-    async fn write(
-        &self,
-        f: impl FnOnce(&DesiredStore) -> Result<(), BridgeError> + Send + 'static,
-    ) -> Result<(), BridgeError> {
+    /// Stores `payload` as the desired state of `topic` (an empty payload deletes it) on a
+    /// blocking thread: a durable commit waits for an fsync, which must not stall the async
+    /// runtime. The memory copy changes only after the commit.
+    async fn put(&self, topic: String, payload: Vec<u8>) -> Result<(), BridgeError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || f(&me)).await?
+        tokio::task::spawn_blocking(move || me.put_blocking(topic, payload)).await?
     }
 
-    fn put(&self, topic: &str, payload: &[u8]) -> Result<(), BridgeError> {
-        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+    fn put_blocking(&self, topic: String, payload: Vec<u8>) -> Result<(), BridgeError> {
+        {
+            let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            if payload.is_empty() {
+                c.execute("DELETE FROM desired WHERE topic = ?1", [&topic])?;
+            } else {
+                c.execute(
+                    "INSERT INTO desired(topic, payload) VALUES (?1, ?2)
+                     ON CONFLICT(topic) DO UPDATE SET payload = excluded.payload",
+                    params![topic, payload],
+                )?;
+            }
+        }
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
         if payload.is_empty() {
-            c.execute("DELETE FROM desired WHERE topic = ?1", [topic])?;
+            latest.remove(&topic);
         } else {
-            c.execute(
-                "INSERT INTO desired(topic, payload) VALUES (?1, ?2)
-                 ON CONFLICT(topic) DO UPDATE SET payload = excluded.payload",
-                params![topic, payload],
-            )?;
+            latest.insert(topic, payload);
         }
         Ok(())
     }
 
-    fn confirmed(&self) -> u64 {
-        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        c.query_row("SELECT upto FROM confirmed WHERE id = 1", [], |r| {
-            r.get::<_, i64>(0)
-        })
-        .map(|v| v as u64)
-        .unwrap_or(0)
-    }
-
+    /// Every stored desired-state message, by topic: from memory, no I/O.
     fn all(&self) -> Vec<DirectMessage> {
-        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let res = (|| -> Result<Vec<DirectMessage>, rusqlite::Error> {
-            let mut stmt = c.prepare("SELECT topic, payload FROM desired ORDER BY topic")?;
-            let rows = stmt.query_map([], |r| {
-                Ok(DirectMessage {
-                    topic: r.get(0)?,
-                    payload: r.get(1)?,
-                    retain: true,
-                })
-            })?;
-            rows.collect()
-        })();
-        res.unwrap_or_else(|error| {
-            warn!(%error, "cannot read stored desired state");
-            Vec::new()
-        })
+        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        latest
+            .iter()
+            .map(|(topic, payload)| DirectMessage {
+                topic: topic.clone(),
+                payload: payload.clone(),
+                retain: true,
+            })
+            .collect()
     }
 }
 
@@ -350,7 +364,7 @@ pub async fn run_with(
     // outbox here. On every edge connect the bridge states its watermark and asks for a
     // resend of anything later (the edge broker may have lost it, e.g. in a restart).
     let watermark = Arc::new(Mutex::new(Watermark::new(
-        desired.confirmed().max(stored_upto),
+        desired.confirmed_at_open.max(stored_upto),
     )));
     let ack_topic = topics.ack(&store);
     let (w2, t2) = (watermark.clone(), ack_topic.clone());
@@ -382,7 +396,7 @@ pub async fn run_with(
                     continue;
                 }
                 let (topic, payload) = (m.topic.clone(), m.payload.clone());
-                if let Err(error) = desired.write(move |d| d.put(&topic, &payload)).await {
+                if let Err(error) = desired.put(topic, payload).await {
                     warn!(%error, topic = %m.topic, "cannot store desired state");
                 }
                 debug!(topic = %m.topic, bytes = m.payload.len(), "down");
@@ -554,6 +568,41 @@ pub async fn run_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn desired_state_is_kept_across_a_reopen_and_read_without_touching_sqlite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bridge.db");
+        let store = DesiredStore::open(&path).expect("open");
+        store.put("t/b".into(), b"2".to_vec()).await.expect("put");
+        store.put("t/a".into(), b"1".to_vec()).await.expect("put");
+        store.put("t/c".into(), b"3".to_vec()).await.expect("put");
+        store.put("t/c".into(), Vec::new()).await.expect("delete");
+        let topics = |msgs: Vec<DirectMessage>| -> Vec<(String, Vec<u8>)> {
+            msgs.into_iter().map(|m| (m.topic, m.payload)).collect()
+        };
+        let want = vec![
+            ("t/a".to_owned(), b"1".to_vec()),
+            ("t/b".to_owned(), b"2".to_vec()),
+        ];
+        assert_eq!(topics(store.all()), want);
+        // The connect callback's read must not wait for a writer that holds the database
+        // (through an fsync): with the connection locked elsewhere, `all` still answers.
+        let held = store.conn.lock().expect("lock");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = store.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(reader.all());
+        });
+        let read = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("all() answered while the database was held");
+        assert_eq!(topics(read), want);
+        drop(held);
+        drop(store);
+        let again = DesiredStore::open(&path).expect("reopen");
+        assert_eq!(topics(again.all()), want);
+    }
 
     #[test]
     fn carries_deployments_and_the_snapshot_down() {
