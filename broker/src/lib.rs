@@ -27,9 +27,39 @@ pub enum BrokerError {
         /// What is wrong.
         message: String,
     },
-    /// The broker failed.
-    #[error("broker: {0}")]
-    Run(String),
+    /// The configuration has no MQTT v4 listener to start.
+    #[error("broker configuration: no [v4.*] listener")]
+    NoListener,
+    /// The broker's thread could not be started, or no free port was found.
+    #[error("broker: {what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// rumqttd stopped with an error (its error type is not public: boxed).
+    #[error("broker stopped")]
+    Run(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The configuration file could not be read.
+    #[error("broker configuration {path}")]
+    Read {
+        /// File.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration is not valid rumqttd TOML.
+    #[error("broker configuration {path}")]
+    Parse {
+        /// File.
+        path: String,
+        /// What is wrong.
+        #[source]
+        source: toml::de::Error,
+    },
     /// No free port / the broker did not start listening.
     #[error("broker did not start listening on {0}")]
     NotListening(SocketAddr),
@@ -40,9 +70,9 @@ pub enum BrokerError {
 
 /// Parses a rumqttd TOML configuration.
 pub fn parse_config(text: &str, path: &str) -> Result<rumqttd::Config, BrokerError> {
-    let cfg: rumqttd::Config = toml::from_str(text).map_err(|e| BrokerError::Config {
+    let cfg: rumqttd::Config = toml::from_str(text).map_err(|source| BrokerError::Parse {
         path: path.to_owned(),
-        message: e.to_string(),
+        source,
     })?;
     if cfg.v4.as_ref().map(|m| m.is_empty()).unwrap_or(true) && cfg.v5.is_none() {
         return Err(BrokerError::Config {
@@ -59,9 +89,9 @@ pub fn load_config(
     path: &Path,
     listen: Option<SocketAddr>,
 ) -> Result<rumqttd::Config, BrokerError> {
-    let text = std::fs::read_to_string(path).map_err(|e| BrokerError::Config {
+    let text = std::fs::read_to_string(path).map_err(|source| BrokerError::Read {
         path: path.display().to_string(),
-        message: e.to_string(),
+        source,
     })?;
     let mut cfg = parse_config(&text, &path.display().to_string())?;
     if let Some(addr) = listen {
@@ -231,7 +261,7 @@ pub fn spawn(cfg: rumqttd::Config) -> Result<SocketAddr, BrokerError> {
         .as_ref()
         .and_then(|m| m.values().next())
         .map(|s| s.listen)
-        .ok_or_else(|| BrokerError::Run("no v4 listener".into()))?;
+        .ok_or(BrokerError::NoListener)?;
     std::thread::Builder::new()
         .name(format!("rumqttd-{}", addr.port()))
         .spawn(move || {
@@ -240,7 +270,10 @@ pub fn spawn(cfg: rumqttd::Config) -> Result<SocketAddr, BrokerError> {
                 tracing::error!(%error, "broker stopped");
             }
         })
-        .map_err(|e| BrokerError::Run(e.to_string()))?;
+        .map_err(|source| BrokerError::Io {
+            what: "start the broker thread",
+            source,
+        })?;
     wait_listening(addr, Duration::from_secs(10))?;
     Ok(addr)
 }
@@ -249,20 +282,23 @@ pub fn spawn(cfg: rumqttd::Config) -> Result<SocketAddr, BrokerError> {
 pub fn spawn_free(profile: &str) -> Result<SocketAddr, BrokerError> {
     let mut last = None;
     for _ in 0..5 {
-        let port = free_port().map_err(|e| BrokerError::Run(e.to_string()))?;
+        let port = free_port().map_err(|source| BrokerError::Io {
+            what: "find a free port",
+            source,
+        })?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         match spawn(builtin_config(profile, addr)?) {
             Ok(a) => return Ok(a),
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| BrokerError::Run("no port".into())))
+    Err(last.unwrap_or(BrokerError::NoListener))
 }
 
 /// Runs a broker on the calling thread (never returns unless it fails).
 pub fn run_forever(cfg: rumqttd::Config) -> Result<(), BrokerError> {
     let mut broker = rumqttd::Broker::new(cfg);
-    broker.start().map_err(|e| BrokerError::Run(e.to_string()))
+    broker.start().map_err(|e| BrokerError::Run(e.into()))
 }
 
 #[cfg(test)]

@@ -12,11 +12,7 @@ use roost_schemas::{DeploymentStatus, DesiredRef, Phase, StatusDoc, Topics};
 use rumqttc::{Event, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
-use crate::up::{commit_files, UpError};
-
-fn err<E: std::fmt::Display>(ctx: &'static str) -> impl Fn(E) -> UpError {
-    move |e| UpError::Setup(format!("{ctx}: {e}"))
-}
+use crate::up::{commit_files, setup, UpError};
 
 /// Figures of one run.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -75,11 +71,11 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         std::process::id(),
         rand::random::<u32>()
     ));
-    std::fs::create_dir_all(&dir).map_err(err("temp dir"))?;
-    let cloud = roost_broker::spawn_free("cloud").map_err(err("cloud broker"))?;
+    std::fs::create_dir_all(&dir).map_err(setup("temp dir"))?;
+    let cloud = roost_broker::spawn_free("cloud").map_err(setup("cloud broker"))?;
     let cancel = CancellationToken::new();
     let db_path = dir.join("fleet.db");
-    let db = roost_fleet::record::FleetDb::open(&db_path).map_err(err("fleet db"))?;
+    let db = roost_fleet::record::FleetDb::open(&db_path).map_err(setup("fleet db"))?;
     let fopts = roost_fleet::record::FleetOptions {
         host: cloud.ip().to_string(),
         port: cloud.port(),
@@ -104,16 +100,16 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
     };
     // One client publishes every store's status (the stores' agents, simulated).
     let (client, mut ev) = roost_fleet::cloud::connect(&cloud.to_string(), "roost-sim-stores")
-        .map_err(err("connect"))?;
+        .map_err(setup("connect"))?;
     let (sub, mut ev_watch) = roost_fleet::cloud::connect(&cloud.to_string(), "roost-sim-watch")
-        .map_err(err("connect"))?;
+        .map_err(setup("connect"))?;
     sub.subscribe(topics.all_deployment_filters()[0].clone(), QoS::AtLeastOnce)
         .await
-        .map_err(err("subscribe"))?;
+        .map_err(setup("subscribe"))?;
     for f in topics.all_deployment_filters().into_iter().skip(1) {
         sub.subscribe(f, QoS::AtLeastOnce)
             .await
-            .map_err(err("subscribe"))?;
+            .map_err(setup("subscribe"))?;
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     tokio::spawn(async move {
@@ -135,7 +131,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
                 status_doc(s, &groups_of(i), deployment, None),
             )
             .await
-            .map_err(err("publish"))?;
+            .map_err(setup("publish"))?;
     }
     let count = |db: &roost_fleet::record::FleetDb| {
         db.with_conn(
@@ -152,7 +148,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
     }
     let ingest_s = t_ingest.elapsed().as_secs_f64();
     // An app repository and a fleet repository with canary, 10 % and fleet waves.
-    let apps = git2::Repository::init(dir.join("apps")).map_err(err("git init"))?;
+    let apps = git2::Repository::init(dir.join("apps")).map_err(setup("git init"))?;
     let mut files = BTreeMap::new();
     files.insert(
         "apps/menu/menu.yaml".to_owned(),
@@ -161,7 +157,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
     let rev = commit_files(&apps, &files, "menu")?;
     let apps_url = format!("file://{}", dir.join("apps").display());
     let fleet_dir = dir.join("fleet");
-    let fleet_repo = git2::Repository::init(&fleet_dir).map_err(err("git init"))?;
+    let fleet_repo = git2::Repository::init(&fleet_dir).map_err(setup("git init"))?;
     let mut ff = BTreeMap::new();
     ff.insert(
         "roost.yaml".to_owned(),
@@ -170,7 +166,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         ),
     );
     commit_files(&fleet_repo, &ff, "the fleet")?;
-    let key = roost_schemas::SigningKey::generate().map_err(err("key"))?;
+    let key = roost_schemas::SigningKey::generate().map_err(setup("key"))?;
     let gopts = roost_fleet::gitops::GitopsOptions {
         repo: format!("file://{}", fleet_dir.display()),
         branch: "HEAD".into(),
@@ -281,12 +277,12 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
     // The wave engine alone over the whole fleet.
     let view = db
         .with_conn(|c| roost_fleet::gitops::store::view(c, deployment))
-        .map_err(err("view"))?;
+        .map_err(setup("view"))?;
     let plan = db
         .with_conn(roost_fleet::gitops::store::plans)
         .ok()
         .and_then(|p| p.get(deployment).cloned())
-        .ok_or_else(|| UpError::Setup("no plan".into()))?;
+        .ok_or_else(|| UpError::Failed(format!("no plan for {deployment}")))?;
     let mut us = Vec::new();
     for _ in 0..20 {
         let mut p = plan.clone();

@@ -14,7 +14,7 @@ use rumqttc::{Event, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use crate::process::KillOnDrop;
-use crate::up::{self, GitDaemon, StoreSpec, UpError};
+use crate::up::{self, setup, GitDaemon, StoreSpec, UpError};
 use roost_fleet::cloud::{self, RolloutSpec};
 
 /// How stores reach the cloud broker.
@@ -51,7 +51,7 @@ fn start_mosquitto(
     bin: &std::path::Path,
     dir: &std::path::Path,
 ) -> Result<(std::net::SocketAddr, KillOnDrop), UpError> {
-    let port = roost_broker::free_port().map_err(err("port"))?;
+    let port = roost_broker::free_port().map_err(setup("port"))?;
     let conf = dir.join("mosquitto.conf");
     // No persistence: the embedded broker has none either, and retained rollouts are
     // published once per round. No queue limit: a store must never miss its rollout.
@@ -59,12 +59,12 @@ fn start_mosquitto(
         &conf,
         format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\nmax_queued_messages 0\nmax_inflight_messages 200\nuser root\n"),
     )
-    .map_err(err("mosquitto.conf"))?;
-    let log = std::fs::File::create(dir.join("mosquitto.log")).map_err(err("mosquitto.log"))?;
+    .map_err(setup("mosquitto.conf"))?;
+    let log = std::fs::File::create(dir.join("mosquitto.log")).map_err(setup("mosquitto.log"))?;
     let guard = KillOnDrop::spawn(std::process::Command::new(bin).arg("-c").arg(&conf), log)
-        .map_err(err("mosquitto (is it installed?)"))?;
+        .map_err(setup("mosquitto (is it installed?)"))?;
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    roost_broker::wait_listening(addr, Duration::from_secs(10)).map_err(err("mosquitto"))?;
+    roost_broker::wait_listening(addr, Duration::from_secs(10)).map_err(setup("mosquitto"))?;
     Ok((addr, guard))
 }
 
@@ -103,7 +103,7 @@ impl FleetGit {
                     listen: ([127, 0, 0, 1], 0).into(),
                     cache_bytes: 256 << 20,
                 })
-                .map_err(err("git server"))?,
+                .map_err(setup("git server"))?,
             ),
         })
     }
@@ -196,10 +196,6 @@ fn rss_kib() -> Option<u64> {
         .ok()
 }
 
-fn err<E: std::fmt::Display>(ctx: &'static str) -> impl Fn(E) -> UpError {
-    move |e| UpError::Setup(format!("{ctx}: {e}"))
-}
-
 /// The soft limit of open files in force (from /proc/self/limits; 0 if unknown). Every
 /// store holds sockets, SQLite files and a file watcher (about 8 descriptors direct, 24
 /// bridged); `bench/sim.sh` raises the soft limit to the hard one before it starts.
@@ -218,7 +214,7 @@ pub fn fd_limit() -> u64 {
 /// Runs the benchmark.
 pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     if opts.stores == 0 || opts.rollouts == 0 {
-        return Err(UpError::Setup(
+        return Err(UpError::Invalid(
             "--stores and --rollouts must be at least 1".into(),
         ));
     }
@@ -228,7 +224,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
         Topology::Bridged => 24,
     };
     if fd_limit > 0 && (opts.stores as u64) * per_store + 256 > fd_limit {
-        return Err(UpError::Setup(format!(
+        return Err(UpError::Invalid(format!(
             "{} stores need about {} open files; the limit here is {fd_limit} (raise it: ulimit -n $(ulimit -Hn), as bench/sim.sh does)",
             opts.stores,
             opts.stores as u64 * per_store + 256
@@ -243,23 +239,23 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
             std::process::id(),
             rand::random::<u32>()
         ));
-    std::fs::create_dir_all(&dir).map_err(err("temp dir"))?;
+    std::fs::create_dir_all(&dir).map_err(setup("temp dir"))?;
     let (cloud_addr, _mosquitto) = match &opts.cloud_mosquitto {
         Some(bin) => {
             let (a, g) = start_mosquitto(bin, &dir)?;
             (a, Some(g))
         }
         None => (
-            roost_broker::spawn_free("cloud").map_err(err("cloud broker"))?,
+            roost_broker::spawn_free("cloud").map_err(setup("cloud broker"))?,
             None,
         ),
     };
     let broker = cloud_addr.to_string();
     let repos = dir.join("repos");
     let sample = up::create_sample_repo(&repos.join("fleet.git"))?;
-    let repo = git2::Repository::open(&sample.path).map_err(err("repo"))?;
+    let repo = git2::Repository::open(&sample.path).map_err(setup("repo"))?;
     let daemon = FleetGit::start(opts.git_server, &repos, opts.git_max_connections)?;
-    let key = roost_schemas::SigningKey::generate().map_err(err("key"))?;
+    let key = roost_schemas::SigningKey::generate().map_err(setup("key"))?;
     let cancel = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
@@ -272,7 +268,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
         }
         let name = up::store_name(i);
         let edge = match opts.topology {
-            Topology::Bridged => roost_broker::spawn_free("edge").map_err(err("edge broker"))?,
+            Topology::Bridged => roost_broker::spawn_free("edge").map_err(setup("edge broker"))?,
             Topology::Direct => cloud_addr,
         };
         let spec = StoreSpec {
@@ -305,21 +301,21 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
         started.elapsed().as_millis()
     );
     let topics = Topics::default();
-    let (client, mut ev) = cloud::connect(&broker, "roost-sim").map_err(err("observer"))?;
+    let (client, mut ev) = cloud::connect(&broker, "roost-sim").map_err(setup("observer"))?;
     client
         .subscribe(
             topics.all_stores(roost_schemas::topics::StoreTopicKind::Events),
             QoS::AtLeastOnce,
         )
         .await
-        .map_err(err("subscribe"))?;
+        .map_err(setup("subscribe"))?;
     client
         .subscribe(
             topics.all_stores(roost_schemas::topics::StoreTopicKind::Status),
             QoS::AtLeastOnce,
         )
         .await
-        .map_err(err("subscribe"))?;
+        .map_err(setup("subscribe"))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(CloudEvent, Instant)>();
     let (status_tx, mut status_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let observer = tokio::spawn(async move {
@@ -384,8 +380,8 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
             let head = repo
                 .head()
                 .and_then(|h| h.peel_to_commit())
-                .map_err(err("head"))?;
-            let tree = head.tree().map_err(err("tree"))?;
+                .map_err(setup("head"))?;
+            let tree = head.tree().map_err(setup("tree"))?;
             if files.is_empty() {
                 tree.walk(git2::TreeWalkMode::PreOrder, |root, e| {
                     if let Ok(blob) = e.to_object(&repo).and_then(|o| o.peel_to_blob()) {
@@ -396,7 +392,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
                     }
                     git2::TreeWalkResult::Ok
                 })
-                .map_err(err("walk"))?;
+                .map_err(setup("walk"))?;
             }
             files.insert(
                 "apps/kitchen-display/round.txt".into(),
@@ -420,7 +416,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
         let t0_wall = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
         cloud::rollout(&broker, &topics, std::slice::from_ref(&key), &spec)
             .await
-            .map_err(err("rollout"))?;
+            .map_err(setup("rollout"))?;
         let mut done: HashMap<String, u64> = HashMap::new();
         // Per store this round: event type -> (event time ms, arrival ms since t0), fetch/build.
         let mut marks: HashMap<String, HashMap<&'static str, (i128, u64)>> = HashMap::new();

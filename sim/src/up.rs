@@ -21,12 +21,25 @@ use tracing::warn;
 
 use roost_fleet::cloud;
 
-/// Errors of `roost up`.
+/// A boxed error from one of the many components a one-machine fleet starts.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Errors of `roost up` and `roost sim`.
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
-    /// Setup failed.
+    /// The options (or this machine's limits) do not allow the run; the message says what
+    /// to change.
     #[error("{0}")]
-    Setup(String),
+    Invalid(String),
+    /// A step of setting the fleet up failed.
+    #[error("{what}")]
+    Setup {
+        /// The step.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: BoxError,
+    },
     /// The fleet did not converge in time.
     #[error("timed out after {0:?}: {1}")]
     Timeout(Duration, String),
@@ -35,8 +48,12 @@ pub enum UpError {
     Failed(String),
 }
 
-fn setup<E: std::fmt::Display>(ctx: &str) -> impl Fn(E) -> UpError + '_ {
-    move |e| UpError::Setup(format!("{ctx}: {e}"))
+/// Maps an error of the step `what` to [`UpError::Setup`], keeping it as the source.
+pub(crate) fn setup<E: Into<BoxError>>(what: &'static str) -> impl Fn(E) -> UpError {
+    move |e| UpError::Setup {
+        what,
+        source: e.into(),
+    }
 }
 
 /// Options of `roost up`.
@@ -283,13 +300,13 @@ pub fn store_groups(i: usize) -> Vec<String> {
 /// Runs `roost up`.
 pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpError> {
     if opts.stores == 0 {
-        return Err(UpError::Setup("--stores must be at least 1".into()));
+        return Err(UpError::Invalid("--stores must be at least 1".into()));
     }
     let target = match opts.target.as_str() {
         "files" => TargetConfig::Files(Default::default()),
         "kubernetes" => TargetConfig::Kubernetes(Default::default()),
         other => {
-            return Err(UpError::Setup(format!(
+            return Err(UpError::Invalid(format!(
                 "unknown --target {other:?} (files|kubernetes)"
             )))
         }
@@ -622,7 +639,8 @@ impl Watcher {
         while acked < 3 {
             match tokio::time::timeout_at(deadline, ev.poll()).await {
                 Err(_) => {
-                    return Err(UpError::Setup(
+                    return Err(UpError::Timeout(
+                        Duration::from_secs(10),
                         "watch: no SUBACK from the cloud broker".into(),
                     ))
                 }

@@ -137,7 +137,7 @@ async fn publish_all(edge: SocketAddr, n: usize) -> Result<(), BenchError> {
         match tokio::time::timeout(Duration::from_secs(60), ev.poll()).await {
             Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(BenchError::Setup(format!("publisher: {e}"))),
+            Ok(Err(e)) => return Err(BenchError::Failed(format!("publisher: {e}"))),
             Err(_) => return Err(BenchError::Timeout(format!("{acked}/{n} PUBACKs"))),
         }
     }
@@ -303,7 +303,7 @@ pub async fn run(opts: &BridgeLoadOptions) -> Result<serde_json::Value, BenchErr
         &Topics::default().events(STORE),
         &payload(1),
     )
-    .map_err(|d| BenchError::Setup(format!("load message refused by the bridge: {d:?}")))?;
+    .map_err(|d| BenchError::Failed(format!("load message refused by the bridge: {d:?}")))?;
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..opts.runs.max(1) {
         for (i, kind) in [Kind::Roost, Kind::Mosquitto].into_iter().enumerate() {

@@ -32,7 +32,7 @@ pub async fn run(opts: &FootprintOptions) -> Result<serde_json::Value, BenchErro
         .map(|d| d.count())
         .unwrap_or(0);
     if files < opts.objects {
-        return Err(BenchError::Setup(format!(
+        return Err(BenchError::Invalid(format!(
             "converged, but {} holds {files} files, not {}",
             rig.current().display(),
             opts.objects

@@ -13,16 +13,32 @@ pub use rig::{ProcStat, Rig, RigOptions};
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
-    /// Setting something up failed.
+    /// The run cannot start as asked; the message says what to change.
     #[error("{0}")]
-    Setup(String),
+    Invalid(String),
+    /// A step of setting the run up failed.
+    #[error("{what}")]
+    Setup {
+        /// The step.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: crate::up::BoxError,
+    },
+    /// A component stopped or refused what the benchmark needs.
+    #[error("{0}")]
+    Failed(String),
     /// Something did not happen in time.
     #[error("timed out: {0}")]
     Timeout(String),
 }
 
-pub(crate) fn setup<E: std::fmt::Display>(ctx: &'static str) -> impl Fn(E) -> BenchError {
-    move |e| BenchError::Setup(format!("{ctx}: {e}"))
+/// Maps an error of the step `what` to [`BenchError::Setup`], keeping it as the source.
+pub(crate) fn setup<E: Into<crate::up::BoxError>>(what: &'static str) -> impl Fn(E) -> BenchError {
+    move |e| BenchError::Setup {
+        what,
+        source: e.into(),
+    }
 }
 
 /// Percentiles of a list of milliseconds, as JSON (`p50`, `p99`, `max`, `n`).

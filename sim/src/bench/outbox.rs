@@ -109,7 +109,7 @@ async fn counter(
     tokio::time::timeout(Duration::from_secs(20), sub_rx)
         .await
         .map_err(|_| BenchError::Timeout("counter SUBACK".into()))?
-        .map_err(|_| BenchError::Setup("counter stopped".into()))?;
+        .map_err(|_| BenchError::Failed("counter stopped".into()))?;
     Ok((rx, task))
 }
 
@@ -123,7 +123,7 @@ async fn wait_count(
         .map(|r| r.is_ok());
     match res {
         Ok(true) => Ok(()),
-        Ok(false) => Err(BenchError::Setup("counter stopped".into())),
+        Ok(false) => Err(BenchError::Failed("counter stopped".into())),
         Err(_) => Err(BenchError::Timeout(format!(
             "{} of {n} events arrived",
             *rx.borrow()

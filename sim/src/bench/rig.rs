@@ -253,7 +253,7 @@ impl Rig {
         tokio::time::timeout(Duration::from_secs(20), sub_rx)
             .await
             .map_err(|_| BenchError::Timeout("observer SUBACK".into()))?
-            .map_err(|_| BenchError::Setup("observer stopped".into()))?;
+            .map_err(|_| BenchError::Failed("observer stopped".into()))?;
 
         let state = d.join("store");
         let agent_cfg = d.join("agent.toml");
