@@ -16,11 +16,11 @@ use roost_schemas::{
     PAYLOAD_TYPE,
 };
 use roost_sim::up::{GitDaemon, StoreSpec};
-
-use crate::fixtures::{free_addr, shipped, status_doc};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::fixtures::{free_addr, refs, shipped, status_doc};
 
 /// Installs tracing (once) according to `ROOST_LOG`, and the crypto provider.
 pub fn init() {
@@ -281,7 +281,7 @@ impl GitServer {
             .map(String::as_str)
             .filter(|k| !files.iter().any(|(p, _)| p == k))
             .collect();
-        self.commit(&crate::fixtures::refs(files), &delete, msg)
+        self.commit(&refs(files), &delete, msg)
     }
 
     /// Current files of the last commit.
@@ -515,6 +515,19 @@ impl Observer {
         eventually(timeout, &format!("{ty} from {store}"), || {
             let s = seen.lock().expect("lock");
             s.of(store, ty).into_iter().find(|e| pred(e)).cloned()
+        })
+        .await
+    }
+
+    /// Waits for the store's `dev.roost.converged` event naming `revision`; returns it.
+    pub async fn wait_converged(
+        &self,
+        store: &str,
+        revision: &str,
+        timeout: Duration,
+    ) -> CloudEvent {
+        self.wait_event(store, "dev.roost.converged", timeout, |e| {
+            crate::fixtures::rev_of(e) == Some(revision)
         })
         .await
     }

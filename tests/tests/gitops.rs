@@ -166,11 +166,7 @@ impl Rig {
     }
 
     async fn converged(&self, store: &str, rev: &str) -> CloudEvent {
-        self.obs
-            .wait_event(store, "dev.roost.converged", T, |e| {
-                e.data["revision"] == rev
-            })
-            .await
+        self.obs.wait_converged(store, rev, T).await
     }
 
     async fn all_converged(&self, rev: &str) {

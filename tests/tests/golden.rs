@@ -24,6 +24,8 @@ use tokio::io::AsyncBufReadExt as _;
 
 const T: Duration = Duration::from_secs(30);
 const APP: &str = WEB_APP;
+/// The `web` app's files in these tests' repositories (with one outside the app's path).
+const FILES: Web = Web::WithDeploymentAndOutside;
 
 struct World {
     _dir: tempfile::TempDir,
@@ -41,7 +43,7 @@ async fn world() -> World {
         git,
         rev: rev1,
         obs: observer,
-    } = CloudRig::start(&refs(&web_app("1", Web::WithDeploymentAndOutside))).await;
+    } = CloudRig::start(&refs(&web_app("1", FILES))).await;
     World {
         _dir: dir,
         cloud,
@@ -108,11 +110,7 @@ async fn rollout_update_and_tombstone_end_to_end() {
             rev_of(e) == Some(&rev1)
         })
         .await;
-    let conv = obs
-        .wait_event("store-0001", "dev.roost.converged", T, |e| {
-            rev_of(e) == Some(&rev1)
-        })
-        .await;
+    let conv = obs.wait_converged("store-0001", &rev1, T).await;
     assert!(conv.roostseq > applied.roostseq, "converged after apply");
     assert_eq!(conv.subject.as_deref(), Some("web"));
     assert_eq!(
@@ -124,16 +122,9 @@ async fn rollout_update_and_tombstone_end_to_end() {
         .await;
 
     // A second rollout updates.
-    let rev2 = w.git.commit(
-        &refs(&web_app("2", Web::WithDeploymentAndOutside)),
-        &[],
-        "v2",
-    );
+    let rev2 = w.git.commit(&refs(&web_app("2", FILES)), &[], "v2");
     w.roll(Scope::Fleet, 2, &rev2).await;
-    obs.wait_event("store-0001", "dev.roost.converged", T, |e| {
-        rev_of(e) == Some(&rev2)
-    })
-    .await;
+    obs.wait_converged("store-0001", &rev2, T).await;
     assert_eq!(s.live_files("web"), under(w.git.files(), APP));
     assert!(s.live_files("web")["configmap.yaml"].contains("\"2\""));
 
@@ -150,10 +141,7 @@ async fn rollout_update_and_tombstone_end_to_end() {
         })
         .await;
     assert_eq!(pruned.data["pruned"], json!(["deploy/deployment.yaml"]));
-    obs.wait_event("store-0001", "dev.roost.converged", T, |e| {
-        rev_of(e) == Some(&rev3)
-    })
-    .await;
+    obs.wait_converged("store-0001", &rev3, T).await;
     assert_eq!(
         s.live_files("web").keys().cloned().collect::<Vec<_>>(),
         vec!["configmap.yaml".to_string()]
@@ -185,21 +173,11 @@ async fn precedence_store_over_groups_over_fleet_with_fallback() {
     let mut s = w.store("store-0001", &["canary", "all"]);
     s.start();
     let rev_fleet = w.rev1.clone();
-    let rev_all = w.git.commit(
-        &refs(&web_app("all", Web::WithDeploymentAndOutside)),
-        &[],
-        "all",
-    );
-    let rev_canary = w.git.commit(
-        &refs(&web_app("canary", Web::WithDeploymentAndOutside)),
-        &[],
-        "canary",
-    );
-    let rev_store = w.git.commit(
-        &refs(&web_app("store", Web::WithDeploymentAndOutside)),
-        &[],
-        "store",
-    );
+    let rev_all = w.git.commit(&refs(&web_app("all", FILES)), &[], "all");
+    let rev_canary = w
+        .git
+        .commit(&refs(&web_app("canary", FILES)), &[], "canary");
+    let rev_store = w.git.commit(&refs(&web_app("store", FILES)), &[], "store");
     let obs = &w.observer;
     let version = |s: &StoreRig| {
         s.live_files("web")
@@ -418,16 +396,9 @@ async fn restart_does_not_reapply_and_roostseq_continues() {
     );
     // A new revision afterwards goes through the same worker: any re-apply of rev1 would
     // have started before it.
-    let rev2 = w.git.commit(
-        &refs(&web_app("2", Web::WithDeploymentAndOutside)),
-        &[],
-        "v2",
-    );
+    let rev2 = w.git.commit(&refs(&web_app("2", FILES)), &[], "v2");
     w.roll(Scope::Fleet, 4, &rev2).await;
-    obs.wait_event("store-0001", "dev.roost.converged", T, |e| {
-        rev_of(e) == Some(&rev2)
-    })
-    .await;
+    obs.wait_converged("store-0001", &rev2, T).await;
     let applies: Vec<Option<String>> = obs
         .snapshot()
         .of("store-0001", "dev.roost.apply.started")
@@ -455,7 +426,7 @@ async fn cloud_outage_queues_events_and_delivers_all_in_order() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
     let mut cloud = BrokerProcess::start("cloud");
-    let (git, rev1) = GitServer::start(&refs(&web_app("1", Web::WithDeploymentAndOutside)));
+    let (git, rev1) = GitServer::start(&refs(&web_app("1", FILES)));
     let signer = Signer::new(1);
     let mut obs = Observer::start(cloud.addr).await;
     let mut s = StoreRig::new(
@@ -482,11 +453,7 @@ async fn cloud_outage_queues_events_and_delivers_all_in_order() {
     cloud.kill();
     // A rollout already delivered locally (as the bridge would have) still converges.
     let mut git = git;
-    let rev2 = git.commit(
-        &refs(&web_app("offline", Web::WithDeploymentAndOutside)),
-        &[],
-        "v2",
-    );
+    let rev2 = git.commit(&refs(&web_app("offline", FILES)), &[], "v2");
     let r2 = signer.rollout("web", Scope::Fleet, 2, &git.url(), &rev2, APP);
     publish(
         s.edge,
@@ -509,11 +476,7 @@ async fn cloud_outage_queues_events_and_delivers_all_in_order() {
     let t0 = Instant::now();
     cloud.restart();
     obs.wait_subscribed(2).await;
-    let conv = obs
-        .wait_event("store-0001", "dev.roost.converged", T, |e| {
-            rev_of(e) == Some(&rev2)
-        })
-        .await;
+    let conv = obs.wait_converged("store-0001", &rev2, T).await;
     let snap = obs.snapshot();
     let seqs: Vec<u64> = snap
         .store_events("store-0001")
@@ -695,7 +658,7 @@ async fn interop_mosquitto_as_the_cloud_broker() {
     std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n")).expect("conf");
     let cloud: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let mut child = spawn_mosquitto(mosquitto, &conf, cloud);
-    let (git, rev1) = GitServer::start(&refs(&web_app("1", Web::WithDeploymentAndOutside)));
+    let (git, rev1) = GitServer::start(&refs(&web_app("1", FILES)));
     let signer = Signer::new(1);
     let obs = Observer::start(cloud).await;
     let mut s = StoreRig::new(
@@ -714,10 +677,7 @@ async fn interop_mosquitto_as_the_cloud_broker() {
         signer.sign(&r),
     )
     .await;
-    obs.wait_event("store-0001", "dev.roost.converged", T, |e| {
-        rev_of(e) == Some(&rev1)
-    })
-    .await;
+    obs.wait_converged("store-0001", &rev1, T).await;
     obs.wait_phase("store-0001", "web", "Converged", Some(&rev1), T)
         .await;
     // The bridge's presence is retained on mosquitto.
@@ -756,7 +716,7 @@ async fn command_line_keygen_rollout_status_events() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
     let cloud = roost_broker::spawn_free("cloud").expect("cloud");
-    let (git, rev1) = GitServer::start(&refs(&web_app("1", Web::WithDeploymentAndOutside)));
+    let (git, rev1) = GitServer::start(&refs(&web_app("1", FILES)));
     let roost = |args: &[&str]| {
         let (ok, out, err) = roost_cmd(args);
         assert!(ok, "roost {args:?}: {err}");
@@ -1400,7 +1360,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
     let topics = roost_schemas::Topics::default();
     let topic = topics.deployment(&Scope::Fleet, "web");
     let (key_file, signer) = keygen(dir.path());
-    let (mut git, rev1) = GitServer::start(&refs(&web_app("1", Web::WithDeploymentAndOutside)));
+    let (mut git, rev1) = GitServer::start(&refs(&web_app("1", FILES)));
     let obs = Observer::start(cloud).await;
     let store = "store-0001";
     let mut s = StoreRig::new(
@@ -1528,11 +1488,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
     }
 
     // The next rollout gets a greater sequence, is accepted and converges.
-    let rev2 = git.commit(
-        &refs(&web_app("2", Web::WithDeploymentAndOutside)),
-        &[],
-        "v2",
-    );
+    let rev2 = git.commit(&refs(&web_app("2", FILES)), &[], "v2");
     let (ok, out, err) = rollout(&rev2, &["--wait", "--timeout", "60"]);
     assert!(ok, "roost rollout --wait: {err}\n{out}");
     let seq2 = rollout_json(&out)["sequence"].as_u64().expect("sequence");

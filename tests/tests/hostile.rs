@@ -24,6 +24,8 @@ use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(30);
 const APP: &str = WEB_APP;
+/// The `web` app's files in these tests' repositories.
+const FILES: Web = Web::ConfigMap;
 const STORE: &str = "store-0001";
 const DEP: &str = "web";
 /// Seeds of the keys: two trusted, one trusted but expired, one trusted but revoked, one
@@ -165,8 +167,8 @@ impl World {
             mut git,
             rev: rev_a,
             obs,
-        } = CloudRig::start(&refs(&web_app("a", Web::ConfigMap))).await;
-        let rev_b = git.commit(&refs(&web_app("b", Web::ConfigMap)), &[], "b");
+        } = CloudRig::start(&refs(&web_app("a", FILES))).await;
+        let rev_b = git.commit(&refs(&web_app("b", FILES)), &[], "b");
         let signer = harness::Signer::new(KEY_A);
         let mut store = StoreRig::new(STORE, &["canary"], dir.path(), cloud, &signer, &git.url());
         let mut file = test_keys(&store);
@@ -1266,7 +1268,7 @@ async fn key_rotation_old_key_accepted_before_and_rejected_after() {
         mut git,
         obs,
         ..
-    } = CloudRig::start(&refs(&web_app("0", Web::ConfigMap))).await;
+    } = CloudRig::start(&refs(&web_app("0", FILES))).await;
     const OLD: u8 = 11;
     const NEW: u8 = 12;
     let mut store = StoreRig::new(
@@ -1288,7 +1290,7 @@ async fn key_rotation_old_key_accepted_before_and_rejected_after() {
     let mut seq = 0u64;
     let mut roll = async |git: &mut GitServer, seed: u8, label: &str| -> (u64, String) {
         seq += 1;
-        let rev = git.commit(&refs(&web_app(label, Web::ConfigMap)), &[], label);
+        let rev = git.commit(&refs(&web_app(label, FILES)), &[], label);
         let r = harness::Signer::new(seed).rollout(DEP, Scope::Fleet, seq, &git.url(), &rev, APP);
         publish(
             cloud,
@@ -1380,7 +1382,7 @@ async fn roost_rollout_signs_with_every_key_to_meet_a_threshold() {
         git,
         rev,
         obs,
-    } = CloudRig::start(&refs(&web_app("1", Web::ConfigMap))).await;
+    } = CloudRig::start(&refs(&web_app("1", FILES))).await;
     let keys = dir.path().join("keys");
     let (id_a, _) = roost_fleet::cloud::keygen(&keys).expect("keygen");
     let (id_b, _) = roost_fleet::cloud::keygen(&keys).expect("keygen");
@@ -1448,7 +1450,7 @@ async fn credentials_never_appear_in_logs_events_or_status() {
         mut git,
         rev,
         obs,
-    } = CloudRig::start(&refs(&web_app("1", Web::ConfigMap))).await;
+    } = CloudRig::start(&refs(&web_app("1", FILES))).await;
     let edge = roost_broker::spawn_free("edge").expect("edge broker");
     let token = format!("roost-secret-token-{:016x}", rand::random::<u64>());
     let signer = harness::Signer::new(1);
@@ -1502,7 +1504,7 @@ async fn credentials_never_appear_in_logs_events_or_status() {
     publish(cloud, &topic, signer.sign(&r)).await;
     obs.wait_phase(STORE, DEP, "Converged", Some(&rev), T).await;
     // The https source: fetch fails (no TLS there), retried, reported.
-    let rev2 = git.commit(&refs(&web_app("2", Web::ConfigMap)), &[], "2");
+    let rev2 = git.commit(&refs(&web_app("2", FILES)), &[], "2");
     let r = signer.rollout(DEP, Scope::Fleet, 2, &https, &rev2, APP);
     publish(cloud, &topic, signer.sign(&r)).await;
     obs.wait_event(STORE, "dev.roost.fetch.failed", T, |e| {
@@ -1613,8 +1615,8 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
         mut git,
         rev: rev_a,
         obs,
-    } = CloudRig::start(&refs(&web_app("a", Web::ConfigMap))).await;
-    let rev_b = git.commit(&refs(&web_app("b", Web::ConfigMap)), &[], "b");
+    } = CloudRig::start(&refs(&web_app("a", FILES))).await;
+    let rev_b = git.commit(&refs(&web_app("b", FILES)), &[], "b");
     let signer = harness::Signer::new(KEY_A);
     let configure = |store: &mut StoreRig| {
         let file = test_keys(store);

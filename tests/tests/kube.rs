@@ -256,8 +256,7 @@ impl Scene {
     }
 
     async fn converged(&self, rev: &str) -> CloudEvent {
-        self.event("dev.roost.converged", |e| e.data["revision"] == rev)
-            .await
+        self.obs.wait_converged(&self.store_name, rev, T).await
     }
 
     /// Events of this scenario's store of type `ty`.

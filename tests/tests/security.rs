@@ -1160,10 +1160,7 @@ async fn git_over_https_with_a_private_ca() {
 
     // The right token, in the same file: the next retry fetches over https and converges.
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
-    obs.wait_event(name, "dev.roost.converged", T, |e| {
-        e.data["revision"] == rev.as_str()
-    })
-    .await;
+    obs.wait_converged(name, &rev, T).await;
     let live = std::fs::read_to_string(store.current("web").join("configmap.yaml"))
         .expect("applied from https");
     assert!(live.contains("https-1"), "{live}");
