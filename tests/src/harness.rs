@@ -20,6 +20,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::fixtures::{free_addr, refs, shipped, status_doc};
+
 /// Installs tracing (once) according to `ROOST_LOG`, and the crypto provider.
 pub fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -173,10 +175,8 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// Starts a `cloud` or `edge` profile broker on a free port.
     pub fn start(profile: &'static str) -> BrokerProcess {
-        let port = roost_broker::free_port().expect("port");
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let cfg =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../broker-config/{profile}.toml"));
+        let addr = free_addr();
+        let cfg = shipped(&format!("{profile}.toml"));
         let logs = tempfile::tempdir().expect("tmp");
         let process = RoostProcess::start(
             [
@@ -261,6 +261,27 @@ impl GitServer {
             let _ = std::fs::remove_file(self.repo.workdir().expect("workdir").join(p));
         }
         roost_sim::up::commit_files(&self.repo, &self.files, msg).expect("commit")
+    }
+
+    /// Commits `files` as everything under `prefix`: every other file under it is deleted.
+    pub fn commit_replacing(
+        &mut self,
+        prefix: &str,
+        files: &[(String, String)],
+        msg: &str,
+    ) -> String {
+        let old: Vec<String> = self
+            .files()
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        let delete: Vec<&str> = old
+            .iter()
+            .map(String::as_str)
+            .filter(|k| !files.iter().any(|(p, _)| p == k))
+            .collect();
+        self.commit(&refs(files), &delete, msg)
     }
 
     /// Current files of the last commit.
@@ -370,6 +391,15 @@ impl Seen {
             .into_iter()
             .filter(|e| e.ty == ty)
             .collect()
+    }
+
+    /// The highest `roostseq` among the store's events (0 = none).
+    pub fn max_roostseq(&self, store: &str) -> u64 {
+        self.store_events(store)
+            .iter()
+            .map(|e| e.roostseq)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -489,6 +519,36 @@ impl Observer {
         .await
     }
 
+    /// Waits for the store's `dev.roost.converged` event naming `revision`; returns it.
+    pub async fn wait_converged(
+        &self,
+        store: &str,
+        revision: &str,
+        timeout: Duration,
+    ) -> CloudEvent {
+        self.wait_event(store, "dev.roost.converged", timeout, |e| {
+            crate::fixtures::rev_of(e) == Some(revision)
+        })
+        .await
+    }
+
+    /// Waits until the store's latest status document satisfies `pred` (`what` names that in
+    /// the timeout's panic); returns it.
+    pub async fn wait_status(
+        &self,
+        store: &str,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&StatusDoc) -> bool,
+    ) -> StatusDoc {
+        let seen = self.seen.clone();
+        eventually(timeout, &format!("{store}: {what}"), || {
+            let s = seen.lock().expect("lock");
+            s.status.get(store).filter(|d| pred(d)).cloned()
+        })
+        .await
+    }
+
     /// Waits until the store's status says `deployment` is in `phase` at `revision`.
     pub async fn wait_phase(
         &self,
@@ -498,14 +558,11 @@ impl Observer {
         revision: Option<&str>,
         timeout: Duration,
     ) -> StatusDoc {
-        let seen = self.seen.clone();
-        eventually(timeout, &format!("{store}/{deployment} {phase}"), || {
-            let s = seen.lock().expect("lock");
-            let doc = s.status.get(store)?;
-            let d = doc.deployments.get(deployment)?;
-            (d.phase.as_str() == phase
-                && (revision.is_none() || d.applied_revision.as_deref() == revision))
-                .then(|| doc.clone())
+        self.wait_status(store, &format!("{deployment} {phase}"), timeout, |doc| {
+            doc.deployments.get(deployment).is_some_and(|d| {
+                d.phase.as_str() == phase
+                    && (revision.is_none() || d.applied_revision.as_deref() == revision)
+            })
         })
         .await
     }
@@ -514,6 +571,39 @@ impl Observer {
 impl Drop for Observer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// The cloud side most end-to-end tests start from; fields are public, for destructuring.
+pub struct CloudRig {
+    /// A temporary directory for the test's state (stores, databases, files).
+    pub dir: tempfile::TempDir,
+    /// The embedded cloud broker.
+    pub cloud: SocketAddr,
+    /// The fleet repository, served by `git daemon`.
+    pub git: GitServer,
+    /// Its first revision.
+    pub rev: String,
+    /// An observer subscribed on the cloud broker.
+    pub obs: Observer,
+}
+
+impl CloudRig {
+    /// [`init`], a temporary directory, an embedded cloud broker, a repository with `files`
+    /// in its first commit, and an observer on the broker.
+    pub async fn start(files: &[(&str, &str)]) -> CloudRig {
+        init();
+        let dir = tempfile::tempdir().expect("tmp");
+        let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
+        let (git, rev) = GitServer::start(files);
+        let obs = Observer::start(cloud).await;
+        CloudRig {
+            dir,
+            cloud,
+            git,
+            rev,
+            obs,
+        }
     }
 }
 
@@ -621,24 +711,16 @@ impl StoreRig {
 
     /// Files under the live directory (relative path → content), empty if absent.
     pub fn live_files(&self, deployment: &str) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        let base = self.current(deployment);
-        fn rec(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
-            let Ok(rd) = std::fs::read_dir(dir) else {
-                return;
-            };
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    rec(base, &p, out);
-                } else if let (Ok(rel), Ok(c)) = (p.strip_prefix(base), std::fs::read_to_string(&p))
-                {
-                    out.insert(rel.to_string_lossy().into_owned(), c);
-                }
-            }
-        }
-        rec(&base, &base, &mut out);
-        out
+        files_under(&self.current(deployment))
+    }
+
+    /// Replaces the agent's configuration with `file`, keeping the quick retry and drift
+    /// timings the rig set (a restarted agent takes it).
+    pub fn set_agent_file(&mut self, file: roost_agent::config::AgentFile) {
+        let (retry, drift) = (self.agent_cfg.retry, self.agent_cfg.drift_interval);
+        self.agent_cfg = roost_agent::AgentConfig::from_file(file).expect("agent config");
+        self.agent_cfg.retry = retry;
+        self.agent_cfg.drift_interval = drift;
     }
 }
 
@@ -812,20 +894,21 @@ impl FleetService {
 
     /// The latest status document recorded for `store`.
     pub fn status(&self, store: &str) -> Option<StatusDoc> {
-        let topics = Topics::default();
-        let want = topics.status(store);
-        self.db
-            .status_messages(&topics)
-            .ok()?
-            .into_iter()
-            .find(|(t, _)| *t == want)
-            .and_then(|(_, p)| serde_json::from_slice(&p).ok())
+        self.latest(|t| t.status(store))
     }
 
     /// The latest presence document recorded for `store`.
     pub fn presence(&self, store: &str) -> Option<roost_schemas::Presence> {
+        self.latest(|t| t.presence(store))
+    }
+
+    /// The latest document recorded on the status-like topic `topic` picks, parsed.
+    fn latest<T: serde::de::DeserializeOwned>(
+        &self,
+        topic: impl FnOnce(&Topics) -> String,
+    ) -> Option<T> {
         let topics = Topics::default();
-        let want = topics.presence(store);
+        let want = topic(&topics);
         self.db
             .status_messages(&topics)
             .ok()?
@@ -888,17 +971,7 @@ pub async fn wait_bridge_ready(edge: SocketAddr, fleet: &FleetService, store: &s
     loop {
         check_components();
         let marker = format!("probe-{:08x}", rand::random::<u32>());
-        let doc = StatusDoc {
-            store: store.to_owned(),
-            groups: Vec::new(),
-            agent_version: marker.clone(),
-            updated_at: roost_schemas::now_rfc3339(),
-            roostseq: 0,
-            outbox_backlog: 0,
-            heartbeat_s: None,
-            deployments: BTreeMap::new(),
-            freshness: Default::default(),
-        };
+        let doc = status_doc(store, &marker, 0);
         publish_qos1(edge, &topic, serde_json::to_vec(&doc).expect("json"), false).await;
         let until = Instant::now() + Duration::from_millis(1500);
         while Instant::now() < until {
@@ -918,11 +991,12 @@ pub async fn wait_bridge_ready(edge: SocketAddr, fleet: &FleetService, store: &s
 }
 
 /// The agent's retained status document and the bridge's delivery confirmation for `store`,
-/// as the edge broker holds them now.
-async fn edge_retained(
+/// as the edge broker holds them now (each None if absent or not parsable).
+pub async fn edge_retained(
     edge: SocketAddr,
     store: &str,
-) -> (Option<StatusDoc>, Option<roost_schemas::Confirmation>) {
+) -> Result<(Option<StatusDoc>, Option<roost_schemas::Confirmation>), roost_fleet::cloud::CloudError>
+{
     let topics = Topics::default();
     let (status, ack) = (topics.status(store), topics.ack(store));
     let got = roost_fleet::cloud::read_retained(
@@ -930,13 +1004,12 @@ async fn edge_retained(
         &[status.clone(), ack.clone()],
         Duration::from_secs(2),
     )
-    .await
-    .unwrap_or_default();
+    .await?;
     let find = |t: &str| got.iter().find(|(topic, _)| topic == t).map(|(_, p)| p);
-    (
+    Ok((
         find(&status).and_then(|p| serde_json::from_slice(p).ok()),
         find(&ack).and_then(|p| serde_json::from_slice(p).ok()),
-    )
+    ))
 }
 
 /// Waits until the agent's retained status document on the edge broker satisfies `pred`,
@@ -951,7 +1024,7 @@ pub async fn wait_edge_status(
     let deadline = Instant::now() + timeout;
     loop {
         check_components();
-        if let (Some(doc), _) = edge_retained(edge, store).await {
+        if let (Some(doc), _) = edge_retained(edge, store).await.unwrap_or_default() {
             if pred(&doc) {
                 return doc;
             }
@@ -975,7 +1048,7 @@ pub async fn wait_in_bridge_outbox(
     let deadline = Instant::now() + timeout;
     loop {
         check_components();
-        if let (Some(doc), Some(ack)) = edge_retained(edge, store).await {
+        if let (Some(doc), Some(ack)) = edge_retained(edge, store).await.unwrap_or_default() {
             if pred(&doc) && ack.roostseq >= doc.roostseq {
                 return doc;
             }
@@ -994,6 +1067,15 @@ pub fn converged_on(doc: &StatusDoc, deployment: &str, revision: &str) -> bool {
         d.phase == roost_schemas::Phase::Converged
             && d.applied_revision.as_deref() == Some(revision)
     })
+}
+
+/// Whether `doc` says `deployment` is converged on `revision`, desired at `sequence`.
+pub fn converged_at(doc: &StatusDoc, deployment: &str, revision: &str, sequence: u64) -> bool {
+    converged_on(doc, deployment, revision)
+        && doc.deployments[deployment]
+            .desired
+            .as_ref()
+            .is_some_and(|x| x.sequence == sequence)
 }
 
 /// A `roost` child process (agent, bridge, …) that can be SIGKILLed and started again with
@@ -1144,23 +1226,36 @@ keep_alive_s = {cloud_keep_alive_s}
     )
 }
 
-/// Every regular file under `dir` (relative path → content); empty if `dir` is absent.
+/// Every regular file under `dir` (relative path → content; files that are not UTF-8 left
+/// out); empty if `dir` is absent.
 pub fn files_under(dir: &Path) -> BTreeMap<String, String> {
-    fn rec(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+    paths_under(dir)
+        .into_iter()
+        .filter_map(|p| {
+            let rel = p.strip_prefix(dir).ok()?.to_string_lossy().into_owned();
+            Some((rel, std::fs::read_to_string(&p).ok()?))
+        })
+        .collect()
+}
+
+/// The path of everything under `dir` that is not a directory, depth first; empty if `dir`
+/// is absent.
+pub fn paths_under(dir: &Path) -> Vec<PathBuf> {
+    fn rec(dir: &Path, out: &mut Vec<PathBuf>) {
         let Ok(rd) = std::fs::read_dir(dir) else {
             return;
         };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
-                rec(base, &p, out);
-            } else if let (Ok(rel), Ok(c)) = (p.strip_prefix(base), std::fs::read_to_string(&p)) {
-                out.insert(rel.to_string_lossy().into_owned(), c);
+                rec(&p, out);
+            } else {
+                out.push(p);
             }
         }
     }
-    let mut out = BTreeMap::new();
-    rec(dir, dir, &mut out);
+    let mut out = Vec::new();
+    rec(dir, &mut out);
     out
 }
 

@@ -17,6 +17,7 @@ use rand::{Rng as _, SeedableRng as _};
 use roost_runtime::outbox::{OverflowTarget, Payload};
 use roost_runtime::{Link, LinkConfig, NewMessage, Outbox, OutboxConfig};
 use roost_schemas::{CloudEvent, EventType, Phase, Scope, StatusDoc, Topics};
+use roost_tests::fixtures::{refs, rev_of, status_doc, web_app, Web, WEB_APP};
 use roost_tests::harness::{
     self, agent_toml, bridge_toml, eventually, files_under, publish, under, wait_bridge_ready,
     BrokerProcess, Component, FleetService, GitServer, RoostProcess, Signer, StoreRig,
@@ -26,32 +27,13 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 const STORE: &str = "store-0001";
-const APP: &str = "apps/web";
+const APP: &str = WEB_APP;
+/// The `web` app's files in these tests' repositories.
+const FILES: Web = Web::WithDeployment;
 const DEPLOYMENT: &str = "web";
 
 /// One chaos test at a time: they measure timing (keepalive, not_before) on two cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn manifests(version: &str) -> Vec<(String, String)> {
-    vec![
-        (
-            format!("{APP}/configmap.yaml"),
-            format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\ndata:\n  version: \"{version}\"\n"),
-        ),
-        (
-            format!("{APP}/deploy/deployment.yaml"),
-            format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 0\n  template:\n    metadata:\n      labels: {{app: web, v: \"{version}\"}}\n"),
-        ),
-    ]
-}
-
-fn refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
-    v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
-}
-
-fn rev_of(e: &CloudEvent) -> Option<&str> {
-    e.data.get("revision").and_then(|v| v.as_str())
-}
 
 /// A test's working directory: removed afterwards, unless `ROOST_CHAOS_KEEP` is set (then
 /// it is kept and printed, with the child processes' logs in it).
@@ -239,15 +221,8 @@ fn events(n: usize, first: u64, pad: &str) -> Vec<NewMessage> {
 fn status_message() -> NewMessage {
     let render = move |roostseq: u64, backlog: u64| {
         serde_json::to_vec(&StatusDoc {
-            store: STORE.into(),
-            groups: Vec::new(),
-            agent_version: "chaos".into(),
-            updated_at: roost_schemas::now_rfc3339(),
-            roostseq,
             outbox_backlog: backlog,
-            heartbeat_s: None,
-            deployments: Default::default(),
-            freshness: Default::default(),
+            ..status_doc(STORE, "chaos", roostseq)
         })
         .unwrap_or_default()
     };
@@ -509,7 +484,7 @@ async fn agent_and_bridge_crashes_lose_nothing() {
     let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let edge = roost_broker::spawn_free("edge").expect("edge broker");
     let fleet = FleetService::start(cloud, &dir.path().join("fleet.db"));
-    let (mut git, _) = GitServer::start(&refs(&manifests("0")));
+    let (mut git, _) = GitServer::start(&refs(&web_app("0", FILES)));
     let signer = Signer::new(7);
     let agent_file = dir.path().join("agent.toml");
     let bridge_file = dir.path().join("bridge.toml");
@@ -568,7 +543,11 @@ async fn agent_and_bridge_crashes_lose_nothing() {
     let mut kills = (0, 0);
     let mut last_rev = String::new();
     for i in 1..=ROLLOUTS {
-        let rev = git.commit(&refs(&manifests(&i.to_string())), &[], &format!("v{i}"));
+        let rev = git.commit(
+            &refs(&web_app(&i.to_string(), FILES)),
+            &[],
+            &format!("v{i}"),
+        );
         let r = signer.rollout(DEPLOYMENT, Scope::Fleet, i, &git.url(), &rev, APP);
         let mut from = log_len(agent.log());
         publish(cloud, &fleet_topic(), signer.sign(&r)).await;
@@ -728,7 +707,7 @@ async fn broker_restarts_restore_desired_state() {
     let mut cloud = BrokerProcess::start("cloud");
     let mut edge = BrokerProcess::start("edge");
     let fleet = FleetService::start(cloud.addr, &dir.path().join("fleet.db"));
-    let (mut git, _) = GitServer::start(&refs(&manifests("0")));
+    let (mut git, _) = GitServer::start(&refs(&web_app("0", FILES)));
     let signer = Signer::new(3);
     let mut rig = StoreRig::with_edge(
         STORE,
@@ -745,7 +724,11 @@ async fn broker_restarts_restore_desired_state() {
     let mut restarts = Vec::new();
     let mut last = (String::new(), Vec::new());
     for i in 1..=ROLLOUTS {
-        let rev = git.commit(&refs(&manifests(&i.to_string())), &[], &format!("v{i}"));
+        let rev = git.commit(
+            &refs(&web_app(&i.to_string(), FILES)),
+            &[],
+            &format!("v{i}"),
+        );
         let seq = if i < 7 { i } else { i + 1 };
         let r = signer.rollout(DEPLOYMENT, Scope::Fleet, seq, &git.url(), &rev, APP);
         let env = signer.sign(&r);
@@ -766,7 +749,7 @@ async fn broker_restarts_restore_desired_state() {
             restarts.push(("cloud", t.elapsed()));
             // An operator publishes right away, while the fleet service is reconnecting:
             // restoring the desired state must not bring back the older envelope over it.
-            let rev = git.commit(&refs(&manifests("7")), &[], "v7");
+            let rev = git.commit(&refs(&web_app("7", FILES)), &[], "v7");
             let r = signer.rollout(DEPLOYMENT, Scope::Fleet, 7, &git.url(), &rev, APP);
             let env = signer.sign(&r);
             publish(cloud.addr, &fleet_topic(), env.clone()).await;
@@ -833,7 +816,7 @@ async fn staged_rollout_activates_offline() {
     let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let proxy = FaultProxy::start(cloud).await.expect("proxy");
     let fleet = FleetService::start(cloud, &dir.path().join("fleet.db"));
-    let (mut git, rev1) = GitServer::start(&refs(&manifests("1")));
+    let (mut git, rev1) = GitServer::start(&refs(&web_app("1", FILES)));
     let signer = Signer::new(4);
     let mut rig = StoreRig::new(
         STORE,
@@ -859,7 +842,7 @@ async fn staged_rollout_activates_offline() {
     eventually(t, "rev1 converged", || has(EventType::Converged, &rev1)).await;
 
     // Stage rev2 a few seconds ahead; wait until the agent has it, then cut the uplink.
-    let rev2 = git.commit(&refs(&manifests("2")), &[], "v2");
+    let rev2 = git.commit(&refs(&web_app("2", FILES)), &[], "v2");
     let lead = Duration::from_millis(rng.random_range(5_000..=6_000));
     let nb = time::OffsetDateTime::now_utc() + lead;
     let nb_text = roost_schemas::format_rfc3339(nb);
@@ -1125,7 +1108,7 @@ async fn edge_broker_restart_with_bridge_down_loses_nothing() {
     let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let mut edge = BrokerProcess::start("edge");
     let fleet = FleetService::start(cloud, &dir.path().join("fleet.db"));
-    let (mut git, rev1) = GitServer::start(&refs(&manifests("1")));
+    let (mut git, rev1) = GitServer::start(&refs(&web_app("1", FILES)));
     let signer = Signer::new(5);
     let mut rig = StoreRig::with_edge(
         STORE,
@@ -1153,7 +1136,7 @@ async fn edge_broker_restart_with_bridge_down_loses_nothing() {
     // The bridge is down; a rollout it had already delivered is applied; then the edge
     // broker restarts and the bridge comes back.
     rig.stop_bridge().await;
-    let rev2 = git.commit(&refs(&manifests("2")), &[], "v2");
+    let rev2 = git.commit(&refs(&web_app("2", FILES)), &[], "v2");
     let r2 = signer.rollout(DEPLOYMENT, Scope::Fleet, 2, &git.url(), &rev2, APP);
     publish(cloud, &fleet_topic(), signer.sign(&r2)).await;
     publish(edge.addr, &fleet_topic(), signer.sign(&r2)).await;
@@ -1171,7 +1154,7 @@ async fn edge_broker_restart_with_bridge_down_loses_nothing() {
     edge.restart();
     rig.start_bridge();
     // A later rollout shows how far the store's events got.
-    let rev3 = git.commit(&refs(&manifests("3")), &[], "v3");
+    let rev3 = git.commit(&refs(&web_app("3", FILES)), &[], "v3");
     let r3 = signer.rollout(DEPLOYMENT, Scope::Fleet, 3, &git.url(), &rev3, APP);
     publish(cloud, &fleet_topic(), signer.sign(&r3)).await;
     eventually(t, "rev3 converged", || has(&rev3).then_some(())).await;
@@ -1199,7 +1182,7 @@ async fn git_offline_uses_the_cache_and_retries_missing_commits() {
     let dir = Workdir::new("git-offline");
     let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
     let fleet = FleetService::start(cloud, &dir.path().join("fleet.db"));
-    let (mut git, rev1) = GitServer::start(&refs(&manifests("1")));
+    let (mut git, rev1) = GitServer::start(&refs(&web_app("1", FILES)));
     let daemon: SocketAddr = git
         .url()
         .trim_start_matches("git://")
@@ -1232,7 +1215,7 @@ async fn git_offline_uses_the_cache_and_retries_missing_commits() {
         (converged(&rev1) == 1).then_some(())
     })
     .await;
-    let rev2 = git.commit(&refs(&manifests("2")), &[], "v2");
+    let rev2 = git.commit(&refs(&web_app("2", FILES)), &[], "v2");
     publish(cloud, &fleet_topic(), roll(2, &rev2)).await;
     eventually(t, "rev2 converged", || {
         (converged(&rev2) == 1).then_some(())
@@ -1248,7 +1231,7 @@ async fn git_offline_uses_the_cache_and_retries_missing_commits() {
     })
     .await;
     // A new commit cannot be fetched: fetch.failed, retried.
-    let rev3 = git.commit(&refs(&manifests("3")), &[], "v3");
+    let rev3 = git.commit(&refs(&web_app("3", FILES)), &[], "v3");
     publish(cloud, &fleet_topic(), roll(4, &rev3)).await;
     let failures = || {
         fleet

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use roost_schemas::CloudEvent;
+use roost_tests::fixtures::{roost_up_once, skip_unless_ci};
 use roost_tests::harness::{self, Component, FleetService, GitServer, Observer, Signer, StoreRig};
 
 const T: Duration = Duration::from_secs(60);
@@ -165,11 +166,7 @@ impl Rig {
     }
 
     async fn converged(&self, store: &str, rev: &str) -> CloudEvent {
-        self.obs
-            .wait_event(store, "dev.roost.converged", T, |e| {
-                e.data["revision"] == rev
-            })
-            .await
+        self.obs.wait_converged(store, rev, T).await
     }
 
     async fn all_converged(&self, rev: &str) {
@@ -731,21 +728,7 @@ async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_
 async fn roost_up_rolls_out_in_waves_canary_half_everyone() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let out = tokio::process::Command::new(harness::roost_bin())
-        .args([
-            "up",
-            "--once",
-            "--stores",
-            "20",
-            "--timeout",
-            "120",
-            "--state-dir",
-        ])
-        .arg(dir.path())
-        .env("ROOST_LOG", "error")
-        .output()
-        .await
-        .expect("roost up");
+    let out = roost_up_once(&["--stores", "20", "--timeout", "120"], dir.path(), &[]).await;
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -1444,11 +1427,10 @@ fn browser_tools() -> Option<PathBuf> {
     let missing = format!(
         "node {node}, /usr/bin/chromium {chromium}, tests/browser/node_modules (npm ci) {playwright}"
     );
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "the browser test needs {missing}, and CI must run it (.ci/run installs them)"
+    skip_unless_ci(
+        &format!("the browser test needs {missing}, and CI must run it (.ci/run installs them)"),
+        &format!("skipping the browser test: {missing}"),
     );
-    eprintln!("skipping the browser test: {missing}");
     None
 }
 
@@ -1774,15 +1756,12 @@ async fn controller_snapshots_confirm_freshness_and_a_rolled_back_broker_is_repo
             held: Some(seq1)
         }]
     );
-    let seen = r.obs.seen.clone();
-    let doc = harness::eventually(T, "the fresh store's status says stale", || {
-        let st = seen.lock().expect("lock");
-        st.status
-            .get(&name)
-            .filter(|d| d.freshness.desired_freshness == Some(FreshnessState::Stale))
-            .cloned()
-    })
-    .await;
+    let doc = r
+        .obs
+        .wait_status(&name, "the fresh store's status says stale", T, |d| {
+            d.freshness.desired_freshness == Some(FreshnessState::Stale)
+        })
+        .await;
     assert_eq!(doc.freshness.stale_topics, vec![fleet_topic.clone()]);
     eprintln!(
         "gitops snapshot: stores fresh at snapshot {} (rollout {seq2}); rolled back to {seq1}: {} reported desired.stale",

@@ -12,26 +12,20 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use roost_schemas::{PresenceState, Scope};
+use roost_tests::fixtures::{
+    free_addr, mosquitto_bin, refs, rev_of, roost_up_once, shipped, spawn_mosquitto, web_app, Web,
+    WEB_APP,
+};
 use roost_tests::harness::{
-    self, publish, under, BrokerProcess, GitServer, Observer, Signer, StoreRig,
+    self, publish, under, BrokerProcess, CloudRig, GitServer, Observer, Signer, StoreRig,
 };
 use serde_json::json;
 use tokio::io::AsyncBufReadExt as _;
 
 const T: Duration = Duration::from_secs(30);
-const APP: &str = "apps/web";
-
-fn manifests(version: &str) -> Vec<(String, String)> {
-    vec![
-        (format!("{APP}/configmap.yaml"), format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\ndata:\n  version: \"{version}\"\n")),
-        (format!("{APP}/deploy/deployment.yaml"), format!("apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 0\n  template:\n    metadata:\n      labels: {{app: web, v: \"{version}\"}}\n")),
-        ("other/readme.txt".into(), "not deployed".into()),
-    ]
-}
-
-fn refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
-    v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
-}
+const APP: &str = WEB_APP;
+/// The `web` app's files in these tests' repositories (with one outside the app's path).
+const FILES: Web = Web::WithDeploymentAndOutside;
 
 struct World {
     _dir: tempfile::TempDir,
@@ -43,11 +37,13 @@ struct World {
 }
 
 async fn world() -> World {
-    harness::init();
-    let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
-    let (git, rev1) = GitServer::start(&refs(&manifests("1")));
-    let observer = Observer::start(cloud).await;
+    let CloudRig {
+        dir,
+        cloud,
+        git,
+        rev: rev1,
+        obs: observer,
+    } = CloudRig::start(&refs(&web_app("1", FILES))).await;
     World {
         _dir: dir,
         cloud,
@@ -96,10 +92,6 @@ impl World {
     }
 }
 
-fn rev_of(e: &roost_schemas::CloudEvent) -> Option<&str> {
-    e.data.get("revision").and_then(|v| v.as_str())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_update_and_tombstone_end_to_end() {
     let mut w = world().await;
@@ -118,11 +110,7 @@ async fn rollout_update_and_tombstone_end_to_end() {
             rev_of(e) == Some(&rev1)
         })
         .await;
-    let conv = obs
-        .wait_event("store-0001", "dev.roost.converged", T, |e| {
-            rev_of(e) == Some(&rev1)
-        })
-        .await;
+    let conv = obs.wait_converged("store-0001", &rev1, T).await;
     assert!(conv.roostseq > applied.roostseq, "converged after apply");
     assert_eq!(conv.subject.as_deref(), Some("web"));
     assert_eq!(
@@ -134,12 +122,9 @@ async fn rollout_update_and_tombstone_end_to_end() {
         .await;
 
     // A second rollout updates.
-    let rev2 = w.git.commit(&refs(&manifests("2")), &[], "v2");
+    let rev2 = w.git.commit(&refs(&web_app("2", FILES)), &[], "v2");
     w.roll(Scope::Fleet, 2, &rev2).await;
-    obs.wait_event("store-0001", "dev.roost.converged", T, |e| {
-        rev_of(e) == Some(&rev2)
-    })
-    .await;
+    obs.wait_converged("store-0001", &rev2, T).await;
     assert_eq!(s.live_files("web"), under(w.git.files(), APP));
     assert!(s.live_files("web")["configmap.yaml"].contains("\"2\""));
 
@@ -156,10 +141,7 @@ async fn rollout_update_and_tombstone_end_to_end() {
         })
         .await;
     assert_eq!(pruned.data["pruned"], json!(["deploy/deployment.yaml"]));
-    obs.wait_event("store-0001", "dev.roost.converged", T, |e| {
-        rev_of(e) == Some(&rev3)
-    })
-    .await;
+    obs.wait_converged("store-0001", &rev3, T).await;
     assert_eq!(
         s.live_files("web").keys().cloned().collect::<Vec<_>>(),
         vec!["configmap.yaml".to_string()]
@@ -191,9 +173,11 @@ async fn precedence_store_over_groups_over_fleet_with_fallback() {
     let mut s = w.store("store-0001", &["canary", "all"]);
     s.start();
     let rev_fleet = w.rev1.clone();
-    let rev_all = w.git.commit(&refs(&manifests("all")), &[], "all");
-    let rev_canary = w.git.commit(&refs(&manifests("canary")), &[], "canary");
-    let rev_store = w.git.commit(&refs(&manifests("store")), &[], "store");
+    let rev_all = w.git.commit(&refs(&web_app("all", FILES)), &[], "all");
+    let rev_canary = w
+        .git
+        .commit(&refs(&web_app("canary", FILES)), &[], "canary");
+    let rev_store = w.git.commit(&refs(&web_app("store", FILES)), &[], "store");
     let obs = &w.observer;
     let version = |s: &StoreRig| {
         s.live_files("web")
@@ -412,12 +396,9 @@ async fn restart_does_not_reapply_and_roostseq_continues() {
     );
     // A new revision afterwards goes through the same worker: any re-apply of rev1 would
     // have started before it.
-    let rev2 = w.git.commit(&refs(&manifests("2")), &[], "v2");
+    let rev2 = w.git.commit(&refs(&web_app("2", FILES)), &[], "v2");
     w.roll(Scope::Fleet, 4, &rev2).await;
-    obs.wait_event("store-0001", "dev.roost.converged", T, |e| {
-        rev_of(e) == Some(&rev2)
-    })
-    .await;
+    obs.wait_converged("store-0001", &rev2, T).await;
     let applies: Vec<Option<String>> = obs
         .snapshot()
         .of("store-0001", "dev.roost.apply.started")
@@ -445,7 +426,7 @@ async fn cloud_outage_queues_events_and_delivers_all_in_order() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
     let mut cloud = BrokerProcess::start("cloud");
-    let (git, rev1) = GitServer::start(&refs(&manifests("1")));
+    let (git, rev1) = GitServer::start(&refs(&web_app("1", FILES)));
     let signer = Signer::new(1);
     let mut obs = Observer::start(cloud.addr).await;
     let mut s = StoreRig::new(
@@ -472,7 +453,7 @@ async fn cloud_outage_queues_events_and_delivers_all_in_order() {
     cloud.kill();
     // A rollout already delivered locally (as the bridge would have) still converges.
     let mut git = git;
-    let rev2 = git.commit(&refs(&manifests("offline")), &[], "v2");
+    let rev2 = git.commit(&refs(&web_app("offline", FILES)), &[], "v2");
     let r2 = signer.rollout("web", Scope::Fleet, 2, &git.url(), &rev2, APP);
     publish(
         s.edge,
@@ -495,11 +476,7 @@ async fn cloud_outage_queues_events_and_delivers_all_in_order() {
     let t0 = Instant::now();
     cloud.restart();
     obs.wait_subscribed(2).await;
-    let conv = obs
-        .wait_event("store-0001", "dev.roost.converged", T, |e| {
-            rev_of(e) == Some(&rev2)
-        })
-        .await;
+    let conv = obs.wait_converged("store-0001", &rev2, T).await;
     let snap = obs.snapshot();
     let seqs: Vec<u64> = snap
         .store_events("store-0001")
@@ -528,21 +505,7 @@ async fn cloud_outage_queues_events_and_delivers_all_in_order() {
 async fn roost_up_once_converges_three_stores() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let out = tokio::process::Command::new(harness::roost_bin())
-        .args([
-            "up",
-            "--once",
-            "--stores",
-            "3",
-            "--timeout",
-            "60",
-            "--state-dir",
-        ])
-        .arg(dir.path())
-        .env("ROOST_LOG", "error")
-        .output()
-        .await
-        .expect("run roost up");
+    let out = roost_up_once(&["--stores", "3", "--timeout", "60"], dir.path(), &[]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -634,14 +597,11 @@ async fn drift_without_self_heal_is_reported_not_corrected() {
             .contains("configmap.yaml: missing")
     })
     .await;
-    let seen = harness::eventually(T, "status drift=true", || {
-        let snap = obs.snapshot();
-        snap.status
-            .get("store-0001")
-            .filter(|d| d.deployments["web"].drift)
-            .cloned()
-    })
-    .await;
+    let seen = obs
+        .wait_status("store-0001", "status drift=true", T, |d| {
+            d.deployments["web"].drift
+        })
+        .await;
     assert_eq!(seen.deployments["web"].reason.as_deref(), Some("drift"));
     // A drift check reports and (with self_heal) corrects in one pass, and a finding is
     // reported once. The marker: a second, different edit is reported by a later check; had
@@ -689,31 +649,16 @@ async fn drift_without_self_heal_is_reported_not_corrected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interop_mosquitto_as_the_cloud_broker() {
     harness::init();
-    let Some(mosquitto) = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-    else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "mosquitto is not installed, and CI must run the interop test (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED interop_mosquitto_as_the_cloud_broker: mosquitto is not installed (apt-get install -y mosquitto)");
+    let Some(mosquitto) = mosquitto_bin("interop_mosquitto_as_the_cloud_broker") else {
         return;
     };
     let dir = tempfile::tempdir().expect("tmp");
     let port = roost_broker::free_port().expect("port");
     let conf = dir.path().join("mosquitto.conf");
     std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n")).expect("conf");
-    let mut child = std::process::Command::new(mosquitto)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("mosquitto");
     let cloud: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    roost_broker::wait_listening(cloud, Duration::from_secs(10)).expect("mosquitto listening");
-    let (git, rev1) = GitServer::start(&refs(&manifests("1")));
+    let mut child = spawn_mosquitto(mosquitto, &conf, cloud);
+    let (git, rev1) = GitServer::start(&refs(&web_app("1", FILES)));
     let signer = Signer::new(1);
     let obs = Observer::start(cloud).await;
     let mut s = StoreRig::new(
@@ -732,10 +677,7 @@ async fn interop_mosquitto_as_the_cloud_broker() {
         signer.sign(&r),
     )
     .await;
-    obs.wait_event("store-0001", "dev.roost.converged", T, |e| {
-        rev_of(e) == Some(&rev1)
-    })
-    .await;
+    obs.wait_converged("store-0001", &rev1, T).await;
     obs.wait_phase("store-0001", "web", "Converged", Some(&rev1), T)
         .await;
     // The bridge's presence is retained on mosquitto.
@@ -774,19 +716,11 @@ async fn command_line_keygen_rollout_status_events() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
     let cloud = roost_broker::spawn_free("cloud").expect("cloud");
-    let (git, rev1) = GitServer::start(&refs(&manifests("1")));
+    let (git, rev1) = GitServer::start(&refs(&web_app("1", FILES)));
     let roost = |args: &[&str]| {
-        let out = std::process::Command::new(harness::roost_bin())
-            .args(args)
-            .env("ROOST_LOG", "error")
-            .output()
-            .expect("roost");
-        assert!(
-            out.status.success(),
-            "roost {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (ok, out, err) = roost_cmd(args);
+        assert!(ok, "roost {args:?}: {err}");
+        out
     };
     let keys = dir.path().join("keys");
     let out = roost(&["keygen", "--dir", keys.to_str().expect("utf8")]);
@@ -1064,9 +998,9 @@ impl Running {
 async fn broker_stops_on_sigterm_and_sigint() {
     harness::init();
     let dir = tempfile::tempdir().expect("tmp");
-    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../broker-config/edge.toml");
+    let cfg = shipped("edge.toml");
     for sig in STOP_SIGNALS {
-        let addr: SocketAddr = ([127, 0, 0, 1], roost_broker::free_port().expect("port")).into();
+        let addr = free_addr();
         let broker = Running::start(
             dir.path(),
             "roost broker",
@@ -1355,25 +1289,13 @@ impl CrashableBroker {
         )
         .expect("conf");
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let child = Self::spawn_mosquitto(bin, &conf, addr);
+        let child = spawn_mosquitto(bin, &conf, addr);
         CrashableBroker::Mosquitto {
             bin,
             conf,
             child,
             addr,
         }
-    }
-
-    fn spawn_mosquitto(bin: &str, conf: &Path, addr: SocketAddr) -> std::process::Child {
-        let child = std::process::Command::new(bin)
-            .arg("-c")
-            .arg(conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto");
-        roost_broker::wait_listening(addr, Duration::from_secs(10)).expect("mosquitto listening");
-        child
     }
 
     fn addr(&self) -> SocketAddr {
@@ -1409,7 +1331,7 @@ impl CrashableBroker {
             } => {
                 let _ = child.kill();
                 let _ = child.wait();
-                *child = Self::spawn_mosquitto(bin, conf, *addr);
+                *child = spawn_mosquitto(bin, conf, *addr);
             }
             CrashableBroker::Roost(b) => {
                 b.kill();
@@ -1428,21 +1350,6 @@ impl Drop for CrashableBroker {
     }
 }
 
-/// Debian's mosquitto, or None when the test may be skipped (absent, and not under CI).
-fn mosquitto_bin(test: &str) -> Option<&'static str> {
-    let found = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "mosquitto is not installed, and CI must run {test} (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED {test}: mosquitto is not installed (apt-get install -y mosquitto)");
-    }
-    found
-}
-
 /// The cloud broker crashes (SIGKILL) after a rollout and comes back: `roost fleet` puts the
 /// rollout back, retained, on every connection (with mosquitto its persistent session comes
 /// back *present*, yet the retained rollout is gone), and the next `roost rollout` picks a
@@ -1453,7 +1360,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
     let topics = roost_schemas::Topics::default();
     let topic = topics.deployment(&Scope::Fleet, "web");
     let (key_file, signer) = keygen(dir.path());
-    let (mut git, rev1) = GitServer::start(&refs(&manifests("1")));
+    let (mut git, rev1) = GitServer::start(&refs(&web_app("1", FILES)));
     let obs = Observer::start(cloud).await;
     let store = "store-0001";
     let mut s = StoreRig::new(
@@ -1581,7 +1488,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
     }
 
     // The next rollout gets a greater sequence, is accepted and converges.
-    let rev2 = git.commit(&refs(&manifests("2")), &[], "v2");
+    let rev2 = git.commit(&refs(&web_app("2", FILES)), &[], "v2");
     let (ok, out, err) = rollout(&rev2, &["--wait", "--timeout", "60"]);
     assert!(ok, "roost rollout --wait: {err}\n{out}");
     let seq2 = rollout_json(&out)["sequence"].as_u64().expect("sequence");
@@ -1666,14 +1573,9 @@ async fn rollout_wait_follows_the_targeted_stores() {
         s.start();
     }
     for name in ["store-0001", "store-0002", "store-0003"] {
-        harness::eventually(T, &format!("{name} online with its groups"), || {
-            let s = w.observer.snapshot();
-            s.status
-                .get(name)
-                .filter(|d| !d.groups.is_empty())
-                .map(|_| ())
-        })
-        .await;
+        w.observer
+            .wait_status(name, "online with its groups", T, |d| !d.groups.is_empty())
+            .await;
         let deadline = Instant::now() + T;
         while !retained_presence(w.cloud, name)
             .await

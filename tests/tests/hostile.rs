@@ -5,24 +5,27 @@
 //! credentials that never leak, forged confirmations, and the Kubernetes-only cases against
 //! the project's test API server.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use roost_agent::config::{AgentFile, KubernetesConfig, TargetConfig, TrustedKey};
-use roost_agent::AgentConfig;
 use roost_bridge::{DropReason, UpwardStats};
 use roost_schemas::payload::OutboxOverflow;
 use roost_schemas::{
     CloudEvent, EventData, EventType, Reason, Scope, SigningKey, StatusDoc, Topics, PAYLOAD_TYPE,
 };
-use roost_tests::harness::{self, publish, publish_qos1, Component, GitServer, Observer, StoreRig};
+use roost_tests::fixtures::{refs, status_doc, web_app, Web, WEB_APP};
+use roost_tests::harness::{
+    self, paths_under, publish, publish_qos1, CloudRig, Component, GitServer, Observer, StoreRig,
+};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(30);
-const APP: &str = "apps/web";
+const APP: &str = WEB_APP;
+/// The `web` app's files in these tests' repositories.
+const FILES: Web = Web::ConfigMap;
 const STORE: &str = "store-0001";
 const DEP: &str = "web";
 /// Seeds of the keys: two trusted, one trusted but expired, one trusted but revoked, one
@@ -38,7 +41,11 @@ fn key(seed: u8) -> SigningKey {
 }
 
 fn trusted(seed: u8, not_after: Option<&str>) -> TrustedKey {
-    let k = key(seed);
+    trusted_key(&key(seed), not_after)
+}
+
+/// The agent's trust entry for `k`.
+fn trusted_key(k: &SigningKey, not_after: Option<&str>) -> TrustedKey {
     TrustedKey {
         id: k.key_id(),
         public_key: base64::engine::general_purpose::STANDARD.encode(k.public_key()),
@@ -46,10 +53,29 @@ fn trusted(seed: u8, not_after: Option<&str>) -> TrustedKey {
     }
 }
 
+/// The agent configuration of `store` trusting the test keys: A and B, one that expired
+/// (2020) and one that is revoked.
+fn test_keys(store: &StoreRig) -> AgentFile {
+    let mut file: AgentFile = store.agent_cfg.file.clone();
+    file.trusted_keys = vec![
+        trusted(KEY_A, None),
+        trusted(KEY_B, None),
+        trusted(KEY_EXPIRED, Some("2020-01-01T00:00:00Z")),
+        trusted(KEY_REVOKED, None),
+    ];
+    file.revoked_keys = vec![key(KEY_REVOKED).key_id()];
+    file
+}
+
 /// Envelope bytes of `body` signed by each of `seeds`.
 fn sign_bytes(seeds: &[u8], body: &[u8]) -> Vec<u8> {
+    envelope_bytes(seeds, PAYLOAD_TYPE, body)
+}
+
+/// Envelope bytes of `body` as a `payload_type` payload, signed by each of `seeds`.
+fn envelope_bytes(seeds: &[u8], payload_type: &str, body: &[u8]) -> Vec<u8> {
     let keys: Vec<SigningKey> = seeds.iter().map(|s| key(*s)).collect();
-    let env = roost_schemas::sign_all(&keys, PAYLOAD_TYPE, body).expect("keys");
+    let env = roost_schemas::sign_all(&keys, payload_type, body).expect("keys");
     serde_json::to_vec(&env).expect("json")
 }
 
@@ -59,17 +85,6 @@ fn sign(seeds: &[u8], v: &Value) -> Vec<u8> {
 
 fn env_of(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).expect("envelope")
-}
-
-fn manifests(version: &str) -> Vec<(String, String)> {
-    vec![(
-        format!("{APP}/configmap.yaml"),
-        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\ndata:\n  version: \"{version}\"\n"),
-    )]
-}
-
-fn refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
-    v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
 }
 
 /// Writes a commit whose `apps/web` directory holds `entries` (name, mode, content) as raw
@@ -146,31 +161,23 @@ struct World {
 
 impl World {
     async fn new() -> World {
-        harness::init();
-        let dir = tempfile::tempdir().expect("tmp");
-        let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
-        let (mut git, rev_a) = GitServer::start(&refs(&manifests("a")));
-        let rev_b = git.commit(&refs(&manifests("b")), &[], "b");
-        let obs = Observer::start(cloud).await;
+        let CloudRig {
+            dir,
+            cloud,
+            mut git,
+            rev: rev_a,
+            obs,
+        } = CloudRig::start(&refs(&web_app("a", FILES))).await;
+        let rev_b = git.commit(&refs(&web_app("b", FILES)), &[], "b");
         let signer = harness::Signer::new(KEY_A);
         let mut store = StoreRig::new(STORE, &["canary"], dir.path(), cloud, &signer, &git.url());
-        let mut file: AgentFile = store.agent_cfg.file.clone();
-        file.trusted_keys = vec![
-            trusted(KEY_A, None),
-            trusted(KEY_B, None),
-            trusted(KEY_EXPIRED, Some("2020-01-01T00:00:00Z")),
-            trusted(KEY_REVOKED, None),
-        ];
-        file.revoked_keys = vec![key(KEY_REVOKED).key_id()];
+        let mut file = test_keys(&store);
         file.thresholds.fleet = Some(2);
         // Exactly the one repository, not the whole host.
         file.git.allowed_sources = vec![git.url()];
         file.limits.max_objects = 50;
         file.limits.max_file_bytes = 64 * 1024;
-        let (retry, drift) = (store.agent_cfg.retry, store.agent_cfg.drift_interval);
-        store.agent_cfg = AgentConfig::from_file(file).expect("agent config");
-        store.agent_cfg.retry = retry;
-        store.agent_cfg.drift_interval = drift;
+        store.set_agent_file(file);
         let stats = Arc::new(UpwardStats::default());
         let mut w = World {
             _dir: dir,
@@ -224,13 +231,7 @@ impl World {
     }
 
     fn max_roostseq(&self) -> u64 {
-        self.obs
-            .snapshot()
-            .store_events(STORE)
-            .iter()
-            .map(|e| e.roostseq)
-            .max()
-            .unwrap_or(0)
+        self.obs.snapshot().max_roostseq(STORE)
     }
 
     /// A good fleet rollout (alternating two revisions) that must converge: the agent is
@@ -246,16 +247,11 @@ impl World {
             sign(&[KEY_A, KEY_B], &body),
         )
         .await;
-        let seen = self.obs.seen.clone();
-        harness::eventually(T, &format!("marker {seq} converged on {rev}"), || {
-            let s = seen.lock().expect("lock");
-            let d = s.status.get(STORE)?.deployments.get(DEP)?;
-            (d.phase == roost_schemas::Phase::Converged
-                && d.applied_revision.as_deref() == Some(rev.as_str())
-                && d.desired.as_ref().is_some_and(|x| x.sequence == seq))
-            .then_some(())
-        })
-        .await;
+        self.obs
+            .wait_status(STORE, &format!("marker {seq} converged on {rev}"), T, |d| {
+                harness::converged_at(d, DEP, &rev, seq)
+            })
+            .await;
         self.accepted = seq;
     }
 
@@ -373,23 +369,9 @@ impl World {
 
     /// The bridge's confirmation on the edge never claims more than the agent produced.
     async fn check_confirmation(&self) {
-        let topics = Topics::default();
-        let got = roost_fleet::cloud::read_retained(
-            &self.store.edge.to_string(),
-            &[topics.status(STORE), topics.ack(STORE)],
-            Duration::from_secs(2),
-        )
-        .await
-        .expect("read retained");
-        let find = |t: &str| {
-            got.iter()
-                .find(|(topic, _)| topic == t)
-                .map(|(_, p)| p.clone())
-        };
-        let status: Option<StatusDoc> =
-            find(&topics.status(STORE)).and_then(|p| serde_json::from_slice(&p).ok());
-        let ack: Option<roost_schemas::Confirmation> =
-            find(&topics.ack(STORE)).and_then(|p| serde_json::from_slice(&p).ok());
+        let (status, ack) = harness::edge_retained(self.store.edge, STORE)
+            .await
+            .expect("read retained");
         if let (Some(s), Some(a)) = (status, ack) {
             assert!(
                 a.roostseq <= s.roostseq.max(self.max_roostseq()),
@@ -1136,17 +1118,7 @@ fn cases(w: &mut World) -> Vec<Case> {
         serde_json::to_vec(&neg).expect("json"),
         DropReason::Schema,
     ));
-    let other_status = StatusDoc {
-        store: "store-0002".into(),
-        groups: vec![],
-        agent_version: "forged".into(),
-        updated_at: roost_schemas::now_rfc3339(),
-        roostseq: 1,
-        outbox_backlog: 0,
-        heartbeat_s: None,
-        deployments: BTreeMap::new(),
-        freshness: Default::default(),
-    };
+    let other_status = status_doc("store-0002", "forged", 1);
     out.push(edge(
         "another store's status document",
         &topics.status(STORE),
@@ -1290,11 +1262,13 @@ async fn forged_ack_keeps_events(w: &mut World) {
 /// new key's throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_rotation_old_key_accepted_before_and_rejected_after() {
-    harness::init();
-    let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
-    let (mut git, _) = GitServer::start(&refs(&manifests("0")));
-    let obs = Observer::start(cloud).await;
+    let CloudRig {
+        dir,
+        cloud,
+        mut git,
+        obs,
+        ..
+    } = CloudRig::start(&refs(&web_app("0", FILES))).await;
     const OLD: u8 = 11;
     const NEW: u8 = 12;
     let mut store = StoreRig::new(
@@ -1305,21 +1279,18 @@ async fn key_rotation_old_key_accepted_before_and_rejected_after() {
         &harness::Signer::new(OLD),
         &git.allowed(),
     );
-    let (retry, drift) = (store.agent_cfg.retry, store.agent_cfg.drift_interval);
     let reconfigure = |store: &mut StoreRig, keys: Vec<TrustedKey>, revoked: Vec<String>| {
         let mut f = store.agent_cfg.file.clone();
         f.trusted_keys = keys;
         f.revoked_keys = revoked;
-        store.agent_cfg = AgentConfig::from_file(f).expect("config");
-        store.agent_cfg.retry = retry;
-        store.agent_cfg.drift_interval = drift;
+        store.set_agent_file(f);
     };
     store.start();
     let topic = Topics::default().deployment(&Scope::Fleet, DEP);
     let mut seq = 0u64;
     let mut roll = async |git: &mut GitServer, seed: u8, label: &str| -> (u64, String) {
         seq += 1;
-        let rev = git.commit(&refs(&manifests(label)), &[], label);
+        let rev = git.commit(&refs(&web_app(label, FILES)), &[], label);
         let r = harness::Signer::new(seed).rollout(DEP, Scope::Fleet, seq, &git.url(), &rev, APP);
         publish(
             cloud,
@@ -1337,14 +1308,7 @@ async fn key_rotation_old_key_accepted_before_and_rejected_after() {
     };
     // The reason of the first rejection after roostseq `from` (a verification failure knows
     // no sequence: the payload was not trusted).
-    let last = || {
-        obs.snapshot()
-            .store_events(STORE)
-            .iter()
-            .map(|e| e.roostseq)
-            .max()
-            .unwrap_or(0)
-    };
+    let last = || obs.snapshot().max_roostseq(STORE);
     let rejected = |from: u64| {
         let obs = &obs;
         async move {
@@ -1412,11 +1376,13 @@ async fn key_rotation_old_key_accepted_before_and_rejected_after() {
 /// `roost rollout --key A --key B` meets a fleet threshold of two; one key does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roost_rollout_signs_with_every_key_to_meet_a_threshold() {
-    harness::init();
-    let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
-    let (git, rev) = GitServer::start(&refs(&manifests("1")));
-    let obs = Observer::start(cloud).await;
+    let CloudRig {
+        dir,
+        cloud,
+        git,
+        rev,
+        obs,
+    } = CloudRig::start(&refs(&web_app("1", FILES))).await;
     let keys = dir.path().join("keys");
     let (id_a, _) = roost_fleet::cloud::keygen(&keys).expect("keygen");
     let (id_b, _) = roost_fleet::cloud::keygen(&keys).expect("keygen");
@@ -1432,17 +1398,9 @@ async fn roost_rollout_signs_with_every_key_to_meet_a_threshold() {
         &git.allowed(),
     );
     let mut f = store.agent_cfg.file.clone();
-    let tk = |k: &SigningKey| TrustedKey {
-        id: k.key_id(),
-        public_key: base64::engine::general_purpose::STANDARD.encode(k.public_key()),
-        not_after: None,
-    };
-    f.trusted_keys = vec![tk(&ka), tk(&kb)];
+    f.trusted_keys = vec![trusted_key(&ka, None), trusted_key(&kb, None)];
     f.thresholds.fleet = Some(2);
-    let (retry, drift) = (store.agent_cfg.retry, store.agent_cfg.drift_interval);
-    store.agent_cfg = AgentConfig::from_file(f).expect("config");
-    store.agent_cfg.retry = retry;
-    store.agent_cfg.drift_interval = drift;
+    store.set_agent_file(f);
     store.start();
     let rollout = |keys_args: Vec<String>, seq: u64| {
         let mut cmd = std::process::Command::new(harness::roost_bin());
@@ -1486,12 +1444,14 @@ async fn roost_rollout_signs_with_every_key_to_meet_a_threshold() {
 /// cache), the bridge's outbox, and the events and status documents the cloud receives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_never_appear_in_logs_events_or_status() {
-    harness::init();
-    let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
+    let CloudRig {
+        dir,
+        cloud,
+        mut git,
+        rev,
+        obs,
+    } = CloudRig::start(&refs(&web_app("1", FILES))).await;
     let edge = roost_broker::spawn_free("edge").expect("edge broker");
-    let (mut git, rev) = GitServer::start(&refs(&manifests("1")));
-    let obs = Observer::start(cloud).await;
     let token = format!("roost-secret-token-{:016x}", rand::random::<u64>());
     let signer = harness::Signer::new(1);
     // An https source that does not answer TLS, with a credential for it: fetches fail and
@@ -1544,7 +1504,7 @@ async fn credentials_never_appear_in_logs_events_or_status() {
     publish(cloud, &topic, signer.sign(&r)).await;
     obs.wait_phase(STORE, DEP, "Converged", Some(&rev), T).await;
     // The https source: fetch fails (no TLS there), retried, reported.
-    let rev2 = git.commit(&refs(&manifests("2")), &[], "2");
+    let rev2 = git.commit(&refs(&web_app("2", FILES)), &[], "2");
     let r = signer.rollout(DEP, Scope::Fleet, 2, &https, &rev2, APP);
     publish(cloud, &topic, signer.sign(&r)).await;
     obs.wait_event(STORE, "dev.roost.fetch.failed", T, |e| {
@@ -1578,21 +1538,14 @@ async fn credentials_never_appear_in_logs_events_or_status() {
     bridge.stop().await;
     std::env::remove_var("ROOST_CHILD_LOG");
     let mut haystack: Vec<(String, Vec<u8>)> = Vec::new();
-    fn files(dir: &std::path::Path, out: &mut Vec<(String, Vec<u8>)>) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                files(&p, out);
-            } else if let Ok(b) = std::fs::read(&p) {
-                out.push((p.display().to_string(), b));
-            }
+    for p in paths_under(&state)
+        .into_iter()
+        .chain(paths_under(&bridge_dir))
+    {
+        if let Ok(b) = std::fs::read(&p) {
+            haystack.push((p.display().to_string(), b));
         }
     }
-    files(&state, &mut haystack);
-    files(&bridge_dir, &mut haystack);
     let log_text = std::fs::read(&log).expect("log");
     assert!(log_text.len() > 1000, "the agent logged at debug level");
     haystack.push(("agent log".into(), log_text));
@@ -1646,25 +1599,7 @@ fn snapshot_env(
 
 /// `body` signed as a snapshot payload.
 fn snapshot_raw(seeds: &[u8], body: &[u8]) -> Vec<u8> {
-    let keys: Vec<SigningKey> = seeds.iter().map(|s| key(*s)).collect();
-    let env =
-        roost_schemas::sign_all(&keys, roost_schemas::SNAPSHOT_PAYLOAD_TYPE, body).expect("keys");
-    serde_json::to_vec(&env).expect("json")
-}
-
-/// Waits until the store's status document (at the cloud) satisfies `pred`.
-async fn wait_status(
-    obs: &Observer,
-    store: &str,
-    what: &str,
-    pred: impl Fn(&StatusDoc) -> bool,
-) -> StatusDoc {
-    let seen = obs.seen.clone();
-    harness::eventually(T, &format!("{store}: {what}"), || {
-        let s = seen.lock().expect("lock");
-        s.status.get(store).filter(|d| pred(d)).cloned()
-    })
-    .await
+    envelope_bytes(seeds, roost_schemas::SNAPSHOT_PAYLOAD_TYPE, body)
 }
 
 fn freshness_of(d: &StatusDoc) -> Option<roost_schemas::FreshnessState> {
@@ -1674,26 +1609,18 @@ fn freshness_of(d: &StatusDoc) -> Option<roost_schemas::FreshnessState> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
     use roost_schemas::FreshnessState::{Expired, Fresh, Stale};
-    harness::init();
-    let dir = tempfile::tempdir().expect("tmp");
-    let cloud = roost_broker::spawn_free("cloud").expect("cloud broker");
-    let (mut git, rev_a) = GitServer::start(&refs(&manifests("a")));
-    let rev_b = git.commit(&refs(&manifests("b")), &[], "b");
-    let obs = Observer::start(cloud).await;
+    let CloudRig {
+        dir,
+        cloud,
+        mut git,
+        rev: rev_a,
+        obs,
+    } = CloudRig::start(&refs(&web_app("a", FILES))).await;
+    let rev_b = git.commit(&refs(&web_app("b", FILES)), &[], "b");
     let signer = harness::Signer::new(KEY_A);
     let configure = |store: &mut StoreRig| {
-        let mut file: AgentFile = store.agent_cfg.file.clone();
-        file.trusted_keys = vec![
-            trusted(KEY_A, None),
-            trusted(KEY_B, None),
-            trusted(KEY_EXPIRED, Some("2020-01-01T00:00:00Z")),
-            trusted(KEY_REVOKED, None),
-        ];
-        file.revoked_keys = vec![key(KEY_REVOKED).key_id()];
-        let (retry, drift) = (store.agent_cfg.retry, store.agent_cfg.drift_interval);
-        store.agent_cfg = AgentConfig::from_file(file).expect("agent config");
-        store.agent_cfg.retry = retry;
-        store.agent_cfg.drift_interval = drift;
+        let file = test_keys(store);
+        store.set_agent_file(file);
     };
     let (s1, s2) = ("store-snap-1", "store-snap-2");
     let mut one = StoreRig::new(s1, &["canary"], dir.path(), cloud, &signer, &git.url());
@@ -1709,17 +1636,12 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
     let now = time::OffsetDateTime::now_utc;
     let later = || now() + time::Duration::minutes(10);
     let converged = |store: &'static str, rev: String, seq: u64| {
-        let seen = obs.seen.clone();
+        let obs = &obs;
         async move {
-            harness::eventually(T, &format!("{store} converged on {rev} ({seq})"), || {
-                let s = seen.lock().expect("lock");
-                let d = s.status.get(store)?.deployments.get(DEP)?;
-                (d.phase == roost_schemas::Phase::Converged
-                    && d.applied_revision.as_deref() == Some(rev.as_str())
-                    && d.desired.as_ref().is_some_and(|x| x.sequence == seq))
-                .then_some(())
+            obs.wait_status(store, &format!("converged on {rev} ({seq})"), T, |d| {
+                harness::converged_at(d, DEP, &rev, seq)
             })
-            .await
+            .await;
         }
     };
     let mut cases_run: Vec<(String, &'static str)> = Vec::new();
@@ -1734,10 +1656,11 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
         snapshot_env(&[KEY_A], 100, &[(&fleet, 10)], now(), later()),
     )
     .await;
-    let doc = wait_status(&obs, s1, "fresh at snapshot 100", |d| {
-        freshness_of(d) == Some(Fresh) && d.freshness.snapshot_sequence == Some(100)
-    })
-    .await;
+    let doc = obs
+        .wait_status(s1, "fresh at snapshot 100", T, |d| {
+            freshness_of(d) == Some(Fresh) && d.freshness.snapshot_sequence == Some(100)
+        })
+        .await;
     let confirmed = doc
         .freshness
         .desired_confirmed_at
@@ -1795,13 +1718,7 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
     let mut marker_seq = 10;
     for (name, reason, payload) in bad {
         let before = one.live_files(DEP);
-        let from = obs
-            .snapshot()
-            .store_events(s1)
-            .iter()
-            .map(|e| e.roostseq)
-            .max()
-            .unwrap_or(0);
+        let from = obs.snapshot().max_roostseq(s1);
         publish(cloud, &snap_topic, payload).await;
         let e = obs
             .wait_event(s1, "dev.roost.rollout.rejected", T, |e| e.roostseq > from)
@@ -1839,7 +1756,7 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
         snapshot_env(&[KEY_A], 200, &[(&fleet, held)], now(), later()),
     )
     .await;
-    wait_status(&obs, s1, "fresh at snapshot 200", |d| {
+    obs.wait_status(s1, "fresh at snapshot 200", T, |d| {
         freshness_of(d) == Some(Fresh) && d.freshness.snapshot_sequence == Some(200)
     })
     .await;
@@ -1862,7 +1779,9 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
         }],
         "withheld"
     );
-    let doc = wait_status(&obs, s2, "stale", |d| freshness_of(d) == Some(Stale)).await;
+    let doc = obs
+        .wait_status(s2, "stale", T, |d| freshness_of(d) == Some(Stale))
+        .await;
     assert_eq!(doc.freshness.stale_topics, vec![fleet.clone()]);
     assert!(
         doc.freshness.desired_confirmed_at.is_none(),
@@ -1881,13 +1800,7 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
     // Stale, rolled back: the broker now serves an older signed rollout. The fresh agent
     // takes it (it is validly signed) and reports the topic as held older than listed; the
     // snapshot makes it apply nothing beyond that rollout.
-    let from = obs
-        .snapshot()
-        .store_events(s2)
-        .iter()
-        .map(|e| e.roostseq)
-        .max()
-        .unwrap_or(0);
+    let from = obs.snapshot().max_roostseq(s2);
     publish(cloud, &fleet, old_env.clone()).await;
     let e = obs
         .wait_event(s2, "dev.roost.desired.stale", T, |e| e.roostseq > from)
@@ -1923,7 +1836,7 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
         snapshot_env(&[KEY_A], 210, &[(&fleet, held)], now(), later()),
     )
     .await;
-    wait_status(&obs, s2, "stale at snapshot 210", |d| {
+    obs.wait_status(s2, "stale at snapshot 210", T, |d| {
         freshness_of(d) == Some(Stale) && d.freshness.snapshot_sequence == Some(210)
     })
     .await;
@@ -1953,10 +1866,11 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
     )
     .await;
     for s in [s1, s2] {
-        let d = wait_status(&obs, s, "fresh at snapshot 300", |d| {
-            freshness_of(d) == Some(Fresh) && d.freshness.snapshot_sequence == Some(300)
-        })
-        .await;
+        let d = obs
+            .wait_status(s, "fresh at snapshot 300", T, |d| {
+                freshness_of(d) == Some(Fresh) && d.freshness.snapshot_sequence == Some(300)
+            })
+            .await;
         assert!(d.freshness.desired_confirmed_at.is_some(), "{s}: confirmed");
         assert!(d.freshness.stale_topics.is_empty(), "{s}");
     }
@@ -1964,13 +1878,7 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
     // Expired on arrival (an old snapshot that was never seen, e.g. while offline): accepted,
     // not an error: the status says expired, nothing applied, reported once.
     let before = one.live_files(DEP);
-    let from = obs
-        .snapshot()
-        .store_events(s1)
-        .iter()
-        .map(|e| e.roostseq)
-        .max()
-        .unwrap_or(0);
+    let from = obs.snapshot().max_roostseq(s1);
     publish(
         cloud,
         &snap_topic,
@@ -1983,10 +1891,11 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
         ),
     )
     .await;
-    let doc = wait_status(&obs, s1, "expired at snapshot 400", |d| {
-        freshness_of(d) == Some(Expired) && d.freshness.snapshot_sequence == Some(400)
-    })
-    .await;
+    let doc = obs
+        .wait_status(s1, "expired at snapshot 400", T, |d| {
+            freshness_of(d) == Some(Expired) && d.freshness.snapshot_sequence == Some(400)
+        })
+        .await;
     assert!(
         doc.freshness.desired_confirmed_at.is_some(),
         "keeps the last confirmation"
@@ -2022,11 +1931,11 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
         ),
     )
     .await;
-    wait_status(&obs, s1, "fresh at snapshot 500", |d| {
+    obs.wait_status(s1, "fresh at snapshot 500", T, |d| {
         freshness_of(d) == Some(Fresh) && d.freshness.snapshot_sequence == Some(500)
     })
     .await;
-    wait_status(&obs, s1, "snapshot 500 expired by itself", |d| {
+    obs.wait_status(s1, "snapshot 500 expired by itself", T, |d| {
         freshness_of(d) == Some(Expired) && d.freshness.snapshot_sequence == Some(500)
     })
     .await;
@@ -2043,13 +1952,7 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
     // The replay guard survives a restart of the agent.
     one.stop_agent().await;
     one.start_agent();
-    let from = obs
-        .snapshot()
-        .store_events(s1)
-        .iter()
-        .map(|e| e.roostseq)
-        .max()
-        .unwrap_or(0);
+    let from = obs.snapshot().max_roostseq(s1);
     publish(
         cloud,
         &snap_topic,
@@ -2090,12 +1993,15 @@ async fn kubernetes_policy_and_ownership_cases() {
     let server = roost_tests::kube_api::TestApiServer::start()
         .await
         .expect("test API server");
-    let dir = tempfile::tempdir().expect("tmp");
+    let CloudRig {
+        dir,
+        cloud,
+        mut git,
+        obs,
+        ..
+    } = CloudRig::start(&[("README", "shop\n")]).await;
     let kc = dir.path().join("kubeconfig");
     server.write_kubeconfig(&kc).expect("kubeconfig");
-    let cloud = roost_broker::spawn_free("cloud").expect("cloud");
-    let (mut git, _) = GitServer::start(&[("README", "shop\n")]);
-    let obs = Observer::start(cloud).await;
     let signer = harness::Signer::new(7);
     let prefix = format!("h{:06x}-", rand::random::<u32>() & 0xffffff);
     let mut store = StoreRig::new(STORE, &[], dir.path(), cloud, &signer, &git.allowed());
@@ -2117,18 +2023,7 @@ async fn kubernetes_policy_and_ownership_cases() {
     let mut seq = 0u64;
     let mut roll = async |git: &mut GitServer, d: &str, files: Vec<(String, String)>| -> String {
         seq += 1;
-        let old: Vec<String> = git
-            .files()
-            .keys()
-            .filter(|k| k.starts_with("apps/"))
-            .cloned()
-            .collect();
-        let del: Vec<&str> = old
-            .iter()
-            .map(String::as_str)
-            .filter(|k| !files.iter().any(|(p, _)| p == k))
-            .collect();
-        let rev = git.commit(&refs(&files), &del, "k");
+        let rev = git.commit_replacing("apps/", &files, "k");
         let r = signer.rollout(d, Scope::Fleet, seq, &git.url(), &rev, &format!("apps/{d}"));
         publish(cloud, &topic(d), signer.sign(&r)).await;
         rev

@@ -11,7 +11,8 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use roost_agent::config::{KubernetesConfig, TargetConfig};
 use roost_schemas::{CloudEvent, Scope, Topics};
-use roost_tests::harness::{self, publish, GitServer, Observer, Signer, StoreRig};
+use roost_tests::fixtures::roost_up_once;
+use roost_tests::harness::{self, publish, CloudRig, GitServer, Observer, Signer, StoreRig};
 use roost_tests::kube_api::TestApiServer;
 use serde_json::json;
 
@@ -141,6 +142,18 @@ fn deploy_yaml(name: &str, replicas: u32, image: &str) -> String {
     )
 }
 
+/// A CustomResourceDefinition of namespaced `widgets` (kind Widget, v1) in API group `group`.
+fn crd_yaml(group: &str) -> String {
+    format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names:\n    plural: widgets\n    singular: widget\n    kind: Widget\n  versions:\n    - name: v1\n      served: true\n      storage: true\n      schema:\n        openAPIV3Schema:\n          type: object\n          x-kubernetes-preserve-unknown-fields: true\n"
+    )
+}
+
+/// Widget `w1` (of [`crd_yaml`]'s kind) in namespace `shop`.
+fn widget_yaml(group: &str) -> String {
+    format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w1\n  namespace: shop\nspec:\n  size: 3\n")
+}
+
 fn base_files() -> Vec<(String, String)> {
     vec![
         (format!("{APP}/00-namespace.yaml"), ns_yaml("shop")),
@@ -153,17 +166,16 @@ fn base_files() -> Vec<(String, String)> {
     ]
 }
 
-fn refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
-    v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
-}
-
 impl Scene {
     async fn new(cluster: Cluster, policy: impl FnOnce(&mut KubernetesConfig)) -> Scene {
-        let dir = tempfile::tempdir().expect("tmp");
-        let cloud = roost_broker::spawn_free("cloud").expect("cloud");
-        let (git, _) = GitServer::start(&[("README", "shop\n")]);
+        let CloudRig {
+            dir,
+            cloud,
+            git,
+            obs,
+            ..
+        } = CloudRig::start(&[("README", "shop\n")]).await;
         let signer = Signer::new(7);
-        let obs = Observer::start(cloud).await;
         let id = cluster.prefix.trim_end_matches('-').to_owned();
         let store_name = format!("store-{id}");
         let dep = format!("shop-{id}");
@@ -200,19 +212,7 @@ impl Scene {
 
     /// Commits `files` (replacing the app directory) and rolls it out; returns the revision.
     async fn roll_files(&mut self, files: &[(String, String)], health_timeout_s: u64) -> String {
-        let old: Vec<String> = self
-            .git
-            .files()
-            .keys()
-            .filter(|k| k.starts_with(APP))
-            .cloned()
-            .collect();
-        let delete: Vec<&str> = old
-            .iter()
-            .map(String::as_str)
-            .filter(|k| !files.iter().any(|(p, _)| p == k))
-            .collect();
-        let rev = self.git.commit(&refs(files), &delete, "change");
+        let rev = self.git.commit_replacing(APP, files, "change");
         self.seq += 1;
         let mut r = self.signer.rollout(
             &self.dep,
@@ -256,8 +256,7 @@ impl Scene {
     }
 
     async fn converged(&self, rev: &str) -> CloudEvent {
-        self.event("dev.roost.converged", |e| e.data["revision"] == rev)
-            .await
+        self.obs.wait_converged(&self.store_name, rev, T).await
     }
 
     /// Events of this scenario's store of type `ty`.
@@ -719,13 +718,10 @@ async fn scenario_crd_and_custom_resource(c: Cluster) {
         "{}widgets.roost.dev",
         s.cluster.prefix.trim_end_matches('-').to_owned() + "."
     );
-    let crd = format!(
-        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names:\n    plural: widgets\n    singular: widget\n    kind: Widget\n  versions:\n    - name: v1\n      served: true\n      storage: true\n      schema:\n        openAPIV3Schema:\n          type: object\n          x-kubernetes-preserve-unknown-fields: true\n"
-    );
     let mut files = base_files();
     // Alphabetically the custom resource comes first: roost must order it after its CRD.
-    files.push((format!("{APP}/a-widget.yaml"), format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w1\n  namespace: shop\nspec:\n  size: 3\n")));
-    files.push((format!("{APP}/z-crd.yaml"), crd));
+    files.push((format!("{APP}/a-widget.yaml"), widget_yaml(&group)));
+    files.push((format!("{APP}/z-crd.yaml"), crd_yaml(&group)));
     let rev = s.roll_files(&files, 60).await;
     s.converged(&rev).await;
     let w = s
@@ -939,24 +935,13 @@ async fn deploy_manifests_parse_and_apply() {
 async fn roost_up_target_kubernetes() {
     let c = Cluster::double().await;
     let dir = tempfile::tempdir().expect("tmp");
-    let out = tokio::process::Command::new(harness::roost_bin())
-        .args([
-            "up",
-            "--once",
-            "--stores",
-            "2",
-            "--target",
-            "kubernetes",
-            "--timeout",
-            "60",
-            "--state-dir",
-        ])
-        .arg(dir.path())
-        .env("KUBECONFIG", c.kubeconfig.as_ref().expect("kubeconfig"))
-        .env("ROOST_LOG", "error")
-        .output()
-        .await
-        .expect("roost up");
+    let kubeconfig = c.kubeconfig.as_ref().expect("kubeconfig");
+    let out = roost_up_once(
+        &["--stores", "2", "--target", "kubernetes", "--timeout", "60"],
+        dir.path(),
+        &[("KUBECONFIG", kubeconfig.as_os_str())],
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -1314,8 +1299,8 @@ async fn scenario_least_privilege(cluster_scoped: bool) {
     .await;
     let mut files = base_files();
     if cluster_scoped {
-        files.push((format!("{APP}/a-widget.yaml"), format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w1\n  namespace: shop\nspec:\n  size: 3\n")));
-        files.push((format!("{APP}/z-crd.yaml"), format!("apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names:\n    plural: widgets\n    singular: widget\n    kind: Widget\n  versions:\n    - name: v1\n      served: true\n      storage: true\n      schema:\n        openAPIV3Schema:\n          type: object\n          x-kubernetes-preserve-unknown-fields: true\n")));
+        files.push((format!("{APP}/a-widget.yaml"), widget_yaml(&group)));
+        files.push((format!("{APP}/z-crd.yaml"), crd_yaml(&group)));
     } else {
         files.retain(|(p, _)| !p.ends_with("00-namespace.yaml"));
     }

@@ -20,22 +20,12 @@ use rcgen::{
 use roost_fleet::cloud::BrokerTarget;
 use roost_runtime::{Security, TlsFiles};
 use roost_schemas::{Scope, Topics};
+use roost_tests::fixtures::{free_addr, mosquitto_bin, refs, shipped, web_app, Web, WEB_APP};
 use roost_tests::harness::{self, eventually, GitServer, Observer, RoostProcess, Signer, StoreRig};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const T: Duration = Duration::from_secs(60);
-const APP: &str = "apps/web";
-
-fn app(version: &str) -> Vec<(String, String)> {
-    vec![(
-        format!("{APP}/configmap.yaml"),
-        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\ndata:\n  version: \"{version}\"\n"),
-    )]
-}
-
-fn refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
-    v.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect()
-}
+const APP: &str = WEB_APP;
 
 // ---------------------------------------------------------------------------------------------
 // Certificates
@@ -143,28 +133,6 @@ impl Pki {
 // ---------------------------------------------------------------------------------------------
 // Brokers
 
-/// mosquitto's path, or None (skip) when it is not installed; under CI a missing mosquitto
-/// fails the test instead.
-fn mosquitto(test: &str) -> Option<&'static str> {
-    let found = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
-    if found.is_none() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "mosquitto is not installed, and CI must run {test} (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED {test}: mosquitto is not installed (apt-get install -y mosquitto)");
-    }
-    found
-}
-
-fn shipped(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../broker-config")
-        .join(file)
-}
-
 /// A mosquitto process with a TLS listener (settings given) and a plain, anonymous loopback
 /// listener for test observers, each with its own settings (`per_listener_settings`).
 struct Mosquitto {
@@ -228,10 +196,6 @@ impl Drop for Mosquitto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_addr() -> SocketAddr {
-    ([127, 0, 0, 1], roost_broker::free_port().expect("port")).into()
 }
 
 /// mosquitto TLS listener settings: mutual TLS (client certificates required, the CN is the
@@ -435,7 +399,7 @@ async fn wait_log(log: &Path, needle: &str, n: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stores_converge_over_mutual_tls_links() {
     harness::init();
-    let Some(bin) = mosquitto("stores_converge_over_mutual_tls_links") else {
+    let Some(bin) = mosquitto_bin("stores_converge_over_mutual_tls_links") else {
         return;
     };
     let dir = tempfile::tempdir().expect("tmp");
@@ -454,7 +418,7 @@ async fn stores_converge_over_mutual_tls_links() {
         "edge-0002",
         &mtls_settings(&pki, &server, &shipped("mosquitto-edge-acl.conf")),
     );
-    let files = app("1");
+    let files = web_app("1", Web::ConfigMap);
     let (git, rev) = GitServer::start(&refs(&files));
     let signer = Signer::new(9);
     let obs = Observer::start(cloud.plain).await;
@@ -539,7 +503,8 @@ async fn stores_converge_over_mutual_tls_links() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_ca_and_an_expired_certificate_are_explained_and_retried() {
     harness::init();
-    let Some(bin) = mosquitto("a_wrong_ca_and_an_expired_certificate_are_explained_and_retried")
+    let Some(bin) =
+        mosquitto_bin("a_wrong_ca_and_an_expired_certificate_are_explained_and_retried")
     else {
         return;
     };
@@ -660,7 +625,7 @@ async fn a_wrong_ca_and_an_expired_certificate_are_explained_and_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_speaks_tls_with_passwords() {
     harness::init();
-    let Some(bin) = mosquitto("the_command_line_speaks_tls_with_passwords") else {
+    let Some(bin) = mosquitto_bin("the_command_line_speaks_tls_with_passwords") else {
         return;
     };
     let dir = tempfile::tempdir().expect("tmp");
@@ -767,7 +732,7 @@ async fn the_command_line_speaks_tls_with_passwords() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
     harness::init();
-    let Some(bin) = mosquitto("the_cloud_acl_confines_each_store_to_its_own_topics") else {
+    let Some(bin) = mosquitto_bin("the_cloud_acl_confines_each_store_to_its_own_topics") else {
         return;
     };
     let dir = tempfile::tempdir().expect("tmp");
@@ -910,7 +875,8 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_acl_lets_only_the_agent_publish_status_and_events() {
     harness::init();
-    let Some(bin) = mosquitto("the_edge_acl_lets_only_the_agent_publish_status_and_events") else {
+    let Some(bin) = mosquitto_bin("the_edge_acl_lets_only_the_agent_publish_status_and_events")
+    else {
         return;
     };
     let dir = tempfile::tempdir().expect("tmp");
@@ -1117,7 +1083,7 @@ async fn git_over_https_with_a_private_ca() {
     let pki = Pki::new(dir.path(), "git");
     let wrong = Pki::new(dir.path(), "wrong");
     let server = pki.issue("git-server", true, false);
-    let files = app("https-1");
+    let files = web_app("https-1", Web::ConfigMap);
     let (mut git, _) = GitServer::start(&[("README", "apps\n")]);
     let rev = git.commit(&refs(&files), &[], "app over https");
     const TOKEN: &str = "https-token-b2f7c9";
@@ -1194,10 +1160,7 @@ async fn git_over_https_with_a_private_ca() {
 
     // The right token, in the same file: the next retry fetches over https and converges.
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token file");
-    obs.wait_event(name, "dev.roost.converged", T, |e| {
-        e.data["revision"] == rev.as_str()
-    })
-    .await;
+    obs.wait_converged(name, &rev, T).await;
     let live = std::fs::read_to_string(store.current("web").join("configmap.yaml"))
         .expect("applied from https");
     assert!(live.contains("https-1"), "{live}");
