@@ -42,8 +42,8 @@ pub fn init() {
 /// next to the test executable may be older than the sources. So the harness builds it, once
 /// per test process: `cargo build -p roost --bin roost` with the cargo that runs the tests
 /// (`$CARGO`) in the test executable's profile, and takes the path cargo reports. Cargo's own
-/// freshness check makes the binary match the sources; after the README's `cargo build -p
-/// roost --bin roost` it is a no-op. `ROOST_BIN` overrides it (a binary built elsewhere).
+/// freshness check makes the binary match the sources; after the README's `cargo build
+/// --workspace --bins` it is a no-op. `ROOST_BIN` overrides it (a binary built elsewhere).
 pub fn roost_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {

@@ -854,7 +854,7 @@ async fn roost_sim_json_smoke_in_both_topologies() {
     }
 }
 
-// ---- The HTTP API and the dashboard (issue 11) ----
+// ---- The HTTP API and the dashboard ----
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 

@@ -1,4 +1,4 @@
-//! Transport and authorization (issue 9): stores converge over mutual-TLS links (mosquitto
+//! Transport and authorization: stores converge over mutual-TLS links (mosquitto
 //! as the cloud broker with the shipped ACL; rumqttd and mosquitto as edge brokers), a wrong
 //! CA, an expired certificate and a refused password are explained and retried, the shipped
 //! mosquitto ACLs confine each identity, and `roost broker` refuses an exposed listener.
