@@ -35,11 +35,16 @@ pub enum EventType {
     /// The signed fleet snapshot lists newer desired state than the agent holds (or the
     /// last snapshot expired): the store's view may be stale.
     DesiredStale,
+    /// A signed store profile was accepted: its groups (and labels, vars, time zone) are in
+    /// force from now on.
+    ProfileAccepted,
+    /// A store profile was refused (see `data.reason`); the one in force stays.
+    ProfileRejected,
 }
 
 impl EventType {
     /// Every event type.
-    pub const ALL: [EventType; 14] = [
+    pub const ALL: [EventType; 16] = [
         EventType::RolloutReceived,
         EventType::RolloutRejected,
         EventType::FetchFailed,
@@ -54,6 +59,8 @@ impl EventType {
         EventType::Removed,
         EventType::OutboxOverflow,
         EventType::DesiredStale,
+        EventType::ProfileAccepted,
+        EventType::ProfileRejected,
     ];
 
     /// The CloudEvents `type` attribute.
@@ -73,6 +80,8 @@ impl EventType {
             EventType::Removed => "dev.roost.removed",
             EventType::OutboxOverflow => "dev.roost.outbox.overflow",
             EventType::DesiredStale => "dev.roost.desired.stale",
+            EventType::ProfileAccepted => "dev.roost.profile.accepted",
+            EventType::ProfileRejected => "dev.roost.profile.rejected",
         }
     }
 

@@ -295,6 +295,40 @@ payload!(
     }
 );
 
+payload!(
+    /// `dev.roost.profile.accepted`: a verified store profile with a sequence greater than
+    /// the last accepted one; its groups are the store's precedence from now on. Names what
+    /// changed, never the values of labels or vars.
+    ProfileAccepted => ProfileAccepted {
+        /// The profile's sequence.
+        pub sequence: u64,
+        /// The groups in force from now on, in precedence order.
+        pub groups: Vec<String>,
+        /// The groups in force before (the configured ones before the first profile).
+        pub previous_groups: Vec<String>,
+        /// What differs from the profile in force before: `groups`, `labels`, `vars`,
+        /// `timezone` (all of them that are set, for the first profile).
+        #[serde(default)]
+        pub changed: Vec<String>,
+    }
+);
+
+payload!(
+    /// `dev.roost.profile.rejected`: a message on the store's profile topic that was refused;
+    /// the profile in force stays, and nothing is applied because of it.
+    ProfileRejected => ProfileRejected {
+        /// The topic it came on.
+        pub topic: String,
+        /// Its sequence, when readable.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub sequence: Option<u64>,
+        /// Why.
+        pub reason: Reason,
+        /// What exactly.
+        pub message: String,
+    }
+);
+
 /// Any event's data, typed; what an emitter hands to the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventData {
@@ -326,6 +360,10 @@ pub enum EventData {
     OutboxOverflow(OutboxOverflow),
     /// See [`DesiredStale`].
     DesiredStale(DesiredStale),
+    /// See [`ProfileAccepted`].
+    ProfileAccepted(ProfileAccepted),
+    /// See [`ProfileRejected`].
+    ProfileRejected(ProfileRejected),
 }
 
 impl EventData {
@@ -346,6 +384,8 @@ impl EventData {
             EventData::Removed(_) => EventType::Removed,
             EventData::OutboxOverflow(_) => EventType::OutboxOverflow,
             EventData::DesiredStale(_) => EventType::DesiredStale,
+            EventData::ProfileAccepted(_) => EventType::ProfileAccepted,
+            EventData::ProfileRejected(_) => EventType::ProfileRejected,
         }
     }
 
@@ -364,7 +404,10 @@ impl EventData {
             EventData::DriftCorrected(p) => Some(&p.rollout.deployment),
             EventData::Pruned(p) => Some(&p.rollout.deployment),
             EventData::Removed(p) => Some(&p.rollout.deployment),
-            EventData::OutboxOverflow(_) | EventData::DesiredStale(_) => None,
+            EventData::OutboxOverflow(_)
+            | EventData::DesiredStale(_)
+            | EventData::ProfileAccepted(_)
+            | EventData::ProfileRejected(_) => None,
         }
     }
 
@@ -385,6 +428,8 @@ impl EventData {
             EventData::Removed(p) => serde_json::to_value(p),
             EventData::OutboxOverflow(p) => serde_json::to_value(p),
             EventData::DesiredStale(p) => serde_json::to_value(p),
+            EventData::ProfileAccepted(p) => serde_json::to_value(p),
+            EventData::ProfileRejected(p) => serde_json::to_value(p),
         };
         // Plain structs of strings and numbers always serialize.
         v.unwrap_or(serde_json::Value::Null)

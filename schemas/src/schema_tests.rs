@@ -601,6 +601,7 @@ fn reason_rules() {
         EventType::DriftDetected,
         EventType::OutboxOverflow,
         EventType::DesiredStale,
+        EventType::ProfileRejected,
     ];
     for t in EventType::ALL {
         let mut ev = CloudEvent::new(
@@ -778,6 +779,18 @@ fn typed_payloads_validate_against_the_event_schema() {
                     held: None,
                 },
             ],
+        }),
+        EventData::ProfileAccepted(ProfileAccepted {
+            sequence: 1_795_000_000_300,
+            groups: vec!["us-south".into()],
+            previous_groups: vec!["us-east".into()],
+            changed: vec!["groups".into(), "labels".into()],
+        }),
+        EventData::ProfileRejected(ProfileRejected {
+            topic: "roost/v1/stores/store-0042/profile".into(),
+            sequence: Some(3),
+            reason: Reason::Replay,
+            message: "m".into(),
         }),
     ];
     assert_eq!(

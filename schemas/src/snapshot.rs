@@ -26,7 +26,8 @@ pub struct Snapshot {
     pub expires: String,
     /// Strictly increasing (the contract's sequence rule on the snapshot topic).
     pub sequence: u64,
-    /// The current sequence of every desired-state topic (full topic name → sequence).
+    /// The current sequence of every desired-state topic (full topic name → sequence):
+    /// deployment topics and (v1.2) store profile topics.
     pub topics: BTreeMap<String, u64>,
 }
 
@@ -77,6 +78,20 @@ pub fn deployment_topic_tail(topic: &str) -> Option<(Scope, String)> {
     Some((scope, d.to_owned()))
 }
 
+/// The store of a profile topic under any prefix (`…/stores/S/profile`).
+pub fn profile_topic_tail(topic: &str) -> Option<String> {
+    let parts: Vec<&str> = topic.split('/').collect();
+    let n = parts.len();
+    if n < 4 || parts[n - 1] != "profile" || parts[n - 3] != "stores" {
+        return None;
+    }
+    validate_name(parts[n - 2]).ok()?;
+    if parts[..n - 3].iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    Some(parts[n - 2].to_owned())
+}
+
 impl Snapshot {
     /// Parses and validates a payload.
     pub fn from_json(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
@@ -87,7 +102,7 @@ impl Snapshot {
     }
 
     /// Checks every field's rules: sequence >= 1, RFC 3339 times with `expires` after
-    /// `issued_at`, topics that are deployment topics with sequences >= 1.
+    /// `issued_at`, topics that are deployment or store profile topics with sequences >= 1.
     pub fn validate(&self) -> Result<(), SnapshotError> {
         let field = |field: &'static str, message: String| SnapshotError::Field { field, message };
         if self.sequence == 0 {
@@ -107,11 +122,13 @@ impl Snapshot {
             ));
         }
         for (t, seq) in &self.topics {
-            if t.len() > 512 || deployment_topic_tail(t).is_none() {
+            if t.len() > 512
+                || (deployment_topic_tail(t).is_none() && profile_topic_tail(t).is_none())
+            {
                 let shown: String = t.chars().take(80).collect();
                 return Err(field(
                     "topics",
-                    format!("{shown:?} is not a deployment topic"),
+                    format!("{shown:?} is not a deployment or store profile topic"),
                 ));
             }
             if *seq == 0 {
@@ -148,6 +165,7 @@ mod tests {
                 ("roost/v1/fleet/deployments/web".to_owned(), 17),
                 ("roost/v1/groups/canary/deployments/web".to_owned(), 18),
                 ("roost/v1/stores/store-0042/deployments/menu".to_owned(), 3),
+                ("roost/v1/stores/store-0042/profile".to_owned(), 5),
             ]
             .into_iter()
             .collect(),
@@ -175,6 +193,10 @@ mod tests {
             "roost/v1/groups/Bad/deployments/web",
             "roost/v1/stores/s/deployments/web/x",
             "//fleet/deployments/web",
+            "roost/v1/stores/Bad/profile",
+            "roost/v1/groups/g/profile",
+            "stores/s/profile",
+            "roost//stores/s/profile",
         ] {
             bad(
                 &|s| {
@@ -208,5 +230,12 @@ mod tests {
             Some((Scope::Fleet, "web".into()))
         );
         assert_eq!(deployment_topic_tail("groups/g1/deployments/web"), None);
+        assert_eq!(
+            profile_topic_tail("roost/v1/stores/s1/profile"),
+            Some("s1".into())
+        );
+        assert_eq!(profile_topic_tail("a/stores/s1/profile"), Some("s1".into()));
+        assert_eq!(profile_topic_tail("stores/s1/profile"), None);
+        assert_eq!(profile_topic_tail("roost/v1/stores/s1/status"), None);
     }
 }
