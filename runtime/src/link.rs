@@ -167,7 +167,8 @@ pub struct LinkConfig {
     pub security: Security,
     /// Last will.
     pub will: Option<Will>,
-    /// Topic filters to subscribe (QoS 1) on every connect.
+    /// Topic filters to subscribe (QoS 1) on every connect; changed at run time with
+    /// [`LinkHandle::set_subscriptions`].
     pub subscriptions: Vec<String>,
     /// Acknowledge incoming QoS 1 messages only when the consumer says so.
     pub manual_acks: bool,
@@ -268,6 +269,25 @@ enum Cmd {
     Rewind,
     Ack(u64, Publish),
     Direct(DirectMessage),
+    Subscriptions(Vec<String>),
+}
+
+/// What changes when a link's subscriptions go from `old` to `new`: the filters to subscribe
+/// and the filters to unsubscribe, each in the order given, without duplicates.
+pub fn subscription_change(old: &[String], new: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut add: Vec<String> = Vec::new();
+    for f in new {
+        if !old.contains(f) && !add.contains(f) {
+            add.push(f.clone());
+        }
+    }
+    let mut remove: Vec<String> = Vec::new();
+    for f in old {
+        if !new.contains(f) && !remove.contains(f) {
+            remove.push(f.clone());
+        }
+    }
+    (add, remove)
 }
 
 /// Handle to a running link.
@@ -300,6 +320,16 @@ impl LinkHandle {
     pub fn publish(&self, msg: DirectMessage) -> Result<(), LinkError> {
         self.cmd
             .send(Cmd::Direct(msg))
+            .map_err(|_| LinkError::Closed)
+    }
+
+    /// Replaces the link's subscriptions with `filters`: while connected it subscribes to the
+    /// new filters and unsubscribes from the dropped ones at once, and every later connection
+    /// subscribes to `filters` (the broker sends the new filters' retained messages as usual).
+    /// Messages already on their way for a dropped filter may still arrive.
+    pub fn set_subscriptions(&self, filters: Vec<String>) -> Result<(), LinkError> {
+        self.cmd
+            .send(Cmd::Subscriptions(filters))
             .map_err(|_| LinkError::Closed)
     }
 
@@ -412,6 +442,8 @@ async fn run(
     let mut backoff = Backoff::new(cfg.backoff.0, cfg.backoff.1);
     let mut newest = outbox.as_ref().map(|o| o.subscribe_newest());
     let mut generation: u64 = 0;
+    // What every connection subscribes to; `set_subscriptions` replaces it.
+    let mut subscriptions = cfg.subscriptions.clone();
     while !cancel.is_cancelled() {
         let opts = match options(&cfg) {
             Ok(o) => o,
@@ -497,11 +529,8 @@ async fn run(
                                 is_up = true;
                                 connected.send_replace(true);
                                 sessions.send_replace((generation, ack.session_present));
-                                if !cfg.subscriptions.is_empty() {
-                                    let subs = cfg.subscriptions.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                                    if let Err(e) = client.subscribe_many(subs).await {
-                                        break 'burst Err(e.to_string());
-                                    }
+                                if let Err(e) = subscribe(&client, &subscriptions).await {
+                                    break 'burst Err(e);
                                 }
                                 if let Some(cb) = &cfg.on_connect {
                                     for m in cb(ack.session_present) {
@@ -600,6 +629,16 @@ async fn run(
                                 if let Err(e) = send_direct(&client, &mut inflight, m).await { break Err(e); }
                             }
                         }
+                        Some(Cmd::Subscriptions(filters)) => {
+                            let (add, remove) = subscription_change(&subscriptions, &filters);
+                            subscriptions = filters;
+                            if (!add.is_empty() || !remove.is_empty()) && is_up {
+                                info!(subscribe = ?add, unsubscribe = ?remove, "subscriptions changed");
+                                if let Err(e) = resubscribe(&client, &add, remove).await {
+                                    break Err(e);
+                                }
+                            }
+                        }
                     }
                 }
                 changed = async {
@@ -645,6 +684,31 @@ async fn run(
     debug!("link stopped");
 }
 
+/// Subscribes to `filters` (QoS 1) in one SUBSCRIBE; nothing for an empty list.
+async fn subscribe(client: &AsyncClient, filters: &[String]) -> Result<(), String> {
+    if filters.is_empty() {
+        return Ok(());
+    }
+    let subs = filters
+        .iter()
+        .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+    client.subscribe_many(subs).await.map_err(|e| e.to_string())
+}
+
+/// Subscribes to `add`, then unsubscribes from `remove` (new filters first: nothing that stays
+/// wanted is ever without a subscription).
+async fn resubscribe(
+    client: &AsyncClient,
+    add: &[String],
+    remove: Vec<String>,
+) -> Result<(), String> {
+    subscribe(client, add).await?;
+    for f in remove {
+        client.unsubscribe(f).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 async fn send_direct(
     client: &AsyncClient,
     inflight: &mut Inflight,
@@ -663,8 +727,12 @@ fn forwarded(ev: &Result<Event, rumqttc::ConnectionError>) -> bool {
     !matches!(
         ev,
         Ok(Event::Outgoing(
-            Outgoing::PubAck(_) | Outgoing::PingReq | Outgoing::PingResp | Outgoing::Subscribe(_)
-        )) | Ok(Event::Incoming(Packet::PingResp))
+            Outgoing::PubAck(_)
+                | Outgoing::PingReq
+                | Outgoing::PingResp
+                | Outgoing::Subscribe(_)
+                | Outgoing::Unsubscribe(_)
+        )) | Ok(Event::Incoming(Packet::PingResp | Packet::UnsubAck(_)))
     )
 }
 
@@ -734,6 +802,116 @@ mod tests {
         for (ev, want) in cases {
             assert_eq!(forwarded(&ev), want, "{ev:?}");
         }
+    }
+
+    #[test]
+    fn a_subscription_change_adds_the_new_and_drops_the_old_filters() {
+        let v = |s: &[&str]| s.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+        // (old, new, subscribe, unsubscribe)
+        let cases = [
+            (v(&[]), v(&[]), v(&[]), v(&[])),
+            (v(&["a", "b"]), v(&["a", "b"]), v(&[]), v(&[])),
+            (v(&["a", "b"]), v(&["b", "a"]), v(&[]), v(&[])),
+            (
+                v(&["s", "g/east", "f"]),
+                v(&["s", "g/south", "f"]),
+                v(&["g/south"]),
+                v(&["g/east"]),
+            ),
+            (v(&[]), v(&["a", "a", "b"]), v(&["a", "b"]), v(&[])),
+            (v(&["a", "b", "b"]), v(&[]), v(&[]), v(&["a", "b"])),
+            (v(&["x"]), v(&["y", "z"]), v(&["y", "z"]), v(&["x"])),
+        ];
+        for (old, new, add, remove) in cases {
+            assert_eq!(
+                subscription_change(&old, &new),
+                (add, remove),
+                "{old:?} -> {new:?}"
+            );
+        }
+    }
+
+    /// Publishes `payload` on `topic` (QoS 1) to `broker` and waits for the PUBACK.
+    async fn publish(broker: std::net::SocketAddr, topic: &str, payload: &[u8], retain: bool) {
+        let mut o = MqttOptions::new(
+            format!("pub-{}", rand::random::<u32>()),
+            broker.ip().to_string(),
+            broker.port(),
+        );
+        o.set_keep_alive(Duration::from_secs(5));
+        let (client, mut ev) = AsyncClient::new(o, 10);
+        client
+            .publish(topic, QoS::AtLeastOnce, retain, payload.to_vec())
+            .await
+            .expect("publish");
+        loop {
+            match ev.poll().await.expect("poll") {
+                Event::Incoming(Packet::PubAck(_)) => return,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Receives until a message on `topic` arrives; returns every topic received meanwhile.
+    async fn receive_until(incoming: &mut mpsc::Receiver<Incoming>, topic: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(m) = incoming.recv().await {
+                seen.push(m.topic.clone());
+                if m.topic == topic {
+                    return;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{topic} within 20 s; got {seen:?}"));
+        seen
+    }
+
+    /// Subscriptions change on a running link: the new filter's retained message arrives,
+    /// and a message on the dropped filter does not (shown by a later one on the new filter
+    /// arriving first).
+    #[tokio::test]
+    async fn subscriptions_change_at_run_time() {
+        let broker = roost_broker::spawn_free("edge").expect("broker");
+        publish(broker, "t/b/1", b"retained", true).await;
+        let mut cfg = LinkConfig::new("test", "127.0.0.1", broker.port(), "link-subscriptions");
+        cfg.subscriptions = vec!["t/a/#".into()];
+        let cancel = CancellationToken::new();
+        let mut link = Link::start(cfg, None, cancel.clone()).expect("link");
+        let mut connected = link.handle.connected();
+        tokio::time::timeout(Duration::from_secs(20), connected.wait_for(|c| *c))
+            .await
+            .expect("connected in 20 s")
+            .expect("link alive");
+        // Subscribed once a message on the filter arrives (retried: the SUBACK may be late).
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                publish(broker, "t/a/1", b"x", false).await;
+                if let Ok(Some(m)) =
+                    tokio::time::timeout(Duration::from_millis(500), link.incoming.recv()).await
+                {
+                    assert_eq!(m.topic, "t/a/1");
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("t/a/1 within 20 s");
+        link.handle
+            .set_subscriptions(vec!["t/b/#".into()])
+            .expect("set");
+        let seen = receive_until(&mut link.incoming, "t/b/1").await;
+        assert!(seen.iter().all(|t| t != "t/b/2"), "{seen:?}");
+        publish(broker, "t/a/2", b"dropped", false).await;
+        publish(broker, "t/b/2", b"marker", false).await;
+        let seen = receive_until(&mut link.incoming, "t/b/2").await;
+        assert!(
+            seen.iter().all(|t| !t.starts_with("t/a/")),
+            "nothing on the dropped filter: {seen:?}"
+        );
+        cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), link.task).await;
     }
 
     #[test]
