@@ -102,6 +102,12 @@ impl Thresholds {
     pub fn for_snapshot(&self) -> usize {
         self.snapshot.unwrap_or(1).max(1)
     }
+
+    /// Signatures needed for a store profile: the store kind's (a profile is store-scoped;
+    /// it decides which group rollouts the store follows, never their content).
+    pub fn for_profile(&self) -> usize {
+        self.for_scope(&roost_schemas::Scope::Store(String::new()))
+    }
 }
 
 /// Credentials for HTTPS sources. `Debug` never shows the token.

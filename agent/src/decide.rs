@@ -30,7 +30,9 @@ pub fn classify_sequence(
 }
 
 /// Precedence rank of a scope for a store (lower wins): the store itself, then its groups in
-/// configured order, then the fleet. `None` if the scope does not address this store.
+/// order (the groups in force: the last accepted profile's, else the configured ones), then
+/// the fleet. `None` if the scope does not address this store (another store, a group it is
+/// not in or has left).
 pub fn scope_rank(scope: &Scope, store: &str, groups: &[String]) -> Option<usize> {
     match scope {
         Scope::Store(s) if s == store => Some(0),
@@ -50,15 +52,37 @@ pub enum Desired {
         /// The tombstone that decided it (highest precedence one).
         rollout: Box<Rollout>,
     },
+    /// No scope that addresses the store has the deployment, only groups the store has left:
+    /// remove it, as for a tombstone.
+    Left {
+        /// The rollout of a scope the store left (the first by scope key).
+        rollout: Box<Rollout>,
+    },
     /// This rollout wins.
     Apply {
         /// The winning rollout.
         rollout: Box<Rollout>,
+        /// The digest of the store context its rendering reads (`None`: it reads none), so
+        /// that a changed context renders it again ([`crate::profile::context_for`]).
+        context: Option<String>,
     },
 }
 
-/// Resolves the winner among the last accepted rollout of every scope slot for one deployment.
-/// A tombstone empties its slot; the best remaining non-tombstone wins.
+impl Desired {
+    /// The rollout that decided it, if any.
+    pub fn rollout(&self) -> Option<&Rollout> {
+        match self {
+            Desired::Unknown => None,
+            Desired::Remove { rollout } | Desired::Left { rollout } => Some(rollout),
+            Desired::Apply { rollout, .. } => Some(rollout),
+        }
+    }
+}
+
+/// Resolves the winner among the last accepted rollout of every scope slot for one deployment,
+/// with the store's groups in force. A tombstone empties its slot; the best remaining
+/// non-tombstone wins. Slots of scopes that do not address the store (groups it left) do not
+/// count: when only they remain, the deployment has [`Desired::Left`] the store.
 pub fn resolve(slots: &[Rollout], store: &str, groups: &[String]) -> Desired {
     let mut ranked: Vec<(usize, &Rollout)> = slots
         .iter()
@@ -68,13 +92,17 @@ pub fn resolve(slots: &[Rollout], store: &str, groups: &[String]) -> Desired {
     if let Some((_, r)) = ranked.iter().find(|(_, r)| !r.remove) {
         return Desired::Apply {
             rollout: Box::new((*r).clone()),
+            context: None,
         };
     }
-    match ranked.first() {
-        Some((_, r)) => Desired::Remove {
+    match (ranked.first(), slots.iter().min_by_key(|r| r.scope.key())) {
+        (Some((_, r)), _) => Desired::Remove {
             rollout: Box::new((*r).clone()),
         },
-        None => Desired::Unknown,
+        (None, Some(r)) => Desired::Left {
+            rollout: Box::new(r.clone()),
+        },
+        (None, None) => Desired::Unknown,
     }
 }
 
@@ -303,7 +331,7 @@ mod tests {
 
     fn winner(d: &Desired) -> Option<char> {
         match d {
-            Desired::Apply { rollout } => rollout
+            Desired::Apply { rollout, .. } => rollout
                 .source
                 .as_ref()
                 .and_then(|s| s.revision.chars().next()),
@@ -365,6 +393,102 @@ mod tests {
             Desired::Remove { .. }
         ));
         assert_eq!(resolve(&[], "s1", &groups), Desired::Unknown);
+    }
+
+    /// The groups come from the last accepted profile: a label change in Git moves the store
+    /// from one group to another, and the decision follows with the same slots. Table:
+    /// (case, groups in force, slots, winner's revision or what happens).
+    #[test]
+    fn precedence_with_groups_from_a_profile() {
+        #[derive(Debug, PartialEq)]
+        enum Want {
+            Apply(char),
+            Remove,
+            Left(&'static str),
+            Unknown,
+        }
+        let east = r(Scope::Group("us-east".into()), 5, 'e', false);
+        let south = r(Scope::Group("us-south".into()), 7, 's', false);
+        let canary = r(Scope::Group("canary".into()), 9, 'c', false);
+        let fleet = r(Scope::Fleet, 1, 'f', false);
+        let store = r(Scope::Store("s1".into()), 2, 'd', false);
+        let east_gone = r(Scope::Group("us-east".into()), 6, 'e', true);
+        let g = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<String>>();
+        let rows: Vec<(&str, Vec<String>, Vec<Rollout>, Want)> = vec![
+            (
+                "configured groups: us-east",
+                g(&["us-east"]),
+                vec![east.clone(), south.clone()],
+                Want::Apply('e'),
+            ),
+            (
+                "the profile moves the store to us-south",
+                g(&["us-south"]),
+                vec![east.clone(), south.clone()],
+                Want::Apply('s'),
+            ),
+            (
+                "the order of the profile's groups is the precedence",
+                g(&["us-south", "canary"]),
+                vec![canary.clone(), south.clone()],
+                Want::Apply('s'),
+            ),
+            (
+                "reversed",
+                g(&["canary", "us-south"]),
+                vec![canary.clone(), south.clone()],
+                Want::Apply('c'),
+            ),
+            (
+                "a left group falls through to the fleet",
+                g(&["us-south"]),
+                vec![east.clone(), fleet.clone()],
+                Want::Apply('f'),
+            ),
+            (
+                "the store's own scope still wins",
+                g(&["us-east"]),
+                vec![east.clone(), store.clone()],
+                Want::Apply('d'),
+            ),
+            (
+                "only a left group had it: removed",
+                g(&["us-south"]),
+                vec![east.clone()],
+                Want::Left("group:us-east"),
+            ),
+            (
+                "no groups at all: removed",
+                g(&[]),
+                vec![south.clone(), east.clone()],
+                Want::Left("group:us-east"),
+            ),
+            (
+                "a left group's tombstone: nothing to fall back to",
+                g(&["us-south"]),
+                vec![east_gone.clone()],
+                Want::Left("group:us-east"),
+            ),
+            (
+                "a tombstone of a group in force still removes",
+                g(&["us-east"]),
+                vec![east_gone.clone(), south.clone()],
+                Want::Remove,
+            ),
+            ("nothing accepted", g(&["us-south"]), vec![], Want::Unknown),
+        ];
+        for (case, groups, slots, want) in rows {
+            let got = match resolve(&slots, "s1", &groups) {
+                d @ Desired::Apply { .. } => Want::Apply(winner(&d).expect("revision")),
+                Desired::Remove { .. } => Want::Remove,
+                Desired::Left { rollout } => Want::Left(match rollout.scope.key().as_str() {
+                    "group:us-east" => "group:us-east",
+                    other => panic!("{case}: left {other}"),
+                }),
+                Desired::Unknown => Want::Unknown,
+            };
+            assert_eq!(got, want, "{case}");
+        }
     }
 
     fn list(entries: &[&str]) -> Vec<SourceUrl> {

@@ -12,14 +12,13 @@ use roost_schemas::payload::{DesiredStale, RolloutRejected, StaleTopic};
 use roost_schemas::{
     EventData, Freshness, FreshnessState, Reason, Scope, Snapshot, Topics, SNAPSHOT_PAYLOAD_TYPE,
 };
-use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::decide::{classify_sequence, scope_rank, SequenceVerdict};
+use crate::decide::scope_rank;
 use crate::ledger::Ledger;
-use crate::verify::{payload_sequence, read_envelope, schema_problem_in, Rejection, VerifyPolicy};
+use crate::verify::{replay_guard, verify_signed, Kind, Rejection, VerifyPolicy};
 
 /// How long after the last desired-state message the comparison waits, so that the retained
 /// messages a (re)subscription delivers in any order have all arrived before anything is
@@ -41,45 +40,33 @@ pub struct VerifiedSnapshot {
 /// type, signatures by trusted, unexpired, unrevoked keys (`thresholds.snapshot`), the
 /// snapshot schema and its typed rules. `Ok(None)` for an empty payload (the retained
 /// snapshot was cleared: unsigned, it changes nothing). The replay guard is
-/// [`classify_sequence`] against the stored snapshot.
+/// [`replay_guard`] against the stored snapshot.
 pub fn verify_snapshot(
     policy: &VerifyPolicy<'_>,
     payload: &[u8],
 ) -> Result<Option<VerifiedSnapshot>, Rejection> {
-    let reject = |reason: Reason, message: String, sequence: Option<u64>| Rejection {
+    static SNAPSHOTS: Kind<Snapshot> = Kind::new(
+        "snapshot",
+        SNAPSHOT_PAYLOAD_TYPE,
+        roost_schemas::json_schema::SNAPSHOT,
+        |b| Snapshot::from_json(b).map_err(|e| e.to_string()),
+    );
+    let signed = verify_signed(
+        policy,
+        payload,
+        &SNAPSHOTS,
+        policy.thresholds.for_snapshot(),
+    )
+    .map_err(|(reason, message, sequence)| Rejection {
         reason,
         message,
         deployment: None,
         sequence,
-    };
-    let Some(env) =
-        read_envelope(policy, payload, "snapshot").map_err(|(r, m)| reject(r, m, None))?
-    else {
-        return Ok(None);
-    };
-    let signed = policy
-        .keyring
-        .verify_with(
-            &env,
-            SNAPSHOT_PAYLOAD_TYPE,
-            policy.now,
-            policy.thresholds.for_snapshot(),
-        )
-        .map_err(|e| reject(e.reason(), e.to_string(), None))?;
-    let body = signed.payload;
-    static VALIDATOR: std::sync::OnceLock<Option<jsonschema::Validator>> =
-        std::sync::OnceLock::new();
-    if let Some(problem) =
-        schema_problem_in(&VALIDATOR, roost_schemas::json_schema::SNAPSHOT, &body)
-    {
-        return Err(reject(Reason::Schema, problem, payload_sequence(&body)));
-    }
-    let snapshot = Snapshot::from_json(&body)
-        .map_err(|e| reject(Reason::Schema, e.to_string(), payload_sequence(&body)))?;
-    Ok(Some(VerifiedSnapshot {
-        snapshot,
-        digest: hex::encode(Sha256::digest(&body)),
-        keyids: signed.keyids,
+    })?;
+    Ok(signed.map(|s| VerifiedSnapshot {
+        snapshot: s.value,
+        digest: s.digest,
+        keyids: s.keyids,
     }))
 }
 
@@ -93,25 +80,35 @@ pub struct Assessment {
 }
 
 /// Compares a snapshot with what the agent holds. Only topics that address this store count
-/// (the fleet's, its groups', its own; under this agent's topic prefix); a topic whose listed
-/// sequence is higher than the held one, or that is listed but not held at all (withheld), is
-/// stale. A topic held newer than listed is fine (the snapshot is older than the rollout).
-/// `held(scope, deployment)` is the last accepted sequence of that slot.
+/// (the fleet's, its groups' (those in force), its own deployments and its own profile;
+/// under this agent's topic prefix); a topic whose listed sequence is higher than the held
+/// one, or that is listed but not held at all (withheld), is stale. A topic held newer than
+/// listed is fine (the snapshot is older than the rollout or profile).
+/// `held(scope, deployment)` is the last accepted sequence of that slot, `held_profile` the
+/// last accepted profile's.
 pub fn assess(
     snapshot: &Snapshot,
     topics: &Topics,
     store: &str,
     groups: &[String],
     held: impl Fn(&Scope, &str) -> Option<u64>,
+    held_profile: Option<u64>,
     now: time::OffsetDateTime,
 ) -> Assessment {
     let stale: Vec<StaleTopic> = snapshot
         .topics
         .iter()
         .filter_map(|(topic, listed)| {
-            let t = topics.parse_deployment(topic)?;
-            scope_rank(&t.scope, store, groups)?;
-            let h = held(&t.scope, &t.deployment);
+            let h = match topics.parse_deployment(topic) {
+                Some(t) => {
+                    scope_rank(&t.scope, store, groups)?;
+                    held(&t.scope, &t.deployment)
+                }
+                None => {
+                    (topics.parse_profile_topic(topic)? == store).then_some(())?;
+                    held_profile
+                }
+            };
             h.is_none_or(|h| h < *listed).then(|| StaleTopic {
                 topic: topic.clone(),
                 listed: *listed,
@@ -218,27 +215,22 @@ pub async fn handle_snapshot(
         Ok(Some(v)) => {
             let last = ledger.snapshot();
             let s = &v.snapshot;
-            match classify_sequence(
-                last.as_ref()
-                    .map(|l| (l.snapshot.sequence, l.digest.as_str())),
+            let last = last
+                .as_ref()
+                .map(|l| (l.snapshot.sequence, l.digest.as_str()));
+            match replay_guard(
+                "snapshot",
+                Reason::SnapshotReplay,
+                last,
                 s.sequence,
                 &v.digest,
             ) {
-                SequenceVerdict::Duplicate => {
+                Ok(false) => {
                     debug!(sequence = s.sequence, "snapshot already accepted");
                     return false;
                 }
-                SequenceVerdict::Replay => Rejection {
-                    reason: Reason::SnapshotReplay,
-                    message: format!(
-                        "snapshot sequence {} is not greater than the last accepted {}",
-                        s.sequence,
-                        last.map(|l| l.snapshot.sequence).unwrap_or(0)
-                    ),
-                    deployment: None,
-                    sequence: Some(s.sequence),
-                },
-                SequenceVerdict::Accept => {
+                Err(r) => r,
+                Ok(true) => {
                     return match ledger.accept_snapshot(s, &v.digest, Vec::new()).await {
                         Ok(()) => {
                             info!(sequence = s.sequence, topics = s.topics.len(), expires = %s.expires, "fleet snapshot accepted");
@@ -269,13 +261,13 @@ pub async fn handle_snapshot(
 }
 
 /// Keeps the status document's freshness fields and reports `desired.stale`: compares the
-/// stored snapshot with the accepted rollouts [`SETTLE`] after the last `kick` (a snapshot
-/// or rollout arrived), at start, and when the snapshot expires. Runs until cancelled.
+/// stored snapshot with the accepted rollouts and profile (with the groups in force)
+/// [`SETTLE`] after the last `kick` (a snapshot, rollout or profile arrived), at start, and
+/// when the snapshot expires. Runs until cancelled.
 pub async fn run(
     ledger: Ledger,
     topics: Topics,
     store: String,
-    groups: Vec<String>,
     kick: Arc<Notify>,
     cancel: CancellationToken,
 ) {
@@ -325,8 +317,9 @@ pub async fn run(
             s,
             &topics,
             &store,
-            &groups,
+            &ledger.groups(),
             |scope, d| ledger.last_sequence(scope, d).map(|(seq, _)| seq),
+            ledger.profile().map(|p| p.profile.sequence),
             time::OffsetDateTime::now_utc(),
         );
         let (next, event) = report(&reported, s, &a);
@@ -369,6 +362,8 @@ mod tests {
     const OTHER_GROUP: &str = "roost/v1/groups/emea/deployments/web";
     const MINE: &str = "roost/v1/stores/s1/deployments/menu";
     const OTHERS: &str = "roost/v1/stores/s2/deployments/menu";
+    const PROFILE: &str = "roost/v1/stores/s1/profile";
+    const OTHERS_PROFILE: &str = "roost/v1/stores/s2/profile";
 
     fn t(s: &str) -> time::OffsetDateTime {
         roost_schemas::parse_rfc3339(s).expect("time")
@@ -491,6 +486,46 @@ mod tests {
                 FreshnessState::Stale,
                 vec![(FLEET, None), (MINE, None)],
             ),
+            (
+                "profile held as listed",
+                vec![(PROFILE, 4), (FLEET, 5)],
+                vec![(PROFILE, 4), (FLEET, 5)],
+                before,
+                FreshnessState::Fresh,
+                vec![],
+            ),
+            (
+                "profile held newer than listed",
+                vec![(PROFILE, 4)],
+                vec![(PROFILE, 6)],
+                before,
+                FreshnessState::Fresh,
+                vec![],
+            ),
+            (
+                "a newer profile listed than held",
+                vec![(PROFILE, 4)],
+                vec![(PROFILE, 3)],
+                before,
+                FreshnessState::Stale,
+                vec![(PROFILE, Some(3))],
+            ),
+            (
+                "a profile listed, none held (withheld)",
+                vec![(PROFILE, 4)],
+                vec![],
+                before,
+                FreshnessState::Stale,
+                vec![(PROFILE, None)],
+            ),
+            (
+                "another store's profile does not count",
+                vec![(OTHERS_PROFILE, 4)],
+                vec![],
+                before,
+                FreshnessState::Fresh,
+                vec![],
+            ),
         ];
         for (name, listed, held, now, state, stale) in rows {
             let s = snap(100, &listed);
@@ -501,6 +536,7 @@ mod tests {
                 "s1",
                 &groups,
                 |scope, d| held.get(&topics.deployment(scope, d)).copied(),
+                held.get(PROFILE).copied(),
                 now,
             );
             assert_eq!(a.state, state, "{name}");
@@ -745,7 +781,7 @@ mod props {
             if let Ok(Some(v)) = verify_snapshot(&pol, &env) {
                 prop_assert!(v.snapshot.validate().is_ok());
                 let now = time::OffsetDateTime::now_utc();
-                let _ = assess(&v.snapshot, &topics, "s1", &["g".to_owned()], |_, _| None, now);
+                let _ = assess(&v.snapshot, &topics, "s1", &["g".to_owned()], |_, _| None, None, now);
             }
             let mut bytes = env.clone();
             let i = mutate.index(bytes.len());

@@ -1,6 +1,6 @@
 //! The agent's durable ledger, in the outbox's SQLite database: the accepted rollout of every
-//! (scope, deployment) slot (the replay guard and the inputs to precedence) and every
-//! deployment's [`Record`]. A record is committed in the same transaction as the events that
+//! (scope, deployment) slot (the replay guard and the inputs to precedence), the accepted
+//! store profile (its replay guard and the groups in force) and every deployment's [`Record`]. A record is committed in the same transaction as the events that
 //! report it, and the retained status document is derived from the records alone. All SQLite
 //! work runs on the outbox's writer thread, never on the async runtime.
 
@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use roost_runtime::outbox::Payload;
 use roost_runtime::{Durability, NewMessage, Outbox, OutboxError};
-use roost_schemas::{EventData, Freshness, Rollout, Scope, Snapshot, StatusDoc};
+use roost_schemas::{EventData, Freshness, Profile, Rollout, Scope, Snapshot, StatusDoc};
 use rusqlite::params;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::profile::StoreContext;
 use crate::reconcile::machine::Record;
 
 /// Errors of the ledger.
@@ -59,11 +60,21 @@ pub struct StoredSnapshot {
     pub confirmed_at: Option<String>,
 }
 
+/// The last accepted store profile (the profile replay guard and the store context).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredProfile {
+    /// The profile.
+    pub profile: Profile,
+    /// SHA-256 of its payload bytes.
+    pub digest: String,
+}
+
 #[derive(Default)]
 struct Mem {
     records: BTreeMap<String, Record>,
     accepted: HashMap<(String, String), AcceptedSlot>,
     snapshot: Option<StoredSnapshot>,
+    profile: Option<StoredProfile>,
     freshness: Freshness,
 }
 
@@ -75,6 +86,8 @@ pub struct Ledger {
     source: String,
     mem: Arc<Mutex<Mem>>,
     changed: Arc<Notify>,
+    /// The store's name and configured groups: the context until the first profile.
+    bootstrap: Arc<StoreContext>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -105,20 +118,43 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS agent_accepted (
         digest TEXT NOT NULL,
         snapshot TEXT NOT NULL,
         confirmed_at TEXT
+    );
+    CREATE TABLE IF NOT EXISTS agent_profile (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        sequence INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        envelope BLOB NOT NULL
     );";
 
 type Loaded = (
     Vec<(String, String, String, String)>,
     Vec<(String, String)>,
     Option<(String, String, Option<String>)>,
+    Option<(String, String)>,
 );
+
+/// The row with id 1 of a single-row table, if there is one.
+fn single_row<T>(
+    c: &rusqlite::Connection,
+    sql: &str,
+    row: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Option<T>> {
+    c.query_row(sql, [], row).map(Some).or_else(|e| match e {
+        rusqlite::Error::QueryReturnedNoRows => Ok(None),
+        e => Err(e),
+    })
+}
 
 impl Ledger {
     /// Opens the ledger in `outbox`'s database (creating its tables) and loads it.
+    /// `bootstrap` (the store's name and configured groups) is the store context until the
+    /// first profile is accepted.
     pub async fn open(
         outbox: Outbox,
         events_topic: String,
         source: String,
+        bootstrap: StoreContext,
     ) -> Result<Ledger, LedgerError> {
         let loaded: Result<Loaded, rusqlite::Error> = outbox
             .read(|c| {
@@ -132,22 +168,29 @@ impl Ledger {
                 let recs = stmt
                     .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<Result<Vec<_>, _>>()?;
-                let snap = c
-                    .query_row(
-                        "SELECT digest, snapshot, confirmed_at FROM agent_snapshot WHERE id = 1",
-                        [],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                    )
-                    .map(Some)
-                    .or_else(|e| match e {
-                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                        e => Err(e),
-                    })?;
-                Ok((acc, recs, snap))
+                let snap = single_row(
+                    c,
+                    "SELECT digest, snapshot, confirmed_at FROM agent_snapshot WHERE id = 1",
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?;
+                let profile = single_row(
+                    c,
+                    "SELECT digest, profile FROM agent_profile WHERE id = 1",
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                Ok((acc, recs, snap, profile))
             })
             .await?;
-        let (acc, recs, snap) = loaded?;
+        let (acc, recs, snap, profile) = loaded?;
         let mut mem = Mem::default();
+        if let Some((digest, json)) = profile {
+            let profile: Profile =
+                serde_json::from_str(&json).map_err(|source| LedgerError::Json {
+                    what: "accepted profile",
+                    source,
+                })?;
+            mem.profile = Some(StoredProfile { profile, digest });
+        }
         if let Some((digest, json, confirmed_at)) = snap {
             let snapshot: Snapshot =
                 serde_json::from_str(&json).map_err(|source| LedgerError::Json {
@@ -182,6 +225,7 @@ impl Ledger {
             source,
             mem: Arc::new(Mutex::new(mem)),
             changed: Arc::new(Notify::new()),
+            bootstrap: Arc::new(bootstrap),
         })
     }
 
@@ -327,6 +371,70 @@ impl Ledger {
         Ok(())
     }
 
+    /// The last accepted store profile.
+    pub fn profile(&self) -> Option<StoredProfile> {
+        self.mem().profile.clone()
+    }
+
+    /// What the agent knows about its own store: the last accepted profile's groups,
+    /// labels, vars and time zone, or before the first one the configured groups. The one
+    /// accessor for the groups in force (precedence, subscriptions, status) and for what
+    /// rendering reads.
+    pub fn store_context(&self) -> StoreContext {
+        match &self.mem().profile {
+            Some(p) => StoreContext::of(&p.profile),
+            None => (*self.bootstrap).clone(),
+        }
+    }
+
+    /// The groups in force, in precedence order (see [`Ledger::store_context`]).
+    pub fn groups(&self) -> Vec<String> {
+        match &self.mem().profile {
+            Some(p) => p.profile.groups.clone(),
+            None => self.bootstrap.groups.clone(),
+        }
+    }
+
+    /// Records an accepted store profile (replacing the previous one) together with its
+    /// `profile.accepted` event, in one fsynced transaction: the profile replay guard must
+    /// never be forgotten once accepted.
+    pub async fn accept_profile(
+        &self,
+        stored: &StoredProfile,
+        envelope: &[u8],
+        event: EventData,
+    ) -> Result<(), LedgerError> {
+        let json = serde_json::to_string(&stored.profile).map_err(|source| LedgerError::Json {
+            what: "accepted profile",
+            source,
+        })?;
+        let (seq, digest) = (stored.profile.sequence as i64, stored.digest.clone());
+        let env = envelope.to_vec();
+        let write = move |c: &rusqlite::Connection| {
+            c.prepare_cached(
+                "INSERT INTO agent_profile(id, sequence, digest, profile, envelope)
+                 VALUES (1, ?1, ?2, ?3, ?4)
+                 ON CONFLICT(id) DO UPDATE SET sequence = excluded.sequence,
+                   digest = excluded.digest, profile = excluded.profile,
+                   envelope = excluded.envelope",
+            )?
+            .execute(params![seq, digest, json, env])?;
+            Ok(())
+        };
+        // The profile replay guard: never forgotten once accepted.
+        self.outbox
+            .commit(
+                self.messages(vec![event]),
+                Box::new(write),
+                Durability::Full,
+            )
+            .await?;
+        self.mem().profile = Some(stored.clone());
+        // The status document names the groups in force and the profile's sequence.
+        self.changed.notify_one();
+        Ok(())
+    }
+
     /// The last accepted fleet snapshot.
     pub fn snapshot(&self) -> Option<StoredSnapshot> {
         self.mem().snapshot.clone()
@@ -447,7 +555,6 @@ impl Ledger {
         self,
         topic: String,
         store: String,
-        groups: Vec<String>,
         heartbeat: Duration,
         cancel: CancellationToken,
     ) {
@@ -464,7 +571,8 @@ impl Ledger {
             let deployments = self.statuses();
             let freshness = self.mem().freshness.clone();
             let store = store.clone();
-            let groups = groups.clone();
+            let groups = self.groups();
+            let profile_sequence = self.profile().map(|p| p.profile.sequence);
             let render = move |roostseq: u64, backlog: u64| {
                 let doc = StatusDoc {
                     store: store.clone(),
@@ -475,7 +583,7 @@ impl Ledger {
                     outbox_backlog: backlog,
                     deployments: deployments.clone(),
                     heartbeat_s: Some(heartbeat.as_secs()),
-                    profile_sequence: None,
+                    profile_sequence,
                     freshness: freshness.clone(),
                 };
                 serde_json::to_vec(&doc).unwrap_or_default()

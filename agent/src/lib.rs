@@ -1,6 +1,6 @@
-//! The roost store agent: verifies signed rollouts from the store's edge broker, fetches the
-//! wanted Git revision, applies it to a target, watches for drift and reports everything back
-//! through a durable outbox (events) and a retained status document.
+//! The roost store agent: verifies signed rollouts and its store profile from the store's edge
+//! broker, fetches the wanted Git revision, applies it to a target, watches for drift and
+//! reports everything back through a durable outbox (events) and a retained status document.
 
 pub mod config;
 pub mod decide;
@@ -9,25 +9,27 @@ pub mod git;
 pub mod git_https;
 pub mod ledger;
 pub mod metrics;
+pub mod profile;
 pub mod reconcile;
 pub mod targets;
 pub mod verify;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use roost_runtime::outbox::OverflowTarget;
-use roost_runtime::{Incoming, Link, Outbox, OutboxConfig};
+use roost_runtime::{Incoming, Link, LinkHandle, Outbox, OutboxConfig};
 use roost_schemas::payload::{RolloutReceived, RolloutRejected};
-use roost_schemas::{EventData, RolloutRef};
+use roost_schemas::{EventData, RolloutRef, Topics};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn, Instrument as _};
+use tracing::{debug, info, warn, Instrument as _};
 
 pub use config::AgentConfig;
-use decide::{classify_sequence, resolve, Desired, SequenceVerdict};
+use decide::{classify_sequence, resolve, scope_rank, Desired, SequenceVerdict};
+use profile::StoreContext;
 use reconcile::Ctx;
 use verify::{verify_message, VerifyPolicy};
 
@@ -116,8 +118,13 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     });
     let outbox = Outbox::open(ocfg)?;
     let metrics = metrics::AgentMetrics::default();
-    let ledger =
-        ledger::Ledger::open(outbox.clone(), topics.events(&store), cfg.event_source()).await?;
+    let ledger = ledger::Ledger::open(
+        outbox.clone(),
+        topics.events(&store),
+        cfg.event_source(),
+        StoreContext::bootstrap(&store, &cfg.file.groups),
+    )
+    .await?;
     let target = Arc::new(build_target(&cfg).await?);
     let git = git::GitCache::new(
         dir.join("git"),
@@ -140,15 +147,12 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     // Errors about TLS files and credentials name the agent's own section, `[broker]`.
     lc.security = cfg.file.broker.security("broker");
     lc.max_packet_size = cfg.file.limits.max_message_bytes.max(64 * 1024) * 2;
-    lc.subscriptions = topics.store_deployment_filters(&store, &cfg.file.groups);
-    lc.subscriptions.push(topics.snapshot());
     let confirm = cfg.file.confirm_via_bridge.unwrap_or(true);
-    if confirm {
-        // Events stay in the outbox until the bridge confirms it has them durably: a PUBACK
-        // from the edge broker only means they are in its memory.
-        lc.confirm_events = true;
-        lc.subscriptions.push(topics.ack(&store));
-    }
+    // The groups in force: the last accepted profile's, the configured ones before it.
+    lc.subscriptions = subscriptions(&topics, &store, &ledger.groups(), confirm);
+    // Events stay in the outbox until the bridge confirms it has them durably: a PUBACK from
+    // the edge broker only means they are in its memory.
+    lc.confirm_events = confirm;
     lc.metrics = Some(metrics.link.clone());
     let tracker = TaskTracker::new();
     let child = cancel.child_token();
@@ -167,14 +171,13 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         target,
         metrics,
     };
-    info!(%store, groups = ?cfg.file.groups, "agent starting");
+    info!(%store, groups = ?ledger.groups(), profile = ledger.profile().map(|p| p.profile.sequence), "agent starting");
     tracker.spawn(
         ledger
             .clone()
             .run_status_publisher(
                 topics.status(&store),
                 store.clone(),
-                cfg.file.groups.clone(),
                 cfg.file.status_heartbeat(),
                 child.clone(),
             )
@@ -203,7 +206,6 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
             ledger.clone(),
             topics.clone(),
             store.clone(),
-            cfg.file.groups.clone(),
             kick.clone(),
             child.clone(),
         )
@@ -222,6 +224,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         controller(
             ctx,
             link.incoming,
+            link.handle.clone(),
             confirmer,
             kick,
             tracker.clone(),
@@ -249,6 +252,90 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     }
     info!("agent stopped");
     result
+}
+
+/// What the agent subscribes to on the edge broker: the deployment topics of the store, of
+/// `groups` (the groups in force) and of the fleet, the fleet snapshot, the store's profile
+/// and, with end-to-end confirmation, the bridge's acks.
+pub fn subscriptions(
+    topics: &Topics,
+    store: &str,
+    groups: &[String],
+    confirm: bool,
+) -> Vec<String> {
+    let mut subs = topics.store_deployment_filters(store, groups);
+    subs.push(topics.snapshot());
+    subs.push(topics.profile(store));
+    if confirm {
+        subs.push(topics.ack(store));
+    }
+    subs
+}
+
+/// Holds back removals because the store left a group ([`Desired::Left`]) until its
+/// subscriptions have settled: [`freshness::SETTLE`] after the link subscribed with the groups
+/// in force (after a start, and after every change of the groups), so that the retained
+/// rollouts of its new groups arrive first and a deployment both the old and the new groups
+/// have is never removed in between. Pure bookkeeping over the times it is given.
+#[derive(Debug)]
+struct Settle {
+    /// Waiting for the link to connect: the subscriptions are not made yet.
+    awaiting_connect: bool,
+    /// Removals wait until then.
+    until: Option<tokio::time::Instant>,
+    /// The deployments whose removal waits.
+    held: BTreeSet<String>,
+}
+
+impl Settle {
+    /// At start: wait for the first connection.
+    fn new() -> Settle {
+        Settle {
+            awaiting_connect: true,
+            until: None,
+            held: BTreeSet::new(),
+        }
+    }
+
+    /// The link connected (and subscribed).
+    fn connected(&mut self, now: tokio::time::Instant) {
+        if self.awaiting_connect {
+            self.awaiting_connect = false;
+            self.until = Some(now + freshness::SETTLE);
+        }
+    }
+
+    /// The groups changed and the link was told to subscribe to the new ones.
+    fn groups_changed(&mut self, connected: bool, now: tokio::time::Instant) {
+        if connected {
+            self.until = Some(now + freshness::SETTLE);
+        } else {
+            self.awaiting_connect = true;
+        }
+    }
+
+    /// Whether a removal because the store left a group waits now; if so, it is held.
+    fn hold(&mut self, deployment: &str, desired: &Desired, now: tokio::time::Instant) -> bool {
+        let waits = matches!(desired, Desired::Left { .. })
+            && (self.awaiting_connect || self.until.is_some_and(|u| now < u));
+        if waits {
+            self.held.insert(deployment.to_owned());
+        }
+        waits
+    }
+
+    /// When the held removals are due (None: nothing held, or not connected yet).
+    fn due(&self) -> Option<tokio::time::Instant> {
+        match (self.held.is_empty(), self.awaiting_connect) {
+            (false, false) => self.until,
+            _ => None,
+        }
+    }
+
+    /// The held deployments, to decide again.
+    fn take(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.held)
+    }
 }
 
 /// End-to-end delivery: applies the bridge's confirmations to the outbox and resends what the
@@ -381,24 +468,64 @@ impl ResendBackoff {
     }
 }
 
-/// Receives deployment messages, verifies and records them, and feeds each deployment's worker.
+/// The deployments' workers and what the controller needs to feed them.
+struct Workers {
+    ctx: Ctx<targets::AnyTarget>,
+    senders: HashMap<String, watch::Sender<Desired>>,
+    settle: Settle,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// Receives deployment messages and the store's profile, verifies and records them, and feeds
+/// each deployment's worker.
 async fn controller(
     ctx: Ctx<targets::AnyTarget>,
     mut incoming: mpsc::Receiver<Incoming>,
+    link: LinkHandle,
     confirmer: Confirmer,
     kick: Arc<tokio::sync::Notify>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 ) {
-    let mut workers: HashMap<String, watch::Sender<Desired>> = HashMap::new();
-    // Resume every deployment known from before a restart.
-    for d in ctx.ledger.deployments() {
-        refresh(&ctx, &d, &mut workers, &tracker, &cancel);
-    }
     let topics = ctx.cfg.topics();
+    let store = ctx.cfg.file.store.clone();
+    let profile_topic = topics.profile(&store);
+    let confirm = ctx.cfg.file.confirm_via_bridge.unwrap_or(true);
+    let mut w = Workers {
+        ctx,
+        senders: HashMap::new(),
+        settle: Settle::new(),
+        tracker,
+        cancel: cancel.clone(),
+    };
+    let mut connected = link.connected();
+    let mut link_alive = true;
+    if *connected.borrow_and_update() {
+        w.settle.connected(tokio::time::Instant::now());
+    }
+    // Resume every deployment known from before a restart.
+    w.refresh_all();
     loop {
+        let due = w.settle.due();
         let msg = tokio::select! {
             _ = cancel.cancelled() => return,
+            r = connected.changed(), if link_alive => {
+                match r {
+                    Ok(()) if *connected.borrow_and_update() => {
+                        w.settle.connected(tokio::time::Instant::now());
+                    }
+                    Ok(()) => {}
+                    Err(_) => link_alive = false,
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                for d in w.settle.take() {
+                    w.refresh(&d);
+                }
+                continue;
+            }
             m = incoming.recv() => match m { Some(m) => m, None => return },
         };
         if msg.topic == confirmer.topic {
@@ -406,24 +533,48 @@ async fn controller(
             continue;
         }
         if msg.topic == topics.snapshot() {
-            freshness::handle_snapshot(&ctx.cfg, &ctx.ledger, &topics, &msg.topic, &msg.payload)
-                .await;
+            freshness::handle_snapshot(
+                &w.ctx.cfg,
+                &w.ctx.ledger,
+                &topics,
+                &msg.topic,
+                &msg.payload,
+            )
+            .await;
+        } else if msg.topic == profile_topic {
+            let policy = VerifyPolicy::of(&w.ctx.cfg, &topics, time::OffsetDateTime::now_utc());
+            let accepted =
+                profile::handle_profile(&policy, &w.ctx.ledger, &msg.topic, &msg.payload).await;
+            if let Some(change) = accepted {
+                if change.after.groups != change.before.groups {
+                    let subs = subscriptions(&topics, &store, &change.after.groups, confirm);
+                    if let Err(error) = link.set_subscriptions(subs) {
+                        warn!(%error, "cannot change the edge subscriptions");
+                    }
+                    w.settle
+                        .groups_changed(link.is_connected(), tokio::time::Instant::now());
+                }
+                // Precedence (groups) or what rendering reads may have changed.
+                w.refresh_all();
+            }
         } else {
-            handle_message(&ctx, &topics, &msg, &mut workers, &tracker, &cancel).await;
+            handle_message(&mut w, &topics, &msg).await;
         }
-        // Desired state or the snapshot may have changed: compare again once things settle.
+        // Desired state, the profile or the snapshot may have changed: compare again once
+        // things settle.
         kick.notify_one();
     }
 }
 
-async fn handle_message(
-    ctx: &Ctx<targets::AnyTarget>,
-    topics: &roost_schemas::Topics,
-    msg: &Incoming,
-    workers: &mut HashMap<String, watch::Sender<Desired>>,
-    tracker: &TaskTracker,
-    cancel: &CancellationToken,
-) {
+async fn handle_message(w: &mut Workers, topics: &Topics, msg: &Incoming) {
+    let ctx = &w.ctx;
+    if let Some(t) = topics.parse_deployment(&msg.topic) {
+        // Late messages of a group the store has left (the link was told to unsubscribe).
+        if scope_rank(&t.scope, &ctx.cfg.file.store, &ctx.ledger.groups()).is_none() {
+            debug!(topic = %msg.topic, "not addressed to this store (a group it is not in); ignored");
+            return;
+        }
+    }
     let policy = VerifyPolicy::of(&ctx.cfg, topics, time::OffsetDateTime::now_utc());
     let reject = |r: verify::Rejection| async move {
         warn!(topic = %msg.topic, deployment = r.deployment.as_deref(), sequence = r.sequence, reason = %r.reason, detail = %r.message, "rollout rejected");
@@ -486,19 +637,58 @@ async fn handle_message(
         warn!(error = %roost_runtime::error_chain(&error), "cannot record accepted rollout; dropping (it is retained and comes again)");
         return;
     }
-    refresh(ctx, &r.deployment, workers, tracker, cancel);
+    let deployment = r.deployment.clone();
+    w.refresh(&deployment);
 }
 
-/// Recomputes a deployment's desired state from its slots and hands it to its worker.
-fn refresh(
+impl Workers {
+    /// Decides every known deployment again (at start, and after a new profile).
+    fn refresh_all(&mut self) {
+        for d in self.ctx.ledger.deployments() {
+            self.refresh(&d);
+        }
+    }
+
+    /// Recomputes a deployment's desired state from its slots, with the groups in force and
+    /// the store context, and hands it to its worker.
+    fn refresh(&mut self, deployment: &str) {
+        let ctx = &self.ctx;
+        let slots = ctx.ledger.slots(deployment);
+        let context = ctx.ledger.store_context();
+        let desired = match resolve(&slots, &context.store, &context.groups) {
+            Desired::Apply { rollout, .. } => Desired::Apply {
+                context: profile::context_for(&rollout, &context),
+                rollout,
+            },
+            other => other,
+        };
+        if self
+            .settle
+            .hold(deployment, &desired, tokio::time::Instant::now())
+        {
+            debug!(%deployment, "only groups the store left have it; removal waits for the new subscriptions to settle");
+            return;
+        }
+        spawn_or_send(
+            ctx,
+            deployment,
+            desired,
+            &mut self.senders,
+            &self.tracker,
+            &self.cancel,
+        );
+    }
+}
+
+/// Hands `desired` to the deployment's worker, starting the worker if there is none.
+fn spawn_or_send(
     ctx: &Ctx<targets::AnyTarget>,
     deployment: &str,
+    desired: Desired,
     workers: &mut HashMap<String, watch::Sender<Desired>>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) {
-    let slots = ctx.ledger.slots(deployment);
-    let desired = resolve(&slots, &ctx.cfg.file.store, &ctx.cfg.file.groups);
     match workers.get(deployment) {
         Some(tx) => {
             tx.send_if_modified(|cur| {
@@ -531,8 +721,57 @@ fn refresh(
 
 #[cfg(test)]
 mod tests {
-    use super::ResendBackoff;
+    use super::{freshness::SETTLE, Desired, ResendBackoff, Settle};
+    use roost_schemas::{Rollout, Scope};
     use std::time::Duration;
+    use tokio::time::Instant;
+
+    fn left() -> Desired {
+        let r: Rollout = serde_json::from_value(serde_json::json!({
+            "deployment": "web", "scope": {"group": "us-east"}, "sequence": 1,
+            "issued_at": "2026-12-06T03:00:00Z", "remove": true,
+        }))
+        .expect("rollout");
+        assert_eq!(r.scope, Scope::Group("us-east".into()));
+        Desired::Left {
+            rollout: Box::new(r),
+        }
+    }
+
+    /// A removal because the store left a group waits until the link has subscribed with the
+    /// groups in force and SETTLE has passed (at start, and after each change); nothing else
+    /// ever waits.
+    #[test]
+    fn removals_of_left_groups_wait_for_the_subscriptions_to_settle() {
+        let t0 = Instant::now();
+        let mut s = Settle::new();
+        assert!(!s.hold("other", &Desired::Unknown, t0), "only Left waits");
+        assert!(s.hold("web", &left(), t0), "not connected yet");
+        assert_eq!(s.due(), None, "due only once connected");
+        s.connected(t0 + Duration::from_secs(5));
+        assert_eq!(s.due(), Some(t0 + Duration::from_secs(5) + SETTLE));
+        assert!(s.hold("web", &left(), t0 + Duration::from_secs(6)));
+        assert_eq!(s.take().into_iter().collect::<Vec<_>>(), ["web"]);
+        assert_eq!(s.due(), None, "nothing held");
+        let settled = t0 + Duration::from_secs(5) + SETTLE;
+        assert!(!s.hold("web", &left(), settled), "settled: removed now");
+        // A reconnect without a change does not hold again.
+        s.connected(settled + Duration::from_secs(1));
+        assert!(!s.hold("web", &left(), settled + Duration::from_secs(1)));
+        // The groups change while connected: wait SETTLE from the change.
+        let t1 = settled + Duration::from_secs(10);
+        s.groups_changed(true, t1);
+        assert!(s.hold("web", &left(), t1 + Duration::from_secs(1)));
+        assert_eq!(s.due(), Some(t1 + SETTLE));
+        assert!(!s.hold("web", &left(), t1 + SETTLE));
+        // … while disconnected: wait for the connection, then SETTLE.
+        let t2 = t1 + Duration::from_secs(60);
+        s.groups_changed(false, t2);
+        assert!(s.hold("web", &left(), t2 + Duration::from_secs(600)));
+        assert_eq!(s.due(), None);
+        s.connected(t2 + Duration::from_secs(700));
+        assert_eq!(s.due(), Some(t2 + Duration::from_secs(700) + SETTLE));
+    }
 
     /// A bridge that never confirms for an hour: resends at 15 s, then waits 30 s, 60 s, …
     /// up to 15 min; confirmation advancing resets the wait. Under paused time, so the test

@@ -7,7 +7,7 @@ use roost_schemas::{Envelope, Keyring, Reason, Rollout, Topics, PAYLOAD_TYPE};
 use sha2::{Digest, Sha256};
 
 use crate::config::Thresholds;
-use crate::decide::{source_allowed, SourceUrl};
+use crate::decide::{classify_sequence, source_allowed, SequenceVerdict, SourceUrl};
 
 /// A verified rollout.
 #[derive(Debug, Clone)]
@@ -92,24 +92,22 @@ pub fn verify_message(
             None,
         ));
     };
-    let Some(env) =
-        read_envelope(policy, payload, "message").map_err(|(r, m)| reject(r, m, None))?
+    static ROLLOUTS: Kind<Rollout> = Kind::new(
+        "message",
+        PAYLOAD_TYPE,
+        roost_schemas::json_schema::ROLLOUT,
+        |b| Rollout::from_json(b).map_err(|e| e.to_string()),
+    );
+    let threshold = policy.thresholds.for_scope(&topic_info.scope);
+    let Some(Signed {
+        value: rollout,
+        digest,
+        keyids,
+    }) = verify_signed(policy, payload, &ROLLOUTS, threshold)
+        .map_err(|(r, m, s)| reject(r, m, s))?
     else {
         return Ok(None);
     };
-    let threshold = policy.thresholds.for_scope(&topic_info.scope);
-    let signed = policy
-        .keyring
-        .verify_with(&env, PAYLOAD_TYPE, policy.now, threshold)
-        .map_err(|e| reject(e.reason(), e.to_string(), None))?;
-    let body = signed.payload;
-    // The contract's JSON Schema first (the same file other implementations use), then the
-    // typed rules; both must agree for a payload to be accepted.
-    if let Some(problem) = schema_problem(&body) {
-        return Err(reject(Reason::Schema, problem, payload_sequence(&body)));
-    }
-    let rollout = Rollout::from_json(&body)
-        .map_err(|e| reject(Reason::Schema, e.to_string(), payload_sequence(&body)))?;
     let seq = Some(rollout.sequence);
     if rollout.scope != topic_info.scope {
         return Err(reject(
@@ -140,15 +138,115 @@ pub fn verify_message(
     }
     Ok(Some(Verified {
         topic: topic_info,
-        digest: hex::encode(Sha256::digest(&body)),
+        digest,
         rollout,
+        keyids,
+    }))
+}
+
+/// One kind of signed message: its name in messages, its DSSE payload type, its JSON Schema
+/// (compiled once, on first use) and its typed rules. Meant for a `static`.
+pub(crate) struct Kind<T> {
+    what: &'static str,
+    payload_type: &'static str,
+    schema: &'static str,
+    validator: std::sync::OnceLock<Option<jsonschema::Validator>>,
+    parse: fn(&[u8]) -> Result<T, String>,
+}
+
+impl<T> Kind<T> {
+    /// A kind called `what` in messages, carried as `payload_type`, whose payload must match
+    /// the JSON Schema `schema` and pass `parse` (the typed rules).
+    pub(crate) const fn new(
+        what: &'static str,
+        payload_type: &'static str,
+        schema: &'static str,
+        parse: fn(&[u8]) -> Result<T, String>,
+    ) -> Kind<T> {
+        Kind {
+            what,
+            payload_type,
+            schema,
+            validator: std::sync::OnceLock::new(),
+            parse,
+        }
+    }
+}
+
+/// A payload that passed the stages every signed message shares.
+#[derive(Debug)]
+pub(crate) struct Signed<T> {
+    /// The typed payload.
+    pub value: T,
+    /// SHA-256 (hex) of the payload bytes.
+    pub digest: String,
+    /// The distinct trusted keys whose signatures counted.
+    pub keyids: Vec<String>,
+}
+
+/// The stages every signed message (rollout, snapshot, profile) shares, each failure with its
+/// reason code and, when readable, the payload's sequence: size (`too_large`), the DSSE
+/// envelope (`malformed`), `threshold` distinct trusted, unexpired, unrevoked keys signing
+/// `kind`'s payload type (`bad_signature`, `unknown_key`, `expired_key`, `revoked_key`,
+/// `threshold_not_met`; another payload type is `malformed`), then the contract's JSON Schema
+/// (the same file other implementations use) and the typed rules, which must both agree
+/// (`schema`). `Ok(None)` for an empty payload (a retained message was cleared: unsigned, it
+/// changes nothing).
+pub(crate) fn verify_signed<T>(
+    policy: &VerifyPolicy<'_>,
+    payload: &[u8],
+    kind: &Kind<T>,
+    threshold: usize,
+) -> Result<Option<Signed<T>>, (Reason, String, Option<u64>)> {
+    let Some(env) = read_envelope(policy, payload, kind.what).map_err(|(r, m)| (r, m, None))?
+    else {
+        return Ok(None);
+    };
+    let signed = policy
+        .keyring
+        .verify_with(&env, kind.payload_type, policy.now, threshold)
+        .map_err(|e| (e.reason(), e.to_string(), None))?;
+    let body = signed.payload;
+    if let Some(problem) = schema_problem_in(&kind.validator, kind.schema, &body) {
+        return Err((Reason::Schema, problem, payload_sequence(&body)));
+    }
+    let value = (kind.parse)(&body).map_err(|e| (Reason::Schema, e, payload_sequence(&body)))?;
+    Ok(Some(Signed {
+        value,
+        digest: hex::encode(Sha256::digest(&body)),
         keyids: signed.keyids,
     }))
 }
 
+/// The replay guard of a verified signed message of `kind` (`profile`, `snapshot`), against
+/// the last accepted `(sequence, payload digest)`: `Ok(true)` to accept, `Ok(false)` for the
+/// same message again (a retained redelivery, ignored silently), or the rejection with
+/// `reason` when its sequence is not greater than the last accepted one.
+pub fn replay_guard(
+    kind: &str,
+    reason: Reason,
+    last: Option<(u64, &str)>,
+    sequence: u64,
+    digest: &str,
+) -> Result<bool, Rejection> {
+    match classify_sequence(last, sequence, digest) {
+        SequenceVerdict::Accept => Ok(true),
+        SequenceVerdict::Duplicate => Ok(false),
+        SequenceVerdict::Replay => Err(Rejection {
+            reason,
+            message: format!(
+                "{kind} sequence {sequence} is not greater than the last accepted {}",
+                last.map(|l| l.0).unwrap_or(0)
+            ),
+            deployment: None,
+            sequence: Some(sequence),
+        }),
+    }
+}
+
 /// The DSSE envelope of a message: `Ok(None)` for an empty payload (a retained message was
 /// cleared), `too_large` past the size limit, `malformed` when it is not an envelope.
-pub(crate) fn read_envelope(
+fn read_envelope(
     policy: &VerifyPolicy<'_>,
     payload: &[u8],
     what: &str,
@@ -173,23 +271,16 @@ pub(crate) fn read_envelope(
 
 /// A payload's `sequence`, for a rejection event: only when it is a valid one (the event
 /// schema wants >= 1, and a schema-invalid event would be dropped by the bridge).
-pub(crate) fn payload_sequence(body: &[u8]) -> Option<u64> {
+fn payload_sequence(body: &[u8]) -> Option<u64> {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()))
         .filter(|s| *s >= 1)
 }
 
-/// The first violation of `schemas/schema/rollout.schema.json`, if any.
-fn schema_problem(body: &[u8]) -> Option<String> {
-    static VALIDATOR: std::sync::OnceLock<Option<jsonschema::Validator>> =
-        std::sync::OnceLock::new();
-    schema_problem_in(&VALIDATOR, roost_schemas::json_schema::ROLLOUT, body)
-}
-
 /// The first violation of `schema` (compiled once into `cell`) by `body`, if any.
-pub(crate) fn schema_problem_in(
-    cell: &'static std::sync::OnceLock<Option<jsonschema::Validator>>,
+fn schema_problem_in(
+    cell: &std::sync::OnceLock<Option<jsonschema::Validator>>,
     schema: &'static str,
     body: &[u8],
 ) -> Option<String> {

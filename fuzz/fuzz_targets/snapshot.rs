@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
             "store-0001",
             &groups,
             |_, d| (d.len() % 2 == 0).then_some(d.len() as u64),
+            Some(3),
             time::OffsetDateTime::UNIX_EPOCH,
         );
         let (next, _) = report(&Reported::Nothing, &v.snapshot, &a);

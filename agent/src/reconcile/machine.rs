@@ -32,6 +32,10 @@ pub struct Want {
     /// The rollout's origin (the fleet-repository commit), echoed in the status document.
     #[serde(default)]
     pub origin: Option<Origin>,
+    /// The digest of the store context its rendering reads (`None`: it reads none); a new
+    /// one renders and applies the revision again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
 }
 
 /// What was last applied completely (apply and prune done).
@@ -43,6 +47,9 @@ pub struct Applied {
     pub url: String,
     /// Path inside the repository.
     pub path: String,
+    /// The store context digest it was rendered with (see [`Want::context`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
 }
 
 /// A deployment's durable record: the only source of its status document.
@@ -125,10 +132,14 @@ impl Record {
         }
     }
 
-    /// Whether the applied state is what `want` asks for.
+    /// Whether the applied state is what `want` asks for (the same revision, rendered with
+    /// the same store context).
     pub fn applied_matches(&self, w: &Want) -> bool {
         self.applied.as_ref().is_some_and(|a| {
-            Some(&a.revision) == w.rollout.revision.as_ref() && a.url == w.url && a.path == w.path
+            Some(&a.revision) == w.rollout.revision.as_ref()
+                && a.url == w.url
+                && a.path == w.path
+                && a.context == w.context
         })
     }
 }
@@ -317,6 +328,7 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
                     revision: w.rollout.revision.clone()?,
                     url: w.url.clone(),
                     path: w.path.clone(),
+                    context: w.context.clone(),
                 })
             });
             r.phase = Phase::Progressing;
@@ -482,6 +494,7 @@ mod tests {
             path: "apps/web".into(),
             remove: false,
             origin: None,
+            context: None,
         }
     }
 
@@ -786,6 +799,7 @@ mod tests {
         };
         let w = crate::reconcile::want_of(&crate::decide::Desired::Apply {
             rollout: Box::new(rollout),
+            context: None,
         })
         .expect("want");
         assert_eq!(w.origin.as_ref(), Some(&origin));
@@ -802,6 +816,52 @@ mod tests {
             .remove("origin");
         let old: Record = serde_json::from_value(old).expect("old record parses");
         assert_eq!(old.status().desired.expect("desired").origin, None);
+    }
+
+    /// A deployment whose rendering reads the store context is rendered and applied again
+    /// when the context changes (a new var, label, time zone or group), and only then; one
+    /// that reads none is left alone by a new profile. Records from before the context was
+    /// recorded still match.
+    #[test]
+    fn a_new_store_context_renders_again_only_what_reads_it() {
+        let with = |context: Option<&str>| Want {
+            context: context.map(str::to_owned),
+            ..want('a', 1)
+        };
+        let mut r = Record::new("web");
+        r = transition(&r, Outcome::Wanted(Some(with(Some("ctx1"))))).0;
+        r = transition(&r, applied(&["a"], &["a"])).0;
+        r = transition(&r, Outcome::Healthy).0;
+        assert_eq!(next_step(&r), Step::InSync);
+        assert_eq!(
+            r.applied.as_ref().and_then(|a| a.context.as_deref()),
+            Some("ctx1")
+        );
+        // The same revision, a new context: render and apply again.
+        r = transition(&r, Outcome::Wanted(Some(with(Some("ctx2"))))).0;
+        assert_eq!(next_step(&r), Step::Reconcile);
+        assert_eq!(r.phase, Phase::Pending);
+        r = transition(&r, applied(&[], &["a"])).0;
+        r = transition(&r, Outcome::Healthy).0;
+        assert_eq!(next_step(&r), Step::InSync);
+        // No context on either side: nothing to do.
+        let mut plain = Record::new("web");
+        plain = transition(&plain, Outcome::Wanted(Some(with(None)))).0;
+        plain = transition(&plain, applied(&["a"], &["a"])).0;
+        plain = transition(&plain, Outcome::Healthy).0;
+        let again = transition(&plain, Outcome::Wanted(Some(with(None)))).0;
+        assert_eq!(
+            (next_step(&again), again.phase),
+            (Step::InSync, Phase::Converged)
+        );
+        // A record written before contexts existed loads with none.
+        let mut old = serde_json::to_value(&plain).expect("json");
+        old["applied"]
+            .as_object_mut()
+            .expect("applied")
+            .remove("context");
+        let old: Record = serde_json::from_value(old).expect("old record parses");
+        assert_eq!(next_step(&old), Step::InSync);
     }
 
     #[test]

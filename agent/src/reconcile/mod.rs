@@ -213,10 +213,10 @@ pub(crate) async fn wait(
 
 /// The reconciler's view of the winning rollout.
 pub fn want_of(desired: &Desired) -> Option<Want> {
-    let (rollout, remove) = match desired {
+    let (rollout, remove, context) = match desired {
         Desired::Unknown => return None,
-        Desired::Remove { rollout } => (rollout, true),
-        Desired::Apply { rollout } => (rollout, false),
+        Desired::Remove { rollout } | Desired::Left { rollout } => (rollout, true, None),
+        Desired::Apply { rollout, context } => (rollout, false, context.clone()),
     };
     Some(Want {
         rollout: RolloutRef::of(rollout),
@@ -232,6 +232,7 @@ pub fn want_of(desired: &Desired) -> Option<Want> {
             .unwrap_or_default(),
         remove,
         origin: rollout.origin.clone(),
+        context,
     })
 }
 
@@ -245,7 +246,7 @@ pub async fn run_worker<T: Target>(
     let mut retry = Backoff::new(ctx.cfg.retry.0, ctx.cfg.retry.1);
     loop {
         let desired = rx.borrow_and_update().clone();
-        if let Desired::Apply { rollout } | Desired::Remove { rollout } = &desired {
+        if let Some(rollout) = desired.rollout() {
             let span = tracing::Span::current();
             if let Some(src) = &rollout.source {
                 span.record("revision", src.revision.as_str());
@@ -308,7 +309,7 @@ async fn step<T: Target>(
                 .await?;
             Ok(wait(rx, Duration::from_secs(3600), cancel).await)
         }
-        (Step::Reconcile, Desired::Apply { rollout }) => {
+        (Step::Reconcile, Desired::Apply { rollout, .. }) => {
             let (plan, timing) = prepare(ctx, rollout, rx, true).await?;
             if let Wake::Changed | Wake::Stop = stage_until(ctx, rollout, rx, cancel).await? {
                 return Err(StageError::Interrupted);
@@ -318,13 +319,13 @@ async fn step<T: Target>(
             health_stage(ctx, deployment, rollout, &plan, rx, cancel).await?;
             drift::watch(ctx, rollout, &plan, rx, cancel).await
         }
-        (Step::ReportHealth, Desired::Apply { rollout }) => {
+        (Step::ReportHealth, Desired::Apply { rollout, .. }) => {
             let (plan, _) = prepare(ctx, rollout, rx, false).await?;
             info!(%deployment, revision = ?rec.applied.as_ref().map(|a| &a.revision), "reporting the outcome of an apply finished before a restart");
             health_stage(ctx, deployment, rollout, &plan, rx, cancel).await?;
             drift::watch(ctx, rollout, &plan, rx, cancel).await
         }
-        (Step::InSync, Desired::Apply { rollout }) => {
+        (Step::InSync, Desired::Apply { rollout, .. }) => {
             let (plan, _) = prepare(ctx, rollout, rx, false).await?;
             drift::watch(ctx, rollout, &plan, rx, cancel).await
         }

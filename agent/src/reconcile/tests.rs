@@ -109,6 +109,7 @@ impl Rig {
             outbox.clone(),
             "ev".into(),
             "roost://stores/s1/agent".into(),
+            crate::profile::StoreContext::bootstrap("s1", &[]),
         )
         .await
         .expect("ledger");
@@ -172,6 +173,7 @@ impl Rig {
         };
         self.tx.send_replace(Desired::Apply {
             rollout: Box::new(r),
+            context: None,
         });
     }
 
