@@ -1,15 +1,17 @@
 //! The roost store bridge: carries one store's topics between its edge broker and the cloud
-//! broker. Downward, desired-state envelopes (fleet, the store's groups, the store) and the
-//! signed fleet snapshot are kept in SQLite and republished retained on the edge, also after
-//! the edge broker restarts. Upward,
+//! broker. Downward, desired-state envelopes (fleet, the store's groups, the store), the
+//! signed fleet snapshot and the store's profile are kept in SQLite and republished retained
+//! on the edge, also after the edge broker restarts; the groups are the profile's once one
+//! arrived (the configured ones before). Upward,
 //! the store's status and events are committed to a SQLite outbox before the edge broker gets
 //! its PUBACK and leave for the cloud in order, deleted only after the cloud's PUBACK.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub mod groups;
 pub mod metrics;
 pub mod upward;
 
@@ -34,6 +36,15 @@ pub enum BridgeError {
     /// The desired-state store failed.
     #[error("bridge database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A value in the desired-state store is unreadable (or cannot be written as JSON).
+    #[error("bridge database: unreadable {what}")]
+    Stored {
+        /// What.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The outbox failed.
     #[error(transparent)]
     Outbox(#[from] roost_runtime::OutboxError),
@@ -65,7 +76,8 @@ pub use roost_runtime::Endpoint;
 pub struct BridgeConfig {
     /// Store name.
     pub store: String,
-    /// The store's groups.
+    /// The store's groups: a bootstrap default, used until the first store profile arrives
+    /// (then the profile's groups count, also after a restart).
     #[serde(default)]
     pub groups: Vec<String>,
     /// Topic prefix.
@@ -128,7 +140,8 @@ impl BridgeConfig {
 const WATERMARK_SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS bridge_confirmed (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL);";
 
-/// Last desired-state envelope per topic, so the edge can be restored after a restart.
+/// Last desired-state envelope per topic, so the edge can be restored after a restart, and
+/// the groups of the last store profile the bridge followed.
 ///
 /// Two copies with one writer: the SQLite table (durable; written only on blocking threads,
 /// where a commit may wait for an fsync) and an in-memory copy of it, updated after each
@@ -138,8 +151,13 @@ const WATERMARK_SCHEMA: &str =
 struct DesiredStore {
     conn: Arc<Mutex<Connection>>,
     latest: Arc<Mutex<BTreeMap<String, Vec<u8>>>>,
+    /// Topics this process cleared (groups the store left): cleared on the edge again at
+    /// every connect, in case the edge broker still retains them.
+    cleared: Arc<Mutex<BTreeSet<String>>>,
     /// The legacy `confirmed` watermark as it was at open (read once, at start).
     confirmed_at_open: u64,
+    /// The groups of the last profile followed, as they were at open.
+    groups_at_open: Option<Vec<String>>,
 }
 
 impl DesiredStore {
@@ -148,7 +166,8 @@ impl DesiredStore {
         let conn = roost_runtime::sqlite::open_durable(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS desired (topic TEXT PRIMARY KEY, payload BLOB NOT NULL);
-             CREATE TABLE IF NOT EXISTS confirmed (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS confirmed (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS profile_groups (id INTEGER PRIMARY KEY CHECK (id = 1), groups TEXT NOT NULL);",
         )?;
         let latest = {
             let mut stmt = conn.prepare("SELECT topic, payload FROM desired")?;
@@ -161,11 +180,85 @@ impl DesiredStore {
             })
             .map(|v| v as u64)
             .unwrap_or(0);
+        let groups_at_open =
+            match conn.query_row("SELECT groups FROM profile_groups WHERE id = 1", [], |r| {
+                r.get::<_, String>(0)
+            }) {
+                Ok(json) => {
+                    Some(
+                        serde_json::from_str(&json).map_err(|source| BridgeError::Stored {
+                            what: "profile groups",
+                            source,
+                        })?,
+                    )
+                }
+                Err(rusqlite::Error::QueryReturnedNoRows) => None,
+                Err(e) => return Err(e.into()),
+            };
         Ok(DesiredStore {
             conn: Arc::new(Mutex::new(conn)),
             latest: Arc::new(Mutex::new(latest)),
+            cleared: Arc::default(),
             confirmed_at_open,
+            groups_at_open,
         })
+    }
+
+    /// Follows `groups`: in one transaction, stores them (when `follow`, i.e. they come from a
+    /// profile; the configured groups are never stored, so a changed configuration counts
+    /// until a profile arrives) and deletes the stored deployment topics of every other group.
+    /// Returns the deleted topics (to clear on the edge broker too).
+    async fn set_groups(
+        &self,
+        topics: Topics,
+        groups: Vec<String>,
+        follow: bool,
+    ) -> Result<Vec<String>, BridgeError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.set_groups_blocking(&topics, &groups, follow))
+            .await?
+    }
+
+    fn set_groups_blocking(
+        &self,
+        topics: &Topics,
+        groups: &[String],
+        follow: bool,
+    ) -> Result<Vec<String>, BridgeError> {
+        let left: Vec<String> = {
+            let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+            latest
+                .keys()
+                .filter(|t| groups::is_left(topics, groups, t))
+                .cloned()
+                .collect()
+        };
+        {
+            let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = c.transaction()?;
+            if follow {
+                let json = serde_json::to_string(groups).map_err(|source| BridgeError::Stored {
+                    what: "profile groups",
+                    source,
+                })?;
+                tx.execute(
+                    "INSERT INTO profile_groups(id, groups) VALUES (1, ?1)
+                     ON CONFLICT(id) DO UPDATE SET groups = excluded.groups",
+                    [json],
+                )?;
+            }
+            for t in &left {
+                tx.execute("DELETE FROM desired WHERE topic = ?1", [t])?;
+            }
+            tx.commit()?;
+        }
+        let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cleared = self.cleared.lock().unwrap_or_else(|p| p.into_inner());
+        for t in &left {
+            latest.remove(t);
+            cleared.insert(t.clone());
+        }
+        Ok(left)
     }
 
     /// Stores `payload` as the desired state of `topic` (an empty payload deletes it) on a
@@ -193,19 +286,27 @@ impl DesiredStore {
         if payload.is_empty() {
             latest.remove(&topic);
         } else {
+            self.cleared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&topic);
             latest.insert(topic, payload);
         }
         Ok(())
     }
 
-    /// Every stored desired-state message, by topic: from memory, no I/O.
+    /// Every stored desired-state message, by topic, and an empty retained message for every
+    /// topic cleared since the start: from memory, no I/O.
     fn all(&self) -> Vec<DirectMessage> {
+        let cleared = self.cleared.lock().unwrap_or_else(|p| p.into_inner());
         let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
-        latest
+        cleared
             .iter()
+            .map(|topic| (topic, &[][..]))
+            .chain(latest.iter().map(|(topic, payload)| (topic, &payload[..])))
             .map(|(topic, payload)| DirectMessage {
                 topic: topic.clone(),
-                payload: payload.clone(),
+                payload: payload.to_vec(),
                 retain: true,
             })
             .collect()
@@ -226,11 +327,6 @@ fn confirmation(upto: u64, resend: bool) -> Vec<u8> {
         resend,
     })
     .unwrap_or_default()
-}
-
-/// Whether a topic from the cloud is carried down: deployment topics and the fleet snapshot.
-fn is_downward(topics: &Topics, topic: &str) -> bool {
-    topics.parse_deployment(topic).is_some() || topic == topics.snapshot()
 }
 
 /// What goes up for a checked message: status (retained, last value wins) or an event.
@@ -311,12 +407,24 @@ pub async fn run_with(
         })
         .await??;
 
+    // The groups: the last profile's (also when it arrived before a restart), else the
+    // configured ones. What the store holds of any other group goes (a crash between a
+    // profile and its clean-up, or a changed configuration).
+    let (mut groups, mut following) = match &desired.groups_at_open {
+        Some(g) => (g.clone(), true),
+        None => (cfg.groups.clone(), false),
+    };
+    let cleared = desired
+        .set_groups(topics.clone(), groups.clone(), false)
+        .await?;
+    info!(%store, ?groups, from_profile = following, cleared = cleared.len(), "groups");
+
     // Cloud side: desired state in, the store's outbox out; presence via birth and last will.
+    // The signed fleet snapshot and the store's profile travel down like desired state (kept,
+    // retained at the edge).
     let c = &cfg.cloud;
     let mut cloud = c.link_config("cloud", &format!("roost-bridge-{store}"));
-    cloud.subscriptions = topics.store_deployment_filters(&store, &cfg.groups);
-    // The signed fleet snapshot travels down like desired state (kept, retained at the edge).
-    cloud.subscriptions.push(topics.snapshot());
+    cloud.subscriptions = groups::cloud_subscriptions(&topics, &store, &groups);
     let presence_topic = topics.presence(&store);
     cloud.will = Some(Will {
         topic: presence_topic.clone(),
@@ -386,13 +494,17 @@ pub async fn run_with(
     let down = {
         let topics = topics.clone();
         let child = child.clone();
+        let own = store.clone();
+        let cloud_handle = cloud_handle.clone();
+        let profile_topic = topics.profile(&own);
         async move {
             loop {
                 let m = tokio::select! {
                     _ = child.cancelled() => break,
                     m = cloud_link.incoming.recv() => match m { Some(m) => m, None => break },
                 };
-                if !is_downward(&topics, &m.topic) {
+                if !groups::is_downward(&topics, &own, &groups, &m.topic) {
+                    debug!(topic = %m.topic, "not carried down (not this store's, or a group it left)");
                     continue;
                 }
                 let (topic, payload) = (m.topic.clone(), m.payload.clone());
@@ -406,6 +518,43 @@ pub async fn run_with(
                     payload: m.payload.clone(),
                     retain: true,
                 });
+                if m.topic != profile_topic {
+                    continue;
+                }
+                let next = match groups::profile_groups(&own, &m.payload) {
+                    Ok(Some(next)) => next,
+                    Ok(None) => continue,
+                    Err(error) => {
+                        warn!(error = %roost_runtime::error_chain(&error), ?groups, "store profile not followed; keeping the groups");
+                        continue;
+                    }
+                };
+                if following && next == groups {
+                    continue;
+                }
+                // Subscribe to the new groups first, then forget the old ones: the store and
+                // the edge broker hold nothing of a group the store left, so no reconnect or
+                // restart brings its rollouts back.
+                info!(from = ?groups, to = ?next, "the store profile changes the groups");
+                groups = next;
+                following = true;
+                let _ = cloud_handle
+                    .set_subscriptions(groups::cloud_subscriptions(&topics, &own, &groups));
+                match desired.set_groups(topics.clone(), groups.clone(), true).await {
+                    Ok(left) => {
+                        for topic in left {
+                            debug!(%topic, "cleared: a group the store left");
+                            let _ = edge_handle.publish(DirectMessage {
+                                topic,
+                                payload: Vec::new(),
+                                retain: true,
+                            });
+                        }
+                    }
+                    Err(error) => {
+                        warn!(error = %roost_runtime::error_chain(&error), "cannot store the profile's groups");
+                    }
+                }
             }
         }
         .instrument(tracing::info_span!("down", %store))
@@ -604,13 +753,57 @@ mod tests {
         assert_eq!(topics(again.all()), want);
     }
 
-    #[test]
-    fn carries_deployments_and_the_snapshot_down() {
+    /// Following a profile's groups deletes the stored rollouts of the groups left (and says
+    /// to clear them on the edge at every connect), in one transaction with the groups, which
+    /// survive a reopen; the configured groups are never stored.
+    #[tokio::test]
+    async fn the_groups_followed_survive_a_reopen_and_left_groups_are_cleared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bridge.db");
         let t = Topics::default();
-        assert!(is_downward(&t, "roost/v1/fleet/deployments/web"));
-        assert!(is_downward(&t, "roost/v1/groups/canary/deployments/web"));
-        assert!(is_downward(&t, "roost/v1/fleet/snapshot"));
-        assert!(!is_downward(&t, "roost/v1/fleet/snapshot/x"));
-        assert!(!is_downward(&t, "roost/v1/stores/s1/status"));
+        let east = "roost/v1/groups/us-east/deployments/web".to_owned();
+        let south = "roost/v1/groups/us-south/deployments/web".to_owned();
+        let fleet = "roost/v1/fleet/deployments/web".to_owned();
+        let store = DesiredStore::open(&path).expect("open");
+        assert_eq!(store.groups_at_open, None);
+        for topic in [&east, &south, &fleet] {
+            store
+                .put(topic.clone(), b"env".to_vec())
+                .await
+                .expect("put");
+        }
+        let left = store
+            .set_groups(t.clone(), vec!["us-east".into(), "us-south".into()], false)
+            .await
+            .expect("configured");
+        assert!(left.is_empty());
+        let left = store
+            .set_groups(t.clone(), vec!["us-south".into()], true)
+            .await
+            .expect("follow");
+        assert_eq!(left, std::slice::from_ref(&east));
+        let all: Vec<(String, usize)> = store
+            .all()
+            .into_iter()
+            .map(|m| (m.topic, m.payload.len()))
+            .collect();
+        assert_eq!(
+            all,
+            [(east.clone(), 0), (fleet.clone(), 3), (south.clone(), 3)],
+            "the left group's topic is cleared on the edge"
+        );
+        // Stored again (the store rejoined the group): no longer cleared; and left again.
+        store.put(east.clone(), b"env".to_vec()).await.expect("put");
+        assert!(store.all().iter().all(|m| !m.payload.is_empty()));
+        let left = store
+            .set_groups(t.clone(), vec!["us-south".into()], true)
+            .await
+            .expect("follow");
+        assert_eq!(left, std::slice::from_ref(&east));
+        drop(store);
+        let again = DesiredStore::open(&path).expect("reopen");
+        assert_eq!(again.groups_at_open, Some(vec!["us-south".to_owned()]));
+        let topics: Vec<String> = again.all().into_iter().map(|m| m.topic).collect();
+        assert_eq!(topics, [fleet, south]);
     }
 }

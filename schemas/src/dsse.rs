@@ -30,6 +30,23 @@ pub struct Envelope {
     pub signatures: Vec<Signature>,
 }
 
+impl Envelope {
+    /// The payload bytes of an envelope of `payload_type` **without checking any signature**:
+    /// only for decisions that are safe on unverified data (the bridge choosing which group
+    /// topics to carry), never for anything that is applied. `Malformed` for another payload
+    /// type or bad base64.
+    pub fn unverified_payload(&self, payload_type: &str) -> Result<Vec<u8>, VerifyError> {
+        if self.payload_type != payload_type {
+            return Err(VerifyError::Malformed(format!(
+                "payloadType is {:?}, expected {payload_type:?}",
+                self.payload_type
+            )));
+        }
+        B64.decode(self.payload.as_bytes())
+            .map_err(|e| VerifyError::Malformed(format!("payload is not base64: {e}")))
+    }
+}
+
 /// One signature of an envelope.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Signature {
@@ -326,12 +343,7 @@ impl Keyring {
         threshold: usize,
     ) -> Result<VerifiedPayload, VerifyError> {
         let threshold = threshold.max(1);
-        if env.payload_type != payload_type {
-            return Err(VerifyError::Malformed(format!(
-                "payloadType is {:?}, expected {payload_type:?}",
-                env.payload_type
-            )));
-        }
+        let payload = env.unverified_payload(payload_type)?;
         if env.signatures.is_empty() {
             return Err(VerifyError::Malformed("no signatures".into()));
         }
@@ -340,9 +352,6 @@ impl Keyring {
                 "more than {MAX_SIGNATURES} signatures"
             )));
         }
-        let payload = B64
-            .decode(env.payload.as_bytes())
-            .map_err(|e| VerifyError::Malformed(format!("payload is not base64: {e}")))?;
         let message = pae(payload_type, &payload);
         let mut valid: Vec<KeyId> = Vec::new();
         let (mut bad, mut revoked, mut expired) = (None, None, None);
