@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use futures::FutureExt as _;
 use roost_agent::config::TargetConfig;
 use roost_schemas::{
-    CloudEvent, Envelope, Policy, Rollout, Scope, SigningKey, Source, StatusDoc, Topics,
-    PAYLOAD_TYPE,
+    CloudEvent, Envelope, Policy, Profile, Rollout, Scope, SigningKey, Source, StatusDoc, Topics,
+    PAYLOAD_TYPE, PROFILE_PAYLOAD_TYPE,
 };
 use roost_sim::up::{GitDaemon, StoreSpec};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -295,7 +295,7 @@ impl GitServer {
     }
 }
 
-/// A signing key and helpers to sign rollouts.
+/// A signing key and helpers to sign rollouts and store profiles.
 pub struct Signer {
     /// The key.
     pub key: SigningKey,
@@ -342,8 +342,35 @@ impl Signer {
 
     /// Signs arbitrary JSON as a rollout envelope.
     pub fn sign_value(&self, v: &serde_json::Value) -> Vec<u8> {
+        self.sign_as(PAYLOAD_TYPE, v)
+    }
+
+    /// Signs arbitrary JSON as an envelope of `payload_type`.
+    pub fn sign_as(&self, payload_type: &str, v: &serde_json::Value) -> Vec<u8> {
         let body = serde_json::to_vec(v).expect("json");
-        serde_json::to_vec(&self.key.sign(PAYLOAD_TYPE, &body)).expect("json")
+        serde_json::to_vec(&self.key.sign(payload_type, &body)).expect("json")
+    }
+
+    /// A store profile payload naming `groups` (in precedence order), without labels, vars
+    /// or time zone.
+    pub fn profile(&self, store: &str, sequence: u64, groups: &[&str]) -> Profile {
+        Profile {
+            store: store.into(),
+            sequence,
+            issued_at: roost_schemas::now_rfc3339(),
+            labels: Default::default(),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            timezone: None,
+            vars: Default::default(),
+        }
+    }
+
+    /// Signs a store profile into envelope bytes (for `roost/v1/stores/{store}/profile`).
+    pub fn sign_profile(&self, p: &Profile) -> Vec<u8> {
+        self.sign_as(
+            PROFILE_PAYLOAD_TYPE,
+            &serde_json::to_value(p).expect("json"),
+        )
     }
 
     /// Signs a rollout into envelope bytes.

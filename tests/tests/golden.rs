@@ -248,6 +248,135 @@ async fn precedence_store_over_groups_over_fleet_with_fallback() {
     s.stop_agent().await;
 }
 
+/// A label change in Git moves a store between groups: the signed store profile (as the
+/// controller publishes it) names `us-south` instead of the configured `us-east`, and with no
+/// change to the store's configuration the agent converges on the us-south revision (without
+/// removing the deployment in between), its status names the profile's sequence and groups,
+/// and the bridge no longer carries us-east down, also after both restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_profile_moves_the_store_between_groups() {
+    let mut w = world().await;
+    let mut s = w.store("store-0001", &["us-east"]);
+    s.start();
+    let rev_east = w.git.commit(&refs(&web_app("east", FILES)), &[], "east");
+    let rev_south = w.git.commit(&refs(&web_app("south", FILES)), &[], "south");
+    let east = Scope::Group("us-east".into());
+    let south = Scope::Group("us-south".into());
+    w.roll(east.clone(), 1, &rev_east).await;
+    w.roll(south.clone(), 1, &rev_south).await;
+    let obs = &w.observer;
+    let doc = obs
+        .wait_phase("store-0001", "web", "Converged", Some(&rev_east), T)
+        .await;
+    assert_eq!(doc.groups, ["us-east"]);
+    assert_eq!(doc.profile_sequence, None, "no profile yet");
+    let before = obs.snapshot().max_roostseq("store-0001");
+
+    // The controller publishes the store's profile on the cloud broker.
+    let topics = roost_schemas::Topics::default();
+    let seq = 1_795_000_000_000;
+    let profile = w.signer.profile("store-0001", seq, &["us-south"]);
+    publish(
+        w.cloud,
+        &topics.profile("store-0001"),
+        w.signer.sign_profile(&profile),
+    )
+    .await;
+    let doc = obs
+        .wait_status(
+            "store-0001",
+            "on the profile, converged on us-south",
+            T,
+            |d| d.profile_sequence == Some(seq) && harness::converged_on(d, "web", &rev_south),
+        )
+        .await;
+    assert_eq!(doc.groups, ["us-south"]);
+    assert_eq!(
+        doc.deployments["web"]
+            .desired
+            .as_ref()
+            .map(|d| d.scope.as_str()),
+        Some("group:us-south")
+    );
+    assert!(s.live_files("web")["configmap.yaml"].contains("south"));
+    let seen = obs.snapshot();
+    let accepted = seen.of("store-0001", "dev.roost.profile.accepted");
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert_eq!(accepted[0].data["groups"], json!(["us-south"]));
+    assert_eq!(accepted[0].data["previous_groups"], json!(["us-east"]));
+    assert!(
+        seen.of("store-0001", "dev.roost.removed")
+            .iter()
+            .chain(seen.of("store-0001", "dev.roost.rollout.rejected").iter())
+            .all(|e| e.roostseq <= before),
+        "moved without a removal or a rejection on the way"
+    );
+    // Nothing of the store's configuration changed.
+    assert_eq!(s.agent_cfg.file.groups, ["us-east"]);
+    assert_eq!(s.bridge_cfg.groups, ["us-east"]);
+
+    // The bridge no longer carries us-east: a us-east rollout, then a us-south one; once the
+    // us-south one converged, the edge broker holds nothing of us-east.
+    let rev_east2 = w.git.commit(&refs(&web_app("east2", FILES)), &[], "east2");
+    let rev_south2 = w
+        .git
+        .commit(&refs(&web_app("south2", FILES)), &[], "south2");
+    let east_topic = topics.deployment(&east, "web");
+    let edge_holds_east = |edge: SocketAddr| {
+        let topic = east_topic.clone();
+        async move {
+            roost_fleet::cloud::read_retained(
+                &edge.to_string(),
+                std::slice::from_ref(&topic),
+                Duration::from_secs(2),
+            )
+            .await
+            .expect("read the edge broker")
+            .into_iter()
+            .any(|(t, p)| t == topic && !p.is_empty())
+        }
+    };
+    w.roll(east.clone(), 2, &rev_east2).await;
+    w.roll(south.clone(), 2, &rev_south2).await;
+    obs.wait_status("store-0001", "converged on us-south's second", T, |d| {
+        harness::converged_at(d, "web", &rev_south2, 2)
+    })
+    .await;
+    assert!(
+        !edge_holds_east(s.edge).await,
+        "the edge broker holds a us-east rollout"
+    );
+
+    // Both restart (the bridge's configuration still says us-east): the profile's groups
+    // hold, and us-east stays away.
+    s.stop_agent().await;
+    s.stop_bridge().await;
+    s.start();
+    w.roll(east.clone(), 3, &rev_east).await;
+    w.roll(south.clone(), 3, &rev_south).await;
+    let doc = obs
+        .wait_status("store-0001", "converged on us-south's third", T, |d| {
+            harness::converged_at(d, "web", &rev_south, 3)
+        })
+        .await;
+    assert_eq!(
+        (doc.groups.clone(), doc.profile_sequence),
+        (vec!["us-south".to_owned()], Some(seq))
+    );
+    assert!(
+        !edge_holds_east(s.edge).await,
+        "a restarted bridge carried us-east down again"
+    );
+    let seen = obs.snapshot();
+    assert!(
+        seen.of("store-0001", "dev.roost.rollout.received")
+            .iter()
+            .all(|e| e.data["scope"] != "group:us-east" || e.roostseq <= before),
+        "a us-east rollout reached the agent after the move"
+    );
+    s.stop_agent().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejections_carry_reason_codes_and_change_nothing() {
     let mut w = world().await;

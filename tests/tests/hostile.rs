@@ -1,7 +1,7 @@
 //! Hostile input, end to end on loopback: a table of malformed, forged, replayed, oversize and
-//! malicious messages, sources and repository contents, each asserting its exact reason code,
-//! that nothing was applied or changed, and that the agent (and bridge) still answer: a good
-//! rollout converges after every case. Plus key rotation, `roost rollout` with several keys,
+//! malicious messages, sources, repository contents and store profiles, each asserting its
+//! exact reason code, that nothing was applied or changed, and that the agent (and bridge)
+//! still answer: a good rollout converges after every case. Plus key rotation, `roost rollout` with several keys,
 //! credentials that never leak, forged confirmations, and the Kubernetes-only cases against
 //! the project's test API server.
 
@@ -135,6 +135,9 @@ enum Send {
         payload: Vec<u8>,
         drop: DropReason,
     },
+    /// A message on the store's profile topic (through the cloud broker and the bridge):
+    /// rejected by the agent with `profile.rejected`; the profile in force stays.
+    Profile { payload: Vec<u8> },
 }
 
 struct Case {
@@ -262,7 +265,7 @@ impl World {
         match &case.send {
             Send::Topic { topic, payload } => {
                 publish(self.cloud, topic, payload.clone()).await;
-                let e = self.rejection_after(from, &case.name).await;
+                let e = self.rejection_after(from, &case.name, REJECTED).await;
                 assert_eq!(e.reason(), Some(case.reason), "{}: {}", case.name, e.data);
                 if *topic != self.fleet_topic() {
                     // Clear the retained message again, so it is not delivered later.
@@ -278,7 +281,7 @@ impl World {
             }
             Send::EdgeTopic { topic, payload } => {
                 publish_qos1(self.store.edge, topic, payload.clone(), true).await;
-                let e = self.rejection_after(from, &case.name).await;
+                let e = self.rejection_after(from, &case.name, REJECTED).await;
                 assert_eq!(e.reason(), Some(case.reason), "{}: {}", case.name, e.data);
                 publish_qos1(self.store.edge, topic, Vec::new(), true).await;
             }
@@ -291,9 +294,36 @@ impl World {
                     sign(&[KEY_A, KEY_B], &body),
                 )
                 .await;
-                let e = self.rejection_after(from, &case.name).await;
+                let e = self.rejection_after(from, &case.name, REJECTED).await;
                 assert_eq!(e.reason(), Some(case.reason), "{}: {}", case.name, e.data);
                 assert_eq!(e.data["revision"], rev.as_str(), "{}", case.name);
+            }
+            Send::Profile { payload } => {
+                let in_force = |d: Option<StatusDoc>| d.map(|d| (d.profile_sequence, d.groups));
+                let before = in_force(self.status());
+                let topic = Topics::default().profile(STORE);
+                publish(self.cloud, &topic, payload.clone()).await;
+                let e = self
+                    .rejection_after(from, &case.name, PROFILE_REJECTED)
+                    .await;
+                assert_eq!(e.reason(), Some(case.reason), "{}: {}", case.name, e.data);
+                assert_eq!(e.data["topic"], topic.as_str(), "{}", case.name);
+                // Cleared again, so a reconnecting bridge does not deliver it later.
+                publish(self.cloud, &topic, Vec::new()).await;
+                assert_eq!(
+                    in_force(self.status()),
+                    before,
+                    "{}: the profile in force did not change",
+                    case.name
+                );
+                let snap = self.obs.snapshot();
+                assert!(
+                    snap.of(STORE, "dev.roost.profile.accepted")
+                        .iter()
+                        .all(|e| e.roostseq <= from),
+                    "{}: no profile accepted",
+                    case.name
+                );
             }
             Send::Edge {
                 topic,
@@ -353,11 +383,10 @@ impl World {
         );
     }
 
-    async fn rejection_after(&self, from: u64, name: &str) -> CloudEvent {
+    /// The first event of type `ty` (a rejection) after `from`, which must say why.
+    async fn rejection_after(&self, from: u64, name: &str, ty: &str) -> CloudEvent {
         self.obs
-            .wait_event(STORE, "dev.roost.rollout.rejected", T, |e| {
-                e.roostseq > from
-            })
+            .wait_event(STORE, ty, T, |e| e.roostseq > from)
             .await
             .tap(|e| {
                 assert!(
@@ -381,6 +410,158 @@ impl World {
             );
         }
     }
+}
+
+const REJECTED: &str = "dev.roost.rollout.rejected";
+const PROFILE_REJECTED: &str = "dev.roost.profile.rejected";
+
+/// A store profile of `store` with `seq`, in the `canary` group (the one the hostile world's
+/// store is configured with, so a case can only fail for its own reason), with a label.
+fn profile_value(store: &str, seq: u64) -> Value {
+    let mut p = serde_json::to_value(harness::Signer::new(KEY_A).profile(store, seq, &["canary"]))
+        .expect("json");
+    p["labels"] = json!({"region": "us-south"});
+    p
+}
+
+/// `v` signed by `seeds` as a store profile.
+fn sign_profile(seeds: &[u8], v: &Value) -> Vec<u8> {
+    envelope_bytes(
+        seeds,
+        roost_schemas::PROFILE_PAYLOAD_TYPE,
+        &serde_json::to_vec(v).expect("json"),
+    )
+}
+
+/// The store profile cases: each refused with its reason before any profile is accepted.
+fn profile_cases(w: &mut World) -> Vec<Case> {
+    let mut out = Vec::new();
+    let mut case = |name: &str, reason: &'static str, payload: Vec<u8>| {
+        out.push(Case {
+            name: format!("profile: {name}"),
+            reason,
+            send: Send::Profile { payload },
+        })
+    };
+    let mut good = || profile_value(STORE, w.next() + 5000);
+    case("malformed JSON", "malformed", b"{not a profile".to_vec());
+    case("oversize", "too_large", vec![b' '; 300 * 1024]);
+    case(
+        "signed by a key nobody trusts",
+        "unknown_key",
+        sign_profile(&[STRANGER], &good()),
+    );
+    case(
+        "signed by a revoked key",
+        "revoked_key",
+        sign_profile(&[KEY_REVOKED], &good()),
+    );
+    case(
+        "signed by an expired key",
+        "expired_key",
+        sign_profile(&[KEY_EXPIRED], &good()),
+    );
+    // The bridge reads profiles unverified and follows these groups until the next profile
+    // (docs/security.md says why that is safe); the agent refuses it.
+    let mut forged = env_of(&sign_profile(&[KEY_A], &good()));
+    let mut other = good();
+    other["groups"] = json!(["canary", "evil"]);
+    forged["payload"] = env_of(&sign_profile(&[KEY_A], &other))["payload"].clone();
+    case(
+        "forged signature (another payload under A's signature)",
+        "bad_signature",
+        serde_json::to_vec(&forged).expect("json"),
+    );
+    case(
+        "a rollout's payload type",
+        "malformed",
+        sign(&[KEY_A], &good()),
+    );
+    let mut other_store = good();
+    other_store["store"] = json!("store-0002");
+    case(
+        "another store's profile on this store's topic",
+        "scope_mismatch",
+        sign_profile(&[KEY_A], &other_store),
+    );
+    let mut extra = good();
+    extra["windows"] = json!([]);
+    case(
+        "a field the profile does not have",
+        "schema",
+        sign_profile(&[KEY_A], &extra),
+    );
+    let mut bad_group = good();
+    bad_group["groups"] = json!(["Not A Group"]);
+    case(
+        "an invalid group name",
+        "schema",
+        sign_profile(&[KEY_A], &bad_group),
+    );
+    let mut twice = good();
+    twice["groups"] = json!(["canary", "canary"]);
+    case("a group twice", "schema", sign_profile(&[KEY_A], &twice));
+    let mut zero = good();
+    zero["sequence"] = json!(0);
+    case("sequence 0", "schema", sign_profile(&[KEY_A], &zero));
+    out
+}
+
+/// A good profile is accepted after the table; then an equal and a lower sequence are
+/// refused as replays, also after the agent restarts (the guard is in its ledger).
+async fn profile_replays(w: &mut World) {
+    let seq = w.next() + 100_000;
+    let good = profile_value(STORE, seq);
+    publish(
+        w.cloud,
+        &Topics::default().profile(STORE),
+        sign_profile(&[KEY_A], &good),
+    )
+    .await;
+    let doc = w
+        .obs
+        .wait_status(STORE, "on the good profile", T, |d| {
+            d.profile_sequence == Some(seq)
+        })
+        .await;
+    assert_eq!(doc.groups, ["canary"]);
+    w.obs
+        .wait_event(STORE, "dev.roost.profile.accepted", T, |e| {
+            e.data["sequence"] == seq
+        })
+        .await;
+    w.marker().await;
+    let mut same_seq = good.clone();
+    same_seq["labels"] = json!({"region": "us-east"});
+    let lower = profile_value(STORE, seq - 1);
+    for (name, v) in [("equal sequence", &same_seq), ("lower sequence", &lower)] {
+        let case = Case {
+            name: format!("profile: {name}"),
+            reason: "replay",
+            send: Send::Profile {
+                payload: sign_profile(&[KEY_A], v),
+            },
+        };
+        eprintln!("  +    {:<62} -> replay", case.name);
+        w.run(&case).await;
+    }
+    w.store.stop_agent().await;
+    w.store.start_agent();
+    let case = Case {
+        name: "profile: lower sequence after an agent restart".into(),
+        reason: "replay",
+        send: Send::Profile {
+            payload: sign_profile(&[KEY_A], &profile_value(STORE, seq - 2)),
+        },
+    };
+    eprintln!("  +    {:<62} -> replay", case.name);
+    w.run(&case).await;
+    let doc = w.status().expect("status");
+    assert_eq!(
+        (doc.profile_sequence, doc.groups),
+        (Some(seq), vec!["canary".to_owned()]),
+        "the restarted agent runs on the accepted profile"
+    );
 }
 
 trait Tap: Sized {
@@ -1150,7 +1331,8 @@ fn cases(w: &mut World) -> Vec<Case> {
 async fn hostile_inputs_are_rejected_with_their_reason_and_change_nothing() {
     let mut w = World::new().await;
     w.marker().await;
-    let cases = cases(&mut w);
+    let mut cases = cases(&mut w);
+    cases.extend(profile_cases(&mut w));
     assert!(cases.len() >= 60, "{} cases", cases.len());
     let started = Instant::now();
     eprintln!("hostile cases ({}):", cases.len() + 1);
@@ -1184,10 +1366,11 @@ async fn hostile_inputs_are_rejected_with_their_reason_and_change_nothing() {
         eprintln!("  +    {name:<62} -> replay");
         w.run(&case).await;
     }
+    profile_replays(&mut w).await;
     forged_ack_keeps_events(&mut w).await;
     eprintln!(
         "hostile: {} cases passed in {} ms",
-        cases.len() + 3,
+        cases.len() + 6,
         started.elapsed().as_millis()
     );
     w.stop_bridge().await;
