@@ -726,8 +726,9 @@ async fn the_command_line_speaks_tls_with_passwords() {
 
 /// The shipped cloud ACL (`broker-config/mosquitto-acl.conf`) against a real mosquitto with
 /// client certificates: a store's identity cannot publish rollouts (fleet, group or store
-/// scope, not even its own) or another store's status and events, and cannot read another
-/// store's topics; the controller identity can publish desired state, which stores read.
+/// scope, not even its own), its profile, or another store's status and events, and cannot
+/// read another store's topics; the controller identity can publish desired state and
+/// profiles, which stores read.
 /// Each "cannot" is checked against a positive marker sent after it on an allowed topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
@@ -750,6 +751,7 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
     let group_topic = t.deployment(&Scope::Group("canary".into()), "web");
     let own_store_topic = t.deployment(&Scope::Store(a.into()), "web");
     let b_store_topic = t.deployment(&Scope::Store(b.into()), "web");
+    let own_profile = t.profile(a);
 
     let controller = Client::connect(
         cloud.tls,
@@ -759,6 +761,7 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
             "roost/v1/fleet/deployments/+",
             "roost/v1/groups/+/deployments/+",
             "roost/v1/stores/+/deployments/+",
+            "roost/v1/stores/+/profile",
             "roost/v1/stores/+/status",
             "roost/v1/stores/+/events",
             "roost/v1/stores/+/presence",
@@ -770,8 +773,9 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
         pki.client_tls(&pki.issue(a, false, false)),
         a,
         &[
-            // Allowed: its own, its group's and the fleet's rollouts.
+            // Allowed: its own, its group's and the fleet's rollouts, its own profile.
             "roost/v1/stores/store-0001/deployments/+",
+            "roost/v1/stores/store-0001/profile",
             "roost/v1/groups/canary/deployments/+",
             "roost/v1/fleet/deployments/+",
             // Not allowed: another store's topics, and everyone's.
@@ -793,6 +797,7 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
     for topic in [&fleet_topic, &group_topic, &own_store_topic, &b_store_topic] {
         store_a.publish(topic, "forged rollout", true).await;
     }
+    store_a.publish(&own_profile, "forged profile", true).await;
     store_a.publish(&t.status(b), "forged status", true).await;
     store_a.publish(&t.events(b), "forged event", false).await;
     store_a.publish(&t.status(a), "marker-a", true).await;
@@ -807,7 +812,7 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
         cloud.log_text()
     );
     println!(
-        "acl: {a} published 6 forbidden messages (rollouts on fleet, group, own and other store topics; {b}'s status and events): 0 reached the controller, the marker after them did"
+        "acl: {a} published 7 forbidden messages (rollouts on fleet, group, own and other store topics; its own profile; {b}'s status and events): 0 reached the controller, the marker after them did"
     );
 
     // A store cannot read another store's topics; its own arrive.
@@ -816,6 +821,9 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
     store_b.publish(&t.presence(b), "presence of b", true).await;
     controller
         .publish(&b_store_topic, "rollout for b", true)
+        .await;
+    controller
+        .publish(&t.profile(b), "profile of b", true)
         .await;
     controller.wait_for(&t.status(b), "status of b").await;
     controller.wait_for(&t.events(b), "event of b").await;
@@ -842,7 +850,7 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
         seen.iter().all(|(tp, _)| !tp.contains(b)),
         "{a} got {b}'s retained messages: {seen:?}"
     );
-    println!("acl: {a} subscribed to {b}'s topics and to +/status, +/events: 0 of {b}'s 4 messages (live or retained) arrived, its own marker did");
+    println!("acl: {a} subscribed to {b}'s topics and to +/status, +/events: 0 of {b}'s 5 messages (live or retained) arrived, its own marker did");
 
     // The controller publishes desired state; the store reads its own, its group's and the
     // fleet's.
@@ -855,8 +863,12 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
     controller
         .publish(&own_store_topic, "store rollout", true)
         .await;
+    controller
+        .publish(&own_profile, "store profile", true)
+        .await;
     store_a.wait_for(&fleet_topic, "fleet rollout").await;
     store_a.wait_for(&group_topic, "group rollout").await;
+    store_a.wait_for(&own_profile, "store profile").await;
     let seen = store_a.wait_for(&own_store_topic, "store rollout").await;
     assert!(
         seen.iter().all(|(_, p)| !p.starts_with("forged")),
@@ -866,7 +878,7 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
         store_a.received().iter().all(|(tp, _)| !tp.contains(b)),
         "still nothing of {b}'s"
     );
-    println!("acl: roost-controller published fleet, group and store rollouts: {a} received all 3");
+    println!("acl: roost-controller published fleet, group and store rollouts and {a}'s profile: {a} received all 4");
 }
 
 /// The shipped edge ACL (`broker-config/mosquitto-edge-acl.conf`): only the agent identity
