@@ -712,6 +712,7 @@ async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_
             percent: None,
             stores: None,
             fleet: Some(true),
+            selector: None,
             converged_pct: None,
             soak_s: None,
         });

@@ -95,6 +95,8 @@ pub struct StoreView {
     pub store: String,
     /// Its groups, in precedence order (from its status document).
     pub groups: Vec<String>,
+    /// Its labels from the fleet repository's inventory (empty outside it).
+    pub labels: roost_schemas::Labels,
     /// Online (presence).
     pub online: bool,
     /// Its status for the plan's deployment.
@@ -223,6 +225,15 @@ fn wave_targets(
             free.iter().map(|v| v.store.clone()).collect(),
             vec![Scope::Fleet],
         ),
+        WaveTarget::Selector(sel) => {
+            let stores: Vec<String> = free
+                .iter()
+                .filter(|v| sel.matches(&v.labels))
+                .map(|v| v.store.clone())
+                .collect();
+            let scopes = stores.iter().map(|s| Scope::Store(s.clone())).collect();
+            (stores, scopes)
+        }
         WaveTarget::Stores(list) => (
             list.iter()
                 .filter(|s| !pinned.contains(*s))
@@ -470,6 +481,7 @@ mod tests {
             percent: None,
             stores: None,
             fleet: None,
+            selector: None,
             converged_pct: None,
             soak_s: None,
         };
@@ -494,6 +506,7 @@ mod tests {
                 } else {
                     vec![]
                 },
+                labels: Default::default(),
                 online: true,
                 status: None,
             })
@@ -568,6 +581,34 @@ mod tests {
         assert!(t.iter().all(|s| s.starts_with("tombstone ")));
         assert!(t.contains(&"tombstone group:canary".to_string()));
         assert_eq!(p.scopes, vec![Scope::Fleet]);
+    }
+
+    #[test]
+    fn a_selector_wave_targets_the_matching_stores_by_their_own_topics() {
+        let mut view = fleet(4);
+        for v in &mut view[1..3] {
+            v.labels.insert("region".into(), "us-south".into());
+        }
+        let sel: roost_schemas::Selector =
+            serde_json::from_str(r#"{"region": "us-south"}"#).expect("selector");
+        let p = Plan::new(
+            "web",
+            rel('b'),
+            None,
+            "o",
+            vec![wave("texas", |w| w.selector = Some(sel))],
+            Abort::default(),
+            0,
+        );
+        let (stores, scopes) = wave_targets(&p, 0, &view, &BTreeSet::new());
+        assert_eq!(stores, ["s02", "s03"]);
+        assert_eq!(
+            scopes,
+            [Scope::Store("s02".into()), Scope::Store("s03".into())]
+        );
+        // A pinned store stays out of the wave.
+        let pinned = BTreeSet::from(["s03".to_owned()]);
+        assert_eq!(wave_targets(&p, 0, &view, &pinned).0, ["s02"]);
     }
 
     #[test]
