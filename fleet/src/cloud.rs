@@ -364,12 +364,9 @@ pub async fn next_sequence(
     let cur = read_retained(broker, &[topic.to_owned()], Duration::from_secs(2)).await?;
     let retained = cur
         .iter()
-        .filter_map(|(_, p)| serde_json::from_slice::<Envelope>(p).ok())
-        .filter_map(|e| B64.decode(e.payload).ok())
-        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .filter_map(|v| v.get("sequence").and_then(|s| s.as_u64()))
+        .filter_map(|(_, p)| roost_schemas::envelope_sequence(p))
         .max();
-    Ok(crate::record::sequence_rule(
+    Ok(roost_schemas::sequence_rule(
         retained.unwrap_or(0),
         crate::record::now_ms(),
     ))
