@@ -1,5 +1,5 @@
-//! Cloud-side commands: key generation, signing and publishing rollouts, reading the fleet's
-//! retained status, and following the event stream.
+//! Cloud-side commands: key generation, publishing rollouts (signed by [`crate::sign`]),
+//! reading the fleet's retained status, and following the event stream.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,14 +7,13 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use roost_runtime::Security;
-use roost_schemas::{
-    Envelope, Origin, Policy, Rollout, Scope, SigningKey, Source, Topics, PAYLOAD_TYPE,
-};
+use roost_schemas::{Rollout, SigningKey, Topics};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
 pub use crate::rollout_wait::{
     wait_for_rollout, RolloutWatch, StoreOutcome, StoreState, WaitReport, WaitTarget,
 };
+pub use crate::sign::{sign_rollout, RolloutSpec, Signed};
 
 /// Errors of the cloud-side commands.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +38,9 @@ pub enum CloudError {
     /// Timed out.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The rollout could not be signed.
+    #[error("signing the rollout")]
+    Sign(#[from] crate::sign::SignError),
 }
 
 /// A broker address `HOST:PORT`, `mqtt://HOST:PORT` or `mqtts://HOST:PORT` (host and port).
@@ -223,67 +225,6 @@ pub fn resolve_revision(url: &str, rev: &str) -> Result<String, CloudError> {
     )))
 }
 
-/// Everything needed to build a rollout.
-#[derive(Debug, Clone)]
-pub struct RolloutSpec {
-    /// Deployment.
-    pub deployment: String,
-    /// Scope.
-    pub scope: Scope,
-    /// Repository URL.
-    pub url: String,
-    /// Commit id.
-    pub revision: String,
-    /// Path.
-    pub path: String,
-    /// Policy.
-    pub policy: Policy,
-    /// Activation time.
-    pub not_before: Option<String>,
-    /// Tombstone.
-    pub remove: bool,
-    /// Sequence (None: by the contract's rule, `max(retained + 1, now in ms)`).
-    pub sequence: Option<u64>,
-    /// The fleet-repository commit that caused this rollout (v1.1), if any.
-    pub origin: Option<Origin>,
-}
-
-/// Builds a rollout and signs it with every key (one signature each, so an agent's
-/// `[thresholds]` can be met).
-pub fn sign_rollout(
-    keys: &[SigningKey],
-    spec: &RolloutSpec,
-    sequence: u64,
-) -> Result<(Rollout, Envelope), CloudError> {
-    let rollout = Rollout {
-        deployment: spec.deployment.clone(),
-        scope: spec.scope.clone(),
-        sequence,
-        issued_at: roost_schemas::now_rfc3339(),
-        // A tombstone needs no source; one given without a revision is dropped.
-        source: if spec.remove && (spec.url.is_empty() || spec.revision.is_empty()) {
-            None
-        } else {
-            Some(Source {
-                url: spec.url.clone(),
-                revision: spec.revision.clone(),
-                path: spec.path.clone(),
-            })
-        },
-        not_before: spec.not_before.clone(),
-        policy: spec.policy.clone(),
-        remove: spec.remove,
-        origin: spec.origin.clone(),
-    };
-    rollout
-        .validate()
-        .map_err(|e| CloudError::Usage(e.to_string()))?;
-    let body = serde_json::to_vec(&rollout).map_err(|e| CloudError::Usage(e.to_string()))?;
-    let env = roost_schemas::sign_all(keys, PAYLOAD_TYPE, &body)
-        .ok_or_else(|| CloudError::Usage("at least one signing key is required".into()))?;
-    Ok((rollout.clone(), env))
-}
-
 /// Reads the retained messages matching `filters` for up to `wait` (stops early after a
 /// quiet period once something arrived, or right after SUBACK + quiet when nothing is retained).
 pub async fn read_retained(
@@ -387,10 +328,9 @@ pub async fn rollout(
         Some(s) => s,
         None => next_sequence(broker, &topic).await?,
     };
-    let (rollout, env) = sign_rollout(keys, spec, sequence)?;
-    let bytes = serde_json::to_vec(&env).map_err(|e| CloudError::Usage(e.to_string()))?;
-    publish_retained(broker, &topic, bytes).await?;
-    Ok(rollout)
+    let signed = sign_rollout(keys, spec, sequence)?;
+    publish_retained(broker, &topic, signed.envelope).await?;
+    Ok(signed.rollout)
 }
 
 #[cfg(test)]

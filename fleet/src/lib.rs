@@ -11,4 +11,5 @@ pub mod inventory;
 pub mod metrics;
 pub mod record;
 pub mod rollout_wait;
+pub mod sign;
 pub mod view;
