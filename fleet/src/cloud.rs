@@ -33,8 +33,8 @@ pub enum CloudError {
     #[error("mqtt: {0}")]
     Mqtt(String),
     /// Git (resolving a branch).
-    #[error("git: {0}")]
-    Git(String),
+    #[error("git")]
+    Git(#[from] crate::git::GitError),
     /// Timed out.
     #[error("timed out: {0}")]
     Timeout(String),
@@ -194,35 +194,6 @@ pub fn load_key(path: &Path) -> Result<SigningKey, CloudError> {
         .decode(text.trim())
         .map_err(|e| err(format!("not base64: {e}")))?;
     SigningKey::from_pkcs8(&der).map_err(|e| err(e.to_string()))
-}
-
-/// Resolves a branch, tag or full sha to a commit id via the remote (git2 ls-remote).
-pub fn resolve_revision(url: &str, rev: &str) -> Result<String, CloudError> {
-    if roost_schemas::rollout::is_full_sha(rev) {
-        return Ok(rev.to_owned());
-    }
-    let mut remote =
-        git2::Remote::create_detached(url).map_err(|e| CloudError::Git(e.message().to_owned()))?;
-    remote
-        .connect(git2::Direction::Fetch)
-        .map_err(|e| CloudError::Git(format!("{url}: {}", e.message())))?;
-    let heads = remote
-        .list()
-        .map_err(|e| CloudError::Git(e.message().to_owned()))?;
-    let wanted = [
-        rev.to_owned(),
-        format!("refs/heads/{rev}"),
-        format!("refs/tags/{rev}^{{}}"),
-        format!("refs/tags/{rev}"),
-    ];
-    for w in &wanted {
-        if let Some(h) = heads.iter().find(|h| h.name() == w) {
-            return Ok(h.oid().to_string());
-        }
-    }
-    Err(CloudError::Git(format!(
-        "{rev} is not a branch, tag or full commit id in {url}"
-    )))
 }
 
 /// Reads the retained messages matching `filters` for up to `wait` (stops early after a

@@ -144,7 +144,7 @@ struct Controller {
     db: FleetDb,
     key: Arc<SigningKey>,
     topics: Topics,
-    git: roost_agent::git::GitCache,
+    git: crate::git::GitCache,
     link: roost_runtime::LinkHandle,
     /// Resolved refs: (url, ref) -> commit, refreshed every poll.
     refs: HashMap<(String, String), String>,
@@ -175,13 +175,13 @@ impl Controller {
     async fn sync(&mut self) -> Result<(), GitopsError> {
         let (repo, branch) = (self.opts.repo.clone(), self.opts.branch.clone());
         let commit = match tokio::task::spawn_blocking(move || {
-            crate::cloud::resolve_revision(&repo, &branch)
+            crate::git::resolve_revision(&repo, &branch)
         })
         .await?
         {
             Ok(c) => c,
             Err(error) => {
-                warn!(repo = %self.opts.repo, error = %error, "cannot resolve the fleet repository's branch");
+                warn!(repo = %self.opts.repo, error = %roost_runtime::error_chain(&error), "cannot resolve the fleet repository's branch");
                 return Ok(());
             }
         };
@@ -237,14 +237,13 @@ impl Controller {
             .collect();
         for (url, r) in tracked {
             let (u, rr) = (url.clone(), r.clone());
-            match tokio::task::spawn_blocking(move || crate::cloud::resolve_revision(&u, &rr))
-                .await?
+            match tokio::task::spawn_blocking(move || crate::git::resolve_revision(&u, &rr)).await?
             {
                 Ok(c) => {
                     self.refs.insert((url, r), c);
                 }
                 Err(error) => {
-                    warn!(%url, git_ref = %r, %error, "cannot resolve a tracked ref; keeping the last commit")
+                    warn!(%url, git_ref = %r, error = %roost_runtime::error_chain(&error), "cannot resolve a tracked ref; keeping the last commit")
                 }
             }
         }
@@ -662,11 +661,7 @@ pub async fn run(
             .and_then(|(s, f)| Some((s.good_commit?, f?)))
     };
     let mut c = Controller {
-        git: roost_agent::git::GitCache::new(
-            opts.cache_dir.clone(),
-            Vec::new(),
-            Duration::from_secs(60),
-        ),
+        git: crate::git::GitCache::new(opts.cache_dir.clone(), Duration::from_secs(60)),
         opts,
         db,
         key: Arc::new(key),
