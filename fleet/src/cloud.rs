@@ -21,15 +21,39 @@ pub enum CloudError {
     /// Bad arguments.
     #[error("{0}")]
     Usage(String),
-    /// Key files.
-    #[error("key {path}: {message}")]
+    /// The broker's TLS files or credentials are not usable.
+    #[error(transparent)]
+    Security(#[from] roost_runtime::SecurityError),
+    /// A key file could not be written or read, or holds no key.
+    #[error("key {path}")]
     Key {
-        /// File.
+        /// File (or the directory keys are written to).
         path: PathBuf,
         /// What is wrong.
-        message: String,
+        #[source]
+        source: KeyFileError,
     },
-    /// MQTT.
+    /// The connection to a broker failed.
+    #[error("mqtt: {broker}{}", .problem.as_deref().map(|p| format!(": {p}")).unwrap_or_default())]
+    Connection {
+        /// `HOST:PORT`.
+        broker: String,
+        /// What it means, where it is a TLS or authorization problem.
+        problem: Option<String>,
+        /// The connection's error.
+        #[source]
+        source: Box<rumqttc::ConnectionError>,
+    },
+    /// The MQTT client did not take a request (its event loop is gone).
+    #[error("mqtt: {what}")]
+    Client {
+        /// The request (`subscribe`, `publish`).
+        what: &'static str,
+        /// The client's error.
+        #[source]
+        source: Box<rumqttc::ClientError>,
+    },
+    /// The task that owned the connection ended.
     #[error("mqtt: {0}")]
     Mqtt(String),
     /// Git (resolving a branch).
@@ -41,6 +65,32 @@ pub enum CloudError {
     /// The rollout could not be signed.
     #[error("signing the rollout")]
     Sign(#[from] crate::sign::SignError),
+}
+
+/// What is wrong with a key file.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// Reading or writing it.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// It is not base64.
+    #[error("not base64")]
+    Base64(#[from] base64::DecodeError),
+    /// It is not an Ed25519 key, or no key could be generated.
+    #[error(transparent)]
+    Key(#[from] roost_schemas::dsse::KeyError),
+    /// A generated key came without its PKCS#8 form.
+    #[error("generated key has no PKCS#8 form")]
+    NoPkcs8,
+}
+
+impl CloudError {
+    fn client(what: &'static str) -> impl Fn(rumqttc::ClientError) -> CloudError {
+        move |source| CloudError::Client {
+            what,
+            source: Box::new(source),
+        }
+    }
 }
 
 /// A broker address `HOST:PORT`, `mqtt://HOST:PORT` or `mqtts://HOST:PORT` (host and port).
@@ -83,9 +133,7 @@ impl BrokerTarget {
                 "{addr} is plain MQTT, but TLS files were given: use mqtts://{host}:{port}"
             )));
         }
-        security
-            .validate()
-            .map_err(|e| CloudError::Usage(e.to_string()))?;
+        security.validate()?;
         Ok(BrokerTarget {
             host,
             port,
@@ -94,12 +142,11 @@ impl BrokerTarget {
     }
 
     /// The error of a failed connection, explained where it is a TLS or auth problem.
-    pub fn error(&self, e: &rumqttc::ConnectionError) -> CloudError {
-        match self.security.diagnose(e) {
-            Some(problem) => {
-                CloudError::Mqtt(format!("{}:{}: {e}: {problem}", self.host, self.port))
-            }
-            None => CloudError::Mqtt(format!("{}:{}: {e}", self.host, self.port)),
+    pub fn error(&self, e: rumqttc::ConnectionError) -> CloudError {
+        CloudError::Connection {
+            broker: format!("{}:{}", self.host, self.port),
+            problem: self.security.diagnose(&e),
+            source: Box::new(e),
         }
     }
 }
@@ -139,10 +186,7 @@ pub fn connect(
     let mut o = MqttOptions::new(id, target.host.clone(), target.port);
     o.set_keep_alive(Duration::from_secs(10));
     o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
-    target
-        .security
-        .apply(&mut o)
-        .map_err(|e| CloudError::Usage(e.to_string()))?;
+    target.security.apply(&mut o)?;
     Ok(AsyncClient::new(o, 1024))
 }
 
@@ -153,25 +197,26 @@ fn uuid_like() -> String {
 /// Writes a new key pair to `dir`: `KEYID.key` (base64 PKCS#8, mode 0600) and `KEYID.pub`
 /// (base64 raw public key). Returns (key id, public key base64).
 pub fn keygen(dir: &Path) -> Result<(String, String), CloudError> {
-    let key = SigningKey::generate().map_err(|e| CloudError::Key {
-        path: dir.to_owned(),
-        message: e.to_string(),
-    })?;
+    let at = |path: &Path| {
+        let path = path.to_owned();
+        move |e: KeyFileError| CloudError::Key { path, source: e }
+    };
+    let key = SigningKey::generate()
+        .map_err(KeyFileError::from)
+        .map_err(at(dir))?;
     let id = key.key_id();
-    std::fs::create_dir_all(dir).map_err(|e| CloudError::Key {
-        path: dir.to_owned(),
-        message: e.to_string(),
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(KeyFileError::from)
+        .map_err(at(dir))?;
     let priv_path = dir.join(format!("{id}.key"));
-    let pkcs8 = key.pkcs8().ok_or_else(|| CloudError::Key {
-        path: priv_path.clone(),
-        message: "generated key has no PKCS#8 form".into(),
-    })?;
+    let pkcs8 = key
+        .pkcs8()
+        .ok_or(KeyFileError::NoPkcs8)
+        .map_err(at(&priv_path))?;
     let write = |p: &Path, data: String| {
-        std::fs::write(p, data).map_err(|e| CloudError::Key {
-            path: p.to_owned(),
-            message: e.to_string(),
-        })
+        std::fs::write(p, data)
+            .map_err(KeyFileError::from)
+            .map_err(at(p))
     };
     write(&priv_path, B64.encode(pkcs8))?;
     {
@@ -185,15 +230,14 @@ pub fn keygen(dir: &Path) -> Result<(String, String), CloudError> {
 
 /// Loads a private key file written by [`keygen`].
 pub fn load_key(path: &Path) -> Result<SigningKey, CloudError> {
-    let err = |m: String| CloudError::Key {
-        path: path.to_owned(),
-        message: m,
+    let read = || -> Result<SigningKey, KeyFileError> {
+        let text = std::fs::read_to_string(path)?;
+        Ok(SigningKey::from_pkcs8(&B64.decode(text.trim())?)?)
     };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let der = B64
-        .decode(text.trim())
-        .map_err(|e| err(format!("not base64: {e}")))?;
-    SigningKey::from_pkcs8(&der).map_err(|e| err(e.to_string()))
+    read().map_err(|source| CloudError::Key {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Reads the retained messages matching `filters` for up to `wait` (stops early after a
@@ -209,7 +253,7 @@ pub async fn read_retained(
         client
             .subscribe(f.clone(), QoS::AtLeastOnce)
             .await
-            .map_err(|e| CloudError::Mqtt(e.to_string()))?;
+            .map_err(CloudError::client("subscribe"))?;
     }
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + wait;
@@ -224,7 +268,7 @@ pub async fn read_retained(
         let until = (tokio::time::Instant::now() + next).min(deadline);
         match tokio::time::timeout_at(until, ev.poll()).await {
             Err(_) => break,
-            Ok(Err(e)) => return Err(target.error(&e)),
+            Ok(Err(e)) => return Err(target.error(e)),
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subacks += 1,
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 if p.retain {
@@ -249,13 +293,13 @@ pub async fn publish_retained(
     client
         .publish(topic, QoS::AtLeastOnce, true, payload)
         .await
-        .map_err(|e| CloudError::Mqtt(e.to_string()))?;
+        .map_err(CloudError::client("publish"))?;
     let res = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match ev.poll().await {
                 Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
                 Ok(_) => {}
-                Err(e) => return Err(target.error(&e)),
+                Err(e) => return Err(target.error(e)),
             }
         }
     })
@@ -346,5 +390,27 @@ mod tests {
         let (id, _pub) = keygen(dir.path()).expect("keygen");
         let key = load_key(&dir.path().join(format!("{id}.key"))).expect("load");
         assert_eq!(key.key_id(), id);
+        // What is wrong with a key file is its error's source; the chain says it once.
+        let missing = dir.path().join("missing.key");
+        let e = load_key(&missing).expect_err("missing");
+        assert!(
+            matches!(
+                &e,
+                CloudError::Key {
+                    source: KeyFileError::Io(_),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let chain = roost_runtime::error_chain(&e);
+        assert!(
+            chain.starts_with(&format!("key {}: ", missing.display())),
+            "{chain}"
+        );
+        let garbage = dir.path().join("garbage.key");
+        std::fs::write(&garbage, "not base64!").expect("write");
+        let chain = roost_runtime::error_chain(&load_key(&garbage).expect_err("garbage"));
+        assert!(chain.contains(": not base64: "), "{chain}");
     }
 }

@@ -20,7 +20,7 @@ use roost_schemas::{
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::mpsc;
 
-use crate::cloud::{connect, CloudError};
+use crate::cloud::{connect, CloudError, ToBroker as _};
 
 /// The rollout to follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -413,7 +413,8 @@ impl RolloutWatch {
     /// Connects (a clean session; it subscribes again on every reconnect), subscribes, and
     /// collects the retained status and presence documents of the fleet.
     pub async fn start(broker: &str) -> Result<RolloutWatch, CloudError> {
-        let (client, mut ev) = connect(broker, "roost-wait")?;
+        let target = broker.to_broker()?;
+        let (client, mut ev) = connect(&target, "roost-wait")?;
         let topics = Topics::default();
         let filters: Vec<String> = [
             StoreTopicKind::Status,
@@ -424,7 +425,7 @@ impl RolloutWatch {
         .map(|k| topics.all_stores(k))
         .collect();
         let (tx, rx) = mpsc::unbounded_channel();
-        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<(), CloudError>>();
         let sub = client.clone();
         // One task owns the event loop and never blocks (rumqttc needs continuous polling).
         let task = tokio::spawn(async move {
@@ -434,8 +435,11 @@ impl RolloutWatch {
                         let subs = filters
                             .iter()
                             .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                        if let Err(e) = sub.subscribe_many(subs).await {
-                            let _ = ready_tx.send(Err(e.to_string()));
+                        if let Err(source) = sub.subscribe_many(subs).await {
+                            let _ = ready_tx.send(Err(CloudError::Client {
+                                what: "subscribe",
+                                source: Box::new(source),
+                            }));
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -448,7 +452,7 @@ impl RolloutWatch {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
+                        let _ = ready_tx.send(Err(target.error(e)));
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
@@ -462,7 +466,7 @@ impl RolloutWatch {
         };
         match tokio::time::timeout(Duration::from_secs(10), ready_rx.recv()).await {
             Ok(Some(Ok(()))) => {}
-            Ok(Some(Err(e))) => return Err(CloudError::Mqtt(e)),
+            Ok(Some(Err(e))) => return Err(e),
             Ok(None) => return Err(CloudError::Mqtt("connection task ended".into())),
             Err(_) => return Err(CloudError::Timeout(format!("no SUBACK from {broker}"))),
         }
