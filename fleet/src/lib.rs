@@ -8,6 +8,7 @@ pub mod git;
 pub mod gitops;
 pub mod gitserve;
 pub mod inventory;
+pub mod judge;
 pub mod metrics;
 pub mod record;
 pub mod rollout_wait;

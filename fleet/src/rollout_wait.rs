@@ -1,11 +1,13 @@
 //! Following a published rollout to its end on every store it targets (`roost rollout
-//! --wait`, and the GitOps controller): which stores it targets (their retained status
-//! documents and presence, with precedence), and what each of them made of it (converged,
-//! rejected, failed, timed out; offline stores deferred, stores where another scope wins
-//! overridden).
+//! --wait`; the GitOps controller follows its waves with [`crate::gitops::plan`] instead):
+//! which stores it targets (their retained status documents and presence, with precedence),
+//! and what each of them made of it (converged, rejected, failed, timed out; offline stores
+//! deferred, stores where another scope wins overridden).
 //!
-//! The per-store judgement is a pure function ([`judge`]) over what the store has shown;
-//! [`RolloutWatch`] only collects it from the cloud broker. A watch subscribes before the
+//! The per-store judgement is a pure function ([`judge`]) over what the store has shown: the
+//! rollout's events and precedence, and for its status the convergence judgement the fleet
+//! view and the plans use too ([`crate::judge`]); [`RolloutWatch`] only collects it from the
+//! cloud broker. A watch subscribes before the
 //! rollout is published: message rejections (`replay`, `source_not_allowed`, …) are events
 //! only, and an event published before the subscription is never seen.
 
@@ -14,13 +16,12 @@ use std::time::Duration;
 
 use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::ShortRev;
-use roost_schemas::{
-    CloudEvent, Phase, Presence, PresenceState, Rollout, Scope, StatusDoc, Topics,
-};
+use roost_schemas::{CloudEvent, Presence, PresenceState, Rollout, Scope, StatusDoc, Topics};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::mpsc;
 
 use crate::cloud::{connect, CloudError, ToBroker as _};
+use crate::judge::{self, Report, Reported, Wanted};
 
 /// The rollout to follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,11 +243,12 @@ pub struct StoreView {
     pub accepted: bool,
 }
 
-/// Reasons of a `Failed` phase that the agent retries by itself (the network, the API
-/// server): not the end of a rollout.
-const TRANSIENT: [&str; 2] = ["fetch_failed", "target_unavailable"];
-
 /// What a store made of the rollout so far: the pure decision behind [`RolloutWatch::wait`].
+/// The first decisive event about the rollout decides; else a newer rollout of the scope the
+/// store accepted supersedes it; else the one convergence judgement ([`crate::judge`]) on the
+/// store's status for this rollout, counting what a store that is not online last reported;
+/// else a higher-precedence scope wins (overridden), the store is not online (deferred), or
+/// it is still working on it.
 pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
     let key = t.scope.key();
     if let Some(e) = &v.event {
@@ -262,39 +264,29 @@ pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
         .as_ref()
         .and_then(|doc| doc.deployments.get(&t.deployment));
     let desired = d.and_then(|d| d.desired.as_ref());
-    if let (Some(d), Some(want)) = (d, desired) {
+    if let Some(want) = desired {
         if want.scope == key && want.sequence > t.sequence && v.accepted {
             return StoreState::Superseded {
                 sequence: want.sequence,
             };
         }
-        if want.scope == key && want.sequence == t.sequence {
-            let detail = |d: &roost_schemas::DeploymentStatus| {
-                if d.message.is_empty() {
-                    d.phase.as_str().to_owned()
-                } else {
-                    d.message.clone()
-                }
-            };
-            match d.phase {
-                Phase::Converged if d.applied_revision.as_deref() == Some(&t.revision) => {
-                    return StoreState::Converged
-                }
-                Phase::Degraded => {
-                    return StoreState::Failed {
-                        reason: d.reason.clone().unwrap_or_else(|| "degraded".into()),
-                        message: detail(d),
-                    }
-                }
-                Phase::Failed if !d.reason.as_deref().is_some_and(|r| TRANSIENT.contains(&r)) => {
-                    return StoreState::Failed {
-                        reason: d.reason.clone().unwrap_or_else(|| "failed".into()),
-                        message: detail(d),
-                    }
-                }
-                _ => {}
-            }
-        } else if let Some(theirs) = Scope::from_key(&want.scope) {
+    }
+    let report = Report {
+        status: d,
+        stale: v.presence != Some(PresenceState::Online),
+    };
+    let wanted = Wanted {
+        revision: &t.revision,
+        rollout: Some((&key, t.sequence)),
+    };
+    let verdict = judge::verdict(&report, &wanted);
+    match verdict.reported() {
+        Reported::Converged => return StoreState::Converged,
+        Reported::Failed { reason, message } => return StoreState::Failed { reason, message },
+        Reported::Pending => {}
+    }
+    if let Some(want) = desired.filter(|w| !(w.scope == key && w.sequence == t.sequence)) {
+        if let Some(theirs) = Scope::from_key(&want.scope) {
             let (ours, winner) = (
                 precedence(&t.scope, store, groups),
                 precedence(&theirs, store, groups),
@@ -308,7 +300,7 @@ pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
             }
         }
     }
-    if v.presence != Some(PresenceState::Online) {
+    if verdict.is_stale() {
         return StoreState::Deferred;
     }
     let last = match (d, desired) {
@@ -616,7 +608,7 @@ pub async fn wait_for_rollout(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use roost_schemas::{DeploymentStatus, DesiredRef};
+    use roost_schemas::{DeploymentStatus, DesiredRef, Phase};
 
     fn target() -> WaitTarget {
         WaitTarget {
