@@ -56,9 +56,6 @@ pub enum CloudError {
     /// The task that owned the connection ended.
     #[error("mqtt: {0}")]
     Mqtt(String),
-    /// Git (resolving a branch).
-    #[error("git")]
-    Git(#[from] crate::git::GitError),
     /// Timed out.
     #[error("timed out: {0}")]
     Timeout(String),

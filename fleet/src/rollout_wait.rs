@@ -7,9 +7,9 @@
 //! The per-store judgement is a pure function ([`judge`]) over what the store has shown: the
 //! rollout's events and precedence, and for its status the convergence judgement the fleet
 //! view and the plans use too ([`crate::judge`]); [`RolloutWatch`] only collects it from the
-//! cloud broker. A watch subscribes before the
-//! rollout is published: message rejections (`replay`, `source_not_allowed`, …) are events
-//! only, and an event published before the subscription is never seen.
+//! cloud broker. A watch subscribes before the rollout is published: message rejections
+//! (`replay`, `source_not_allowed`, …) are events only, and an event published before the
+//! subscription is never seen.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -6,11 +6,12 @@
 //! the dashboard, the HTTP API, `/metrics`): a store that is offline, has been silent for
 //! longer than its heartbeat allows, or whose desired state is not confirmed fresh is
 //! **stale**, and a stale store is never shown as `Converged` — its cells show `Stale` (the
-//! last reported phase stays available as `phase`). Each cell carries the convergence
-//! judgement of [`crate::judge`] against its desired revision, the one the wave engine and
-//! `roost rollout --wait` use; "converged" in the view (the comparison) is that verdict. Rancher Fleet shows disconnected clusters
+//! last reported phase stays available as `phase`). Rancher Fleet shows disconnected clusters
 //! as Ready (fleet#594) and Argo CD apps stay green while their cluster is unreachable
-//! (argo-cd#8860); this view does not.
+//! (argo-cd#8860); this view does not. Each cell carries the convergence judgement of
+//! [`crate::judge`] against its desired revision, the one the wave engine and `roost rollout
+//! --wait` use: a cell shows `Stale` when that verdict is, and "converged" in the view's
+//! comparison is that verdict.
 //!
 //! [`build`] is pure (inputs and "now" in, view out); [`load`] reads the inputs from the
 //! fleet database, [`from_retained`] from retained messages read off a broker.
