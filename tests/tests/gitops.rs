@@ -1645,12 +1645,7 @@ async fn controller_snapshots_confirm_freshness_and_a_rolled_back_broker_is_repo
             .expect("desired")
             .into_iter()
             .find(|(t, _)| *t == fleet_topic)
-            .map(|(_, p)| {
-                (
-                    roost_fleet::record::envelope_sequence(&p).expect("sequence"),
-                    p,
-                )
-            })
+            .map(|(_, p)| (roost_schemas::envelope_sequence(&p).expect("sequence"), p))
             .expect("the fleet topic is recorded")
     };
     let (seq1, env1) = desired_seq(&r);

@@ -6,8 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use roost_schemas::fleet::{Abort, Wave, WaveTarget};
-use roost_schemas::{DeploymentStatus, Phase, Policy, Scope};
+use roost_schemas::{DeploymentStatus, Policy, Scope};
 use serde::{Deserialize, Serialize};
+
+use crate::judge::{self, Report, Reported, Wanted};
 
 /// What a plan rolls out: one deployment's source and policy at one commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,20 +187,21 @@ pub fn rank(deployment: &str, store: &str) -> u64 {
     u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
 }
 
-/// A store's outcome for `release` from its status.
+/// A store's outcome for `release`, by the one convergence judgement ([`crate::judge`]). The
+/// controller knows only the store's presence: an offline store is stale. A plan asks what a
+/// store made of the release, so a stale store counts with what it last reported (the gate
+/// counts online stores only); one that has not finished is deferred.
 fn outcome_of(v: &StoreView, release: &Release) -> StoreOutcome {
-    let Some(st) = &v.status else {
-        return StoreOutcome::Pending;
+    let report = Report {
+        status: v.status.as_ref(),
+        stale: !v.online,
     };
-    let rev = Some(release.revision.as_str());
-    let applied = st.applied_revision.as_deref() == rev;
-    match st.phase {
-        Phase::Converged if applied && !st.drift => StoreOutcome::Converged,
-        Phase::Converged if applied => StoreOutcome::Converged,
-        Phase::Degraded if applied => StoreOutcome::Failed,
-        Phase::Failed if st.last_attempted_revision.as_deref() == rev => StoreOutcome::Failed,
-        // A rejection of the revision (invalid manifest, policy) names it as attempted too.
-        _ => StoreOutcome::Pending,
+    let verdict = judge::verdict(&report, &Wanted::revision(&release.revision));
+    match verdict.reported() {
+        Reported::Converged => StoreOutcome::Converged,
+        Reported::Failed { .. } => StoreOutcome::Failed,
+        Reported::Pending if verdict.is_stale() => StoreOutcome::Deferred,
+        Reported::Pending => StoreOutcome::Pending,
     }
 }
 
@@ -335,10 +338,7 @@ pub fn step(
     let by_store: BTreeMap<&str, &StoreView> = view.iter().map(|v| (v.store.as_str(), v)).collect();
     for s in plan.targeted() {
         let o = match by_store.get(s.as_str()) {
-            Some(v) => match outcome_of(v, &plan.release) {
-                StoreOutcome::Pending if !v.online => StoreOutcome::Deferred,
-                o => o,
-            },
+            Some(v) => outcome_of(v, &plan.release),
             None => StoreOutcome::Deferred,
         };
         plan.outcomes.insert(s, o);
@@ -463,6 +463,7 @@ pub fn abort(plan: &mut Plan, reason: String) -> Vec<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use roost_schemas::Phase;
 
     fn rel(c: char) -> Release {
         Release {

@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use roost_schemas::fleet::{FleetFile, StorePin};
-use roost_schemas::Phase;
 
+use crate::judge::{self, Report, Reported, Wanted};
 use crate::record::{FleetDb, FleetError};
 
 /// Errors of `roost promote`.
@@ -82,15 +82,22 @@ pub fn running_revision(
             "no store of {from} has reported its status"
         )));
     }
+    // A store runs what it converged on (the convergence judgement against what it wants),
+    // by its last report, as a plan counts it.
     let mut revs: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for m in &members {
-        match &m.status {
-            Some(st) if st.phase == Phase::Converged => {
-                if let Some(r) = &st.applied_revision {
-                    revs.entry(r.clone()).or_default().push(m.store.clone());
-                }
-            }
-            _ => {}
+        let Some(st) = &m.status else { continue };
+        let Some(wanted) = st.desired.as_ref().map(|d| d.revision.as_str()) else {
+            continue;
+        };
+        let report = Report {
+            status: Some(st),
+            stale: !m.online,
+        };
+        if judge::verdict(&report, &Wanted::revision(wanted)).reported() == Reported::Converged {
+            revs.entry(wanted.to_owned())
+                .or_default()
+                .push(m.store.clone());
         }
     }
     match revs.len() {
