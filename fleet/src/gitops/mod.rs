@@ -103,7 +103,9 @@ pub fn parse_fleet_file(bytes: &[u8]) -> Result<FleetFile, String> {
             ));
         }
     }
-    let file: FleetFile = serde_json::from_value(value).map_err(|e| format!("schema: {e}"))?;
+    // Typed from the text itself, not from `value`: a JSON object sorts its keys, and the
+    // order of `groups:` is the stores' precedence order.
+    let file: FleetFile = serde_saphyr::from_str(text).map_err(|e| format!("schema: {e}"))?;
     file.validate().map_err(|e| e.to_string())?;
     Ok(file)
 }
@@ -851,5 +853,52 @@ pub async fn wait_for_sync(
             return Ok(SyncWait { lines, ok: false });
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_fleet_file;
+
+    #[test]
+    fn group_definitions_keep_their_order_and_the_list_form_still_parses() {
+        let v12 = "apiVersion: roost.dev/v1alpha1
+kind: Fleet
+groups:
+  zz-canary: {stores: [store-0001]}
+  us-south: {selector: {region: us-south}}
+  new-pos:
+    selector:
+      matchExpressions: [{key: pos, operator: In, values: [v7, v8]}]
+deployments:
+  kds:
+    source: {url: git://h/apps, ref: main, path: apps/kds}
+    targets: {selector: {format: drive-thru}}
+    waves:
+      - {name: canary, group: zz-canary}
+      - {name: texas, selector: {region: us-south}}
+      - {name: everyone, fleet: true}
+";
+        let f = parse_fleet_file(v12.as_bytes()).expect("v1.2 file");
+        assert_eq!(
+            f.groups.expect("groups").names(),
+            ["zz-canary", "us-south", "new-pos"]
+        );
+        let v11 = "apiVersion: roost.dev/v1alpha1
+kind: Fleet
+groups: [canary, all]
+deployments:
+  kds:
+    source: {url: git://h/apps, ref: main, path: apps/kds}
+    waves: [{name: canary, group: canary}, {name: all, fleet: true}]
+";
+        let f = parse_fleet_file(v11.as_bytes()).expect("v1.1 file");
+        assert_eq!(f.groups.expect("groups").names(), ["canary", "all"]);
+        let bad = v12.replace(
+            "region: us-south}}\n  new-pos",
+            "region: \"us south\"}}\n  new-pos",
+        );
+        let e = parse_fleet_file(bad.as_bytes()).expect_err("bad selector");
+        assert!(e.contains("selector"), "{e}");
     }
 }
