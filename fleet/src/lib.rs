@@ -8,6 +8,7 @@ pub mod git;
 pub mod gitops;
 pub mod gitserve;
 pub mod metrics;
+pub mod pki;
 pub mod record;
 pub mod rollout_wait;
 pub mod view;

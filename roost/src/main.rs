@@ -49,6 +49,11 @@ enum Command {
     Bridge(cmd::bridge::BridgeArgs),
     /// Generate an Ed25519 signing key pair.
     Keygen(cmd::keygen::KeygenArgs),
+    /// The fleet's certificate authority for mutual TLS: `init`, `issue`.
+    Ca {
+        #[command(subcommand)]
+        action: cmd::ca::CaCmd,
+    },
     /// Sign and publish a rollout.
     Rollout(cmd::rollout::RolloutArgs),
     /// The fleet as a table (source vs target).
@@ -97,6 +102,7 @@ async fn run(cmd: Command, cancel: CancellationToken) -> anyhow::Result<()> {
         Command::Agent(a) => cmd::agent::run(a, cancel).await,
         Command::Bridge(a) => cmd::bridge::run(a, cancel).await,
         Command::Keygen(a) => cmd::keygen::run(a),
+        Command::Ca { action } => cmd::ca::run(action),
         Command::Rollout(a) => cmd::rollout::run(a, cancel).await,
         Command::Status(a) => cmd::status::run(a, cancel).await,
         Command::Fleet(a) => cmd::fleet::run(a, cancel).await,

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bench;
 pub mod bridge;
 pub mod broker;
+pub mod ca;
 pub mod events;
 pub mod fleet;
 pub mod git_serve;
