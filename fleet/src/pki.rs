@@ -108,22 +108,19 @@ fn make(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> PkiError {
 /// Writes a new file readable by its owner only (mode 0600 from the start, never wider for a
 /// moment); refuses to replace an existing file.
 pub fn write_private(path: &Path, data: &[u8]) -> Result<(), PkiError> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all(data).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
+    write_new(path, data, 0o600)
 }
 
 /// Writes a new public file (mode 0644); refuses to replace an existing file.
 pub fn write_public(path: &Path, data: &[u8]) -> Result<(), PkiError> {
+    write_new(path, data, 0o644)
+}
+
+fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        .mode(mode)
         .open(path)
         .map_err(io(path))?;
     f.write_all(data).map_err(io(path))?;
