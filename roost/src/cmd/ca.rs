@@ -3,14 +3,15 @@
 
 use std::path::PathBuf;
 
-use roost_fleet::pki;
+use roost_fleet::{pki, seal};
 
 /// `roost ca` subcommands.
 #[derive(clap::Subcommand)]
 pub enum CaCmd {
     /// Make a new CA: DIR/ca.pem (give it to brokers as `cafile` and to clients as their CA
-    /// file) and DIR/ca.key (mode 0600; keep it offline: whoever has it can make identities).
-    /// Refuses a directory that already holds a CA.
+    /// file) and DIR/ca.key (mode 0600; keep it offline: whoever has it can make identities),
+    /// and the fleet's sealing key for sealed secrets: DIR/sealing-identity.txt (mode 0600)
+    /// and DIR/sealing-recipient.txt. Refuses a directory that already holds a CA.
     Init(InitArgs),
     /// Issue a certificate and key (mode 0600) for an identity that is not a store:
     /// `roost-controller` for `roost fleet`/`rollout`, or a broker with `--server NAMES`.
@@ -55,10 +56,12 @@ pub fn run(cmd: CaCmd) -> anyhow::Result<()> {
     match cmd {
         CaCmd::Init(a) => {
             let cert = pki::init(&a.dir, &a.name)?;
+            let recipient = seal::init_sealing_key(&a.dir)?;
             println!(
-                "CA certificate {}\nCA key {} (mode 0600; keep it offline)",
+                "CA certificate {}\nCA key {} (mode 0600; keep it offline)\nsealing key {} (mode 0600; `roost secret reseal` needs it), recipient {recipient}",
                 cert.display(),
-                a.dir.join(pki::CA_KEY).display()
+                a.dir.join(pki::CA_KEY).display(),
+                a.dir.join(seal::SEALING_IDENTITY).display(),
             );
         }
         CaCmd::Issue(a) => {

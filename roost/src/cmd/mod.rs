@@ -13,8 +13,10 @@ pub mod keygen;
 pub mod plan;
 pub mod promote;
 pub mod rollout;
+pub mod secret;
 pub mod sim;
 pub mod status;
+pub mod store;
 pub mod up;
 
 use std::path::PathBuf;
