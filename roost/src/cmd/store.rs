@@ -40,8 +40,8 @@ pub struct ChangeArgs {
     /// The fleet repository: a local checkout (changed in place) or a URL that accepts a push.
     #[arg(long)]
     repo: String,
-    /// Its branch.
-    #[arg(long, default_value = "main")]
+    /// Its branch (HEAD: the checked-out branch, or the remote's default branch).
+    #[arg(long, default_value = "HEAD")]
     branch: String,
     /// Commit onto --branch instead of a new branch for a pull request.
     #[arg(long)]
