@@ -1401,6 +1401,92 @@ async fn an_enrolled_store_starts_from_its_bundle_and_opens_its_sealed_secrets()
     }
     // Nothing printed the secret.
     assert!(!resealed.contains("hunter2"));
+
+    // Retire store-x: its entry leaves the inventory, its store-scoped desired state is
+    // tombstoned on the broker and forgotten by the fleet record, and its sealed file is
+    // what reseal now refuses to touch.
+    let store_scope = Scope::Store("store-x".into());
+    let pinned = Topics::default().deployment(&store_scope, "web");
+    let recorded_only = Topics::default().deployment(&store_scope, "menu");
+    let pin = signer.rollout("web", store_scope.clone(), 2, &git.url(), &rev, APP);
+    roost_fleet::cloud::publish_retained(&controller, &pinned, signer.sign(&pin))
+        .await
+        .expect("a store-scoped pin");
+    let db_path = d.join("fleet.db");
+    {
+        let db = roost_fleet::record::FleetDb::open(&db_path).expect("fleet db");
+        let menu = signer.rollout("menu", store_scope, 3, &git.url(), &rev, APP);
+        db.record_desired(&recorded_only, &signer.sign(&menu))
+            .expect("record");
+    }
+    let retired = roost(&[
+        "store".as_ref(),
+        "retire".as_ref(),
+        "store-x".as_ref(),
+        "--repo".as_ref(),
+        fleet.as_os_str(),
+        "--direct".as_ref(),
+        "--broker".as_ref(),
+        format!("mqtts://{}", cloud.tls).as_ref(),
+        "--tls-ca".as_ref(),
+        ca.join("ca.pem").as_os_str(),
+        "--tls-cert".as_ref(),
+        pair("roost-controller").cert.as_os_str(),
+        "--tls-key".as_ref(),
+        pair("roost-controller").key.as_os_str(),
+        "--db".as_ref(),
+        db_path.as_os_str(),
+    ]);
+    println!("{retired}");
+    assert!(!fleet.join("stores/store-x.yaml").exists());
+    assert!(fleet.join("stores/store-y.yaml").exists());
+    assert_eq!(
+        repo.head()
+            .expect("head")
+            .peel_to_commit()
+            .expect("commit")
+            .summary()
+            .ok()
+            .flatten(),
+        Some("Retire store store-x")
+    );
+    for t in [&pinned, &recorded_only] {
+        assert!(retired.contains(&format!("tombstoned {t}")), "{retired}");
+    }
+    let left = roost_fleet::cloud::read_retained(
+        &cloud.plain.to_string(),
+        &[pinned.clone()],
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("read");
+    assert!(
+        left.iter().all(|(_, p)| p.is_empty()),
+        "the broker dropped the pin: {left:?}"
+    );
+    let db = roost_fleet::record::FleetDb::open(&db_path).expect("fleet db");
+    assert!(
+        db.desired()
+            .expect("desired")
+            .iter()
+            .all(|(t, _)| !t.contains("/stores/store-x/")),
+        "the fleet record forgot store-x's desired state"
+    );
+    let out = std::process::Command::new(harness::roost_bin())
+        .args(["secret", "reseal", "--repo"])
+        .arg(&fleet)
+        .arg("--ca")
+        .arg(&ca)
+        .output()
+        .expect("roost secret reseal");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "left apps/web/_stores/store-x/secret.yaml.age: store-x is not in the inventory"
+        ),
+        "{stdout}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
