@@ -393,6 +393,26 @@ async fn wait_log(log: &Path, needle: &str, n: usize) -> String {
     }
 }
 
+/// Publishes, as the controller identity over mutual TLS, a signed `web` rollout of `rev` from
+/// `git` for `scope` with `sequence`.
+async fn publish_web(
+    controller: &BrokerTarget,
+    signer: &Signer,
+    scope: &Scope,
+    sequence: u64,
+    git: &GitServer,
+    rev: &str,
+) {
+    let r = signer.rollout("web", scope.clone(), sequence, &git.url(), rev, APP);
+    roost_fleet::cloud::publish_retained(
+        controller,
+        &Topics::default().deployment(scope, "web"),
+        signer.sign(&r),
+    )
+    .await
+    .expect("the controller publishes over mutual TLS");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 
@@ -455,15 +475,15 @@ async fn stores_converge_over_mutual_tls_links() {
         cloud.tls,
         Some(pki.client_tls(&pki.issue("roost-controller", false, false))),
     );
-    let scope = Scope::Group("canary".into());
-    let r = signer.rollout("web", scope.clone(), 1, &git.url(), &rev, APP);
-    roost_fleet::cloud::publish_retained(
+    publish_web(
         &controller,
-        &Topics::default().deployment(&scope, "web"),
-        signer.sign(&r),
+        &signer,
+        &Scope::Group("canary".into()),
+        1,
+        &git,
+        &rev,
     )
-    .await
-    .expect("the controller publishes over mutual TLS");
+    .await;
     for s in &rigs {
         obs.wait_phase(&s.name, "web", "Converged", Some(&rev), T)
             .await;
@@ -1298,15 +1318,15 @@ async fn an_enrolled_store_starts_from_its_bundle_and_opens_its_sealed_secrets()
             key_file: Some(pair("roost-controller").key),
         }),
     );
-    let scope = Scope::Group("us-south".into());
-    let r = signer.rollout("web", scope.clone(), 1, &git.url(), &rev, APP);
-    roost_fleet::cloud::publish_retained(
+    publish_web(
         &controller,
-        &Topics::default().deployment(&scope, "web"),
-        signer.sign(&r),
+        &signer,
+        &Scope::Group("us-south".into()),
+        1,
+        &git,
+        &rev,
     )
-    .await
-    .expect("the controller publishes over mutual TLS");
+    .await;
     obs.wait_phase("store-x", "web", "Converged", Some(&rev), T)
         .await;
     let live = bundle.join("state/agent/targets/web/current/configmap.yaml");
@@ -1408,10 +1428,7 @@ async fn an_enrolled_store_starts_from_its_bundle_and_opens_its_sealed_secrets()
     let store_scope = Scope::Store("store-x".into());
     let pinned = Topics::default().deployment(&store_scope, "web");
     let recorded_only = Topics::default().deployment(&store_scope, "menu");
-    let pin = signer.rollout("web", store_scope.clone(), 2, &git.url(), &rev, APP);
-    roost_fleet::cloud::publish_retained(&controller, &pinned, signer.sign(&pin))
-        .await
-        .expect("a store-scoped pin");
+    publish_web(&controller, &signer, &store_scope, 2, &git, &rev).await;
     let db_path = d.join("fleet.db");
     {
         let db = roost_fleet::record::FleetDb::open(&db_path).expect("fleet db");
@@ -1455,7 +1472,7 @@ async fn an_enrolled_store_starts_from_its_bundle_and_opens_its_sealed_secrets()
     }
     let left = roost_fleet::cloud::read_retained(
         &cloud.plain.to_string(),
-        &[pinned.clone()],
+        std::slice::from_ref(&pinned),
         Duration::from_secs(2),
     )
     .await

@@ -146,8 +146,13 @@ fn pairs(flag: &str, items: &[String]) -> anyhow::Result<BTreeMap<String, String
         .collect()
 }
 
-fn work_dir(what: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("roost-{what}-{:08x}", rand::random::<u32>()))
+/// Runs `f` with a new work directory (where a remote fleet repository is cloned), removed
+/// afterwards.
+fn in_work_dir<T>(what: &str, f: impl FnOnce(&std::path::Path) -> T) -> T {
+    let work = std::env::temp_dir().join(format!("roost-{what}-{:08x}", rand::random::<u32>()));
+    let out = f(&work);
+    let _ = std::fs::remove_dir_all(&work);
+    out
 }
 
 /// "in commit C on branch B", and for a new branch what to do with it.
@@ -196,10 +201,7 @@ fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
         },
         days: a.days,
     };
-    let work = work_dir("enroll");
-    let res = enroll::enroll(&spec, &work);
-    let _ = std::fs::remove_dir_all(&work);
-    let e = res?;
+    let e = in_work_dir("enroll", |work| enroll::enroll(&spec, work))?;
     println!(
         "enrolled {}: stores/{}.yaml {}",
         spec.store,
@@ -224,11 +226,10 @@ async fn retire(a: RetireArgs, cancel: CancellationToken) -> anyhow::Result<()> 
     let db = FleetDb::open(&a.db)?;
     let change = a.change.change();
     let name = a.name.clone();
-    let work = work_dir("retire");
-    let w = work.clone();
-    let res = tokio::task::spawn_blocking(move || enroll::retire(&name, &change, &w)).await?;
-    let _ = std::fs::remove_dir_all(&work);
-    let r = res?;
+    let r = tokio::task::spawn_blocking(move || {
+        in_work_dir("retire", |work| enroll::retire(&name, &change, work))
+    })
+    .await??;
     println!(
         "retired {}: {} changed {}",
         a.name,
