@@ -12,8 +12,9 @@ use roost_schemas::fleet::API_VERSION;
 use roost_schemas::inventory::{StoreEntry, KIND};
 use roost_schemas::selector::Labels;
 
+use crate::fleet_repo::{self as inventory, FleetRepo, RepoError};
 use crate::git::{ChangeError, Changeable, CommitTo, Committed, Edit};
-use crate::inventory::{self, Inventory, InventoryError, STORES_DIR};
+use crate::inventory::DIR as STORES_DIR;
 use crate::pki::{self, Ca, PkiError, Usage};
 
 /// The bundle's agent configuration.
@@ -45,7 +46,7 @@ pub enum EnrollError {
     NotEnrolled(String),
     /// The inventory in the fleet repository.
     #[error("inventory")]
-    Inventory(#[from] InventoryError),
+    Inventory(#[from] RepoError),
     /// The fleet repository.
     #[error("fleet repository")]
     Git(#[from] ChangeError),
@@ -346,10 +347,10 @@ fn check_spec(spec: &EnrollSpec) -> Result<StoreEntry, EnrollError> {
 }
 
 /// Reads the inventory at the tip of the branch being changed.
-fn inventory_of(repo: &Changeable) -> Result<Inventory, EnrollError> {
+fn inventory_of(repo: &Changeable) -> Result<FleetRepo, EnrollError> {
     let mut files = Vec::new();
     for p in repo.files_under(STORES_DIR)? {
-        if inventory::is_store_file(&p) {
+        if crate::inventory::is_inventory_file(&p) {
             if let Some(b) = repo.read(&p)? {
                 files.push((p, b));
             }
@@ -358,7 +359,7 @@ fn inventory_of(repo: &Changeable) -> Result<Inventory, EnrollError> {
     if let Some(b) = repo.read(inventory::FLEET_FILE)? {
         files.push((inventory::FLEET_FILE.to_owned(), b));
     }
-    Ok(Inventory::from_files(
+    Ok(FleetRepo::from_files(
         files.iter().map(|(p, b)| (p.as_str(), b.as_slice())),
     )?)
 }

@@ -1,382 +1,333 @@
-//! The store inventory as enrollment and sealing read it from the fleet repository: every
-//! `kind: Store` document of `stores/*.yaml`, and from `roost.yaml` the groups defined
-//! centrally (by `stores:` or `selector:`) and the deployments' source URLs and paths.
-//! Membership of a group is what the inventory says: listed stores and selector matches.
+//! The store inventory of the fleet repository (`stores/*.yaml`, `kind: Store`): parsed,
+//! validated as a whole (JSON Schema, the entry rules, time zones against the time zone
+//! database, one entry per store across all files) and turned into each store's profile
+//! content. Pure: the controller reads the files from Git and publishes what this returns;
+//! an inventory that fails validation is refused whole, so the last good one stays in force.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use roost_schemas::inventory::StoreEntry;
-use roost_schemas::selector::Selector;
-use serde::Deserialize;
+use roost_schemas::Labels;
 
-/// The inventory's directory in the fleet repository.
-pub const STORES_DIR: &str = "stores";
-/// The fleet file.
-pub const FLEET_FILE: &str = "roost.yaml";
+/// The directory of the fleet repository that holds the inventory.
+pub const DIR: &str = "stores";
 
-/// The inventory could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum InventoryError {
-    /// A file that does not parse or validate.
-    #[error("{file}: {message}")]
-    Invalid {
-        /// The file in the repository.
-        file: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// The same store in two documents.
-    #[error("store {store} is in both {first} and {second}")]
-    Duplicate {
-        /// The store.
-        store: String,
-        /// One file.
-        first: String,
-        /// The other.
-        second: String,
-    },
-    /// Reading a file of a checkout.
-    #[error("{path}")]
-    Io {
-        /// The file.
-        path: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
+/// Largest inventory file.
+pub const MAX_FILE_BYTES: usize = 16 << 20;
+
+/// Largest inventory in all.
+pub const MAX_TOTAL_BYTES: usize = 256 << 20;
+
+/// Most stores in one inventory.
+pub const MAX_STORES: usize = 100_000;
+
+/// Why an inventory is refused. Names the file (and document) so the commit's author can
+/// find it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}{}: {reason}", doc.map(|d| format!(" (document {d})")).unwrap_or_default())]
+pub struct InventoryError {
+    /// The file, relative to the repository.
+    pub file: String,
+    /// The document in it (1-based), when one document is at fault.
+    pub doc: Option<usize>,
+    /// What is wrong.
+    pub reason: String,
 }
 
-/// A group as `roost.yaml` defines it centrally.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct GroupDef {
-    /// Stores named explicitly.
-    #[serde(default)]
-    pub stores: Vec<String>,
-    /// Stores whose labels match.
-    #[serde(default)]
-    pub selector: Option<Selector>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Groups {
-    /// The v1.1 list: names only, membership from the stores' own configuration.
-    Names(Vec<String>),
-    /// The v1.2 map: membership in the fleet repository.
-    Defined(BTreeMap<String, Option<GroupDef>>),
-}
-
-#[derive(Deserialize)]
-struct SourceOnly {
-    #[serde(default)]
-    url: Option<String>,
-    #[serde(default)]
-    path: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct DeploymentOnly {
-    #[serde(default)]
-    source: Option<SourceOnly>,
-}
-
-/// Only what the inventory needs of `roost.yaml` (the rest is the controller's to check).
-#[derive(Deserialize)]
-struct FleetOnly {
-    #[serde(default)]
-    groups: Option<Groups>,
-    #[serde(default)]
-    deployments: BTreeMap<String, DeploymentOnly>,
-}
-
-/// A deployment's source as `roost.yaml` names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeploymentSource {
-    /// The repository URL.
-    pub url: String,
-    /// The directory in it.
-    pub path: String,
-}
-
-/// The inventory and the parts of `roost.yaml` it is read with.
-#[derive(Debug, Clone, Default)]
-pub struct Inventory {
-    /// Every store, by name, with the file it is in.
-    pub stores: BTreeMap<String, (String, StoreEntry)>,
-    /// Groups defined with members (`stores:`/`selector:`), by name.
-    pub groups: BTreeMap<String, GroupDef>,
-    /// Groups named without members (v1.1 list form).
-    pub named_groups: BTreeSet<String>,
-    /// Each deployment's source, by deployment.
-    pub deployments: BTreeMap<String, DeploymentSource>,
-}
-
-/// Parses one inventory file (one or more `kind: Store` documents), validating each.
-pub fn parse_store_file(file: &str, bytes: &[u8]) -> Result<Vec<StoreEntry>, InventoryError> {
-    let invalid = |message: String| InventoryError::Invalid {
+fn fail(file: &str, doc: Option<usize>, reason: impl Into<String>) -> InventoryError {
+    InventoryError {
         file: file.to_owned(),
-        message,
-    };
-    let text = std::str::from_utf8(bytes).map_err(|_| invalid("not UTF-8".into()))?;
-    let docs: Vec<StoreEntry> =
-        serde_saphyr::from_multiple(text).map_err(|e| invalid(format!("YAML: {e}")))?;
-    for d in &docs {
-        d.validate().map_err(|e| invalid(e.to_string()))?;
+        doc,
+        reason: reason.into(),
     }
-    Ok(docs)
 }
 
-/// The YAML of one inventory file holding `entries`, with a comment line on top.
-pub fn store_file_text(comment: &str, entries: &[StoreEntry]) -> Result<String, InventoryError> {
-    let mut out = format!("# {comment}\n");
-    for (i, e) in entries.iter().enumerate() {
-        if i > 0 {
-            out.push_str("---\n");
+/// The validated inventory: every store by name, with the file it came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    /// Stores by name.
+    pub stores: BTreeMap<String, StoreEntry>,
+}
+
+/// Whether a repository path belongs to the inventory (`stores/NAME.yaml` or `.yml`,
+/// directly under [`DIR`]).
+pub fn is_inventory_file(path: &str) -> bool {
+    path.strip_prefix(DIR)
+        .and_then(|r| r.strip_prefix('/'))
+        .is_some_and(|name| {
+            !name.contains('/') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+        })
+}
+
+/// YAML limits for inventory files: enough for 100,000 stores in one file, not enough for
+/// an alias bomb or a nesting attack.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_reader_input_bytes = Some(MAX_FILE_BYTES);
+    budget.max_documents = MAX_STORES;
+    budget.max_nodes = 20_000_000;
+    budget.max_events = 40_000_000;
+    budget.max_aliases = 1_000;
+    budget.max_anchors = 1_000;
+    budget.max_depth = 16;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
+fn schema() -> Option<&'static jsonschema::Validator> {
+    static SCHEMA: std::sync::OnceLock<Option<jsonschema::Validator>> = std::sync::OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let schema: serde_json::Value =
+                serde_json::from_str(roost_schemas::json_schema::STORE).ok()?;
+            jsonschema::draft202012::options().build(&schema).ok()
+        })
+        .as_ref()
+}
+
+/// Parses and validates the inventory from its files (path → content). Any problem refuses
+/// the whole inventory.
+pub fn parse(files: &BTreeMap<String, Vec<u8>>) -> Result<Inventory, InventoryError> {
+    let total: usize = files.values().map(Vec::len).sum();
+    if total > MAX_TOTAL_BYTES {
+        return Err(fail(
+            DIR,
+            None,
+            format!("{total} bytes of inventory: at most {MAX_TOTAL_BYTES}"),
+        ));
+    }
+    let validator = schema().ok_or_else(|| fail(DIR, None, "store schema does not compile"))?;
+    let mut stores: BTreeMap<String, StoreEntry> = BTreeMap::new();
+    let mut from: BTreeMap<String, (String, usize)> = BTreeMap::new();
+    let mut zones: BTreeSet<String> = BTreeSet::new();
+    for (file, bytes) in files {
+        if bytes.len() > MAX_FILE_BYTES {
+            return Err(fail(
+                file,
+                None,
+                format!("{} bytes: at most {MAX_FILE_BYTES}", bytes.len()),
+            ));
         }
-        out.push_str(
-            &serde_saphyr::to_string(e).map_err(|e| InventoryError::Invalid {
-                file: STORES_DIR.into(),
-                message: format!("cannot write YAML: {e}"),
-            })?,
-        );
+        let text = std::str::from_utf8(bytes).map_err(|_| fail(file, None, "not UTF-8"))?;
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple_with_options(text, yaml_options())
+                .map_err(|e| fail(file, None, format!("YAML: {e}")))?;
+        for (i, value) in docs.into_iter().enumerate() {
+            let doc = Some(i + 1);
+            if value.is_null() {
+                continue; // an empty document (a trailing `---`)
+            }
+            if let Some(e) = validator.iter_errors(&value).next() {
+                let at = e.instance_path().to_string();
+                let at = if at.is_empty() { at } else { format!("{at}: ") };
+                return Err(fail(file, doc, format!("schema: {at}{e}")));
+            }
+            let entry: StoreEntry = serde_json::from_value(value)
+                .map_err(|e| fail(file, doc, format!("schema: {e}")))?;
+            entry
+                .validate()
+                .map_err(|e| fail(file, doc, format!("{}: {e}", entry.name)))?;
+            if let Some(tz) = &entry.timezone {
+                if !zones.contains(tz) {
+                    jiff::tz::TimeZone::get(tz).map_err(|_| {
+                        fail(
+                            file,
+                            doc,
+                            format!("{}: timezone: unknown time zone {tz:?}", entry.name),
+                        )
+                    })?;
+                    zones.insert(tz.clone());
+                }
+            }
+            if let Some((first, d)) = from.get(&entry.name) {
+                return Err(fail(
+                    file,
+                    doc,
+                    format!(
+                        "store {} is already defined in {first} (document {d})",
+                        entry.name
+                    ),
+                ));
+            }
+            if stores.len() >= MAX_STORES {
+                return Err(fail(file, doc, format!("at most {MAX_STORES} stores")));
+            }
+            from.insert(entry.name.clone(), (file.clone(), i + 1));
+            stores.insert(entry.name.clone(), entry);
+        }
     }
-    Ok(out)
+    Ok(Inventory { stores })
 }
 
-/// Whether `path` is an inventory file (`stores/NAME.yaml` or `.yml`, directly in `stores/`).
-pub fn is_store_file(path: &str) -> bool {
-    path.strip_prefix("stores/")
-        .is_some_and(|n| !n.contains('/') && (n.ends_with(".yaml") || n.ends_with(".yml")))
+/// What the inventory says about one store, ready to be signed as its profile (without
+/// sequence and time, which the publisher adds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileContent {
+    /// Labels.
+    pub labels: Labels,
+    /// Groups in precedence order; `None` when the fleet file does not define members.
+    pub groups: Option<Vec<String>>,
+    /// Time zone.
+    pub timezone: Option<String>,
+    /// Vars.
+    pub vars: BTreeMap<String, String>,
 }
 
 impl Inventory {
-    /// Reads the inventory from `files`: path → content of `roost.yaml` (if any) and of
-    /// the inventory files (others are ignored).
-    pub fn from_files<'a>(
-        files: impl IntoIterator<Item = (&'a str, &'a [u8])>,
-    ) -> Result<Inventory, InventoryError> {
-        let mut inv = Inventory::default();
-        for (path, bytes) in files {
-            if path == FLEET_FILE {
-                inv.read_fleet_file(bytes)?;
-            } else if is_store_file(path) {
-                for e in parse_store_file(path, bytes)? {
-                    if let Some((first, _)) = inv.stores.get(&e.name) {
-                        return Err(InventoryError::Duplicate {
-                            store: e.name.clone(),
-                            first: first.clone(),
-                            second: path.to_owned(),
-                        });
-                    }
-                    inv.stores.insert(e.name.clone(), (path.to_owned(), e));
-                }
-            }
-        }
-        Ok(inv)
-    }
-
-    /// Reads the inventory from a checkout's working tree (`roost secret seal`).
-    pub fn from_dir(dir: &Path) -> Result<Inventory, InventoryError> {
-        let io = |p: &Path| {
-            let path = p.display().to_string();
-            move |source| InventoryError::Io { path, source }
-        };
-        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
-        let fleet = dir.join(FLEET_FILE);
-        if fleet.exists() {
-            files.push((
-                FLEET_FILE.into(),
-                std::fs::read(&fleet).map_err(io(&fleet))?,
-            ));
-        }
-        let stores = dir.join(STORES_DIR);
-        if stores.is_dir() {
-            for entry in std::fs::read_dir(&stores).map_err(io(&stores))? {
-                let entry = entry.map_err(io(&stores))?;
-                let rel = format!("{STORES_DIR}/{}", entry.file_name().to_string_lossy());
-                if is_store_file(&rel) && entry.path().is_file() {
-                    files.push((rel, std::fs::read(entry.path()).map_err(io(&entry.path()))?));
-                }
-            }
-        }
-        files.sort();
-        Inventory::from_files(files.iter().map(|(p, b)| (p.as_str(), b.as_slice())))
-    }
-
-    fn read_fleet_file(&mut self, bytes: &[u8]) -> Result<(), InventoryError> {
-        let invalid = |message: String| InventoryError::Invalid {
-            file: FLEET_FILE.into(),
-            message,
-        };
-        let text = std::str::from_utf8(bytes).map_err(|_| invalid("not UTF-8".into()))?;
-        let f: FleetOnly =
-            serde_saphyr::from_str(text).map_err(|e| invalid(format!("YAML: {e}")))?;
-        match f.groups {
-            None => {}
-            Some(Groups::Names(n)) => self.named_groups.extend(n),
-            Some(Groups::Defined(m)) => {
-                for (name, def) in m {
-                    match def {
-                        Some(d) if !d.stores.is_empty() || d.selector.is_some() => {
-                            if let Some(s) = &d.selector {
-                                s.validate()
-                                    .map_err(|e| invalid(format!("groups.{name}.selector: {e}")))?;
-                            }
-                            self.groups.insert(name, d);
-                        }
-                        _ => {
-                            self.named_groups.insert(name);
-                        }
-                    }
-                }
-            }
-        }
-        for (name, d) in f.deployments {
-            if let Some(SourceOnly {
-                url: Some(url),
-                path,
-            }) = d.source
-            {
-                self.deployments.insert(
-                    name,
-                    DeploymentSource {
-                        url,
-                        path: path.unwrap_or_default(),
-                    },
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// The stores in `group` (sorted), or `None` if `roost.yaml` does not define its members.
-    pub fn members(&self, group: &str) -> Option<Vec<String>> {
-        let def = self.groups.get(group)?;
-        Some(
-            self.stores
-                .values()
-                .filter(|(_, e)| is_member(def, e))
-                .map(|(_, e)| e.name.clone())
-                .collect(),
-        )
-    }
-
-    /// The defined groups `entry` is a member of (by name).
-    pub fn groups_of(&self, entry: &StoreEntry) -> Vec<String> {
-        self.groups
-            .iter()
-            .filter(|(_, d)| is_member(d, entry))
-            .map(|(g, _)| g.clone())
-            .collect()
-    }
-
-    /// The stores whose labels `selector` matches (sorted).
-    pub fn selected(&self, selector: &Selector) -> Vec<String> {
+    /// Each store's profile content, given each store's groups in precedence order (from
+    /// the fleet file's group definitions; `None` when it defines no members).
+    pub fn profiles(
+        &self,
+        groups_of: impl Fn(&str, &Labels) -> Option<Vec<String>>,
+    ) -> BTreeMap<String, ProfileContent> {
         self.stores
-            .values()
-            .filter(|(_, e)| selector.matches(&e.labels))
-            .map(|(_, e)| e.name.clone())
+            .iter()
+            .map(|(name, e)| {
+                (
+                    name.clone(),
+                    ProfileContent {
+                        labels: e.labels.clone(),
+                        groups: groups_of(name, &e.labels),
+                        timezone: e.timezone.clone(),
+                        vars: e.vars.clone(),
+                    },
+                )
+            })
             .collect()
     }
 
-    /// The distinct source URLs of the deployments.
-    pub fn source_urls(&self) -> Vec<String> {
-        let urls: BTreeSet<&str> = self.deployments.values().map(|d| d.url.as_str()).collect();
-        urls.into_iter().map(str::to_owned).collect()
+    /// The labels of a store (empty for a store outside the inventory).
+    pub fn labels(&self, store: &str) -> Labels {
+        self.stores
+            .get(store)
+            .map(|e| e.labels.clone())
+            .unwrap_or_default()
     }
-}
-
-fn is_member(def: &GroupDef, e: &StoreEntry) -> bool {
-    def.stores.contains(&e.name) || def.selector.as_ref().is_some_and(|s| s.matches(&e.labels))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const FLEET: &str = "apiVersion: roost.dev/v1alpha1
-kind: Fleet
-groups:
-  canary: {stores: [store-0001]}
-  us-south: {selector: {region: us-south}}
-  new-pos: {selector: {matchExpressions: [{key: pos, operator: In, values: [v7, v8]}]}}
-  later:
-deployments:
-  kitchen-display:
-    source: {url: git://h/apps, ref: main, path: apps/kitchen-display}
+    fn files(list: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
+        list.iter()
+            .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
+            .collect()
+    }
+
+    const TWO: &str = "apiVersion: roost.dev/v1alpha1
+kind: Store
+name: store-0001
+labels: {region: us-east, format: drive-thru}
+timezone: America/New_York
+vars: {store_number: \"0001\"}
+---
+apiVersion: roost.dev/v1alpha1
+kind: Store
+name: store-0002
+labels: {region: us-south}
+timezone: America/Chicago
 ";
 
-    fn store(name: &str, labels: &[(&str, &str)]) -> String {
-        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-        format!(
-            "apiVersion: roost.dev/v1alpha1\nkind: Store\nname: {name}\nlabels: {{{}}}\n",
-            labels.join(", ")
-        )
-    }
-
     #[test]
-    fn groups_by_list_and_selector() {
-        let a = store("store-0001", &[("region", "us-east")]);
-        let b = format!(
-            "{}---\n{}",
-            store("store-0002", &[("region", "us-south"), ("pos", "v7")]),
-            store("store-0003", &[("region", "us-south")])
-        );
-        let inv = Inventory::from_files([
-            ("roost.yaml", FLEET.as_bytes()),
-            ("stores/a.yaml", a.as_bytes()),
-            ("stores/b.yaml", b.as_bytes()),
-            ("stores/sub/ignored.yaml", b"not: [yaml"),
-        ])
+    fn parses_several_files_and_documents() {
+        let inv = parse(&files(&[
+            ("stores/east.yaml", TWO),
+            (
+                "stores/west.yml",
+                "apiVersion: roost.dev/v1alpha1\nkind: Store\nname: store-0003\n---\n",
+            ),
+        ]))
         .expect("inventory");
-        assert_eq!(inv.stores.len(), 3);
         assert_eq!(
-            inv.members("us-south"),
-            Some(vec!["store-0002".into(), "store-0003".into()])
+            inv.stores.keys().collect::<Vec<_>>(),
+            ["store-0001", "store-0002", "store-0003"]
         );
-        assert_eq!(inv.members("canary"), Some(vec!["store-0001".into()]));
-        assert_eq!(inv.members("new-pos"), Some(vec!["store-0002".into()]));
-        assert_eq!(inv.members("later"), None, "named without members");
-        assert!(inv.named_groups.contains("later"));
+        assert_eq!(inv.stores["store-0001"].vars["store_number"], "0001");
+        assert_eq!(inv.labels("store-0002")["region"], "us-south");
+        assert!(inv.labels("store-9999").is_empty());
+        let profiles =
+            inv.profiles(|_, l| Some(l.get("region").map(|r| vec![r.clone()]).unwrap_or_default()));
         assert_eq!(
-            inv.groups_of(&inv.stores["store-0002"].1),
-            vec!["new-pos".to_owned(), "us-south".to_owned()]
+            profiles["store-0002"].groups.as_deref(),
+            Some(&["us-south".to_owned()][..])
         );
-        let sel: Selector = "region=us-south".parse().expect("selector");
-        assert_eq!(inv.selected(&sel).len(), 2);
-        assert_eq!(inv.source_urls(), vec!["git://h/apps".to_owned()]);
-        assert_eq!(
-            inv.deployments["kitchen-display"].path,
-            "apps/kitchen-display"
-        );
+        assert_eq!(profiles["store-0003"].groups.as_deref(), Some(&[][..]));
     }
 
     #[test]
-    fn duplicates_and_invalid_entries_are_refused() {
-        let a = store("store-0001", &[]);
-        let e = Inventory::from_files([
-            ("stores/a.yaml", a.as_bytes()),
-            ("stores/b.yaml", a.as_bytes()),
-        ])
+    fn refuses_what_must_publish_nothing() {
+        let dup = parse(&files(&[
+            ("stores/a.yaml", TWO),
+            (
+                "stores/b.yaml",
+                "apiVersion: roost.dev/v1alpha1\nkind: Store\nname: store-0002\n",
+            ),
+        ]))
         .expect_err("duplicate");
-        assert!(e.to_string().contains("store-0001"), "{e}");
-        let bad = store("Store_1", &[]);
-        assert!(Inventory::from_files([("stores/a.yaml", bad.as_bytes())]).is_err());
-        let list = "apiVersion: roost.dev/v1alpha1\nkind: Fleet\ngroups: [canary]\n";
-        let inv = Inventory::from_files([("roost.yaml", list.as_bytes())]).expect("v1.1 list");
-        assert_eq!(inv.members("canary"), None);
+        assert_eq!(dup.file, "stores/b.yaml");
+        assert!(dup
+            .reason
+            .contains("already defined in stores/a.yaml (document 2)"));
+
+        let cases = [
+            ("labels: {region: \"us\\nsouth\"}", "labels"),
+            ("labels: {\"bad key\": x}", "labels"),
+            ("timezone: Mars/Olympus_Mons", "unknown time zone"),
+            ("timezone: America/Chicagoo", "unknown time zone"),
+            ("vars: {n: 42}", "schema"),
+            ("extra: 1", "schema"),
+        ];
+        for (line, want) in cases {
+            let doc =
+                format!("apiVersion: roost.dev/v1alpha1\nkind: Store\nname: store-0009\n{line}\n");
+            let e = parse(&files(&[("stores/x.yaml", &doc)])).expect_err(line);
+            assert!(e.reason.contains(want), "{line}: {e}");
+            assert_eq!(e.doc, Some(1), "{line}");
+        }
     }
 
     #[test]
-    fn store_files_round_trip() {
-        let e: StoreEntry =
-            serde_saphyr::from_str(&store("store-0042", &[("region", "x")])).expect("entry");
-        let text = store_file_text("Enrolled by test.", std::slice::from_ref(&e)).expect("text");
-        assert!(text.starts_with("# Enrolled by test.\n"));
-        assert_eq!(
-            parse_store_file("stores/x.yaml", text.as_bytes()).expect("parse"),
-            vec![e]
-        );
+    fn hostile_yaml_is_refused_without_blowing_up() {
+        // A billion-laughs alias bomb.
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            bomb.push_str(&format!(
+                "{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n",
+                n = (b'a' + i) as char,
+                p = (b'a' + i - 1) as char
+            ));
+        }
+        let e = parse(&files(&[("stores/bomb.yaml", &bomb)])).expect_err("bomb");
+        assert_eq!(e.file, "stores/bomb.yaml");
+        // Deep nesting.
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(parse(&files(&[("stores/deep.yaml", &deep)])).is_err());
+        // 100,000 vars.
+        let mut many =
+            String::from("apiVersion: roost.dev/v1alpha1\nkind: Store\nname: store-0009\nvars:\n");
+        for i in 0..100_000 {
+            many.push_str(&format!("  v{i}: x\n"));
+        }
+        let e = parse(&files(&[("stores/many.yaml", &many)])).expect_err("vars");
+        assert!(e.reason.contains("vars") || e.reason.contains("256"), "{e}");
+        // Not UTF-8.
+        let e = parse(&BTreeMap::from([(
+            "stores/bin.yaml".to_owned(),
+            vec![0xff, 0xfe],
+        )]))
+        .expect_err("utf8");
+        assert_eq!(e.reason, "not UTF-8");
+    }
+
+    #[test]
+    fn inventory_paths() {
+        assert!(is_inventory_file("stores/east.yaml"));
+        assert!(is_inventory_file("stores/x.yml"));
+        assert!(!is_inventory_file("stores/sub/x.yaml"));
+        assert!(!is_inventory_file("stores/readme.md"));
+        assert!(!is_inventory_file("storesx/a.yaml"));
+        assert!(!is_inventory_file("roost.yaml"));
     }
 }

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cloud;
 pub mod enroll;
+pub mod fleet_repo;
 pub mod git;
 pub mod gitops;
 pub mod gitserve;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use roost_runtime::sealed::{self, Identity, Recipient, SealedError};
 use roost_schemas::selector::Selector;
 
-use crate::inventory::{Inventory, InventoryError};
+use crate::fleet_repo::{FleetRepo, RepoError};
 use crate::pki;
 
 /// The fleet's sealing identity in the CA directory (mode 0600; `reseal` needs it).
@@ -25,7 +25,7 @@ pub enum SealError {
     Usage(String),
     /// The inventory.
     #[error("inventory")]
-    Inventory(#[from] InventoryError),
+    Inventory(#[from] RepoError),
     /// age.
     #[error("{what}")]
     Sealed {
@@ -123,7 +123,7 @@ pub struct SealedFile {
 }
 
 /// The recipients of `stores` from the inventory; an error names the stores without one.
-fn recipients_of(inv: &Inventory, stores: &[String]) -> Result<Vec<Recipient>, SealError> {
+fn recipients_of(inv: &FleetRepo, stores: &[String]) -> Result<Vec<Recipient>, SealError> {
     let mut out = Vec::new();
     let mut missing = Vec::new();
     for s in stores {
@@ -187,7 +187,7 @@ fn safe_segment(s: &str) -> bool {
 
 /// Seals `spec.file` into the overlay path(s); returns what it wrote.
 pub fn seal(spec: &SealSpec) -> Result<Vec<SealedFile>, SealError> {
-    let inv = Inventory::from_dir(&spec.fleet)?;
+    let inv = FleetRepo::from_dir(&spec.fleet)?;
     let path = match (&spec.path, &spec.deployment) {
         (Some(p), _) => p.clone(),
         (None, Some(d)) => inv
@@ -328,7 +328,7 @@ fn sealed_files(dir: &Path) -> Result<Vec<(String, &'static str, String)>, SealE
 /// `fleet` names now (a store joined or left a group, a key was rotated), opening each with
 /// the fleet's sealing identity in `ca_dir`. Files it cannot reseal are left and reported.
 pub fn reseal(fleet: &Path, apps: &Path, ca_dir: &Path) -> Result<Vec<Resealed>, SealError> {
-    let inv = Inventory::from_dir(fleet)?;
+    let inv = FleetRepo::from_dir(fleet)?;
     let id_path = ca_dir.join(SEALING_IDENTITY);
     let sealer = Identity::read(&id_path).map_err(sealed_err(id_path.display().to_string()))?;
     let sealer_recipient =
