@@ -358,7 +358,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     let child = cancel.child_token();
     // The cloud-side fleet record (events deduplicated, gaps detected, desired state kept).
     let fleet_db_path = state_dir.join("fleet.db");
-    let fleet_db = roost_fleet::record::FleetDb::open(&fleet_db_path).map_err(setup("fleet db"))?;
+    let fleet_db = roost_fleet::db::FleetDb::open(&fleet_db_path).map_err(setup("fleet db"))?;
     let fleet_opts = roost_fleet::record::FleetOptions {
         host: cloud_addr.ip().to_string(),
         port: cloud_addr.port(),
@@ -485,7 +485,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
             repos.join("apps").display(),
             fleet_repo_dir.display(),
         );
-        let db = roost_fleet::record::FleetDb::open(&fleet_db_path).map_err(setup("fleet db"))?;
+        let db = roost_fleet::db::FleetDb::open(&fleet_db_path).map_err(setup("fleet db"))?;
         let c = child.clone();
         tasks.spawn(async move {
             crate::up_view::run(db, header, Duration::from_millis(500), c).await;

@@ -132,7 +132,7 @@ impl Rig {
             snapshot_expiry: roost_fleet::gitops::snapshot::DEFAULT_EXPIRY,
             metrics: None,
         };
-        let db = roost_fleet::record::FleetDb::open(&self.db).expect("db");
+        let db = roost_fleet::db::FleetDb::open(&self.db).expect("db");
         let key = roost_schemas::SigningKey::from_pkcs8(self.signer.key.pkcs8().expect("pkcs8"))
             .expect("key");
         self.controller = Some(Component::spawn("controller", move |c| {
@@ -177,20 +177,20 @@ impl Rig {
         }
     }
 
-    fn db(&self) -> roost_fleet::record::FleetDb {
-        roost_fleet::record::FleetDb::open(&self.db).expect("db")
+    fn db(&self) -> roost_fleet::db::FleetDb {
+        roost_fleet::db::FleetDb::open(&self.db).expect("db")
     }
 
     fn plan(&self) -> Option<roost_fleet::gitops::plan::Plan> {
         self.db()
-            .with_conn(roost_fleet::gitops::store::plans)
+            .with_conn(roost_fleet::db::gitops::plans)
             .expect("plans")
             .remove(&self.dep)
     }
 
-    fn published(&self) -> Vec<roost_fleet::gitops::store::Published> {
+    fn published(&self) -> Vec<roost_fleet::db::gitops::Published> {
         self.db()
-            .with_conn(roost_fleet::gitops::store::published)
+            .with_conn(roost_fleet::db::gitops::published)
             .expect("published")
     }
 
@@ -303,7 +303,7 @@ async fn a_commit_rolls_out_wave_by_wave_and_a_new_app_commit_follows() {
     let v = harness::eventually(T, "release commit described", || {
         let v = roost_fleet::view::build(
             &roost_fleet::view::load(&r.db()).expect("view"),
-            roost_fleet::record::now_ms(),
+            roost_fleet::db::now_ms(),
         );
         v.stores
             .iter()
@@ -447,7 +447,7 @@ async fn an_invalid_fleet_file_publishes_nothing_and_the_last_good_one_stays() {
     // Each bad file is recorded as invalid with its reason; the good commit stays in force.
     let good_commit = r
         .db()
-        .with_conn(roost_fleet::gitops::store::sync_state)
+        .with_conn(roost_fleet::db::gitops::sync_state)
         .expect("sync")
         .expect("synced")
         .0
@@ -456,7 +456,7 @@ async fn an_invalid_fleet_file_publishes_nothing_and_the_last_good_one_stays() {
         let c = r.commit_fleet(&yaml);
         let st = harness::eventually(T, "bad file recorded", || {
             r.db()
-                .with_conn(roost_fleet::gitops::store::sync_state)
+                .with_conn(roost_fleet::db::gitops::sync_state)
                 .ok()
                 .flatten()
                 .map(|(s, _)| s)
@@ -643,7 +643,7 @@ async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_
     harness::eventually(T, "the canary converged in the fleet record", || {
         let v = roost_fleet::view::build(
             &roost_fleet::view::load(&r.db()).ok()?,
-            roost_fleet::record::now_ms(),
+            roost_fleet::db::now_ms(),
         );
         v.stores
             .iter()
@@ -1540,7 +1540,7 @@ fn sim_status(store: &str, dep: &str, rev: &str, applied: &str, phase: &str) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: prints the dashboard's load time and live-update bytes for 2,000 stores"]
 async fn bench_the_dashboard_with_2000_stores() {
-    use roost_fleet::record::FleetItem;
+    use roost_fleet::db::FleetItem;
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
     let Some(dir) = browser_tools() else { return };
     harness::init();
@@ -1549,7 +1549,7 @@ async fn bench_the_dashboard_with_2000_stores() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
     let tmp = tempfile::tempdir().expect("tmp");
-    let db = roost_fleet::record::FleetDb::open(&tmp.path().join("fleet.db")).expect("db");
+    let db = roost_fleet::db::FleetDb::open(&tmp.path().join("fleet.db")).expect("db");
     let (rev1, rev2, dep) = ("1".repeat(40), "2".repeat(40), "kitchen-display");
     let name = |i: usize| format!("store-{i:04}");
     let presence = format!(

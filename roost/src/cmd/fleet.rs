@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use roost_fleet::record::{self, FleetDb};
-use roost_fleet::{api, cloud, gitops, metrics};
+use roost_fleet::db::{self, FleetDb, Request};
+use roost_fleet::{api, cloud, gitops, metrics, record};
 use roost_runtime::process::interruptible;
 use tokio_util::sync::CancellationToken;
 
@@ -211,7 +211,7 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
     let fdb = FleetDb::open(&a.db)?;
     let exporter = match (s.metrics_listen, s.http) {
         (None, None) => None,
-        _ => Some(metrics::FleetMetrics::exporter(fdb.clone())?),
+        _ => Some(metrics::FleetMetrics::exporter(fdb.clone())),
     };
     let metrics_server = match (s.metrics_listen, &exporter) {
         (Some(addr), Some(e)) => Some(
@@ -301,9 +301,8 @@ async fn sync(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let fdb = FleetDb::open(db)?;
-    gitops::store::migrate(&fdb)?;
-    let since = record::now_ms();
-    fdb.with_conn(|c| gitops::store::request(c, None, "sync"))?;
+    let since = db::now_ms();
+    fdb.request(&Request::Sync)?;
     println!("sync requested");
     if wait {
         let w = interruptible(&cancel, async {
