@@ -4,9 +4,11 @@
 //!
 //! Two writers keep `desired`: the controller records what it publishes, in the same
 //! transaction as the sequence it allocates ([`super::gitops`]); the fleet record's ingest
-//! records what the broker shows ([`super::ingest`]).
+//! records what the broker shows ([`super::ingest`]), which after a controller's publish is
+//! that very envelope coming back. [`judge`] decides what an arriving envelope does before
+//! any write, so an envelope the record already holds costs no transaction.
 
-use roost_schemas::sequence_rule;
+use roost_schemas::{envelope_sequence, sequence_rule};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{DbError, FleetDb};
@@ -19,6 +21,40 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// What an envelope arriving on a deployment topic does to the record, which holds
+/// `held` (its sequence) for that topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// New or newer: store it.
+    Store(u64),
+    /// The topic was cleared (empty payload) and the record holds something: forget it.
+    Clear,
+    /// The record holds this sequence already (the controller's own publish coming back, a
+    /// retained redelivery), or a cleared topic it never held: nothing to write.
+    Same,
+    /// Older than the record's: the broker holds an older envelope; the record's stands.
+    Older,
+    /// No readable sequence: ignored.
+    Unreadable,
+}
+
+/// Judges an arriving envelope against what the record holds. Pure.
+pub fn judge(held: Option<u64>, payload: &[u8]) -> Verdict {
+    if payload.is_empty() {
+        return if held.is_some() {
+            Verdict::Clear
+        } else {
+            Verdict::Same
+        };
+    }
+    match (envelope_sequence(payload), held) {
+        (None, _) => Verdict::Unreadable,
+        (Some(seq), Some(h)) if seq < h => Verdict::Older,
+        (Some(seq), Some(h)) if seq == h => Verdict::Same,
+        (Some(seq), _) => Verdict::Store(seq),
+    }
+}
+
 /// The record's envelope on `topic`: (sequence, payload).
 pub(super) fn held(c: &Connection, topic: &str) -> Result<Option<(u64, Vec<u8>)>, DbError> {
     Ok(c.query_row(
@@ -29,7 +65,8 @@ pub(super) fn held(c: &Connection, topic: &str) -> Result<Option<(u64, Vec<u8>)>
     .optional()?)
 }
 
-/// Stores `payload` as `topic`'s desired state unless the record holds a newer sequence.
+/// Stores `payload` as `topic`'s desired state unless the record holds a newer sequence (a
+/// writer that got there between a caller's read and this write).
 pub(super) fn store(
     c: &Connection,
     topic: &str,
@@ -39,7 +76,7 @@ pub(super) fn store(
     c.execute(
         "INSERT INTO desired(topic, sequence, payload) VALUES (?1, ?2, ?3)
          ON CONFLICT(topic) DO UPDATE SET sequence = excluded.sequence, payload = excluded.payload
-         WHERE excluded.sequence >= desired.sequence",
+         WHERE excluded.sequence > desired.sequence",
         params![topic, sequence as i64, payload],
     )?;
     Ok(())
@@ -107,4 +144,26 @@ pub(crate) fn test_envelope(seq: u64) -> Vec<u8> {
         format!("{{\"sequence\":{seq}}}").as_bytes(),
     ))
     .expect("json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_envelope as envelope;
+    use super::*;
+
+    #[test]
+    fn an_arriving_envelope_is_judged_against_what_the_record_holds() {
+        let cases: &[(Option<u64>, Vec<u8>, Verdict)] = &[
+            (None, envelope(5), Verdict::Store(5)),
+            (Some(4), envelope(5), Verdict::Store(5)),
+            (Some(5), envelope(5), Verdict::Same),
+            (Some(6), envelope(5), Verdict::Older),
+            (Some(6), Vec::new(), Verdict::Clear),
+            (None, Vec::new(), Verdict::Same),
+            (Some(6), b"not an envelope".to_vec(), Verdict::Unreadable),
+        ];
+        for (held, payload, want) in cases {
+            assert_eq!(judge(*held, payload), *want, "{held:?}");
+        }
+    }
 }

@@ -1,13 +1,16 @@
 //! What the fleet record keeps of the cloud broker's messages: every store's events
 //! (deduplicated by `id`, with a count of duplicates; gaps in each store's `roostseq` found on
 //! reading), its latest status and presence documents, and the deployment topics' envelopes
-//! ([`super::desired`]). One batch of incoming messages is one transaction.
+//! ([`super::desired`]). One batch of incoming messages is one transaction, or none when
+//! nothing in it changes the record.
+
+use std::collections::hash_map::{Entry, HashMap};
 
 use roost_schemas::topics::StoreTopicKind;
-use roost_schemas::{envelope_sequence, CloudEvent, Topics};
+use roost_schemas::{CloudEvent, Topics};
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::desired;
+use super::desired::{self, Verdict};
 use super::{DbError, FleetDb};
 
 /// One incoming message as the fleet record stores it.
@@ -68,34 +71,68 @@ pub struct FleetCounts {
     pub duplicates: u64,
 }
 
-/// What storing one deployment envelope did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum DesiredWrite {
-    /// Stored (new, same or newer sequence).
-    Stored,
-    /// The topic was cleared (empty payload): the record forgets it.
-    Cleared,
-    /// Older than the recorded one, which is kept (its payload).
-    Older(Vec<u8>),
-    /// No readable sequence: ignored.
-    Unreadable,
+/// What the record holds for a deployment topic: (sequence, envelope), or nothing.
+type Held = Option<(u64, Vec<u8>)>;
+
+/// What a batch does to the deployment topics, decided by reads alone.
+#[derive(Debug, Default)]
+struct DesiredChanges {
+    /// Per topic, in first-arrival order: what the record holds at the end of the batch
+    /// (None: forget the topic).
+    writes: Vec<(String, Held)>,
+    /// As [`BatchOutcome::regressed`].
+    regressed: Vec<(String, Vec<u8>)>,
+    /// Per item, in order: its verdict.
+    verdicts: Vec<Verdict>,
 }
 
-fn upsert_desired(c: &Connection, topic: &str, payload: &[u8]) -> Result<DesiredWrite, DbError> {
-    if payload.is_empty() {
-        desired::clear(c, topic)?;
-        return Ok(DesiredWrite::Cleared);
-    }
-    let Some(seq) = envelope_sequence(payload) else {
-        return Ok(DesiredWrite::Unreadable);
-    };
-    if let Some((cur, ours)) = desired::held(c, topic)? {
-        if cur > seq {
-            return Ok(DesiredWrite::Older(ours));
+/// Judges every deployment envelope of a batch in broker order against what the record
+/// holds, as the batch goes (a newer envelope early in a batch is what a later older one is
+/// compared with). Reads only: a batch of envelopes the record holds already (the
+/// controller's own publish coming back) needs no write transaction.
+fn desired_changes<'a>(
+    c: &Connection,
+    envelopes: impl Iterator<Item = (&'a String, &'a Vec<u8>)>,
+) -> Result<DesiredChanges, DbError> {
+    let mut held: HashMap<&str, Held> = HashMap::new();
+    let mut out = DesiredChanges::default();
+    for (topic, payload) in envelopes {
+        let now = match held.entry(topic.as_str()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(desired::held(c, topic)?),
+        };
+        let verdict = desired::judge(now.as_ref().map(|(s, _)| *s), payload);
+        out.verdicts.push(verdict);
+        // In broker order: what the broker shows last for a topic is what it holds.
+        out.regressed.retain(|(t, _)| t != topic);
+        let write = match verdict {
+            Verdict::Store(seq) => Some((seq, payload.clone())),
+            Verdict::Clear => None,
+            Verdict::Older => {
+                if let Some((_, ours)) = now {
+                    out.regressed.push((topic.clone(), ours.clone()));
+                }
+                continue;
+            }
+            Verdict::Same | Verdict::Unreadable => continue,
+        };
+        *now = write.clone();
+        match out.writes.iter_mut().find(|(t, _)| t == topic) {
+            Some((_, w)) => *w = write,
+            None => out.writes.push((topic.clone(), write)),
         }
     }
-    desired::store(c, topic, seq, payload)?;
-    Ok(DesiredWrite::Stored)
+    Ok(out)
+}
+
+fn write_desired(c: &Connection, changes: &DesiredChanges) -> Result<(), DbError> {
+    for (topic, write) in &changes.writes {
+        match write {
+            Some((seq, payload)) => desired::store(c, topic, *seq, payload)?,
+            None => desired::clear(c, topic)?,
+        }
+    }
+    Ok(())
 }
 
 impl FleetDb {
@@ -104,43 +141,55 @@ impl FleetDb {
         self.transaction(|tx| insert_events(tx, events.iter().map(|(s, e, j)| (s, e, j))))
     }
 
-    /// Keeps the envelope if its sequence is not older than the stored one. Returns whether
-    /// it was stored (or, for an empty payload, the topic forgotten).
+    /// Keeps the envelope if its sequence is newer than the stored one. Returns whether the
+    /// record now holds it (or, for an empty payload, has forgotten the topic).
     pub fn record_desired(&self, topic: &str, payload: &[u8]) -> Result<bool, DbError> {
+        let (topic, payload) = (topic.to_owned(), payload.to_vec());
+        let changes = desired_changes(&self.lock(), std::iter::once((&topic, &payload)))?;
+        if !changes.writes.is_empty() {
+            self.transaction(|tx| write_desired(tx, &changes))?;
+        }
         Ok(matches!(
-            upsert_desired(&self.lock(), topic, payload)?,
-            DesiredWrite::Stored | DesiredWrite::Cleared
+            changes.verdicts.first(),
+            Some(Verdict::Store(_) | Verdict::Clear | Verdict::Same)
         ))
     }
 
-    /// Records a batch of incoming messages in one transaction (one fsync for all of it).
-    /// Nothing of a failed batch is recorded: its messages must not be acknowledged.
+    /// Records a batch of incoming messages in one transaction (one fsync for all of it),
+    /// and in none when nothing in it changes the record (deployment envelopes the record
+    /// holds already, or older ones). Nothing of a failed batch is recorded: its messages
+    /// must not be acknowledged.
     pub fn record_batch(&self, items: &[FleetItem]) -> Result<BatchOutcome, DbError> {
-        self.transaction(|tx| {
-            let mut out = BatchOutcome::default();
+        let envelopes = items.iter().filter_map(|i| match i {
+            FleetItem::Desired(t, p) => Some((t, p)),
+            _ => None,
+        });
+        let changes = desired_changes(&self.lock(), envelopes)?;
+        let mut out = BatchOutcome {
+            new_events: 0,
+            regressed: changes.regressed.clone(),
+        };
+        let others = items.iter().any(|i| !matches!(i, FleetItem::Desired(..)));
+        if !others && changes.writes.is_empty() {
+            return Ok(out);
+        }
+        out.new_events = self.transaction(|tx| {
             let events = items.iter().filter_map(|i| match i {
                 FleetItem::Event(s, e, j) => Some((s, e.as_ref(), j)),
                 _ => None,
             });
-            out.new_events = insert_events(tx, events)?;
+            let new = insert_events(tx, events)?;
             for item in items {
                 match item {
-                    FleetItem::Event(..) => {}
                     FleetItem::Status(store, json) => upsert_doc(tx, true, store, json)?,
                     FleetItem::Presence(store, json) => upsert_doc(tx, false, store, json)?,
-                    FleetItem::Desired(topic, payload) => {
-                        // In broker order: what the broker shows last for a topic is what it
-                        // holds.
-                        let write = upsert_desired(tx, topic, payload)?;
-                        out.regressed.retain(|(t, _)| t != topic);
-                        if let DesiredWrite::Older(ours) = write {
-                            out.regressed.push((topic.clone(), ours));
-                        }
-                    }
+                    FleetItem::Event(..) | FleetItem::Desired(..) => {}
                 }
             }
-            Ok(out)
-        })
+            write_desired(tx, &changes)?;
+            Ok::<_, DbError>(new)
+        })?;
+        Ok(out)
     }
 
     /// A store's events in first-arrival order.
@@ -304,7 +353,7 @@ mod tests {
     use crate::db::desired::now_ms;
     use crate::db::desired::test_envelope as envelope;
     use crate::db::Published;
-    use roost_schemas::sequence_rule;
+    use roost_schemas::{envelope_sequence, sequence_rule};
 
     fn ev(id: &str, seq: u64) -> (String, CloudEvent, String) {
         let mut e = CloudEvent::new(
@@ -423,6 +472,83 @@ mod tests {
             .collect();
         assert_eq!(seqs, vec![Some(5), Some(6)]);
         assert_eq!(db.counts().expect("counts").events, 1);
+    }
+
+    /// How many transactions other connections committed to `path` since `before`
+    /// (`PRAGMA data_version` of an observing connection changes with each).
+    fn data_version(observer: &Connection) -> i64 {
+        observer
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .expect("data_version")
+    }
+
+    #[test]
+    fn what_the_controller_published_is_recorded_once() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("f.db");
+        let db = FleetDb::open(&path).expect("open");
+        let observer = Connection::open(&path).expect("observer");
+        let v0 = data_version(&observer);
+        let topic = "roost/v1/fleet/deployments/web".to_string();
+        let sent = db
+            .record_publications(
+                vec![Published {
+                    topic: topic.clone(),
+                    deployment: "web".into(),
+                    role: "fleet".into(),
+                    revision: Some("r1".into()),
+                    remove: false,
+                    sequence: 0,
+                }],
+                None,
+                |_, p| Ok::<_, DbError>(envelope(p.sequence)),
+            )
+            .expect("publish");
+        let v1 = data_version(&observer);
+        assert_ne!(v0, v1, "the publish is one transaction");
+        let (t, own) = sent.into_iter().next().expect("one message");
+        assert_eq!(t, topic);
+        // Its own retained message comes back through the record's subscription: nothing to
+        // write, no transaction.
+        let out = db
+            .record_batch(&[FleetItem::Desired(topic.clone(), own.clone())])
+            .expect("batch");
+        assert_eq!(out, BatchOutcome::default());
+        assert_eq!(
+            data_version(&observer),
+            v1,
+            "no transaction for its own message"
+        );
+        // An older one (a broker holding a stale envelope): still no write, the record's
+        // newest goes out again.
+        let out = db
+            .record_batch(&[FleetItem::Desired(topic.clone(), envelope(3))])
+            .expect("batch");
+        assert_eq!(out.regressed, vec![(topic.clone(), own)]);
+        assert_eq!(data_version(&observer), v1);
+        // Another publisher's newer envelope (`roost rollout` elsewhere) is recorded.
+        let theirs = envelope(envelope_sequence(&db.desired().expect("d")[0].1).expect("seq") + 1);
+        db.record_batch(&[FleetItem::Desired(topic.clone(), theirs.clone())])
+            .expect("batch");
+        assert_ne!(data_version(&observer), v1);
+        assert_eq!(db.desired().expect("desired"), vec![(topic, theirs)]);
+    }
+
+    #[test]
+    fn an_envelope_judged_newer_never_replaces_one_stored_since() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = FleetDb::open(&dir.path().join("f.db")).expect("open");
+        db.record_desired("t", &envelope(5)).expect("rec");
+        // Judged against 5, then a writer stores 9 before the batch's transaction.
+        let changes = desired_changes(
+            &db.lock(),
+            std::iter::once((&"t".to_string(), &envelope(7))),
+        )
+        .expect("judge");
+        db.record_desired("t", &envelope(9)).expect("rec");
+        db.transaction(|tx| write_desired(tx, &changes))
+            .expect("write");
+        assert_eq!(envelope_sequence(&db.desired().expect("d")[0].1), Some(9));
     }
 
     #[test]
