@@ -176,10 +176,8 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         host: cloud.ip().to_string(),
         port: cloud.port(),
         cache_dir: dir.join("controller-git"),
-        http: None,
         snapshot_interval: roost_fleet::gitops::snapshot::DEFAULT_INTERVAL,
         snapshot_expiry: roost_fleet::gitops::snapshot::DEFAULT_EXPIRY,
-        metrics: None,
         security: Default::default(),
     };
     let t0 = Instant::now();

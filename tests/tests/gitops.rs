@@ -24,6 +24,9 @@ struct Rig {
     obs: Observer,
     fleet: Option<FleetService>,
     controller: Option<Component>,
+    /// The running controller's handle: an API served after it sends plan actions and
+    /// webhook syncs over it, as `roost fleet` does.
+    handle: Option<roost_fleet::gitops::ControllerHandle>,
     stores: Vec<StoreRig>,
     db: PathBuf,
     dep: String,
@@ -91,6 +94,7 @@ impl Rig {
             obs,
             fleet: Some(fleet),
             controller: None,
+            handle: None,
             stores,
             db,
             api: Vec::new(),
@@ -104,6 +108,7 @@ impl Rig {
             self.db(),
             roost_fleet::api::ApiOptions {
                 token: token.map(str::to_owned),
+                controller: self.handle.clone(),
                 ..Default::default()
             },
             cancel.clone(),
@@ -127,16 +132,16 @@ impl Rig {
             port: self.cloud.port(),
             security: Default::default(),
             cache_dir: self.dir.path().join("controller-git"),
-            http: None,
             snapshot_interval: roost_fleet::gitops::snapshot::DEFAULT_INTERVAL,
             snapshot_expiry: roost_fleet::gitops::snapshot::DEFAULT_EXPIRY,
-            metrics: None,
         };
         let db = roost_fleet::db::FleetDb::open(&self.db).expect("db");
         let key = roost_schemas::SigningKey::from_pkcs8(self.signer.key.pkcs8().expect("pkcs8"))
             .expect("key");
+        let (handle, inbox) = roost_fleet::gitops::ControllerHandle::channel();
+        self.handle = Some(handle);
         self.controller = Some(Component::spawn("controller", move |c| {
-            roost_fleet::gitops::run(opts, db, key, c)
+            roost_fleet::gitops::run_with_handle(opts, db, key, Some(inbox), c)
         }));
     }
 
@@ -1407,6 +1412,41 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
         .await;
     }
     spec.assert_all_seen();
+    r.finish().await;
+}
+
+/// A plan action from another process (`roost plan pause|resume` on the same database)
+/// reaches the controller through the fleet database's request table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roost_plan_from_another_process_pauses_and_resumes_through_the_database() {
+    let mut r = Rig::new(2, 1).await;
+    r.commit_app("1");
+    let soak = "      - {name: canary, group: canary, soak_s: 3600}\n      - {name: everyone, fleet: true}\n";
+    let yaml = r.fleet_yaml(soak, "");
+    r.commit_fleet(&yaml);
+    r.start_controller();
+    use roost_fleet::gitops::plan::PlanStatus;
+    harness::eventually(T, "a running plan", || {
+        r.plan().filter(|p| p.status == PlanStatus::Running)
+    })
+    .await;
+    for (verb, then) in [
+        ("pause", PlanStatus::Paused),
+        ("resume", PlanStatus::Running),
+    ] {
+        let out = std::process::Command::new(harness::roost_bin())
+            .args(["plan", verb, &r.dep, "--db"])
+            .arg(&r.db)
+            .output()
+            .expect("roost plan");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "roost plan {verb}: {stdout}");
+        assert!(
+            stdout.contains(&format!("{verb} requested for {}", r.dep)),
+            "{stdout}"
+        );
+        harness::eventually(T, verb, || r.plan().filter(|p| p.status == then)).await;
+    }
     r.finish().await;
 }
 

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::db::{DbError, FleetDb, Request};
+use crate::gitops::{handle::ControllerGone, ControllerHandle};
 use model::{RowFilter, Snapshot};
 
 /// The OpenAPI document of this API (also served at `/api/v1/openapi.yaml`).
@@ -64,6 +65,10 @@ pub struct ApiOptions {
     pub token: Option<String>,
     /// How often the live stream looks for changes (its coalescing window).
     pub tick: Duration,
+    /// The GitOps controller in this process, which gets plan actions and webhook syncs at
+    /// once (None: they go through the fleet database's request table, for a controller in
+    /// another process).
+    pub controller: Option<ControllerHandle>,
 }
 
 impl Default for ApiOptions {
@@ -71,6 +76,7 @@ impl Default for ApiOptions {
         ApiOptions {
             token: None,
             tick: Duration::from_millis(500),
+            controller: None,
         }
     }
 }
@@ -180,9 +186,17 @@ impl Api {
         &self.inner.db
     }
 
-    /// Hands `request` to the controller through the fleet database's request table (it
-    /// works whichever process runs the controller on this database).
+    /// Hands `request` to the controller: over its channel when it runs in this process,
+    /// else (or should it have stopped) through the fleet database's request table, where a
+    /// controller in another process on this database takes it within its poll.
     async fn ask(&self, request: Request) -> Result<(), DbError> {
+        let request = match &self.inner.opts.controller {
+            Some(c) => match c.send(request).await {
+                Ok(()) => return Ok(()),
+                Err(ControllerGone(r)) => r,
+            },
+            None => request,
+        };
         self.db().call(move |db| db.request(&request)).await
     }
 

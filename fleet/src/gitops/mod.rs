@@ -6,13 +6,13 @@
 //! it was and publishes nothing twice. Every `snapshot_interval` and right after it publishes
 //! desired state it signs and publishes the fleet snapshot ([`snapshot`]).
 
+pub mod handle;
 pub mod plan;
 pub mod promote;
 pub mod snapshot;
 
 use roost_schemas::ShortRev;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +25,7 @@ use tracing::{info, warn, Instrument as _};
 
 use crate::db::{self, DbError, FleetDb, Published, Request};
 use crate::sign::{sign_rollout, RolloutSpec};
+pub use handle::{ControllerHandle, ControllerInbox};
 use plan::{Action, Plan, PlanStatus, Release};
 
 /// Errors of the controller.
@@ -54,9 +55,6 @@ pub enum GitopsError {
     /// The fleet snapshot could not be encoded.
     #[error("cannot encode the fleet snapshot")]
     Snapshot(#[source] serde_json::Error),
-    /// The HTTP listener (webhook, API, dashboard).
-    #[error("http")]
-    Http(#[from] crate::api::ApiError),
 }
 
 /// How the controller runs.
@@ -78,15 +76,10 @@ pub struct GitopsOptions {
     pub security: roost_runtime::Security,
     /// Where fetched repositories are cached.
     pub cache_dir: PathBuf,
-    /// HTTP listener: `POST /hooks/git`, `GET /plans`, the read-only API and dashboard
-    /// ([`crate::api`]; `roost fleet` serves them itself, with its token).
-    pub http: Option<SocketAddr>,
     /// How often the signed fleet snapshot is published (also right after desired state).
     pub snapshot_interval: Duration,
     /// How long a snapshot stays valid (`expires` - `issued_at`); default 3 × the interval.
     pub snapshot_expiry: Duration,
-    /// Also serve `GET /metrics` on `http`.
-    pub metrics: Option<roost_runtime::Exporter>,
 }
 
 /// Loads and validates a fleet file's bytes.
@@ -630,11 +623,25 @@ impl Controller {
     }
 }
 
-/// Runs the controller until cancelled.
+/// Runs the controller until cancelled. Operator requests reach it through the fleet
+/// database's request table only (`roost plan pause`, `roost fleet sync`, an API in another
+/// process); [`run_with_handle`] also takes them from a [`ControllerHandle`] at once.
 pub async fn run(
     opts: GitopsOptions,
     db: FleetDb,
     key: SigningKey,
+    cancel: CancellationToken,
+) -> Result<(), GitopsError> {
+    run_with_handle(opts, db, key, None, cancel).await
+}
+
+/// [`run`], also acting at once on what the API (or anything else in this process) sends
+/// through the [`ControllerHandle`] whose inbox this is.
+pub async fn run_with_handle(
+    opts: GitopsOptions,
+    db: FleetDb,
+    key: SigningKey,
+    mut inbox: Option<ControllerInbox>,
     cancel: CancellationToken,
 ) -> Result<(), GitopsError> {
     let mut lc = LinkConfig::new(
@@ -648,20 +655,6 @@ pub async fn run(
     lc.backoff = (Duration::from_millis(100), Duration::from_secs(5));
     lc.max_packet_size = 4 << 20;
     let link = Link::start(lc, None, cancel.child_token())?;
-    if let Some(addr) = opts.http {
-        // The API and dashboard, read-only; `POST /hooks/git` queues a sync request, which
-        // the loop below takes within its 500 ms.
-        let api = crate::api::Api::new(
-            db.clone(),
-            crate::api::ApiOptions::default(),
-            cancel.child_token(),
-        )?;
-        let router = match &opts.metrics {
-            Some(m) => api.router().merge(m.router()),
-            None => api.router(),
-        };
-        crate::api::serve(addr, router, cancel.child_token()).await?;
-    }
     let file = db
         .call(|db| db.with_conn(db::gitops::sync_state))
         .await?
@@ -681,14 +674,18 @@ pub async fn run(
     let span = tracing::info_span!("controller", repo = %c.opts.repo);
     async move {
         let mut next_poll = tokio::time::Instant::now();
+        // Requests from the handle, taken since the last step.
+        let mut sent: Vec<Request> = Vec::new();
         loop {
-            let requests = match c.blocking(|db| db.take_requests()).await {
+            // The table serves other processes; it is read every step (500 ms).
+            let mut requests = match c.blocking(|db| db.take_requests()).await {
                 Ok(r) => r,
                 Err(error) => {
                     warn!(error = %roost_runtime::error_chain(&error), "cannot read requests");
                     Vec::new()
                 }
             };
+            requests.append(&mut sent);
             let sync_now = requests.contains(&Request::Sync);
             if sync_now || tokio::time::Instant::now() >= next_poll {
                 if let Err(error) = c.sync().await {
@@ -707,6 +704,11 @@ pub async fn run(
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                // A request from this process: the next step runs now.
+                r = handle::recv(&mut inbox) => match r {
+                    Some(r) => sent = handle::drain(r, &mut inbox),
+                    None => inbox = None, // every handle is gone
+                },
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), link.task).await;

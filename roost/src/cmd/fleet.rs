@@ -227,11 +227,20 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
         .as_deref()
         .map(api::ApiOptions::token_from_file)
         .transpose()?;
+    // Plan actions and webhook syncs from the API reach the controller of this process at
+    // once, over its channel.
+    let (handle, inbox) = if s.repo.is_some() && s.http.is_some() {
+        let (h, i) = gitops::ControllerHandle::channel();
+        (Some(h), Some(i))
+    } else {
+        (None, None)
+    };
     if let Some(addr) = s.http {
         let api = api::Api::new(
             fdb.clone(),
             api::ApiOptions {
                 token,
+                controller: handle,
                 ..Default::default()
             },
             cancel.clone(),
@@ -258,16 +267,14 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
                 port,
                 security: target.security.clone(),
                 cache_dir: a.db.with_extension("git"),
-                // Served above, with the token.
-                http: None,
                 snapshot_interval: Duration::from_secs(s.snapshot_interval_s),
                 snapshot_expiry: Duration::from_secs(s.snapshot_expires_s),
-                metrics: None,
             };
-            Some(tokio::spawn(gitops::run(
+            Some(tokio::spawn(gitops::run_with_handle(
                 opts,
                 fdb.clone(),
                 key,
+                inbox,
                 cancel.clone(),
             )))
         }
