@@ -321,7 +321,7 @@ pub async fn next_sequence(
         .max();
     Ok(roost_schemas::sequence_rule(
         retained.unwrap_or(0),
-        crate::record::now_ms(),
+        crate::db::now_ms(),
     ))
 }
 

@@ -61,7 +61,7 @@ pub enum EnrollError {
     Cloud(#[from] crate::cloud::CloudError),
     /// The fleet record.
     #[error("fleet database")]
-    Db(#[from] crate::record::FleetError),
+    Db(#[from] crate::db::DbError),
     /// Writing the bundle.
     #[error("{}", path.display())]
     Io {
@@ -561,7 +561,7 @@ pub fn retire(store: &str, change: &RepoChange, work: &Path) -> Result<Retired, 
 /// it too, so `roost fleet` does not restore it. Returns the topics, sorted.
 pub async fn tombstone_store(
     broker: &crate::cloud::BrokerTarget,
-    db: &crate::record::FleetDb,
+    db: &crate::db::FleetDb,
     store: &str,
 ) -> Result<Vec<String>, EnrollError> {
     use roost_schemas::{Scope, Topics};

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod cloud;
+pub mod db;
 pub mod enroll;
 pub mod fleet_repo;
 pub mod git;

@@ -23,8 +23,8 @@ use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::{Origin, Phase, Presence, PresenceState, StatusDoc, Topics};
 use serde::Serialize;
 
+use crate::db::{DbError, FleetDb, Gap};
 use crate::judge::{self, Report, Verdict, Wanted};
-use crate::record::{FleetDb, FleetError, Gap};
 
 /// The heartbeat assumed for a status document that does not state one (seconds).
 pub const DEFAULT_HEARTBEAT_S: u64 = 60;
@@ -61,9 +61,9 @@ pub struct Inputs {
 }
 
 /// Reads the inputs from the fleet database.
-pub fn load(db: &FleetDb) -> Result<Inputs, FleetError> {
+pub fn load(db: &FleetDb) -> Result<Inputs, DbError> {
     let (status, presence) = db.with_conn(|c| {
-        let read = |table: &str| -> Result<Vec<Doc>, FleetError> {
+        let read = |table: &str| -> Result<Vec<Doc>, DbError> {
             let mut stmt = c.prepare(&format!(
                 "SELECT store, json, received_at FROM {table} ORDER BY store"
             ))?;

@@ -860,14 +860,14 @@ pub fn under(all: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, S
 /// The cloud-side fleet service (`roost_fleet::record::run`) running in-process on a SQLite file.
 pub struct FleetService {
     /// The database it records into.
-    pub db: roost_fleet::record::FleetDb,
+    pub db: roost_fleet::db::FleetDb,
     component: Option<Component>,
 }
 
 impl FleetService {
     /// Starts recording everything on the `cloud` broker into `path`.
     pub fn start(cloud: SocketAddr, path: &Path) -> FleetService {
-        let db = roost_fleet::record::FleetDb::open(path).expect("fleet db");
+        let db = roost_fleet::db::FleetDb::open(path).expect("fleet db");
         let opts = roost_fleet::record::FleetOptions {
             host: cloud.ip().to_string(),
             port: cloud.port(),

@@ -768,7 +768,7 @@ async fn command_line_keygen_rollout_status_events() {
         args.extend_from_slice(extra);
         serde_json::from_str::<serde_json::Value>(roost(&args).trim()).expect("rollout JSON")
     };
-    let before = roost_fleet::record::now_ms();
+    let before = roost_fleet::db::now_ms();
     let r = rollout(&["--revision", "HEAD"]);
     let seq1 = r["sequence"].as_u64().expect("sequence");
     assert!(
@@ -786,7 +786,7 @@ async fn command_line_keygen_rollout_status_events() {
     let seq2 = r2["sequence"].as_u64().expect("sequence");
     assert!(seq2 > seq1, "max(retained + 1, now in ms): {seq2} > {seq1}");
     // A retained sequence ahead of the clock is a lower bound: the next one is above it.
-    let ahead = (roost_fleet::record::now_ms() + 3_600_000).to_string();
+    let ahead = (roost_fleet::db::now_ms() + 3_600_000).to_string();
     let r3 = rollout(&["--revision", &rev1, "--sequence", &ahead]);
     assert_eq!(
         r3["sequence"].to_string(),
@@ -1135,7 +1135,7 @@ async fn fleet_stops_on_sigterm_and_sigint() {
         .expect("json");
         publish(cloud, &topics.presence(&store), doc.clone()).await;
         harness::eventually(T, "presence recorded by roost fleet", || {
-            let db = roost_fleet::record::FleetDb::open(&db).ok()?;
+            let db = roost_fleet::db::FleetDb::open(&db).ok()?;
             db.status_messages(&topics)
                 .ok()?
                 .into_iter()
@@ -1394,7 +1394,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
         .await;
     // Subscribed: the store's retained presence is in its database.
     harness::eventually(T, "roost fleet records the store's presence", || {
-        let db = roost_fleet::record::FleetDb::open(&db).ok()?;
+        let db = roost_fleet::db::FleetDb::open(&db).ok()?;
         db.status_messages(&topics)
             .ok()?
             .into_iter()
@@ -1427,7 +1427,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
         args.extend_from_slice(extra);
         roost_cmd(&args)
     };
-    let before = roost_fleet::record::now_ms();
+    let before = roost_fleet::db::now_ms();
     let (ok, out, err) = rollout(&rev1, &[]);
     assert!(ok, "roost rollout: {err}");
     let seq1 = rollout_json(&out)["sequence"].as_u64().expect("sequence");
@@ -1438,7 +1438,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
     obs.wait_phase(store, "web", "Converged", Some(&rev1), T)
         .await;
     let env1 = harness::eventually(T, "roost fleet records the rollout", || {
-        let db = roost_fleet::record::FleetDb::open(&db).ok()?;
+        let db = roost_fleet::db::FleetDb::open(&db).ok()?;
         db.desired()
             .ok()?
             .into_iter()

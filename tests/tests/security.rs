@@ -1431,7 +1431,7 @@ async fn an_enrolled_store_starts_from_its_bundle_and_opens_its_sealed_secrets()
     publish_web(&controller, &signer, &store_scope, 2, &git, &rev).await;
     let db_path = d.join("fleet.db");
     {
-        let db = roost_fleet::record::FleetDb::open(&db_path).expect("fleet db");
+        let db = roost_fleet::db::FleetDb::open(&db_path).expect("fleet db");
         let menu = signer.rollout("menu", store_scope, 3, &git.url(), &rev, APP);
         db.record_desired(&recorded_only, &signer.sign(&menu))
             .expect("record");
@@ -1481,7 +1481,7 @@ async fn an_enrolled_store_starts_from_its_bundle_and_opens_its_sealed_secrets()
         left.iter().all(|(_, p)| p.is_empty()),
         "the broker dropped the pin: {left:?}"
     );
-    let db = roost_fleet::record::FleetDb::open(&db_path).expect("fleet db");
+    let db = roost_fleet::db::FleetDb::open(&db_path).expect("fleet db");
     assert!(
         db.desired()
             .expect("desired")

@@ -9,9 +9,9 @@ use std::path::Path;
 
 use roost_schemas::fleet::{FleetFile, StorePin};
 
+use crate::db::{DbError, FleetDb};
 use crate::git::{ChangeError, Changeable, CommitTo, Edit};
 use crate::judge::{self, Report, Reported, Wanted};
-use crate::record::{FleetDb, FleetError};
 
 /// Errors of `roost promote`.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +21,7 @@ pub enum PromoteError {
     Usage(String),
     /// The fleet database.
     #[error("fleet database")]
-    Db(#[from] FleetError),
+    Db(#[from] DbError),
     /// Reading the fleet repository or writing the change.
     #[error("fleet repository")]
     Git(#[from] ChangeError),
@@ -66,7 +66,7 @@ pub fn running_revision(
     let (kind, name) = from.split_once(':').ok_or_else(|| {
         PromoteError::Usage(format!("--from {from}: expected group:NAME or store:NAME"))
     })?;
-    let view = db.with_conn(|c| super::store::view(c, deployment))?;
+    let view = db.with_conn(|c| crate::db::gitops::view(c, deployment))?;
     let members: Vec<_> = view
         .iter()
         .filter(|v| match kind {

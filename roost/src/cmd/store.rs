@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use roost_fleet::db::FleetDb;
 use roost_fleet::enroll::{self, BundleTarget, EnrollSpec, RepoChange};
 use roost_fleet::git::Committed;
-use roost_fleet::record::FleetDb;
 use roost_runtime::process::interruptible;
 use roost_schemas::ShortRev;
 use tokio_util::sync::CancellationToken;
