@@ -435,6 +435,7 @@ async fn handle_message(
             scope: None,
             reason: r.reason,
             message: r.message,
+            detail: None,
         })];
         ctx.metrics.events(&events);
         ctx.ledger.emit(events).await;

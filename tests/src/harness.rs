@@ -334,6 +334,7 @@ impl Signer {
                 prune: true,
                 self_heal: true,
                 health_timeout_s: 30,
+                substitute: false,
             },
             remove: false,
             origin: None,

@@ -172,6 +172,7 @@ impl StageError {
             _ if self.is_rejection() => Some(Outcome::Rejected {
                 reason: self.reason(),
                 message: self.message(),
+                detail: None,
             }),
             StageError::Fetch(_) | StageError::Render(_) => Some(Outcome::FetchFailed(problem())),
             _ => Some(Outcome::ApplyFailed(problem())),
