@@ -475,6 +475,7 @@ impl Ledger {
                     outbox_backlog: backlog,
                     deployments: deployments.clone(),
                     heartbeat_s: Some(heartbeat.as_secs()),
+                    profile_sequence: None,
                     freshness: freshness.clone(),
                 };
                 serde_json::to_vec(&doc).unwrap_or_default()

@@ -573,6 +573,7 @@ mod tests {
             roostseq: 3,
             outbox_backlog: 0,
             heartbeat_s: None,
+            profile_sequence: None,
             deployments: Default::default(),
             freshness: Default::default(),
         };

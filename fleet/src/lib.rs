@@ -7,6 +7,7 @@ pub mod cloud;
 pub mod git;
 pub mod gitops;
 pub mod gitserve;
+pub mod inventory;
 pub mod metrics;
 pub mod record;
 pub mod rollout_wait;

@@ -650,6 +650,7 @@ mod tests {
                 roostseq: 1,
                 outbox_backlog: 0,
                 heartbeat_s: None,
+                profile_sequence: None,
                 deployments,
                 freshness: Default::default(),
             }),

@@ -8,11 +8,14 @@
 pub mod dsse;
 pub mod event;
 pub mod fleet;
+pub mod inventory;
 pub mod names;
 pub mod payload;
+pub mod profile;
 pub mod reason;
 pub mod revision;
 pub mod rollout;
+pub mod selector;
 pub mod snapshot;
 pub mod status;
 pub mod topics;
@@ -24,9 +27,11 @@ pub use dsse::{
 pub use event::{CloudEvent, EventType};
 pub use names::{validate_name, NameError};
 pub use payload::{EventData, EventPayload, Problem, RolloutRef};
+pub use profile::{Profile, PROFILE_PAYLOAD_TYPE};
 pub use reason::Reason;
 pub use revision::ShortRev;
 pub use rollout::{Origin, Policy, Rollout, Scope, Source};
+pub use selector::{Labels, Selector};
 pub use snapshot::{Snapshot, SNAPSHOT_PAYLOAD_TYPE};
 pub use status::{
     Confirmation, DeploymentStatus, DesiredRef, Freshness, FreshnessState, Phase, Presence,
@@ -72,6 +77,10 @@ pub mod json_schema {
     pub const FLEET: &str = include_str!("../schema/fleet.schema.json");
     /// The signed fleet snapshot's payload.
     pub const SNAPSHOT: &str = include_str!("../schema/snapshot.schema.json");
+    /// A store of the inventory (`stores/*.yaml` in the fleet repository).
+    pub const STORE: &str = include_str!("../schema/store.schema.json");
+    /// The signed store profile's payload.
+    pub const PROFILE: &str = include_str!("../schema/profile.schema.json");
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// Every schema by its file stem.
-const SCHEMAS: [(&str, &str); 8] = [
+const SCHEMAS: [(&str, &str); 10] = [
     ("rollout", json_schema::ROLLOUT),
     ("envelope", json_schema::ENVELOPE),
     ("event", json_schema::EVENT),
@@ -32,6 +32,8 @@ const SCHEMAS: [(&str, &str); 8] = [
     ("ack", json_schema::ACK),
     ("fleet", json_schema::FLEET),
     ("snapshot", json_schema::SNAPSHOT),
+    ("store", json_schema::STORE),
+    ("profile", json_schema::PROFILE),
 ];
 
 const EXAMPLES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
@@ -800,5 +802,39 @@ fn valid_fleet_files_parse_and_pass_the_rust_rules() {
         let f: crate::fleet::FleetFile =
             serde_json::from_value(ex.value.clone()).expect("fleet file parses");
         f.validate().unwrap_or_else(|e| panic!("{}: {e}", ex.file));
+    }
+}
+
+#[test]
+fn inventory_entries_and_profiles_agree_with_rust_validation() {
+    use crate::inventory::StoreEntry;
+    use crate::Profile;
+    for ex in valid_examples("store") {
+        let (e, _) = roundtrip::<StoreEntry>(&ex.file, &ex.value);
+        assert_eq!(e.validate(), Ok(()), "{}", ex.file);
+    }
+    for ex in valid_examples("profile") {
+        let (p, _) = roundtrip::<Profile>(&ex.file, &ex.value);
+        assert_eq!(p.validate(), Ok(()), "{}", ex.file);
+    }
+    let all = examples();
+    for ex in all.get("store").into_iter().flatten().filter(|e| !e.valid) {
+        let rust = serde_json::from_value::<StoreEntry>(ex.value.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|e| e.validate().map_err(|e| e.to_string()));
+        assert!(rust.is_err(), "{} is accepted by StoreEntry", ex.file);
+    }
+    for ex in all
+        .get("profile")
+        .into_iter()
+        .flatten()
+        .filter(|e| !e.valid)
+    {
+        let body = serde_json::to_vec(&ex.value).expect("json");
+        assert!(
+            Profile::from_payload(&body).is_err(),
+            "{} is accepted by Profile",
+            ex.file
+        );
     }
 }

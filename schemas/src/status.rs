@@ -155,6 +155,10 @@ pub struct StatusDoc {
     /// is stale, whatever it says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_s: Option<u64>,
+    /// The sequence of the store profile the agent runs on (v1.2; absent before the first
+    /// profile, or for a store that is not in the inventory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_sequence: Option<u64>,
     /// Freshness against the signed fleet snapshot (contract extension).
     #[serde(flatten)]
     pub freshness: Freshness,

@@ -110,6 +110,26 @@ impl Topics {
         format!("{}/fleet/snapshot", self.prefix)
     }
 
+    /// A store's profile topic (cloud → store, retained, signed): its labels, groups, time
+    /// zone and vars from the fleet repository's inventory.
+    pub fn profile(&self, store: &str) -> String {
+        format!("{}/stores/{store}/profile", self.prefix)
+    }
+
+    /// Filter matching every store's profile topic (for cloud services).
+    pub fn all_profiles(&self) -> String {
+        format!("{}/stores/+/profile", self.prefix)
+    }
+
+    /// The store a profile topic is for, if `topic` is one.
+    pub fn parse_profile_topic(&self, topic: &str) -> Option<String> {
+        let rest = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        match rest.split('/').collect::<Vec<_>>().as_slice() {
+            ["stores", s, "profile"] => validate_name(s).ok().map(|()| (*s).to_owned()),
+            _ => None,
+        }
+    }
+
     /// Filters for a store topic kind across all stores (`+` for the store).
     pub fn all_stores(&self, kind: StoreTopicKind) -> String {
         let leaf = match kind {
@@ -163,6 +183,27 @@ impl Topics {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn profile_topics() {
+        let t = Topics::default();
+        assert_eq!(
+            t.profile("store-0042"),
+            "roost/v1/stores/store-0042/profile"
+        );
+        assert_eq!(
+            t.parse_profile_topic("roost/v1/stores/store-0042/profile")
+                .as_deref(),
+            Some("store-0042")
+        );
+        assert_eq!(
+            t.parse_profile_topic("roost/v1/stores/store-0042/status"),
+            None
+        );
+        assert_eq!(t.parse_profile_topic("roost/v1/stores/Bad/profile"), None);
+        assert_eq!(t.parse_profile_topic("other/stores/s/profile"), None);
+        assert_eq!(t.all_profiles(), "roost/v1/stores/+/profile");
+    }
+
     use super::*;
 
     #[test]

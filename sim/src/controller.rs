@@ -57,6 +57,7 @@ fn status_doc(store: &str, groups: &[String], deployment: &str, rev: Option<&str
         roostseq: 1,
         outbox_backlog: 0,
         heartbeat_s: None,
+        profile_sequence: None,
         deployments,
         freshness: Default::default(),
         groups: groups.to_vec(),

@@ -67,6 +67,7 @@ pub fn status_doc(store: &str, agent_version: &str, roostseq: u64) -> StatusDoc 
         roostseq,
         outbox_backlog: 0,
         heartbeat_s: None,
+        profile_sequence: None,
         deployments: Default::default(),
         freshness: Default::default(),
     }
