@@ -10,7 +10,8 @@
 //! zone) lives in one place, [`Personalizer`], which the reconciler's `Ctx` holds. Today it is
 //! built from `agent.toml` at start ([`StoreContext::from_config`]: store and groups; no labels
 //! or vars). The signed store profile (`roost/v1/stores/{store}/profile`) replaces it: once a
-//! profile is verified, call [`Personalizer::set_context`] with the context built from it;
+//! profile is verified, call [`Personalizer::set_context`] with
+//! [`StoreContext::from_profile`];
 //! every later build uses it, and [`Personalizer::subscribe`] tells whoever must re-render
 //! (deployments with `policy.substitute`, or with overlays for the store's groups) that it
 //! changed. Nothing else in the agent reads labels or vars.
@@ -60,6 +61,24 @@ impl StoreContext {
             store: file.store.clone(),
             groups: file.groups.clone(),
             ..StoreContext::default()
+        }
+    }
+
+    /// The context a verified store profile gives: its labels, vars and time zone, and its
+    /// groups (the configured ones when the profile names none, as the contract says).
+    pub fn from_profile(
+        profile: &roost_schemas::profile::Profile,
+        file: &crate::config::AgentFile,
+    ) -> StoreContext {
+        StoreContext {
+            store: file.store.clone(),
+            groups: profile
+                .groups
+                .clone()
+                .unwrap_or_else(|| file.groups.clone()),
+            labels: profile.labels.clone(),
+            vars: profile.vars.clone(),
+            timezone: profile.timezone.clone(),
         }
     }
 }

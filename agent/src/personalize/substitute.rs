@@ -13,12 +13,12 @@ use serde_json::Value;
 use super::StoreContext;
 use crate::git::{is_manifest, parse_documents, write_documents, GitError, ManifestFile};
 
-/// Most vars a store may have.
-pub const MAX_VARS: usize = 256;
-/// Most labels a store may have.
-pub const MAX_LABELS: usize = 256;
+/// Most vars a store may have (the contract's limit, as the inventory and profile check it).
+pub use roost_schemas::inventory::MAX_VARS;
 /// Longest value of a var or label, and longest default (bytes).
-pub const MAX_VALUE_BYTES: usize = 4096;
+pub use roost_schemas::inventory::MAX_VAR_BYTES as MAX_VALUE_BYTES;
+/// Most labels a store may have.
+pub use roost_schemas::selector::MAX_LABELS;
 /// Longest key of a var or label (a Kubernetes label key with its prefix).
 const MAX_KEY_BYTES: usize = 253;
 

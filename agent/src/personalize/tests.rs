@@ -274,6 +274,36 @@ fn substitution_errors_and_limits_reject_the_revision() {
     assert!(roost_runtime::error_chain(&e).contains("100000 vars, at most 256"));
 }
 
+#[test]
+fn a_profile_gives_labels_vars_and_maybe_groups() {
+    let file: crate::config::AgentFile = toml::from_str(
+        "store = \"store-a\"\ngroups = [\"canary\"]\nstate_dir = \"/tmp/x\"\n[broker]\nport = 1883\n",
+    )
+    .expect("toml");
+    let mut profile = roost_schemas::profile::Profile {
+        store: "store-a".into(),
+        sequence: 1,
+        issued_at: "2026-11-26T10:00:00Z".into(),
+        labels: BTreeMap::from([("region".into(), "us-south".into())]),
+        groups: None,
+        timezone: Some("America/Chicago".into()),
+        vars: BTreeMap::from([("menu".into(), "lunch".into())]),
+    };
+    let c = StoreContext::from_profile(&profile, &file);
+    assert_eq!(c.groups, vec!["canary".to_owned()], "the configured groups");
+    assert_eq!(c.vars["menu"], "lunch");
+    assert_eq!(c.labels["region"], "us-south");
+    assert_eq!(c.timezone.as_deref(), Some("America/Chicago"));
+    profile.groups = Some(vec![]);
+    assert!(StoreContext::from_profile(&profile, &file)
+        .groups
+        .is_empty());
+    assert_eq!(
+        StoreContext::from_config(&file).groups,
+        vec!["canary".to_owned()]
+    );
+}
+
 #[tokio::test]
 async fn a_new_context_applies_to_the_next_build() {
     let p = Personalizer::new(ctx("store-a"), None);
