@@ -1698,7 +1698,8 @@ fn age_seal_cli(
 ) -> Vec<u8> {
     use std::io::Write as _;
     let Some(age) = roost_tests::fixtures::age_bin(test) else {
-        return roost_runtime::sealed::seal(&[recipient.clone()], plaintext, true).expect("seal");
+        return roost_runtime::sealed::seal(std::slice::from_ref(recipient), plaintext, true)
+            .expect("seal");
     };
     let mut child = std::process::Command::new(age)
         .args(["-a", "-r", &recipient.to_string()])
