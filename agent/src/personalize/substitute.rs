@@ -96,7 +96,7 @@ enum Var<'a> {
     },
 }
 
-impl Var<'_> {
+impl<'a> Var<'a> {
     /// The variable's name, as in messages (without a default).
     fn name(&self) -> String {
         match self {
@@ -106,9 +106,10 @@ impl Var<'_> {
         }
     }
 
+    /// The store's value, or the default; None when it has neither.
     fn resolve<'c>(&self, ctx: &'c StoreContext) -> Option<&'c str>
     where
-        Self: 'c,
+        'a: 'c,
     {
         match *self {
             Var::Store => Some(&ctx.store),
@@ -724,6 +725,75 @@ mod tests {
         ] {
             let _: Vec<_> = Scanner::new(text).collect();
             let _ = run("x.yaml", &format!("a: \"{}\"\n", text.replace('"', "")));
+        }
+    }
+}
+
+#[cfg(test)]
+mod props {
+    //! Properties: any text substitutes or fails cleanly, and any value comes back as exactly
+    //! one string, whatever characters it holds.
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn ctx(value: &str) -> StoreContext {
+        StoreContext {
+            store: "s1".into(),
+            vars: BTreeMap::from([("x".into(), value.to_owned())]),
+            labels: BTreeMap::from([("y".into(), "v".into())]),
+            ..StoreContext::default()
+        }
+    }
+
+    /// The documents of `text` (a YAML file) after substitution with var `x` = `value`.
+    fn substitute(text: &str, value: &str) -> Result<Vec<Value>, SubstituteError> {
+        let f = ManifestFile {
+            path: "p.yaml".into(),
+            data: text.as_bytes().to_vec(),
+        };
+        let out = substitute_file(&f, &ctx(value), false, &mut Budget::new(1 << 20, 0))?;
+        let f = ManifestFile {
+            data: out.unwrap_or(f.data),
+            ..f
+        };
+        Ok(parse_documents(&f).expect("written back documents parse"))
+    }
+
+    const TEMPLATE: &str = "a: ${roost.vars.x}\nb: \"${roost.vars.x}\"\nc: ['k-${roost.vars.x}']\n";
+
+    fn check(docs: &[Value], value: &str) -> Result<(), TestCaseError> {
+        prop_assert_eq!(docs.len(), 1);
+        let d = &docs[0];
+        prop_assert_eq!(d.as_object().map(|m| m.len()), Some(3), "no key added");
+        prop_assert_eq!(d["a"].as_str(), Some(value));
+        prop_assert_eq!(d["b"].as_str(), Some(value));
+        prop_assert_eq!(d["c"].as_array().map(Vec::len), Some(1));
+        let prefixed = format!("k-{value}");
+        prop_assert_eq!(d["c"][0].as_str(), Some(prefixed.as_str()));
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_substitutes_or_fails_cleanly(
+            text in "([a-z: \n\"'\\[\\]{},-]|\\$|\\$\\{|\\$\\$\\{|\\}|roost\\.store|roost\\.vars\\.x|roost\\.labels\\.y|:=){0,120}"
+        ) {
+            let _ = substitute(&text, "x\n  evil: true");
+        }
+
+        #[test]
+        fn a_printable_value_is_always_exactly_one_string(value in "[ -~\n\t]{0,200}") {
+            let docs = substitute(TEMPLATE, &value).expect("substitutes");
+            check(&docs, &value)?;
+        }
+
+        #[test]
+        fn any_value_is_one_string_or_refused(value in "\\PC{0,60}|[\\x00-\\x1f\\x7f\\u{85}\\u{feff}\\u{2028}]{0,8}") {
+            match substitute(TEMPLATE, &value) {
+                Ok(docs) => check(&docs, &value)?,
+                Err(e) => prop_assert!(matches!(e, SubstituteError::Document { .. }), "{}", e),
+            }
         }
     }
 }
