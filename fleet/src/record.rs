@@ -21,11 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use roost_runtime::{Backoff, DirectMessage, Incoming, Link, LinkConfig};
 use roost_schemas::topics::StoreTopicKind;
-use roost_schemas::{CloudEvent, Envelope, Topics};
+use roost_schemas::{envelope_sequence, sequence_rule, CloudEvent, Topics};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio_util::sync::CancellationToken;
@@ -479,16 +477,6 @@ fn upsert_desired(c: &Connection, topic: &str, payload: &[u8]) -> Result<Desired
     Ok(DesiredWrite::Stored)
 }
 
-/// The rollout sequence inside an envelope, without verifying it.
-pub fn envelope_sequence(payload: &[u8]) -> Option<u64> {
-    let env: Envelope = serde_json::from_slice(payload).ok()?;
-    let body = B64.decode(env.payload).ok()?;
-    serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()?
-        .get("sequence")?
-        .as_u64()
-}
-
 /// Options of the fleet service.
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
@@ -728,7 +716,7 @@ async fn check_once(opts: &FleetOptions, db: &FleetDb) -> Result<CheckReport, Fl
         .map_err(|e| mqtt(&e))?;
     let mut seen: HashMap<String, Option<u64>> = HashMap::new();
     let saw = |seen: &mut HashMap<String, Option<u64>>, p: &rumqttc::Publish| {
-        let seq = seen_sequence(&p.payload);
+        let seq = envelope_sequence(&p.payload);
         let e = seen.entry(p.topic.clone()).or_insert(seq);
         *e = (*e).max(seq);
     };
@@ -834,23 +822,6 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// The contract's sequence rule: greater than the last known, and at least the clock in ms,
-/// so a publisher that lost its record (or a broker that lost its retained messages) still
-/// picks a sequence no agent has accepted.
-pub fn sequence_rule(last_known: u64, now_ms: u64) -> u64 {
-    (last_known + 1).max(now_ms)
-}
-
-/// The sequence a broker's deployment message shows: None for a cleared topic (empty
-/// payload) or an unreadable envelope, which a restore leaves alone.
-fn seen_sequence(payload: &[u8]) -> Option<u64> {
-    if payload.is_empty() {
-        None
-    } else {
-        envelope_sequence(payload)
-    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Test data and small helpers shared by the test binaries: the `web` app's manifests, file
 //! lists for [`GitServer`](crate::harness::GitServer), shipped configuration files, free
-//! ports, mosquitto, the age CLI, tools a test may skip without, and `roost up --once`.
+//! ports, mosquitto, tools a test may skip without, and `roost up --once`.
 
 use std::ffi::OsStr;
 use std::net::SocketAddr;
@@ -108,16 +108,16 @@ pub fn mosquitto_bin(test: &str) -> Option<&'static str> {
     found
 }
 
-/// The reference `age` CLI (Debian package `age`), or None when `test` may go without it
-/// (absent, and not under CI; see [`skip_unless_ci`]).
+/// The reference `age` CLI (`age`, with `age-keygen` beside it), or None when `test` may be
+/// skipped (absent, and not under CI; see [`skip_unless_ci`]).
 pub fn age_bin(test: &str) -> Option<&'static str> {
     let found = ["/usr/bin/age", "/usr/local/bin/age"]
         .into_iter()
         .find(|p| Path::new(p).exists());
     if found.is_none() {
         skip_unless_ci(
-            &format!("the age CLI is not installed, and CI must run {test} (.ci/run installs it)"),
-            &format!("{test}: the age CLI is not installed (apt-get install -y age); sealing with the crate instead"),
+            &format!("age is not installed, and CI must run {test} (.ci/run installs it)"),
+            &format!("SKIPPED {test}: age is not installed (apt-get install -y age)"),
         );
     }
     found

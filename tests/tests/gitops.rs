@@ -712,6 +712,7 @@ async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_
             percent: None,
             stores: None,
             fleet: Some(true),
+            selector: None,
             converged_pct: None,
             soak_s: None,
         });
@@ -1644,12 +1645,7 @@ async fn controller_snapshots_confirm_freshness_and_a_rolled_back_broker_is_repo
             .expect("desired")
             .into_iter()
             .find(|(t, _)| *t == fleet_topic)
-            .map(|(_, p)| {
-                (
-                    roost_fleet::record::envelope_sequence(&p).expect("sequence"),
-                    p,
-                )
-            })
+            .map(|(_, p)| (roost_schemas::envelope_sequence(&p).expect("sequence"), p))
             .expect("the fleet topic is recorded")
     };
     let (seq1, env1) = desired_seq(&r);

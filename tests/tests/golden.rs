@@ -1442,7 +1442,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
         db.desired()
             .ok()?
             .into_iter()
-            .find(|(t, p)| *t == topic && roost_fleet::record::envelope_sequence(p) == Some(seq1))
+            .find(|(t, p)| *t == topic && roost_schemas::envelope_sequence(p) == Some(seq1))
             .map(|(_, p)| p)
     })
     .await;

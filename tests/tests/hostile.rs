@@ -1036,10 +1036,9 @@ fn cases(w: &mut World) -> Vec<Case> {
     ];
     // Sealed files and substitution (`policy.substitute`): this store has no age identity.
     let stranger = roost_runtime::sealed::Identity::generate();
-    let sealed_cm = roost_runtime::sealed::seal(
-        &[stranger.recipient()],
+    let sealed_cm = roost_runtime::sealed::encrypt(
+        &[stranger.to_recipient()],
         b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\n",
-        true,
     )
     .expect("seal");
     let cm_with = |value: &str| {
@@ -1698,7 +1697,7 @@ fn age_seal_cli(
 ) -> Vec<u8> {
     use std::io::Write as _;
     let Some(age) = roost_tests::fixtures::age_bin(test) else {
-        return roost_runtime::sealed::seal(std::slice::from_ref(recipient), plaintext, true)
+        return roost_runtime::sealed::encrypt(std::slice::from_ref(recipient), plaintext)
             .expect("seal");
     };
     let mut child = std::process::Command::new(age)
@@ -1729,7 +1728,7 @@ fn age_seal_cli(
 async fn sealed_secrets_overlays_and_substitution_per_store() {
     use kube::api::{Api, DynamicObject, Patch, PatchParams};
     use kube::core::{ApiResource, GroupVersionKind};
-    use roost_runtime::sealed::{open, seal, Identity};
+    use roost_runtime::sealed::{decrypt, encrypt, Identity};
     const TEST: &str = "sealed_secrets_overlays_and_substitution_per_store";
     let (
         server,
@@ -1799,7 +1798,7 @@ async fn sealed_secrets_overlays_and_substitution_per_store() {
         v
     };
     let armored = |id: &Identity, text: &str| {
-        String::from_utf8(seal(&[id.recipient()], text.as_bytes(), true).expect("seal"))
+        String::from_utf8(encrypt(&[id.to_recipient()], text.as_bytes()).expect("seal"))
             .expect("armor is text")
     };
 
@@ -1888,7 +1887,7 @@ async fn sealed_secrets_overlays_and_substitution_per_store() {
                 format!("{APP}/_stores/{b}/secret.yaml.age"),
                 String::from_utf8(age_seal_cli(
                     TEST,
-                    &ids[1].recipient(),
+                    &ids[1].to_recipient(),
                     secret_yaml(&secrets[1]).as_bytes(),
                 ))
                 .expect("armor is text"),
@@ -1920,7 +1919,7 @@ async fn sealed_secrets_overlays_and_substitution_per_store() {
     );
     assert_eq!(live["secret.env.age"], cipher_c, "written as it is");
     assert_eq!(
-        open(&ids[2], live["secret.env.age"].as_bytes()).expect("C opens it"),
+        decrypt(&ids[2], live["secret.env.age"].as_bytes()).expect("C opens it"),
         format!("PASSWORD={}\n", secrets[2]).as_bytes()
     );
     let c_config: Value = serde_saphyr::from_str(&live["config.yaml"]).expect("yaml");

@@ -75,7 +75,7 @@ pub fn open(f: &ManifestFile, identity: Option<&Identity>) -> Result<Vec<u8>, Se
             path: f.path.clone(),
         });
     };
-    sealed::open(identity, &f.data).map_err(|e| match e {
+    sealed::decrypt(identity, &f.data).map_err(|e| match e {
         SealedError::NotForThisIdentity => SealedFileError::NotForThisStore {
             path: f.path.clone(),
         },
@@ -104,7 +104,7 @@ pub fn load_identity(cfg: &AgentConfig) -> Result<Option<Identity>, SealedError>
     if cfg.file.secrets.identity_file.is_none() && !path.exists() {
         return Ok(None);
     }
-    Identity::read_file(&path).map(Some)
+    Identity::read_private(&path).map(Some)
 }
 
 #[cfg(test)]
@@ -115,10 +115,13 @@ mod tests {
     fn opens_only_with_the_right_identity_and_names_the_file() {
         let (a, b) = (Identity::generate(), Identity::generate());
         let plain = b"kind: Secret\n";
-        for armor in [false, true] {
+        for format in [
+            roost_runtime::sealed::Format::Binary,
+            roost_runtime::sealed::Format::AsciiArmor,
+        ] {
             let f = ManifestFile {
                 path: "secret.yaml.age".into(),
-                data: sealed::seal(&[a.recipient()], plain, armor).expect("seal"),
+                data: sealed::encrypt_as(&[a.to_recipient()], plain, format).expect("seal"),
             };
             assert_eq!(open(&f, Some(&a)).expect("a"), plain);
             let e = open(&f, Some(&b)).expect_err("b");
@@ -172,7 +175,7 @@ mod tests {
         std::fs::set_permissions(identity_path(&cfg), std::fs::Permissions::from_mode(0o644))
             .expect("chmod");
         let e = load_identity(&cfg).expect_err("world-readable");
-        assert!(matches!(e, SealedError::IdentityPermissions { .. }), "{e}");
+        assert!(matches!(e, SealedError::Permissions { .. }), "{e}");
         // A configured file must exist.
         let other = dir.path().join("elsewhere/key.txt");
         let cfg = config(

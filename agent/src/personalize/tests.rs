@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use roost_runtime::sealed::{seal, Identity};
+use roost_runtime::sealed::{encrypt_as, Identity};
 use roost_schemas::reason::detail;
 
 use super::*;
@@ -46,6 +46,20 @@ fn secret(name: &str, password: &str) -> String {
 
 fn cm() -> String {
     "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\n  namespace: shop\ndata:\n  store: ${roost.store}\n  region: ${roost.labels.region}\n  literal: $${roost.store}\n".into()
+}
+
+/// `text` sealed to `to`, ASCII-armored or binary.
+fn seal(
+    to: &Identity,
+    text: &[u8],
+    armor: bool,
+) -> Result<Vec<u8>, roost_runtime::sealed::SealedError> {
+    let format = if armor {
+        roost_runtime::sealed::Format::AsciiArmor
+    } else {
+        roost_runtime::sealed::Format::Binary
+    };
+    encrypt_as(&[to.to_recipient()], text, format)
 }
 
 struct Stores {
@@ -107,12 +121,7 @@ fn a_plain_revision_passes_unchanged() {
 fn a_secret_sealed_for_one_store_is_applied_there_only() {
     let s = Stores::new();
     for armor in [false, true] {
-        let sealed = seal(
-            &[s.a.recipient()],
-            secret("db", "hunter2").as_bytes(),
-            armor,
-        )
-        .expect("seal");
+        let sealed = seal(&s.a, secret("db", "hunter2").as_bytes(), armor).expect("seal");
         let files = vec![
             file("config.yaml", cm().as_bytes()),
             file("secret.yaml.age", &sealed),
@@ -157,7 +166,7 @@ fn a_secret_sealed_for_one_store_is_applied_there_only() {
 #[test]
 fn the_files_target_gets_ciphertext_checked_for_this_store() {
     let s = Stores::new();
-    let sealed = seal(&[s.a.recipient()], b"PASSWORD=hunter2\n", true).expect("seal");
+    let sealed = seal(&s.a, b"PASSWORD=hunter2\n", true).expect("seal");
     let files = vec![
         file("app.env.age", &sealed),
         file("_stores/store-a/only-a.env.age", &sealed),
@@ -182,9 +191,8 @@ fn the_files_target_gets_ciphertext_checked_for_this_store() {
 #[test]
 fn each_store_gets_its_own_sealed_overlay() {
     let s = Stores::new();
-    let seal_for = |id: &Identity, pw: &str| {
-        seal(&[id.recipient()], secret("db", pw).as_bytes(), false).expect("seal")
-    };
+    let seal_for =
+        |id: &Identity, pw: &str| seal(id, secret("db", pw).as_bytes(), false).expect("seal");
     let files = vec![
         file("secret.yaml", secret("db", "placeholder").as_bytes()),
         file("_stores/store-a/secret.yaml.age", &seal_for(&s.a, "for-a")),
@@ -211,7 +219,7 @@ fn each_store_gets_its_own_sealed_overlay() {
 #[test]
 fn a_sealed_file_may_not_shadow_a_plain_one() {
     let s = Stores::new();
-    let sealed = seal(&[s.a.recipient()], b"kind: A\n", true).expect("seal");
+    let sealed = seal(&s.a, b"kind: A\n", true).expect("seal");
     let files = vec![file("x.yaml", b"kind: B\n"), file("x.yaml.age", &sealed)];
     let e = run(files, "store-a", Some(&s.a), Layout::Objects, false).expect_err("dup");
     assert!(

@@ -20,13 +20,12 @@ use std::time::Duration;
 
 use roost_runtime::{DirectMessage, Link, LinkConfig};
 use roost_schemas::fleet::{FleetDeployment, FleetFile};
-use roost_schemas::{
-    Keyring, Rollout, Scope, SigningKey, Source, Topics, PAYLOAD_TYPE, SNAPSHOT_PAYLOAD_TYPE,
-};
+use roost_schemas::{Keyring, Scope, SigningKey, Topics, SNAPSHOT_PAYLOAD_TYPE};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument as _};
 
 use crate::record::{FleetDb, FleetError};
+use crate::sign::{sign_rollout, RolloutSpec};
 use plan::{Action, Plan, PlanStatus, Release};
 use store::Published;
 
@@ -104,7 +103,9 @@ pub fn parse_fleet_file(bytes: &[u8]) -> Result<FleetFile, String> {
             ));
         }
     }
-    let file: FleetFile = serde_json::from_value(value).map_err(|e| format!("schema: {e}"))?;
+    // Typed from the text itself, not from `value`: a JSON object sorts its keys, and the
+    // order of `groups:` is the stores' precedence order.
+    let file: FleetFile = serde_saphyr::from_str(text).map_err(|e| format!("schema: {e}"))?;
     file.validate().map_err(|e| e.to_string())?;
     Ok(file)
 }
@@ -114,7 +115,8 @@ fn topic(topics: &Topics, scope: &Scope, deployment: &str) -> String {
     topics.deployment(scope, deployment)
 }
 
-/// Signs a rollout of `release` (or a tombstone) for `scope`.
+/// Signs, with the one signer ([`crate::sign`]), a rollout of `release` (a tombstone when
+/// None) for `scope`; returns the envelope's bytes.
 fn sign(
     key: &SigningKey,
     deployment: &str,
@@ -122,25 +124,20 @@ fn sign(
     sequence: u64,
     release: Option<&Release>,
     origin: Option<roost_schemas::rollout::Origin>,
-) -> Result<Vec<u8>, String> {
-    let rollout = Rollout {
+) -> Result<Vec<u8>, crate::sign::SignError> {
+    let spec = RolloutSpec {
         deployment: deployment.to_owned(),
         scope: scope.clone(),
-        sequence,
-        issued_at: roost_schemas::now_rfc3339(),
-        source: release.map(|r| Source {
-            url: r.url.clone(),
-            revision: r.revision.clone(),
-            path: r.path.clone(),
-        }),
-        not_before: release.and_then(|r| r.not_before.clone()),
+        url: release.map(|r| r.url.clone()).unwrap_or_default(),
+        revision: release.map(|r| r.revision.clone()).unwrap_or_default(),
+        path: release.map(|r| r.path.clone()).unwrap_or_default(),
         policy: release.map(|r| r.policy.clone()).unwrap_or_default(),
+        not_before: release.and_then(|r| r.not_before.clone()),
         remove: release.is_none(),
+        sequence: Some(sequence),
         origin,
     };
-    rollout.validate().map_err(|e| e.to_string())?;
-    let body = serde_json::to_vec(&rollout).map_err(|e| e.to_string())?;
-    serde_json::to_vec(&key.sign(PAYLOAD_TYPE, &body)).map_err(|e| e.to_string())
+    Ok(sign_rollout(std::slice::from_ref(key), &spec, sequence)?.envelope)
 }
 
 /// The controller.
@@ -149,7 +146,7 @@ struct Controller {
     db: FleetDb,
     key: Arc<SigningKey>,
     topics: Topics,
-    git: roost_agent::git::GitCache,
+    git: crate::git::GitCache,
     link: roost_runtime::LinkHandle,
     /// Resolved refs: (url, ref) -> commit, refreshed every poll.
     refs: HashMap<(String, String), String>,
@@ -180,13 +177,13 @@ impl Controller {
     async fn sync(&mut self) -> Result<(), GitopsError> {
         let (repo, branch) = (self.opts.repo.clone(), self.opts.branch.clone());
         let commit = match tokio::task::spawn_blocking(move || {
-            crate::cloud::resolve_revision(&repo, &branch)
+            crate::git::resolve_revision(&repo, &branch)
         })
         .await?
         {
             Ok(c) => c,
             Err(error) => {
-                warn!(repo = %self.opts.repo, error = %error, "cannot resolve the fleet repository's branch");
+                warn!(repo = %self.opts.repo, error = %roost_runtime::error_chain(&error), "cannot resolve the fleet repository's branch");
                 return Ok(());
             }
         };
@@ -242,14 +239,13 @@ impl Controller {
             .collect();
         for (url, r) in tracked {
             let (u, rr) = (url.clone(), r.clone());
-            match tokio::task::spawn_blocking(move || crate::cloud::resolve_revision(&u, &rr))
-                .await?
+            match tokio::task::spawn_blocking(move || crate::git::resolve_revision(&u, &rr)).await?
             {
                 Ok(c) => {
                     self.refs.insert((url, r), c);
                 }
                 Err(error) => {
-                    warn!(%url, git_ref = %r, %error, "cannot resolve a tracked ref; keeping the last commit")
+                    warn!(%url, git_ref = %r, error = %roost_runtime::error_chain(&error), "cannot resolve a tracked ref; keeping the last commit")
                 }
             }
         }
@@ -529,7 +525,7 @@ impl Controller {
                         let seq = crate::record::next_sequence_in(tx, &t)?;
                         let payload =
                             sign(&key, &dep, scope, seq, release.as_ref(), origin.clone())
-                                .map_err(FleetError::Usage)?;
+                                .map_err(|e| FleetError::Usage(roost_runtime::error_chain(&e)))?;
                         crate::record::put_desired_in(tx, &t, seq, &payload)?;
                         store::put_published(
                             tx,
@@ -667,11 +663,7 @@ pub async fn run(
             .and_then(|(s, f)| Some((s.good_commit?, f?)))
     };
     let mut c = Controller {
-        git: roost_agent::git::GitCache::new(
-            opts.cache_dir.clone(),
-            Vec::new(),
-            Duration::from_secs(60),
-        ),
+        git: crate::git::GitCache::new(opts.cache_dir.clone(), Duration::from_secs(60)),
         opts,
         db,
         key: Arc::new(key),
@@ -861,5 +853,52 @@ pub async fn wait_for_sync(
             return Ok(SyncWait { lines, ok: false });
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_fleet_file;
+
+    #[test]
+    fn group_definitions_keep_their_order_and_the_list_form_still_parses() {
+        let v12 = "apiVersion: roost.dev/v1alpha1
+kind: Fleet
+groups:
+  zz-canary: {stores: [store-0001]}
+  us-south: {selector: {region: us-south}}
+  new-pos:
+    selector:
+      matchExpressions: [{key: pos, operator: In, values: [v7, v8]}]
+deployments:
+  kds:
+    source: {url: git://h/apps, ref: main, path: apps/kds}
+    targets: {selector: {format: drive-thru}}
+    waves:
+      - {name: canary, group: zz-canary}
+      - {name: texas, selector: {region: us-south}}
+      - {name: everyone, fleet: true}
+";
+        let f = parse_fleet_file(v12.as_bytes()).expect("v1.2 file");
+        assert_eq!(
+            f.groups.expect("groups").names(),
+            ["zz-canary", "us-south", "new-pos"]
+        );
+        let v11 = "apiVersion: roost.dev/v1alpha1
+kind: Fleet
+groups: [canary, all]
+deployments:
+  kds:
+    source: {url: git://h/apps, ref: main, path: apps/kds}
+    waves: [{name: canary, group: canary}, {name: all, fleet: true}]
+";
+        let f = parse_fleet_file(v11.as_bytes()).expect("v1.1 file");
+        assert_eq!(f.groups.expect("groups").names(), ["canary", "all"]);
+        let bad = v12.replace(
+            "region: us-south}}\n  new-pos",
+            "region: \"us south\"}}\n  new-pos",
+        );
+        let e = parse_fleet_file(bad.as_bytes()).expect_err("bad selector");
+        assert!(e.contains("selector"), "{e}");
     }
 }

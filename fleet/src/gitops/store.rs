@@ -279,6 +279,7 @@ pub fn view(c: &Connection, deployment: &str) -> Result<Vec<StoreView>, FleetErr
             online: presence.get(&store).copied().unwrap_or(true),
             status: doc.deployments.get(deployment).cloned(),
             groups: doc.groups,
+            labels: Default::default(),
             store,
         });
     }

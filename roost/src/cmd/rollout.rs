@@ -88,16 +88,20 @@ pub async fn run(a: RolloutArgs, cancel: CancellationToken) -> anyhow::Result<()
         .map(|k| cloud::load_key(k))
         .collect::<Result<Vec<_>, _>>()?;
     let broker = a.security.target(&a.broker)?;
-    let revision = if a.remove && a.revision.is_empty() {
-        String::new()
-    } else {
-        let repo = a.repo.clone();
-        let rev = a.revision.clone();
-        interruptible(&cancel, async {
-            Ok(tokio::task::spawn_blocking(move || cloud::resolve_revision(&repo, &rev)).await??)
-        })
-        .await?
-    };
+    let revision =
+        if a.remove && a.revision.is_empty() {
+            String::new()
+        } else {
+            let repo = a.repo.clone();
+            let rev = a.revision.clone();
+            interruptible(&cancel, async {
+                Ok(tokio::task::spawn_blocking(move || {
+                    roost_fleet::git::resolve_revision(&repo, &rev)
+                })
+                .await??)
+            })
+            .await?
+        };
     let spec = RolloutSpec {
         deployment: a.deployment,
         scope,
