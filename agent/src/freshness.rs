@@ -263,6 +263,7 @@ pub async fn handle_snapshot(
             scope: None,
             reason: rejected.reason,
             message: rejected.message,
+            detail: None,
         })])
         .await;
     false

@@ -9,6 +9,7 @@ pub mod git;
 pub mod git_https;
 pub mod ledger;
 pub mod metrics;
+pub mod personalize;
 pub mod reconcile;
 pub mod targets;
 pub mod verify;
@@ -67,6 +68,10 @@ pub enum AgentError {
     /// The configuration file is invalid.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// The store's age identity file is unusable (missing when configured, readable by
+    /// others, not an identity).
+    #[error("[secrets] identity_file")]
+    Identity(#[source] roost_runtime::sealed::SealedError),
 }
 
 /// Builds the target named in the configuration.
@@ -119,6 +124,16 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     let ledger =
         ledger::Ledger::open(outbox.clone(), topics.events(&store), cfg.event_source()).await?;
     let target = Arc::new(build_target(&cfg).await?);
+    let identity = personalize::sealed::load_identity(&cfg).map_err(AgentError::Identity)?;
+    match &identity {
+        Some(id) => info!(recipient = %id.recipient(), "age identity loaded"),
+        None => info!(
+            path = %personalize::sealed::identity_path(&cfg).display(),
+            "no age identity: sealed files are not for this store"
+        ),
+    }
+    let personalizer =
+        personalize::Personalizer::new(personalize::StoreContext::from_config(&cfg.file), identity);
     let git = git::GitCache::new(
         dir.join("git"),
         cfg.file.git.credentials.clone(),
@@ -166,6 +181,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         git,
         target,
         metrics,
+        personalizer,
     };
     info!(%store, groups = ?cfg.file.groups, "agent starting");
     tracker.spawn(
@@ -435,6 +451,7 @@ async fn handle_message(
             scope: None,
             reason: r.reason,
             message: r.message,
+            detail: None,
         })];
         ctx.metrics.events(&events);
         ctx.ledger.emit(events).await;

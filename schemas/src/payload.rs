@@ -108,6 +108,10 @@ payload!(
         pub reason: Reason,
         /// What exactly.
         pub message: String,
+        /// A finer, stable cause under `reason` (see [`crate::reason::detail`]), e.g.
+        /// `secret_not_for_this_store`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub detail: Option<String>,
     }
 );
 

@@ -260,6 +260,7 @@ pub fn store_configs(
         },
         target,
         limits: Limits::default(),
+        secrets: Default::default(),
         drift_interval_s: None,
         outbox_max_mib: None,
         retry_ms: Some((500, 10_000)),

@@ -113,11 +113,15 @@ impl Rig {
         .await
         .expect("ledger");
         let ctx = Ctx {
-            cfg,
+            cfg: cfg.clone(),
             ledger,
             git: GitCache::new(state.path().join("git"), vec![], Duration::from_secs(10)),
             target: Arc::new(fake.clone()),
             metrics: Default::default(),
+            personalizer: crate::personalize::Personalizer::new(
+                crate::personalize::StoreContext::from_config(&cfg.file),
+                None,
+            ),
         };
         let (tx, _) = watch::channel(Desired::Unknown);
         Rig {

@@ -58,6 +58,10 @@ pub struct RolloutArgs {
     /// Health timeout in seconds.
     #[arg(long, default_value_t = 300)]
     health_timeout: u64,
+    /// Replace `${roost.…}` variables in the manifests with each store's values
+    /// (`policy.substitute`).
+    #[arg(long)]
+    substitute: bool,
     /// Publish a tombstone.
     #[arg(long)]
     remove: bool,
@@ -108,6 +112,7 @@ pub async fn run(a: RolloutArgs, cancel: CancellationToken) -> anyhow::Result<()
             prune: !a.no_prune,
             self_heal: !a.no_self_heal,
             health_timeout_s: a.health_timeout,
+            substitute: a.substitute,
         },
         not_before: a.not_before,
         remove: a.remove,
