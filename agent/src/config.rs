@@ -304,6 +304,17 @@ impl Default for Limits {
     }
 }
 
+/// Sealed secrets (`[secrets]`).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// The store's age identity (an `age-keygen` file, mode 0600 or stricter; the agent
+    /// refuses to start when group or others can read it). Default `STATE/age-identity.txt`,
+    /// used when it exists. Enrollment writes it; the agent never creates one.
+    #[serde(default)]
+    pub identity_file: Option<PathBuf>,
+}
+
 /// The agent configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -339,6 +350,9 @@ pub struct AgentFile {
     /// Limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Sealed secrets: the store's age identity.
+    #[serde(default)]
+    pub secrets: SecretsConfig,
     /// Periodic drift check interval in seconds (default 300; files target 30).
     #[serde(default)]
     pub drift_interval_s: Option<u64>,

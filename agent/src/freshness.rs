@@ -255,6 +255,7 @@ pub async fn handle_snapshot(
             scope: None,
             reason: rejected.reason,
             message: rejected.message,
+            detail: None,
         })])
         .await;
     false

@@ -84,13 +84,23 @@ impl GitError {
     }
 }
 
-/// One file of a rendered revision.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One file of a rendered revision. `Debug` shows its path and size, never its content (a
+/// decrypted Secret's, for one).
+#[derive(Clone, PartialEq, Eq)]
 pub struct ManifestFile {
     /// Path relative to the rollout's `path`.
     pub path: String,
     /// Content.
     pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for ManifestFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManifestFile")
+            .field("path", &self.path)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
 }
 
 /// A rendered revision: the files under `path`, sorted by path.
@@ -100,6 +110,30 @@ pub struct Rendered {
     pub revision: String,
     /// Files, sorted by path.
     pub files: Vec<ManifestFile>,
+    /// Which files were decrypted from sealed (`.age`) files for this store (by
+    /// [`crate::personalize`]; none from Git), and the key their objects' inventory digests
+    /// are taken with.
+    pub sealed: SealedFiles,
+}
+
+/// Files of a [`Rendered`] that hold decrypted content.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SealedFiles {
+    /// Their paths.
+    pub paths: std::collections::BTreeSet<String>,
+    /// A key derived from the store's identity: digests of these files' objects are keyed
+    /// with it, so the inventory cannot be used to test guesses of a secret.
+    pub digest_key: Option<roost_runtime::sealed::DigestKey>,
+}
+
+impl SealedFiles {
+    /// The inventory digest of `bytes` of the file `path`: keyed when the file was sealed.
+    pub fn digest(&self, path: &str, bytes: &[u8]) -> Option<String> {
+        match &self.digest_key {
+            Some(k) if self.paths.contains(path) => Some(k.digest(bytes)),
+            _ => None,
+        }
+    }
 }
 
 impl Rendered {
@@ -629,6 +663,7 @@ fn render_blocking(
     Ok(Rendered {
         revision: revision.to_owned(),
         files,
+        sealed: SealedFiles::default(),
     })
 }
 
@@ -757,6 +792,39 @@ pub fn parse_documents(f: &ManifestFile) -> Result<Vec<serde_json::Value>, GitEr
         )));
     }
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// Writes documents back as one manifest file of `path`'s kind, the inverse of
+/// [`parse_documents`]: a `.json` file holds exactly one document (pretty JSON); any other
+/// file YAML documents separated by `---`. The result is parsed again and must give exactly
+/// `docs` back (else YAML is tried as JSON documents, which YAML reads too), so a string can
+/// never come back as structure, whatever it holds. `None` when no form round-trips.
+pub fn write_documents(path: &str, docs: &[serde_json::Value]) -> Option<Vec<u8>> {
+    let round_trips = |data: &[u8]| {
+        let f = ManifestFile {
+            path: path.to_owned(),
+            data: data.to_vec(),
+        };
+        parse_documents(&f).is_ok_and(|back| back == docs)
+    };
+    let mut forms: Vec<Vec<u8>> = Vec::new();
+    if path.to_ascii_lowercase().ends_with(".json") {
+        if let [doc] = docs {
+            if let Ok(mut v) = serde_json::to_vec_pretty(doc) {
+                v.push(b'\n');
+                forms.push(v);
+            }
+        }
+    } else {
+        if let Ok(y) = serde_saphyr::to_string_multiple(docs) {
+            forms.push(y.into_bytes());
+        }
+        let json: Result<Vec<String>, _> = docs.iter().map(serde_json::to_string).collect();
+        if let Ok(json) = json {
+            forms.push(format!("{}\n", json.join("\n---\n")).into_bytes());
+        }
+    }
+    forms.into_iter().find(|f| round_trips(f))
 }
 
 fn check_syntax(f: &ManifestFile) -> Result<(), GitError> {

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::profile::StoreContext;
+use crate::personalize::StoreContext;
 use crate::reconcile::machine::Record;
 
 /// Errors of the ledger.
@@ -382,17 +382,20 @@ impl Ledger {
     /// rendering reads.
     pub fn store_context(&self) -> StoreContext {
         match &self.mem().profile {
-            Some(p) => StoreContext::of(&p.profile),
+            Some(p) => self.bootstrap.with_profile(&p.profile),
             None => (*self.bootstrap).clone(),
         }
     }
 
+    /// The context `agent.toml` gives (store name and configured groups), which a profile
+    /// builds on.
+    pub fn bootstrap(&self) -> &StoreContext {
+        &self.bootstrap
+    }
+
     /// The groups in force, in precedence order (see [`Ledger::store_context`]).
     pub fn groups(&self) -> Vec<String> {
-        match &self.mem().profile {
-            Some(p) => p.profile.groups.clone(),
-            None => self.bootstrap.groups.clone(),
-        }
+        self.store_context().groups
     }
 
     /// Records an accepted store profile (replacing the previous one) together with its

@@ -9,6 +9,7 @@ pub mod git;
 pub mod git_https;
 pub mod ledger;
 pub mod metrics;
+pub mod personalize;
 pub mod profile;
 pub mod reconcile;
 pub mod targets;
@@ -29,7 +30,7 @@ use tracing::{debug, info, warn, Instrument as _};
 
 pub use config::AgentConfig;
 use decide::{classify_sequence, resolve, scope_rank, Desired, SequenceVerdict};
-use profile::StoreContext;
+use personalize::StoreContext;
 use reconcile::Ctx;
 use verify::{verify_message, VerifyPolicy};
 
@@ -69,6 +70,10 @@ pub enum AgentError {
     /// The configuration file is invalid.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// The store's age identity file is unusable (missing when configured, readable by
+    /// others, not an identity).
+    #[error("[secrets] identity_file")]
+    Identity(#[source] roost_runtime::sealed::SealedError),
 }
 
 /// Builds the target named in the configuration.
@@ -122,10 +127,21 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         outbox.clone(),
         topics.events(&store),
         cfg.event_source(),
-        StoreContext::bootstrap(&store, &cfg.file.groups),
+        StoreContext::from_config(&cfg.file),
     )
     .await?;
     let target = Arc::new(build_target(&cfg).await?);
+    let identity = personalize::sealed::load_identity(&cfg).map_err(AgentError::Identity)?;
+    match &identity {
+        Some(id) => info!(recipient = %id.recipient(), "age identity loaded"),
+        None => info!(
+            path = %personalize::sealed::identity_path(&cfg).display(),
+            "no age identity: sealed files are not for this store"
+        ),
+    }
+    // The store context the builds use: the accepted profile's (kept in the ledger), the
+    // configured one before the first profile.
+    let personalizer = personalize::Personalizer::new(ledger.store_context(), identity);
     let git = git::GitCache::new(
         dir.join("git"),
         cfg.file.git.credentials.clone(),
@@ -170,6 +186,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
         git,
         target,
         metrics,
+        personalizer,
     };
     info!(%store, groups = ?ledger.groups(), profile = ledger.profile().map(|p| p.profile.sequence), "agent starting");
     tracker.spawn(
@@ -546,6 +563,9 @@ async fn controller(
             let accepted =
                 profile::handle_profile(&policy, &w.ctx.ledger, &msg.topic, &msg.payload).await;
             if let Some(change) = accepted {
+                // The builds from now on render with the new context (before anything is
+                // decided again with it).
+                w.ctx.personalizer.set_context(change.after.clone());
                 if change.after.groups != change.before.groups {
                     let subs = subscriptions(&topics, &store, &change.after.groups, confirm);
                     if let Err(error) = link.set_subscriptions(subs) {
@@ -586,6 +606,7 @@ async fn handle_message(w: &mut Workers, topics: &Topics, msg: &Incoming) {
             scope: None,
             reason: r.reason,
             message: r.message,
+            detail: None,
         })];
         ctx.metrics.events(&events);
         ctx.ledger.emit(events).await;
@@ -657,7 +678,7 @@ impl Workers {
         let context = ctx.ledger.store_context();
         let desired = match resolve(&slots, &context.store, &context.groups) {
             Desired::Apply { rollout, .. } => Desired::Apply {
-                context: profile::context_for(&rollout, &context),
+                context: profile::context_for(&rollout, &context, ctx.ledger.bootstrap()),
                 rollout,
             },
             other => other,

@@ -1,17 +1,16 @@
 //! The store profile (`roost/v1/stores/{store}/profile`): verification exactly as for
 //! rollouts (size, DSSE by trusted keys with the store threshold, the profile schema, the
-//! store and topic), the replay guard, and [`StoreContext`], what the agent knows about its
-//! own store: the groups in force (precedence) and the labels, vars and time zone rendering
-//! reads. The configured groups count only until the first profile is accepted.
-
-use std::collections::BTreeMap;
+//! store and topic), the replay guard, and which deployments a new store context renders
+//! again ([`context_for`]). The accepted profile gives the store context (groups in force,
+//! labels, vars, time zone; `Ledger::store_context`); the configured groups count only until
+//! the first profile is accepted.
 
 use roost_schemas::payload::{ProfileAccepted, ProfileRejected};
 use roost_schemas::{EventData, Profile, Reason, Rollout, PROFILE_PAYLOAD_TYPE};
-use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use crate::ledger::{Ledger, StoredProfile};
+use crate::personalize::StoreContext;
 use crate::verify::{replay_guard, verify_signed, Kind, Rejection, Signed, VerifyPolicy};
 
 /// A verified store profile.
@@ -25,87 +24,31 @@ pub struct VerifiedProfile {
     pub keyids: Vec<String>,
 }
 
-/// What the agent knows about its own store: from the last accepted profile, or before the
-/// first one its name and configured groups (no labels or vars, UTC). The one source of the
-/// groups in force and of the values `${roost.…}` substitution and overlays read
-/// ([`Ledger::store_context`]).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct StoreContext {
-    /// The store's name.
-    pub store: String,
-    /// Its groups in precedence order (first wins after the store's own scope).
-    pub groups: Vec<String>,
-    /// Its labels.
-    pub labels: BTreeMap<String, String>,
-    /// Values for `${roost.vars.KEY}`.
-    pub vars: BTreeMap<String, String>,
-    /// IANA time zone; `None` is UTC.
-    pub timezone: Option<String>,
-}
-
-impl StoreContext {
-    /// The context before any profile: the configured groups only.
-    pub fn bootstrap(store: &str, groups: &[String]) -> StoreContext {
-        StoreContext {
-            store: store.to_owned(),
-            groups: groups.to_vec(),
-            ..StoreContext::default()
+/// The digest of what rendering `rollout` reads from the store `context` (its groups, for
+/// `_groups/<group>/` overlays, and with `policy.substitute` its labels, vars and time zone
+/// too), when that differs from what the configured context `bootstrap` gives; `None`: it
+/// renders as with `agent.toml` alone. A deployment's desired state carries it, so a new
+/// profile renders and applies again exactly the deployments whose rendering it changes (a
+/// profile with new vars re-applies only those with `policy.substitute`), and a store that
+/// never had a profile re-applies nothing.
+pub fn context_for(
+    rollout: &Rollout,
+    context: &StoreContext,
+    bootstrap: &StoreContext,
+) -> Option<String> {
+    let read = |c: &StoreContext| {
+        if rollout.policy.substitute {
+            c.clone()
+        } else {
+            StoreContext {
+                store: c.store.clone(),
+                groups: c.groups.clone(),
+                ..StoreContext::default()
+            }
         }
-    }
-
-    /// The context a profile gives.
-    pub fn of(profile: &Profile) -> StoreContext {
-        StoreContext {
-            store: profile.store.clone(),
-            groups: profile.groups.clone(),
-            labels: profile.labels.clone(),
-            vars: profile.vars.clone(),
-            timezone: profile.timezone.clone(),
-        }
-    }
-
-    /// What differs from `before`, by field name (`groups`, `labels`, `vars`, `timezone`).
-    pub fn changes(&self, before: &StoreContext) -> Vec<String> {
-        [
-            ("groups", self.groups != before.groups),
-            ("labels", self.labels != before.labels),
-            ("vars", self.vars != before.vars),
-            ("timezone", self.timezone != before.timezone),
-        ]
-        .into_iter()
-        .filter(|(_, changed)| *changed)
-        .map(|(name, _)| name.to_owned())
-        .collect()
-    }
-
-    /// SHA-256 (hex) of everything a rendering may read from the context, so a record can
-    /// say which context its revision was rendered with.
-    pub fn digest(&self) -> String {
-        let json = serde_json::json!({
-            "store": self.store,
-            "groups": self.groups,
-            "labels": self.labels,
-            "vars": self.vars,
-            "timezone": self.timezone,
-        });
-        hex::encode(Sha256::digest(json.to_string().as_bytes()))
-    }
-}
-
-/// HOOK for per-store rendering (`policy.substitute`, overlays): whether rendering `rollout`
-/// reads the store context, so that a new context (a changed var, label, time zone or
-/// group) must render and apply it again. Until that rendering exists, no rollout does, and
-/// a profile that changes only labels, vars or the time zone re-applies nothing. With it,
-/// this becomes `rollout.policy.substitute` (or "the revision has overlays").
-pub fn renders_with_store_context(rollout: &Rollout) -> bool {
-    let _ = rollout;
-    false
-}
-
-/// The context digest a deployment's desired state carries: `Some` only when its rendering
-/// reads the store context ([`renders_with_store_context`]).
-pub fn context_for(rollout: &Rollout, context: &StoreContext) -> Option<String> {
-    renders_with_store_context(rollout).then(|| context.digest())
+    };
+    let (now, configured) = (read(context), read(bootstrap));
+    (now != configured).then(|| now.digest())
 }
 
 /// Verifies a message from a profile topic for `store`: the topic is `store`'s own profile
@@ -237,17 +180,8 @@ pub async fn handle_profile(
 
 async fn accept(ledger: &Ledger, v: &VerifiedProfile, envelope: &[u8]) -> Option<Accepted> {
     let before = ledger.store_context();
-    let after = StoreContext::of(&v.profile);
-    let changed = if ledger.profile().is_none() {
-        // The first profile: say what it sets, beside the groups it replaces.
-        let mut c = after.changes(&StoreContext::default());
-        if !c.iter().any(|x| x == "groups") && after.groups != before.groups {
-            c.insert(0, "groups".to_owned());
-        }
-        c
-    } else {
-        after.changes(&before)
-    };
+    let after = ledger.bootstrap().with_profile(&v.profile);
+    let changed = after.changes(&before);
     let event = EventData::ProfileAccepted(ProfileAccepted {
         sequence: v.profile.sequence,
         groups: after.groups.clone(),
@@ -284,7 +218,7 @@ mod tests {
             sequence: seq,
             issued_at: "2026-12-06T03:00:00Z".into(),
             labels: [("region".to_owned(), "us-south".to_owned())].into(),
-            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            groups: Some(groups.iter().map(|g| (*g).to_owned()).collect()),
             timezone: Some("America/Chicago".into()),
             vars: [("store_number".to_owned(), "0042".to_owned())].into(),
         }
@@ -336,7 +270,7 @@ mod tests {
         let v = verify_profile(&p, "s1", MINE, &good)
             .expect("ok")
             .expect("some");
-        assert_eq!(v.profile.groups, ["east"]);
+        assert_eq!(v.profile.groups, Some(vec!["east".to_owned()]));
         assert_eq!(v.keyids, [key(a).key_id()]);
         assert!(verify_profile(&p, "s1", MINE, b"").expect("ok").is_none());
 
@@ -509,6 +443,14 @@ mod tests {
             .collect()
     }
 
+    fn configured() -> StoreContext {
+        StoreContext {
+            store: "s1".into(),
+            groups: vec!["configured".into()],
+            ..StoreContext::default()
+        }
+    }
+
     async fn open(dir: &std::path::Path) -> (roost_runtime::Outbox, Ledger) {
         let outbox =
             roost_runtime::Outbox::open(roost_runtime::OutboxConfig::new(dir.join("outbox.db")))
@@ -517,7 +459,7 @@ mod tests {
             outbox.clone(),
             "ev".into(),
             "roost://stores/s1/agent".into(),
-            StoreContext::bootstrap("s1", &["configured".into()]),
+            configured(),
         )
         .await
         .expect("ledger");
@@ -619,21 +561,51 @@ mod tests {
         );
     }
 
+    /// Which deployments a new context renders again: with `policy.substitute` any change
+    /// of what it reads, else only the groups (overlays); nothing while the context is the
+    /// configured one.
     #[test]
-    fn changes_name_the_fields_that_differ() {
-        let before = StoreContext::of(&profile("s1", 1, &["east"]));
-        assert!(before.changes(&before).is_empty());
-        let mut after = before.clone();
-        after.groups = vec!["south".into()];
-        after.vars.insert("printer_ip".into(), "10.0.0.2".into());
-        assert_eq!(after.changes(&before), ["groups", "vars"]);
-        assert_ne!(after.digest(), before.digest());
-        let mut tz = before.clone();
-        tz.timezone = None;
-        assert_eq!(tz.changes(&before), ["timezone"]);
-        assert_eq!(
-            StoreContext::bootstrap("s1", &["east".into()]).changes(&StoreContext::default()),
-            ["groups"]
+    fn a_new_context_renders_again_what_reads_it() {
+        let plain: Rollout = serde_json::from_value(serde_json::json!({
+            "deployment": "web", "scope": {"fleet": true}, "sequence": 1,
+            "issued_at": "2026-12-06T03:00:00Z",
+            "source": {"url": "git://h/r.git", "revision": "a".repeat(40), "path": "app"},
+        }))
+        .expect("rollout");
+        let mut substituted = plain.clone();
+        substituted.policy.substitute = true;
+        let boot = configured();
+        let same_groups = boot.with_profile(&Profile {
+            groups: None,
+            ..profile("s1", 1, &[])
+        });
+        let moved = boot.with_profile(&profile("s1", 2, &["south"]));
+        let mut new_var = same_groups.clone();
+        new_var.vars.insert("printer_ip".into(), "10.0.0.9".into());
+        assert_eq!(new_var.changes(&same_groups), ["vars"]);
+        assert_eq!(moved.changes(&same_groups), ["groups"]);
+        // (case, rollout, context, renders with a context digest)
+        let rows: Vec<(&str, &Rollout, &StoreContext, bool)> = vec![
+            ("no profile", &plain, &boot, false),
+            ("no profile, substitute", &substituted, &boot, false),
+            ("labels and vars only", &plain, &same_groups, false),
+            (
+                "labels and vars, substitute",
+                &substituted,
+                &same_groups,
+                true,
+            ),
+            ("moved to other groups", &plain, &moved, true),
+            ("moved, substitute", &substituted, &moved, true),
+        ];
+        for (case, r, c, some) in rows {
+            assert_eq!(context_for(r, c, &boot).is_some(), some, "{case}");
+        }
+        // A changed var is a new digest for a substituting deployment, none for another.
+        assert_ne!(
+            context_for(&substituted, &new_var, &boot),
+            context_for(&substituted, &same_groups, &boot)
         );
+        assert_eq!(context_for(&plain, &new_var, &boot), None);
     }
 }

@@ -272,10 +272,7 @@ fn read_envelope(
 /// A payload's `sequence`, for a rejection event: only when it is a valid one (the event
 /// schema wants >= 1, and a schema-invalid event would be dropped by the bridge).
 fn payload_sequence(body: &[u8]) -> Option<u64> {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()))
-        .filter(|s| *s >= 1)
+    roost_schemas::payload_sequence(body).filter(|s| *s >= 1)
 }
 
 /// The first violation of `schema` (compiled once into `cell`) by `body`, if any.

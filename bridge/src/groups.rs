@@ -25,12 +25,22 @@ pub enum GroupsError {
     OtherStore(String),
 }
 
-/// The groups a message on `store`'s profile topic names, in precedence order: `Ok(None)`
-/// for an empty payload (the retained profile was cleared: the groups stay). Signatures are
-/// not checked (see the module's doc).
-pub fn profile_groups(store: &str, payload: &[u8]) -> Result<Option<Vec<String>>, GroupsError> {
+/// What a message on the store's profile topic says about its groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProfileGroups {
+    /// An empty payload: the retained profile was cleared; the groups stay as they are.
+    Cleared,
+    /// A profile that names no groups: the store keeps its configured ones.
+    Configured,
+    /// A profile naming these groups, in precedence order.
+    Named(Vec<String>),
+}
+
+/// What a message on `store`'s profile topic says about its groups. Signatures are not
+/// checked (see the module's doc).
+pub fn profile_groups(store: &str, payload: &[u8]) -> Result<ProfileGroups, GroupsError> {
     if payload.is_empty() {
-        return Ok(None);
+        return Ok(ProfileGroups::Cleared);
     }
     let env: Envelope = serde_json::from_slice(payload).map_err(GroupsError::Envelope)?;
     let body = env
@@ -40,7 +50,10 @@ pub fn profile_groups(store: &str, payload: &[u8]) -> Result<Option<Vec<String>>
     if profile.store != store {
         return Err(GroupsError::OtherStore(profile.store));
     }
-    Ok(Some(profile.groups))
+    Ok(match profile.groups {
+        Some(g) => ProfileGroups::Named(g),
+        None => ProfileGroups::Configured,
+    })
 }
 
 /// What the bridge subscribes to on the cloud broker: the deployment topics of the store, of
@@ -100,9 +113,20 @@ mod tests {
         let good = envelope(PROFILE_PAYLOAD_TYPE, profile("s1", &["us-south", "canary"]));
         assert_eq!(
             profile_groups("s1", &good).expect("ok"),
-            Some(groups(&["us-south", "canary"]))
+            ProfileGroups::Named(groups(&["us-south", "canary"]))
         );
-        assert_eq!(profile_groups("s1", b"").expect("cleared"), None);
+        assert_eq!(
+            profile_groups("s1", b"").expect("cleared"),
+            ProfileGroups::Cleared
+        );
+        let unnamed = envelope(
+            PROFILE_PAYLOAD_TYPE,
+            serde_json::json!({"store": "s1", "sequence": 5, "issued_at": "2026-12-06T03:00:00Z"}),
+        );
+        assert_eq!(
+            profile_groups("s1", &unnamed).expect("ok"),
+            ProfileGroups::Configured
+        );
         let refused: Vec<(&str, Vec<u8>)> = vec![
             ("not JSON", b"{nope".to_vec()),
             (

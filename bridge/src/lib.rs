@@ -140,6 +140,18 @@ impl BridgeConfig {
 const WATERMARK_SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS bridge_confirmed (id INTEGER PRIMARY KEY CHECK (id = 1), upto INTEGER NOT NULL);";
 
+/// Where the groups the bridge follows come from, as [`DesiredStore::set_groups`] records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GroupSource {
+    /// As stored already (at start: the last profile's, else the configured ones).
+    AsStored,
+    /// A store profile names them: stored, so they count after a restart too.
+    Profile,
+    /// A store profile names none: the configured groups count (also after a restart, and
+    /// as the configuration changes); nothing is stored.
+    Configured,
+}
+
 /// Last desired-state envelope per topic, so the edge can be restored after a restart, and
 /// the groups of the last store profile the bridge followed.
 ///
@@ -204,18 +216,17 @@ impl DesiredStore {
         })
     }
 
-    /// Follows `groups`: in one transaction, stores them (when `follow`, i.e. they come from a
-    /// profile; the configured groups are never stored, so a changed configuration counts
-    /// until a profile arrives) and deletes the stored deployment topics of every other group.
-    /// Returns the deleted topics (to clear on the edge broker too).
+    /// Follows `groups`: in one transaction, records where they come from (`source`) and
+    /// deletes the stored deployment topics of every other group. Returns the deleted topics
+    /// (to clear on the edge broker too).
     async fn set_groups(
         &self,
         topics: Topics,
         groups: Vec<String>,
-        follow: bool,
+        source: GroupSource,
     ) -> Result<Vec<String>, BridgeError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.set_groups_blocking(&topics, &groups, follow))
+        tokio::task::spawn_blocking(move || me.set_groups_blocking(&topics, &groups, source))
             .await?
     }
 
@@ -223,7 +234,7 @@ impl DesiredStore {
         &self,
         topics: &Topics,
         groups: &[String],
-        follow: bool,
+        source: GroupSource,
     ) -> Result<Vec<String>, BridgeError> {
         let left: Vec<String> = {
             let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
@@ -236,16 +247,23 @@ impl DesiredStore {
         {
             let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
             let tx = c.transaction()?;
-            if follow {
-                let json = serde_json::to_string(groups).map_err(|source| BridgeError::Stored {
-                    what: "profile groups",
-                    source,
-                })?;
-                tx.execute(
-                    "INSERT INTO profile_groups(id, groups) VALUES (1, ?1)
-                     ON CONFLICT(id) DO UPDATE SET groups = excluded.groups",
-                    [json],
-                )?;
+            match source {
+                GroupSource::AsStored => {}
+                GroupSource::Profile => {
+                    let json =
+                        serde_json::to_string(groups).map_err(|source| BridgeError::Stored {
+                            what: "profile groups",
+                            source,
+                        })?;
+                    tx.execute(
+                        "INSERT INTO profile_groups(id, groups) VALUES (1, ?1)
+                         ON CONFLICT(id) DO UPDATE SET groups = excluded.groups",
+                        [json],
+                    )?;
+                }
+                GroupSource::Configured => {
+                    tx.execute("DELETE FROM profile_groups", [])?;
+                }
             }
             for t in &left {
                 tx.execute("DELETE FROM desired WHERE topic = ?1", [t])?;
@@ -415,7 +433,7 @@ pub async fn run_with(
         None => (cfg.groups.clone(), false),
     };
     let cleared = desired
-        .set_groups(topics.clone(), groups.clone(), false)
+        .set_groups(topics.clone(), groups.clone(), GroupSource::AsStored)
         .await?;
     info!(%store, ?groups, from_profile = following, cleared = cleared.len(), "groups");
 
@@ -497,6 +515,7 @@ pub async fn run_with(
         let own = store.clone();
         let cloud_handle = cloud_handle.clone();
         let profile_topic = topics.profile(&own);
+        let configured = cfg.groups.clone();
         async move {
             loop {
                 let m = tokio::select! {
@@ -521,26 +540,29 @@ pub async fn run_with(
                 if m.topic != profile_topic {
                     continue;
                 }
-                let next = match groups::profile_groups(&own, &m.payload) {
-                    Ok(Some(next)) => next,
-                    Ok(None) => continue,
+                let (next, follow) = match groups::profile_groups(&own, &m.payload) {
+                    Ok(groups::ProfileGroups::Named(next)) => (next, GroupSource::Profile),
+                    Ok(groups::ProfileGroups::Configured) => {
+                        (configured.clone(), GroupSource::Configured)
+                    }
+                    Ok(groups::ProfileGroups::Cleared) => continue,
                     Err(error) => {
                         warn!(error = %roost_runtime::error_chain(&error), ?groups, "store profile not followed; keeping the groups");
                         continue;
                     }
                 };
-                if following && next == groups {
+                if following == (follow == GroupSource::Profile) && next == groups {
                     continue;
                 }
                 // Subscribe to the new groups first, then forget the old ones: the store and
                 // the edge broker hold nothing of a group the store left, so no reconnect or
                 // restart brings its rollouts back.
-                info!(from = ?groups, to = ?next, "the store profile changes the groups");
+                info!(from = ?groups, to = ?next, source = ?follow, "the store profile changes the groups");
                 groups = next;
-                following = true;
+                following = follow == GroupSource::Profile;
                 let _ = cloud_handle
                     .set_subscriptions(groups::cloud_subscriptions(&topics, &own, &groups));
-                match desired.set_groups(topics.clone(), groups.clone(), true).await {
+                match desired.set_groups(topics.clone(), groups.clone(), follow).await {
                     Ok(left) => {
                         for topic in left {
                             debug!(%topic, "cleared: a group the store left");
@@ -773,12 +795,16 @@ mod tests {
                 .expect("put");
         }
         let left = store
-            .set_groups(t.clone(), vec!["us-east".into(), "us-south".into()], false)
+            .set_groups(
+                t.clone(),
+                vec!["us-east".into(), "us-south".into()],
+                GroupSource::AsStored,
+            )
             .await
             .expect("configured");
         assert!(left.is_empty());
         let left = store
-            .set_groups(t.clone(), vec!["us-south".into()], true)
+            .set_groups(t.clone(), vec!["us-south".into()], GroupSource::Profile)
             .await
             .expect("follow");
         assert_eq!(left, std::slice::from_ref(&east));
@@ -796,7 +822,7 @@ mod tests {
         store.put(east.clone(), b"env".to_vec()).await.expect("put");
         assert!(store.all().iter().all(|m| !m.payload.is_empty()));
         let left = store
-            .set_groups(t.clone(), vec!["us-south".into()], true)
+            .set_groups(t.clone(), vec!["us-south".into()], GroupSource::Profile)
             .await
             .expect("follow");
         assert_eq!(left, std::slice::from_ref(&east));
@@ -805,5 +831,15 @@ mod tests {
         assert_eq!(again.groups_at_open, Some(vec!["us-south".to_owned()]));
         let topics: Vec<String> = again.all().into_iter().map(|m| m.topic).collect();
         assert_eq!(topics, [fleet, south]);
+        // A profile that names no groups: the configured ones count again, after a restart too.
+        again
+            .set_groups(t.clone(), vec!["us-east".into()], GroupSource::Configured)
+            .await
+            .expect("configured");
+        drop(again);
+        assert_eq!(
+            DesiredStore::open(&path).expect("reopen").groups_at_open,
+            None
+        );
     }
 }

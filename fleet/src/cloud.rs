@@ -1,5 +1,5 @@
-//! Cloud-side commands: key generation, signing and publishing rollouts, reading the fleet's
-//! retained status, and following the event stream.
+//! Cloud-side commands: key generation, publishing rollouts (signed by [`crate::sign`]),
+//! reading the fleet's retained status, and following the event stream.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,14 +7,13 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use roost_runtime::Security;
-use roost_schemas::{
-    Envelope, Origin, Policy, Rollout, Scope, SigningKey, Source, Topics, PAYLOAD_TYPE,
-};
+use roost_schemas::{Rollout, SigningKey, Topics};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
 pub use crate::rollout_wait::{
     wait_for_rollout, RolloutWatch, StoreOutcome, StoreState, WaitReport, WaitTarget,
 };
+pub use crate::sign::{sign_rollout, RolloutSpec, Signed};
 
 /// Errors of the cloud-side commands.
 #[derive(Debug, thiserror::Error)]
@@ -22,23 +21,73 @@ pub enum CloudError {
     /// Bad arguments.
     #[error("{0}")]
     Usage(String),
-    /// Key files.
-    #[error("key {path}: {message}")]
+    /// The broker's TLS files or credentials are not usable.
+    #[error(transparent)]
+    Security(#[from] roost_runtime::SecurityError),
+    /// A key file could not be written or read, or holds no key.
+    #[error("key {path}")]
     Key {
-        /// File.
+        /// File (or the directory keys are written to).
         path: PathBuf,
         /// What is wrong.
-        message: String,
+        #[source]
+        source: KeyFileError,
     },
-    /// MQTT.
+    /// The connection to a broker failed.
+    #[error("mqtt: {broker}{}", .problem.as_deref().map(|p| format!(": {p}")).unwrap_or_default())]
+    Connection {
+        /// `HOST:PORT`.
+        broker: String,
+        /// What it means, where it is a TLS or authorization problem.
+        problem: Option<String>,
+        /// The connection's error.
+        #[source]
+        source: Box<rumqttc::ConnectionError>,
+    },
+    /// The MQTT client did not take a request (its event loop is gone).
+    #[error("mqtt: {what}")]
+    Client {
+        /// The request (`subscribe`, `publish`).
+        what: &'static str,
+        /// The client's error.
+        #[source]
+        source: Box<rumqttc::ClientError>,
+    },
+    /// The task that owned the connection ended.
     #[error("mqtt: {0}")]
     Mqtt(String),
-    /// Git (resolving a branch).
-    #[error("git: {0}")]
-    Git(String),
     /// Timed out.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// The rollout could not be signed.
+    #[error("signing the rollout")]
+    Sign(#[from] crate::sign::SignError),
+}
+
+/// What is wrong with a key file.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// Reading or writing it.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// It is not base64.
+    #[error("not base64")]
+    Base64(#[from] base64::DecodeError),
+    /// It is not an Ed25519 key, or no key could be generated.
+    #[error(transparent)]
+    Key(#[from] roost_schemas::dsse::KeyError),
+    /// A generated key came without its PKCS#8 form.
+    #[error("generated key has no PKCS#8 form")]
+    NoPkcs8,
+}
+
+impl CloudError {
+    fn client(what: &'static str) -> impl Fn(rumqttc::ClientError) -> CloudError {
+        move |source| CloudError::Client {
+            what,
+            source: Box::new(source),
+        }
+    }
 }
 
 /// A broker address `HOST:PORT`, `mqtt://HOST:PORT` or `mqtts://HOST:PORT` (host and port).
@@ -81,9 +130,7 @@ impl BrokerTarget {
                 "{addr} is plain MQTT, but TLS files were given: use mqtts://{host}:{port}"
             )));
         }
-        security
-            .validate()
-            .map_err(|e| CloudError::Usage(e.to_string()))?;
+        security.validate()?;
         Ok(BrokerTarget {
             host,
             port,
@@ -92,12 +139,11 @@ impl BrokerTarget {
     }
 
     /// The error of a failed connection, explained where it is a TLS or auth problem.
-    pub fn error(&self, e: &rumqttc::ConnectionError) -> CloudError {
-        match self.security.diagnose(e) {
-            Some(problem) => {
-                CloudError::Mqtt(format!("{}:{}: {e}: {problem}", self.host, self.port))
-            }
-            None => CloudError::Mqtt(format!("{}:{}: {e}", self.host, self.port)),
+    pub fn error(&self, e: rumqttc::ConnectionError) -> CloudError {
+        CloudError::Connection {
+            broker: format!("{}:{}", self.host, self.port),
+            problem: self.security.diagnose(&e),
+            source: Box::new(e),
         }
     }
 }
@@ -137,10 +183,7 @@ pub fn connect(
     let mut o = MqttOptions::new(id, target.host.clone(), target.port);
     o.set_keep_alive(Duration::from_secs(10));
     o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
-    target
-        .security
-        .apply(&mut o)
-        .map_err(|e| CloudError::Usage(e.to_string()))?;
+    target.security.apply(&mut o)?;
     Ok(AsyncClient::new(o, 1024))
 }
 
@@ -151,25 +194,26 @@ fn uuid_like() -> String {
 /// Writes a new key pair to `dir`: `KEYID.key` (base64 PKCS#8, mode 0600) and `KEYID.pub`
 /// (base64 raw public key). Returns (key id, public key base64).
 pub fn keygen(dir: &Path) -> Result<(String, String), CloudError> {
-    let key = SigningKey::generate().map_err(|e| CloudError::Key {
-        path: dir.to_owned(),
-        message: e.to_string(),
-    })?;
+    let at = |path: &Path| {
+        let path = path.to_owned();
+        move |e: KeyFileError| CloudError::Key { path, source: e }
+    };
+    let key = SigningKey::generate()
+        .map_err(KeyFileError::from)
+        .map_err(at(dir))?;
     let id = key.key_id();
-    std::fs::create_dir_all(dir).map_err(|e| CloudError::Key {
-        path: dir.to_owned(),
-        message: e.to_string(),
-    })?;
+    std::fs::create_dir_all(dir)
+        .map_err(KeyFileError::from)
+        .map_err(at(dir))?;
     let priv_path = dir.join(format!("{id}.key"));
-    let pkcs8 = key.pkcs8().ok_or_else(|| CloudError::Key {
-        path: priv_path.clone(),
-        message: "generated key has no PKCS#8 form".into(),
-    })?;
+    let pkcs8 = key
+        .pkcs8()
+        .ok_or(KeyFileError::NoPkcs8)
+        .map_err(at(&priv_path))?;
     let write = |p: &Path, data: String| {
-        std::fs::write(p, data).map_err(|e| CloudError::Key {
-            path: p.to_owned(),
-            message: e.to_string(),
-        })
+        std::fs::write(p, data)
+            .map_err(KeyFileError::from)
+            .map_err(at(p))
     };
     write(&priv_path, B64.encode(pkcs8))?;
     {
@@ -183,105 +227,14 @@ pub fn keygen(dir: &Path) -> Result<(String, String), CloudError> {
 
 /// Loads a private key file written by [`keygen`].
 pub fn load_key(path: &Path) -> Result<SigningKey, CloudError> {
-    let err = |m: String| CloudError::Key {
+    let read = || -> Result<SigningKey, KeyFileError> {
+        let text = std::fs::read_to_string(path)?;
+        Ok(SigningKey::from_pkcs8(&B64.decode(text.trim())?)?)
+    };
+    read().map_err(|source| CloudError::Key {
         path: path.to_owned(),
-        message: m,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let der = B64
-        .decode(text.trim())
-        .map_err(|e| err(format!("not base64: {e}")))?;
-    SigningKey::from_pkcs8(&der).map_err(|e| err(e.to_string()))
-}
-
-/// Resolves a branch, tag or full sha to a commit id via the remote (git2 ls-remote).
-pub fn resolve_revision(url: &str, rev: &str) -> Result<String, CloudError> {
-    if roost_schemas::rollout::is_full_sha(rev) {
-        return Ok(rev.to_owned());
-    }
-    let mut remote =
-        git2::Remote::create_detached(url).map_err(|e| CloudError::Git(e.message().to_owned()))?;
-    remote
-        .connect(git2::Direction::Fetch)
-        .map_err(|e| CloudError::Git(format!("{url}: {}", e.message())))?;
-    let heads = remote
-        .list()
-        .map_err(|e| CloudError::Git(e.message().to_owned()))?;
-    let wanted = [
-        rev.to_owned(),
-        format!("refs/heads/{rev}"),
-        format!("refs/tags/{rev}^{{}}"),
-        format!("refs/tags/{rev}"),
-    ];
-    for w in &wanted {
-        if let Some(h) = heads.iter().find(|h| h.name() == w) {
-            return Ok(h.oid().to_string());
-        }
-    }
-    Err(CloudError::Git(format!(
-        "{rev} is not a branch, tag or full commit id in {url}"
-    )))
-}
-
-/// Everything needed to build a rollout.
-#[derive(Debug, Clone)]
-pub struct RolloutSpec {
-    /// Deployment.
-    pub deployment: String,
-    /// Scope.
-    pub scope: Scope,
-    /// Repository URL.
-    pub url: String,
-    /// Commit id.
-    pub revision: String,
-    /// Path.
-    pub path: String,
-    /// Policy.
-    pub policy: Policy,
-    /// Activation time.
-    pub not_before: Option<String>,
-    /// Tombstone.
-    pub remove: bool,
-    /// Sequence (None: by the contract's rule, `max(retained + 1, now in ms)`).
-    pub sequence: Option<u64>,
-    /// The fleet-repository commit that caused this rollout (v1.1), if any.
-    pub origin: Option<Origin>,
-}
-
-/// Builds a rollout and signs it with every key (one signature each, so an agent's
-/// `[thresholds]` can be met).
-pub fn sign_rollout(
-    keys: &[SigningKey],
-    spec: &RolloutSpec,
-    sequence: u64,
-) -> Result<(Rollout, Envelope), CloudError> {
-    let rollout = Rollout {
-        deployment: spec.deployment.clone(),
-        scope: spec.scope.clone(),
-        sequence,
-        issued_at: roost_schemas::now_rfc3339(),
-        // A tombstone needs no source; one given without a revision is dropped.
-        source: if spec.remove && (spec.url.is_empty() || spec.revision.is_empty()) {
-            None
-        } else {
-            Some(Source {
-                url: spec.url.clone(),
-                revision: spec.revision.clone(),
-                path: spec.path.clone(),
-            })
-        },
-        not_before: spec.not_before.clone(),
-        policy: spec.policy.clone(),
-        remove: spec.remove,
-        origin: spec.origin.clone(),
-    };
-    rollout
-        .validate()
-        .map_err(|e| CloudError::Usage(e.to_string()))?;
-    let body = serde_json::to_vec(&rollout).map_err(|e| CloudError::Usage(e.to_string()))?;
-    let env = roost_schemas::sign_all(keys, PAYLOAD_TYPE, &body)
-        .ok_or_else(|| CloudError::Usage("at least one signing key is required".into()))?;
-    Ok((rollout.clone(), env))
+        source,
+    })
 }
 
 /// Reads the retained messages matching `filters` for up to `wait` (stops early after a
@@ -297,7 +250,7 @@ pub async fn read_retained(
         client
             .subscribe(f.clone(), QoS::AtLeastOnce)
             .await
-            .map_err(|e| CloudError::Mqtt(e.to_string()))?;
+            .map_err(CloudError::client("subscribe"))?;
     }
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + wait;
@@ -312,7 +265,7 @@ pub async fn read_retained(
         let until = (tokio::time::Instant::now() + next).min(deadline);
         match tokio::time::timeout_at(until, ev.poll()).await {
             Err(_) => break,
-            Ok(Err(e)) => return Err(target.error(&e)),
+            Ok(Err(e)) => return Err(target.error(e)),
             Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subacks += 1,
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 if p.retain {
@@ -337,13 +290,13 @@ pub async fn publish_retained(
     client
         .publish(topic, QoS::AtLeastOnce, true, payload)
         .await
-        .map_err(|e| CloudError::Mqtt(e.to_string()))?;
+        .map_err(CloudError::client("publish"))?;
     let res = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match ev.poll().await {
                 Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
                 Ok(_) => {}
-                Err(e) => return Err(target.error(&e)),
+                Err(e) => return Err(target.error(e)),
             }
         }
     })
@@ -364,14 +317,11 @@ pub async fn next_sequence(
     let cur = read_retained(broker, &[topic.to_owned()], Duration::from_secs(2)).await?;
     let retained = cur
         .iter()
-        .filter_map(|(_, p)| serde_json::from_slice::<Envelope>(p).ok())
-        .filter_map(|e| B64.decode(e.payload).ok())
-        .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .filter_map(|v| v.get("sequence").and_then(|s| s.as_u64()))
+        .filter_map(|(_, p)| roost_schemas::envelope_sequence(p))
         .max();
-    Ok(crate::record::sequence_rule(
+    Ok(roost_schemas::sequence_rule(
         retained.unwrap_or(0),
-        crate::record::now_ms(),
+        crate::db::now_ms(),
     ))
 }
 
@@ -390,10 +340,9 @@ pub async fn rollout(
         Some(s) => s,
         None => next_sequence(broker, &topic).await?,
     };
-    let (rollout, env) = sign_rollout(keys, spec, sequence)?;
-    let bytes = serde_json::to_vec(&env).map_err(|e| CloudError::Usage(e.to_string()))?;
-    publish_retained(broker, &topic, bytes).await?;
-    Ok(rollout)
+    let signed = sign_rollout(keys, spec, sequence)?;
+    publish_retained(broker, &topic, signed.envelope).await?;
+    Ok(signed.rollout)
 }
 
 #[cfg(test)]
@@ -438,5 +387,27 @@ mod tests {
         let (id, _pub) = keygen(dir.path()).expect("keygen");
         let key = load_key(&dir.path().join(format!("{id}.key"))).expect("load");
         assert_eq!(key.key_id(), id);
+        // What is wrong with a key file is its error's source; the chain says it once.
+        let missing = dir.path().join("missing.key");
+        let e = load_key(&missing).expect_err("missing");
+        assert!(
+            matches!(
+                &e,
+                CloudError::Key {
+                    source: KeyFileError::Io(_),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let chain = roost_runtime::error_chain(&e);
+        assert!(
+            chain.starts_with(&format!("key {}: ", missing.display())),
+            "{chain}"
+        );
+        let garbage = dir.path().join("garbage.key");
+        std::fs::write(&garbage, "not base64!").expect("write");
+        let chain = roost_runtime::error_chain(&load_key(&garbage).expect_err("garbage"));
+        assert!(chain.contains(": not base64: "), "{chain}");
     }
 }

@@ -4,10 +4,18 @@
 
 pub mod api;
 pub mod cloud;
+pub mod db;
+pub mod enroll;
+pub mod fleet_repo;
 pub mod git;
 pub mod gitops;
 pub mod gitserve;
+pub mod inventory;
+pub mod judge;
 pub mod metrics;
+pub mod pki;
 pub mod record;
 pub mod rollout_wait;
+pub mod seal;
+pub mod sign;
 pub mod view;

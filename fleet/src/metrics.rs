@@ -15,8 +15,8 @@ use prometheus_client::registry::Registry;
 use roost_runtime::metrics::Refresh;
 use tracing::warn;
 
+use crate::db::{DbError, FleetDb};
 use crate::gitops::plan::{PlanStatus, StoreOutcome};
-use crate::record::{FleetDb, FleetError};
 use crate::view::{self, FleetView, Summary};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -124,17 +124,17 @@ fn plan_progress(p: &crate::gitops::plan::Plan) -> PlanProgress {
 }
 
 /// Reads everything the gauges show.
-pub fn snapshot(db: &FleetDb) -> Result<Snapshot, FleetError> {
+pub fn snapshot(db: &FleetDb) -> Result<Snapshot, DbError> {
     let inputs = view::load(db)?;
     let gaps = inputs.gaps.clone();
-    let mut s = from_view(&view::build(&inputs, crate::record::now_ms()));
+    let mut s = from_view(&view::build(&inputs, crate::db::now_ms()));
     let counts = db.counts()?;
     s.events = counts.events;
     s.duplicates = counts.duplicates;
     s.gaps = gaps.len();
     s.missing = gaps.iter().map(|g| g.to - g.from + 1).sum();
     s.plans = db
-        .with_conn(crate::gitops::store::plans)?
+        .with_conn(crate::db::gitops::plans)?
         .iter()
         .map(|(d, p)| (d.clone(), plan_progress(p)))
         .collect();
@@ -337,13 +337,11 @@ impl FleetMetrics {
     }
 
     /// The exporter for `db`.
-    pub fn exporter(db: FleetDb) -> Result<roost_runtime::Exporter, FleetError> {
-        // The plan tables exist also without the controller (then they are empty).
-        crate::gitops::store::migrate(&db)?;
+    pub fn exporter(db: FleetDb) -> roost_runtime::Exporter {
         let me = FleetMetrics::default();
         let mut r = Registry::default();
         me.register(&mut r);
-        Ok(roost_runtime::Exporter::new(r).with_refresh(me.refresh_hook(db)))
+        roost_runtime::Exporter::new(r).with_refresh(me.refresh_hook(db))
     }
 }
 
@@ -389,7 +387,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let snap = from_view(&view::build(&inputs, crate::record::now_ms()));
+        let snap = from_view(&view::build(&inputs, crate::db::now_ms()));
         let m = FleetMetrics::default();
         let mut r = Registry::default();
         m.register(&mut r);

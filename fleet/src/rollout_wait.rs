@@ -1,26 +1,27 @@
 //! Following a published rollout to its end on every store it targets (`roost rollout
-//! --wait`, and the GitOps controller): which stores it targets (their retained status
-//! documents and presence, with precedence), and what each of them made of it (converged,
-//! rejected, failed, timed out; offline stores deferred, stores where another scope wins
-//! overridden).
+//! --wait`; the GitOps controller follows its waves with [`crate::gitops::plan`] instead):
+//! which stores it targets (their retained status documents and presence, with precedence),
+//! and what each of them made of it (converged, rejected, failed, timed out; offline stores
+//! deferred, stores where another scope wins overridden).
 //!
-//! The per-store judgement is a pure function ([`judge`]) over what the store has shown;
-//! [`RolloutWatch`] only collects it from the cloud broker. A watch subscribes before the
-//! rollout is published: message rejections (`replay`, `source_not_allowed`, …) are events
-//! only, and an event published before the subscription is never seen.
+//! The per-store judgement is a pure function ([`judge`]) over what the store has shown: the
+//! rollout's events and precedence, and for its status the convergence judgement the fleet
+//! view and the plans use too ([`crate::judge`]); [`RolloutWatch`] only collects it from the
+//! cloud broker. A watch subscribes before the rollout is published: message rejections
+//! (`replay`, `source_not_allowed`, …) are events only, and an event published before the
+//! subscription is never seen.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::ShortRev;
-use roost_schemas::{
-    CloudEvent, Phase, Presence, PresenceState, Rollout, Scope, StatusDoc, Topics,
-};
+use roost_schemas::{CloudEvent, Presence, PresenceState, Rollout, Scope, StatusDoc, Topics};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::mpsc;
 
-use crate::cloud::{connect, CloudError};
+use crate::cloud::{connect, CloudError, ToBroker as _};
+use crate::judge::{self, Report, Reported, Wanted};
 
 /// The rollout to follow.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,11 +243,12 @@ pub struct StoreView {
     pub accepted: bool,
 }
 
-/// Reasons of a `Failed` phase that the agent retries by itself (the network, the API
-/// server): not the end of a rollout.
-const TRANSIENT: [&str; 2] = ["fetch_failed", "target_unavailable"];
-
 /// What a store made of the rollout so far: the pure decision behind [`RolloutWatch::wait`].
+/// The first decisive event about the rollout decides; else a newer rollout of the scope the
+/// store accepted supersedes it; else the one convergence judgement ([`crate::judge`]) on the
+/// store's status for this rollout, counting what a store that is not online last reported;
+/// else a higher-precedence scope wins (overridden), the store is not online (deferred), or
+/// it is still working on it.
 pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
     let key = t.scope.key();
     if let Some(e) = &v.event {
@@ -262,39 +264,29 @@ pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
         .as_ref()
         .and_then(|doc| doc.deployments.get(&t.deployment));
     let desired = d.and_then(|d| d.desired.as_ref());
-    if let (Some(d), Some(want)) = (d, desired) {
+    if let Some(want) = desired {
         if want.scope == key && want.sequence > t.sequence && v.accepted {
             return StoreState::Superseded {
                 sequence: want.sequence,
             };
         }
-        if want.scope == key && want.sequence == t.sequence {
-            let detail = |d: &roost_schemas::DeploymentStatus| {
-                if d.message.is_empty() {
-                    d.phase.as_str().to_owned()
-                } else {
-                    d.message.clone()
-                }
-            };
-            match d.phase {
-                Phase::Converged if d.applied_revision.as_deref() == Some(&t.revision) => {
-                    return StoreState::Converged
-                }
-                Phase::Degraded => {
-                    return StoreState::Failed {
-                        reason: d.reason.clone().unwrap_or_else(|| "degraded".into()),
-                        message: detail(d),
-                    }
-                }
-                Phase::Failed if !d.reason.as_deref().is_some_and(|r| TRANSIENT.contains(&r)) => {
-                    return StoreState::Failed {
-                        reason: d.reason.clone().unwrap_or_else(|| "failed".into()),
-                        message: detail(d),
-                    }
-                }
-                _ => {}
-            }
-        } else if let Some(theirs) = Scope::from_key(&want.scope) {
+    }
+    let report = Report {
+        status: d,
+        stale: v.presence != Some(PresenceState::Online),
+    };
+    let wanted = Wanted {
+        revision: &t.revision,
+        rollout: Some((&key, t.sequence)),
+    };
+    let verdict = judge::verdict(&report, &wanted);
+    match verdict.reported() {
+        Reported::Converged => return StoreState::Converged,
+        Reported::Failed { reason, message } => return StoreState::Failed { reason, message },
+        Reported::Pending => {}
+    }
+    if let Some(want) = desired.filter(|w| !(w.scope == key && w.sequence == t.sequence)) {
+        if let Some(theirs) = Scope::from_key(&want.scope) {
             let (ours, winner) = (
                 precedence(&t.scope, store, groups),
                 precedence(&theirs, store, groups),
@@ -308,7 +300,7 @@ pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
             }
         }
     }
-    if v.presence != Some(PresenceState::Online) {
+    if verdict.is_stale() {
         return StoreState::Deferred;
     }
     let last = match (d, desired) {
@@ -413,7 +405,8 @@ impl RolloutWatch {
     /// Connects (a clean session; it subscribes again on every reconnect), subscribes, and
     /// collects the retained status and presence documents of the fleet.
     pub async fn start(broker: &str) -> Result<RolloutWatch, CloudError> {
-        let (client, mut ev) = connect(broker, "roost-wait")?;
+        let target = broker.to_broker()?;
+        let (client, mut ev) = connect(&target, "roost-wait")?;
         let topics = Topics::default();
         let filters: Vec<String> = [
             StoreTopicKind::Status,
@@ -424,7 +417,7 @@ impl RolloutWatch {
         .map(|k| topics.all_stores(k))
         .collect();
         let (tx, rx) = mpsc::unbounded_channel();
-        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+        let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<(), CloudError>>();
         let sub = client.clone();
         // One task owns the event loop and never blocks (rumqttc needs continuous polling).
         let task = tokio::spawn(async move {
@@ -434,8 +427,11 @@ impl RolloutWatch {
                         let subs = filters
                             .iter()
                             .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                        if let Err(e) = sub.subscribe_many(subs).await {
-                            let _ = ready_tx.send(Err(e.to_string()));
+                        if let Err(source) = sub.subscribe_many(subs).await {
+                            let _ = ready_tx.send(Err(CloudError::Client {
+                                what: "subscribe",
+                                source: Box::new(source),
+                            }));
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
@@ -448,7 +444,7 @@ impl RolloutWatch {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
+                        let _ = ready_tx.send(Err(target.error(e)));
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
@@ -462,7 +458,7 @@ impl RolloutWatch {
         };
         match tokio::time::timeout(Duration::from_secs(10), ready_rx.recv()).await {
             Ok(Some(Ok(()))) => {}
-            Ok(Some(Err(e))) => return Err(CloudError::Mqtt(e)),
+            Ok(Some(Err(e))) => return Err(e),
             Ok(None) => return Err(CloudError::Mqtt("connection task ended".into())),
             Err(_) => return Err(CloudError::Timeout(format!("no SUBACK from {broker}"))),
         }
@@ -612,7 +608,7 @@ pub async fn wait_for_rollout(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use roost_schemas::{DeploymentStatus, DesiredRef};
+    use roost_schemas::{DeploymentStatus, DesiredRef, Phase};
 
     fn target() -> WaitTarget {
         WaitTarget {

@@ -8,7 +8,10 @@
 //! **stale**, and a stale store is never shown as `Converged` — its cells show `Stale` (the
 //! last reported phase stays available as `phase`). Rancher Fleet shows disconnected clusters
 //! as Ready (fleet#594) and Argo CD apps stay green while their cluster is unreachable
-//! (argo-cd#8860); this view does not.
+//! (argo-cd#8860); this view does not. Each cell carries the convergence judgement of
+//! [`crate::judge`] against its desired revision, the one the wave engine and `roost rollout
+//! --wait` use: a cell shows `Stale` when that verdict is, and "converged" in the view's
+//! comparison is that verdict.
 //!
 //! [`build`] is pure (inputs and "now" in, view out); [`load`] reads the inputs from the
 //! fleet database, [`from_retained`] from retained messages read off a broker.
@@ -20,7 +23,8 @@ use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::{Origin, Phase, Presence, PresenceState, StatusDoc, Topics};
 use serde::Serialize;
 
-use crate::record::{FleetDb, FleetError, Gap};
+use crate::db::{DbError, FleetDb, Gap};
+use crate::judge::{self, Report, Verdict, Wanted};
 
 /// The heartbeat assumed for a status document that does not state one (seconds).
 pub const DEFAULT_HEARTBEAT_S: u64 = 60;
@@ -57,9 +61,9 @@ pub struct Inputs {
 }
 
 /// Reads the inputs from the fleet database.
-pub fn load(db: &FleetDb) -> Result<Inputs, FleetError> {
+pub fn load(db: &FleetDb) -> Result<Inputs, DbError> {
     let (status, presence) = db.with_conn(|c| {
-        let read = |table: &str| -> Result<Vec<Doc>, FleetError> {
+        let read = |table: &str| -> Result<Vec<Doc>, DbError> {
             let mut stmt = c.prepare(&format!(
                 "SELECT store, json, received_at FROM {table} ORDER BY store"
             ))?;
@@ -299,6 +303,10 @@ pub struct Cell {
     pub reason: Option<String>,
     /// Detail.
     pub message: String,
+    /// The convergence judgement ([`crate::judge`]) against the desired revision; `Stale`
+    /// for a stale store.
+    #[serde(skip)]
+    pub verdict: Verdict,
 }
 
 /// Builds the view at `now_ms` (Unix milliseconds). Pure.
@@ -401,16 +409,24 @@ pub fn build(inputs: &Inputs, now_ms: u64) -> FleetView {
                             (Some(d), Some(a)) if d.revision == *a => Marker::Same,
                             (Some(_), _) => Marker::Ahead,
                         };
+                        let report = Report {
+                            status: Some(s),
+                            stale: stale.is_some(),
+                        };
+                        let wanted = s.desired.as_ref().map(|d| d.revision.as_str());
+                        let verdict =
+                            judge::verdict(&report, &Wanted::revision(wanted.unwrap_or_default()));
                         Cell {
                             deployment: dep.clone(),
                             desired,
                             applied: s.applied_revision.as_deref().map(revision),
                             marker,
                             phase: s.phase.as_str().to_owned(),
-                            shown: shown(s.phase, stale.is_some()),
+                            shown: shown(s.phase, &verdict),
                             drift: s.drift,
                             reason: s.reason.clone(),
                             message: s.message.clone(),
+                            verdict,
                         }
                     })
                     .collect()
@@ -478,8 +494,10 @@ pub fn staleness(
     }
 }
 
-fn shown(phase: Phase, stale: bool) -> String {
-    if stale {
+/// What a cell shows: `Stale` when the judgement is (a stale store is never shown
+/// converged), else the phase.
+fn shown(phase: Phase, verdict: &Verdict) -> String {
+    if verdict.is_stale() {
         "Stale".into()
     } else {
         phase.as_str().into()
@@ -669,7 +687,7 @@ pub fn compare(view: &FleetView, source: &Selector, target: &Selector) -> Vec<Co
                 stale += 1;
                 continue;
             }
-            if let (Some(a), "Converged") = (&c.applied, c.phase.as_str()) {
+            if let (Some(a), Verdict::Converged) = (&c.applied, &c.verdict) {
                 let e = counts.entry(&a.revision).or_insert((0, Some(a)));
                 e.0 += 1;
             }

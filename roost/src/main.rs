@@ -49,6 +49,21 @@ enum Command {
     Bridge(cmd::bridge::BridgeArgs),
     /// Generate an Ed25519 signing key pair.
     Keygen(cmd::keygen::KeygenArgs),
+    /// The fleet's certificate authority for mutual TLS: `init`, `issue`.
+    Ca {
+        #[command(subcommand)]
+        action: cmd::ca::CaCmd,
+    },
+    /// Stores joining and leaving the fleet: `enroll`, `retire`.
+    Store {
+        #[command(subcommand)]
+        action: cmd::store::StoreCmd,
+    },
+    /// Sealed secrets (age): `seal`, `reseal`.
+    Secret {
+        #[command(subcommand)]
+        action: cmd::secret::SecretCmd,
+    },
     /// Sign and publish a rollout.
     Rollout(cmd::rollout::RolloutArgs),
     /// The fleet as a table (source vs target).
@@ -97,6 +112,9 @@ async fn run(cmd: Command, cancel: CancellationToken) -> anyhow::Result<()> {
         Command::Agent(a) => cmd::agent::run(a, cancel).await,
         Command::Bridge(a) => cmd::bridge::run(a, cancel).await,
         Command::Keygen(a) => cmd::keygen::run(a),
+        Command::Ca { action } => cmd::ca::run(action),
+        Command::Store { action } => cmd::store::run(action, cancel).await,
+        Command::Secret { action } => cmd::secret::run(action),
         Command::Rollout(a) => cmd::rollout::run(a, cancel).await,
         Command::Status(a) => cmd::status::run(a, cancel).await,
         Command::Fleet(a) => cmd::fleet::run(a, cancel).await,

@@ -9,6 +9,7 @@ pub mod link;
 pub mod metrics;
 pub mod outbox;
 pub mod process;
+pub mod sealed;
 pub mod security;
 pub mod sqlite;
 

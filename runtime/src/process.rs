@@ -207,7 +207,9 @@ where
             ExitCode::from(sig.exit_code())
         }
         Err(e) => {
-            eprintln!("roost: {e:#}");
+            // The chain with each cause once: some libraries' errors (rumqttc's) repeat their
+            // source in their own message.
+            eprintln!("roost: {}", crate::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -1,11 +1,17 @@
 //! The fleet repository file (`roost.yaml`): the whole fleet's desired state, in Git. Parsed
 //! from YAML, validated against `schema/fleet.schema.json` by `roost fleet` and by the rules
 //! here (which a JSON Schema cannot say: unknown groups, duplicate wave names, paths).
+//!
+//! Groups are either named (the v1.1 list form: membership from each store's configuration)
+//! or defined here with their members (v1.2: by store list or label selector over the store
+//! inventory), in which case their declaration order is the stores' precedence order.
 
 use std::collections::BTreeMap;
 
+use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
+use crate::selector::{Labels, Selector};
 use crate::{validate_name, Policy};
 
 /// `apiVersion` of the file.
@@ -20,12 +26,76 @@ pub struct FleetFile {
     pub api_version: String,
     /// `Fleet`.
     pub kind: String,
-    /// The groups waves may name (optional; when given, others are an error).
+    /// The groups waves may name (optional; when given, others are an error): a list of
+    /// names, or definitions with members.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub groups: Option<Vec<String>>,
+    pub groups: Option<Groups>,
     /// Deployments by name.
     #[serde(default)]
     pub deployments: BTreeMap<String, FleetDeployment>,
+}
+
+/// `groups:` of the fleet file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Groups {
+    /// `[canary, all]`: names only; each store's configuration says which it is in.
+    Names(Vec<String>),
+    /// `{canary: {stores: [...]}, us-south: {selector: {region: us-south}}}`: members from
+    /// the inventory, precedence in declaration order.
+    Defined(IndexMap<String, GroupDef>),
+}
+
+/// A group defined in the fleet file: listed stores, stores whose labels match, or both.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupDef {
+    /// Stores named explicitly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stores: Vec<String>,
+    /// Stores whose inventory labels match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<Selector>,
+}
+
+impl GroupDef {
+    /// Whether the store `name` with `labels` is a member.
+    pub fn contains(&self, name: &str, labels: &Labels) -> bool {
+        self.stores.iter().any(|s| s == name)
+            || self.selector.as_ref().is_some_and(|s| s.matches(labels))
+    }
+}
+
+impl Groups {
+    /// The group names, in declaration order.
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Groups::Names(n) => n.clone(),
+            Groups::Defined(d) => d.keys().cloned().collect(),
+        }
+    }
+
+    /// The groups of a store in precedence order, when the file defines members; `None` for
+    /// the list form (the store's own configuration decides).
+    pub fn of(&self, name: &str, labels: &Labels) -> Option<Vec<String>> {
+        match self {
+            Groups::Names(_) => None,
+            Groups::Defined(d) => Some(
+                d.iter()
+                    .filter(|(_, g)| g.contains(name, labels))
+                    .map(|(n, _)| n.clone())
+                    .collect(),
+            ),
+        }
+    }
+}
+
+/// Which stores a deployment is for (`targets:`); absent: every store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Targets {
+    /// Stores whose inventory labels match.
+    pub selector: Selector,
 }
 
 /// One deployment of the fleet.
@@ -41,6 +111,9 @@ pub struct FleetDeployment {
     /// Stage now, activate then (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_before: Option<String>,
+    /// Only these stores get the deployment (by inventory labels); absent: every store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Targets>,
     /// Waves; default one wave, the whole fleet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waves: Vec<Wave>,
@@ -89,6 +162,9 @@ pub struct Wave {
     /// The whole fleet (fleet topic).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<bool>,
+    /// Stores whose inventory labels match (store topics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<Selector>,
     /// Share of the wave's online stores that must converge (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub converged_pct: Option<u32>,
@@ -108,6 +184,8 @@ pub enum WaveTarget {
     Stores(Vec<String>),
     /// The fleet.
     Fleet,
+    /// Stores whose inventory labels match.
+    Selector(Selector),
 }
 
 impl Wave {
@@ -118,6 +196,7 @@ impl Wave {
             self.percent.is_some(),
             self.stores.is_some(),
             self.fleet == Some(true),
+            self.selector.is_some(),
         ]
         .iter()
         .filter(|b| **b)
@@ -133,6 +212,9 @@ impl Wave {
         }
         if let Some(s) = &self.stores {
             return Some(WaveTarget::Stores(s.clone()));
+        }
+        if let Some(s) = &self.selector {
+            return Some(WaveTarget::Selector(s.clone()));
         }
         Some(WaveTarget::Fleet)
     }
@@ -217,9 +299,29 @@ impl FleetFile {
         if self.kind != "Fleet" {
             return Err(err("kind", "must be Fleet"));
         }
-        if let Some(gs) = &self.groups {
+        let group_names = self.groups.as_ref().map(Groups::names);
+        if let Some(gs) = &group_names {
+            let mut seen = std::collections::BTreeSet::new();
             for g in gs {
                 validate_name(g).map_err(|e| err("groups", e.to_string()))?;
+                if !seen.insert(g) {
+                    return Err(err("groups", format!("{g} twice")));
+                }
+            }
+        }
+        if let Some(Groups::Defined(defs)) = &self.groups {
+            for (g, def) in defs {
+                let at = format!("groups.{g}");
+                if def.stores.is_empty() && def.selector.is_none() {
+                    return Err(err(&at, "give stores, a selector, or both"));
+                }
+                for s in &def.stores {
+                    validate_name(s).map_err(|e| err(format!("{at}.stores"), e.to_string()))?;
+                }
+                if let Some(sel) = &def.selector {
+                    sel.validate()
+                        .map_err(|e| err(format!("{at}.selector"), e.to_string()))?;
+                }
             }
         }
         for (name, d) in &self.deployments {
@@ -256,6 +358,11 @@ impl FleetFile {
                 crate::parse_rfc3339(nb)
                     .ok_or_else(|| err(format!("{at}.not_before"), "not an RFC 3339 time"))?;
             }
+            if let Some(t) = &d.targets {
+                t.selector
+                    .validate()
+                    .map_err(|e| err(format!("{at}.targets.selector"), e.to_string()))?;
+            }
             let mut names = std::collections::BTreeSet::new();
             for (i, w) in d.waves.iter().enumerate() {
                 let wat = format!("{at}.waves[{i}]");
@@ -267,12 +374,16 @@ impl FleetFile {
                     None => {
                         return Err(err(
                             &wat,
-                            "exactly one of group, percent, stores, fleet: true",
+                            "exactly one of group, percent, stores, selector, fleet: true",
                         ))
+                    }
+                    Some(WaveTarget::Selector(sel)) => {
+                        sel.validate()
+                            .map_err(|e| err(format!("{wat}.selector"), e.to_string()))?;
                     }
                     Some(WaveTarget::Group(g)) => {
                         validate_name(&g).map_err(|e| err(&wat, e.to_string()))?;
-                        if let Some(gs) = &self.groups {
+                        if let Some(gs) = &group_names {
                             if !gs.contains(&g) {
                                 return Err(err(
                                     &wat,
@@ -317,6 +428,7 @@ impl FleetFile {
                 percent: None,
                 stores: None,
                 fleet: Some(true),
+                selector: None,
                 converged_pct: None,
                 soak_s: None,
             }]
@@ -362,5 +474,111 @@ mod tests {
         assert!(escape.is_err());
         let dup = file(|v| v["deployments"]["web"]["waves"][1]["name"] = "canary".into());
         assert!(dup.expect_err("dup").message.contains("duplicate"));
+    }
+
+    const V12: &str = r#"{"apiVersion":"roost.dev/v1alpha1","kind":"Fleet",
+      "groups":{"canary":{"stores":["store-0001"]},
+                "us-south":{"selector":{"region":"us-south"}},
+                "new-pos":{"selector":{"matchExpressions":[{"key":"pos","operator":"In","values":["v7","v8"]}]}}},
+      "deployments":{"kds":{"source":{"url":"git://h/a.git","ref":"main","path":"apps/kds"},
+        "targets":{"selector":{"format":"drive-thru"}},
+        "waves":[{"name":"canary","group":"canary"},
+                 {"name":"texas","selector":{"region":"us-south"},"converged_pct":100,"soak_s":600},
+                 {"name":"all","fleet":true}]}}}"#;
+
+    type Patch = Box<dyn FnOnce(&mut serde_json::Value)>;
+
+    fn v12(patch: impl FnOnce(&mut serde_json::Value)) -> Result<FleetFile, FleetFileError> {
+        let mut v: serde_json::Value = serde_json::from_str(V12).expect("json");
+        patch(&mut v);
+        let f: FleetFile = serde_json::from_value(v).map_err(|e| err("", e.to_string()))?;
+        f.validate()?;
+        Ok(f)
+    }
+
+    #[test]
+    fn defined_groups_selectors_and_targets() {
+        // Parsed from the text (a serde_json::Value would sort the keys and lose the order).
+        let f: FleetFile = serde_json::from_str(V12).expect("json");
+        f.validate().expect("valid");
+        let groups = f.groups.as_ref().expect("groups");
+        // Declaration order is precedence order (not alphabetical).
+        assert_eq!(groups.names(), ["canary", "us-south", "new-pos"]);
+        let labels: Labels = [("region", "us-south"), ("pos", "v7")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(
+            groups.of("store-0001", &labels).expect("defined"),
+            ["canary", "us-south", "new-pos"]
+        );
+        assert_eq!(
+            groups.of("store-0002", &Labels::new()).expect("defined"),
+            Vec::<String>::new()
+        );
+        let d = &f.deployments["kds"];
+        assert!(matches!(
+            d.waves[1].target(),
+            Some(WaveTarget::Selector(s)) if s.matches(&labels)
+        ));
+        assert!(d.targets.as_ref().expect("targets").selector.matches(
+            &[("format".to_owned(), "drive-thru".to_owned())]
+                .into_iter()
+                .collect()
+        ));
+        // Serialized and read back, the order holds.
+        let back: FleetFile =
+            serde_json::from_str(&serde_json::to_string(&f).expect("json")).expect("back");
+        assert_eq!(back, f);
+        assert_eq!(
+            back.groups.expect("groups").names(),
+            ["canary", "us-south", "new-pos"]
+        );
+        // The list form: names only, membership from the stores.
+        let list: Groups = serde_json::from_str(r#"["canary", "all"]"#).expect("list");
+        assert_eq!(list.of("store-0001", &labels), None);
+    }
+
+    #[test]
+    fn v12_rules() {
+        let cases: Vec<(Patch, &str)> = vec![
+            (
+                Box::new(|v| v["groups"]["empty"] = serde_json::json!({})),
+                "give stores, a selector",
+            ),
+            (
+                Box::new(|v| v["groups"]["bad"] = serde_json::json!({"selector": {}})),
+                "empty selector",
+            ),
+            (
+                Box::new(|v| {
+                    v["deployments"]["kds"]["waves"][1]["group"] = "canary".into();
+                }),
+                "exactly one",
+            ),
+            (
+                Box::new(|v| {
+                    v["deployments"]["kds"]["waves"][0]["group"] = "nope".into();
+                }),
+                "unknown group nope",
+            ),
+            (
+                Box::new(|v| {
+                    v["deployments"]["kds"]["targets"]["selector"] =
+                        serde_json::json!({"format": "drive thru"});
+                }),
+                "targets.selector",
+            ),
+            (
+                Box::new(|v| {
+                    v["groups"]["canary"]["stores"] = serde_json::json!(["Store 1"]);
+                }),
+                "groups.canary.stores",
+            ),
+        ];
+        for (patch, want) in cases {
+            let e = v12(patch).expect_err(want);
+            assert!(e.to_string().contains(want), "{want}: got {e}");
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! roost's wire contract in Rust: names, topics, the rollout payload, the DSSE envelope,
-//! CloudEvents, the status and presence documents, reason codes and Ed25519 signing.
+//! CloudEvents, the status and presence documents, reason codes, Ed25519 signing and the
+//! sequence rule.
 //!
 //! This crate holds data and pure functions only (no I/O runtime), so that every component and
 //! every outside tool can share one definition of the contract. The JSON Schema files in
@@ -16,6 +17,7 @@ pub mod reason;
 pub mod revision;
 pub mod rollout;
 pub mod selector;
+pub mod sequence;
 pub mod snapshot;
 pub mod status;
 pub mod topics;
@@ -32,6 +34,7 @@ pub use reason::Reason;
 pub use revision::ShortRev;
 pub use rollout::{Origin, Policy, Rollout, Scope, Source};
 pub use selector::{Labels, Selector};
+pub use sequence::{envelope_sequence, payload_sequence, sequence_rule};
 pub use snapshot::{Snapshot, SNAPSHOT_PAYLOAD_TYPE};
 pub use status::{
     Confirmation, DeploymentStatus, DesiredRef, Freshness, FreshnessState, Phase, Presence,

@@ -108,6 +108,10 @@ payload!(
         pub reason: Reason,
         /// What exactly.
         pub message: String,
+        /// A finer, stable cause under `reason` (see [`crate::reason::detail`]), e.g.
+        /// `secret_not_for_this_store`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub detail: Option<String>,
     }
 );
 
@@ -306,8 +310,8 @@ payload!(
         pub groups: Vec<String>,
         /// The groups in force before (the configured ones before the first profile).
         pub previous_groups: Vec<String>,
-        /// What differs from the profile in force before: `groups`, `labels`, `vars`,
-        /// `timezone` (all of them that are set, for the first profile).
+        /// What differs from the store context in force before (the configured one before
+        /// the first profile): `groups`, `labels`, `vars`, `timezone`.
         #[serde(default)]
         pub changed: Vec<String>,
     }

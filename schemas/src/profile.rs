@@ -34,8 +34,11 @@ pub struct Profile {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
     /// The store's groups in precedence order (first wins after the store's own scope).
-    #[serde(default)]
-    pub groups: Vec<String>,
+    /// Absent when `roost.yaml` names its groups without defining their members (the list
+    /// form): the store keeps the groups of its own configuration. Present and empty: the
+    /// store is in no group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<String>>,
     /// IANA time zone; UTC when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timezone: Option<String>,
@@ -85,11 +88,12 @@ impl Profile {
         crate::parse_rfc3339(&self.issued_at)
             .ok_or_else(|| field("issued_at", "not an RFC 3339 time"))?;
         validate_labels(&self.labels).map_err(|e| field("labels", e.to_string()))?;
-        if self.groups.len() > MAX_GROUPS {
+        let groups = self.groups.as_deref().unwrap_or_default();
+        if groups.len() > MAX_GROUPS {
             return Err(field("groups", format!("at most {MAX_GROUPS}")));
         }
         let mut seen = std::collections::BTreeSet::new();
-        for g in &self.groups {
+        for g in groups {
             validate_name(g).map_err(|e| field("groups", e.to_string()))?;
             if !seen.insert(g) {
                 return Err(field("groups", format!("{g} twice")));
@@ -125,7 +129,12 @@ mod tests {
             "labels": {"region": "us-south"}, "groups": ["canary", "us-south"],
             "timezone": "America/Chicago", "vars": {"store_number": "0042"}}"#;
         let p = Profile::from_payload(good).expect("good");
-        assert_eq!(p.groups, ["canary", "us-south"]);
+        assert_eq!(
+            p.groups.as_deref(),
+            Some(&["canary".to_owned(), "us-south".to_owned()][..])
+        );
+        let no_groups = br#"{"store": "s", "sequence": 1, "issued_at": "2026-12-06T03:00:00Z"}"#;
+        assert_eq!(Profile::from_payload(no_groups).expect("ok").groups, None);
         let bad: &[&[u8]] = &[
             br#"{"store": "store-0042", "sequence": 0, "issued_at": "2026-12-06T03:00:00Z"}"#,
             br#"{"store": "Store 42", "sequence": 1, "issued_at": "2026-12-06T03:00:00Z"}"#,

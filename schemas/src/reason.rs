@@ -103,6 +103,14 @@ impl std::fmt::Display for Reason {
     }
 }
 
+/// Stable codes carried in `data.detail` of a `rollout.rejected` event: a finer cause under
+/// its reason code, for tools that act on it (the message stays for humans).
+pub mod detail {
+    /// Under `invalid_manifest`: a sealed (`.age`) file of the revision is not encrypted to
+    /// this store's age identity (or the store has none).
+    pub const SECRET_NOT_FOR_THIS_STORE: &str = "secret_not_for_this_store";
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

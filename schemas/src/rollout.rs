@@ -154,6 +154,11 @@ pub struct Policy {
     /// How long to wait for health before reporting `degraded`.
     #[serde(default = "default_health_timeout")]
     pub health_timeout_s: u64,
+    /// Replace `${roost.store}`, `${roost.labels.KEY}`, `${roost.vars.KEY}` (and
+    /// `${roost.vars.KEY:=default}`) in the manifests with the store's own values (v1.2).
+    /// Absent when false, so a payload without it keeps its bytes (and signatures).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub substitute: bool,
 }
 
 fn default_true() -> bool {
@@ -170,6 +175,7 @@ impl Default for Policy {
             prune: true,
             self_heal: true,
             health_timeout_s: default_health_timeout(),
+            substitute: false,
         }
     }
 }
@@ -351,6 +357,20 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Scope>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn substitute_is_absent_unless_true() {
+        // A payload from before `policy.substitute` existed serializes to the same bytes
+        // (its signatures stay valid), and `true` travels.
+        let json = serde_json::to_string(&sample()).expect("ser");
+        assert!(!json.contains("substitute"), "{json}");
+        let mut r = sample();
+        r.policy.substitute = true;
+        let json = serde_json::to_string(&r).expect("ser");
+        assert!(json.contains(r#""substitute":true"#), "{json}");
+        let back: Rollout = serde_json::from_str(&json).expect("de");
+        assert!(back.policy.substitute);
     }
 
     #[test]

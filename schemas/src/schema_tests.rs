@@ -705,6 +705,7 @@ fn typed_payloads_validate_against_the_event_schema() {
             scope: None,
             reason: Reason::Replay,
             message: "m".into(),
+            detail: Some(crate::reason::detail::SECRET_NOT_FOR_THIS_STORE.into()),
         }),
         EventData::FetchFailed(FetchFailed {
             rollout: r.clone(),

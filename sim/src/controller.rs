@@ -76,7 +76,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
     let cloud = roost_broker::spawn_free("cloud").map_err(setup("cloud broker"))?;
     let cancel = CancellationToken::new();
     let db_path = dir.join("fleet.db");
-    let db = roost_fleet::record::FleetDb::open(&db_path).map_err(setup("fleet db"))?;
+    let db = roost_fleet::db::FleetDb::open(&db_path).map_err(setup("fleet db"))?;
     let fopts = roost_fleet::record::FleetOptions {
         host: cloud.ip().to_string(),
         port: cloud.port(),
@@ -134,7 +134,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
             .await
             .map_err(setup("publish"))?;
     }
-    let count = |db: &roost_fleet::record::FleetDb| {
+    let count = |db: &roost_fleet::db::FleetDb| {
         db.with_conn(
             |c| Ok(c.query_row("SELECT COUNT(*) FROM status", [], |r| r.get::<_, i64>(0))?),
         )
@@ -176,10 +176,8 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         host: cloud.ip().to_string(),
         port: cloud.port(),
         cache_dir: dir.join("controller-git"),
-        http: None,
         snapshot_interval: roost_fleet::gitops::snapshot::DEFAULT_INTERVAL,
         snapshot_expiry: roost_fleet::gitops::snapshot::DEFAULT_EXPIRY,
-        metrics: None,
         security: Default::default(),
     };
     let t0 = Instant::now();
@@ -262,7 +260,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
     ));
     loop {
         let done = db
-            .with_conn(roost_fleet::gitops::store::plans)
+            .with_conn(roost_fleet::db::gitops::plans)
             .ok()
             .and_then(|p| p.get(deployment).cloned())
             .is_some_and(|p| p.status == roost_fleet::gitops::plan::PlanStatus::Done);
@@ -277,10 +275,10 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
     report.commit_to_done_ms = t0.elapsed().as_millis() as u64;
     // The wave engine alone over the whole fleet.
     let view = db
-        .with_conn(|c| roost_fleet::gitops::store::view(c, deployment))
+        .with_conn(|c| roost_fleet::db::gitops::view(c, deployment))
         .map_err(setup("view"))?;
     let plan = db
-        .with_conn(roost_fleet::gitops::store::plans)
+        .with_conn(roost_fleet::db::gitops::plans)
         .ok()
         .and_then(|p| p.get(deployment).cloned())
         .ok_or_else(|| UpError::Failed(format!("no plan for {deployment}")))?;
@@ -294,7 +292,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
             &mut p,
             &view,
             &Default::default(),
-            roost_fleet::record::now_ms(),
+            roost_fleet::db::now_ms(),
         );
         us.push(t.elapsed().as_micros() as u64);
     }

@@ -260,6 +260,7 @@ pub fn store_configs(
         },
         target,
         limits: Limits::default(),
+        secrets: Default::default(),
         drift_interval_s: None,
         outbox_max_mib: None,
         retry_ms: Some((500, 10_000)),
@@ -358,7 +359,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     let child = cancel.child_token();
     // The cloud-side fleet record (events deduplicated, gaps detected, desired state kept).
     let fleet_db_path = state_dir.join("fleet.db");
-    let fleet_db = roost_fleet::record::FleetDb::open(&fleet_db_path).map_err(setup("fleet db"))?;
+    let fleet_db = roost_fleet::db::FleetDb::open(&fleet_db_path).map_err(setup("fleet db"))?;
     let fleet_opts = roost_fleet::record::FleetOptions {
         host: cloud_addr.ip().to_string(),
         port: cloud_addr.port(),
@@ -373,14 +374,17 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
             .await
             .map_err(|e| format!("fleet: {e}"))
     });
-    // The dashboard and API, with a fresh token for the plan actions (in the state dir).
+    // The dashboard and API, with a fresh token for the plan actions (in the state dir);
+    // the actions reach the controller started below over its channel.
     let token = format!("{:032x}", rand::random::<u128>());
     let token_file = state_dir.join("api-token");
     std::fs::write(&token_file, format!("{token}\n")).map_err(setup("api token"))?;
+    let (controller, inbox) = roost_fleet::gitops::ControllerHandle::channel();
     let api = roost_fleet::api::Api::new(
         fleet_db.clone(),
         roost_fleet::api::ApiOptions {
             token: Some(token),
+            controller: Some(controller),
             ..Default::default()
         },
         child.clone(),
@@ -458,15 +462,13 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         port: cloud_addr.port(),
         security: Default::default(),
         cache_dir: state_dir.join("controller-git"),
-        http: None,
         snapshot_interval: roost_fleet::gitops::snapshot::DEFAULT_INTERVAL,
         snapshot_expiry: roost_fleet::gitops::snapshot::DEFAULT_EXPIRY,
-        metrics: None,
     };
     let ckey = cloud::load_key(&key_dir.join(format!("{key_id}.key"))).map_err(setup("key"))?;
     let c = child.clone();
     tasks.spawn(async move {
-        roost_fleet::gitops::run(gopts, fleet_db, ckey, c)
+        roost_fleet::gitops::run_with_handle(gopts, fleet_db, ckey, Some(inbox), c)
             .await
             .map_err(|e| format!("controller: {}", roost_runtime::error_chain(&e)))
     });
@@ -485,7 +487,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
             repos.join("apps").display(),
             fleet_repo_dir.display(),
         );
-        let db = roost_fleet::record::FleetDb::open(&fleet_db_path).map_err(setup("fleet db"))?;
+        let db = roost_fleet::db::FleetDb::open(&fleet_db_path).map_err(setup("fleet db"))?;
         let c = child.clone();
         tasks.spawn(async move {
             crate::up_view::run(db, header, Duration::from_millis(500), c).await;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use roost_fleet::db::{FleetDb, StoredEvent};
 use roost_fleet::gitops::plan::{Plan, PlanStatus, StoreOutcome};
-use roost_fleet::record::{FleetDb, StoredEvent};
 use roost_fleet::view::{self, FleetView};
 
 /// Width of a progress bar, in cells.
@@ -137,17 +137,16 @@ pub async fn run(db: FleetDb, header: String, every: Duration, cancel: Cancellat
     loop {
         let db2 = db.clone();
         let h = header.clone();
-        let text = tokio::task::spawn_blocking(
-            move || -> Result<String, roost_fleet::record::FleetError> {
-                let v = view::build(&view::load(&db2)?, roost_fleet::record::now_ms());
+        let text =
+            tokio::task::spawn_blocking(move || -> Result<String, roost_fleet::db::DbError> {
+                let v = view::build(&view::load(&db2)?, roost_fleet::db::now_ms());
                 let plans = db2
-                    .with_conn(roost_fleet::gitops::store::plans)
+                    .with_conn(roost_fleet::db::gitops::plans)
                     .unwrap_or_default();
                 let events = db2.recent_events(8)?;
                 Ok(frame(&h, &v, &plans, &events))
-            },
-        )
-        .await;
+            })
+            .await;
         if let Ok(Ok(text)) = text {
             // Home, the frame (each line cleared to its end), then clear below it.
             let mut out = std::io::stdout().lock();

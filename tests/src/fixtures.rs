@@ -108,6 +108,21 @@ pub fn mosquitto_bin(test: &str) -> Option<&'static str> {
     found
 }
 
+/// The reference `age` CLI (`age`, with `age-keygen` beside it), or None when `test` may be
+/// skipped (absent, and not under CI; see [`skip_unless_ci`]).
+pub fn age_bin(test: &str) -> Option<&'static str> {
+    let found = ["/usr/bin/age", "/usr/local/bin/age"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    if found.is_none() {
+        skip_unless_ci(
+            &format!("age is not installed, and CI must run {test} (.ci/run installs it)"),
+            &format!("SKIPPED {test}: age is not installed (apt-get install -y age)"),
+        );
+    }
+    found
+}
+
 /// Starts mosquitto (`bin`, see [`mosquitto_bin`]) with the configuration file `conf`, its
 /// output discarded, and waits until it listens on `addr` (the conf's listener).
 pub fn spawn_mosquitto(bin: &str, conf: &Path, addr: SocketAddr) -> std::process::Child {

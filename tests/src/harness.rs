@@ -334,6 +334,7 @@ impl Signer {
                 prune: true,
                 self_heal: true,
                 health_timeout_s: 30,
+                substitute: false,
             },
             remove: false,
             origin: None,
@@ -359,7 +360,7 @@ impl Signer {
             sequence,
             issued_at: roost_schemas::now_rfc3339(),
             labels: Default::default(),
-            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            groups: Some(groups.iter().map(|g| (*g).to_owned()).collect()),
             timezone: None,
             vars: Default::default(),
         }
@@ -634,6 +635,26 @@ impl CloudRig {
     }
 }
 
+/// The configuration spec of store `name` (files target) with its state under `DIR/NAME/`.
+fn store_spec(
+    name: &str,
+    groups: &[&str],
+    dir: &Path,
+    cloud: SocketAddr,
+    edge: SocketAddr,
+    allowed: &str,
+) -> StoreSpec {
+    StoreSpec {
+        store: name.into(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        dir: dir.join(name),
+        edge,
+        cloud,
+        allowed: allowed.into(),
+        target: TargetConfig::Files(Default::default()),
+    }
+}
+
 /// One store running in-process: edge broker, bridge and agent, each restartable.
 pub struct StoreRig {
     /// Store name.
@@ -674,15 +695,7 @@ impl StoreRig {
         signer: &Signer,
         allowed: &str,
     ) -> StoreRig {
-        let spec = StoreSpec {
-            store: name.into(),
-            groups: groups.iter().map(|g| g.to_string()).collect(),
-            dir: dir.join(name),
-            edge,
-            cloud,
-            allowed: allowed.into(),
-            target: TargetConfig::Files(Default::default()),
-        };
+        let spec = store_spec(name, groups, dir, cloud, edge, allowed);
         let (mut agent_cfg, bridge_cfg) =
             roost_sim::up::store_configs(&spec, &signer.key).expect("configs");
         agent_cfg.retry = (Duration::from_millis(200), Duration::from_secs(2));
@@ -887,14 +900,14 @@ pub fn under(all: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, S
 /// The cloud-side fleet service (`roost_fleet::record::run`) running in-process on a SQLite file.
 pub struct FleetService {
     /// The database it records into.
-    pub db: roost_fleet::record::FleetDb,
+    pub db: roost_fleet::db::FleetDb,
     component: Option<Component>,
 }
 
 impl FleetService {
     /// Starts recording everything on the `cloud` broker into `path`.
     pub fn start(cloud: SocketAddr, path: &Path) -> FleetService {
-        let db = roost_fleet::record::FleetDb::open(path).expect("fleet db");
+        let db = roost_fleet::db::FleetDb::open(path).expect("fleet db");
         let opts = roost_fleet::record::FleetOptions {
             host: cloud.ip().to_string(),
             port: cloud.port(),
@@ -1110,6 +1123,8 @@ pub fn converged_at(doc: &StatusDoc, deployment: &str, revision: &str, sequence:
 pub struct RoostProcess {
     args: Vec<std::ffi::OsString>,
     log: PathBuf,
+    /// `ROOST_LOG` of the process; None: `ROOST_CHILD_LOG`, else info.
+    level: Option<String>,
     child: Option<std::process::Child>,
     /// How many times it was started.
     pub starts: u32,
@@ -1122,9 +1137,20 @@ impl RoostProcess {
         I: IntoIterator<Item = S>,
         S: Into<std::ffi::OsString>,
     {
+        Self::start_logged(args, log, None)
+    }
+
+    /// Starts `roost ARGS…`, logging to `log` with the `ROOST_LOG` filter `level` (None: the
+    /// test's `ROOST_CHILD_LOG`, else `info`).
+    pub fn start_logged<I, S>(args: I, log: &Path, level: Option<&str>) -> RoostProcess
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<std::ffi::OsString>,
+    {
         let mut p = RoostProcess {
             args: args.into_iter().map(Into::into).collect(),
             log: log.to_owned(),
+            level: level.map(str::to_owned),
             child: None,
             starts: 0,
         };
@@ -1152,7 +1178,9 @@ impl RoostProcess {
             .args(&self.args)
             .env(
                 "ROOST_LOG",
-                std::env::var("ROOST_CHILD_LOG").unwrap_or_else(|_| "info,rumqttd=error".into()),
+                self.level.clone().unwrap_or_else(|| {
+                    std::env::var("ROOST_CHILD_LOG").unwrap_or_else(|_| "info,rumqttd=error".into())
+                }),
             )
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -1179,6 +1207,82 @@ impl RoostProcess {
 impl Drop for RoostProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A store whose agent runs as a `roost agent` process that logs to a file, beside an
+/// in-process bridge and its own embedded edge broker: for tests that search everything the
+/// agent writes, its log included. Everything of it is under `DIR/NAME/`.
+pub struct ProcessStore {
+    /// Store name.
+    pub name: String,
+    /// The agent's state directory.
+    pub state: PathBuf,
+    /// The bridge's state directory.
+    pub bridge_state: PathBuf,
+    /// The agent's log file.
+    pub log: PathBuf,
+    agent: RoostProcess,
+    bridge: Option<Component>,
+}
+
+impl ProcessStore {
+    /// Starts the store `name` in `groups` under `dir`, trusting `signer`, fetching from
+    /// `allowed`, its agent logging at `level`. `agent_toml` may change the agent's
+    /// configuration file (from [`agent_toml`], files target) and its state directory (an
+    /// identity file, say) before the agent starts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        name: &str,
+        groups: &[&str],
+        dir: &Path,
+        cloud: SocketAddr,
+        signer: &Signer,
+        allowed: &str,
+        level: &str,
+        agent_toml: impl FnOnce(String, &Path) -> String,
+    ) -> ProcessStore {
+        let edge = roost_broker::spawn_free("edge").expect("edge broker");
+        let spec = store_spec(name, groups, dir, cloud, edge, allowed);
+        let (_, bridge_cfg) = roost_sim::up::store_configs(&spec, &signer.key).expect("configs");
+        let bridge_state = bridge_cfg.state_dir.clone();
+        let bridge = Component::spawn(format!("bridge of {name}"), move |c| {
+            roost_bridge::run(bridge_cfg, c)
+        });
+        let state = spec.dir.join("agent");
+        std::fs::create_dir_all(&state).expect("state dir");
+        let text = agent_toml(
+            self::agent_toml(name, groups, &state, edge, signer, allowed),
+            &state,
+        );
+        let config = spec.dir.join("agent.toml");
+        std::fs::write(&config, text).expect("agent.toml");
+        let log = spec.dir.join("agent.log");
+        let agent = RoostProcess::start_logged(
+            [
+                std::ffi::OsString::from("agent"),
+                "--config".into(),
+                config.into_os_string(),
+            ],
+            &log,
+            Some(level),
+        );
+        ProcessStore {
+            name: name.into(),
+            state,
+            bridge_state,
+            log,
+            agent,
+            bridge: Some(bridge),
+        }
+    }
+
+    /// Kills the agent and stops the bridge gracefully (panics if it failed).
+    pub async fn stop(&mut self) {
+        self.agent.kill();
+        if let Some(b) = self.bridge.take() {
+            b.stop().await;
+        }
     }
 }
 

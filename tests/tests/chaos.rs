@@ -130,7 +130,7 @@ async fn wait_retained(broker: SocketAddr, name: &str, want: &[u8], sequence: u6
             Instant::now() < until,
             "{name}: the retained envelope is not the latest (sequence {sequence}) but {:?}",
             got.iter()
-                .map(|(_, p)| roost_fleet::record::envelope_sequence(p))
+                .map(|(_, p)| roost_schemas::envelope_sequence(p))
                 .collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;

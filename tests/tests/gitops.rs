@@ -24,6 +24,9 @@ struct Rig {
     obs: Observer,
     fleet: Option<FleetService>,
     controller: Option<Component>,
+    /// The running controller's handle: an API served after it sends plan actions and
+    /// webhook syncs over it, as `roost fleet` does.
+    handle: Option<roost_fleet::gitops::ControllerHandle>,
     stores: Vec<StoreRig>,
     db: PathBuf,
     dep: String,
@@ -91,6 +94,7 @@ impl Rig {
             obs,
             fleet: Some(fleet),
             controller: None,
+            handle: None,
             stores,
             db,
             api: Vec::new(),
@@ -104,6 +108,7 @@ impl Rig {
             self.db(),
             roost_fleet::api::ApiOptions {
                 token: token.map(str::to_owned),
+                controller: self.handle.clone(),
                 ..Default::default()
             },
             cancel.clone(),
@@ -127,16 +132,16 @@ impl Rig {
             port: self.cloud.port(),
             security: Default::default(),
             cache_dir: self.dir.path().join("controller-git"),
-            http: None,
             snapshot_interval: roost_fleet::gitops::snapshot::DEFAULT_INTERVAL,
             snapshot_expiry: roost_fleet::gitops::snapshot::DEFAULT_EXPIRY,
-            metrics: None,
         };
-        let db = roost_fleet::record::FleetDb::open(&self.db).expect("db");
+        let db = roost_fleet::db::FleetDb::open(&self.db).expect("db");
         let key = roost_schemas::SigningKey::from_pkcs8(self.signer.key.pkcs8().expect("pkcs8"))
             .expect("key");
+        let (handle, inbox) = roost_fleet::gitops::ControllerHandle::channel();
+        self.handle = Some(handle);
         self.controller = Some(Component::spawn("controller", move |c| {
-            roost_fleet::gitops::run(opts, db, key, c)
+            roost_fleet::gitops::run_with_handle(opts, db, key, Some(inbox), c)
         }));
     }
 
@@ -177,20 +182,20 @@ impl Rig {
         }
     }
 
-    fn db(&self) -> roost_fleet::record::FleetDb {
-        roost_fleet::record::FleetDb::open(&self.db).expect("db")
+    fn db(&self) -> roost_fleet::db::FleetDb {
+        roost_fleet::db::FleetDb::open(&self.db).expect("db")
     }
 
     fn plan(&self) -> Option<roost_fleet::gitops::plan::Plan> {
         self.db()
-            .with_conn(roost_fleet::gitops::store::plans)
+            .with_conn(roost_fleet::db::gitops::plans)
             .expect("plans")
             .remove(&self.dep)
     }
 
-    fn published(&self) -> Vec<roost_fleet::gitops::store::Published> {
+    fn published(&self) -> Vec<roost_fleet::db::gitops::Published> {
         self.db()
-            .with_conn(roost_fleet::gitops::store::published)
+            .with_conn(roost_fleet::db::gitops::published)
             .expect("published")
     }
 
@@ -303,7 +308,7 @@ async fn a_commit_rolls_out_wave_by_wave_and_a_new_app_commit_follows() {
     let v = harness::eventually(T, "release commit described", || {
         let v = roost_fleet::view::build(
             &roost_fleet::view::load(&r.db()).expect("view"),
-            roost_fleet::record::now_ms(),
+            roost_fleet::db::now_ms(),
         );
         v.stores
             .iter()
@@ -447,7 +452,7 @@ async fn an_invalid_fleet_file_publishes_nothing_and_the_last_good_one_stays() {
     // Each bad file is recorded as invalid with its reason; the good commit stays in force.
     let good_commit = r
         .db()
-        .with_conn(roost_fleet::gitops::store::sync_state)
+        .with_conn(roost_fleet::db::gitops::sync_state)
         .expect("sync")
         .expect("synced")
         .0
@@ -456,7 +461,7 @@ async fn an_invalid_fleet_file_publishes_nothing_and_the_last_good_one_stays() {
         let c = r.commit_fleet(&yaml);
         let st = harness::eventually(T, "bad file recorded", || {
             r.db()
-                .with_conn(roost_fleet::gitops::store::sync_state)
+                .with_conn(roost_fleet::db::gitops::sync_state)
                 .ok()
                 .flatten()
                 .map(|(s, _)| s)
@@ -643,7 +648,7 @@ async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_
     harness::eventually(T, "the canary converged in the fleet record", || {
         let v = roost_fleet::view::build(
             &roost_fleet::view::load(&r.db()).ok()?,
-            roost_fleet::record::now_ms(),
+            roost_fleet::db::now_ms(),
         );
         v.stores
             .iter()
@@ -712,6 +717,7 @@ async fn promote_writes_the_git_change_that_makes_the_fleet_run_what_the_canary_
             percent: None,
             stores: None,
             fleet: Some(true),
+            selector: None,
             converged_pct: None,
             soak_s: None,
         });
@@ -1409,6 +1415,41 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
     r.finish().await;
 }
 
+/// A plan action from another process (`roost plan pause|resume` on the same database)
+/// reaches the controller through the fleet database's request table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roost_plan_from_another_process_pauses_and_resumes_through_the_database() {
+    let mut r = Rig::new(2, 1).await;
+    r.commit_app("1");
+    let soak = "      - {name: canary, group: canary, soak_s: 3600}\n      - {name: everyone, fleet: true}\n";
+    let yaml = r.fleet_yaml(soak, "");
+    r.commit_fleet(&yaml);
+    r.start_controller();
+    use roost_fleet::gitops::plan::PlanStatus;
+    harness::eventually(T, "a running plan", || {
+        r.plan().filter(|p| p.status == PlanStatus::Running)
+    })
+    .await;
+    for (verb, then) in [
+        ("pause", PlanStatus::Paused),
+        ("resume", PlanStatus::Running),
+    ] {
+        let out = std::process::Command::new(harness::roost_bin())
+            .args(["plan", verb, &r.dep, "--db"])
+            .arg(&r.db)
+            .output()
+            .expect("roost plan");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "roost plan {verb}: {stdout}");
+        assert!(
+            stdout.contains(&format!("{verb} requested for {}", r.dep)),
+            "{stdout}"
+        );
+        harness::eventually(T, verb, || r.plan().filter(|p| p.status == then)).await;
+    }
+    r.finish().await;
+}
+
 /// The browser test's tools: node, Debian's chromium and `npm ci` in tests/browser. None
 /// (skip) when one is missing on a developer's machine; under CI (`CI=true`) that fails.
 fn browser_tools() -> Option<PathBuf> {
@@ -1539,7 +1580,7 @@ fn sim_status(store: &str, dep: &str, rev: &str, applied: &str, phase: &str) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: prints the dashboard's load time and live-update bytes for 2,000 stores"]
 async fn bench_the_dashboard_with_2000_stores() {
-    use roost_fleet::record::FleetItem;
+    use roost_fleet::db::FleetItem;
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
     let Some(dir) = browser_tools() else { return };
     harness::init();
@@ -1548,7 +1589,7 @@ async fn bench_the_dashboard_with_2000_stores() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
     let tmp = tempfile::tempdir().expect("tmp");
-    let db = roost_fleet::record::FleetDb::open(&tmp.path().join("fleet.db")).expect("db");
+    let db = roost_fleet::db::FleetDb::open(&tmp.path().join("fleet.db")).expect("db");
     let (rev1, rev2, dep) = ("1".repeat(40), "2".repeat(40), "kitchen-display");
     let name = |i: usize| format!("store-{i:04}");
     let presence = format!(
@@ -1644,12 +1685,7 @@ async fn controller_snapshots_confirm_freshness_and_a_rolled_back_broker_is_repo
             .expect("desired")
             .into_iter()
             .find(|(t, _)| *t == fleet_topic)
-            .map(|(_, p)| {
-                (
-                    roost_fleet::record::envelope_sequence(&p).expect("sequence"),
-                    p,
-                )
-            })
+            .map(|(_, p)| (roost_schemas::envelope_sequence(&p).expect("sequence"), p))
             .expect("the fleet topic is recorded")
     };
     let (seq1, env1) = desired_seq(&r);

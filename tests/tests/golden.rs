@@ -377,6 +377,136 @@ async fn a_signed_profile_moves_the_store_between_groups() {
     s.stop_agent().await;
 }
 
+/// A profile's vars reach the deployments that substitute them, and only those: a new var
+/// renders and applies the `policy.substitute` deployment again with the new value (so does
+/// a new label: substitution may read any), while a deployment without it re-applies nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_var_renders_again_only_what_substitutes_it() {
+    let mut w = world().await;
+    let mut s = w.store("store-0001", &["canary"]);
+    s.start();
+    let rev = w.git.commit(
+        &[(
+            "apps/menu/configmap.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: menu\ndata:\n  menu: ${roost.vars.menu:=none}\n",
+        )],
+        &[],
+        "menu",
+    );
+    let topics = roost_schemas::Topics::default();
+    let mut menu = w
+        .signer
+        .rollout("menu", Scope::Fleet, 1, &w.git.url(), &rev, "apps/menu");
+    menu.policy.substitute = true;
+    publish(
+        w.cloud,
+        &topics.deployment(&Scope::Fleet, "menu"),
+        w.signer.sign(&menu),
+    )
+    .await;
+    w.roll(Scope::Fleet, 1, &rev).await;
+    let obs = &w.observer;
+    obs.wait_status("store-0001", "both converged", T, |d| {
+        harness::converged_on(d, "web", &rev) && harness::converged_on(d, "menu", &rev)
+    })
+    .await;
+    let served = |s: &StoreRig| {
+        s.live_files("menu")
+            .get("configmap.yaml")
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(served(&s).contains("menu: none"), "{}", served(&s));
+
+    let profile_topic = topics.profile("store-0001");
+    let mut seq = 1_795_000_000_000;
+    let mut send = |vars: &[(&str, &str)], label: &str| {
+        seq += 1;
+        let mut p = w.signer.profile("store-0001", seq, &["canary"]);
+        p.vars = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        p.labels = [("region".to_owned(), label.to_owned())].into();
+        (seq, w.signer.sign_profile(&p))
+    };
+    for (vars, label, want) in [
+        (&[("menu", "breakfast")][..], "us-east", "menu: breakfast"),
+        (&[("menu", "lunch")][..], "us-east", "menu: lunch"),
+    ] {
+        let (seq, env) = send(vars, label);
+        publish(w.cloud, &profile_topic, env).await;
+        let accepted = obs
+            .wait_event("store-0001", "dev.roost.profile.accepted", T, |e| {
+                e.data["sequence"] == seq
+            })
+            .await;
+        let changed = if want.contains("breakfast") {
+            json!(["labels", "vars"])
+        } else {
+            json!(["vars"])
+        };
+        assert_eq!(accepted.data["changed"], changed);
+        eventually_served(&s, want, served).await;
+        let applied = obs
+            .wait_event("store-0001", "dev.roost.converged", T, |e| {
+                e.subject.as_deref() == Some("menu") && e.roostseq > accepted.roostseq
+            })
+            .await;
+        assert!(applied.roostseq > accepted.roostseq);
+    }
+    // A label only: menu renders again (it could read the label), web does not.
+    let (seq, env) = send(&[("menu", "lunch")], "us-south");
+    publish(w.cloud, &profile_topic, env).await;
+    let label = obs
+        .wait_event("store-0001", "dev.roost.profile.accepted", T, |e| {
+            e.data["sequence"] == seq
+        })
+        .await;
+    obs.wait_event("store-0001", "dev.roost.converged", T, |e| {
+        e.subject.as_deref() == Some("menu") && e.roostseq > label.roostseq
+    })
+    .await;
+    let accepted = obs
+        .wait_status("store-0001", "on the label-only profile", T, |d| {
+            d.profile_sequence == Some(seq)
+        })
+        .await;
+    // A marker after it: a fleet update of web converges; nothing else was applied between.
+    let rev2 = w.git.commit(&refs(&web_app("2", FILES)), &[], "v2");
+    w.roll(Scope::Fleet, 2, &rev2).await;
+    obs.wait_converged("store-0001", &rev2, T).await;
+    let seen = obs.snapshot();
+    let first_profile = seen.of("store-0001", "dev.roost.profile.accepted")[0].roostseq;
+    let started: Vec<(Option<String>, Option<String>)> = seen
+        .of("store-0001", "dev.roost.apply.started")
+        .into_iter()
+        .filter(|e| e.roostseq > first_profile)
+        .map(|e| (e.subject.clone(), rev_of(e).map(str::to_owned)))
+        .collect();
+    assert_eq!(
+        started,
+        [
+            (Some("menu".to_owned()), Some(rev.clone())),
+            (Some("menu".to_owned()), Some(rev.clone())),
+            (Some("menu".to_owned()), Some(rev.clone())),
+            (Some("web".to_owned()), Some(rev2.clone())),
+        ],
+        "after the profiles: menu for each (breakfast, lunch, the label), web only for its update"
+    );
+    assert!(served(&s).contains("menu: lunch"));
+    assert_eq!(accepted.groups, ["canary"]);
+    s.stop_agent().await;
+}
+
+/// Waits until the menu deployment serves `want`.
+async fn eventually_served(s: &StoreRig, want: &str, served: impl Fn(&StoreRig) -> String) {
+    harness::eventually(T, &format!("menu serves {want:?}"), || {
+        served(s).contains(want).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejections_carry_reason_codes_and_change_nothing() {
     let mut w = world().await;
@@ -897,7 +1027,7 @@ async fn command_line_keygen_rollout_status_events() {
         args.extend_from_slice(extra);
         serde_json::from_str::<serde_json::Value>(roost(&args).trim()).expect("rollout JSON")
     };
-    let before = roost_fleet::record::now_ms();
+    let before = roost_fleet::db::now_ms();
     let r = rollout(&["--revision", "HEAD"]);
     let seq1 = r["sequence"].as_u64().expect("sequence");
     assert!(
@@ -915,7 +1045,7 @@ async fn command_line_keygen_rollout_status_events() {
     let seq2 = r2["sequence"].as_u64().expect("sequence");
     assert!(seq2 > seq1, "max(retained + 1, now in ms): {seq2} > {seq1}");
     // A retained sequence ahead of the clock is a lower bound: the next one is above it.
-    let ahead = (roost_fleet::record::now_ms() + 3_600_000).to_string();
+    let ahead = (roost_fleet::db::now_ms() + 3_600_000).to_string();
     let r3 = rollout(&["--revision", &rev1, "--sequence", &ahead]);
     assert_eq!(
         r3["sequence"].to_string(),
@@ -1264,7 +1394,7 @@ async fn fleet_stops_on_sigterm_and_sigint() {
         .expect("json");
         publish(cloud, &topics.presence(&store), doc.clone()).await;
         harness::eventually(T, "presence recorded by roost fleet", || {
-            let db = roost_fleet::record::FleetDb::open(&db).ok()?;
+            let db = roost_fleet::db::FleetDb::open(&db).ok()?;
             db.status_messages(&topics)
                 .ok()?
                 .into_iter()
@@ -1523,7 +1653,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
         .await;
     // Subscribed: the store's retained presence is in its database.
     harness::eventually(T, "roost fleet records the store's presence", || {
-        let db = roost_fleet::record::FleetDb::open(&db).ok()?;
+        let db = roost_fleet::db::FleetDb::open(&db).ok()?;
         db.status_messages(&topics)
             .ok()?
             .into_iter()
@@ -1556,7 +1686,7 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
         args.extend_from_slice(extra);
         roost_cmd(&args)
     };
-    let before = roost_fleet::record::now_ms();
+    let before = roost_fleet::db::now_ms();
     let (ok, out, err) = rollout(&rev1, &[]);
     assert!(ok, "roost rollout: {err}");
     let seq1 = rollout_json(&out)["sequence"].as_u64().expect("sequence");
@@ -1567,11 +1697,11 @@ async fn fleet_restores_desired_state_after_a_cloud_broker_crash(mut broker: Cra
     obs.wait_phase(store, "web", "Converged", Some(&rev1), T)
         .await;
     let env1 = harness::eventually(T, "roost fleet records the rollout", || {
-        let db = roost_fleet::record::FleetDb::open(&db).ok()?;
+        let db = roost_fleet::db::FleetDb::open(&db).ok()?;
         db.desired()
             .ok()?
             .into_iter()
-            .find(|(t, p)| *t == topic && roost_fleet::record::envelope_sequence(p) == Some(seq1))
+            .find(|(t, p)| *t == topic && roost_schemas::envelope_sequence(p) == Some(seq1))
             .map(|(_, p)| p)
     })
     .await;

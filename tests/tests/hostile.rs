@@ -18,7 +18,8 @@ use roost_schemas::{
 };
 use roost_tests::fixtures::{refs, status_doc, web_app, Web, WEB_APP};
 use roost_tests::harness::{
-    self, paths_under, publish, publish_qos1, CloudRig, Component, GitServer, Observer, StoreRig,
+    self, paths_under, publish, publish_qos1, CloudRig, Component, GitServer, Observer,
+    ProcessStore, StoreRig,
 };
 use serde_json::{json, Value};
 
@@ -127,8 +128,9 @@ enum Send {
     /// A message straight onto the edge broker's deployment topic (one the bridge would not
     /// carry): rejected by the agent's verification.
     EdgeTopic { topic: String, payload: Vec<u8> },
-    /// A well-signed fleet rollout of a hostile revision: rejected when rendered.
-    Revision { rev: String },
+    /// A well-signed fleet rollout of a hostile revision: rejected when rendered (with
+    /// `policy.substitute` when `substitute`).
+    Revision { rev: String, substitute: bool },
     /// A forged message on the edge broker that the bridge must drop.
     Edge {
         topic: String,
@@ -285,9 +287,12 @@ impl World {
                 assert_eq!(e.reason(), Some(case.reason), "{}: {}", case.name, e.data);
                 publish_qos1(self.store.edge, topic, Vec::new(), true).await;
             }
-            Send::Revision { rev } => {
+            Send::Revision { rev, substitute } => {
                 let seq = self.next();
-                let body = self.rollout(Scope::Fleet, seq, rev);
+                let mut body = self.rollout(Scope::Fleet, seq, rev);
+                if *substitute {
+                    body["policy"]["substitute"] = json!(true);
+                }
                 publish(
                     self.cloud,
                     &self.fleet_topic(),
@@ -1210,7 +1215,89 @@ fn cases(w: &mut World) -> Vec<Case> {
             vec![("sub".to_string(), 0o160000, Vec::new())],
         ),
     ];
-    for (name, reason, entries) in contents {
+    // Sealed files and substitution (`policy.substitute`): this store has no age identity.
+    let stranger = roost_runtime::sealed::Identity::generate();
+    let sealed_cm = roost_runtime::sealed::encrypt(
+        &[stranger.to_recipient()],
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\n",
+    )
+    .expect("seal");
+    let cm_with = |value: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\ndata:\n  v: \"{value}\"\n"
+        )
+        .into_bytes()
+    };
+    let per_store: Vec<(&str, &'static str, Entries, bool)> = vec![
+        (
+            "a sealed file for another store",
+            "invalid_manifest",
+            vec![("secret.yaml.age".to_string(), 0o100644, sealed_cm)],
+            false,
+        ),
+        (
+            "a sealed file that is not an age file",
+            "invalid_manifest",
+            vec![(
+                "secret.yaml.age".to_string(),
+                0o100644,
+                b"-----BEGIN AGE ENCRYPTED FILE-----\nnope\n-----END AGE ENCRYPTED FILE-----\n"
+                    .to_vec(),
+            )],
+            false,
+        ),
+        (
+            "substitution: an unresolved variable",
+            "invalid_manifest",
+            vec![(
+                "configmap.yaml".to_string(),
+                0o100644,
+                cm_with("${roost.vars.printer_ip}"),
+            )],
+            true,
+        ),
+        (
+            "substitution: a ${ that is not roost's",
+            "invalid_manifest",
+            vec![("configmap.yaml".to_string(), 0o100644, cm_with("${HOME}"))],
+            true,
+        ),
+        (
+            "substitution: an unknown namespace",
+            "invalid_manifest",
+            vec![(
+                "configmap.yaml".to_string(),
+                0o100644,
+                cm_with("${roost.env.PATH}"),
+            )],
+            true,
+        ),
+        (
+            "substitution: a nested ${",
+            "invalid_manifest",
+            vec![(
+                "configmap.yaml".to_string(),
+                0o100644,
+                cm_with("${roost.vars.${roost.store}}"),
+            )],
+            true,
+        ),
+        (
+            "substitution: a default over 4 KiB",
+            "invalid_manifest",
+            vec![(
+                "configmap.yaml".to_string(),
+                0o100644,
+                cm_with(&format!("${{roost.vars.x:={}}}", "y".repeat(5000))),
+            )],
+            true,
+        ),
+    ];
+    let contents = contents
+        .into_iter()
+        .map(|(n, r, e)| (n, r, e, false))
+        .chain(per_store);
+    for (name, reason, entries, substitute) in contents {
         let entries: Vec<(&str, u32, &[u8])> = entries
             .iter()
             .map(|(n, m, c)| (n.as_str(), *m, &c[..]))
@@ -1219,7 +1306,7 @@ fn cases(w: &mut World) -> Vec<Case> {
         out.push(Case {
             name: format!("content: {name}"),
             reason,
-            send: Send::Revision { rev },
+            send: Send::Revision { rev, substitute },
         });
     }
 
@@ -1759,6 +1846,353 @@ async fn credentials_never_appear_in_logs_events_or_status() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Per-store content: sealed secrets, overlays and substitution, with every store's state, log,
+// Git cache and outbox searched for the secrets afterwards.
+
+/// The project's test API server, a kubeconfig for it in the rig's directory, and the cloud
+/// rig (a repository holding only a README).
+async fn kube_rig() -> (
+    roost_tests::kube_api::TestApiServer,
+    std::path::PathBuf,
+    CloudRig,
+) {
+    harness::init();
+    let server = roost_tests::kube_api::TestApiServer::start()
+        .await
+        .expect("test API server");
+    let rig = CloudRig::start(&[("README", "apps\n")]).await;
+    let kubeconfig = rig.dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    (server, kubeconfig, rig)
+}
+
+/// A Kubernetes Secret manifest `db` in namespace `shop` with `password`.
+fn secret_yaml(password: &str) -> String {
+    format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\n  namespace: shop\ntype: Opaque\nstringData:\n  password: \"{password}\"\n")
+}
+
+/// `plaintext` sealed (ASCII-armored) to `recipient` with the reference `age` CLI, or with the
+/// crate when the CLI is absent on a developer's machine (under CI its absence fails).
+fn age_seal_cli(
+    test: &str,
+    recipient: &roost_runtime::sealed::Recipient,
+    plaintext: &[u8],
+) -> Vec<u8> {
+    use std::io::Write as _;
+    let Some(age) = roost_tests::fixtures::age_bin(test) else {
+        return roost_runtime::sealed::encrypt(std::slice::from_ref(recipient), plaintext)
+            .expect("seal");
+    };
+    let mut child = std::process::Command::new(age)
+        .args(["-a", "-r", &recipient.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("age");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(plaintext)
+        .expect("write");
+    let out = child.wait_with_output().expect("age");
+    assert!(out.status.success(), "age -r failed");
+    out.stdout
+}
+
+/// A Secret sealed for store A only: A converges and its cluster has the Secret; B and C (a
+/// files-target store) reject their copy with `secret_not_for_this_store` and apply nothing.
+/// Then every store gets its own sealed overlay (B's sealed by the reference `age -r`) and
+/// its own name substituted: all converge, C with the ciphertext written as it is. Drift on
+/// the Secret names the object and the field, never the key or its data. Finally the secret
+/// values (and their base64) are in no file under the test's directories (states, logs at
+/// debug level, Git caches, outboxes), no event and no status document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_secrets_overlays_and_substitution_per_store() {
+    use kube::api::{Api, DynamicObject, Patch, PatchParams};
+    use kube::core::{ApiResource, GroupVersionKind};
+    use roost_runtime::sealed::{decrypt, encrypt, Identity};
+    const TEST: &str = "sealed_secrets_overlays_and_substitution_per_store";
+    let (
+        server,
+        kubeconfig,
+        CloudRig {
+            dir,
+            cloud,
+            mut git,
+            obs,
+            ..
+        },
+    ) = kube_rig().await;
+    let signer = harness::Signer::new(KEY_A);
+    let (a, b, c) = ("store-a", "store-b", "store-c");
+    let ids: Vec<Identity> = (0..3).map(|_| Identity::generate()).collect();
+    let secrets: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|s| format!("pw-{s}-{:016x}", rand::random::<u64>()))
+        .collect();
+    let kube_target = |prefix: &str| {
+        format!(
+            "[target]\nkind = \"kubernetes\"\nkubeconfig = {:?}\nnamespace_prefix = \"{prefix}\"\ndefault_namespace = \"shop\"\n",
+            kubeconfig.display().to_string()
+        )
+    };
+    let mut stores: Vec<ProcessStore> = [(a, Some("a-")), (b, Some("b-")), (c, None)]
+        .into_iter()
+        .zip(&ids)
+        .map(|((name, prefix), id)| {
+            ProcessStore::start(
+                name,
+                &[],
+                dir.path(),
+                cloud,
+                &signer,
+                &git.allowed(),
+                "debug,rumqttd=error",
+                |toml, state| {
+                    id.write_file(&state.join("age-identity.txt"))
+                        .expect("enrollment writes the identity");
+                    match prefix {
+                        Some(p) => toml.replace("[target]\nkind = \"files\"\n", &kube_target(p)),
+                        None => toml,
+                    }
+                },
+            )
+        })
+        .collect();
+    let files_root = stores[2].state.join("targets");
+    let topic = Topics::default().deployment(&Scope::Fleet, DEP);
+    let url = git.url();
+    let roll = |seq: u64, rev: &str| {
+        let mut r = signer.rollout(DEP, Scope::Fleet, seq, &url, rev, APP);
+        r.policy.substitute = true;
+        signer.sign(&r)
+    };
+    let config = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\n  namespace: shop\ndata:\n  store: \"${roost.store}\"\n  literal: \"$${roost.store}\"\n  greeting: ${roost.vars.greeting:=hello}\n";
+    let base = |extra: Vec<(String, String)>| {
+        let mut v = vec![
+            (
+                format!("{APP}/00-namespace.yaml"),
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n".to_owned(),
+            ),
+            (format!("{APP}/config.yaml"), config.to_owned()),
+        ];
+        v.extend(extra);
+        v
+    };
+    let armored = |id: &Identity, text: &str| {
+        String::from_utf8(encrypt(&[id.to_recipient()], text.as_bytes()).expect("seal"))
+            .expect("armor is text")
+    };
+
+    // 1. The base holds a Secret sealed for A only.
+    let rev1 = git.commit_replacing(
+        APP,
+        &base(vec![(
+            format!("{APP}/secret.yaml.age"),
+            armored(&ids[0], &secret_yaml(&secrets[0])),
+        )]),
+        "sealed for A",
+    );
+    publish(cloud, &topic, roll(1, &rev1)).await;
+    obs.wait_converged(a, &rev1, T).await;
+    for store in [b, c] {
+        let e = obs
+            .wait_event(store, "dev.roost.rollout.rejected", T, |e| {
+                e.data["revision"] == rev1.as_str()
+            })
+            .await;
+        assert_eq!(e.reason(), Some("invalid_manifest"), "{store}: {}", e.data);
+        assert_eq!(
+            e.data["detail"], "secret_not_for_this_store",
+            "{store}: {}",
+            e.data
+        );
+        let message = e.data["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("secret.yaml.age"),
+            "names the file: {message}"
+        );
+    }
+    let api = |kind: &str, ns: Option<&str>| {
+        let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("", "v1", kind));
+        match ns {
+            Some(ns) => Api::<DynamicObject>::namespaced_with(server.client(), ns, &ar),
+            None => Api::all_with(server.client(), &ar),
+        }
+    };
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let secret_of = |ns: &'static str| {
+        let secrets = api("Secret", Some(ns));
+        async move {
+            secrets
+                .get_opt("db")
+                .await
+                .expect("get")
+                .and_then(|s| s.data["data"]["password"].as_str().map(str::to_owned))
+        }
+    };
+    assert_eq!(
+        secret_of("a-shop").await,
+        Some(b64(&secrets[0])),
+        "A applied it"
+    );
+    let cm = api("ConfigMap", Some("a-shop"))
+        .get("web")
+        .await
+        .expect("A's ConfigMap");
+    assert_eq!(cm.data["data"]["store"], a, "substituted");
+    assert_eq!(cm.data["data"]["literal"], "${roost.store}", "escaped");
+    assert_eq!(cm.data["data"]["greeting"], "hello", "a default");
+    assert!(
+        api("Namespace", None)
+            .get_opt("b-shop")
+            .await
+            .expect("get")
+            .is_none(),
+        "B applied nothing"
+    );
+    assert!(
+        harness::files_under(&files_root).is_empty(),
+        "C wrote nothing"
+    );
+
+    // 2. Each store's own sealed overlay; B's sealed by the reference age CLI.
+    let cipher_c = armored(&ids[2], &format!("PASSWORD={}\n", secrets[2]));
+    let rev2 = git.commit_replacing(
+        APP,
+        &base(vec![
+            (
+                format!("{APP}/_stores/{a}/secret.yaml.age"),
+                armored(&ids[0], &secret_yaml(&secrets[0])),
+            ),
+            (
+                format!("{APP}/_stores/{b}/secret.yaml.age"),
+                String::from_utf8(age_seal_cli(
+                    TEST,
+                    &ids[1].to_recipient(),
+                    secret_yaml(&secrets[1]).as_bytes(),
+                ))
+                .expect("armor is text"),
+            ),
+            (
+                format!("{APP}/_stores/{c}/secret.env.age"),
+                cipher_c.clone(),
+            ),
+        ]),
+        "a secret per store",
+    );
+    publish(cloud, &topic, roll(2, &rev2)).await;
+    for store in [a, b, c] {
+        obs.wait_converged(store, &rev2, T).await;
+    }
+    assert_eq!(secret_of("a-shop").await, Some(b64(&secrets[0])));
+    assert_eq!(secret_of("b-shop").await, Some(b64(&secrets[1])), "B's own");
+    let cm = api("ConfigMap", Some("b-shop"))
+        .get("web")
+        .await
+        .expect("B's ConfigMap");
+    assert_eq!(cm.data["data"]["store"], b, "B's own name");
+    // C, the files target: the ciphertext as committed, which C's identity opens; its own
+    // name in its configuration; no overlay directories.
+    let live = harness::files_under(&files_root.join(DEP).join("current"));
+    assert_eq!(
+        live.keys().map(String::as_str).collect::<Vec<_>>(),
+        vec!["00-namespace.yaml", "config.yaml", "secret.env.age"]
+    );
+    assert_eq!(live["secret.env.age"], cipher_c, "written as it is");
+    assert_eq!(
+        decrypt(&ids[2], live["secret.env.age"].as_bytes()).expect("C opens it"),
+        format!("PASSWORD={}\n", secrets[2]).as_bytes()
+    );
+    let c_config: Value = serde_saphyr::from_str(&live["config.yaml"]).expect("yaml");
+    assert_eq!(c_config["data"]["store"], c);
+
+    // 3. Drift on A's Secret: detected and corrected; the event names the object and the
+    // field, never the key or the data.
+    let other = PatchParams {
+        field_manager: Some("kubectl-edit".into()),
+        ..Default::default()
+    };
+    api("Secret", Some("a-shop"))
+        .patch(
+            "db",
+            &other,
+            &Patch::Merge(json!({"data": {"password": b64("edited-by-hand")}})),
+        )
+        .await
+        .expect("edit");
+    let drift = obs
+        .wait_event(a, "dev.roost.drift.detected", T, |e| {
+            e.data["items"].to_string().contains("Secret")
+        })
+        .await;
+    let items = drift.data["items"].to_string();
+    assert!(items.contains("/v1/Secret/a-shop/db: data"), "{items}");
+    assert!(!items.contains("password"), "no key in drift: {items}");
+    harness::eventually_async(T, "the Secret restored", || async {
+        (secret_of("a-shop").await == Some(b64(&secrets[0]))).then_some(())
+    })
+    .await;
+
+    // 4. The secrets appear nowhere: every file under the test's directories (each store's
+    // agent and bridge state, agent.toml, debug log, Git cache, outbox, files target), the
+    // served repository, every event and status document.
+    for s in &mut stores {
+        s.stop().await;
+    }
+    let mut haystack: Vec<(String, Vec<u8>)> = Vec::new();
+    for p in paths_under(dir.path())
+        .into_iter()
+        .chain(paths_under(&git.path()))
+    {
+        if let Ok(bytes) = std::fs::read(&p) {
+            haystack.push((p.display().to_string(), bytes));
+        }
+    }
+    for s in &stores {
+        let log = std::fs::read(&s.log).expect("log");
+        assert!(log.len() > 1000, "{} logged at debug level", s.name);
+        assert!(
+            paths_under(&s.state)
+                .iter()
+                .any(|p| p.ends_with("outbox.db")),
+            "{}: its outbox is searched",
+            s.name
+        );
+    }
+    let snap = obs.snapshot();
+    for e in &snap.events {
+        haystack.push((
+            format!("event {} of {}", e.roostseq, e.source),
+            serde_json::to_vec(e).expect("json"),
+        ));
+    }
+    for d in snap.status.values() {
+        haystack.push((
+            format!("status of {}", d.store),
+            serde_json::to_vec(d).expect("json"),
+        ));
+    }
+    let mut needles: Vec<String> = secrets.clone();
+    needles.extend(secrets.iter().map(|s| b64(s)));
+    let mut checked = 0usize;
+    for (what, bytes) in &haystack {
+        checked += bytes.len();
+        for n in &needles {
+            assert!(
+                !bytes.windows(n.len()).any(|w| w == n.as_bytes()),
+                "a secret ({n}) appears in {what}"
+            );
+        }
+    }
+    eprintln!(
+        "sealed secrets: {} files/documents ({checked} bytes) searched, no secret found",
+        haystack.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // The signed fleet snapshot: stale (withheld, rolled back), replayed, expired, untrusted and
 // malformed snapshots.
 
@@ -2172,19 +2606,17 @@ async fn snapshot_cases_stale_replayed_expired_untrusted_and_malformed() {
 async fn kubernetes_policy_and_ownership_cases() {
     use kube::api::{Api, DynamicObject, PostParams};
     use kube::core::{ApiResource, GroupVersionKind};
-    harness::init();
-    let server = roost_tests::kube_api::TestApiServer::start()
-        .await
-        .expect("test API server");
-    let CloudRig {
-        dir,
-        cloud,
-        mut git,
-        obs,
-        ..
-    } = CloudRig::start(&[("README", "shop\n")]).await;
-    let kc = dir.path().join("kubeconfig");
-    server.write_kubeconfig(&kc).expect("kubeconfig");
+    let (
+        server,
+        kc,
+        CloudRig {
+            dir,
+            cloud,
+            mut git,
+            obs,
+            ..
+        },
+    ) = kube_rig().await;
     let signer = harness::Signer::new(7);
     let prefix = format!("h{:06x}-", rand::random::<u32>() & 0xffffff);
     let mut store = StoreRig::new(STORE, &[], dir.path(), cloud, &signer, &git.allowed());

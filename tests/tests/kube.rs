@@ -913,6 +913,7 @@ async fn deploy_manifests_parse_and_apply() {
     let rendered = roost_agent::git::Rendered {
         revision: "0".repeat(40),
         files: vec![file],
+        sealed: Default::default(),
     };
     let plan = target
         .build("roost-system", rendered, &roost_schemas::Policy::default())

@@ -201,9 +201,14 @@ impl Drop for Mosquitto {
 /// mosquitto TLS listener settings: mutual TLS (client certificates required, the CN is the
 /// username) and an ACL file.
 fn mtls_settings(pki: &Pki, server: &Pair, acl: &Path) -> String {
+    mtls_settings_of(&pki.ca_file(), server, acl)
+}
+
+/// [`mtls_settings`] with the CA certificate file `ca`.
+fn mtls_settings_of(ca: &Path, server: &Pair, acl: &Path) -> String {
     format!(
         "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\nuse_identity_as_username true\nallow_anonymous false\nacl_file {}\n",
-        pki.ca_file().display(),
+        ca.display(),
         server.cert.display(),
         server.key.display(),
         acl.display()
@@ -388,6 +393,26 @@ async fn wait_log(log: &Path, needle: &str, n: usize) -> String {
     }
 }
 
+/// Publishes, as the controller identity over mutual TLS, a signed `web` rollout of `rev` from
+/// `git` for `scope` with `sequence`.
+async fn publish_web(
+    controller: &BrokerTarget,
+    signer: &Signer,
+    scope: &Scope,
+    sequence: u64,
+    git: &GitServer,
+    rev: &str,
+) {
+    let r = signer.rollout("web", scope.clone(), sequence, &git.url(), rev, APP);
+    roost_fleet::cloud::publish_retained(
+        controller,
+        &Topics::default().deployment(scope, "web"),
+        signer.sign(&r),
+    )
+    .await
+    .expect("the controller publishes over mutual TLS");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 
@@ -450,15 +475,15 @@ async fn stores_converge_over_mutual_tls_links() {
         cloud.tls,
         Some(pki.client_tls(&pki.issue("roost-controller", false, false))),
     );
-    let scope = Scope::Group("canary".into());
-    let r = signer.rollout("web", scope.clone(), 1, &git.url(), &rev, APP);
-    roost_fleet::cloud::publish_retained(
+    publish_web(
         &controller,
-        &Topics::default().deployment(&scope, "web"),
-        signer.sign(&r),
+        &signer,
+        &Scope::Group("canary".into()),
+        1,
+        &git,
+        &rev,
     )
-    .await
-    .expect("the controller publishes over mutual TLS");
+    .await;
     for s in &rigs {
         obs.wait_phase(&s.name, "web", "Converged", Some(&rev), T)
             .await;
@@ -1076,6 +1101,421 @@ async fn roost_broker_refuses_an_exposed_listener() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("v4.1.tls.keypath"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enrollment and sealed secrets
+
+/// Runs `roost ARGS…` to its end; panics with its output unless it succeeds. Returns stdout.
+fn roost(args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(harness::roost_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("roost");
+    assert!(
+        out.status.success(),
+        "roost {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `roost store enroll` for `store` with `region` into the fleet checkout, `--direct`.
+fn enroll(
+    dir: &Path,
+    fleet: &Path,
+    store: &str,
+    region: &str,
+    cloud: SocketAddr,
+    edge: SocketAddr,
+    key: &Path,
+) -> (PathBuf, String) {
+    let bundle = dir.join(format!("bundle-{store}"));
+    let out = roost(&[
+        "store".as_ref(),
+        "enroll".as_ref(),
+        store.as_ref(),
+        "--repo".as_ref(),
+        fleet.as_os_str(),
+        "--direct".as_ref(),
+        "--labels".as_ref(),
+        format!("region={region},format=drive-thru").as_ref(),
+        "--tz".as_ref(),
+        "America/Chicago".as_ref(),
+        "--vars".as_ref(),
+        "store_number=0042".as_ref(),
+        "--ca".as_ref(),
+        dir.join("ca").as_os_str(),
+        "--out".as_ref(),
+        bundle.as_os_str(),
+        "--cloud".as_ref(),
+        format!("mqtts://{cloud}").as_ref(),
+        "--edge".as_ref(),
+        edge.to_string().as_ref(),
+        "--trusted-key".as_ref(),
+        key.as_os_str(),
+    ]);
+    println!("{out}");
+    let recipient = out
+        .lines()
+        .find_map(|l| l.strip_prefix("age recipient "))
+        .expect("enroll prints the recipient")
+        .to_owned();
+    (bundle, recipient)
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+}
+
+/// Enrollment end to end, with roost's own CA for everything: `roost ca init`, the broker's
+/// and the controller's certificates from `roost ca issue`, and `roost store enroll store-x`
+/// into a fleet checkout (`--direct`): the checkout has a new commit with `stores/store-x.yaml`
+/// (labels, time zone, vars, the age recipient), the bundle's secrets are mode 0600, and the
+/// bundle's agent.toml and bridge.toml load. Then `roost bridge` and `roost agent` start from
+/// the bundle unedited, the bridge connects to mosquitto with mutual TLS and the shipped ACL,
+/// and a signed rollout for the group roost.yaml puts the store in converges on it.
+///
+/// Sealed secrets: `roost secret seal --store store-x` writes the overlay file, which the
+/// reference `age -d -i` opens with the bundle's identity; a file made by `age -r … -a` opens
+/// with `roost_runtime::sealed::decrypt`; a group file sealed while store-x was the only
+/// member opens for a second store only after it is enrolled and `roost secret reseal` runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_store_starts_from_its_bundle_and_opens_its_sealed_secrets() {
+    harness::init();
+    let test = "an_enrolled_store_starts_from_its_bundle_and_opens_its_sealed_secrets";
+    let Some(bin) = mosquitto_bin(test) else {
+        return;
+    };
+    let Some(age) = roost_tests::fixtures::age_bin(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let files = web_app("1", Web::ConfigMap);
+    let (git, rev) = GitServer::start(&refs(&files));
+
+    // The fleet checkout: groups by label, the web deployment from the Git server.
+    let fleet = d.join("fleet");
+    let repo = git2::Repository::init(&fleet).expect("init");
+    let fleet_yaml = format!(
+        "apiVersion: roost.dev/v1alpha1\nkind: Fleet\ngroups:\n  us-south: {{selector: {{region: us-south}}}}\n\
+         deployments:\n  web:\n    source: {{url: {}, ref: HEAD, path: {APP}}}\n",
+        git.url()
+    );
+    let first = roost_sim::up::commit_files(
+        &repo,
+        &[("roost.yaml".to_owned(), fleet_yaml)]
+            .into_iter()
+            .collect(),
+        "fleet",
+    )
+    .expect("commit");
+
+    // The CA, the broker's certificate and the controller's.
+    let ca = d.join("ca");
+    roost(&[
+        "ca".as_ref(),
+        "init".as_ref(),
+        "--dir".as_ref(),
+        ca.as_os_str(),
+    ]);
+    assert_eq!(mode(&ca.join("ca.key")), 0o600);
+    assert_eq!(mode(&ca.join("sealing-identity.txt")), 0o600);
+    let certs = d.join("certs");
+    for (name, server) in [
+        ("localhost", Some("127.0.0.1,localhost")),
+        ("roost-controller", None),
+    ] {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "ca".as_ref(),
+            "issue".as_ref(),
+            name.as_ref(),
+            "--ca".as_ref(),
+            ca.as_os_str(),
+            "--out".as_ref(),
+            certs.as_os_str(),
+        ];
+        if let Some(s) = server {
+            args.push("--server".as_ref());
+            args.push(s.as_ref());
+        }
+        roost(&args);
+    }
+    let pair = |n: &str| Pair {
+        cert: certs.join(format!("{n}.pem")),
+        key: certs.join(format!("{n}.key")),
+    };
+    let cloud = Mosquitto::start(
+        bin,
+        d,
+        "cloud",
+        &mtls_settings_of(
+            &ca.join("ca.pem"),
+            &pair("localhost"),
+            &shipped("mosquitto-acl.conf"),
+        ),
+    );
+    let edge = roost_broker::spawn_free("edge").expect("edge broker");
+    let signer = Signer::new(11);
+    let key = d.join("signer.pub");
+    {
+        use base64::Engine as _;
+        std::fs::write(
+            &key,
+            base64::engine::general_purpose::STANDARD.encode(signer.key.public_key()),
+        )
+        .expect("write key");
+    }
+
+    // Enroll.
+    let (bundle, recipient) = enroll(d, &fleet, "store-x", "us-south", cloud.tls, edge, &key);
+    let head = repo.head().expect("head").peel_to_commit().expect("commit");
+    assert_ne!(head.id().to_string(), first, "a new commit");
+    assert_eq!(head.parent_id(0).expect("parent").to_string(), first);
+    assert_eq!(head.summary().ok().flatten(), Some("Enroll store store-x"));
+    let entry_text = std::fs::read_to_string(fleet.join("stores/store-x.yaml"))
+        .expect("the checkout has the entry");
+    let entry: roost_schemas::inventory::StoreEntry =
+        serde_saphyr::from_str(&entry_text).expect("a Store document");
+    assert_eq!(entry.name, "store-x");
+    assert_eq!(
+        entry.labels.get("region").map(String::as_str),
+        Some("us-south")
+    );
+    assert_eq!(entry.timezone.as_deref(), Some("America/Chicago"));
+    assert_eq!(
+        entry.vars.get("store_number").map(String::as_str),
+        Some("0042")
+    );
+    assert_eq!(entry.age_recipient.as_deref(), Some(recipient.as_str()));
+    entry.validate().expect("valid");
+    let identity = bundle.join("state/agent/age-identity.txt");
+    for secret in [identity.clone(), bundle.join("tls/store-x.key")] {
+        assert_eq!(mode(&secret), 0o600, "{}", secret.display());
+    }
+    let agent_cfg = roost_agent::AgentConfig::load(&bundle.join("agent.toml"))
+        .expect("the bundle's agent.toml loads");
+    assert_eq!(agent_cfg.file.groups, vec!["us-south".to_owned()]);
+    let bridge_cfg = roost_bridge::BridgeConfig::load(&bundle.join("bridge.toml"))
+        .expect("the bundle's bridge.toml loads");
+    assert_eq!(bridge_cfg.cloud.port, cloud.tls.port());
+
+    // The store starts from the bundle alone, and converges over mutual TLS.
+    let obs = Observer::start(cloud.plain).await;
+    let _bridge = RoostProcess::start(
+        [
+            std::ffi::OsString::from("bridge"),
+            "--config".into(),
+            bundle.join("bridge.toml").into(),
+        ],
+        &d.join("bridge.log"),
+    );
+    let _agent = RoostProcess::start(
+        [
+            std::ffi::OsString::from("agent"),
+            "--config".into(),
+            bundle.join("agent.toml").into(),
+        ],
+        &d.join("agent.log"),
+    );
+    let controller = target(
+        cloud.tls,
+        Some(TlsFiles {
+            ca_file: Some(ca.join("ca.pem")),
+            cert_file: Some(pair("roost-controller").cert),
+            key_file: Some(pair("roost-controller").key),
+        }),
+    );
+    publish_web(
+        &controller,
+        &signer,
+        &Scope::Group("us-south".into()),
+        1,
+        &git,
+        &rev,
+    )
+    .await;
+    obs.wait_phase("store-x", "web", "Converged", Some(&rev), T)
+        .await;
+    let live = bundle.join("state/agent/targets/web/current/configmap.yaml");
+    assert_eq!(
+        std::fs::read_to_string(&live).ok().as_deref(),
+        Some(files[0].1.as_str()),
+        "the agent applied the revision into its state directory"
+    );
+
+    // Sealed: by roost, opened by the reference age CLI.
+    const SECRET: &str =
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: db\nstringData:\n  password: hunter2\n";
+    let plain = d.join("secret.yaml");
+    std::fs::write(&plain, SECRET).expect("write");
+    let seal = |to: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "secret".as_ref(),
+            "seal".as_ref(),
+            plain.as_os_str(),
+            "--repo".as_ref(),
+            fleet.as_os_str(),
+            "--deployment".as_ref(),
+            "web".as_ref(),
+            "--ca".as_ref(),
+            ca.as_os_str(),
+        ];
+        args.extend(to.iter().map(|s| std::ffi::OsStr::new(*s)));
+        roost(&args)
+    };
+    seal(&["--store", "store-x"]);
+    let for_x = fleet.join(format!("{APP}/_stores/store-x/secret.yaml.age"));
+    let opened = std::process::Command::new(age)
+        .arg("-d")
+        .arg("-i")
+        .arg(&identity)
+        .arg(&for_x)
+        .output()
+        .expect("age -d");
+    assert!(
+        opened.status.success(),
+        "age -d: {}",
+        String::from_utf8_lossy(&opened.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&opened.stdout), SECRET);
+
+    // Sealed by the age CLI to the recipient, opened by roost.
+    let by_age = d.join("by-age.yaml.age");
+    let made = std::process::Command::new(age)
+        .args(["-r", &recipient, "-a", "-o"])
+        .arg(&by_age)
+        .arg(&plain)
+        .output()
+        .expect("age -r");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let id = roost_runtime::sealed::Identity::read(&identity).expect("identity");
+    assert_eq!(
+        roost_runtime::sealed::decrypt(&id, &std::fs::read(&by_age).expect("read"))
+            .expect("roost opens what age sealed"),
+        SECRET.as_bytes()
+    );
+
+    // A group file, then a second store joins the group: reseal.
+    seal(&["--group", "us-south"]);
+    let for_group = fleet.join(format!("{APP}/_groups/us-south/secret.yaml.age"));
+    let (bundle_y, _) = enroll(d, &fleet, "store-y", "us-south", cloud.tls, edge, &key);
+    let id_y =
+        roost_runtime::sealed::Identity::read(&bundle_y.join("state/agent/age-identity.txt"))
+            .expect("identity");
+    let open = |id: &roost_runtime::sealed::Identity| {
+        roost_runtime::sealed::decrypt(id, &std::fs::read(&for_group).expect("read"))
+    };
+    assert!(open(&id_y).is_err(), "sealed before store-y joined");
+    let resealed = roost(&[
+        "secret".as_ref(),
+        "reseal".as_ref(),
+        "--repo".as_ref(),
+        fleet.as_os_str(),
+        "--ca".as_ref(),
+        ca.as_os_str(),
+    ]);
+    assert!(
+        resealed
+            .contains("resealed apps/web/_groups/us-south/secret.yaml.age for store-x, store-y"),
+        "{resealed}"
+    );
+    for id in [&id, &id_y] {
+        assert_eq!(open(id).expect("opens after reseal"), SECRET.as_bytes());
+    }
+    // Nothing printed the secret.
+    assert!(!resealed.contains("hunter2"));
+
+    // Retire store-x: its entry leaves the inventory, its store-scoped desired state is
+    // tombstoned on the broker and forgotten by the fleet record, and its sealed file is
+    // what reseal now refuses to touch.
+    let store_scope = Scope::Store("store-x".into());
+    let pinned = Topics::default().deployment(&store_scope, "web");
+    let recorded_only = Topics::default().deployment(&store_scope, "menu");
+    publish_web(&controller, &signer, &store_scope, 2, &git, &rev).await;
+    let db_path = d.join("fleet.db");
+    {
+        let db = roost_fleet::db::FleetDb::open(&db_path).expect("fleet db");
+        let menu = signer.rollout("menu", store_scope, 3, &git.url(), &rev, APP);
+        db.record_desired(&recorded_only, &signer.sign(&menu))
+            .expect("record");
+    }
+    let retired = roost(&[
+        "store".as_ref(),
+        "retire".as_ref(),
+        "store-x".as_ref(),
+        "--repo".as_ref(),
+        fleet.as_os_str(),
+        "--direct".as_ref(),
+        "--broker".as_ref(),
+        format!("mqtts://{}", cloud.tls).as_ref(),
+        "--tls-ca".as_ref(),
+        ca.join("ca.pem").as_os_str(),
+        "--tls-cert".as_ref(),
+        pair("roost-controller").cert.as_os_str(),
+        "--tls-key".as_ref(),
+        pair("roost-controller").key.as_os_str(),
+        "--db".as_ref(),
+        db_path.as_os_str(),
+    ]);
+    println!("{retired}");
+    assert!(!fleet.join("stores/store-x.yaml").exists());
+    assert!(fleet.join("stores/store-y.yaml").exists());
+    assert_eq!(
+        repo.head()
+            .expect("head")
+            .peel_to_commit()
+            .expect("commit")
+            .summary()
+            .ok()
+            .flatten(),
+        Some("Retire store store-x")
+    );
+    for t in [&pinned, &recorded_only] {
+        assert!(retired.contains(&format!("tombstoned {t}")), "{retired}");
+    }
+    let left = roost_fleet::cloud::read_retained(
+        &cloud.plain.to_string(),
+        std::slice::from_ref(&pinned),
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("read");
+    assert!(
+        left.iter().all(|(_, p)| p.is_empty()),
+        "the broker dropped the pin: {left:?}"
+    );
+    let db = roost_fleet::db::FleetDb::open(&db_path).expect("fleet db");
+    assert!(
+        db.desired()
+            .expect("desired")
+            .iter()
+            .all(|(t, _)| !t.contains("/stores/store-x/")),
+        "the fleet record forgot store-x's desired state"
+    );
+    let out = std::process::Command::new(harness::roost_bin())
+        .args(["secret", "reseal", "--repo"])
+        .arg(&fleet)
+        .arg("--ca")
+        .arg(&ca)
+        .output()
+        .expect("roost secret reseal");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "left apps/web/_stores/store-x/secret.yaml.age: store-x is not in the inventory"
+        ),
+        "{stdout}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

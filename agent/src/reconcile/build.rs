@@ -1,7 +1,8 @@
 //! Stage 2, build: renders the revision's files from the Git cache (within the agent's
-//! limits) and has the target turn them into its plan (parse, policy, discovery), once per
-//! revision. A problem of the revision is a rejection; a cluster that cannot answer
-//! discovery is a transient failure.
+//! limits), makes them this store's (overlays, sealed files decrypted in memory, substitution
+//! when the rollout asks for it: [`crate::personalize`]) and has the target turn them into its
+//! plan (parse, policy, discovery), once per revision. A problem of the revision is a
+//! rejection; a cluster that cannot answer discovery is a transient failure.
 
 use roost_schemas::Rollout;
 
@@ -24,8 +25,18 @@ pub async fn run<T: Target>(ctx: &Ctx<T>, rollout: &Rollout) -> Result<T::Plan, 
         .render(&src.url, &src.revision, &src.path, limits)
         .await
         .map_err(StageError::Render)?;
+    let personal = ctx
+        .personalizer
+        .run(
+            rendered,
+            ctx.target.layout(),
+            rollout.policy.substitute,
+            limits,
+        )
+        .await
+        .map_err(StageError::Personalize)?;
     ctx.target
-        .build(&rollout.deployment, rendered, &rollout.policy)
+        .build(&rollout.deployment, personal, &rollout.policy)
         .await
         .map_err(StageError::Build)
 }

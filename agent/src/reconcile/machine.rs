@@ -159,6 +159,8 @@ pub enum Outcome {
         reason: Reason,
         /// What exactly.
         message: String,
+        /// A finer, stable cause (`data.detail`, e.g. `secret_not_for_this_store`).
+        detail: Option<&'static str>,
     },
     /// Fetched and built; waiting for `not_before`.
     Staged {
@@ -258,7 +260,11 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
             r.message = problem.message.clone();
             events.push(EventData::FetchFailed(FetchFailed { rollout, problem }));
         }
-        Outcome::Rejected { reason, message } => {
+        Outcome::Rejected {
+            reason,
+            message,
+            detail,
+        } => {
             r.phase = Phase::Failed;
             r.reason = Some(reason);
             r.message = message.clone();
@@ -271,6 +277,7 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
                 scope: Some(rollout.scope.clone()).filter(|s| !s.is_empty()),
                 reason,
                 message,
+                detail: detail.map(str::to_owned),
             }));
         }
         Outcome::Staged { until } => {
@@ -572,6 +579,7 @@ mod tests {
                 vec![Outcome::Rejected {
                     reason: Reason::PolicyDenied,
                     message: "x".into(),
+                    detail: None,
                 }],
                 P::Failed,
                 Some(Reason::PolicyDenied),

@@ -26,6 +26,7 @@ use crate::decide::Desired;
 use crate::git::{GitCache, GitError};
 use crate::ledger::{Ledger, LedgerError};
 use crate::metrics::{AgentMetrics, Stage, StageResult};
+use crate::personalize::{PersonalizeError, Personalizer};
 use crate::targets::{Target, TargetError};
 use machine::{next_step, transition, Outcome, Step, Want};
 
@@ -41,6 +42,8 @@ pub struct Ctx<T: Target> {
     pub target: Arc<T>,
     /// Where stages, drift and rejections are counted.
     pub metrics: AgentMetrics,
+    /// The store's context and identity: what makes its rendering its own.
+    pub personalizer: Personalizer,
 }
 
 impl<T: Target> Clone for Ctx<T> {
@@ -51,6 +54,7 @@ impl<T: Target> Clone for Ctx<T> {
             git: self.git.clone(),
             target: self.target.clone(),
             metrics: self.metrics.clone(),
+            personalizer: self.personalizer.clone(),
         }
     }
 }
@@ -99,6 +103,9 @@ pub enum StageError {
     /// Rendering the revision's files failed.
     #[error("render")]
     Render(#[source] GitError),
+    /// Making the rendered files this store's (overlays, sealed files, substitution) failed.
+    #[error("personalize")]
+    Personalize(#[source] PersonalizeError),
     /// Building the plan failed (policy, manifests, discovery).
     #[error("build")]
     Build(#[source] TargetError),
@@ -124,6 +131,7 @@ impl StageError {
     pub fn reason(&self) -> Reason {
         match self {
             StageError::Fetch(e) | StageError::Render(e) => e.reason(),
+            StageError::Personalize(e) => e.reason(),
             StageError::Build(e) | StageError::Apply(e) => e.reason(),
             StageError::Prune(e) | StageError::Remove(e) => {
                 if e.is_transient() {
@@ -142,8 +150,17 @@ impl StageError {
             StageError::Render(e) => {
                 matches!(e, GitError::InvalidManifest(_) | GitError::TooLarge(_))
             }
+            StageError::Personalize(e) => e.is_rejection(),
             StageError::Build(e) => e.is_rejection(),
             _ => false,
+        }
+    }
+
+    /// The stable `data.detail` code of a rejection, if any (`secret_not_for_this_store`).
+    pub fn detail(&self) -> Option<&'static str> {
+        match self {
+            StageError::Personalize(e) => e.detail(),
+            _ => None,
         }
     }
 
@@ -151,6 +168,7 @@ impl StageError {
     pub fn message(&self) -> String {
         match self {
             StageError::Fetch(e) | StageError::Render(e) => roost_runtime::error_chain(e),
+            StageError::Personalize(e) => roost_runtime::error_chain(e),
             StageError::Build(e)
             | StageError::Apply(e)
             | StageError::Prune(e)
@@ -172,6 +190,7 @@ impl StageError {
             _ if self.is_rejection() => Some(Outcome::Rejected {
                 reason: self.reason(),
                 message: self.message(),
+                detail: self.detail(),
             }),
             StageError::Fetch(_) | StageError::Render(_) => Some(Outcome::FetchFailed(problem())),
             _ => Some(Outcome::ApplyFailed(problem())),

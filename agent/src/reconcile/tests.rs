@@ -109,16 +109,20 @@ impl Rig {
             outbox.clone(),
             "ev".into(),
             "roost://stores/s1/agent".into(),
-            crate::profile::StoreContext::bootstrap("s1", &[]),
+            crate::personalize::StoreContext::from_config(&cfg.file),
         )
         .await
         .expect("ledger");
         let ctx = Ctx {
-            cfg,
+            cfg: cfg.clone(),
             ledger,
             git: GitCache::new(state.path().join("git"), vec![], Duration::from_secs(10)),
             target: Arc::new(fake.clone()),
             metrics: Default::default(),
+            personalizer: crate::personalize::Personalizer::new(
+                crate::personalize::StoreContext::from_config(&cfg.file),
+                None,
+            ),
         };
         let (tx, _) = watch::channel(Desired::Unknown);
         Rig {

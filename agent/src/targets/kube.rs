@@ -34,8 +34,9 @@ pub const STORE_LABEL: &str = "roost.dev/store";
 /// Field manager.
 pub const FIELD_MANAGER: &str = "roost";
 
-/// One object of a plan, resolved against discovery.
-#[derive(Debug, Clone)]
+/// One object of a plan, resolved against discovery. `Debug` leaves the object's content out
+/// (a Secret's data).
+#[derive(Clone)]
 pub struct KubeObject {
     /// The object as it is applied (labels and namespace set).
     pub obj: Value,
@@ -53,6 +54,20 @@ pub struct KubeObject {
     pub digest: String,
     /// Its kind is defined by a CRD of the same revision (discovered after applying it).
     pub from_revision_crd: bool,
+    /// It came from a sealed file: its digest is keyed, and drift names its top-level fields
+    /// only.
+    pub sealed: bool,
+}
+
+impl std::fmt::Debug for KubeObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeObject")
+            .field("object", &self.object_ref())
+            .field("origin", &self.origin)
+            .field("digest", &self.digest)
+            .field("sealed", &self.sealed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl KubeObject {
@@ -331,7 +346,7 @@ impl KubeTarget {
             let parsed =
                 parse_documents(f).map_err(|e| TargetError::InvalidManifest(e.to_string()))?;
             for (i, d) in parsed.into_iter().enumerate() {
-                docs.push((format!("{}#{}", f.path, i + 1), d));
+                docs.push((format!("{}#{}", f.path, i + 1), d, f.path.as_str()));
             }
         }
         if docs.len() > self.max_objects {
@@ -343,7 +358,7 @@ impl KubeTarget {
         }
         // Kinds defined by CRDs in this same revision, with their scope.
         let mut crd_kinds: HashMap<(String, String), bool> = HashMap::new();
-        for (_, d) in &docs {
+        for (_, d, _) in &docs {
             if d["kind"] == "CustomResourceDefinition" {
                 let group = d["spec"]["group"].as_str().unwrap_or_default().to_owned();
                 let kind = d["spec"]["names"]["kind"]
@@ -355,7 +370,7 @@ impl KubeTarget {
         }
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for (origin, mut d) in docs {
+        for (origin, mut d, path) in docs {
             let bad = |what: &str| TargetError::InvalidManifest(format!("{origin}: {what}"));
             if !d.is_object() || !d["metadata"].is_object() {
                 return Err(bad("not an object with metadata"));
@@ -441,8 +456,12 @@ impl KubeTarget {
             labels.insert(DEPLOYMENT_LABEL.into(), json!(deployment));
             labels.insert(STORE_LABEL.into(), json!(self.store));
             d["metadata"]["labels"] = Value::Object(labels);
+            // An object of a sealed file gets a digest keyed with the store's identity: the
+            // inventory (in the outbox database) must not let anyone test guesses of a secret.
+            let keyed = rendered.sealed.digest(path, d.to_string().as_bytes());
             let object = KubeObject {
-                digest: digest_json(&d),
+                sealed: keyed.is_some(),
+                digest: keyed.unwrap_or_else(|| digest_json(&d)),
                 obj: d,
                 ar,
                 namespaced,
@@ -809,7 +828,10 @@ impl KubeTarget {
                 items.push(format!("{key}: deleted"));
                 continue;
             };
-            let paths = diff_paths(&comparable(&live), &comparable(&dry));
+            let paths = redact_paths(
+                diff_paths(&comparable(&live), &comparable(&dry)),
+                d.sealed || (d.ar.group.is_empty() && d.ar.kind == "Secret"),
+            );
             if !paths.is_empty() {
                 items.push(format!("{key}: {}", paths.join(", ")));
             }
@@ -1032,6 +1054,22 @@ fn comparable(o: &DynamicObject) -> Value {
     v
 }
 
+/// The drift report's fields of a secret object (a Secret, or anything from a sealed file):
+/// only the top-level field (`data`), never the keys under it, so a drift event names the
+/// object and never its data. Other objects' paths stay as they are.
+pub fn redact_paths(paths: Vec<String>, secret: bool) -> Vec<String> {
+    if !secret {
+        return paths;
+    }
+    let mut out: Vec<String> = paths
+        .into_iter()
+        .map(|p| p.split(['.', '[']).next().unwrap_or_default().to_owned())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// JSON paths where two values differ (pure; the drift report's field list).
 pub fn diff_paths(live: &Value, want: &Value) -> Vec<String> {
     fn rec(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
@@ -1089,6 +1127,22 @@ mod tests {
             vec!["spec.replicas", "spec.template.c[0].image"]
         );
         assert!(diff_paths(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn secret_drift_names_fields_never_keys() {
+        let live = json!({"data": {"password": "aHVudGVyMg==", "user": "YQ=="}, "metadata": {"labels": {"a": "1"}}, "type": "Opaque"});
+        let want = json!({"data": {"password": "c2VjcmV0", "user": "Yg=="}, "metadata": {"labels": {"a": "2"}}, "type": "Opaque"});
+        let paths = diff_paths(&live, &want);
+        assert_eq!(
+            redact_paths(paths.clone(), false),
+            vec!["data.password", "data.user", "metadata.labels.a"]
+        );
+        assert_eq!(redact_paths(paths, true), vec!["data", "metadata"]);
+        assert_eq!(
+            redact_paths(vec!["items[3].x".into(), "items[0]".into()], true),
+            vec!["items"]
+        );
     }
 
     #[test]

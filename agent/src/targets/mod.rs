@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::git::Rendered;
+use crate::personalize::Layout;
 
 /// One object a deployment owns, as the target names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -277,6 +278,12 @@ pub trait Target: Send + Sync + 'static {
     /// "Something may have changed" signals for the plan's objects (file-system or watch
     /// events), so drift is checked within seconds rather than on the timer.
     fn watch(&self, plan: &Self::Plan) -> Option<mpsc::Receiver<()>>;
+
+    /// How the target consumes a revision's files: objects (overlays replace by identity,
+    /// sealed files applied from memory) unless it writes files to disk.
+    fn layout(&self) -> Layout {
+        Layout::Objects
+    }
 }
 
 /// The target named in the configuration.
@@ -392,6 +399,13 @@ impl Target for AnyTarget {
             (AnyTarget::Files(t), AnyPlan::Files(p)) => t.watch(p),
             (AnyTarget::Kube(t), AnyPlan::Kube(p)) => t.watch(p),
             _ => None,
+        }
+    }
+
+    fn layout(&self) -> Layout {
+        match self {
+            AnyTarget::Files(_) => Layout::Files,
+            AnyTarget::Kube(_) => Layout::Objects,
         }
     }
 }

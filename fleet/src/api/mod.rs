@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::record::{FleetDb, FleetError};
+use crate::db::{DbError, FleetDb, Request};
+use crate::gitops::{handle::ControllerGone, ControllerHandle};
 use model::{RowFilter, Snapshot};
 
 /// The OpenAPI document of this API (also served at `/api/v1/openapi.yaml`).
@@ -54,7 +55,7 @@ pub enum ApiError {
     },
     /// The fleet database.
     #[error("fleet database")]
-    Db(#[from] FleetError),
+    Db(#[from] DbError),
 }
 
 /// How the API runs.
@@ -64,6 +65,10 @@ pub struct ApiOptions {
     pub token: Option<String>,
     /// How often the live stream looks for changes (its coalescing window).
     pub tick: Duration,
+    /// The GitOps controller in this process, which gets plan actions and webhook syncs at
+    /// once (None: they go through the fleet database's request table, for a controller in
+    /// another process).
+    pub controller: Option<ControllerHandle>,
 }
 
 impl Default for ApiOptions {
@@ -71,6 +76,7 @@ impl Default for ApiOptions {
         ApiOptions {
             token: None,
             tick: Duration::from_millis(500),
+            controller: None,
         }
     }
 }
@@ -133,8 +139,8 @@ impl Failure {
     }
 }
 
-impl From<FleetError> for Failure {
-    fn from(e: FleetError) -> Self {
+impl From<DbError> for Failure {
+    fn from(e: DbError) -> Self {
         Failure::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -162,8 +168,6 @@ type ApiResult<T> = Result<Json<T>, Failure>;
 impl Api {
     /// The API over `db`; its live stream's task runs until `cancel`.
     pub fn new(db: FleetDb, opts: ApiOptions, cancel: CancellationToken) -> Result<Api, ApiError> {
-        // The controller's tables (plans, requests) exist even without a controller.
-        crate::gitops::store::migrate(&db)?;
         let hub = stream::Hub::new();
         let api = Api {
             inner: Arc::new(Inner {
@@ -182,6 +186,20 @@ impl Api {
         &self.inner.db
     }
 
+    /// Hands `request` to the controller: over its channel when it runs in this process,
+    /// else (or should it have stopped) through the fleet database's request table, where a
+    /// controller in another process on this database takes it within its poll.
+    async fn ask(&self, request: Request) -> Result<(), DbError> {
+        let request = match &self.inner.opts.controller {
+            Some(c) => match c.send(request).await {
+                Ok(()) => return Ok(()),
+                Err(ControllerGone(r)) => r,
+            },
+            None => request,
+        };
+        self.db().call(move |db| db.request(&request)).await
+    }
+
     fn cached(&self, max_age: Duration) -> Option<Arc<Snapshot>> {
         let c = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
         c.as_ref()
@@ -190,7 +208,7 @@ impl Api {
     }
 
     /// The fleet now (at most one tick old: every request within a tick shares one).
-    pub async fn snapshot(&self) -> Result<Arc<Snapshot>, FleetError> {
+    pub async fn snapshot(&self) -> Result<Arc<Snapshot>, DbError> {
         if let Some(s) = self.cached(self.inner.opts.tick) {
             return Ok(s);
         }
@@ -203,7 +221,7 @@ impl Api {
     }
 
     /// A snapshot taken after this call began (for reads right after an action).
-    async fn refresh(&self) -> Result<Arc<Snapshot>, FleetError> {
+    async fn refresh(&self) -> Result<Arc<Snapshot>, DbError> {
         let start = Instant::now();
         let _one = self.inner.taking.lock().await;
         if let Some(s) = self.cached(start.elapsed()) {
@@ -212,7 +230,7 @@ impl Api {
         self.take().await
     }
 
-    async fn take(&self) -> Result<Arc<Snapshot>, FleetError> {
+    async fn take(&self) -> Result<Arc<Snapshot>, DbError> {
         let s = Arc::new(self.db().call(source::snapshot).await?);
         *self.inner.cache.lock().unwrap_or_else(|p| p.into_inner()) =
             Some((Instant::now(), s.clone()));
@@ -547,13 +565,16 @@ async fn plan_action(
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<ActionDoc>), Failure> {
     authorize(api.inner.opts.token.as_deref(), &headers)?;
-    if !matches!(action.as_str(), "pause" | "resume" | "abort") {
-        return Err(Failure::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no action {action} (pause, resume, abort)"),
-        ));
-    }
+    let request = match Request::new(&action, Some(d.clone())) {
+        Some(r) if r != Request::Sync => r,
+        _ => {
+            return Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no action {action} (pause, resume, abort)"),
+            ))
+        }
+    };
     let s = api.refresh().await?;
     let p = s.plans.get(&d).ok_or_else(|| {
         Failure::new(
@@ -573,10 +594,7 @@ async fn plan_action(
             format!("cannot {action} a {} plan", p.status),
         ));
     }
-    let (d2, a2) = (d.clone(), action.clone());
-    api.db()
-        .call(move |db| db.with_conn(|c| crate::gitops::store::request(c, Some(&d2), &a2)))
-        .await?;
+    api.ask(request).await?;
     info!(deployment = %d, %action, "plan action requested over http");
     Ok((
         StatusCode::ACCEPTED,
@@ -651,7 +669,7 @@ pub struct EventRange {
 pub fn events_page(
     c: &rusqlite::Connection,
     r: &EventRange,
-) -> Result<(Vec<EventDoc>, bool), FleetError> {
+) -> Result<(Vec<EventDoc>, bool), DbError> {
     let sql = format!(
         "SELECT arrival, store, json FROM events
          WHERE arrival > ?1 AND (?2 IS NULL OR arrival < ?2)
@@ -754,12 +772,9 @@ async fn events(
     }))
 }
 
-/// A Git server's webhook: asks the controller to sync now (through the request table, so
-/// it works whichever process runs the controller on this database).
+/// A Git server's webhook: asks the controller to sync now.
 async fn hook(State(api): State<Api>) -> Result<(StatusCode, &'static str), Failure> {
-    api.db()
-        .call(|db| db.with_conn(|c| crate::gitops::store::request(c, None, "sync")))
-        .await?;
+    api.ask(Request::Sync).await?;
     Ok((StatusCode::ACCEPTED, "sync scheduled\n"))
 }
 
@@ -767,7 +782,7 @@ async fn hook(State(api): State<Api>) -> Result<(StatusCode, &'static str), Fail
 async fn legacy_plans(State(api): State<Api>) -> Result<Json<serde_json::Value>, Failure> {
     let plans = api
         .db()
-        .call(|db| db.with_conn(crate::gitops::store::plans))
+        .call(|db| db.with_conn(crate::db::gitops::plans))
         .await?;
     Ok(Json(serde_json::to_value(plans).unwrap_or_default()))
 }

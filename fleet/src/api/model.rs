@@ -387,6 +387,7 @@ pub fn plan_doc(p: &Plan) -> PlanDoc {
                     format!("stores {}", s.join(", "))
                 }
                 Some(roost_schemas::fleet::WaveTarget::Fleet) => "fleet".into(),
+                Some(roost_schemas::fleet::WaveTarget::Selector(s)) => format!("selector {s}"),
                 None => "?".into(),
             };
             WaveDoc {

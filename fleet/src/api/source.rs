@@ -7,21 +7,18 @@ use std::collections::BTreeMap;
 use rusqlite::Connection;
 
 use super::model::{self, GapRange, Row, Snapshot, StoreInfo};
-use crate::record::{FleetDb, FleetError};
+use crate::db::{DbError, FleetDb};
 use crate::view;
 
 /// Takes a snapshot of the fleet (blocking: call it on a blocking thread).
-pub fn snapshot(db: &FleetDb) -> Result<Snapshot, FleetError> {
+pub fn snapshot(db: &FleetDb) -> Result<Snapshot, DbError> {
     let inputs = view::load(db)?;
     let plans = db.with_conn(plans)?;
-    Ok(from_view(
-        &view::build(&inputs, crate::record::now_ms()),
-        plans,
-    ))
+    Ok(from_view(&view::build(&inputs, crate::db::now_ms()), plans))
 }
 
-fn plans(c: &Connection) -> Result<BTreeMap<String, model::PlanDoc>, FleetError> {
-    Ok(crate::gitops::store::plans(c)?
+fn plans(c: &Connection) -> Result<BTreeMap<String, model::PlanDoc>, DbError> {
+    Ok(crate::db::gitops::plans(c)?
         .iter()
         .map(|(d, p)| (d.clone(), model::plan_doc(p)))
         .collect())

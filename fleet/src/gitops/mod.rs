@@ -6,45 +6,55 @@
 //! it was and publishes nothing twice. Every `snapshot_interval` and right after it publishes
 //! desired state it signs and publishes the fleet snapshot ([`snapshot`]).
 
+pub mod handle;
 pub mod plan;
 pub mod promote;
 pub mod snapshot;
-pub mod store;
 
 use roost_schemas::ShortRev;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use roost_runtime::{DirectMessage, Link, LinkConfig};
 use roost_schemas::fleet::{FleetDeployment, FleetFile};
-use roost_schemas::{
-    Keyring, Rollout, Scope, SigningKey, Source, Topics, PAYLOAD_TYPE, SNAPSHOT_PAYLOAD_TYPE,
-};
+use roost_schemas::{Keyring, Scope, SigningKey, Topics, SNAPSHOT_PAYLOAD_TYPE};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument as _};
 
-use crate::record::{FleetDb, FleetError};
+use crate::db::{self, DbError, FleetDb, Published, Request};
+use crate::sign::{sign_rollout, RolloutSpec};
+pub use handle::{ControllerHandle, ControllerInbox};
 use plan::{Action, Plan, PlanStatus, Release};
-use store::Published;
 
 /// Errors of the controller.
 #[derive(Debug, thiserror::Error)]
 pub enum GitopsError {
     /// The fleet database.
     #[error("fleet database")]
-    Db(#[from] FleetError),
+    Db(#[from] DbError),
     /// The MQTT link.
     #[error("mqtt link")]
     Link(#[from] roost_runtime::LinkError),
     /// A blocking job failed.
     #[error("controller job")]
     Join(#[from] tokio::task::JoinError),
-    /// The HTTP listener (webhook, API, dashboard).
-    #[error("http")]
-    Http(#[from] crate::api::ApiError),
+    /// A rollout could not be signed.
+    #[error("cannot sign the rollout for {topic}")]
+    Sign {
+        /// Its topic.
+        topic: String,
+        /// Why.
+        #[source]
+        source: crate::sign::SignError,
+    },
+    /// The controller's own key could not be made a keyring (for the fleet snapshot).
+    #[error("the controller's key")]
+    Key(#[from] roost_schemas::dsse::KeyError),
+    /// The fleet snapshot could not be encoded.
+    #[error("cannot encode the fleet snapshot")]
+    Snapshot(#[source] serde_json::Error),
 }
 
 /// How the controller runs.
@@ -66,15 +76,10 @@ pub struct GitopsOptions {
     pub security: roost_runtime::Security,
     /// Where fetched repositories are cached.
     pub cache_dir: PathBuf,
-    /// HTTP listener: `POST /hooks/git`, `GET /plans`, the read-only API and dashboard
-    /// ([`crate::api`]; `roost fleet` serves them itself, with its token).
-    pub http: Option<SocketAddr>,
     /// How often the signed fleet snapshot is published (also right after desired state).
     pub snapshot_interval: Duration,
     /// How long a snapshot stays valid (`expires` - `issued_at`); default 3 × the interval.
     pub snapshot_expiry: Duration,
-    /// Also serve `GET /metrics` on `http`.
-    pub metrics: Option<roost_runtime::Exporter>,
 }
 
 /// Loads and validates a fleet file's bytes.
@@ -104,7 +109,9 @@ pub fn parse_fleet_file(bytes: &[u8]) -> Result<FleetFile, String> {
             ));
         }
     }
-    let file: FleetFile = serde_json::from_value(value).map_err(|e| format!("schema: {e}"))?;
+    // Typed from the text itself, not from `value`: a JSON object sorts its keys, and the
+    // order of `groups:` is the stores' precedence order.
+    let file: FleetFile = serde_saphyr::from_str(text).map_err(|e| format!("schema: {e}"))?;
     file.validate().map_err(|e| e.to_string())?;
     Ok(file)
 }
@@ -114,7 +121,8 @@ fn topic(topics: &Topics, scope: &Scope, deployment: &str) -> String {
     topics.deployment(scope, deployment)
 }
 
-/// Signs a rollout of `release` (or a tombstone) for `scope`.
+/// Signs, with the one signer ([`crate::sign`]), a rollout of `release` (a tombstone when
+/// None) for `scope`; returns the envelope's bytes.
 fn sign(
     key: &SigningKey,
     deployment: &str,
@@ -122,25 +130,20 @@ fn sign(
     sequence: u64,
     release: Option<&Release>,
     origin: Option<roost_schemas::rollout::Origin>,
-) -> Result<Vec<u8>, String> {
-    let rollout = Rollout {
+) -> Result<Vec<u8>, crate::sign::SignError> {
+    let spec = RolloutSpec {
         deployment: deployment.to_owned(),
         scope: scope.clone(),
-        sequence,
-        issued_at: roost_schemas::now_rfc3339(),
-        source: release.map(|r| Source {
-            url: r.url.clone(),
-            revision: r.revision.clone(),
-            path: r.path.clone(),
-        }),
-        not_before: release.and_then(|r| r.not_before.clone()),
+        url: release.map(|r| r.url.clone()).unwrap_or_default(),
+        revision: release.map(|r| r.revision.clone()).unwrap_or_default(),
+        path: release.map(|r| r.path.clone()).unwrap_or_default(),
         policy: release.map(|r| r.policy.clone()).unwrap_or_default(),
+        not_before: release.and_then(|r| r.not_before.clone()),
         remove: release.is_none(),
+        sequence: Some(sequence),
         origin,
     };
-    rollout.validate().map_err(|e| e.to_string())?;
-    let body = serde_json::to_vec(&rollout).map_err(|e| e.to_string())?;
-    serde_json::to_vec(&key.sign(PAYLOAD_TYPE, &body)).map_err(|e| e.to_string())
+    Ok(sign_rollout(std::slice::from_ref(key), &spec, sequence)?.envelope)
 }
 
 /// The controller.
@@ -149,7 +152,7 @@ struct Controller {
     db: FleetDb,
     key: Arc<SigningKey>,
     topics: Topics,
-    git: roost_agent::git::GitCache,
+    git: crate::git::GitCache,
     link: roost_runtime::LinkHandle,
     /// Resolved refs: (url, ref) -> commit, refreshed every poll.
     refs: HashMap<(String, String), String>,
@@ -170,33 +173,32 @@ struct Outgoing {
 impl Controller {
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&FleetDb) -> Result<T, FleetError> + Send + 'static,
+        f: impl FnOnce(&FleetDb) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, GitopsError> {
-        let db = self.db.clone();
-        Ok(tokio::task::spawn_blocking(move || f(&db)).await??)
+        Ok(self.db.call(f).await?)
     }
 
     /// Looks at the fleet repository and every tracked ref; records the file's validity.
     async fn sync(&mut self) -> Result<(), GitopsError> {
         let (repo, branch) = (self.opts.repo.clone(), self.opts.branch.clone());
         let commit = match tokio::task::spawn_blocking(move || {
-            crate::cloud::resolve_revision(&repo, &branch)
+            crate::git::resolve_revision(&repo, &branch)
         })
         .await?
         {
             Ok(c) => c,
             Err(error) => {
-                warn!(repo = %self.opts.repo, error = %error, "cannot resolve the fleet repository's branch");
+                warn!(repo = %self.opts.repo, error = %roost_runtime::error_chain(&error), "cannot resolve the fleet repository's branch");
                 return Ok(());
             }
         };
         let known = self.file.as_ref().map(|(c, _)| c.clone());
         let last = self
-            .blocking(|db| db.with_conn(store::sync_state))
+            .blocking(|db| db.with_conn(db::gitops::sync_state))
             .await?
             .map(|(s, _)| s.commit);
         if known.as_deref() == Some(commit.as_str()) || last.as_deref() == Some(commit.as_str()) {
-            self.blocking(|db| db.with_conn(store::touch_sync)).await?;
+            self.blocking(|db| db.touch_sync()).await?;
         } else {
             let parsed = match self.git.ensure(&self.opts.repo, &commit).await {
                 Err(e) => Err(format!("fetch: {}", roost_runtime::error_chain(&e))),
@@ -215,19 +217,15 @@ impl Controller {
                 Ok(file) => {
                     info!(commit = %commit, deployments = file.deployments.len(), "fleet file in force");
                     let f2 = file.clone();
-                    self.blocking(move |db| {
-                        db.with_conn(|c| store::put_sync(c, &repo, &c2, Ok(&f2)))
-                    })
-                    .await?;
+                    self.blocking(move |db| db.put_sync(&repo, &c2, Ok(&f2)))
+                        .await?;
                     self.file = Some((commit.clone(), file));
                 }
                 Err(reason) => {
                     warn!(commit = %commit, %reason, "fleet file invalid; the last good one stays in force");
                     let r2 = reason.clone();
-                    self.blocking(move |db| {
-                        db.with_conn(|c| store::put_sync(c, &repo, &c2, Err(&r2)))
-                    })
-                    .await?;
+                    self.blocking(move |db| db.put_sync(&repo, &c2, Err(&r2)))
+                        .await?;
                 }
             }
         }
@@ -242,14 +240,13 @@ impl Controller {
             .collect();
         for (url, r) in tracked {
             let (u, rr) = (url.clone(), r.clone());
-            match tokio::task::spawn_blocking(move || crate::cloud::resolve_revision(&u, &rr))
-                .await?
+            match tokio::task::spawn_blocking(move || crate::git::resolve_revision(&u, &rr)).await?
             {
                 Ok(c) => {
                     self.refs.insert((url, r), c);
                 }
                 Err(error) => {
-                    warn!(%url, git_ref = %r, %error, "cannot resolve a tracked ref; keeping the last commit")
+                    warn!(%url, git_ref = %r, error = %roost_runtime::error_chain(&error), "cannot resolve a tracked ref; keeping the last commit")
                 }
             }
         }
@@ -313,20 +310,22 @@ impl Controller {
     }
 
     /// One evaluation of every deployment: new plans, wave steps, pins, removals.
-    async fn tick(&mut self, requests: Vec<store::Request>) -> Result<(), GitopsError> {
+    async fn tick(&mut self, requests: Vec<Request>) -> Result<(), GitopsError> {
         let Some((origin, file)) = self.file.clone() else {
             return Ok(());
         };
-        let now = crate::record::now_ms();
-        let mut plans = self.blocking(|db| db.with_conn(store::plans)).await?;
-        let published = self.blocking(|db| db.with_conn(store::published)).await?;
+        let now = db::now_ms();
+        let mut plans = self.blocking(|db| db.with_conn(db::gitops::plans)).await?;
+        let published = self
+            .blocking(|db| db.with_conn(db::gitops::published))
+            .await?;
         for r in &requests {
-            let Some(d) = &r.deployment else { continue };
+            let Some(d) = r.deployment() else { continue };
             let Some(p) = plans.get_mut(d) else { continue };
-            match (r.action.as_str(), &p.status) {
-                ("pause", PlanStatus::Running) => p.status = PlanStatus::Paused,
-                ("resume", PlanStatus::Paused) => p.status = PlanStatus::Running,
-                ("abort", PlanStatus::Running | PlanStatus::Paused) => {
+            match (r, &p.status) {
+                (Request::Pause(_), PlanStatus::Running) => p.status = PlanStatus::Paused,
+                (Request::Resume(_), PlanStatus::Paused) => p.status = PlanStatus::Running,
+                (Request::Abort(_), PlanStatus::Running | PlanStatus::Paused) => {
                     let actions = plan::abort(p, "aborted by an operator".into());
                     let p = p.clone();
                     self.execute(&p, actions, &published).await?;
@@ -334,7 +333,7 @@ impl Controller {
                 }
                 _ => continue,
             }
-            info!(deployment = %d, action = %r.action, "plan request");
+            info!(deployment = %d, action = %r.action(), "plan request");
             let p = p.clone();
             self.execute(&p, Vec::new(), &published).await?;
         }
@@ -384,7 +383,7 @@ impl Controller {
             let pinned: BTreeSet<String> = d.stores.keys().cloned().collect();
             let n = name.clone();
             let view = self
-                .blocking(move |db| db.with_conn(|c| store::view(c, &n)))
+                .blocking(move |db| db.with_conn(|c| db::gitops::view(c, &n)))
                 .await?;
             let before = p.clone();
             let actions = plan::step(&mut p, &view, &pinned, now);
@@ -463,7 +462,7 @@ impl Controller {
             .collect();
         let had_plan = {
             let d = deployment.to_owned();
-            self.blocking(move |db| db.with_conn(|c| Ok(store::plans(c)?.contains_key(&d))))
+            self.blocking(move |db| db.with_conn(|c| Ok(db::gitops::plans(c)?.contains_key(&d))))
                 .await?
         };
         if out.is_empty() && !had_plan {
@@ -472,8 +471,7 @@ impl Controller {
         info!(%deployment, topics = out.len(), "deployment removed from the fleet file; tombstoning");
         self.publish(deployment, None, out).await?;
         let d = deployment.to_owned();
-        self.blocking(move |db| db.with_conn(|c| store::delete_plan(c, &d)))
-            .await
+        self.blocking(move |db| db.delete_plan(&d)).await
     }
 
     async fn execute(
@@ -507,7 +505,6 @@ impl Controller {
         out: Vec<(Scope, Option<Release>, &'static str)>,
     ) -> Result<(), GitopsError> {
         let key = self.key.clone();
-        let topics = self.topics.clone();
         let dep = deployment.to_owned();
         // The fleet-repository commit that caused it: the plan's, else the file in force.
         let origin = plan
@@ -520,37 +517,40 @@ impl Controller {
                 commit,
                 path: self.opts.file.clone(),
             });
+        let publications: Vec<Published> = out
+            .iter()
+            .map(|(scope, release, role)| Published {
+                topic: topic(&self.topics, scope, &dep),
+                deployment: dep.clone(),
+                role: (*role).to_owned(),
+                revision: release.as_ref().map(|r| r.revision.clone()),
+                remove: release.is_none(),
+                sequence: 0,
+            })
+            .collect();
         let msgs: Vec<Outgoing> = self
-            .blocking(move |db| {
-                db.transaction(|tx| {
-                    let mut msgs = Vec::new();
-                    for (scope, release, role) in &out {
-                        let t = topic(&topics, scope, &dep);
-                        let seq = crate::record::next_sequence_in(tx, &t)?;
-                        let payload =
-                            sign(&key, &dep, scope, seq, release.as_ref(), origin.clone())
-                                .map_err(FleetError::Usage)?;
-                        crate::record::put_desired_in(tx, &t, seq, &payload)?;
-                        store::put_published(
-                            tx,
-                            &Published {
-                                topic: t.clone(),
-                                deployment: dep.clone(),
-                                role: (*role).to_owned(),
-                                revision: release.as_ref().map(|r| r.revision.clone()),
-                                remove: release.is_none(),
-                                sequence: seq,
-                            },
-                        )?;
-                        msgs.push(Outgoing { topic: t, payload });
-                    }
-                    if let Some(p) = &plan {
-                        store::put_plan(tx, p)?;
-                    }
-                    Ok(msgs)
+            .db
+            .call(move |db| {
+                db.record_publications(publications, plan.as_ref(), |i, p| {
+                    let (scope, release, _) = &out[i];
+                    sign(
+                        &key,
+                        &dep,
+                        scope,
+                        p.sequence,
+                        release.as_ref(),
+                        origin.clone(),
+                    )
+                    .map_err(|source| GitopsError::Sign {
+                        topic: p.topic.clone(),
+                        source,
+                    })
                 })
             })
-            .await?;
+            .await?
+            .into_iter()
+            .map(|(topic, payload)| Outgoing { topic, payload })
+            .collect();
         for m in msgs {
             info!(topic = %m.topic, "publishing");
             let _ = self.link.publish(DirectMessage {
@@ -582,13 +582,12 @@ impl Controller {
         let expiry = self.opts.snapshot_expiry;
         let t2 = topic.clone();
         let (payload, built) = self
-            .blocking(move |db| {
+            .db
+            .call(move |db| {
                 let desired = db.desired()?;
                 let mut ring = Keyring::new();
-                ring.add(key.public_key())
-                    .map_err(|e| FleetError::Usage(e.to_string()))?;
-                db.transaction(|tx| {
-                    let seq = crate::record::next_sequence_in(tx, &t2)?;
+                ring.add(key.public_key())?;
+                db.with_sequence(&t2, |seq| {
                     let built = snapshot::build(
                         &desired,
                         &ring,
@@ -596,11 +595,11 @@ impl Controller {
                         time::OffsetDateTime::now_utc(),
                         expiry,
                     );
-                    let body = serde_json::to_vec(&built.snapshot)
-                        .map_err(|e| FleetError::Usage(e.to_string()))?;
+                    let body =
+                        serde_json::to_vec(&built.snapshot).map_err(GitopsError::Snapshot)?;
                     let env = serde_json::to_vec(&key.sign(SNAPSHOT_PAYLOAD_TYPE, &body))
-                        .map_err(|e| FleetError::Usage(e.to_string()))?;
-                    Ok((env, built))
+                        .map_err(GitopsError::Snapshot)?;
+                    Ok::<_, GitopsError>((env, built))
                 })
             })
             .await?;
@@ -624,17 +623,27 @@ impl Controller {
     }
 }
 
-/// Runs the controller until cancelled.
+/// Runs the controller until cancelled. Operator requests reach it through the fleet
+/// database's request table only (`roost plan pause`, `roost fleet sync`, an API in another
+/// process); [`run_with_handle`] also takes them from a [`ControllerHandle`] at once.
 pub async fn run(
     opts: GitopsOptions,
     db: FleetDb,
     key: SigningKey,
     cancel: CancellationToken,
 ) -> Result<(), GitopsError> {
-    {
-        let db = db.clone();
-        tokio::task::spawn_blocking(move || store::migrate(&db)).await??;
-    }
+    run_with_handle(opts, db, key, None, cancel).await
+}
+
+/// [`run`], also acting at once on what the API (or anything else in this process) sends
+/// through the [`ControllerHandle`] whose inbox this is.
+pub async fn run_with_handle(
+    opts: GitopsOptions,
+    db: FleetDb,
+    key: SigningKey,
+    mut inbox: Option<ControllerInbox>,
+    cancel: CancellationToken,
+) -> Result<(), GitopsError> {
     let mut lc = LinkConfig::new(
         "cloud",
         &opts.host,
@@ -646,32 +655,12 @@ pub async fn run(
     lc.backoff = (Duration::from_millis(100), Duration::from_secs(5));
     lc.max_packet_size = 4 << 20;
     let link = Link::start(lc, None, cancel.child_token())?;
-    if let Some(addr) = opts.http {
-        // The API and dashboard, read-only; `POST /hooks/git` queues a sync request, which
-        // the loop below takes within its 500 ms.
-        let api = crate::api::Api::new(
-            db.clone(),
-            crate::api::ApiOptions::default(),
-            cancel.child_token(),
-        )?;
-        let router = match &opts.metrics {
-            Some(m) => api.router().merge(m.router()),
-            None => api.router(),
-        };
-        crate::api::serve(addr, router, cancel.child_token()).await?;
-    }
-    let file = {
-        let db = db.clone();
-        tokio::task::spawn_blocking(move || db.with_conn(store::sync_state))
-            .await??
-            .and_then(|(s, f)| Some((s.good_commit?, f?)))
-    };
+    let file = db
+        .call(|db| db.with_conn(db::gitops::sync_state))
+        .await?
+        .and_then(|(s, f)| Some((s.good_commit?, f?)));
     let mut c = Controller {
-        git: roost_agent::git::GitCache::new(
-            opts.cache_dir.clone(),
-            Vec::new(),
-            Duration::from_secs(60),
-        ),
+        git: crate::git::GitCache::new(opts.cache_dir.clone(), Duration::from_secs(60)),
         opts,
         db,
         key: Arc::new(key),
@@ -685,15 +674,19 @@ pub async fn run(
     let span = tracing::info_span!("controller", repo = %c.opts.repo);
     async move {
         let mut next_poll = tokio::time::Instant::now();
+        // Requests from the handle, taken since the last step.
+        let mut sent: Vec<Request> = Vec::new();
         loop {
-            let requests = match c.blocking(|db| db.with_conn(store::take_requests)).await {
+            // The table serves other processes; it is read every step (500 ms).
+            let mut requests = match c.blocking(|db| db.take_requests()).await {
                 Ok(r) => r,
                 Err(error) => {
                     warn!(error = %roost_runtime::error_chain(&error), "cannot read requests");
                     Vec::new()
                 }
             };
-            let sync_now = requests.iter().any(|r| r.action == "sync");
+            requests.append(&mut sent);
+            let sync_now = requests.contains(&Request::Sync);
             if sync_now || tokio::time::Instant::now() >= next_poll {
                 if let Err(error) = c.sync().await {
                     warn!(error = %roost_runtime::error_chain(&error), "sync failed");
@@ -711,6 +704,11 @@ pub async fn run(
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                // A request from this process: the next step runs now.
+                r = handle::recv(&mut inbox) => match r {
+                    Some(r) => sent = handle::drain(r, &mut inbox),
+                    None => inbox = None, // every handle is gone
+                },
             }
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), link.task).await;
@@ -721,10 +719,10 @@ pub async fn run(
 }
 
 /// `roost plan status`: the plans as text.
-pub fn plan_status_text(db: &FleetDb, deployment: Option<&str>) -> Result<String, FleetError> {
+pub fn plan_status_text(db: &FleetDb, deployment: Option<&str>) -> Result<String, DbError> {
     db.with_conn(|c| {
         let mut out = String::new();
-        if let Some((s, _)) = store::sync_state(c)? {
+        if let Some((s, _)) = db::gitops::sync_state(c)? {
             out.push_str(&format!(
                 "fleet file {} at {}: {}{}\n",
                 s.repo,
@@ -737,7 +735,7 @@ pub fn plan_status_text(db: &FleetDb, deployment: Option<&str>) -> Result<String
                 }
             ));
         }
-        let plans: BTreeMap<String, Plan> = store::plans(c)?;
+        let plans: BTreeMap<String, Plan> = db::gitops::plans(c)?;
         for (d, p) in plans.iter().filter(|(d, _)| deployment.is_none_or(|x| x == d.as_str())) {
             let status = match &p.status {
                 PlanStatus::Running => "running".to_owned(),
@@ -803,7 +801,7 @@ pub async fn wait_for_sync(
     loop {
         let db2 = db.clone();
         let (sync, plans) = tokio::task::spawn_blocking(move || {
-            db2.with_conn(|c| Ok((store::sync_state(c)?, store::plans(c)?)))
+            db2.with_conn(|c| Ok((db::gitops::sync_state(c)?, db::gitops::plans(c)?)))
         })
         .await??;
         let synced = sync.as_ref().is_some_and(|(s, _)| {
@@ -861,5 +859,52 @@ pub async fn wait_for_sync(
             return Ok(SyncWait { lines, ok: false });
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_fleet_file;
+
+    #[test]
+    fn group_definitions_keep_their_order_and_the_list_form_still_parses() {
+        let v12 = "apiVersion: roost.dev/v1alpha1
+kind: Fleet
+groups:
+  zz-canary: {stores: [store-0001]}
+  us-south: {selector: {region: us-south}}
+  new-pos:
+    selector:
+      matchExpressions: [{key: pos, operator: In, values: [v7, v8]}]
+deployments:
+  kds:
+    source: {url: git://h/apps, ref: main, path: apps/kds}
+    targets: {selector: {format: drive-thru}}
+    waves:
+      - {name: canary, group: zz-canary}
+      - {name: texas, selector: {region: us-south}}
+      - {name: everyone, fleet: true}
+";
+        let f = parse_fleet_file(v12.as_bytes()).expect("v1.2 file");
+        assert_eq!(
+            f.groups.expect("groups").names(),
+            ["zz-canary", "us-south", "new-pos"]
+        );
+        let v11 = "apiVersion: roost.dev/v1alpha1
+kind: Fleet
+groups: [canary, all]
+deployments:
+  kds:
+    source: {url: git://h/apps, ref: main, path: apps/kds}
+    waves: [{name: canary, group: canary}, {name: all, fleet: true}]
+";
+        let f = parse_fleet_file(v11.as_bytes()).expect("v1.1 file");
+        assert_eq!(f.groups.expect("groups").names(), ["canary", "all"]);
+        let bad = v12.replace(
+            "region: us-south}}\n  new-pos",
+            "region: \"us south\"}}\n  new-pos",
+        );
+        let e = parse_fleet_file(bad.as_bytes()).expect_err("bad selector");
+        assert!(e.contains("selector"), "{e}");
     }
 }

@@ -6,8 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use roost_schemas::fleet::{Abort, Wave, WaveTarget};
-use roost_schemas::{DeploymentStatus, Phase, Policy, Scope};
+use roost_schemas::{DeploymentStatus, Policy, Scope};
 use serde::{Deserialize, Serialize};
+
+use crate::judge::{self, Report, Reported, Wanted};
 
 /// What a plan rolls out: one deployment's source and policy at one commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +97,8 @@ pub struct StoreView {
     pub store: String,
     /// Its groups, in precedence order (from its status document).
     pub groups: Vec<String>,
+    /// Its labels from the fleet repository's inventory (empty outside it).
+    pub labels: roost_schemas::Labels,
     /// Online (presence).
     pub online: bool,
     /// Its status for the plan's deployment.
@@ -183,20 +187,21 @@ pub fn rank(deployment: &str, store: &str) -> u64 {
     u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]])
 }
 
-/// A store's outcome for `release` from its status.
+/// A store's outcome for `release`, by the one convergence judgement ([`crate::judge`]). The
+/// controller knows only the store's presence: an offline store is stale. A plan asks what a
+/// store made of the release, so a stale store counts with what it last reported (the gate
+/// counts online stores only); one that has not finished is deferred.
 fn outcome_of(v: &StoreView, release: &Release) -> StoreOutcome {
-    let Some(st) = &v.status else {
-        return StoreOutcome::Pending;
+    let report = Report {
+        status: v.status.as_ref(),
+        stale: !v.online,
     };
-    let rev = Some(release.revision.as_str());
-    let applied = st.applied_revision.as_deref() == rev;
-    match st.phase {
-        Phase::Converged if applied && !st.drift => StoreOutcome::Converged,
-        Phase::Converged if applied => StoreOutcome::Converged,
-        Phase::Degraded if applied => StoreOutcome::Failed,
-        Phase::Failed if st.last_attempted_revision.as_deref() == rev => StoreOutcome::Failed,
-        // A rejection of the revision (invalid manifest, policy) names it as attempted too.
-        _ => StoreOutcome::Pending,
+    let verdict = judge::verdict(&report, &Wanted::revision(&release.revision));
+    match verdict.reported() {
+        Reported::Converged => StoreOutcome::Converged,
+        Reported::Failed { .. } => StoreOutcome::Failed,
+        Reported::Pending if verdict.is_stale() => StoreOutcome::Deferred,
+        Reported::Pending => StoreOutcome::Pending,
     }
 }
 
@@ -223,6 +228,15 @@ fn wave_targets(
             free.iter().map(|v| v.store.clone()).collect(),
             vec![Scope::Fleet],
         ),
+        WaveTarget::Selector(sel) => {
+            let stores: Vec<String> = free
+                .iter()
+                .filter(|v| sel.matches(&v.labels))
+                .map(|v| v.store.clone())
+                .collect();
+            let scopes = stores.iter().map(|s| Scope::Store(s.clone())).collect();
+            (stores, scopes)
+        }
         WaveTarget::Stores(list) => (
             list.iter()
                 .filter(|s| !pinned.contains(*s))
@@ -324,10 +338,7 @@ pub fn step(
     let by_store: BTreeMap<&str, &StoreView> = view.iter().map(|v| (v.store.as_str(), v)).collect();
     for s in plan.targeted() {
         let o = match by_store.get(s.as_str()) {
-            Some(v) => match outcome_of(v, &plan.release) {
-                StoreOutcome::Pending if !v.online => StoreOutcome::Deferred,
-                o => o,
-            },
+            Some(v) => outcome_of(v, &plan.release),
             None => StoreOutcome::Deferred,
         };
         plan.outcomes.insert(s, o);
@@ -452,6 +463,7 @@ pub fn abort(plan: &mut Plan, reason: String) -> Vec<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use roost_schemas::Phase;
 
     fn rel(c: char) -> Release {
         Release {
@@ -470,6 +482,7 @@ mod tests {
             percent: None,
             stores: None,
             fleet: None,
+            selector: None,
             converged_pct: None,
             soak_s: None,
         };
@@ -494,6 +507,7 @@ mod tests {
                 } else {
                     vec![]
                 },
+                labels: Default::default(),
                 online: true,
                 status: None,
             })
@@ -568,6 +582,34 @@ mod tests {
         assert!(t.iter().all(|s| s.starts_with("tombstone ")));
         assert!(t.contains(&"tombstone group:canary".to_string()));
         assert_eq!(p.scopes, vec![Scope::Fleet]);
+    }
+
+    #[test]
+    fn a_selector_wave_targets_the_matching_stores_by_their_own_topics() {
+        let mut view = fleet(4);
+        for v in &mut view[1..3] {
+            v.labels.insert("region".into(), "us-south".into());
+        }
+        let sel: roost_schemas::Selector =
+            serde_json::from_str(r#"{"region": "us-south"}"#).expect("selector");
+        let p = Plan::new(
+            "web",
+            rel('b'),
+            None,
+            "o",
+            vec![wave("texas", |w| w.selector = Some(sel))],
+            Abort::default(),
+            0,
+        );
+        let (stores, scopes) = wave_targets(&p, 0, &view, &BTreeSet::new());
+        assert_eq!(stores, ["s02", "s03"]);
+        assert_eq!(
+            scopes,
+            [Scope::Store("s02".into()), Scope::Store("s03".into())]
+        );
+        // A pinned store stays out of the wave.
+        let pinned = BTreeSet::from(["s03".to_owned()]);
+        assert_eq!(wave_targets(&p, 0, &view, &pinned).0, ["s02"]);
     }
 
     #[test]

@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use roost_schemas::fleet::{FleetFile, StorePin};
-use roost_schemas::Phase;
 
-use crate::record::{FleetDb, FleetError};
+use crate::db::{DbError, FleetDb};
+use crate::git::{ChangeError, Changeable, CommitTo, Edit};
+use crate::judge::{self, Report, Reported, Wanted};
 
 /// Errors of `roost promote`.
 #[derive(Debug, thiserror::Error)]
@@ -20,13 +21,10 @@ pub enum PromoteError {
     Usage(String),
     /// The fleet database.
     #[error("fleet database")]
-    Db(#[from] FleetError),
-    /// Git.
-    #[error("git: {0}")]
-    Git(#[from] git2::Error),
-    /// File system.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
+    Db(#[from] DbError),
+    /// Reading the fleet repository or writing the change.
+    #[error("fleet repository")]
+    Git(#[from] ChangeError),
 }
 
 /// What to promote.
@@ -68,7 +66,7 @@ pub fn running_revision(
     let (kind, name) = from.split_once(':').ok_or_else(|| {
         PromoteError::Usage(format!("--from {from}: expected group:NAME or store:NAME"))
     })?;
-    let view = db.with_conn(|c| super::store::view(c, deployment))?;
+    let view = db.with_conn(|c| crate::db::gitops::view(c, deployment))?;
     let members: Vec<_> = view
         .iter()
         .filter(|v| match kind {
@@ -82,15 +80,22 @@ pub fn running_revision(
             "no store of {from} has reported its status"
         )));
     }
+    // A store runs what it converged on (the convergence judgement against what it wants),
+    // by its last report, as a plan counts it.
     let mut revs: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for m in &members {
-        match &m.status {
-            Some(st) if st.phase == Phase::Converged => {
-                if let Some(r) = &st.applied_revision {
-                    revs.entry(r.clone()).or_default().push(m.store.clone());
-                }
-            }
-            _ => {}
+        let Some(st) = &m.status else { continue };
+        let Some(wanted) = st.desired.as_ref().map(|d| d.revision.as_str()) else {
+            continue;
+        };
+        let report = Report {
+            status: Some(st),
+            stale: !m.online,
+        };
+        if judge::verdict(&report, &Wanted::revision(wanted)).reported() == Reported::Converged {
+            revs.entry(wanted.to_owned())
+                .or_default()
+                .push(m.store.clone());
         }
     }
     match revs.len() {
@@ -151,29 +156,11 @@ pub fn edit(
 /// in place; anything else is cloned and pushed to.
 pub fn promote(db: &FleetDb, spec: &PromoteSpec, work: &Path) -> Result<Promoted, PromoteError> {
     let revision = running_revision(db, &spec.deployment, &spec.from)?;
-    let local = git2::Repository::open(&spec.repo)
-        .ok()
-        .filter(|r| !r.is_bare());
-    let (repo, pushed) = match local {
-        Some(r) => (r, false),
-        None => (
-            git2::build::RepoBuilder::new()
-                .branch(&spec.branch)
-                .clone(&spec.repo, work)
-                .or_else(|_| git2::Repository::clone(&spec.repo, work))?,
-            true,
-        ),
-    };
-    let base = if spec.branch == "HEAD" {
-        repo.head()?.peel_to_commit()?
-    } else {
-        repo.find_branch(&spec.branch, git2::BranchType::Local)
-            .map(|b| b.get().peel_to_commit())
-            .or_else(|_| repo.head().map(|h| h.peel_to_commit()))??
-    };
-    let entry = base.tree()?.get_path(Path::new(&spec.file))?;
-    let blob = entry.to_object(&repo)?.peel_to_blob()?;
-    let mut file = super::parse_fleet_file(blob.content())
+    let repo = Changeable::open(&spec.repo, &spec.branch, work)?;
+    let text = repo
+        .read(&spec.file)?
+        .ok_or_else(|| PromoteError::Usage(format!("{}: no such file", spec.file)))?;
+    let mut file = super::parse_fleet_file(&text)
         .map_err(|e| PromoteError::Usage(format!("{}: {e}", spec.file)))?;
     edit(&mut file, &spec.deployment, &spec.to, &revision)?;
     let yaml = serde_saphyr::to_string(&file)
@@ -182,28 +169,6 @@ pub fn promote(db: &FleetDb, spec: &PromoteSpec, work: &Path) -> Result<Promoted
         "# Promoted {} from {} to {} by roost promote.\n{yaml}",
         spec.deployment, spec.from, spec.to
     );
-    // The new tree: the base tree with the fleet file replaced (no working tree involved).
-    let new_blob = repo.blob(text.as_bytes())?;
-    let mut index = git2::Index::new()?;
-    index.read_tree(&base.tree()?)?;
-    index.add(&git2::IndexEntry {
-        ctime: git2::IndexTime::new(0, 0),
-        mtime: git2::IndexTime::new(0, 0),
-        dev: 0,
-        ino: 0,
-        mode: 0o100644,
-        uid: 0,
-        gid: 0,
-        file_size: text.len() as u32,
-        id: new_blob,
-        flags: 0,
-        flags_extended: 0,
-        path: spec.file.as_bytes().to_vec(),
-    })?;
-    let tree = repo.find_tree(index.write_tree_to(&repo)?)?;
-    let sig = repo
-        .signature()
-        .or_else(|_| git2::Signature::now("roost promote", "roost@localhost"))?;
     let message = format!(
         "Promote {} {} from {} to {}",
         spec.deployment,
@@ -211,40 +176,28 @@ pub fn promote(db: &FleetDb, spec: &PromoteSpec, work: &Path) -> Result<Promoted
         spec.from,
         spec.to
     );
-    let commit = repo.commit(None, &sig, &sig, &message, &tree, &[&base])?;
-    let branch = if spec.direct {
-        match (spec.branch.as_str(), repo.head()) {
-            ("HEAD", Ok(h)) => h.shorthand().unwrap_or("main").to_owned(),
-            _ => spec.branch.clone(),
-        }
+    let to = if spec.direct {
+        CommitTo::Direct
     } else {
-        format!("promote/{}-{}", spec.deployment, ShortRev::of(&revision))
+        CommitTo::NewBranch(format!(
+            "promote/{}-{}",
+            spec.deployment,
+            ShortRev::of(&revision)
+        ))
     };
-    repo.reference(
-        &format!("refs/heads/{branch}"),
-        commit,
-        true,
+    let done = repo.commit(
+        &[Edit::Put {
+            path: spec.file.clone(),
+            content: text.into_bytes(),
+        }],
+        &message,
         "roost promote",
+        &to,
     )?;
-    if pushed {
-        let mut remote = repo.find_remote("origin")?;
-        remote.push(&[format!("refs/heads/{branch}:refs/heads/{branch}")], None)?;
-    } else if spec.direct
-        && repo
-            .head()
-            .ok()
-            .and_then(|h| h.shorthand().ok().map(str::to_owned))
-            == Some(branch.clone())
-    {
-        // The checked-out branch moved: bring the working copy's fleet file along.
-        let mut co = git2::build::CheckoutBuilder::new();
-        co.force().path(&spec.file);
-        repo.checkout_head(Some(&mut co))?;
-    }
     Ok(Promoted {
         revision,
-        branch,
-        commit: commit.to_string(),
+        branch: done.branch,
+        commit: done.commit,
     })
 }
 

@@ -40,8 +40,7 @@ pub fn build(
         let seq = serde_json::from_slice::<Envelope>(payload)
             .ok()
             .and_then(|env| keys.verify_with(&env, PAYLOAD_TYPE, issued_at, 1).ok())
-            .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v.payload).ok())
-            .and_then(|v| v.get("sequence").and_then(|s| s.as_u64()))
+            .and_then(|v| roost_schemas::payload_sequence(&v.payload))
             .filter(|s| *s >= 1);
         match seq {
             Some(s) if roost_schemas::snapshot::deployment_topic_tail(topic).is_some() => {

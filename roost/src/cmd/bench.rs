@@ -45,6 +45,13 @@ pub enum BenchCmd {
         #[arg(long, default_value = "/usr/sbin/mosquitto")]
         mosquitto: PathBuf,
     },
+    /// The controller's work on a large store inventory, in this process: parse and validate
+    /// `stores/*.yaml`, the fleet file, each store's profile, a plan's first steps.
+    Inventory {
+        /// Stores in the inventory.
+        #[arg(long, default_value_t = 20_000)]
+        stores: usize,
+    },
     /// An outbox backlog of N events: enqueue rate, drain rate to the edge broker, time until
     /// the cloud has all of them through a bridge.
     Outbox {
@@ -85,6 +92,9 @@ pub async fn run(kind: BenchCmd, cancel: CancellationToken) -> anyhow::Result<()
                     mosquitto,
                 })
                 .await?
+            }
+            BenchCmd::Inventory { stores } => {
+                bench::inventory::run(&bench::inventory::InventoryOptions { stores }).await?
             }
             BenchCmd::Outbox { events } => {
                 bench::outbox::run(&bench::outbox::OutboxOptions { events }).await?

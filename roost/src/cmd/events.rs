@@ -54,7 +54,10 @@ pub async fn run(a: EventsArgs, cancel: CancellationToken) -> anyhow::Result<()>
                 Ok(_) => {}
                 Err(e) => {
                     // A TLS or auth problem says what is wrong; retried all the same.
-                    eprintln!("roost events: {}; reconnecting", broker.error(&e));
+                    eprintln!(
+                        "roost events: {}; reconnecting",
+                        roost_runtime::error_chain(&broker.error(e))
+                    );
                     tokio::select! {
                         _ = cancel.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use roost_fleet::record::{self, FleetDb};
-use roost_fleet::{api, cloud, gitops, metrics};
+use roost_fleet::db::{self, FleetDb, Request};
+use roost_fleet::{api, cloud, gitops, metrics, record};
 use roost_runtime::process::interruptible;
 use tokio_util::sync::CancellationToken;
 
@@ -211,7 +211,7 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
     let fdb = FleetDb::open(&a.db)?;
     let exporter = match (s.metrics_listen, s.http) {
         (None, None) => None,
-        _ => Some(metrics::FleetMetrics::exporter(fdb.clone())?),
+        _ => Some(metrics::FleetMetrics::exporter(fdb.clone())),
     };
     let metrics_server = match (s.metrics_listen, &exporter) {
         (Some(addr), Some(e)) => Some(
@@ -227,11 +227,20 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
         .as_deref()
         .map(api::ApiOptions::token_from_file)
         .transpose()?;
+    // Plan actions and webhook syncs from the API reach the controller of this process at
+    // once, over its channel.
+    let (handle, inbox) = if s.repo.is_some() && s.http.is_some() {
+        let (h, i) = gitops::ControllerHandle::channel();
+        (Some(h), Some(i))
+    } else {
+        (None, None)
+    };
     if let Some(addr) = s.http {
         let api = api::Api::new(
             fdb.clone(),
             api::ApiOptions {
                 token,
+                controller: handle,
                 ..Default::default()
             },
             cancel.clone(),
@@ -258,16 +267,14 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
                 port,
                 security: target.security.clone(),
                 cache_dir: a.db.with_extension("git"),
-                // Served above, with the token.
-                http: None,
                 snapshot_interval: Duration::from_secs(s.snapshot_interval_s),
                 snapshot_expiry: Duration::from_secs(s.snapshot_expires_s),
-                metrics: None,
             };
-            Some(tokio::spawn(gitops::run(
+            Some(tokio::spawn(gitops::run_with_handle(
                 opts,
                 fdb.clone(),
                 key,
+                inbox,
                 cancel.clone(),
             )))
         }
@@ -301,9 +308,8 @@ async fn sync(
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let fdb = FleetDb::open(db)?;
-    gitops::store::migrate(&fdb)?;
-    let since = record::now_ms();
-    fdb.with_conn(|c| gitops::store::request(c, None, "sync"))?;
+    let since = db::now_ms();
+    fdb.request(&Request::Sync)?;
     println!("sync requested");
     if wait {
         let w = interruptible(&cancel, async {

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bench;
 pub mod bridge;
 pub mod broker;
+pub mod ca;
 pub mod events;
 pub mod fleet;
 pub mod git_serve;
@@ -12,8 +13,10 @@ pub mod keygen;
 pub mod plan;
 pub mod promote;
 pub mod rollout;
+pub mod secret;
 pub mod sim;
 pub mod status;
+pub mod store;
 pub mod up;
 
 use std::path::PathBuf;

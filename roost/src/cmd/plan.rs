@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
+use roost_fleet::db::{self, FleetDb, Request};
 use roost_fleet::gitops;
-use roost_fleet::record::FleetDb;
 
 #[derive(clap::Subcommand)]
 pub enum PlanAction {
@@ -42,24 +42,23 @@ pub enum PlanAction {
 }
 
 pub fn run(action: PlanAction) -> anyhow::Result<()> {
-    let (db, deployment, verb) = match action {
+    let (db, request) = match action {
         PlanAction::Status { deployment, db } => {
             let fdb = FleetDb::open(&db)?;
-            gitops::store::migrate(&fdb)?;
             print!("{}", gitops::plan_status_text(&fdb, deployment.as_deref())?);
             return Ok(());
         }
-        PlanAction::Pause { deployment, db } => (db, deployment, "pause"),
-        PlanAction::Resume { deployment, db } => (db, deployment, "resume"),
-        PlanAction::Abort { deployment, db } => (db, deployment, "abort"),
+        PlanAction::Pause { deployment, db } => (db, Request::Pause(deployment)),
+        PlanAction::Resume { deployment, db } => (db, Request::Resume(deployment)),
+        PlanAction::Abort { deployment, db } => (db, Request::Abort(deployment)),
     };
+    let deployment = request.deployment().unwrap_or_default();
     let fdb = FleetDb::open(&db)?;
-    gitops::store::migrate(&fdb)?;
-    let known = fdb.with_conn(|c| Ok(gitops::store::plans(c)?.contains_key(&deployment)))?;
+    let known = fdb.with_conn(|c| Ok(db::gitops::plans(c)?.contains_key(deployment)))?;
     if !known {
         anyhow::bail!("no plan for deployment {deployment} in {}", db.display());
     }
-    fdb.with_conn(|c| gitops::store::request(c, Some(&deployment), verb))?;
-    println!("{verb} requested for {deployment}");
+    fdb.request(&request)?;
+    println!("{} requested for {deployment}", request.action());
     Ok(())
 }

@@ -3,8 +3,8 @@
 use roost_schemas::ShortRev;
 use std::path::PathBuf;
 
-use roost_fleet::gitops::{self, promote};
-use roost_fleet::record::FleetDb;
+use roost_fleet::db::FleetDb;
+use roost_fleet::gitops::promote;
 
 /// Arguments of `roost promote`.
 #[derive(clap::Args)]
@@ -36,7 +36,6 @@ pub struct PromoteArgs {
 
 pub fn run(a: PromoteArgs) -> anyhow::Result<()> {
     let fdb = FleetDb::open(&a.db)?;
-    gitops::store::migrate(&fdb)?;
     let work = std::env::temp_dir().join(format!("roost-promote-{:08x}", rand::random::<u32>()));
     let spec = promote::PromoteSpec {
         deployment: a.deployment,

@@ -58,6 +58,10 @@ pub struct RolloutArgs {
     /// Health timeout in seconds.
     #[arg(long, default_value_t = 300)]
     health_timeout: u64,
+    /// Replace `${roost.…}` variables in the manifests with each store's values
+    /// (`policy.substitute`).
+    #[arg(long)]
+    substitute: bool,
     /// Publish a tombstone.
     #[arg(long)]
     remove: bool,
@@ -84,16 +88,20 @@ pub async fn run(a: RolloutArgs, cancel: CancellationToken) -> anyhow::Result<()
         .map(|k| cloud::load_key(k))
         .collect::<Result<Vec<_>, _>>()?;
     let broker = a.security.target(&a.broker)?;
-    let revision = if a.remove && a.revision.is_empty() {
-        String::new()
-    } else {
-        let repo = a.repo.clone();
-        let rev = a.revision.clone();
-        interruptible(&cancel, async {
-            Ok(tokio::task::spawn_blocking(move || cloud::resolve_revision(&repo, &rev)).await??)
-        })
-        .await?
-    };
+    let revision =
+        if a.remove && a.revision.is_empty() {
+            String::new()
+        } else {
+            let repo = a.repo.clone();
+            let rev = a.revision.clone();
+            interruptible(&cancel, async {
+                Ok(tokio::task::spawn_blocking(move || {
+                    roost_fleet::git::resolve_revision(&repo, &rev)
+                })
+                .await??)
+            })
+            .await?
+        };
     let spec = RolloutSpec {
         deployment: a.deployment,
         scope,
@@ -104,6 +112,7 @@ pub async fn run(a: RolloutArgs, cancel: CancellationToken) -> anyhow::Result<()
             prune: !a.no_prune,
             self_heal: !a.no_self_heal,
             health_timeout_s: a.health_timeout,
+            substitute: a.substitute,
         },
         not_before: a.not_before,
         remove: a.remove,

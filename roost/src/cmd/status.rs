@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use roost_fleet::record::{now_ms, FleetDb};
+use roost_fleet::db::{now_ms, FleetDb};
 use roost_fleet::{cloud, view};
 use roost_runtime::process::interruptible;
 use roost_schemas::topics::StoreTopicKind;

@@ -4,6 +4,7 @@
 
 pub mod bridge_load;
 pub mod footprint;
+pub mod inventory;
 pub mod latency;
 pub mod outbox;
 mod rig;

@@ -336,7 +336,7 @@ port = {cp}
             repo,
             files,
             key,
-            sequence: roost_fleet::record::now_ms(),
+            sequence: roost_fleet::db::now_ms(),
             state,
             observer,
             dir,
