@@ -283,6 +283,59 @@ impl GitCache {
         .await?
     }
 
+    /// The files directly under `dir` of `revision` (which must be in the cache) whose path
+    /// `wanted` accepts, by path; empty when there is no such directory. A file larger than
+    /// `max_file` bytes, or all of them together larger than `max_total`, is
+    /// [`GitError::TooLarge`] (sizes are read from the objects before their content).
+    pub async fn read_dir(
+        &self,
+        url: &str,
+        revision: &str,
+        dir: &str,
+        wanted: fn(&str) -> bool,
+        max_file: u64,
+        max_total: u64,
+    ) -> Result<std::collections::BTreeMap<String, Vec<u8>>, GitError> {
+        let (root, r, d) = (self.dir(url), revision.to_owned(), dir.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let repo = git2::Repository::open_bare(&root).map_err(step("open"))?;
+            let commit = find_commit(&repo, &r)?;
+            let tree = commit.tree().map_err(step("tree"))?;
+            let mut out = std::collections::BTreeMap::new();
+            let entry = match tree.get_path(Path::new(&d)) {
+                Ok(e) => e,
+                Err(e) if e.code() == git2::ErrorCode::NotFound => return Ok(out),
+                Err(e) => return Err(step("tree")(e)),
+            };
+            let Some(sub) = entry.to_object(&repo).ok().and_then(|o| o.into_tree().ok()) else {
+                return Ok(out);
+            };
+            let odb = repo.odb().map_err(step("odb"))?;
+            let mut total = 0u64;
+            for e in sub.iter() {
+                let Ok(name) = e.name() else { continue };
+                let path = format!("{d}/{name}");
+                if e.kind() != Some(git2::ObjectType::Blob) || !wanted(&path) {
+                    continue;
+                }
+                let (size, _) = odb.read_header(e.id()).map_err(step("blob"))?;
+                let size = size as u64;
+                total += size;
+                if size > max_file || total > max_total {
+                    return Err(GitError::TooLarge {
+                        limit: if size > max_file { max_file } else { max_total },
+                        size: if size > max_file { size } else { total },
+                        path,
+                    });
+                }
+                let blob = repo.find_blob(e.id()).map_err(step("blob"))?;
+                out.insert(path, blob.content().to_vec());
+            }
+            Ok(out)
+        })
+        .await?
+    }
+
     /// The subject line (at most 200 characters) and commit time (Unix seconds) of
     /// `revision`, which must be in the cache: for people reading the fleet's status.
     pub async fn commit_info(&self, url: &str, revision: &str) -> Result<(String, i64), GitError> {

@@ -162,7 +162,7 @@ pub fn parse(files: &BTreeMap<String, Vec<u8>>) -> Result<Inventory, InventoryEr
 
 /// What the inventory says about one store, ready to be signed as its profile (without
 /// sequence and time, which the publisher adds).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ProfileContent {
     /// Labels.
     pub labels: Labels,
@@ -172,6 +172,79 @@ pub struct ProfileContent {
     pub timezone: Option<String>,
     /// Vars.
     pub vars: BTreeMap<String, String>,
+}
+
+impl ProfileContent {
+    /// A digest of the content: equal content, equal digest (the maps are ordered).
+    pub fn digest(&self) -> String {
+        use sha2::{Digest as _, Sha256};
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        hex::encode(Sha256::digest(&json))
+    }
+
+    /// The signed profile for `store` with `sequence`, issued now.
+    pub fn profile(&self, store: &str, sequence: u64) -> roost_schemas::Profile {
+        roost_schemas::Profile {
+            store: store.to_owned(),
+            sequence,
+            issued_at: roost_schemas::now_rfc3339(),
+            labels: self.labels.clone(),
+            groups: self.groups.clone(),
+            timezone: self.timezone.clone(),
+            vars: self.vars.clone(),
+        }
+    }
+}
+
+/// A profile the controller must publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileChange {
+    /// Store.
+    pub store: String,
+    /// What the profile says: the inventory's, or for a store that left the inventory the
+    /// neutral profile (no labels, vars or time zone, and no groups, so the store's own
+    /// configuration decides them again, as for a store never in the inventory).
+    pub content: ProfileContent,
+    /// Whether the store is in the inventory.
+    pub in_inventory: bool,
+}
+
+/// Which profiles to publish, given what the inventory says now (`wanted`), the profile last
+/// published per store (digest, whether in the inventory), and whether the record still
+/// holds a store's profile topic (a retired store's was tombstoned: nothing goes back on
+/// it). A store whose content is unchanged gets nothing; one that left the inventory gets
+/// the neutral profile once. Pure.
+pub fn profile_changes(
+    wanted: &BTreeMap<String, ProfileContent>,
+    published: &BTreeMap<String, crate::db::inventory::PublishedProfile>,
+    holds_topic: impl Fn(&str) -> bool,
+) -> Vec<ProfileChange> {
+    let mut out: Vec<ProfileChange> = wanted
+        .iter()
+        .filter(|(store, content)| {
+            published
+                .get(*store)
+                .is_none_or(|p| !p.in_inventory || p.digest != content.digest())
+        })
+        .map(|(store, content)| ProfileChange {
+            store: store.clone(),
+            content: content.clone(),
+            in_inventory: true,
+        })
+        .collect();
+    out.extend(
+        published
+            .iter()
+            .filter(|(store, p)| {
+                p.in_inventory && !wanted.contains_key(*store) && holds_topic(store)
+            })
+            .map(|(store, _)| ProfileChange {
+                store: store.clone(),
+                content: ProfileContent::default(),
+                in_inventory: false,
+            }),
+    );
+    out
 }
 
 impl Inventory {
@@ -319,6 +392,61 @@ timezone: America/Chicago
         )]))
         .expect_err("utf8");
         assert_eq!(e.reason, "not UTF-8");
+    }
+
+    #[test]
+    fn profiles_are_published_when_they_change_and_once_when_a_store_leaves() {
+        use crate::db::inventory::PublishedProfile;
+        let content = |region: &str| ProfileContent {
+            labels: [("region".to_owned(), region.to_owned())].into(),
+            groups: Some(vec![region.to_owned()]),
+            ..ProfileContent::default()
+        };
+        let published = |c: &ProfileContent, in_inventory: bool| PublishedProfile {
+            digest: c.digest(),
+            sequence: 1,
+            in_inventory,
+        };
+        let wanted: BTreeMap<String, ProfileContent> = [
+            ("same".to_owned(), content("east")),
+            ("moved".to_owned(), content("south")),
+            ("new".to_owned(), content("east")),
+            ("back".to_owned(), content("east")),
+        ]
+        .into();
+        let had: BTreeMap<String, PublishedProfile> = [
+            ("same".to_owned(), published(&content("east"), true)),
+            ("moved".to_owned(), published(&content("east"), true)),
+            (
+                "back".to_owned(),
+                published(&ProfileContent::default(), false),
+            ),
+            ("left".to_owned(), published(&content("east"), true)),
+            ("retired".to_owned(), published(&content("east"), true)),
+            (
+                "gone".to_owned(),
+                published(&ProfileContent::default(), false),
+            ),
+        ]
+        .into();
+        let changes = profile_changes(&wanted, &had, |s| s != "retired");
+        let names: Vec<(&str, bool)> = changes
+            .iter()
+            .map(|c| (c.store.as_str(), c.in_inventory))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("back", true),
+                ("moved", true),
+                ("new", true),
+                ("left", false)
+            ]
+        );
+        assert_eq!(changes[1].content, content("south"));
+        assert_eq!(changes[3].content, ProfileContent::default());
+        assert_eq!(changes[3].content.profile("left", 9).groups, None);
+        assert_ne!(content("east").digest(), content("south").digest());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The one rollout signer: builds a rollout from a [`RolloutSpec`], checks it and signs it
 //! (DSSE, one signature per key). `roost rollout` ([`crate::cloud::rollout`]) and the GitOps
-//! controller both sign here, so the same inputs give the same payload bytes.
+//! controller both sign here, so the same inputs give the same payload bytes. Store profiles
+//! are signed here too ([`sign_profile`]).
 
+use roost_schemas::profile::{Profile, PROFILE_PAYLOAD_TYPE};
 use roost_schemas::rollout::RolloutError;
 use roost_schemas::{Origin, Policy, Rollout, Scope, SigningKey, Source, PAYLOAD_TYPE};
 
@@ -48,6 +50,9 @@ pub enum SignError {
     /// No key to sign with.
     #[error("at least one signing key is required")]
     NoKey,
+    /// The store profile breaks a rule of the contract.
+    #[error("invalid store profile")]
+    InvalidProfile(#[source] roost_schemas::profile::ProfileError),
     /// The rollout or its envelope could not be serialized.
     #[error("serializing the rollout")]
     Json(#[source] serde_json::Error),
@@ -85,6 +90,15 @@ pub fn sign_rollout(
     let env = roost_schemas::sign_all(keys, PAYLOAD_TYPE, &body).ok_or(SignError::NoKey)?;
     let envelope = serde_json::to_vec(&env).map_err(SignError::Json)?;
     Ok(Signed { rollout, envelope })
+}
+
+/// Checks a store profile ([`Profile::validate`]) and signs it with every key, as
+/// [`sign_rollout`] does a rollout; returns the DSSE envelope's bytes.
+pub fn sign_profile(keys: &[SigningKey], profile: &Profile) -> Result<Vec<u8>, SignError> {
+    profile.validate().map_err(SignError::InvalidProfile)?;
+    let body = serde_json::to_vec(profile).map_err(SignError::Json)?;
+    let env = roost_schemas::sign_all(keys, PROFILE_PAYLOAD_TYPE, &body).ok_or(SignError::NoKey)?;
+    serde_json::to_vec(&env).map_err(SignError::Json)
 }
 
 #[cfg(test)]

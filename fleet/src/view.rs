@@ -58,6 +58,9 @@ pub struct Inputs {
     pub gaps: Vec<Gap>,
     /// Known commits: revision -> (subject, committed_at).
     pub revisions: HashMap<String, (String, String)>,
+    /// The inventory's stores and their labels: each is a row even before it reports (a
+    /// store the inventory expects and never heard from is stale, never fine).
+    pub labels: BTreeMap<String, roost_schemas::Labels>,
 }
 
 /// Reads the inputs from the fleet database.
@@ -83,6 +86,7 @@ pub fn load(db: &FleetDb) -> Result<Inputs, DbError> {
         presence,
         gaps: db.gaps()?,
         revisions: db.revisions()?,
+        labels: db.with_conn(crate::db::inventory::labels)?,
     })
 }
 
@@ -102,6 +106,18 @@ pub fn from_retained(topics: &Topics, msgs: &[(String, Vec<u8>)]) -> Inputs {
             Some((s, StoreTopicKind::Status)) => inputs.status.push(doc(s)),
             Some((s, StoreTopicKind::Presence)) => inputs.presence.push(doc(s)),
             _ => {}
+        }
+    }
+    // A store's labels from its retained profile, read (not verified: only shown) off the
+    // broker. A profile without labels is a store outside the inventory.
+    for (t, p) in msgs {
+        let Some(store) = topics.parse_profile_topic(t) else {
+            continue;
+        };
+        let profile = roost_schemas::envelope_payload(p)
+            .and_then(|b| serde_json::from_slice::<roost_schemas::Profile>(&b).ok());
+        if let Some(profile) = profile.filter(|p| p.store == store && !p.labels.is_empty()) {
+            inputs.labels.insert(store, profile.labels);
         }
     }
     inputs
@@ -209,6 +225,8 @@ pub struct StoreRow {
     pub store: String,
     /// Groups in precedence order.
     pub groups: Vec<String>,
+    /// Labels from the fleet repository's inventory (empty outside it).
+    pub labels: roost_schemas::Labels,
     /// Presence.
     pub presence: PresenceInfo,
     /// When the store was last heard (RFC 3339).
@@ -326,7 +344,12 @@ pub fn build(inputs: &Inputs, now_ms: u64) -> FleetView {
     for g in &inputs.gaps {
         gaps.entry(&g.store).or_default().push([g.from, g.to]);
     }
-    let mut names: Vec<&str> = status.keys().chain(presence.keys()).copied().collect();
+    let mut names: Vec<&str> = status
+        .keys()
+        .chain(presence.keys())
+        .copied()
+        .chain(inputs.labels.keys().map(String::as_str))
+        .collect();
     names.sort_unstable();
     names.dedup();
     let revision = |rev: &str| {
@@ -435,6 +458,7 @@ pub fn build(inputs: &Inputs, now_ms: u64) -> FleetView {
         rows.push(StoreRow {
             store: name.to_owned(),
             groups: doc.map(|d| d.groups.clone()).unwrap_or_default(),
+            labels: inputs.labels.get(name).cloned().unwrap_or_default(),
             presence: presence_info,
             last_heard_age_s: last_heard.as_ref().map(|(s, _)| now_s.saturating_sub(*s)),
             last_heard: last_heard.map(|(_, t)| t),
@@ -554,6 +578,8 @@ pub struct Filter {
     pub deployment: Option<String>,
     /// Stores whose name contains this.
     pub store: Option<String>,
+    /// Stores whose inventory labels match (Kubernetes label selector syntax).
+    pub selector: Option<roost_schemas::Selector>,
 }
 
 impl Filter {
@@ -569,6 +595,7 @@ pub fn filter(view: &FleetView, f: &Filter) -> Vec<StoreRow> {
     view.stores
         .iter()
         .filter(|r| f.group.as_ref().is_none_or(|g| r.groups.contains(g)))
+        .filter(|r| f.selector.as_ref().is_none_or(|s| s.matches(&r.labels)))
         .filter(|r| !f.stale || r.stale.is_some())
         .filter(|r| {
             f.store
@@ -799,9 +826,10 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-/// The source-vs-target table: one line per store and deployment.
-pub fn render(rows: &[StoreRow]) -> String {
-    let header = [
+/// The source-vs-target table: one line per store and deployment; with `show_labels`, a
+/// LABELS column after the store (its inventory labels, `k=v,k2=v2`).
+pub fn render(rows: &[StoreRow], show_labels: bool) -> String {
+    let mut header = vec![
         "STORE",
         "DEPLOYMENT",
         "DESIRED",
@@ -815,8 +843,18 @@ pub fn render(rows: &[StoreRow]) -> String {
         "FROM",
         "NOTE",
     ];
-    let mut lines = Vec::new();
+    if show_labels {
+        header.insert(1, "LABELS");
+    }
+    let mut lines: Vec<Vec<String>> = Vec::new();
     for r in rows {
+        let labels = labels_cell(&r.labels);
+        let mut push = |mut line: Vec<String>| {
+            if show_labels {
+                line.insert(1, labels.clone());
+            }
+            lines.push(line);
+        };
         let presence = r.presence.state.clone();
         let heard = r
             .last_heard_age_s
@@ -849,7 +887,7 @@ pub fn render(rows: &[StoreRow]) -> String {
             n
         };
         if r.deployments.is_empty() {
-            lines.push(vec![
+            push(vec![
                 r.store.clone(),
                 "-".into(),
                 "-".into(),
@@ -890,7 +928,7 @@ pub fn render(rows: &[StoreRow]) -> String {
                 .and_then(|d| d.origin.as_ref())
                 .map(|o| o.commit.chars().take(12).collect())
                 .unwrap_or_else(|| "-".into());
-            lines.push(vec![
+            push(vec![
                 r.store.clone(),
                 c.deployment.clone(),
                 desired,
@@ -910,6 +948,18 @@ pub fn render(rows: &[StoreRow]) -> String {
         }
     }
     table(&header, &lines)
+}
+
+/// A store's labels as one cell: `k=v,k2=v2`, `-` for none.
+fn labels_cell(labels: &roost_schemas::Labels) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The summary line above the table.
@@ -1079,7 +1129,44 @@ mod tests {
                 to: 2,
             }],
             revisions,
+            labels: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn inventory_labels_show_filter_and_a_store_never_heard_is_stale() {
+        let mut inputs = fleet();
+        let labels = |region: &str| -> roost_schemas::Labels {
+            [("region".to_owned(), region.to_owned())].into()
+        };
+        inputs.labels.insert("s1".into(), labels("us-east"));
+        inputs.labels.insert("s4".into(), labels("us-south"));
+        // In the inventory, never reported anything.
+        inputs.labels.insert("s9".into(), labels("us-south"));
+        let v = build(&inputs, NOW_MS);
+        let s9 = v
+            .stores
+            .iter()
+            .find(|r| r.store == "s9")
+            .expect("s9 is a row");
+        assert!(s9.stale.is_some(), "a store never heard from is stale");
+        assert_eq!(s9.labels["region"], "us-south");
+        assert_eq!(v.summary.stores, 6);
+        let names = |sel: &str| -> Vec<String> {
+            filter(
+                &v,
+                &Filter {
+                    selector: Some(sel.parse().expect("selector")),
+                    ..Default::default()
+                },
+            )
+            .into_iter()
+            .map(|r| r.store)
+            .collect()
+        };
+        assert_eq!(names("region=us-south"), ["s4", "s9"]);
+        assert_eq!(names("region in (us-east, us-west)"), ["s1"]);
+        assert_eq!(names("!region"), ["s2", "s3", "s5"]);
     }
 
     #[test]
@@ -1138,7 +1225,7 @@ mod tests {
         assert_eq!(v.stores[0].deployments[0].marker, Marker::Same);
         assert_eq!(v.stores[3].gaps, vec![[2, 2]]);
         assert_eq!(v.stores[3].last_heard_age_s, Some(2));
-        let text = render(&v.stores);
+        let text = render(&v.stores, false);
         assert!(
             text.contains("bbbbbbbbbbbb new menu (60s)  >  aaaaaaaaaaaa"),
             "{text}"

@@ -34,7 +34,7 @@ pub use reason::Reason;
 pub use revision::ShortRev;
 pub use rollout::{Origin, Policy, Rollout, Scope, Source};
 pub use selector::{Labels, Selector};
-pub use sequence::{envelope_sequence, payload_sequence, sequence_rule};
+pub use sequence::{envelope_payload, envelope_sequence, payload_sequence, sequence_rule};
 pub use snapshot::{Snapshot, SNAPSHOT_PAYLOAD_TYPE};
 pub use status::{
     Confirmation, DeploymentStatus, DesiredRef, Freshness, FreshnessState, Phase, Presence,

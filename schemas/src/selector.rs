@@ -286,11 +286,53 @@ impl std::fmt::Display for Selector {
 impl std::str::FromStr for Selector {
     type Err = SelectorError;
 
-    /// The command line's form: `k=v,k2=v2` (equality terms only), `k!=v`, `k`, `!k`.
+    /// The command line's form, as kubectl's `-l`: terms joined by commas, each `k=v` (or
+    /// `k==v`), `k!=v`, `k in (a, b)`, `k notin (a, b)`, `k` (exists) or `!k` (does not).
     fn from_str(s: &str) -> Result<Selector, SelectorError> {
         let mut terms = SelectorTerms::default();
-        for (index, part) in s.split(',').map(str::trim).enumerate() {
-            if let Some((k, v)) = part.split_once("!=") {
+        // Commas inside a set's parentheses do not end a term.
+        let mut parts = Vec::new();
+        let (mut depth, mut start) = (0usize, 0usize);
+        for (i, c) in s.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth = depth.saturating_sub(1),
+                ',' if depth == 0 => {
+                    parts.push(&s[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        parts.push(&s[start..]);
+        for (index, part) in parts.into_iter().map(str::trim).enumerate() {
+            let set = |rest: &str| -> Option<Vec<String>> {
+                let inner = rest.trim().strip_prefix('(')?.strip_suffix(')')?;
+                Some(
+                    inner
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|v| !v.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                )
+            };
+            let words: Vec<&str> = part.splitn(3, char::is_whitespace).collect();
+            if let [k, op @ ("in" | "notin"), rest] = words.as_slice() {
+                let values = set(rest).ok_or(SelectorError::Expression {
+                    index,
+                    why: "a set is written (a, b)",
+                })?;
+                terms.match_expressions.push(Expression {
+                    key: (*k).to_owned(),
+                    operator: if *op == "in" {
+                        Operator::In
+                    } else {
+                        Operator::NotIn
+                    },
+                    values,
+                });
+            } else if let Some((k, v)) = part.split_once("!=") {
                 terms.match_expressions.push(Expression {
                     key: k.trim().to_owned(),
                     operator: Operator::NotIn,
@@ -299,7 +341,7 @@ impl std::str::FromStr for Selector {
             } else if let Some((k, v)) = part.split_once('=') {
                 terms.match_labels.insert(
                     k.trim().to_owned(),
-                    v.trim().trim_start_matches('=').to_owned(),
+                    v.trim().trim_start_matches('=').trim().to_owned(),
                 );
             } else if let Some(k) = part.strip_prefix('!') {
                 terms.match_expressions.push(Expression {
@@ -445,5 +487,15 @@ mod tests {
         assert!(!s.matches(&labels(&[("pos", "v6"), ("format", "x")])));
         assert!("".parse::<Selector>().is_err());
         assert!("a=b,,c=d".parse::<Selector>().is_err());
+        let s: Selector = "region in (us-south, us-west),pos notin (v6),format==drive-thru"
+            .parse()
+            .expect("sets");
+        let store =
+            |region, pos| labels(&[("region", region), ("pos", pos), ("format", "drive-thru")]);
+        assert!(s.matches(&store("us-west", "v7")));
+        assert!(!s.matches(&store("us-east", "v7")));
+        assert!(!s.matches(&store("us-south", "v6")));
+        assert!("region in us-south".parse::<Selector>().is_err());
+        assert!("region in ()".parse::<Selector>().is_err());
     }
 }

@@ -28,8 +28,14 @@ pub fn payload_sequence(payload: &[u8]) -> Option<u64> {
 /// or a record holds on a topic. None for an empty message (a cleared retained topic), bytes
 /// that are not an envelope, and a payload without a sequence.
 pub fn envelope_sequence(envelope: &[u8]) -> Option<u64> {
+    payload_sequence(&envelope_payload(envelope)?)
+}
+
+/// The payload of a DSSE envelope's bytes, decoded but NOT verified: for what only reads
+/// (the sequence, a view's labels), never for what acts on it.
+pub fn envelope_payload(envelope: &[u8]) -> Option<Vec<u8>> {
     let env: Envelope = serde_json::from_slice(envelope).ok()?;
-    payload_sequence(&B64.decode(env.payload).ok()?)
+    B64.decode(env.payload).ok()
 }
 
 #[cfg(test)]

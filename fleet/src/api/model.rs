@@ -61,6 +61,9 @@ pub struct Row {
     pub deployment: String,
     /// The store's groups, in precedence order.
     pub groups: Vec<String>,
+    /// The store's labels from the fleet repository's inventory.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: roost_schemas::Labels,
     /// Desired (source) revision.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub desired: Option<Desired>,
@@ -149,6 +152,9 @@ pub struct StoreInfo {
     pub store: String,
     /// Groups.
     pub groups: Vec<String>,
+    /// Labels from the fleet repository's inventory.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: roost_schemas::Labels,
     /// `online`, `offline` or `unknown`.
     pub presence: String,
     /// Last heard (RFC 3339).
@@ -200,6 +206,10 @@ pub struct RowFilter {
     pub deployment: Option<String>,
     /// Only stores in this group.
     pub group: Option<String>,
+    /// Only stores whose inventory labels match this selector (kubectl's `-l` form:
+    /// `region=us-south,format in (drive-thru)`); a bad one is a 400.
+    #[serde(default, deserialize_with = "selector")]
+    pub selector: Option<roost_schemas::Selector>,
     /// Only rows showing this phase (`Stale` included), case-insensitive.
     pub phase: Option<String>,
     /// Only stale (true) or fresh (false) rows.
@@ -214,6 +224,18 @@ pub struct RowFilter {
     pub per_page: Option<usize>,
 }
 
+fn selector<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<roost_schemas::Selector>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    s.filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.parse()
+                .map_err(|e| serde::de::Error::custom(format!("selector {s:?}: {e}")))
+        })
+        .transpose()
+}
+
 /// Largest page.
 pub const MAX_PER_PAGE: usize = 500;
 
@@ -222,6 +244,7 @@ impl RowFilter {
     pub fn matches(&self, r: &Row) -> bool {
         self.deployment.as_ref().is_none_or(|d| *d == r.deployment)
             && self.group.as_ref().is_none_or(|g| r.groups.contains(g))
+            && self.selector.as_ref().is_none_or(|s| s.matches(&r.labels))
             && self
                 .phase
                 .as_ref()
@@ -452,6 +475,11 @@ mod tests {
             } else {
                 vec![]
             },
+            labels: if store.ends_with('2') {
+                [("region".to_owned(), "us-south".to_owned())].into()
+            } else {
+                Default::default()
+            },
             desired: None,
             applied: None,
             marker: "?".into(),
@@ -494,6 +522,9 @@ mod tests {
             (r#"{"phase": "stale"}"#, 12, 12, 1),
             (r#"{"phase": "Converged", "deployment": "b"}"#, 60, 50, 2),
             (r#"{"group": "canary"}"#, 12, 12, 1),
+            (r#"{"selector": "region=us-south"}"#, 12, 12, 1),
+            (r#"{"selector": "region notin (us-south)"}"#, 108, 50, 3),
+            (r#"{"selector": ""}"#, 120, 50, 3),
             (r#"{"q": "s11", "per_page": 5}"#, 10, 5, 2),
             (r#"{"per_page": 100000}"#, 120, 120, 1),
             (r#"{"per_page": 0, "page": 0}"#, 120, 1, 120),
@@ -506,6 +537,9 @@ mod tests {
                 "{q}"
             );
         }
+        let bad = serde_json::from_value::<RowFilter>(serde_json::json!({"selector": "a b c"}))
+            .expect_err("a bad selector is refused");
+        assert!(bad.to_string().contains("selector"), "{bad}");
     }
 
     #[test]

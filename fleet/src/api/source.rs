@@ -60,6 +60,7 @@ pub fn from_view(v: &view::FleetView, plans: BTreeMap<String, model::PlanDoc>) -
                 store: s.store.clone(),
                 deployment: c.deployment.clone(),
                 groups: s.groups.clone(),
+                labels: s.labels.clone(),
                 desired: c.desired.as_ref().map(|d| model::Desired {
                     revision: revision(&d.commit),
                     sequence: d.sequence,
@@ -93,6 +94,7 @@ pub fn from_view(v: &view::FleetView, plans: BTreeMap<String, model::PlanDoc>) -
             StoreInfo {
                 store: s.store.clone(),
                 groups: s.groups.clone(),
+                labels: s.labels.clone(),
                 presence: s.presence.state.clone(),
                 last_heard: s.last_heard.clone(),
                 agent_version: s.agent_version.clone(),

@@ -157,7 +157,7 @@ impl Request {
 }
 
 /// The fleet as the controller sees it for `deployment`: every store that sent a status
-/// document, its groups and presence (no presence document counts as online: a store
+/// document, its groups, its inventory labels and presence (no presence document counts as online: a store
 /// without a bridge reports only its status).
 pub fn view(c: &Connection, deployment: &str) -> Result<Vec<StoreView>, DbError> {
     let mut presence: BTreeMap<String, bool> = BTreeMap::new();
@@ -171,6 +171,7 @@ pub fn view(c: &Connection, deployment: &str) -> Result<Vec<StoreView>, DbError>
             }
         }
     }
+    let mut labels = super::inventory::labels(c)?;
     let mut stmt = c.prepare("SELECT store, json FROM status ORDER BY store")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
     let mut out = Vec::new();
@@ -183,7 +184,7 @@ pub fn view(c: &Connection, deployment: &str) -> Result<Vec<StoreView>, DbError>
             online: presence.get(&store).copied().unwrap_or(true),
             status: doc.deployments.get(deployment).cloned(),
             groups: doc.groups,
-            labels: Default::default(),
+            labels: labels.remove(&store).unwrap_or_default(),
             store,
         });
     }
@@ -224,17 +225,19 @@ fn put_published(c: &Connection, p: &Published) -> Result<(), DbError> {
 }
 
 impl FleetDb {
-    /// Records a sync: a good file replaces the one in force; a bad one only records why.
+    /// Records a sync: a good commit's file and inventory replace the ones in force, in one
+    /// transaction; a bad one only records why.
     pub fn put_sync(
         &self,
         repo: &str,
         commit: &str,
-        result: Result<&FleetFile, &str>,
+        result: Result<(&FleetFile, &crate::inventory::Inventory), &str>,
     ) -> Result<(), DbError> {
         let now = roost_schemas::now_rfc3339();
-        let c = self.lock();
+        self.transaction(|c| {
         match result {
-            Ok(file) => {
+            Ok((file, inventory)) => {
+                super::inventory::replace_inventory(c, inventory)?;
                 let json = serde_json::to_string(file).map_err(|source| DbError::Encode {
                     what: "the fleet file",
                     source,
@@ -258,6 +261,7 @@ impl FleetDb {
             }
         }
         Ok(())
+        })
     }
 
     /// Marks a sync of an unchanged commit (so a waiting `roost fleet sync --wait` sees it ran).

@@ -8,6 +8,7 @@
 //! | [`ingest`] | `events`, `counters`, `status`, `presence` | the fleet record's ingest ([`crate::record`]) |
 //! | [`desired`] | `desired`, `sequences` | the ingest (what the broker shows) and the controller (what it publishes) |
 //! | [`gitops`] | `gitops_sync`, `gitops_plans`, `gitops_published`, `gitops_requests`, `revisions` | the GitOps controller ([`crate::gitops`]); requests also by the API and `roost plan` / `roost fleet sync` |
+//! | [`inventory`] | `inventory`, `profiles` | the GitOps controller (the inventory with the fleet file of a good commit; each store profile it publishes) |
 //! | [`schema`] | `schema_migrations` | [`FleetDb::open`] |
 //!
 //! Reads are methods too, or functions on a connection ([`FleetDb::with_conn`]) where a
@@ -40,6 +41,7 @@
 pub mod desired;
 pub mod gitops;
 pub mod ingest;
+pub mod inventory;
 pub mod schema;
 
 use std::path::Path;

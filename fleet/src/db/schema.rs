@@ -110,6 +110,18 @@ pub const MIGRATIONS: &[Migration] = &[
             );
             CREATE TABLE IF NOT EXISTS gitops_requests (id {serial}, deployment TEXT, action TEXT NOT NULL, at TEXT NOT NULL);",
     },
+    Migration {
+        version: 3,
+        name: "the store inventory and store profiles",
+        text: "CREATE TABLE inventory (store TEXT PRIMARY KEY, entry TEXT NOT NULL);
+            CREATE TABLE profiles (
+                store TEXT PRIMARY KEY,
+                digest TEXT NOT NULL,
+                sequence {int} NOT NULL,
+                in_inventory {int} NOT NULL,
+                published_at TEXT NOT NULL
+            );",
+    },
 ];
 
 /// The table of applied migrations (rendered like a migration).

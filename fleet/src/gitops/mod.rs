@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument as _};
 
 use crate::db::{self, DbError, FleetDb, Published, Request};
+use crate::inventory::{self, Inventory};
 use crate::sign::{sign_rollout, RolloutSpec};
 pub use handle::{ControllerHandle, ControllerInbox};
 use plan::{Action, Plan, PlanStatus, Release};
@@ -158,6 +159,10 @@ struct Controller {
     refs: HashMap<(String, String), String>,
     /// The file in force and the commit it came from.
     file: Option<(String, FleetFile)>,
+    /// The store inventory of that commit.
+    inventory: Inventory,
+    /// Store profiles may need publishing (a new good commit, or start).
+    profiles_due: bool,
     /// Desired state was published since the last snapshot.
     snapshot_dirty: bool,
     /// When the last snapshot went out.
@@ -212,17 +217,24 @@ impl Controller {
                     Err(e) => Err(roost_runtime::error_chain(&e)),
                 },
             };
+            // The commit is taken whole: its file and its inventory, or neither.
+            let parsed = match parsed {
+                Ok(file) => self.read_inventory(&commit).await.map(|inv| (file, inv)),
+                Err(reason) => Err(reason),
+            };
             let (repo, c2) = (self.opts.repo.clone(), commit.clone());
             match parsed {
-                Ok(file) => {
-                    info!(commit = %commit, deployments = file.deployments.len(), "fleet file in force");
-                    let f2 = file.clone();
-                    self.blocking(move |db| db.put_sync(&repo, &c2, Ok(&f2)))
+                Ok((file, inventory)) => {
+                    info!(commit = %commit, deployments = file.deployments.len(), stores = inventory.stores.len(), "fleet file and inventory in force");
+                    let (f2, i2) = (file.clone(), inventory.clone());
+                    self.blocking(move |db| db.put_sync(&repo, &c2, Ok((&f2, &i2))))
                         .await?;
                     self.file = Some((commit.clone(), file));
+                    self.inventory = inventory;
+                    self.profiles_due = true;
                 }
                 Err(reason) => {
-                    warn!(commit = %commit, %reason, "fleet file invalid; the last good one stays in force");
+                    warn!(commit = %commit, %reason, "fleet commit invalid (file or inventory); the last good one stays in force");
                     let r2 = reason.clone();
                     self.blocking(move |db| db.put_sync(&repo, &c2, Err(&r2)))
                         .await?;
@@ -251,6 +263,101 @@ impl Controller {
             }
         }
         self.describe_releases().await?;
+        Ok(())
+    }
+
+    /// The store inventory of `commit` (`stores/*.yaml`, which must be in the cache),
+    /// parsed and validated whole; an error names the file and why.
+    async fn read_inventory(&self, commit: &str) -> Result<Inventory, String> {
+        let files = self
+            .git
+            .read_dir(
+                &self.opts.repo,
+                commit,
+                inventory::DIR,
+                inventory::is_inventory_file,
+                inventory::MAX_FILE_BYTES as u64,
+                inventory::MAX_TOTAL_BYTES as u64,
+            )
+            .await
+            .map_err(|e| format!("{}: {}", inventory::DIR, roost_runtime::error_chain(&e)))?;
+        tokio::task::spawn_blocking(move || inventory::parse(&files))
+            .await
+            .map_err(|e| format!("{}: {e}", inventory::DIR))?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Publishes the store profile of every inventory store whose profile content (labels,
+    /// groups by the file's definitions, time zone, vars) changed since its last one, and
+    /// the neutral profile of a store that left the inventory; signed, recorded with their
+    /// sequences before they go out ([`FleetDb::record_profiles`]). Runs after a new good
+    /// commit (and at start) until it succeeds.
+    async fn profiles(&mut self) -> Result<(), GitopsError> {
+        if !self.profiles_due {
+            return Ok(());
+        }
+        let Some((_, file)) = &self.file else {
+            return Ok(());
+        };
+        let groups = file.groups.clone();
+        let wanted = self
+            .inventory
+            .profiles(|name, labels| groups.as_ref().and_then(|g| g.of(name, labels)));
+        let (published, held) = self
+            .blocking(|db| {
+                db.with_conn(|c| {
+                    Ok((
+                        db::inventory::profiles(c)?,
+                        db::inventory::held_profile_topics(c)?,
+                    ))
+                })
+            })
+            .await?;
+        let topics = self.topics.clone();
+        let changes =
+            inventory::profile_changes(&wanted, &published, |s| held.contains(&topics.profile(s)));
+        if !changes.is_empty() {
+            let publications: Vec<db::inventory::ProfilePublication> = changes
+                .iter()
+                .map(|c| db::inventory::ProfilePublication {
+                    store: c.store.clone(),
+                    topic: self.topics.profile(&c.store),
+                    digest: c.content.digest(),
+                    in_inventory: c.in_inventory,
+                })
+                .collect();
+            let key = self.key.clone();
+            let msgs = self
+                .db
+                .call(move |db| {
+                    db.record_profiles(&publications, |p, sequence| {
+                        let content = &changes
+                            .iter()
+                            .find(|c| c.store == p.store)
+                            .map(|c| c.content.clone())
+                            .unwrap_or_default();
+                        crate::sign::sign_profile(
+                            std::slice::from_ref(&*key),
+                            &content.profile(&p.store, sequence),
+                        )
+                        .map_err(|source| GitopsError::Sign {
+                            topic: p.topic.clone(),
+                            source,
+                        })
+                    })
+                })
+                .await?;
+            info!(profiles = msgs.len(), "publishing store profiles");
+            for (topic, payload) in msgs {
+                let _ = self.link.publish(DirectMessage {
+                    topic,
+                    payload,
+                    retain: true,
+                });
+            }
+            self.snapshot_dirty = true;
+        }
+        self.profiles_due = false;
         Ok(())
     }
 
@@ -655,10 +762,16 @@ pub async fn run_with_handle(
     lc.backoff = (Duration::from_millis(100), Duration::from_secs(5));
     lc.max_packet_size = 4 << 20;
     let link = Link::start(lc, None, cancel.child_token())?;
-    let file = db
-        .call(|db| db.with_conn(db::gitops::sync_state))
-        .await?
-        .and_then(|(s, f)| Some((s.good_commit?, f?)));
+    let (file, inventory) = db
+        .call(|db| {
+            db.with_conn(|c| {
+                Ok((
+                    db::gitops::sync_state(c)?.and_then(|(s, f)| Some((s.good_commit?, f?))),
+                    db::inventory::inventory(c)?,
+                ))
+            })
+        })
+        .await?;
     let mut c = Controller {
         git: crate::git::GitCache::new(opts.cache_dir.clone(), Duration::from_secs(60)),
         opts,
@@ -668,6 +781,8 @@ pub async fn run_with_handle(
         link: link.handle.clone(),
         refs: HashMap::new(),
         file,
+        inventory,
+        profiles_due: true,
         snapshot_dirty: false,
         last_snapshot: None,
     };
@@ -696,6 +811,9 @@ pub async fn run_with_handle(
             if c.link.is_connected() {
                 if let Err(error) = c.tick(requests).await {
                     warn!(error = %roost_runtime::error_chain(&error), "controller step failed");
+                }
+                if let Err(error) = c.profiles().await {
+                    warn!(error = %roost_runtime::error_chain(&error), "cannot publish store profiles");
                 }
                 if let Err(error) = c.snapshot().await {
                     warn!(error = %roost_runtime::error_chain(&error), "cannot publish the fleet snapshot");

@@ -1,5 +1,6 @@
 //! The signed fleet snapshot the controller publishes (retained, `roost/v1/fleet/snapshot`):
-//! the current sequence of every desired-state topic in the fleet database, so that agents
+//! the current sequence of every desired-state topic in the fleet database (deployment
+//! topics and store profile topics), so that agents
 //! notice a broker that withholds or rolls back desired state. Built by a pure function from
 //! the desired table; only envelopes that verify against the controller's own key(s) are
 //! listed, because the fleet record also keeps whatever the broker showed, and a signed
@@ -7,7 +8,7 @@
 
 use std::time::Duration;
 
-use roost_schemas::{Envelope, Keyring, Snapshot, PAYLOAD_TYPE};
+use roost_schemas::{Envelope, Keyring, Snapshot, PAYLOAD_TYPE, PROFILE_PAYLOAD_TYPE};
 
 /// Default seconds between snapshots.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
@@ -37,16 +38,26 @@ pub fn build(
     let mut topics = std::collections::BTreeMap::new();
     let mut skipped = Vec::new();
     for (topic, payload) in desired {
-        let seq = serde_json::from_slice::<Envelope>(payload)
-            .ok()
-            .and_then(|env| keys.verify_with(&env, PAYLOAD_TYPE, issued_at, 1).ok())
+        // A deployment topic carries rollouts; a store's profile topic, its profile.
+        let payload_type = if roost_schemas::snapshot::deployment_topic_tail(topic).is_some() {
+            Some(PAYLOAD_TYPE)
+        } else if roost_schemas::snapshot::profile_topic_tail(topic).is_some() {
+            Some(PROFILE_PAYLOAD_TYPE)
+        } else {
+            None
+        };
+        let seq = payload_type
+            .and_then(|ty| {
+                let env = serde_json::from_slice::<Envelope>(payload).ok()?;
+                keys.verify_with(&env, ty, issued_at, 1).ok()
+            })
             .and_then(|v| roost_schemas::payload_sequence(&v.payload))
             .filter(|s| *s >= 1);
         match seq {
-            Some(s) if roost_schemas::snapshot::deployment_topic_tail(topic).is_some() => {
+            Some(s) => {
                 topics.insert(topic.clone(), s);
             }
-            _ => skipped.push(topic.clone()),
+            None => skipped.push(topic.clone()),
         }
     }
     let expires = issued_at + time::Duration::try_from(expiry).unwrap_or(time::Duration::HOUR);
@@ -122,6 +133,17 @@ mod tests {
                 "roost/v1/stores/s2/deployments/web".to_owned(),
                 b"not an envelope".to_vec(),
             ),
+            // A store profile, signed as one: listed.
+            (
+                "roost/v1/stores/s3/profile".to_owned(),
+                serde_json::to_vec(&ours.sign(PROFILE_PAYLOAD_TYPE, br#"{"sequence":19}"#))
+                    .expect("json"),
+            ),
+            // A rollout envelope on a profile topic: the wrong payload type.
+            (
+                "roost/v1/stores/s4/profile".to_owned(),
+                envelope(&ours, Scope::Store("s4".into()), 20, false),
+            ),
         ];
         let b = build(&desired, &ring, 99, now, Duration::from_secs(900));
         assert_eq!(
@@ -129,13 +151,15 @@ mod tests {
             vec![
                 ("roost/v1/fleet/deployments/web".to_owned(), 17),
                 ("roost/v1/groups/canary/deployments/web".to_owned(), 18),
+                ("roost/v1/stores/s3/profile".to_owned(), 19),
             ]
         );
         assert_eq!(
             b.skipped,
             vec![
                 "roost/v1/stores/s1/deployments/web".to_owned(),
-                "roost/v1/stores/s2/deployments/web".to_owned()
+                "roost/v1/stores/s2/deployments/web".to_owned(),
+                "roost/v1/stores/s4/profile".to_owned()
             ]
         );
         assert_eq!(b.snapshot.sequence, 99);

@@ -32,6 +32,13 @@ pub struct StatusArgs {
     /// Only stores in this group.
     #[arg(long)]
     group: Option<String>,
+    /// Only stores whose inventory labels match (kubectl's -l form:
+    /// `region=us-south,format in (drive-thru),!legacy`).
+    #[arg(long, short = 'l')]
+    selector: Option<roost_schemas::Selector>,
+    /// Add a LABELS column (the stores' inventory labels).
+    #[arg(long)]
+    show_labels: bool,
     /// Only cells in this phase as shown (`Stale` included).
     #[arg(long)]
     phase: Option<String>,
@@ -66,6 +73,7 @@ pub async fn run(a: StatusArgs, cancel: CancellationToken) -> anyhow::Result<()>
         stale: a.stale,
         deployment: a.deployment,
         store: None,
+        selector: a.selector,
     };
     let db = a.db.map(|d| FleetDb::open(&d)).transpose()?;
     let broker = match (&db, a.broker) {
@@ -80,6 +88,7 @@ pub async fn run(a: StatusArgs, cancel: CancellationToken) -> anyhow::Result<()>
                 let filters = vec![
                     topics.all_stores(StoreTopicKind::Status),
                     topics.all_stores(StoreTopicKind::Presence),
+                    topics.all_profiles(),
                 ];
                 let read = async {
                     Ok(cloud::read_retained(broker, &filters, Duration::from_secs(a.wait)).await?)
@@ -101,7 +110,8 @@ pub async fn run(a: StatusArgs, cancel: CancellationToken) -> anyhow::Result<()>
                 }))? + "\n"
             }
             (None, false) => {
-                view::render_summary(&v.summary) + &view::render(&view::filter(&v, &filter))
+                view::render_summary(&v.summary)
+                    + &view::render(&view::filter(&v, &filter), a.show_labels)
             }
         };
         let Some(every) = a.watch else {

@@ -137,7 +137,7 @@ function addDeployment(d) {
 function filters() {
   const f = new FormData($("#filters"));
   const q = new URLSearchParams();
-  for (const k of ["deployment", "group", "phase", "q", "per_page"]) {
+  for (const k of ["deployment", "group", "selector", "phase", "q", "per_page"]) {
     const v = (f.get(k) || "").trim();
     if (v) q.set(k, v);
   }
@@ -148,7 +148,7 @@ function filters() {
 
 function filtered() {
   const q = filters();
-  return ["deployment", "group", "phase", "q", "stale"].some((k) => q.has(k));
+  return ["deployment", "group", "selector", "phase", "q", "stale"].some((k) => q.has(k));
 }
 
 function rowEl(r) {
@@ -159,7 +159,9 @@ function rowEl(r) {
       "data-presence": r.presence, class: r.stale ? "stale" : "",
       title: r.stale_reason || "",
     },
-    el("td", {}, r.store, r.groups.length ? el("span", { class: "sub" }, r.groups.join(", ")) : null),
+    el("td", {}, r.store, r.groups.length ? el("span", { class: "sub" }, r.groups.join(", ")) : null,
+      r.labels ? el("span", { class: "sub labels", "data-k": "labels" },
+        Object.entries(r.labels).map(([k, v]) => `${k}=${v}`).join(", ")) : null),
     el("td", {}, r.deployment),
     el("td", { class: "desired" },
       d ? el("code", { title: d.revision, "data-k": "desired" }, d.short) : el("span", { class: "muted" }, "–"),
