@@ -1807,3 +1807,284 @@ async fn controller_snapshots_confirm_freshness_and_a_rolled_back_broker_is_repo
     fresh.stop_bridge().await;
     r.finish().await;
 }
+
+/// The inventory of `stores`: `(name, region, number)` as `kind: Store` documents.
+fn inventory(stores: &[(&str, &str, usize)]) -> String {
+    stores
+        .iter()
+        .map(|(name, region, n)| {
+            format!(
+                "apiVersion: roost.dev/v1alpha1\nkind: Store\nname: {name}\nlabels: {{region: {region}}}\ntimezone: America/Chicago\nvars: {{store_number: \"{n:04}\"}}\n"
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Six stores from an inventory in two regions, groups defined by selector, nothing about
+/// groups in the stores' own configuration: a fleet-wide deployment substituting
+/// `${roost.vars.store_number}` converges with each store's own number in its applied files,
+/// and each region's stores run their region's deployment. Then one commit changes one
+/// store's label: within a poll its profile moves it into the other region's group, it takes
+/// that group's deployment and leaves the old one, with no change on the store; the plan
+/// view and the fleet view show the new label. A malformed inventory then publishes nothing
+/// and the last good one stays in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_gives_each_store_its_values_and_a_label_commit_moves_a_store() {
+    let mut r = Rig::new(6, 0).await;
+    let menu = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: menu\ndata:\n  store: ${roost.store}\n  number: ${roost.vars.store_number}\n  region: ${roost.labels.region}\n";
+    let promo = |region: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: promo\ndata:\n  region: {region}\n")
+    };
+    let rev = r.app.commit(
+        &[
+            (&format!("{APP}/menu.yaml"), menu),
+            ("apps/promo-east/promo.yaml", &promo("east")),
+            ("apps/promo-south/promo.yaml", &promo("south")),
+        ],
+        &[],
+        "menu with store values, promos per region",
+    );
+    let names = r.names();
+    let region = |i: usize| if i < 3 { "us-east" } else { "us-south" };
+    let mut entries: Vec<(&str, &str, usize)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), region(i), i + 1))
+        .collect();
+    let (east, south) = (format!("{}-east", r.dep), format!("{}-south", r.dep));
+    let source = |path: &str| {
+        format!(
+            "    source: {{url: {}, ref: HEAD, path: {path}}}\n",
+            r.app.url()
+        )
+    };
+    let yaml = format!(
+        "apiVersion: roost.dev/v1alpha1\nkind: Fleet\ngroups:\n  us-east: {{selector: {{region: us-east}}}}\n  us-south: {{selector: {{region: us-south}}}}\ndeployments:\n  {dep}:\n{menu_src}    policy: {{substitute: true}}\n    waves: [{{name: everyone, fleet: true}}]\n  {east}:\n{east_src}    waves: [{{name: east, group: us-east}}]\n  {south}:\n{south_src}    waves: [{{name: south, group: us-south}}]\n",
+        dep = r.dep,
+        menu_src = source(APP),
+        east_src = source("apps/promo-east"),
+        south_src = source("apps/promo-south"),
+    );
+    r.fleet_repo.commit(
+        &[
+            ("roost.yaml", &yaml),
+            ("stores/east.yaml", &inventory(&entries[..3])),
+            ("stores/south.yaml", &inventory(&entries[3..])),
+        ],
+        &[],
+        "six stores in two regions",
+    );
+    r.start_controller();
+    for (i, s) in r.stores.iter().enumerate() {
+        let (mine, other) = if i < 3 {
+            (&east, &south)
+        } else {
+            (&south, &east)
+        };
+        r.obs
+            .wait_phase(&s.name, &r.dep, "Converged", Some(&rev), T)
+            .await;
+        let doc = r
+            .obs
+            .wait_phase(&s.name, mine, "Converged", Some(&rev), T)
+            .await;
+        assert!(!doc.deployments.contains_key(other), "{}: {doc:?}", s.name);
+        assert_eq!(
+            doc.groups,
+            [region(i)],
+            "{}: groups from the profile",
+            s.name
+        );
+        let files = s.live_files(&r.dep);
+        let text = files.values().cloned().collect::<String>();
+        let want = format!("{:04}", i + 1);
+        assert!(
+            text.contains(&want) && text.contains(&s.name) && text.contains(region(i)),
+            "{}: its own number {want}, name and region in {files:?}",
+            s.name
+        );
+        assert!(!text.contains("${roost"), "rendered: {text}");
+        for j in (1..=6).filter(|j| *j != i + 1) {
+            assert!(
+                !text.contains(&format!("{j:04}")),
+                "only its own number: {text}"
+            );
+        }
+    }
+    // The profiles are retained, signed, and listed in the fleet snapshot.
+    let topics = roost_schemas::Topics::default();
+    let snapshot = harness::eventually_async(T, "profiles in the snapshot", || async {
+        let retained = roost_fleet::cloud::read_retained(
+            &r.cloud.to_string(),
+            &[topics.snapshot()],
+            Duration::from_secs(3),
+        )
+        .await
+        .ok()?;
+        let (_, env) = retained.into_iter().next()?;
+        let payload = roost_schemas::envelope_payload(&env)?;
+        let snap: roost_schemas::Snapshot = serde_json::from_slice(&payload).ok()?;
+        names
+            .iter()
+            .all(|n| snap.topics.contains_key(&topics.profile(n)))
+            .then_some(snap)
+    })
+    .await;
+    assert!(snapshot.topics.len() >= 6 + 3);
+
+    // One commit: store 3 moves from us-east to us-south. Nothing changes on the store.
+    let moved = names[2].clone();
+    entries[2].1 = "us-south";
+    let before = r
+        .obs
+        .snapshot()
+        .of(&moved, "dev.roost.profile.accepted")
+        .len();
+    let started = std::time::Instant::now();
+    r.fleet_repo.commit(
+        &[("stores/east.yaml", &inventory(&entries[..3]))],
+        &[],
+        "store 3 is in us-south now",
+    );
+    let doc = r
+        .obs
+        .wait_phase(&moved, &south, "Converged", Some(&rev), T)
+        .await;
+    let took_in = started.elapsed();
+    let doc = if doc
+        .deployments
+        .get(&east)
+        .is_some_and(|d| d.phase.as_str() != "Removed")
+    {
+        r.obs
+            .wait_status(&moved, "left the us-east deployment", T, |d| {
+                d.deployments
+                    .get(&east)
+                    .is_none_or(|d| d.phase.as_str() == "Removed")
+            })
+            .await
+    } else {
+        doc
+    };
+    let took_out = started.elapsed();
+    assert_eq!(doc.groups, ["us-south"]);
+    assert!(
+        r.stores[2].live_files(&east).is_empty(),
+        "the east promo is gone"
+    );
+    assert_eq!(
+        r.stores[2]
+            .live_files(&south)
+            .values()
+            .cloned()
+            .collect::<String>(),
+        promo("south")
+    );
+    let accepted = r.obs.snapshot();
+    let accepted = accepted.of(&moved, "dev.roost.profile.accepted");
+    assert_eq!(accepted.len(), before + 1, "one new profile");
+    assert_eq!(
+        accepted[before].data["previous_groups"],
+        serde_json::json!(["us-east"])
+    );
+    // The menu was not re-applied for a label it does not read… it does read the region:
+    // it converges rendered with the new one.
+    harness::eventually(T, "menu rendered with the new region", || {
+        let text = r.stores[2]
+            .live_files(&r.dep)
+            .values()
+            .cloned()
+            .collect::<String>();
+        text.contains("us-south").then_some(())
+    })
+    .await;
+    println!(
+        "inventory commit -> moved store converged on its new group's deployment in {} ms, out of the old one in {} ms",
+        took_in.as_millis(),
+        took_out.as_millis()
+    );
+    // Only the moved store got a new profile.
+    for n in names.iter().filter(|n| **n != moved) {
+        assert_eq!(
+            r.obs.snapshot().of(n, "dev.roost.profile.accepted").len(),
+            1,
+            "{n}: one profile"
+        );
+    }
+    // The controller's views carry the inventory's labels.
+    let v = roost_fleet::view::build(
+        &roost_fleet::view::load(&r.db()).expect("view"),
+        roost_fleet::db::now_ms(),
+    );
+    let south_stores: Vec<String> = roost_fleet::view::filter(
+        &v,
+        &roost_fleet::view::Filter {
+            selector: Some("region=us-south".parse().expect("selector")),
+            ..Default::default()
+        },
+    )
+    .into_iter()
+    .map(|s| s.store)
+    .collect();
+    assert_eq!(south_stores, names[2..].to_vec());
+    let text = roost_fleet::view::render(&v.stores, true);
+    assert!(
+        text.contains("LABELS") && text.contains("region=us-south"),
+        "{text}"
+    );
+
+    // A malformed inventory (a duplicate store) is recorded with its file and reason;
+    // nothing is published and the last good inventory stays in force.
+    let profiles_before = r
+        .db()
+        .with_conn(roost_fleet::db::inventory::profiles)
+        .expect("profiles");
+    let good = r
+        .db()
+        .with_conn(roost_fleet::db::gitops::sync_state)
+        .expect("sync")
+        .expect("synced")
+        .0
+        .commit;
+    let mut dup = entries.clone();
+    dup[0].1 = "us-south";
+    let bad = r.fleet_repo.commit(
+        &[("stores/zz-dup.yaml", &inventory(&dup[..1]))],
+        &[],
+        "a duplicate store",
+    );
+    let st = harness::eventually(T, "bad inventory recorded", || {
+        r.db()
+            .with_conn(roost_fleet::db::gitops::sync_state)
+            .ok()
+            .flatten()
+            .map(|(s, _)| s)
+            .filter(|s| s.commit == bad)
+    })
+    .await;
+    assert!(!st.ok);
+    assert!(
+        st.reason.contains("stores/zz-dup.yaml") && st.reason.contains("already defined"),
+        "{}",
+        st.reason
+    );
+    assert_eq!(st.good_commit.as_deref(), Some(good.as_str()));
+    assert_eq!(
+        r.db()
+            .with_conn(roost_fleet::db::inventory::profiles)
+            .expect("profiles"),
+        profiles_before,
+        "no profile published"
+    );
+    assert_eq!(
+        r.db()
+            .with_conn(roost_fleet::db::inventory::inventory)
+            .expect("inventory")
+            .stores[&names[0]]
+            .labels["region"],
+        "us-east",
+        "the last good inventory stays"
+    );
+    r.finish().await;
+}
