@@ -1853,6 +1853,8 @@ async fn an_inventory_gives_each_store_its_values_and_a_label_commit_moves_a_sto
         .map(|(i, n)| (n.as_str(), region(i), i + 1))
         .collect();
     let (east, south) = (format!("{}-east", r.dep), format!("{}-south", r.dep));
+    // Limited by `targets:` to us-south stores, rolled out with a fleet wave.
+    let texas = format!("{}-tx", r.dep);
     let source = |path: &str| {
         format!(
             "    source: {{url: {}, ref: HEAD, path: {path}}}\n",
@@ -1860,11 +1862,12 @@ async fn an_inventory_gives_each_store_its_values_and_a_label_commit_moves_a_sto
         )
     };
     let yaml = format!(
-        "apiVersion: roost.dev/v1alpha1\nkind: Fleet\ngroups:\n  us-east: {{selector: {{region: us-east}}}}\n  us-south: {{selector: {{region: us-south}}}}\ndeployments:\n  {dep}:\n{menu_src}    policy: {{substitute: true}}\n    waves: [{{name: everyone, fleet: true}}]\n  {east}:\n{east_src}    waves: [{{name: east, group: us-east}}]\n  {south}:\n{south_src}    waves: [{{name: south, group: us-south}}]\n",
+        "apiVersion: roost.dev/v1alpha1\nkind: Fleet\ngroups:\n  us-east: {{selector: {{region: us-east}}}}\n  us-south: {{selector: {{region: us-south}}}}\ndeployments:\n  {dep}:\n{menu_src}    policy: {{substitute: true}}\n    waves: [{{name: everyone, fleet: true}}]\n  {east}:\n{east_src}    waves: [{{name: east, group: us-east}}]\n  {south}:\n{south_src}    waves: [{{name: south, group: us-south}}]\n  {texas}:\n{south_src}    targets: {{selector: {{region: us-south}}}}\n    waves: [{{name: everyone, fleet: true}}]\n",
         dep = r.dep,
         menu_src = source(APP),
         east_src = source("apps/promo-east"),
         south_src = source("apps/promo-south"),
+        texas = texas,
     );
     r.fleet_repo.commit(
         &[
@@ -1890,6 +1893,11 @@ async fn an_inventory_gives_each_store_its_values_and_a_label_commit_moves_a_sto
             .wait_phase(&s.name, mine, "Converged", Some(&rev), T)
             .await;
         assert!(!doc.deployments.contains_key(other), "{}: {doc:?}", s.name);
+        if i >= 3 {
+            r.obs
+                .wait_phase(&s.name, &texas, "Converged", Some(&rev), T)
+                .await;
+        }
         assert_eq!(
             doc.groups,
             [region(i)],
@@ -1968,6 +1976,45 @@ async fn an_inventory_gives_each_store_its_values_and_a_label_commit_moves_a_sto
         doc
     };
     let took_out = started.elapsed();
+    // The deployment limited to us-south follows the label too (its plan was done).
+    r.obs
+        .wait_phase(&moved, &texas, "Converged", Some(&rev), T)
+        .await;
+    harness::eventually(T, "texas plan done", || {
+        r.db()
+            .with_conn(roost_fleet::db::gitops::plans)
+            .ok()?
+            .remove(&texas)
+            .filter(|p| p.status == roost_fleet::gitops::plan::PlanStatus::Done)
+    })
+    .await;
+    // Targets publish store messages only: no fleet or group message for it.
+    let mut got: Vec<String> = r
+        .published()
+        .into_iter()
+        .filter(|p| p.deployment == texas && !p.remove)
+        .map(|p| p.topic)
+        .collect();
+    got.sort();
+    let want: Vec<String> = names[2..]
+        .iter()
+        .map(|n| format!("roost/v1/stores/{n}/deployments/{texas}"))
+        .collect();
+    assert_eq!(got, want);
+    for s in &r.stores[..2] {
+        let doc = r
+            .obs
+            .snapshot()
+            .status
+            .get(&s.name)
+            .cloned()
+            .expect("status");
+        assert!(
+            !doc.deployments.contains_key(&texas),
+            "{} is not a target",
+            s.name
+        );
+    }
     assert_eq!(doc.groups, ["us-south"]);
     assert!(
         r.stores[2].live_files(&east).is_empty(),

@@ -147,6 +147,26 @@ fn sign(
     Ok(sign_rollout(std::slice::from_ref(key), &spec, sequence)?.envelope)
 }
 
+/// What a new plan `p` of `deployment` retires of what earlier plans published and left
+/// live: under `targets:` every fleet and group message (each target store gets its own);
+/// otherwise every store message of a wave (not a pin) that `p` does not carry on. Each goes
+/// when `p` reaches its stores by another scope, or when `p` is done.
+fn retired_by(p: &Plan, deployment: &str, published: &[Published], topics: &Topics) -> Vec<Scope> {
+    published
+        .iter()
+        .filter(|x| x.deployment == deployment && !x.remove && x.role != "pin")
+        .filter_map(|x| topics.parse_deployment(&x.topic).map(|t| t.scope))
+        .filter(|scope| {
+            let store = matches!(scope, Scope::Store(_));
+            if p.targets.is_some() {
+                !store
+            } else {
+                store && !p.scopes.contains(scope)
+            }
+        })
+        .collect()
+}
+
 /// The controller.
 struct Controller {
     opts: GitopsOptions,
@@ -457,8 +477,11 @@ impl Controller {
             // A plan is for one release with one set of waves: a new commit of the source, a
             // changed policy or changed waves make a new plan (an aborted one stays aborted
             // until then).
+            let targets = d.targets.as_ref().map(|t| t.selector.clone());
             let mut p = match current {
-                Some(p) if p.release == release && p.waves == waves => p.clone(),
+                Some(p) if p.release == release && p.waves == waves && p.targets == targets => {
+                    p.clone()
+                }
                 _ => {
                     let previous = current.and_then(|p| match p.status {
                         PlanStatus::Done => Some(p.release.clone()),
@@ -483,6 +506,11 @@ impl Controller {
                             .cloned()
                             .collect();
                     }
+                    p.targets = targets;
+                    p.retire = retired_by(&p, name, &published, &self.topics);
+                    if p.targets.is_some() {
+                        p.scopes.retain(|s| matches!(s, Scope::Store(_)));
+                    }
                     info!(deployment = %name, revision = %p.release.revision, origin = %origin, "new plan");
                     p
                 }
@@ -493,7 +521,8 @@ impl Controller {
                 .blocking(move |db| db.with_conn(|c| db::gitops::view(c, &n)))
                 .await?;
             let before = p.clone();
-            let actions = plan::step(&mut p, &view, &pinned, now);
+            let mut actions = plan::step(&mut p, &view, &pinned, now);
+            actions.extend(plan::follow_targets(&mut p, &view, &pinned));
             if p != before || !actions.is_empty() {
                 self.execute(&p, actions, &published).await?;
             }

@@ -88,6 +88,17 @@ pub struct Plan {
     pub waiting: String,
     /// Created (ms).
     pub created_ms: u64,
+    /// The deployment's `targets:` selector: only stores whose inventory labels match get
+    /// it, each by its own store-scoped message (group and fleet waves included), and that
+    /// membership follows their labels, also once the plan is done ([`follow_targets`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<roost_schemas::Selector>,
+    /// Scopes an earlier plan of the deployment published that this one replaces by other
+    /// scopes (a fleet or group message when targets were added; store messages when they
+    /// were dropped): a store's own is tombstoned once this plan reaches the store by
+    /// another scope, the rest when the plan is done.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retire: Vec<Scope>,
 }
 
 /// One store as the controller sees it.
@@ -150,7 +161,14 @@ impl Plan {
             outcomes: BTreeMap::new(),
             waiting: String::new(),
             created_ms: now_ms,
+            targets: None,
+            retire: Vec::new(),
         }
+    }
+
+    /// Whether `v` is among the deployment's targets (every store without `targets:`).
+    fn targets(&self, v: &StoreView) -> bool {
+        self.targets.as_ref().is_none_or(|t| t.matches(&v.labels))
     }
 
     /// Stores targeted by the waves published so far.
@@ -212,10 +230,45 @@ fn wave_targets(
     view: &[StoreView],
     pinned: &BTreeSet<String>,
 ) -> (Vec<String>, Vec<Scope>) {
-    let free: Vec<&StoreView> = view.iter().filter(|v| !pinned.contains(&v.store)).collect();
+    let free: Vec<&StoreView> = view
+        .iter()
+        .filter(|v| !pinned.contains(&v.store) && plan.targets(v))
+        .collect();
     let Some(target) = plan.waves[i].target() else {
         return (Vec::new(), Vec::new());
     };
+    let (stores, scopes) = wave_members(plan, i, target, &free, pinned);
+    if plan.targets.is_none() {
+        return (stores, scopes);
+    }
+    // Limited by `targets:`: a group or fleet message would reach every store of it, so each
+    // member gets its own. A named store whose labels are known and do not match is left
+    // out; one that has not reported yet is named explicitly and gets it.
+    let stores: Vec<String> = stores
+        .into_iter()
+        .filter(|s| free.iter().any(|v| v.store == *s) || !view.iter().any(|v| v.store == *s))
+        .collect();
+    // A store an earlier wave reached has its message of this release already.
+    let earlier: BTreeSet<&String> = plan.wave_stores[..i.min(plan.wave_stores.len())]
+        .iter()
+        .flatten()
+        .collect();
+    let scopes = stores
+        .iter()
+        .filter(|s| !earlier.contains(s))
+        .map(|s| Scope::Store(s.clone()))
+        .collect();
+    (stores, scopes)
+}
+
+/// The members and scopes of wave `i` among `free` (the stores a wave may take).
+fn wave_members(
+    plan: &Plan,
+    i: usize,
+    target: WaveTarget,
+    free: &[&StoreView],
+    pinned: &BTreeSet<String>,
+) -> (Vec<String>, Vec<Scope>) {
     match target {
         WaveTarget::Group(g) => (
             free.iter()
@@ -237,16 +290,15 @@ fn wave_targets(
             let scopes = stores.iter().map(|s| Scope::Store(s.clone())).collect();
             (stores, scopes)
         }
-        WaveTarget::Stores(list) => (
-            list.iter()
+        WaveTarget::Stores(list) => {
+            let stores: Vec<String> = list
+                .iter()
                 .filter(|s| !pinned.contains(*s))
                 .cloned()
-                .collect(),
-            list.iter()
-                .filter(|s| !pinned.contains(*s))
-                .map(|s| Scope::Store(s.clone()))
-                .collect(),
-        ),
+                .collect();
+            let scopes = stores.iter().map(|s| Scope::Store(s.clone())).collect();
+            (stores, scopes)
+        }
         WaveTarget::Percent(p) => {
             // Earlier waves' stores count towards the share.
             let before: BTreeSet<String> =
@@ -301,30 +353,47 @@ pub fn step(
         plan.wave_started_ms = now_ms;
         plan.gate_met_ms = None;
         let mut actions = Vec::new();
+        let shared = scopes.iter().any(|s| !matches!(s, Scope::Store(_)));
         for s in scopes {
             if !plan.scopes.contains(&s) {
                 plan.scopes.push(s.clone());
             }
+            // A store's own message replaces a retired one on the same topic.
+            plan.retire.retain(|r| *r != s);
             actions.push(Action::Publish {
                 scope: s,
                 release: plan.release.clone(),
             });
         }
+        if shared {
+            let members = plan.wave_stores[i].clone();
+            actions.extend(retire_shadows(plan, &members));
+        }
         plan.waiting = format!("wave {} published", plan.waves[i].name);
         return actions;
     }
     // Group and fleet waves reach every member, including stores that reported (or joined
-    // the group) after the wave was published: their membership follows the view.
-    if matches!(
-        plan.waves[i].target(),
-        Some(WaveTarget::Group(_)) | Some(WaveTarget::Fleet)
-    ) {
+    // the group) after the wave was published: their membership follows the view. (Under
+    // `targets:` each member has its own message: [`follow_targets`] publishes them.)
+    let mut actions = Vec::new();
+    if plan.targets.is_none()
+        && matches!(
+            plan.waves[i].target(),
+            Some(WaveTarget::Group(_)) | Some(WaveTarget::Fleet)
+        )
+    {
         let (now_members, _) = wave_targets(plan, i, view, pinned);
+        let mut new = Vec::new();
         for s in now_members {
             if !plan.wave_stores[i].contains(&s) {
-                plan.wave_stores[i].push(s);
+                plan.wave_stores[i].push(s.clone());
+                new.push(s);
             }
         }
+        actions = retire_shadows(plan, &new);
+    }
+    if !actions.is_empty() {
+        return actions;
     }
     // Knowing no store at all (a fresh fleet database) is not "every store is done".
     if view.is_empty() {
@@ -421,25 +490,105 @@ pub fn step(
     finish(plan)
 }
 
+/// Tombstones the retired store messages of `stores`, which a group or fleet message of
+/// this plan reaches now: a store's own message takes precedence and would hide it.
+fn retire_shadows(plan: &mut Plan, stores: &[String]) -> Vec<Action> {
+    let mut actions = Vec::new();
+    for s in stores {
+        let scope = Scope::Store(s.clone());
+        if plan.retire.contains(&scope) {
+            plan.retire.retain(|r| *r != scope);
+            actions.push(Action::Tombstone { scope });
+        }
+    }
+    actions
+}
+
 /// Every wave done: the wave-scoped messages (group, percentage, named stores) are
-/// tombstoned when the last wave was the fleet's, so the fleet message stands alone.
+/// tombstoned when the last wave was the fleet's, so the fleet message stands alone (under
+/// `targets:` there is no fleet message: every store keeps its own); what the plan retires
+/// is tombstoned.
 fn finish(plan: &mut Plan) -> Vec<Action> {
     plan.status = PlanStatus::Done;
     plan.waiting = String::new();
+    let mut actions: Vec<Action> = std::mem::take(&mut plan.retire)
+        .into_iter()
+        .map(|scope| Action::Tombstone { scope })
+        .collect();
     let last_is_fleet = plan
         .waves
         .last()
         .is_some_and(|w| w.target() == Some(WaveTarget::Fleet));
-    if !last_is_fleet {
+    if !last_is_fleet || plan.targets.is_some() {
+        return actions;
+    }
+    actions.extend(
+        plan.scopes
+            .iter()
+            .filter(|s| **s != Scope::Fleet)
+            .map(|s| Action::Tombstone { scope: s.clone() }),
+    );
+    plan.scopes.retain(|s| *s == Scope::Fleet);
+    actions
+}
+
+/// Under `targets:`, membership follows the stores' inventory labels while the plan runs
+/// (once its current wave is published) and after it is done: a store whose labels now
+/// match and that a published group, fleet or selector wave takes gets its own message of
+/// the release; a store whose labels no longer match has its message tombstoned (it removes
+/// the deployment). Stores not in the view (not reported yet) are left as they are.
+pub fn follow_targets(
+    plan: &mut Plan,
+    view: &[StoreView],
+    pinned: &BTreeSet<String>,
+) -> Vec<Action> {
+    if plan.targets.is_none() || plan.waves.is_empty() {
         return Vec::new();
     }
-    let actions = plan
-        .scopes
-        .iter()
-        .filter(|s| **s != Scope::Fleet)
-        .map(|s| Action::Tombstone { scope: s.clone() })
-        .collect();
-    plan.scopes.retain(|s| *s == Scope::Fleet);
+    let last = match plan.status {
+        PlanStatus::Done => plan.waves.len() - 1,
+        PlanStatus::Running if plan.wave_published => plan.wave.min(plan.waves.len() - 1),
+        _ => return Vec::new(),
+    };
+    if plan.wave_stores.len() < plan.waves.len() {
+        plan.wave_stores.resize(plan.waves.len(), Vec::new());
+    }
+    let mut actions = Vec::new();
+    let leavers: Vec<&StoreView> = view.iter().filter(|v| !plan.targets(v)).collect();
+    for v in leavers {
+        let scope = Scope::Store(v.store.clone());
+        if plan.scopes.contains(&scope) {
+            plan.scopes.retain(|s| *s != scope);
+            for w in &mut plan.wave_stores {
+                w.retain(|s| *s != v.store);
+            }
+            plan.outcomes.remove(&v.store);
+            actions.push(Action::Tombstone { scope });
+        }
+    }
+    for w in 0..=last {
+        if !matches!(
+            plan.waves[w].target(),
+            Some(WaveTarget::Group(_) | WaveTarget::Fleet | WaveTarget::Selector(_))
+        ) {
+            continue;
+        }
+        let (members, _) = wave_targets(plan, w, view, pinned);
+        for m in members {
+            if plan.wave_stores.iter().any(|ws| ws.contains(&m)) {
+                continue;
+            }
+            let scope = Scope::Store(m.clone());
+            plan.wave_stores[w].push(m);
+            if !plan.scopes.contains(&scope) {
+                plan.scopes.push(scope.clone());
+            }
+            actions.push(Action::Publish {
+                scope,
+                release: plan.release.clone(),
+            });
+        }
+    }
     actions
 }
 
@@ -534,6 +683,116 @@ mod tests {
                 Action::Tombstone { scope } => format!("tombstone {}", scope.key()),
             })
             .collect()
+    }
+
+    /// Stores 1..=n, odd ones labelled `format: drive-thru`; store 1 in group canary.
+    fn labelled(n: usize) -> Vec<StoreView> {
+        let mut view = fleet(n);
+        for (i, v) in view.iter_mut().enumerate() {
+            if i % 2 == 0 {
+                v.labels.insert("format".into(), "drive-thru".into());
+            }
+        }
+        view
+    }
+
+    fn drive_thru() -> Option<roost_schemas::Selector> {
+        Some("format=drive-thru".parse().expect("selector"))
+    }
+
+    /// Converged on `rel` everywhere it has published, then steps (plan and follow).
+    fn advance(p: &mut Plan, view: &mut [StoreView], rev: &Release, now: u64) -> Vec<String> {
+        let none = BTreeSet::new();
+        let mut a = step(p, view, &none, now);
+        a.extend(follow_targets(p, view, &none));
+        let reached = p.targeted().into_iter().collect::<Vec<_>>();
+        set(view, &reached, Phase::Converged, rev);
+        scopes(&a)
+    }
+
+    #[test]
+    fn targets_reach_only_matching_stores_each_by_its_own_message() {
+        let mut view = labelled(6);
+        let mut p = Plan::new("kds", rel('b'), None, "o", waves(), Abort::default(), 0);
+        p.targets = drive_thru();
+        // Canary (s01 matches): its own message, not the group's.
+        assert_eq!(
+            advance(&mut p, &mut view, &rel('b'), 1),
+            ["publish store:s01 b"]
+        );
+        // 50 % of the 3 matching stores, the canary counts: 1 more.
+        let half = advance(&mut p, &mut view, &rel('b'), 2);
+        assert_eq!(half.len(), 1, "{half:?}");
+        // The fleet wave: the remaining matching store, by its own message; no fleet message.
+        let all = advance(&mut p, &mut view, &rel('b'), 3);
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(all[0].starts_with("publish store:s0"), "{all:?}");
+        assert_eq!(
+            advance(&mut p, &mut view, &rel('b'), 4),
+            Vec::<String>::new()
+        );
+        assert_eq!(p.status, PlanStatus::Done);
+        let mut reached: Vec<String> = p.targeted().into_iter().collect();
+        reached.sort();
+        assert_eq!(reached, ["s01", "s03", "s05"]);
+        assert!(p.scopes.iter().all(|s| matches!(s, Scope::Store(_))));
+
+        // Labels change after it is done: s02 becomes a drive-thru, s03 stops being one.
+        view[1].labels.insert("format".into(), "drive-thru".into());
+        view[2].labels.clear();
+        let none = BTreeSet::new();
+        let a = scopes(&follow_targets(&mut p, &view, &none));
+        assert_eq!(a, ["tombstone store:s03", "publish store:s02 b"]);
+        assert!(follow_targets(&mut p, &view, &none).is_empty(), "once");
+    }
+
+    #[test]
+    fn adding_targets_retires_the_fleet_message_and_dropping_them_the_store_messages() {
+        let mut view = labelled(4);
+        let fleet_only = vec![wave("all", |w| w.fleet = Some(true))];
+        // Targets added: the old fleet message goes when the plan is done, not before (the
+        // stores outside the targets keep the deployment until then).
+        let mut p = Plan::new(
+            "kds",
+            rel('b'),
+            Some(rel('a')),
+            "o",
+            fleet_only.clone(),
+            Abort::default(),
+            0,
+        );
+        p.targets = drive_thru();
+        p.retire = vec![Scope::Fleet];
+        assert_eq!(
+            advance(&mut p, &mut view, &rel('b'), 1),
+            ["publish store:s01 b", "publish store:s03 b"]
+        );
+        assert_eq!(
+            advance(&mut p, &mut view, &rel('b'), 2),
+            ["tombstone fleet"]
+        );
+        assert_eq!(p.status, PlanStatus::Done);
+        // Targets dropped: the fleet message first, then each store's own message that would
+        // hide it.
+        let mut q = Plan::new(
+            "kds",
+            rel('c'),
+            Some(rel('b')),
+            "o",
+            fleet_only,
+            Abort::default(),
+            0,
+        );
+        q.retire = vec![Scope::Store("s01".into()), Scope::Store("s03".into())];
+        assert_eq!(
+            advance(&mut q, &mut view, &rel('c'), 3),
+            [
+                "publish fleet c",
+                "tombstone store:s01",
+                "tombstone store:s03"
+            ]
+        );
+        assert!(q.retire.is_empty());
     }
 
     #[test]
