@@ -92,7 +92,7 @@ pub const MANIFESTS: &[(&str, &str)] = &[
     ),
     (
         "apps/kitchen-display/configmap.yaml",
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kitchen-display\ndata:\n  menu: \"breakfast\"\n  refresh_seconds: \"30\"\n",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: kitchen-display\ndata:\n  menu: \"breakfast\"\n  refresh_seconds: \"30\"\n  # Each store's own values, from the fleet repository's stores/ (policy.substitute).\n  store: ${roost.store}\n  store_number: ${roost.vars.store_number:=none}\n",
     ),
     (
         "apps/kitchen-display/deployment.yaml",
@@ -337,10 +337,14 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     let fleet_repo = git2::Repository::init(&fleet_repo_dir).map_err(setup("git init"))?;
     let mut fleet_files = BTreeMap::new();
     fleet_files.insert("roost.yaml".to_owned(), sample_fleet_file(&url));
+    fleet_files.insert(
+        "stores/stores.yaml".to_owned(),
+        sample_inventory(opts.stores),
+    );
     commit_files(
         &fleet_repo,
         &fleet_files,
-        "the fleet: kitchen-display in three waves",
+        "the fleet: kitchen-display in three waves to the stores of the inventory",
     )?;
     let fleet_url = daemon.url("fleet");
     let key_dir = state_dir.join("keys");
@@ -542,20 +546,47 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
     outcome
 }
 
-/// The sample fleet file: kitchen-display from the apps repository's HEAD, in three waves.
+/// The sample inventory (`stores/stores.yaml`): `n` stores, odd ones in region us-east
+/// (New York), even ones in us-south (Chicago), each with its number as a var.
+pub fn sample_inventory(n: usize) -> String {
+    let mut out = String::from(
+        "# The stores of the fleet. Change a label and commit: the store moves between groups.\n",
+    );
+    for i in 1..=n {
+        let (region, tz) = if i % 2 == 1 {
+            ("us-east", "America/New_York")
+        } else {
+            ("us-south", "America/Chicago")
+        };
+        if i > 1 {
+            out.push_str("---\n");
+        }
+        out.push_str(&format!(
+            "apiVersion: roost.dev/v1alpha1\nkind: Store\nname: {}\nlabels: {{region: {region}}}\ntimezone: {tz}\nvars: {{store_number: \"{i:04}\"}}\n",
+            store_name(i)
+        ));
+    }
+    out
+}
+
+/// The sample fleet file: kitchen-display from the apps repository's HEAD, in three waves,
+/// with each store's values substituted; groups defined by store list and by label.
 pub fn sample_fleet_file(apps_url: &str) -> String {
     [
         "# The fleet's desired state. Commit a change and roost rolls it out, wave by wave.",
         "apiVersion: roost.dev/v1alpha1",
         "kind: Fleet",
-        "groups: [canary, all]",
+        "groups:                     # in precedence order; stores/ has the labels",
+        "  canary: {stores: [store-0001]}",
+        "  us-east: {selector: {region: us-east}}",
+        "  us-south: {selector: {region: us-south}}",
         "deployments:",
         "  kitchen-display:",
         "    source:",
         &format!("      url: {apps_url}"),
         "      ref: HEAD",
         "      path: apps/kitchen-display",
-        "    policy: {prune: true, self_heal: true, health_timeout_s: 120}",
+        "    policy: {prune: true, self_heal: true, health_timeout_s: 120, substitute: true}",
         "    waves:",
         "      - {name: canary, group: canary}",
         "      - {name: half, percent: 50}",
@@ -798,5 +829,14 @@ mod sample_tests {
         let f = super::sample_fleet_file("git://127.0.0.1:9418/apps");
         let file = roost_fleet::gitops::parse_fleet_file(f.as_bytes()).expect("valid");
         assert_eq!(file.deployments["kitchen-display"].waves.len(), 3);
+        let files = std::collections::BTreeMap::from([(
+            "stores/stores.yaml".to_owned(),
+            super::sample_inventory(3).into_bytes(),
+        )]);
+        let inv = roost_fleet::inventory::parse(&files).expect("valid inventory");
+        let groups = file.groups.expect("groups");
+        let of = |s: &str| groups.of(s, &inv.labels(s)).expect("defined");
+        assert_eq!(of("store-0001"), ["canary", "us-east"]);
+        assert_eq!(of("store-0002"), ["us-south"]);
     }
 }

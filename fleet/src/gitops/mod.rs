@@ -838,11 +838,12 @@ pub async fn run_with_handle(
                 next_poll = tokio::time::Instant::now() + c.opts.poll;
             }
             if c.link.is_connected() {
-                if let Err(error) = c.tick(requests).await {
-                    warn!(error = %roost_runtime::error_chain(&error), "controller step failed");
-                }
+                // Profiles first: a rollout that substitutes a store's vars finds them there.
                 if let Err(error) = c.profiles().await {
                     warn!(error = %roost_runtime::error_chain(&error), "cannot publish store profiles");
+                }
+                if let Err(error) = c.tick(requests).await {
+                    warn!(error = %roost_runtime::error_chain(&error), "controller step failed");
                 }
                 if let Err(error) = c.snapshot().await {
                     warn!(error = %roost_runtime::error_chain(&error), "cannot publish the fleet snapshot");
