@@ -62,6 +62,7 @@ pub fn sign_rollout(
     sequence: u64,
 ) -> Result<Signed, SignError> {
     let rollout = Rollout {
+        schedule: Default::default(),
         deployment: spec.deployment.clone(),
         scope: spec.scope.clone(),
         sequence,

@@ -115,6 +115,9 @@ impl Record {
     /// The status document entry.
     pub fn status(&self) -> DeploymentStatus {
         DeploymentStatus {
+            failed_revision: None,
+            next_window: None,
+            waiting_for: Vec::new(),
             desired: self.want.as_ref().filter(|w| !w.remove).and_then(|w| {
                 Some(DesiredRef {
                     revision: w.rollout.revision.clone()?,
@@ -791,6 +794,7 @@ mod tests {
             path: "roost.yaml".into(),
         };
         let rollout = roost_schemas::Rollout {
+            schedule: Default::default(),
             deployment: "web".into(),
             scope: roost_schemas::Scope::Group("canary".into()),
             sequence: 9,

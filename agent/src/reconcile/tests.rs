@@ -161,6 +161,7 @@ impl Rig {
     fn want(&mut self, url: &str, rev: &str, policy: Policy) {
         self.seq += 1;
         let r = Rollout {
+            schedule: Default::default(),
             deployment: "web".into(),
             scope: Scope::Fleet,
             sequence: self.seq,
@@ -184,6 +185,7 @@ impl Rig {
     fn remove(&mut self) {
         self.seq += 1;
         let r = Rollout {
+            schedule: Default::default(),
             deployment: "web".into(),
             scope: Scope::Fleet,
             sequence: self.seq,

@@ -109,6 +109,7 @@ pub async fn run(a: RolloutArgs, cancel: CancellationToken) -> anyhow::Result<()
         revision,
         path: a.path,
         policy: Policy {
+            on_failure: None,
             prune: !a.no_prune,
             self_heal: !a.no_self_heal,
             health_timeout_s: a.health_timeout,
