@@ -411,10 +411,11 @@ impl FleetFile {
                 crate::parse_rfc3339(nb)
                     .ok_or_else(|| err(format!("{at}.not_before"), "not an RFC 3339 time"))?;
             }
-            for (w, b) in [(d.windows.as_deref(), d.blackouts.as_deref())] {
-                crate::window::validate(w.unwrap_or_default(), b.unwrap_or_default())
-                    .map_err(|(f, m)| err(format!("{at}.{f}"), m))?;
-            }
+            crate::window::validate(
+                d.windows.as_deref().unwrap_or_default(),
+                d.blackouts.as_deref().unwrap_or_default(),
+            )
+            .map_err(|(f, m)| err(format!("{at}.{f}"), m))?;
             if let Some(t) = &d.targets {
                 t.selector
                     .validate()

@@ -207,7 +207,8 @@ pub struct Schedule {
 impl Schedule {
     /// Whether the windows and blackouts apply (some are given and the rollout is not urgent).
     pub fn timed(&self) -> bool {
-        !self.urgent && !(self.windows.is_empty() && self.blackouts.is_empty())
+        let none = self.windows.is_empty() && self.blackouts.is_empty();
+        !self.urgent && !none
     }
 }
 
