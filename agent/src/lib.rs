@@ -14,6 +14,7 @@ pub mod profile;
 pub mod reconcile;
 pub mod targets;
 pub mod verify;
+pub mod window;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
