@@ -182,6 +182,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     .await?;
     let link = Link::start(lc, Some(outbox.clone()), child.clone())?;
     let ctx = Ctx {
+        clock: reconcile::Clock::system(),
         cfg: cfg.clone(),
         ledger: ledger.clone(),
         git,
