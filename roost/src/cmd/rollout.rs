@@ -103,6 +103,7 @@ pub async fn run(a: RolloutArgs, cancel: CancellationToken) -> anyhow::Result<()
             .await?
         };
     let spec = RolloutSpec {
+        schedule: Default::default(),
         deployment: a.deployment,
         scope,
         url: a.repo,
