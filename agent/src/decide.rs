@@ -313,6 +313,7 @@ mod tests {
 
     fn r(scope: Scope, seq: u64, rev: char, remove: bool) -> Rollout {
         Rollout {
+            schedule: Default::default(),
             deployment: "web".into(),
             scope,
             sequence: seq,

@@ -86,6 +86,8 @@ pub struct Ledger {
     source: String,
     mem: Arc<Mutex<Mem>>,
     changed: Arc<Notify>,
+    /// Bumped after every committed record: what a deployment waiting for others watches.
+    records: Arc<tokio::sync::watch::Sender<u64>>,
     /// The store's name and configured groups: the context until the first profile.
     bootstrap: Arc<StoreContext>,
 }
@@ -225,6 +227,7 @@ impl Ledger {
             source,
             mem: Arc::new(Mutex::new(mem)),
             changed: Arc::new(Notify::new()),
+            records: Arc::new(tokio::sync::watch::Sender::new(0)),
             bootstrap: Arc::new(bootstrap),
         })
     }
@@ -306,7 +309,13 @@ impl Ledger {
         let deployment = rec.deployment.clone();
         self.mem().records.insert(deployment, rec);
         self.changed.notify_one();
+        self.records.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
+    }
+
+    /// Changes whenever a deployment's record is committed (for workers waiting on others).
+    pub fn watch_records(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.records.subscribe()
     }
 
     /// Stores events that change no record (message rejections).

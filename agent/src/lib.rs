@@ -14,6 +14,7 @@ pub mod profile;
 pub mod reconcile;
 pub mod targets;
 pub mod verify;
+pub mod window;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -181,6 +182,7 @@ pub async fn run(cfg: AgentConfig, cancel: CancellationToken) -> Result<(), Agen
     .await?;
     let link = Link::start(lc, Some(outbox.clone()), child.clone())?;
     let ctx = Ctx {
+        clock: reconcile::Clock::system(),
         cfg: cfg.clone(),
         ledger: ledger.clone(),
         git,

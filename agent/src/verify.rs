@@ -309,6 +309,7 @@ mod tests {
 
     pub(super) fn rollout(scope: Scope) -> Rollout {
         Rollout {
+            schedule: Default::default(),
             deployment: "web".into(),
             scope,
             sequence: 3,

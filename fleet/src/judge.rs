@@ -7,6 +7,8 @@
 //! |---|---|---|
 //! | `Converged`, applied the wanted revision | `Converged` | `Stale` (last: converged) |
 //! | `Degraded` on it, or `Failed` on it for a reason the agent does not retry | `Failed` | `Stale` (last: failed) |
+//! | `RolledBack` from it (`failed_revision`): the store restored its last good revision | `Failed` (reason `rolled_back`) | `Stale` (last: failed) |
+//! | `Waiting` with it desired: for its operating window or its dependencies | `Waiting` (deferred: neither failed nor blocking) | `Stale` (last: waiting) |
 //! | anything else, a retried failure (`fetch_failed`, `target_unavailable`), no report | `Pending` | `Stale` (last: pending) |
 //!
 //! "On it": for a wanted revision, `Converged` and `Degraded` speak of the applied revision and
@@ -66,8 +68,32 @@ pub enum Reported {
         /// Detail (or the phase).
         message: String,
     },
+    /// Fetched and built, waiting to apply it: for its window or its dependencies.
+    Waiting(Wait),
     /// Not there (yet): working on it, on another revision, retrying, or no report.
     Pending,
+}
+
+/// Why a store waits to apply the wanted revision.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Wait {
+    /// `window` or `dependency`.
+    pub reason: String,
+    /// When its window opens (RFC 3339, store offset), for `window`.
+    pub next_window: Option<String>,
+    /// The deployments it waits for, for `dependency`.
+    pub waiting_for: Vec<String>,
+}
+
+impl Wait {
+    /// For humans: `window until 2026-12-07T02:00:00-05:00`, `dependency on crds`.
+    pub fn describe(&self) -> String {
+        match (&self.next_window, self.waiting_for.is_empty()) {
+            (Some(t), _) => format!("{} until {t}", self.reason),
+            (None, false) => format!("{} on {}", self.reason, self.waiting_for.join(", ")),
+            (None, true) => self.reason.clone(),
+        }
+    }
 }
 
 /// The judgement on one store for one deployment.
@@ -82,6 +108,8 @@ pub enum Verdict {
         /// Detail (or the phase).
         message: String,
     },
+    /// Waiting to apply it (window, dependencies), and the store is fresh.
+    Waiting(Wait),
     /// Working on it or not there yet, and the store is fresh.
     Pending,
     /// The store's report cannot be believed now: never converged.
@@ -100,6 +128,7 @@ impl Verdict {
                 reason: reason.clone(),
                 message: message.clone(),
             },
+            Verdict::Waiting(w) => Reported::Waiting(w.clone()),
             Verdict::Pending => Reported::Pending,
             Verdict::Stale { last } => last.clone(),
         }
@@ -121,6 +150,7 @@ pub fn verdict(report: &Report<'_>, wanted: &Wanted<'_>) -> Verdict {
     match last {
         Reported::Converged => Verdict::Converged,
         Reported::Failed { reason, message } => Verdict::Failed { reason, message },
+        Reported::Waiting(w) => Verdict::Waiting(w),
         Reported::Pending => Verdict::Pending,
     }
 }
@@ -157,8 +187,32 @@ fn reported(status: Option<&DeploymentStatus>, wanted: &Wanted<'_>) -> Reported 
         },
     };
     let retried = d.reason.as_deref().is_some_and(|r| RETRIED.contains(&r));
+    let desires_it = match wanted.rollout {
+        Some(_) => true,
+        None => d
+            .desired
+            .as_ref()
+            .is_some_and(|w| w.revision == wanted.revision),
+    };
+    let rolled_back_from_it = match wanted.rollout {
+        Some(_) => true,
+        None => is_wanted(&d.failed_revision),
+    };
     match d.phase {
         Phase::Converged if is_wanted(&d.applied_revision) => Reported::Converged,
+        Phase::RolledBack if rolled_back_from_it => Reported::Failed {
+            reason: "rolled_back".to_owned(),
+            message: if d.message.is_empty() {
+                format!("rolled back ({})", d.reason.as_deref().unwrap_or("failed"))
+            } else {
+                format!("rolled back: {}", d.message)
+            },
+        },
+        Phase::Waiting if desires_it => Reported::Waiting(Wait {
+            reason: d.reason.clone().unwrap_or_else(|| "window".to_owned()),
+            next_window: d.next_window.clone(),
+            waiting_for: d.waiting_for.clone(),
+        }),
         Phase::Degraded if applied_it => failed("degraded"),
         Phase::Failed if attempted_it && !retried => failed("failed"),
         _ => Reported::Pending,
@@ -190,6 +244,50 @@ mod tests {
             message: "m".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn waiting_is_neither_failed_nor_converged_and_rolled_back_is_failed() {
+        let fresh = |d: &DeploymentStatus| {
+            verdict(
+                &Report {
+                    status: Some(d),
+                    stale: false,
+                },
+                &Wanted::revision(B),
+            )
+        };
+        let mut w = st(Phase::Waiting, A, A, Some("window"));
+        w.next_window = Some("2026-12-07T02:00:00-05:00".into());
+        let Verdict::Waiting(wait) = fresh(&w) else {
+            panic!("{:?}", fresh(&w));
+        };
+        assert_eq!(wait.describe(), "window until 2026-12-07T02:00:00-05:00");
+        // Waiting for another revision than the wanted one: pending.
+        let mut other = w.clone();
+        if let Some(d) = other.desired.as_mut() {
+            d.revision = A.into();
+        }
+        assert_eq!(fresh(&other), Verdict::Pending);
+        let mut dep = st(Phase::Waiting, "", "", Some("dependency"));
+        dep.waiting_for = vec!["crds".into()];
+        assert!(matches!(fresh(&dep), Verdict::Waiting(w) if w.describe() == "dependency on crds"));
+        // Stale: what it last said.
+        let stale = verdict(
+            &Report {
+                status: Some(&w),
+                stale: true,
+            },
+            &Wanted::revision(B),
+        );
+        assert!(matches!(stale.reported(), Reported::Waiting(_)));
+        // Rolled back from B to A: failed, reason rolled_back.
+        let mut rb = st(Phase::RolledBack, A, B, Some("hook_failed"));
+        rb.failed_revision = Some(B.into());
+        assert!(matches!(fresh(&rb), Verdict::Failed { reason, .. } if reason == "rolled_back"));
+        // Rolled back from another revision: not about B.
+        rb.failed_revision = Some(A.into());
+        assert_eq!(fresh(&rb), Verdict::Pending);
     }
 
     fn failed(reason: &str) -> Reported {

@@ -36,6 +36,12 @@ struct DeploymentLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WaitingLabels {
+    deployment: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PlanStatusLabels {
     deployment: String,
     status: &'static str,
@@ -56,7 +62,8 @@ pub struct PlanProgress {
     pub waves: usize,
     /// `running`, `paused`, `aborted` or `done`.
     pub status: &'static str,
-    /// Stores of the current wave per outcome (`converged`, `failed`, `pending`, `deferred`).
+    /// Stores of the current wave per outcome (`converged`, `failed`, `pending`, `deferred`,
+    /// `waiting`).
     pub current: BTreeMap<&'static str, usize>,
 }
 
@@ -77,19 +84,37 @@ pub struct Snapshot {
     pub missing: u64,
     /// Deployment → its plan's progress.
     pub plans: BTreeMap<String, PlanProgress>,
+    /// (deployment, reason) → fresh stores `Waiting` on it (`window`, `dependency`).
+    pub waiting: BTreeMap<(String, String), usize>,
+    /// Deployment → fresh stores `RolledBack` on it.
+    pub rolled_back: BTreeMap<String, usize>,
 }
 
 /// The view's figures: its summary, and drift per deployment from its rows.
 pub fn from_view(view: &FleetView) -> Snapshot {
     let mut drifted: BTreeMap<String, usize> = BTreeMap::new();
+    let mut waiting: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut rolled_back: BTreeMap<String, usize> = BTreeMap::new();
     for row in &view.stores {
         for c in row.deployments.iter().filter(|c| c.drift) {
             *drifted.entry(c.deployment.clone()).or_default() += 1;
+        }
+        for c in &row.deployments {
+            match c.shown.as_str() {
+                "Waiting" => {
+                    let reason = c.reason.clone().unwrap_or_else(|| "window".into());
+                    *waiting.entry((c.deployment.clone(), reason)).or_default() += 1;
+                }
+                "RolledBack" => *rolled_back.entry(c.deployment.clone()).or_default() += 1,
+                _ => {}
+            }
         }
     }
     Snapshot {
         summary: view.summary.clone(),
         drifted,
+        waiting,
+        rolled_back,
         ..Snapshot::default()
     }
 }
@@ -97,17 +122,12 @@ pub fn from_view(view: &FleetView) -> Snapshot {
 fn plan_progress(p: &crate::gitops::plan::Plan) -> PlanProgress {
     let mut current = BTreeMap::new();
     for store in p.wave_stores.get(p.wave).into_iter().flatten() {
-        let k = match p
+        let k = p
             .outcomes
             .get(store)
             .copied()
             .unwrap_or(StoreOutcome::Pending)
-        {
-            StoreOutcome::Pending => "pending",
-            StoreOutcome::Converged => "converged",
-            StoreOutcome::Failed => "failed",
-            StoreOutcome::Deferred => "deferred",
-        };
+            .as_str();
         *current.entry(k).or_default() += 1;
     }
     PlanProgress {
@@ -165,6 +185,8 @@ pub struct FleetMetrics {
     plan_waves: Family<DeploymentLabels, Gauge>,
     plan_status: Family<PlanStatusLabels, Gauge>,
     wave_stores: Family<WaveLabels, Gauge>,
+    waiting: Family<WaitingLabels, Gauge>,
+    rolled_back: Family<DeploymentLabels, Gauge>,
 }
 
 /// Moves a counter up to a durable total.
@@ -250,8 +272,18 @@ impl FleetMetrics {
         );
         r.register(
             "roost_fleet_wave_stores",
-            "Stores of each plan's current wave by outcome (converged, failed, pending, deferred)",
+            "Stores of each plan's current wave by outcome (converged, failed, pending, deferred, waiting)",
             self.wave_stores.clone(),
+        );
+        r.register(
+            "roost_fleet_stores_waiting",
+            "Fresh stores Waiting to apply a deployment, by reason (window, dependency)",
+            self.waiting.clone(),
+        );
+        r.register(
+            "roost_fleet_stores_rolled_back",
+            "Fresh stores that rolled a deployment back to their last good revision",
+            self.rolled_back.clone(),
         );
     }
 
@@ -270,6 +302,23 @@ impl FleetMetrics {
                     })
                     .set(gauge(*n));
             }
+        }
+        self.waiting.clear();
+        for ((deployment, reason), n) in &s.waiting {
+            self.waiting
+                .get_or_create(&WaitingLabels {
+                    deployment: deployment.clone(),
+                    reason: reason.clone(),
+                })
+                .set(gauge(*n));
+        }
+        self.rolled_back.clear();
+        for (deployment, n) in &s.rolled_back {
+            self.rolled_back
+                .get_or_create(&DeploymentLabels {
+                    deployment: deployment.clone(),
+                })
+                .set(gauge(*n));
         }
         self.drifted.clear();
         for (deployment, n) in &s.drifted {
@@ -308,7 +357,7 @@ impl FleetMetrics {
                     status: p.status,
                 })
                 .set(1);
-            for outcome in ["converged", "failed", "pending", "deferred"] {
+            for outcome in StoreOutcome::ALL.map(StoreOutcome::as_str) {
                 self.wave_stores
                     .get_or_create(&WaveLabels {
                         deployment: deployment.clone(),

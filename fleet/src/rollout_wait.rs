@@ -283,7 +283,7 @@ pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
     match verdict.reported() {
         Reported::Converged => return StoreState::Converged,
         Reported::Failed { reason, message } => return StoreState::Failed { reason, message },
-        Reported::Pending => {}
+        Reported::Pending | Reported::Waiting(_) => {}
     }
     if let Some(want) = desired.filter(|w| !(w.scope == key && w.sequence == t.sequence)) {
         if let Some(theirs) = Scope::from_key(&want.scope) {

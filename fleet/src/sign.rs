@@ -5,7 +5,7 @@
 
 use roost_schemas::profile::{Profile, PROFILE_PAYLOAD_TYPE};
 use roost_schemas::rollout::RolloutError;
-use roost_schemas::{Origin, Policy, Rollout, Scope, SigningKey, Source, PAYLOAD_TYPE};
+use roost_schemas::{Origin, Policy, Rollout, Schedule, Scope, SigningKey, Source, PAYLOAD_TYPE};
 
 /// Everything needed to build a rollout.
 #[derive(Debug, Clone)]
@@ -30,6 +30,8 @@ pub struct RolloutSpec {
     pub sequence: Option<u64>,
     /// The fleet-repository commit that caused this rollout (v1.1), if any.
     pub origin: Option<Origin>,
+    /// Windows, blackouts, urgency, dependencies (v1.2).
+    pub schedule: Schedule,
 }
 
 /// A signed rollout: the payload and the envelope's bytes, as published.
@@ -67,6 +69,7 @@ pub fn sign_rollout(
     sequence: u64,
 ) -> Result<Signed, SignError> {
     let rollout = Rollout {
+        schedule: spec.schedule.clone(),
         deployment: spec.deployment.clone(),
         scope: spec.scope.clone(),
         sequence,
@@ -109,6 +112,7 @@ mod tests {
 
     fn spec(remove: bool) -> RolloutSpec {
         RolloutSpec {
+            schedule: Default::default(),
             deployment: "web".into(),
             scope: Scope::Group("canary".into()),
             url: "git://h/apps.git".into(),

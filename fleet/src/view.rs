@@ -321,6 +321,15 @@ pub struct Cell {
     pub reason: Option<String>,
     /// Detail.
     pub message: String,
+    /// While `Waiting` for a window: when it opens (RFC 3339, the store's offset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_window: Option<String>,
+    /// While `Waiting` for dependencies: those not converged on the store yet.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
+    /// While `RolledBack`: the revision that failed (`applied` is the restored one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_revision: Option<String>,
     /// The convergence judgement ([`crate::judge`]) against the desired revision; `Stale`
     /// for a stale store.
     #[serde(skip)]
@@ -449,6 +458,9 @@ pub fn build(inputs: &Inputs, now_ms: u64) -> FleetView {
                             drift: s.drift,
                             reason: s.reason.clone(),
                             message: s.message.clone(),
+                            next_window: s.next_window.clone(),
+                            waiting_for: s.waiting_for.clone(),
+                            failed_revision: s.failed_revision.clone(),
                             verdict,
                         }
                     })
@@ -826,6 +838,33 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The note of a waiting or rolled-back cell: why and until when, or what was restored.
+pub fn cell_note(c: &Cell) -> Option<String> {
+    match c.phase.as_str() {
+        "Waiting" => Some(match (&c.next_window, c.waiting_for.is_empty()) {
+            (Some(t), _) => format!("window: waits until {t}"),
+            (None, false) => format!("dependency: waits for {}", c.waiting_for.join(", ")),
+            (None, true) => format!(
+                "{}: no window opens within a year",
+                c.reason.as_deref().unwrap_or("window")
+            ),
+        }),
+        "RolledBack" => Some(format!(
+            "rolled back from {} ({}); {} restored",
+            c.failed_revision
+                .as_deref()
+                .map(|r| ShortRev::of(r).to_string())
+                .unwrap_or_else(|| "?".into()),
+            c.reason.as_deref().unwrap_or("failed"),
+            c.applied
+                .as_ref()
+                .map(|a| ShortRev::of(&a.revision).to_string())
+                .unwrap_or_else(|| "?".into())
+        )),
+        _ => None,
+    }
+}
+
 /// The source-vs-target table: one line per store and deployment; with `show_labels`, a
 /// LABELS column after the store (its inventory labels, `k=v,k2=v2`).
 pub fn render(rows: &[StoreRow], show_labels: bool) -> String {
@@ -880,6 +919,8 @@ pub fn render(rows: &[StoreRow], show_labels: bool) -> String {
             if let Some(c) = c {
                 if r.stale.is_some() {
                     n = format!("{n}; last reported {}", c.phase);
+                } else if let Some(w) = cell_note(c) {
+                    n = w;
                 } else if let Some(reason) = &c.reason {
                     n = format!("{reason}: {}", truncate(&c.message, 60));
                 }

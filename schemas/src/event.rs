@@ -40,11 +40,16 @@ pub enum EventType {
     ProfileAccepted,
     /// A store profile was refused (see `data.reason`); the one in force stays.
     ProfileRejected,
+    /// A fetched and built revision waits to be applied: for its operating window
+    /// (`window`, with `next_window`) or for deployments it depends on (`dependency`).
+    Waiting,
+    /// A failed revision was replaced by the last one that converged on the store.
+    RolledBack,
 }
 
 impl EventType {
     /// Every event type.
-    pub const ALL: [EventType; 16] = [
+    pub const ALL: [EventType; 18] = [
         EventType::RolloutReceived,
         EventType::RolloutRejected,
         EventType::FetchFailed,
@@ -61,6 +66,8 @@ impl EventType {
         EventType::DesiredStale,
         EventType::ProfileAccepted,
         EventType::ProfileRejected,
+        EventType::Waiting,
+        EventType::RolledBack,
     ];
 
     /// The CloudEvents `type` attribute.
@@ -82,6 +89,8 @@ impl EventType {
             EventType::DesiredStale => "dev.roost.desired.stale",
             EventType::ProfileAccepted => "dev.roost.profile.accepted",
             EventType::ProfileRejected => "dev.roost.profile.rejected",
+            EventType::Waiting => "dev.roost.waiting",
+            EventType::RolledBack => "dev.roost.rolled_back",
         }
     }
 

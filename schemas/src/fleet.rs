@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
+use crate::rollout::{OnFailure, Schedule};
 use crate::selector::{Labels, Selector};
+use crate::window::{Blackout, Window};
 use crate::{validate_name, Policy};
 
 /// `apiVersion` of the file.
@@ -30,9 +32,40 @@ pub struct FleetFile {
     /// names, or definitions with members.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub groups: Option<Groups>,
+    /// What every deployment gets unless it says otherwise (v1.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub defaults: Option<Defaults>,
     /// Deployments by name.
     #[serde(default)]
     pub deployments: BTreeMap<String, FleetDeployment>,
+}
+
+/// `defaults:` (v1.2): windows, blackouts, urgency and the failure policy every deployment
+/// gets unless it gives its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    /// Store-local operating windows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Vec<Window>>,
+    /// Store-local blackout dates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blackouts: Option<Vec<Blackout>>,
+    /// Ignore windows and blackouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub urgent: Option<bool>,
+    /// `policy.on_failure`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<DefaultsPolicy>,
+}
+
+/// `defaults.policy`: the policy fields a fleet-wide default makes sense for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsPolicy {
+    /// `stay` or `rollback`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<OnFailure>,
 }
 
 /// `groups:` of the fleet file.
@@ -126,6 +159,18 @@ pub struct FleetDeployment {
     /// A tombstone on every scope roost published the deployment to.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub remove: bool,
+    /// Store-local operating windows (v1.2); absent: `defaults.windows`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<Vec<Window>>,
+    /// Store-local blackout dates (v1.2); absent: `defaults.blackouts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blackouts: Option<Vec<Blackout>>,
+    /// Ignore windows and blackouts (v1.2); absent: `defaults.urgent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub urgent: Option<bool>,
+    /// Deployments of this file that must converge on a store before it applies this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
 }
 
 /// A deployment's source.
@@ -324,6 +369,14 @@ impl FleetFile {
                 }
             }
         }
+        if let Some(def) = &self.defaults {
+            crate::window::validate(
+                def.windows.as_deref().unwrap_or_default(),
+                def.blackouts.as_deref().unwrap_or_default(),
+            )
+            .map_err(|(f, m)| err(format!("defaults.{f}"), m))?;
+        }
+        self.validate_dependencies()?;
         for (name, d) in &self.deployments {
             let at = format!("deployments.{name}");
             validate_name(name).map_err(|e| err(&at, e.to_string()))?;
@@ -358,6 +411,11 @@ impl FleetFile {
                 crate::parse_rfc3339(nb)
                     .ok_or_else(|| err(format!("{at}.not_before"), "not an RFC 3339 time"))?;
             }
+            crate::window::validate(
+                d.windows.as_deref().unwrap_or_default(),
+                d.blackouts.as_deref().unwrap_or_default(),
+            )
+            .map_err(|(f, m)| err(format!("{at}.{f}"), m))?;
             if let Some(t) = &d.targets {
                 t.selector
                     .validate()
@@ -419,6 +477,98 @@ impl FleetFile {
         Ok(())
     }
 
+    /// A deployment's policy with `defaults.policy` filled in where it gives nothing.
+    pub fn policy_of(&self, d: &FleetDeployment) -> Policy {
+        let mut p = d.policy.clone().unwrap_or_default();
+        if p.on_failure.is_none() {
+            p.on_failure = self
+                .defaults
+                .as_ref()
+                .and_then(|x| x.policy.as_ref())
+                .and_then(|x| x.on_failure);
+        }
+        p
+    }
+
+    /// A deployment's windows, blackouts, urgency and dependencies, `defaults:` filled in.
+    pub fn schedule_of(&self, d: &FleetDeployment) -> Schedule {
+        let def = self.defaults.clone().unwrap_or_default();
+        Schedule {
+            windows: d.windows.clone().or(def.windows).unwrap_or_default(),
+            blackouts: d.blackouts.clone().or(def.blackouts).unwrap_or_default(),
+            urgent: d.urgent.or(def.urgent).unwrap_or(false),
+            depends_on: d.depends_on.clone(),
+        }
+    }
+
+    /// `depends_on`: every name a deployment of this file that is not removed, and no cycle.
+    fn validate_dependencies(&self) -> Result<(), FleetFileError> {
+        for (name, d) in &self.deployments {
+            let at = format!("deployments.{name}.depends_on");
+            if d.remove && !d.depends_on.is_empty() {
+                return Err(err(at, "a removed deployment depends on nothing"));
+            }
+            for dep in &d.depends_on {
+                match self.deployments.get(dep) {
+                    None => return Err(err(&at, format!("unknown deployment {dep}"))),
+                    Some(x) if x.remove => {
+                        return Err(err(&at, format!("{dep} is removed (remove: true)")))
+                    }
+                    Some(_) if dep == name => {
+                        return Err(err(&at, "a deployment cannot depend on itself"))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        // Depth-first search; a node met again while on the path closes a cycle.
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            New,
+            OnPath,
+            Done,
+        }
+        let mut marks: BTreeMap<&str, Mark> = self
+            .deployments
+            .keys()
+            .map(|k| (k.as_str(), Mark::New))
+            .collect();
+        fn visit<'a>(
+            f: &'a FleetFile,
+            n: &'a str,
+            marks: &mut BTreeMap<&'a str, Mark>,
+            path: &mut Vec<&'a str>,
+        ) -> Result<(), FleetFileError> {
+            match marks.get(n).copied() {
+                Some(Mark::Done) | None => return Ok(()),
+                Some(Mark::OnPath) => {
+                    let from = path.iter().position(|p| *p == n).unwrap_or(0);
+                    let mut cycle: Vec<&str> = path[from..].to_vec();
+                    cycle.push(n);
+                    return Err(err(
+                        format!("deployments.{n}.depends_on"),
+                        format!("dependency cycle: {}", cycle.join(" -> ")),
+                    ));
+                }
+                Some(Mark::New) => {}
+            }
+            marks.insert(n, Mark::OnPath);
+            path.push(n);
+            if let Some(d) = f.deployments.get(n) {
+                for dep in &d.depends_on {
+                    visit(f, dep, marks, path)?;
+                }
+            }
+            path.pop();
+            marks.insert(n, Mark::Done);
+            Ok(())
+        }
+        for n in self.deployments.keys() {
+            visit(self, n, &mut marks, &mut Vec::new())?;
+        }
+        Ok(())
+    }
+
     /// The waves of a deployment (default: one wave, the fleet).
     pub fn waves_of(d: &FleetDeployment) -> Vec<Wave> {
         if d.waves.is_empty() {
@@ -474,6 +624,74 @@ mod tests {
         assert!(escape.is_err());
         let dup = file(|v| v["deployments"]["web"]["waves"][1]["name"] = "canary".into());
         assert!(dup.expect_err("dup").message.contains("duplicate"));
+    }
+
+    #[test]
+    fn windows_defaults_and_dependencies() {
+        let ok = file(|v| {
+            v["defaults"] = serde_json::json!({
+                "windows": [{"days": ["mon", "tue"], "start": "02:00", "duration": "3h"}],
+                "blackouts": [{"from": "2026-12-24", "to": "2026-12-26"}],
+                "policy": {"on_failure": "rollback"}});
+            v["deployments"]["crds"] = serde_json::json!({
+                "source": {"url": "git://h/a.git", "ref": "main", "path": "crds"}, "urgent": true});
+            v["deployments"]["web"]["depends_on"] = serde_json::json!(["crds"]);
+        });
+        assert_eq!(ok, Ok(()));
+        let cases: Vec<(Patch, &str)> = vec![
+            (
+                Box::new(|v| v["deployments"]["web"]["depends_on"] = serde_json::json!(["nope"])),
+                "unknown deployment nope",
+            ),
+            (
+                Box::new(|v| v["deployments"]["web"]["depends_on"] = serde_json::json!(["old"])),
+                "old is removed",
+            ),
+            (
+                Box::new(|v| v["deployments"]["web"]["depends_on"] = serde_json::json!(["web"])),
+                "itself",
+            ),
+            (
+                Box::new(|v| {
+                    v["deployments"]["a"] = serde_json::json!({
+                        "source": {"url": "git://h/a.git", "ref": "main", "path": "a"},
+                        "depends_on": ["b"]});
+                    v["deployments"]["b"] = serde_json::json!({
+                        "source": {"url": "git://h/a.git", "ref": "main", "path": "b"},
+                        "depends_on": ["web"]});
+                    v["deployments"]["web"]["depends_on"] = serde_json::json!(["a"]);
+                }),
+                "dependency cycle: a -> b -> web -> a",
+            ),
+            (
+                Box::new(|v| {
+                    v["deployments"]["web"]["windows"] =
+                        serde_json::json!([{"start": "2:00", "duration": "3h"}])
+                }),
+                "deployments.web.windows[0].start",
+            ),
+            (
+                Box::new(|v| {
+                    v["defaults"] = serde_json::json!({"blackouts": [{"from": "2026-12-26", "to": "2026-12-24"}]})
+                }),
+                "defaults.blackouts[0].to",
+            ),
+        ];
+        for (patch, want) in cases {
+            let e = file(patch).expect_err(want);
+            assert!(e.to_string().contains(want), "{want}: got {e}");
+        }
+        // Defaults fill in what a deployment leaves out; its own fields win.
+        let mut v: serde_json::Value = serde_json::from_str(GOOD).expect("json");
+        v["defaults"] = serde_json::json!({"windows": [{"start": "02:00", "duration": "3h"}],
+            "urgent": false, "policy": {"on_failure": "rollback"}});
+        v["deployments"]["web"]["urgent"] = true.into();
+        let f: FleetFile = serde_json::from_value(v).expect("parse");
+        let web = &f.deployments["web"];
+        let s = f.schedule_of(web);
+        assert_eq!(s.windows.len(), 1);
+        assert!(s.urgent && !s.timed());
+        assert_eq!(f.policy_of(web).on_failure(), OnFailure::Rollback);
     }
 
     const V12: &str = r#"{"apiVersion":"roost.dev/v1alpha1","kind":"Fleet",

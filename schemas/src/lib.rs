@@ -21,6 +21,7 @@ pub mod sequence;
 pub mod snapshot;
 pub mod status;
 pub mod topics;
+pub mod window;
 
 pub use dsse::{
     sign_all, Envelope, KeyId, Keyring, Signature, SigningKey, VerifiedPayload, VerifyError,
@@ -32,7 +33,7 @@ pub use payload::{EventData, EventPayload, Problem, RolloutRef};
 pub use profile::{Profile, PROFILE_PAYLOAD_TYPE};
 pub use reason::Reason;
 pub use revision::ShortRev;
-pub use rollout::{Origin, Policy, Rollout, Scope, Source};
+pub use rollout::{OnFailure, Origin, Policy, Rollout, Schedule, Scope, Source};
 pub use selector::{Labels, Selector};
 pub use sequence::{envelope_payload, envelope_sequence, payload_sequence, sequence_rule};
 pub use snapshot::{Snapshot, SNAPSHOT_PAYLOAD_TYPE};

@@ -333,6 +333,48 @@ payload!(
     }
 );
 
+payload!(
+    /// `dev.roost.waiting`: the revision is fetched and built and waits to be applied, for
+    /// its operating window (`reason: window`, `next_window`) or for the deployments it
+    /// depends on (`reason: dependency`, `waiting_for`). Reported once per change.
+    Waiting => Waiting {
+        /// The rollout.
+        #[serde(flatten)]
+        pub rollout: RolloutRef,
+        /// `window` or `dependency`.
+        pub reason: Reason,
+        /// What.
+        pub message: String,
+        /// When the next window opens, store time as RFC 3339 with the store's offset
+        /// (`reason: window`; absent when no window ever opens again).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub next_window: Option<String>,
+        /// The deployments not yet Converged on the store (`reason: dependency`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub waiting_for: Vec<String>,
+    }
+);
+
+payload!(
+    /// `dev.roost.rolled_back`: the revision failed (`reason`: an apply error, or health not
+    /// reached within `health_timeout_s`) and, under `policy.on_failure: rollback`, the last
+    /// revision that converged on the store was applied again. The failed revision is not
+    /// retried until a new rollout arrives.
+    RolledBack => RolledBack {
+        /// The rollout whose revision failed.
+        #[serde(flatten)]
+        pub rollout: RolloutRef,
+        /// The revision that failed.
+        pub failed_revision: String,
+        /// The revision applied again.
+        pub restored_revision: String,
+        /// Why the failed revision failed (`health_timeout`, `hook_failed`, `apply_failed`, …).
+        pub reason: Reason,
+        /// What.
+        pub message: String,
+    }
+);
+
 /// Any event's data, typed; what an emitter hands to the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventData {
@@ -368,6 +410,10 @@ pub enum EventData {
     ProfileAccepted(ProfileAccepted),
     /// See [`ProfileRejected`].
     ProfileRejected(ProfileRejected),
+    /// See [`Waiting`].
+    Waiting(Waiting),
+    /// See [`RolledBack`].
+    RolledBack(RolledBack),
 }
 
 impl EventData {
@@ -390,6 +436,8 @@ impl EventData {
             EventData::DesiredStale(_) => EventType::DesiredStale,
             EventData::ProfileAccepted(_) => EventType::ProfileAccepted,
             EventData::ProfileRejected(_) => EventType::ProfileRejected,
+            EventData::Waiting(_) => EventType::Waiting,
+            EventData::RolledBack(_) => EventType::RolledBack,
         }
     }
 
@@ -408,6 +456,8 @@ impl EventData {
             EventData::DriftCorrected(p) => Some(&p.rollout.deployment),
             EventData::Pruned(p) => Some(&p.rollout.deployment),
             EventData::Removed(p) => Some(&p.rollout.deployment),
+            EventData::Waiting(p) => Some(&p.rollout.deployment),
+            EventData::RolledBack(p) => Some(&p.rollout.deployment),
             EventData::OutboxOverflow(_)
             | EventData::DesiredStale(_)
             | EventData::ProfileAccepted(_)
@@ -434,6 +484,8 @@ impl EventData {
             EventData::DesiredStale(p) => serde_json::to_value(p),
             EventData::ProfileAccepted(p) => serde_json::to_value(p),
             EventData::ProfileRejected(p) => serde_json::to_value(p),
+            EventData::Waiting(p) => serde_json::to_value(p),
+            EventData::RolledBack(p) => serde_json::to_value(p),
         };
         // Plain structs of strings and numbers always serialize.
         v.unwrap_or(serde_json::Value::Null)

@@ -59,6 +59,10 @@ pub enum Reason {
     /// The fleet snapshot lists a newer sequence for a desired-state topic than the agent
     /// holds (or one it does not hold at all): a broker withholding or rolling back.
     DesiredStale,
+    /// Waiting for the deployment's next operating window (v1.2; not a problem).
+    Window,
+    /// Waiting for deployments it depends on to converge on the store (v1.2; not a problem).
+    Dependency,
     /// An internal error (storage, I/O).
     Internal,
 }
@@ -92,6 +96,8 @@ impl Reason {
             Reason::SnapshotReplay => "snapshot_replay",
             Reason::SnapshotExpired => "snapshot_expired",
             Reason::DesiredStale => "desired_stale",
+            Reason::Window => "window",
+            Reason::Dependency => "dependency",
             Reason::Internal => "internal",
         }
     }
@@ -127,6 +133,8 @@ mod tests {
             Reason::SnapshotReplay,
             Reason::SnapshotExpired,
             Reason::DesiredStale,
+            Reason::Window,
+            Reason::Dependency,
         ] {
             let json = serde_json::to_string(&r).expect("serialize");
             assert_eq!(json, format!("\"{}\"", r.as_str()));

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::names::validate_name;
+use crate::window::{Blackout, Window};
 
 /// Who a rollout is for. On the wire: `{"fleet": true}`, `{"group": "canary"}` or
 /// `{"store": "store-0042"}`.
@@ -159,6 +160,56 @@ pub struct Policy {
     /// Absent when false, so a payload without it keeps its bytes (and signatures).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub substitute: bool,
+    /// What the store does when the revision fails (v1.2): `stay` (default) or `rollback` to
+    /// the last revision that converged on it. Absent when `stay`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_failure: Option<OnFailure>,
+}
+
+impl Policy {
+    /// What to do when the revision fails (`stay` unless given).
+    pub fn on_failure(&self) -> OnFailure {
+        self.on_failure.unwrap_or_default()
+    }
+}
+
+/// `policy.on_failure` (v1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Stay on the failed revision and report it (v1.1 behaviour).
+    #[default]
+    Stay,
+    /// Re-apply the last revision that converged on this store.
+    Rollback,
+}
+
+/// When and after what a store applies a rollout (v1.2): operating windows and blackouts in
+/// the store's local time, `urgent` to ignore both, and the deployments that must have
+/// converged on the store first. Every field is absent when empty, so a v1.1 payload keeps
+/// its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Schedule {
+    /// Store-local windows in which the revision may be applied; none: any time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<Window>,
+    /// Store-local dates on which nothing is applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blackouts: Vec<Blackout>,
+    /// Ignore windows and blackouts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub urgent: bool,
+    /// Deployments that must be Converged on the store before this one is applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<String>,
+}
+
+impl Schedule {
+    /// Whether the windows and blackouts apply (some are given and the rollout is not urgent).
+    pub fn timed(&self) -> bool {
+        let none = self.windows.is_empty() && self.blackouts.is_empty();
+        !self.urgent && !none
+    }
 }
 
 fn default_true() -> bool {
@@ -176,6 +227,7 @@ impl Default for Policy {
             self_heal: true,
             health_timeout_s: default_health_timeout(),
             substitute: false,
+            on_failure: None,
         }
     }
 }
@@ -206,6 +258,9 @@ pub struct Rollout {
     /// The fleet-repository commit that caused this rollout (v1.1, optional).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
+    /// Windows, blackouts, urgency and dependencies (v1.2; every field optional).
+    #[serde(flatten)]
+    pub schedule: Schedule,
 }
 
 /// Why a rollout payload is not valid (beyond JSON shape).
@@ -281,6 +336,28 @@ impl Rollout {
         if let Some(origin) = &self.origin {
             origin.validate().map_err(|(f, m)| field(f, m))?;
         }
+        crate::window::validate(&self.schedule.windows, &self.schedule.blackouts).map_err(
+            |(at, m)| {
+                let f = if at.starts_with("windows") {
+                    "windows"
+                } else {
+                    "blackouts"
+                };
+                field(f, format!("{at}: {m}"))
+            },
+        )?;
+        if self.schedule.depends_on.len() > 64 {
+            return Err(field("depends_on", "at most 64 deployments".into()));
+        }
+        for d in &self.schedule.depends_on {
+            validate_name(d).map_err(|e| field("depends_on", e.to_string()))?;
+            if *d == self.deployment {
+                return Err(field(
+                    "depends_on",
+                    "a deployment cannot depend on itself".into(),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -318,6 +395,7 @@ mod tests {
 
     fn sample() -> Rollout {
         Rollout {
+            schedule: Default::default(),
             deployment: "kitchen-display".into(),
             scope: Scope::Group("canary".into()),
             sequence: 17,

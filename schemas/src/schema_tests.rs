@@ -559,6 +559,8 @@ fn enumerations_match_the_rust_types() {
             Phase::Degraded => 5,
             Phase::Failed => 6,
             Phase::Removed => 7,
+            Phase::Waiting => 8,
+            Phase::RolledBack => 9,
         }
     }
     let phases = [
@@ -570,6 +572,8 @@ fn enumerations_match_the_rust_types() {
         Phase::Degraded,
         Phase::Failed,
         Phase::Removed,
+        Phase::Waiting,
+        Phase::RolledBack,
     ];
     let status = schema_value("status");
     let schema_phases = status["$defs"]["deploymentStatus"]["properties"]["phase"]["enum"]
@@ -602,6 +606,8 @@ fn reason_rules() {
         EventType::OutboxOverflow,
         EventType::DesiredStale,
         EventType::ProfileRejected,
+        EventType::Waiting,
+        EventType::RolledBack,
     ];
     for t in EventType::ALL {
         let mut ev = CloudEvent::new(
@@ -646,6 +652,8 @@ fn reason_rules() {
         SnapshotReplay,
         SnapshotExpired,
         DesiredStale,
+        Window,
+        Dependency,
         Internal,
     ] {
         let mut ev = CloudEvent::new(
@@ -750,7 +758,7 @@ fn typed_payloads_validate_against_the_event_schema() {
         EventData::Removed(Removed {
             rollout: RolloutRef {
                 revision: None,
-                ..r
+                ..r.clone()
             },
         }),
         EventData::OutboxOverflow(OutboxOverflow {
@@ -791,6 +799,20 @@ fn typed_payloads_validate_against_the_event_schema() {
             topic: "roost/v1/stores/store-0042/profile".into(),
             sequence: Some(3),
             reason: Reason::Replay,
+            message: "m".into(),
+        }),
+        EventData::Waiting(Waiting {
+            rollout: r.clone(),
+            reason: Reason::Window,
+            message: "m".into(),
+            next_window: Some("2026-12-07T02:00:00-05:00".into()),
+            waiting_for: vec![],
+        }),
+        EventData::RolledBack(RolledBack {
+            rollout: r.clone(),
+            failed_revision: "0123456789abcdef0123456789abcdef01234567".into(),
+            restored_revision: "89abcdef0123456789abcdef0123456789abcdef".into(),
+            reason: Reason::HookFailed,
             message: "m".into(),
         }),
     ];

@@ -26,6 +26,12 @@ pub enum Phase {
     Failed,
     /// Removed by a tombstone.
     Removed,
+    /// Fetched and built, waiting to be applied: for its operating window or for the
+    /// deployments it depends on (v1.2; `reason` `window` or `dependency`).
+    Waiting,
+    /// The desired revision failed and the last one that converged on the store was applied
+    /// again (v1.2, `policy.on_failure: rollback`); the failed one is not retried.
+    RolledBack,
 }
 
 impl Phase {
@@ -40,6 +46,8 @@ impl Phase {
             Phase::Degraded => "Degraded",
             Phase::Failed => "Failed",
             Phase::Removed => "Removed",
+            Phase::Waiting => "Waiting",
+            Phase::RolledBack => "RolledBack",
         }
     }
 }
@@ -78,9 +86,18 @@ pub struct DeploymentStatus {
     /// Human-readable detail.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
-    /// Reason code of the last problem, if any.
+    /// Reason code of the last problem, if any (while `Waiting`: `window` or `dependency`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// While `Waiting` for a window: when it opens (RFC 3339, the store's local offset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_window: Option<String>,
+    /// While `Waiting` for dependencies: the deployments not yet Converged here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
+    /// While `RolledBack`: the revision that failed (`applied_revision` is the restored one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_revision: Option<String>,
 }
 
 /// How fresh the store's view of its desired state is, judged against the signed fleet

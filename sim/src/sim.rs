@@ -401,6 +401,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
             up::commit_files(&repo, &files, &format!("round {round}"))?
         };
         let spec = RolloutSpec {
+            schedule: Default::default(),
             deployment: "kitchen-display".into(),
             scope: Scope::Fleet,
             url: daemon.url("fleet.git"),

@@ -320,6 +320,7 @@ impl Signer {
         path: &str,
     ) -> Rollout {
         Rollout {
+            schedule: Default::default(),
             deployment: deployment.into(),
             scope,
             sequence,
@@ -331,6 +332,7 @@ impl Signer {
             }),
             not_before: None,
             policy: Policy {
+                on_failure: None,
                 prune: true,
                 self_heal: true,
                 health_timeout_s: 30,

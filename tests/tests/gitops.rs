@@ -73,9 +73,12 @@ impl Rig {
                     hook: Some(vec![
                         "sh".into(),
                         "-c".into(),
+                        // With a `slow` file, deployments matching the pattern it holds
+                        // take 3 s in the hook (a slow dependency; a window to cut the link).
                         format!(
-                            "test ! -e {m} || grep -qx \"$ROOST_REVISION\" {m}",
-                            m = marker.display()
+                            "{{ test ! -e {slow} || case \"$ROOST_DEPLOYMENT\" in $(cat {slow})) sleep 3;; esac; }}; test ! -e {m} || grep -qx \"$ROOST_REVISION\" {m}",
+                            m = marker.display(),
+                            slow = s.dir.join("slow").display()
                         ),
                     ]),
                 });
@@ -1805,6 +1808,270 @@ async fn controller_snapshots_confirm_freshness_and_a_rolled_back_broker_is_repo
     );
     fresh.stop_agent().await;
     fresh.stop_bridge().await;
+    r.finish().await;
+}
+
+/// The next whole minute at least 5 s away (a window's start has minute precision).
+fn next_opening() -> jiff::Timestamp {
+    let now = jiff::Timestamp::now().as_second();
+    let mut t = (now / 60 + 1) * 60;
+    if t - now < 5 {
+        t += 60;
+    }
+    jiff::Timestamp::from_second(t).expect("timestamp")
+}
+
+/// Operating windows in store-local time: one store (Asia/Tokyo, from its signed profile)
+/// whose window is open now applies at once; the other (UTC, no profile) reports `Waiting`
+/// with the right next opening, and applies when it opens. The plan's wave completes its gate
+/// on the first store meanwhile, without timing out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_apply_in_their_local_window_and_a_waiting_store_does_not_block_the_wave() {
+    let mut r = Rig::new(2, 0).await;
+    let (tokyo, utc) = (r.stores[0].name.clone(), r.stores[1].name.clone());
+    // The Tokyo store's profile gives its time zone.
+    let topics = roost_schemas::Topics::default();
+    let mut profile = r.signer.profile(&tokyo, 1, &[]);
+    profile.groups = None;
+    profile.timezone = Some("Asia/Tokyo".into());
+    harness::publish(
+        r.cloud,
+        &topics.profile(&tokyo),
+        r.signer.sign_profile(&profile),
+    )
+    .await;
+    r.obs
+        .wait_status(&tokyo, "profile accepted", T, |d| {
+            d.profile_sequence == Some(1)
+        })
+        .await;
+    let rev1 = r.commit_app("1");
+    // Opens at `open` (HH:MM UTC wall time) for 10 h every day: in Tokyo (UTC+9) that wall
+    // time came 9 h before `open`, so the window is open there now; in UTC it opens at `open`.
+    let open = next_opening();
+    let hhmm = open.strftime("%H:%M").to_string();
+    let waves = format!(
+        "      - {{name: first, stores: [{tokyo}, {utc}]}}\n      - {{name: everyone, fleet: true}}\n"
+    );
+    let yaml = r.fleet_yaml(
+        &waves,
+        &format!(
+            "    windows: [{{start: \"{hhmm}\", duration: 10h}}]\n    abort: {{failed_pct: 0, min_finished: 1, wave_timeout_s: 600}}\n"
+        ),
+    );
+    r.commit_fleet(&yaml);
+    r.start_controller();
+    r.obs
+        .wait_phase(&tokyo, &r.dep, "Converged", Some(&rev1), T)
+        .await;
+    let waiting = r
+        .obs
+        .wait_event(&utc, "dev.roost.waiting", T, |e| {
+            e.data["revision"] == rev1.as_str()
+        })
+        .await;
+    let expected = open.strftime("%Y-%m-%dT%H:%M:%S+00:00").to_string();
+    assert_eq!(waiting.reason(), Some("window"));
+    assert_eq!(waiting.data["next_window"], expected.as_str());
+    let doc = r.obs.wait_phase(&utc, &r.dep, "Waiting", None, T).await;
+    assert_eq!(
+        doc.deployments[&r.dep].next_window.as_deref(),
+        Some(expected.as_str())
+    );
+    assert!(
+        jiff::Timestamp::now() < open,
+        "the UTC store waited, it was not late"
+    );
+    // The plan goes on on the converged store: every wave done while the other one waits.
+    let plan = harness::eventually(T, "plan done while a store waits", || {
+        r.plan()
+            .filter(|p| p.status == roost_fleet::gitops::plan::PlanStatus::Done)
+    })
+    .await;
+    assert!(
+        !matches!(
+            plan.status,
+            roost_fleet::gitops::plan::PlanStatus::Aborted(_)
+        ),
+        "{:?}",
+        plan.status
+    );
+    // `roost status` says why and until when.
+    let view = roost_fleet::view::build(
+        &roost_fleet::view::load(&r.db()).expect("load"),
+        roost_fleet::db::now_ms(),
+    );
+    let table = roost_fleet::view::render(&view.stores, false);
+    if r.obs.snapshot().of(&utc, "dev.roost.converged").is_empty() {
+        assert!(
+            table.contains(&format!("window: waits until {expected}")),
+            "{table}"
+        );
+    }
+    // It applies when its window opens, not before.
+    let converged = r.converged(&utc, &rev1).await;
+    let at: jiff::Timestamp = converged.time.parse().expect("time");
+    assert!(at >= open, "converged at {at}, window opens at {open}");
+    r.finish().await;
+}
+
+/// Rollback at the store with the uplink cut: a revision whose hook fails is rolled back to
+/// the last revision that converged there, by the store alone; the event reaches the cloud
+/// when the link heals, and the controller's abort counts the store as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_revision_is_rolled_back_at_the_store_with_the_uplink_cut() {
+    let mut r = Rig::new(1, 1).await;
+    let store = r.stores[0].name.clone();
+    let rev1 = r.commit_app("1");
+    // A soak keeps the plan open while the store is cut off (an offline store is deferred:
+    // it does not block the gate).
+    let yaml = r.fleet_yaml(
+        "      - {name: everyone, fleet: true, soak_s: 120}\n",
+        "    policy: {on_failure: rollback, health_timeout_s: 30}\n    abort: {failed_pct: 0, min_finished: 1, wave_timeout_s: 600}\n",
+    );
+    r.commit_fleet(&yaml);
+    r.start_controller();
+    r.converged(&store, &rev1).await;
+    // From now on the hook takes 3 s and passes only for rev1.
+    std::fs::write(r.stores[0].dir.join("fail-marker"), format!("{rev1}\n")).expect("marker");
+    std::fs::write(r.stores[0].dir.join("slow"), "*").expect("slow");
+    let rev2 = r.commit_app("2");
+    r.obs
+        .wait_event(&store, "dev.roost.apply.started", T, |e| {
+            e.data["revision"] == rev2.as_str()
+        })
+        .await;
+    // The uplink goes down while the hook runs; what the store does is seen on its own
+    // edge broker.
+    let edge = harness::Observer::start(r.stores[0].edge).await;
+    r.stores[0].stop_bridge().await;
+    let cut_at = jiff::Timestamp::now();
+    // The store rolls back by itself: rev1's files are live again.
+    edge.wait_event(&store, "dev.roost.rolled_back", T, |e| {
+        e.data["failed_revision"] == rev2.as_str()
+    })
+    .await;
+    let live = r.stores[0].current(&r.dep);
+    let link = std::fs::read_link(&live).expect("current");
+    assert!(link.to_string_lossy().contains(&rev1), "{}", link.display());
+    let healed_at = jiff::Timestamp::now();
+    r.stores[0].start_bridge();
+    let rb = r
+        .obs
+        .wait_event(&store, "dev.roost.rolled_back", T, |e| {
+            e.data["failed_revision"] == rev2.as_str()
+        })
+        .await;
+    assert_eq!(rb.data["restored_revision"], rev1.as_str());
+    assert_eq!(rb.reason(), Some("hook_failed"));
+    let at: jiff::Timestamp = rb.time.parse().expect("time");
+    assert!(
+        cut_at <= at && at <= healed_at,
+        "rolled back while cut off ({cut_at} <= {at} <= {healed_at})"
+    );
+    let doc = r
+        .obs
+        .wait_phase(&store, &r.dep, "RolledBack", Some(&rev1), T)
+        .await;
+    assert_eq!(
+        doc.deployments[&r.dep].failed_revision.as_deref(),
+        Some(rev2.as_str())
+    );
+    // The controller counts it as failed: the plan aborts naming the store.
+    let plan = harness::eventually(T, "plan aborted", || {
+        r.plan().filter(|p| {
+            p.release.revision == rev2
+                && matches!(p.status, roost_fleet::gitops::plan::PlanStatus::Aborted(_))
+        })
+    })
+    .await;
+    let roost_fleet::gitops::plan::PlanStatus::Aborted(reason) = &plan.status else {
+        unreachable!()
+    };
+    assert!(reason.contains(&store), "{reason}");
+    // The failed revision was applied once: never retried.
+    let applies = r
+        .obs
+        .snapshot()
+        .of(&store, "dev.roost.apply.started")
+        .iter()
+        .filter(|e| e.data["revision"] == rev2.as_str())
+        .count();
+    assert_eq!(applies, 1);
+    r.finish().await;
+}
+
+/// `depends_on`: the dependent waits (`Waiting`, reason `dependency`) until its dependency
+/// converged on the store, then converges; a cycle makes the fleet file invalid and
+/// publishes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependent_waits_for_its_dependency_and_a_cycle_publishes_nothing() {
+    let mut r = Rig::new(1, 1).await;
+    let store = r.stores[0].name.clone();
+    // The dependency's hook takes 3 s, so its dependent is seen waiting.
+    let crds = format!("crds-{}", &r.dep[5..]);
+    std::fs::write(r.stores[0].dir.join("slow"), crds.to_string()).expect("slow");
+    let rev1 = r.commit_app("1");
+    let yaml = format!(
+        "{}    depends_on: [{crds}]\n  {crds}:\n    source:\n      url: {}\n      ref: HEAD\n      path: {APP}\n",
+        r.fleet_yaml("      - {name: everyone, fleet: true}\n", ""),
+        r.app.url()
+    );
+    r.commit_fleet(&yaml);
+    r.start_controller();
+    let waiting = r
+        .obs
+        .wait_event(&store, "dev.roost.waiting", T, |e| {
+            e.data["deployment"] == r.dep.as_str()
+        })
+        .await;
+    assert_eq!(waiting.reason(), Some("dependency"));
+    assert_eq!(waiting.data["waiting_for"], serde_json::json!([crds]));
+    let dep_done = r
+        .obs
+        .wait_event(&store, "dev.roost.converged", T, |e| {
+            e.data["deployment"] == crds.as_str()
+        })
+        .await;
+    let done = r
+        .obs
+        .wait_event(&store, "dev.roost.converged", T, |e| {
+            e.data["deployment"] == r.dep.as_str() && e.data["revision"] == rev1.as_str()
+        })
+        .await;
+    let seen = r.obs.snapshot();
+    let all = seen.of(&store, "dev.roost.converged");
+    let pos = |id: &str| all.iter().position(|e| e.id == id);
+    assert!(pos(&dep_done.id) < pos(&done.id), "dependency first");
+    // The dependent was not applied before its dependency converged.
+    let started = seen
+        .of(&store, "dev.roost.apply.started")
+        .into_iter()
+        .find(|e| e.data["deployment"] == r.dep.as_str())
+        .expect("applied");
+    assert!(started.roostseq > dep_done.roostseq);
+    // A cycle: invalid, nothing published.
+    harness::eventually(T, "plans done", || {
+        r.plan()
+            .filter(|p| p.status == roost_fleet::gitops::plan::PlanStatus::Done)
+    })
+    .await;
+    let before = r.published();
+    // The dependency (last in the file) now depends on its dependent.
+    let cyclic = format!("{yaml}    depends_on: [{}]\n", r.dep);
+    let c = r.commit_fleet(&cyclic);
+    let st = harness::eventually(T, "cycle recorded", || {
+        r.db()
+            .with_conn(roost_fleet::db::gitops::sync_state)
+            .ok()
+            .flatten()
+            .map(|(s, _)| s)
+            .filter(|s| s.commit == c)
+    })
+    .await;
+    assert!(!st.ok);
+    assert!(st.reason.contains("dependency cycle"), "{}", st.reason);
+    assert_eq!(r.published(), before);
     r.finish().await;
 }
 

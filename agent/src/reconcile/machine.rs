@@ -5,7 +5,7 @@
 
 use roost_schemas::payload::{
     ApplyFailed, ApplyStarted, ApplySucceeded, Converged, Degraded, DriftCorrected, DriftDetected,
-    FetchFailed, Pruned, Removed, RolloutRejected,
+    FetchFailed, Pruned, Removed, RolledBack, RolloutRejected, Waiting,
 };
 use roost_schemas::ShortRev;
 use roost_schemas::{
@@ -86,6 +86,19 @@ pub struct Record {
     /// The inventory was recorded at least once (false: unknown, e.g. after a state loss).
     #[serde(default)]
     pub inventory_known: bool,
+    /// The last revision that converged on this store: what `on_failure: rollback` restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_good: Option<Applied>,
+    /// The rollout whose revision failed and was rolled back: not retried while it is the
+    /// wanted one (a new rollout clears it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<RolloutRef>,
+    /// While `Waiting` for a window: when it opens (RFC 3339, store offset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_window: Option<String>,
+    /// While `Waiting` for dependencies: those not Converged yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
 }
 
 impl Record {
@@ -129,6 +142,21 @@ impl Record {
             drift: !self.drift.is_empty(),
             message: self.message.clone(),
             reason: self.reason.map(|r| r.as_str().to_owned()),
+            next_window: self.next_window.clone(),
+            waiting_for: self.waiting_for.clone(),
+            failed_revision: self
+                .rolled_back
+                .as_ref()
+                .filter(|_| self.phase == Phase::RolledBack)
+                .and_then(|r| r.revision.clone()),
+        }
+    }
+
+    /// Whether the wanted rollout is the one that was rolled back (not to be retried).
+    pub fn holds_rollback(&self) -> bool {
+        match (&self.rolled_back, &self.want) {
+            (Some(failed), Some(w)) => !w.remove && *failed == w.rollout,
+            _ => false,
         }
     }
 
@@ -161,6 +189,27 @@ pub enum Outcome {
         message: String,
         /// A finer, stable cause (`data.detail`, e.g. `secret_not_for_this_store`).
         detail: Option<&'static str>,
+    },
+    /// Fetched and built; waiting for a window (`reason: window`) or for dependencies
+    /// (`reason: dependency`).
+    Waiting {
+        /// `window` or `dependency`.
+        reason: Reason,
+        /// When the window opens (RFC 3339, store offset); None: no opening in sight.
+        next_window: Option<String>,
+        /// Dependencies not Converged yet.
+        waiting_for: Vec<String>,
+    },
+    /// The wanted revision failed and the last good one was applied again.
+    RolledBack {
+        /// Why the wanted revision failed.
+        reason: Reason,
+        /// What.
+        message: String,
+        /// Objects deleted (the failed revision's own).
+        pruned: Vec<String>,
+        /// The inventory from now on.
+        inventory: Vec<InventoryEntry>,
     },
     /// Fetched and built; waiting for `not_before`.
     Staged {
@@ -240,6 +289,8 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
                     _ => r.applied.is_some(),
                 };
                 r.want = want;
+                // A new rollout may be tried again, even of the same revision.
+                r.rolled_back = None;
                 if pending {
                     r.phase = Phase::Pending;
                     r.reason = None;
@@ -278,6 +329,79 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
                 reason,
                 message,
                 detail: detail.map(str::to_owned),
+            }));
+        }
+        Outcome::Waiting {
+            reason,
+            next_window,
+            waiting_for,
+        } => {
+            let changed = r.phase != Phase::Waiting
+                || r.reason != Some(reason)
+                || r.next_window != next_window
+                || r.waiting_for != waiting_for;
+            let message = match reason {
+                Reason::Dependency => format!(
+                    "fetched and built; waiting for {} to converge",
+                    waiting_for.join(", ")
+                ),
+                _ => match &next_window {
+                    Some(t) => format!("fetched and built; waiting for the window opening {t}"),
+                    None => "fetched and built; no window opens within a year".to_owned(),
+                },
+            };
+            r.phase = Phase::Waiting;
+            r.reason = Some(reason);
+            r.message = message.clone();
+            r.next_window = next_window.clone();
+            r.waiting_for = waiting_for.clone();
+            if changed {
+                events.push(EventData::Waiting(Waiting {
+                    rollout,
+                    reason,
+                    message,
+                    next_window,
+                    waiting_for,
+                }));
+            }
+        }
+        Outcome::RolledBack {
+            reason,
+            message,
+            pruned,
+            inventory,
+        } => {
+            let failed = r.wanted_revision().unwrap_or_default();
+            r.applied = r.last_good.clone();
+            let restored = r
+                .applied
+                .as_ref()
+                .map(|a| a.revision.clone())
+                .unwrap_or_default();
+            r.phase = Phase::RolledBack;
+            r.reason = Some(reason);
+            r.message = format!(
+                "{} failed ({message}); {} restored",
+                ShortRev::of(&failed),
+                ShortRev::of(&restored)
+            );
+            r.drift.clear();
+            r.inventory = inventory;
+            r.inventory_known = true;
+            r.reported = r.applied.as_ref().map(|a| a.revision.clone());
+            r.rolled_back = r.want.as_ref().map(|w| w.rollout.clone());
+            if !pruned.is_empty() {
+                events.push(EventData::Pruned(Pruned {
+                    rollout: rollout.clone(),
+                    pruned,
+                }));
+            }
+            events.push(EventData::RolledBack(RolledBack {
+                rollout,
+                failed_revision: failed,
+                restored_revision: restored,
+                reason,
+                message,
             }));
         }
         Outcome::Staged { until } => {
@@ -357,6 +481,7 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
             }
         }
         Outcome::Healthy => {
+            r.last_good = r.applied.clone();
             r.phase = Phase::Converged;
             r.reason = None;
             r.message = String::new();
@@ -416,7 +541,13 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
             }
             // Back on the applied revision without an apply (a rollback to it before the
             // newer one was applied, or a restart): the phase follows its health.
-            if matches!(r.phase, Phase::Pending | Phase::Fetching | Phase::Applying) {
+            if matches!(
+                r.phase,
+                Phase::Pending | Phase::Fetching | Phase::Applying | Phase::Waiting
+            ) {
+                if healthy {
+                    r.last_good = r.applied.clone();
+                }
                 r.phase = if healthy {
                     Phase::Converged
                 } else {
@@ -444,6 +575,10 @@ pub fn transition(rec: &Record, outcome: Outcome) -> (Record, Vec<EventData>) {
             events.push(EventData::Removed(Removed { rollout }));
         }
     }
+    if r.phase != Phase::Waiting {
+        r.next_window = None;
+        r.waiting_for.clear();
+    }
     (r, events)
 }
 
@@ -460,13 +595,17 @@ pub enum Step {
     ReportHealth,
     /// Applied and reported: watch for drift.
     InSync,
+    /// The wanted revision failed and was rolled back: wait for a new rollout.
+    HoldRollback,
 }
 
 /// Decides the next step from the record (whose `want` is current).
 pub fn next_step(rec: &Record) -> Step {
     match &rec.want {
         Some(w) if !w.remove => {
-            if !rec.applied_matches(w) {
+            if rec.holds_rollback() {
+                Step::HoldRollback
+            } else if !rec.applied_matches(w) {
                 Step::Reconcile
             } else if rec.reported.as_ref() != w.rollout.revision.as_ref() {
                 Step::ReportHealth
@@ -791,6 +930,7 @@ mod tests {
             path: "roost.yaml".into(),
         };
         let rollout = roost_schemas::Rollout {
+            schedule: Default::default(),
             deployment: "web".into(),
             scope: roost_schemas::Scope::Group("canary".into()),
             sequence: 9,

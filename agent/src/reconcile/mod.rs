@@ -7,10 +7,12 @@ pub mod apply;
 pub mod build;
 pub mod drift;
 pub mod fetch;
+pub mod gate;
 pub mod health;
 pub mod machine;
 pub mod prune;
 pub mod remove;
+pub mod rollback;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +46,40 @@ pub struct Ctx<T: Target> {
     pub metrics: AgentMetrics,
     /// The store's context and identity: what makes its rendering its own.
     pub personalizer: Personalizer,
+    /// Wall-clock time for operating windows (injected in tests).
+    pub clock: Clock,
+}
+
+/// The wall clock operating windows are judged by: the system's, or (tests) a fixed instant
+/// that advances with tokio's clock, so paused tests control it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Clock {
+    base: Option<(jiff::Timestamp, tokio::time::Instant)>,
+}
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Clock {
+        Clock { base: None }
+    }
+
+    /// `at` now, advancing with `tokio::time` from here on.
+    pub fn starting_at(at: jiff::Timestamp) -> Clock {
+        Clock {
+            base: Some((at, tokio::time::Instant::now())),
+        }
+    }
+
+    /// The current instant.
+    pub fn now(&self) -> jiff::Timestamp {
+        match self.base {
+            None => jiff::Timestamp::now(),
+            Some((at, since)) => {
+                let elapsed = jiff::SignedDuration::try_from(since.elapsed()).unwrap_or_default();
+                at.checked_add(elapsed).unwrap_or(at)
+            }
+        }
+    }
 }
 
 impl<T: Target> Clone for Ctx<T> {
@@ -55,6 +91,7 @@ impl<T: Target> Clone for Ctx<T> {
             target: self.target.clone(),
             metrics: self.metrics.clone(),
             personalizer: self.personalizer.clone(),
+            clock: self.clock,
         }
     }
 }
@@ -322,7 +359,9 @@ async fn step<T: Target>(
 ) -> Result<Wake, StageError> {
     let rec = ctx.ledger.record(deployment);
     match (next_step(&rec), desired) {
-        (Step::Idle, _) => Ok(wait(rx, Duration::from_secs(3600), cancel).await),
+        (Step::Idle, _) | (Step::HoldRollback, _) => {
+            Ok(wait(rx, Duration::from_secs(3600), cancel).await)
+        }
         (Step::Remove, _) => {
             ctx.timed(Stage::Remove, remove::run(ctx, deployment))
                 .await?;
@@ -333,9 +372,34 @@ async fn step<T: Target>(
             if let Wake::Changed | Wake::Stop = stage_until(ctx, rollout, rx, cancel).await? {
                 return Err(StageError::Interrupted);
             }
-            ctx.timed(Stage::Apply, apply::run(ctx, rollout, &plan, timing))
-                .await?;
+            if let Wake::Changed | Wake::Stop = gate::run(ctx, rollout, rx, cancel).await? {
+                return Err(StageError::Interrupted);
+            }
+            let applied = ctx
+                .timed(Stage::Apply, apply::run(ctx, rollout, &plan, timing))
+                .await;
+            if let Err(e) = &applied {
+                if rollback::wanted_for(ctx, rollout, e) {
+                    let (reason, message) = (e.reason(), e.message());
+                    if let Some(o) = e.outcome(None) {
+                        ctx.record(deployment, o).await?;
+                    }
+                    if rollback::run(ctx, rollout, reason, message).await? {
+                        return Ok(wait(rx, Duration::from_secs(3600), cancel).await);
+                    }
+                }
+            }
+            applied?;
             health_stage(ctx, deployment, rollout, &plan, rx, cancel).await?;
+            let rec = ctx.ledger.record(deployment);
+            if rec.phase == roost_schemas::Phase::Degraded
+                && rollout.policy.on_failure() == roost_schemas::OnFailure::Rollback
+            {
+                let reason = rec.reason.unwrap_or(Reason::HealthTimeout);
+                if rollback::run(ctx, rollout, reason, rec.message.clone()).await? {
+                    return Ok(wait(rx, Duration::from_secs(3600), cancel).await);
+                }
+            }
             drift::watch(ctx, rollout, &plan, rx, cancel).await
         }
         (Step::ReportHealth, Desired::Apply { rollout, .. }) => {

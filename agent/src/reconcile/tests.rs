@@ -114,6 +114,7 @@ impl Rig {
         .await
         .expect("ledger");
         let ctx = Ctx {
+            clock: super::Clock::system(),
             cfg: cfg.clone(),
             ledger,
             git: GitCache::new(state.path().join("git"), vec![], Duration::from_secs(10)),
@@ -161,6 +162,7 @@ impl Rig {
     fn want(&mut self, url: &str, rev: &str, policy: Policy) {
         self.seq += 1;
         let r = Rollout {
+            schedule: Default::default(),
             deployment: "web".into(),
             scope: Scope::Fleet,
             sequence: self.seq,
@@ -184,6 +186,7 @@ impl Rig {
     fn remove(&mut self) {
         self.seq += 1;
         let r = Rollout {
+            schedule: Default::default(),
             deployment: "web".into(),
             scope: Scope::Fleet,
             sequence: self.seq,
@@ -523,5 +526,133 @@ async fn removal_deletes_the_inventory_and_records_removed() {
     rig.wait_status("removed", |s| s.phase == Phase::Removed)
         .await;
     assert!(rig.ctx.ledger.record("web").inventory.is_empty());
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_revision_is_rolled_back_to_the_last_good_and_not_retried() {
+    let mut repo = Repo::new();
+    let good = repo.commit(&[("a.yaml", "a: 1\n")]);
+    let bad = repo.commit(&[("a.yaml", "a: 2\n"), ("b.yaml", "b: 1\n")]);
+    let mut rig = Rig::new().await;
+    rig.start();
+    let policy = Policy {
+        on_failure: Some(roost_schemas::OnFailure::Rollback),
+        ..Policy::default()
+    };
+    rig.want(&repo.url(), &good, policy.clone());
+    rig.wait("dev.roost.converged", Some(&good)).await;
+    // The bad revision's hook fails.
+    rig.fake
+        .state
+        .lock()
+        .expect("state")
+        .health
+        .push_back(crate::targets::fake::hook_failed("hook exited with 1"));
+    rig.want(&repo.url(), &bad, policy.clone());
+    let rb = rig.wait("dev.roost.rolled_back", Some(&bad)).await;
+    assert_eq!(rb.data["failed_revision"], bad.as_str());
+    assert_eq!(rb.data["restored_revision"], good.as_str());
+    assert_eq!(rb.reason(), Some("hook_failed"));
+    rig.wait_status("rolled back", |s| {
+        s.phase == Phase::RolledBack
+            && s.applied_revision.as_deref() == Some(good.as_str())
+            && s.failed_revision.as_deref() == Some(bad.as_str())
+    })
+    .await;
+    // What only the bad revision had is pruned again.
+    let pruned = rig.wait("dev.roost.pruned", Some(&bad)).await;
+    assert_eq!(pruned.data["pruned"], serde_json::json!(["b.yaml"]));
+    // A new rollout is tried; the failed one was applied once only.
+    let fixed = repo.commit(&[("a.yaml", "a: 3\n")]);
+    rig.want(&repo.url(), &fixed, policy);
+    rig.wait("dev.roost.converged", Some(&fixed)).await;
+    let calls = rig.fake.calls();
+    assert_eq!(count(&calls, &format!("apply {bad}")), 1, "{calls:?}");
+    assert_eq!(count(&calls, &format!("apply {good}")), 2, "{calls:?}");
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn without_rollback_policy_a_failed_revision_stays() {
+    let mut repo = Repo::new();
+    let good = repo.commit(&[("a.yaml", "a: 1\n")]);
+    let bad = repo.commit(&[("a.yaml", "a: 2\n")]);
+    let mut rig = Rig::new().await;
+    rig.start();
+    rig.want(&repo.url(), &good, Policy::default());
+    rig.wait("dev.roost.converged", Some(&good)).await;
+    rig.fake
+        .state
+        .lock()
+        .expect("state")
+        .health
+        .push_back(crate::targets::fake::hook_failed("hook exited with 1"));
+    rig.want(&repo.url(), &bad, Policy::default());
+    rig.wait("dev.roost.degraded", Some(&bad)).await;
+    rig.wait_status("degraded", |s| {
+        s.phase == Phase::Degraded && s.applied_revision.as_deref() == Some(bad.as_str())
+    })
+    .await;
+    assert!(!rig
+        .events()
+        .await
+        .iter()
+        .any(|e| e.ty == "dev.roost.rolled_back"));
+    rig.stop().await;
+}
+
+#[tokio::test]
+async fn a_revision_waits_for_its_window_then_applies() {
+    let mut repo = Repo::new();
+    let rev = repo.commit(&[("a.yaml", "a: 1\n")]);
+    let mut rig = Rig::new().await;
+    // The injected clock says 01:59:58 UTC; the window opens at 02:00.
+    rig.ctx.clock = super::Clock::starting_at("2026-12-07T01:59:58Z".parse().expect("ts"));
+    rig.start();
+    rig.seq += 1;
+    let r = Rollout {
+        schedule: roost_schemas::Schedule {
+            windows: vec![roost_schemas::window::Window {
+                days: vec![],
+                start: "02:00".into(),
+                duration: "1h".into(),
+            }],
+            ..Default::default()
+        },
+        deployment: "web".into(),
+        scope: Scope::Fleet,
+        sequence: rig.seq,
+        issued_at: "2026-12-01T00:00:00Z".into(),
+        source: Some(Source {
+            url: repo.url(),
+            revision: rev.clone(),
+            path: "app".into(),
+        }),
+        not_before: None,
+        policy: Policy::default(),
+        remove: false,
+        origin: None,
+    };
+    rig.tx.send_replace(Desired::Apply {
+        rollout: Box::new(r),
+        context: None,
+    });
+    let w = rig.wait("dev.roost.waiting", Some(&rev)).await;
+    assert_eq!(w.reason(), Some("window"));
+    assert_eq!(w.data["next_window"], "2026-12-07T02:00:00+00:00");
+    rig.wait_status("waiting", |s| {
+        s.phase == Phase::Waiting && s.next_window.as_deref() == Some("2026-12-07T02:00:00+00:00")
+    })
+    .await;
+    // Fetched and built at once; applied only when the window opens.
+    assert_eq!(count(&rig.fake.calls(), &format!("build {rev}")), 1);
+    assert_eq!(count(&rig.fake.calls(), &format!("apply {rev}")), 0);
+    rig.wait("dev.roost.converged", Some(&rev)).await;
+    assert!(rig.ctx.clock.now() >= "2026-12-07T02:00:00Z".parse().expect("ts"));
+    rig.wait_status("converged", |s| {
+        s.phase == Phase::Converged && s.next_window.is_none()
+    })
+    .await;
     rig.stop().await;
 }

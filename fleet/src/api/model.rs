@@ -96,9 +96,21 @@ pub struct Row {
     /// The store's message (problems).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub message: String,
-    /// The problem's reason code.
+    /// The problem's reason code (while `Waiting`: `window` or `dependency`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// While `Waiting` for a window: when it opens (RFC 3339, the store's offset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_window: Option<String>,
+    /// While `Waiting` for dependencies: those not converged on the store yet.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
+    /// While `RolledBack`: the revision that failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_revision: Option<String>,
+    /// Why it waits or what it rolled back, for humans (`window: waits until …`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Row {
@@ -320,6 +332,8 @@ pub struct WaveDoc {
     pub failed: usize,
     /// Offline when judged.
     pub deferred: usize,
+    /// Deferred by the store itself: waiting for its operating window or dependencies.
+    pub waiting: usize,
     /// Not there yet.
     pub pending: usize,
     /// Share of online stores that must converge.
@@ -353,6 +367,10 @@ pub struct PlanDoc {
     pub waves: Vec<WaveDoc>,
     /// What it waits for.
     pub waiting: String,
+    /// Stores waiting to apply the release, with why and until when (`window until …`,
+    /// `dependency on …`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub waits: BTreeMap<String, String>,
     /// Created (RFC 3339).
     pub created_at: String,
     /// Pause, resume and abort apply (running or paused).
@@ -422,6 +440,7 @@ pub fn plan_doc(p: &Plan) -> PlanDoc {
                 converged: count(StoreOutcome::Converged),
                 failed: count(StoreOutcome::Failed),
                 deferred: count(StoreOutcome::Deferred),
+                waiting: count(StoreOutcome::Waiting),
                 pending: count(StoreOutcome::Pending),
                 converged_pct: w.converged_pct.unwrap_or(100),
                 soak_s: w.soak_s.unwrap_or(0),
@@ -439,6 +458,7 @@ pub fn plan_doc(p: &Plan) -> PlanDoc {
         wave: p.wave,
         waves,
         waiting: p.waiting.clone(),
+        waits: p.waits.clone(),
         created_at: ms_rfc3339(p.created_ms),
         actionable: matches!(p.status, PlanStatus::Running | PlanStatus::Paused),
     }
@@ -494,6 +514,10 @@ mod tests {
             gaps: 0,
             message: String::new(),
             reason: None,
+            next_window: None,
+            waiting_for: Vec::new(),
+            failed_revision: None,
+            note: None,
         }
     }
 

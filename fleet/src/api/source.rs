@@ -86,6 +86,10 @@ pub fn from_view(v: &view::FleetView, plans: BTreeMap<String, model::PlanDoc>) -
                 stale_reason: stale_reason.clone(),
                 gaps: missing,
                 message: c.message.clone(),
+                next_window: c.next_window.clone(),
+                waiting_for: c.waiting_for.clone(),
+                failed_revision: c.failed_revision.clone(),
+                note: crate::view::cell_note(c),
                 reason: c.reason.clone(),
             });
         }

@@ -143,6 +143,7 @@ fn sign(
         remove: release.is_none(),
         sequence: Some(sequence),
         origin,
+        schedule: release.map(|r| r.schedule.clone()).unwrap_or_default(),
     };
     Ok(sign_rollout(std::slice::from_ref(key), &spec, sequence)?.envelope)
 }
@@ -431,8 +432,18 @@ impl Controller {
             url: src.url.clone(),
             revision,
             path: roost_schemas::rollout::normalize_path(&src.path).ok()?,
-            policy: d.policy.clone().unwrap_or_default(),
+            policy: match &self.file {
+                Some((_, f)) => f.policy_of(d),
+                None => d.policy.clone().unwrap_or_default(),
+            },
             not_before: d.not_before.clone(),
+            schedule: match &self.file {
+                Some((_, f)) => f.schedule_of(d),
+                None => roost_schemas::Schedule {
+                    depends_on: d.depends_on.clone(),
+                    ..Default::default()
+                },
+            },
         })
     }
 
@@ -912,13 +923,17 @@ pub fn plan_status_text(db: &FleetDb, deployment: Option<&str>) -> Result<String
                         .unwrap_or(0)
                 };
                 out.push_str(&format!(
-                    "  wave {} {:<10} {mark:<8} stores={stores} converged={} failed={} deferred={}\n",
+                    "  wave {} {:<10} {mark:<8} stores={stores} converged={} failed={} deferred={} waiting={}\n",
                     i + 1,
                     w.name,
                     counts(plan::StoreOutcome::Converged),
                     counts(plan::StoreOutcome::Failed),
                     counts(plan::StoreOutcome::Deferred),
+                    counts(plan::StoreOutcome::Waiting),
                 ));
+            }
+            for (store, why) in &p.waits {
+                out.push_str(&format!("  {store} waits: {why}\n"));
             }
             if !p.waiting.is_empty() {
                 out.push_str(&format!("  waiting: {}\n", p.waiting));

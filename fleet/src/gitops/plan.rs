@@ -25,6 +25,9 @@ pub struct Release {
     /// Staged activation.
     #[serde(default)]
     pub not_before: Option<String>,
+    /// Windows, blackouts, urgency, dependencies (v1.2; `defaults:` filled in).
+    #[serde(default)]
+    pub schedule: roost_schemas::Schedule,
 }
 
 /// A plan's state.
@@ -51,6 +54,31 @@ pub enum StoreOutcome {
     Failed,
     /// Offline when its wave was judged: it converges from the retained message later.
     Deferred,
+    /// Deferred by the store itself (v1.2): fetched and built, waiting for its operating
+    /// window or its dependencies. Neither failed nor blocking the gate.
+    Waiting,
+}
+
+impl StoreOutcome {
+    /// Every outcome.
+    pub const ALL: [StoreOutcome; 5] = [
+        StoreOutcome::Converged,
+        StoreOutcome::Failed,
+        StoreOutcome::Pending,
+        StoreOutcome::Deferred,
+        StoreOutcome::Waiting,
+    ];
+
+    /// Lowercase, as counted and labelled.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreOutcome::Pending => "pending",
+            StoreOutcome::Converged => "converged",
+            StoreOutcome::Failed => "failed",
+            StoreOutcome::Deferred => "deferred",
+            StoreOutcome::Waiting => "waiting",
+        }
+    }
 }
 
 /// A deployment's rollout plan (persisted by the controller).
@@ -99,6 +127,16 @@ pub struct Plan {
     /// another scope, the rest when the plan is done.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retire: Vec<Scope>,
+    /// Time of the current wave during which every remaining store waited for its window
+    /// (ms): the wave timeout does not run down then.
+    #[serde(default)]
+    pub wave_waited_ms: u64,
+    /// When the plan was last stepped (ms; 0: not yet), to add up `wave_waited_ms`.
+    #[serde(default)]
+    pub last_step_ms: u64,
+    /// Why each waiting store of the plan waits (`window until …`, `dependency on …`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub waits: BTreeMap<String, String>,
 }
 
 /// One store as the controller sees it.
@@ -163,6 +201,9 @@ impl Plan {
             created_ms: now_ms,
             targets: None,
             retire: Vec::new(),
+            wave_waited_ms: 0,
+            last_step_ms: 0,
+            waits: BTreeMap::new(),
         }
     }
 
@@ -176,21 +217,17 @@ impl Plan {
         self.wave_stores.iter().flatten().cloned().collect()
     }
 
-    /// Counts per outcome over the targeted stores.
+    /// Counts per outcome over the targeted stores (`pending`, `converged`, `failed`,
+    /// `deferred`, `waiting`).
     pub fn counts(&self) -> BTreeMap<&'static str, usize> {
         let mut c = BTreeMap::new();
         for s in self.targeted() {
-            let k = match self
+            let k = self
                 .outcomes
                 .get(&s)
                 .copied()
                 .unwrap_or(StoreOutcome::Pending)
-            {
-                StoreOutcome::Pending => "pending",
-                StoreOutcome::Converged => "converged",
-                StoreOutcome::Failed => "failed",
-                StoreOutcome::Deferred => "deferred",
-            };
+                .as_str();
             *c.entry(k).or_insert(0) += 1;
         }
         c
@@ -209,17 +246,20 @@ pub fn rank(deployment: &str, store: &str) -> u64 {
 /// controller knows only the store's presence: an offline store is stale. A plan asks what a
 /// store made of the release, so a stale store counts with what it last reported (the gate
 /// counts online stores only); one that has not finished is deferred.
-fn outcome_of(v: &StoreView, release: &Release) -> StoreOutcome {
+fn outcome_of(v: &StoreView, release: &Release) -> (StoreOutcome, Option<judge::Wait>) {
     let report = Report {
         status: v.status.as_ref(),
         stale: !v.online,
     };
     let verdict = judge::verdict(&report, &Wanted::revision(&release.revision));
     match verdict.reported() {
-        Reported::Converged => StoreOutcome::Converged,
-        Reported::Failed { .. } => StoreOutcome::Failed,
-        Reported::Pending if verdict.is_stale() => StoreOutcome::Deferred,
-        Reported::Pending => StoreOutcome::Pending,
+        Reported::Converged => (StoreOutcome::Converged, None),
+        Reported::Failed { .. } => (StoreOutcome::Failed, None),
+        Reported::Waiting(_) | Reported::Pending if verdict.is_stale() => {
+            (StoreOutcome::Deferred, None)
+        }
+        Reported::Waiting(w) => (StoreOutcome::Waiting, Some(w)),
+        Reported::Pending => (StoreOutcome::Pending, None),
     }
 }
 
@@ -351,6 +391,8 @@ pub fn step(
         plan.wave_stores[i] = stores;
         plan.wave_published = true;
         plan.wave_started_ms = now_ms;
+        plan.wave_waited_ms = 0;
+        plan.last_step_ms = now_ms;
         plan.gate_met_ms = None;
         let mut actions = Vec::new();
         let shared = scopes.iter().any(|s| !matches!(s, Scope::Store(_)));
@@ -406,12 +448,29 @@ pub fn step(
     // Outcomes of every store targeted so far.
     let by_store: BTreeMap<&str, &StoreView> = view.iter().map(|v| (v.store.as_str(), v)).collect();
     for s in plan.targeted() {
-        let o = match by_store.get(s.as_str()) {
+        let (o, wait) = match by_store.get(s.as_str()) {
             Some(v) => outcome_of(v, &plan.release),
-            None => StoreOutcome::Deferred,
+            None => (StoreOutcome::Deferred, None),
+        };
+        match wait {
+            Some(w) => plan.waits.insert(s.clone(), w.describe()),
+            None => plan.waits.remove(&s),
         };
         plan.outcomes.insert(s, o);
     }
+    // While every store of the wave that is online and not finished waits for its window
+    // (or its dependencies), the wave's time does not count against its timeout.
+    let remaining: Vec<StoreOutcome> = plan.wave_stores[i]
+        .iter()
+        .filter(|s| by_store.get(s.as_str()).is_some_and(|v| v.online))
+        .filter_map(|s| plan.outcomes.get(s.as_str()).copied())
+        .filter(|o| matches!(o, StoreOutcome::Pending | StoreOutcome::Waiting))
+        .collect();
+    let all_wait = !remaining.is_empty() && remaining.iter().all(|o| *o == StoreOutcome::Waiting);
+    if all_wait && plan.last_step_ms > 0 {
+        plan.wave_waited_ms += now_ms.saturating_sub(plan.last_step_ms);
+    }
+    plan.last_step_ms = now_ms;
     // Abort on the failure share (once enough stores finished) or a wave timeout.
     let failed: Vec<&String> = plan
         .outcomes
@@ -438,7 +497,11 @@ pub fn step(
                 .collect::<Vec<_>>()
                 .join(", ")
         ))
-    } else if now_ms.saturating_sub(plan.wave_started_ms) > plan.abort.wave_timeout_s * 1000 {
+    } else if now_ms
+        .saturating_sub(plan.wave_started_ms)
+        .saturating_sub(plan.wave_waited_ms)
+        > plan.abort.wave_timeout_s * 1000
+    {
         Some(format!(
             "wave {} did not finish within {} s",
             plan.waves[i].name, plan.abort.wave_timeout_s
@@ -449,12 +512,39 @@ pub fn step(
     if let Some(reason) = abort_reason {
         return abort(plan, reason);
     }
-    // The gate: the converged share of the wave's online stores, then the soak time.
+    // The gate: the converged share of the wave's online stores, then the soak time. Stores
+    // waiting for their window are deferred like offline ones; while every remaining one
+    // waits, the wave waits with them.
     let wave = &plan.waves[i];
     let online: Vec<&String> = plan.wave_stores[i]
         .iter()
         .filter(|s| by_store.get(s.as_str()).is_some_and(|v| v.online))
+        .filter(|s| plan.outcomes.get(s.as_str()) != Some(&StoreOutcome::Waiting))
         .collect();
+    let waiting_here: Vec<String> = plan.wave_stores[i]
+        .iter()
+        .filter(|s| plan.outcomes.get(s.as_str()) == Some(&StoreOutcome::Waiting))
+        .map(|s| match plan.waits.get(s) {
+            Some(w) => format!("{s}: {w}"),
+            None => s.clone(),
+        })
+        .collect();
+    if online.is_empty() && !waiting_here.is_empty() {
+        // Only waiting stores are online: nothing to judge the gate on yet.
+        plan.gate_met_ms = None;
+        plan.waiting = format!(
+            "wave {}: {} store(s) waiting ({}){}",
+            wave.name,
+            waiting_here.len(),
+            waiting_here.join("; "),
+            if all_wait {
+                "; the wave timeout is held"
+            } else {
+                ""
+            }
+        );
+        return Vec::new();
+    }
     let done = online
         .iter()
         .filter(|s| plan.outcomes.get(s.as_str()) == Some(&StoreOutcome::Converged))
@@ -616,6 +706,7 @@ mod tests {
 
     fn rel(c: char) -> Release {
         Release {
+            schedule: Default::default(),
             url: "git://h/a.git".into(),
             revision: c.to_string().repeat(40),
             path: "apps/web".into(),
@@ -793,6 +884,128 @@ mod tests {
             ]
         );
         assert!(q.retire.is_empty());
+    }
+
+    /// Marks `stores` as waiting for their window to apply `rev`.
+    fn waiting(view: &mut [StoreView], stores: &[&str], rev: &Release) {
+        for v in view
+            .iter_mut()
+            .filter(|v| stores.contains(&v.store.as_str()))
+        {
+            v.status = Some(DeploymentStatus {
+                desired: Some(roost_schemas::DesiredRef {
+                    revision: rev.revision.clone(),
+                    sequence: 1,
+                    scope: "fleet".into(),
+                    origin: None,
+                }),
+                phase: Phase::Waiting,
+                reason: Some("window".into()),
+                next_window: Some("2026-12-07T02:00:00-05:00".into()),
+                ..Default::default()
+            });
+        }
+    }
+
+    #[test]
+    fn waiting_stores_are_deferred_and_hold_the_wave_timeout() {
+        let none = BTreeSet::new();
+        let abort = Abort {
+            failed_pct: 0,
+            min_finished: 1,
+            wave_timeout_s: 10,
+        };
+        let two = vec![
+            wave("first", |w| {
+                w.stores = Some(vec!["s01".into(), "s02".into()])
+            }),
+            wave("all", |w| w.fleet = Some(true)),
+        ];
+        // One converges, one waits for its window: the gate completes on the other.
+        let mut view = fleet(3);
+        let mut p = Plan::new("web", rel('b'), None, "o", two.clone(), abort.clone(), 0);
+        step(&mut p, &view, &none, 1_000);
+        set(&mut view, &["s01".into()], Phase::Converged, &rel('b'));
+        waiting(&mut view, &["s02"], &rel('b'));
+        let a = step(&mut p, &view, &none, 2_000);
+        assert_eq!(scopes(&a), vec!["publish fleet b"], "{}", p.waiting);
+        assert_eq!(p.outcomes["s02"], StoreOutcome::Waiting);
+        assert_eq!(p.waits["s02"], "window until 2026-12-07T02:00:00-05:00");
+        assert_eq!(p.counts().get("waiting"), Some(&1));
+        assert_ne!(p.status, PlanStatus::Aborted(String::new()));
+
+        // Every remaining store waits: the wave waits with them, and its timeout does not
+        // run down, however long the window takes.
+        let mut view = fleet(3);
+        let mut p = Plan::new("web", rel('b'), None, "o", two.clone(), abort.clone(), 0);
+        step(&mut p, &view, &none, 1_000);
+        waiting(&mut view, &["s01", "s02"], &rel('b'));
+        for t in [2_000, 60_000, 3_600_000] {
+            assert!(step(&mut p, &view, &none, t).is_empty());
+            assert_eq!(p.status, PlanStatus::Running, "{t}: {}", p.waiting);
+            assert!(p.waiting.contains("timeout is held"), "{}", p.waiting);
+        }
+        // The window opens: they converge, the wave completes.
+        set(
+            &mut view,
+            &["s01".into(), "s02".into()],
+            Phase::Converged,
+            &rel('b'),
+        );
+        assert_eq!(
+            scopes(&step(&mut p, &view, &none, 3_601_000)),
+            vec!["publish fleet b"]
+        );
+
+        // A store that is merely pending runs the timeout down as before.
+        let mut view = fleet(3);
+        let mut p = Plan::new("web", rel('b'), None, "o", two, abort, 0);
+        step(&mut p, &view, &none, 1_000);
+        waiting(&mut view, &["s01"], &rel('b'));
+        step(&mut p, &view, &none, 2_000);
+        step(&mut p, &view, &none, 20_000);
+        assert!(
+            matches!(&p.status, PlanStatus::Aborted(r) if r.contains("did not finish")),
+            "{:?}",
+            p.status
+        );
+    }
+
+    #[test]
+    fn a_rolled_back_store_counts_as_failed_for_abort() {
+        let none = BTreeSet::new();
+        let mut view = fleet(2);
+        let mut p = Plan::new(
+            "web",
+            rel('b'),
+            Some(rel('a')),
+            "o",
+            vec![wave("all", |w| w.fleet = Some(true))],
+            Abort {
+                failed_pct: 20,
+                min_finished: 1,
+                wave_timeout_s: 600,
+            },
+            0,
+        );
+        step(&mut p, &view, &none, 1);
+        for v in view.iter_mut().filter(|v| v.store == "s01") {
+            v.status = Some(DeploymentStatus {
+                applied_revision: Some(rel('a').revision),
+                last_attempted_revision: Some(rel('b').revision),
+                failed_revision: Some(rel('b').revision),
+                phase: Phase::RolledBack,
+                reason: Some("hook_failed".into()),
+                ..Default::default()
+            });
+        }
+        let a = step(&mut p, &view, &none, 2);
+        assert_eq!(scopes(&a), vec!["publish fleet a"]);
+        assert!(
+            matches!(&p.status, PlanStatus::Aborted(r) if r.contains("s01")),
+            "{:?}",
+            p.status
+        );
     }
 
     #[test]

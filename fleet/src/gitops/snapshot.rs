@@ -90,6 +90,7 @@ mod tests {
 
     fn envelope(key: &SigningKey, scope: Scope, seq: u64, remove: bool) -> Vec<u8> {
         let r = Rollout {
+            schedule: Default::default(),
             deployment: "web".into(),
             scope,
             sequence: seq,

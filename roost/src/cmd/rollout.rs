@@ -103,12 +103,14 @@ pub async fn run(a: RolloutArgs, cancel: CancellationToken) -> anyhow::Result<()
             .await?
         };
     let spec = RolloutSpec {
+        schedule: Default::default(),
         deployment: a.deployment,
         scope,
         url: a.repo,
         revision,
         path: a.path,
         policy: Policy {
+            on_failure: None,
             prune: !a.no_prune,
             self_heal: !a.no_self_heal,
             health_timeout_s: a.health_timeout,

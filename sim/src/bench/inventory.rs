@@ -129,6 +129,7 @@ pub async fn run(opts: &InventoryOptions) -> Result<serde_json::Value, BenchErro
         for (name, d) in &fleet.deployments {
             let Some(src) = &d.source else { continue };
             let release = Release {
+                schedule: Default::default(),
                 url: src.url.clone(),
                 revision: "a".repeat(40),
                 path: src.path.clone(),

@@ -377,6 +377,7 @@ port = {cp}
     pub async fn publish(&mut self, revision: &str) -> Result<(), BenchError> {
         self.sequence += 1;
         let spec = RolloutSpec {
+            schedule: Default::default(),
             deployment: DEPLOYMENT.into(),
             scope: Scope::Fleet,
             url: self.daemon.url("apps.git"),

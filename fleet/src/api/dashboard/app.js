@@ -69,14 +69,15 @@ function planCard(p) {
       onclick: () => planAction(p.deployment, action),
     }, action);
   const waves = el("table", {},
-    el("tr", {}, ...["wave", "target", "state", "progress", "converged", "failed", "deferred", "pending", "gate"].map((h) => el("th", {}, h))),
+    el("tr", {}, ...["wave", "target", "state", "progress", "converged", "failed", "deferred", "waiting", "pending", "gate"].map((h) => el("th", {}, h))),
     ...p.waves.map((w) => {
       const pct = w.stores ? Math.round((100 * w.converged) / w.stores) : 0;
       return el("tr", { "data-wave": w.name, "data-state": w.state },
         el("td", {}, w.name), el("td", {}, w.target), el("td", {}, w.state),
         el("td", {}, el("span", { class: "bar", title: pct + " %" }, el("i", { style: "" })), ` ${w.converged}/${w.stores}`),
         el("td", {}, String(w.converged)), el("td", {}, String(w.failed)),
-        el("td", {}, String(w.deferred)), el("td", {}, String(w.pending)),
+        el("td", {}, String(w.deferred)), el("td", { "data-k": "waiting" }, String(w.waiting || 0)),
+        el("td", {}, String(w.pending)),
         el("td", { class: "muted" }, `${w.converged_pct} %` + (w.soak_s ? `, soak ${w.soak_s} s` : "")));
     }));
   // Widths set after creation (no inline style strings from data).
@@ -94,7 +95,11 @@ function planCard(p) {
       el("span", { class: "actions" }, btn("pause", running), btn("resume", paused), btn("abort", running || paused))),
     p.reason ? el("div", { class: "waiting" }, "aborted: " + p.reason) : null,
     p.waiting ? el("div", { class: "waiting", "data-k": "waiting" }, "waiting: " + p.waiting) : null,
-    waves);
+    waves,
+    p.waits && Object.keys(p.waits).length
+      ? el("ul", { class: "waits", "data-k": "waits" },
+        ...Object.entries(p.waits).map(([s, why]) => el("li", { "data-store": s }, `${s} waits: ${why}`)))
+      : null);
 }
 
 function token() {
@@ -171,7 +176,8 @@ function rowEl(r) {
       d ? el("span", { class: "sub" }, d.scope) : null),
     el("td", { class: "marker " + marker }, r.marker),
     el("td", {}, r.applied ? el("code", { title: r.applied.revision, "data-k": "applied" }, r.applied.short) : el("span", { class: "muted" }, "–")),
-    el("td", {}, el("span", { class: "chip ph-" + r.shown, title: r.stale ? `reported ${r.phase}; ${r.stale_reason || "stale"}` : r.message }, r.shown)),
+    el("td", {}, el("span", { class: "chip ph-" + r.shown, title: r.stale ? `reported ${r.phase}; ${r.stale_reason || "stale"}` : r.message }, r.shown),
+      r.note && !r.stale ? el("span", { class: "sub", "data-k": "note" }, r.note) : null),
     el("td", {}, r.drift ? "drift" : ""),
     el("td", {}, el("span", { class: "pres-" + r.presence }, r.presence),
       el("span", { class: "sub", "data-ts": r.last_heard || "" }, age(r.last_heard))),
