@@ -2010,7 +2010,7 @@ async fn a_dependent_waits_for_its_dependency_and_a_cycle_publishes_nothing() {
     let store = r.stores[0].name.clone();
     // The dependency's hook takes 3 s, so its dependent is seen waiting.
     let crds = format!("crds-{}", &r.dep[5..]);
-    std::fs::write(r.stores[0].dir.join("slow"), format!("{crds}")).expect("slow");
+    std::fs::write(r.stores[0].dir.join("slow"), &crds).expect("slow");
     let rev1 = r.commit_app("1");
     let yaml = format!(
         "{}    depends_on: [{crds}]\n  {crds}:\n    source:\n      url: {}\n      ref: HEAD\n      path: {APP}\n",
