@@ -1908,7 +1908,26 @@ async fn stores_apply_in_their_local_window_and_a_waiting_store_does_not_block_t
             "{table}"
         );
     }
-    // It applies when its window opens, not before.
+    // It applies when its window opens, not before, on its own timer: with its uplink down
+    // (when there is time to take it down before the opening), seen on its edge broker.
+    if jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(3))
+        .is_ok_and(|t| t < open)
+    {
+        let edge = harness::Observer::start(r.stores[1].edge).await;
+        r.stores[1].stop_bridge().await;
+        let local = edge
+            .wait_event(&utc, "dev.roost.converged", T, |e| {
+                e.data["revision"] == rev1.as_str()
+            })
+            .await;
+        let at: jiff::Timestamp = local.time.parse().expect("time");
+        assert!(
+            at >= open,
+            "converged offline at {at}, window opens at {open}"
+        );
+        r.stores[1].start_bridge();
+    }
     let converged = r.converged(&utc, &rev1).await;
     let at: jiff::Timestamp = converged.time.parse().expect("time");
     assert!(at >= open, "converged at {at}, window opens at {open}");
