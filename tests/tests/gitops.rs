@@ -1908,7 +1908,26 @@ async fn stores_apply_in_their_local_window_and_a_waiting_store_does_not_block_t
             "{table}"
         );
     }
-    // It applies when its window opens, not before.
+    // It applies when its window opens, not before, on its own timer: with its uplink down
+    // (when there is time to take it down before the opening), seen on its edge broker.
+    if jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_secs(3))
+        .is_ok_and(|t| t < open)
+    {
+        let edge = harness::Observer::start(r.stores[1].edge).await;
+        r.stores[1].stop_bridge().await;
+        let local = edge
+            .wait_event(&utc, "dev.roost.converged", T, |e| {
+                e.data["revision"] == rev1.as_str()
+            })
+            .await;
+        let at: jiff::Timestamp = local.time.parse().expect("time");
+        assert!(
+            at >= open,
+            "converged offline at {at}, window opens at {open}"
+        );
+        r.stores[1].start_bridge();
+    }
     let converged = r.converged(&utc, &rev1).await;
     let at: jiff::Timestamp = converged.time.parse().expect("time");
     assert!(at >= open, "converged at {at}, window opens at {open}");
@@ -1922,6 +1941,13 @@ async fn stores_apply_in_their_local_window_and_a_waiting_store_does_not_block_t
 async fn a_failing_revision_is_rolled_back_at_the_store_with_the_uplink_cut() {
     let mut r = Rig::new(1, 1).await;
     let store = r.stores[0].name.clone();
+    // The store's uplink runs through a fault proxy.
+    let proxy = roost_tests::proxy::FaultProxy::start(r.cloud)
+        .await
+        .expect("proxy");
+    r.stores[0].stop_bridge().await;
+    r.stores[0].bridge_cfg.cloud = roost_bridge::Endpoint::local(proxy.addr(), 2);
+    r.stores[0].start_bridge();
     let rev1 = r.commit_app("1");
     // A soak keeps the plan open while the store is cut off (an offline store is deferred:
     // it does not block the gate).
@@ -1941,10 +1967,10 @@ async fn a_failing_revision_is_rolled_back_at_the_store_with_the_uplink_cut() {
             e.data["revision"] == rev2.as_str()
         })
         .await;
-    // The uplink goes down while the hook runs; what the store does is seen on its own
-    // edge broker.
+    // The uplink is cut while the hook runs; what the store does is seen on its own edge
+    // broker, and nothing of it reaches the cloud until the link heals.
     let edge = harness::Observer::start(r.stores[0].edge).await;
-    r.stores[0].stop_bridge().await;
+    proxy.cut();
     let cut_at = jiff::Timestamp::now();
     // The store rolls back by itself: rev1's files are live again.
     edge.wait_event(&store, "dev.roost.rolled_back", T, |e| {
@@ -1954,8 +1980,15 @@ async fn a_failing_revision_is_rolled_back_at_the_store_with_the_uplink_cut() {
     let live = r.stores[0].current(&r.dep);
     let link = std::fs::read_link(&live).expect("current");
     assert!(link.to_string_lossy().contains(&rev1), "{}", link.display());
+    assert!(
+        r.obs
+            .snapshot()
+            .of(&store, "dev.roost.rolled_back")
+            .is_empty(),
+        "not at the cloud while the link is cut"
+    );
     let healed_at = jiff::Timestamp::now();
-    r.stores[0].start_bridge();
+    proxy.heal();
     let rb = r
         .obs
         .wait_event(&store, "dev.roost.rolled_back", T, |e| {

@@ -391,14 +391,8 @@ async fn step<T: Target>(
             }
             applied?;
             health_stage(ctx, deployment, rollout, &plan, rx, cancel).await?;
-            let rec = ctx.ledger.record(deployment);
-            if rec.phase == roost_schemas::Phase::Degraded
-                && rollout.policy.on_failure() == roost_schemas::OnFailure::Rollback
-            {
-                let reason = rec.reason.unwrap_or(Reason::HealthTimeout);
-                if rollback::run(ctx, rollout, reason, rec.message.clone()).await? {
-                    return Ok(wait(rx, Duration::from_secs(3600), cancel).await);
-                }
+            if rollback::after_health(ctx, rollout).await? {
+                return Ok(wait(rx, Duration::from_secs(3600), cancel).await);
             }
             drift::watch(ctx, rollout, &plan, rx, cancel).await
         }
@@ -406,6 +400,9 @@ async fn step<T: Target>(
             let (plan, _) = prepare(ctx, rollout, rx, false).await?;
             info!(%deployment, revision = ?rec.applied.as_ref().map(|a| &a.revision), "reporting the outcome of an apply finished before a restart");
             health_stage(ctx, deployment, rollout, &plan, rx, cancel).await?;
+            if rollback::after_health(ctx, rollout).await? {
+                return Ok(wait(rx, Duration::from_secs(3600), cancel).await);
+            }
             drift::watch(ctx, rollout, &plan, rx, cancel).await
         }
         (Step::InSync, Desired::Apply { rollout, .. }) => {

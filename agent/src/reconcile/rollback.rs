@@ -23,6 +23,19 @@ pub fn wanted_for<T: Target>(_ctx: &Ctx<T>, rollout: &Rollout, error: &StageErro
         }
 }
 
+/// After the health stage: rolls back when the policy asks for it and the revision was
+/// recorded `Degraded` (health not reached in time, or a failed hook). `Ok(true)`: rolled back.
+pub async fn after_health<T: Target>(ctx: &Ctx<T>, rollout: &Rollout) -> Result<bool, StageError> {
+    let rec = ctx.ledger.record(&rollout.deployment);
+    if rec.phase != roost_schemas::Phase::Degraded
+        || rollout.policy.on_failure() != OnFailure::Rollback
+    {
+        return Ok(false);
+    }
+    let reason = rec.reason.unwrap_or(Reason::HealthTimeout);
+    run(ctx, rollout, reason, rec.message).await
+}
+
 /// Restores the last good revision. `Ok(false)`: there is none (or it is the failed one), so
 /// the deployment stays as it failed.
 pub async fn run<T: Target>(

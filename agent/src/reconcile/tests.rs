@@ -538,22 +538,18 @@ async fn a_failed_revision_is_rolled_back_to_the_last_good_and_not_retried() {
     rig.start();
     let policy = Policy {
         on_failure: Some(roost_schemas::OnFailure::Rollback),
+        health_timeout_s: 1,
         ..Policy::default()
     };
     rig.want(&repo.url(), &good, policy.clone());
     rig.wait("dev.roost.converged", Some(&good)).await;
-    // The bad revision's hook fails.
-    rig.fake
-        .state
-        .lock()
-        .expect("state")
-        .health
-        .push_back(crate::targets::fake::hook_failed("hook exited with 1"));
+    // The bad revision never gets healthy.
+    rig.fake.set_healthy(false);
     rig.want(&repo.url(), &bad, policy.clone());
     let rb = rig.wait("dev.roost.rolled_back", Some(&bad)).await;
     assert_eq!(rb.data["failed_revision"], bad.as_str());
     assert_eq!(rb.data["restored_revision"], good.as_str());
-    assert_eq!(rb.reason(), Some("hook_failed"));
+    assert_eq!(rb.reason(), Some("health_timeout"));
     rig.wait_status("rolled back", |s| {
         s.phase == Phase::RolledBack
             && s.applied_revision.as_deref() == Some(good.as_str())
@@ -564,6 +560,7 @@ async fn a_failed_revision_is_rolled_back_to_the_last_good_and_not_retried() {
     let pruned = rig.wait("dev.roost.pruned", Some(&bad)).await;
     assert_eq!(pruned.data["pruned"], serde_json::json!(["b.yaml"]));
     // A new rollout is tried; the failed one was applied once only.
+    rig.fake.set_healthy(true);
     let fixed = repo.commit(&[("a.yaml", "a: 3\n")]);
     rig.want(&repo.url(), &fixed, policy);
     rig.wait("dev.roost.converged", Some(&fixed)).await;
@@ -580,15 +577,14 @@ async fn without_rollback_policy_a_failed_revision_stays() {
     let bad = repo.commit(&[("a.yaml", "a: 2\n")]);
     let mut rig = Rig::new().await;
     rig.start();
-    rig.want(&repo.url(), &good, Policy::default());
+    let policy = Policy {
+        health_timeout_s: 1,
+        ..Policy::default()
+    };
+    rig.want(&repo.url(), &good, policy.clone());
     rig.wait("dev.roost.converged", Some(&good)).await;
-    rig.fake
-        .state
-        .lock()
-        .expect("state")
-        .health
-        .push_back(crate::targets::fake::hook_failed("hook exited with 1"));
-    rig.want(&repo.url(), &bad, Policy::default());
+    rig.fake.set_healthy(false);
+    rig.want(&repo.url(), &bad, policy);
     rig.wait("dev.roost.degraded", Some(&bad)).await;
     rig.wait_status("degraded", |s| {
         s.phase == Phase::Degraded && s.applied_revision.as_deref() == Some(bad.as_str())
