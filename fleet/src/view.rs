@@ -29,11 +29,7 @@ use crate::judge::{self, Report, Verdict, Wanted};
 /// The heartbeat assumed for a status document that does not state one (seconds).
 pub const DEFAULT_HEARTBEAT_S: u64 = 60;
 
-/// How long a store may stay silent: `heartbeat × 2.5 + 5 s` (two heartbeats may be lost or
-/// queued behind a slow link before the store is called stale).
-pub fn allowed_silence_s(heartbeat_s: u64) -> u64 {
-    heartbeat_s.saturating_mul(5) / 2 + 5
-}
+pub use crate::judge::allowed_silence_s;
 
 /// A retained document as the view reads it: the JSON and, when it came from the fleet
 /// database, when the fleet service received it (the cloud's clock, not the store's).
@@ -367,7 +363,10 @@ pub fn build(inputs: &Inputs, now_ms: u64) -> FleetView {
             .flatten()
             .filter_map(|t: String| secs(&t).map(|s| (s, t)))
             .max();
-        let presence_info = match pr.and_then(|(_, p)| p.as_ref()) {
+        let heartbeat_s = doc
+            .and_then(|d| d.heartbeat_s)
+            .unwrap_or(DEFAULT_HEARTBEAT_S);
+        let reported = match pr.and_then(|(_, p)| p.as_ref()) {
             Some(p) => PresenceInfo {
                 state: match p.state {
                     PresenceState::Online => "online".into(),
@@ -385,14 +384,30 @@ pub fn build(inputs: &Inputs, now_ms: u64) -> FleetView {
             .and_then(|f| f.as_str())
             .map(str::to_owned);
         let stale = staleness(
-            &presence_info,
+            &reported,
             doc.is_some(),
             last_heard.as_ref().map(|(s, _)| *s),
-            doc.and_then(|d| d.heartbeat_s)
-                .unwrap_or(DEFAULT_HEARTBEAT_S),
+            heartbeat_s,
             freshness.as_deref(),
             now_s,
         );
+        // The one presence rule ([`judge::online`]): a retained "online" from a store not
+        // heard within its heartbeat allowance (its broker node died and took its will with
+        // it) shows offline, since it was last heard.
+        let presence_info = if reported.state == "online"
+            && !judge::online(
+                Some(PresenceState::Online),
+                last_heard.as_ref().map(|(s, _)| *s),
+                heartbeat_s,
+                now_s,
+            ) {
+            PresenceInfo {
+                state: "offline".into(),
+                since: last_heard.as_ref().map(|(_, t)| t.clone()),
+            }
+        } else {
+            reported
+        };
         let deployments = doc
             .map(|d| {
                 d.deployments
@@ -1118,7 +1133,11 @@ mod tests {
         );
         assert_eq!(v.stores[4].stale, Some(Staleness::NoStatus));
         assert_eq!(v.summary.stale, 3);
-        assert_eq!(v.summary.offline, 1);
+        // s3's retained presence says online, but it has been silent past its heartbeat: its
+        // node may have died without its will; it shows offline, since it was last heard.
+        assert_eq!(v.stores[2].presence.state, "offline");
+        assert_eq!(v.stores[2].presence.since.as_deref(), Some(at(60).as_str()));
+        assert_eq!(v.summary.offline, 2);
         assert_eq!(v.summary.by_phase.get("Converged"), Some(&1));
         assert_eq!(v.summary.by_phase.get("Stale"), Some(&2));
         assert_eq!(v.summary.with_gaps, 1);

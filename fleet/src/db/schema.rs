@@ -110,6 +110,19 @@ pub const MIGRATIONS: &[Migration] = &[
             );
             CREATE TABLE IF NOT EXISTS gitops_requests (id {serial}, deployment TEXT, action TEXT NOT NULL, at TEXT NOT NULL);",
     },
+    Migration {
+        version: 3,
+        name: "the broker audit",
+        text: "CREATE TABLE broker_audit (
+                id {int} PRIMARY KEY CHECK (id = 1),
+                at TEXT NOT NULL,
+                trigger TEXT NOT NULL,
+                held {int} NOT NULL,
+                repaired TEXT NOT NULL,
+                audits {int} NOT NULL,
+                repaired_total {int} NOT NULL
+            );",
+    },
 ];
 
 /// The table of applied migrations (rendered like a migration).
@@ -250,6 +263,7 @@ mod tests {
                 "gitops_plans",
                 "gitops_published",
                 "gitops_requests",
+                "broker_audit",
             ] {
                 assert!(has_table(c, t)?, "{t}");
             }

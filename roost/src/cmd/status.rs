@@ -15,7 +15,8 @@ use super::BrokerSecurity;
 /// Arguments of `roost status`.
 #[derive(clap::Args)]
 pub struct StatusArgs {
-    /// Cloud broker HOST:PORT or mqtts://HOST:PORT (reads the retained documents).
+    /// Cloud broker HOST:PORT or mqtts://HOST:PORT (reads the retained documents); several
+    /// comma-separated (a cluster's nodes: the next is tried when one fails).
     #[arg(long, env = "ROOST_BROKER", required_unless_present = "db")]
     broker: Option<String>,
     #[command(flatten)]
