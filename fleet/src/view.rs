@@ -23,6 +23,7 @@ use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::{Origin, Phase, Presence, PresenceState, StatusDoc, Topics};
 use serde::Serialize;
 
+use crate::db::audit::AuditRecord;
 use crate::db::{DbError, FleetDb, Gap};
 use crate::judge::{self, Report, Verdict, Wanted};
 
@@ -54,6 +55,9 @@ pub struct Inputs {
     pub gaps: Vec<Gap>,
     /// Known commits: revision -> (subject, committed_at).
     pub revisions: HashMap<String, (String, String)>,
+    /// The last audit of the cloud broker's retained desired state (only the fleet
+    /// database knows it).
+    pub audit: Option<AuditRecord>,
 }
 
 /// Reads the inputs from the fleet database.
@@ -79,6 +83,7 @@ pub fn load(db: &FleetDb) -> Result<Inputs, DbError> {
         presence,
         gaps: db.gaps()?,
         revisions: db.revisions()?,
+        audit: db.last_audit()?,
     })
 }
 
@@ -112,6 +117,10 @@ pub struct FleetView {
     pub summary: Summary,
     /// One row per store, by name.
     pub stores: Vec<StoreRow>,
+    /// The last audit of the cloud broker's retained desired state against the record:
+    /// when, what started it, what the broker held and what it republished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_audit: Option<AuditRecord>,
 }
 
 /// Counts for the fleet at a glance.
@@ -464,6 +473,7 @@ pub fn build(inputs: &Inputs, now_ms: u64) -> FleetView {
         generated_at: rfc3339_ms(now_ms),
         summary: summarize(&rows),
         stores: rows,
+        broker_audit: inputs.audit.clone(),
     }
 }
 
@@ -951,6 +961,23 @@ pub fn render_summary(s: &Summary) -> String {
     )
 }
 
+/// The line about the last broker audit (empty before the first, or from a broker's retained
+/// messages, which know nothing of audits).
+pub fn render_audit(a: Option<&AuditRecord>) -> String {
+    let Some(a) = a else {
+        return String::new();
+    };
+    let repaired = if a.repaired.is_empty() {
+        "nothing to repair".to_owned()
+    } else {
+        format!("republished {}", a.repaired.join(", "))
+    };
+    format!(
+        "broker audit {} ({}): the broker held {} desired-state topics, {repaired}; {} audits, {} topics republished in all\n",
+        a.at, a.trigger, a.held, a.audits, a.repaired_total
+    )
+}
+
 /// The comparison table (Weave Cloud's "source vs target").
 pub fn render_compare(source: &Selector, target: &Selector, rows: &[Comparison]) -> String {
     let runs = |r: &Runs| {
@@ -1094,6 +1121,7 @@ mod tests {
                 to: 2,
             }],
             revisions,
+            audit: None,
         }
     }
 

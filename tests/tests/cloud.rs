@@ -207,7 +207,7 @@ async fn a_nats_node_killed_mid_rollout_loses_no_store_and_no_event() {
         let first = if i % 3 == 2 { 1 } else { 0 };
         rig.bridge_cfg.cloud.port = 0;
         rig.bridge_cfg.cloud.hosts = nats.addrs_from(first);
-        rig.bridge_cfg.cloud.keep_alive_s = Some(2);
+        rig.bridge_cfg.cloud.keep_alive_s = Some(5);
         rig.start();
         stores.push(rig);
     }
@@ -350,7 +350,7 @@ async fn quorum_loss_fails_a_rollout_visibly_and_the_audit_restores_desired_stat
     );
     rig.bridge_cfg.cloud.port = 0;
     rig.bridge_cfg.cloud.hosts = nats.addrs_from(0);
-    rig.bridge_cfg.cloud.keep_alive_s = Some(2);
+    rig.bridge_cfg.cloud.keep_alive_s = Some(5);
     rig.start();
     wait_bridge_ready(rig.edge, &fleet, "store-0001").await;
     let topic = Topics::default().deployment(&Scope::Fleet, DEPLOYMENT);

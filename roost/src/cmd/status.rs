@@ -98,11 +98,14 @@ pub async fn run(a: StatusArgs, cancel: CancellationToken) -> anyhow::Result<()>
                 serde_json::to_string_pretty(&serde_json::json!({
                     "generated_at": v.generated_at,
                     "summary": v.summary,
+                    "broker_audit": v.broker_audit,
                     "stores": rows,
                 }))? + "\n"
             }
             (None, false) => {
-                view::render_summary(&v.summary) + &view::render(&view::filter(&v, &filter))
+                view::render_summary(&v.summary)
+                    + &view::render_audit(v.broker_audit.as_ref())
+                    + &view::render(&view::filter(&v, &filter))
             }
         };
         let Some(every) = a.watch else {
