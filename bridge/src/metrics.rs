@@ -58,17 +58,18 @@ impl Collector for Forwarding {
                 ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
             }
         }
-        let mut m = encoder.encode_descriptor(
-            "roost_bridge_dropped",
-            "Upward messages dropped (acknowledged at the edge, never forwarded), by reason",
-            None,
-            MetricType::Counter,
-        )?;
-        for r in DropReason::ALL {
-            let labels = ReasonLabels { reason: r.as_str() };
-            ConstCounter::new(self.upward.dropped(r)).encode(m.encode_family(&labels)?)?;
+        {
+            let mut m = encoder.encode_descriptor(
+                "roost_bridge_dropped",
+                "Upward messages dropped (acknowledged at the edge, never forwarded), by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for r in DropReason::ALL {
+                let labels = ReasonLabels { reason: r.as_str() };
+                ConstCounter::new(self.upward.dropped(r)).encode(m.encode_family(&labels)?)?;
+            }
         }
-        drop(m);
         let gauges = [
             (
                 "roost_bridge_cloud_confirmed_roostseq",

@@ -990,11 +990,23 @@ mod tests {
             ["a:1", "b:2"]
         );
         let both = parse("hosts = [\"a:1\"]\nport = 1");
-        assert!(both.validate("cloud").unwrap_err().field.ends_with("hosts"));
+        assert!(both
+            .validate("cloud")
+            .expect_err("refused")
+            .field
+            .ends_with("hosts"));
         let none = parse("host = \"a\"");
-        assert!(none.validate("cloud").unwrap_err().field.ends_with("port"));
+        assert!(none
+            .validate("cloud")
+            .expect_err("refused")
+            .field
+            .ends_with("port"));
         let bad = parse("hosts = [\"a\"]");
-        assert!(bad.validate("cloud").unwrap_err().field.ends_with("hosts"));
+        assert!(bad
+            .validate("cloud")
+            .expect_err("refused")
+            .field
+            .ends_with("hosts"));
     }
 
     #[test]

@@ -9,7 +9,6 @@
 //! one `cloud …:` summary line with what was lost.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use roost_runtime::outbox::OverflowTarget;
@@ -421,10 +420,13 @@ async fn quorum_loss_fails_a_rollout_visibly_and_the_audit_restores_desired_stat
         let addr = node.mqtt.to_string();
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let got =
-                roost_fleet::cloud::read_retained(&addr, &[topic.clone()], Duration::from_secs(3))
-                    .await
-                    .unwrap_or_default();
+            let got = roost_fleet::cloud::read_retained(
+                &addr,
+                std::slice::from_ref(&topic),
+                Duration::from_secs(3),
+            )
+            .await
+            .unwrap_or_default();
             if got.iter().any(|(_, p)| *p == e2) {
                 break;
             }
