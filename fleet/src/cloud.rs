@@ -161,12 +161,7 @@ impl BrokerTarget {
 
     /// Every address, in the order tried.
     pub fn addresses(&self) -> Vec<BrokerAddr> {
-        let mut all = vec![BrokerAddr {
-            host: self.host.clone(),
-            port: self.port,
-        }];
-        all.extend(self.fallbacks.iter().cloned());
-        all
+        BrokerAddr::with_fallbacks(&self.host, self.port, &self.fallbacks)
     }
 
     /// The error of a failed connection, explained where it is a TLS or auth problem.

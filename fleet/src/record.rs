@@ -85,12 +85,7 @@ impl FleetOptions {
 
     /// Every broker address, in the order tried.
     pub fn addresses(&self) -> Vec<BrokerAddr> {
-        let mut all = vec![BrokerAddr {
-            host: self.host.clone(),
-            port: self.port,
-        }];
-        all.extend(self.fallbacks.iter().cloned());
-        all
+        BrokerAddr::with_fallbacks(&self.host, self.port, &self.fallbacks)
     }
 }
 

@@ -193,6 +193,16 @@ impl BrokerAddr {
         })
     }
 
+    /// `host`:`port` first, then `more`: every address a client tries, in order.
+    pub fn with_fallbacks(host: &str, port: u16, more: &[BrokerAddr]) -> Vec<BrokerAddr> {
+        let mut all = vec![BrokerAddr {
+            host: host.to_owned(),
+            port,
+        }];
+        all.extend(more.iter().cloned());
+        all
+    }
+
     /// Parses a comma-separated list (`h1:1883,h2:1883`), at least one.
     pub fn parse_list(s: &str) -> Result<Vec<BrokerAddr>, String> {
         let list = s
@@ -343,12 +353,7 @@ impl LinkConfig {
 
     /// Every broker address, in the order tried.
     pub fn addresses(&self) -> Vec<BrokerAddr> {
-        let mut all = vec![BrokerAddr {
-            host: self.host.clone(),
-            port: self.port,
-        }];
-        all.extend(self.fallbacks.iter().cloned());
-        all
+        BrokerAddr::with_fallbacks(&self.host, self.port, &self.fallbacks)
     }
 
     fn validate(&self) -> Result<(), LinkError> {

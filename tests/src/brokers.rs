@@ -11,6 +11,14 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use crate::fixtures::free_addr;
 use crate::harness::{Component, FleetService};
 
+/// SIGKILLs a child process (no clean shutdown) and reaps it.
+fn sigkill(child: &mut Option<std::process::Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 /// One node of a [`NatsCluster`]: a `nats-server` child process with MQTT on loopback.
 pub struct NatsNode {
     /// The node's name (`server_name`).
@@ -44,10 +52,7 @@ impl NatsNode {
 
     /// SIGKILLs the node (no clean shutdown: its clients' wills are not published).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        sigkill(&mut self.child);
     }
 
     /// Whether the node runs.
@@ -232,10 +237,7 @@ impl MosquittoCloud {
 
     /// SIGKILLs it: what it acknowledged since its last autosave is gone.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        sigkill(&mut self.child);
     }
 
     /// Starts it (again) and waits until it listens.
