@@ -245,7 +245,7 @@ async fn a_nats_node_killed_mid_rollout_loses_no_store_and_no_event() {
     nats.nodes[0].kill();
     let killed_at = Instant::now();
     eventually(
-        Duration::from_secs(180),
+        Duration::from_secs(300),
         "every store converged after the node died",
         || {
             stores
