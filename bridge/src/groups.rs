@@ -57,11 +57,13 @@ pub fn profile_groups(store: &str, payload: &[u8]) -> Result<ProfileGroups, Grou
 }
 
 /// What the bridge subscribes to on the cloud broker: the deployment topics of the store, of
-/// `groups` and of the fleet, the fleet snapshot, and the store's profile.
+/// `groups` and of the fleet, the fleet snapshot, the store's profile, and the fleet record's
+/// end-to-end confirmation for the store (not carried down: the bridge consumes it).
 pub fn cloud_subscriptions(topics: &Topics, store: &str, groups: &[String]) -> Vec<String> {
     let mut subs = topics.store_deployment_filters(store, groups);
     subs.push(topics.snapshot());
     subs.push(topics.profile(store));
+    subs.push(topics.confirmed(store));
     subs
 }
 
@@ -177,6 +179,7 @@ mod tests {
                 "roost/v1/fleet/deployments/+",
                 "roost/v1/fleet/snapshot",
                 "roost/v1/stores/s1/profile",
+                "roost/v1/stores/s1/confirmed",
             ]
         );
         assert!(is_left(&t, &g, "roost/v1/groups/us-east/deployments/web"));

@@ -4,13 +4,16 @@
 //! on the edge, also after the edge broker restarts; the groups are the profile's once one
 //! arrived (the configured ones before). Upward,
 //! the store's status and events are committed to a SQLite outbox before the edge broker gets
-//! its PUBACK and leave for the cloud in order, deleted only after the cloud's PUBACK.
+//! its PUBACK and leave for the cloud in order, deleted only once the fleet database confirms
+//! them end to end ([`confirm`]; until the first confirmation for the store, at the cloud's
+//! PUBACK).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub mod confirm;
 pub mod groups;
 pub mod metrics;
 pub mod upward;
@@ -472,8 +475,26 @@ pub async fn run_with(
     // for PUBACKs and refills under load; the cloud broker acknowledges from memory.
     cloud.window = CLOUD_WINDOW;
     cloud.tcp_nodelay = true;
+    // End-to-end confirmation: once the fleet has confirmed this store's events, every event
+    // stays in the outbox until a confirmation covers it (see `confirm`).
+    let holding = confirm::holding_at_open(&outbox).await?;
+    cloud.confirm_events = holding;
     let mut cloud_link = Link::start(cloud, Some(outbox.clone()), child.clone())?;
     let cloud_handle = cloud_link.handle.clone();
+    let mut confirmations =
+        confirm::Confirmations::new(outbox.clone(), cloud_handle.clone(), holding, stats.clone());
+    let (holding_tx, holding_rx) = tokio::sync::watch::channel(holding);
+    let stalls = tokio::spawn(
+        confirm::watch_stalls(
+            outbox.clone(),
+            cloud_handle.clone(),
+            stats.clone(),
+            holding_rx,
+            confirmations.advances(),
+            child.clone(),
+        )
+        .instrument(tracing::info_span!("confirmations", %store)),
+    );
 
     // Edge side: a persistent session, so the edge broker keeps the store's events for the
     // bridge while it restarts; acknowledged only once they are in the outbox.
@@ -516,12 +537,18 @@ pub async fn run_with(
         let cloud_handle = cloud_handle.clone();
         let profile_topic = topics.profile(&own);
         let configured = cfg.groups.clone();
+        let confirmed_topic = topics.confirmed(&own);
         async move {
             loop {
                 let m = tokio::select! {
                     _ = child.cancelled() => break,
                     m = cloud_link.incoming.recv() => match m { Some(m) => m, None => break },
                 };
+                if m.topic == confirmed_topic {
+                    confirmations.receive(&m.payload).await;
+                    holding_tx.send_replace(confirmations.holding());
+                    continue;
+                }
                 if !groups::is_downward(&topics, &own, &groups, &m.topic) {
                     debug!(topic = %m.topic, "not carried down (not this store's, or a group it left)");
                     continue;
@@ -725,6 +752,7 @@ pub async fn run_with(
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         let _ = down.await;
         let _ = up.await;
+        let _ = stalls.await;
         let _ = cloud_link.task.await;
         let _ = edge_link.task.await;
         if let Some(server) = metrics_server {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use roost_runtime::{LinkMetrics, OutboxMetrics};
@@ -57,16 +58,41 @@ impl Collector for Forwarding {
                 ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
             }
         }
-        let mut m = encoder.encode_descriptor(
-            "roost_bridge_dropped",
-            "Upward messages dropped (acknowledged at the edge, never forwarded), by reason",
+        {
+            let mut m = encoder.encode_descriptor(
+                "roost_bridge_dropped",
+                "Upward messages dropped (acknowledged at the edge, never forwarded), by reason",
+                None,
+                MetricType::Counter,
+            )?;
+            for r in DropReason::ALL {
+                let labels = ReasonLabels { reason: r.as_str() };
+                ConstCounter::new(self.upward.dropped(r)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let gauges = [
+            (
+                "roost_bridge_cloud_confirmed_roostseq",
+                "The fleet database's latest end-to-end confirmation for this store (roostseq)",
+                self.upward.cloud_confirmed(),
+            ),
+            (
+                "roost_bridge_holding_for_confirmation",
+                "1 while events stay in the outbox until the fleet confirms them (0: deleted at the cloud broker's PUBACK)",
+                u64::from(self.upward.holding()),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(v as i64).encode(m)?;
+        }
+        let m = encoder.encode_descriptor(
+            "roost_bridge_confirmation_stall_resends",
+            "Times the unconfirmed events were sent again because no confirmation came",
             None,
             MetricType::Counter,
         )?;
-        for r in DropReason::ALL {
-            let labels = ReasonLabels { reason: r.as_str() };
-            ConstCounter::new(self.upward.dropped(r)).encode(m.encode_family(&labels)?)?;
-        }
+        ConstCounter::new(self.upward.stall_resends()).encode(m)?;
         Ok(())
     }
 }
@@ -104,6 +130,8 @@ mod tests {
         m.upward.forwarded_one();
         m.upward.dropped_one(DropReason::Schema);
         m.down.inc();
+        m.upward.confirmed(42, true);
+        m.upward.stall_resend();
         let text = roost_runtime::Exporter::new(r).render().await;
         for want in [
             "# TYPE roost_bridge_forwarded_total counter",
@@ -111,6 +139,9 @@ mod tests {
             "roost_bridge_forwarded_total{direction=\"down\"} 1",
             "roost_bridge_dropped_total{reason=\"schema\"} 1",
             "roost_bridge_dropped_total{reason=\"foreign_topic\"} 0",
+            "roost_bridge_cloud_confirmed_roostseq 42",
+            "roost_bridge_holding_for_confirmation 1",
+            "roost_bridge_confirmation_stall_resends_total 1",
         ] {
             assert!(text.contains(want), "{want} missing:\n{text}");
         }

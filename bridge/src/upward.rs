@@ -4,7 +4,6 @@
 //! own. And the delivery watermark over interval sets, so no payload can make it loop over
 //! numbers or claim more than it is.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -16,10 +15,7 @@ use roost_schemas::{CloudEvent, EventType, Topics};
 pub const MAX_UPWARD_BYTES: usize = 512 * 1024;
 /// Most `lost_ranges` one overflow report may list (the agent merges them; it needs few).
 pub const MAX_LOST_RANGES: usize = 4096;
-/// Most intervals the watermark remembers above its contiguous prefix. Forgetting the highest
-/// is always safe: confirmation only covers the contiguous prefix, so a forgotten interval
-/// only means the agent resends those events (duplicates the cloud drops by id).
-pub const MAX_INTERVALS: usize = 1024;
+pub use roost_schemas::watermark::{IntervalSet, Watermark, MAX_INTERVALS};
 
 /// Why an upward message was dropped (acknowledged at the edge, not forwarded, not counted
 /// towards any confirmation).
@@ -106,6 +102,12 @@ fn refuse(reason: DropReason, detail: impl Into<String>) -> Dropped {
 pub struct UpwardStats {
     forwarded: AtomicU64,
     dropped: [AtomicU64; DropReason::ALL.len()],
+    /// The fleet's latest end-to-end confirmation (roostseq).
+    cloud_confirmed: AtomicU64,
+    /// 1 while the bridge holds events until the fleet confirms them.
+    holding: AtomicU64,
+    /// Times the unconfirmed events were sent again after a confirmation stall.
+    stall_resends: AtomicU64,
 }
 
 impl UpwardStats {
@@ -132,6 +134,32 @@ impl UpwardStats {
     /// Messages dropped for any reason.
     pub fn dropped_total(&self) -> u64 {
         DropReason::ALL.iter().map(|r| self.dropped(*r)).sum()
+    }
+
+    /// Notes the fleet's end-to-end confirmation and whether events are held for it.
+    pub fn confirmed(&self, roostseq: u64, holding: bool) {
+        self.cloud_confirmed.fetch_max(roostseq, Ordering::Relaxed);
+        self.holding.store(u64::from(holding), Ordering::Relaxed);
+    }
+
+    /// The fleet's latest end-to-end confirmation (0: none seen since the start).
+    pub fn cloud_confirmed(&self) -> u64 {
+        self.cloud_confirmed.load(Ordering::Relaxed)
+    }
+
+    /// Whether events are held until the fleet confirms them.
+    pub fn holding(&self) -> bool {
+        self.holding.load(Ordering::Relaxed) == 1
+    }
+
+    /// Counts a resend after a confirmation stall.
+    pub fn stall_resend(&self) {
+        self.stall_resends.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Resends after a confirmation stall so far.
+    pub fn stall_resends(&self) -> u64 {
+        self.stall_resends.load(Ordering::Relaxed)
     }
 }
 
@@ -317,151 +345,6 @@ fn lost_ranges(ev: &CloudEvent) -> Result<Vec<(u64, u64)>, Dropped> {
         ));
     }
     Ok(ranges)
-}
-
-/// Disjoint, non-adjacent inclusive intervals of `u64`, at most `cap` of them (inserting past
-/// the cap forgets the highest). Every operation is logarithmic in the number of intervals,
-/// whatever the width of the ranges.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IntervalSet {
-    /// start → end (inclusive).
-    map: BTreeMap<u64, u64>,
-    cap: usize,
-}
-
-impl Default for IntervalSet {
-    fn default() -> Self {
-        IntervalSet::with_cap(MAX_INTERVALS)
-    }
-}
-
-impl IntervalSet {
-    /// An empty set holding at most `cap` intervals (at least 1).
-    pub fn with_cap(cap: usize) -> IntervalSet {
-        IntervalSet {
-            map: BTreeMap::new(),
-            cap: cap.max(1),
-        }
-    }
-
-    /// Adds `[from, to]` (ignored unless `from <= to`), merging overlapping and adjacent
-    /// intervals.
-    pub fn insert(&mut self, from: u64, to: u64) {
-        if from > to {
-            return;
-        }
-        let (mut lo, mut hi) = (from, to);
-        if let Some((&s, &e)) = self.map.range(..=from).next_back() {
-            if e.saturating_add(1) >= from {
-                lo = s;
-                hi = hi.max(e);
-            }
-        }
-        // Every interval starting within [lo, hi + 1] merges.
-        let merged: Vec<(u64, u64)> = self
-            .map
-            .range(lo..=hi.saturating_add(1))
-            .map(|(s, e)| (*s, *e))
-            .collect();
-        for (s, e) in merged {
-            self.map.remove(&s);
-            hi = hi.max(e);
-        }
-        self.map.insert(lo, hi);
-        while self.map.len() > self.cap {
-            self.map.pop_last();
-        }
-    }
-
-    /// The lowest interval.
-    pub fn first(&self) -> Option<(u64, u64)> {
-        self.map.first_key_value().map(|(s, e)| (*s, *e))
-    }
-
-    /// Removes the lowest interval.
-    pub fn pop_first(&mut self) -> Option<(u64, u64)> {
-        self.map.pop_first()
-    }
-
-    /// Whether `x` is in the set.
-    pub fn contains(&self, x: u64) -> bool {
-        self.map
-            .range(..=x)
-            .next_back()
-            .is_some_and(|(_, e)| *e >= x)
-    }
-
-    /// Number of intervals.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// True when empty.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    /// The intervals, in order.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.map.iter().map(|(s, e)| (*s, *e))
-    }
-}
-
-/// The agent's events that are in the bridge's outbox: every roostseq up to `upto`, plus
-/// intervals above it that arrived out of order (after a gap that a resend will fill).
-#[derive(Debug, Clone, Default)]
-pub struct Watermark {
-    upto: u64,
-    above: IntervalSet,
-}
-
-impl Watermark {
-    /// Starting from a persisted watermark.
-    pub fn new(upto: u64) -> Watermark {
-        Watermark {
-            upto,
-            above: IntervalSet::default(),
-        }
-    }
-
-    /// The confirmed roostseq.
-    pub fn upto(&self) -> u64 {
-        self.upto
-    }
-
-    /// The intervals above the confirmed prefix.
-    pub fn above(&self) -> &IntervalSet {
-        &self.above
-    }
-
-    /// Records stored roostseqs (an inclusive range); returns whether `upto` advanced.
-    pub fn add(&mut self, from: u64, to: u64) -> bool {
-        if to <= self.upto || from > to {
-            return false;
-        }
-        let before = self.upto;
-        // upto < to <= u64::MAX, so upto + 1 does not overflow.
-        self.above.insert(from.max(self.upto + 1), to);
-        if let Some((s, e)) = self.above.first() {
-            if s == self.upto + 1 {
-                self.upto = e;
-                self.above.pop_first();
-            }
-        }
-        self.upto > before
-    }
-
-    /// Records what one checked event accounts for: its own roostseq and, for an overflow
-    /// report, the roostseqs the agent dropped (they will never come). Only ever given what
-    /// [`check_upward`] accepted, so every lost range lies below the event's own roostseq.
-    pub fn add_event(&mut self, roostseq: u64, lost: &[(u64, u64)]) -> bool {
-        let mut advanced = false;
-        for &(a, b) in lost {
-            advanced |= self.add(a, b.min(roostseq.saturating_sub(1)));
-        }
-        advanced |= self.add(roostseq, roostseq);
-        advanced
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use roost_runtime::Security;
+use roost_runtime::{next_address, suback_refused, BrokerAddr, Security};
 use roost_schemas::{Rollout, SigningKey, Topics};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 
@@ -52,6 +52,13 @@ pub enum CloudError {
         /// The client's error.
         #[source]
         source: Box<rumqttc::ClientError>,
+    },
+    /// The broker refused a subscription (a cluster moving a stream leader): a failed
+    /// connection, tried again.
+    #[error("mqtt: {broker} refused the subscription")]
+    Refused {
+        /// `HOST:PORT`.
+        broker: String,
     },
     /// The task that owned the connection ended.
     #[error("mqtt: {0}")]
@@ -105,13 +112,16 @@ pub fn parse_broker(s: &str) -> Result<(String, u16), CloudError> {
     Ok((h.to_owned(), port))
 }
 
-/// A broker to connect to: its address and the connection's transport security.
+/// A broker to connect to: its address (and a cluster's other nodes, tried in turn) and the
+/// connection's transport security.
 #[derive(Debug, Clone)]
 pub struct BrokerTarget {
     /// Host (for TLS: the name or address in the broker's certificate).
     pub host: String,
     /// Port.
     pub port: u16,
+    /// More addresses, tried in order after `host`:`port` when a connection fails.
+    pub fallbacks: Vec<BrokerAddr>,
     /// TLS and credentials.
     pub security: Security,
 }
@@ -120,8 +130,18 @@ impl BrokerTarget {
     /// Parses `HOST:PORT`, `mqtt://HOST:PORT` or `mqtts://HOST:PORT` with the security of
     /// the command line (`--tls-ca`, …), and checks its files. `mqtts://` without a CA file
     /// trusts the system's store; TLS flags with a bare `HOST:PORT` mean TLS too.
+    /// Several addresses, comma-separated (`h1:1883,h2:1883`), are one cluster: the same
+    /// scheme and security for each.
     pub fn parse(addr: &str, mut security: Security) -> Result<BrokerTarget, CloudError> {
-        let (host, port) = parse_broker(addr)?;
+        let mut list = BrokerAddr::parse_list(addr)
+            .map_err(CloudError::Usage)?
+            .into_iter();
+        let first = list
+            .next()
+            .ok_or_else(|| CloudError::Usage("no broker address".into()))?;
+        let fallbacks: Vec<BrokerAddr> = list.collect();
+        let (host, port) = (first.host, first.port);
+        let addr = addr.trim();
         if addr.starts_with("mqtts://") && security.tls.is_none() {
             security.tls = Some(roost_runtime::TlsFiles::default());
         }
@@ -134,14 +154,25 @@ impl BrokerTarget {
         Ok(BrokerTarget {
             host,
             port,
+            fallbacks,
             security,
         })
+    }
+
+    /// Every address, in the order tried.
+    pub fn addresses(&self) -> Vec<BrokerAddr> {
+        BrokerAddr::with_fallbacks(&self.host, self.port, &self.fallbacks)
     }
 
     /// The error of a failed connection, explained where it is a TLS or auth problem.
     pub fn error(&self, e: rumqttc::ConnectionError) -> CloudError {
         CloudError::Connection {
-            broker: format!("{}:{}", self.host, self.port),
+            broker: self
+                .addresses()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
             problem: self.security.diagnose(&e),
             source: Box::new(e),
         }
@@ -173,18 +204,86 @@ impl ToBroker for BrokerTarget {
     }
 }
 
-/// Connects a short-lived client; the caller polls the event loop.
+/// Connects a short-lived client to the target's first address; the caller polls the event
+/// loop (and moves to the next address with [`BrokerTarget::options`] when it fails).
 pub fn connect(
     broker: &(impl ToBroker + ?Sized),
     client_prefix: &str,
 ) -> Result<(AsyncClient, EventLoop), CloudError> {
     let target = broker.to_broker()?;
     let id = format!("{client_prefix}-{}", uuid_like());
-    let mut o = MqttOptions::new(id, target.host.clone(), target.port);
-    o.set_keep_alive(Duration::from_secs(10));
-    o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
-    target.security.apply(&mut o)?;
+    let o = target.options(&id, 0)?;
     Ok(AsyncClient::new(o, 1024))
+}
+
+/// How long a short-lived command keeps trying a target's addresses in turn (with the link's
+/// backoff) before it gives up: longer than a cluster needs to move a stream leader.
+pub const FAILOVER_FOR: Duration = Duration::from_secs(45);
+
+impl BrokerTarget {
+    /// The client options for address number `at` (modulo the number of addresses).
+    pub fn options(&self, id: &str, at: usize) -> Result<MqttOptions, CloudError> {
+        let all = self.addresses();
+        let a = &all[at % all.len()];
+        let mut o = MqttOptions::new(id, a.host.clone(), a.port);
+        o.set_keep_alive(Duration::from_secs(10));
+        o.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+        self.security.apply(&mut o)?;
+        Ok(o)
+    }
+
+    /// The target reduced to address number `at`.
+    pub fn only(&self, at: usize) -> BrokerTarget {
+        let all = self.addresses();
+        let a = all[at % all.len()].clone();
+        BrokerTarget {
+            host: a.host,
+            port: a.port,
+            fallbacks: Vec::new(),
+            security: self.security.clone(),
+        }
+    }
+}
+
+/// Whether a failed short-lived operation is worth trying at another address: the
+/// connection failed (not for a TLS or authorization problem, which another node shares),
+/// the broker did not answer in time, or it refused a subscription.
+pub fn worth_retrying(e: &CloudError) -> bool {
+    match e {
+        CloudError::Connection { problem, .. } => problem.is_none(),
+        CloudError::Refused { .. } | CloudError::Timeout(_) | CloudError::Mqtt(_) => true,
+        _ => false,
+    }
+}
+
+/// Runs `op` against one address of `target` at a time: with several addresses, a failure
+/// worth retrying ([`worth_retrying`]) moves to the next address after the link's backoff,
+/// for up to [`FAILOVER_FOR`]; with one, the first failure is the answer (as before).
+pub async fn with_failover<T, F, Fut>(target: &BrokerTarget, mut op: F) -> Result<T, CloudError>
+where
+    F: FnMut(BrokerTarget) -> Fut,
+    Fut: std::future::Future<Output = Result<T, CloudError>>,
+{
+    let count = target.addresses().len();
+    let deadline = tokio::time::Instant::now() + FAILOVER_FOR;
+    let mut backoff =
+        roost_runtime::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut at = 0usize;
+    loop {
+        match op(target.only(at)).await {
+            Ok(v) => return Ok(v),
+            Err(e) if count > 1 && worth_retrying(&e) => {
+                let delay = backoff.next_delay();
+                if tokio::time::Instant::now() + delay > deadline {
+                    return Err(e);
+                }
+                at = next_address(at, count);
+                tracing::warn!(error = %roost_runtime::error_chain(&e), next = %target.only(at).addresses()[0], retry_in_ms = delay.as_millis() as u64, "broker failed; trying the next address");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn uuid_like() -> String {
@@ -245,7 +344,18 @@ pub async fn read_retained(
     wait: Duration,
 ) -> Result<Vec<(String, Vec<u8>)>, CloudError> {
     let target = broker.to_broker()?;
-    let (client, mut ev) = connect(&target, "roost-read")?;
+    with_failover(&target, |one| async move {
+        read_retained_from(&one, filters, wait).await
+    })
+    .await
+}
+
+async fn read_retained_from(
+    target: &BrokerTarget,
+    filters: &[String],
+    wait: Duration,
+) -> Result<Vec<(String, Vec<u8>)>, CloudError> {
+    let (client, mut ev) = connect(target, "roost-read")?;
     for f in filters {
         client
             .subscribe(f.clone(), QoS::AtLeastOnce)
@@ -266,7 +376,14 @@ pub async fn read_retained(
         match tokio::time::timeout_at(until, ev.poll()).await {
             Err(_) => break,
             Ok(Err(e)) => return Err(target.error(e)),
-            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subacks += 1,
+            Ok(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                if suback_refused(&ack) {
+                    return Err(CloudError::Refused {
+                        broker: format!("{}:{}", target.host, target.port),
+                    });
+                }
+                subacks += 1
+            }
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 if p.retain {
                     out.push((p.topic.clone(), p.payload.to_vec()));
@@ -286,7 +403,19 @@ pub async fn publish_retained(
     payload: Vec<u8>,
 ) -> Result<(), CloudError> {
     let target = broker.to_broker()?;
-    let (client, mut ev) = connect(&target, "roost-pub")?;
+    let payload = &payload;
+    with_failover(&target, |one| async move {
+        publish_retained_to(&one, topic, payload.clone()).await
+    })
+    .await
+}
+
+async fn publish_retained_to(
+    target: &BrokerTarget,
+    topic: &str,
+    payload: Vec<u8>,
+) -> Result<(), CloudError> {
+    let (client, mut ev) = connect(target, "roost-pub")?;
     client
         .publish(topic, QoS::AtLeastOnce, true, payload)
         .await

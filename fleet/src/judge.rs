@@ -18,7 +18,37 @@
 //! store made of a release, read what it last reported ([`Verdict::reported`]), so a failure
 //! a store reported before it went offline still stops a plan.
 
-use roost_schemas::{DeploymentStatus, Phase};
+use roost_schemas::{DeploymentStatus, Phase, PresenceState};
+
+/// How long a store may stay silent: `heartbeat × 2.5 + 5 s` (two heartbeats may be lost or
+/// queued behind a slow link before the store is called stale).
+pub fn allowed_silence_s(heartbeat_s: u64) -> u64 {
+    heartbeat_s.saturating_mul(5) / 2 + 5
+}
+
+/// Whether a store has been silent for longer than its heartbeat allows (never heard:
+/// silent).
+pub fn silent(last_heard_s: Option<u64>, heartbeat_s: u64, now_s: u64) -> bool {
+    match last_heard_s {
+        None => true,
+        Some(t) => now_s.saturating_sub(t) > allowed_silence_s(heartbeat_s),
+    }
+}
+
+/// The one presence rule, for every view (status, API, dashboard, metrics, `rollout --wait`,
+/// wave gates): a store is online when its retained presence does not say offline **and** it
+/// has been heard within its heartbeat allowance. A retained "online" is not enough: a
+/// broker node that dies takes its clients' last wills with it (nats-server does not publish
+/// them), so a store behind it would otherwise stay "online" forever. No presence document
+/// (a store without a bridge) counts as online while the store is heard.
+pub fn online(
+    reported: Option<PresenceState>,
+    last_heard_s: Option<u64>,
+    heartbeat_s: u64,
+    now_s: u64,
+) -> bool {
+    reported != Some(PresenceState::Offline) && !silent(last_heard_s, heartbeat_s, now_s)
+}
 
 /// Reasons of a `Failed` phase that the agent retries by itself (the network, the API
 /// server): not the end of a rollout.
@@ -222,6 +252,28 @@ fn reported(status: Option<&DeploymentStatus>, wanted: &Wanted<'_>) -> Reported 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn online_needs_presence_and_a_recent_word() {
+        use PresenceState::{Offline, Online};
+        // (presence, last heard, heartbeat, now, online?)
+        let cases = [
+            (Some(Online), Some(100), 10, 110, true),
+            (Some(Online), Some(100), 10, 130, true), // 30 s = the allowance (10 × 2.5 + 5)
+            (Some(Online), Some(100), 10, 131, false), // its node died: no will, silent
+            (Some(Offline), Some(100), 10, 101, false),
+            (None, Some(100), 10, 110, true), // no bridge: heard is enough
+            (None, None, 10, 110, false),
+            (Some(Online), None, 10, 110, false),
+        ];
+        for (p, heard, hb, now, want) in cases {
+            assert_eq!(
+                online(p, heard, hb, now),
+                want,
+                "{p:?} {heard:?} {hb} {now}"
+            );
+        }
+    }
     use roost_schemas::DesiredRef;
 
     const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";

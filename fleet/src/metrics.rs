@@ -88,6 +88,8 @@ pub struct Snapshot {
     pub waiting: BTreeMap<(String, String), usize>,
     /// Deployment → fresh stores `RolledBack` on it.
     pub rolled_back: BTreeMap<String, usize>,
+    /// The last audit of the cloud broker's retained desired state.
+    pub audit: Option<crate::db::audit::AuditRecord>,
 }
 
 /// The view's figures: its summary, and drift per deployment from its rows.
@@ -115,6 +117,7 @@ pub fn from_view(view: &FleetView) -> Snapshot {
         drifted,
         waiting,
         rolled_back,
+        audit: view.broker_audit.clone(),
         ..Snapshot::default()
     }
 }
@@ -187,6 +190,10 @@ pub struct FleetMetrics {
     wave_stores: Family<WaveLabels, Gauge>,
     waiting: Family<WaitingLabels, Gauge>,
     rolled_back: Family<DeploymentLabels, Gauge>,
+    audits: Gauge,
+    audit_last: Gauge,
+    audit_repaired_last: Gauge,
+    audit_repaired: Gauge,
 }
 
 /// Moves a counter up to a durable total.
@@ -285,6 +292,26 @@ impl FleetMetrics {
             "Fresh stores that rolled a deployment back to their last good revision",
             self.rolled_back.clone(),
         );
+        r.register(
+            "roost_fleet_broker_audits",
+            "Audits of the cloud broker's retained desired state finished (since the database was created)",
+            self.audits.clone(),
+        );
+        r.register(
+            "roost_fleet_broker_audit_last_timestamp_seconds",
+            "When the last audit of the cloud broker's retained desired state finished (Unix time; 0: none yet)",
+            self.audit_last.clone(),
+        );
+        r.register(
+            "roost_fleet_broker_audit_repaired_last",
+            "Deployment topics the last audit republished (missing on the broker, or older there)",
+            self.audit_repaired_last.clone(),
+        );
+        r.register(
+            "roost_fleet_broker_audit_repaired",
+            "Deployment topics republished by every audit together",
+            self.audit_repaired.clone(),
+        );
     }
 
     /// Shows `s`.
@@ -339,6 +366,13 @@ impl FleetMetrics {
         follow(&self.events, &self.events_seen, s.events);
         follow(&self.duplicates, &self.duplicates_seen, s.duplicates);
         self.gaps.set(gauge(s.gaps));
+        let a = s.audit.clone().unwrap_or_default();
+        self.audits.set(i64::try_from(a.audits).unwrap_or(i64::MAX));
+        self.audit_last
+            .set(roost_schemas::parse_rfc3339(&a.at).map_or(0, |t| t.unix_timestamp()));
+        self.audit_repaired_last.set(gauge(a.repaired.len()));
+        self.audit_repaired
+            .set(i64::try_from(a.repaired_total).unwrap_or(i64::MAX));
         self.missing
             .set(i64::try_from(s.missing).unwrap_or(i64::MAX));
         self.plan_wave.clear();
@@ -436,6 +470,15 @@ mod tests {
             ],
             ..Default::default()
         };
+        let mut inputs = inputs;
+        inputs.audit = Some(crate::db::audit::AuditRecord {
+            at: "2026-12-06T05:00:00Z".into(),
+            trigger: "interval".into(),
+            held: 4,
+            repaired: vec!["roost/v1/fleet/deployments/web".into()],
+            audits: 7,
+            repaired_total: 3,
+        });
         let snap = from_view(&view::build(&inputs, crate::db::now_ms()));
         let m = FleetMetrics::default();
         let mut r = Registry::default();
@@ -451,6 +494,10 @@ mod tests {
             "roost_fleet_stores_presence{state=\"online\"} 2",
             "roost_fleet_stores_stale 1",
             "roost_fleet_stores_drifted{deployment=\"web\"} 1",
+            "roost_fleet_broker_audits 7",
+            "roost_fleet_broker_audit_last_timestamp_seconds 1796533200",
+            "roost_fleet_broker_audit_repaired_last 1",
+            "roost_fleet_broker_audit_repaired 3",
         ] {
             assert!(text.contains(want), "{want} missing:\n{text}");
         }

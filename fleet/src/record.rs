@@ -13,15 +13,21 @@
 //! record at any time (a publish racing a restore), the link republishes the record's
 //! newest.
 //!
+//! It confirms end to end ([`confirm`]): per store, retained on `…/stores/{store}/confirmed`,
+//! the highest roostseq up to which every event of the store is committed here, coalesced
+//! per store and published at most every [`confirm::TICK`]; the stores' bridges keep their
+//! events until it covers them.
+//!
 //! SQLite work (fsynced: `synchronous=FULL`) runs on the blocking pool, never on the async
 //! runtime; one batch of incoming messages is at most one transaction.
 
 pub mod audit;
+pub mod confirm;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use roost_runtime::{DirectMessage, Incoming, Link, LinkConfig};
+use roost_runtime::{BrokerAddr, DirectMessage, Incoming, Link, LinkConfig};
 use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::{CloudEvent, Topics};
 use tokio_util::sync::CancellationToken;
@@ -53,7 +59,38 @@ pub struct FleetOptions {
     pub client_id: String,
     /// TLS and credentials for the cloud broker.
     pub security: roost_runtime::Security,
+    /// More cloud broker addresses (a cluster's other nodes), tried in order after
+    /// `host`:`port` whenever a connection fails or is lost.
+    pub fallbacks: Vec<BrokerAddr>,
+    /// How often the broker audit runs besides after every connection (`--audit-interval`).
+    pub audit_interval: Duration,
+    /// Publish end-to-end confirmations (`…/stores/{store}/confirmed`); on by default.
+    pub confirm: bool,
 }
+
+impl FleetOptions {
+    /// Options with the defaults: no fallbacks, an audit every 60 s, confirmations on.
+    pub fn new(host: &str, port: u16, db: PathBuf, client_id: &str) -> FleetOptions {
+        FleetOptions {
+            host: host.to_owned(),
+            port,
+            db,
+            client_id: client_id.to_owned(),
+            security: roost_runtime::Security::default(),
+            fallbacks: Vec::new(),
+            audit_interval: DEFAULT_AUDIT_INTERVAL,
+            confirm: true,
+        }
+    }
+
+    /// Every broker address, in the order tried.
+    pub fn addresses(&self) -> Vec<BrokerAddr> {
+        BrokerAddr::with_fallbacks(&self.host, self.port, &self.fallbacks)
+    }
+}
+
+/// The broker audit's default interval (`--audit-interval`).
+pub const DEFAULT_AUDIT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Runs the fleet service until cancelled.
 pub async fn run(
@@ -64,6 +101,7 @@ pub async fn run(
     let topics = Topics::default();
     let mut lc = LinkConfig::new("cloud", &opts.host, opts.port, &opts.client_id);
     lc.security = opts.security.clone();
+    lc.fallbacks = opts.fallbacks.clone();
     lc.clean_session = false;
     lc.manual_acks = true;
     lc.keep_alive = Duration::from_secs(5);
@@ -86,8 +124,35 @@ pub async fn run(
         auditor,
         db.clone(),
         link.handle.sessions(),
+        opts.audit_interval,
         audit_cancel.clone(),
     ));
+    let confirmer = if opts.confirm {
+        let seeded = db.call(|db| db.confirmation_watermarks()).await;
+        let marks = match seeded {
+            Ok(m) => m,
+            Err(error) => {
+                warn!(error = %roost_runtime::error_chain(&error), "cannot read the recorded roostseqs; confirming from the next events");
+                Vec::new()
+            }
+        };
+        Some(confirm::Confirmer::new(marks))
+    } else {
+        None
+    };
+    let (confirm_tx, confirm_rx) = tokio::sync::mpsc::unbounded_channel();
+    let confirming = confirmer.map(|c| {
+        tokio::spawn(
+            confirm::run(
+                c,
+                topics.clone(),
+                link.handle.clone(),
+                confirm_rx,
+                audit_cancel.clone(),
+            )
+            .instrument(tracing::info_span!("confirm")),
+        )
+    });
     let span = tracing::info_span!("fleet");
     async move {
         loop {
@@ -104,6 +169,11 @@ pub async fn run(
                 }
             }
             let items: Vec<FleetItem> = batch.iter().filter_map(|m| item(&topics, m)).collect();
+            let events: Vec<confirm::Recorded> = if confirming.is_some() {
+                items.iter().filter_map(confirm::Recorded::of).collect()
+            } else {
+                Vec::new()
+            };
             let recorded = db.call(move |db| db.record_batch(&items)).await;
             let outcome = match recorded {
                 Ok(o) => o,
@@ -123,12 +193,20 @@ pub async fn run(
                     retain: true,
                 });
             }
+            // Committed: now the events may be confirmed (also duplicates: a resend means the
+            // bridge still holds them, so it needs the confirmation again).
+            if !events.is_empty() {
+                let _ = confirm_tx.send(events);
+            }
             for m in &batch {
                 handle.ack(m);
             }
         }
         audit_cancel.cancel();
         let _ = audit.await;
+        if let Some(c) = confirming {
+            let _ = c.await;
+        }
         let _ = link.task.await;
     }
     .instrument(span)

@@ -20,7 +20,7 @@ use roost_schemas::{CloudEvent, Presence, PresenceState, Rollout, Scope, StatusD
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::mpsc;
 
-use crate::cloud::{connect, CloudError, ToBroker as _};
+use crate::cloud::{CloudError, ToBroker as _};
 use crate::judge::{self, Report, Reported, Wanted};
 
 /// The rollout to follow.
@@ -241,6 +241,12 @@ pub struct StoreView {
     /// The store has shown that it accepted the rollout (`rollout.received`, or its status
     /// naming it): a newer sequence of the scope later means superseded, not a replay.
     pub accepted: bool,
+    /// When the store was last heard (seconds since the epoch): a message from it during the
+    /// watch, else its status document's own time.
+    pub heard_s: Option<u64>,
+    /// Silent for longer than its heartbeat allows ([`crate::judge::silent`], set by the
+    /// watch before judging): not online, whatever its retained presence says.
+    pub silent: bool,
 }
 
 /// What a store made of the rollout so far: the pure decision behind [`RolloutWatch::wait`].
@@ -273,7 +279,7 @@ pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
     }
     let report = Report {
         status: d,
-        stale: v.presence != Some(PresenceState::Online),
+        stale: v.presence != Some(PresenceState::Online) || v.silent,
     };
     let wanted = Wanted {
         revision: &t.revision,
@@ -333,6 +339,10 @@ pub fn judge(t: &WaitTarget, store: &str, v: &StoreView) -> StoreState {
         }
     };
     StoreState::Waiting { last }
+}
+
+fn now_s() -> u64 {
+    time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64
 }
 
 /// Whether an event is about the rollout (its deployment, sequence and scope or topic).
@@ -406,7 +416,9 @@ impl RolloutWatch {
     /// collects the retained status and presence documents of the fleet.
     pub async fn start(broker: &str) -> Result<RolloutWatch, CloudError> {
         let target = broker.to_broker()?;
-        let (client, mut ev) = connect(&target, "roost-wait")?;
+        let count = target.addresses().len();
+        let id = format!("roost-wait-{:016x}", rand::random::<u64>());
+        let (client, mut ev) = AsyncClient::new(target.options(&id, 0)?, 1024);
         let topics = Topics::default();
         let filters: Vec<String> = [
             StoreTopicKind::Status,
@@ -418,34 +430,68 @@ impl RolloutWatch {
         .collect();
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<Result<(), CloudError>>();
-        let sub = client.clone();
+        let first = client.clone();
         // One task owns the event loop and never blocks (rumqttc needs continuous polling).
+        // A failed connection or a refused subscription moves to the next address with
+        // backoff (a fresh client: nothing of the failed connection carries over); with one
+        // address, a failure is reported to `start` and the task retries the same broker.
         let task = tokio::spawn(async move {
+            let mut sub = first;
+            let mut at = 0usize;
+            let mut backoff =
+                roost_runtime::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
             loop {
-                match ev.poll().await {
+                let failed: Option<CloudError> = match ev.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        backoff.reset();
                         let subs = filters
                             .iter()
                             .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-                        if let Err(source) = sub.subscribe_many(subs).await {
-                            let _ = ready_tx.send(Err(CloudError::Client {
+                        match sub.subscribe_many(subs).await {
+                            Ok(()) => None,
+                            Err(source) => Some(CloudError::Client {
                                 what: "subscribe",
                                 source: Box::new(source),
-                            }));
+                            }),
                         }
                     }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = ready_tx.send(Ok(()));
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        if roost_runtime::suback_refused(&ack) {
+                            let one = target.only(at);
+                            Some(CloudError::Refused {
+                                broker: format!("{}:{}", one.host, one.port),
+                            })
+                        } else {
+                            let _ = ready_tx.send(Ok(()));
+                            None
+                        }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
                             return;
                         }
+                        None
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(target.error(e)));
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    Ok(_) => None,
+                    Err(e) => Some(target.only(at).error(e)),
+                };
+                let Some(error) = failed else { continue };
+                if count == 1 {
+                    let _ = ready_tx.send(Err(error));
+                } else {
+                    tracing::warn!(error = %roost_runtime::error_chain(&error), "rollout watch: broker failed; trying the next address");
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+                at = roost_runtime::next_address(at, count);
+                match target.options(&id, at) {
+                    Ok(o) => {
+                        let (c, e) = AsyncClient::new(o, 1024);
+                        sub = c;
+                        ev = e;
+                    }
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error));
+                        return;
                     }
                 }
             }
@@ -456,7 +502,12 @@ impl RolloutWatch {
             task,
             client,
         };
-        match tokio::time::timeout(Duration::from_secs(10), ready_rx.recv()).await {
+        let patience = if count > 1 {
+            crate::cloud::FAILOVER_FOR
+        } else {
+            Duration::from_secs(10)
+        };
+        match tokio::time::timeout(patience, ready_rx.recv()).await {
             Ok(Some(Ok(()))) => {}
             Ok(Some(Err(e))) => return Err(e),
             Ok(None) => return Err(CloudError::Mqtt("connection task ended".into())),
@@ -477,6 +528,11 @@ impl RolloutWatch {
         let Some((store, kind)) = topics.parse_store_topic(topic) else {
             return;
         };
+        // Heard now: during the watch (a target is set) any message from the store; in the
+        // retained snapshot, its status document's own time.
+        if target.is_some() {
+            self.views.entry(store.clone()).or_default().heard_s = Some(now_s());
+        }
         match kind {
             StoreTopicKind::Status => {
                 if let Ok(d) = serde_json::from_slice::<StatusDoc>(payload) {
@@ -488,6 +544,10 @@ impl RolloutWatch {
                             .and_then(|x| x.desired.as_ref())
                             .is_some_and(|w| w.scope == t.scope.key() && w.sequence == t.sequence);
                         v.accepted |= names_ours;
+                    }
+                    if target.is_none() {
+                        v.heard_s = roost_schemas::parse_rfc3339(&d.updated_at)
+                            .map(|t| t.unix_timestamp().max(0) as u64);
                     }
                     v.status = Some(d);
                 }
@@ -538,7 +598,10 @@ impl RolloutWatch {
             if !pending {
                 return Ok(self.report(target, states));
             }
-            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            // Judged again at least every second: a store falls silent without a message.
+            let next = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+            match tokio::time::timeout_at(next, self.rx.recv()).await {
+                Err(_) if next < deadline => continue,
                 Err(_) => {
                     let states = states
                         .into_iter()
@@ -559,12 +622,24 @@ impl RolloutWatch {
     }
 
     fn states(&self, target: &WaitTarget) -> Vec<StoreOutcome> {
+        let now = now_s();
         self.views
             .iter()
             .filter(|(store, v)| targets(&target.scope, store, v.status.as_ref()))
-            .map(|(store, v)| StoreOutcome {
-                store: store.clone(),
-                state: judge(target, store, v),
+            .map(|(store, v)| {
+                let heartbeat_s = v
+                    .status
+                    .as_ref()
+                    .and_then(|d| d.heartbeat_s)
+                    .unwrap_or(crate::view::DEFAULT_HEARTBEAT_S);
+                let v = StoreView {
+                    silent: crate::judge::silent(v.heard_s, heartbeat_s, now),
+                    ..v.clone()
+                };
+                StoreOutcome {
+                    store: store.clone(),
+                    state: judge(target, store, &v),
+                }
             })
             .collect()
     }
@@ -653,6 +728,8 @@ mod tests {
             presence: Some(PresenceState::Online),
             event: None,
             accepted: false,
+            heard_s: None,
+            silent: false,
         }
     }
 

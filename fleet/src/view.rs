@@ -23,17 +23,14 @@ use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::{Origin, Phase, Presence, PresenceState, StatusDoc, Topics};
 use serde::Serialize;
 
+use crate::db::audit::AuditRecord;
 use crate::db::{DbError, FleetDb, Gap};
 use crate::judge::{self, Report, Verdict, Wanted};
 
 /// The heartbeat assumed for a status document that does not state one (seconds).
 pub const DEFAULT_HEARTBEAT_S: u64 = 60;
 
-/// How long a store may stay silent: `heartbeat × 2.5 + 5 s` (two heartbeats may be lost or
-/// queued behind a slow link before the store is called stale).
-pub fn allowed_silence_s(heartbeat_s: u64) -> u64 {
-    heartbeat_s.saturating_mul(5) / 2 + 5
-}
+pub use crate::judge::allowed_silence_s;
 
 /// A retained document as the view reads it: the JSON and, when it came from the fleet
 /// database, when the fleet service received it (the cloud's clock, not the store's).
@@ -61,6 +58,9 @@ pub struct Inputs {
     /// The inventory's stores and their labels: each is a row even before it reports (a
     /// store the inventory expects and never heard from is stale, never fine).
     pub labels: BTreeMap<String, roost_schemas::Labels>,
+    /// The last audit of the cloud broker's retained desired state (only the fleet
+    /// database knows it).
+    pub audit: Option<AuditRecord>,
 }
 
 /// Reads the inputs from the fleet database.
@@ -87,6 +87,7 @@ pub fn load(db: &FleetDb) -> Result<Inputs, DbError> {
         gaps: db.gaps()?,
         revisions: db.revisions()?,
         labels: db.with_conn(crate::db::inventory::labels)?,
+        audit: db.last_audit()?,
     })
 }
 
@@ -132,6 +133,10 @@ pub struct FleetView {
     pub summary: Summary,
     /// One row per store, by name.
     pub stores: Vec<StoreRow>,
+    /// The last audit of the cloud broker's retained desired state against the record:
+    /// when, what started it, what the broker held and what it republished.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_audit: Option<AuditRecord>,
 }
 
 /// Counts for the fleet at a glance.
@@ -399,7 +404,10 @@ pub fn build(inputs: &Inputs, now_ms: u64) -> FleetView {
             .flatten()
             .filter_map(|t: String| secs(&t).map(|s| (s, t)))
             .max();
-        let presence_info = match pr.and_then(|(_, p)| p.as_ref()) {
+        let heartbeat_s = doc
+            .and_then(|d| d.heartbeat_s)
+            .unwrap_or(DEFAULT_HEARTBEAT_S);
+        let reported = match pr.and_then(|(_, p)| p.as_ref()) {
             Some(p) => PresenceInfo {
                 state: match p.state {
                     PresenceState::Online => "online".into(),
@@ -417,14 +425,30 @@ pub fn build(inputs: &Inputs, now_ms: u64) -> FleetView {
             .and_then(|f| f.as_str())
             .map(str::to_owned);
         let stale = staleness(
-            &presence_info,
+            &reported,
             doc.is_some(),
             last_heard.as_ref().map(|(s, _)| *s),
-            doc.and_then(|d| d.heartbeat_s)
-                .unwrap_or(DEFAULT_HEARTBEAT_S),
+            heartbeat_s,
             freshness.as_deref(),
             now_s,
         );
+        // The one presence rule ([`judge::online`]): a retained "online" from a store not
+        // heard within its heartbeat allowance (its broker node died and took its will with
+        // it) shows offline, since it was last heard.
+        let presence_info = if reported.state == "online"
+            && !judge::online(
+                Some(PresenceState::Online),
+                last_heard.as_ref().map(|(s, _)| *s),
+                heartbeat_s,
+                now_s,
+            ) {
+            PresenceInfo {
+                state: "offline".into(),
+                since: last_heard.as_ref().map(|(_, t)| t.clone()),
+            }
+        } else {
+            reported
+        };
         let deployments = doc
             .map(|d| {
                 d.deployments
@@ -485,6 +509,7 @@ pub fn build(inputs: &Inputs, now_ms: u64) -> FleetView {
         generated_at: rfc3339_ms(now_ms),
         summary: summarize(&rows),
         stores: rows,
+        broker_audit: inputs.audit.clone(),
     }
 }
 
@@ -1027,6 +1052,23 @@ pub fn render_summary(s: &Summary) -> String {
     )
 }
 
+/// The line about the last broker audit (empty before the first, or from a broker's retained
+/// messages, which know nothing of audits).
+pub fn render_audit(a: Option<&AuditRecord>) -> String {
+    let Some(a) = a else {
+        return String::new();
+    };
+    let repaired = if a.repaired.is_empty() {
+        "nothing to repair".to_owned()
+    } else {
+        format!("republished {}", a.repaired.join(", "))
+    };
+    format!(
+        "broker audit {} ({}): the broker held {} desired-state topics, {repaired}; {} audits, {} topics republished in all\n",
+        a.at, a.trigger, a.held, a.audits, a.repaired_total
+    )
+}
+
 /// The comparison table (Weave Cloud's "source vs target").
 pub fn render_compare(source: &Selector, target: &Selector, rows: &[Comparison]) -> String {
     let runs = |r: &Runs| {
@@ -1171,6 +1213,7 @@ mod tests {
             }],
             revisions,
             labels: BTreeMap::new(),
+            audit: None,
         }
     }
 
@@ -1246,7 +1289,11 @@ mod tests {
         );
         assert_eq!(v.stores[4].stale, Some(Staleness::NoStatus));
         assert_eq!(v.summary.stale, 3);
-        assert_eq!(v.summary.offline, 1);
+        // s3's retained presence says online, but it has been silent past its heartbeat: its
+        // node may have died without its will; it shows offline, since it was last heard.
+        assert_eq!(v.stores[2].presence.state, "offline");
+        assert_eq!(v.stores[2].presence.since.as_deref(), Some(at(60).as_str()));
+        assert_eq!(v.summary.offline, 2);
         assert_eq!(v.summary.by_phase.get("Converged"), Some(&1));
         assert_eq!(v.summary.by_phase.get("Stale"), Some(&2));
         assert_eq!(v.summary.with_gaps, 1);

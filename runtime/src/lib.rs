@@ -14,7 +14,10 @@ pub mod security;
 pub mod sqlite;
 
 pub use backoff::Backoff;
-pub use link::{DirectMessage, Endpoint, Incoming, Link, LinkConfig, LinkError, LinkHandle, Will};
+pub use link::{
+    next_address, suback_refused, BrokerAddr, DirectMessage, Endpoint, Incoming, Link, LinkConfig,
+    LinkError, LinkHandle, Will,
+};
 pub use metrics::{Exporter, LinkMetrics, MetricsError, OutboxMetrics};
 pub use outbox::{
     Durability, NewMessage, Outbox, OutboxConfig, OutboxError, OutboxStats, Payload, StateWrite,

@@ -39,8 +39,13 @@ pub struct Endpoint {
     /// Host (for TLS: the name or IP address the broker's certificate is valid for).
     #[serde(default = "default_host")]
     pub host: String,
-    /// Port.
+    /// Port (with `host`; not with `hosts`).
+    #[serde(default)]
     pub port: u16,
+    /// Several brokers (`["h1:8883", "h2:8883"]`, instead of `host`/`port`): the link connects
+    /// to the first and moves to the next whenever a connection fails or is lost.
+    #[serde(default)]
+    pub hosts: Vec<String>,
     /// Username.
     #[serde(default)]
     pub username: Option<String>,
@@ -93,10 +98,11 @@ impl Endpoint {
 
     /// Checks the endpoint and every file it names; errors name the field under `section`.
     pub fn validate(&self, section: &str) -> Result<(), SecurityError> {
-        if self.port == 0 {
+        self.addresses(section)?;
+        if !self.hosts.is_empty() && self.port != 0 {
             return Err(SecurityError {
-                field: format!("{section}.port"),
-                message: "must not be 0".into(),
+                field: format!("{section}.hosts"),
+                message: "give hosts or host and port, not both".into(),
             });
         }
         if self.password.is_some() && self.password_file.is_some() {
@@ -108,19 +114,133 @@ impl Endpoint {
         self.security(section).validate()
     }
 
+    /// The brokers to connect to, in order: `hosts`, else `host` and `port`.
+    pub fn addresses(&self, section: &str) -> Result<Vec<BrokerAddr>, SecurityError> {
+        if self.hosts.is_empty() {
+            if self.port == 0 {
+                return Err(SecurityError {
+                    field: format!("{section}.port"),
+                    message: "must not be 0 (or give hosts)".into(),
+                });
+            }
+            return Ok(vec![BrokerAddr {
+                host: self.host.clone(),
+                port: self.port,
+            }]);
+        }
+        self.hosts
+            .iter()
+            .map(|h| {
+                BrokerAddr::parse(h).map_err(|message| SecurityError {
+                    field: format!("{section}.hosts"),
+                    message,
+                })
+            })
+            .collect()
+    }
+
     /// The link configuration for this endpoint (named `name`, which is also the section
-    /// that errors name).
+    /// that errors name). Call [`Endpoint::validate`] first: an unusable address list gives
+    /// a configuration the link refuses to start with.
     pub fn link_config(&self, name: &str, default_client_id: &str) -> LinkConfig {
+        let addrs = self.addresses(name).unwrap_or_default();
+        let first = addrs.first().cloned().unwrap_or(BrokerAddr {
+            host: String::new(),
+            port: 0,
+        });
         let mut lc = LinkConfig::new(
             name,
-            &self.host,
-            self.port,
+            &first.host,
+            first.port,
             self.client_id.as_deref().unwrap_or(default_client_id),
         );
+        lc.fallbacks = addrs.into_iter().skip(1).collect();
         lc.keep_alive = Duration::from_secs(self.keep_alive_s.unwrap_or(10).max(1));
         lc.security = self.security(name);
         lc
     }
+}
+
+/// One broker address: host and port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    /// Host name or IP address (for TLS: what the broker's certificate names).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl BrokerAddr {
+    /// Parses `HOST:PORT`, `mqtt://HOST:PORT` or `mqtts://HOST:PORT`.
+    pub fn parse(s: &str) -> Result<BrokerAddr, String> {
+        let bare = s
+            .trim()
+            .strip_prefix("mqtts://")
+            .or_else(|| s.trim().strip_prefix("mqtt://"))
+            .unwrap_or(s.trim());
+        let (host, port) = bare
+            .rsplit_once(':')
+            .ok_or_else(|| format!("broker address {s:?} must be HOST:PORT"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("broker port {port:?} is not a number"))?;
+        if host.is_empty() || port == 0 {
+            return Err(format!("broker address {s:?} must be HOST:PORT"));
+        }
+        Ok(BrokerAddr {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// `host`:`port` first, then `more`: every address a client tries, in order.
+    pub fn with_fallbacks(host: &str, port: u16, more: &[BrokerAddr]) -> Vec<BrokerAddr> {
+        let mut all = vec![BrokerAddr {
+            host: host.to_owned(),
+            port,
+        }];
+        all.extend(more.iter().cloned());
+        all
+    }
+
+    /// Parses a comma-separated list (`h1:1883,h2:1883`), at least one.
+    pub fn parse_list(s: &str) -> Result<Vec<BrokerAddr>, String> {
+        let list = s
+            .split(',')
+            .filter(|x| !x.trim().is_empty())
+            .map(BrokerAddr::parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        if list.is_empty() {
+            return Err("no broker address given".into());
+        }
+        Ok(list)
+    }
+}
+
+impl std::fmt::Display for BrokerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Which address of `count` a client tries after a connection to address `current` failed or
+/// was lost: the next one, round robin (with one address, that one again). Pure.
+pub fn next_address(current: usize, count: usize) -> usize {
+    if count == 0 {
+        0
+    } else {
+        (current + 1) % count
+    }
+}
+
+/// The SUBACK rule, one for every client of roost: a SUBACK that refuses any filter means the
+/// connection is not usable (a clustered broker moving a stream leader answers new QoS 1
+/// subscriptions with a failure code for a while). The client drops the connection and
+/// retries, with backoff and the next address; it never counts itself subscribed.
+pub fn suback_refused(ack: &rumqttc::SubAck) -> bool {
+    ack.return_codes
+        .iter()
+        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
 }
 
 /// A last-will message.
@@ -157,6 +277,9 @@ pub struct LinkConfig {
     pub host: String,
     /// Broker port.
     pub port: u16,
+    /// More brokers, tried in order after `host`:`port` whenever a connection fails or is
+    /// lost (a cluster's other nodes).
+    pub fallbacks: Vec<BrokerAddr>,
     /// MQTT client id.
     pub client_id: String,
     /// Keepalive: a silent (half-open) link is detected within about 1.5× this.
@@ -197,6 +320,7 @@ impl std::fmt::Debug for LinkConfig {
             .field("name", &self.name)
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("fallbacks", &self.fallbacks)
             .field("client_id", &self.client_id)
             .finish_non_exhaustive()
     }
@@ -209,6 +333,7 @@ impl LinkConfig {
             name: name.to_owned(),
             host: host.to_owned(),
             port,
+            fallbacks: Vec::new(),
             client_id: client_id.to_owned(),
             keep_alive: Duration::from_secs(10),
             clean_session: true,
@@ -226,8 +351,17 @@ impl LinkConfig {
         }
     }
 
+    /// Every broker address, in the order tried.
+    pub fn addresses(&self) -> Vec<BrokerAddr> {
+        BrokerAddr::with_fallbacks(&self.host, self.port, &self.fallbacks)
+    }
+
     fn validate(&self) -> Result<(), LinkError> {
-        if self.host.is_empty() || self.port == 0 {
+        if self
+            .addresses()
+            .iter()
+            .any(|a| a.host.is_empty() || a.port == 0)
+        {
             return Err(LinkError::Config(format!(
                 "{}: broker address is empty",
                 self.name
@@ -270,6 +404,7 @@ enum Cmd {
     Ack(u64, Publish),
     Direct(DirectMessage),
     Subscriptions(Vec<String>),
+    ConfirmEvents(bool),
 }
 
 /// What changes when a link's subscriptions go from `old` to `new`: the filters to subscribe
@@ -339,6 +474,14 @@ impl LinkHandle {
         self.cmd.send(Cmd::Rewind).map_err(|_| LinkError::Closed)
     }
 
+    /// Switches end-to-end confirmation on or off at run time (see
+    /// [`LinkConfig::confirm_events`]): from now on a PUBACKed event row stays (on) or goes (off).
+    pub fn set_confirm_events(&self, on: bool) -> Result<(), LinkError> {
+        self.cmd
+            .send(Cmd::ConfirmEvents(on))
+            .map_err(|_| LinkError::Closed)
+    }
+
     /// Whether the link is connected now.
     pub fn is_connected(&self) -> bool {
         *self.connected.borrow()
@@ -397,8 +540,8 @@ impl Link {
 
 /// The client options for one connection attempt; reads the TLS and password files now, so
 /// renewed files count from the next attempt on.
-fn options(cfg: &LinkConfig) -> Result<MqttOptions, SecurityError> {
-    let mut o = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
+fn options(cfg: &LinkConfig, addr: &BrokerAddr) -> Result<MqttOptions, SecurityError> {
+    let mut o = MqttOptions::new(cfg.client_id.clone(), addr.host.clone(), addr.port);
     o.set_keep_alive(cfg.keep_alive);
     o.set_clean_session(cfg.clean_session);
     o.set_manual_acks(cfg.manual_acks);
@@ -444,8 +587,12 @@ async fn run(
     let mut generation: u64 = 0;
     // What every connection subscribes to; `set_subscriptions` replaces it.
     let mut subscriptions = cfg.subscriptions.clone();
+    let addresses = cfg.addresses();
+    let mut at = 0usize;
+    let mut confirm_events = cfg.confirm_events;
     while !cancel.is_cancelled() {
-        let opts = match options(&cfg) {
+        let addr = &addresses[at.min(addresses.len() - 1)];
+        let opts = match options(&cfg, addr) {
             Ok(o) => o,
             Err(error) => {
                 // A TLS or password file became unreadable or invalid since the start:
@@ -521,7 +668,7 @@ async fn run(
                                 break 'burst Err(e.to_string());
                             }
                             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                                info!(session_present = ack.session_present, "connected");
+                                info!(broker = %addr, session_present = ack.session_present, "connected");
                                 if let Some(m) = &cfg.metrics {
                                     m.connected(&cfg.name);
                                 }
@@ -557,7 +704,7 @@ async fn run(
                                     // With end-to-end confirmation an event stays until the next
                                     // hop confirms it; a PUBACK only means the broker has it in
                                     // memory.
-                                    if !(cfg.confirm_events && roostseq.is_some()) {
+                                    if !(confirm_events && roostseq.is_some()) {
                                         acked.push(id);
                                     }
                                 }
@@ -575,8 +722,10 @@ async fn run(
                                 }
                             }
                             Ok(Event::Incoming(Packet::SubAck(s))) => {
-                                if s.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                                    warn!(?s.return_codes, "broker refused a subscription");
+                                // Never "subscribed" on a refusal: the connection is not usable
+                                // (a cluster moving a stream leader); drop it and retry.
+                                if suback_refused(&s) {
+                                    break 'burst Err(format!("the broker refused a subscription ({:?})", s.return_codes));
                                 }
                             }
                             Ok(_) => {}
@@ -629,6 +778,12 @@ async fn run(
                                 if let Err(e) = send_direct(&client, &mut inflight, m).await { break Err(e); }
                             }
                         }
+                        Some(Cmd::ConfirmEvents(on)) => {
+                            if on != confirm_events {
+                                info!(on, "end-to-end confirmation of events");
+                            }
+                            confirm_events = on;
+                        }
                         Some(Cmd::Subscriptions(filters)) => {
                             let (add, remove) = subscription_change(&subscriptions, &filters);
                             subscriptions = filters;
@@ -669,10 +824,14 @@ async fn run(
             Ok(()) => break,
             Err(error) => {
                 let delay = backoff.next_delay();
+                // The next attempt goes to the next address (a cluster's other node).
+                let failed = addr.to_string();
+                at = next_address(at, addresses.len());
+                let next = &addresses[at];
                 if is_up {
-                    warn!(%error, retry_in_ms = delay.as_millis() as u64, "connection lost");
+                    warn!(%error, broker = %failed, next = %next, retry_in_ms = delay.as_millis() as u64, "connection lost");
                 } else {
-                    warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot connect");
+                    warn!(%error, broker = %failed, next = %next, retry_in_ms = delay.as_millis() as u64, "cannot connect");
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -802,6 +961,69 @@ mod tests {
         for (ev, want) in cases {
             assert_eq!(forwarded(&ev), want, "{ev:?}");
         }
+    }
+
+    #[test]
+    fn addresses_rotate_and_parse() {
+        assert_eq!(next_address(0, 1), 0);
+        assert_eq!(next_address(0, 3), 1);
+        assert_eq!(next_address(2, 3), 0);
+        assert_eq!(next_address(0, 0), 0);
+        let list = BrokerAddr::parse_list("h1:1883, mqtts://h2:8883,").expect("list");
+        assert_eq!(
+            list.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["h1:1883", "h2:8883"]
+        );
+        for bad in ["", "h1", "h1:x", ":1883", "h:0"] {
+            assert!(BrokerAddr::parse_list(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_endpoint_takes_hosts_or_host_and_port() {
+        let parse = |t: &str| toml::from_str::<Endpoint>(t).expect("toml");
+        let one = parse("host = \"a\"\nport = 1");
+        assert_eq!(one.link_config("cloud", "id").addresses().len(), 1);
+        let many = parse("hosts = [\"a:1\", \"b:2\"]");
+        assert!(many.validate("cloud").is_ok());
+        let lc = many.link_config("cloud", "id");
+        assert_eq!(
+            lc.addresses()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["a:1", "b:2"]
+        );
+        let both = parse("hosts = [\"a:1\"]\nport = 1");
+        assert!(both
+            .validate("cloud")
+            .expect_err("refused")
+            .field
+            .ends_with("hosts"));
+        let none = parse("host = \"a\"");
+        assert!(none
+            .validate("cloud")
+            .expect_err("refused")
+            .field
+            .ends_with("port"));
+        let bad = parse("hosts = [\"a\"]");
+        assert!(bad
+            .validate("cloud")
+            .expect_err("refused")
+            .field
+            .ends_with("hosts"));
+    }
+
+    #[test]
+    fn a_refused_subscription_is_a_failed_connection() {
+        use rumqttc::{SubAck, SubscribeReasonCode as C};
+        let ok = SubAck::new(
+            1,
+            vec![C::Success(QoS::AtLeastOnce), C::Success(QoS::AtMostOnce)],
+        );
+        let refused = SubAck::new(1, vec![C::Success(QoS::AtLeastOnce), C::Failure]);
+        assert!(!suback_refused(&ok));
+        assert!(suback_refused(&refused));
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod sequence;
 pub mod snapshot;
 pub mod status;
 pub mod topics;
+pub mod watermark;
 pub mod window;
 
 pub use dsse::{
@@ -38,8 +39,8 @@ pub use selector::{Labels, Selector};
 pub use sequence::{envelope_payload, envelope_sequence, payload_sequence, sequence_rule};
 pub use snapshot::{Snapshot, SNAPSHOT_PAYLOAD_TYPE};
 pub use status::{
-    Confirmation, DeploymentStatus, DesiredRef, Freshness, FreshnessState, Phase, Presence,
-    PresenceState, StatusDoc,
+    Confirmation, Confirmed, DeploymentStatus, DesiredRef, Freshness, FreshnessState, Phase,
+    Presence, PresenceState, StatusDoc,
 };
 pub use topics::{DeploymentTopic, Topics};
 
@@ -85,6 +86,8 @@ pub mod json_schema {
     pub const STORE: &str = include_str!("../schema/store.schema.json");
     /// The signed store profile's payload.
     pub const PROFILE: &str = include_str!("../schema/profile.schema.json");
+    /// The fleet record's end-to-end confirmation (cloud → bridge).
+    pub const CONFIRMED: &str = include_str!("../schema/confirmed.schema.json");
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use crate::{
 };
 
 /// Every schema by its file stem.
-const SCHEMAS: [(&str, &str); 10] = [
+const SCHEMAS: [(&str, &str); 11] = [
     ("rollout", json_schema::ROLLOUT),
     ("envelope", json_schema::ENVELOPE),
     ("event", json_schema::EVENT),
@@ -34,6 +34,7 @@ const SCHEMAS: [(&str, &str); 10] = [
     ("snapshot", json_schema::SNAPSHOT),
     ("store", json_schema::STORE),
     ("profile", json_schema::PROFILE),
+    ("confirmed", json_schema::CONFIRMED),
 ];
 
 const EXAMPLES_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
@@ -380,6 +381,20 @@ fn valid_confirmations_roundtrip() {
     let v = validator("ack");
     for ex in valid_examples("ack") {
         let (_, json) = roundtrip::<crate::Confirmation>(&ex.file, &ex.value);
+        assert_eq!(
+            errors(&v, &json),
+            Vec::<String>::new(),
+            "{} re-serialized",
+            ex.file
+        );
+    }
+}
+
+#[test]
+fn valid_cloud_confirmations_roundtrip() {
+    let v = validator("confirmed");
+    for ex in valid_examples("confirmed") {
+        let (_, json) = roundtrip::<crate::Confirmed>(&ex.file, &ex.value);
         assert_eq!(
             errors(&v, &json),
             Vec::<String>::new(),

@@ -200,6 +200,15 @@ pub struct Presence {
     pub since: String,
 }
 
+/// The fleet record's end-to-end confirmation to a store's bridge, retained on the cloud
+/// topic `…/stores/{store}/confirmed`: every event of the store up to `roostseq` is committed
+/// in the fleet database (or was reported lost by the agent), so the bridge may delete it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Confirmed {
+    /// Highest roostseq up to which every event is committed (0 = none yet).
+    pub roostseq: u64,
+}
+
 /// The bridge's delivery confirmation to the agent, retained on the edge-only topic
 /// `…/stores/{store}/ack`: every event up to `roostseq` is in the bridge's durable outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

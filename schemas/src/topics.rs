@@ -104,6 +104,13 @@ impl Topics {
         format!("{}/stores/{store}/ack", self.prefix)
     }
 
+    /// A store's end-to-end confirmation topic on the cloud broker (fleet record → bridge,
+    /// retained, published only by the controller identity): `{"roostseq": N}` = every event
+    /// of the store up to N is committed in the fleet database.
+    pub fn confirmed(&self, store: &str) -> String {
+        format!("{}/stores/{store}/confirmed", self.prefix)
+    }
+
     /// The signed fleet snapshot (cloud → every store, retained): the current sequence of
     /// every desired-state topic, so an agent notices withheld or rolled-back desired state.
     pub fn snapshot(&self) -> String {

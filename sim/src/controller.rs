@@ -83,6 +83,9 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         db: db_path.clone(),
         client_id: "roost-fleet-sim".into(),
         security: Default::default(),
+        fallbacks: Vec::new(),
+        audit_interval: roost_fleet::record::DEFAULT_AUDIT_INTERVAL,
+        confirm: true,
     };
     let fleet = tokio::spawn(roost_fleet::record::run(
         fopts,
@@ -175,6 +178,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         poll: Duration::from_secs(3600),
         host: cloud.ip().to_string(),
         port: cloud.port(),
+        fallbacks: Vec::new(),
         cache_dir: dir.join("controller-git"),
         snapshot_interval: roost_fleet::gitops::snapshot::DEFAULT_INTERVAL,
         snapshot_expiry: roost_fleet::gitops::snapshot::DEFAULT_EXPIRY,

@@ -45,6 +45,9 @@ pub struct SimOptions {
     pub cloud_mosquitto: Option<std::path::PathBuf>,
     /// Where the stores' state directories go (default: the system's temporary directory).
     pub state_dir: Option<std::path::PathBuf>,
+    /// Run `roost fleet`'s record in the process (`--fleet-record`): None, or with end-to-end
+    /// confirmations on (true) or off (false), to measure what confirmation costs.
+    pub fleet_record: Option<bool>,
 }
 
 fn start_mosquitto(
@@ -123,6 +126,9 @@ impl FleetGit {
 /// Results of a run.
 #[derive(Debug, Clone, Default)]
 pub struct SimReport {
+    /// CPU seconds of the process from the first rollout's publish to the end (setup
+    /// excluded).
+    pub rollouts_cpu_s: f64,
     /// Rollout → converged latencies (ms), all stores and rollouts.
     pub latencies_ms: Vec<u64>,
     /// Per rollout, time until the whole fleet converged (ms).
@@ -300,6 +306,23 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
         opts.stores,
         started.elapsed().as_millis()
     );
+    if let Some(confirm) = opts.fleet_record {
+        let db_path = dir.join("fleet.db");
+        let db = roost_fleet::db::FleetDb::open(&db_path).map_err(setup("fleet db"))?;
+        let mut fopts = roost_fleet::record::FleetOptions::new(
+            &cloud_addr.ip().to_string(),
+            cloud_addr.port(),
+            db_path,
+            "roost-sim-fleet",
+        );
+        fopts.confirm = confirm;
+        let c = cancel.clone();
+        tasks.spawn(async move {
+            if let Err(error) = roost_fleet::record::run(fopts, db, c).await {
+                tracing::warn!(%error, "fleet record stopped");
+            }
+        });
+    }
     let topics = Topics::default();
     let (client, mut ev) = cloud::connect(&broker, "roost-sim").map_err(setup("observer"))?;
     client
@@ -372,6 +395,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     let mut ids: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut failed_stores: std::collections::BTreeSet<String> = Default::default();
     let mut files: BTreeMap<String, String> = BTreeMap::new();
+    let cpu_at_first_rollout = cpu_s();
     for round in 1..=opts.rollouts {
         // A new revision each round: the config map changes.
         let revision = if round == 1 {
@@ -531,6 +555,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     report.rss_kib = rss_kib();
     report.peak_rss_kib = peak_rss_kib();
     report.cpu_s = cpu_s();
+    report.rollouts_cpu_s = report.cpu_s - cpu_at_first_rollout;
     Ok(report)
 }
 
@@ -557,6 +582,8 @@ pub fn json(opts: &SimOptions, r: &SimReport) -> serde_json::Value {
         "events_lost": r.events_expected.saturating_sub(r.events_received),
         "duplicates": r.duplicates,
         "cpu_s": (r.cpu_s * 100.0).round() / 100.0,
+        "rollouts_cpu_s": (r.rollouts_cpu_s * 100.0).round() / 100.0,
+        "fleet_record": match opts.fleet_record { None => "none", Some(true) => "confirm", Some(false) => "no-confirm" },
         "peak_rss_bytes": r.peak_rss_kib.unwrap_or(0) * 1024,
         "breakdown_ms": r.breakdown.iter().map(|(k, v)| (k.to_string(), pct(v))).collect::<serde_json::Map<_, _>>(),
     })

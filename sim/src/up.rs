@@ -370,6 +370,9 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         db: fleet_db_path.clone(),
         client_id: "roost-fleet".into(),
         security: Default::default(),
+        fallbacks: Vec::new(),
+        audit_interval: roost_fleet::record::DEFAULT_AUDIT_INTERVAL,
+        confirm: true,
     };
     let c = child.clone();
     let db2 = fleet_db.clone();
@@ -464,6 +467,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         poll: Duration::from_secs(2),
         host: cloud_addr.ip().to_string(),
         port: cloud_addr.port(),
+        fallbacks: Vec::new(),
         security: Default::default(),
         cache_dir: state_dir.join("controller-git"),
         snapshot_interval: roost_fleet::gitops::snapshot::DEFAULT_INTERVAL,

@@ -108,6 +108,27 @@ pub fn mosquitto_bin(test: &str) -> Option<&'static str> {
     found
 }
 
+/// Debian's `nats-server` (2.9: MQTT on JetStream), or None when `test` may be skipped
+/// (absent, and not under CI; see [`skip_unless_ci`]).
+pub fn nats_bin(test: &str) -> Option<&'static str> {
+    let found = [
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists());
+    if found.is_none() {
+        skip_unless_ci(
+            &format!("nats-server is not installed, and CI must run {test} (.ci/run installs it)"),
+            &format!(
+                "SKIPPED {test}: nats-server is not installed (apt-get install -y nats-server)"
+            ),
+        );
+    }
+    found
+}
+
 /// The reference `age` CLI (`age`, with `age-keygen` beside it), or None when `test` may be
 /// skipped (absent, and not under CI; see [`skip_unless_ci`]).
 pub fn age_bin(test: &str) -> Option<&'static str> {

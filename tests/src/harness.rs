@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fixtures::{free_addr, refs, shipped, status_doc};
 
+pub use crate::brokers::{suback_ok, MosquittoCloud, NatsCluster, NatsNode};
+
 /// Installs tracing (once) according to `ROOST_LOG`, and the crypto provider.
 pub fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -903,7 +905,7 @@ pub fn under(all: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, S
 pub struct FleetService {
     /// The database it records into.
     pub db: roost_fleet::db::FleetDb,
-    component: Option<Component>,
+    pub(crate) component: Option<Component>,
 }
 
 impl FleetService {
@@ -916,6 +918,9 @@ impl FleetService {
             db: path.to_owned(),
             client_id: format!("roost-fleet-{:08x}", rand::random::<u32>()),
             security: Default::default(),
+            fallbacks: Vec::new(),
+            audit_interval: roost_fleet::record::DEFAULT_AUDIT_INTERVAL,
+            confirm: true,
         };
         let db2 = db.clone();
         let component = Component::spawn("fleet service", move |c| {

@@ -133,6 +133,7 @@ impl Rig {
             poll: Duration::from_millis(500),
             host: self.cloud.ip().to_string(),
             port: self.cloud.port(),
+            fallbacks: Vec::new(),
             security: Default::default(),
             cache_dir: self.dir.path().join("controller-git"),
             snapshot_interval: roost_fleet::gitops::snapshot::DEFAULT_INTERVAL,

@@ -236,6 +236,7 @@ fn target(addr: SocketAddr, tls: Option<TlsFiles>) -> BrokerTarget {
     BrokerTarget {
         host: addr.ip().to_string(),
         port: addr.port(),
+        fallbacks: Vec::new(),
         security: Security {
             tls,
             field_prefix: "--".into(),
@@ -751,9 +752,10 @@ async fn the_command_line_speaks_tls_with_passwords() {
 
 /// The shipped cloud ACL (`broker-config/mosquitto-acl.conf`) against a real mosquitto with
 /// client certificates: a store's identity cannot publish rollouts (fleet, group or store
-/// scope, not even its own), its profile, or another store's status and events, and cannot
-/// read another store's topics; the controller identity can publish desired state and
-/// profiles, which stores read.
+/// scope, not even its own), its profile, an end-to-end confirmation (its own or another
+/// store's), or another store's status and events, and cannot read another store's topics;
+/// the controller identity can publish desired state, profiles and confirmations, which
+/// stores read.
 /// Each "cannot" is checked against a positive marker sent after it on an allowed topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
@@ -777,6 +779,7 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
     let own_store_topic = t.deployment(&Scope::Store(a.into()), "web");
     let b_store_topic = t.deployment(&Scope::Store(b.into()), "web");
     let own_profile = t.profile(a);
+    let own_confirmed = t.confirmed(a);
 
     let controller = Client::connect(
         cloud.tls,
@@ -787,6 +790,7 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
             "roost/v1/groups/+/deployments/+",
             "roost/v1/stores/+/deployments/+",
             "roost/v1/stores/+/profile",
+            "roost/v1/stores/+/confirmed",
             "roost/v1/stores/+/status",
             "roost/v1/stores/+/events",
             "roost/v1/stores/+/presence",
@@ -801,6 +805,7 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
             // Allowed: its own, its group's and the fleet's rollouts, its own profile.
             "roost/v1/stores/store-0001/deployments/+",
             "roost/v1/stores/store-0001/profile",
+            "roost/v1/stores/store-0001/confirmed",
             "roost/v1/groups/canary/deployments/+",
             "roost/v1/fleet/deployments/+",
             // Not allowed: another store's topics, and everyone's.
@@ -823,6 +828,12 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
         store_a.publish(topic, "forged rollout", true).await;
     }
     store_a.publish(&own_profile, "forged profile", true).await;
+    store_a
+        .publish(&own_confirmed, "forged confirmation", true)
+        .await;
+    store_a
+        .publish(&t.confirmed(b), "forged confirmation", true)
+        .await;
     store_a.publish(&t.status(b), "forged status", true).await;
     store_a.publish(&t.events(b), "forged event", false).await;
     store_a.publish(&t.status(a), "marker-a", true).await;
@@ -837,7 +848,7 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
         cloud.log_text()
     );
     println!(
-        "acl: {a} published 7 forbidden messages (rollouts on fleet, group, own and other store topics; its own profile; {b}'s status and events): 0 reached the controller, the marker after them did"
+        "acl: {a} published 9 forbidden messages (rollouts on fleet, group, own and other store topics; its own profile; its own and {b}'s confirmation; {b}'s status and events): 0 reached the controller, the marker after them did"
     );
 
     // A store cannot read another store's topics; its own arrive.
@@ -849,6 +860,9 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
         .await;
     controller
         .publish(&t.profile(b), "profile of b", true)
+        .await;
+    controller
+        .publish(&t.confirmed(b), "confirmation of b", true)
         .await;
     controller.wait_for(&t.status(b), "status of b").await;
     controller.wait_for(&t.events(b), "event of b").await;
@@ -875,7 +889,7 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
         seen.iter().all(|(tp, _)| !tp.contains(b)),
         "{a} got {b}'s retained messages: {seen:?}"
     );
-    println!("acl: {a} subscribed to {b}'s topics and to +/status, +/events: 0 of {b}'s 5 messages (live or retained) arrived, its own marker did");
+    println!("acl: {a} subscribed to {b}'s topics and to +/status, +/events: 0 of {b}'s 6 messages (live or retained) arrived, its own marker did");
 
     // The controller publishes desired state; the store reads its own, its group's and the
     // fleet's.
@@ -891,7 +905,11 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
     controller
         .publish(&own_profile, "store profile", true)
         .await;
+    controller
+        .publish(&own_confirmed, "store confirmation", true)
+        .await;
     store_a.wait_for(&fleet_topic, "fleet rollout").await;
+    store_a.wait_for(&own_confirmed, "store confirmation").await;
     store_a.wait_for(&group_topic, "group rollout").await;
     store_a.wait_for(&own_profile, "store profile").await;
     let seen = store_a.wait_for(&own_store_topic, "store rollout").await;
@@ -903,7 +921,7 @@ async fn the_cloud_acl_confines_each_store_to_its_own_topics() {
         store_a.received().iter().all(|(tp, _)| !tp.contains(b)),
         "still nothing of {b}'s"
     );
-    println!("acl: roost-controller published fleet, group and store rollouts and {a}'s profile: {a} received all 4");
+    println!("acl: roost-controller published fleet, group and store rollouts, {a}'s profile and confirmation: {a} received all 5");
 }
 
 /// The shipped edge ACL (`broker-config/mosquitto-edge-acl.conf`): only the agent identity

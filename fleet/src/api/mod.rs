@@ -314,6 +314,9 @@ struct SummaryDoc {
     #[serde(flatten)]
     summary: model::Summary,
     plans: PlanCounts,
+    /// The last audit of the cloud broker's retained desired state (absent before the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    broker_audit: Option<crate::db::audit::AuditRecord>,
     taken_at: String,
 }
 
@@ -338,6 +341,7 @@ fn summary_doc(s: &Snapshot) -> SummaryDoc {
     SummaryDoc {
         summary: s.summary.clone(),
         plans,
+        broker_audit: s.broker_audit.clone(),
         taken_at: s.taken_at.clone(),
     }
 }

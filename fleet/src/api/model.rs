@@ -207,6 +207,8 @@ pub struct Snapshot {
     pub plans: BTreeMap<String, PlanDoc>,
     /// The fleet's counts (the view's, by its stale rule).
     pub summary: Summary,
+    /// The last audit of the cloud broker's retained desired state.
+    pub broker_audit: Option<crate::db::audit::AuditRecord>,
     /// When it was taken (RFC 3339).
     pub taken_at: String,
 }

@@ -50,6 +50,7 @@ pub fn from_view(v: &view::FleetView, plans: BTreeMap<String, model::PlanDoc>) -
             drifted: v.summary.drifted,
             with_gaps: v.summary.with_gaps,
         },
+        broker_audit: v.broker_audit.clone(),
         ..Snapshot::default()
     };
     for s in &v.stores {

@@ -157,31 +157,50 @@ impl Request {
 }
 
 /// The fleet as the controller sees it for `deployment`: every store that sent a status
-/// document, its groups, its inventory labels and presence (no presence document counts as online: a store
-/// without a bridge reports only its status).
+/// document, its groups, its inventory labels and whether it is online by the one presence rule
+/// ([`crate::judge::online`]: its presence does not say offline and it was heard within its
+/// heartbeat allowance; no presence document counts as online while the store is heard: a
+/// store without a bridge reports only its status).
 pub fn view(c: &Connection, deployment: &str) -> Result<Vec<StoreView>, DbError> {
-    let mut presence: BTreeMap<String, bool> = BTreeMap::new();
+    let now_s = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+    let secs = |t: &str| roost_schemas::parse_rfc3339(t).map(|t| t.unix_timestamp().max(0) as u64);
+    let mut presence: BTreeMap<String, (PresenceState, Option<u64>)> = BTreeMap::new();
     {
-        let mut stmt = c.prepare("SELECT store, json FROM presence")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut stmt = c.prepare("SELECT store, json, received_at FROM presence")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
         for row in rows {
-            let (s, json) = row?;
+            let (s, json, at) = row?;
             if let Ok(p) = serde_json::from_str::<Presence>(&json) {
-                presence.insert(s, p.state == PresenceState::Online);
+                presence.insert(s, (p.state, secs(&at)));
             }
         }
     }
     let mut labels = super::inventory::labels(c)?;
-    let mut stmt = c.prepare("SELECT store, json FROM status ORDER BY store")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut stmt = c.prepare("SELECT store, json, received_at FROM status ORDER BY store")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
     let mut out = Vec::new();
     for row in rows {
-        let (store, json) = row?;
+        let (store, json, at) = row?;
         let Ok(doc) = serde_json::from_str::<StatusDoc>(&json) else {
             continue;
         };
+        let p = presence.get(&store);
+        let heard = secs(&at).max(p.and_then(|(_, t)| *t));
+        let heartbeat_s = doc.heartbeat_s.unwrap_or(crate::view::DEFAULT_HEARTBEAT_S);
         out.push(StoreView {
-            online: presence.get(&store).copied().unwrap_or(true),
+            online: crate::judge::online(p.map(|(s, _)| *s), heard, heartbeat_s, now_s),
             status: doc.deployments.get(deployment).cloned(),
             groups: doc.groups,
             labels: labels.remove(&store).unwrap_or_default(),

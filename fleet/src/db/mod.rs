@@ -38,6 +38,7 @@
 //! - **Durability**: WAL with `synchronous=FULL` ([`roost_runtime::sqlite::open_durable`])
 //!   is PostgreSQL's default `synchronous_commit = on`.
 
+pub mod audit;
 pub mod desired;
 pub mod gitops;
 pub mod ingest;

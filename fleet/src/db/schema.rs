@@ -122,6 +122,19 @@ pub const MIGRATIONS: &[Migration] = &[
                 published_at TEXT NOT NULL
             );",
     },
+    Migration {
+        version: 4,
+        name: "the broker audit",
+        text: "CREATE TABLE broker_audit (
+                id {int} PRIMARY KEY CHECK (id = 1),
+                at TEXT NOT NULL,
+                trigger TEXT NOT NULL,
+                held {int} NOT NULL,
+                repaired TEXT NOT NULL,
+                audits {int} NOT NULL,
+                repaired_total {int} NOT NULL
+            );",
+    },
 ];
 
 /// The table of applied migrations (rendered like a migration).
@@ -262,6 +275,7 @@ mod tests {
                 "gitops_plans",
                 "gitops_published",
                 "gitops_requests",
+                "broker_audit",
             ] {
                 assert!(has_table(c, t)?, "{t}");
             }

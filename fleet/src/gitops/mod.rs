@@ -73,6 +73,8 @@ pub struct GitopsOptions {
     pub host: String,
     /// Cloud broker port.
     pub port: u16,
+    /// More cloud broker addresses (a cluster's other nodes), tried in turn.
+    pub fallbacks: Vec<roost_runtime::BrokerAddr>,
     /// TLS and credentials for the cloud broker.
     pub security: roost_runtime::Security,
     /// Where fetched repositories are cached.
@@ -798,6 +800,7 @@ pub async fn run_with_handle(
         &format!("roost-controller-{:08x}", rand::random::<u32>()),
     );
     lc.security = opts.security.clone();
+    lc.fallbacks = opts.fallbacks.clone();
     lc.keep_alive = Duration::from_secs(5);
     lc.backoff = (Duration::from_millis(100), Duration::from_secs(5));
     lc.max_packet_size = 4 << 20;

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use roost_runtime::{Backoff, SecurityError};
+use roost_runtime::{next_address, Backoff, BrokerAddr, SecurityError};
 use roost_schemas::{envelope_sequence, Topics};
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, watch};
@@ -43,6 +43,9 @@ pub enum AuditError {
     /// The connection failed.
     #[error("broker audit: cloud broker connection")]
     Connection(#[source] Box<ConnectionError>),
+    /// The broker refused the audit's subscription (a cluster without a stream leader).
+    #[error("broker audit: the cloud broker refused the subscription")]
+    Refused,
     /// The broker did not answer in time.
     #[error("broker audit: no {0} in time")]
     Timeout(&'static str),
@@ -81,8 +84,12 @@ pub struct Auditor {
     maybe_subscribed: bool,
 }
 
-fn mqtt_options(opts: &FleetOptions, id: &str) -> Result<MqttOptions, SecurityError> {
-    let mut o = MqttOptions::new(id, opts.host.clone(), opts.port);
+fn mqtt_options(
+    opts: &FleetOptions,
+    id: &str,
+    addr: &BrokerAddr,
+) -> Result<MqttOptions, SecurityError> {
+    let mut o = MqttOptions::new(id, addr.host.clone(), addr.port);
     // A clean session: what a new subscription receives is exactly what the broker holds
     // now, plus whatever is published while it listens.
     o.set_clean_session(true);
@@ -108,13 +115,15 @@ impl Auditor {
     /// Starts the client (it connects in the background and reconnects with backoff).
     pub fn start(opts: &FleetOptions) -> Result<Auditor, AuditError> {
         let id = format!("{}-check-{:08x}", opts.client_id, rand::random::<u32>());
-        let (client, mut eventloop) = AsyncClient::new(mqtt_options(opts, &id)?, 64);
+        let addresses = opts.addresses();
+        let (client, mut eventloop) = AsyncClient::new(mqtt_options(opts, &id, &addresses[0])?, 64);
         let (tx, events) = mpsc::channel(1024);
         let opts = opts.clone();
         // The connection task owns the event loop: polled all the time (keepalive), never
         // cancelled half-way through a packet.
         let poller = tokio::spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            let mut at = 0usize;
             loop {
                 let ev = eventloop.poll().await;
                 let failed = ev.is_err();
@@ -126,8 +135,10 @@ impl Auditor {
                 }
                 if failed {
                     tokio::time::sleep(backoff.next_delay()).await;
-                    // Renewed TLS or password files count from the next attempt on.
-                    match mqtt_options(&opts, &id) {
+                    // Renewed TLS or password files count from the next attempt on, which
+                    // goes to the next broker address.
+                    at = next_address(at, addresses.len());
+                    match mqtt_options(&opts, &id, &addresses[at]) {
                         Ok(o) => eventloop.mqtt_options = o,
                         Err(error) => {
                             warn!(%error, "broker audit: cannot read the cloud broker settings; keeping the last")
@@ -235,7 +246,10 @@ impl Auditor {
             match self.next(until).await? {
                 None if quiet_from.is_some() => break,
                 None => return Err(AuditError::Timeout("SUBACK")),
-                Some(Event::Incoming(Packet::SubAck(_))) => {
+                Some(Event::Incoming(Packet::SubAck(ack))) => {
+                    if roost_runtime::suback_refused(&ack) {
+                        return Err(AuditError::Refused);
+                    }
                     quiet_from = Some(Instant::now());
                 }
                 Some(Event::Incoming(Packet::Publish(p))) => {
@@ -339,21 +353,26 @@ async fn wait(
 
 /// Runs an audit after every connection the record's link reports on `sessions` (with or
 /// without a session: a broker that kept the session may still have lost retained
-/// messages), until `cancel`.
+/// messages) and every `interval` after the last one finished (a PUBACK is no proof that a
+/// retained message was stored: a clustered broker stores it asynchronously), until
+/// `cancel`. Every finished audit is recorded in the fleet database.
 pub async fn run(
     mut auditor: Auditor,
     db: FleetDb,
     mut sessions: watch::Receiver<(u64, bool)>,
+    interval: Duration,
     cancel: CancellationToken,
 ) {
     let mut wake = wait(&mut auditor, &mut sessions, &cancel, None).await;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut current = (0, false);
+    let mut trigger = "connection";
     loop {
         match wake {
             Wake::Stop => break,
             Wake::Connected(c) => {
                 current = c;
+                trigger = "connection";
                 backoff.reset();
             }
             Wake::Retry => {}
@@ -389,7 +408,14 @@ pub async fn run(
                         );
                     }
                 });
-                None
+                let (held, restored) = (report.held as u64, report.restored);
+                let t = trigger;
+                if let Err(error) = db.call(move |db| db.record_audit(t, held, &restored)).await {
+                    warn!(error = %roost_runtime::error_chain(&error), "cannot record the broker audit");
+                }
+                backoff.reset();
+                trigger = "interval";
+                Some(Instant::now() + interval)
             }
             Err(error) => {
                 let delay = backoff.next_delay();

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use roost_fleet::cloud;
 use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::Topics;
 use rumqttc::{Event, Packet, QoS};
@@ -13,7 +12,8 @@ use super::BrokerSecurity;
 /// Arguments of `roost events`.
 #[derive(clap::Args)]
 pub struct EventsArgs {
-    /// Cloud broker HOST:PORT or mqtts://HOST:PORT.
+    /// Cloud broker HOST:PORT or mqtts://HOST:PORT; several comma-separated (a cluster's
+    /// nodes: the next is tried when one fails).
     #[arg(long, env = "ROOST_BROKER")]
     broker: String,
     #[command(flatten)]
@@ -33,7 +33,10 @@ pub async fn run(a: EventsArgs, cancel: CancellationToken) -> anyhow::Result<()>
         None => topics.all_stores(StoreTopicKind::Events),
     };
     let broker = a.security.target(&a.broker)?;
-    let (client, mut ev) = cloud::connect(&broker, "roost-events")?;
+    let id = format!("roost-events-{:016x}", rand::random::<u64>());
+    let count = broker.addresses().len();
+    let mut at = 0usize;
+    let (mut client, mut ev) = rumqttc::AsyncClient::new(broker.options(&id, at)?, 1024);
     let mut seen = 0usize;
     loop {
         tokio::select! {
@@ -43,8 +46,19 @@ pub async fn run(a: EventsArgs, cancel: CancellationToken) -> anyhow::Result<()>
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     client.subscribe(filter.clone(), QoS::AtLeastOnce).await?;
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    tracing::info!(%filter, "following events");
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    if roost_runtime::suback_refused(&ack) {
+                        // Not following: a failed connection, tried again at the next address.
+                        eprintln!("roost events: {} refused the subscription; reconnecting", broker.only(at).addresses()[0]);
+                        at = roost_runtime::next_address(at, count);
+                        (client, ev) = rumqttc::AsyncClient::new(broker.options(&id, at)?, 1024);
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    } else {
+                        tracing::info!(%filter, "following events");
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     println!("{}", String::from_utf8_lossy(&p.payload));
@@ -56,11 +70,15 @@ pub async fn run(a: EventsArgs, cancel: CancellationToken) -> anyhow::Result<()>
                     // A TLS or auth problem says what is wrong; retried all the same.
                     eprintln!(
                         "roost events: {}; reconnecting",
-                        roost_runtime::error_chain(&broker.error(e))
+                        roost_runtime::error_chain(&broker.only(at).error(e))
                     );
                     tokio::select! {
                         _ = cancel.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    if count > 1 {
+                        at = roost_runtime::next_address(at, count);
+                        (client, ev) = rumqttc::AsyncClient::new(broker.options(&id, at)?, 1024);
                     }
                 }
             }

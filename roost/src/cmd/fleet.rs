@@ -23,9 +23,18 @@ pub struct FleetArgs {
     /// `sync`: ask a running controller to look at the fleet repository now.
     #[command(subcommand)]
     action: Option<FleetAction>,
-    /// Cloud broker HOST:PORT or mqtts://HOST:PORT.
+    /// Cloud broker HOST:PORT or mqtts://HOST:PORT; several comma-separated (a cluster's
+    /// nodes: the next is tried when one fails or is lost).
     #[arg(long, env = "ROOST_BROKER")]
     broker: Option<String>,
+    /// Seconds between audits of the cloud broker's retained desired state against the
+    /// record (one also runs after every connection) [default: 60].
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    audit_interval: u64,
+    /// Do not publish end-to-end confirmations (`roost/v1/stores/{store}/confirmed`): the
+    /// stores' bridges then delete events at the broker's PUBACK.
+    #[arg(long)]
+    no_confirm: bool,
     #[command(flatten)]
     security: BrokerSecurity,
     /// SQLite file.
@@ -265,6 +274,7 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
                 poll: Duration::from_secs(s.poll_interval_s),
                 host: host.clone(),
                 port,
+                fallbacks: target.fallbacks.clone(),
                 security: target.security.clone(),
                 cache_dir: a.db.with_extension("git"),
                 snapshot_interval: Duration::from_secs(s.snapshot_interval_s),
@@ -287,6 +297,9 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
             db: a.db,
             client_id: a.client_id,
             security: target.security.clone(),
+            fallbacks: target.fallbacks.clone(),
+            audit_interval: Duration::from_secs(a.audit_interval),
+            confirm: !a.no_confirm,
         },
         fdb,
         cancel,

@@ -13,7 +13,8 @@ use super::BrokerSecurity;
 /// Arguments of `roost rollout`.
 #[derive(clap::Args)]
 pub struct RolloutArgs {
-    /// Broker HOST:PORT or mqtts://HOST:PORT.
+    /// Broker HOST:PORT or mqtts://HOST:PORT; several comma-separated (a cluster's nodes:
+    /// the next is tried when one fails).
     #[arg(long, env = "ROOST_BROKER")]
     broker: String,
     #[command(flatten)]

@@ -50,6 +50,10 @@ pub struct SimArgs {
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
+    /// Run `roost fleet`'s record in the process: `none`, `confirm` (with end-to-end
+    /// confirmations, as `roost fleet` runs) or `no-confirm` (`roost fleet --no-confirm`).
+    #[arg(long, default_value = "none", value_name = "MODE")]
+    fleet_record: String,
 }
 
 pub async fn run(a: SimArgs, cancel: CancellationToken) -> anyhow::Result<()> {
@@ -88,6 +92,12 @@ pub async fn run(a: SimArgs, cancel: CancellationToken) -> anyhow::Result<()> {
         git_server,
         cloud_mosquitto,
         state_dir: a.state_dir,
+        fleet_record: match a.fleet_record.as_str() {
+            "none" => None,
+            "confirm" => Some(true),
+            "no-confirm" => Some(false),
+            other => anyhow::bail!("--fleet-record {other}: none, confirm or no-confirm"),
+        },
     };
     let report = interruptible(&cancel, async { Ok(sim::run(opts.clone()).await?) }).await?;
     if a.json {

@@ -15,7 +15,8 @@ use super::BrokerSecurity;
 /// Arguments of `roost status`.
 #[derive(clap::Args)]
 pub struct StatusArgs {
-    /// Cloud broker HOST:PORT or mqtts://HOST:PORT (reads the retained documents).
+    /// Cloud broker HOST:PORT or mqtts://HOST:PORT (reads the retained documents); several
+    /// comma-separated (a cluster's nodes: the next is tried when one fails).
     #[arg(long, env = "ROOST_BROKER", required_unless_present = "db")]
     broker: Option<String>,
     #[command(flatten)]
@@ -106,11 +107,13 @@ pub async fn run(a: StatusArgs, cancel: CancellationToken) -> anyhow::Result<()>
                 serde_json::to_string_pretty(&serde_json::json!({
                     "generated_at": v.generated_at,
                     "summary": v.summary,
+                    "broker_audit": v.broker_audit,
                     "stores": rows,
                 }))? + "\n"
             }
             (None, false) => {
                 view::render_summary(&v.summary)
+                    + &view::render_audit(v.broker_audit.as_ref())
                     + &view::render(&view::filter(&v, &filter), a.show_labels)
             }
         };
