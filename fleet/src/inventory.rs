@@ -118,10 +118,17 @@ pub fn parse(files: &BTreeMap<String, Vec<u8>>) -> Result<Inventory, InventoryEr
             if value.is_null() {
                 continue; // an empty document (a trailing `---`)
             }
-            if let Some(e) = validator.iter_errors(&value).next() {
-                let at = e.instance_path().to_string();
-                let at = if at.is_empty() { at } else { format!("{at}: ") };
-                return Err(fail(file, doc, format!("schema: {at}{e}")));
+            // The fast check first; the error walk only for a document that fails it.
+            if !validator.is_valid(&value) {
+                let reason = match validator.iter_errors(&value).next() {
+                    Some(e) => {
+                        let at = e.instance_path().to_string();
+                        let at = if at.is_empty() { at } else { format!("{at}: ") };
+                        format!("schema: {at}{e}")
+                    }
+                    None => "schema: invalid".to_owned(),
+                };
+                return Err(fail(file, doc, reason));
             }
             let entry: StoreEntry = serde_json::from_value(value)
                 .map_err(|e| fail(file, doc, format!("schema: {e}")))?;

@@ -3,7 +3,7 @@
 //! status) decides what to publish, tombstone or restore, when a wave's gate is met, and when
 //! the plan aborts. No I/O: the controller persists the plan and executes the actions.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use roost_schemas::fleet::{Abort, Wave, WaveTarget};
 use roost_schemas::{DeploymentStatus, Policy, Scope};
@@ -284,9 +284,11 @@ fn wave_targets(
     // Limited by `targets:`: a group or fleet message would reach every store of it, so each
     // member gets its own. A named store whose labels are known and do not match is left
     // out; one that has not reported yet is named explicitly and gets it.
+    let free_names: HashSet<&str> = free.iter().map(|v| v.store.as_str()).collect();
+    let known: HashSet<&str> = view.iter().map(|v| v.store.as_str()).collect();
     let stores: Vec<String> = stores
         .into_iter()
-        .filter(|s| free.iter().any(|v| v.store == *s) || !view.iter().any(|v| v.store == *s))
+        .filter(|s| free_names.contains(s.as_str()) || !known.contains(s.as_str()))
         .collect();
     // A store an earlier wave reached has its message of this release already.
     let earlier: BTreeSet<&String> = plan.wave_stores[..i.min(plan.wave_stores.len())]
@@ -394,19 +396,18 @@ pub fn step(
         plan.wave_waited_ms = 0;
         plan.last_step_ms = now_ms;
         plan.gate_met_ms = None;
-        let mut actions = Vec::new();
         let shared = scopes.iter().any(|s| !matches!(s, Scope::Store(_)));
-        for s in scopes {
-            if !plan.scopes.contains(&s) {
-                plan.scopes.push(s.clone());
-            }
-            // A store's own message replaces a retired one on the same topic.
-            plan.retire.retain(|r| *r != s);
-            actions.push(Action::Publish {
-                scope: s,
+        add_scopes(plan, &scopes);
+        // A store's own message replaces a retired one on the same topic.
+        let published: HashSet<&Scope> = scopes.iter().collect();
+        plan.retire.retain(|r| !published.contains(r));
+        let mut actions: Vec<Action> = scopes
+            .into_iter()
+            .map(|scope| Action::Publish {
+                scope,
                 release: plan.release.clone(),
-            });
-        }
+            })
+            .collect();
         if shared {
             let members = plan.wave_stores[i].clone();
             actions.extend(retire_shadows(plan, &members));
@@ -425,13 +426,12 @@ pub fn step(
         )
     {
         let (now_members, _) = wave_targets(plan, i, view, pinned);
-        let mut new = Vec::new();
-        for s in now_members {
-            if !plan.wave_stores[i].contains(&s) {
-                plan.wave_stores[i].push(s.clone());
-                new.push(s);
-            }
-        }
+        let had: HashSet<&String> = plan.wave_stores[i].iter().collect();
+        let new: Vec<String> = now_members
+            .into_iter()
+            .filter(|s| !had.contains(s))
+            .collect();
+        plan.wave_stores[i].extend(new.iter().cloned());
         actions = retire_shadows(plan, &new);
     }
     if !actions.is_empty() {
@@ -583,15 +583,28 @@ pub fn step(
 /// Tombstones the retired store messages of `stores`, which a group or fleet message of
 /// this plan reaches now: a store's own message takes precedence and would hide it.
 fn retire_shadows(plan: &mut Plan, stores: &[String]) -> Vec<Action> {
-    let mut actions = Vec::new();
-    for s in stores {
-        let scope = Scope::Store(s.clone());
-        if plan.retire.contains(&scope) {
-            plan.retire.retain(|r| *r != scope);
-            actions.push(Action::Tombstone { scope });
+    if plan.retire.is_empty() {
+        return Vec::new();
+    }
+    let reached: HashSet<&str> = stores.iter().map(String::as_str).collect();
+    let (shadowed, kept): (Vec<Scope>, Vec<Scope>) = std::mem::take(&mut plan.retire)
+        .into_iter()
+        .partition(|r| matches!(r, Scope::Store(s) if reached.contains(s.as_str())));
+    plan.retire = kept;
+    shadowed
+        .into_iter()
+        .map(|scope| Action::Tombstone { scope })
+        .collect()
+}
+
+/// Adds `scopes` to the plan's published scopes, each once.
+fn add_scopes(plan: &mut Plan, scopes: &[Scope]) {
+    let mut have: HashSet<Scope> = plan.scopes.iter().cloned().collect();
+    for s in scopes {
+        if have.insert(s.clone()) {
+            plan.scopes.push(s.clone());
         }
     }
-    actions
 }
 
 /// Every wave done: the wave-scoped messages (group, percentage, named stores) are
@@ -644,18 +657,33 @@ pub fn follow_targets(
         plan.wave_stores.resize(plan.waves.len(), Vec::new());
     }
     let mut actions = Vec::new();
-    let leavers: Vec<&StoreView> = view.iter().filter(|v| !plan.targets(v)).collect();
-    for v in leavers {
-        let scope = Scope::Store(v.store.clone());
-        if plan.scopes.contains(&scope) {
-            plan.scopes.retain(|s| *s != scope);
-            for w in &mut plan.wave_stores {
-                w.retain(|s| *s != v.store);
-            }
-            plan.outcomes.remove(&v.store);
-            actions.push(Action::Tombstone { scope });
+    let scoped: HashSet<&str> = plan
+        .scopes
+        .iter()
+        .filter_map(|s| match s {
+            Scope::Store(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .collect();
+    let leavers: BTreeSet<String> = view
+        .iter()
+        .filter(|v| !plan.targets(v) && scoped.contains(v.store.as_str()))
+        .map(|v| v.store.clone())
+        .collect();
+    if !leavers.is_empty() {
+        plan.scopes
+            .retain(|s| !matches!(s, Scope::Store(s) if leavers.contains(s)));
+        for w in &mut plan.wave_stores {
+            w.retain(|s| !leavers.contains(s));
+        }
+        for store in leavers {
+            plan.outcomes.remove(&store);
+            actions.push(Action::Tombstone {
+                scope: Scope::Store(store),
+            });
         }
     }
+    let mut reached: HashSet<String> = plan.wave_stores.iter().flatten().cloned().collect();
     for w in 0..=last {
         if !matches!(
             plan.waves[w].target(),
@@ -664,20 +692,17 @@ pub fn follow_targets(
             continue;
         }
         let (members, _) = wave_targets(plan, w, view, pinned);
-        for m in members {
-            if plan.wave_stores.iter().any(|ws| ws.contains(&m)) {
-                continue;
-            }
-            let scope = Scope::Store(m.clone());
-            plan.wave_stores[w].push(m);
-            if !plan.scopes.contains(&scope) {
-                plan.scopes.push(scope.clone());
-            }
-            actions.push(Action::Publish {
-                scope,
-                release: plan.release.clone(),
-            });
-        }
+        let new: Vec<String> = members
+            .into_iter()
+            .filter(|m| reached.insert(m.clone()))
+            .collect();
+        let scopes: Vec<Scope> = new.iter().map(|m| Scope::Store(m.clone())).collect();
+        plan.wave_stores[w].extend(new);
+        add_scopes(plan, &scopes);
+        actions.extend(scopes.into_iter().map(|scope| Action::Publish {
+            scope,
+            release: plan.release.clone(),
+        }));
     }
     actions
 }
