@@ -66,6 +66,9 @@ pub struct FleetOptions {
     pub audit_interval: Duration,
     /// Publish end-to-end confirmations (`…/stores/{store}/confirmed`); on by default.
     pub confirm: bool,
+    /// Whether this instance leads: only the leader publishes (confirmations, republished
+    /// envelopes) and audits the broker; every instance records.
+    pub leadership: crate::leadership::Leadership,
 }
 
 impl FleetOptions {
@@ -80,6 +83,7 @@ impl FleetOptions {
             fallbacks: Vec::new(),
             audit_interval: DEFAULT_AUDIT_INTERVAL,
             confirm: true,
+            leadership: crate::leadership::Leadership::solo(),
         }
     }
 
@@ -147,12 +151,14 @@ pub async fn run(
                 c,
                 topics.clone(),
                 link.handle.clone(),
+                opts.leadership.clone(),
                 confirm_rx,
                 audit_cancel.clone(),
             )
             .instrument(tracing::info_span!("confirm")),
         )
     });
+    let leadership = opts.leadership.clone();
     let span = tracing::info_span!("fleet");
     async move {
         loop {
@@ -183,7 +189,13 @@ pub async fn run(
                     continue;
                 }
             };
-            for (topic, payload) in outcome.regressed {
+            // Only the leader publishes; a follower records.
+            let regressed = if leadership.is_leading() {
+                outcome.regressed
+            } else {
+                Vec::new()
+            };
+            for (topic, payload) in regressed {
                 // The broker shows an older envelope than the record holds (a restore racing
                 // a publish, or a publisher with a stale sequence): the newest stands.
                 warn!(%topic, "the cloud broker holds an older envelope than the fleet record; publishing the record's again");
