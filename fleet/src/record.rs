@@ -180,15 +180,25 @@ pub async fn run(
             } else {
                 Vec::new()
             };
-            let recorded = db.call(move |db| db.record_batch(&items)).await;
-            let outcome = match recorded {
-                Ok(o) => o,
-                Err(error) => {
-                    // Not acknowledged: the broker redelivers to our persistent session.
-                    warn!(error = %roost_runtime::error_chain(&error), "cannot record a batch");
-                    continue;
+            // A failed batch is tried again (a PostgreSQL session lost: the next attempt
+            // opens a new one) until it is recorded; it is acknowledged only then. Given up
+            // only at shutdown: unacknowledged, the broker redelivers it to our session.
+            let mut backoff = roost_runtime::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            let outcome = loop {
+                let attempt = items.clone();
+                match db.call(move |db| db.record_batch(&attempt)).await {
+                    Ok(o) => break Some(o),
+                    Err(error) => {
+                        let delay = backoff.next_delay();
+                        warn!(error = %roost_runtime::error_chain(&error), retry_in_ms = delay.as_millis() as u64, "cannot record a batch");
+                        tokio::select! {
+                            _ = cancel.cancelled() => break None,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
                 }
             };
+            let Some(outcome) = outcome else { break };
             // Only the leader publishes; a follower records.
             let regressed = if leadership.is_leading() {
                 outcome.regressed

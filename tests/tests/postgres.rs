@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
 use roost_fleet::db::{self, FleetDb};
@@ -89,8 +89,9 @@ fn every_fleet_db_path_round_trips_on_postgres() {
     println!("postgres: every FleetDb path round-trips; events deduplicated across instances");
 }
 
-/// A message seen on the broker: when, topic, payload.
-type Seen = (Instant, String, Vec<u8>);
+/// A message seen on the broker: when (the wall clock, to compare with the processes'
+/// logs), topic, payload.
+type Seen = (SystemTime, String, Vec<u8>);
 
 /// Everything published on `roost/#` from the moment the subscription is acknowledged.
 struct Watch {
@@ -119,7 +120,7 @@ impl Watch {
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => s2.lock().expect("seen").push((
-                        Instant::now(),
+                        SystemTime::now(),
                         p.topic.clone(),
                         p.payload.to_vec(),
                     )),
@@ -243,7 +244,12 @@ impl Rig {
 
     /// `roost fleet` instance `name` on the shared database, logging to `DIR/name.log`.
     fn fleet(&self, name: &str) -> RoostProcess {
-        let args: Vec<String> = vec![
+        self.fleet_with(name, &[])
+    }
+
+    /// [`Rig::fleet`] with more arguments.
+    fn fleet_with(&self, name: &str, extra: &[String]) -> RoostProcess {
+        let mut args: Vec<String> = vec![
             "fleet".into(),
             "--broker".into(),
             self.broker.to_string(),
@@ -266,6 +272,7 @@ impl Rig {
             "--poll-interval".into(),
             "1".into(),
         ];
+        args.extend_from_slice(extra);
         RoostProcess::start(&args, &self.dir.path().join(format!("{name}.log")))
     }
 
@@ -318,6 +325,30 @@ fn controller_state(db: &FleetDb) -> Result<ControllerState, db::DbError> {
     })
 }
 
+/// When `p` logged the `n`th line (from 1) with `marker`, by its log's timestamp.
+fn logged_time(p: &RoostProcess, marker: &str, n: usize) -> Option<SystemTime> {
+    let text = p.log_text();
+    let line = text.lines().filter(|l| l.contains(marker)).nth(n - 1)?;
+    // Text logs: an RFC 3339 timestamp first, perhaps inside colour codes.
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let stamp = plain.split_whitespace().next()?;
+    let t =
+        time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(t.into())
+}
+
 /// Waits until `p`'s log has `marker` at least `n` times; returns when it was seen.
 async fn logged(p: &RoostProcess, marker: &str, n: usize) -> Instant {
     harness::eventually(T, &format!("{} logs {marker:?}", p.log().display()), || {
@@ -340,7 +371,8 @@ async fn a_standby_takes_over_a_killed_leader_mid_plan_without_duplicate_or_skip
     let watch = Watch::start(r.broker).await;
     let mut a = r.fleet("a");
     logged(&a, "leading:", 1).await;
-    let b = r.fleet("b");
+    let http = roost_tests::fixtures::free_addr();
+    let b = r.fleet_with("b", &["--http".into(), http.to_string()]);
     logged(&b, "campaigning", 1).await;
 
     watch.rollout(&topic("groups/g1")).await;
@@ -353,6 +385,37 @@ async fn a_standby_takes_over_a_killed_leader_mid_plan_without_duplicate_or_skip
         .remove("web")
         .expect("plan");
     assert_eq!(plan.wave, 1, "{plan:?}");
+    // The standby records and serves: its API shows every store and the leader's plan.
+    let api = |path: &'static str| {
+        let url = format!("http://{http}{path}");
+        tokio::task::spawn_blocking(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(10)))
+                .build()
+                .into();
+            agent
+                .get(&url)
+                .call()
+                .ok()
+                .filter(|r| r.status() == 200)
+                .and_then(|mut r| r.body_mut().read_to_string().ok())
+        })
+    };
+    harness::eventually_async(
+        T,
+        "the standby's API shows the stores and the plan",
+        || async {
+            let stores = api("/api/v1/stores").await.ok()??;
+            let plans = api("/api/v1/plans").await.ok()??;
+            (STORES
+                .iter()
+                .all(|(s, _)| stores.contains(&format!("\"{s}\"")))
+                && plans.contains("\"web\""))
+            .then_some(())
+        },
+    )
+    .await;
     let killed = Instant::now();
     a.kill();
     r.converge("s2").await;
@@ -361,7 +424,7 @@ async fn a_standby_takes_over_a_killed_leader_mid_plan_without_duplicate_or_skip
     watch.rollout(&topic("groups/g3")).await;
     let resumed = killed.elapsed();
     println!(
-        "postgres failover: the standby leads {:.1} s after the leader's kill -9; its first wave {:.1} s after",
+        "postgres failover: the standby leads {:.1} s after the leader's kill -9; the plan's next wave is out {:.1} s after",
         failover.as_secs_f64(),
         resumed.as_secs_f64()
     );
@@ -371,7 +434,6 @@ async fn a_standby_takes_over_a_killed_leader_mid_plan_without_duplicate_or_skip
     );
     r.converge("s3").await;
     watch.rollout(&topic("fleet")).await;
-    eprintln!("fleet wave at {:?} after the kill", killed.elapsed());
     let done = harness::eventually_async(T, "plan done", || async {
         r.read(|db| db.with_conn(db::gitops::plans))
             .await
@@ -379,14 +441,13 @@ async fn a_standby_takes_over_a_killed_leader_mid_plan_without_duplicate_or_skip
             .filter(|p| p.status == roost_fleet::gitops::plan::PlanStatus::Done)
     })
     .await;
-    eprintln!("done at {:?} after the kill", killed.elapsed());
     assert_eq!(done.wave, 3, "{done:?}");
     // Every wave's rollout went out exactly once (one sequence per topic), none skipped,
     // and in order.
     let mut firsts = Vec::new();
     for scope in ["groups/g1", "groups/g2", "groups/g3", "fleet"] {
         let t = topic(scope);
-        let rollouts: Vec<(Instant, u64)> = watch
+        let rollouts: Vec<(SystemTime, u64)> = watch
             .all()
             .iter()
             .filter(|(_, topic, _)| *topic == t)
@@ -447,24 +508,66 @@ async fn a_leader_paused_past_its_lease_publishes_and_writes_nothing_when_resume
     b.kill();
     let before = r.read(controller_state).await;
     let resumed = Instant::now();
+    let resumed_at = SystemTime::now();
     a.signal(Signal::SIGCONT);
     logged(&a, "stepped down", 1).await;
+    let stepped_down = resumed.elapsed();
     let after = r.read(controller_state).await;
-    let published: Vec<String> = watch
-        .all()
-        .into_iter()
-        .filter(|(at, _, _)| *at >= resumed)
-        .map(|(_, t, _)| t)
-        .collect();
-    assert!(
-        published.is_empty(),
-        "the resumed old leader published {published:?}"
-    );
     assert_eq!(before, after, "the resumed old leader wrote");
     let leader = after.0.expect("leader row");
     assert_eq!(leader.term, 2, "{leader:?}");
+    // It still records (a store's events reach the database through it, the only instance
+    // left) but confirms nothing until it leads again: when B's lease has run out, it takes
+    // a new term and confirms them. Everything it published since SIGCONT came after that.
+    let source = "roost://stores/s1/agent";
+    for seq in 1..=3u64 {
+        let mut e = roost_schemas::CloudEvent::new(
+            source,
+            roost_schemas::EventType::ApplyStarted,
+            Some("web"),
+            serde_json::json!({}),
+        );
+        e.roostseq = seq;
+        harness::publish_qos1(
+            r.broker,
+            &Topics::default().events("s1"),
+            serde_json::to_vec(&e).expect("event"),
+            false,
+        )
+        .await;
+    }
+    harness::eventually_async(T, "the resumed instance recorded the events", || async {
+        (!r.read(|db| db.events("s1")).await.is_empty()).then_some(())
+    })
+    .await;
+    let confirmed = Topics::default().confirmed("s1");
+    harness::eventually(T, "the events confirmed once it leads again", || {
+        watch
+            .all()
+            .iter()
+            .any(|(_, t, _)| *t == confirmed)
+            .then_some(())
+    })
+    .await;
+    logged(&a, "leading:", 2).await;
+    let leads_again = logged_time(&a, "leading:", 2).expect("the time it leads again");
+    // (The store's events are this test's own.)
+    let early: Vec<(SystemTime, String)> = watch
+        .all()
+        .into_iter()
+        .filter(|(at, t, _)| *at >= resumed_at && *at < leads_again && !t.ends_with("/events"))
+        .map(|(at, t, _)| (at, t))
+        .collect();
+    assert!(
+        early.is_empty(),
+        "the resumed old leader published before it led again: {early:?}"
+    );
     println!(
-        "postgres: the old leader resumed after losing its lease stepped down {:.2} s after SIGCONT, published nothing and wrote nothing",
-        resumed.elapsed().as_secs_f64()
+        "postgres: the old leader resumed after losing its lease stepped down {:.2} s after SIGCONT, wrote nothing, and published nothing until it led again {:.1} s after SIGCONT",
+        stepped_down.as_secs_f64(),
+        leads_again
+            .duration_since(resumed_at)
+            .unwrap_or_default()
+            .as_secs_f64()
     );
 }
