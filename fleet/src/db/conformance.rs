@@ -199,6 +199,8 @@ pub fn round_trip(db: &FleetDb) {
         })
         .expect("read");
     assert_eq!(plans.get("web"), Some(&plan));
+    let text = crate::gitops::plan_status_text(db, None).expect("plan status");
+    assert!(text.contains("web") && text.contains("running"), "{text}");
     assert_eq!(published.len(), 1);
     assert!(published[0].sequence > 0 && !published[0].remove);
     assert_eq!(view.len(), 2, "both stores that sent status");
