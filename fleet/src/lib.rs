@@ -12,6 +12,7 @@ pub mod gitops;
 pub mod gitserve;
 pub mod inventory;
 pub mod judge;
+pub mod leadership;
 pub mod metrics;
 pub mod pki;
 pub mod record;

@@ -66,6 +66,9 @@ pub struct FleetOptions {
     pub audit_interval: Duration,
     /// Publish end-to-end confirmations (`…/stores/{store}/confirmed`); on by default.
     pub confirm: bool,
+    /// Whether this instance leads: only the leader publishes (confirmations, republished
+    /// envelopes) and audits the broker; every instance records.
+    pub leadership: crate::leadership::Leadership,
 }
 
 impl FleetOptions {
@@ -80,6 +83,7 @@ impl FleetOptions {
             fallbacks: Vec::new(),
             audit_interval: DEFAULT_AUDIT_INTERVAL,
             confirm: true,
+            leadership: crate::leadership::Leadership::solo(),
         }
     }
 
@@ -147,12 +151,14 @@ pub async fn run(
                 c,
                 topics.clone(),
                 link.handle.clone(),
+                opts.leadership.clone(),
                 confirm_rx,
                 audit_cancel.clone(),
             )
             .instrument(tracing::info_span!("confirm")),
         )
     });
+    let leadership = opts.leadership.clone();
     let span = tracing::info_span!("fleet");
     async move {
         loop {
@@ -174,16 +180,32 @@ pub async fn run(
             } else {
                 Vec::new()
             };
-            let recorded = db.call(move |db| db.record_batch(&items)).await;
-            let outcome = match recorded {
-                Ok(o) => o,
-                Err(error) => {
-                    // Not acknowledged: the broker redelivers to our persistent session.
-                    warn!(error = %roost_runtime::error_chain(&error), "cannot record a batch");
-                    continue;
+            // A failed batch is tried again (a PostgreSQL session lost: the next attempt
+            // opens a new one) until it is recorded; it is acknowledged only then. Given up
+            // only at shutdown: unacknowledged, the broker redelivers it to our session.
+            let mut backoff = roost_runtime::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            let outcome = loop {
+                let attempt = items.clone();
+                match db.call(move |db| db.record_batch(&attempt)).await {
+                    Ok(o) => break Some(o),
+                    Err(error) => {
+                        let delay = backoff.next_delay();
+                        warn!(error = %roost_runtime::error_chain(&error), retry_in_ms = delay.as_millis() as u64, "cannot record a batch");
+                        tokio::select! {
+                            _ = cancel.cancelled() => break None,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
                 }
             };
-            for (topic, payload) in outcome.regressed {
+            let Some(outcome) = outcome else { break };
+            // Only the leader publishes; a follower records.
+            let regressed = if leadership.is_leading() {
+                outcome.regressed
+            } else {
+                Vec::new()
+            };
+            for (topic, payload) in regressed {
                 // The broker shows an older envelope than the record holds (a restore racing
                 // a publish, or a publisher with a stale sequence): the newest stands.
                 warn!(%topic, "the cloud broker holds an older envelope than the fleet record; publishing the record's again");

@@ -67,17 +67,19 @@ pub struct Inputs {
 pub fn load(db: &FleetDb) -> Result<Inputs, DbError> {
     let (status, presence) = db.with_conn(|c| {
         let read = |table: &str| -> Result<Vec<Doc>, DbError> {
-            let mut stmt = c.prepare(&format!(
-                "SELECT store, json, received_at FROM {table} ORDER BY store"
-            ))?;
-            let rows = stmt.query_map([], |r| {
+            c.query(
+                &format!("SELECT store, json, received_at FROM {table} ORDER BY store"),
+                &[],
+            )?
+            .iter()
+            .map(|r| {
                 Ok(Doc {
                     store: r.get(0)?,
                     json: r.get(1)?,
                     received_at: r.get(2)?,
                 })
-            })?;
-            Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .collect()
         };
         Ok((read("status")?, read("presence")?))
     })?;

@@ -118,8 +118,11 @@ async fn run(cmd: Command, cancel: CancellationToken) -> anyhow::Result<()> {
         Command::Rollout(a) => cmd::rollout::run(a, cancel).await,
         Command::Status(a) => cmd::status::run(a, cancel).await,
         Command::Fleet(a) => cmd::fleet::run(a, cancel).await,
-        Command::Promote(a) => cmd::promote::run(a),
-        Command::Plan { action } => cmd::plan::run(action),
+        // Blocking (the fleet database's client on PostgreSQL is blocking): off the runtime.
+        Command::Promote(a) => tokio::task::spawn_blocking(move || cmd::promote::run(a)).await?,
+        Command::Plan { action } => {
+            tokio::task::spawn_blocking(move || cmd::plan::run(action)).await?
+        }
         Command::Events(a) => cmd::events::run(a, cancel).await,
     }
 }

@@ -31,7 +31,9 @@ pub struct ControllerReport {
     pub step_us: u64,
 }
 
-fn status_doc(store: &str, groups: &[String], deployment: &str, rev: Option<&str>) -> Vec<u8> {
+/// A status document of `store` in `groups`: `deployment` converged on `rev` (None: no
+/// deployment yet). Also the tests' simulated stores.
+pub fn status_doc(store: &str, groups: &[String], deployment: &str, rev: Option<&str>) -> Vec<u8> {
     let mut deployments = BTreeMap::new();
     if let Some(r) = rev {
         deployments.insert(
@@ -86,6 +88,7 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
         fallbacks: Vec::new(),
         audit_interval: roost_fleet::record::DEFAULT_AUDIT_INTERVAL,
         confirm: true,
+        leadership: roost_fleet::leadership::Leadership::solo(),
     };
     let fleet = tokio::spawn(roost_fleet::record::run(
         fopts,
@@ -138,10 +141,8 @@ pub async fn run(stores: usize, timeout: Duration) -> Result<ControllerReport, U
             .map_err(setup("publish"))?;
     }
     let count = |db: &roost_fleet::db::FleetDb| {
-        db.with_conn(
-            |c| Ok(c.query_row("SELECT COUNT(*) FROM status", [], |r| r.get::<_, i64>(0))?),
-        )
-        .unwrap_or(0) as usize
+        db.with_conn(|c| c.query_value::<i64>("SELECT COUNT(*) FROM status", &[]))
+            .unwrap_or(0) as usize
     };
     let deadline = Instant::now() + timeout;
     while count(&db) < stores {

@@ -373,6 +373,7 @@ pub async fn run(opts: UpOptions, cancel: CancellationToken) -> Result<(), UpErr
         fallbacks: Vec::new(),
         audit_interval: roost_fleet::record::DEFAULT_AUDIT_INTERVAL,
         confirm: true,
+        leadership: roost_fleet::leadership::Leadership::solo(),
     };
     let c = child.clone();
     let db2 = fleet_db.clone();

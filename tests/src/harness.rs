@@ -921,6 +921,7 @@ impl FleetService {
             fallbacks: Vec::new(),
             audit_interval: roost_fleet::record::DEFAULT_AUDIT_INTERVAL,
             confirm: true,
+            leadership: roost_fleet::leadership::Leadership::solo(),
         };
         let db2 = db.clone();
         let component = Component::spawn("fleet service", move |c| {
@@ -1208,6 +1209,19 @@ impl RoostProcess {
     /// The log file.
     pub fn log(&self) -> &Path {
         &self.log
+    }
+
+    /// Sends `signal` to it (SIGSTOP pauses it with every socket open, SIGCONT resumes it).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(c) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            nix::sys::signal::kill(pid, signal).expect("signal the roost process");
+        }
+    }
+
+    /// What it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 

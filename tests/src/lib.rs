@@ -6,4 +6,5 @@ pub mod fixtures;
 pub mod harness;
 pub mod https_git;
 pub mod kube_api;
+pub mod postgres;
 pub mod proxy;

@@ -671,40 +671,44 @@ pub struct EventRange {
 /// `[since, until)` (RFC 3339 instants normalized to the stored millisecond form, so text
 /// order is time order), at most `limit`; and whether there are more.
 pub fn events_page(
-    c: &rusqlite::Connection,
+    c: &crate::db::Conn<'_>,
     r: &EventRange,
 ) -> Result<(Vec<EventDoc>, bool), DbError> {
-    let sql = format!(
-        "SELECT arrival, store, json FROM events
-         WHERE arrival > ?1 AND (?2 IS NULL OR arrival < ?2)
-           AND (?3 IS NULL OR time >= ?3) AND (?4 IS NULL OR time < ?4)
-           AND (?5 IS NULL OR store = ?5) AND (?6 IS NULL OR type = ?6)
-         ORDER BY arrival {} LIMIT ?7",
-        if r.desc { "DESC" } else { "ASC" }
-    );
-    let mut stmt = c.prepare(&sql)?;
+    use crate::db::sql::Value;
+    // Only the filters given: a parameter in `?N IS NULL` has no type PostgreSQL can infer.
+    let mut conds = vec!["arrival > ?1".to_owned()];
+    let mut args = vec![Value::from(r.after)];
+    let mut add = |cond: &str, v: Value| {
+        args.push(v);
+        conds.push(cond.replace('?', &format!("?{}", args.len())));
+    };
+    if let Some(b) = r.before {
+        add("arrival < ?", Value::from(b));
+    }
+    if let Some(t) = &r.since {
+        add("time >= ?", Value::from(t));
+    }
+    if let Some(t) = &r.until {
+        add("time < ?", Value::from(t));
+    }
+    if let Some(s) = &r.store {
+        add("store = ?", Value::from(s));
+    }
+    if let Some(t) = &r.ty {
+        add("type = ?", Value::from(t));
+    }
     let limit = r.limit;
-    let rows = stmt.query_map(
-        rusqlite::params![
-            r.after,
-            r.before,
-            r.since,
-            r.until,
-            r.store,
-            r.ty,
-            (limit + 1) as i64
-        ],
-        |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        },
-    )?;
+    args.push(Value::from((limit + 1) as i64));
+    let sql = format!(
+        "SELECT arrival, store, json FROM events WHERE {} ORDER BY arrival {} LIMIT ?{}",
+        conds.join(" AND "),
+        if r.desc { "DESC" } else { "ASC" },
+        args.len()
+    );
+    let rows = c.query(&sql, &args)?;
     let mut out = Vec::new();
     for row in rows {
-        let (arrival, store, json) = row?;
+        let (arrival, store, json): (i64, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
         out.push(EventDoc {
             arrival,
             store,

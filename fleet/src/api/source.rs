@@ -4,8 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::Connection;
-
 use super::model::{self, GapRange, Row, Snapshot, StoreInfo};
 use crate::db::{DbError, FleetDb};
 use crate::view;
@@ -17,7 +15,7 @@ pub fn snapshot(db: &FleetDb) -> Result<Snapshot, DbError> {
     Ok(from_view(&view::build(&inputs, crate::db::now_ms()), plans))
 }
 
-fn plans(c: &Connection) -> Result<BTreeMap<String, model::PlanDoc>, DbError> {
+fn plans(c: &crate::db::Conn<'_>) -> Result<BTreeMap<String, model::PlanDoc>, DbError> {
     Ok(crate::db::gitops::plans(c)?
         .iter()
         .map(|(d, p)| (d.clone(), model::plan_doc(p)))

@@ -192,9 +192,7 @@ pub async fn run_hub(api: Api, cancel: CancellationToken) {
                         Some(a) => a,
                         // The first tick starts at the newest event: history is `/events`.
                         None => {
-                            c.query_row("SELECT COALESCE(MAX(arrival), 0) FROM events", [], |r| {
-                                r.get(0)
-                            })?
+                            c.query_value("SELECT COALESCE(MAX(arrival), 0) FROM events", &[])?
                         }
                     };
                     let (e, more) = super::events_page(

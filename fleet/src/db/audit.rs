@@ -1,12 +1,11 @@
 //! What the broker audit found last (the fleet view and `/metrics` show it), and what the end-
 //! to-end confirmation starts from: each store's recorded roostseqs.
 
+use super::sql::{args, Conn};
+use super::{DbError, FleetDb};
 use roost_schemas::payload::OutboxOverflow;
 use roost_schemas::watermark::Watermark;
 use roost_schemas::{CloudEvent, EventType};
-use rusqlite::{params, OptionalExtension};
-
-use super::{DbError, FleetDb};
 
 /// The last audit of the cloud broker's retained desired state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -33,74 +32,72 @@ impl FleetDb {
         held: u64,
         repaired: &[String],
     ) -> Result<AuditRecord, DbError> {
-        let c = self.lock();
-        let before = last_audit_in(&c)?.unwrap_or_default();
-        let rec = AuditRecord {
-            at: roost_schemas::now_rfc3339(),
-            trigger: trigger.to_owned(),
-            held,
-            repaired: repaired.to_vec(),
-            audits: before.audits + 1,
-            repaired_total: before.repaired_total + repaired.len() as u64,
-        };
-        let topics = serde_json::to_string(&rec.repaired).map_err(|source| DbError::Encode {
-            what: "repaired topics",
-            source,
-        })?;
-        c.execute(
-            "INSERT INTO broker_audit(id, at, trigger, held, repaired, audits, repaired_total)
+        self.transaction(|c| {
+            let before = last_audit_in(c)?.unwrap_or_default();
+            let rec = AuditRecord {
+                at: roost_schemas::now_rfc3339(),
+                trigger: trigger.to_owned(),
+                held,
+                repaired: repaired.to_vec(),
+                audits: before.audits + 1,
+                repaired_total: before.repaired_total + repaired.len() as u64,
+            };
+            let topics =
+                serde_json::to_string(&rec.repaired).map_err(|source| DbError::Encode {
+                    what: "repaired topics",
+                    source,
+                })?;
+            c.execute(
+                "INSERT INTO broker_audit(id, at, trigger, held, repaired, audits, repaired_total)
              VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(id) DO UPDATE SET at = excluded.at, trigger = excluded.trigger,
                held = excluded.held, repaired = excluded.repaired, audits = excluded.audits,
                repaired_total = excluded.repaired_total",
-            params![
-                rec.at,
-                rec.trigger,
-                rec.held as i64,
-                topics,
-                rec.audits as i64,
-                rec.repaired_total as i64
-            ],
-        )?;
-        Ok(rec)
+                args![
+                    &rec.at,
+                    &rec.trigger,
+                    rec.held,
+                    topics,
+                    rec.audits,
+                    rec.repaired_total
+                ],
+            )?;
+            Ok(rec)
+        })
     }
 
     /// The last finished audit (None: none yet).
     pub fn last_audit(&self) -> Result<Option<AuditRecord>, DbError> {
-        last_audit_in(&self.lock())
+        self.with_conn(last_audit_in)
     }
 
     /// Every store's confirmation watermark from what the database holds: from the store's
     /// lowest recorded roostseq (what came before is not the record's), every roostseq
     /// recorded or reported lost by the agent's overflow reports.
     pub fn confirmation_watermarks(&self) -> Result<Vec<(String, Watermark)>, DbError> {
-        let c = self.lock();
         let mut out: Vec<(String, Watermark)> = Vec::new();
-        let mut stmt = c.prepare(
-            "SELECT store, roostseq, type, json FROM events GROUP BY store, roostseq ORDER BY store, roostseq",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-            ))
+        // Per (store, roostseq): the overflow report's JSON if one has that roostseq.
+        let rows = self.with_conn(|c| {
+            c.query(
+                &format!(
+                    "SELECT store, roostseq, MAX(CASE WHEN type = '{}' THEN json ELSE NULL END)
+                     FROM events GROUP BY store, roostseq ORDER BY store, roostseq",
+                    EventType::OutboxOverflow.as_str()
+                ),
+                &[],
+            )
         })?;
         for row in rows {
-            let (store, seq, ty, json) = row?;
+            let (store, seq, overflow): (String, u64, Option<String>) =
+                (row.get(0)?, row.get(1)?, row.get(2)?);
             if out.last().is_none_or(|(s, _)| *s != store) {
                 out.push((store.clone(), Watermark::new(seq.saturating_sub(1))));
             }
             if let Some((_, w)) = out.last_mut() {
-                let lost = if ty == EventType::OutboxOverflow.as_str() {
-                    serde_json::from_str::<CloudEvent>(&json)
-                        .ok()
-                        .map(|e| lost_ranges(&e))
-                        .unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
+                let lost = overflow
+                    .and_then(|json| serde_json::from_str::<CloudEvent>(&json).ok())
+                    .map(|e| lost_ranges(&e))
+                    .unwrap_or_default();
                 w.add_event(seq, &lost);
             }
         }
@@ -122,33 +119,22 @@ pub fn lost_ranges(e: &CloudEvent) -> Vec<(u64, u64)> {
     }
 }
 
-fn last_audit_in(c: &rusqlite::Connection) -> Result<Option<AuditRecord>, DbError> {
-    let row = c
-        .query_row(
-            "SELECT at, trigger, held, repaired, audits, repaired_total FROM broker_audit WHERE id = 1",
-            [],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, i64>(5)?,
-                ))
-            },
-        )
-        .optional()?;
-    Ok(
-        row.map(|(at, trigger, held, repaired, audits, total)| AuditRecord {
-            at,
-            trigger,
-            held: held as u64,
-            repaired: serde_json::from_str(&repaired).unwrap_or_default(),
-            audits: audits as u64,
-            repaired_total: total as u64,
-        }),
-    )
+fn last_audit_in(c: &Conn<'_>) -> Result<Option<AuditRecord>, DbError> {
+    c.query_opt(
+        "SELECT at, trigger, held, repaired, audits, repaired_total FROM broker_audit WHERE id = 1",
+        &[],
+    )?
+    .map(|r| {
+        Ok(AuditRecord {
+            at: r.get(0)?,
+            trigger: r.get(1)?,
+            held: r.get(2)?,
+            repaired: serde_json::from_str(&r.get::<String>(3)?).unwrap_or_default(),
+            audits: r.get(4)?,
+            repaired_total: r.get(5)?,
+        })
+    })
+    .transpose()
 }
 
 #[cfg(test)]

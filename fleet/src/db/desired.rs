@@ -8,10 +8,9 @@
 //! that very envelope coming back. [`judge`] decides what an arriving envelope does before
 //! any write, so an envelope the record already holds costs no transaction.
 
-use roost_schemas::{envelope_sequence, sequence_rule};
-use rusqlite::{params, Connection, OptionalExtension};
-
+use super::sql::{args, Conn};
 use super::{DbError, FleetDb};
+use roost_schemas::{envelope_sequence, sequence_rule};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -56,19 +55,19 @@ pub fn judge(held: Option<u64>, payload: &[u8]) -> Verdict {
 }
 
 /// The record's envelope on `topic`: (sequence, payload).
-pub(super) fn held(c: &Connection, topic: &str) -> Result<Option<(u64, Vec<u8>)>, DbError> {
-    Ok(c.query_row(
+pub(super) fn held(c: &Conn<'_>, topic: &str) -> Result<Option<(u64, Vec<u8>)>, DbError> {
+    c.query_opt(
         "SELECT sequence, payload FROM desired WHERE topic = ?1",
-        [topic],
-        |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
-    )
-    .optional()?)
+        args![topic],
+    )?
+    .map(|r| Ok((r.get(0)?, r.get(1)?)))
+    .transpose()
 }
 
 /// Stores `payload` as `topic`'s desired state unless the record holds a newer sequence (a
 /// writer that got there between a caller's read and this write).
 pub(super) fn store(
-    c: &Connection,
+    c: &Conn<'_>,
     topic: &str,
     sequence: u64,
     payload: &[u8],
@@ -77,33 +76,32 @@ pub(super) fn store(
         "INSERT INTO desired(topic, sequence, payload) VALUES (?1, ?2, ?3)
          ON CONFLICT(topic) DO UPDATE SET sequence = excluded.sequence, payload = excluded.payload
          WHERE excluded.sequence > desired.sequence",
-        params![topic, sequence as i64, payload],
+        args![topic, sequence, payload],
     )?;
     Ok(())
 }
 
 /// Forgets `topic`'s desired state (the topic was cleared on the broker).
-pub(super) fn clear(c: &Connection, topic: &str) -> Result<(), DbError> {
-    c.execute("DELETE FROM desired WHERE topic = ?1", [topic])?;
+pub(super) fn clear(c: &Conn<'_>, topic: &str) -> Result<(), DbError> {
+    c.execute("DELETE FROM desired WHERE topic = ?1", args![topic])?;
     Ok(())
 }
 
 /// Allocates the next sequence on `topic` inside a caller's transaction (see
 /// [`FleetDb::next_sequence`]).
-pub(super) fn next_sequence_in(c: &Connection, topic: &str) -> Result<u64, DbError> {
-    let last: i64 = c.query_row(
+pub(super) fn next_sequence_in(c: &Conn<'_>, topic: &str) -> Result<u64, DbError> {
+    let last: i64 = c.query_value(
         "SELECT COALESCE(MAX(n), 0) FROM (
              SELECT last AS n FROM sequences WHERE topic = ?1
              UNION ALL SELECT sequence AS n FROM desired WHERE topic = ?1
          ) AS known",
-        [topic],
-        |r| r.get(0),
+        args![topic],
     )?;
     let next = sequence_rule(last.max(0) as u64, now_ms());
     c.execute(
         "INSERT INTO sequences(topic, last) VALUES (?1, ?2)
          ON CONFLICT(topic) DO UPDATE SET last = excluded.last WHERE excluded.last > sequences.last",
-        params![topic, next as i64],
+        args![topic, next],
     )?;
     Ok(next)
 }
@@ -128,10 +126,12 @@ impl FleetDb {
 
     /// Every stored desired envelope.
     pub fn desired(&self) -> Result<Vec<(String, Vec<u8>)>, DbError> {
-        let c = self.lock();
-        let mut stmt = c.prepare("SELECT topic, payload FROM desired ORDER BY topic")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.with_conn(|c| {
+            c.query("SELECT topic, payload FROM desired ORDER BY topic", &[])?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?)))
+                .collect()
+        })
     }
 }
 

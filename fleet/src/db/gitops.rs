@@ -11,13 +11,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use roost_schemas::fleet::FleetFile;
-use roost_schemas::{Presence, PresenceState, StatusDoc};
-use rusqlite::{params, Connection, OptionalExtension};
-
 use super::desired::{next_sequence_in, store};
+use super::sql::{args, Conn};
 use super::{DbError, FleetDb};
 use crate::gitops::plan::{Plan, StoreView};
+use roost_schemas::fleet::FleetFile;
+use roost_schemas::{Presence, PresenceState, StatusDoc};
 
 /// The last sync of the fleet file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -37,36 +36,38 @@ pub struct SyncState {
 }
 
 /// Reads the last sync and the good file.
-pub fn sync_state(c: &Connection) -> Result<Option<(SyncState, Option<FleetFile>)>, DbError> {
+pub fn sync_state(c: &Conn<'_>) -> Result<Option<(SyncState, Option<FleetFile>)>, DbError> {
     let row = c
-        .query_row(
+        .query_opt(
             "SELECT repo, commit_id, ok, reason, checked_at, good_commit, good_file FROM gitops_sync WHERE id = 1",
-            [],
-            |r| {
-                Ok((
-                    SyncState {
-                        repo: r.get(0)?,
-                        commit: r.get(1)?,
-                        ok: r.get::<_, i64>(2)? != 0,
-                        reason: r.get(3)?,
-                        checked_at: r.get(4)?,
-                        good_commit: r.get(5)?,
-                    },
-                    r.get::<_, Option<String>>(6)?,
-                ))
-            },
-        )
-        .optional()?;
+            &[],
+        )?
+        .map(|r| {
+            Ok::<_, DbError>((
+                SyncState {
+                    repo: r.get(0)?,
+                    commit: r.get(1)?,
+                    ok: r.get(2)?,
+                    reason: r.get(3)?,
+                    checked_at: r.get(4)?,
+                    good_commit: r.get(5)?,
+                },
+                r.get::<Option<String>>(6)?,
+            ))
+        })
+        .transpose()?;
     Ok(row.map(|(s, f)| (s, f.and_then(|f| serde_json::from_str(&f).ok()))))
 }
 
 /// Every plan.
-pub fn plans(c: &Connection) -> Result<BTreeMap<String, Plan>, DbError> {
-    let mut stmt = c.prepare("SELECT deployment, plan FROM gitops_plans ORDER BY deployment")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+pub fn plans(c: &Conn<'_>) -> Result<BTreeMap<String, Plan>, DbError> {
+    let rows = c.query(
+        "SELECT deployment, plan FROM gitops_plans ORDER BY deployment",
+        &[],
+    )?;
     let mut out = BTreeMap::new();
     for row in rows {
-        let (d, json) = row?;
+        let (d, json): (String, String) = (row.get(0)?, row.get(1)?);
         if let Ok(p) = serde_json::from_str(&json) {
             out.insert(d, p);
         }
@@ -92,21 +93,23 @@ pub struct Published {
 }
 
 /// Everything the controller published.
-pub fn published(c: &Connection) -> Result<Vec<Published>, DbError> {
-    let mut stmt = c.prepare(
+pub fn published(c: &Conn<'_>) -> Result<Vec<Published>, DbError> {
+    c.query(
         "SELECT topic, deployment, role, revision, remove, sequence FROM gitops_published ORDER BY topic",
-    )?;
-    let rows = stmt.query_map([], |r| {
+        &[],
+    )?
+    .iter()
+    .map(|r| {
         Ok(Published {
             topic: r.get(0)?,
             deployment: r.get(1)?,
             role: r.get(2)?,
             revision: r.get(3)?,
-            remove: r.get::<_, i64>(4)? != 0,
-            sequence: r.get::<_, i64>(5)? as u64,
+            remove: r.get(4)?,
+            sequence: r.get(5)?,
         })
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    })
+    .collect()
 }
 
 /// An operator's request to the controller: from the API and the webhook in the controller's
@@ -161,38 +164,25 @@ impl Request {
 /// ([`crate::judge::online`]: its presence does not say offline and it was heard within its
 /// heartbeat allowance; no presence document counts as online while the store is heard: a
 /// store without a bridge reports only its status).
-pub fn view(c: &Connection, deployment: &str) -> Result<Vec<StoreView>, DbError> {
+pub fn view(c: &Conn<'_>, deployment: &str) -> Result<Vec<StoreView>, DbError> {
     let now_s = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
     let secs = |t: &str| roost_schemas::parse_rfc3339(t).map(|t| t.unix_timestamp().max(0) as u64);
     let mut presence: BTreeMap<String, (PresenceState, Option<u64>)> = BTreeMap::new();
     {
-        let mut stmt = c.prepare("SELECT store, json, received_at FROM presence")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
-        for row in rows {
-            let (s, json, at) = row?;
+        for row in c.query("SELECT store, json, received_at FROM presence", &[])? {
+            let (s, json, at): (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
             if let Ok(p) = serde_json::from_str::<Presence>(&json) {
                 presence.insert(s, (p.state, secs(&at)));
             }
         }
     }
     let mut labels = super::inventory::labels(c)?;
-    let mut stmt = c.prepare("SELECT store, json, received_at FROM status ORDER BY store")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-        ))
-    })?;
     let mut out = Vec::new();
-    for row in rows {
-        let (store, json, at) = row?;
+    for row in c.query(
+        "SELECT store, json, received_at FROM status ORDER BY store",
+        &[],
+    )? {
+        let (store, json, at): (String, String, String) = (row.get(0)?, row.get(1)?, row.get(2)?);
         let Ok(doc) = serde_json::from_str::<StatusDoc>(&json) else {
             continue;
         };
@@ -210,7 +200,7 @@ pub fn view(c: &Connection, deployment: &str) -> Result<Vec<StoreView>, DbError>
     Ok(out)
 }
 
-fn put_plan(c: &Connection, plan: &Plan) -> Result<(), DbError> {
+fn put_plan(c: &Conn<'_>, plan: &Plan) -> Result<(), DbError> {
     let json = serde_json::to_string(plan).map_err(|source| DbError::Encode {
         what: "a plan",
         source,
@@ -218,25 +208,25 @@ fn put_plan(c: &Connection, plan: &Plan) -> Result<(), DbError> {
     c.execute(
         "INSERT INTO gitops_plans(deployment, plan, updated_at) VALUES (?1, ?2, ?3)
          ON CONFLICT(deployment) DO UPDATE SET plan = excluded.plan, updated_at = excluded.updated_at",
-        params![plan.deployment, json, roost_schemas::now_rfc3339()],
+        args![&plan.deployment, json, roost_schemas::now_rfc3339()],
     )?;
     Ok(())
 }
 
-fn put_published(c: &Connection, p: &Published) -> Result<(), DbError> {
+fn put_published(c: &Conn<'_>, p: &Published) -> Result<(), DbError> {
     c.execute(
         "INSERT INTO gitops_published(topic, deployment, role, revision, remove, sequence, published_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT(topic) DO UPDATE SET deployment = excluded.deployment, role = excluded.role,
            revision = excluded.revision, remove = excluded.remove, sequence = excluded.sequence,
            published_at = excluded.published_at",
-        params![
-            p.topic,
-            p.deployment,
-            p.role,
-            p.revision,
-            p.remove as i64,
-            p.sequence as i64,
+        args![
+            &p.topic,
+            &p.deployment,
+            &p.role,
+            &p.revision,
+            p.remove,
+            p.sequence,
             roost_schemas::now_rfc3339()
         ],
     )?;
@@ -267,7 +257,7 @@ impl FleetDb {
                      ON CONFLICT(id) DO UPDATE SET repo = excluded.repo, commit_id = excluded.commit_id, ok = 1,
                        reason = '', checked_at = excluded.checked_at, good_commit = excluded.good_commit,
                        good_file = excluded.good_file",
-                    params![repo, commit, now, json],
+                    args![repo, commit, &now, json],
                 )?;
             }
             Err(reason) => {
@@ -275,7 +265,7 @@ impl FleetDb {
                     "INSERT INTO gitops_sync(id, repo, commit_id, ok, reason, checked_at) VALUES (1, ?1, ?2, 0, ?3, ?4)
                      ON CONFLICT(id) DO UPDATE SET repo = excluded.repo, commit_id = excluded.commit_id, ok = 0,
                        reason = excluded.reason, checked_at = excluded.checked_at",
-                    params![repo, commit, reason, now],
+                    args![repo, commit, reason, &now],
                 )?;
             }
         }
@@ -285,11 +275,13 @@ impl FleetDb {
 
     /// Marks a sync of an unchanged commit (so a waiting `roost fleet sync --wait` sees it ran).
     pub fn touch_sync(&self) -> Result<(), DbError> {
-        self.lock().execute(
-            "UPDATE gitops_sync SET checked_at = ?1 WHERE id = 1",
-            [roost_schemas::now_rfc3339()],
-        )?;
-        Ok(())
+        self.transaction(|c| {
+            c.execute(
+                "UPDATE gitops_sync SET checked_at = ?1 WHERE id = 1",
+                args![roost_schemas::now_rfc3339()],
+            )?;
+            Ok(())
+        })
     }
 
     /// Records what the controller is about to publish, in one transaction: for each message
@@ -321,39 +313,52 @@ impl FleetDb {
 
     /// Deletes a plan (the deployment was removed).
     pub fn delete_plan(&self, deployment: &str) -> Result<(), DbError> {
-        self.lock().execute(
-            "DELETE FROM gitops_plans WHERE deployment = ?1",
-            [deployment],
-        )?;
-        Ok(())
+        self.transaction(|c| {
+            c.execute(
+                "DELETE FROM gitops_plans WHERE deployment = ?1",
+                args![deployment],
+            )?;
+            Ok(())
+        })
     }
 
     /// Queues a request for a controller in another process, which takes it within its
     /// poll (500 ms).
     pub fn request(&self, request: &Request) -> Result<(), DbError> {
-        self.lock().execute(
-            "INSERT INTO gitops_requests(deployment, action, at) VALUES (?1, ?2, ?3)",
-            params![
-                request.deployment(),
-                request.action(),
-                roost_schemas::now_rfc3339()
-            ],
-        )?;
-        Ok(())
+        // Not fenced: any instance (or `roost plan`) queues a request for the leader.
+        let c = FleetDb {
+            backend: self.backend.clone(),
+            fence: None,
+        };
+        c.transaction(|c| {
+            c.execute(
+                "INSERT INTO gitops_requests(deployment, action, at) VALUES (?1, ?2, ?3)",
+                args![
+                    request.deployment(),
+                    request.action(),
+                    roost_schemas::now_rfc3339()
+                ],
+            )?;
+            Ok(())
+        })
     }
 
     /// Takes every queued request, oldest first (rows with an unknown action are dropped).
     pub fn take_requests(&self) -> Result<Vec<Request>, DbError> {
-        let c = self.lock();
-        let rows: Vec<(i64, Option<String>, String)> = {
-            let mut stmt =
-                c.prepare("SELECT id, deployment, action FROM gitops_requests ORDER BY id")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        if let Some((last, _, _)) = rows.last() {
-            c.execute("DELETE FROM gitops_requests WHERE id <= ?1", [last])?;
-        }
+        let rows: Vec<(i64, Option<String>, String)> = self.transaction(|c| {
+            let rows = c
+                .query(
+                    "SELECT id, deployment, action FROM gitops_requests ORDER BY id",
+                    &[],
+                )?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .collect::<Result<Vec<_>, DbError>>()?;
+            if let Some((last, _, _)) = rows.last() {
+                c.execute("DELETE FROM gitops_requests WHERE id <= ?1", args![*last])?;
+            }
+            Ok::<_, DbError>(rows)
+        })?;
         Ok(rows
             .into_iter()
             .filter_map(|(_, d, action)| {
@@ -374,21 +379,25 @@ impl FleetDb {
         subject: &str,
         committed_at: &str,
     ) -> Result<(), DbError> {
-        self.lock().execute(
-            "INSERT INTO revisions(revision, url, subject, committed_at) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(revision) DO UPDATE SET url = excluded.url, subject = excluded.subject,
-               committed_at = excluded.committed_at",
-            params![revision, url, subject, committed_at],
-        )?;
-        Ok(())
+        self.transaction(|c| {
+            c.execute(
+                "INSERT INTO revisions(revision, url, subject, committed_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(revision) DO UPDATE SET url = excluded.url, subject = excluded.subject,
+                   committed_at = excluded.committed_at",
+                args![revision, url, subject, committed_at],
+            )?;
+            Ok(())
+        })
     }
 
     /// Every known commit: revision -> (subject, committed_at).
     pub fn revisions(&self) -> Result<HashMap<String, (String, String)>, DbError> {
-        let c = self.lock();
-        let mut stmt = c.prepare("SELECT revision, subject, committed_at FROM revisions")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, (r.get(1)?, r.get(2)?))))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.with_conn(|c| {
+            c.query("SELECT revision, subject, committed_at FROM revisions", &[])?
+                .iter()
+                .map(|r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?))))
+                .collect()
+        })
     }
 }
 

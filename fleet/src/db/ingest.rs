@@ -6,12 +6,11 @@
 
 use std::collections::hash_map::{Entry, HashMap};
 
+use super::desired::{self, Verdict};
+use super::sql::{args, Conn, Row};
+use super::{DbError, FleetDb};
 use roost_schemas::topics::StoreTopicKind;
 use roost_schemas::{CloudEvent, Topics};
-use rusqlite::{params, Connection, OptionalExtension};
-
-use super::desired::{self, Verdict};
-use super::{DbError, FleetDb};
 
 /// One incoming message as the fleet record stores it.
 #[derive(Debug, Clone)]
@@ -91,7 +90,7 @@ struct DesiredChanges {
 /// compared with). Reads only: a batch of envelopes the record holds already (the
 /// controller's own publish coming back) needs no write transaction.
 fn desired_changes<'a>(
-    c: &Connection,
+    c: &Conn<'_>,
     envelopes: impl Iterator<Item = (&'a String, &'a Vec<u8>)>,
 ) -> Result<DesiredChanges, DbError> {
     let mut held: HashMap<&str, Held> = HashMap::new();
@@ -125,7 +124,7 @@ fn desired_changes<'a>(
     Ok(out)
 }
 
-fn write_desired(c: &Connection, changes: &DesiredChanges) -> Result<(), DbError> {
+fn write_desired(c: &Conn<'_>, changes: &DesiredChanges) -> Result<(), DbError> {
     for (topic, write) in &changes.writes {
         match write {
             Some((seq, payload)) => desired::store(c, topic, *seq, payload)?,
@@ -145,7 +144,8 @@ impl FleetDb {
     /// record now holds it (or, for an empty payload, has forgotten the topic).
     pub fn record_desired(&self, topic: &str, payload: &[u8]) -> Result<bool, DbError> {
         let (topic, payload) = (topic.to_owned(), payload.to_vec());
-        let changes = desired_changes(&self.lock(), std::iter::once((&topic, &payload)))?;
+        let changes =
+            self.with_conn(|c| desired_changes(c, std::iter::once((&topic, &payload))))?;
         if !changes.writes.is_empty() {
             self.transaction(|tx| write_desired(tx, &changes))?;
         }
@@ -164,7 +164,7 @@ impl FleetDb {
             FleetItem::Desired(t, p) => Some((t, p)),
             _ => None,
         });
-        let changes = desired_changes(&self.lock(), envelopes)?;
+        let changes = self.with_conn(|c| desired_changes(c, envelopes))?;
         let mut out = BatchOutcome {
             new_events: 0,
             regressed: changes.regressed.clone(),
@@ -179,12 +179,20 @@ impl FleetDb {
                 _ => None,
             });
             let new = insert_events(tx, events)?;
-            for item in items {
-                match item {
-                    FleetItem::Status(store, json) => upsert_doc(tx, true, store, json)?,
-                    FleetItem::Presence(store, json) => upsert_doc(tx, false, store, json)?,
-                    FleetItem::Event(..) | FleetItem::Desired(..) => {}
-                }
+            // Each table's rows in key order (stable: a store's later document stays later):
+            // instances recording the same messages at once on PostgreSQL then take their
+            // row locks in one order and never deadlock.
+            let mut docs: Vec<(bool, &String, &String)> = items
+                .iter()
+                .filter_map(|item| match item {
+                    FleetItem::Status(store, json) => Some((true, store, json)),
+                    FleetItem::Presence(store, json) => Some((false, store, json)),
+                    FleetItem::Event(..) | FleetItem::Desired(..) => None,
+                })
+                .collect();
+            docs.sort_by(|a, b| (!a.0, a.1).cmp(&(!b.0, b.1)));
+            for (status, store, json) in docs {
+                upsert_doc(tx, status, store, json)?;
             }
             write_desired(tx, &changes)?;
             Ok::<_, DbError>(new)
@@ -194,70 +202,77 @@ impl FleetDb {
 
     /// A store's events in first-arrival order.
     pub fn events(&self, store: &str) -> Result<Vec<StoredEvent>, DbError> {
-        let c = self.lock();
-        let mut stmt = c.prepare(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE store = ?1 ORDER BY arrival"
-        ))?;
-        let rows = stmt.query_map([store], |r| stored_event(r, 0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.with_conn(|c| {
+            c.query(
+                &format!("SELECT {EVENT_COLUMNS} FROM events WHERE store = ?1 ORDER BY arrival"),
+                args![store],
+            )?
+            .iter()
+            .map(|r| stored_event(r, 0))
+            .collect()
+        })
     }
 
     /// The last `limit` events to arrive, newest last, with their stores.
     pub fn recent_events(&self, limit: usize) -> Result<Vec<(String, StoredEvent)>, DbError> {
-        let c = self.lock();
-        let mut stmt = c.prepare(&format!(
-            "SELECT store, {EVENT_COLUMNS} FROM events ORDER BY arrival DESC LIMIT ?1"
-        ))?;
-        let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, stored_event(r, 1)?)))?;
-        let mut out: Vec<(String, StoredEvent)> = rows.collect::<Result<_, _>>()?;
+        let mut out = self.with_conn(|c| {
+            c.query(
+                &format!(
+                    "SELECT store, {EVENT_COLUMNS} FROM events ORDER BY arrival DESC LIMIT ?1"
+                ),
+                args![limit as i64],
+            )?
+            .iter()
+            .map(|r| Ok((r.get(0)?, stored_event(r, 1)?)))
+            .collect::<Result<Vec<(String, StoredEvent)>, DbError>>()
+        })?;
         out.reverse();
         Ok(out)
     }
 
     /// Stores with events or status.
     pub fn stores(&self) -> Result<Vec<String>, DbError> {
-        let c = self.lock();
-        let mut stmt = c.prepare("SELECT store FROM events UNION SELECT store FROM status UNION SELECT store FROM presence ORDER BY 1")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.with_conn(|c| {
+            c.query("SELECT store FROM events UNION SELECT store FROM status UNION SELECT store FROM presence ORDER BY 1", &[])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        })
     }
 
     /// Missing `roostseq` ranges per store (between 1 and the highest seen).
     pub fn gaps(&self) -> Result<Vec<Gap>, DbError> {
-        gaps_in(&self.lock())
+        self.with_conn(gaps_in)
     }
 
     /// Counts.
     pub fn counts(&self) -> Result<FleetCounts, DbError> {
-        let c = self.lock();
-        let events: i64 = c.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))?;
-        let duplicates: i64 = c
-            .query_row(
-                "SELECT value FROM counters WHERE key = 'duplicates'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?
-            .unwrap_or(0);
-        Ok(FleetCounts {
-            events: events as u64,
-            duplicates: duplicates as u64,
+        self.with_conn(|c| {
+            let events: u64 = c.query_value("SELECT COUNT(*) FROM events", &[])?;
+            let duplicates: u64 =
+                match c.query_opt("SELECT value FROM counters WHERE key = 'duplicates'", &[])? {
+                    Some(r) => r.get(0)?,
+                    None => 0,
+                };
+            Ok(FleetCounts { events, duplicates })
         })
     }
 
     /// Retained-style messages (status + presence) for the fleet table.
     pub fn status_messages(&self, topics: &Topics) -> Result<Vec<(String, Vec<u8>)>, DbError> {
-        let c = self.lock();
         let mut out = Vec::new();
         for (table, kind) in [
             ("status", StoreTopicKind::Status),
             ("presence", StoreTopicKind::Presence),
         ] {
-            let mut stmt = c.prepare(&format!("SELECT store, json FROM {table} ORDER BY store"))?;
-            let rows =
-                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let rows = self.with_conn(|c| {
+                c.query(
+                    &format!("SELECT store, json FROM {table} ORDER BY store"),
+                    &[],
+                )
+            })?;
             for row in rows {
-                let (store, json) = row?;
+                let (store, json): (String, String) = (row.get(0)?, row.get(1)?);
                 let topic = match kind {
                     StoreTopicKind::Status => topics.status(&store),
                     _ => topics.presence(&store),
@@ -273,10 +288,10 @@ impl FleetDb {
 const EVENT_COLUMNS: &str = "id, roostseq, type, arrival, json";
 
 /// A [`StoredEvent`] from [`EVENT_COLUMNS`] at `from`, `from + 1`, … of a row.
-fn stored_event(r: &rusqlite::Row<'_>, from: usize) -> rusqlite::Result<StoredEvent> {
+fn stored_event(r: &Row, from: usize) -> Result<StoredEvent, DbError> {
     Ok(StoredEvent {
         id: r.get(from)?,
-        roostseq: r.get::<_, i64>(from + 1)? as u64,
+        roostseq: r.get(from + 1)?,
         ty: r.get(from + 2)?,
         arrival: r.get(from + 3)?,
         json: r.get(from + 4)?,
@@ -284,17 +299,15 @@ fn stored_event(r: &rusqlite::Row<'_>, from: usize) -> rusqlite::Result<StoredEv
 }
 
 /// Missing `roostseq` ranges per store (between 1 and the highest seen), on a connection.
-pub fn gaps_in(c: &Connection) -> Result<Vec<Gap>, DbError> {
-    let mut stmt = c.prepare(
+pub fn gaps_in(c: &Conn<'_>) -> Result<Vec<Gap>, DbError> {
+    let rows = c.query(
         "SELECT store, roostseq FROM events GROUP BY store, roostseq ORDER BY store, roostseq",
+        &[],
     )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
-    })?;
     let mut gaps = Vec::new();
     let mut prev: Option<(String, u64)> = None;
     for row in rows {
-        let (store, seq) = row?;
+        let (store, seq): (String, u64) = (row.get(0)?, row.get(1)?);
         let expected = match &prev {
             Some((s, p)) if *s == store => p + 1,
             _ => 1,
@@ -311,10 +324,16 @@ pub fn gaps_in(c: &Connection) -> Result<Vec<Gap>, DbError> {
     Ok(gaps)
 }
 
+/// Inserts events, each once by its `id` (`ON CONFLICT DO NOTHING`: on PostgreSQL an
+/// instance inserting an event another is inserting waits for that one's commit and then
+/// counts it a duplicate), ordered by (store, roostseq, id): arrival is each store's
+/// roostseq order, and instances recording one batch lock rows in one order (no deadlock).
 fn insert_events<'a>(
-    c: &Connection,
+    c: &Conn<'_>,
     events: impl Iterator<Item = (&'a String, &'a CloudEvent, &'a String)>,
 ) -> Result<usize, DbError> {
+    let mut events: Vec<_> = events.collect();
+    events.sort_by(|a, b| (a.0, a.1.roostseq, &a.1.id).cmp(&(b.0, b.1.roostseq, &b.1.id)));
     let mut new = 0usize;
     let mut total = 0usize;
     for (store, e, json) in events {
@@ -322,20 +341,20 @@ fn insert_events<'a>(
         new += c.execute(
             "INSERT INTO events(id, store, roostseq, type, subject, time, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT(id) DO NOTHING",
-            params![e.id, store, e.roostseq as i64, e.ty, e.subject, e.time, json],
-        )?;
+            args![&e.id, store, e.roostseq, &e.ty, &e.subject, &e.time, json],
+        )? as usize;
     }
     let dups = (total - new) as i64;
     if dups > 0 {
         c.execute(
             "INSERT INTO counters(key, value) VALUES ('duplicates', ?1) ON CONFLICT(key) DO UPDATE SET value = counters.value + excluded.value",
-            [dups],
+            args![dups],
         )?;
     }
     Ok(new)
 }
 
-fn upsert_doc(c: &Connection, status: bool, store: &str, json: &str) -> Result<(), DbError> {
+fn upsert_doc(c: &Conn<'_>, status: bool, store: &str, json: &str) -> Result<(), DbError> {
     // `received_at` is when the store last said something: the same document delivered again
     // (a retained message replayed to a new subscription) is no sign of life.
     let sql = if status {
@@ -343,7 +362,7 @@ fn upsert_doc(c: &Connection, status: bool, store: &str, json: &str) -> Result<(
     } else {
         "INSERT INTO presence(store, json, received_at) VALUES (?1, ?2, ?3) ON CONFLICT(store) DO UPDATE SET json = excluded.json, received_at = excluded.received_at WHERE presence.json IS DISTINCT FROM excluded.json"
     };
-    c.execute(sql, params![store, json, roost_schemas::now_rfc3339()])?;
+    c.execute(sql, args![store, json, roost_schemas::now_rfc3339()])?;
     Ok(())
 }
 
@@ -354,6 +373,7 @@ mod tests {
     use crate::db::desired::test_envelope as envelope;
     use crate::db::Published;
     use roost_schemas::{envelope_sequence, sequence_rule};
+    use rusqlite::Connection;
 
     fn ev(id: &str, seq: u64) -> (String, CloudEvent, String) {
         let mut e = CloudEvent::new(
@@ -382,52 +402,21 @@ mod tests {
         assert!(b > a && a >= now_ms() - 60_000, "{a} {b}");
         // A retained envelope with a sequence from the future (another publisher) raises it.
         let far = now_ms() + 10_000_000;
-        db.lock()
-            .execute(
-                "INSERT INTO desired(topic, sequence, payload) VALUES ('t', ?1, x'00')",
-                [far as i64],
+        db.transaction(|c| {
+            c.execute(
+                "INSERT INTO desired(topic, sequence, payload) VALUES ('t', ?1, ?2)",
+                args![far, &vec![0u8]],
             )
-            .expect("insert");
+        })
+        .expect("insert");
         assert_eq!(db.next_sequence("t").expect("seq"), far + 1);
         drop(db);
         let db = FleetDb::open(&dir.path().join("f.db")).expect("reopen");
         assert_eq!(db.next_sequence("t").expect("seq"), far + 2, "durable");
     }
 
-    #[test]
-    fn dedupes_and_finds_gaps() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let db = FleetDb::open(&dir.path().join("f.db")).expect("open");
-        assert_eq!(
-            db.record_events(&[ev("a", 1), ev("b", 2), ev("a", 1)])
-                .expect("rec"),
-            2
-        );
-        db.record_events(&[ev("e", 5), ev("f", 6), ev("b", 2)])
-            .expect("rec");
-        assert_eq!(
-            db.counts().expect("counts"),
-            FleetCounts {
-                events: 4,
-                duplicates: 2
-            }
-        );
-        assert_eq!(
-            db.gaps().expect("gaps"),
-            vec![Gap {
-                store: "s1".into(),
-                from: 3,
-                to: 4
-            }]
-        );
-        let seqs: Vec<u64> = db
-            .events("s1")
-            .expect("events")
-            .iter()
-            .map(|e| e.roostseq)
-            .collect();
-        assert_eq!(seqs, vec![1, 2, 5, 6]);
-    }
+    // Deduplication, duplicate counts, gaps and arrival order: `conformance::round_trip`,
+    // which runs on both engines.
 
     #[test]
     fn keeps_newest_desired_envelope() {
@@ -540,11 +529,9 @@ mod tests {
         let db = FleetDb::open(&dir.path().join("f.db")).expect("open");
         db.record_desired("t", &envelope(5)).expect("rec");
         // Judged against 5, then a writer stores 9 before the batch's transaction.
-        let changes = desired_changes(
-            &db.lock(),
-            std::iter::once((&"t".to_string(), &envelope(7))),
-        )
-        .expect("judge");
+        let changes = db
+            .with_conn(|c| desired_changes(c, std::iter::once((&"t".to_string(), &envelope(7)))))
+            .expect("judge");
         db.record_desired("t", &envelope(9)).expect("rec");
         db.transaction(|tx| write_desired(tx, &changes))
             .expect("write");

@@ -5,13 +5,12 @@
 
 use std::collections::BTreeMap;
 
-use roost_schemas::inventory::StoreEntry;
-use roost_schemas::Labels;
-use rusqlite::{params, Connection};
-
 use super::desired::{next_sequence_in, store};
+use super::sql::{args, Conn};
 use super::{DbError, FleetDb};
 use crate::inventory::Inventory;
+use roost_schemas::inventory::StoreEntry;
+use roost_schemas::Labels;
 
 /// The last profile the controller published for a store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,12 +38,10 @@ pub struct ProfilePublication {
 }
 
 /// The inventory in force.
-pub fn inventory(c: &Connection) -> Result<Inventory, DbError> {
-    let mut stmt = c.prepare("SELECT store, entry FROM inventory ORDER BY store")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+pub fn inventory(c: &Conn<'_>) -> Result<Inventory, DbError> {
     let mut stores = BTreeMap::new();
-    for row in rows {
-        let (name, json) = row?;
+    for row in c.query("SELECT store, entry FROM inventory ORDER BY store", &[])? {
+        let (name, json): (String, String) = (row.get(0)?, row.get(1)?);
         if let Ok(entry) = serde_json::from_str::<StoreEntry>(&json) {
             stores.insert(name, entry);
         }
@@ -53,7 +50,7 @@ pub fn inventory(c: &Connection) -> Result<Inventory, DbError> {
 }
 
 /// Every inventory store's labels (stores outside the inventory have none).
-pub fn labels(c: &Connection) -> Result<BTreeMap<String, Labels>, DbError> {
+pub fn labels(c: &Conn<'_>) -> Result<BTreeMap<String, Labels>, DbError> {
     Ok(inventory(c)?
         .stores
         .into_iter()
@@ -62,43 +59,51 @@ pub fn labels(c: &Connection) -> Result<BTreeMap<String, Labels>, DbError> {
 }
 
 /// The profiles published so far, by store.
-pub fn profiles(c: &Connection) -> Result<BTreeMap<String, PublishedProfile>, DbError> {
-    let mut stmt =
-        c.prepare("SELECT store, digest, sequence, in_inventory FROM profiles ORDER BY store")?;
-    let rows = stmt.query_map([], |r| {
+pub fn profiles(c: &Conn<'_>) -> Result<BTreeMap<String, PublishedProfile>, DbError> {
+    c.query(
+        "SELECT store, digest, sequence, in_inventory FROM profiles ORDER BY store",
+        &[],
+    )?
+    .iter()
+    .map(|r| {
         Ok((
-            r.get::<_, String>(0)?,
+            r.get(0)?,
             PublishedProfile {
                 digest: r.get(1)?,
-                sequence: r.get::<_, i64>(2)? as u64,
-                in_inventory: r.get::<_, i64>(3)? != 0,
+                sequence: r.get(2)?,
+                in_inventory: r.get(3)?,
             },
         ))
-    })?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    })
+    .collect()
 }
 
 /// The profile topics the record holds desired state for (a tombstoned one it does not).
-pub fn held_profile_topics(c: &Connection) -> Result<std::collections::BTreeSet<String>, DbError> {
-    let mut stmt = c.prepare("SELECT topic FROM desired WHERE topic LIKE '%/profile'")?;
-    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-    Ok(rows
-        .collect::<Result<Vec<String>, _>>()?
-        .into_iter()
-        .filter(|t| roost_schemas::snapshot::profile_topic_tail(t).is_some())
-        .collect())
+pub fn held_profile_topics(c: &Conn<'_>) -> Result<std::collections::BTreeSet<String>, DbError> {
+    Ok(c.query(
+        "SELECT topic FROM desired WHERE topic LIKE '%/profile'",
+        &[],
+    )?
+    .iter()
+    .map(|r| r.get::<String>(0))
+    .collect::<Result<Vec<String>, _>>()?
+    .into_iter()
+    .filter(|t| roost_schemas::snapshot::profile_topic_tail(t).is_some())
+    .collect())
 }
 
 /// Replaces the inventory in force, inside a caller's transaction.
-pub(super) fn replace_inventory(c: &Connection, inv: &Inventory) -> Result<(), DbError> {
-    c.execute("DELETE FROM inventory", [])?;
-    let mut stmt = c.prepare("INSERT INTO inventory(store, entry) VALUES (?1, ?2)")?;
+pub(super) fn replace_inventory(c: &Conn<'_>, inv: &Inventory) -> Result<(), DbError> {
+    c.execute("DELETE FROM inventory", &[])?;
     for (name, entry) in &inv.stores {
         let json = serde_json::to_string(entry).map_err(|source| DbError::Encode {
             what: "an inventory entry",
             source,
         })?;
-        stmt.execute(params![name, json])?;
+        c.execute(
+            "INSERT INTO inventory(store, entry) VALUES (?1, ?2)",
+            args![name, json],
+        )?;
     }
     Ok(())
 }
@@ -126,15 +131,8 @@ impl FleetDb {
                      ON CONFLICT(store) DO UPDATE SET digest = excluded.digest,
                        sequence = excluded.sequence, in_inventory = excluded.in_inventory,
                        published_at = excluded.published_at",
-                    params![
-                        p.store,
-                        p.digest,
-                        sequence as i64,
-                        p.in_inventory as i64,
-                        now
-                    ],
-                )
-                .map_err(DbError::from)?;
+                    args![&p.store, &p.digest, sequence, p.in_inventory, &now],
+                )?;
                 out.push((p.topic.clone(), envelope));
             }
             Ok(out)
@@ -143,9 +141,10 @@ impl FleetDb {
 
     /// Forgets the profile published for `store` (it was retired: its topic tombstoned).
     pub fn forget_profile(&self, store: &str) -> Result<(), DbError> {
-        self.lock()
-            .execute("DELETE FROM profiles WHERE store = ?1", [store])?;
-        Ok(())
+        self.transaction(|c| {
+            c.execute("DELETE FROM profiles WHERE store = ?1", args![store])?;
+            Ok(())
+        })
     }
 }
 

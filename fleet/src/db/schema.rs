@@ -14,8 +14,9 @@
 //! its record. A migration once released is never edited; a database whose recorded version
 //! is newer than [`latest`] is refused.
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 
+use super::sql::{args, Conn};
 use super::DbError;
 
 /// A database engine the schema is written for.
@@ -23,7 +24,7 @@ use super::DbError;
 pub enum Engine {
     /// SQLite, the engine roost opens.
     Sqlite,
-    /// PostgreSQL: the migrations render for it; roost has no driver for it yet.
+    /// PostgreSQL (`roost fleet --db postgres://…`).
     Postgres,
 }
 
@@ -135,6 +136,21 @@ pub const MIGRATIONS: &[Migration] = &[
                 repaired_total {int} NOT NULL
             );",
     },
+    Migration {
+        version: 5,
+        name: "the controller's leadership",
+        // One row: the leader's fencing term (incremented by every takeover), who holds it
+        // (its PostgreSQL sessions' application_name) and until when its lease runs by the
+        // database's clock. Written by [`super::leader`] only; every write transaction of
+        // the controller checks the term ([`super::FleetDb::fenced`]).
+        text: "CREATE TABLE leader (
+                id {int} PRIMARY KEY CHECK (id = 1),
+                term {int} NOT NULL,
+                holder TEXT NOT NULL,
+                lease_until_ms {int} NOT NULL,
+                since TEXT NOT NULL
+            );",
+    },
 ];
 
 /// The table of applied migrations (rendered like a migration).
@@ -149,86 +165,110 @@ pub fn latest() -> u32 {
     MIGRATIONS.last().map(|m| m.version).unwrap_or(0)
 }
 
-/// The version a SQLite database records (0: none, a database from before migrations were
-/// numbered, or a new file). Reads only.
-pub fn version(c: &Connection) -> Result<i64, DbError> {
-    let recorded: bool = c.query_row(
-        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'",
-        [],
-        |r| r.get(0),
-    )?;
-    if !recorded {
+/// The key of the transaction-scoped advisory lock that makes instances starting at once on
+/// one PostgreSQL database migrate it once.
+const MIGRATION_LOCK: i64 = 0x726f_6f73_7400_0001;
+
+/// The version a database records (0: none, a database from before migrations were
+/// numbered, or a new one). Reads only.
+pub fn version(c: &Conn<'_>) -> Result<i64, DbError> {
+    if !has_table(c, "schema_migrations")? {
         return Ok(0);
     }
     applied(c)
 }
 
-fn applied(c: &Connection) -> Result<i64, DbError> {
-    Ok(c.query_row(
+fn applied(c: &Conn<'_>) -> Result<i64, DbError> {
+    c.query_value(
         "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
-        [],
-        |r| r.get(0),
-    )?)
+        &[],
+    )
+}
+
+fn check(found: i64) -> Result<(), DbError> {
+    let known = latest();
+    if found > i64::from(known) {
+        Err(DbError::NewerSchema { found, known })
+    } else {
+        Ok(())
+    }
+}
+
+/// Applies every migration the database lacks, in order, with their records, inside the
+/// caller's transaction.
+fn apply(c: &Conn<'_>) -> Result<(), DbError> {
+    c.batch(&c.engine().render(SCHEMA_MIGRATIONS))?;
+    let found = applied(c)?;
+    check(found)?;
+    for m in MIGRATIONS.iter().filter(|m| i64::from(m.version) > found) {
+        c.batch(&m.sql(c.engine()))
+            .map_err(|source| DbError::Migration {
+                version: m.version,
+                name: m.name,
+                source: Box::new(source),
+            })?;
+        c.execute(
+            "INSERT INTO schema_migrations(version, name, applied_at) VALUES (?1, ?2, ?3)",
+            args![m.version, m.name, roost_schemas::now_rfc3339()],
+        )?;
+    }
+    Ok(())
 }
 
 /// Brings a SQLite database to [`latest`]: every migration it lacks, in order, in one
 /// transaction with their records. A database already there is only read; two processes
 /// opening one file at once migrate it once (the second waits for the first's write lock,
 /// then finds nothing to do). Returns the version it is at.
-pub(super) fn migrate(c: &mut Connection) -> Result<u32, DbError> {
-    let known = latest();
-    let check = |found: i64| {
-        if found > i64::from(known) {
-            Err(DbError::NewerSchema { found, known })
-        } else {
-            Ok(())
-        }
-    };
-    let found = version(c)?;
+pub(super) fn migrate_sqlite(c: &mut Connection) -> Result<u32, DbError> {
+    let found = version(&Conn::sqlite(c))?;
     check(found)?;
-    if found == i64::from(known) {
-        return Ok(known);
+    if found == i64::from(latest()) {
+        return Ok(latest());
     }
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute_batch(&Engine::Sqlite.render(SCHEMA_MIGRATIONS))?;
-    let found = applied(&tx)?;
-    check(found)?;
-    for m in MIGRATIONS.iter().filter(|m| i64::from(m.version) > found) {
-        tx.execute_batch(&m.sql(Engine::Sqlite))
-            .map_err(|source| DbError::Migration {
-                version: m.version,
-                name: m.name,
-                source,
-            })?;
-        tx.execute(
-            "INSERT INTO schema_migrations(version, name, applied_at) VALUES (?1, ?2, ?3)",
-            params![m.version, m.name, roost_schemas::now_rfc3339()],
-        )?;
-    }
+    apply(&Conn::sqlite(&tx))?;
     tx.commit()?;
-    Ok(known)
+    Ok(latest())
+}
+
+/// Brings a PostgreSQL database to [`latest`], as [`migrate_sqlite`]: in one transaction
+/// (PostgreSQL's DDL is transactional), under an advisory lock so that instances starting
+/// at once migrate it once.
+pub(super) fn migrate_postgres(client: &mut postgres::Client) -> Result<u32, DbError> {
+    let c = Conn::postgres(client.transaction()?);
+    c.batch(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))?;
+    let found = version(&c)?;
+    check(found)?;
+    if found < i64::from(latest()) {
+        apply(&c)?;
+    }
+    c.commit()?;
+    Ok(latest())
 }
 
 /// When each recorded migration was applied: (version, name, applied_at), in order.
-pub fn history(c: &Connection) -> Result<Vec<(u32, String, String)>, DbError> {
+pub fn history(c: &Conn<'_>) -> Result<Vec<(u32, String, String)>, DbError> {
     if version(c)? == 0 {
         return Ok(Vec::new());
     }
-    let mut stmt =
-        c.prepare("SELECT version, name, applied_at FROM schema_migrations ORDER BY version")?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    c.query(
+        "SELECT version, name, applied_at FROM schema_migrations ORDER BY version",
+        &[],
+    )?
+    .iter()
+    .map(|r| Ok((r.get::<i64>(0)? as u32, r.get(1)?, r.get(2)?)))
+    .collect()
 }
 
 /// Whether `table` exists (for tests and diagnostics).
-pub fn has_table(c: &Connection, table: &str) -> Result<bool, DbError> {
-    Ok(c.query_row(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?1",
-        [table],
-        |r| r.get::<_, String>(0),
-    )
-    .optional()?
-    .is_some())
+pub fn has_table(c: &Conn<'_>, table: &str) -> Result<bool, DbError> {
+    let sql = match c.engine() {
+        Engine::Sqlite => "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        Engine::Postgres => {
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = ?1"
+        }
+    };
+    Ok(c.query_value::<i64>(sql, args![table])? > 0)
 }
 
 #[cfg(test)]
@@ -257,6 +297,12 @@ mod tests {
     }
 
     #[test]
+    fn every_write_and_read_path_round_trips_on_sqlite() {
+        let dir = tempfile::tempdir().expect("tmp");
+        crate::db::conformance::round_trip(&FleetDb::open(&dir.path().join("f.db")).expect("open"));
+    }
+
+    #[test]
     fn a_new_database_gets_every_table_and_its_version() {
         let dir = tempfile::tempdir().expect("tmp");
         let path = dir.path().join("f.db");
@@ -276,6 +322,7 @@ mod tests {
                 "gitops_published",
                 "gitops_requests",
                 "broker_audit",
+                "leader",
             ] {
                 assert!(has_table(c, t)?, "{t}");
             }
@@ -347,11 +394,7 @@ mod tests {
         assert_eq!(db.desired().expect("desired"), vec![("t".into(), vec![1])]);
         let last = db
             .with_conn(|c| {
-                Ok(
-                    c.query_row("SELECT last FROM sequences WHERE topic = 't'", [], |r| {
-                        r.get::<_, i64>(0)
-                    })?,
-                )
+                c.query_value::<i64>("SELECT last FROM sequences WHERE topic = 't'", &[])
             })
             .expect("sequences");
         assert_eq!(last, 7);

@@ -25,6 +25,7 @@ use tracing::{info, warn, Instrument as _};
 
 use crate::db::{self, DbError, FleetDb, Published, Request};
 use crate::inventory::{self, Inventory};
+use crate::leadership::Leadership;
 use crate::sign::{sign_rollout, RolloutSpec};
 pub use handle::{ControllerHandle, ControllerInbox};
 use plan::{Action, Plan, PlanStatus, Release};
@@ -173,7 +174,10 @@ fn retired_by(p: &Plan, deployment: &str, published: &[Published], topics: &Topi
 /// The controller.
 struct Controller {
     opts: GitopsOptions,
+    /// Fenced when several instances share the database: every write checks the term.
     db: FleetDb,
+    /// Whether this instance leads: it steps and publishes only then.
+    leadership: Leadership,
     key: Arc<SigningKey>,
     topics: Topics,
     git: crate::git::GitCache,
@@ -199,6 +203,69 @@ struct Outgoing {
 }
 
 impl Controller {
+    /// Publishes a message the controller decided and recorded, if it still leads by its
+    /// lease's local deadline (a leader paused past its lease publishes nothing).
+    fn send(&mut self, m: DirectMessage) {
+        if self.leadership.is_leading() {
+            let _ = self.link.publish(m);
+        } else {
+            warn!(topic = %m.topic, "not publishing: this instance no longer leads");
+        }
+    }
+
+    /// Loads what the controller keeps in memory from the database: at start, and when
+    /// this instance becomes the leader (the previous leader's work is all there).
+    async fn load(&mut self) -> Result<(), GitopsError> {
+        let (file, inventory) = self
+            .blocking(|db| {
+                db.with_conn(|c| {
+                    Ok((
+                        db::gitops::sync_state(c)?.and_then(|(s, f)| Some((s.good_commit?, f?))),
+                        db::inventory::inventory(c)?,
+                    ))
+                })
+            })
+            .await?;
+        self.file = file;
+        self.inventory = inventory;
+        self.profiles_due = true;
+        self.last_snapshot = None;
+        Ok(())
+    }
+
+    /// One step of the leader: operator requests, the repository when due, profiles, plans
+    /// and the snapshot.
+    async fn step(&mut self, mut sent: Vec<Request>, next_poll: &mut tokio::time::Instant) {
+        // The table serves other processes; it is read every step (500 ms).
+        let mut requests = match self.blocking(|db| db.take_requests()).await {
+            Ok(r) => r,
+            Err(error) => {
+                warn!(error = %roost_runtime::error_chain(&error), "cannot read requests");
+                Vec::new()
+            }
+        };
+        requests.append(&mut sent);
+        let sync_now = requests.contains(&Request::Sync);
+        if sync_now || tokio::time::Instant::now() >= *next_poll {
+            if let Err(error) = self.sync().await {
+                warn!(error = %roost_runtime::error_chain(&error), "sync failed");
+            }
+            *next_poll = tokio::time::Instant::now() + self.opts.poll;
+        }
+        if self.link.is_connected() {
+            // Profiles first: a rollout that substitutes a store's vars finds them there.
+            if let Err(error) = self.profiles().await {
+                warn!(error = %roost_runtime::error_chain(&error), "cannot publish store profiles");
+            }
+            if let Err(error) = self.tick(requests).await {
+                warn!(error = %roost_runtime::error_chain(&error), "controller step failed");
+            }
+            if let Err(error) = self.snapshot().await {
+                warn!(error = %roost_runtime::error_chain(&error), "cannot publish the fleet snapshot");
+            }
+        }
+    }
+
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&FleetDb) -> Result<T, DbError> + Send + 'static,
@@ -372,7 +439,7 @@ impl Controller {
                 .await?;
             info!(profiles = msgs.len(), "publishing store profiles");
             for (topic, payload) in msgs {
-                let _ = self.link.publish(DirectMessage {
+                self.send(DirectMessage {
                     topic,
                     payload,
                     retain: true,
@@ -702,7 +769,7 @@ impl Controller {
             .collect();
         for m in msgs {
             info!(topic = %m.topic, "publishing");
-            let _ = self.link.publish(DirectMessage {
+            self.send(DirectMessage {
                 topic: m.topic,
                 payload: m.payload,
                 retain: true,
@@ -761,7 +828,7 @@ impl Controller {
             expires = %built.snapshot.expires,
             "publishing the fleet snapshot"
         );
-        let _ = self.link.publish(DirectMessage {
+        self.send(DirectMessage {
             topic,
             payload,
             retain: true,
@@ -790,9 +857,31 @@ pub async fn run_with_handle(
     opts: GitopsOptions,
     db: FleetDb,
     key: SigningKey,
-    mut inbox: Option<ControllerInbox>,
+    inbox: Option<ControllerInbox>,
     cancel: CancellationToken,
 ) -> Result<(), GitopsError> {
+    run_led(opts, db, key, inbox, Leadership::solo(), cancel).await
+}
+
+/// [`run_with_handle`] as one of several instances on one database: it steps and publishes
+/// only while `leadership` says it leads, every write under its term (a write under a term
+/// that is no longer the leader's fails, and it steps down). When it becomes the leader it
+/// loads the file in force, the inventory and the plans from the database and goes on
+/// where the previous leader stopped. A follower's operator requests go to the request
+/// table, for the leader.
+pub async fn run_led(
+    opts: GitopsOptions,
+    db: FleetDb,
+    key: SigningKey,
+    mut inbox: Option<ControllerInbox>,
+    leadership: Leadership,
+    cancel: CancellationToken,
+) -> Result<(), GitopsError> {
+    let db = if db.engine() == db::Engine::Postgres {
+        db.fenced(Arc::new(leadership.clone()))
+    } else {
+        db
+    };
     let mut lc = LinkConfig::new(
         "cloud",
         &opts.host,
@@ -805,26 +894,17 @@ pub async fn run_with_handle(
     lc.backoff = (Duration::from_millis(100), Duration::from_secs(5));
     lc.max_packet_size = 4 << 20;
     let link = Link::start(lc, None, cancel.child_token())?;
-    let (file, inventory) = db
-        .call(|db| {
-            db.with_conn(|c| {
-                Ok((
-                    db::gitops::sync_state(c)?.and_then(|(s, f)| Some((s.good_commit?, f?))),
-                    db::inventory::inventory(c)?,
-                ))
-            })
-        })
-        .await?;
     let mut c = Controller {
         git: crate::git::GitCache::new(opts.cache_dir.clone(), Duration::from_secs(60)),
         opts,
         db,
+        leadership,
         key: Arc::new(key),
         topics: Topics::default(),
         link: link.handle.clone(),
         refs: HashMap::new(),
-        file,
-        inventory,
+        file: None,
+        inventory: Inventory::default(),
         profiles_due: true,
         snapshot_dirty: false,
         last_snapshot: None,
@@ -834,38 +914,40 @@ pub async fn run_with_handle(
         let mut next_poll = tokio::time::Instant::now();
         // Requests from the handle, taken since the last step.
         let mut sent: Vec<Request> = Vec::new();
+        // The term whose state is loaded (0: none yet).
+        let mut loaded = 0u64;
+        let mut terms = c.leadership.watch();
         loop {
-            // The table serves other processes; it is read every step (500 ms).
-            let mut requests = match c.blocking(|db| db.take_requests()).await {
-                Ok(r) => r,
-                Err(error) => {
-                    warn!(error = %roost_runtime::error_chain(&error), "cannot read requests");
-                    Vec::new()
+            if !c.leadership.is_leading() {
+                // A follower: requests from this process's API are the leader's to take.
+                for r in std::mem::take(&mut sent) {
+                    if let Err(error) = c.blocking(move |db| db.request(&r)).await {
+                        warn!(error = %roost_runtime::error_chain(&error), "cannot queue a request for the leader");
+                    }
                 }
-            };
-            requests.append(&mut sent);
-            let sync_now = requests.contains(&Request::Sync);
-            if sync_now || tokio::time::Instant::now() >= next_poll {
-                if let Err(error) = c.sync().await {
-                    warn!(error = %roost_runtime::error_chain(&error), "sync failed");
+                loaded = 0;
+            } else if loaded != c.leadership.term() {
+                let term = c.leadership.term();
+                match c.load().await {
+                    Ok(()) => {
+                        info!(term, "controller: state loaded; resuming the plans");
+                        loaded = term;
+                        // The first step of a new term looks at the repository at once.
+                        next_poll = tokio::time::Instant::now();
+                        c.step(std::mem::take(&mut sent), &mut next_poll).await;
+                    }
+                    Err(error) => {
+                        warn!(error = %roost_runtime::error_chain(&error), "cannot load the controller's state")
+                    }
                 }
-                next_poll = tokio::time::Instant::now() + c.opts.poll;
-            }
-            if c.link.is_connected() {
-                // Profiles first: a rollout that substitutes a store's vars finds them there.
-                if let Err(error) = c.profiles().await {
-                    warn!(error = %roost_runtime::error_chain(&error), "cannot publish store profiles");
-                }
-                if let Err(error) = c.tick(requests).await {
-                    warn!(error = %roost_runtime::error_chain(&error), "controller step failed");
-                }
-                if let Err(error) = c.snapshot().await {
-                    warn!(error = %roost_runtime::error_chain(&error), "cannot publish the fleet snapshot");
-                }
+            } else {
+                c.step(std::mem::take(&mut sent), &mut next_poll).await;
             }
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                // This instance stopped (or started) leading.
+                _ = terms.changed() => {}
                 // A request from this process: the next step runs now.
                 r = handle::recv(&mut inbox) => match r {
                     Some(r) => sent = handle::drain(r, &mut inbox),

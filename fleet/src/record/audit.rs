@@ -55,7 +55,13 @@ pub enum AuditError {
     /// Reading the record failed.
     #[error("broker audit")]
     Db(#[from] DbError),
+    /// This instance does not lead (any more): only the leader repairs the broker.
+    #[error("broker audit: this instance does not lead")]
+    NotLeading,
 }
+
+/// How often a follower looks whether it leads now (then it audits at once).
+const FOLLOWER_POLL: Duration = Duration::from_secs(1);
 
 /// What one audit found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -82,6 +88,8 @@ pub struct Auditor {
     /// A subscription may be in place (an audit subscribed and did not finish): the next
     /// audit unsubscribes first, so that its subscription is a new one.
     maybe_subscribed: bool,
+    /// Only the leader audits and repairs.
+    leadership: crate::leadership::Leadership,
 }
 
 fn mqtt_options(
@@ -118,6 +126,7 @@ impl Auditor {
         let addresses = opts.addresses();
         let (client, mut eventloop) = AsyncClient::new(mqtt_options(opts, &id, &addresses[0])?, 64);
         let (tx, events) = mpsc::channel(1024);
+        let leadership = opts.leadership.clone();
         let opts = opts.clone();
         // The connection task owns the event loop: polled all the time (keepalive), never
         // cancelled half-way through a packet.
@@ -154,6 +163,7 @@ impl Auditor {
             filters: Topics::default().all_deployment_filters(),
             connected: false,
             maybe_subscribed: false,
+            leadership,
         })
     }
 
@@ -270,6 +280,9 @@ impl Auditor {
             }
         }
         let stale = stale_topics(&seen, desired);
+        if !self.leadership.is_leading() {
+            return Err(AuditError::NotLeading);
+        }
         let deadline = Instant::now() + CHECK_MAX;
         for (t, p) in &stale {
             self.client
@@ -377,6 +390,17 @@ pub async fn run(
             }
             Wake::Retry => {}
         }
+        if !auditor.leadership.is_leading() {
+            // A follower audits nothing; it looks again shortly (it may become the leader).
+            wake = wait(
+                &mut auditor,
+                &mut sessions,
+                &cancel,
+                Some(Instant::now() + FOLLOWER_POLL),
+            )
+            .await;
+            continue;
+        }
         let (connection, session_present) = current;
         let span = tracing::info_span!("broker_check", connection, session_present);
         let result = tokio::select! {
@@ -392,6 +416,7 @@ pub async fn run(
             r = auditor.audit(&db).instrument(span.clone()) => r,
         };
         let retry = match result {
+            Err(AuditError::NotLeading) => Some(Instant::now() + FOLLOWER_POLL),
             Ok(report) => {
                 span.in_scope(|| {
                     if report.restored.is_empty() {

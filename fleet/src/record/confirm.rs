@@ -147,9 +147,13 @@ pub async fn run(
     mut c: Confirmer,
     topics: Topics,
     link: LinkHandle,
+    leadership: crate::leadership::Leadership,
     mut committed: mpsc::UnboundedReceiver<Vec<Recorded>>,
     cancel: CancellationToken,
 ) {
+    // Only the leader confirms; every instance keeps the watermarks of what it recorded,
+    // and one that becomes the leader confirms every store again.
+    let mut leading = false;
     let mut sessions = link.sessions();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -169,6 +173,17 @@ pub async fn run(
             _ = tick.tick() => {
                 if !link.is_connected() {
                     continue;
+                }
+                match (leading, leadership.is_leading()) {
+                    (_, false) => {
+                        leading = false;
+                        continue;
+                    }
+                    (false, true) => {
+                        leading = true;
+                        c.all_again();
+                    }
+                    (true, true) => {}
                 }
                 let out = c.take(Instant::now());
                 if !out.is_empty() {

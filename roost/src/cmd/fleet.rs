@@ -37,9 +37,14 @@ pub struct FleetArgs {
     no_confirm: bool,
     #[command(flatten)]
     security: BrokerSecurity,
-    /// SQLite file.
+    /// The fleet database: a SQLite file, or `postgres://USER@HOST:PORT/DB` (several
+    /// `roost fleet` processes may share one: one leads, the others stand by).
     #[arg(long, default_value = "fleet.db")]
     db: PathBuf,
+    /// Where the controller caches fetched repositories [default: the SQLite file's name
+    /// with `.git`; with PostgreSQL `roost-fleet.git` in the working directory].
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
     /// MQTT client id (a persistent session).
     #[arg(long, default_value = "roost-fleet")]
     client_id: String,
@@ -87,7 +92,8 @@ pub struct FleetArgs {
 enum FleetAction {
     /// Ask the running controller (same `--db`) to look at the fleet repository now.
     Sync {
-        /// SQLite file of the running `roost fleet`.
+        /// The fleet database of the running `roost fleet` (a SQLite file or a
+        /// `postgres://` URL).
         #[arg(long, default_value = "fleet.db")]
         db: PathBuf,
         /// Wait until every plan is done or aborted; exit non-zero naming what was aborted
@@ -217,7 +223,17 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
         .ok_or_else(|| anyhow::anyhow!("--broker is required"))?;
     let target = a.security.target(&broker)?;
     let (host, port) = (target.host.clone(), target.port);
-    let fdb = FleetDb::open(&a.db)?;
+    let fdb = FleetDb::open_blocking(&a.db).await?;
+    // Several instances on one PostgreSQL database: one leads (controller, publishing),
+    // every one records and serves; on SQLite this process is the only one.
+    let leadership = match fdb.postgres_url() {
+        Some(url) => roost_fleet::leadership::Leadership::start(
+            url,
+            roost_fleet::leadership::LeaseTimes::default(),
+            cancel.child_token(),
+        ),
+        None => roost_fleet::leadership::Leadership::solo(),
+    };
     let exporter = match (s.metrics_listen, s.http) {
         (None, None) => None,
         _ => Some(metrics::FleetMetrics::exporter(fdb.clone())),
@@ -276,15 +292,22 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
                 port,
                 fallbacks: target.fallbacks.clone(),
                 security: target.security.clone(),
-                cache_dir: a.db.with_extension("git"),
+                cache_dir: a.cache_dir.clone().unwrap_or_else(|| {
+                    if fdb.postgres_url().is_some() {
+                        PathBuf::from("roost-fleet.git")
+                    } else {
+                        a.db.with_extension("git")
+                    }
+                }),
                 snapshot_interval: Duration::from_secs(s.snapshot_interval_s),
                 snapshot_expiry: Duration::from_secs(s.snapshot_expires_s),
             };
-            Some(tokio::spawn(gitops::run_with_handle(
+            Some(tokio::spawn(gitops::run_led(
                 opts,
                 fdb.clone(),
                 key,
                 inbox,
+                leadership.clone(),
                 cancel.clone(),
             )))
         }
@@ -300,6 +323,7 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
             fallbacks: target.fallbacks.clone(),
             audit_interval: Duration::from_secs(a.audit_interval),
             confirm: !a.no_confirm,
+            leadership,
         },
         fdb,
         cancel,
@@ -320,9 +344,9 @@ async fn sync(
     timeout: u64,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let fdb = FleetDb::open(db)?;
+    let fdb = FleetDb::open_blocking(db).await?;
     let since = db::now_ms();
-    fdb.request(&Request::Sync)?;
+    fdb.call(|db| db.request(&Request::Sync)).await?;
     println!("sync requested");
     if wait {
         let w = interruptible(&cancel, async {

@@ -76,7 +76,10 @@ pub async fn run(a: StatusArgs, cancel: CancellationToken) -> anyhow::Result<()>
         store: None,
         selector: a.selector,
     };
-    let db = a.db.map(|d| FleetDb::open(&d)).transpose()?;
+    let db = match a.db {
+        Some(d) => Some(FleetDb::open_blocking(&d).await?),
+        None => None,
+    };
     let broker = match (&db, a.broker) {
         (Some(_), _) => None,
         (None, Some(b)) => Some(a.security.target(&b)?),
@@ -84,7 +87,7 @@ pub async fn run(a: StatusArgs, cancel: CancellationToken) -> anyhow::Result<()>
     };
     loop {
         let inputs = match (&db, &broker) {
-            (Some(db), _) => view::load(db)?,
+            (Some(db), _) => db.call(view::load).await?,
             (None, Some(broker)) => {
                 let filters = vec![
                     topics.all_stores(StoreTopicKind::Status),

@@ -223,7 +223,7 @@ fn enroll(a: EnrollArgs) -> anyhow::Result<()> {
 async fn retire(a: RetireArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     roost_schemas::validate_name(&a.name).map_err(|e| anyhow::anyhow!("{}: {e}", a.name))?;
     let broker = a.security.target(&a.broker)?;
-    let db = FleetDb::open(&a.db)?;
+    let db = FleetDb::open_blocking(&a.db).await?;
     let change = a.change.change();
     let name = a.name.clone();
     let r = tokio::task::spawn_blocking(move || {
