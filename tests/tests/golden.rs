@@ -1865,9 +1865,13 @@ async fn the_broker_audit_leaves_held_profiles_alone_and_restores_lost_ones() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(lost.restored, vec![topic.clone()], "{lost:?}");
-    let got = roost_fleet::cloud::read_retained(&cloud, &[topic.clone()], Duration::from_secs(5))
-        .await
-        .expect("read retained");
+    let got = roost_fleet::cloud::read_retained(
+        &cloud,
+        std::slice::from_ref(&topic),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("read retained");
     assert_eq!(
         got,
         vec![(topic, envelope)],
