@@ -98,6 +98,75 @@ pub fn deliveries(c: &Conn<'_>, limit: usize) -> Result<Vec<Delivery>, DbError> 
     .collect()
 }
 
+/// The newest `limit` messages that failed: given up, or queued after a failed attempt.
+pub fn failing(c: &Conn<'_>, limit: usize) -> Result<Vec<Delivery>, DbError> {
+    c.query(
+        &format!(
+            "SELECT {DELIVERY_COLUMNS} FROM notify_messages
+             WHERE state = 'failed' OR (state = 'queued' AND last_error <> '')
+             ORDER BY id DESC LIMIT ?1"
+        ),
+        args![limit as i64],
+    )?
+    .iter()
+    .map(delivery)
+    .collect()
+}
+
+/// The notifications at a glance: counts, and the newest failing messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Notifications {
+    /// Messages by state.
+    #[serde(flatten)]
+    pub counts: DeliveryCounts,
+    /// The newest messages that failed (given up, or being retried), at most 10.
+    pub failing: Vec<Delivery>,
+}
+
+/// [`Notifications`] (None when nothing was ever queued).
+pub fn overview(c: &Conn<'_>) -> Result<Option<Notifications>, DbError> {
+    let counts = delivery_counts(c)?;
+    if counts == DeliveryCounts::default() {
+        return Ok(None);
+    }
+    Ok(Some(Notifications {
+        counts,
+        failing: failing(c, 10)?,
+    }))
+}
+
+/// The line about failed notification deliveries, for `roost status` and `roost plan
+/// status` (empty when none failed).
+pub fn render_failing(n: Option<&Notifications>) -> String {
+    let Some(n) = n.filter(|n| n.counts.failed > 0 || n.counts.retrying > 0) else {
+        return String::new();
+    };
+    let mut out = format!(
+        "notifications: {} sent, {} queued ({} being retried), {} failed\n",
+        n.counts.sent, n.counts.queued, n.counts.retrying, n.counts.failed
+    );
+    for d in &n.failing {
+        out.push_str(&format!(
+            "  {} {} to {}: {} after {} attempts: {}\n",
+            if d.state == FAILED {
+                "FAILED"
+            } else {
+                "retrying"
+            },
+            &d.key[..d.key.len().min(12)],
+            d.sink,
+            if d.events == 1 {
+                "1 event".to_owned()
+            } else {
+                format!("{} events", d.events)
+            },
+            d.attempts,
+            d.last_error
+        ));
+    }
+    out
+}
+
 /// How many messages are in each state, and how many queued ones failed an attempt.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DeliveryCounts {

@@ -14,7 +14,7 @@
 //! 2. **Messages.** The leader's notifier ([`deliver`]) takes the events not yet taken once
 //!    the oldest is `coalesce` old, and makes per sink what it sends: one message with counts
 //!    for a webhook or Slack (an incident at 2,000 stores is one message), one commit status
-//!    per commit and deployment for GitHub ([`coalesce`]). The messages, their exact bodies
+//!    per plan step (started, each wave, done or aborted) for GitHub ([`coalesce`]). The messages, their exact bodies
 //!    and idempotency keys are queued in `notify_messages` in the same transaction that takes
 //!    the events: a controller killed after that delivers them after its restart, with the
 //!    same key.
@@ -482,7 +482,7 @@ pub fn counts<'a>(events: impl Iterator<Item = &'a NotifyEvent>) -> BTreeMap<&'s
 /// The messages `events` (in the order they happened) make for a sink of `kind` named
 /// `sink`, keeping those its `wants` filter takes: a webhook and Slack get one message with
 /// counts, the first [`MAX_LISTED`] events and how many were left out; GitHub one commit
-/// status per (commit, deployment), the newest state of each. Pure.
+/// status per plan step and invalid commit. Pure.
 pub fn coalesce(
     sink: &str,
     kind: SinkKind,
@@ -507,29 +507,21 @@ pub fn coalesce(
                 events: taken.len(),
             }]
         }
-        SinkKind::Github => {
-            // (commit, context) -> the events about it, in order; the newest decides.
-            let mut by: BTreeMap<(String, String), Vec<&NotifyEvent>> = BTreeMap::new();
-            for e in taken {
-                let Some(commit) = e.commit.as_ref().filter(|c| is_sha(c)) else {
-                    continue;
-                };
-                by.entry((commit.clone(), sink::status_context(e)))
-                    .or_default()
-                    .push(e);
-            }
-            by.into_iter()
-                .filter_map(|((commit, _), es)| {
-                    let last = es.last()?;
-                    Some(Message {
-                        key: message_key(sink, &commit, &es),
-                        body: sink::github_body(last),
-                        target: commit,
-                        events: es.len(),
-                    })
+        // A status per plan step (started, each wave, done or aborted) and per invalid
+        // commit, in order: the newest one posted is the commit's state. Store events carry
+        // no commit and never become statuses, so a plan of any size posts waves + 2.
+        SinkKind::Github => taken
+            .into_iter()
+            .filter_map(|e| {
+                let commit = e.commit.as_ref().filter(|c| is_sha(c))?;
+                Some(Message {
+                    key: message_key(sink, commit, &[e]),
+                    body: sink::github_body(e),
+                    target: commit.clone(),
+                    events: 1,
                 })
-                .collect()
-        }
+            })
+            .collect(),
     }
 }
 
@@ -705,7 +697,7 @@ mod tests {
     }
 
     #[test]
-    fn github_gets_the_newest_state_per_commit_and_deployment() {
+    fn github_gets_a_status_per_plan_step_and_invalid_commit() {
         let none = |_: &str| String::new();
         let mut p = plan();
         let mut events = plan_events(None, &p, none);
@@ -720,14 +712,29 @@ mod tests {
             "bad",
         ));
         events.push(invalid_commit_event("git://h/fleet", "not-a-sha", "bad"));
+        events.push(
+            store_event("s1", &{
+                let mut e = roost_schemas::CloudEvent::new(
+                    "roost://stores/s1/agent",
+                    roost_schemas::EventType::ApplyFailed,
+                    Some("web"),
+                    serde_json::json!({}),
+                );
+                e.id = "x".into();
+                e
+            })
+            .expect("store event"),
+        );
         let m = coalesce("gh", SinkKind::Github, |_| true, &events);
-        assert_eq!(m.len(), 2, "{m:?}");
-        let web = m.iter().find(|m| m.target == "a".repeat(40)).expect("web");
-        let body: serde_json::Value = serde_json::from_str(&web.body).expect("json");
-        assert_eq!(body["state"], "pending");
-        assert_eq!(body["context"], "roost/web");
-        assert_eq!(body["description"], "canary 1/1");
-        let bad = m.iter().find(|m| m.target == "b".repeat(40)).expect("bad");
+        assert_eq!(m.len(), 3, "started, wave done, invalid: {m:?}");
+        let body = |m: &Message| serde_json::from_str::<serde_json::Value>(&m.body).expect("json");
+        assert_eq!(m[0].target, "a".repeat(40));
+        assert_eq!(body(&m[0])["state"], "pending");
+        assert_eq!(body(&m[0])["context"], "roost/web");
+        assert_eq!(body(&m[1])["description"], "canary 1/1");
+        assert_ne!(m[0].key, m[1].key);
+        let bad = &m[2];
+        assert_eq!(bad.target, "b".repeat(40));
         let body: serde_json::Value = serde_json::from_str(&bad.body).expect("json");
         assert_eq!(
             (body["state"].as_str(), body["context"].as_str()),
