@@ -251,18 +251,18 @@ pub fn round_trip(db: &FleetDb) {
 /// transaction; attempts, retries, giving up, counts and pruning.
 fn notifications(db: &FleetDb) {
     use crate::notify::{Kind, NotifyEvent};
-    let (_, mut failed, json) = event("s9", "f1", 1);
+    let (_, mut failed, json) = event("s8", "f1", 1);
     failed.ty = EventType::ApplyFailed.as_str().into();
     let json = json.replace(
         EventType::ApplyStarted.as_str(),
         EventType::ApplyFailed.as_str(),
     );
-    db.record_events(&[("s9".into(), failed.clone(), json.clone())])
+    db.record_events(&[("s8".into(), failed.clone(), json.clone())])
         .expect("failure");
-    db.record_events(&[("s9".into(), failed, json)])
+    db.record_events(&[("s8".into(), failed, json)])
         .expect("the same failure again");
     let stale = crate::notify::stale_events(
-        &[("s9".into(), 1)],
+        &[("s8".into(), 1)],
         10_000_000,
         std::time::Duration::from_secs(1),
     );
