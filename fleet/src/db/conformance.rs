@@ -270,13 +270,13 @@ fn notifications(db: &FleetDb) {
     assert_eq!(db.record_notify_events(&stale).expect("stale again"), 0);
     // Not ready yet: nothing taken.
     assert_eq!(
-        db.take_notify_events(0, 0, |_| unreachable!())
+        db.take_notify_events(0, 0, 0, |_| unreachable!())
             .expect("early"),
-        0
+        (0, 0)
     );
     let mut seen: Vec<NotifyEvent> = Vec::new();
     let queued = db
-        .take_notify_events(u64::MAX, 0, |events| {
+        .take_notify_events(u64::MAX, 0, 0, |events| {
             seen = events.to_vec();
             let wanted = |_: Kind| true;
             let mut out: Vec<(String, crate::notify::Message)> =
@@ -306,11 +306,11 @@ fn notifications(db: &FleetDb) {
         );
     }
     // One webhook message; a commit status for the plan's commit and the invalid one.
-    assert_eq!(queued, 3);
+    assert_eq!(queued, (3, 0));
     assert_eq!(
-        db.take_notify_events(u64::MAX, 0, |_| unreachable!())
+        db.take_notify_events(u64::MAX, 0, 0, |_| unreachable!())
             .expect("again"),
-        0
+        (0, 0)
     );
     let due = db.due_notifications(i64::MAX as u64, 10).expect("due");
     assert_eq!(due.len(), 3);

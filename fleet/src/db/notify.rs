@@ -218,27 +218,35 @@ impl FleetDb {
     /// Takes every event not yet taken, once the oldest was recorded at or before
     /// `ready_ms` (events gather that long), and queues the messages `make` makes of them
     /// (sink name, message), due at `now`: in one transaction, so a message is queued
-    /// exactly when its events are taken. Returns the messages queued.
+    /// exactly when its events are taken. Events recorded before `oldest_ms` (while no
+    /// notifier ran) are taken without being told. Returns (messages queued, events dropped
+    /// as too old).
     pub fn take_notify_events(
         &self,
         ready_ms: u64,
+        oldest_ms: u64,
         now: u64,
         make: impl FnOnce(&[NotifyEvent]) -> Vec<(String, Message)>,
-    ) -> Result<usize, DbError> {
+    ) -> Result<(usize, usize), DbError> {
         self.transaction(|c| {
             let oldest: Option<u64> = c.query_value(
                 "SELECT MIN(at_ms) FROM notify_events WHERE taken = 0",
                 &[],
             )?;
             if oldest.is_none_or(|t| t > ready_ms) {
-                return Ok(0);
+                return Ok((0, 0));
             }
             let rows = c.query(
-                "SELECT id, json FROM notify_events WHERE taken = 0 ORDER BY id",
+                "SELECT id, json, at_ms FROM notify_events WHERE taken = 0 ORDER BY id",
                 &[],
             )?;
             let mut events = Vec::with_capacity(rows.len());
+            let mut dropped = 0;
             for r in &rows {
+                if r.get::<u64>(2)? < oldest_ms {
+                    dropped += 1;
+                    continue;
+                }
                 let json: String = r.get(1)?;
                 if let Ok(e) = serde_json::from_str::<NotifyEvent>(&json) {
                     events.push(e);
@@ -258,7 +266,7 @@ impl FleetDb {
                 "UPDATE notify_events SET taken = 1 WHERE taken = 0 AND id <= ?1",
                 args![last],
             )?;
-            Ok(queued)
+            Ok((queued, dropped))
         })
     }
 

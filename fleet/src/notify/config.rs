@@ -9,6 +9,7 @@
 //! retry_base_s = 1        # first retry after 1 s, doubling …
 //! retry_max_s = 300       # … up to 5 minutes
 //! max_attempts = 20       # then the message is given up (failed)
+//! max_age_s = 86400       # events older than this when taken (no notifier ran) are not told
 //!
 //! [[sink]]
 //! name = "ops"
@@ -78,6 +79,7 @@ struct NotifyFile {
     retry_base_s: Option<f64>,
     retry_max_s: Option<u64>,
     max_attempts: Option<u32>,
+    max_age_s: Option<u64>,
 }
 
 /// A secret read from a file: shown as `<redacted>`.
@@ -146,6 +148,9 @@ pub struct NotifyConfig {
     pub retry_max: Duration,
     /// Attempts before a message is given up.
     pub max_attempts: u32,
+    /// Events recorded longer ago than this when the notifier takes them (while none ran:
+    /// before `--notify` was given, or the leader was down) are not told.
+    pub max_age: Duration,
 }
 
 fn read_secret(sink: &str, what: &'static str, path: &Path) -> Result<Secret, NotifyError> {
@@ -269,6 +274,7 @@ impl NotifyConfig {
             retry_base,
             retry_max: Duration::from_secs(f.retry_max_s.unwrap_or(300)).max(retry_base),
             max_attempts: f.max_attempts.unwrap_or(20).max(1),
+            max_age: Duration::from_secs(f.max_age_s.unwrap_or(86_400).max(1)),
         })
     }
 }

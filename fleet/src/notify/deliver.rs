@@ -46,9 +46,18 @@ pub fn pass(
         db.record_notify_events(&stale_events(&heard, now, after))?;
     }
     let ready = now.saturating_sub(cfg.coalesce.as_millis() as u64);
-    let queued = db.take_notify_events(ready, now, |events| messages(cfg, events))?;
+    let oldest = now.saturating_sub(cfg.max_age.as_millis() as u64);
+    let (queued, dropped) =
+        db.take_notify_events(ready, oldest, now, |events| messages(cfg, events))?;
     if queued > 0 {
         info!(messages = queued, "notifications queued");
+    }
+    if dropped > 0 {
+        warn!(
+            events = dropped,
+            max_age_s = cfg.max_age.as_secs(),
+            "events too old to tell (recorded while no notifier ran); not sent"
+        );
     }
     let (mut sent, mut failed) = (0, 0);
     for m in db.due_notifications(now, 100)? {
@@ -209,5 +218,18 @@ mod tests {
             .with_conn(crate::db::notify::delivery_counts)
             .expect("counts");
         assert_eq!((c.queued, c.failed, c.failed_attempts), (0, 1, 2));
+        // An event recorded longer than max_age before the notifier takes it is not told.
+        db.record_notify_events(&crate::notify::stale_events(
+            &[("s1".into(), 0)],
+            10_000,
+            Duration::from_secs(1),
+        ))
+        .expect("event");
+        let later = now + cfg.max_age.as_millis() as u64 + 10_000;
+        assert_eq!(pass(&cfg, &db, &clients, later).expect("pass"), (0, 0));
+        let list = db
+            .with_conn(|c| crate::db::notify::deliveries(c, 10))
+            .expect("list");
+        assert_eq!(list.len(), 1, "no message for the old event");
     }
 }
