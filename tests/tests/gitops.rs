@@ -2472,8 +2472,9 @@ fn signed_by(r: &roost_tests::receiver::Received, secret: &str) -> bool {
 }
 
 /// A `--notify` file in the rig's directory: a webhook (secret `webhook-secret`) at
-/// `receiver/hook` for `hook_events` (every kind when empty), a GitHub-compatible API at
-/// `receiver/repos/acme/fleet` (token `gh-token`) when `github`.
+/// `receiver/hook` for `hook_events` (every kind when empty); when `github`, a
+/// GitHub-compatible API at `receiver/repos/acme/fleet` (token `gh-token`) and a Slack
+/// webhook at `receiver/slack` for aborted plans.
 fn notify_file(r: &Rig, receiver: SocketAddr, hook_events: &[&str], github: bool) -> String {
     let dir = r.dir.path();
     std::fs::write(dir.join("webhook.secret"), "webhook-secret\n").expect("secret");
@@ -2495,7 +2496,7 @@ fn notify_file(r: &Rig, receiver: SocketAddr, hook_events: &[&str], github: bool
     );
     if github {
         text.push_str(&format!(
-            "\n[[sink]]\nname = \"prs\"\nkind = \"github\"\nurl = \"http://{receiver}/repos/acme/fleet\"\ntoken_file = \"gh.token\"\n"
+            "\n[[sink]]\nname = \"prs\"\nkind = \"github\"\nurl = \"http://{receiver}/repos/acme/fleet\"\ntoken_file = \"gh.token\"\n\n[[sink]]\nname = \"chat\"\nkind = \"slack\"\nurl = \"http://{receiver}/slack\"\nevents = [\"plan_aborted\"]\n"
         ));
     }
     let path = dir.join("notify.toml");
@@ -2625,6 +2626,18 @@ async fn notifications_an_aborting_plan_is_one_signed_webhook_and_commit_statuse
         "{deliveries:?}"
     );
     assert_eq!(receiver.received("/hook").len(), 1);
+    // Slack got the same news as one line of text.
+    let slack = receiver.accepted("/slack");
+    assert_eq!(slack.len(), 1);
+    let text = slack[0].json()["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        text.starts_with("*roost*: ") && text.contains(&r.dep) && text.contains("aborted"),
+        "{text}"
+    );
+    assert!(slack[0].header("X-Roost-Signature-256").is_none());
     p.kill();
     r.finish().await;
 }

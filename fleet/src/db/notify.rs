@@ -325,3 +325,45 @@ impl FleetDb {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failing_deliveries_are_one_line_each_and_nothing_when_none_failed() {
+        let d = |state: &str, error: &str| Delivery {
+            id: 1,
+            key: "0123456789abcdef".into(),
+            sink: "ops".into(),
+            target: String::new(),
+            state: state.into(),
+            events: 3,
+            attempts: 4,
+            last_error: error.into(),
+            created_ms: 0,
+            next_ms: 0,
+            body: "{}".into(),
+        };
+        let mut n = Notifications {
+            counts: DeliveryCounts {
+                sent: 2,
+                ..Default::default()
+            },
+            failing: Vec::new(),
+        };
+        assert_eq!(render_failing(None), "");
+        assert_eq!(render_failing(Some(&n)), "");
+        n.counts.failed = 1;
+        n.counts.queued = 1;
+        n.counts.retrying = 1;
+        n.failing = vec![d(QUEUED, "h answered 500"), d(FAILED, "h: timeout")];
+        assert_eq!(
+            render_failing(Some(&n)),
+            "notifications: 2 sent, 1 queued (1 being retried), 1 failed
+  retrying 0123456789ab to ops: 3 events after 4 attempts: h answered 500
+  FAILED 0123456789ab to ops: 3 events after 4 attempts: h: timeout
+"
+        );
+    }
+}
