@@ -261,11 +261,15 @@ impl FleetDb {
                     args![&m.key, sink, &m.target, m.events as i64, &m.body, now],
                 )? as usize;
             }
-            let last: i64 = rows.last().map(|r| r.get(0)).transpose()?.unwrap_or(0);
-            c.execute(
-                "UPDATE notify_events SET taken = 1 WHERE taken = 0 AND id <= ?1",
-                args![last],
-            )?;
+            // Exactly the rows read, as runs of consecutive ids: on PostgreSQL another
+            // instance's ingest may commit a lower id meanwhile, which stays for the next pass.
+            let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect::<Result<_, _>>()?;
+            for (from, to) in runs(&ids) {
+                c.execute(
+                    "UPDATE notify_events SET taken = 1 WHERE id >= ?1 AND id <= ?2",
+                    args![from, to],
+                )?;
+            }
             Ok((queued, dropped))
         })
     }
@@ -326,9 +330,27 @@ impl FleetDb {
     }
 }
 
+/// `ids` (ascending) as runs of consecutive ids: `[1, 2, 3, 7]` is `(1, 3), (7, 7)`. Pure.
+fn runs(ids: &[i64]) -> Vec<(i64, i64)> {
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    for &id in ids {
+        match out.last_mut() {
+            Some((_, to)) if *to + 1 == id => *to = id,
+            _ => out.push((id, id)),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn taken_ids_are_runs_of_consecutive_ids() {
+        assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), [(1, 3), (7, 7), (9, 10)]);
+        assert!(runs(&[]).is_empty());
+    }
 
     #[test]
     fn failing_deliveries_are_one_line_each_and_nothing_when_none_failed() {
