@@ -60,7 +60,19 @@ pub fn pass(
         );
     }
     let (mut sent, mut failed) = (0, 0);
-    for m in db.due_notifications(now, 100)? {
+    // Each sink gets its messages in the order they were queued (a commit's newest status
+    // must land last): a sink stops at its first message not yet due or failing, and the
+    // rest wait behind it. One slow sink does not hold the others up for more than its
+    // one attempt per pass.
+    let mut blocked: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for m in db.due_notifications(i64::MAX as u64, 500)? {
+        if blocked.contains(&m.sink) {
+            continue;
+        }
+        if m.next_ms > now {
+            blocked.insert(m.sink.clone());
+            continue;
+        }
         let (Some(sink), Some(client)) = (
             cfg.sinks.iter().find(|s| s.name == m.sink),
             clients.get(&m.sink),
@@ -89,6 +101,7 @@ pub fn pass(
                 warn!(sink = %m.sink, key = %m.key, attempts, give_up, error = %why, "notification not delivered");
                 db.notify_attempted(m.id, Some(&why), next, give_up)?;
                 failed += 1;
+                blocked.insert(m.sink.clone());
             }
         }
     }
@@ -218,6 +231,40 @@ mod tests {
             .with_conn(crate::db::notify::delivery_counts)
             .expect("counts");
         assert_eq!((c.queued, c.failed, c.failed_attempts), (0, 1, 2));
+        // A sink's messages go in order: while its first fails, the next waits untried.
+        db.record_notify_events(&crate::notify::stale_events(
+            &[("s2".into(), 0)],
+            10_000,
+            Duration::from_secs(1),
+        ))
+        .expect("event");
+        let cfg2 = NotifyConfig {
+            max_attempts: 5,
+            ..cfg.clone()
+        };
+        assert_eq!(
+            pass(&cfg2, &db, &clients, now + 3000).expect("pass"),
+            (0, 1)
+        );
+        db.record_notify_events(&crate::notify::stale_events(
+            &[("s3".into(), 0)],
+            10_000,
+            Duration::from_secs(1),
+        ))
+        .expect("event");
+        assert_eq!(
+            pass(&cfg2, &db, &clients, now + 3001).expect("pass"),
+            (0, 0)
+        );
+        let list = db
+            .with_conn(|c| crate::db::notify::deliveries(c, 10))
+            .expect("list");
+        assert_eq!(list.len(), 3);
+        assert_eq!(
+            (list[0].attempts, list[1].attempts),
+            (0, 1),
+            "the newer waits behind the failing one"
+        );
         // An event recorded longer than max_age before the notifier takes it is not told.
         db.record_notify_events(&crate::notify::stale_events(
             &[("s1".into(), 0)],
@@ -226,10 +273,10 @@ mod tests {
         ))
         .expect("event");
         let later = now + cfg.max_age.as_millis() as u64 + 10_000;
-        assert_eq!(pass(&cfg, &db, &clients, later).expect("pass"), (0, 0));
+        assert_eq!(pass(&cfg, &db, &clients, later).expect("pass").0, 0);
         let list = db
             .with_conn(|c| crate::db::notify::deliveries(c, 10))
             .expect("list");
-        assert_eq!(list.len(), 1, "no message for the old event");
+        assert_eq!(list.len(), 3, "no message for the old event");
     }
 }
