@@ -348,7 +348,13 @@ impl FleetDb {
                 if !write {
                     return f(&Conn::sqlite(&c));
                 }
-                let tx = c.transaction().map_err(DbError::from)?;
+                // IMMEDIATE: the write lock is taken at BEGIN, waiting up to the busy
+                // timeout. A deferred transaction that reads first and then writes fails at
+                // once with "database is locked" when another connection (`roost plan
+                // pause` in another process, a test's reader turned writer) wrote meanwhile.
+                let tx = c
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(DbError::from)?;
                 let out = {
                     let conn = Conn::sqlite(&tx);
                     self.check_fence(&conn)?;

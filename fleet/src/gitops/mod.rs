@@ -257,8 +257,23 @@ impl Controller {
             if let Err(error) = self.profiles().await {
                 warn!(error = %roost_runtime::error_chain(&error), "cannot publish store profiles");
             }
+            // Operator requests are put back when the step fails (a busy database, a lost
+            // PostgreSQL session): a pause taken from the table and then dropped would be lost.
+            let actions: Vec<Request> = requests
+                .iter()
+                .filter(|r| !matches!(r, Request::Sync))
+                .cloned()
+                .collect();
             if let Err(error) = self.tick(requests).await {
-                warn!(error = %roost_runtime::error_chain(&error), "controller step failed");
+                warn!(error = %roost_runtime::error_chain(&error), requests = actions.len(), "controller step failed");
+                if !actions.is_empty() {
+                    let put_back = self
+                        .blocking(move |db| actions.iter().try_for_each(|r| db.request(r)))
+                        .await;
+                    if let Err(error) = put_back {
+                        warn!(error = %roost_runtime::error_chain(&error), "cannot put operator requests back");
+                    }
+                }
             }
             if let Err(error) = self.snapshot().await {
                 warn!(error = %roost_runtime::error_chain(&error), "cannot publish the fleet snapshot");
