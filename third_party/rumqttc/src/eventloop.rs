@@ -195,11 +195,14 @@ impl EventLoop {
         }
 
         let mut no_sleep = Box::pin(time::sleep(Duration::ZERO));
+        // Incoming packets handled per read: as many as requests per write, at least the
+        // 10 of before.
+        let read_batch = self.mqtt_options.max_request_batch.max(10);
         // this loop is necessary since self.incoming.pop_front() might return None. In that case,
         // instead of returning a None event, we try again.
         select! {
             // Pull a bunch of packets from network, reply in bunch and yield the first item
-            o = network.readb(&mut self.state) => {
+            o = network.readb(&mut self.state, read_batch) => {
                 o?;
                 // flush all the acks and return first incoming packet
                 match time::timeout(network_timeout, network.flush()).await {
@@ -242,8 +245,40 @@ impl EventLoop {
                 self.mqtt_options.pending_throttle
             ), if !self.pending.is_empty() || (!inflight_full && !collision) => match o {
                 Ok(request) => {
+                    let mut done = matches!(request, Request::Disconnect(_));
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
+                    }
+                    // Batch: up to `max_request_batch` requests that are already waiting go
+                    // into the write buffer before the one flush below, so a burst of
+                    // publishes (or acks) costs one write system call instead of one each.
+                    // The same flow control as above applies to every request taken.
+                    for _ in 1..self.mqtt_options.max_request_batch {
+                        if done
+                            || self.state.inflight >= self.mqtt_options.inflight
+                            || self.state.collision.is_some()
+                        {
+                            break;
+                        }
+                        let request = if self.pending.is_empty() {
+                            match self.requests_rx.try_recv() {
+                                Ok(request) => request,
+                                // Empty now; a closed channel is reported by the next poll.
+                                Err(_) => break,
+                            }
+                        } else if self.mqtt_options.pending_throttle.is_zero() {
+                            match self.pending.pop_front() {
+                                Some(request) => request,
+                                None => break,
+                            }
+                        } else {
+                            // Retransmissions are throttled one at a time.
+                            break;
+                        };
+                        done = matches!(request, Request::Disconnect(_));
+                        if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
+                            network.write(outgoing).await?;
+                        }
                     }
                     match time::timeout(network_timeout, network.flush()).await {
                         Ok(inner) => inner?,

@@ -475,7 +475,7 @@ pub struct MqttOptions {
     max_outgoing_packet_size: usize,
     /// request (publish, subscribe) channel capacity
     request_channel_capacity: usize,
-    /// Max internal request batching
+    /// Most requests written to the network per flush (one write system call); 0 or 1: one
     max_request_batch: usize,
     /// Minimum delay time between consecutive outgoing packets
     /// while retransmitting pending packets
@@ -678,6 +678,22 @@ impl MqttOptions {
     /// Request channel capacity
     pub fn request_channel_capacity(&self) -> usize {
         self.request_channel_capacity
+    }
+
+    /// Set the most requests that are written to the network before one flush. Requests that
+    /// are already waiting in the request channel (up to this many, and as flow control
+    /// allows) are encoded into the write buffer together and written with one system call;
+    /// the event loop never waits for more to arrive. 0 or 1 (the default 0): every request
+    /// is flushed on its own. Incoming packets are handled up to this many per read (at
+    /// least 10).
+    pub fn set_max_request_batch(&mut self, max_request_batch: usize) -> &mut Self {
+        self.max_request_batch = max_request_batch;
+        self
+    }
+
+    /// Most requests written to the network per flush
+    pub fn max_request_batch(&self) -> usize {
+        self.max_request_batch
     }
 
     /// Enables throttling and sets outoing message rate to the specified 'rate'
