@@ -252,11 +252,14 @@ impl EventLoop {
                     // Batch: up to `max_request_batch` requests that are already waiting go
                     // into the write buffer before the one flush below, so a burst of
                     // publishes (or acks) costs one write system call instead of one each.
-                    // The same flow control as above applies to every request taken.
+                    // The same flow control as above applies to every request taken, and a
+                    // batch ends when the write buffer is full, so that only the flush below,
+                    // with its timeout, ever waits for the network.
                     for _ in 1..self.mqtt_options.max_request_batch {
                         if done
                             || self.state.inflight >= self.mqtt_options.inflight
                             || self.state.collision.is_some()
+                            || network.write_buffer_full()
                         {
                             break;
                         }

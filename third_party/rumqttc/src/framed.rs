@@ -58,7 +58,7 @@ impl Network {
                     }
 
                     count += 1;
-                    if count >= batch_size {
+                    if count >= batch_size || self.write_buffer_full() {
                         break;
                     }
                 }
@@ -82,6 +82,12 @@ impl Network {
             .feed(packet)
             .await
             .map_err(StateError::Deserialization)
+    }
+
+    /// Whether the write buffer holds as much as the next `write` would flush first (without
+    /// the flush timeout): a batch of writes stops here and flushes under the timeout
+    pub fn write_buffer_full(&self) -> bool {
+        self.framed.write_buffer().len() >= self.framed.backpressure_boundary()
     }
 
     pub async fn flush(&mut self) -> Result<(), crate::state::StateError> {
