@@ -201,18 +201,8 @@ impl Request {
             return Ok(a.clone());
         }
         let s = &self.settings;
-        let anchors =
-            roost_runtime::security::trust_anchors("git.ca_file", s.ca_file.as_deref())
-                .map_err(|e| s.fail(format!("cannot verify the server's certificate: {e}")))?;
-        let roots: Vec<ureq::tls::Certificate<'static>> = anchors
-            .iter()
-            .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
-            .collect();
-        let tls = ureq::tls::TlsConfig::builder()
-            .provider(ureq::tls::TlsProvider::Rustls)
-            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
-            .build();
+        let tls = roost_runtime::security::ureq_tls("git.ca_file", s.ca_file.as_deref())
+            .map_err(|e| s.fail(format!("cannot verify the server's certificate: {e}")))?;
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .tls_config(tls)
             .https_only(true)

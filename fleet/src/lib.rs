@@ -14,6 +14,7 @@ pub mod inventory;
 pub mod judge;
 pub mod leadership;
 pub mod metrics;
+pub mod notify;
 pub mod pki;
 pub mod record;
 pub mod rollout_wait;

@@ -90,6 +90,8 @@ pub struct Snapshot {
     pub rolled_back: BTreeMap<String, usize>,
     /// The last audit of the cloud broker's retained desired state.
     pub audit: Option<crate::db::audit::AuditRecord>,
+    /// The notification messages by state ([`crate::notify`]).
+    pub notifications: crate::db::notify::DeliveryCounts,
 }
 
 /// The view's figures: its summary, and drift per deployment from its rows.
@@ -161,6 +163,7 @@ pub fn snapshot(db: &FleetDb) -> Result<Snapshot, DbError> {
         .iter()
         .map(|(d, p)| (d.clone(), plan_progress(p)))
         .collect();
+    s.notifications = db.with_conn(crate::db::notify::delivery_counts)?;
     Ok(s)
 }
 
@@ -194,6 +197,12 @@ pub struct FleetMetrics {
     audit_last: Gauge,
     audit_repaired_last: Gauge,
     audit_repaired: Gauge,
+    notify_sent: Counter,
+    notify_sent_seen: Arc<AtomicU64>,
+    notify_failed: Counter,
+    notify_failed_seen: Arc<AtomicU64>,
+    notify_queued: Gauge,
+    notify_given_up: Gauge,
 }
 
 /// Moves a counter up to a durable total.
@@ -312,6 +321,26 @@ impl FleetMetrics {
             "Deployment topics republished by every audit together",
             self.audit_repaired.clone(),
         );
+        r.register(
+            "roost_notifications_sent",
+            "Notification messages delivered (the sink answered 2xx)",
+            self.notify_sent.clone(),
+        );
+        r.register(
+            "roost_notifications_failed",
+            "Notification delivery attempts that failed (each retry counts)",
+            self.notify_failed.clone(),
+        );
+        r.register(
+            "roost_notifications_queued",
+            "Notification messages waiting to be delivered (also those being retried)",
+            self.notify_queued.clone(),
+        );
+        r.register(
+            "roost_notifications_given_up",
+            "Notification messages given up after their last attempt (kept 7 days)",
+            self.notify_given_up.clone(),
+        );
     }
 
     /// Shows `s`.
@@ -375,6 +404,17 @@ impl FleetMetrics {
             .set(i64::try_from(a.repaired_total).unwrap_or(i64::MAX));
         self.missing
             .set(i64::try_from(s.missing).unwrap_or(i64::MAX));
+        let n = &s.notifications;
+        follow(&self.notify_sent, &self.notify_sent_seen, n.sent);
+        follow(
+            &self.notify_failed,
+            &self.notify_failed_seen,
+            n.failed_attempts,
+        );
+        self.notify_queued
+            .set(i64::try_from(n.queued).unwrap_or(i64::MAX));
+        self.notify_given_up
+            .set(i64::try_from(n.failed).unwrap_or(i64::MAX));
         self.plan_wave.clear();
         self.plan_waves.clear();
         self.plan_status.clear();
@@ -479,7 +519,14 @@ mod tests {
             audits: 7,
             repaired_total: 3,
         });
-        let snap = from_view(&view::build(&inputs, crate::db::now_ms()));
+        let mut snap = from_view(&view::build(&inputs, crate::db::now_ms()));
+        snap.notifications = crate::db::notify::DeliveryCounts {
+            queued: 2,
+            retrying: 1,
+            sent: 5,
+            failed: 1,
+            failed_attempts: 4,
+        };
         let m = FleetMetrics::default();
         let mut r = Registry::default();
         m.register(&mut r);
@@ -498,6 +545,10 @@ mod tests {
             "roost_fleet_broker_audit_last_timestamp_seconds 1796533200",
             "roost_fleet_broker_audit_repaired_last 1",
             "roost_fleet_broker_audit_repaired 3",
+            "roost_notifications_sent_total 5",
+            "roost_notifications_failed_total 4",
+            "roost_notifications_queued 2",
+            "roost_notifications_given_up 1",
         ] {
             assert!(text.contains(want), "{want} missing:\n{text}");
         }

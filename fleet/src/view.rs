@@ -61,6 +61,8 @@ pub struct Inputs {
     /// The last audit of the cloud broker's retained desired state (only the fleet
     /// database knows it).
     pub audit: Option<AuditRecord>,
+    /// The notifications' deliveries (only the fleet database knows them).
+    pub notifications: Option<crate::db::notify::Notifications>,
 }
 
 /// Reads the inputs from the fleet database.
@@ -90,6 +92,7 @@ pub fn load(db: &FleetDb) -> Result<Inputs, DbError> {
         revisions: db.revisions()?,
         labels: db.with_conn(crate::db::inventory::labels)?,
         audit: db.last_audit()?,
+        notifications: db.with_conn(crate::db::notify::overview)?,
     })
 }
 
@@ -139,6 +142,10 @@ pub struct FleetView {
     /// when, what started it, what the broker held and what it republished.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_audit: Option<AuditRecord>,
+    /// Notification deliveries: counts and the newest failing ones (absent when none was
+    /// ever queued).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<crate::db::notify::Notifications>,
 }
 
 /// Counts for the fleet at a glance.
@@ -512,6 +519,7 @@ pub fn build(inputs: &Inputs, now_ms: u64) -> FleetView {
         summary: summarize(&rows),
         stores: rows,
         broker_audit: inputs.audit.clone(),
+        notifications: inputs.notifications.clone(),
     }
 }
 
@@ -1216,6 +1224,7 @@ mod tests {
             revisions,
             labels: BTreeMap::new(),
             audit: None,
+            notifications: None,
         }
     }
 

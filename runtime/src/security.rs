@@ -54,6 +54,24 @@ pub fn trust_anchors(
     }
 }
 
+/// The TLS settings of a ureq client on the rustls (ring) the workspace builds, trusting
+/// what [`trust_anchors`] reads.
+#[cfg(feature = "http")]
+pub fn ureq_tls(
+    field: &str,
+    ca_file: Option<&Path>,
+) -> Result<ureq::tls::TlsConfig, SecurityError> {
+    let roots: Vec<ureq::tls::Certificate<'static>> = trust_anchors(field, ca_file)?
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    Ok(ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+        .build())
+}
+
 /// Where a client's trust comes from, for messages: `FIELD (PATH)` for a CA file, else
 /// `the system trust store` (what [`trust_anchors`] reads).
 pub fn trust_name(field: &str, ca_file: Option<&Path>) -> String {

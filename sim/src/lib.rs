@@ -3,8 +3,10 @@
 //! N stores in one process) and the benchmarks behind `roost bench`. Not published.
 
 pub mod bench;
+pub mod cloud_tier;
 pub mod controller;
 pub mod process;
 pub mod sim;
 pub mod up;
 pub mod up_view;
+pub mod workers;

@@ -8,13 +8,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use roost_agent::config::TargetConfig;
 use roost_schemas::{CloudEvent, Policy, Scope, Topics};
 use rumqttc::{Event, Packet, QoS};
 use tokio_util::sync::CancellationToken;
 
 use crate::process::KillOnDrop;
-use crate::up::{self, setup, GitDaemon, StoreSpec, UpError};
+use crate::up::{self, setup, GitDaemon, UpError};
+use crate::workers::{
+    fds_per_store, raise_fd_limit, start_stores, stores_per_process, StoreRange, Workers,
+};
 use roost_fleet::cloud::{self, RolloutSpec};
 
 /// How stores reach the cloud broker.
@@ -48,9 +50,12 @@ pub struct SimOptions {
     /// Run `roost fleet`'s record in the process (`--fleet-record`): None, or with end-to-end
     /// confirmations on (true) or off (false), to measure what confirmation costs.
     pub fleet_record: Option<bool>,
+    /// The `roost` binary to start worker processes with (`roost sim --worker`) when the
+    /// stores do not fit under one process's open-file limit; None: one process only.
+    pub worker_exe: Option<std::path::PathBuf>,
 }
 
-fn start_mosquitto(
+pub(crate) fn start_mosquitto(
     bin: &std::path::Path,
     dir: &std::path::Path,
 ) -> Result<(std::net::SocketAddr, KillOnDrop), UpError> {
@@ -155,28 +160,42 @@ pub struct SimReport {
     pub git_fetches: u64,
     /// Packs it built for them (the rest came from its cache).
     pub git_packs_built: u64,
+    /// Processes the stores ran in (this one and its workers).
+    pub processes: usize,
 }
 
 fn cpu_s() -> f64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
+    std::fs::read_to_string("/proc/self/stat")
+        .map(|s| stat_cpu_s(&s))
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds (user + system) from a `/proc/<pid>/stat` line.
+pub(crate) fn stat_cpu_s(stat: &str) -> f64 {
     // Fields after the command (which may contain spaces) start after the last ')'.
-    let rest = s.rsplit(')').next().unwrap_or("");
+    let rest = stat.rsplit(')').next().unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the ')'.
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn peak_rss_kib() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+/// A `kB` figure (`VmRSS:`, `VmHWM:`) from a `/proc/<pid>/status` text.
+pub(crate) fn status_kib(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find(|l| l.starts_with(key))?
         .split_whitespace()
         .nth(1)?
         .parse()
         .ok()
+}
+
+fn peak_rss_kib() -> Option<u64> {
+    status_kib(
+        &std::fs::read_to_string("/proc/self/status").ok()?,
+        "VmHWM:",
+    )
 }
 
 fn ms_of(t: &str) -> Option<i128> {
@@ -193,18 +212,16 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 fn rss_kib() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    status_kib(
+        &std::fs::read_to_string("/proc/self/status").ok()?,
+        "VmRSS:",
+    )
 }
 
 /// The soft limit of open files in force (from /proc/self/limits; 0 if unknown). Every
 /// store holds sockets, SQLite files and a file watcher (about 8 descriptors direct, 24
-/// bridged); `bench/sim.sh` raises the soft limit to the hard one before it starts.
+/// bridged); `roost sim` raises the soft limit to the hard one before it starts and spreads
+/// the stores over worker processes when they do not fit under it.
 pub fn fd_limit() -> u64 {
     std::fs::read_to_string("/proc/self/limits")
         .ok()
@@ -224,18 +241,9 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
             "--stores and --rollouts must be at least 1".into(),
         ));
     }
+    raise_fd_limit();
     let fd_limit = fd_limit();
-    let per_store = match opts.topology {
-        Topology::Direct => 8,
-        Topology::Bridged => 24,
-    };
-    if fd_limit > 0 && (opts.stores as u64) * per_store + 256 > fd_limit {
-        return Err(UpError::Invalid(format!(
-            "{} stores need about {} open files; the limit here is {fd_limit} (raise it: ulimit -n $(ulimit -Hn), as bench/sim.sh does)",
-            opts.stores,
-            opts.stores as u64 * per_store + 256
-        )));
-    }
+    let per_store = fds_per_store(opts.topology);
     let dir = opts
         .state_dir
         .clone()
@@ -265,42 +273,31 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     let cancel = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
-    for i in 1..=opts.stores {
-        // Paced: the cloud broker accepts about one connection per ms, and 2,000 clients
-        // connecting at once on a loaded machine time out (5 s), reconnect with the same
-        // client id and kick each other off: a herd that never settles.
-        if i % 10 == 0 {
-            tokio::time::sleep(Duration::from_millis(15)).await;
-        }
-        let name = up::store_name(i);
-        let edge = match opts.topology {
-            Topology::Bridged => roost_broker::spawn_free("edge").map_err(setup("edge broker"))?,
-            Topology::Direct => cloud_addr,
-        };
-        let spec = StoreSpec {
-            store: name.clone(),
-            groups: up::store_groups(i),
-            dir: dir.join(&name),
-            edge,
-            cloud: cloud_addr,
-            allowed: format!("git://127.0.0.1:{}/", daemon.port()),
-            target: TargetConfig::Files(Default::default()),
-        };
-        let (mut a, b) = up::store_configs(&spec, &key)?;
-        if opts.topology == Topology::Bridged {
-            let c = cancel.clone();
-            tasks.spawn(async move {
-                let _ = roost_bridge::run(b, c).await;
-            });
-        } else {
-            // No bridge to confirm delivery: the cloud broker's PUBACK is the end.
-            a.file.confirm_via_bridge = Some(false);
-        }
-        let c = cancel.clone();
-        tasks.spawn(async move {
-            let _ = roost_agent::run(a, c).await;
-        });
-    }
+    let stores = StoreRange {
+        first: 1,
+        count: opts.stores,
+        topology: opts.topology,
+        cloud: cloud_addr,
+        git_port: daemon.port(),
+        dir: dir.clone(),
+    };
+    // The stores in this process when they fit under its open-file limit, else spread over
+    // worker processes (`roost sim --worker`), each under its own limit, the way real stores
+    // are separate processes anyway.
+    let per_process = stores_per_process(opts.topology, fd_limit);
+    let workers = if opts.stores <= per_process {
+        start_stores(&stores, &key, &cancel, &mut tasks).await?;
+        Workers::none()
+    } else {
+        let exe = opts.worker_exe.clone().ok_or_else(|| {
+            UpError::Invalid(format!(
+                "{} stores need about {} open files; the limit here is {fd_limit} and this build cannot start worker processes",
+                opts.stores,
+                opts.stores as u64 * per_store + 256
+            ))
+        })?;
+        Workers::start(&exe, &stores, per_process, &key, &dir)?
+    };
     println!(
         "sim: {} stores started in {} ms",
         opts.stores,
@@ -395,7 +392,7 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     let mut ids: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut failed_stores: std::collections::BTreeSet<String> = Default::default();
     let mut files: BTreeMap<String, String> = BTreeMap::new();
-    let cpu_at_first_rollout = cpu_s();
+    let cpu_at_first_rollout = cpu_s() + workers.cpu_s();
     for round in 1..=opts.rollouts {
         // A new revision each round: the config map changes.
         let revision = if round == 1 {
@@ -529,6 +526,11 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
         fleet_ms.push(*round_lat.last().unwrap_or(&0));
         latencies.extend(round_lat);
     }
+    // The workers' share, read while they still run.
+    let workers_cpu_s = workers.cpu_s();
+    let workers_rss_kib = workers.rss_kib();
+    report.processes = 1 + workers.len();
+    drop(workers);
     observer.abort();
     cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -552,9 +554,9 @@ pub async fn run(opts: SimOptions) -> Result<SimReport, UpError> {
     report.converged = opts.stores - report.failed;
     report.latencies_ms = latencies;
     report.fleet_ms = fleet_ms;
-    report.rss_kib = rss_kib();
+    report.rss_kib = rss_kib().map(|k| k + workers_rss_kib);
     report.peak_rss_kib = peak_rss_kib();
-    report.cpu_s = cpu_s();
+    report.cpu_s = cpu_s() + workers_cpu_s;
     report.rollouts_cpu_s = report.cpu_s - cpu_at_first_rollout;
     Ok(report)
 }
@@ -585,6 +587,10 @@ pub fn json(opts: &SimOptions, r: &SimReport) -> serde_json::Value {
         "rollouts_cpu_s": (r.rollouts_cpu_s * 100.0).round() / 100.0,
         "fleet_record": match opts.fleet_record { None => "none", Some(true) => "confirm", Some(false) => "no-confirm" },
         "peak_rss_bytes": r.peak_rss_kib.unwrap_or(0) * 1024,
+        "processes": r.processes.max(1),
+        "rss_bytes": r.rss_kib.unwrap_or(0) * 1024,
+        "rss_per_store_kib": r.rss_kib.unwrap_or(0) / opts.stores.max(1) as u64,
+        "cpu_ms_per_store_rollout": ((r.rollouts_cpu_s * 1000.0 / (opts.stores * opts.rollouts).max(1) as f64) * 100.0).round() / 100.0,
         "breakdown_ms": r.breakdown.iter().map(|(k, v)| (k.to_string(), pct(v))).collect::<serde_json::Map<_, _>>(),
     })
 }
@@ -629,12 +635,23 @@ pub fn print(opts: &SimOptions, r: &SimReport) {
     }
     if let Some(kib) = r.rss_kib {
         println!(
-            "sim: process RSS {} MiB for {} stores ({} KiB/store incl. an edge broker each)",
+            "sim: RSS {} MiB for {} stores in {} process(es) ({} KiB/store{})",
             kib / 1024,
             opts.stores,
-            kib / opts.stores as u64
+            r.processes.max(1),
+            kib / opts.stores as u64,
+            match opts.topology {
+                Topology::Bridged => " incl. an edge broker and a bridge each",
+                Topology::Direct => "",
+            }
         );
     }
+    println!(
+        "sim: {:.1} ms CPU per store and rollout ({:.1} CPU-s over {} store-rollouts, every process)",
+        r.rollouts_cpu_s * 1000.0 / (opts.stores * opts.rollouts).max(1) as f64,
+        r.rollouts_cpu_s,
+        opts.stores * opts.rollouts
+    );
 }
 
 #[cfg(test)]

@@ -8,3 +8,4 @@ pub mod https_git;
 pub mod kube_api;
 pub mod postgres;
 pub mod proxy;
+pub mod receiver;

@@ -149,6 +149,43 @@ impl Rig {
         }));
     }
 
+    /// `roost fleet --repo` as a process on the rig's database (the in-process fleet service
+    /// stopped first), with `extra` flags, logging to `fleet.log`.
+    async fn controller_process(&mut self, extra: &[&str]) -> harness::RoostProcess {
+        if let Some(f) = self.fleet.take() {
+            f.stop().await;
+        }
+        let key_dir = self.dir.path().join("keys");
+        std::fs::create_dir_all(&key_dir).expect("keys");
+        let key_file = key_dir.join("controller.key");
+        {
+            use base64::Engine as _;
+            std::fs::write(
+                &key_file,
+                base64::engine::general_purpose::STANDARD
+                    .encode(self.signer.key.pkcs8().expect("pkcs8")),
+            )
+            .expect("key");
+        }
+        let mut args: Vec<String> = vec![
+            "fleet".into(),
+            "--broker".into(),
+            self.cloud.to_string(),
+            "--db".into(),
+            self.db.display().to_string(),
+            "--repo".into(),
+            self.fleet_repo.url(),
+            "--branch".into(),
+            "HEAD".into(),
+            "--key".into(),
+            key_file.display().to_string(),
+            "--poll-interval".into(),
+            "1".into(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        harness::RoostProcess::start(&args, &self.dir.path().join("fleet.log"))
+    }
+
     fn fleet_yaml(&self, waves: &str, extra: &str) -> String {
         format!(
             "apiVersion: roost.dev/v1alpha1\nkind: Fleet\ngroups: [canary]\ndeployments:\n  {}:\n    source:\n      url: {}\n      ref: HEAD\n      path: {APP}\n    waves:\n{waves}{extra}",
@@ -551,44 +588,14 @@ async fn offline_stores_are_deferred_and_converge_when_they_return() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_controller_resumes_without_duplicate_or_skipped_waves() {
     let mut r = Rig::new(3, 1).await;
-    // The in-process fleet service is replaced by the process.
-    if let Some(f) = r.fleet.take() {
-        f.stop().await;
-    }
     let rev1 = r.commit_app("1");
     let yaml = r.fleet_yaml(
         "      - {name: canary, group: canary, soak_s: 4}\n      - {name: everyone, fleet: true}\n",
         "",
     );
     r.commit_fleet(&yaml);
-    let key_dir = r.dir.path().join("keys");
-    std::fs::create_dir_all(&key_dir).expect("keys");
-    let key_file = key_dir.join("controller.key");
-    {
-        use base64::Engine as _;
-        std::fs::write(
-            &key_file,
-            base64::engine::general_purpose::STANDARD.encode(r.signer.key.pkcs8().expect("pkcs8")),
-        )
-        .expect("key");
-    }
-    let args: Vec<String> = vec![
-        "fleet".into(),
-        "--broker".into(),
-        r.cloud.to_string(),
-        "--db".into(),
-        r.db.display().to_string(),
-        "--repo".into(),
-        r.fleet_repo.url(),
-        "--branch".into(),
-        "HEAD".into(),
-        "--key".into(),
-        key_file.display().to_string(),
-        "--poll-interval".into(),
-        "1".into(),
-    ];
-    let log = r.dir.path().join("fleet.log");
-    let mut p = harness::RoostProcess::start(&args, &log);
+    // The in-process fleet service is replaced by the process.
+    let mut p = r.controller_process(&[]).await;
     let canary = r.stores[0].name.clone();
     r.converged(&canary, &rev1).await;
     // Mid-soak: the canary wave is published and converged, the fleet wave is not out yet.
@@ -1343,6 +1350,17 @@ async fn every_api_endpoint_answers_as_its_openapi_document_says() {
         assert_eq!(a.status, 400, "{bad}");
         spec.check("GET", "/api/v1/events", &a);
     }
+
+    // Notification deliveries: none queued without --notify.
+    let v = spec.check(
+        "GET",
+        "/api/v1/notifications",
+        &get(u("/api/v1/notifications")).await,
+    );
+    assert_eq!(
+        (v["queued"].as_u64(), v["failed"].as_u64()),
+        (Some(0), Some(0))
+    );
 
     // The controller's routes are still there.
     let a = call("POST", u("/hooks/git"), None).await;
@@ -2434,5 +2452,299 @@ async fn an_inventory_gives_each_store_its_values_and_a_label_commit_moves_a_sto
         "us-east",
         "the last good inventory stays"
     );
+    r.finish().await;
+}
+
+/// Whether `r`'s `X-Roost-Signature-256` is the HMAC-SHA256 of its body under `secret`
+/// (checked here with the hmac crate, as a receiver would).
+fn signed_by(r: &roost_tests::receiver::Received, secret: &str) -> bool {
+    use hmac::Mac as _;
+    let Some(sig) = r
+        .header("X-Roost-Signature-256")
+        .and_then(|s| s.strip_prefix("sha256="))
+        .and_then(|h| hex::decode(h).ok())
+    else {
+        return false;
+    };
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("key");
+    mac.update(&r.body);
+    mac.verify_slice(&sig).is_ok()
+}
+
+/// A `--notify` file in the rig's directory: a webhook (secret `webhook-secret`) at
+/// `receiver/hook` for `hook_events` (every kind when empty); when `github`, a
+/// GitHub-compatible API at `receiver/repos/acme/fleet` (token `gh-token`) and a Slack
+/// webhook at `receiver/slack` for aborted plans.
+fn notify_file(r: &Rig, receiver: SocketAddr, hook_events: &[&str], github: bool) -> String {
+    let dir = r.dir.path();
+    std::fs::write(dir.join("webhook.secret"), "webhook-secret\n").expect("secret");
+    std::fs::write(dir.join("gh.token"), "gh-token\n").expect("token");
+    let events = if hook_events.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "events = [{}]\n",
+            hook_events
+                .iter()
+                .map(|e| format!("{e:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let mut text = format!(
+        "coalesce_s = 1\nretry_base_s = 0.2\nretry_max_s = 1\n\n[[sink]]\nname = \"ops\"\nkind = \"webhook\"\nurl = \"http://{receiver}/hook\"\nsecret_file = \"webhook.secret\"\n{events}"
+    );
+    if github {
+        text.push_str(&format!(
+            "\n[[sink]]\nname = \"prs\"\nkind = \"github\"\nurl = \"http://{receiver}/repos/acme/fleet\"\ntoken_file = \"gh.token\"\n\n[[sink]]\nname = \"chat\"\nkind = \"slack\"\nurl = \"http://{receiver}/slack\"\nevents = [\"plan_aborted\"]\n"
+        ));
+    }
+    let path = dir.join("notify.toml");
+    std::fs::write(&path, text).expect("notify file");
+    path.display().to_string()
+}
+
+/// Notifications from a `roost fleet` process to a real HTTP receiver: a plan rolling out
+/// sets a commit status on the fleet commit per wave (`canary 1/1, …`, success when done);
+/// a plan aborted by its failing canary is exactly one webhook message, signed, with counts
+/// and the failing store with its reason; the commit status turns to failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_an_aborting_plan_is_one_signed_webhook_and_commit_statuses_follow_the_waves()
+{
+    let receiver = roost_tests::receiver::Receiver::start().await;
+    let mut r = Rig::new(4, 1).await;
+    let rev1 = r.commit_app("1");
+    let yaml = r.fleet_yaml(
+        WAVES,
+        "    abort: {failed_pct: 0, min_finished: 1, wave_timeout_s: 600}\n",
+    );
+    let origin = r.commit_fleet(&yaml);
+    let notify = notify_file(&r, receiver.addr, &["plan_aborted"], true);
+    let mut p = r.controller_process(&["--notify", &notify]).await;
+    r.all_converged(&rev1).await;
+    let statuses = format!("/repos/acme/fleet/statuses/{origin}");
+    let context = format!("roost/{}", r.dep);
+    // The first plan: statuses for its waves, then success on the fleet commit.
+    let done = harness::eventually(T, "a success status for the done plan", || {
+        receiver
+            .accepted(&statuses)
+            .into_iter()
+            .find(|s| s.json()["state"] == "success" && s.json()["context"] == context.as_str())
+    })
+    .await;
+    assert_eq!(done.header("Authorization"), Some("token gh-token"));
+    let desc = done.json()["description"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        desc.starts_with("canary 1/1, half 1/1, everyone 4/4"),
+        "{desc}"
+    );
+    // One status per step, in order: started, each of the three waves, done.
+    let seen: Vec<serde_json::Value> = receiver
+        .accepted(&statuses)
+        .iter()
+        .map(|s| s.json())
+        .collect();
+    let states: Vec<&str> = seen.iter().filter_map(|s| s["state"].as_str()).collect();
+    assert_eq!(
+        states,
+        ["pending", "pending", "pending", "pending", "success"],
+        "{seen:?}"
+    );
+    assert!(
+        seen[1]["description"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("canary 1/1")),
+        "{seen:?}"
+    );
+    assert!(
+        receiver.received("/hook").is_empty(),
+        "no webhook for a plan that went well"
+    );
+
+    // The canary fails the next revision: the plan aborts.
+    let canary = r.stores[0].name.clone();
+    std::fs::write(r.stores[0].dir.join("fail-marker"), format!("{rev1}\n")).expect("marker");
+    let rev2 = r.commit_app("2");
+    let hook = harness::eventually(T, "the webhook for the abort", || {
+        receiver.accepted("/hook").into_iter().next()
+    })
+    .await;
+    assert!(
+        signed_by(&hook, "webhook-secret"),
+        "a valid signature: {:?}",
+        hook.headers
+    );
+    assert!(!signed_by(&hook, "another-secret"));
+    let body = hook.json();
+    assert_eq!(body["counts"]["plan_aborted"], 1, "{body}");
+    assert_eq!(hook.header("X-Roost-Delivery"), body["id"].as_str());
+    let e = &body["events"][0];
+    assert_eq!(e["kind"], "plan_aborted");
+    assert_eq!(e["deployment"], r.dep.as_str());
+    assert_eq!(e["revision"], rev2.as_str());
+    assert_eq!(e["failed"], 1);
+    assert_eq!(e["failing"][0]["store"], canary.as_str());
+    assert!(
+        e["failing"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("hook_failed")),
+        "{e}"
+    );
+    // The commit status of the fleet commit turns to failure (the newest one posted).
+    let failure = harness::eventually(T, "a failure status", || {
+        receiver
+            .accepted(&statuses)
+            .into_iter()
+            .rev()
+            .find(|s| s.json()["context"] == context.as_str())
+            .filter(|s| s.json()["state"] == "failure")
+    })
+    .await;
+    assert!(
+        failure.json()["description"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("aborted: 1 failed")),
+        "{}",
+        failure.json()
+    );
+    // Exactly one webhook message: every queued message is delivered, one of them to the
+    // webhook.
+    let db = r.db();
+    let deliveries = harness::eventually(T, "every message delivered", || {
+        let d = db
+            .with_conn(|c| roost_fleet::db::notify::deliveries(c, 100))
+            .expect("deliveries");
+        d.iter().all(|m| m.state == "sent").then_some(d)
+    })
+    .await;
+    assert_eq!(
+        deliveries.iter().filter(|m| m.sink == "ops").count(),
+        1,
+        "{deliveries:?}"
+    );
+    assert_eq!(receiver.received("/hook").len(), 1);
+    // Slack got the same news as one line of text.
+    let slack = receiver.accepted("/slack");
+    assert_eq!(slack.len(), 1);
+    let text = slack[0].json()["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        text.starts_with("*roost*: ") && text.contains(&r.dep) && text.contains("aborted"),
+        "{text}"
+    );
+    assert!(slack[0].header("X-Roost-Signature-256").is_none());
+    p.kill();
+    r.finish().await;
+}
+
+/// An invalid fleet commit notifies; the receiver answers 500 and the message is retried
+/// (visible in `roost plan status`, the API's view and the metrics) until `roost fleet` is
+/// SIGKILLed; restarted, it delivers that queued message once, with the same idempotency
+/// key, when the receiver recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_are_retried_kept_across_a_kill_9_and_delivered_once() {
+    let receiver = roost_tests::receiver::Receiver::start().await;
+    receiver.set_failing(true);
+    let mut r = Rig::new(1, 1).await;
+    let rev1 = r.commit_app("1");
+    let good = r.fleet_yaml(WAVES, "");
+    r.commit_fleet(&good);
+    let notify = notify_file(&r, receiver.addr, &["invalid_commit"], false);
+    let mut p = r.controller_process(&["--notify", &notify]).await;
+    r.all_converged(&rev1).await;
+    let bad = r.commit_fleet(&good.replace("group: canary}", "group: cnary}"));
+    let db = r.db();
+    // Retried: at least two failed attempts of the one message.
+    let queued = harness::eventually(T, "a message retried after 500s", || {
+        db.with_conn(|c| roost_fleet::db::notify::deliveries(c, 10))
+            .expect("deliveries")
+            .into_iter()
+            .find(|m| m.state == "queued" && m.attempts >= 2)
+    })
+    .await;
+    assert!(queued.last_error.contains("500"), "{queued:?}");
+    assert!(
+        !queued.last_error.contains("/hook"),
+        "no URL path in errors: {}",
+        queued.last_error
+    );
+    let text = roost_fleet::gitops::plan_status_text(&db, None).expect("plan status");
+    assert!(
+        text.contains("being retried") && text.contains("retrying"),
+        "{text}"
+    );
+    let m = roost_fleet::metrics::snapshot(&db).expect("metrics");
+    assert!(m.notifications.failed_attempts >= 2 && m.notifications.queued == 1);
+    // The API (what the dashboard reads) shows the failing delivery, as documented.
+    let spec = OpenApi::load();
+    let api = r.serve_api(None).await;
+    let v = spec.check(
+        "GET",
+        "/api/v1/summary",
+        &call("GET", format!("http://{api}/api/v1/summary"), None).await,
+    );
+    assert_eq!(v["notifications"]["retrying"], 1, "{v}");
+    assert_eq!(v["notifications"]["failing"][0]["key"], queued.key.as_str());
+    let v = spec.check(
+        "GET",
+        "/api/v1/notifications",
+        &call("GET", format!("http://{api}/api/v1/notifications"), None).await,
+    );
+    assert_eq!(v["deliveries"][0]["sink"], "ops", "{v}");
+    assert!(v.to_string().contains("500") && !v.to_string().contains("webhook-secret"));
+    let first = receiver.received("/hook");
+    assert!(first.len() >= 2 && first.iter().all(|h| h.status == 500));
+    p.kill();
+    // After the kill the receiver recovers; the restarted process delivers the same message.
+    receiver.set_failing(false);
+    p.restart();
+    let got = harness::eventually(T, "the message delivered after the restart", || {
+        receiver.accepted("/hook").into_iter().next()
+    })
+    .await;
+    assert_eq!(got.header("X-Roost-Delivery"), Some(queued.key.as_str()));
+    assert_eq!(got.header("Idempotency-Key"), Some(queued.key.as_str()));
+    assert!(signed_by(&got, "webhook-secret"));
+    // The same bytes as every attempt before.
+    assert!(first.iter().all(|h| h.body == got.body));
+    let body = got.json();
+    assert_eq!(body["counts"]["invalid_commit"], 1, "{body}");
+    assert_eq!(body["events"][0]["commit"], bad.as_str());
+    assert!(
+        body["events"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("unknown group cnary")),
+        "{body}"
+    );
+    let sent = harness::eventually(T, "recorded as sent", || {
+        db.with_conn(|c| roost_fleet::db::notify::deliveries(c, 10))
+            .expect("deliveries")
+            .into_iter()
+            .find(|m| m.key == queued.key && m.state == "sent")
+    })
+    .await;
+    assert!(sent.attempts > queued.attempts);
+    // Delivered once: later polls of the same commit tell nothing new.
+    let after = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+    harness::eventually(T, "two more polls of the bad commit", || {
+        db.with_conn(roost_fleet::db::gitops::sync_state)
+            .ok()
+            .flatten()
+            .filter(|(s, _)| roost_schemas::parse_rfc3339(&s.checked_at).is_some_and(|t| t > after))
+    })
+    .await;
+    assert_eq!(receiver.accepted("/hook").len(), 1);
+    assert_eq!(
+        db.with_conn(|c| roost_fleet::db::notify::deliveries(c, 10))
+            .expect("deliveries")
+            .len(),
+        1
+    );
+    p.kill();
     r.finish().await;
 }

@@ -1796,6 +1796,90 @@ async fn fleet_restores_what_a_restarted_roost_broker_lost() {
     fleet_restores_desired_state_after_a_cloud_broker_crash(broker).await;
 }
 
+/// The broker audit covers the stores' profiles, which the record holds beside the deployment
+/// envelopes: one the broker retains is left alone (it was once republished by every audit,
+/// 20,000 messages a minute at fleet scale), one the broker lost is put back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_audit_leaves_held_profiles_alone_and_restores_lost_ones() {
+    harness::init();
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut broker = BrokerProcess::start("cloud");
+    let cloud = broker.addr.to_string();
+    let path = dir.path().join("fleet.db");
+    let db = roost_fleet::db::FleetDb::open(&path).expect("fleet db");
+    let topics = roost_schemas::Topics::default();
+    let store = format!("store-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let topic = topics.profile(&store);
+    let publication = roost_fleet::db::inventory::ProfilePublication {
+        store: store.clone(),
+        topic: topic.clone(),
+        digest: "d1".into(),
+        in_inventory: true,
+    };
+    // An envelope the audit reads the sequence of (it never verifies: it only compares).
+    let recorded = db
+        .record_profiles::<roost_fleet::db::DbError>(
+            std::slice::from_ref(&publication),
+            |_, seq| {
+                use base64::Engine as _;
+                let payload = json!({"store": store, "sequence": seq}).to_string();
+                Ok(json!({
+                    "payloadType": roost_schemas::PROFILE_PAYLOAD_TYPE,
+                    "payload": base64::engine::general_purpose::STANDARD.encode(payload),
+                    "signatures": [],
+                })
+                .to_string()
+                .into_bytes())
+            },
+        )
+        .expect("record the profile");
+    let envelope = recorded[0].1.clone();
+    roost_fleet::cloud::publish_retained(&cloud, &topic, envelope.clone())
+        .await
+        .expect("publish the profile");
+    let mut opts = roost_fleet::record::FleetOptions::new(
+        &broker.addr.ip().to_string(),
+        broker.addr.port(),
+        path.clone(),
+        &format!("roost-audit-{:08x}", rand::random::<u32>()),
+    );
+    opts.leadership = roost_fleet::leadership::Leadership::solo();
+    let mut auditor = roost_fleet::record::audit::Auditor::start(&opts).expect("auditor");
+    let held = auditor.audit(&db).await.expect("audit");
+    assert!(
+        held.restored.is_empty(),
+        "a held profile is left alone: {held:?}"
+    );
+    assert_eq!(held.held, 1, "{held:?}");
+
+    // The broker loses everything it retained.
+    broker.kill();
+    broker.restart();
+    let deadline = Instant::now() + T;
+    let lost = loop {
+        // The auditor reconnects with backoff; an audit during that fails and is tried again.
+        match auditor.audit(&db).await {
+            Ok(r) => break r,
+            Err(e) => assert!(Instant::now() < deadline, "no audit after the restart: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(lost.restored, vec![topic.clone()], "{lost:?}");
+    let got = roost_fleet::cloud::read_retained(
+        &cloud,
+        std::slice::from_ref(&topic),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("read retained");
+    assert_eq!(
+        got,
+        vec![(topic, envelope)],
+        "the profile is retained again"
+    );
+    auditor.stop().await;
+}
+
 /// `roost rollout --wait`: exits 0 only when every targeted online store converged; names each
 /// store that rejected it and why; defers offline stores; never succeeds without anyone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -254,6 +254,7 @@ impl Api {
             .route("/api/v1/plans/{deployment}", get(plan))
             .route("/api/v1/plans/{deployment}/{action}", post(plan_action))
             .route("/api/v1/events", get(events))
+            .route("/api/v1/notifications", get(notifications))
             .route("/api/v1/stream", get(stream::sse))
             .route("/hooks/git", post(hook))
             .route("/plans", get(legacy_plans))
@@ -317,6 +318,9 @@ struct SummaryDoc {
     /// The last audit of the cloud broker's retained desired state (absent before the first).
     #[serde(skip_serializing_if = "Option::is_none")]
     broker_audit: Option<crate::db::audit::AuditRecord>,
+    /// Notification deliveries: counts and the newest failing (absent before the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    notifications: Option<crate::db::notify::Notifications>,
     taken_at: String,
 }
 
@@ -342,6 +346,7 @@ fn summary_doc(s: &Snapshot) -> SummaryDoc {
         summary: s.summary.clone(),
         plans,
         broker_audit: s.broker_audit.clone(),
+        notifications: s.notifications.clone(),
         taken_at: s.taken_at.clone(),
     }
 }
@@ -778,6 +783,30 @@ async fn events(
         next_after,
         next_before,
     }))
+}
+
+/// `GET /api/v1/notifications`.
+#[derive(Debug, Serialize)]
+struct NotificationsDoc {
+    #[serde(flatten)]
+    counts: crate::db::notify::DeliveryCounts,
+    /// The newest messages, newest first (at most 100).
+    deliveries: Vec<crate::db::notify::Delivery>,
+}
+
+async fn notifications(State(api): State<Api>) -> ApiResult<NotificationsDoc> {
+    let (counts, deliveries) = api
+        .db()
+        .call(|db| {
+            db.with_conn(|c| {
+                Ok((
+                    crate::db::notify::delivery_counts(c)?,
+                    crate::db::notify::deliveries(c, 100)?,
+                ))
+            })
+        })
+        .await?;
+    Ok(Json(NotificationsDoc { counts, deliveries }))
 }
 
 /// A Git server's webhook: asks the controller to sync now.

@@ -209,6 +209,8 @@ pub struct Snapshot {
     pub summary: Summary,
     /// The last audit of the cloud broker's retained desired state.
     pub broker_audit: Option<crate::db::audit::AuditRecord>,
+    /// Notification deliveries (counts, the newest failing).
+    pub notifications: Option<crate::db::notify::Notifications>,
     /// When it was taken (RFC 3339).
     pub taken_at: String,
 }

@@ -49,6 +49,7 @@ pub fn from_view(v: &view::FleetView, plans: BTreeMap<String, model::PlanDoc>) -
             with_gaps: v.summary.with_gaps,
         },
         broker_audit: v.broker_audit.clone(),
+        notifications: v.notifications.clone(),
         ..Snapshot::default()
     };
     for s in &v.stores {

@@ -241,6 +241,118 @@ pub fn round_trip(db: &FleetDb) {
     let inputs = crate::view::load(db).expect("view");
     assert_eq!(inputs.status.len(), 2);
     crate::api::source::snapshot(db).expect("api snapshot");
+    notifications(db);
     let history = db.with_conn(super::schema::history).expect("history");
     assert_eq!(history.len(), super::schema::MIGRATIONS.len());
+}
+
+/// The notifications' queue: events recorded by the writers of the facts (the plan, the
+/// invalid commit and a store's failure above), once per key; taken into messages in one
+/// transaction; attempts, retries, giving up, counts and pruning.
+fn notifications(db: &FleetDb) {
+    use crate::notify::{Kind, NotifyEvent};
+    let (_, mut failed, json) = event("s8", "f1", 1);
+    failed.ty = EventType::ApplyFailed.as_str().into();
+    let json = json.replace(
+        EventType::ApplyStarted.as_str(),
+        EventType::ApplyFailed.as_str(),
+    );
+    db.record_events(&[("s8".into(), failed.clone(), json.clone())])
+        .expect("failure");
+    db.record_events(&[("s8".into(), failed, json)])
+        .expect("the same failure again");
+    let stale = crate::notify::stale_events(
+        &[("s8".into(), 1)],
+        10_000_000,
+        std::time::Duration::from_secs(1),
+    );
+    assert_eq!(db.record_notify_events(&stale).expect("stale"), 1);
+    assert_eq!(db.record_notify_events(&stale).expect("stale again"), 0);
+    // Not ready yet: nothing taken.
+    assert_eq!(
+        db.take_notify_events(0, 0, 0, |_| unreachable!())
+            .expect("early"),
+        (0, 0)
+    );
+    let mut seen: Vec<NotifyEvent> = Vec::new();
+    let queued = db
+        .take_notify_events(u64::MAX, 0, 0, |events| {
+            seen = events.to_vec();
+            let wanted = |_: Kind| true;
+            let mut out: Vec<(String, crate::notify::Message)> =
+                crate::notify::coalesce("hook", crate::notify::SinkKind::Webhook, wanted, events)
+                    .into_iter()
+                    .map(|m| ("hook".to_owned(), m))
+                    .collect();
+            out.extend(
+                crate::notify::coalesce("gh", crate::notify::SinkKind::Github, wanted, events)
+                    .into_iter()
+                    .map(|m| ("gh".to_owned(), m)),
+            );
+            out
+        })
+        .expect("take");
+    let kinds: Vec<Kind> = seen.iter().map(|e| e.kind).collect();
+    for k in [
+        Kind::InvalidCommit,
+        Kind::PlanStarted,
+        Kind::StoreFailed,
+        Kind::StoreStale,
+    ] {
+        assert_eq!(
+            kinds.iter().filter(|x| **x == k).count(),
+            1,
+            "{k:?} in {kinds:?}"
+        );
+    }
+    // One webhook message; a commit status for the plan's commit and the invalid one.
+    assert_eq!(queued, (3, 0));
+    assert_eq!(
+        db.take_notify_events(u64::MAX, 0, 0, |_| unreachable!())
+            .expect("again"),
+        (0, 0)
+    );
+    let due = db.due_notifications(i64::MAX as u64, 10).expect("due");
+    assert_eq!(due.len(), 3);
+    let hook = due.iter().find(|d| d.sink == "hook").expect("hook");
+    assert_eq!(hook.events as usize, seen.len());
+    db.notify_attempted(hook.id, Some("h answered 500"), 5, false)
+        .expect("failed attempt");
+    db.notify_attempted(due[1].id, Some("h answered 500"), 5, true)
+        .expect("given up");
+    db.notify_attempted(due[2].id, None, 0, false)
+        .expect("sent");
+    let counts = db
+        .with_conn(super::notify::delivery_counts)
+        .expect("counts");
+    assert_eq!(
+        (
+            counts.queued,
+            counts.retrying,
+            counts.sent,
+            counts.failed,
+            counts.failed_attempts
+        ),
+        (1, 1, 1, 1, 2)
+    );
+    assert_eq!(db.due_notifications(4, 10).expect("not due").len(), 0);
+    let again = db.due_notifications(5, 10).expect("due again");
+    assert_eq!(
+        (again.len(), again[0].key.as_str(), again[0].attempts),
+        (1, hook.key.as_str(), 1)
+    );
+    db.notify_attempted(again[0].id, None, 0, false)
+        .expect("sent");
+    let list = db
+        .with_conn(|c| super::notify::deliveries(c, 10))
+        .expect("list");
+    assert_eq!(list.len(), 3);
+    assert!(list
+        .iter()
+        .any(|d| d.state == "failed" && d.last_error.contains("500")));
+    db.prune_notifications(i64::MAX as u64).expect("prune");
+    assert!(db
+        .with_conn(|c| super::notify::deliveries(c, 10))
+        .expect("list")
+        .is_empty());
 }

@@ -205,12 +205,45 @@ fn put_plan(c: &Conn<'_>, plan: &Plan) -> Result<(), DbError> {
         what: "a plan",
         source,
     })?;
+    // What the transition from the plan held to this one tells, recorded with it.
+    let before: Option<Plan> = c
+        .query_opt(
+            "SELECT plan FROM gitops_plans WHERE deployment = ?1",
+            args![&plan.deployment],
+        )?
+        .map(|r| r.get::<String>(0))
+        .transpose()?
+        .and_then(|j| serde_json::from_str(&j).ok());
+    let events = crate::notify::plan_events(before.as_ref(), plan, |store| {
+        failure_reason(c, store, &plan.deployment)
+    });
+    super::notify::record_events(c, &events)?;
     c.execute(
         "INSERT INTO gitops_plans(deployment, plan, updated_at) VALUES (?1, ?2, ?3)
          ON CONFLICT(deployment) DO UPDATE SET plan = excluded.plan, updated_at = excluded.updated_at",
         args![&plan.deployment, json, roost_schemas::now_rfc3339()],
     )?;
     Ok(())
+}
+
+/// A store's reason and message for `deployment`, as its status document says (empty when
+/// it says none).
+fn failure_reason(c: &Conn<'_>, store: &str, deployment: &str) -> String {
+    let json: Option<String> = c
+        .query_opt("SELECT json FROM status WHERE store = ?1", args![store])
+        .ok()
+        .flatten()
+        .and_then(|r| r.get(0).ok());
+    let Some(doc) = json.and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok()) else {
+        return String::new();
+    };
+    let d = &doc["deployments"][deployment];
+    let field = |f: &str| d[f].as_str().unwrap_or_default().to_owned();
+    match (field("reason"), field("message")) {
+        (r, m) if m.is_empty() => r,
+        (r, m) if r.is_empty() => m,
+        (r, m) => format!("{r}: {m}"),
+    }
 }
 
 fn put_published(c: &Conn<'_>, p: &Published) -> Result<(), DbError> {
@@ -261,6 +294,10 @@ impl FleetDb {
                 )?;
             }
             Err(reason) => {
+                super::notify::record_events(
+                    c,
+                    &[crate::notify::invalid_commit_event(repo, commit, reason)],
+                )?;
                 c.execute(
                     "INSERT INTO gitops_sync(id, repo, commit_id, ok, reason, checked_at) VALUES (1, ?1, ?2, 0, ?3, ?4)
                      ON CONFLICT(id) DO UPDATE SET repo = excluded.repo, commit_id = excluded.commit_id, ok = 0,

@@ -338,11 +338,18 @@ fn insert_events<'a>(
     let mut total = 0usize;
     for (store, e, json) in events {
         total += 1;
-        new += c.execute(
+        let inserted = c.execute(
             "INSERT INTO events(id, store, roostseq, type, subject, time, json) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT(id) DO NOTHING",
             args![&e.id, store, e.roostseq, &e.ty, &e.subject, &e.time, json],
         )? as usize;
+        new += inserted;
+        // A failure, rollback or uncorrected drift is told (once: keyed by the event's id).
+        if inserted > 0 {
+            if let Some(n) = crate::notify::store_event(store, e) {
+                super::notify::record_events(c, &[n])?;
+            }
+        }
     }
     let dups = (total - new) as i64;
     if dups > 0 {
@@ -352,6 +359,20 @@ fn insert_events<'a>(
         )?;
     }
     Ok(new)
+}
+
+/// When each store last sent a status document that changed: (store, ms since the epoch).
+pub fn last_heard(c: &Conn<'_>) -> Result<Vec<(String, u64)>, DbError> {
+    c.query("SELECT store, received_at FROM status ORDER BY store", &[])?
+        .iter()
+        .map(|r| {
+            let at: String = r.get(1)?;
+            let ms = roost_schemas::parse_rfc3339(&at)
+                .map(|t| (t.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+                .unwrap_or(0);
+            Ok((r.get(0)?, ms))
+        })
+        .collect()
 }
 
 fn upsert_doc(c: &Conn<'_>, status: bool, store: &str, json: &str) -> Result<(), DbError> {

@@ -13,6 +13,7 @@
 //! | [`inventory`] | `inventory`, `profiles` | the GitOps controller (the inventory with the fleet file of a good commit; each store profile it publishes) |
 //! | [`audit`] | `broker_audit` | the broker audit of the leader |
 //! | [`leader`] | `leader` | the leadership of the instances on one PostgreSQL database |
+//! | [`notify`] | `notify_events`, `notify_messages` | events: the writers of the facts (plans, syncs, store events) in their transactions; messages: the leader's notifier ([`crate::notify`]) |
 //! | [`schema`] | `schema_migrations` | [`FleetDb::open`] |
 //!
 //! Reads are methods too, or functions on a [`Conn`] ([`FleetDb::with_conn`]) where a
@@ -56,6 +57,7 @@ pub mod gitops;
 pub mod ingest;
 pub mod inventory;
 pub mod leader;
+pub mod notify;
 pub mod schema;
 pub mod sql;
 

@@ -151,6 +151,36 @@ pub const MIGRATIONS: &[Migration] = &[
                 since TEXT NOT NULL
             );",
     },
+    Migration {
+        version: 6,
+        name: "notifications",
+        // What happened, once per key, until the leader's notifier takes it into messages;
+        // and the messages: each sink's exact body and idempotency key, queued until the
+        // sink takes it (or it is given up). Written by [`super::notify`] only.
+        text: "CREATE TABLE notify_events (
+                id {serial},
+                key TEXT NOT NULL UNIQUE,
+                kind TEXT NOT NULL,
+                json TEXT NOT NULL,
+                at_ms {int} NOT NULL,
+                taken {int} NOT NULL
+            );
+            CREATE INDEX notify_events_taken ON notify_events(taken, id);
+            CREATE TABLE notify_messages (
+                id {serial},
+                key TEXT NOT NULL UNIQUE,
+                sink TEXT NOT NULL,
+                target TEXT NOT NULL,
+                events {int} NOT NULL,
+                body TEXT NOT NULL,
+                state TEXT NOT NULL,
+                attempts {int} NOT NULL,
+                next_ms {int} NOT NULL,
+                last_error TEXT NOT NULL,
+                created_ms {int} NOT NULL
+            );
+            CREATE INDEX notify_messages_due ON notify_messages(state, next_ms);",
+    },
 ];
 
 /// The table of applied migrations (rendered like a migration).
@@ -323,6 +353,8 @@ mod tests {
                 "gitops_requests",
                 "broker_audit",
                 "leader",
+                "notify_events",
+                "notify_messages",
             ] {
                 assert!(has_table(c, t)?, "{t}");
             }

@@ -1024,6 +1024,7 @@ pub fn plan_status_text(db: &FleetDb, deployment: Option<&str>) -> Result<String
                 out.push_str(&format!("  waiting: {}\n", p.waiting));
             }
         }
+        out.push_str(&db::notify::render_failing(db::notify::overview(c)?.as_ref()));
         Ok(out)
     })
 }

@@ -1,6 +1,7 @@
 //! The broker audit: after every connection of the fleet record's link it compares what the
-//! cloud broker retains on the deployment topics with the record and republishes (retained,
-//! QoS 1) every envelope the broker lacks or holds in an older sequence.
+//! cloud broker retains on the deployment and store-profile topics with the record and
+//! republishes (retained, QoS 1) every envelope the broker lacks or holds in an older
+//! sequence.
 //!
 //! One MQTT client does it for as long as the record runs (clean session, the record's TLS
 //! and credentials). It subscribes to the deployment topics only for an audit: a new
@@ -160,7 +161,15 @@ impl Auditor {
             client,
             events,
             poller,
-            filters: Topics::default().all_deployment_filters(),
+            // Every retained envelope the record holds: the deployment topics and the
+            // stores' profiles (both are in `desired`; a profile not looked at would be
+            // republished by every audit).
+            filters: {
+                let topics = Topics::default();
+                let mut f = topics.all_deployment_filters();
+                f.push(topics.all_profiles());
+                f
+            },
             connected: false,
             maybe_subscribed: false,
             leadership,
@@ -215,7 +224,7 @@ impl Auditor {
     }
 
     /// One audit.
-    async fn audit(&mut self, db: &FleetDb) -> Result<CheckReport, AuditError> {
+    pub async fn audit(&mut self, db: &FleetDb) -> Result<CheckReport, AuditError> {
         // What arrived before this audit only tells the connection's state.
         while let Ok(ev) = self.events.try_recv() {
             self.note(&ev);
@@ -309,7 +318,7 @@ impl Auditor {
     }
 
     /// Disconnects (bounded: a clean end instead of a dropped socket) and stops the client.
-    async fn stop(mut self) {
+    pub async fn stop(mut self) {
         if self.connected && self.client.try_disconnect().is_ok() {
             let _ = tokio::time::timeout(Duration::from_millis(200), async {
                 while let Some(ev) = self.events.recv().await {

@@ -80,12 +80,16 @@ pub struct FleetArgs {
     snapshot_expires: Option<u64>,
     /// A TOML file with a `[gitops]` section (repo, branch, file, key, poll_interval_s,
     /// http, snapshot_interval_s, snapshot_expires_s), an `[api]` section (token_file)
-    /// and `metrics_listen`; flags win.
+    /// `metrics_listen` and `notify` (the `--notify` file); flags win.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (also served on `--http`).
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Notification sinks (a TOML file: webhooks signed with HMAC-SHA256, Slack, commit
+    /// statuses; docs/notifications.md), delivered by the leader.
+    #[arg(long, value_name = "FILE")]
+    notify: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand)]
@@ -117,6 +121,9 @@ struct FleetConfigFile {
     metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     api: ApiSection,
+    /// The notification sinks' file (`--notify`).
+    #[serde(default)]
+    notify: Option<PathBuf>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -160,6 +167,7 @@ struct Settings {
     snapshot_expires_s: u64,
     metrics_listen: Option<SocketAddr>,
     api_token_file: Option<PathBuf>,
+    notify: Option<PathBuf>,
 }
 
 /// Merges the flags with the configuration file: one rule, flag → file → default, for every
@@ -205,6 +213,7 @@ fn settings(a: &FleetArgs, cfg: FleetConfigFile) -> anyhow::Result<Settings> {
         snapshot_expires_s,
         metrics_listen: a.metrics_listen.or(cfg.metrics_listen),
         api_token_file: a.api_token_file.clone().or(cfg.api.token_file),
+        notify: a.notify.clone().or(cfg.notify),
     })
 }
 
@@ -223,6 +232,12 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
         .ok_or_else(|| anyhow::anyhow!("--broker is required"))?;
     let target = a.security.target(&broker)?;
     let (host, port) = (target.host.clone(), target.port);
+    // Checked whole before anything starts (secrets and tokens read from their files).
+    let notify = s
+        .notify
+        .as_deref()
+        .map(roost_fleet::notify::NotifyConfig::read)
+        .transpose()?;
     let fdb = FleetDb::open_blocking(&a.db).await?;
     // Several instances on one PostgreSQL database: one leads (controller, publishing),
     // every one records and serves; on SQLite this process is the only one.
@@ -313,6 +328,15 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
         }
         None => None,
     };
+    let notifier = notify.map(|cfg| {
+        tokio::spawn(roost_fleet::notify::deliver::run(
+            cfg,
+            fdb.clone(),
+            leadership.clone(),
+            Duration::from_secs(1),
+            cancel.clone(),
+        ))
+    });
     record::run(
         record::FleetOptions {
             host,
@@ -331,6 +355,9 @@ pub async fn run(a: FleetArgs, cancel: CancellationToken) -> anyhow::Result<()> 
     .await?;
     if let Some(c) = controller {
         c.await??;
+    }
+    if let Some(n) = notifier {
+        n.await??;
     }
     if let Some(server) = metrics_server {
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
@@ -386,6 +413,7 @@ mod tests {
 
     const CONFIG: &str = r#"
         metrics_listen = "127.0.0.1:9100"
+        notify = "/etc/roost/notify.toml"
         [gitops]
         repo = "git://h/fleet"
         branch = "production"
@@ -439,6 +467,7 @@ mod tests {
             s.api_token_file,
             Some(PathBuf::from("/etc/roost/config-token"))
         );
+        assert_eq!(s.notify, Some(PathBuf::from("/etc/roost/notify.toml")));
         let d = settings(&args(&[]), FleetConfigFile::default()).expect("defaults");
         assert_eq!(
             (

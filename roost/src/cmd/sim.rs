@@ -23,6 +23,15 @@ pub struct SimArgs {
     /// documents): ingest rate, commit → first wave, gate → next wave, plan-step cost.
     #[arg(long)]
     controller: bool,
+    /// Benchmark the cloud tier alone with thin stores (MQTT clients that answer each
+    /// rollout with an agent's events and status): `roost fleet` as its own process,
+    /// controller start → profiles, status ingest, commit → waves, the broker audit,
+    /// the controller's CPU and memory. `--cloud-broker` picks the broker.
+    #[arg(long, conflicts_with = "controller")]
+    cloud_tier: bool,
+    /// Thin stores per MQTT connection (`--cloud-tier`).
+    #[arg(long, default_value_t = 250)]
+    per_connection: usize,
     /// direct (agents on the cloud broker) or bridged (an edge broker and a bridge per
     /// store); default: direct above 200 stores.
     #[arg(long)]
@@ -54,9 +63,16 @@ pub struct SimArgs {
     /// confirmations, as `roost fleet` runs) or `no-confirm` (`roost fleet --no-confirm`).
     #[arg(long, default_value = "none", value_name = "MODE")]
     fleet_record: String,
+    /// Internal: run the stores a `roost sim` parent wrote to FILE (a worker process, for
+    /// fleets that do not fit under one process's open-file limit).
+    #[arg(long, hide = true, value_name = "FILE")]
+    worker: Option<PathBuf>,
 }
 
 pub async fn run(a: SimArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+    if let Some(spec) = &a.worker {
+        return Ok(roost_sim::workers::run_worker(spec, cancel).await?);
+    }
     if a.controller {
         let stores = a.stores;
         let timeout = Duration::from_secs(a.timeout);
@@ -71,6 +87,25 @@ pub async fn run(a: SimArgs, cancel: CancellationToken) -> anyhow::Result<()> {
         "embedded" => None,
         path => Some(PathBuf::from(path)),
     };
+    if a.cloud_tier {
+        let opts = roost_sim::cloud_tier::CloudTierOptions {
+            stores: a.stores,
+            per_connection: a.per_connection,
+            timeout: Duration::from_secs(a.timeout),
+            cloud_mosquitto,
+            exe: std::env::current_exe()?,
+        };
+        let report = interruptible(&cancel, async {
+            Ok(roost_sim::cloud_tier::run(opts).await?)
+        })
+        .await?;
+        if a.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            roost_sim::cloud_tier::print(&report);
+        }
+        return Ok(());
+    }
     let git_server = match a.git_server.as_str() {
         "roost" => GitServerKind::Roost,
         "daemon" => GitServerKind::Daemon,
@@ -98,6 +133,7 @@ pub async fn run(a: SimArgs, cancel: CancellationToken) -> anyhow::Result<()> {
             "no-confirm" => Some(false),
             other => anyhow::bail!("--fleet-record {other}: none, confirm or no-confirm"),
         },
+        worker_exe: std::env::current_exe().ok(),
     };
     let report = interruptible(&cancel, async { Ok(sim::run(opts.clone()).await?) }).await?;
     if a.json {

@@ -111,12 +111,14 @@ pub async fn run(a: StatusArgs, cancel: CancellationToken) -> anyhow::Result<()>
                     "generated_at": v.generated_at,
                     "summary": v.summary,
                     "broker_audit": v.broker_audit,
+                    "notifications": v.notifications,
                     "stores": rows,
                 }))? + "\n"
             }
             (None, false) => {
                 view::render_summary(&v.summary)
                     + &view::render_audit(v.broker_audit.as_ref())
+                    + &roost_fleet::db::notify::render_failing(v.notifications.as_ref())
                     + &view::render(&view::filter(&v, &filter), a.show_labels)
             }
         };

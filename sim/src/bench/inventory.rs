@@ -33,7 +33,7 @@ const ZONES: [&str; 4] = [
 ];
 
 /// The generated inventory: one file per region, one document per store.
-fn inventory_files(n: usize) -> BTreeMap<String, Vec<u8>> {
+pub(crate) fn inventory_files(n: usize) -> BTreeMap<String, Vec<u8>> {
     let mut files: BTreeMap<String, String> = BTreeMap::new();
     for i in 1..=n {
         let r = i % REGIONS.len();

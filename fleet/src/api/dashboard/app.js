@@ -48,6 +48,15 @@ function renderSummary(s) {
       el("span", { class: "chip ph-" + p, "data-phase": p }, `${p} ${n}`)
     )
   );
+  // Failed notification deliveries (given up, or being retried), with the newest's error.
+  const n = s.notifications, nf = $("#notify-failing");
+  const bad = n ? n.failed + n.retrying : 0;
+  nf.hidden = !bad;
+  if (bad) {
+    const last = n.failing[0];
+    nf.textContent = `notifications: ${n.failed} failed, ${n.retrying} being retried` +
+      (last ? ` (${last.sink}: ${last.last_error})` : "");
+  }
 }
 
 // ---- plans
