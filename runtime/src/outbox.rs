@@ -371,6 +371,22 @@ fn overflow_data(cap: u64, dropped: u64, ranges: &[(u64, u64)]) -> serde_json::V
     .to_json()
 }
 
+/// `ids` as runs of consecutive numbers, `(first, last)` each, ascending: every id in a run
+/// is in `ids` and no other number is. Pure.
+fn id_runs(ids: &[i64]) -> Vec<(i64, i64)> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut runs: Vec<(i64, i64)> = Vec::new();
+    for id in sorted {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == id => *last = id,
+            _ => runs.push((id, id)),
+        }
+    }
+    runs
+}
+
 /// Merges ranges into sorted, disjoint, non-adjacent ranges.
 fn merge_ranges(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     r.sort_unstable();
@@ -645,11 +661,14 @@ impl Writer {
             }
         }
         {
-            let mut by_id = tx.prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING size")?;
-            for id in ids {
-                let size: Option<i64> = by_id.query_row([id], |r| r.get(0)).optional()?;
-                if let Some(s) = size {
-                    freed += s as u64;
+            // PUBACKs come in order, so the ids are a few runs of consecutive numbers: one
+            // statement per run, not one per row.
+            let mut run =
+                tx.prepare_cached("DELETE FROM outbox WHERE id BETWEEN ?1 AND ?2 RETURNING size")?;
+            for (from, to) in id_runs(ids) {
+                let sizes = run.query_map([from, to], |r| r.get::<_, i64>(0))?;
+                for size in sizes {
+                    freed += size? as u64;
                     n += 1;
                 }
             }
@@ -1141,6 +1160,32 @@ mod tests {
                 "roostseq {s} unaccounted"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn only_acknowledged_rows_go_when_acknowledgements_leave_gaps() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ob = Outbox::open(OutboxConfig::new(dir.path().join("o.db"))).expect("open");
+        ob.enqueue((1..=7).map(event).collect()).await.expect("enq");
+        let ids = |rows: Vec<StoredMessage>| rows.iter().map(|r| r.id).collect::<Vec<i64>>();
+        let all = ids(ob.peek(0, 10).await.expect("peek"));
+        // The 3rd and the 6th were not acknowledged; the 2nd twice.
+        let acked = vec![all[4], all[0], all[1], all[1], all[3], all[6]];
+        ob.ack_wait(acked).await.expect("ack");
+        let left = ids(ob.peek(0, 10).await.expect("peek"));
+        assert_eq!(left, [all[2], all[5]]);
+        assert_eq!(ob.stats().await.expect("stats").backlog, 2);
+    }
+
+    #[test]
+    fn acknowledged_ids_are_deleted_by_runs_of_consecutive_ids() {
+        assert_eq!(id_runs(&[]), []);
+        assert_eq!(id_runs(&[7]), [(7, 7)]);
+        assert_eq!(id_runs(&[3, 4, 5, 6]), [(3, 6)]);
+        assert_eq!(
+            id_runs(&[9, 1, 2, 2, 4, 10, 5, 12]),
+            [(1, 2), (4, 5), (9, 10), (12, 12)]
+        );
     }
 
     #[test]

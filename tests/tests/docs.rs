@@ -5,8 +5,10 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
-/// Folders never walked: build output, dependencies, Git's own data (`fuzz/target` included).
-const SKIP_DIRS: [&str; 3] = ["target", "node_modules", ".git"];
+/// Folders never walked: build output, dependencies, Git's own data (`fuzz/target` included),
+/// and `third_party/` (copies of published crates, whose documents link into their own
+/// repositories).
+const SKIP_DIRS: [&str; 4] = ["target", "node_modules", ".git", "third_party"];
 
 /// A link found in a Markdown file.
 #[derive(Debug, Clone, PartialEq, Eq)]
