@@ -219,7 +219,40 @@ impl Repos {
         let repo = handle.lock().unwrap_or_else(|p| p.into_inner());
         f(&repo)
     }
+
+    /// Runs `f` on `dir` while no read of it is running or can start (it holds the shared
+    /// handle's lock), then replaces the shared handle with a new one, so reads see the
+    /// repository as `f` left it (packs added and removed) and never a pack `f` deleted.
+    fn exclusive<R>(
+        &self,
+        dir: &Path,
+        f: impl FnOnce() -> Result<R, GitError>,
+    ) -> Result<R, GitError> {
+        let handle = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(dir)
+            .cloned();
+        let Some(handle) = handle else {
+            // No read has opened it; one that starts now opens it afresh (after `f`: it
+            // waits for the map, which the next read's `with` takes first).
+            return f();
+        };
+        let mut repo = handle.lock().unwrap_or_else(|p| p.into_inner());
+        let out = f();
+        match git2::Repository::open_bare(dir) {
+            Ok(fresh) => *repo = fresh,
+            // The old handle stays; its next miss refreshes the pack list.
+            Err(e) => debug!(error = %e, "cannot reopen the cached repository"),
+        }
+        out
+    }
 }
+
+/// More packs than this in a cache and a fetch consolidates them into one (see
+/// [`consolidate_packs`]).
+pub const MAX_PACKS: usize = 16;
 
 impl std::fmt::Debug for GitCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -344,8 +377,16 @@ impl GitCache {
         let timeout = self.fetch_timeout;
         // The guard moves into the blocking job: an abandoned (stalled) fetch keeps the
         // source locked until it really ends, so two fetches never race on one repository.
+        let repos = self.repos.clone();
         let job = tokio::task::spawn_blocking(move || {
             let res = ensure_blocking(&dir, &u, &r, &creds, ca.as_deref(), timeout);
+            if matches!(res, Ok(Some(_))) {
+                // Still under the source's lock: no other fetch adds a pack meanwhile.
+                if let Err(error) = repos.exclusive(&dir, || consolidate_packs(&dir, MAX_PACKS)) {
+                    // The fetched revision is in the cache either way; the next fetch tries again.
+                    tracing::warn!(error = %error, "could not consolidate the git cache's packs");
+                }
+            }
             drop(guard);
             res
         });
@@ -465,6 +506,87 @@ fn open_or_init(dir: &Path) -> Result<git2::Repository, GitError> {
             Ok(git2::Repository::init_opts(dir, &opts)?)
         }
     }
+}
+
+/// The packs (`objects/pack/pack-*.pack`) of the bare repository in `dir`, by file stem.
+fn pack_stems(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir.join("objects/pack"))? {
+        let name = e?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(stem) = name.strip_suffix(".pack") {
+            if stem.starts_with("pack-") {
+                out.push(stem.to_owned());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every fetch adds a pack (and its index) to the cache and libgit2 never merges them: a
+/// store that received a thousand rollouts would hold a thousand packs, and every object
+/// lookup that misses (each new revision's first) rereads the pack directory and searches
+/// them all. With more than `max` packs, this writes every object of the cache into one new
+/// pack, syncs it to disk, and only then deletes the old packs, so a power cut at any point
+/// leaves either the old packs or the new one (or both): no revision in the cache is lost.
+/// Returns whether it consolidated. Run it with no read or fetch of the repository in
+/// progress (under the source's fetch lock and [`Repos::exclusive`]).
+pub fn consolidate_packs(dir: &Path, max: usize) -> Result<bool, GitError> {
+    let cache_io = |source| GitError::CacheDir {
+        path: dir.to_owned(),
+        source,
+    };
+    let before = pack_stems(dir).map_err(cache_io)?;
+    if before.len() <= max {
+        return Ok(false);
+    }
+    let repo = git2::Repository::open_bare(dir)?;
+    let odb = repo.odb()?;
+    let mut oids = Vec::new();
+    odb.foreach(|oid| {
+        oids.push(*oid);
+        true
+    })?;
+    let mut pb = repo.packbuilder()?;
+    for oid in oids {
+        pb.insert_object(oid, None)?;
+    }
+    let pack_dir = dir.join("objects/pack");
+    pb.write(&pack_dir, 0)?;
+    let new_stem = format!(
+        "pack-{}",
+        pb.name()?
+            .ok_or_else(|| GitError::Cache(git2::Error::from_str("the new pack has no name")))?
+    );
+    drop(pb);
+    drop(odb);
+    drop(repo);
+    // libgit2 does not sync what it writes: the new pack and its index reach the disk
+    // before anything they replace is deleted.
+    for ext in ["pack", "idx"] {
+        let p = pack_dir.join(format!("{new_stem}.{ext}"));
+        std::fs::File::open(&p)
+            .and_then(|f| f.sync_all())
+            .map_err(cache_io)?;
+    }
+    std::fs::File::open(&pack_dir)
+        .and_then(|f| f.sync_all())
+        .map_err(cache_io)?;
+    let mut removed = 0;
+    for stem in before.iter().filter(|s| **s != new_stem) {
+        // The index first: libgit2 lists packs by their index, so a pack whose index is
+        // gone is never opened, while an index without its pack would be an error.
+        for ext in ["idx", "rev", "pack"] {
+            match std::fs::remove_file(pack_dir.join(format!("{stem}.{ext}"))) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(cache_io(e)),
+            }
+        }
+        removed += 1;
+    }
+    info!(packs = removed, into = %new_stem, "consolidated the git cache's packs");
+    Ok(true)
 }
 
 fn has_commit(repo: &git2::Repository, revision: &str) -> bool {
@@ -922,6 +1044,73 @@ mod tests {
         let missing = "0123456789abcdef0123456789abcdef01234567";
         let err = cache.ensure(&url, missing).await.expect_err("gone");
         assert_eq!(err.reason(), Reason::FetchFailed);
+    }
+
+    #[tokio::test]
+    async fn packs_are_consolidated_and_every_revision_survives() {
+        let src = tempfile::tempdir().expect("tmp");
+        let (url, first) = repo_with(src.path(), &[("app/v.yaml", b"n: 0\n")], None);
+        let source = git2::Repository::open(src.path()).expect("open");
+        let cache_dir = tempfile::tempdir().expect("tmp");
+        let cache = GitCache::new(cache_dir.path().to_owned(), vec![], Duration::from_secs(10));
+        assert!(cache.ensure(&url, &first).await.expect("fetch"));
+        let repo_dir = cache.repo_dir(&url);
+        let mut revisions = vec![first];
+        let mut most = 0;
+        for n in 1..=(2 * MAX_PACKS + 3) {
+            let (_, rev) = {
+                std::fs::write(src.path().join("app/v.yaml"), format!("n: {n}\n")).expect("w");
+                let mut index = source.index().expect("index");
+                index.add_path(Path::new("app/v.yaml")).expect("add");
+                let tree = source
+                    .find_tree(index.write_tree().expect("tree"))
+                    .expect("tree");
+                let parent = source.head().expect("head").peel_to_commit().expect("c");
+                let sig = git2::Signature::now("t", "t@t").expect("sig");
+                let id = source
+                    .commit(Some("HEAD"), &sig, &sig, "c", &tree, &[&parent])
+                    .expect("commit");
+                (url.clone(), id.to_string())
+            };
+            // A read holds the shared handle open across fetches, as the agent's stages do.
+            cache
+                .commit_info(&url, &revisions[n - 1])
+                .await
+                .expect("info");
+            assert!(cache.ensure(&url, &rev).await.expect("fetch"), "fetch {n}");
+            most = most.max(pack_stems(&repo_dir).expect("packs").len());
+            revisions.push(rev);
+        }
+        assert!(most <= MAX_PACKS, "{most} packs at most, limit {MAX_PACKS}");
+        assert!(
+            pack_stems(&repo_dir).expect("packs").len() < MAX_PACKS,
+            "consolidated at least once"
+        );
+        // Offline, every revision ever fetched still renders from the cache, through the
+        // shared handle and through a new one.
+        drop(source);
+        drop(src);
+        for (n, rev) in revisions.iter().enumerate() {
+            assert!(
+                !cache.ensure(&url, rev).await.expect("cached"),
+                "revision {n}"
+            );
+            let r = cache
+                .render(&url, rev, "app", LIMITS)
+                .await
+                .expect("render");
+            assert_eq!(
+                r.files[0].data,
+                format!("n: {n}\n").into_bytes(),
+                "revision {n}"
+            );
+        }
+        let fresh = GitCache::new(cache_dir.path().to_owned(), vec![], Duration::from_secs(10));
+        for rev in &revisions {
+            assert!(!fresh.ensure(&url, rev).await.expect("cached"));
+        }
+        // Nothing to do under the limit.
+        assert!(!consolidate_packs(&repo_dir, MAX_PACKS).expect("no-op"));
     }
 
     #[tokio::test]
