@@ -28,7 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument as _};
 
 pub use metrics::BridgeMetrics;
-pub use upward::{check_upward, DropReason, IntervalSet, Upward, UpwardStats, Watermark};
+pub use upward::{
+    check_upward, DropReason, IntervalSet, Upward, UpwardCheck, UpwardStats, Watermark,
+};
 
 /// Errors of the bridge.
 #[derive(Debug, thiserror::Error)]
@@ -410,6 +412,9 @@ pub async fn run_with(
     let desired = DesiredStore::open(&cfg.state_dir.join("bridge.db"))?;
     let mut ocfg = OutboxConfig::new(cfg.state_dir.join("bridge-outbox.db"));
     ocfg.max_bytes = cfg.outbox_max_mib.unwrap_or(256) * 1024 * 1024;
+    // A burst goes to the cloud from memory once committed (not read back from SQLite): room
+    // for the bursts in flight while the cloud link is slower than the edge for a moment.
+    ocfg.tail_bytes = 4 * 1024 * 1024;
     let outbox = Outbox::open(ocfg)?;
     let metrics = BridgeMetrics::with_upward(stats.clone());
     // The delivery watermark lives in the outbox's database and commits in the same
@@ -614,6 +619,7 @@ pub async fn run_with(
         let topics = topics.clone();
         let child = child.clone();
         let outbox = outbox.clone();
+        let check = UpwardCheck::new(&topics, &store_up);
         async move {
             // Group commit, pipelined: a burst goes to the outbox writer and the next burst is
             // read and checked while it is written (the writer puts everything waiting into
@@ -635,10 +641,8 @@ pub async fn run_with(
                         let done: Burst = done;
                         match stored {
                             Ok(_) => {
-                                done.taken.iter().for_each(|m| {
-                                    stats.forwarded_one();
-                                    edge_handle.ack(m);
-                                });
+                                stats.forwarded_many(done.taken.len());
+                                edge_handle.ack_all(&done.taken);
                                 *watermark.lock().unwrap_or_else(|p| p.into_inner()) = done.next;
                                 if let Some(upto) = done.advanced {
                                     let _ = edge_handle.publish(DirectMessage {
@@ -675,7 +679,7 @@ pub async fn run_with(
                         let mut next = pending.clone();
                         let mut advanced = false;
                         for mut m in batch {
-                            let checked = check_upward(&topics, &store_up, &m.topic, &m.payload);
+                            let checked = check.check(&m.topic, &m.payload);
                             match checked.as_ref().ok().and_then(|k| upward(&mut m, k).map(|n| (n, k))) {
                                 Some((msg, kind)) => {
                                     if let Upward::Event { roostseq, lost } = kind {

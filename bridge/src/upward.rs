@@ -113,7 +113,12 @@ pub struct UpwardStats {
 impl UpwardStats {
     /// Counts a forwarded message.
     pub fn forwarded_one(&self) {
-        self.forwarded.fetch_add(1, Ordering::Relaxed);
+        self.forwarded_many(1);
+    }
+
+    /// Counts `n` forwarded messages.
+    pub fn forwarded_many(&self, n: usize) {
+        self.forwarded.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Counts a dropped message.
@@ -225,58 +230,88 @@ pub fn check_upward(
     topic: &str,
     payload: &[u8],
 ) -> Result<Upward, Dropped> {
-    let which = if topic == topics.status(store) {
-        "status"
-    } else if topic == topics.events(store) {
-        "events"
-    } else if topic == topics.presence(store) {
-        "presence"
-    } else {
-        return Err(refuse(DropReason::ForeignTopic, format!("{topic:?}")));
-    };
-    if payload.is_empty() {
-        return Err(refuse(DropReason::Empty, which));
-    }
-    if payload.len() > MAX_UPWARD_BYTES {
-        return Err(refuse(
-            DropReason::TooLarge,
-            format!("{} bytes, limit {MAX_UPWARD_BYTES}", payload.len()),
-        ));
-    }
-    let value: serde_json::Value = serde_json::from_slice(payload)
-        .map_err(|e| refuse(DropReason::Malformed, e.to_string()))?;
-    schema_check(which, &value)?;
-    match which {
-        "status" => {
-            let doc_store = value.get("store").and_then(|s| s.as_str()).unwrap_or("");
-            if doc_store != store {
-                return Err(refuse(
-                    DropReason::ForeignStore,
-                    format!("status document of store {doc_store:?}"),
-                ));
-            }
-            Ok(Upward::Status)
+    UpwardCheck::new(topics, store).check(topic, payload)
+}
+
+/// [`check_upward`] for one store, with its topics and its agent's event source worked out
+/// once (the bridge checks every message with the same).
+#[derive(Debug, Clone)]
+pub struct UpwardCheck {
+    store: String,
+    status: String,
+    events: String,
+    presence: String,
+    source: String,
+}
+
+impl UpwardCheck {
+    /// The checks for store `store` under `topics`.
+    pub fn new(topics: &Topics, store: &str) -> UpwardCheck {
+        UpwardCheck {
+            store: store.to_owned(),
+            status: topics.status(store),
+            events: topics.events(store),
+            presence: topics.presence(store),
+            source: format!("roost://stores/{store}/agent"),
         }
-        "presence" => Ok(Upward::Presence),
-        _ => {
-            let ev: CloudEvent = serde_json::from_value(value)
-                .map_err(|e| refuse(DropReason::Schema, e.to_string()))?;
-            let want = format!("roost://stores/{store}/agent");
-            if ev.source != want {
-                return Err(refuse(
-                    DropReason::ForeignSource,
-                    format!("source {:?}, expected {want}", ev.source),
-                ));
+    }
+
+    /// Checks one message (see [`check_upward`]).
+    pub fn check(&self, topic: &str, payload: &[u8]) -> Result<Upward, Dropped> {
+        let store = self.store.as_str();
+        let which = if topic == self.status {
+            "status"
+        } else if topic == self.events {
+            "events"
+        } else if topic == self.presence {
+            "presence"
+        } else {
+            return Err(refuse(DropReason::ForeignTopic, format!("{topic:?}")));
+        };
+        if payload.is_empty() {
+            return Err(refuse(DropReason::Empty, which));
+        }
+        if payload.len() > MAX_UPWARD_BYTES {
+            return Err(refuse(
+                DropReason::TooLarge,
+                format!("{} bytes, limit {MAX_UPWARD_BYTES}", payload.len()),
+            ));
+        }
+        let value: serde_json::Value = serde_json::from_slice(payload)
+            .map_err(|e| refuse(DropReason::Malformed, e.to_string()))?;
+        schema_check(which, &value)?;
+        match which {
+            "status" => {
+                let doc_store = value.get("store").and_then(|s| s.as_str()).unwrap_or("");
+                if doc_store != store {
+                    return Err(refuse(
+                        DropReason::ForeignStore,
+                        format!("status document of store {doc_store:?}"),
+                    ));
+                }
+                Ok(Upward::Status)
             }
-            let lost = if ev.event_type() == Some(EventType::OutboxOverflow) {
-                lost_ranges(&ev)?
-            } else {
-                Vec::new()
-            };
-            Ok(Upward::Event {
-                roostseq: ev.roostseq,
-                lost,
-            })
+            "presence" => Ok(Upward::Presence),
+            _ => {
+                let ev: CloudEvent = serde_json::from_value(value)
+                    .map_err(|e| refuse(DropReason::Schema, e.to_string()))?;
+                let want = &self.source;
+                if ev.source != *want {
+                    return Err(refuse(
+                        DropReason::ForeignSource,
+                        format!("source {:?}, expected {want}", ev.source),
+                    ));
+                }
+                let lost = if ev.event_type() == Some(EventType::OutboxOverflow) {
+                    lost_ranges(&ev)?
+                } else {
+                    Vec::new()
+                };
+                Ok(Upward::Event {
+                    roostseq: ev.roostseq,
+                    lost,
+                })
+            }
         }
     }
 }

@@ -401,7 +401,7 @@ pub struct Incoming {
 
 enum Cmd {
     Rewind,
-    Ack(u64, Publish),
+    Acks(Vec<(u64, Publish)>),
     Direct(DirectMessage),
     Subscriptions(Vec<String>),
     ConfirmEvents(bool),
@@ -445,8 +445,14 @@ impl LinkHandle {
     /// Acknowledges an incoming message (with `manual_acks`). If the connection it came on is
     /// gone, the ack is dropped: the broker redelivers to a persistent session.
     pub fn ack(&self, msg: &Incoming) {
-        if let Some((generation, p)) = &msg.ack {
-            let _ = self.cmd.send(Cmd::Ack(*generation, p.clone()));
+        self.ack_all(std::slice::from_ref(msg));
+    }
+
+    /// [`LinkHandle::ack`] for several messages, in order, in one hand-off to the link task.
+    pub fn ack_all<'a>(&self, msgs: impl IntoIterator<Item = &'a Incoming>) {
+        let acks: Vec<(u64, Publish)> = msgs.into_iter().filter_map(|m| m.ack.clone()).collect();
+        if !acks.is_empty() {
+            let _ = self.cmd.send(Cmd::Acks(acks));
         }
     }
 
@@ -712,10 +718,12 @@ async fn run(
                                     }
                                 }
                             }
-                            Ok(Event::Incoming(Packet::Publish(p))) => {
+                            Ok(Event::Incoming(Packet::Publish(mut p))) => {
+                                // The acknowledgement needs only the packet id and QoS: the
+                                // topic and the bytes move into the message, no copy kept.
                                 let msg = Incoming {
-                                    topic: p.topic.clone(),
-                                    payload: p.payload.to_vec(),
+                                    topic: std::mem::take(&mut p.topic),
+                                    payload: Vec::from(std::mem::take(&mut p.payload)),
                                     retain: p.retain,
                                     connection: generation,
                                     ack: if cfg.manual_acks { Some((generation, p)) } else { None },
@@ -762,10 +770,17 @@ async fn run(
                 cmd = cmd_rx.recv() => {
                     match cmd {
                         None => { let _ = client.try_disconnect(); break Ok(()); }
-                        Some(Cmd::Ack(g, p)) => {
-                            if g == generation && is_up {
-                                if let Err(e) = client.ack(&p).await { break Err(e.to_string()); }
+                        Some(Cmd::Acks(acks)) => {
+                            let mut sent: Result<(), String> = Ok(());
+                            for (g, p) in acks {
+                                if g == generation && is_up {
+                                    if let Err(e) = client.ack(&p).await {
+                                        sent = Err(e.to_string());
+                                        break;
+                                    }
+                                }
                             }
+                            if let Err(e) = sent { break Err(e); }
                         }
                         Some(Cmd::Rewind) => {
                             // Send every message still in the outbox again, oldest first.

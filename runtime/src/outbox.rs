@@ -24,6 +24,8 @@
 //! one range: always so while the link is down; a slow link can interleave losses with
 //! messages that did leave).
 
+use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -115,6 +117,10 @@ pub struct OutboxConfig {
     /// Where overflow events go and who they are from; `None` = drop silently is NOT
     /// allowed, so without it the outbox refuses new messages past the cap instead.
     pub overflow: Option<OverflowTarget>,
+    /// Bytes of committed messages kept in memory until a link takes them
+    /// ([`Outbox::peek_for_send`] reads them from there instead of from SQLite). Default
+    /// 256 KiB; past it the oldest are read from SQLite again. 0: always read from SQLite.
+    pub tail_bytes: usize,
 }
 
 /// Where and as whom an overflow event is published.
@@ -133,6 +139,7 @@ impl OutboxConfig {
             path: path.into(),
             max_bytes: 256 * 1024 * 1024,
             overflow: None,
+            tail_bytes: 256 * 1024,
         }
     }
 }
@@ -297,6 +304,9 @@ impl std::fmt::Debug for Outbox {
 
 const ROW_OVERHEAD: u64 = 64;
 
+/// How long the writer holds acknowledged rows' deletes for the next commit to take along.
+const DELETE_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
+
 fn open_db(path: &Path) -> Result<Connection, OutboxError> {
     // Only the writer thread uses the file.
     let conn = crate::sqlite::open_exclusive(path)?;
@@ -337,6 +347,61 @@ struct Writer {
     failed: Arc<AtomicU64>,
     /// The connection's `synchronous` setting now.
     sync: Durability,
+    /// The newest committed rows, for the link (see [`Tail`]).
+    tail: Tail,
+}
+
+/// What a delete removed: bytes and rows (for the counters), and the ids above the tail's
+/// `from` (rows the tail may hold).
+#[derive(Debug, Default)]
+struct Removed {
+    freed: u64,
+    rows: u64,
+    in_tail: Vec<i64>,
+}
+
+/// Deletes acknowledged rows, and with `confirm_upto` every event row up to that roostseq
+/// (end-to-end confirmation), inside the caller's transaction.
+fn delete_rows(
+    tx: &Connection,
+    ids: &[i64],
+    confirm_upto: Option<u64>,
+    tail_from: i64,
+) -> Result<Removed, rusqlite::Error> {
+    let mut removed = Removed::default();
+    let mut note = |id: i64, size: i64| {
+        removed.freed += size as u64;
+        removed.rows += 1;
+        if id > tail_from {
+            removed.in_tail.push(id);
+        }
+    };
+    if let Some(upto) = confirm_upto {
+        let mut stmt = tx.prepare_cached(
+            "DELETE FROM outbox WHERE roostseq IS NOT NULL AND compact_key IS NULL AND roostseq <= ?1 RETURNING id, size",
+        )?;
+        let rows = stmt.query_map([upto as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        for row in rows {
+            let (id, size) = row?;
+            note(id, size);
+        }
+    }
+    // PUBACKs come in order, so the ids are a few runs of consecutive numbers: one
+    // statement per run, not one per row.
+    let mut run =
+        tx.prepare_cached("DELETE FROM outbox WHERE id BETWEEN ?1 AND ?2 RETURNING id, size")?;
+    for (from, to) in id_runs(ids) {
+        let rows = run.query_map([from, to], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        for row in rows {
+            let (id, size) = row?;
+            note(id, size);
+        }
+    }
+    Ok(removed)
 }
 
 /// The lost ranges an overflow event reports (`lost_ranges`, or from/to in older events).
@@ -400,8 +465,103 @@ fn merge_ranges(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
+/// The newest committed rows, in memory, for the link that sends them: a burst goes from the
+/// commit that stored it to the connection without being read back from SQLite. It mirrors
+/// the table exactly above `from`: every row with a greater id is in `rows`, in id order, with
+/// the bytes the table holds (the writer changes both in step, after each commit). Rows
+/// below it are read from SQLite (a reconnect or a rewind sends from the oldest).
+#[derive(Debug, Default)]
+struct Tail {
+    from: i64,
+    rows: VecDeque<StoredMessage>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Tail {
+    fn new(newest: i64, max_bytes: usize) -> Tail {
+        Tail {
+            from: newest,
+            max_bytes,
+            ..Tail::default()
+        }
+    }
+
+    fn size(m: &StoredMessage) -> usize {
+        m.payload.len() + m.topic.len()
+    }
+
+    /// Whether the rows after `after` are all here.
+    fn covers(&self, after: i64) -> bool {
+        after >= self.from
+    }
+
+    /// Appends a committed row (ids only increase); the oldest go once over the cap.
+    fn push(&mut self, m: StoredMessage) {
+        self.bytes += Tail::size(&m);
+        self.rows.push_back(m);
+        while self.bytes > self.max_bytes {
+            let Some(old) = self.rows.pop_front() else {
+                break;
+            };
+            self.bytes -= Tail::size(&old);
+            self.from = old.id;
+        }
+    }
+
+    /// Forgets every row: all rows up to `newest` are read from SQLite from now on.
+    fn reset(&mut self, newest: i64) {
+        self.rows.clear();
+        self.bytes = 0;
+        self.from = self.from.max(newest);
+    }
+
+    /// Drops rows the table no longer has (deleted or replaced).
+    fn remove(&mut self, ids: &[i64]) {
+        if ids.iter().all(|id| *id <= self.from) {
+            return;
+        }
+        let mut freed = 0;
+        self.rows.retain(|m| {
+            let gone = ids.contains(&m.id);
+            if gone {
+                freed += Tail::size(m);
+            }
+            !gone
+        });
+        self.bytes -= freed;
+    }
+
+    /// Up to `limit` rows after `after` (`covers(after)` must hold). `send`: they leave the
+    /// tail, with every row up to `after` (a link asks for what follows what it has sent).
+    fn read(&mut self, after: i64, limit: usize, send: bool) -> Vec<StoredMessage> {
+        if !send {
+            return self
+                .rows
+                .iter()
+                .filter(|m| m.id > after)
+                .take(limit)
+                .cloned()
+                .collect();
+        }
+        while self.rows.front().is_some_and(|m| m.id <= after) {
+            if let Some(old) = self.rows.pop_front() {
+                self.bytes -= Tail::size(&old);
+            }
+        }
+        self.from = self.from.max(after);
+        let n = limit.min(self.rows.len());
+        let out: Vec<StoredMessage> = self.rows.drain(..n).collect();
+        if let Some(last) = out.last() {
+            self.from = last.id;
+        }
+        self.bytes -= out.iter().map(Tail::size).sum::<usize>();
+        out
+    }
+}
+
 /// Removes the waiting last-value documents of a topic, saying how large they were.
-const COMPACT_SQL: &str = "DELETE FROM outbox WHERE compact_key = ?1 RETURNING size";
+const COMPACT_SQL: &str = "DELETE FROM outbox WHERE compact_key = ?1 RETURNING id, size";
 
 impl Writer {
     fn meta(&self, key: &str) -> Result<u64, rusqlite::Error> {
@@ -424,22 +584,31 @@ impl Writer {
         Ok(())
     }
 
-    /// Commits a batch of enqueue requests in one transaction. Returns per request the
-    /// roostseq values assigned.
+    /// Commits a batch of enqueue requests in one transaction, with the deletes that are
+    /// waiting (acknowledged rows: one commit for both). Returns per request the roostseq
+    /// values assigned.
     fn enqueue_batch(
         &mut self,
-        batches: &[Vec<NewMessage>],
+        batches: Vec<Vec<NewMessage>>,
         writes: Vec<StateWrite>,
         sync: Durability,
+        deletes: &[i64],
+        confirm_upto: Option<u64>,
     ) -> Result<Vec<Vec<Option<u64>>>, OutboxError> {
         self.set_sync(sync)?;
         let mut seq = self.meta("roostseq")?;
         let mut dropped_total = self.meta("dropped")?;
         // The overflow event that reports loss and has not left yet (0 = none).
         let mut open_id = self.meta("overflow_open")? as i64;
-        let mut bytes = self.bytes;
-        let mut backlog = self.backlog;
         let tx = crate::sqlite::CachedTx::begin(&self.conn)?;
+        let mut removed = delete_rows(&tx, deletes, confirm_upto, self.tail.from)?;
+        let mut bytes = self.bytes.saturating_sub(removed.freed);
+        let mut backlog = self.backlog.saturating_sub(removed.rows);
+        // Rows stored by this commit, for the tail once it is durable; an overflow (which
+        // rewrites the open report) makes the tail start again after this commit instead.
+        let mut stored: Vec<StoredMessage> = Vec::new();
+        let mut overflowed = false;
+        let created = now_ms();
         let mut out = Vec::with_capacity(batches.len());
         let mut last_id = 0i64;
         for batch in batches {
@@ -447,21 +616,22 @@ impl Writer {
             for m in batch {
                 // Renders the message as if the next roostseq were `seq + 1`; an event only
                 // takes that number once it is certain to be stored right after.
-                let render =
-                    |seq: u64, backlog: u64| -> Result<(Vec<u8>, Option<u64>), OutboxError> {
-                        Ok(match &m.payload {
-                            Payload::Bytes { data, roostseq } => (data.clone(), *roostseq),
-                            Payload::Event(ev) => {
-                                let mut ev = (**ev).clone();
-                                ev.roostseq = seq + 1;
-                                if ev.id.is_empty() {
-                                    ev.id = uuid::Uuid::new_v4().to_string();
-                                }
-                                (serde_json::to_vec(&ev)?, Some(seq + 1))
+                let render = |seq: u64,
+                              backlog: u64|
+                 -> Result<(Cow<'_, [u8]>, Option<u64>), OutboxError> {
+                    Ok(match &m.payload {
+                        Payload::Bytes { data, roostseq } => (Cow::Borrowed(&data[..]), *roostseq),
+                        Payload::Event(ev) => {
+                            let mut ev = (**ev).clone();
+                            ev.roostseq = seq + 1;
+                            if ev.id.is_empty() {
+                                ev.id = uuid::Uuid::new_v4().to_string();
                             }
-                            Payload::WithCounters(f) => (f(seq, backlog), None),
-                        })
-                    };
+                            (Cow::Owned(serde_json::to_vec(&ev)?), Some(seq + 1))
+                        }
+                        Payload::WithCounters(f) => (Cow::Owned(f(seq, backlog)), None),
+                    })
+                };
                 let (mut data, mut rseq) = render(seq, backlog)?;
                 let mut size = data.len() as u64 + m.topic.len() as u64 + ROW_OVERHEAD;
                 // Make room under the cap by dropping the oldest rows (never compacted
@@ -513,6 +683,7 @@ impl Writer {
                     for (id, _) in &lost {
                         tx.execute("DELETE FROM outbox WHERE id = ?1", [id])?;
                     }
+                    overflowed = true;
                     bytes = bytes.saturating_sub(freed);
                     backlog = backlog.saturating_sub(lost.len() as u64);
                     dropped_total += lost.len() as u64;
@@ -585,13 +756,14 @@ impl Writer {
                     seq += 1;
                 }
                 if m.compact {
-                    let removed: Vec<i64> = {
+                    let replaced: Vec<(i64, i64)> = {
                         let mut stmt = tx.prepare_cached(COMPACT_SQL)?;
-                        let rows = stmt.query_map([&m.topic], |r| r.get::<_, i64>(0))?;
+                        let rows = stmt.query_map([&m.topic], |r| Ok((r.get(0)?, r.get(1)?)))?;
                         rows.collect::<Result<_, _>>()?
                     };
-                    bytes = bytes.saturating_sub(removed.iter().map(|s| *s as u64).sum());
-                    backlog = backlog.saturating_sub(removed.len() as u64);
+                    bytes = bytes.saturating_sub(replaced.iter().map(|(_, s)| *s as u64).sum());
+                    backlog = backlog.saturating_sub(replaced.len() as u64);
+                    removed.in_tail.extend(replaced.iter().map(|(id, _)| *id));
                 }
                 // Prepared once per connection, not once per row.
                 tx.prepare_cached(
@@ -605,7 +777,7 @@ impl Writer {
                         if m.compact { Some(m.topic.as_str()) } else { None },
                         rseq.map(|v| v as i64),
                         size as i64,
-                        now_ms()
+                        created
                     ],
                 )?;
                 last_id = tx.last_insert_rowid();
@@ -614,6 +786,24 @@ impl Writer {
                 assigned.push(match &m.payload {
                     Payload::Event(_) => rseq,
                     _ => None,
+                });
+                // The bytes as stored, for the tail (which drops them at once if it has no
+                // room): forwarded bytes move over, no copy.
+                let rendered = match data {
+                    Cow::Owned(v) => Some(v),
+                    Cow::Borrowed(_) => None,
+                };
+                let payload = match (rendered, m.payload) {
+                    (Some(v), _) => v,
+                    (None, Payload::Bytes { data, .. }) => data,
+                    (None, _) => Vec::new(),
+                };
+                stored.push(StoredMessage {
+                    id: last_id,
+                    topic: m.topic,
+                    payload,
+                    retain: m.retain,
+                    roostseq: rseq,
                 });
             }
             out.push(assigned);
@@ -626,6 +816,14 @@ impl Writer {
         tx.commit()?;
         self.bytes = bytes;
         self.backlog = backlog;
+        if overflowed {
+            self.tail.reset(last_id.max(*self.newest.borrow()));
+        } else {
+            for m in stored {
+                self.tail.push(m);
+            }
+            self.tail.remove(&removed.in_tail);
+        }
         if last_id > 0 {
             self.newest.send_replace(last_id);
         }
@@ -648,38 +846,24 @@ impl Writer {
     fn delete(&mut self, ids: &[i64], confirm_upto: Option<u64>) -> Result<(), OutboxError> {
         self.set_sync(Durability::Ordered)?;
         let tx = crate::sqlite::CachedTx::begin(&self.conn)?;
-        let mut freed = 0u64;
-        let mut n = 0u64;
-        if let Some(upto) = confirm_upto {
-            let mut stmt = tx.prepare_cached(
-                "DELETE FROM outbox WHERE roostseq IS NOT NULL AND compact_key IS NULL AND roostseq <= ?1 RETURNING size",
-            )?;
-            let sizes = stmt.query_map([upto as i64], |r| r.get::<_, i64>(0))?;
-            for size in sizes {
-                freed += size? as u64;
-                n += 1;
-            }
-        }
-        {
-            // PUBACKs come in order, so the ids are a few runs of consecutive numbers: one
-            // statement per run, not one per row.
-            let mut run =
-                tx.prepare_cached("DELETE FROM outbox WHERE id BETWEEN ?1 AND ?2 RETURNING size")?;
-            for (from, to) in id_runs(ids) {
-                let sizes = run.query_map([from, to], |r| r.get::<_, i64>(0))?;
-                for size in sizes {
-                    freed += size? as u64;
-                    n += 1;
-                }
-            }
-        }
+        let removed = delete_rows(&tx, ids, confirm_upto, self.tail.from)?;
         tx.commit()?;
-        self.bytes = self.bytes.saturating_sub(freed);
-        self.backlog = self.backlog.saturating_sub(n);
+        self.bytes = self.bytes.saturating_sub(removed.freed);
+        self.backlog = self.backlog.saturating_sub(removed.rows);
+        self.tail.remove(&removed.in_tail);
         Ok(())
     }
 
-    fn peek(&self, after: i64, limit: usize) -> Result<Vec<StoredMessage>, OutboxError> {
+    /// Up to `limit` rows after `after`: from the tail when it holds them all, else SQLite.
+    fn peek(
+        &mut self,
+        after: i64,
+        limit: usize,
+        send: bool,
+    ) -> Result<Vec<StoredMessage>, OutboxError> {
+        if self.tail.covers(after) {
+            return Ok(self.tail.read(after, limit, send));
+        }
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, topic, payload, retain, roostseq FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
         )?;
@@ -696,13 +880,29 @@ impl Writer {
     }
 
     fn run(mut self, rx: std_mpsc::Receiver<Cmd>) {
+        // Group commit: take everything that is already waiting.
+        let take_waiting = |cmds: &mut Vec<Cmd>| {
+            while cmds.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(more) => cmds.push(more),
+                    Err(_) => break,
+                }
+            }
+        };
         while let Ok(first) = rx.recv() {
-            // Group commit: take everything that is already waiting.
             let mut cmds = vec![first];
-            while let Ok(more) = rx.try_recv() {
-                cmds.push(more);
-                if cmds.len() >= 4096 {
-                    break;
+            take_waiting(&mut cmds);
+            // Only acknowledged rows to delete, and nobody waits for it: give the next
+            // request a moment to come, so the deletes ride along in its commit (a stream
+            // of messages commits once per burst, not twice). Whatever comes meanwhile runs
+            // after the deletes, as if they had been committed first.
+            if cmds
+                .iter()
+                .all(|c| matches!(c, Cmd::Delete(_, None) | Cmd::Confirm(_)))
+            {
+                if let Ok(next) = rx.recv_timeout(DELETE_DELAY) {
+                    cmds.push(next);
+                    take_waiting(&mut cmds);
                 }
             }
             let mut enqueues = Vec::new();
@@ -723,22 +923,13 @@ impl Writer {
                     other => others.push(other),
                 }
             }
-            if !deletes.is_empty() || confirm_upto.is_some() {
-                let res = self.delete(&deletes, confirm_upto);
-                if let Err(error) = &res {
-                    tracing::error!(%error, "outbox delete failed");
-                }
-                let res = res.map_err(Arc::new);
-                for r in delete_replies {
-                    let _ = r.send(match &res {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err(OutboxError::Commit {
-                            path: self.cfg.path.clone(),
-                            source: e.clone(),
-                        }),
-                    });
-                }
-            }
+            // (Someone waiting for an empty delete hears of it too.)
+            let deleting =
+                !deletes.is_empty() || confirm_upto.is_some() || !delete_replies.is_empty();
+            // The deletes commit with the enqueues when there are any (one commit, and the
+            // rows' pages written once), else on their own; again on their own if that
+            // commit failed (it took them with it).
+            let mut deleted = None;
             if !enqueues.is_empty() {
                 let mut msgs = Vec::with_capacity(enqueues.len());
                 let mut writes = Vec::new();
@@ -751,8 +942,9 @@ impl Writer {
                     sync = sync.max(s);
                     replies.push(r);
                 }
-                match self.enqueue_batch(&msgs, writes, sync) {
+                match self.enqueue_batch(msgs, writes, sync, &deletes, confirm_upto) {
                     Ok(assigned) => {
+                        deleted = Some(Ok(()));
                         for (r, a) in replies.into_iter().zip(assigned) {
                             let _ = r.send(Ok(a));
                         }
@@ -771,10 +963,29 @@ impl Writer {
                     }
                 }
             }
+            if deleting {
+                let res = match deleted {
+                    Some(done) => done,
+                    None => self.delete(&deletes, confirm_upto),
+                };
+                if let Err(error) = &res {
+                    tracing::error!(%error, "outbox delete failed");
+                }
+                let res = res.map_err(Arc::new);
+                for r in delete_replies {
+                    let _ = r.send(match &res {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(OutboxError::Commit {
+                            path: self.cfg.path.clone(),
+                            source: e.clone(),
+                        }),
+                    });
+                }
+            }
             for c in others {
                 match c {
                     Cmd::Peek(after, limit, for_send, reply) => {
-                        let res = self.peek(after, limit);
+                        let res = self.peek(after, limit, for_send);
                         if let (true, Ok(rows)) = (for_send, &res) {
                             if let Some(last) = rows.last() {
                                 self.sent_upto = self.sent_upto.max(last.id);
@@ -819,6 +1030,7 @@ impl Outbox {
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
         let (newest_tx, newest_rx) = watch::channel(newest);
+        let tail_bytes = cfg.tail_bytes;
         let failed = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             failed: failed.clone(),
@@ -829,6 +1041,7 @@ impl Outbox {
             newest: newest_tx,
             sent_upto: 0,
             sync: Durability::Full,
+            tail: Tail::new(newest, tail_bytes),
         };
         let (tx, rx) = std_mpsc::channel();
         std::thread::Builder::new()
@@ -1175,6 +1388,198 @@ mod tests {
         let left = ids(ob.peek(0, 10).await.expect("peek"));
         assert_eq!(left, [all[2], all[5]]);
         assert_eq!(ob.stats().await.expect("stats").backlog, 2);
+    }
+
+    fn forwarded(topic: &str, roostseq: u64, len: usize) -> NewMessage {
+        NewMessage {
+            topic: topic.into(),
+            payload: Payload::Bytes {
+                data: vec![roostseq as u8; len],
+                roostseq: Some(roostseq),
+            },
+            retain: false,
+            compact: false,
+        }
+    }
+
+    /// Id, topic, body (or lost ranges), retain, roostseq.
+    type Sent = (i64, String, Vec<u8>, bool, Option<u64>);
+
+    /// What a link would publish, comparable across two outboxes (an overflow report by its
+    /// lost ranges: its id and time differ).
+    fn sent(rows: &[StoredMessage]) -> Vec<Sent> {
+        rows.iter()
+            .map(|r| {
+                let body = match serde_json::from_slice::<CloudEvent>(&r.payload) {
+                    Ok(e) => e.data["lost_ranges"].to_string().into_bytes(),
+                    Err(_) => r.payload.clone(),
+                };
+                (r.id, r.topic.clone(), body, r.retain, r.roostseq)
+            })
+            .collect()
+    }
+
+    /// The tail (committed rows kept in memory for the link) hands out exactly what SQLite
+    /// holds: the same script against an outbox without a tail and one with a tail small
+    /// enough to spill, through compaction, acknowledgements, confirmations, overflow and
+    /// rewinds, reads the same rows at every step.
+    #[tokio::test]
+    async fn the_tail_hands_out_exactly_what_sqlite_holds() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let open = |name: &str, tail_bytes: usize| {
+            let mut cfg = OutboxConfig::new(dir.path().join(name));
+            cfg.max_bytes = 24 * 1024;
+            cfg.tail_bytes = tail_bytes;
+            cfg.overflow = Some(OverflowTarget {
+                topic: "s/events".into(),
+                source: "roost://stores/s/agent".into(),
+            });
+            Outbox::open(cfg).expect("open")
+        };
+        let plain = open("plain.db", 0);
+        let tailed = open("tailed.db", 700);
+        let (mut high, mut seq, mut rng) = (0i64, 0u64, 7u64);
+        let mut step = || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 33) % 100
+        };
+        for round in 0..400 {
+            let op = step();
+            let n = 1 + step() as usize % 6;
+            let msgs: Vec<NewMessage> = match op {
+                0..=9 => vec![NewMessage::retained("s/status", vec![round as u8; 40])],
+                10..=49 => (0..n)
+                    .map(|_| {
+                        seq += 1;
+                        forwarded("s/events", seq, 100 + n * 20)
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let mut results = Vec::new();
+            for ob in [&plain, &tailed] {
+                if !msgs.is_empty() {
+                    ob.enqueue(msgs.clone()).await.expect("enqueue");
+                }
+                let out = match op {
+                    50..=74 => ob.peek_for_send(high, n).await.expect("send"),
+                    75..=84 => {
+                        // Acknowledged: the oldest of what was sent, not in order.
+                        let ids: Vec<i64> = ob
+                            .peek(0, n)
+                            .await
+                            .expect("peek")
+                            .iter()
+                            .rev()
+                            .filter(|r| r.id <= high)
+                            .map(|r| r.id)
+                            .collect();
+                        ob.ack_wait(ids).await.expect("ack");
+                        ob.peek(0, 50).await.expect("peek")
+                    }
+                    85..=89 => {
+                        ob.confirm(seq.saturating_sub(8));
+                        ob.stats().await.expect("stats");
+                        ob.peek(high, 50).await.expect("peek")
+                    }
+                    90..=94 => ob.peek_for_send(0, n).await.expect("rewind"),
+                    _ => ob.peek(0, 50).await.expect("peek"),
+                };
+                results.push(out);
+            }
+            assert_eq!(
+                sent(&results[0]),
+                sent(&results[1]),
+                "round {round}, op {op}"
+            );
+            if (50..=74).contains(&op) || (90..=94).contains(&op) {
+                if op >= 90 {
+                    high = 0;
+                }
+                if let Some(last) = results[0].last() {
+                    high = high.max(last.id);
+                }
+            }
+            let (a, b) = (
+                plain.stats().await.expect("stats"),
+                tailed.stats().await.expect("stats"),
+            );
+            assert_eq!(
+                (a.backlog, a.bytes, a.dropped),
+                (b.backlog, b.bytes, b.dropped)
+            );
+        }
+        assert!(
+            plain.stats().await.expect("stats").dropped > 0,
+            "overflow ran"
+        );
+    }
+
+    /// A committed burst goes to the link from memory, not read back from SQLite; a rewind
+    /// (older than the tail) reads SQLite. (The rows are changed behind the writer's back
+    /// to tell the two apart.)
+    #[tokio::test]
+    async fn a_committed_burst_is_sent_from_memory_and_a_rewind_from_sqlite() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ob = Outbox::open(OutboxConfig::new(dir.path().join("o.db"))).expect("open");
+        ob.enqueue((1..=3).map(|s| forwarded("s/events", s, 10)).collect())
+            .await
+            .expect("enqueue");
+        ob.read(|c| c.execute("UPDATE outbox SET payload = x'00'", []))
+            .await
+            .expect("read")
+            .expect("update");
+        let burst = ob.peek_for_send(0, 2).await.expect("send");
+        assert_eq!(burst.len(), 2);
+        assert!(
+            burst
+                .iter()
+                .all(|r| r.payload == vec![r.roostseq.unwrap_or(0) as u8; 10]),
+            "from memory"
+        );
+        let again = ob.peek_for_send(0, 10).await.expect("rewind");
+        assert_eq!(again.len(), 3);
+        assert!(again.iter().all(|r| r.payload == vec![0]), "from SQLite");
+    }
+
+    /// Acknowledged rows are deleted in the next commit; when that commit fails, they are
+    /// deleted on their own.
+    #[tokio::test]
+    async fn acknowledged_rows_go_even_when_the_commit_they_joined_fails() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ob = Outbox::open(OutboxConfig::new(dir.path().join("o.db"))).expect("open");
+        ob.enqueue((1..=3).map(|s| forwarded("s/events", s, 10)).collect())
+            .await
+            .expect("enqueue");
+        let rows = ob.peek_for_send(0, 10).await.expect("send");
+        ob.ack(vec![rows[0].id, rows[1].id]);
+        let bad: StateWrite = Box::new(|_| Err("refused".into()));
+        let failed = ob
+            .submit(vec![forwarded("s/events", 4, 10)], Some(bad))
+            .expect("submit");
+        assert!(failed.await.is_err());
+        let left: Vec<i64> = ob
+            .peek(0, 10)
+            .await
+            .expect("peek")
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(left, [rows[2].id]);
+        assert_eq!(ob.stats().await.expect("stats").backlog, 1);
+        // And with a commit that succeeds, in it.
+        ob.ack(vec![rows[2].id]);
+        ob.enqueue(vec![forwarded("s/events", 5, 10)])
+            .await
+            .expect("enqueue");
+        let left = ob.peek(0, 10).await.expect("peek");
+        assert_eq!(
+            left.iter().map(|r| r.roostseq).collect::<Vec<_>>(),
+            [Some(5)]
+        );
+        assert_eq!(ob.stats().await.expect("stats").backlog, 1);
     }
 
     #[test]

@@ -224,8 +224,41 @@ impl EventLoop {
                 self.options.pending_throttle
             ), if !self.pending.is_empty() || (!inflight_full && !collision) => match o {
                 Ok(request) => {
+                    let mut done = matches!(request, Request::Disconnect);
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
+                    }
+                    // Batch (as in the v4 client): up to `max_request_batch` requests that
+                    // are already waiting go into the write buffer before the one flush
+                    // below, under the same flow control as above; a batch ends when the
+                    // write buffer is full, so only the flush writes to the network.
+                    for _ in 1..self.options.max_request_batch {
+                        if done
+                            || self.state.inflight >= self.state.max_outgoing_inflight
+                            || self.state.collision.is_some()
+                            || network.write_buffer_full()
+                        {
+                            break;
+                        }
+                        let request = if self.pending.is_empty() {
+                            match self.requests_rx.try_recv() {
+                                Ok(request) => request,
+                                // Empty now; a closed channel is reported by the next poll.
+                                Err(_) => break,
+                            }
+                        } else if self.options.pending_throttle.is_zero() {
+                            match self.pending.pop_front() {
+                                Some(request) => request,
+                                None => break,
+                            }
+                        } else {
+                            // Retransmissions are throttled one at a time.
+                            break;
+                        };
+                        done = matches!(request, Request::Disconnect);
+                        if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
+                            network.write(outgoing).await?;
+                        }
                     }
                     network.flush().await?;
                     Ok(self.state.events.pop_front().unwrap())
@@ -233,7 +266,7 @@ impl EventLoop {
                 Err(_) => Err(ConnectionError::RequestsDone),
             },
             // Pull a bunch of packets from network, reply in bunch and yield the first item
-            o = network.readb(&mut self.state) => {
+            o = network.readb(&mut self.state, self.options.max_request_batch) => {
                 o?;
                 // flush all the acks and return first incoming packet
                 network.flush().await?;

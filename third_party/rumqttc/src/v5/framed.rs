@@ -47,7 +47,7 @@ impl Network {
 
     /// Read packets in bulk. This allow replies to be in bulk. This method is used
     /// after the connection is established to read a bunch of incoming packets
-    pub async fn readb(&mut self, state: &mut MqttState) -> Result<(), StateError> {
+    pub async fn readb(&mut self, state: &mut MqttState, batch_size: usize) -> Result<(), StateError> {
         // wait for the first read
         let mut res = self.framed.next().await;
         let mut count = 1;
@@ -59,7 +59,7 @@ impl Network {
                     }
 
                     count += 1;
-                    if count >= self.max_readb_count {
+                    if count >= batch_size.max(self.max_readb_count) || self.write_buffer_full() {
                         break;
                     }
                 }
@@ -83,6 +83,12 @@ impl Network {
             .feed(packet)
             .await
             .map_err(StateError::Deserialization)
+    }
+
+    /// Whether the write buffer holds as much as the next `write` would flush first: a
+    /// batch of writes stops here and flushes
+    pub fn write_buffer_full(&self) -> bool {
+        self.framed.write_buffer().len() >= self.framed.backpressure_boundary()
     }
 
     pub async fn flush(&mut self) -> Result<(), StateError> {

@@ -517,6 +517,22 @@ impl MqttOptions {
         }
     }
 
+    /// Set the most requests that are written to the network before one flush. Requests that
+    /// are already waiting in the request channel (up to this many, and as flow control
+    /// allows) are encoded into the write buffer together and written with one system call;
+    /// the event loop never waits for more to arrive. 0 or 1 (the default 0): every request
+    /// is flushed on its own. Incoming packets are handled up to this many per read (at
+    /// least 10).
+    pub fn set_max_request_batch(&mut self, max_request_batch: usize) -> &mut Self {
+        self.max_request_batch = max_request_batch;
+        self
+    }
+
+    /// Most requests written to the network per flush
+    pub fn max_request_batch(&self) -> usize {
+        self.max_request_batch
+    }
+
     /// set manual acknowledgements
     pub fn set_manual_acks(&mut self, manual_acks: bool) -> &mut Self {
         self.manual_acks = manual_acks;
