@@ -44,10 +44,53 @@ pub struct CloudTierOptions {
     pub per_connection: usize,
     /// Timeout of each phase.
     pub timeout: Duration,
-    /// The cloud broker: None for the embedded one, or a mosquitto binary.
-    pub cloud_mosquitto: Option<PathBuf>,
+    /// The cloud broker.
+    pub broker: CloudBroker,
     /// The `roost` binary that runs `roost fleet`.
     pub exe: PathBuf,
+}
+
+/// The cloud broker of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloudBroker {
+    /// The embedded one (rumqttd) in this process.
+    Embedded,
+    /// mosquitto: its binary.
+    Mosquitto(PathBuf),
+    /// A 3-node NATS cluster ([`crate::nats`]): the nats-server binary.
+    Nats(PathBuf),
+}
+
+impl CloudBroker {
+    /// Its name in the report.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CloudBroker::Embedded => "embedded",
+            CloudBroker::Mosquitto(_) => "mosquitto",
+            CloudBroker::Nats(_) => "nats-cluster-3",
+        }
+    }
+}
+
+/// The running cloud broker: its addresses (a cluster's nodes) and processes.
+enum RunningBroker {
+    Embedded,
+    Mosquitto(KillOnDrop),
+    Nats(crate::nats::NatsCluster),
+}
+
+impl RunningBroker {
+    /// The broker's processes' CPU seconds and resident memory (KiB), summed.
+    fn figures(&self) -> (f64, u64) {
+        let pids: Vec<u32> = match self {
+            RunningBroker::Embedded => Vec::new(),
+            RunningBroker::Mosquitto(m) => vec![m.0.id()],
+            RunningBroker::Nats(c) => c.nodes.iter().filter_map(|n| n.pid()).collect(),
+        };
+        pids.into_iter()
+            .map(proc_figures)
+            .fold((0.0, 0), |(c, r), (c2, r2, _)| (c + c2, r + r2))
+    }
 }
 
 /// Figures of one run.
@@ -59,6 +102,9 @@ pub struct CloudTierReport {
     pub connections: usize,
     /// The cloud broker.
     pub broker: String,
+    /// Every thin store's subscriptions granted (ms; the broker's work: on NATS a JetStream
+    /// consumer per QoS 1 subscription).
+    pub subscribe_ms: u64,
     /// Controller start → every store's profile received (ms).
     pub start_to_profiles_ms: u64,
     /// Status documents per second into the fleet database (first document → all recorded).
@@ -85,6 +131,11 @@ pub struct CloudTierReport {
     pub controller_rss_kib: u64,
     /// Peak resident memory (KiB).
     pub controller_peak_rss_kib: u64,
+    /// The broker's processes (every node of a cluster; none for the embedded one): CPU
+    /// seconds over the run and resident memory at the end (KiB).
+    pub broker_cpu_s: f64,
+    /// Their resident memory at the end (KiB).
+    pub broker_rss_kib: u64,
 }
 
 /// What a thin-store connection tells the run.
@@ -235,7 +286,8 @@ async fn thin_connection(
     o.set_inflight(200);
     let (client, mut ev) = AsyncClient::new(o, 4096);
     let (tx, mut rx) = mpsc::unbounded_channel::<rumqttc::Publish>();
-    let (subacks_tx, mut subacks) = mpsc::unbounded_channel::<()>();
+    // Whether each SUBACK granted every filter (a NATS node moving a stream leader refuses).
+    let (subacks_tx, mut subacks) = mpsc::unbounded_channel::<bool>();
     tokio::spawn(async move {
         loop {
             match ev.poll().await {
@@ -244,8 +296,8 @@ async fn thin_connection(
                         break;
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = subacks_tx.send(());
+                Ok(Event::Incoming(Packet::SubAck(a))) => {
+                    let _ = subacks_tx.send(!roost_runtime::suback_refused(&a));
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -276,8 +328,14 @@ async fn thin_connection(
             .map_err(setup("subscribe"))?;
     }
     for _ in 0..chunks.len() {
-        if subacks.recv().await.is_none() {
-            return Err(UpError::Failed("thin store connection closed".into()));
+        match subacks.recv().await {
+            Some(true) => {}
+            Some(false) => {
+                return Err(UpError::Failed(
+                    "the broker refused a thin store's subscription".into(),
+                ))
+            }
+            None => return Err(UpError::Failed("thin store connection closed".into())),
         }
     }
     let _ = ready.send(());
@@ -453,14 +511,29 @@ async fn run_in(
     opts: &CloudTierOptions,
     dir: &std::path::Path,
 ) -> Result<CloudTierReport, UpError> {
-    let (cloud, _mosquitto) = match &opts.cloud_mosquitto {
-        Some(bin) => {
+    // Every address of the broker (a cluster's nodes): thin-store connection i goes to
+    // node i mod 3, and `roost fleet` gets them all, as a store's and a controller's list.
+    let (cloud, broker): (Vec<std::net::SocketAddr>, RunningBroker) = match &opts.broker {
+        CloudBroker::Mosquitto(bin) => {
             let (a, g) = crate::sim::start_mosquitto(bin, dir)?;
-            (a, Some(g))
+            (vec![a], RunningBroker::Mosquitto(g))
         }
-        None => (
-            roost_broker::spawn_free("cloud").map_err(setup("cloud broker"))?,
-            None,
+        CloudBroker::Nats(bin) => {
+            let c = crate::nats::NatsCluster::start_tuned(
+                bin,
+                &dir.join("nats"),
+                &crate::nats::NatsTuning::fleet_scale(),
+            )
+            .await?;
+            println!("sim: 3-node NATS cluster ready");
+            (
+                c.nodes.iter().map(|n| n.mqtt).collect(),
+                RunningBroker::Nats(c),
+            )
+        }
+        CloudBroker::Embedded => (
+            vec![roost_broker::spawn_free("cloud").map_err(setup("cloud broker"))?],
+            RunningBroker::Embedded,
         ),
     };
     let fleet = fleet_of(opts.stores);
@@ -501,9 +574,10 @@ async fn run_in(
         .map(|c| c.to_vec())
         .collect();
     let connections = chunks.len();
+    let report_subscribe_ms;
     for (i, c) in chunks.into_iter().enumerate() {
         conns.spawn(thin_connection(
-            cloud,
+            cloud[i % cloud.len()],
             format!("roost-thin-{i}"),
             c,
             seen_tx.clone(),
@@ -513,19 +587,33 @@ async fn run_in(
         ));
     }
     drop(ready_tx);
-    for n in 0..connections {
-        match tokio::time::timeout(opts.timeout, ready_rx.recv()).await {
-            Ok(Some(())) => {}
-            _ => {
-                return Err(UpError::Timeout(
-                    opts.timeout,
-                    format!("{n}/{connections} thin-store connections subscribed"),
-                ))
-            }
+    let t_subscribe = Instant::now();
+    let deadline = tokio::time::Instant::now() + opts.timeout;
+    let mut subscribed = 0;
+    while subscribed < connections {
+        let timed_out = || {
+            UpError::Timeout(
+                opts.timeout,
+                format!("{subscribed}/{connections} thin-store connections subscribed"),
+            )
+        };
+        tokio::select! {
+            r = ready_rx.recv() => match r {
+                Some(()) => subscribed += 1,
+                None => return Err(timed_out()),
+            },
+            // A connection that fails before it is subscribed fails the run.
+            Some(r) = conns.join_next() => match r {
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(())) => return Err(UpError::Failed("a thin-store connection ended".into())),
+                Err(e) => return Err(UpError::Failed(format!("a thin-store connection: {e}"))),
+            },
+            _ = tokio::time::sleep_until(deadline) => return Err(timed_out()),
         }
     }
+    report_subscribe_ms = t_subscribe.elapsed().as_millis() as u64;
     println!(
-        "sim: {} thin stores subscribed over {connections} connections",
+        "sim: {} thin stores subscribed over {connections} connections in {report_subscribe_ms} ms",
         opts.stores
     );
     // The controller, its own process.
@@ -537,7 +625,13 @@ async fn run_in(
         std::process::Command::new(&opts.exe)
             .arg("fleet")
             .arg("--broker")
-            .arg(cloud.to_string())
+            .arg(
+                cloud
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
             .arg("--db")
             .arg(&db_path)
             .arg("--repo")
@@ -578,11 +672,8 @@ async fn run_in(
     let mut report = CloudTierReport {
         stores: opts.stores,
         connections,
-        broker: if opts.cloud_mosquitto.is_some() {
-            "mosquitto".into()
-        } else {
-            "embedded".into()
-        },
+        broker: opts.broker.name().into(),
+        subscribe_ms: report_subscribe_ms,
         start_to_profiles_ms: t_start.elapsed().as_millis() as u64,
         ..Default::default()
     };
@@ -680,11 +771,18 @@ async fn run_in(
     report.events_recorded = count("SELECT COUNT(*) FROM events");
     // The audit `roost fleet` runs, over everything the broker retains.
     let mut fopts = roost_fleet::record::FleetOptions::new(
-        &cloud.ip().to_string(),
-        cloud.port(),
+        &cloud[0].ip().to_string(),
+        cloud[0].port(),
         db_path.clone(),
         "roost-sim-audit",
     );
+    fopts.fallbacks = cloud[1..]
+        .iter()
+        .map(|a| roost_runtime::BrokerAddr {
+            host: a.ip().to_string(),
+            port: a.port(),
+        })
+        .collect();
     fopts.leadership = roost_fleet::leadership::Leadership::solo();
     let mut auditor = roost_fleet::record::audit::Auditor::start(&fopts).map_err(setup("audit"))?;
     let t_audit = Instant::now();
@@ -697,6 +795,7 @@ async fn run_in(
     report.controller_cpu_s = cpu;
     report.controller_rss_kib = rss;
     report.controller_peak_rss_kib = peak;
+    (report.broker_cpu_s, report.broker_rss_kib) = broker.figures();
     drop(fleet_proc);
     conns.abort_all();
     Ok(report)
@@ -731,6 +830,7 @@ pub fn print(r: &CloudTierReport) {
         "roost sim --cloud-tier: {} thin stores over {} connections, {} cloud broker",
         r.stores, r.connections, r.broker
     );
+    println!("  thin stores subscribed: {} ms", r.subscribe_ms);
     println!(
         "  controller start -> every profile received: {} ms",
         r.start_to_profiles_ms
@@ -764,6 +864,14 @@ pub fn print(r: &CloudTierReport) {
         r.controller_rss_kib / 1024,
         r.controller_peak_rss_kib / 1024
     );
+    if r.broker_cpu_s > 0.0 {
+        println!(
+            "  broker processes ({}): {:.1} CPU-s, RSS {} MiB",
+            r.broker,
+            r.broker_cpu_s,
+            r.broker_rss_kib / 1024
+        );
+    }
 }
 
 #[cfg(test)]
