@@ -40,8 +40,8 @@ use crate::up::{commit_files, setup, UpError};
 pub struct CloudTierOptions {
     /// Thin stores.
     pub stores: usize,
-    /// Thin stores per MQTT connection.
-    pub per_connection: usize,
+    /// Thin stores per MQTT connection (None: [`CloudBroker::default_per_connection`]).
+    pub per_connection: Option<usize>,
     /// Timeout of each phase.
     pub timeout: Duration,
     /// The cloud broker.
@@ -62,6 +62,16 @@ pub enum CloudBroker {
 }
 
 impl CloudBroker {
+    /// Thin stores per connection by default: 250, on NATS 30 (two QoS 1 subscriptions
+    /// each, the canary group's and the fleet's: 62, under a session's
+    /// [`crate::nats::MAX_QOS1_SUBSCRIPTIONS`]).
+    pub fn default_per_connection(&self) -> usize {
+        match self {
+            CloudBroker::Nats(_) => 30,
+            _ => 250,
+        }
+    }
+
     /// Its name in the report.
     pub fn name(&self) -> &'static str {
         match self {
@@ -105,6 +115,9 @@ pub struct CloudTierReport {
     /// Every thin store's subscriptions granted (ms; the broker's work: on NATS a JetStream
     /// consumer per QoS 1 subscription).
     pub subscribe_ms: u64,
+    /// Filters the broker refused (failure code in the SUBACK) and the thin stores
+    /// subscribed again.
+    pub suback_refusals: u64,
     /// Controller start → every store's profile received (ms).
     pub start_to_profiles_ms: u64,
     /// Status documents per second into the fleet database (first document → all recorded).
@@ -277,6 +290,7 @@ async fn thin_connection(
     ready: mpsc::UnboundedSender<()>,
     mut go: watch::Receiver<bool>,
     published: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
 ) -> Result<(), UpError> {
     let topics = Topics::default();
     let mut o = MqttOptions::new(id, broker.ip().to_string(), broker.port());
@@ -286,8 +300,9 @@ async fn thin_connection(
     o.set_inflight(200);
     let (client, mut ev) = AsyncClient::new(o, 4096);
     let (tx, mut rx) = mpsc::unbounded_channel::<rumqttc::Publish>();
-    // Whether each SUBACK granted every filter (a NATS node moving a stream leader refuses).
-    let (subacks_tx, mut subacks) = mpsc::unbounded_channel::<bool>();
+    // Each SUBACK's return codes: a clustered broker refuses a filter (failure code) when
+    // it cannot create its consumer in time.
+    let (subacks_tx, mut subacks) = mpsc::unbounded_channel::<Vec<bool>>();
     tokio::spawn(async move {
         loop {
             match ev.poll().await {
@@ -297,7 +312,12 @@ async fn thin_connection(
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(a))) => {
-                    let _ = subacks_tx.send(!roost_runtime::suback_refused(&a));
+                    let granted = a
+                        .return_codes
+                        .iter()
+                        .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        .collect();
+                    let _ = subacks_tx.send(granted);
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -317,25 +337,29 @@ async fn thin_connection(
             }
         }
     }
-    let chunks: Vec<Vec<String>> = filters.chunks(100).map(|c| c.to_vec()).collect();
-    for c in &chunks {
-        client
-            .subscribe_many(
-                c.iter()
-                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
-            )
-            .await
-            .map_err(setup("subscribe"))?;
+    // SUBACKs come back in the order of the SUBSCRIBEs on one connection. A refused
+    // filter is subscribed again after a second, as a real agent's link retries; the run
+    // counts the refusals.
+    let mut waiting: std::collections::VecDeque<Vec<String>> = std::collections::VecDeque::new();
+    for c in filters.chunks(100) {
+        subscribe_chunk(&client, c).await?;
+        waiting.push_back(c.to_vec());
     }
-    for _ in 0..chunks.len() {
-        match subacks.recv().await {
-            Some(true) => {}
-            Some(false) => {
-                return Err(UpError::Failed(
-                    "the broker refused a thin store's subscription".into(),
-                ))
-            }
-            None => return Err(UpError::Failed("thin store connection closed".into())),
+    while let Some(chunk) = waiting.pop_front() {
+        let Some(granted) = subacks.recv().await else {
+            return Err(UpError::Failed("thin store connection closed".into()));
+        };
+        let again: Vec<String> = chunk
+            .into_iter()
+            .zip(granted.into_iter().chain(std::iter::repeat(false)))
+            .filter(|(_, ok)| !ok)
+            .map(|(f, _)| f)
+            .collect();
+        if !again.is_empty() {
+            refused.fetch_add(again.len() as u64, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            subscribe_chunk(&client, &again).await?;
+            waiting.push_back(again);
         }
     }
     let _ = ready.send(());
@@ -442,6 +466,18 @@ async fn thin_connection(
     }
 }
 
+/// Subscribes `filters` at QoS 1 in one SUBSCRIBE.
+async fn subscribe_chunk(client: &AsyncClient, filters: &[String]) -> Result<(), UpError> {
+    client
+        .subscribe_many(
+            filters
+                .iter()
+                .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+        )
+        .await
+        .map_err(setup("subscribe"))
+}
+
 fn proc_figures(pid: u32) -> (f64, u64, u64) {
     let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| crate::sim::stat_cpu_s(&s))
@@ -483,10 +519,24 @@ async fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Re
 
 /// Runs the benchmark.
 pub async fn run(opts: CloudTierOptions) -> Result<CloudTierReport, UpError> {
-    if opts.stores == 0 || opts.per_connection == 0 {
+    let per_connection = opts
+        .per_connection
+        .unwrap_or(opts.broker.default_per_connection());
+    if opts.stores == 0 || per_connection == 0 {
         return Err(UpError::Invalid(
             "--stores and --per-connection must be at least 1".into(),
         ));
+    }
+    // A store's deployment filter and profile, plus the fleet's and the canary group's.
+    let subscriptions = 2 * per_connection + 2;
+    if matches!(opts.broker, CloudBroker::Nats(_))
+        && subscriptions > crate::nats::MAX_QOS1_SUBSCRIPTIONS
+    {
+        return Err(UpError::Invalid(format!(
+            "--per-connection {per_connection}: {subscriptions} QoS 1 subscriptions on one \
+             connection; a NATS MQTT session takes at most {} (at most 30 thin stores)",
+            crate::nats::MAX_QOS1_SUBSCRIPTIONS
+        )));
     }
     crate::workers::raise_fd_limit();
     let dir = std::env::temp_dir().join(format!(
@@ -495,7 +545,7 @@ pub async fn run(opts: CloudTierOptions) -> Result<CloudTierReport, UpError> {
         rand::random::<u32>()
     ));
     std::fs::create_dir_all(&dir).map_err(setup("temp dir"))?;
-    let result = run_in(&opts, &dir).await;
+    let result = run_in(&opts, per_connection, &dir).await;
     match &result {
         Ok(_) if std::env::var_os("ROOST_SIM_KEEP").is_none() => {
             let _ = std::fs::remove_dir_all(&dir);
@@ -509,6 +559,7 @@ pub async fn run(opts: CloudTierOptions) -> Result<CloudTierReport, UpError> {
 
 async fn run_in(
     opts: &CloudTierOptions,
+    per_connection: usize,
     dir: &std::path::Path,
 ) -> Result<CloudTierReport, UpError> {
     // Every address of the broker (a cluster's nodes): thin-store connection i goes to
@@ -568,11 +619,10 @@ async fn run_in(
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let (go_tx, go_rx) = watch::channel(false);
     let published = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
     let mut conns = tokio::task::JoinSet::new();
-    let chunks: Vec<Vec<(String, Vec<String>)>> = fleet
-        .chunks(opts.per_connection)
-        .map(|c| c.to_vec())
-        .collect();
+    let chunks: Vec<Vec<(String, Vec<String>)>> =
+        fleet.chunks(per_connection).map(|c| c.to_vec()).collect();
     let connections = chunks.len();
     let report_subscribe_ms;
     for (i, c) in chunks.into_iter().enumerate() {
@@ -584,6 +634,7 @@ async fn run_in(
             ready_tx.clone(),
             go_rx.clone(),
             published.clone(),
+            refused.clone(),
         ));
     }
     drop(ready_tx);
@@ -674,6 +725,7 @@ async fn run_in(
         connections,
         broker: opts.broker.name().into(),
         subscribe_ms: report_subscribe_ms,
+        suback_refusals: refused.load(Ordering::Relaxed),
         start_to_profiles_ms: t_start.elapsed().as_millis() as u64,
         ..Default::default()
     };
@@ -830,7 +882,10 @@ pub fn print(r: &CloudTierReport) {
         "roost sim --cloud-tier: {} thin stores over {} connections, {} cloud broker",
         r.stores, r.connections, r.broker
     );
-    println!("  thin stores subscribed: {} ms", r.subscribe_ms);
+    println!(
+        "  thin stores subscribed: {} ms ({} filters refused and subscribed again)",
+        r.subscribe_ms, r.suback_refusals
+    );
     println!(
         "  controller start -> every profile received: {} ms",
         r.start_to_profiles_ms

@@ -14,6 +14,13 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 use crate::up::{setup, UpError};
 
+/// The most QoS 1 subscriptions one MQTT session of nats-server 2.9 holds: each is a
+/// JetStream consumer with `max_ack_pending` (default 1,024) and a session's total may not
+/// pass 65,535; the 64th filter of a SUBSCRIBE gets the failure code, with nothing in the
+/// server's log. A store's agent or bridge has three or four; a lower `max_ack_pending`
+/// raises the count.
+pub const MAX_QOS1_SUBSCRIPTIONS: usize = 63;
+
 /// What a cluster's configuration adds to the shape every node shares (the tests run the
 /// defaults; `roost sim --cloud-tier` runs [`NatsTuning::fleet_scale`]).
 #[derive(Debug, Clone, Default)]

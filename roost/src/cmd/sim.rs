@@ -30,9 +30,10 @@ pub struct SimArgs {
     /// the controller's CPU and memory. `--cloud-broker` picks the broker.
     #[arg(long, conflicts_with = "controller")]
     cloud_tier: bool,
-    /// Thin stores per MQTT connection (`--cloud-tier`).
-    #[arg(long, default_value_t = 250)]
-    per_connection: usize,
+    /// Thin stores per MQTT connection (`--cloud-tier`; default 250, on NATS 30: a NATS
+    /// MQTT session holds at most 63 QoS 1 subscriptions, two per thin store).
+    #[arg(long)]
+    per_connection: Option<usize>,
     /// direct (agents on the cloud broker) or bridged (an edge broker and a bridge per
     /// store); default: direct above 200 stores.
     #[arg(long)]
