@@ -624,7 +624,6 @@ async fn run_in(
     let chunks: Vec<Vec<(String, Vec<String>)>> =
         fleet.chunks(per_connection).map(|c| c.to_vec()).collect();
     let connections = chunks.len();
-    let report_subscribe_ms;
     for (i, c) in chunks.into_iter().enumerate() {
         conns.spawn(thin_connection(
             cloud[i % cloud.len()],
@@ -662,7 +661,7 @@ async fn run_in(
             _ = tokio::time::sleep_until(deadline) => return Err(timed_out()),
         }
     }
-    report_subscribe_ms = t_subscribe.elapsed().as_millis() as u64;
+    let report_subscribe_ms = t_subscribe.elapsed().as_millis() as u64;
     println!(
         "sim: {} thin stores subscribed over {connections} connections in {report_subscribe_ms} ms",
         opts.stores
