@@ -6,7 +6,9 @@
 //! on the rollout it wants by precedence). Thin stores share connections — 250 to one by
 //! default — because 20,000 connections do not fit under this machine's open-file limit of
 //! 20,000 (neither in this process nor in the broker); the broker still holds one
-//! subscription set per store and every message is per store.
+//! subscription set per store and every message is per store. On a 3-node NATS cluster
+//! (`--cloud-broker nats`, [`crate::nats`]) 30 to one: a NATS MQTT session holds at most 63
+//! QoS 1 subscriptions; connection i goes to node i mod 3 and `roost fleet` gets all three.
 //!
 //! `roost fleet` runs as its own process (`roost fleet --repo … --http …`), so its CPU and
 //! memory are its own. The fleet repository holds an inventory of N stores (`stores/*.yaml`).
