@@ -283,6 +283,30 @@ impl GitCache {
         .await?
     }
 
+    /// The id of the tree at `dir` of `revision` (which must be in the cache); None when
+    /// there is no such directory. Two commits with the same id have the same files there,
+    /// byte for byte (what [`GitCache::read_dir`] would read).
+    pub async fn tree_id(
+        &self,
+        url: &str,
+        revision: &str,
+        dir: &str,
+    ) -> Result<Option<String>, GitError> {
+        let (root, r, d) = (self.dir(url), revision.to_owned(), dir.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let repo = git2::Repository::open_bare(&root).map_err(step("open"))?;
+            let commit = find_commit(&repo, &r)?;
+            let tree = commit.tree().map_err(step("tree"))?;
+            match tree.get_path(Path::new(&d)) {
+                Ok(e) if e.kind() == Some(git2::ObjectType::Tree) => Ok(Some(e.id().to_string())),
+                Ok(_) => Ok(None),
+                Err(e) if e.code() == git2::ErrorCode::NotFound => Ok(None),
+                Err(e) => Err(step("tree")(e)),
+            }
+        })
+        .await?
+    }
+
     /// The files directly under `dir` of `revision` (which must be in the cache) whose path
     /// `wanted` accepts, by path; empty when there is no such directory. A file larger than
     /// `max_file` bytes, or all of them together larger than `max_total`, is

@@ -6,7 +6,9 @@
 //! on the rollout it wants by precedence). Thin stores share connections — 250 to one by
 //! default — because 20,000 connections do not fit under this machine's open-file limit of
 //! 20,000 (neither in this process nor in the broker); the broker still holds one
-//! subscription set per store and every message is per store.
+//! subscription set per store and every message is per store. On a 3-node NATS cluster
+//! (`--cloud-broker nats`, [`crate::nats`]) 30 to one: a NATS MQTT session holds at most 63
+//! QoS 1 subscriptions; connection i goes to node i mod 3 and `roost fleet` gets all three.
 //!
 //! `roost fleet` runs as its own process (`roost fleet --repo … --http …`), so its CPU and
 //! memory are its own. The fleet repository holds an inventory of N stores (`stores/*.yaml`).
@@ -40,14 +42,67 @@ use crate::up::{commit_files, setup, UpError};
 pub struct CloudTierOptions {
     /// Thin stores.
     pub stores: usize,
-    /// Thin stores per MQTT connection.
-    pub per_connection: usize,
+    /// Thin stores per MQTT connection (None: [`CloudBroker::default_per_connection`]).
+    pub per_connection: Option<usize>,
     /// Timeout of each phase.
     pub timeout: Duration,
-    /// The cloud broker: None for the embedded one, or a mosquitto binary.
-    pub cloud_mosquitto: Option<PathBuf>,
+    /// The cloud broker.
+    pub broker: CloudBroker,
     /// The `roost` binary that runs `roost fleet`.
     pub exe: PathBuf,
+}
+
+/// The cloud broker of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloudBroker {
+    /// The embedded one (rumqttd) in this process.
+    Embedded,
+    /// mosquitto: its binary.
+    Mosquitto(PathBuf),
+    /// A 3-node NATS cluster ([`crate::nats`]): the nats-server binary.
+    Nats(PathBuf),
+}
+
+impl CloudBroker {
+    /// Thin stores per connection by default: 250, on NATS 30 (two QoS 1 subscriptions
+    /// each, the canary group's and the fleet's: 62, under a session's
+    /// [`crate::nats::MAX_QOS1_SUBSCRIPTIONS`]).
+    pub fn default_per_connection(&self) -> usize {
+        match self {
+            CloudBroker::Nats(_) => 30,
+            _ => 250,
+        }
+    }
+
+    /// Its name in the report.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CloudBroker::Embedded => "embedded",
+            CloudBroker::Mosquitto(_) => "mosquitto",
+            CloudBroker::Nats(_) => "nats-cluster-3",
+        }
+    }
+}
+
+/// The running cloud broker: its addresses (a cluster's nodes) and processes.
+enum RunningBroker {
+    Embedded,
+    Mosquitto(KillOnDrop),
+    Nats(crate::nats::NatsCluster),
+}
+
+impl RunningBroker {
+    /// The broker's processes' CPU seconds and resident memory (KiB), summed.
+    fn figures(&self) -> (f64, u64) {
+        let pids: Vec<u32> = match self {
+            RunningBroker::Embedded => Vec::new(),
+            RunningBroker::Mosquitto(m) => vec![m.0.id()],
+            RunningBroker::Nats(c) => c.nodes.iter().filter_map(|n| n.pid()).collect(),
+        };
+        pids.into_iter()
+            .map(proc_figures)
+            .fold((0.0, 0), |(c, r), (c2, r2, _)| (c + c2, r + r2))
+    }
 }
 
 /// Figures of one run.
@@ -59,6 +114,12 @@ pub struct CloudTierReport {
     pub connections: usize,
     /// The cloud broker.
     pub broker: String,
+    /// Every thin store's subscriptions granted (ms; the broker's work: on NATS a JetStream
+    /// consumer per QoS 1 subscription).
+    pub subscribe_ms: u64,
+    /// Filters the broker refused (failure code in the SUBACK) and the thin stores
+    /// subscribed again.
+    pub suback_refusals: u64,
     /// Controller start → every store's profile received (ms).
     pub start_to_profiles_ms: u64,
     /// Status documents per second into the fleet database (first document → all recorded).
@@ -85,6 +146,11 @@ pub struct CloudTierReport {
     pub controller_rss_kib: u64,
     /// Peak resident memory (KiB).
     pub controller_peak_rss_kib: u64,
+    /// The broker's processes (every node of a cluster; none for the embedded one): CPU
+    /// seconds over the run and resident memory at the end (KiB).
+    pub broker_cpu_s: f64,
+    /// Their resident memory at the end (KiB).
+    pub broker_rss_kib: u64,
 }
 
 /// What a thin-store connection tells the run.
@@ -226,6 +292,7 @@ async fn thin_connection(
     ready: mpsc::UnboundedSender<()>,
     mut go: watch::Receiver<bool>,
     published: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
 ) -> Result<(), UpError> {
     let topics = Topics::default();
     let mut o = MqttOptions::new(id, broker.ip().to_string(), broker.port());
@@ -235,7 +302,9 @@ async fn thin_connection(
     o.set_inflight(200);
     let (client, mut ev) = AsyncClient::new(o, 4096);
     let (tx, mut rx) = mpsc::unbounded_channel::<rumqttc::Publish>();
-    let (subacks_tx, mut subacks) = mpsc::unbounded_channel::<()>();
+    // Each SUBACK's return codes: a clustered broker refuses a filter (failure code) when
+    // it cannot create its consumer in time.
+    let (subacks_tx, mut subacks) = mpsc::unbounded_channel::<Vec<bool>>();
     tokio::spawn(async move {
         loop {
             match ev.poll().await {
@@ -244,8 +313,13 @@ async fn thin_connection(
                         break;
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = subacks_tx.send(());
+                Ok(Event::Incoming(Packet::SubAck(a))) => {
+                    let granted = a
+                        .return_codes
+                        .iter()
+                        .map(|c| !matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        .collect();
+                    let _ = subacks_tx.send(granted);
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -265,19 +339,29 @@ async fn thin_connection(
             }
         }
     }
-    let chunks: Vec<Vec<String>> = filters.chunks(100).map(|c| c.to_vec()).collect();
-    for c in &chunks {
-        client
-            .subscribe_many(
-                c.iter()
-                    .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
-            )
-            .await
-            .map_err(setup("subscribe"))?;
+    // SUBACKs come back in the order of the SUBSCRIBEs on one connection. A refused
+    // filter is subscribed again after a second, as a real agent's link retries; the run
+    // counts the refusals.
+    let mut waiting: std::collections::VecDeque<Vec<String>> = std::collections::VecDeque::new();
+    for c in filters.chunks(100) {
+        subscribe_chunk(&client, c).await?;
+        waiting.push_back(c.to_vec());
     }
-    for _ in 0..chunks.len() {
-        if subacks.recv().await.is_none() {
+    while let Some(chunk) = waiting.pop_front() {
+        let Some(granted) = subacks.recv().await else {
             return Err(UpError::Failed("thin store connection closed".into()));
+        };
+        let again: Vec<String> = chunk
+            .into_iter()
+            .zip(granted.into_iter().chain(std::iter::repeat(false)))
+            .filter(|(_, ok)| !ok)
+            .map(|(f, _)| f)
+            .collect();
+        if !again.is_empty() {
+            refused.fetch_add(again.len() as u64, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            subscribe_chunk(&client, &again).await?;
+            waiting.push_back(again);
         }
     }
     let _ = ready.send(());
@@ -384,6 +468,18 @@ async fn thin_connection(
     }
 }
 
+/// Subscribes `filters` at QoS 1 in one SUBSCRIBE.
+async fn subscribe_chunk(client: &AsyncClient, filters: &[String]) -> Result<(), UpError> {
+    client
+        .subscribe_many(
+            filters
+                .iter()
+                .map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+        )
+        .await
+        .map_err(setup("subscribe"))
+}
+
 fn proc_figures(pid: u32) -> (f64, u64, u64) {
     let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| crate::sim::stat_cpu_s(&s))
@@ -425,10 +521,24 @@ async fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Re
 
 /// Runs the benchmark.
 pub async fn run(opts: CloudTierOptions) -> Result<CloudTierReport, UpError> {
-    if opts.stores == 0 || opts.per_connection == 0 {
+    let per_connection = opts
+        .per_connection
+        .unwrap_or(opts.broker.default_per_connection());
+    if opts.stores == 0 || per_connection == 0 {
         return Err(UpError::Invalid(
             "--stores and --per-connection must be at least 1".into(),
         ));
+    }
+    // A store's deployment filter and profile, plus the fleet's and the canary group's.
+    let subscriptions = 2 * per_connection + 2;
+    if matches!(opts.broker, CloudBroker::Nats(_))
+        && subscriptions > crate::nats::MAX_QOS1_SUBSCRIPTIONS
+    {
+        return Err(UpError::Invalid(format!(
+            "--per-connection {per_connection}: {subscriptions} QoS 1 subscriptions on one \
+             connection; a NATS MQTT session takes at most {} (at most 30 thin stores)",
+            crate::nats::MAX_QOS1_SUBSCRIPTIONS
+        )));
     }
     crate::workers::raise_fd_limit();
     let dir = std::env::temp_dir().join(format!(
@@ -437,7 +547,7 @@ pub async fn run(opts: CloudTierOptions) -> Result<CloudTierReport, UpError> {
         rand::random::<u32>()
     ));
     std::fs::create_dir_all(&dir).map_err(setup("temp dir"))?;
-    let result = run_in(&opts, &dir).await;
+    let result = run_in(&opts, per_connection, &dir).await;
     match &result {
         Ok(_) if std::env::var_os("ROOST_SIM_KEEP").is_none() => {
             let _ = std::fs::remove_dir_all(&dir);
@@ -451,16 +561,32 @@ pub async fn run(opts: CloudTierOptions) -> Result<CloudTierReport, UpError> {
 
 async fn run_in(
     opts: &CloudTierOptions,
+    per_connection: usize,
     dir: &std::path::Path,
 ) -> Result<CloudTierReport, UpError> {
-    let (cloud, _mosquitto) = match &opts.cloud_mosquitto {
-        Some(bin) => {
+    // Every address of the broker (a cluster's nodes): thin-store connection i goes to
+    // node i mod 3, and `roost fleet` gets them all, as a store's and a controller's list.
+    let (cloud, broker): (Vec<std::net::SocketAddr>, RunningBroker) = match &opts.broker {
+        CloudBroker::Mosquitto(bin) => {
             let (a, g) = crate::sim::start_mosquitto(bin, dir)?;
-            (a, Some(g))
+            (vec![a], RunningBroker::Mosquitto(g))
         }
-        None => (
-            roost_broker::spawn_free("cloud").map_err(setup("cloud broker"))?,
-            None,
+        CloudBroker::Nats(bin) => {
+            let c = crate::nats::NatsCluster::start_tuned(
+                bin,
+                &dir.join("nats"),
+                &crate::nats::NatsTuning::fleet_scale(),
+            )
+            .await?;
+            println!("sim: 3-node NATS cluster ready");
+            (
+                c.nodes.iter().map(|n| n.mqtt).collect(),
+                RunningBroker::Nats(c),
+            )
+        }
+        CloudBroker::Embedded => (
+            vec![roost_broker::spawn_free("cloud").map_err(setup("cloud broker"))?],
+            RunningBroker::Embedded,
         ),
     };
     let fleet = fleet_of(opts.stores);
@@ -495,37 +621,51 @@ async fn run_in(
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     let (go_tx, go_rx) = watch::channel(false);
     let published = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
     let mut conns = tokio::task::JoinSet::new();
-    let chunks: Vec<Vec<(String, Vec<String>)>> = fleet
-        .chunks(opts.per_connection)
-        .map(|c| c.to_vec())
-        .collect();
+    let chunks: Vec<Vec<(String, Vec<String>)>> =
+        fleet.chunks(per_connection).map(|c| c.to_vec()).collect();
     let connections = chunks.len();
     for (i, c) in chunks.into_iter().enumerate() {
         conns.spawn(thin_connection(
-            cloud,
+            cloud[i % cloud.len()],
             format!("roost-thin-{i}"),
             c,
             seen_tx.clone(),
             ready_tx.clone(),
             go_rx.clone(),
             published.clone(),
+            refused.clone(),
         ));
     }
     drop(ready_tx);
-    for n in 0..connections {
-        match tokio::time::timeout(opts.timeout, ready_rx.recv()).await {
-            Ok(Some(())) => {}
-            _ => {
-                return Err(UpError::Timeout(
-                    opts.timeout,
-                    format!("{n}/{connections} thin-store connections subscribed"),
-                ))
-            }
+    let t_subscribe = Instant::now();
+    let deadline = tokio::time::Instant::now() + opts.timeout;
+    let mut subscribed = 0;
+    while subscribed < connections {
+        let timed_out = || {
+            UpError::Timeout(
+                opts.timeout,
+                format!("{subscribed}/{connections} thin-store connections subscribed"),
+            )
+        };
+        tokio::select! {
+            r = ready_rx.recv() => match r {
+                Some(()) => subscribed += 1,
+                None => return Err(timed_out()),
+            },
+            // A connection that fails before it is subscribed fails the run.
+            Some(r) = conns.join_next() => match r {
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(())) => return Err(UpError::Failed("a thin-store connection ended".into())),
+                Err(e) => return Err(UpError::Failed(format!("a thin-store connection: {e}"))),
+            },
+            _ = tokio::time::sleep_until(deadline) => return Err(timed_out()),
         }
     }
+    let report_subscribe_ms = t_subscribe.elapsed().as_millis() as u64;
     println!(
-        "sim: {} thin stores subscribed over {connections} connections",
+        "sim: {} thin stores subscribed over {connections} connections in {report_subscribe_ms} ms",
         opts.stores
     );
     // The controller, its own process.
@@ -537,7 +677,13 @@ async fn run_in(
         std::process::Command::new(&opts.exe)
             .arg("fleet")
             .arg("--broker")
-            .arg(cloud.to_string())
+            .arg(
+                cloud
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
             .arg("--db")
             .arg(&db_path)
             .arg("--repo")
@@ -578,11 +724,9 @@ async fn run_in(
     let mut report = CloudTierReport {
         stores: opts.stores,
         connections,
-        broker: if opts.cloud_mosquitto.is_some() {
-            "mosquitto".into()
-        } else {
-            "embedded".into()
-        },
+        broker: opts.broker.name().into(),
+        subscribe_ms: report_subscribe_ms,
+        suback_refusals: refused.load(Ordering::Relaxed),
         start_to_profiles_ms: t_start.elapsed().as_millis() as u64,
         ..Default::default()
     };
@@ -680,11 +824,18 @@ async fn run_in(
     report.events_recorded = count("SELECT COUNT(*) FROM events");
     // The audit `roost fleet` runs, over everything the broker retains.
     let mut fopts = roost_fleet::record::FleetOptions::new(
-        &cloud.ip().to_string(),
-        cloud.port(),
+        &cloud[0].ip().to_string(),
+        cloud[0].port(),
         db_path.clone(),
         "roost-sim-audit",
     );
+    fopts.fallbacks = cloud[1..]
+        .iter()
+        .map(|a| roost_runtime::BrokerAddr {
+            host: a.ip().to_string(),
+            port: a.port(),
+        })
+        .collect();
     fopts.leadership = roost_fleet::leadership::Leadership::solo();
     let mut auditor = roost_fleet::record::audit::Auditor::start(&fopts).map_err(setup("audit"))?;
     let t_audit = Instant::now();
@@ -697,6 +848,7 @@ async fn run_in(
     report.controller_cpu_s = cpu;
     report.controller_rss_kib = rss;
     report.controller_peak_rss_kib = peak;
+    (report.broker_cpu_s, report.broker_rss_kib) = broker.figures();
     drop(fleet_proc);
     conns.abort_all();
     Ok(report)
@@ -732,6 +884,10 @@ pub fn print(r: &CloudTierReport) {
         r.stores, r.connections, r.broker
     );
     println!(
+        "  thin stores subscribed: {} ms ({} filters refused and subscribed again)",
+        r.subscribe_ms, r.suback_refusals
+    );
+    println!(
         "  controller start -> every profile received: {} ms",
         r.start_to_profiles_ms
     );
@@ -764,6 +920,14 @@ pub fn print(r: &CloudTierReport) {
         r.controller_rss_kib / 1024,
         r.controller_peak_rss_kib / 1024
     );
+    if r.broker_cpu_s > 0.0 {
+        println!(
+            "  broker processes ({}): {:.1} CPU-s, RSS {} MiB",
+            r.broker,
+            r.broker_cpu_s,
+            r.broker_rss_kib / 1024
+        );
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cloud_tier;
 pub mod controller;
+pub mod nats;
 pub mod process;
 pub mod sim;
 pub mod up;

@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fixtures::{free_addr, refs, shipped, status_doc};
 
-pub use crate::brokers::{suback_ok, MosquittoCloud, NatsCluster, NatsNode};
+pub use crate::brokers::MosquittoCloud;
+pub use roost_sim::nats::{suback_ok, NatsCluster, NatsNode};
 
 /// Installs tracing (once) according to `ROOST_LOG`, and the crypto provider.
 pub fn init() {

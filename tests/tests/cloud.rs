@@ -188,7 +188,9 @@ async fn a_nats_node_killed_mid_rollout_loses_no_store_and_no_event() {
         return;
     };
     let dir = tempfile::tempdir().expect("tmp");
-    let mut nats = NatsCluster::start(bin, &dir.path().join("nats")).await;
+    let mut nats = NatsCluster::start(std::path::Path::new(bin), &dir.path().join("nats"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let all: Vec<SocketAddr> = nats.nodes.iter().map(|n| n.mqtt).collect();
     // The fleet record on node 3 first (node 1 is the one that dies).
     let fleet = FleetService::start_on(
@@ -275,7 +277,7 @@ async fn a_nats_node_killed_mid_rollout_loses_no_store_and_no_event() {
     )
     .await;
 
-    nats.restart(0).await;
+    nats.restart(0).await.unwrap_or_else(|e| panic!("{e}"));
     // Every node serves what the fleet record holds (the audit repairs what a node lacks).
     let record = fleet.db.desired().expect("desired");
     assert!(record.iter().any(|(t, p)| *t == topic && *p == envelope));
@@ -334,7 +336,9 @@ async fn quorum_loss_fails_a_rollout_visibly_and_the_audit_restores_desired_stat
         return;
     };
     let dir = tempfile::tempdir().expect("tmp");
-    let mut nats = NatsCluster::start(bin, &dir.path().join("nats")).await;
+    let mut nats = NatsCluster::start(std::path::Path::new(bin), &dir.path().join("nats"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let all: Vec<SocketAddr> = nats.nodes.iter().map(|n| n.mqtt).collect();
     let fleet = FleetService::start_on(&all, &dir.path().join("fleet.db"), Duration::from_secs(3));
     let (git, rev) = GitServer::start(&refs(&web_app("1", Web::WithDeployment)));
@@ -413,8 +417,8 @@ async fn quorum_loss_fails_a_rollout_visibly_and_the_audit_restores_desired_stat
     let r2 = signer.rollout(DEPLOYMENT, Scope::Fleet, 2, &git.url(), &rev, WEB_APP);
     let e2 = signer.sign(&r2);
     fleet.db.record_desired(&topic, &e2).expect("record r2");
-    nats.restart(1).await;
-    nats.restart(2).await;
+    nats.restart(1).await.unwrap_or_else(|e| panic!("{e}"));
+    nats.restart(2).await.unwrap_or_else(|e| panic!("{e}"));
     let restored_at = Instant::now();
     let restarted_wall = time::OffsetDateTime::now_utc();
     for node in &nats.nodes {

@@ -139,7 +139,7 @@ pub fn round_trip(db: &FleetDb) {
     }))
     .expect("file");
     let commit = "a".repeat(40);
-    db.put_sync("git://h/fleet", &commit, Ok((&file, &inv)))
+    db.put_sync("git://h/fleet", &commit, Ok((&file, Some(&inv))))
         .expect("sync");
     db.put_sync("git://h/fleet", &"b".repeat(40), Err("bad"))
         .expect("bad sync");

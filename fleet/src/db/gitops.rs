@@ -268,18 +268,21 @@ fn put_published(c: &Conn<'_>, p: &Published) -> Result<(), DbError> {
 
 impl FleetDb {
     /// Records a sync: a good commit's file and inventory replace the ones in force, in one
-    /// transaction; a bad one only records why.
+    /// transaction (inventory None: the commit's `stores/` is the tree of the inventory in
+    /// force, which stays); a bad one only records why.
     pub fn put_sync(
         &self,
         repo: &str,
         commit: &str,
-        result: Result<(&FleetFile, &crate::inventory::Inventory), &str>,
+        result: Result<(&FleetFile, Option<&crate::inventory::Inventory>), &str>,
     ) -> Result<(), DbError> {
         let now = roost_schemas::now_rfc3339();
         self.transaction(|c| {
         match result {
             Ok((file, inventory)) => {
-                super::inventory::replace_inventory(c, inventory)?;
+                if let Some(inventory) = inventory {
+                    super::inventory::replace_inventory(c, inventory)?;
+                }
                 let json = serde_json::to_string(file).map_err(|source| DbError::Encode {
                     what: "the fleet file",
                     source,

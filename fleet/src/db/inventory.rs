@@ -171,10 +171,13 @@ mod tests {
             "apiVersion": "roost.dev/v1alpha1", "kind": "Fleet", "deployments": {}
         }))
         .expect("file");
-        db.put_sync("git://h/fleet", &"a".repeat(40), Ok((&file, &inv)))
+        db.put_sync("git://h/fleet", &"a".repeat(40), Ok((&file, Some(&inv))))
             .expect("sync");
         inv.stores.remove("s1");
-        db.put_sync("git://h/fleet", &"b".repeat(40), Ok((&file, &inv)))
+        db.put_sync("git://h/fleet", &"b".repeat(40), Ok((&file, Some(&inv))))
+            .expect("sync");
+        // A commit with the same `stores/` tree keeps the inventory in force.
+        db.put_sync("git://h/fleet", &"d".repeat(40), Ok((&file, None)))
             .expect("sync");
         // A bad commit leaves the inventory in force alone.
         db.put_sync("git://h/fleet", &"c".repeat(40), Err("stores/x.yaml: bad"))

@@ -246,7 +246,8 @@ impl Controller {
         };
         requests.append(&mut sent);
         let sync_now = requests.contains(&Request::Sync);
-        if sync_now || tokio::time::Instant::now() >= *next_poll {
+        let synced = sync_now || tokio::time::Instant::now() >= *next_poll;
+        if synced {
             if let Err(error) = self.sync().await {
                 warn!(error = %roost_runtime::error_chain(&error), "sync failed");
             }
@@ -277,6 +278,13 @@ impl Controller {
             }
             if let Err(error) = self.snapshot().await {
                 warn!(error = %roost_runtime::error_chain(&error), "cannot publish the fleet snapshot");
+            }
+        }
+        // The releases' commit subjects are for the fleet views only: after the step, so a
+        // commit's first wave does not wait for its source's fetch.
+        if synced {
+            if let Err(error) = self.describe_releases().await {
+                warn!(error = %roost_runtime::error_chain(&error), "cannot describe releases");
             }
         }
     }
@@ -322,21 +330,37 @@ impl Controller {
                     Err(e) => Err(roost_runtime::error_chain(&e)),
                 },
             };
-            // The commit is taken whole: its file and its inventory, or neither.
+            // The commit is taken whole: its file and its inventory, or neither. An
+            // inventory whose `stores/` tree is the one in force is not read again (at 20,000
+            // stores that was most of a commit's way to its first wave).
             let parsed = match parsed {
-                Ok(file) => self.read_inventory(&commit).await.map(|inv| (file, inv)),
+                Ok(file) => match self.same_inventory_tree(&commit).await {
+                    true => Ok((file, None)),
+                    false => self
+                        .read_inventory(&commit)
+                        .await
+                        .map(|inv| (file, Some(inv))),
+                },
                 Err(reason) => Err(reason),
             };
             let (repo, c2) = (self.opts.repo.clone(), commit.clone());
             match parsed {
                 Ok((file, inventory)) => {
-                    info!(commit = %commit, deployments = file.deployments.len(), stores = inventory.stores.len(), "fleet file and inventory in force");
+                    let inventory_changed = inventory.is_some();
+                    info!(commit = %commit, deployments = file.deployments.len(), stores = inventory.as_ref().unwrap_or(&self.inventory).stores.len(), inventory_changed, "fleet file and inventory in force");
                     let (f2, i2) = (file.clone(), inventory.clone());
-                    self.blocking(move |db| db.put_sync(&repo, &c2, Ok((&f2, &i2))))
+                    self.blocking(move |db| db.put_sync(&repo, &c2, Ok((&f2, i2.as_ref()))))
                         .await?;
+                    // Profiles depend on the inventory and the file's group definitions.
+                    let groups_changed =
+                        self.file.as_ref().map(|(_, f)| &f.groups) != Some(&file.groups);
+                    if inventory_changed || groups_changed {
+                        self.profiles_due = true;
+                    }
                     self.file = Some((commit.clone(), file));
-                    self.inventory = inventory;
-                    self.profiles_due = true;
+                    if let Some(inventory) = inventory {
+                        self.inventory = inventory;
+                    }
                 }
                 Err(reason) => {
                     warn!(commit = %commit, %reason, "fleet commit invalid (file or inventory); the last good one stays in force");
@@ -367,8 +391,20 @@ impl Controller {
                 }
             }
         }
-        self.describe_releases().await?;
         Ok(())
+    }
+
+    /// Whether `commit`'s `stores/` is the same tree as the inventory in force's commit
+    /// (both in the cache); false when either cannot be read.
+    async fn same_inventory_tree(&self, commit: &str) -> bool {
+        let Some((good, _)) = &self.file else {
+            return false;
+        };
+        let (a, b) = tokio::join!(
+            self.git.tree_id(&self.opts.repo, commit, inventory::DIR),
+            self.git.tree_id(&self.opts.repo, good, inventory::DIR),
+        );
+        matches!((a, b), (Ok(a), Ok(b)) if a == b)
     }
 
     /// The store inventory of `commit` (`stores/*.yaml`, which must be in the cache),

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use roost_runtime::process::interruptible;
+use roost_sim::cloud_tier::CloudBroker;
 use roost_sim::sim::{self, GitServerKind, SimOptions, Topology};
 use tokio_util::sync::CancellationToken;
 
@@ -29,9 +30,10 @@ pub struct SimArgs {
     /// the controller's CPU and memory. `--cloud-broker` picks the broker.
     #[arg(long, conflicts_with = "controller")]
     cloud_tier: bool,
-    /// Thin stores per MQTT connection (`--cloud-tier`).
-    #[arg(long, default_value_t = 250)]
-    per_connection: usize,
+    /// Thin stores per MQTT connection (`--cloud-tier`; default 250, on NATS 30: a NATS
+    /// MQTT session holds at most 63 QoS 1 subscriptions, two per thin store).
+    #[arg(long)]
+    per_connection: Option<usize>,
     /// direct (agents on the cloud broker) or bridged (an edge broker and a bridge per
     /// store); default: direct above 200 stores.
     #[arg(long)]
@@ -44,8 +46,10 @@ pub struct SimArgs {
     /// per revision) or daemon (`git daemon`, two processes per fetch).
     #[arg(long, default_value = "roost")]
     git_server: String,
-    /// The cloud broker: embedded (rumqttd in this process) or the path of a mosquitto
-    /// binary to run as it.
+    /// The cloud broker: embedded (rumqttd in this process), the path of a mosquitto
+    /// binary to run as it, or (`--cloud-tier` only) `nats` or `nats:PATH`: a 3-node
+    /// nats-server cluster on loopback (`/usr/sbin/nats-server` or `nats-server` on the
+    /// PATH; PATH: that binary).
     #[arg(long, default_value = "embedded")]
     cloud_broker: String,
     /// The most blocking threads of the process, which every store's git and file work
@@ -83,16 +87,20 @@ pub async fn run(a: SimArgs, cancel: CancellationToken) -> anyhow::Result<()> {
         roost_sim::controller::print(&report);
         return Ok(());
     }
-    let cloud_mosquitto = match a.cloud_broker.as_str() {
-        "embedded" => None,
-        path => Some(PathBuf::from(path)),
+    let cloud = match a.cloud_broker.as_str() {
+        "embedded" => CloudBroker::Embedded,
+        "nats" => CloudBroker::Nats(roost_sim::nats::default_bin()),
+        other => match other.strip_prefix("nats:") {
+            Some(path) => CloudBroker::Nats(PathBuf::from(path)),
+            None => CloudBroker::Mosquitto(PathBuf::from(other)),
+        },
     };
     if a.cloud_tier {
         let opts = roost_sim::cloud_tier::CloudTierOptions {
             stores: a.stores,
             per_connection: a.per_connection,
             timeout: Duration::from_secs(a.timeout),
-            cloud_mosquitto,
+            broker: cloud,
             exe: std::env::current_exe()?,
         };
         let report = interruptible(&cancel, async {
@@ -117,6 +125,13 @@ pub async fn run(a: SimArgs, cancel: CancellationToken) -> anyhow::Result<()> {
         None if a.stores > 200 => Topology::Direct,
         None => Topology::Bridged,
         Some(other) => anyhow::bail!("--topology {other}: direct or bridged"),
+    };
+    let cloud_mosquitto = match cloud {
+        CloudBroker::Embedded => None,
+        CloudBroker::Mosquitto(path) => Some(path),
+        CloudBroker::Nats(_) => {
+            anyhow::bail!("--cloud-broker nats: only with --cloud-tier (stores there are thin)")
+        }
     };
     let opts = SimOptions {
         stores: a.stores,
