@@ -523,35 +523,78 @@ fn pack_stems(dir: &Path) -> std::io::Result<Vec<String>> {
     Ok(out)
 }
 
+/// The object ids an index file (`.idx`, version 2, SHA-1) lists.
+fn idx_oids(path: &Path) -> std::io::Result<Vec<git2::Oid>> {
+    let bad = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {what}", path.display()),
+        )
+    };
+    let bytes = std::fs::read(path)?;
+    let be32 = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    if bytes.get(..4) != Some(b"\xfftOc".as_slice()) || be32(4) != Some(2) {
+        return Err(bad("not a version 2 pack index"));
+    }
+    // The fan-out table's last entry is the number of objects; their ids follow it.
+    let n = be32(8 + 255 * 4).ok_or_else(|| bad("truncated"))?;
+    let ids = bytes
+        .get(8 + 256 * 4..8 + 256 * 4 + n * 20)
+        .ok_or_else(|| bad("truncated"))?;
+    ids.chunks_exact(20)
+        .map(|id| git2::Oid::from_bytes(id).map_err(|_| bad("bad object id")))
+        .collect()
+}
+
 /// Every fetch adds a pack (and its index) to the cache and libgit2 never merges them: a
 /// store that received a thousand rollouts would hold a thousand packs, and every object
 /// lookup that misses (each new revision's first) rereads the pack directory and searches
-/// them all. With more than `max` packs, this writes every object of the cache into one new
-/// pack, syncs it to disk, and only then deletes the old packs, so a power cut at any point
-/// leaves either the old packs or the new one (or both): no revision in the cache is lost.
-/// Returns whether it consolidated. Run it with no read or fetch of the repository in
-/// progress (under the source's fetch lock and [`Repos::exclusive`]).
+/// them all. With more than `max` packs, this merges the smallest half of them into one
+/// (generations, as `git repack --geometric` does: new objects are copied a few times as
+/// they move into larger packs, never the whole cache on every call). The new pack is synced
+/// before the packs it replaces are deleted, so a power cut at any point leaves the old
+/// packs, the new one, or both: no revision in the cache is lost. Returns whether it merged.
+/// Run it with no read or fetch of the repository in progress (under the source's fetch
+/// lock and [`Repos::exclusive`]).
 pub fn consolidate_packs(dir: &Path, max: usize) -> Result<bool, GitError> {
     let cache_io = |source| GitError::CacheDir {
         path: dir.to_owned(),
         source,
     };
-    let before = pack_stems(dir).map_err(cache_io)?;
-    if before.len() <= max {
+    let pack_dir = dir.join("objects/pack");
+    let stems = pack_stems(dir).map_err(cache_io)?;
+    if stems.len() <= max {
         return Ok(false);
     }
+    let mut sized: Vec<(u64, String)> = stems
+        .into_iter()
+        .map(|stem| {
+            let len = std::fs::metadata(pack_dir.join(format!("{stem}.pack")))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            (len, stem)
+        })
+        .collect();
+    sized.sort();
+    let merged: Vec<String> = sized
+        .into_iter()
+        .take(max.div_ceil(2).max(2))
+        .map(|(_, stem)| stem)
+        .collect();
     let repo = git2::Repository::open_bare(dir)?;
-    let odb = repo.odb()?;
-    let mut oids = Vec::new();
-    odb.foreach(|oid| {
-        oids.push(*oid);
-        true
-    })?;
     let mut pb = repo.packbuilder()?;
-    for oid in oids {
-        pb.insert_object(oid, None)?;
+    let mut seen = std::collections::HashSet::new();
+    for stem in &merged {
+        for oid in idx_oids(&pack_dir.join(format!("{stem}.idx"))).map_err(cache_io)? {
+            if seen.insert(oid) {
+                pb.insert_object(oid, None)?;
+            }
+        }
     }
-    let pack_dir = dir.join("objects/pack");
     pb.write(&pack_dir, 0)?;
     let new_stem = format!(
         "pack-{}",
@@ -559,7 +602,6 @@ pub fn consolidate_packs(dir: &Path, max: usize) -> Result<bool, GitError> {
             .ok_or_else(|| GitError::Cache(git2::Error::from_str("the new pack has no name")))?
     );
     drop(pb);
-    drop(odb);
     drop(repo);
     // libgit2 does not sync what it writes: the new pack and its index reach the disk
     // before anything they replace is deleted.
@@ -572,8 +614,7 @@ pub fn consolidate_packs(dir: &Path, max: usize) -> Result<bool, GitError> {
     std::fs::File::open(&pack_dir)
         .and_then(|f| f.sync_all())
         .map_err(cache_io)?;
-    let mut removed = 0;
-    for stem in before.iter().filter(|s| **s != new_stem) {
+    for stem in merged.iter().filter(|s| **s != new_stem) {
         // The index first: libgit2 lists packs by their index, so a pack whose index is
         // gone is never opened, while an index without its pack would be an error.
         for ext in ["idx", "rev", "pack"] {
@@ -583,9 +624,8 @@ pub fn consolidate_packs(dir: &Path, max: usize) -> Result<bool, GitError> {
                 Err(e) => return Err(cache_io(e)),
             }
         }
-        removed += 1;
     }
-    info!(packs = removed, into = %new_stem, "consolidated the git cache's packs");
+    info!(packs = merged.len(), objects = seen.len(), into = %new_stem, "merged the git cache's smallest packs");
     Ok(true)
 }
 
