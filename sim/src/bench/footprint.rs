@@ -71,7 +71,8 @@ pub async fn run(opts: &FootprintOptions) -> Result<serde_json::Value, BenchErro
         "idle_s": (window * 10.0).round() / 10.0,
         "agent_rss_bytes": after.rss_bytes,
         "agent_rss_mib": mib(after.rss_bytes),
-        // VmRSS = anonymous (heap, stacks) + file-backed (binary, shared libraries) + shmem.
+        // VmRSS = anonymous (heap, stacks, relocated data) + file-backed (binary, shared
+        // libraries) + shmem. The own binary's pages (smaps) include its relocated data.
         "agent_rss_anon_mib": mib(after.rss_anon_bytes),
         "agent_rss_file_mib": mib(after.rss_file_bytes),
         "agent_rss_own_binary_mib": mib(rss_own_binary),

@@ -37,7 +37,7 @@ pub struct RigOptions {
 pub struct ProcStat {
     /// Resident set size (bytes).
     pub rss_bytes: u64,
-    /// Of which anonymous pages: heap, stacks (bytes).
+    /// Of which anonymous pages: heap, stacks, relocated (copied-on-write) data (bytes).
     pub rss_anon_bytes: u64,
     /// Of which file-backed pages: the binary's and the shared libraries' (bytes).
     pub rss_file_bytes: u64,
