@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::rig::{ProcStat, Rig, RigOptions};
+use super::rig::{rss_of_file, thread_names, ProcStat, Rig, RigOptions};
 use super::BenchError;
 
 /// Options.
@@ -46,6 +46,12 @@ pub async fn run(opts: &FootprintOptions) -> Result<serde_json::Value, BenchErro
     tokio::time::sleep(opts.idle).await;
     let window = t.elapsed().as_secs_f64();
     let after = ProcStat::read(pid);
+    let agent_exe = match &opts.agent_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().unwrap_or_default(),
+    };
+    let rss_own_binary = rss_of_file(pid, &agent_exe);
+    let threads = thread_names(pid);
     let bridge = ProcStat::read(rig.bridge_pid());
     let size = |p: std::io::Result<std::path::PathBuf>| {
         p.and_then(std::fs::metadata).map(|m| m.len()).unwrap_or(0)
@@ -56,6 +62,7 @@ pub async fn run(opts: &FootprintOptions) -> Result<serde_json::Value, BenchErro
         None => binary,
     };
     rig.stop();
+    let mib = |b: u64| ((b as f64 / 1048576.0) * 10.0).round() / 10.0;
     let idle_cpu = (after.cpu_s - before.cpu_s).max(0.0);
     Ok(serde_json::json!({
         "bench": "footprint",
@@ -63,12 +70,18 @@ pub async fn run(opts: &FootprintOptions) -> Result<serde_json::Value, BenchErro
         "converge_ms": converge.as_millis() as u64,
         "idle_s": (window * 10.0).round() / 10.0,
         "agent_rss_bytes": after.rss_bytes,
-        "agent_rss_mib": ((after.rss_bytes as f64 / 1048576.0) * 10.0).round() / 10.0,
+        "agent_rss_mib": mib(after.rss_bytes),
+        // VmRSS = anonymous (heap, stacks, relocated data) + file-backed (binary, shared
+        // libraries) + shmem. The own binary's pages (smaps) include its relocated data.
+        "agent_rss_anon_mib": mib(after.rss_anon_bytes),
+        "agent_rss_file_mib": mib(after.rss_file_bytes),
+        "agent_rss_own_binary_mib": mib(rss_own_binary),
         "agent_idle_cpu_s": (idle_cpu * 100.0).round() / 100.0,
         "agent_idle_cpu_pct": ((idle_cpu / window * 100.0) * 100.0).round() / 100.0,
         "agent_cpu_total_s": (after.cpu_s * 100.0).round() / 100.0,
         "agent_fds": after.fds,
         "agent_threads": after.threads,
+        "agent_thread_names": threads,
         "bridge_rss_mib": ((bridge.rss_bytes as f64 / 1048576.0) * 10.0).round() / 10.0,
         "bridge_threads": bridge.threads,
         "agent_binary": if opts.agent_bin.is_some() { "roost-agent" } else { "roost agent" },

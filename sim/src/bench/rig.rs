@@ -37,6 +37,10 @@ pub struct RigOptions {
 pub struct ProcStat {
     /// Resident set size (bytes).
     pub rss_bytes: u64,
+    /// Of which anonymous pages: heap, stacks, relocated (copied-on-write) data (bytes).
+    pub rss_anon_bytes: u64,
+    /// Of which file-backed pages: the binary's and the shared libraries' (bytes).
+    pub rss_file_bytes: u64,
     /// User + system CPU time (seconds).
     pub cpu_s: f64,
     /// Threads.
@@ -76,11 +80,56 @@ impl ProcStat {
             .unwrap_or(0);
         ProcStat {
             rss_bytes: field("VmRSS:") * 1024,
+            rss_anon_bytes: field("RssAnon:") * 1024,
+            rss_file_bytes: field("RssFile:") * 1024,
             cpu_s: (ticks(11) + ticks(12)) / 100.0,
             threads: field("Threads:"),
             fds,
         }
     }
+}
+
+/// Resident bytes of `pid`'s mappings of the file `path` (its own binary's pages), from
+/// /proc/PID/smaps; 0 when it cannot be read.
+pub fn rss_of_file(pid: u32, path: &std::path::Path) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return 0;
+    };
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let want = path.to_string_lossy();
+    let mut mine = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        if first.ends_with(':') {
+            // A field of the current mapping.
+            if mine && first == "Rss:" {
+                kib += words
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        } else {
+            // A mapping's header: address range, perms, offset, device, inode, path.
+            mine = line.split_whitespace().nth(5) == Some(&*want);
+        }
+    }
+    kib * 1024
+}
+
+/// The names of `pid`'s threads (`/proc/PID/task/*/comm`), sorted.
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+                .map(|n| n.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 /// A child process, killed when dropped.
