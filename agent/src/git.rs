@@ -551,9 +551,10 @@ fn idx_oids(path: &Path) -> std::io::Result<Vec<git2::Oid>> {
 }
 
 /// Every fetch adds a pack (and its index) to the cache and libgit2 never merges them: a
-/// store that received a thousand rollouts would hold a thousand packs, and every object
-/// lookup that misses (each new revision's first) rereads the pack directory and searches
-/// them all. With more than `max` packs, this merges the smallest half of them into one
+/// store that received a thousand rollouts would hold a thousand packs, every object lookup
+/// that misses (each new revision's first) would search them all, and since libgit2 keeps
+/// each pack it has read open (no file limit by default), the agent would hold a thousand
+/// open files. With more than `max` packs, this merges the `max / 2` smallest into one
 /// (generations, as `git repack --geometric` does: new objects are copied a few times as
 /// they move into larger packs, never the whole cache on every call). The new pack is synced
 /// before the packs it replaces are deleted, so a power cut at any point leaves the old
