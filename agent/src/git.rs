@@ -199,23 +199,24 @@ pub struct GitCache {
 struct Repos(Arc<std::sync::Mutex<HashMap<PathBuf, Arc<std::sync::Mutex<git2::Repository>>>>>);
 
 impl Repos {
+    /// The shared handle of `dir` (opened and kept on first use).
+    fn handle(&self, dir: &Path) -> Result<Arc<std::sync::Mutex<git2::Repository>>, GitError> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = map.get(dir) {
+            return Ok(h.clone());
+        }
+        let h = Arc::new(std::sync::Mutex::new(git2::Repository::open_bare(dir)?));
+        map.insert(dir.to_owned(), h.clone());
+        Ok(h)
+    }
+
     /// Runs `f` with the open repository in `dir` (opened and kept on first use).
     fn with<R>(
         &self,
         dir: &Path,
         f: impl FnOnce(&git2::Repository) -> Result<R, GitError>,
     ) -> Result<R, GitError> {
-        let handle = {
-            let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            match map.get(dir) {
-                Some(h) => h.clone(),
-                None => {
-                    let h = Arc::new(std::sync::Mutex::new(git2::Repository::open_bare(dir)?));
-                    map.insert(dir.to_owned(), h.clone());
-                    h
-                }
-            }
-        };
+        let handle = self.handle(dir)?;
         let repo = handle.lock().unwrap_or_else(|p| p.into_inner());
         f(&repo)
     }
@@ -228,17 +229,7 @@ impl Repos {
         dir: &Path,
         f: impl FnOnce() -> Result<R, GitError>,
     ) -> Result<R, GitError> {
-        let handle = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(dir)
-            .cloned();
-        let Some(handle) = handle else {
-            // No read has opened it; one that starts now opens it afresh (after `f`: it
-            // waits for the map, which the next read's `with` takes first).
-            return f();
-        };
+        let handle = self.handle(dir)?;
         let mut repo = handle.lock().unwrap_or_else(|p| p.into_inner());
         let out = f();
         match git2::Repository::open_bare(dir) {
@@ -250,8 +241,8 @@ impl Repos {
     }
 }
 
-/// More packs than this in a cache and a fetch consolidates them into one (see
-/// [`consolidate_packs`]).
+/// More packs than this in a cache and a fetch merges the smallest half of them into one
+/// (see [`consolidate_packs`]).
 pub const MAX_PACKS: usize = 16;
 
 impl std::fmt::Debug for GitCache {
